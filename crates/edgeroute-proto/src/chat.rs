@@ -76,7 +76,12 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: Role, text: impl Into<String>) -> Self {
-        ChatMessage { role, content: Some(Content::Text(text.into())), name: None, extra: Map::new() }
+        ChatMessage {
+            role,
+            content: Some(Content::Text(text.into())),
+            name: None,
+            extra: Map::new(),
+        }
     }
 
     /// The message's text: a plain string, or the text parts of a multi-part content joined.
@@ -139,16 +144,17 @@ impl ChatCompletionRequest {
     /// Checks what serde cannot: the shape rules OpenAI enforces with a 400.
     /// Returns the offending parameter and a message.
     pub fn validate(&self) -> Result<(), InvalidRequest> {
-        let bad = |param: &str, message: String| {
-            Err(InvalidRequest { param: param.to_owned(), message })
-        };
+        let bad =
+            |param: &str, message: String| Err(InvalidRequest { param: param.to_owned(), message });
         if self.model.trim().is_empty() {
             return bad("model", "you must provide a model parameter".into());
         }
         if self.messages.is_empty() {
             return bad("messages", "'messages' must contain at least one message".into());
         }
-        for (name, v) in [("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens)] {
+        for (name, v) in
+            [("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens)]
+        {
             if v == Some(0) {
                 return bad(name, format!("'{name}' must be at least 1"));
             }
@@ -167,7 +173,10 @@ impl ChatCompletionRequest {
             return bad("n", "'n' must be at least 1".into());
         }
         if self.stream_options.is_some() && !self.stream {
-            return bad("stream_options", "'stream_options' is only allowed when 'stream' is true".into());
+            return bad(
+                "stream_options",
+                "'stream_options' is only allowed when 'stream' is true".into(),
+            );
         }
         Ok(())
     }
@@ -393,7 +402,8 @@ mod tests {
 
     #[test]
     fn chunks_follow_openai_usage_convention() {
-        let b = ChunkBuilder { id: "c1".into(), created: 1, model: "m".into(), include_usage: true };
+        let b =
+            ChunkBuilder { id: "c1".into(), created: 1, model: "m".into(), include_usage: true };
         let v = serde_json::to_value(b.content("x")).unwrap();
         assert!(v["usage"].is_null() && v.as_object().unwrap().contains_key("usage"));
         let u = serde_json::to_value(b.usage(Usage::new(3, 4)).unwrap()).unwrap();

@@ -40,7 +40,11 @@ pub struct LoadReport {
 
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "q={};f={};c={};t={}", self.queue_depth, self.in_flight, self.capacity, self.ttft_ms)
+        write!(
+            f,
+            "q={};f={};c={};t={}",
+            self.queue_depth, self.in_flight, self.capacity, self.ttft_ms
+        )
     }
 }
 
@@ -132,9 +136,15 @@ mod tests {
     #[test]
     fn migrate_hint_matches_the_brief() {
         let h: MigrateHint = "reason=drain; deadline_ms=30000; to=tor-2".parse().unwrap();
-        assert_eq!(h, MigrateHint { reason: "drain".into(), deadline_ms: 30000, to: Some("tor-2".into()) });
+        assert_eq!(
+            h,
+            MigrateHint { reason: "drain".into(), deadline_ms: 30000, to: Some("tor-2".into()) }
+        );
         assert_eq!(h.to_string(), "reason=drain; deadline_ms=30000; to=tor-2");
-        assert_eq!("deadline_ms=1".parse::<MigrateHint>(), Err(ParseHeaderError::Missing("reason")));
+        assert_eq!(
+            "deadline_ms=1".parse::<MigrateHint>(),
+            Err(ParseHeaderError::Missing("reason"))
+        );
         assert!("reason=x; deadline_ms=-1".parse::<MigrateHint>().is_err());
     }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod models;
+pub mod sse;
 
 pub use chat::*;
 pub use error::{ErrorBody, ErrorDetail};

@@ -1,0 +1,9 @@
+//! Pure decision logic shared by the node, discovery and the client SDK.
+//!
+//! Architecture invariant: nothing in this crate performs I/O, reads a clock, spawns a task or
+//! draws OS randomness. Time comes in as a `Duration` since an origin the caller chooses, so
+//! every function here is deterministic and testable without sockets or sleeps.
+
+pub mod window;
+
+pub use window::{LatencyWindow, OutcomeWindow, WindowConfig};

@@ -1,0 +1,80 @@
+//! Reading a JSON request body with a size limit and errors that name the offending field.
+
+use axum::body::Body;
+use http_body_util::{BodyExt, Limited};
+use serde::de::DeserializeOwned;
+
+use crate::ApiError;
+
+/// Reads at most `limit` bytes and parses them as `T`. Errors are precise 4xx: 413 when the
+/// body is too large, 400 naming the JSON path (`messages[0].role`) on a type error.
+pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        Err(e) => {
+            return Err(ApiError::invalid_request(
+                None,
+                format!("Could not read the request body: {e}"),
+            ));
+        }
+    };
+    parse_json(&bytes)
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::invalid_request(
+            None,
+            "The request body is empty; a JSON object was expected.",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid_request(
+                None,
+                format!("We could not parse the JSON body of your request: {inner}"),
+            )
+        } else if path == "." {
+            ApiError::invalid_request(None, format!("Invalid request body: {inner}"))
+        } else {
+            ApiError::invalid_request(Some(&path), format!("Invalid value for '{path}': {inner}"))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct T {
+        a: Vec<Inner>,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        n: u32,
+    }
+
+    #[tokio::test]
+    async fn errors_are_precise() {
+        let e =
+            read_json::<T>(Body::from("{\"a\":[{\"n\":1},{\"n\":\"x\"}]}"), 100).await.unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.body.error.param.as_deref(), Some("a[1].n"));
+        let e = read_json::<T>(Body::from("{\"a\":"), 100).await.unwrap_err();
+        assert!(e.body.error.message.contains("parse"), "{e}");
+        let e = read_json::<T>(Body::from(vec![b' '; 101]), 100).await.unwrap_err();
+        assert_eq!(e.status, 413);
+        let e = read_json::<T>(Body::empty(), 100).await.unwrap_err();
+        assert!(e.body.error.message.contains("empty"));
+        assert!(read_json::<T>(Body::from("{\"a\":[]}"), 100).await.is_ok());
+    }
+}

@@ -1,0 +1,301 @@
+//! The accept loop and per-connection driver.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tower::Service;
+
+use crate::Listener;
+
+/// Every limit of the transport, explicit. Defaults suit an internet-facing node.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// A client must finish sending a request head within this time (slowloris defence).
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// TLS handshakes must complete within this time.
+    pub tls_handshake_timeout: Duration,
+    /// Open connections beyond this wait in the kernel's backlog (accept pauses).
+    pub max_connections: usize,
+    /// Largest request head (HTTP/1.1 read buffer; HTTP/2 header list), bytes. At least 8 KiB.
+    pub max_header_bytes: usize,
+    /// Most headers in one HTTP/1.1 request.
+    pub max_headers: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    /// After shutdown starts, in-flight responses get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            tls_handshake_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            http2_max_concurrent_streams: 256,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `app` on connections from `listener` until `shutdown` resolves, then stops
+/// accepting, asks every connection to finish gracefully, and waits up to
+/// `limits.shutdown_grace` before cutting what remains.
+pub async fn serve<L: Listener>(
+    mut listener: L,
+    app: Router,
+    limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let limits = Arc::new(limits);
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    let mut accept_backoff = Duration::from_millis(5);
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let (io, addr) = match accepted {
+            Ok(x) => {
+                accept_backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) => {
+                // Out of file descriptors: back off instead of spinning or exiting.
+                if matches!(e.raw_os_error(), Some(23) | Some(24)) {
+                    tracing::warn!(error = %e, backoff_ms = accept_backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                } else {
+                    tracing::debug!(error = %e, "accept error");
+                }
+                continue;
+            }
+        };
+        let app = app.clone();
+        let limits = limits.clone();
+        let tls = tls.clone();
+        let stop = stop_rx.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => serve_connection(io, app, &limits, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io))
+                        .await
+                    {
+                        Ok(Ok(tls_io)) => serve_connection(tls_io, app, &limits, stop).await,
+                        Ok(Err(e)) => tracing::debug!(?addr, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(?addr, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let grace = tokio::time::sleep(limits.shutdown_grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            next = conns.join_next() => if next.is_none() { break },
+            () = &mut grace => {
+                tracing::warn!(remaining = conns.len(), "shutdown grace expired; closing connections");
+                conns.abort_all();
+                while conns.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+}
+
+/// When the connection last changed between busy and idle, and how many requests it has
+/// in flight; read by the idle watchdog.
+struct Activity {
+    origin: Instant,
+    active: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    limits: &ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        origin: Instant::now(),
+        active: AtomicUsize::new(0),
+        last_ms: AtomicU64::new(0),
+    });
+    let svc = TrackedService { app, activity: activity.clone() };
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let mut svc = svc.clone();
+        svc.call(req)
+    });
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let idle = idle_watch(activity, limits.idle_timeout);
+    tokio::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with error");
+                }
+                return;
+            }
+            changed = stop.changed(), if !closing => {
+                if changed.is_err() || *stop.borrow() {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = &mut idle, if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `timeout`.
+async fn idle_watch(activity: Arc<Activity>, timeout: Duration) {
+    loop {
+        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+        tokio::time::sleep_until(activity.origin + last + timeout).await;
+        let last_now = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
+        if activity.active.load(Ordering::Relaxed) == 0 && last_now == last {
+            return;
+        }
+        if activity.active.load(Ordering::Relaxed) > 0 {
+            // Busy: look again after another full period; the end of the request touches `last`.
+            tokio::time::sleep(timeout).await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct TrackedService {
+    app: Router,
+    activity: Arc<Activity>,
+}
+
+impl TrackedService {
+    fn call(
+        &mut self,
+        req: Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, std::convert::Infallible>> + Send>>
+    {
+        self.activity.active.fetch_add(1, Ordering::Relaxed);
+        self.activity.touch();
+        let guard = ActiveGuard(self.activity.clone());
+        let mut app = self.app.clone();
+        Box::pin(async move {
+            let res = match app.call(req.map(axum::body::Body::new)).await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            };
+            Ok(res.map(|inner| TrackedBody { inner, _guard: guard }))
+        })
+    }
+}
+
+/// Marks the request finished when the response body is done or dropped (client gone).
+struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct TrackedBody {
+        #[pin]
+        inner: axum::body::Body,
+        _guard: ActiveGuard,
+    }
+}
+
+impl HttpBody for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

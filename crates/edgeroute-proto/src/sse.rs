@@ -1,0 +1,211 @@
+//! Server-sent events as OpenAI-compatible servers use them: `data: <json>\n\n`, ending with
+//! `data: [DONE]\n\n`.
+//!
+//! [`SseDecoder`] is incremental and zero-copy where it can be: feed it bytes as they arrive
+//! and take out whole events; a payload on a single `data:` line is a slice of the input
+//! buffer. It bounds the size of an incomplete event so a hostile upstream cannot grow memory
+//! without limit.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// One decoded event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SseEvent {
+    /// The JSON payload of a `data:` event.
+    Data(Bytes),
+    /// `data: [DONE]`: the stream finished cleanly.
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    #[error("SSE event larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// Encodes a payload as one SSE data event.
+pub fn data_frame(payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(payload.len() + 8);
+    b.extend_from_slice(b"data: ");
+    b.extend_from_slice(payload);
+    b.extend_from_slice(b"\n\n");
+    b.freeze()
+}
+
+pub const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";
+
+#[derive(Debug)]
+pub struct SseDecoder {
+    buf: BytesMut,
+    max_event: usize,
+    /// How far `buf` has been scanned for an event boundary, so bytes are not rescanned.
+    scanned: usize,
+}
+
+impl SseDecoder {
+    pub fn new(max_event: usize) -> Self {
+        SseDecoder { buf: BytesMut::new(), max_event, scanned: 0 }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// True when bytes of an unfinished event are buffered.
+    pub fn has_partial(&self) -> bool {
+        self.buf.iter().any(|b| !b.is_ascii_whitespace())
+    }
+
+    /// The next complete event, if one is buffered. Events without data (comments, `event:`
+    /// or `id:` only) are skipped.
+    pub fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
+        loop {
+            let Some((end, sep)) = self.find_boundary() else {
+                if self.buf.len() > self.max_event {
+                    return Err(SseError::TooLarge(self.max_event));
+                }
+                return Ok(None);
+            };
+            let raw = self.buf.split_to(end).freeze();
+            self.buf.advance(sep);
+            self.scanned = 0;
+            if let Some(ev) = parse_event(raw) {
+                return Ok(Some(ev));
+            }
+        }
+    }
+
+    /// Finds the end of the first event (`\n\n`, `\r\n\r\n` or `\r\r`), as (end, separator length).
+    fn find_boundary(&mut self) -> Option<(usize, usize)> {
+        let b = &self.buf[..];
+        let start = self.scanned.saturating_sub(3);
+        for i in start..b.len() {
+            if b[i] == b'\n' && b.get(i + 1) == Some(&b'\n') {
+                return Some((i, 2));
+            }
+            if b[i] == b'\r'
+                && b.get(i + 1) == Some(&b'\n')
+                && b.get(i + 2) == Some(&b'\r')
+                && b.get(i + 3) == Some(&b'\n')
+            {
+                return Some((i, 4));
+            }
+            if b[i] == b'\r' && b.get(i + 1) == Some(&b'\r') {
+                return Some((i, 2));
+            }
+        }
+        self.scanned = b.len();
+        None
+    }
+}
+
+fn parse_event(raw: Bytes) -> Option<SseEvent> {
+    let mut single: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    let mut pos = 0;
+    while pos < raw.len() {
+        let rest = &raw[pos..];
+        let len = rest.iter().position(|&c| c == b'\n' || c == b'\r').unwrap_or(rest.len());
+        let line_start = pos;
+        pos += len;
+        // Skip the line terminator (\n, \r or \r\n).
+        if raw.get(pos) == Some(&b'\r') {
+            pos += 1;
+        }
+        if raw.get(pos) == Some(&b'\n') {
+            pos += 1;
+        }
+        let line = &raw[line_start..line_start + len];
+        let Some(value) = line.strip_prefix(b"data:") else { continue };
+        let offset = line_start + 5 + usize::from(value.first() == Some(&b' '));
+        let value = raw.slice(offset..line_start + len);
+        match (&mut single, &mut joined) {
+            (None, None) => single = Some(value),
+            (Some(first), None) => {
+                let mut v = first.to_vec();
+                v.push(b'\n');
+                v.extend_from_slice(&value);
+                joined = Some(v);
+            }
+            (_, Some(v)) => {
+                v.push(b'\n');
+                v.extend_from_slice(&value);
+            }
+        }
+    }
+    let data = match joined {
+        Some(v) => Bytes::from(v),
+        None => single?,
+    };
+    if &data[..] == b"[DONE]" { Some(SseEvent::Done) } else { Some(SseEvent::Data(data)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn all(d: &mut SseDecoder) -> Vec<SseEvent> {
+        std::iter::from_fn(|| d.next_event().unwrap()).collect()
+    }
+
+    #[test]
+    fn decodes_openai_stream_split_anywhere() {
+        let wire = b"data: {\"a\":1}\n\n: keep-alive\n\ndata:{\"b\":2}\r\n\r\ndata: [DONE]\n\n";
+        for cut in 0..wire.len() {
+            let mut d = SseDecoder::new(1024);
+            d.push(&wire[..cut]);
+            let mut evs = all(&mut d);
+            d.push(&wire[cut..]);
+            evs.extend(all(&mut d));
+            assert_eq!(
+                evs,
+                vec![
+                    SseEvent::Data(Bytes::from_static(b"{\"a\":1}")),
+                    SseEvent::Data(Bytes::from_static(b"{\"b\":2}")),
+                    SseEvent::Done
+                ],
+                "cut at {cut}"
+            );
+            assert!(!d.has_partial());
+        }
+    }
+
+    #[test]
+    fn multiline_data_is_joined_and_partial_is_visible() {
+        let mut d = SseDecoder::new(1024);
+        d.push(b"event: x\ndata: a\ndata: b\n\ndata: {\"c\"");
+        assert_eq!(d.next_event().unwrap(), Some(SseEvent::Data(Bytes::from_static(b"a\nb"))));
+        assert_eq!(d.next_event().unwrap(), None);
+        assert!(d.has_partial());
+    }
+
+    #[test]
+    fn oversized_event_is_an_error() {
+        let mut d = SseDecoder::new(8);
+        d.push(b"data: 0123456789");
+        assert_eq!(d.next_event(), Err(SseError::TooLarge(8)));
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut d = SseDecoder::new(1024);
+        d.push(&data_frame(b"{\"x\":true}"));
+        d.push(DONE_FRAME);
+        assert_eq!(
+            all(&mut d),
+            vec![SseEvent::Data(Bytes::from_static(b"{\"x\":true}")), SseEvent::Done]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..10)) {
+            let mut d = SseDecoder::new(256);
+            for c in chunks {
+                d.push(&c);
+                while let Ok(Some(_)) = d.next_event() {}
+            }
+        }
+    }
+}
