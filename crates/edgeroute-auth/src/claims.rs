@@ -1,0 +1,220 @@
+//! The claims a verified token carries, and their strict decoding.
+//!
+//! Decoding is deliberately strict: every registered claim we use must have exactly the JSON type
+//! the RFC gives it, so a malformed `exp` (a string, a float, a negative number, `null`) is an
+//! error rather than an absent claim that silently skips the expiry check. Claims we do not use
+//! are ignored. Time and audience rules are applied by the verifier, not here.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::AuthError;
+use crate::scope::{Scope, Scopes};
+
+/// The claims of a verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The subject: the tenant the request is billed and limited as. Never empty.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Not-before, seconds since the Unix epoch.
+    pub nbf: Option<u64>,
+    /// Issued-at, seconds since the Unix epoch (informational; not checked).
+    pub iat: Option<u64>,
+    /// Audiences; a single-string `aud` becomes one element, an absent one an empty list.
+    pub aud: Vec<String>,
+    /// Issuer.
+    pub iss: Option<String>,
+    /// Known scopes from `scope` and `scp`, merged.
+    pub scope: Scopes,
+}
+
+impl Claims {
+    /// The tenant this token authenticates (the `sub` claim).
+    pub fn tenant(&self) -> &str {
+        &self.sub
+    }
+
+    /// Whether the token grants `scope`.
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        self.scope.contains(scope)
+    }
+
+    /// `Ok` if the token grants `scope`, else [`AuthError::InsufficientScope`].
+    pub fn require_scope(&self, scope: Scope) -> Result<(), AuthError> {
+        if self.has_scope(scope) {
+            Ok(())
+        } else {
+            Err(AuthError::InsufficientScope { required: scope })
+        }
+    }
+
+    /// Decodes a JWT payload (already base64url-decoded JSON).
+    pub(crate) fn from_json(payload: &[u8]) -> Result<Claims, AuthError> {
+        // Only the claims we use are named; serde rejects a duplicate of any of them, so an
+        // issuer-side parser and ours cannot disagree about which `exp` counts.
+        let raw: RawClaims = serde_json::from_slice(payload)
+            .map_err(|_| AuthError::Malformed("claims are not a valid JSON object"))?;
+
+        let sub = match raw.sub {
+            Some(Value::String(s)) if !s.is_empty() => s,
+            _ => return Err(AuthError::InvalidClaim("sub")),
+        };
+        let exp = match raw.exp {
+            Some(v) => numeric_date(&v).ok_or(AuthError::InvalidClaim("exp"))?,
+            None => return Err(AuthError::InvalidClaim("exp")),
+        };
+        let nbf = optional_numeric_date(raw.nbf, "nbf")?;
+        let iat = optional_numeric_date(raw.iat, "iat")?;
+        let aud = match raw.aud {
+            None => Vec::new(),
+            Some(Value::String(s)) => vec![s],
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s),
+                    _ => Err(AuthError::InvalidClaim("aud")),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(AuthError::InvalidClaim("aud")),
+        };
+        let iss = match raw.iss {
+            None => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => return Err(AuthError::InvalidClaim("iss")),
+        };
+        let mut scope = match raw.scope {
+            None => Scopes::EMPTY,
+            Some(Value::String(s)) => Scopes::parse(&s),
+            Some(_) => return Err(AuthError::InvalidClaim("scope")),
+        };
+        match raw.scp {
+            None => {}
+            Some(Value::Array(items)) => {
+                for item in items {
+                    let Value::String(name) = item else {
+                        return Err(AuthError::InvalidClaim("scp"));
+                    };
+                    if let Some(s) = Scope::from_name(&name) {
+                        scope.insert(s);
+                    }
+                }
+            }
+            // Some issuers emit `scp` as a single space-separated string.
+            Some(Value::String(s)) => {
+                for s in Scopes::parse(&s).iter() {
+                    scope.insert(s);
+                }
+            }
+            Some(_) => return Err(AuthError::InvalidClaim("scp")),
+        }
+
+        Ok(Claims { sub, exp, nbf, iat, aud, iss, scope })
+    }
+}
+
+/// The claims we read, each kept as raw JSON so that type errors can name the claim. `null`
+/// deserializes to `None`, which is "absent": fine for optional claims, an error for `exp`/`sub`.
+#[derive(Deserialize)]
+struct RawClaims {
+    sub: Option<Value>,
+    exp: Option<Value>,
+    nbf: Option<Value>,
+    iat: Option<Value>,
+    aud: Option<Value>,
+    iss: Option<Value>,
+    scope: Option<Value>,
+    scp: Option<Value>,
+}
+
+/// A NumericDate restricted to non-negative integers. RFC 7519 allows fractions, but no issuer
+/// we care about sends them, and accepting floats invites rounding games at the boundary.
+fn numeric_date(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+fn optional_numeric_date(v: Option<Value>, name: &'static str) -> Result<Option<u64>, AuthError> {
+    match v {
+        None => Ok(None),
+        Some(v) => numeric_date(&v).map(Some).ok_or(AuthError::InvalidClaim(name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Claims, AuthError> {
+        Claims::from_json(json.as_bytes())
+    }
+
+    #[test]
+    fn accepts_full_claims() {
+        let c = parse(
+            r#"{"sub":"t1","exp":10,"nbf":1,"iat":1,"aud":["a","b"],"iss":"i",
+                "scope":"inference","scp":["admin","other"],"jti":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.sub, "t1");
+        assert_eq!(c.exp, 10);
+        assert_eq!(c.nbf, Some(1));
+        assert_eq!(c.aud, vec!["a".to_owned(), "b".to_owned()]);
+        assert!(c.has_scope(Scope::Inference) && c.has_scope(Scope::Admin));
+    }
+
+    #[test]
+    fn exp_must_be_a_non_negative_integer() {
+        for exp in [r#""10""#, "10.0", "1.5", "-1", "null", "true", "[10]", "1e3"] {
+            let err = parse(&format!(r#"{{"sub":"t","exp":{exp}}}"#)).unwrap_err();
+            assert!(matches!(err, AuthError::InvalidClaim("exp")), "exp={exp}: {err:?}");
+        }
+        assert!(matches!(parse(r#"{"sub":"t"}"#), Err(AuthError::InvalidClaim("exp"))));
+    }
+
+    #[test]
+    fn nbf_and_iat_are_strict_when_present() {
+        assert!(matches!(
+            parse(r#"{"sub":"t","exp":1,"nbf":"5"}"#),
+            Err(AuthError::InvalidClaim("nbf"))
+        ));
+        assert!(matches!(
+            parse(r#"{"sub":"t","exp":1,"iat":-5}"#),
+            Err(AuthError::InvalidClaim("iat"))
+        ));
+    }
+
+    #[test]
+    fn sub_is_required_and_non_empty() {
+        assert!(matches!(parse(r#"{"exp":1}"#), Err(AuthError::InvalidClaim("sub"))));
+        assert!(matches!(parse(r#"{"sub":"","exp":1}"#), Err(AuthError::InvalidClaim("sub"))));
+        assert!(matches!(parse(r#"{"sub":7,"exp":1}"#), Err(AuthError::InvalidClaim("sub"))));
+    }
+
+    #[test]
+    fn duplicate_claims_are_rejected() {
+        assert!(matches!(
+            parse(r#"{"sub":"t","exp":1,"exp":99999999999}"#),
+            Err(AuthError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn aud_and_scope_shapes() {
+        assert_eq!(parse(r#"{"sub":"t","exp":1,"aud":"x"}"#).unwrap().aud, vec!["x".to_owned()]);
+        assert!(matches!(
+            parse(r#"{"sub":"t","exp":1,"aud":[1]}"#),
+            Err(AuthError::InvalidClaim("aud"))
+        ));
+        assert!(matches!(
+            parse(r#"{"sub":"t","exp":1,"scope":["admin"]}"#),
+            Err(AuthError::InvalidClaim("scope"))
+        ));
+        let c = parse(r#"{"sub":"t","exp":1,"scp":"admin inference"}"#).unwrap();
+        assert_eq!(c.scope.to_string(), "inference admin");
+        assert!(matches!(parse("[1,2]"), Err(AuthError::Malformed(_))));
+    }
+}

@@ -1,0 +1,247 @@
+//! Inference backends behind the gateway, never exposed to clients.
+//!
+//! A backend turns a validated chat request into either a complete JSON answer or a stream of
+//! chunk payloads. The contract the gateway relies on is the **commit point**: `chat` resolves
+//! only once the first chunk is available (or fails before it). A failure before the commit
+//! point is a clean 5xx the client can fail over on; after it, the gateway ends the stream
+//! with an explicit SSE error event, never a clean `[DONE]`.
+
+mod openai;
+mod sim;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgeroute_http::ApiError;
+use edgeroute_proto::health::GpuHealth;
+use edgeroute_proto::models::ModelState;
+use edgeroute_proto::{ChatCompletionRequest, ErrorBody};
+use futures_util::Stream;
+use http::StatusCode;
+
+pub use openai::OpenAiBackend;
+pub use sim::SimBackend;
+
+use crate::config::BackendConfig;
+
+/// One item of a streamed answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// A chunk's JSON payload, without SSE framing.
+    Chunk(Bytes),
+    /// The answer finished cleanly.
+    Done,
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, BackendError>> + Send>>;
+
+/// A backend's answer at the commit point.
+pub enum Reply {
+    /// A complete non-streaming answer (OpenAI `chat.completion` JSON).
+    Json(Bytes),
+    /// The first chunk is ready; the rest follow.
+    Stream(EventStream),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Json(b) => f.debug_tuple("Json").field(&b.len()).finish(),
+            Reply::Stream(_) => f.write_str("Stream(..)"),
+        }
+    }
+}
+
+/// Why a backend could not answer, classified by who is at fault and whether another node
+/// may succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The model is not served by this node (client error: 404).
+    #[error("model `{0}` is not served by this node")]
+    ModelNotFound(String),
+    /// The backend rejected the request itself (400 context length, 422, 429...). Passed
+    /// through as is; never counted against the node.
+    #[error("backend rejected the request with {status}")]
+    Rejected { status: StatusCode, body: ErrorBody, retry_after: Option<String> },
+    /// Full: try again later or elsewhere (503).
+    #[error("{0}")]
+    Overloaded(String),
+    /// Cannot reach the backend at all (502).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The backend did not answer in time (504).
+    #[error("{0}")]
+    Timeout(String),
+    /// The backend failed: 5xx, protocol error, injected fault, cut stream (502).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl BackendError {
+    /// Whether this failure is the node's side (counts in its error rate) rather than the
+    /// client's.
+    pub fn is_node_fault(&self) -> bool {
+        !matches!(self, BackendError::ModelNotFound(_) | BackendError::Rejected { .. })
+    }
+
+    /// A short stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::ModelNotFound(_) => "model_not_found",
+            BackendError::Rejected { .. } => "rejected",
+            BackendError::Overloaded(_) => "overloaded",
+            BackendError::Unavailable(_) => "unavailable",
+            BackendError::Timeout(_) => "timeout",
+            BackendError::Failed(_) => "failed",
+        }
+    }
+
+    pub fn to_api(&self) -> ApiError {
+        match self {
+            BackendError::ModelNotFound(m) => ApiError::model_not_found(m),
+            BackendError::Rejected { status, body, retry_after } => {
+                let mut e =
+                    ApiError { status: *status, body: body.clone(), headers: Default::default() };
+                if let Some(r) = retry_after {
+                    e = e.with_header(http::header::RETRY_AFTER, r);
+                }
+                e
+            }
+            BackendError::Overloaded(m) => {
+                ApiError::unavailable("backend_overloaded", m.clone(), 1)
+            }
+            BackendError::Unavailable(m) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("backend_unavailable"),
+                m.clone(),
+            ),
+            BackendError::Timeout(m) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                Some("backend_timeout"),
+                m.clone(),
+            ),
+            BackendError::Failed(m) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some("backend_error"),
+                m.clone(),
+            ),
+        }
+    }
+}
+
+/// A model as the node reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub id: String,
+    pub state: ModelState,
+    pub gpu: Option<String>,
+}
+
+/// Everything the gateway passes along with a request.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// Response id (`chatcmpl-…`), unique per node.
+    pub response_id: String,
+    /// Unix seconds, for the `created` field.
+    pub created: u64,
+    /// Longest silence accepted between two events of a stream (also bounds a non-streaming
+    /// answer's generation).
+    pub idle_timeout: Duration,
+}
+
+pub enum Backend {
+    Sim(SimBackend),
+    OpenAi(Box<OpenAiBackend>),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sim(_) => "Backend::Sim",
+            Backend::OpenAi(_) => "Backend::OpenAi",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("simulator config: {0}")]
+    Sim(String),
+    #[error("upstream config: {0}")]
+    Upstream(String),
+}
+
+impl Backend {
+    pub fn from_config(cfg: &BackendConfig, max_concurrency: u32) -> Result<Backend, BuildError> {
+        Ok(match cfg {
+            BackendConfig::Sim { sim } => {
+                let s = edgeroute_sim::Simulator::new(sim.clone())
+                    .map_err(|e| BuildError::Sim(e.to_string()))?;
+                Backend::Sim(SimBackend::new(Arc::new(s)))
+            }
+            BackendConfig::Openai(o) => {
+                Backend::OpenAi(Box::new(OpenAiBackend::new(o, max_concurrency)?))
+            }
+        })
+    }
+
+    /// Runs a request up to its commit point.
+    pub async fn chat(
+        &self,
+        req: ChatCompletionRequest,
+        ctx: CallContext,
+    ) -> Result<Reply, BackendError> {
+        match self {
+            Backend::Sim(b) => b.chat(req, ctx).await,
+            Backend::OpenAi(b) => b.chat(req, ctx).await,
+        }
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        match self {
+            Backend::Sim(b) => b.models(),
+            Backend::OpenAi(b) => b.models(),
+        }
+    }
+
+    /// Whether `model` is loaded and ready here.
+    pub fn serves(&self, model: &str) -> bool {
+        match self {
+            Backend::Sim(b) => b.serves(model),
+            Backend::OpenAi(b) => b.serves(model),
+        }
+    }
+
+    pub fn gpus(&self) -> Vec<GpuHealth> {
+        match self {
+            Backend::Sim(b) => b.gpus(),
+            Backend::OpenAi(b) => b.gpus(),
+        }
+    }
+
+    /// Requests waiting for a backend slot.
+    pub fn queue_depth(&self) -> u32 {
+        match self {
+            Backend::Sim(b) => b.queue_depth(),
+            Backend::OpenAi(b) => b.queue_depth(),
+        }
+    }
+
+    /// Concurrent requests the backend serves without queueing.
+    pub fn slots(&self) -> u32 {
+        self.gpus().iter().map(|g| g.slots).sum()
+    }
+
+    /// The in-process simulator, for its fault admin endpoint.
+    pub fn simulator(&self) -> Option<&Arc<edgeroute_sim::Simulator>> {
+        match self {
+            Backend::Sim(b) => Some(b.simulator()),
+            Backend::OpenAi(_) => None,
+        }
+    }
+}

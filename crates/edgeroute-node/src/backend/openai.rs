@@ -1,0 +1,386 @@
+//! Any OpenAI-compatible upstream (vLLM, SGLang, llama.cpp, TGI, Ollama, Triton's OpenAI
+//! frontend) over pooled HTTP/1.1 connections.
+//!
+//! Streams pass through frame by frame: each upstream SSE `data:` payload is re-framed and
+//! forwarded as soon as it is complete, never buffered into a whole answer. The request is
+//! cancelled (its connection dropped) as soon as the client goes away, because dropping the
+//! returned stream drops the upstream body.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgeroute_proto::ChatCompletionRequest;
+use edgeroute_proto::ErrorBody;
+use edgeroute_proto::health::GpuHealth;
+use edgeroute_proto::models::ModelState;
+use edgeroute_proto::sse::{SseDecoder, SseEvent};
+use futures_util::StreamExt;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::{BackendError, BuildError, CallContext, ModelInfo, Reply, StreamEvent};
+use crate::config::{GpuSpec, OpenAiConfig, UpstreamModel};
+
+/// Largest single SSE event accepted from an upstream.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Largest error body read from an upstream.
+const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+pub struct OpenAiBackend {
+    client: Client<HttpConnector, Full<Bytes>>,
+    endpoint: http::Uri,
+    api_key: Option<String>,
+    models: Vec<UpstreamModel>,
+    gpus: Vec<GpuSpec>,
+    first_byte_timeout: Duration,
+    request_timeout: Duration,
+    max_response_bytes: usize,
+    /// Requests in flight to the upstream, per GPU index, for capacity reporting.
+    in_flight: Arc<Vec<AtomicU32>>,
+}
+
+impl OpenAiBackend {
+    pub fn new(cfg: &OpenAiConfig, max_concurrency: u32) -> Result<Self, BuildError> {
+        let base = cfg.url.trim_end_matches('/');
+        let endpoint: http::Uri = format!("{base}/v1/chat/completions")
+            .parse()
+            .map_err(|e| BuildError::Upstream(format!("url `{}`: {e}", cfg.url)))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        let api_key = match &cfg.api_key_env {
+            Some(var) => Some(
+                std::env::var(var)
+                    .map_err(|_| BuildError::Upstream(format!("api_key_env `{var}` is not set")))?,
+            ),
+            None => None,
+        };
+        let gpus = if cfg.gpus.is_empty() {
+            vec![GpuSpec { id: "gpu0".into(), slots: max_concurrency, memory_total_mb: 0 }]
+        } else {
+            cfg.gpus.clone()
+        };
+        let in_flight = Arc::new((0..gpus.len()).map(|_| AtomicU32::new(0)).collect());
+        Ok(OpenAiBackend {
+            client,
+            endpoint,
+            api_key,
+            models: cfg.models.clone(),
+            gpus,
+            first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
+            request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+            max_response_bytes: cfg.max_response_bytes,
+            in_flight,
+        })
+    }
+
+    fn gpu_index(&self, m: &UpstreamModel) -> usize {
+        m.gpu.as_ref().and_then(|g| self.gpus.iter().position(|s| &s.id == g)).unwrap_or(0)
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.models
+            .iter()
+            .map(|m| ModelInfo {
+                id: m.id.clone(),
+                state: ModelState::Ready,
+                gpu: Some(self.gpus[self.gpu_index(m)].id.clone()),
+            })
+            .collect()
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m.id == model)
+    }
+
+    pub fn gpus(&self) -> Vec<GpuHealth> {
+        self.gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let n = self.in_flight[i].load(Ordering::Relaxed);
+                let busy = n.min(g.slots);
+                let pinned: Vec<&UpstreamModel> =
+                    self.models.iter().filter(|m| self.gpu_index(m) == i).collect();
+                GpuHealth {
+                    id: g.id.clone(),
+                    models: pinned.iter().map(|m| m.id.clone()).collect(),
+                    slots: g.slots,
+                    busy,
+                    queued: n - busy,
+                    utilization: if g.slots == 0 {
+                        0.0
+                    } else {
+                        f64::from(busy) / f64::from(g.slots)
+                    },
+                    memory_used_mb: pinned.iter().map(|m| m.memory_mb).sum(),
+                    memory_total_mb: g.memory_total_mb,
+                }
+            })
+            .collect()
+    }
+
+    pub fn queue_depth(&self) -> u32 {
+        self.gpus().iter().map(|g| g.queued).sum()
+    }
+
+    pub async fn chat(
+        &self,
+        mut req: ChatCompletionRequest,
+        ctx: CallContext,
+    ) -> Result<Reply, BackendError> {
+        let Some(model) = self.models.iter().find(|m| m.id == req.model) else {
+            return Err(BackendError::ModelNotFound(req.model));
+        };
+        let guard = GpuGuard::new(self.in_flight.clone(), self.gpu_index(model));
+        if let Some(name) = &model.upstream_name {
+            req.model = name.clone();
+        }
+        let body = serde_json::to_vec(&req)
+            .map_err(|e| BackendError::Failed(format!("could not encode the request: {e}")))?;
+        let mut builder = Request::post(self.endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(
+                header::ACCEPT,
+                if req.stream { "text/event-stream" } else { "application/json" },
+            );
+        if let Some(key) = &self.api_key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = builder.body(Full::new(Bytes::from(body))).map_err(|e| {
+            BackendError::Failed(format!("could not build the upstream request: {e}"))
+        })?;
+
+        let deadline = if req.stream { self.first_byte_timeout } else { self.request_timeout };
+        let started = tokio::time::Instant::now();
+        let response = match tokio::time::timeout(deadline, self.client.request(request)).await {
+            Err(_) => {
+                return Err(BackendError::Timeout(format!(
+                    "upstream sent no response within {} ms",
+                    deadline.as_millis()
+                )));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(BackendError::Unavailable(format!(
+                    "cannot connect to the upstream: {}",
+                    source_text(&e)
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(BackendError::Failed(format!(
+                    "upstream request failed: {}",
+                    source_text(&e)
+                )));
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            return Err(upstream_error(response).await);
+        }
+        let remaining = deadline.saturating_sub(started.elapsed());
+        if !req.stream {
+            let read = Limited::new(response.into_body(), self.max_response_bytes).collect();
+            let bytes = match tokio::time::timeout(remaining, read).await {
+                Err(_) => {
+                    return Err(BackendError::Timeout(
+                        "upstream did not finish its answer in time".into(),
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(BackendError::Failed(format!(
+                        "reading the upstream answer failed: {e}"
+                    )));
+                }
+                Ok(Ok(c)) => c.to_bytes(),
+            };
+            drop(guard);
+            return Ok(Reply::Json(bytes));
+        }
+        let mut upstream = UpstreamStream {
+            body: response.into_body(),
+            decoder: SseDecoder::new(MAX_EVENT_BYTES),
+            ended: false,
+        };
+        // The commit point: wait for the first event within the first-byte deadline.
+        let first = match tokio::time::timeout(remaining, upstream.next_event()).await {
+            Err(_) => {
+                return Err(BackendError::Timeout(format!(
+                    "upstream sent no token within {} ms",
+                    deadline.as_millis()
+                )));
+            }
+            Ok(None) => {
+                return Err(BackendError::Failed(
+                    "upstream closed the stream before the first token".into(),
+                ));
+            }
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(StreamEvent::Chunk(c)))) if is_error_payload(&c) => {
+                return Err(BackendError::Failed(format!(
+                    "upstream reported an error: {}",
+                    String::from_utf8_lossy(&c)
+                )));
+            }
+            Ok(Some(Ok(ev))) => ev,
+        };
+        let idle = ctx.idle_timeout;
+        let rest =
+            futures_util::stream::unfold((upstream, guard), move |(mut up, guard)| async move {
+                if up.ended {
+                    return None;
+                }
+                let item = match tokio::time::timeout(idle, up.next_event()).await {
+                    Err(_) => Some(Err(BackendError::Failed(format!(
+                        "upstream stream stalled for {} ms",
+                        idle.as_millis()
+                    )))),
+                    Ok(None) => Some(Err(BackendError::Failed(
+                        "upstream stream ended before [DONE]".into(),
+                    ))),
+                    Ok(Some(Ok(StreamEvent::Chunk(c)))) if is_error_payload(&c) => {
+                        Some(Err(BackendError::Failed(format!(
+                            "upstream reported an error mid-stream: {}",
+                            String::from_utf8_lossy(&c)
+                        ))))
+                    }
+                    Ok(Some(item)) => Some(item),
+                };
+                if matches!(item, Some(Err(_)) | Some(Ok(StreamEvent::Done))) {
+                    up.ended = true;
+                }
+                item.map(|i| (i, (up, guard)))
+            });
+        Ok(Reply::Stream(Box::pin(
+            futures_util::stream::once(std::future::ready(Ok(first))).chain(rest),
+        )))
+    }
+}
+
+/// Counts a request against its GPU while it is in flight.
+struct GpuGuard(Arc<Vec<AtomicU32>>, usize);
+
+impl GpuGuard {
+    fn new(counters: Arc<Vec<AtomicU32>>, i: usize) -> Self {
+        counters[i].fetch_add(1, Ordering::Relaxed);
+        GpuGuard(counters, i)
+    }
+}
+
+impl Drop for GpuGuard {
+    fn drop(&mut self) {
+        self.0[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct UpstreamStream {
+    body: Incoming,
+    decoder: SseDecoder,
+    ended: bool,
+}
+
+impl UpstreamStream {
+    /// The next SSE event: `None` when the body ended (with nothing but whitespace pending).
+    async fn next_event(&mut self) -> Option<Result<StreamEvent, BackendError>> {
+        loop {
+            match self.decoder.next_event() {
+                Err(e) => {
+                    return Some(Err(BackendError::Failed(format!(
+                        "upstream stream is malformed: {e}"
+                    ))));
+                }
+                Ok(Some(SseEvent::Done)) => return Some(Ok(StreamEvent::Done)),
+                Ok(Some(SseEvent::Data(d))) => return Some(Ok(StreamEvent::Chunk(d))),
+                Ok(None) => {}
+            }
+            match self.body.frame().await {
+                None => return None,
+                Some(Err(e)) => {
+                    return Some(Err(BackendError::Failed(format!("upstream stream broke: {e}"))));
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.decoder.push(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An upstream error event looks like `{"error": ...}`; checking the prefix avoids parsing
+/// every chunk.
+fn is_error_payload(c: &[u8]) -> bool {
+    let trimmed = c.trim_ascii_start();
+    trimmed.starts_with(b"{\"error\"") || trimmed.starts_with(b"{ \"error\"")
+}
+
+fn source_text(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Maps a non-2xx upstream answer: client errors pass through (never the node's fault),
+/// server errors become a 502 the client can fail over on.
+async fn upstream_error(response: http::Response<Incoming>) -> BackendError {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = tokio::time::timeout(
+        Duration::from_secs(5),
+        Limited::new(response.into_body(), MAX_ERROR_BYTES).collect(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(|c| c.to_bytes())
+    .unwrap_or_default();
+    let message = || {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let m = v
+                    .pointer("/error/message")
+                    .or_else(|| v.get("error"))
+                    .or_else(|| v.get("message"))?;
+                Some(m.as_str().map(str::to_owned).unwrap_or_else(|| m.to_string()))
+            })
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(500).collect())
+    };
+    if status.is_client_error() {
+        let parsed = serde_json::from_slice::<ErrorBody>(&body).ok();
+        let body = parsed.unwrap_or_else(|| {
+            let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+                "rate_limit_error"
+            } else {
+                "invalid_request_error"
+            };
+            ErrorBody::new(format!("upstream: {}", message()), kind, None, None)
+        });
+        return BackendError::Rejected { status, body, retry_after };
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        return BackendError::Overloaded(format!("upstream is overloaded: {}", message()));
+    }
+    BackendError::Failed(format!("upstream answered {status}: {}", message()))
+}

@@ -1,0 +1,470 @@
+//! The node's configuration: one TOML file, strictly parsed, every default documented here.
+//!
+//! Unknown keys are errors naming the key (a typo must not silently fall back to a default).
+//! A handful of environment variables override the file where operators expect to set things
+//! per deployment: `EDGEROUTE_NODE_ID`, `EDGEROUTE_REGION`, `EDGEROUTE_LISTEN`,
+//! `EDGEROUTE_UPSTREAM_URL`. Only the binary reads files and the environment; this module
+//! turns text and an env lookup function into a validated [`NodeConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edgeroute_auth::AuthConfig;
+use edgeroute_sim::SimConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid node config: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("invalid node config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_owned(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub telemetry: Telemetry,
+    /// JWT verification keys. Required unless `node.allow_unauthenticated` is set.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    #[serde(default)]
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Stable node id, reported in every response (`x-edgeroute-node`). Required.
+    pub id: String,
+    /// Region the node runs in (`vancouver`). Required.
+    pub region: String,
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Serve without authentication (every caller is tenant `anonymous`). Only for loopback
+    /// development; the node logs a warning at start. Default `false`.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// TLS termination. Absent: plain HTTP (for loopback development).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// Every limit, explicit. Durations are in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body; larger gets 413. Default 4 MiB.
+    pub max_body_bytes: usize,
+    /// Largest request head; larger gets 431. Default 16 KiB (at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Most headers in one request. Default 100.
+    pub max_headers: usize,
+    /// Time to receive a whole request head (slowloris defence). Default 5000.
+    pub header_read_timeout_ms: u64,
+    /// Keep-alive connections idle this long are closed. Default 60000.
+    pub idle_timeout_ms: u64,
+    /// Open connections; beyond it accepting pauses. Default 4096.
+    pub max_connections: usize,
+    /// Concurrent streams per HTTP/2 connection. Default 256.
+    pub http2_max_concurrent_streams: u32,
+    /// Requests in flight on this node; beyond it requests are shed with 503, a
+    /// `Retry-After` and a migrate hint, never queued without bound. Default 256.
+    pub max_concurrency: u32,
+    /// Sustained requests per second per tenant (JWT `sub`), GCRA. Default 50.
+    pub rate_limit_per_s: u32,
+    /// Burst per tenant. Default 100.
+    pub rate_limit_burst: u32,
+    /// A backend stream that produces nothing for this long is ended with an SSE error.
+    /// Default 30000.
+    pub stream_idle_timeout_ms: u64,
+    /// After shutdown starts, in-flight requests get this long to finish. Default 30000.
+    pub shutdown_grace_ms: u64,
+    /// Health reports not-ready this long before the node stops accepting, so discovery and
+    /// clients move away first. Default 0.
+    pub not_ready_delay_ms: u64,
+    /// Default deadline of `POST /admin/drain`. Default 30000.
+    pub drain_deadline_ms: u64,
+    /// Sessions remembered (for serving known sessions while draining). Default 100000.
+    pub max_sessions: usize,
+    /// A session unseen for this long is forgotten. Default 600000.
+    pub session_ttl_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4096,
+            http2_max_concurrent_streams: 256,
+            max_concurrency: 256,
+            rate_limit_per_s: 50,
+            rate_limit_burst: 100,
+            stream_idle_timeout_ms: 30_000,
+            shutdown_grace_ms: 30_000,
+            not_ready_delay_ms: 0,
+            drain_deadline_ms: 30_000,
+            max_sessions: 100_000,
+            session_ttl_ms: 600_000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn server_limits(&self) -> edgeroute_http::ServerLimits {
+        edgeroute_http::ServerLimits {
+            header_read_timeout: ms(self.header_read_timeout_ms),
+            idle_timeout: ms(self.idle_timeout_ms),
+            tls_handshake_timeout: ms(self.header_read_timeout_ms),
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            http2_max_concurrent_streams: self.http2_max_concurrent_streams,
+            shutdown_grace: ms(self.shutdown_grace_ms),
+        }
+    }
+}
+
+pub(crate) fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Sliding window for latency percentiles and error rate, seconds. Default 10.
+    pub window_s: u32,
+    /// Error rate above which the node reports itself `degraded`. Default 0.2.
+    pub degraded_error_rate: f64,
+    /// Requests the window must hold before the error rate can mark the node degraded.
+    /// Default 20.
+    pub degraded_min_samples: u64,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry { window_s: 10, degraded_error_rate: 0.2, degraded_min_samples: 20 }
+    }
+}
+
+/// The inference backend behind the gateway. Default: the simulator with its defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// The built-in simulator, in process. Its settings go under `[backend.sim]`.
+    Sim {
+        #[serde(default)]
+        sim: SimConfig,
+    },
+    /// Any OpenAI-compatible server: vLLM, SGLang, llama.cpp, TGI, Ollama, Triton's OpenAI
+    /// frontend.
+    Openai(OpenAiConfig),
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig::Sim { sim: SimConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Base URL of the upstream (`http://127.0.0.1:8000`); `/v1/chat/completions` is appended.
+    pub url: String,
+    /// Environment variable holding the upstream's API key, sent as a bearer token.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Default 1000.
+    #[serde(default = "d_connect")]
+    pub connect_timeout_ms: u64,
+    /// Streaming: time from sending the request to the first streamed event. Default 30000.
+    #[serde(default = "d_first_byte")]
+    pub first_byte_timeout_ms: u64,
+    /// Non-streaming: time for the whole answer. Default 300000.
+    #[serde(default = "d_request")]
+    pub request_timeout_ms: u64,
+    /// Idle pooled connections kept per upstream. Default 256.
+    #[serde(default = "d_pool")]
+    pub pool_max_idle: usize,
+    /// Largest non-streaming answer accepted from the upstream. Default 16 MiB.
+    #[serde(default = "d_max_response")]
+    pub max_response_bytes: usize,
+    /// Models the upstream serves. At least one.
+    pub models: Vec<UpstreamModel>,
+    /// GPUs behind the upstream, for capacity reporting. Default: one `gpu0` with
+    /// `max_concurrency` slots.
+    #[serde(default)]
+    pub gpus: Vec<GpuSpec>,
+}
+
+fn d_connect() -> u64 {
+    1_000
+}
+fn d_first_byte() -> u64 {
+    30_000
+}
+fn d_request() -> u64 {
+    300_000
+}
+fn d_pool() -> usize {
+    256
+}
+fn d_max_response() -> usize {
+    16 * 1024 * 1024
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamModel {
+    /// The id clients ask for.
+    pub id: String,
+    /// The id the upstream knows it by. Default: same as `id`.
+    #[serde(default)]
+    pub upstream_name: Option<String>,
+    /// GPU the model runs on. Default: the first GPU.
+    #[serde(default)]
+    pub gpu: Option<String>,
+    /// VRAM the model occupies, for reporting. Default 0.
+    #[serde(default)]
+    pub memory_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSpec {
+    pub id: String,
+    /// Concurrent requests the GPU serves at once (batch lanes).
+    pub slots: u32,
+    #[serde(default)]
+    pub memory_total_mb: u64,
+}
+
+impl NodeConfig {
+    /// Parses a config file's text and applies environment overrides through `env`.
+    pub fn parse(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut cfg: NodeConfig = toml::from_str(text)?;
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env("EDGEROUTE_NODE_ID") {
+            self.node.id = v;
+        }
+        if let Some(v) = env("EDGEROUTE_REGION") {
+            self.node.region = v;
+        }
+        if let Some(v) = env("EDGEROUTE_LISTEN") {
+            self.node.listen =
+                v.parse().map_err(|e| invalid("EDGEROUTE_LISTEN", format!("`{v}`: {e}")))?;
+        }
+        if let Some(v) = env("EDGEROUTE_UPSTREAM_URL") {
+            match &mut self.backend {
+                BackendConfig::Openai(o) => o.url = v,
+                BackendConfig::Sim { .. } => {
+                    return Err(invalid(
+                        "EDGEROUTE_UPSTREAM_URL",
+                        "set, but backend.kind is `sim`",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot: ids, ranges and references between sections.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !edgeroute_proto::headers::is_hint_token(&self.node.id) {
+            return Err(invalid("node.id", "must be 1-128 characters of [A-Za-z0-9._:-]"));
+        }
+        if self.node.region.is_empty() {
+            return Err(invalid("node.region", "must not be empty"));
+        }
+        match (&self.auth, self.node.allow_unauthenticated) {
+            (None, false) => {
+                return Err(invalid(
+                    "auth",
+                    "no [auth] section: configure JWT keys, or set node.allow_unauthenticated = true for local development",
+                ));
+            }
+            (Some(a), _) => a.validate().map_err(|e| invalid("auth", e.to_string()))?,
+            (None, true) => {}
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_concurrency", u64::from(l.max_concurrency)),
+            ("limits.rate_limit_per_s", u64::from(l.rate_limit_per_s)),
+            ("limits.rate_limit_burst", u64::from(l.rate_limit_burst)),
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.header_read_timeout_ms", l.header_read_timeout_ms),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.stream_idle_timeout_ms", l.stream_idle_timeout_ms),
+            ("limits.max_body_bytes", l.max_body_bytes as u64),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if l.max_header_bytes < 8192 {
+            return Err(invalid("limits.max_header_bytes", "must be at least 8192"));
+        }
+        if self.telemetry.window_s == 0 {
+            return Err(invalid("telemetry.window_s", "must be greater than 0"));
+        }
+        match &self.backend {
+            BackendConfig::Sim { sim } => {
+                sim.validate().map_err(|e| invalid("backend.sim", e.to_string()))?
+            }
+            BackendConfig::Openai(o) => {
+                let ok = o.url.starts_with("http://") || o.url.starts_with("https://");
+                if !ok || o.url.parse::<http::Uri>().is_err() {
+                    return Err(invalid(
+                        "backend.url",
+                        format!("`{}` is not an http(s) URL", o.url),
+                    ));
+                }
+                if o.url.starts_with("https://") {
+                    return Err(invalid(
+                        "backend.url",
+                        "https upstreams are not supported yet; the backend is on a private network, use http",
+                    ));
+                }
+                if o.models.is_empty() {
+                    return Err(invalid("backend.models", "list at least one model"));
+                }
+                for (i, m) in o.models.iter().enumerate() {
+                    if m.id.is_empty() || o.models[..i].iter().any(|p| p.id == m.id) {
+                        return Err(invalid(
+                            "backend.models",
+                            format!("model id `{}` is empty or repeated", m.id),
+                        ));
+                    }
+                    if let Some(g) = &m.gpu
+                        && !o.gpus.iter().any(|s| &s.id == g)
+                    {
+                        return Err(invalid(
+                            "backend.models",
+                            format!("model `{}` names unknown GPU `{g}`", m.id),
+                        ));
+                    }
+                }
+                if o.gpus.iter().any(|g| g.slots == 0) {
+                    return Err(invalid("backend.gpus", "every GPU needs at least one slot"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str =
+        "[node]\nid = \"van-1\"\nregion = \"vancouver\"\nallow_unauthenticated = true\n";
+
+    fn parse(s: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(s, |_| None)
+    }
+
+    #[test]
+    fn minimal_config_takes_documented_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.node.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.limits.max_concurrency, 256);
+        assert_eq!(c.limits.max_body_bytes, 4 * 1024 * 1024);
+        assert!(matches!(c.backend, BackendConfig::Sim { .. }));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = parse(&format!("{MIN}[limits]\nmax_concurency = 3\n")).unwrap_err().to_string();
+        assert!(e.contains("max_concurency"), "{e}");
+        let e = parse(&format!("{MIN}[backend]\nkind = \"sim\"\n[backend.sim]\nttft_bse_ms = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ttft_bse_ms"), "{e}");
+        let e = parse(&format!("{MIN}colour = 1\n")).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = parse(&format!(
+            "{MIN}[backend]\nkind = \"openai\"\nurl = \"http://x\"\nmodels = []\nbogus = 1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn auth_is_required_unless_explicitly_waived() {
+        let e = parse("[node]\nid = \"a\"\nregion = \"r\"\n").unwrap_err().to_string();
+        assert!(e.contains("allow_unauthenticated"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_checked() {
+        let env = |k: &str| match k {
+            "EDGEROUTE_NODE_ID" => Some("tor-2".to_owned()),
+            "EDGEROUTE_LISTEN" => Some("127.0.0.1:9999".to_owned()),
+            _ => None,
+        };
+        let c = NodeConfig::parse(MIN, env).unwrap();
+        assert_eq!(c.node.id, "tor-2");
+        assert_eq!(c.node.listen.port(), 9999);
+        let e = NodeConfig::parse(MIN, |k| (k == "EDGEROUTE_LISTEN").then(|| "nope".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("EDGEROUTE_LISTEN"));
+        let e =
+            NodeConfig::parse(MIN, |k| (k == "EDGEROUTE_UPSTREAM_URL").then(|| "http://x".into()))
+                .unwrap_err();
+        assert!(e.to_string().contains("sim"));
+    }
+
+    #[test]
+    fn openai_backend_is_validated() {
+        let ok = format!(
+            "{MIN}[backend]\nkind = \"openai\"\nurl = \"http://127.0.0.1:8000\"\n[[backend.models]]\nid = \"m\"\n"
+        );
+        assert!(parse(&ok).is_ok());
+        let bad_url = ok.replace("http://127.0.0.1:8000", "ftp://x");
+        assert!(parse(&bad_url).unwrap_err().to_string().contains("backend.url"));
+        let bad_gpu = format!("{ok}gpu = \"gpu9\"\n");
+        assert!(parse(&bad_gpu).unwrap_err().to_string().contains("gpu9"));
+        let bad_id = MIN.replace("van-1", "van 1/..");
+        assert!(parse(&bad_id).unwrap_err().to_string().contains("node.id"));
+        let zero = format!("{MIN}[limits]\nmax_concurrency = 0\n");
+        assert!(parse(&zero).unwrap_err().to_string().contains("max_concurrency"));
+    }
+}

@@ -1,0 +1,58 @@
+//! Bearer-token authentication against locally stored keys: no network call on the hot path.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use edgeroute_auth::{AuthError, Scope, parse_bearer};
+use edgeroute_http::ApiError;
+use http::header::AUTHORIZATION;
+
+use super::{AppState, Tenant};
+
+pub async fn require(
+    State((st, scope)): State<(AppState, Scope)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(store) = &st.auth else {
+        req.extensions_mut().insert(Tenant(Arc::from("anonymous")));
+        return next.run(req).await;
+    };
+    let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let verified = parse_bearer(header)
+        .and_then(|token| store.verify(token, (st.clock)()))
+        .and_then(|claims| claims.require_scope(scope).map(|()| claims));
+    match verified {
+        Ok(claims) => {
+            req.extensions_mut().insert(Tenant(Arc::from(claims.tenant())));
+            next.run(req).await
+        }
+        Err(e) => {
+            st.metrics.reject(reject_reason(&e));
+            auth_error(&e).into_response()
+        }
+    }
+}
+
+fn reject_reason(e: &AuthError) -> &'static str {
+    match e {
+        AuthError::InsufficientScope { .. } => "forbidden",
+        _ => "unauthenticated",
+    }
+}
+
+fn auth_error(e: &AuthError) -> ApiError {
+    let code = match e {
+        AuthError::Missing => "missing_token",
+        AuthError::Expired => "token_expired",
+        AuthError::InsufficientScope { .. } => "insufficient_scope",
+        _ => "invalid_token",
+    };
+    if e.http_status() == 403 {
+        ApiError::forbidden(code, e.to_string())
+    } else {
+        ApiError::unauthorized(code, e.to_string())
+    }
+}

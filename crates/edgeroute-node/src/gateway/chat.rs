@@ -1,0 +1,228 @@
+//! `POST /v1/chat/completions`: validate, admit, call the backend, and stream the answer.
+//!
+//! The stream's commit point is the backend's first chunk: until then any failure is a clean
+//! 5xx (the client fails over); after it, a failure ends the stream with an SSE error event and
+//! no `[DONE]`, so a truncated answer is never mistaken for a complete one.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use edgeroute_http::ApiError;
+use edgeroute_proto::ChatCompletionRequest;
+use edgeroute_proto::MigrateHint;
+use edgeroute_proto::headers::{MIGRATE_HEADER, SESSION_HEADER, is_hint_token};
+use edgeroute_proto::sse::{DONE_FRAME, data_frame};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, header};
+use tokio::time::Instant;
+
+use super::AppState;
+use crate::backend::{BackendError, CallContext, EventStream, Reply, StreamEvent};
+use crate::config::ms;
+use crate::lifecycle::Admission;
+use crate::telemetry::{InFlight, Outcome};
+
+const ROUTE: &str = "chat";
+
+pub async fn chat_completions(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let res = match handle(&st, &headers, body).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    };
+    st.metrics.request(ROUTE, res.status().as_u16());
+    res
+}
+
+async fn handle(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let req: ChatCompletionRequest =
+        edgeroute_http::json::read_json(body, st.limits.max_body_bytes).await?;
+    req.validate().map_err(|e| ApiError::invalid_request(Some(&e.param), e.message))?;
+    if !st.backend.serves(&req.model) {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+
+    let now = st.telemetry.now();
+    let session = headers
+        .get(SESSION_HEADER)
+        .map(|v| v.to_str().ok().filter(|s| is_hint_token(s)))
+        .map(|s| {
+            s.ok_or_else(|| {
+                ApiError::invalid_request(
+                    None,
+                    format!(
+                        "Header `{SESSION_HEADER}` must be 1-128 characters of [A-Za-z0-9._:-]."
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    let known = session.is_some_and(|s| st.sessions.is_known(s, now));
+    let hint = match st.phase.load().admit(now, known) {
+        Admission::Admit(hint) => hint,
+        Admission::Refuse { code, hint } => {
+            st.metrics.reject(if code == "node_draining" { "draining" } else { "shutting_down" });
+            return Err(refusal(
+                code,
+                "This node is not accepting new sessions; move to another node.",
+                hint,
+            ));
+        }
+    };
+    let Some(slot) = st.telemetry.try_admit(st.limits.max_concurrency) else {
+        st.metrics.reject("overloaded");
+        let hint = MigrateHint { reason: "overload".into(), deadline_ms: 0, to: None };
+        return Err(refusal(
+            "node_overloaded",
+            "This node is at its concurrency limit; retry on another node.",
+            hint,
+        ));
+    };
+    if let Some(s) = session {
+        st.sessions.touch(s, now);
+    }
+
+    let seq = st.seq.fetch_add(1, Ordering::Relaxed);
+    let ctx = CallContext {
+        response_id: format!("chatcmpl-{}-{seq}", st.id),
+        created: (st.clock)(),
+        idle_timeout: ms(st.limits.stream_idle_timeout_ms),
+    };
+    let idle = ctx.idle_timeout;
+    let reply = match st.backend.chat(req, ctx).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.is_node_fault() {
+                st.telemetry.record(None, started.elapsed(), Outcome::Failed);
+                st.metrics.backend_error(e.kind());
+            }
+            return Err(e.to_api());
+        }
+    };
+    let ttft = started.elapsed();
+    st.metrics.ttft.observe(ttft.as_secs_f64());
+    let mut res = match reply {
+        Reply::Json(bytes) => {
+            st.telemetry.record(Some(ttft), ttft, Outcome::Ok);
+            st.metrics.duration.observe(ttft.as_secs_f64());
+            drop(slot);
+            ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        Reply::Stream(events) => {
+            let recorder = Recorder { st: st.clone(), _slot: slot, started, ttft, outcome: None };
+            let body = Body::from_stream(sse(events, recorder, idle));
+            (
+                [
+                    (header::CONTENT_TYPE, "text/event-stream"),
+                    (header::CACHE_CONTROL, "no-cache"),
+                    (header::HeaderName::from_static("x-accel-buffering"), "no"),
+                ],
+                body,
+            )
+                .into_response()
+        }
+    };
+    if let Some(h) = hint
+        && let Ok(v) = HeaderValue::from_str(&h.to_string())
+    {
+        res.headers_mut().insert(MIGRATE_HEADER, v);
+    }
+    Ok(res)
+}
+
+fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {
+    let retry_s = hint.deadline_ms.div_ceil(1000).clamp(1, 60);
+    ApiError::unavailable(code, message, retry_s)
+        .with_header(http::HeaderName::from_static(MIGRATE_HEADER), hint.to_string())
+}
+
+/// Records how a stream ended when it is dropped: finished, failed, or abandoned by the client
+/// (hyper drops the body when the connection goes away, which drops the backend stream and
+/// with it the upstream request and the node's slot).
+struct Recorder {
+    st: AppState,
+    _slot: InFlight,
+    started: Instant,
+    ttft: Duration,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let total = self.started.elapsed();
+        match self.outcome {
+            Some(o) => {
+                self.st.telemetry.record(Some(self.ttft), total, o);
+                if o == Outcome::Ok {
+                    self.st.metrics.duration.observe(total.as_secs_f64());
+                }
+            }
+            None => {
+                self.st.metrics.streams_cancelled.inc();
+            }
+        }
+    }
+}
+
+fn error_frame(e: &BackendError) -> Bytes {
+    data_frame(&e.to_api().body_json())
+}
+
+/// Frames backend events as SSE, enforcing the idle deadline between events.
+fn sse(
+    events: EventStream,
+    recorder: Recorder,
+    idle: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::unfold(Some((events, recorder)), move |state| async move {
+        let (mut events, mut rec) = state?;
+        let next = tokio::time::timeout(idle, events.next()).await;
+        let (frame, done) = match next {
+            Ok(Some(Ok(StreamEvent::Chunk(c)))) => {
+                rec.st.metrics.stream_chunks.inc();
+                (data_frame(&c), false)
+            }
+            Ok(Some(Ok(StreamEvent::Done))) => {
+                rec.outcome = Some(Outcome::Ok);
+                (Bytes::from_static(DONE_FRAME), true)
+            }
+            Ok(Some(Err(e))) => {
+                rec.st.metrics.backend_error(e.kind());
+                rec.outcome = Some(Outcome::Failed);
+                (error_frame(&e), true)
+            }
+            Ok(None) => {
+                rec.st.metrics.backend_error("failed");
+                rec.outcome = Some(Outcome::Failed);
+                (
+                    error_frame(&BackendError::Failed(
+                        "backend ended the stream before finishing the answer".into(),
+                    )),
+                    true,
+                )
+            }
+            Err(_) => {
+                rec.st.metrics.backend_error("timeout");
+                rec.outcome = Some(Outcome::Failed);
+                (
+                    error_frame(&BackendError::Timeout(format!(
+                        "backend produced nothing for {} ms",
+                        idle.as_millis()
+                    ))),
+                    true,
+                )
+            }
+        };
+        let state = if done { None } else { Some((events, rec)) };
+        Some((Ok(frame), state))
+    })
+}

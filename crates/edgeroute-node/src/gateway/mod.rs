@@ -1,0 +1,134 @@
+//! The internet-facing HTTP surface of a node: routes, authentication, per-tenant rate
+//! limits, admission (concurrency cap, drain) and the headers every response carries.
+//!
+//! Layering, outermost first: response headers (node id, load report, migrate hint) → auth
+//! (scope per route group) → rate limit (inference only) → handler. Admission happens in the
+//! chat handler itself because the slot it takes must live as long as the response stream.
+
+mod admin;
+mod auth;
+mod chat;
+mod info;
+mod ratelimit;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use edgeroute_auth::{KeyStore, Scope};
+use edgeroute_http::ApiError;
+use edgeroute_proto::LoadReport;
+use edgeroute_proto::headers::{LOAD_HEADER, MIGRATE_HEADER, NODE_HEADER};
+use http::HeaderValue;
+
+use crate::backend::Backend;
+use crate::config::{Limits, Telemetry as TelemetryConfig};
+use crate::lifecycle::{Phase, Sessions};
+use crate::metrics::Metrics;
+use crate::telemetry::Telemetry;
+
+pub use ratelimit::TenantLimiter;
+
+/// Unix time in seconds; a seam so tests can move the clock (token expiry).
+pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+pub fn system_clock() -> UnixClock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    })
+}
+
+/// Everything a request handler may touch. Shared behind an `Arc`.
+pub struct NodeState {
+    pub id: String,
+    pub region: String,
+    pub node_header: HeaderValue,
+    pub limits: Limits,
+    pub telemetry_cfg: TelemetryConfig,
+    pub telemetry: Arc<Telemetry>,
+    pub phase: ArcSwap<Phase>,
+    pub sessions: Sessions,
+    pub backend: Backend,
+    /// `None` only when the config waives authentication.
+    pub auth: Option<Arc<KeyStore>>,
+    pub limiter: TenantLimiter,
+    pub metrics: Metrics,
+    pub clock: UnixClock,
+    pub seq: AtomicU64,
+}
+
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeState")
+            .field("id", &self.id)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+pub type AppState = Arc<NodeState>;
+
+impl NodeState {
+    pub fn load_report(&self) -> LoadReport {
+        LoadReport {
+            queue_depth: self.backend.queue_depth(),
+            in_flight: self.telemetry.in_flight(),
+            capacity: self.limits.max_concurrency,
+            ttft_ms: self.telemetry.recent_ttft_ms(),
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let inference = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(info::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), ratelimit::limit))
+        .route_layer(middleware::from_fn_with_state(
+            (state.clone(), Scope::Inference),
+            auth::require,
+        ));
+    let admin = Router::new()
+        .route("/admin/drain", post(admin::start_drain).delete(admin::stop_drain))
+        .route("/admin/faults", get(admin::get_faults).put(admin::set_faults))
+        .route_layer(middleware::from_fn_with_state((state.clone(), Scope::Admin), auth::require));
+    Router::new()
+        .merge(inference)
+        .merge(admin)
+        .route("/health", get(info::health))
+        .route("/metrics", get(info::metrics))
+        .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(state.clone(), response_headers))
+        .with_state(state)
+}
+
+/// Every response names the node and reports its load, so clients learn load without probing;
+/// while draining or shutting down it also carries the migrate hint.
+async fn response_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(NODE_HEADER, st.node_header.clone());
+    if let Ok(v) = HeaderValue::from_str(&st.load_report().to_string()) {
+        h.insert(LOAD_HEADER, v);
+    }
+    if !h.contains_key(MIGRATE_HEADER)
+        && let Some(hint) = st.phase.load().hint(st.telemetry.now())
+        && let Ok(v) = HeaderValue::from_str(&hint.to_string())
+    {
+        h.insert(MIGRATE_HEADER, v);
+    }
+    res
+}
+
+/// A tenant as authenticated by the auth layer (the JWT `sub`).
+#[derive(Debug, Clone)]
+pub struct Tenant(pub Arc<str>);

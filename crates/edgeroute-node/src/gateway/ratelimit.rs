@@ -1,0 +1,99 @@
+//! Per-tenant rate limiting with GCRA (`governor`): local to the node, never a central call.
+//! Answers carry OpenAI's `x-ratelimit-*` headers; a refusal is a 429 with `Retry-After`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use edgeroute_http::ApiError;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use super::{AppState, Tenant};
+
+type Keyed = RateLimiter<
+    Arc<str>,
+    DefaultKeyedStateStore<Arc<str>>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+pub struct TenantLimiter {
+    limiter: Keyed,
+    burst: u32,
+    /// Time for one request's worth of quota to replenish.
+    period: Duration,
+}
+
+impl TenantLimiter {
+    pub fn new(per_s: u32, burst: u32) -> Self {
+        let per_s = NonZeroU32::new(per_s).unwrap_or(NonZeroU32::MIN);
+        let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(per_s).allow_burst(burst_nz);
+        TenantLimiter {
+            limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            burst: burst_nz.get(),
+            period: Duration::from_secs(1) / per_s.get(),
+        }
+    }
+
+    /// Forgets tenants whose quota is full again, so memory follows active tenants only.
+    pub fn maintain(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    pub fn tenants(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(Tenant(tenant)) = req.extensions().get::<Tenant>().cloned() else {
+        return next.run(req).await;
+    };
+    let l = &st.limiter;
+    match l.limiter.check_key(&tenant) {
+        Ok(snapshot) => {
+            let remaining = snapshot.remaining_burst_capacity();
+            let mut res = next.run(req).await;
+            let reset = l.period * (l.burst.saturating_sub(remaining));
+            let h = res.headers_mut();
+            h.insert(LIMIT, HeaderValue::from(l.burst));
+            h.insert(REMAINING, HeaderValue::from(remaining));
+            if let Ok(v) = HeaderValue::from_str(&format!("{}ms", reset.as_millis())) {
+                h.insert(RESET, v);
+            }
+            res
+        }
+        Err(not_until) => {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            st.metrics.reject("rate_limited");
+            st.metrics.request("chat", 429);
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                format!("Rate limit reached for tenant `{tenant}`: {} requests per second with a burst of {}. Retry in {} ms.", (Duration::from_secs(1).as_nanos() / l.period.as_nanos().max(1)), l.burst, wait.as_millis()),
+            )
+            .with_header(http::header::RETRY_AFTER, secs.max(1).to_string())
+            .with_header(RETRY_AFTER_MS, wait.as_millis().to_string())
+            .with_header(LIMIT, l.burst.to_string())
+            .with_header(REMAINING, "0")
+            .with_header(RESET, format!("{}ms", wait.as_millis()))
+            .into_response()
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Prometheus metrics, named `edgeroute_node_*`. Recording is lock-free atomics on the hot
+//! path; gauges that mirror state (queue depth, in-flight) are refreshed when scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub rejected: Family<ReasonLabels, Counter>,
+    pub backend_errors: Family<ReasonLabels, Counter>,
+    pub ttft: Histogram,
+    pub duration: Histogram,
+    pub stream_chunks: Counter,
+    pub streams_cancelled: Counter,
+    pub in_flight: Gauge,
+    pub queue_depth: Gauge,
+    pub auth_reload_failures: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0,
+        10.0, 30.0, 60.0,
+    ]
+    .into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("edgeroute_node");
+        let m = Metrics {
+            requests: Family::default(),
+            rejected: Family::default(),
+            backend_errors: Family::default(),
+            ttft: Histogram::new(latency_buckets()),
+            duration: Histogram::new(latency_buckets()),
+            stream_chunks: Counter::default(),
+            streams_cancelled: Counter::default(),
+            in_flight: Gauge::default(),
+            queue_depth: Gauge::default(),
+            auth_reload_failures: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests answered, by route and status", m.requests.clone());
+        registry.register(
+            "rejected",
+            "Requests refused before reaching the backend, by reason",
+            m.rejected.clone(),
+        );
+        registry.register("backend_errors", "Backend failures, by kind", m.backend_errors.clone());
+        registry.register(
+            "ttft_seconds",
+            "Time to first token of chat completions",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to the end of chat completions",
+            m.duration.clone(),
+        );
+        registry.register(
+            "stream_chunks",
+            "SSE chunks forwarded to clients",
+            m.stream_chunks.clone(),
+        );
+        registry.register(
+            "streams_cancelled",
+            "Streams ended by the client going away",
+            m.streams_cancelled.clone(),
+        );
+        registry.register("in_flight", "Requests admitted and not finished", m.in_flight.clone());
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a backend slot",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "auth_key_reload_failures",
+            "Failed reloads of JWT key files (last good keys kept)",
+            m.auth_reload_failures.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, status: u16) {
+        self.requests.get_or_create(&RequestLabels { route, status }).inc();
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn backend_error(&self, kind: &'static str) {
+        self.backend_errors.get_or_create(&ReasonLabels { reason: kind }).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,343 @@
+//! The simulator's configuration: timing, GPUs, models and initial faults.
+//!
+//! A plain serde struct that comes in from outside (the node's config file, a lab scenario,
+//! a test); this crate never reads files or the environment. Unknown keys are errors so a
+//! typo in a scenario fails loudly instead of silently simulating something else. Every key
+//! has a default, so `{}` is a complete config: one `gpu0` with 4 slots serving `sim-llama`.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole simulator. See each field for its default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Seed for answers and fault rolls. Default `0`.
+    pub seed: u64,
+    /// Fixed part of the time to first token, after the request gets a slot. Default `40`.
+    pub ttft_base_ms: u64,
+    /// Prefill cost per prompt token, added to the time to first token. Default `200`.
+    pub prefill_us_per_token: u64,
+    /// Decode speed. `0` means as fast as possible: no delay between tokens (benchmarks use
+    /// it, with the two above at `0`, as a zero-latency backend). Default `50`.
+    pub tokens_per_s: f64,
+    /// Shortest answer, in tokens. Default `16`.
+    pub min_answer_tokens: u32,
+    /// Longest answer, in tokens. Default `64`.
+    pub max_answer_tokens: u32,
+    /// The GPUs and their concurrency slots. Default: one `gpu0` with 4 slots and 24 GiB.
+    pub gpus: Vec<GpuConfig>,
+    /// Models loaded at start. Default: `sim-llama` on `gpu0`.
+    pub models: Vec<SimModel>,
+    /// Requests allowed to wait for a slot, per GPU; one more is refused with `Overloaded`.
+    /// Default `64`.
+    pub max_queue: u32,
+    /// Faults in force at start; change them at run time with `Simulator::set_faults`.
+    /// Default: none.
+    pub faults: Faults,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            seed: 0,
+            ttft_base_ms: 40,
+            prefill_us_per_token: 200,
+            tokens_per_s: 50.0,
+            min_answer_tokens: 16,
+            max_answer_tokens: 64,
+            gpus: vec![GpuConfig::new("gpu0")],
+            models: vec![SimModel::new("sim-llama", "gpu0")],
+            max_queue: 64,
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl SimConfig {
+    /// The defaults with every delay at zero: the reference backend for overhead benchmarks.
+    pub fn zero_latency() -> Self {
+        SimConfig { ttft_base_ms: 0, prefill_us_per_token: 0, tokens_per_s: 0.0, ..Self::default() }
+    }
+
+    /// Checks what serde cannot: references between sections and value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_timing("tokens_per_s", Some(self.tokens_per_s))?;
+        check_delay("ttft_base_ms", self.ttft_base_ms, MAX_DELAY_MS)?;
+        check_delay("prefill_us_per_token", self.prefill_us_per_token, MAX_PREFILL_US)?;
+        if self.max_answer_tokens == 0 || self.min_answer_tokens > self.max_answer_tokens {
+            return Err(ConfigError::AnswerBounds {
+                min: self.min_answer_tokens,
+                max: self.max_answer_tokens,
+            });
+        }
+        if self.gpus.is_empty() {
+            return Err(ConfigError::NoGpus);
+        }
+        for (i, g) in self.gpus.iter().enumerate() {
+            if g.id.is_empty() {
+                return Err(ConfigError::EmptyId("gpus"));
+            }
+            if self.gpus[..i].iter().any(|o| o.id == g.id) {
+                return Err(ConfigError::DuplicateGpu(g.id.clone()));
+            }
+            if g.slots == 0 {
+                return Err(ConfigError::NoSlots(g.id.clone()));
+            }
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if self.models[..i].iter().any(|o| o.id == m.id) {
+                return Err(ConfigError::DuplicateModel(m.id.clone()));
+            }
+            m.validate(&self.gpus)?;
+        }
+        for g in &self.gpus {
+            let used: u64 = self.models.iter().filter(|m| m.gpu == g.id).map(|m| m.memory_mb).sum();
+            if used > g.memory_total_mb {
+                return Err(ConfigError::OutOfMemory {
+                    gpu: g.id.clone(),
+                    needed_mb: used,
+                    total_mb: g.memory_total_mb,
+                });
+            }
+        }
+        self.faults.validate()
+    }
+}
+
+/// Delays longer than an hour are surely a unit mistake, and keeping them bounded keeps every
+/// deadline computation far from overflow.
+const MAX_DELAY_MS: u64 = 3_600_000;
+const MAX_PREFILL_US: u64 = 1_000_000;
+
+fn check_delay(key: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::OutOfRange { key, value: value.to_string() });
+    }
+    Ok(())
+}
+
+fn check_timing(key: &'static str, tokens_per_s: Option<f64>) -> Result<(), ConfigError> {
+    match tokens_per_s {
+        Some(t) if !t.is_finite() || t < 0.0 => {
+            Err(ConfigError::OutOfRange { key, value: t.to_string() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One GPU: its concurrency slots (batch lanes) and memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Name, e.g. `gpu0`. Required.
+    pub id: String,
+    /// Requests served at once; more wait in this GPU's FIFO queue. Default `4`.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Memory, for placement checks and health reports. Default `24576` (24 GiB).
+    #[serde(default = "default_gpu_memory")]
+    pub memory_total_mb: u64,
+}
+
+fn default_slots() -> u32 {
+    4
+}
+
+fn default_gpu_memory() -> u64 {
+    24_576
+}
+
+impl GpuConfig {
+    /// A GPU with the default slots and memory.
+    pub fn new(id: impl Into<String>) -> Self {
+        GpuConfig { id: id.into(), slots: default_slots(), memory_total_mb: default_gpu_memory() }
+    }
+}
+
+/// One simulated model, pinned to a GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimModel {
+    /// The id clients put in `model`. Required.
+    pub id: String,
+    /// The GPU it runs on. Default `gpu0`.
+    #[serde(default = "default_gpu")]
+    pub gpu: String,
+    /// Memory it takes on its GPU. Default `4096`.
+    #[serde(default = "default_model_memory")]
+    pub memory_mb: u64,
+    /// Overrides the global `ttft_base_ms` for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_base_ms: Option<u64>,
+    /// Overrides the global `prefill_us_per_token` for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_us_per_token: Option<u64>,
+    /// Overrides the global `tokens_per_s` for this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+}
+
+fn default_gpu() -> String {
+    "gpu0".into()
+}
+
+fn default_model_memory() -> u64 {
+    4096
+}
+
+impl SimModel {
+    /// A model with the default memory and the global timing.
+    pub fn new(id: impl Into<String>, gpu: impl Into<String>) -> Self {
+        SimModel {
+            id: id.into(),
+            gpu: gpu.into(),
+            memory_mb: default_model_memory(),
+            ttft_base_ms: None,
+            prefill_us_per_token: None,
+            tokens_per_s: None,
+        }
+    }
+
+    /// Checks the model on its own and that its GPU exists (memory is checked by the caller,
+    /// which knows what else is loaded).
+    pub(crate) fn validate(&self, gpus: &[GpuConfig]) -> Result<(), ConfigError> {
+        if self.id.is_empty() {
+            return Err(ConfigError::EmptyId("models"));
+        }
+        if !gpus.iter().any(|g| g.id == self.gpu) {
+            return Err(ConfigError::UnknownGpu { model: self.id.clone(), gpu: self.gpu.clone() });
+        }
+        check_timing("models.tokens_per_s", self.tokens_per_s)?;
+        check_delay("models.ttft_base_ms", self.ttft_base_ms.unwrap_or(0), MAX_DELAY_MS)?;
+        check_delay(
+            "models.prefill_us_per_token",
+            self.prefill_us_per_token.unwrap_or(0),
+            MAX_PREFILL_US,
+        )
+    }
+}
+
+/// Injected faults. All default to off; settable at run time.
+///
+/// `stall_after_tokens`, `cut_after_tokens` and `slow_token_ms` apply to requests that arrive
+/// after they are set (a stream keeps the faults it started with); `crash` hits every
+/// request at once, in flight or queued.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Probability in [0, 1] that a request fails before its first token (after its queue
+    /// wait and time to first token, as a backend failing during prefill would).
+    pub error_rate: f64,
+    /// The stream stops producing after this many tokens, forever (until the consumer drops
+    /// it). `0` stalls before the first token. An answer shorter than this is unaffected.
+    pub stall_after_tokens: Option<u32>,
+    /// The stream ends with an error after this many tokens, when the next one was due.
+    /// `0` fails the request before its first token. An answer shorter than this is
+    /// unaffected.
+    pub cut_after_tokens: Option<u32>,
+    /// Extra delay between consecutive tokens, in milliseconds. The first token is not delayed.
+    pub slow_token_ms: u64,
+    /// Every request fails at once with `Refused`, as if the backend's port were closed.
+    pub refuse_connections: bool,
+    /// The backend is down: every in-flight or queued request fails at once with `Crashed`,
+    /// and new ones fail with `Crashed` until this is cleared.
+    pub crash: bool,
+}
+
+impl Faults {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.error_rate) {
+            return Err(ConfigError::OutOfRange {
+                key: "faults.error_rate",
+                value: self.error_rate.to_string(),
+            });
+        }
+        check_delay("faults.slow_token_ms", self.slow_token_ms, MAX_DELAY_MS)
+    }
+}
+
+/// A configuration the simulator cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("at least one GPU is required")]
+    NoGpus,
+    #[error("an entry in `{0}` has an empty id")]
+    EmptyId(&'static str),
+    #[error("GPU `{0}` is defined twice")]
+    DuplicateGpu(String),
+    #[error("GPU `{0}` has no slots")]
+    NoSlots(String),
+    #[error("model `{0}` is defined twice")]
+    DuplicateModel(String),
+    #[error("model `{model}` is pinned to unknown GPU `{gpu}`")]
+    UnknownGpu { model: String, gpu: String },
+    #[error("models on GPU `{gpu}` need {needed_mb} MB but it has {total_mb} MB")]
+    OutOfMemory { gpu: String, needed_mb: u64, total_mb: u64 },
+    #[error("answer bounds min={min} max={max}: need 1 <= max and min <= max")]
+    AnswerBounds { min: u32, max: u32 },
+    #[error("`{key}` = {value} is out of range")]
+    OutOfRange { key: &'static str, value: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_documented_default() {
+        let c: SimConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, SimConfig::default());
+        assert_eq!(
+            c.gpus,
+            vec![GpuConfig { id: "gpu0".into(), slots: 4, memory_total_mb: 24_576 }]
+        );
+        assert_eq!(c.models[0].id, "sim-llama");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_everywhere() {
+        for raw in [
+            r#"{"sed":1}"#,
+            r#"{"gpus":[{"id":"g","slot":2}]}"#,
+            r#"{"models":[{"id":"m","gpu_id":"g"}]}"#,
+            r#"{"faults":{"eror_rate":0.5}}"#,
+        ] {
+            assert!(serde_json::from_str::<SimConfig>(raw).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn nested_defaults_apply() {
+        let c: SimConfig = serde_json::from_str(
+            r#"{"gpus":[{"id":"g1"}],"models":[{"id":"m","gpu":"g1","tokens_per_s":10}],
+                "faults":{"crash":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.gpus[0].slots, 4);
+        assert_eq!(c.models[0].memory_mb, 4096);
+        assert_eq!(c.models[0].tokens_per_s, Some(10.0));
+        assert!(c.faults.crash && c.faults.error_rate == 0.0);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_catches_bad_references_and_ranges() {
+        let bad = |f: fn(&mut SimConfig)| {
+            let mut c = SimConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert_eq!(bad(|c| c.gpus.clear()), ConfigError::NoGpus);
+        assert_eq!(bad(|c| c.gpus[0].slots = 0), ConfigError::NoSlots("gpu0".into()));
+        assert!(matches!(bad(|c| c.models[0].gpu = "gpu9".into()), ConfigError::UnknownGpu { .. }));
+        assert!(matches!(bad(|c| c.models[0].memory_mb = 30_000), ConfigError::OutOfMemory { .. }));
+        assert!(matches!(bad(|c| c.min_answer_tokens = 100), ConfigError::AnswerBounds { .. }));
+        assert!(matches!(bad(|c| c.tokens_per_s = -1.0), ConfigError::OutOfRange { .. }));
+        assert!(matches!(bad(|c| c.faults.error_rate = 1.5), ConfigError::OutOfRange { .. }));
+        assert!(matches!(
+            bad(|c| c.models.push(SimModel::new("sim-llama", "gpu0"))),
+            ConfigError::DuplicateModel(_)
+        ));
+    }
+}

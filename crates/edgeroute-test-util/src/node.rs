@@ -1,0 +1,124 @@
+//! A real node on a loopback port, configured from a TOML snippet, with tokens minted for it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use edgeroute_auth::{MintOptions, Scope, Scopes, SigningKey};
+use edgeroute_node::{AppState, Node, NodeConfig};
+
+/// The HS256 secret every test node trusts (test-only, 32+ bytes).
+pub const SECRET: &str = "edgeroute-test-secret-0123456789abcdef";
+
+#[derive(Debug)]
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl TestNode {
+    /// Starts a node whose config is `[node]` (id `test-1`, region `local`) and `[auth]` (the
+    /// test secret) followed by `extra` (more sections, e.g. `[limits]`, `[backend]`).
+    pub async fn start(extra: &str) -> TestNode {
+        Self::start_with(extra, |_| None).await
+    }
+
+    pub async fn start_with(extra: &str, env: impl Fn(&str) -> Option<String>) -> TestNode {
+        let dir = std::env::temp_dir().join(format!(
+            "edgeroute-test-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let secret = dir.join("secret");
+        std::fs::write(&secret, SECRET).expect("write secret");
+        let text = format!(
+            "[node]\nid = \"test-1\"\nregion = \"local\"\nlisten = \"127.0.0.1:0\"\n[auth]\nhs256_secret_file = \"{}\"\n{extra}",
+            secret.display()
+        );
+        let cfg =
+            NodeConfig::parse(&text, env).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        let node = Node::build(cfg).expect("build node");
+        let state = node.state().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            node.serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("node serve");
+        });
+        TestNode { addr, state, dir, stop: Some(tx), task: Some(task) }
+    }
+
+    pub fn token_for(&self, sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
+        mint_hs256(sub, scopes, ttl_s)
+    }
+
+    /// An inference-scoped token for tenant `tenant-a`.
+    pub fn token(&self) -> String {
+        mint_hs256("tenant-a", &[Scope::Inference], 600)
+    }
+
+    pub fn admin_token(&self) -> String {
+        mint_hs256("operator", &[Scope::Admin], 600)
+    }
+
+    /// Begins shutdown and returns the server task so the test can await it.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.take().expect("node already stopped")
+    }
+}
+
+/// Mints an HS256 token with the test secret; a negative `ttl_s` gives an expired token.
+pub fn mint_hs256(sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
+    let scopes: Scopes = scopes.iter().copied().collect();
+    let (now_unix_s, ttl) =
+        if ttl_s >= 0 { (now(), ttl_s as u64) } else { (now() - 3600, (3600 + ttl_s) as u64) };
+    edgeroute_auth::mint(
+        &SigningKey::Hs256(SECRET.as_bytes().to_vec()),
+        &MintOptions {
+            sub: sub.into(),
+            scopes,
+            aud: None,
+            iss: None,
+            ttl_s: ttl,
+            now_unix_s,
+            kid: None,
+            nbf: None,
+        },
+    )
+    .expect("mint")
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,245 @@
+//! `edgeroute`: the thin command-line front of the workspace. It parses arguments, reads
+//! files and the environment, and calls into the library crates; no logic lives here.
+
+mod demo;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgeroute",
+    version,
+    about = "Route real-time AI inference across GPU edge nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an edge node gateway.
+    Node {
+        /// The node's TOML config (see ARCHITECTURE.md and crates/edgeroute-node/src/config.rs).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// Simulator TOML config; defaults otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Every delay at zero: the reference backend for overhead benchmarks.
+        #[arg(long)]
+        zero_latency: bool,
+    },
+    /// Mint tokens and build JWKS entries.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Start a node with the simulator on loopback and send it sample requests.
+    Demo {
+        /// Streamed sample requests to send.
+        #[arg(long, default_value_t = 3)]
+        requests: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a signed JWT on stdout.
+    Mint {
+        /// HS256 shared secret file (as configured in the node's `auth.hs256_secret_file`).
+        #[arg(long, conflicts_with = "key_file")]
+        secret_file: Option<PathBuf>,
+        /// PKCS#8 PEM private key for RS256 or EdDSA.
+        #[arg(long, requires = "kid")]
+        key_file: Option<PathBuf>,
+        /// Algorithm of `--key-file`.
+        #[arg(long, value_parser = ["rs256", "eddsa"], default_value = "eddsa")]
+        alg: String,
+        /// Key id, as in the node's JWKS file.
+        #[arg(long)]
+        kid: Option<String>,
+        /// Tenant.
+        #[arg(long)]
+        sub: String,
+        /// Space-separated scopes: `inference`, `admin`.
+        #[arg(long, default_value = "inference")]
+        scope: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        #[arg(long)]
+        aud: Option<String>,
+        #[arg(long)]
+        iss: Option<String>,
+    },
+    /// Print a JWKS entry for a public key PEM.
+    Jwk {
+        #[arg(long)]
+        public_key: PathBuf,
+        #[arg(long)]
+        kid: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGEROUTE_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(default_filter(&cli.command))
+                }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(cli))
+}
+
+fn default_filter(c: &Command) -> &'static str {
+    match c {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Node { config } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let cfg = edgeroute_node::NodeConfig::parse(&text, |k| std::env::var(k).ok())?;
+            let listener = tokio::net::TcpListener::bind(cfg.node.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.node.listen))?;
+            eprintln!("edgeroute node `{}` listening on {}", cfg.node.id, listener.local_addr()?);
+            edgeroute_node::Node::build(cfg)?.serve(listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Sim { listen, config, zero_latency } => {
+            let mut cfg = match config {
+                Some(p) => toml::from_str(
+                    &std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                )?,
+                None => edgeroute_sim::SimConfig::default(),
+            };
+            if zero_latency {
+                cfg.ttft_base_ms = 0;
+                cfg.prefill_us_per_token = 0;
+                cfg.tokens_per_s = 0.0;
+                // The reference must not queue: give it as many slots as the gateway admits.
+                for g in &mut cfg.gpus {
+                    g.slots = g.slots.max(100_000);
+                }
+                cfg.max_queue = cfg.max_queue.max(100_000);
+            }
+            let sim = Arc::new(edgeroute_sim::Simulator::new(cfg)?);
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            eprintln!("edgeroute sim listening on {}", listener.local_addr()?);
+            let limits = edgeroute_http::ServerLimits {
+                shutdown_grace: std::time::Duration::from_secs(5),
+                ..Default::default()
+            };
+            edgeroute_http::serve(
+                listener,
+                edgeroute_sim::server::router(sim),
+                limits,
+                None,
+                shutdown_signal(),
+            )
+            .await;
+            Ok(())
+        }
+        Command::Token { command } => token(command),
+        Command::Demo { requests } => demo::run(requests).await,
+    }
+}
+
+fn token(cmd: TokenCommand) -> Result<()> {
+    use edgeroute_auth::{MintOptions, Scope, Scopes, SigningKey};
+    match cmd {
+        TokenCommand::Mint { secret_file, key_file, alg, kid, sub, scope, ttl, aud, iss } => {
+            let key = match (secret_file, key_file) {
+                (Some(f), None) => {
+                    let mut secret =
+                        std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+                    // Same trimming as the verifier: one trailing newline.
+                    if secret.ends_with(b"\n") {
+                        secret.pop();
+                        if secret.ends_with(b"\r") {
+                            secret.pop();
+                        }
+                    }
+                    SigningKey::Hs256(secret)
+                }
+                (None, Some(f)) => {
+                    let pem = std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading {}", f.display()))?;
+                    if alg == "rs256" {
+                        SigningKey::Rs256 { pem }
+                    } else {
+                        SigningKey::EdDsa { pem }
+                    }
+                }
+                _ => bail!("give --secret-file (HS256) or --key-file with --kid (RS256/EdDSA)"),
+            };
+            let mut scopes = Scopes::default();
+            for s in scope.split_whitespace() {
+                scopes.insert(
+                    Scope::from_name(s).with_context(|| {
+                        format!("unknown scope `{s}` (known: inference, admin)")
+                    })?,
+                );
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let token = edgeroute_auth::mint(
+                &key,
+                &MintOptions { sub, scopes, aud, iss, ttl_s: ttl, now_unix_s: now, kid, nbf: None },
+            )?;
+            println!("{token}");
+            Ok(())
+        }
+        TokenCommand::Jwk { public_key, kid } => {
+            let pem = std::fs::read_to_string(&public_key)
+                .with_context(|| format!("reading {}", public_key.display()))?;
+            let jwk = edgeroute_auth::jwk_from_public_pem(&pem, &kid)?;
+            println!("{}", serde_json::to_string_pretty(&jwk)?);
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
