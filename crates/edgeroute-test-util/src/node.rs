@@ -33,6 +33,19 @@ impl TestNode {
     }
 
     pub async fn start_with(extra: &str, env: impl Fn(&str) -> Option<String>) -> TestNode {
+        Self::start_full("", extra, env).await
+    }
+
+    /// As [`TestNode::start`], with more keys in the `[auth]` table (e.g. `jwks_file`).
+    pub async fn start_with_auth(auth_extra: &str, extra: &str) -> TestNode {
+        Self::start_full(auth_extra, extra, |_| None).await
+    }
+
+    async fn start_full(
+        auth_extra: &str,
+        extra: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> TestNode {
         let dir = std::env::temp_dir().join(format!(
             "edgeroute-test-{}-{}",
             std::process::id(),
@@ -42,7 +55,7 @@ impl TestNode {
         let secret = dir.join("secret");
         std::fs::write(&secret, SECRET).expect("write secret");
         let text = format!(
-            "[node]\nid = \"test-1\"\nregion = \"local\"\nlisten = \"127.0.0.1:0\"\n[auth]\nhs256_secret_file = \"{}\"\n{extra}",
+            "[node]\nid = \"test-1\"\nregion = \"local\"\nlisten = \"127.0.0.1:0\"\n[auth]\nhs256_secret_file = \"{}\"\n{auth_extra}\n{extra}",
             secret.display()
         );
         let cfg =
@@ -60,6 +73,11 @@ impl TestNode {
             .expect("node serve");
         });
         TestNode { addr, state, dir, stop: Some(tx), task: Some(task) }
+    }
+
+    /// A scratch directory removed with the node.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn token_for(&self, sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
