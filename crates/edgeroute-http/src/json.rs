@@ -9,19 +9,20 @@ use crate::ApiError;
 /// Reads at most `limit` bytes and parses them as `T`. Errors are precise 4xx: 413 when the
 /// body is too large, 400 naming the JSON path (`messages[0].role`) on a type error.
 pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
+    parse_json(&read_body(body, limit).await?)
+}
+
+/// Reads at most `limit` bytes of a request body; 413 beyond.
+pub async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::payload_too_large(limit));
+            Err(ApiError::payload_too_large(limit))
         }
         Err(e) => {
-            return Err(ApiError::invalid_request(
-                None,
-                format!("Could not read the request body: {e}"),
-            ));
+            Err(ApiError::invalid_request(None, format!("Could not read the request body: {e}")))
         }
-    };
-    parse_json(&bytes)
+    }
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {

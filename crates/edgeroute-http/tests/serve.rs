@@ -1,5 +1,6 @@
 //! The accept loop against real loopback sockets: every limit is exercised by a client that
 //! breaks it, next to one that behaves.
+#![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
 use std::time::{Duration, Instant};
 

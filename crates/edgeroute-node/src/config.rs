@@ -53,6 +53,11 @@ pub struct NodeSection {
     /// Address to listen on. Default `127.0.0.1:8080`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Runtime threads: `0` = one per CPU core; `1` = a single-threaded event loop (like one
+    /// nginx worker: no cross-thread wake-ups, lowest latency when the node shares few cores
+    /// with its backend). Default `0`.
+    #[serde(default)]
+    pub worker_threads: usize,
     /// Serve without authentication (every caller is tenant `anonymous`). Only for loopback
     /// development; the node logs a warning at start. Default `false`.
     #[serde(default)]

@@ -249,3 +249,52 @@ async fn client_disconnect_cancels_the_upstream_request() {
     );
     assert_eq!(node.state.telemetry.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn streams_are_forwarded_byte_for_byte() {
+    // Two identical simulators with a fixed clock: one answers directly, one behind the gateway.
+    let direct = spawn_router(edgeroute_sim::server::router_with_clock(
+        Arc::new(Simulator::new(sim_cfg()).unwrap()),
+        || 1_700_000_000,
+    ))
+    .await;
+    let behind = spawn_router(edgeroute_sim::server::router_with_clock(
+        Arc::new(Simulator::new(sim_cfg()).unwrap()),
+        || 1_700_000_000,
+    ))
+    .await;
+    let node = TestNode::start(&format!(
+        "[backend]\nkind = \"openai\"\nurl = \"{}\"\n[[backend.models]]\nid = \"sim-llama\"\n",
+        behind.url()
+    ))
+    .await;
+    let mut req = as_upstream(request(true));
+    req.stream_options = Some(edgeroute_proto::StreamOptions { include_usage: true });
+    let want = stream(direct.addr, None, &[], body(&req)).await;
+    let got = stream(node.addr, Some(&node.token()), &[], body(&req)).await;
+    assert!(want.done() && got.done());
+    assert_eq!(String::from_utf8(got.raw).unwrap(), String::from_utf8(want.raw).unwrap());
+}
+
+#[tokio::test]
+async fn request_bodies_pass_untouched_unless_the_model_is_renamed() {
+    let fake = FakeUpstream::new(Behaviour::Echo);
+    let up = spawn_router(fake.router()).await;
+    let cfg = format!(
+        "[backend]\nkind = \"openai\"\nurl = \"{}\"\n[[backend.models]]\nid = \"same\"\n[[backend.models]]\nid = \"alias\"\nupstream_name = \"real-name\"\n",
+        up.url()
+    );
+    let node = TestNode::start(&cfg).await;
+    let raw =
+        r#"{"model":"same",   "messages":[{"role":"user","content":"hi"}], "vendor_knob": 1.50}"#;
+    let r = post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], raw).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], raw.as_bytes(), "the client's bytes reach the upstream unchanged");
+
+    let raw = r#"{"model":"alias","messages":[{"role":"user","content":"hi"}],"vendor_knob":1.5}"#;
+    let r = post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], raw).await;
+    let sent = r.json();
+    assert_eq!(sent["model"], "real-name");
+    assert_eq!(sent["vendor_knob"], 1.5);
+    assert_eq!(sent["messages"][0]["content"], "hi");
+}

@@ -75,6 +75,59 @@ impl SseDecoder {
         }
     }
 
+    /// Takes every complete event buffered, as one contiguous slice of the input ready to be
+    /// forwarded verbatim, stopping before `[DONE]` or an error event (`{"error": ...}`).
+    /// Returns `None` when no complete event is buffered. Pass-through proxies use this to
+    /// forward what arrived in one write, as nginx does, while still seeing every event.
+    pub fn next_batch(&mut self) -> Result<Option<Batch>, SseError> {
+        let mut end = 0usize; // bytes of `buf` covered by whole events in the batch
+        let mut events = 0u32;
+        let mut stop = None;
+        let mut scan = 0usize;
+        while let Some((ev_end, sep)) = boundary_from(&self.buf, scan) {
+            let next = ev_end + sep;
+            match classify(&self.buf[scan..ev_end]) {
+                Kind::Empty => {}
+                Kind::Done => {
+                    stop = Some((Stop::Done, scan, next));
+                    break;
+                }
+                Kind::Error => {
+                    let payload = parse_event(Bytes::copy_from_slice(&self.buf[scan..ev_end]));
+                    let d = match payload {
+                        Some(SseEvent::Data(d)) => d,
+                        _ => Bytes::new(),
+                    };
+                    stop = Some((Stop::Error(d), scan, next));
+                    break;
+                }
+                Kind::Data => events += 1,
+            }
+            end = next;
+            scan = next;
+        }
+        if end == 0 && stop.is_none() {
+            self.scanned = self.buf.len().saturating_sub(3);
+            if self.buf.len() > self.max_event {
+                return Err(SseError::TooLarge(self.max_event));
+            }
+            return Ok(None);
+        }
+        let raw = self.buf.split_to(end).freeze();
+        let ending = match stop {
+            None => None,
+            Some((kind, start, next)) => {
+                self.buf.advance(next - start);
+                Some(match kind {
+                    Stop::Done => Ending::Done,
+                    Stop::Error(d) => Ending::Error(d),
+                })
+            }
+        };
+        self.scanned = 0;
+        Ok(Some(Batch { raw, events, ending }))
+    }
+
     /// Finds the end of the first event (`\n\n`, `\r\n\r\n` or `\r\r`), as (end, separator length).
     fn find_boundary(&mut self) -> Option<(usize, usize)> {
         let b = &self.buf[..];
@@ -97,6 +150,83 @@ impl SseDecoder {
         self.scanned = b.len();
         None
     }
+}
+
+/// What [`SseDecoder::next_batch`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Whole events, byte for byte as received (may be empty when the batch is only an ending).
+    pub raw: Bytes,
+    /// Data events in `raw`.
+    pub events: u32,
+    /// Set when the stream's end was reached after `raw`.
+    pub ending: Option<Ending>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// `data: [DONE]`, consumed and not part of `raw`.
+    Done,
+    /// An error event's payload, consumed and not part of `raw`.
+    Error(Bytes),
+}
+
+enum Stop {
+    Done,
+    Error(Bytes),
+}
+
+/// An error event looks like `{"error": ...}`; checking the prefix avoids parsing every chunk.
+pub fn is_error_payload(c: &[u8]) -> bool {
+    let t = c.trim_ascii_start();
+    t.strip_prefix(b"{").is_some_and(|r| r.trim_ascii_start().starts_with(b"\"error\""))
+}
+
+enum Kind {
+    /// No data line (a comment or `event:`/`id:` only).
+    Empty,
+    Done,
+    Error,
+    Data,
+}
+
+/// Classifies one raw event without copying it: what `parse_event` would return, minus the
+/// payload.
+fn classify(ev: &[u8]) -> Kind {
+    let mut first: Option<&[u8]> = None;
+    let mut lines = 0;
+    for line in ev.split(|&c| c == b'\n' || c == b'\r') {
+        if let Some(v) = line.strip_prefix(b"data:") {
+            lines += 1;
+            first.get_or_insert(v.strip_prefix(b" ").unwrap_or(v));
+        }
+    }
+    match first {
+        None => Kind::Empty,
+        Some(b"[DONE]") if lines == 1 => Kind::Done,
+        Some(v) if is_error_payload(v) => Kind::Error,
+        Some(_) => Kind::Data,
+    }
+}
+
+fn boundary_from(b: &[u8], start: usize) -> Option<(usize, usize)> {
+    let mut i = start;
+    while i < b.len() {
+        match b[i] {
+            b'\n' if b.get(i + 1) == Some(&b'\n') => return Some((i, 2)),
+            b'\r'
+                if b.get(i + 1) == Some(&b'\n')
+                    && b.get(i + 2) == Some(&b'\r')
+                    && b.get(i + 3) == Some(&b'\n') =>
+            {
+                return Some((i, 4));
+            }
+            b'\r' if b.get(i + 1) == Some(&b'\r') => return Some((i, 2)),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 fn parse_event(raw: Bytes) -> Option<SseEvent> {
@@ -198,13 +328,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn batches_forward_whole_events_verbatim_and_stop_at_endings() {
+        let mut d = SseDecoder::new(1024);
+        d.push(b"data: {\"a\":1}\n\n: ping\n\ndata: {\"b\":2}\n\ndata: {\"c\"");
+        let b = d.next_batch().unwrap().unwrap();
+        assert_eq!(&b.raw[..], &b"data: {\"a\":1}\n\n: ping\n\ndata: {\"b\":2}\n\n"[..]);
+        assert_eq!((b.events, b.ending), (2, None));
+        assert_eq!(d.next_batch().unwrap(), None, "a partial event is held back");
+        d.push(b":3}\n\ndata: [DONE]\n\ndata: trailing\n\n");
+        let b = d.next_batch().unwrap().unwrap();
+        assert_eq!(&b.raw[..], &b"data: {\"c\":3}\n\n"[..]);
+        assert_eq!(b.ending, Some(Ending::Done));
+
+        let mut d = SseDecoder::new(1024);
+        d.push(b"data: {\"x\":1}\n\ndata: { \"error\": {\"message\":\"boom\"}}\n\n");
+        let b = d.next_batch().unwrap().unwrap();
+        assert_eq!(b.events, 1);
+        assert!(matches!(b.ending, Some(Ending::Error(ref e)) if e.starts_with(b"{ \"error\"")));
+    }
+
     proptest! {
+        /// Batches and single events agree: same data events, however the input is split.
+        #[test]
+        fn batches_agree_with_events(payloads in proptest::collection::vec("[a-z0-9 ]{0,12}", 0..8), cut in 0usize..200) {
+            let mut wire = Vec::new();
+            for p in &payloads {
+                wire.extend_from_slice(&data_frame(format!("{{\"p\":\"{p}\"}}").as_bytes()));
+            }
+            wire.extend_from_slice(DONE_FRAME);
+            let cut = cut.min(wire.len());
+            let mut d = SseDecoder::new(4096);
+            let mut raw = Vec::new();
+            let mut events = 0;
+            let mut done = false;
+            for part in [&wire[..cut], &wire[cut..]] {
+                d.push(part);
+                while let Some(b) = d.next_batch().unwrap() {
+                    raw.extend_from_slice(&b.raw);
+                    events += b.events;
+                    if b.ending == Some(Ending::Done) { done = true; }
+                }
+            }
+            prop_assert!(done);
+            prop_assert_eq!(events as usize, payloads.len());
+            prop_assert_eq!(raw.len() + DONE_FRAME.len(), wire.len());
+        }
+
         #[test]
         fn never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..10)) {
             let mut d = SseDecoder::new(256);
             for c in chunks {
                 d.push(&c);
                 while let Ok(Some(_)) = d.next_event() {}
+                d.push(&c);
+                while let Ok(Some(_)) = d.next_batch() {}
             }
         }
     }

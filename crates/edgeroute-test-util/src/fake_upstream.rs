@@ -29,6 +29,8 @@ pub enum Behaviour {
     ErrorEventAfter(usize),
     /// Stream `n` chunks and `[DONE]` properly.
     Good(usize),
+    /// Answer 200 with the request body, byte for byte.
+    Echo,
 }
 
 #[derive(Debug, Clone)]
@@ -49,14 +51,14 @@ impl FakeUpstream {
         let me = self.clone();
         Router::new().route(
             "/v1/chat/completions",
-            post(move || {
+            post(move |body: Bytes| {
                 let me = me.clone();
-                async move { me.answer().await }
+                async move { me.answer(body).await }
             }),
         )
     }
 
-    async fn answer(&self) -> Response {
+    async fn answer(&self, request: Bytes) -> Response {
         self.hits.fetch_add(1, Ordering::SeqCst);
         let chunk = |i: usize| {
             Bytes::from(format!(
@@ -114,6 +116,9 @@ impl FakeUpstream {
                     b"data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\n",
                 ));
                 sse(frames, Tail::Close, c)
+            }
+            Behaviour::Echo => {
+                ([(header::CONTENT_TYPE, "application/json")], request).into_response()
             }
             Behaviour::Good(n) => {
                 let mut frames: Vec<Bytes> = (0..*n).map(chunk).collect();

@@ -3,6 +3,11 @@
 
 mod demo;
 
+/// Request handling allocates many small, short-lived buffers; mimalloc serves them with less
+/// CPU than glibc's allocator (measured: see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -44,11 +49,48 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Benchmarks; figures for BENCHMARKS.md. Build with --release before publishing numbers.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Start a node with the simulator on loopback and send it sample requests.
     Demo {
         /// Streamed sample requests to send.
         #[arg(long, default_value_t = 3)]
         requests: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Gateway overhead: the same load direct to the simulator, through the gateway, and
+    /// through nginx, on loopback, in one run.
+    Gateway {
+        /// Intended request rates, requests/s.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        rates: Vec<f64>,
+        /// Modes: json, stream.
+        #[arg(long, value_delimiter = ',', default_value = "json,stream")]
+        modes: Vec<String>,
+        /// Measured seconds per target and phase.
+        #[arg(long, default_value_t = 10)]
+        duration_s: u64,
+        /// Interleaved rounds per phase.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+        /// Keep-alive connections per target.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// nginx binary for the reference row ("none" leaves it out).
+        #[arg(long, default_value = "/usr/sbin/nginx")]
+        nginx: String,
+        /// The gateway's `node.worker_threads` (1: one event loop, like nginx's one worker).
+        #[arg(long, default_value_t = 1)]
+        gateway_threads: usize,
+        /// Keep configs and logs here.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
     },
 }
 
@@ -103,13 +145,25 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The node's config picks its runtime shape, so it is read before the runtime exists.
+    let threads = match &cli.command {
+        Command::Node { config } => {
+            let cfg = load_node_config(config)?;
+            let t = cfg.node.worker_threads;
+            (t, Some(cfg))
+        }
+        _ => (0, None),
+    };
+    let rt = runtime(threads.0)?;
+    if let (Some(cfg), Command::Node { .. }) = (threads.1, &cli.command) {
+        return rt.block_on(run_node(cfg));
+    }
     rt.block_on(run(cli))
 }
 
 fn default_filter(c: &Command) -> &'static str {
     match c {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info",
     }
 }
@@ -166,7 +220,67 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Token { command } => token(command),
         Command::Demo { requests } => demo::run(requests).await,
+        Command::Bench {
+            command:
+                BenchCommand::Gateway {
+                    rates,
+                    modes,
+                    duration_s,
+                    rounds,
+                    connections,
+                    nginx,
+                    gateway_threads,
+                    work_dir,
+                },
+        } => {
+            use edgeroute_lab::gateway_bench::{GatewayBenchOpts, run};
+            let mut opts = GatewayBenchOpts::new(std::env::current_exe()?);
+            opts.rates = rates;
+            opts.modes = modes
+                .iter()
+                .map(|m| m.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("--modes: {e}"))?;
+            opts.duration = std::time::Duration::from_secs(duration_s);
+            opts.rounds = rounds;
+            opts.connections = connections;
+            opts.nginx_bin = (nginx != "none").then(|| PathBuf::from(nginx));
+            opts.work_dir = work_dir;
+            opts.gateway_worker_threads = gateway_threads;
+            opts.command = std::env::args().collect::<Vec<_>>().join(" ");
+            let report = run(opts).await?;
+            println!("{}", report.to_markdown());
+            Ok(())
+        }
     }
+}
+
+/// One worker thread gives a single event loop (like an nginx worker); 0 means one per core.
+fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
+    Ok(if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if worker_threads > 1 {
+            b.worker_threads(worker_threads);
+        }
+        b.enable_all().build()?
+    })
+}
+
+fn load_node_config(path: &std::path::Path) -> Result<edgeroute_node::NodeConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(edgeroute_node::NodeConfig::parse(&text, |k| std::env::var(k).ok())?)
+}
+
+async fn run_node(cfg: edgeroute_node::NodeConfig) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.node.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.node.listen))?;
+    eprintln!("edgeroute node `{}` listening on {}", cfg.node.id, listener.local_addr()?);
+    edgeroute_node::Node::build(cfg)?.serve(listener, shutdown_signal()).await?;
+    Ok(())
 }
 
 fn token(cmd: TokenCommand) -> Result<()> {

@@ -8,6 +8,7 @@
 
 mod openai;
 mod sim;
+pub mod triton;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,9 +30,10 @@ use crate::config::BackendConfig;
 /// One item of a streamed answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
-    /// A chunk's JSON payload, without SSE framing.
-    Chunk(Bytes),
-    /// The answer finished cleanly.
+    /// One or more complete SSE events, framed (`data: {...}\n\n`), to be sent as they are.
+    /// Upstream bytes are passed through verbatim in the batches they arrived in.
+    Frames { raw: Bytes, events: u32 },
+    /// The answer finished cleanly; the gateway sends `data: [DONE]`.
     Done,
 }
 
@@ -152,6 +154,9 @@ pub struct CallContext {
     /// Longest silence accepted between two events of a stream (also bounds a non-streaming
     /// answer's generation).
     pub idle_timeout: Duration,
+    /// The request body exactly as the client sent it (already validated). Upstreams that
+    /// know the model by the same name receive these bytes untouched, with no re-encoding.
+    pub raw_body: Bytes,
 }
 
 pub enum Backend {

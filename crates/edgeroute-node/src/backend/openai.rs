@@ -15,8 +15,8 @@ use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::ErrorBody;
 use edgeroute_proto::health::GpuHealth;
 use edgeroute_proto::models::ModelState;
-use edgeroute_proto::sse::{SseDecoder, SseEvent};
-use futures_util::StreamExt;
+use edgeroute_proto::sse::{Ending, SseDecoder};
+use futures_util::{FutureExt, StreamExt};
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -29,6 +29,8 @@ use crate::config::{GpuSpec, OpenAiConfig, UpstreamModel};
 
 /// Largest single SSE event accepted from an upstream.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Most upstream chunks gathered into one forwarded write.
+const MAX_GATHER: usize = 64;
 /// Largest error body read from an upstream.
 const MAX_ERROR_BYTES: usize = 64 * 1024;
 
@@ -130,8 +132,14 @@ impl OpenAiBackend {
             .collect()
     }
 
+    /// Requests beyond the GPUs' slots: an estimate of the upstream's queue. Called for every
+    /// response header, so it only reads counters.
     pub fn queue_depth(&self) -> u32 {
-        self.gpus().iter().map(|g| g.queued).sum()
+        self.gpus
+            .iter()
+            .zip(self.in_flight.iter())
+            .map(|(g, n)| n.load(Ordering::Relaxed).saturating_sub(g.slots))
+            .sum()
     }
 
     pub async fn chat(
@@ -143,11 +151,16 @@ impl OpenAiBackend {
             return Err(BackendError::ModelNotFound(req.model));
         };
         let guard = GpuGuard::new(self.in_flight.clone(), self.gpu_index(model));
-        if let Some(name) = &model.upstream_name {
-            req.model = name.clone();
-        }
-        let body = serde_json::to_vec(&req)
-            .map_err(|e| BackendError::Failed(format!("could not encode the request: {e}")))?;
+        // Same name upstream: forward the client's bytes untouched; otherwise rewrite `model`.
+        let body = match &model.upstream_name {
+            Some(name) if *name != req.model => {
+                req.model = name.clone();
+                Bytes::from(serde_json::to_vec(&req).map_err(|e| {
+                    BackendError::Failed(format!("could not encode the request: {e}"))
+                })?)
+            }
+            _ => ctx.raw_body.clone(),
+        };
         let mut builder = Request::post(self.endpoint.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .header(
@@ -157,7 +170,7 @@ impl OpenAiBackend {
         if let Some(key) = &self.api_key {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
         }
-        let request = builder.body(Full::new(Bytes::from(body))).map_err(|e| {
+        let request = builder.body(Full::new(body)).map_err(|e| {
             BackendError::Failed(format!("could not build the upstream request: {e}"))
         })?;
 
@@ -210,6 +223,8 @@ impl OpenAiBackend {
         let mut upstream = UpstreamStream {
             body: response.into_body(),
             decoder: SseDecoder::new(MAX_EVENT_BYTES),
+            pending: None,
+            body_end: None,
             ended: false,
         };
         // The commit point: wait for the first event within the first-byte deadline.
@@ -226,12 +241,6 @@ impl OpenAiBackend {
                 ));
             }
             Ok(Some(Err(e))) => return Err(e),
-            Ok(Some(Ok(StreamEvent::Chunk(c)))) if is_error_payload(&c) => {
-                return Err(BackendError::Failed(format!(
-                    "upstream reported an error: {}",
-                    String::from_utf8_lossy(&c)
-                )));
-            }
             Ok(Some(Ok(ev))) => ev,
         };
         let idle = ctx.idle_timeout;
@@ -248,12 +257,6 @@ impl OpenAiBackend {
                     Ok(None) => Some(Err(BackendError::Failed(
                         "upstream stream ended before [DONE]".into(),
                     ))),
-                    Ok(Some(Ok(StreamEvent::Chunk(c)))) if is_error_payload(&c) => {
-                        Some(Err(BackendError::Failed(format!(
-                            "upstream reported an error mid-stream: {}",
-                            String::from_utf8_lossy(&c)
-                        ))))
-                    }
                     Ok(Some(item)) => Some(item),
                 };
                 if matches!(item, Some(Err(_)) | Some(Ok(StreamEvent::Done))) {
@@ -286,43 +289,91 @@ impl Drop for GpuGuard {
 struct UpstreamStream {
     body: Incoming,
     decoder: SseDecoder,
+    /// An ending read together with the last batch, delivered on the next call.
+    pending: Option<Result<StreamEvent, BackendError>>,
+    /// The body's end (or failure), met while gathering; reported once the buffer is drained.
+    body_end: Option<Option<hyper::Error>>,
     ended: bool,
 }
 
 impl UpstreamStream {
-    /// The next SSE event: `None` when the body ended (with nothing but whitespace pending).
+    /// The next batch of whole events (verbatim), `Done`, or an error; `None` when the body
+    /// ended with nothing but whitespace pending.
     async fn next_event(&mut self) -> Option<Result<StreamEvent, BackendError>> {
+        if let Some(p) = self.pending.take() {
+            return Some(p);
+        }
         loop {
-            match self.decoder.next_event() {
+            match self.decoder.next_batch() {
                 Err(e) => {
                     return Some(Err(BackendError::Failed(format!(
                         "upstream stream is malformed: {e}"
                     ))));
                 }
-                Ok(Some(SseEvent::Done)) => return Some(Ok(StreamEvent::Done)),
-                Ok(Some(SseEvent::Data(d))) => return Some(Ok(StreamEvent::Chunk(d))),
+                Ok(Some(batch)) => {
+                    let ending = batch.ending.map(|e| match e {
+                        Ending::Done => Ok(StreamEvent::Done),
+                        Ending::Error(payload) => Err(BackendError::Failed(format!(
+                            "upstream reported an error: {}",
+                            String::from_utf8_lossy(&payload)
+                        ))),
+                    });
+                    if batch.events == 0 {
+                        match ending {
+                            Some(e) => return Some(e),
+                            None => continue,
+                        }
+                    }
+                    self.pending = ending;
+                    return Some(Ok(StreamEvent::Frames { raw: batch.raw, events: batch.events }));
+                }
                 Ok(None) => {}
             }
-            match self.body.frame().await {
+            let next = match self.body_end.take() {
+                Some(end) => end.map(Err),
+                None => {
+                    self.body.frame().await.map(|r| r.map(|f| f.into_data().unwrap_or_default()))
+                }
+            };
+            match next {
                 None => return None,
                 Some(Err(e)) => {
                     return Some(Err(BackendError::Failed(format!("upstream stream broke: {e}"))));
                 }
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
+                Some(Ok(data)) => {
+                    self.decoder.push(&data);
+                    self.gather().await;
+                }
+            }
+        }
+    }
+
+    /// hyper's client hands body chunks over one at a time through its connection task, so
+    /// events the upstream sent in one packet arrive here one hop apart. Collect the ones
+    /// already received before forwarding, so they leave in one write (as a byte-forwarding
+    /// proxy would) rather than one syscall and one client wake-up per event. Costs a task
+    /// switch when nothing more is there; never waits for the network.
+    async fn gather(&mut self) {
+        for _ in 0..MAX_GATHER {
+            tokio::task::yield_now().await;
+            match self.body.frame().now_or_never() {
+                None => return,
+                Some(None) => {
+                    self.body_end = Some(None);
+                    return;
+                }
+                Some(Some(Err(e))) => {
+                    self.body_end = Some(Some(e));
+                    return;
+                }
+                Some(Some(Ok(f))) => {
+                    if let Ok(data) = f.into_data() {
                         self.decoder.push(&data);
                     }
                 }
             }
         }
     }
-}
-
-/// An upstream error event looks like `{"error": ...}`; checking the prefix avoids parsing
-/// every chunk.
-fn is_error_payload(c: &[u8]) -> bool {
-    let trimmed = c.trim_ascii_start();
-    trimmed.starts_with(b"{\"error\"") || trimmed.starts_with(b"{ \"error\"")
 }
 
 fn source_text(e: &hyper_util::client::legacy::Error) -> String {

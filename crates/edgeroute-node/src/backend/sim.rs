@@ -89,9 +89,12 @@ impl SimBackend {
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<StreamEvent, BackendError> {
-    serde_json::to_vec(v)
-        .map(|b| StreamEvent::Chunk(Bytes::from(b)))
-        .map_err(|e| BackendError::Failed(format!("could not encode a chunk: {e}")))
+    let mut raw = Vec::with_capacity(256);
+    raw.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut raw, v)
+        .map_err(|e| BackendError::Failed(format!("could not encode a chunk: {e}")))?;
+    raw.extend_from_slice(b"\n\n");
+    Ok(StreamEvent::Frames { raw: Bytes::from(raw), events: 1 })
 }
 
 /// OpenAI's chunk order: a role chunk, content chunks, a finish chunk, the usage chunk when

@@ -11,13 +11,13 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use edgeroute_http::ApiError;
 use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::MigrateHint;
 use edgeroute_proto::headers::{MIGRATE_HEADER, SESSION_HEADER, is_hint_token};
 use edgeroute_proto::sse::{DONE_FRAME, data_frame};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, HeaderValue, header};
 use tokio::time::Instant;
 
@@ -44,8 +44,8 @@ pub async fn chat_completions(
 
 async fn handle(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let req: ChatCompletionRequest =
-        edgeroute_http::json::read_json(body, st.limits.max_body_bytes).await?;
+    let raw_body = edgeroute_http::json::read_body(body, st.limits.max_body_bytes).await?;
+    let req: ChatCompletionRequest = edgeroute_http::json::parse_json(&raw_body)?;
     req.validate().map_err(|e| ApiError::invalid_request(Some(&e.param), e.message))?;
     if !st.backend.serves(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
@@ -96,6 +96,7 @@ async fn handle(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Respon
         response_id: format!("chatcmpl-{}-{seq}", st.id),
         created: (st.clock)(),
         idle_timeout: ms(st.limits.stream_idle_timeout_ms),
+        raw_body,
     };
     let idle = ctx.idle_timeout;
     let reply = match st.backend.chat(req, ctx).await {
@@ -177,7 +178,9 @@ fn error_frame(e: &BackendError) -> Bytes {
     data_frame(&e.to_api().body_json())
 }
 
-/// Frames backend events as SSE, enforcing the idle deadline between events.
+/// Frames backend events as SSE, enforcing the idle deadline between events. Items that are
+/// already available are coalesced into one body frame (one write), as a byte-forwarding proxy
+/// would; nothing is ever held back waiting for more.
 fn sse(
     events: EventStream,
     recorder: Recorder,
@@ -185,44 +188,89 @@ fn sse(
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     futures_util::stream::unfold(Some((events, recorder)), move |state| async move {
         let (mut events, mut rec) = state?;
-        let next = tokio::time::timeout(idle, events.next()).await;
-        let (frame, done) = match next {
-            Ok(Some(Ok(StreamEvent::Chunk(c)))) => {
-                rec.st.metrics.stream_chunks.inc();
-                (data_frame(&c), false)
-            }
-            Ok(Some(Ok(StreamEvent::Done))) => {
-                rec.outcome = Some(Outcome::Ok);
-                (Bytes::from_static(DONE_FRAME), true)
-            }
-            Ok(Some(Err(e))) => {
-                rec.st.metrics.backend_error(e.kind());
-                rec.outcome = Some(Outcome::Failed);
-                (error_frame(&e), true)
-            }
-            Ok(None) => {
-                rec.st.metrics.backend_error("failed");
-                rec.outcome = Some(Outcome::Failed);
-                (
-                    error_frame(&BackendError::Failed(
-                        "backend ended the stream before finishing the answer".into(),
-                    )),
-                    true,
-                )
-            }
+        let first = match tokio::time::timeout(idle, events.next()).await {
+            Ok(item) => item,
             Err(_) => {
                 rec.st.metrics.backend_error("timeout");
                 rec.outcome = Some(Outcome::Failed);
-                (
-                    error_frame(&BackendError::Timeout(format!(
-                        "backend produced nothing for {} ms",
-                        idle.as_millis()
-                    ))),
-                    true,
-                )
+                let e = BackendError::Timeout(format!(
+                    "backend produced nothing for {} ms",
+                    idle.as_millis()
+                ));
+                return Some((Ok(error_frame(&e)), None));
             }
         };
+        let mut out = Out::default();
+        let mut done = rec.absorb(first, &mut out);
+        while !done {
+            match events.next().now_or_never() {
+                Some(item) => done = rec.absorb(item, &mut out),
+                None => break,
+            }
+        }
         let state = if done { None } else { Some((events, rec)) };
-        Some((Ok(frame), state))
+        Some((Ok(out.finish()), state))
     })
+}
+
+/// Frames gathered for one write: a single batch is passed on without copying.
+#[derive(Default)]
+struct Out {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+}
+
+impl Out {
+    fn push(&mut self, b: Bytes) {
+        match (&mut self.first, &mut self.more) {
+            (None, _) => self.first = Some(b),
+            (Some(f), None) => {
+                let mut m = BytesMut::with_capacity(f.len() + b.len() + 256);
+                m.extend_from_slice(f);
+                m.extend_from_slice(&b);
+                self.more = Some(m);
+            }
+            (Some(_), Some(m)) => m.extend_from_slice(&b),
+        }
+    }
+
+    fn finish(self) -> Bytes {
+        match (self.first, self.more) {
+            (_, Some(m)) => m.freeze(),
+            (Some(f), None) => f,
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+impl Recorder {
+    /// Adds one backend item to `out`; true when the stream is over.
+    fn absorb(&mut self, item: Option<Result<StreamEvent, BackendError>>, out: &mut Out) -> bool {
+        match item {
+            Some(Ok(StreamEvent::Frames { raw, events })) => {
+                self.st.metrics.stream_chunks.inc_by(u64::from(events));
+                out.push(raw);
+                false
+            }
+            Some(Ok(StreamEvent::Done)) => {
+                self.outcome = Some(Outcome::Ok);
+                out.push(Bytes::from_static(DONE_FRAME));
+                true
+            }
+            Some(Err(e)) => {
+                self.st.metrics.backend_error(e.kind());
+                self.outcome = Some(Outcome::Failed);
+                out.push(error_frame(&e));
+                true
+            }
+            None => {
+                self.st.metrics.backend_error("failed");
+                self.outcome = Some(Outcome::Failed);
+                out.push(error_frame(&BackendError::Failed(
+                    "backend ended the stream before finishing the answer".into(),
+                )));
+                true
+            }
+        }
+    }
 }

@@ -1,0 +1,1202 @@
+//! The gateway-overhead benchmark: the same open-loop load sent, in one run on loopback, to
+//! the simulator backend directly, through the edgeroute gateway, and through nginx as a
+//! reference reverse proxy, for JSON and SSE answers at each requested rate.
+//!
+//! [`run`] starts every server as a child process (killed on drop, see
+//! [`crate::process::ProcessGuard`]), waits for `/health`, checks one request per target and
+//! mode, warms up, then loads the targets in turn, rotating their order each round to spread
+//! drift (thermal, page cache, other tenants) evenly. [`GatewayBenchReport::to_markdown`]
+//! renders the figures with the machine, the exact command, and every rate that was not
+//! sustained marked as such.
+//!
+//! It reports; it asserts nothing about the figures. The load generator shares the machine's
+//! cores with the servers, and the report says so.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::loadgen::{self, LoadReport, LoadSpec, Mode, Percentiles};
+use crate::process::{ProcessGuard, tree_rss};
+
+/// Which server a row measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetKind {
+    /// The simulator backend, no proxy.
+    Direct,
+    /// `edgeroute node` in front of the same simulator.
+    Gateway,
+    /// nginx as a plain reverse proxy in front of the same simulator.
+    Nginx,
+}
+
+impl TargetKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct (sim)",
+            TargetKind::Gateway => "edgeroute gateway",
+            TargetKind::Nginx => "nginx",
+        }
+    }
+}
+
+/// What to run. [`GatewayBenchOpts::new`] gives the published configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayBenchOpts {
+    /// The `edgeroute` binary (`sim`, `node` and `token mint` subcommands).
+    pub edgeroute_bin: PathBuf,
+    /// nginx for the reference row; `None` leaves it out.
+    pub nginx_bin: Option<PathBuf>,
+    /// nginx `worker_processes`.
+    pub nginx_workers: u32,
+    /// The gateway's `node.worker_threads` (1: one event loop, like one nginx worker; 0: one
+    /// thread per core).
+    pub gateway_worker_threads: usize,
+    pub modes: Vec<Mode>,
+    /// Intended requests per second, one phase each.
+    pub rates: Vec<f64>,
+    /// Measured time per target and phase, split evenly over `rounds`.
+    pub duration: Duration,
+    /// Warm-up before each measured slice, excluded from the results.
+    pub warmup: Duration,
+    /// Interleaved rounds per phase; the target order rotates each round.
+    pub rounds: u32,
+    /// Keep-alive connections per target.
+    pub connections: usize,
+    pub model: String,
+    pub prompt: String,
+    pub max_tokens: u32,
+    pub request_timeout: Duration,
+    /// How long each server gets to answer `/health` after it starts.
+    pub startup_timeout: Duration,
+    /// Where configs and logs go. Given: kept after the run. `None`: a temporary directory,
+    /// removed at the end.
+    pub work_dir: Option<PathBuf>,
+    /// The command line that ran the benchmark, quoted in the report.
+    pub command: String,
+}
+
+impl GatewayBenchOpts {
+    /// The published configuration: JSON and SSE, 1,000 and 5,000 requests/s, 10 s measured
+    /// per target and phase in 2 interleaved rounds, 32 connections, nginx with 1 worker.
+    pub fn new(edgeroute_bin: impl Into<PathBuf>) -> Self {
+        let nginx = PathBuf::from("/usr/sbin/nginx");
+        GatewayBenchOpts {
+            edgeroute_bin: edgeroute_bin.into(),
+            nginx_bin: nginx.exists().then_some(nginx),
+            nginx_workers: 1,
+            gateway_worker_threads: 1,
+            modes: vec![Mode::Json, Mode::Stream],
+            rates: vec![1000.0, 5000.0],
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            rounds: 2,
+            connections: 32,
+            model: "sim-llama".into(),
+            prompt: "Say hello in five words.".into(),
+            max_tokens: 16,
+            request_timeout: Duration::from_secs(10),
+            startup_timeout: Duration::from_secs(20),
+            work_dir: None,
+            command: String::new(),
+        }
+    }
+}
+
+/// Where the benchmark ran.
+#[derive(Debug, Clone, Default)]
+pub struct MachineInfo {
+    pub nproc: usize,
+    pub kernel: String,
+    pub cpu: String,
+}
+
+impl MachineInfo {
+    pub async fn detect() -> MachineInfo {
+        let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let kernel = match tokio::process::Command::new("uname").arg("-r").output().await {
+            Ok(out) if out.status.success() => {
+                String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            }
+            _ => std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into()),
+        };
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        MachineInfo { nproc, kernel, cpu }
+    }
+}
+
+/// One server under test.
+#[derive(Debug, Clone)]
+pub struct TargetInfo {
+    pub kind: TargetKind,
+    pub addr: SocketAddr,
+    pub pid: u32,
+}
+
+/// One target's figures in one phase.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub target: TargetKind,
+    pub load: LoadReport,
+    /// RSS of the target's process tree before the phase's first round and after its last.
+    pub rss_start: Option<u64>,
+    pub rss_end: Option<u64>,
+}
+
+/// One mode at one rate, all targets.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub mode: Mode,
+    pub rate: f64,
+    pub rows: Vec<Row>,
+}
+
+/// RSS of one server over the whole run.
+#[derive(Debug, Clone)]
+pub struct MemoryRow {
+    pub target: TargetKind,
+    /// After start-up checks and warm-up, before the first phase.
+    pub before: Option<u64>,
+    /// After the last phase.
+    pub after: Option<u64>,
+}
+
+/// Everything the benchmark measured, plus what is needed to reproduce it.
+#[derive(Debug, Clone)]
+pub struct GatewayBenchReport {
+    pub machine: MachineInfo,
+    pub command: String,
+    pub nginx_version: Option<String>,
+    pub nginx_workers: u32,
+    pub gateway_worker_threads: usize,
+    pub connections: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub rounds: u32,
+    pub model: String,
+    pub max_tokens: u32,
+    pub late_threshold: Duration,
+    pub targets: Vec<TargetInfo>,
+    pub phases: Vec<Phase>,
+    pub memory: Vec<MemoryRow>,
+    pub gateway_config: String,
+    pub nginx_config: Option<String>,
+}
+
+/// The gateway's configuration, in the format of `edgeroute-node`'s `NodeConfig` (which
+/// rejects unknown keys). Kept in one place so that it can follow that format as it evolves.
+/// Limits are set far above the offered load (the whole load comes from one tenant, `bench`):
+/// the benchmark measures the request path, not the limiter rejecting requests.
+pub fn gateway_config_toml(
+    listen: SocketAddr,
+    upstream_url: &str,
+    secret_file: &Path,
+    worker_threads: usize,
+) -> String {
+    let q = |s: &str| toml_string(s);
+    format!(
+        r#"[node]
+id = "bench-gw"
+region = "local"
+listen = {listen}
+worker_threads = {worker_threads}
+
+[backend]
+kind = "openai"
+url = {upstream}
+models = [{{ id = "sim-llama" }}]
+
+[auth]
+hs256_secret_file = {secret}
+
+[limits]
+rate_limit_per_s = 1000000
+rate_limit_burst = 1000000
+max_concurrency = 100000
+"#,
+        listen = q(&listen.to_string()),
+        upstream = q(upstream_url),
+        worker_threads = worker_threads,
+        secret = q(&secret_file.display().to_string()),
+    )
+}
+
+/// A TOML basic string with quotes and backslashes escaped.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// nginx as a plain reverse proxy: HTTP/1.1 keep-alive to the upstream (so nginx does not
+/// pay a connect per request, as the gateway does not), no buffering (SSE must flow frame
+/// by frame), no access log, and keep-alive limits high enough that neither side closes
+/// connections during the run. Every path nginx writes is inside `prefix`.
+pub fn nginx_conf(listen: SocketAddr, upstream: SocketAddr, prefix: &Path, workers: u32) -> String {
+    let p = prefix.display();
+    format!(
+        r#"# Generated by edgeroute-lab's gateway benchmark.
+worker_processes {workers};
+daemon off;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {p}/client_body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+
+    upstream sim {{
+        server {upstream};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+
+    server {{
+        listen {listen};
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+fn free_port() -> std::io::Result<u16> {
+    // Bind, read the port, release it. Another process may take it in between; starts
+    // are retried on another port when the server exits early.
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// `GET path` on a fresh connection; `None` on any failure.
+async fn get_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<StatusCode> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+        let driver = tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(http::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        driver.abort();
+        Some(status)
+    };
+    tokio::time::timeout(timeout, attempt).await.ok().flatten()
+}
+
+/// Starts a server on a free port and waits until `/health` answers 200. A server that
+/// exits during start-up (most likely: the port was taken meanwhile) is retried on another
+/// port, twice.
+async fn start_server(
+    guard: &mut ProcessGuard,
+    name: &str,
+    log: &Path,
+    startup_timeout: Duration,
+    mut make: impl FnMut(SocketAddr) -> anyhow::Result<Command>,
+) -> anyhow::Result<(SocketAddr, u32)> {
+    const ATTEMPTS: u32 = 3;
+    for attempt in 1..=ATTEMPTS {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let cmd = make(addr)?;
+        let program = format!("{cmd:?}");
+        let pid = guard.spawn(name, cmd, log).with_context(|| format!("starting {program}"))?;
+        let deadline = Instant::now() + startup_timeout;
+        loop {
+            if let Some(status) = guard.exited(name) {
+                let tail = guard.log_tail(name);
+                guard.stop(name);
+                if attempt == ATTEMPTS {
+                    bail!("{name} ({program}) exited during start-up with {status}; log:\n{tail}");
+                }
+                break;
+            }
+            if get_status(addr, "/health", Duration::from_secs(1)).await == Some(StatusCode::OK) {
+                return Ok((addr, pid));
+            }
+            if Instant::now() > deadline {
+                let tail = guard.log_tail(name);
+                bail!(
+                    "{name} ({program}) did not answer GET /health with 200 within {startup_timeout:?}; log:\n{tail}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Err(anyhow!("{name} could not be started"))
+}
+
+/// Runs `edgeroute token mint` and returns the JWT it prints.
+async fn mint_token(bin: &Path, secret_file: &Path) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["token", "mint", "--secret-file"])
+        .arg(secret_file)
+        .args(["--sub", "bench", "--scope", "inference"])
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .context("`token mint` did not finish in 30 s")?
+        .with_context(|| format!("running {} token mint", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`{} token mint` failed with {}: {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8(out.stdout).context("`token mint` printed non-UTF-8")?;
+    // The token is the last non-empty line, in case the command prints anything before it.
+    let token = stdout.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or_default();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!("`token mint` printed no token: {stdout:?}");
+    }
+    Ok(token.to_owned())
+}
+
+async fn nginx_version(bin: &Path) -> Option<String> {
+    let out = tokio::process::Command::new(bin).arg("-v").output().await.ok()?;
+    // nginx prints its version on stderr: "nginx version: nginx/1.22.1".
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.lines().find_map(|l| l.strip_prefix("nginx version: ")).map(str::to_owned)
+}
+
+fn write_secret(path: &Path) -> anyhow::Result<()> {
+    let mut raw = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
+    // Hex keeps the file printable, whether the reader takes it as text or as bytes.
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(path, hex)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// The servers of one run and how to reach them.
+struct Targets {
+    list: Vec<TargetInfo>,
+    token: String,
+}
+
+impl Targets {
+    fn spec(
+        &self,
+        t: &TargetInfo,
+        opts: &GatewayBenchOpts,
+        mode: Mode,
+        rate: f64,
+        body: &Bytes,
+    ) -> LoadSpec {
+        let mut spec = LoadSpec::new(format!("http://{}", t.addr), body.clone(), mode, rate);
+        if t.kind == TargetKind::Gateway {
+            spec.bearer = Some(self.token.clone());
+        }
+        spec.connections = opts.connections;
+        spec.warmup = opts.warmup;
+        spec.request_timeout = opts.request_timeout;
+        spec
+    }
+}
+
+fn check_alive(guard: &mut ProcessGuard) -> anyhow::Result<()> {
+    match guard.first_exited() {
+        Some((name, status, tail)) => {
+            bail!("{name} exited during the benchmark with {status}; log:\n{tail}")
+        }
+        None => Ok(()),
+    }
+}
+
+/// Runs the whole benchmark. Every child process is stopped before this returns, on
+/// success and on error alike.
+pub async fn run(opts: GatewayBenchOpts) -> anyhow::Result<GatewayBenchReport> {
+    if opts.modes.is_empty() || opts.rates.is_empty() {
+        bail!("at least one mode and one rate are needed");
+    }
+    if opts.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+        bail!("rates must be positive: {:?}", opts.rates);
+    }
+    if opts.rounds == 0 || opts.connections == 0 || opts.duration.is_zero() {
+        bail!("rounds, connections and duration must be positive");
+    }
+    let machine = MachineInfo::detect().await;
+
+    // Declared before the guard so that it is removed only after the children are gone.
+    let temp = match &opts.work_dir {
+        Some(_) => None,
+        None => Some(tempfile::Builder::new().prefix("edgeroute-gwbench-").tempdir()?),
+    };
+    let dir = match (&opts.work_dir, &temp) {
+        (Some(d), _) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        (None, Some(t)) => {
+            // nginx workers run unprivileged when the master is root: let them reach their
+            // prefix inside this otherwise owner-only directory. The secret stays 0600.
+            std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755))?;
+            t.path().to_owned()
+        }
+        (None, None) => bail!("no work directory"),
+    };
+    let mut guard = ProcessGuard::new();
+
+    let result = run_with(&opts, &dir, &mut guard, machine).await;
+    // Stop the servers off the async threads: termination waits up to a few seconds.
+    let stopped = tokio::task::spawn_blocking(move || drop(guard)).await;
+    let report = result?;
+    stopped.context("stopping the servers")?;
+    drop(temp);
+    Ok(report)
+}
+
+async fn run_with(
+    opts: &GatewayBenchOpts,
+    dir: &Path,
+    guard: &mut ProcessGuard,
+    machine: MachineInfo,
+) -> anyhow::Result<GatewayBenchReport> {
+    let bin = &opts.edgeroute_bin;
+    let (sim_addr, sim_pid) =
+        start_server(guard, "sim", &dir.join("sim.log"), opts.startup_timeout, |addr| {
+            let mut c = Command::new(bin);
+            c.arg("sim").arg("--listen").arg(addr.to_string()).arg("--zero-latency");
+            Ok(c)
+        })
+        .await?;
+    let mut list = vec![TargetInfo { kind: TargetKind::Direct, addr: sim_addr, pid: sim_pid }];
+
+    let secret = dir.join("hs256.secret");
+    write_secret(&secret)?;
+    let token = mint_token(bin, &secret).await?;
+    let upstream = format!("http://{sim_addr}");
+    let config_path = dir.join("gateway.toml");
+    let mut gateway_config = String::new();
+    let (gw_addr, gw_pid) =
+        start_server(guard, "gateway", &dir.join("gateway.log"), opts.startup_timeout, |addr| {
+            gateway_config =
+                gateway_config_toml(addr, &upstream, &secret, opts.gateway_worker_threads);
+            std::fs::write(&config_path, &gateway_config)?;
+            let mut c = Command::new(bin);
+            c.arg("node").arg("--config").arg(&config_path);
+            Ok(c)
+        })
+        .await?;
+    list.push(TargetInfo { kind: TargetKind::Gateway, addr: gw_addr, pid: gw_pid });
+
+    let mut nginx_config = None;
+    let mut nginx_version_text = None;
+    if let Some(nginx) = &opts.nginx_bin {
+        nginx_version_text = nginx_version(nginx).await;
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(&prefix)?;
+        std::fs::set_permissions(&prefix, std::fs::Permissions::from_mode(0o755))?;
+        let conf_path = prefix.join("nginx.conf");
+        let mut conf_text = String::new();
+        let (addr, pid) =
+            start_server(guard, "nginx", &dir.join("nginx.log"), opts.startup_timeout, |addr| {
+                conf_text = nginx_conf(addr, sim_addr, &prefix, opts.nginx_workers);
+                std::fs::write(&conf_path, &conf_text)?;
+                let mut c = Command::new(nginx);
+                c.arg("-p").arg(&prefix).arg("-c").arg(&conf_path);
+                c.arg("-e").arg(prefix.join("error.log"));
+                Ok(c)
+            })
+            .await?;
+        nginx_config = Some(conf_text);
+        list.push(TargetInfo { kind: TargetKind::Nginx, addr, pid });
+    }
+    let targets = Targets { list, token };
+
+    // One request per target and mode first: a misconfigured target (401, 404, a stream
+    // without [DONE]) should fail here with its answer, not as a table of errors.
+    let mut bodies = Vec::new();
+    for &mode in &opts.modes {
+        let body = loadgen::chat_body(&opts.model, &opts.prompt, opts.max_tokens, mode)?;
+        for t in &targets.list {
+            let bearer = (t.kind == TargetKind::Gateway).then_some(targets.token.as_str());
+            loadgen::probe(
+                &format!("http://{}", t.addr),
+                bearer,
+                body.clone(),
+                mode,
+                opts.request_timeout,
+            )
+            .await
+            .with_context(|| format!("checking {} ({mode})", t.kind.label()))?;
+        }
+        bodies.push((mode, body));
+    }
+
+    // Warm every target at the lowest rate: connection pools, allocator arenas, caches.
+    let warm_rate = opts.rates.iter().copied().fold(f64::INFINITY, f64::min);
+    for (mode, body) in &bodies {
+        for t in &targets.list {
+            let mut spec = targets.spec(t, opts, *mode, warm_rate, body);
+            spec.duration = opts.warmup.max(Duration::from_millis(100));
+            spec.warmup = Duration::ZERO;
+            loadgen::run(&spec).await.with_context(|| format!("warming up {}", t.kind.label()))?;
+        }
+    }
+    check_alive(guard)?;
+    let memory_before: Vec<Option<u64>> = targets.list.iter().map(|t| tree_rss(t.pid)).collect();
+
+    let slice = opts.duration / opts.rounds;
+    let mut phases = Vec::new();
+    for (mode, body) in &bodies {
+        for &rate in &opts.rates {
+            let rss_start: Vec<Option<u64>> =
+                targets.list.iter().map(|t| tree_rss(t.pid)).collect();
+            let mut acc: Vec<Option<LoadReport>> = vec![None; targets.list.len()];
+            for round in 0..opts.rounds {
+                let n = targets.list.len();
+                for k in 0..n {
+                    let i = (k + round as usize) % n;
+                    let t = &targets.list[i];
+                    let mut spec = targets.spec(t, opts, *mode, rate, body);
+                    spec.duration = slice;
+                    let rep = loadgen::run(&spec).await.with_context(|| {
+                        format!("loading {} ({mode}, {rate} req/s)", t.kind.label())
+                    })?;
+                    check_alive(guard)?;
+                    match &mut acc[i] {
+                        Some(a) => a.merge(&rep)?,
+                        slot => *slot = Some(rep),
+                    }
+                }
+            }
+            let rows = targets
+                .list
+                .iter()
+                .zip(acc)
+                .zip(rss_start)
+                .filter_map(|((t, load), rss_start)| {
+                    Some(Row { target: t.kind, load: load?, rss_start, rss_end: tree_rss(t.pid) })
+                })
+                .collect();
+            phases.push(Phase { mode: *mode, rate, rows });
+        }
+    }
+    let memory = targets
+        .list
+        .iter()
+        .zip(memory_before)
+        .map(|(t, before)| MemoryRow { target: t.kind, before, after: tree_rss(t.pid) })
+        .collect();
+
+    Ok(GatewayBenchReport {
+        machine,
+        command: opts.command.clone(),
+        nginx_version: nginx_version_text,
+        nginx_workers: opts.nginx_workers,
+        gateway_worker_threads: opts.gateway_worker_threads,
+        connections: opts.connections,
+        duration: opts.duration,
+        warmup: opts.warmup,
+        rounds: opts.rounds,
+        model: opts.model.clone(),
+        max_tokens: opts.max_tokens,
+        late_threshold: loadgen::DEFAULT_LATE_THRESHOLD,
+        targets: targets.list,
+        phases,
+        memory,
+        gateway_config,
+        nginx_config,
+    })
+}
+
+fn fmt_us(us: u64) -> String {
+    if us < 1_000 {
+        format!("{us} µs")
+    } else if us < 1_000_000 {
+        format!("{:.2} ms", us as f64 / 1e3)
+    } else {
+        format!("{:.2} s", us as f64 / 1e6)
+    }
+}
+
+fn fmt_delta(us: i128) -> String {
+    let sign = if us < 0 { "−" } else { "+" };
+    format!("{sign}{}", fmt_us(u64::try_from(us.unsigned_abs()).unwrap_or(u64::MAX)))
+}
+
+fn fmt_mib(bytes: Option<u64>) -> String {
+    match bytes {
+        Some(b) => format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+        None => "?".into(),
+    }
+}
+
+fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 { format!("{s:.0} s") } else { format!("{s} s") }
+}
+
+fn fmt_rate(r: f64) -> String {
+    // Thousands separators make 1,000 vs 5,000 easy to read in a table.
+    let n = r.round() as u64;
+    let digits = n.to_string();
+    let mut groups: Vec<&str> =
+        digits.as_bytes().rchunks(3).filter_map(|g| std::str::from_utf8(g).ok()).collect();
+    groups.reverse();
+    groups.join(",")
+}
+
+/// Which latency a table shows.
+#[derive(Clone, Copy)]
+enum Metric {
+    /// Full answer (JSON) or `data: [DONE]` (SSE).
+    Total,
+    /// First content frame (SSE).
+    Ttft,
+}
+
+impl Metric {
+    fn of(self, load: &LoadReport) -> Percentiles {
+        match self {
+            Metric::Total => load.latency_percentiles(),
+            Metric::Ttft => load.ttft_percentiles().unwrap_or_default(),
+        }
+    }
+}
+
+impl GatewayBenchReport {
+    fn target_line(&self, t: &TargetInfo) -> String {
+        match t.kind {
+            TargetKind::Direct => format!(
+                "direct: `edgeroute sim --listen {} --zero-latency` (pid {})",
+                t.addr, t.pid
+            ),
+            TargetKind::Gateway => format!(
+                "edgeroute gateway: `edgeroute node --config gateway.toml` on {} (pid {}), `worker_threads = {}`, JWT-authenticated, in front of the same sim",
+                t.addr, t.pid, self.gateway_worker_threads
+            ),
+            TargetKind::Nginx => format!(
+                "nginx: {} on {} (pid {}), `worker_processes {}`, upstream keepalive, `proxy_buffering off`, in front of the same sim",
+                self.nginx_version.as_deref().unwrap_or("nginx"),
+                t.addr,
+                t.pid,
+                self.nginx_workers
+            ),
+        }
+    }
+
+    /// The report as Markdown, ready for BENCHMARKS.md.
+    pub fn to_markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(md, "# Gateway overhead on loopback\n");
+        let _ = writeln!(
+            md,
+            "- **Machine**: {} cores (`nproc`), kernel `{}` (`uname -r`), CPU: {}.",
+            m.nproc, m.kernel, m.cpu
+        );
+        let _ = writeln!(
+            md,
+            "- **Shared cores**: the load generator runs on the same {} cores as the simulator, the gateway and nginx; every figure includes that contention.",
+            m.nproc
+        );
+        if !self.command.is_empty() {
+            let _ = writeln!(md, "- **Command**: `{}`", self.command);
+        }
+        let _ = writeln!(
+            md,
+            "- **Load**: open-loop at a constant rate; latency is measured from each request's intended send time, so a stall counts against every request scheduled during it (no coordinated omission). HTTP/1.1 keep-alive, {} connections per target. Per target and phase: {} measured in {} round(s), each after {} of warm-up (excluded); targets alternate and their order rotates each round. Request: model `{}`, `max_tokens` {}.",
+            self.connections,
+            fmt_secs(self.duration),
+            self.rounds,
+            fmt_secs(self.warmup),
+            self.model,
+            self.max_tokens
+        );
+        let _ = writeln!(
+            md,
+            "- **Late starts**: requests that found every connection busy and started more than {} after their intended time. Any late start or error marks the rate as not sustained.",
+            fmt_us(u64::try_from(self.late_threshold.as_micros()).unwrap_or(u64::MAX))
+        );
+        let _ = writeln!(
+            md,
+            "- **Added**: a target's percentile minus the direct target's at the same percentile (a difference of percentiles, not a percentile of per-request differences). Ratio: target p99 ÷ direct p99."
+        );
+        let _ = writeln!(md, "- **Targets**:");
+        for t in &self.targets {
+            let _ = writeln!(md, "  - {}", self.target_line(t));
+        }
+        let _ = writeln!(md);
+
+        for phase in &self.phases {
+            match phase.mode {
+                Mode::Json => {
+                    let _ =
+                        writeln!(md, "## JSON answers at {} requests/s\n", fmt_rate(phase.rate));
+                    self.table(&mut md, phase, Metric::Total, true);
+                }
+                Mode::Stream => {
+                    let _ = writeln!(
+                        md,
+                        "## Streaming (SSE) answers at {} requests/s\n",
+                        fmt_rate(phase.rate)
+                    );
+                    let _ = writeln!(md, "Time to first token:\n");
+                    self.table(&mut md, phase, Metric::Ttft, true);
+                    let _ = writeln!(md, "Time to `data: [DONE]`:\n");
+                    self.table(&mut md, phase, Metric::Total, false);
+                }
+            }
+            let delays: Vec<String> = phase
+                .rows
+                .iter()
+                .map(|r| {
+                    let p = Percentiles::of(&r.load.start_delay);
+                    format!("{} {} / {}", r.target.label(), fmt_us(p.p50), fmt_us(p.p99))
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "Load generator start delay (intended → sent), p50 / p99: {}.\n",
+                delays.join("; ")
+            );
+        }
+
+        if !self.memory.is_empty() {
+            let _ = writeln!(md, "## Memory over the whole run\n");
+            let _ = writeln!(md, "| target | RSS after warm-up | RSS at the end | change |");
+            let _ = writeln!(md, "|---|---:|---:|---:|");
+            for r in &self.memory {
+                let change = match (r.before, r.after) {
+                    (Some(b), Some(a)) => {
+                        let d = a as f64 - b as f64;
+                        format!(
+                            "{}{:.1} MiB",
+                            if d < 0.0 { "−" } else { "+" },
+                            d.abs() / (1024.0 * 1024.0)
+                        )
+                    }
+                    _ => "?".into(),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    r.target.label(),
+                    fmt_mib(r.before),
+                    fmt_mib(r.after),
+                    change
+                );
+            }
+            let _ = writeln!(
+                md,
+                "\nRSS of the process tree (nginx: master and workers), from `/proc/PID/status`.\n"
+            );
+        }
+
+        let _ = writeln!(md, "## Configurations\n");
+        let _ = writeln!(md, "Gateway (`gateway.toml`):\n\n```toml\n{}```\n", self.gateway_config);
+        if let Some(conf) = &self.nginx_config {
+            let _ = writeln!(md, "nginx:\n\n```nginx\n{conf}```");
+        }
+        md
+    }
+
+    fn table(&self, md: &mut String, phase: &Phase, metric: Metric, full: bool) {
+        let direct = phase.rows.iter().find(|r| r.target == TargetKind::Direct);
+        let base = direct.map(|d| metric.of(&d.load));
+        if full {
+            let _ = writeln!(
+                md,
+                "| target | achieved req/s | p50 | p99 | p99.9 | max | added p50 | added p99 | p99 ÷ direct | errors | late starts | RSS start → end |"
+            );
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        } else {
+            let _ = writeln!(
+                md,
+                "| target | p50 | p99 | p99.9 | max | added p50 | added p99 | p99 ÷ direct |"
+            );
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        }
+        for row in &phase.rows {
+            let p = metric.of(&row.load);
+            let (added50, added99, ratio) = match (row.target, base) {
+                (TargetKind::Direct, _) | (_, None) => ("—".into(), "—".into(), "—".into()),
+                (_, Some(b)) => (
+                    fmt_delta(i128::from(p.p50) - i128::from(b.p50)),
+                    fmt_delta(i128::from(p.p99) - i128::from(b.p99)),
+                    if b.p99 > 0 {
+                        format!("{:.2}×", p.p99 as f64 / b.p99 as f64)
+                    } else {
+                        "—".into()
+                    },
+                ),
+            };
+            let latencies = if p.count == 0 {
+                "no samples | — | — | —".to_owned()
+            } else {
+                format!(
+                    "{} | {} | {} | {}",
+                    fmt_us(p.p50),
+                    fmt_us(p.p99),
+                    fmt_us(p.p999),
+                    fmt_us(p.max)
+                )
+            };
+            if full {
+                let load = &row.load;
+                let achieved = if load.sustained() {
+                    format!("{:.0}", load.achieved_rate())
+                } else {
+                    format!("{:.0} **not sustained**", load.achieved_rate())
+                };
+                let errors = match load.errors.total() {
+                    0 => "0".to_owned(),
+                    n => format!("{n} ({})", load.errors.breakdown()),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} of {} | {} → {} |",
+                    row.target.label(),
+                    achieved,
+                    latencies,
+                    added50,
+                    added99,
+                    ratio,
+                    errors,
+                    load.late_starts,
+                    load.scheduled,
+                    fmt_mib(row.rss_start),
+                    fmt_mib(row.rss_end),
+                );
+            } else {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} |",
+                    row.target.label(),
+                    latencies,
+                    added50,
+                    added99,
+                    ratio
+                );
+            }
+        }
+        let _ = writeln!(md);
+        if full {
+            self.verdict(md, phase, metric);
+        }
+    }
+
+    /// The targets the benchmark is published against, stated per table.
+    fn verdict(&self, md: &mut String, phase: &Phase, metric: Metric) {
+        let find = |k: TargetKind| phase.rows.iter().find(|r| r.target == k);
+        let Some(direct) = find(TargetKind::Direct) else { return };
+        let unsustained: Vec<&str> =
+            phase.rows.iter().filter(|r| !r.load.sustained()).map(|r| r.target.label()).collect();
+        if !unsustained.is_empty() {
+            let _ = writeln!(
+                md,
+                "Not sustained at this rate: {} (late starts or errors above); their latencies include queueing behind a saturated pool.",
+                unsustained.join(", ")
+            );
+        }
+        if !direct.load.sustained() {
+            let _ = writeln!(
+                md,
+                "The direct target itself did not sustain this rate, so the added figures mostly measure queueing, not proxy overhead.\n"
+            );
+            return;
+        }
+        let b = metric.of(&direct.load).p99;
+        let added =
+            |k: TargetKind| find(k).map(|r| i128::from(metric.of(&r.load).p99) - i128::from(b));
+        let mut parts = Vec::new();
+        if let Some(gw) = added(TargetKind::Gateway) {
+            parts.push(format!(
+                "gateway added p99 {} (goal < 1 ms: {})",
+                fmt_delta(gw),
+                if gw < 1000 { "met" } else { "missed" }
+            ));
+            if let Some(ng) = added(TargetKind::Nginx) {
+                parts.push(format!(
+                    "nginx added p99 {} (goal gateway ≤ nginx: {}, gateway − nginx {})",
+                    fmt_delta(ng),
+                    if gw <= ng { "met" } else { "missed" },
+                    fmt_delta(gw - ng)
+                ));
+            }
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(md, "{}.\n", capitalize(&parts.join("; ")));
+        }
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_config_is_valid_toml_with_the_expected_keys() {
+        let text = gateway_config_toml(
+            "127.0.0.1:4100".parse().unwrap(),
+            "http://127.0.0.1:4200",
+            Path::new("/tmp/x \"y\"/secret"),
+            1,
+        );
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["node"]["listen"].as_str(), Some("127.0.0.1:4100"));
+        assert_eq!(v["node"]["id"].as_str(), Some("bench-gw"));
+        assert_eq!(v["backend"]["kind"].as_str(), Some("openai"));
+        assert_eq!(v["backend"]["url"].as_str(), Some("http://127.0.0.1:4200"));
+        assert_eq!(v["backend"]["models"][0]["id"].as_str(), Some("sim-llama"));
+        assert_eq!(v["auth"]["hs256_secret_file"].as_str(), Some("/tmp/x \"y\"/secret"));
+        assert_eq!(v["limits"]["rate_limit_per_s"].as_integer(), Some(1_000_000));
+        assert_eq!(v["limits"]["rate_limit_burst"].as_integer(), Some(1_000_000));
+    }
+
+    #[test]
+    fn nginx_conf_proxies_with_keepalive_and_no_buffering() {
+        let conf = nginx_conf(
+            "127.0.0.1:4300".parse().unwrap(),
+            "127.0.0.1:4200".parse().unwrap(),
+            Path::new("/tmp/bench/nginx"),
+            1,
+        );
+        for needle in [
+            "worker_processes 1;",
+            "daemon off;",
+            "pid /tmp/bench/nginx/nginx.pid;",
+            "error_log /tmp/bench/nginx/error.log",
+            "access_log off;",
+            "server 127.0.0.1:4200;",
+            "keepalive 256;",
+            "listen 127.0.0.1:4300;",
+            "proxy_http_version 1.1;",
+            "proxy_set_header Connection \"\";",
+            "proxy_buffering off;",
+            "proxy_temp_path /tmp/bench/nginx/proxy;",
+        ] {
+            assert!(conf.contains(needle), "missing {needle:?} in\n{conf}");
+        }
+        // Every absolute path nginx writes stays inside the prefix.
+        let paths = conf
+            .split_whitespace()
+            .filter(|w| w.starts_with('/') && w.len() > 1)
+            .collect::<Vec<_>>();
+        assert_eq!(paths.len(), 7, "{paths:?}");
+        for p in paths {
+            assert!(p.starts_with("/tmp/bench/nginx/"), "path outside the prefix: {p}");
+        }
+        // Braces balance, or nginx refuses the file.
+        assert_eq!(conf.matches('{').count(), conf.matches('}').count());
+    }
+
+    /// nginx accepts the generated file (`nginx -t`), when nginx is installed.
+    #[test]
+    fn nginx_accepts_the_generated_conf() {
+        let nginx = Path::new("/usr/sbin/nginx");
+        if !nginx.exists() {
+            eprintln!("skipped: {} not installed", nginx.display());
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let conf = nginx_conf(
+            "127.0.0.1:4300".parse().unwrap(),
+            "127.0.0.1:4200".parse().unwrap(),
+            dir.path(),
+            1,
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let out = Command::new(nginx)
+            .arg("-t")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn load(mode: Mode, rate: f64, base_us: u64, ttft: bool) -> LoadReport {
+        let spec = LoadSpec::new("http://127.0.0.1:1", Bytes::new(), mode, rate);
+        let mut r = LoadReport::empty_for_test(&spec).unwrap();
+        for i in 0..1000 {
+            // 1% of samples are 10x slower, so p99.9 sits in the tail.
+            let v = if i % 100 == 99 { base_us * 10 } else { base_us };
+            r.record_for_test(v, ttft.then_some(v / 2));
+        }
+        r.active = Duration::from_secs(1);
+        r
+    }
+
+    fn report(phases: Vec<Phase>) -> GatewayBenchReport {
+        let t = |kind, port, pid| TargetInfo {
+            kind,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            pid,
+        };
+        GatewayBenchReport {
+            machine: MachineInfo { nproc: 2, kernel: "6.1.0-test".into(), cpu: "Test CPU".into() },
+            command: "edgeroute bench gateway".into(),
+            nginx_version: Some("nginx/1.22.1".into()),
+            nginx_workers: 1,
+            gateway_worker_threads: 1,
+            connections: 32,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            rounds: 2,
+            model: "sim-llama".into(),
+            max_tokens: 16,
+            late_threshold: Duration::from_millis(1),
+            targets: vec![
+                t(TargetKind::Direct, 4200, 11),
+                t(TargetKind::Gateway, 4100, 12),
+                t(TargetKind::Nginx, 4300, 13),
+            ],
+            phases,
+            memory: vec![MemoryRow {
+                target: TargetKind::Gateway,
+                before: Some(10 * 1024 * 1024),
+                after: Some(11 * 1024 * 1024),
+            }],
+            gateway_config: "[node]\n".into(),
+            nginx_config: Some("worker_processes 1;\n".into()),
+        }
+    }
+
+    fn row(target: TargetKind, load: LoadReport) -> Row {
+        Row { target, load, rss_start: Some(8 << 20), rss_end: Some(9 << 20) }
+    }
+
+    #[test]
+    fn markdown_states_machine_command_and_overheads() {
+        let phase = Phase {
+            mode: Mode::Json,
+            rate: 1000.0,
+            rows: vec![
+                row(TargetKind::Direct, load(Mode::Json, 1000.0, 100, false)),
+                row(TargetKind::Gateway, load(Mode::Json, 1000.0, 180, false)),
+                row(TargetKind::Nginx, load(Mode::Json, 1000.0, 200, false)),
+            ],
+        };
+        let md = report(vec![phase]).to_markdown();
+        assert!(md.contains("2 cores (`nproc`), kernel `6.1.0-test` (`uname -r`)"), "{md}");
+        assert!(md.contains("load generator runs on the same 2 cores"));
+        assert!(md.contains("`edgeroute bench gateway`"));
+        assert!(md.contains("## JSON answers at 1,000 requests/s"));
+        assert!(md.contains("`worker_processes 1`"));
+        // Gateway: p50 180 vs 100 → +80 µs; p99 is 180 vs 100 too (1% tail is above p99).
+        let gw = md.lines().find(|l| l.starts_with("| edgeroute gateway")).unwrap();
+        assert!(gw.contains("| +80 µs |"), "{gw}");
+        assert!(gw.contains("| 1.80× |"), "{gw}");
+        assert!(gw.contains("| 0 of 1000 | 8.0 MiB → 9.0 MiB |"), "{gw}");
+        let direct = md.lines().find(|l| l.starts_with("| direct (sim)")).unwrap();
+        assert!(direct.contains("| — | — | — |"), "{direct}");
+        assert!(md.contains("Gateway added p99 +80 µs (goal < 1 ms: met)"), "{md}");
+        assert!(
+            md.contains(
+                "nginx added p99 +100 µs (goal gateway ≤ nginx: met, gateway − nginx −20 µs)"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| edgeroute gateway | 10.0 MiB | 11.0 MiB | +1.0 MiB |"), "{md}");
+    }
+
+    #[test]
+    fn markdown_marks_rates_that_were_not_sustained() {
+        let mut slow = load(Mode::Stream, 5000.0, 3000, true);
+        slow.late_starts = 7;
+        slow.errors.timeout = 2;
+        let phase = Phase {
+            mode: Mode::Stream,
+            rate: 5000.0,
+            rows: vec![
+                row(TargetKind::Direct, load(Mode::Stream, 5000.0, 100, true)),
+                row(TargetKind::Gateway, slow),
+            ],
+        };
+        let md = report(vec![phase]).to_markdown();
+        assert!(md.contains("## Streaming (SSE) answers at 5,000 requests/s"));
+        assert!(md.contains("Time to first token:"));
+        assert!(md.contains("Time to `data: [DONE]`:"));
+        let gw = md
+            .lines()
+            .find(|l| l.starts_with("| edgeroute gateway") && l.contains("not sustained"));
+        let gw = gw.expect("gateway row marked as not sustained");
+        assert!(gw.contains("| 2 (timeout×2) | 7 of 1000 |"), "{gw}");
+        assert!(md.contains("Not sustained at this rate: edgeroute gateway"));
+        // TTFT table: 1.50 ms vs 50 µs at p50.
+        assert!(gw.contains("| 1.50 ms |"), "{gw}");
+        assert!(md.contains("goal < 1 ms: missed"), "{md}");
+    }
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(fmt_us(999), "999 µs");
+        assert_eq!(fmt_us(1_500), "1.50 ms");
+        assert_eq!(fmt_us(2_500_000), "2.50 s");
+        assert_eq!(fmt_delta(-3), "−3 µs");
+        assert_eq!(fmt_delta(1200), "+1.20 ms");
+        assert_eq!(fmt_rate(5000.0), "5,000");
+        assert_eq!(fmt_rate(250.0), "250");
+        assert_eq!(fmt_rate(1_234_567.0), "1,234,567");
+        assert_eq!(fmt_secs(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(toml_string("a\"b\\c"), r#""a\"b\\c""#);
+    }
+}

@@ -1,0 +1,11 @@
+//! edgeroute-lab: measurement tools that nothing in production depends on.
+//!
+//! - [`loadgen`]: an open-loop, coordinated-omission-safe load generator for the
+//!   OpenAI-compatible chat endpoint (JSON and SSE), loopback targets only.
+//! - [`gateway_bench`]: the published gateway-overhead benchmark, which starts the simulator,
+//!   the gateway and nginx as child processes and loads them all in one run.
+//! - [`process`]: child-process supervision (kill on drop) and RSS sampling from `/proc`.
+
+pub mod gateway_bench;
+pub mod loadgen;
+pub mod process;
