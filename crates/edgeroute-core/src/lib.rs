@@ -4,6 +4,7 @@
 //! draws OS randomness. Time comes in as a `Duration` since an origin the caller chooses, so
 //! every function here is deterministic and testable without sockets or sleeps.
 
+pub mod capacity;
 pub mod window;
 
 pub use window::{LatencyWindow, OutcomeWindow, WindowConfig};

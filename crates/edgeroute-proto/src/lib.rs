@@ -11,6 +11,7 @@ pub mod headers;
 pub mod health;
 pub mod models;
 pub mod sse;
+pub mod topology;
 
 pub use chat::*;
 pub use error::{ErrorBody, ErrorDetail};

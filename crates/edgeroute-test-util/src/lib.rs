@@ -4,6 +4,7 @@
 //! Nothing in production depends on this crate.
 
 pub mod client;
+pub mod fake_triton;
 pub mod fake_upstream;
 pub mod node;
 
