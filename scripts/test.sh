@@ -11,6 +11,11 @@ TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+if [ ! -x /usr/sbin/nats-server ]; then
+  step "installing nats-server (the topology bus tests start their own)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nats-server; else sudo apt-get update -qq && sudo apt-get install -y -qq nats-server; fi
+fi
+
 step "python peers (venv, openai, llama-cpp-python, SmolLM2 model)"
 bash scripts/setup-python.sh
 

@@ -28,6 +28,11 @@ impl ApiError {
         }
     }
 
+    pub fn with_code(mut self, code: &str) -> Self {
+        self.body.error.code = Some(code.to_owned());
+        self
+    }
+
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
         self.body.error.param = Some(param.into());
         self

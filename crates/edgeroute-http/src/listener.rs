@@ -11,6 +11,11 @@ pub trait Listener: Send + 'static {
     type Addr: std::fmt::Debug + Send + 'static;
 
     fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send;
+
+    /// The address clients reach, when the listener knows it.
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
 }
 
 impl Listener for tokio::net::TcpListener {
@@ -22,5 +27,9 @@ impl Listener for tokio::net::TcpListener {
         // Token streams are many small writes: Nagle would add up to 40 ms per chunk.
         stream.set_nodelay(true)?;
         Ok((stream, addr))
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        tokio::net::TcpListener::local_addr(self).ok()
     }
 }

@@ -41,6 +41,59 @@ pub struct NodeConfig {
     pub auth: Option<AuthConfig>,
     #[serde(default)]
     pub backend: BackendConfig,
+    #[serde(default)]
+    pub models: ModelsConfig,
+    /// The topology bus this node publishes its model placement and drain state on. Absent:
+    /// the node publishes nothing (it still serves).
+    #[serde(default)]
+    pub bus: Option<edgeroute_bus::BusConfig>,
+    /// Multi-model pipelines reported in `/health` (e.g. a voice pipeline STT → LLM → TTS).
+    #[serde(default)]
+    pub pipelines: Vec<PipelineSpec>,
+}
+
+/// Loading models at run time (`POST /v1/models/load`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// The model repository downloads are installed into (same filesystem as its staging
+    /// area). Unset: loads from a hub are refused. Default: unset.
+    pub repository: Option<PathBuf>,
+    /// Directories under which `path` loads are accepted (after resolving symlinks). Default:
+    /// none.
+    pub allowed_local_roots: Vec<PathBuf>,
+    /// How long the simulator takes to load a model. Default 1000.
+    pub sim_load_time_ms: u64,
+    /// Longest time to resolve a model on the hub before answering the load request. Default
+    /// 30000.
+    pub resolve_timeout_ms: u64,
+    /// Free disk space to keep after a download, on top of the model's size. Default 1024.
+    pub disk_margin_mb: u64,
+    /// The Hugging Face hub to download from. `HF_ENDPOINT` and `HF_TOKEN` override
+    /// `endpoint` and `token`. Only the endpoint's host is contacted unless more hosts (the
+    /// hub's CDN) are listed in `allowed_hosts`.
+    pub hub: edgeroute_hub::HubConfig,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            repository: None,
+            allowed_local_roots: vec![],
+            sim_load_time_ms: 1000,
+            resolve_timeout_ms: 30_000,
+            disk_margin_mb: 1024,
+            hub: edgeroute_hub::HubConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub id: String,
+    /// The models the pipeline calls, in order.
+    pub models: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +111,10 @@ pub struct NodeSection {
     /// with its backend). Default `0`.
     #[serde(default)]
     pub worker_threads: usize,
+    /// The URL clients reach this node at, as published on the topology bus. Default:
+    /// `http://<listen>` (`https://` with `[tls]`).
+    #[serde(default)]
+    pub public_url: Option<String>,
     /// Serve without authentication (every caller is tenant `anonymous`). Only for loopback
     /// development; the node logs a warning at start. Default `false`.
     #[serde(default)]
@@ -222,8 +279,18 @@ pub struct OpenAiConfig {
     /// Largest non-streaming answer accepted from the upstream. Default 16 MiB.
     #[serde(default = "d_max_response")]
     pub max_response_bytes: usize,
-    /// Models the upstream serves. At least one.
+    /// Models the upstream serves at start (more can be loaded at run time). May be empty
+    /// when models are loaded through `POST /v1/models/load`.
+    #[serde(default)]
     pub models: Vec<UpstreamModel>,
+    /// Triton's HTTP endpoint for its model repository API (`POST /v2/repository/...`), when
+    /// the upstream is Triton. Loads then go through Triton; otherwise a load waits for the
+    /// model to appear in the upstream's `GET /v1/models`.
+    #[serde(default)]
+    pub triton_url: Option<String>,
+    /// Longest a backend load may take. Default 600000.
+    #[serde(default = "d_load_timeout")]
+    pub load_timeout_ms: u64,
     /// GPUs behind the upstream, for capacity reporting. Default: one `gpu0` with
     /// `max_concurrency` slots.
     #[serde(default)]
@@ -241,6 +308,9 @@ fn d_request() -> u64 {
 }
 fn d_pool() -> usize {
     256
+}
+fn d_load_timeout() -> u64 {
+    600_000
 }
 fn d_max_response() -> usize {
     16 * 1024 * 1024
@@ -295,6 +365,12 @@ impl NodeConfig {
             self.node.listen =
                 v.parse().map_err(|e| invalid("EDGEROUTE_LISTEN", format!("`{v}`: {e}")))?;
         }
+        if let Some(v) = env("HF_ENDPOINT") {
+            self.models.hub.endpoint = v;
+        }
+        if let Some(v) = env("HF_TOKEN") {
+            self.models.hub.token = Some(v);
+        }
         if let Some(v) = env("EDGEROUTE_UPSTREAM_URL") {
             match &mut self.backend {
                 BackendConfig::Openai(o) => o.url = v,
@@ -345,6 +421,17 @@ impl NodeConfig {
         if l.max_header_bytes < 8192 {
             return Err(invalid("limits.max_header_bytes", "must be at least 8192"));
         }
+        for (i, p) in self.pipelines.iter().enumerate() {
+            if p.id.is_empty()
+                || p.models.is_empty()
+                || self.pipelines[..i].iter().any(|q| q.id == p.id)
+            {
+                return Err(invalid(
+                    "pipelines",
+                    format!("pipeline `{}` needs a unique id and at least one model", p.id),
+                ));
+            }
+        }
         if self.telemetry.window_s == 0 {
             return Err(invalid("telemetry.window_s", "must be greater than 0"));
         }
@@ -365,9 +452,6 @@ impl NodeConfig {
                         "backend.url",
                         "https upstreams are not supported yet; the backend is on a private network, use http",
                     ));
-                }
-                if o.models.is_empty() {
-                    return Err(invalid("backend.models", "list at least one model"));
                 }
                 for (i, m) in o.models.iter().enumerate() {
                     if m.id.is_empty() || o.models[..i].iter().any(|p| p.id == m.id) {

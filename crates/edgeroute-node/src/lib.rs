@@ -13,10 +13,13 @@
 
 pub mod backend;
 pub mod config;
+pub mod fetch;
 pub mod gateway;
 pub mod lifecycle;
 pub mod metrics;
+pub mod models;
 pub mod telemetry;
+pub mod watcher;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +41,9 @@ use crate::lifecycle::{Phase, Sessions};
 use crate::metrics::Metrics;
 use crate::telemetry::Telemetry;
 
+/// The publisher, shared by the model table's event sink and the shutdown path.
+type SharedPublisher = Arc<std::sync::Mutex<Option<edgeroute_bus::Publisher>>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
@@ -48,6 +54,10 @@ pub enum NodeError {
     Auth(#[from] edgeroute_auth::AuthError),
     #[error("TLS: {0}")]
     Tls(#[from] edgeroute_http::tls::TlsError),
+    #[error("model repository: {0}")]
+    Hub(#[from] edgeroute_hub::HubError),
+    #[error("topology bus: {0}")]
+    Bus(#[from] edgeroute_bus::BusError),
 }
 
 /// A built node: its shared state and config, ready to serve.
@@ -55,6 +65,8 @@ pub enum NodeError {
 pub struct Node {
     state: AppState,
     cfg: Arc<NodeConfig>,
+    /// A bus handed in by the caller (the embedded bus shared with discovery in one process).
+    bus: Option<edgeroute_bus::Bus>,
 }
 
 impl Node {
@@ -88,6 +100,16 @@ impl Node {
             telemetry: Arc::new(Telemetry::new(cfg.telemetry.window_s)),
             phase: ArcSwap::from_pointee(Phase::Serving),
             sessions: Sessions::new(l.max_sessions, ms(l.session_ttl_ms)),
+            models: {
+                let t = crate::models::ModelTable::new(clock.clone());
+                for m in backend.models() {
+                    t.insert_ready(&m.id, m.gpu, m.memory_mb);
+                }
+                t
+            },
+            models_cfg: cfg.models.clone(),
+            hub: std::sync::OnceLock::new(),
+            pipelines: cfg.pipelines.clone(),
             backend,
             auth,
             limiter: TenantLimiter::new(l.rate_limit_per_s, l.rate_limit_burst),
@@ -95,7 +117,66 @@ impl Node {
             clock,
             seq: AtomicU64::new(0),
         });
-        Ok(Node { state, cfg: Arc::new(cfg) })
+        Ok(Node { state, cfg: Arc::new(cfg), bus: None })
+    }
+
+    /// Publishes on `bus` (instead of the one `[bus]` configures).
+    pub fn with_bus(mut self, bus: edgeroute_bus::Bus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// The URL the node announces: `node.public_url`, else derived from the bound address.
+    fn public_url(&self, bound: Option<std::net::SocketAddr>) -> String {
+        if let Some(u) = &self.cfg.node.public_url {
+            return u.clone();
+        }
+        let scheme = if self.cfg.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", bound.unwrap_or(self.cfg.node.listen))
+    }
+
+    /// Starts the topology publisher: announces the node with its ready models, then every
+    /// change. A dead bus never stops the node: the publisher buffers and catches up.
+    async fn start_publisher(
+        &self,
+        bound: Option<std::net::SocketAddr>,
+    ) -> Result<Option<SharedPublisher>, NodeError> {
+        let bus = match (&self.bus, &self.cfg.bus) {
+            (Some(b), _) => b.clone(),
+            (None, Some(cfg)) => edgeroute_bus::Bus::connect(cfg).await?,
+            (None, None) => return Ok(None),
+        };
+        let options = edgeroute_bus::PublisherOptions::from_config(bus.config());
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let identity = edgeroute_bus::NodeIdentity {
+            node_id: self.cfg.node.id.clone(),
+            region: self.cfg.node.region.clone(),
+            url: self.public_url(bound),
+            epoch,
+        };
+        let publisher =
+            edgeroute_bus::Publisher::spawn(bus, identity, options, edgeroute_bus::system_clock())?;
+        for m in self.state.models.list() {
+            if m.state == edgeroute_proto::models::ModelState::Ready {
+                publisher.publish(edgeroute_proto::topology::EventKind::ModelReady {
+                    model: m.id,
+                    gpu: m.gpu,
+                });
+            }
+        }
+        let shared: SharedPublisher = Arc::new(std::sync::Mutex::new(Some(publisher)));
+        let p = shared.clone();
+        self.state.models.set_sink(Arc::new(move |kind| {
+            if let Ok(guard) = p.lock()
+                && let Some(publisher) = guard.as_ref()
+            {
+                publisher.publish(kind);
+            }
+        }));
+        Ok(Some(shared))
     }
 
     pub fn state(&self) -> &AppState {
@@ -124,6 +205,16 @@ impl Node {
             }
             None => None,
         };
+        let publisher = self.start_publisher(listener.local_addr()).await?;
+        if let Some(root) = &self.cfg.models.repository {
+            let client = edgeroute_hub::HubClient::new(self.cfg.models.hub.clone())?;
+            let icfg = edgeroute_hub::InstallerConfig {
+                repo_root: root.clone(),
+                disk_margin_bytes: self.cfg.models.disk_margin_mb * 1024 * 1024,
+            };
+            let installer = edgeroute_hub::Installer::open(icfg, client).await?;
+            let _ = self.state.hub.set(installer);
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();
@@ -173,6 +264,14 @@ impl Node {
             drain_then_stop,
         )
         .await;
+        if let Some(p) = publisher {
+            let taken = p.lock().ok().and_then(|mut g| g.take());
+            if let Some(p) = taken
+                && !p.shutdown(Duration::from_secs(2)).await
+            {
+                tracing::warn!("topology bus: the node-down event may not have reached the bus");
+            }
+        }
         let _ = stop_tx.send(true);
         for b in background {
             let _ = b.await;

@@ -59,6 +59,26 @@ pub struct GpuHealth {
     pub utilization: f64,
     pub memory_used_mb: u64,
     pub memory_total_mb: u64,
+    /// Share of slots free for new work after queued requests, in [0, 1].
+    #[serde(default)]
+    pub availability: f64,
+}
+
+/// A multi-model pipeline (e.g. STT → LLM → TTS) and how available it is on this node: only as
+/// available as the busiest GPU it needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineHealth {
+    pub id: String,
+    pub models: Vec<String>,
+    /// Every model of the pipeline is ready here.
+    pub servable: bool,
+    /// The least available GPU's availability, in [0, 1]; 0 when not servable.
+    pub availability: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bottleneck_gpu: Option<String>,
+    /// Models of the pipeline not ready here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +103,8 @@ pub struct NodeHealth {
     pub uptime_s: u64,
     pub models: Vec<ModelHealth>,
     pub gpus: Vec<GpuHealth>,
+    #[serde(default)]
+    pub pipelines: Vec<PipelineHealth>,
     pub queue_depth: u32,
     pub in_flight: u32,
     /// Concurrent requests admitted before shedding.

@@ -147,7 +147,14 @@ impl GpuStatus {
 
 impl From<GpuStatus> for GpuHealth {
     fn from(s: GpuStatus) -> Self {
+        let taken = u64::from(s.busy) + u64::from(s.queued);
+        let availability = if s.slots == 0 {
+            0.0
+        } else {
+            u64::from(s.slots).saturating_sub(taken) as f64 / f64::from(s.slots)
+        };
         GpuHealth {
+            availability,
             utilization: s.utilization(),
             id: s.id,
             models: s.models,

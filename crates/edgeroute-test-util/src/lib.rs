@@ -4,8 +4,10 @@
 //! Nothing in production depends on this crate.
 
 pub mod client;
+pub mod fake_hub;
 pub mod fake_triton;
 pub mod fake_upstream;
+pub mod nats;
 pub mod node;
 
 pub use client::{Reply, StreamReply, get, post_json, stream};

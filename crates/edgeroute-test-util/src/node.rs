@@ -33,18 +33,24 @@ impl TestNode {
     }
 
     pub async fn start_with(extra: &str, env: impl Fn(&str) -> Option<String>) -> TestNode {
-        Self::start_full("", extra, env).await
+        Self::start_full("", extra, env, None).await
+    }
+
+    /// As [`TestNode::start`], publishing on `bus` (e.g. an embedded bus the test subscribes to).
+    pub async fn start_with_bus(extra: &str, bus: edgeroute_bus::Bus) -> TestNode {
+        Self::start_full("", extra, |_| None, Some(bus)).await
     }
 
     /// As [`TestNode::start`], with more keys in the `[auth]` table (e.g. `jwks_file`).
     pub async fn start_with_auth(auth_extra: &str, extra: &str) -> TestNode {
-        Self::start_full(auth_extra, extra, |_| None).await
+        Self::start_full(auth_extra, extra, |_| None, None).await
     }
 
     async fn start_full(
         auth_extra: &str,
         extra: &str,
         env: impl Fn(&str) -> Option<String>,
+        bus: Option<edgeroute_bus::Bus>,
     ) -> TestNode {
         let dir = std::env::temp_dir().join(format!(
             "edgeroute-test-{}-{}",
@@ -60,7 +66,10 @@ impl TestNode {
         );
         let cfg =
             NodeConfig::parse(&text, env).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-        let node = Node::build(cfg).expect("build node");
+        let mut node = Node::build(cfg).expect("build node");
+        if let Some(bus) = bus {
+            node = node.with_bus(bus);
+        }
         let state = node.state().clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -44,6 +44,22 @@ enum Command {
         #[arg(long)]
         zero_latency: bool,
     },
+    /// Watcher mode for split deployments: install model directories that appear on a shared
+    /// volume into the backend's model repository and ask the backend (Triton) to load them.
+    Watch {
+        /// The shared volume the gateway writes models to.
+        #[arg(long)]
+        shared: PathBuf,
+        /// The backend's model repository.
+        #[arg(long)]
+        repository: PathBuf,
+        /// Triton's HTTP endpoint (repository API); without it models are only copied.
+        #[arg(long)]
+        triton: Option<String>,
+        /// Quiet time before a new directory is taken, ms.
+        #[arg(long, default_value_t = 2000)]
+        settle_ms: u64,
+    },
     /// Mint tokens and build JWKS entries.
     Token {
         #[command(subcommand)]
@@ -64,6 +80,19 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Topology propagation: time from a node publishing "model ready" to a subscriber
+    /// having it, over the embedded bus or NATS.
+    Bus {
+        /// `embedded` or `nats`.
+        #[arg(long, default_value = "embedded")]
+        bus: String,
+        /// NATS server URL (with `--bus nats`).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Changes to publish and time.
+        #[arg(long, default_value_t = 1000)]
+        changes: usize,
+    },
     /// Gateway overhead: the same load direct to the simulator, through the gateway, and
     /// through nginx, on loopback, in one run.
     Gateway {
@@ -219,7 +248,33 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Token { command } => token(command),
+        Command::Watch { shared, repository, triton, settle_ms } => {
+            let cfg = edgeroute_node::watcher::WatchConfig {
+                shared,
+                repository,
+                triton_url: triton,
+                settle: std::time::Duration::from_millis(settle_ms),
+            };
+            let installed = edgeroute_node::watcher::run(cfg, shutdown_signal()).await?;
+            eprintln!("edgeroute watch: installed {} model(s)", installed.len());
+            Ok(())
+        }
         Command::Demo { requests } => demo::run(requests).await,
+        Command::Bench { command: BenchCommand::Bus { bus, nats_url, changes } } => {
+            let cfg = match bus.as_str() {
+                "embedded" => edgeroute_bus::BusConfig::embedded(),
+                "nats" => edgeroute_bus::BusConfig::nats(nats_url.clone()),
+                other => anyhow::bail!("--bus: `{other}` is not embedded or nats"),
+            };
+            let b = edgeroute_bus::Bus::connect(&cfg).await?;
+            let r = edgeroute_bus::propagation(&b, changes).await?;
+            let via = if bus == "nats" { format!(" ({nats_url})") } else { String::new() };
+            println!(
+                "topology propagation over {bus}{via}: {} changes delivered, {} lost, p50 {} µs, p99 {} µs, max {} µs",
+                r.n, r.lost, r.p50_us, r.p99_us, r.max_us
+            );
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Gateway {

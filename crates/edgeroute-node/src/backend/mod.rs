@@ -142,6 +142,19 @@ pub struct ModelInfo {
     pub id: String,
     pub state: ModelState,
     pub gpu: Option<String>,
+    pub memory_mb: u64,
+}
+
+/// What a backend needs to load a model.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    pub id: String,
+    pub gpu: Option<String>,
+    pub memory_mb: u64,
+    /// The name the upstream (Triton, vLLM…) knows the model by. Default: `id`.
+    pub upstream_name: Option<String>,
+    /// The simulator's load time; for an upstream, how long to wait for it.
+    pub load_time: Duration,
 }
 
 /// Everything the gateway passes along with a request.
@@ -240,6 +253,70 @@ impl Backend {
     /// Concurrent requests the backend serves without queueing.
     pub fn slots(&self) -> u32 {
         self.gpus().iter().map(|g| g.slots).sum()
+    }
+
+    /// Loads a model into the backend; resolves once the backend serves it.
+    pub async fn activate(&self, a: &Activation) -> Result<(), String> {
+        match self {
+            Backend::Sim(b) => {
+                tokio::time::sleep(a.load_time).await;
+                let gpu = a.gpu.clone().unwrap_or_else(|| "gpu0".into());
+                let model = edgeroute_sim::SimModel {
+                    memory_mb: a.memory_mb,
+                    ..edgeroute_sim::SimModel::new(a.id.clone(), gpu)
+                };
+                b.simulator().load_model(model).map_err(|e| e.to_string())
+            }
+            Backend::OpenAi(b) => {
+                let name = a.upstream_name.clone().unwrap_or_else(|| a.id.clone());
+                if let Some(triton) = b.triton() {
+                    triton.load(&name).await.map_err(|e| e.to_string())?;
+                } else {
+                    // A plain OpenAI-compatible server loads on its own (vLLM, llama.cpp are
+                    // started with their model); wait until it lists the model.
+                    let deadline =
+                        tokio::time::Instant::now() + a.load_time.max(Duration::from_secs(1));
+                    loop {
+                        match b.upstream_models().await {
+                            Ok(ids) if ids.iter().any(|i| *i == name) => break,
+                            Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => {
+                                return Err(format!(
+                                    "the upstream did not list `{name}` in GET /v1/models within {} ms",
+                                    a.load_time.as_millis()
+                                ));
+                            }
+                            _ => tokio::time::sleep(crate::models::UPSTREAM_POLL).await,
+                        }
+                    }
+                }
+                b.add_model(crate::config::UpstreamModel {
+                    id: a.id.clone(),
+                    upstream_name: (name != a.id).then_some(name),
+                    gpu: a.gpu.clone(),
+                    memory_mb: a.memory_mb,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops serving a model and frees it in the backend.
+    pub async fn deactivate(&self, id: &str, upstream_name: Option<&str>) -> Result<(), String> {
+        match self {
+            Backend::Sim(b) => {
+                b.simulator().unload_model(id);
+                Ok(())
+            }
+            Backend::OpenAi(b) => {
+                b.remove_model(id);
+                match b.triton() {
+                    Some(t) => {
+                        t.unload(upstream_name.unwrap_or(id)).await.map_err(|e| e.to_string())
+                    }
+                    None => Ok(()),
+                }
+            }
+        }
     }
 
     /// The in-process simulator, for its fault admin endpoint.

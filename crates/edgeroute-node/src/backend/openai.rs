@@ -38,7 +38,11 @@ pub struct OpenAiBackend {
     client: Client<HttpConnector, Full<Bytes>>,
     endpoint: http::Uri,
     api_key: Option<String>,
-    models: Vec<UpstreamModel>,
+    /// Read on every request, changed only by model loads: a lock-free snapshot.
+    models: arc_swap::ArcSwap<Vec<UpstreamModel>>,
+    /// Triton's repository API, when the upstream is Triton.
+    triton: Option<super::triton::TritonRepository>,
+    base: String,
     gpus: Vec<GpuSpec>,
     first_byte_timeout: Duration,
     request_timeout: Duration,
@@ -77,7 +81,11 @@ impl OpenAiBackend {
             client,
             endpoint,
             api_key,
-            models: cfg.models.clone(),
+            models: arc_swap::ArcSwap::from_pointee(cfg.models.clone()),
+            triton: cfg.triton_url.as_deref().map(|u| {
+                super::triton::TritonRepository::new(u, Duration::from_millis(cfg.load_timeout_ms))
+            }),
+            base: base.to_owned(),
             gpus,
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
@@ -92,20 +100,23 @@ impl OpenAiBackend {
 
     pub fn models(&self) -> Vec<ModelInfo> {
         self.models
+            .load()
             .iter()
             .map(|m| ModelInfo {
                 id: m.id.clone(),
                 state: ModelState::Ready,
                 gpu: Some(self.gpus[self.gpu_index(m)].id.clone()),
+                memory_mb: m.memory_mb,
             })
             .collect()
     }
 
     pub fn serves(&self, model: &str) -> bool {
-        self.models.iter().any(|m| m.id == model)
+        self.models.load().iter().any(|m| m.id == model)
     }
 
     pub fn gpus(&self) -> Vec<GpuHealth> {
+        let models = self.models.load();
         self.gpus
             .iter()
             .enumerate()
@@ -113,13 +124,18 @@ impl OpenAiBackend {
                 let n = self.in_flight[i].load(Ordering::Relaxed);
                 let busy = n.min(g.slots);
                 let pinned: Vec<&UpstreamModel> =
-                    self.models.iter().filter(|m| self.gpu_index(m) == i).collect();
+                    models.iter().filter(|m| self.gpu_index(m) == i).collect();
                 GpuHealth {
                     id: g.id.clone(),
                     models: pinned.iter().map(|m| m.id.clone()).collect(),
                     slots: g.slots,
                     busy,
                     queued: n - busy,
+                    availability: if g.slots == 0 {
+                        0.0
+                    } else {
+                        f64::from(g.slots.saturating_sub(n)) / f64::from(g.slots)
+                    },
                     utilization: if g.slots == 0 {
                         0.0
                     } else {
@@ -142,12 +158,69 @@ impl OpenAiBackend {
             .sum()
     }
 
+    /// Starts routing `model` to the upstream (after the upstream has it loaded).
+    pub fn add_model(&self, model: UpstreamModel) {
+        self.models.rcu(|cur| {
+            let mut v: Vec<UpstreamModel> =
+                cur.iter().filter(|m| m.id != model.id).cloned().collect();
+            v.push(model.clone());
+            v
+        });
+    }
+
+    /// Stops routing `id`; true if it was routed.
+    pub fn remove_model(&self, id: &str) -> bool {
+        let mut found = false;
+        self.models.rcu(|cur| {
+            found = cur.iter().any(|m| m.id == id);
+            cur.iter().filter(|m| m.id != id).cloned().collect::<Vec<_>>()
+        });
+        found
+    }
+
+    pub fn triton(&self) -> Option<&super::triton::TritonRepository> {
+        self.triton.as_ref()
+    }
+
+    /// The upstream's `GET /v1/models` ids: how an OpenAI-compatible server says what it serves.
+    pub async fn upstream_models(&self) -> Result<Vec<String>, BackendError> {
+        let req = Request::get(format!("{}/v1/models", self.base))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| BackendError::Failed(e.to_string()))?;
+        let res = tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
+            .await
+            .map_err(|_| BackendError::Timeout("upstream /v1/models did not answer".into()))?
+            .map_err(|e| {
+                BackendError::Unavailable(format!("upstream /v1/models: {}", source_text(&e)))
+            })?;
+        if !res.status().is_success() {
+            return Err(BackendError::Failed(format!(
+                "upstream /v1/models answered {}",
+                res.status()
+            )));
+        }
+        let body = Limited::new(res.into_body(), 4 * 1024 * 1024)
+            .collect()
+            .await
+            .map_err(|e| BackendError::Failed(e.to_string()))?
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| BackendError::Failed(format!("upstream /v1/models: {e}")))?;
+        Ok(v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+            .collect())
+    }
+
     pub async fn chat(
         &self,
         mut req: ChatCompletionRequest,
         ctx: CallContext,
     ) -> Result<Reply, BackendError> {
-        let Some(model) = self.models.iter().find(|m| m.id == req.model) else {
+        let models = self.models.load();
+        let Some(model) = models.iter().find(|m| m.id == req.model) else {
             return Err(BackendError::ModelNotFound(req.model));
         };
         let guard = GpuGuard::new(self.in_flight.clone(), self.gpu_index(model));

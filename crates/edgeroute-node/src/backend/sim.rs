@@ -28,7 +28,12 @@ impl SimBackend {
         self.sim
             .models()
             .into_iter()
-            .map(|m| ModelInfo { id: m.id, state: ModelState::Ready, gpu: Some(m.gpu) })
+            .map(|m| ModelInfo {
+                id: m.id,
+                state: ModelState::Ready,
+                gpu: Some(m.gpu),
+                memory_mb: m.memory_mb,
+            })
             .collect()
     }
 

@@ -65,7 +65,11 @@ pub async fn start_drain(State(st): State<AppState>, body: Body) -> Result<Respo
     let deadline = ms(req.deadline_ms.unwrap_or(st.limits.drain_deadline_ms));
     let until = st.telemetry.now() + deadline;
     tracing::info!(node = %st.id, %reason, deadline_ms = deadline.as_millis() as u64, to = ?req.to, "drain started");
-    st.phase.store(Arc::new(Phase::Draining { reason, to: req.to, until }));
+    st.phase.store(Arc::new(Phase::Draining { reason, to: req.to.clone(), until }));
+    st.models.emit(edgeroute_proto::topology::EventKind::NodeDraining {
+        deadline_ms: deadline.as_millis() as u64,
+        to: req.to,
+    });
     Ok((StatusCode::ACCEPTED, Json(node_health(&st))).into_response())
 }
 
@@ -75,6 +79,7 @@ pub async fn stop_drain(State(st): State<AppState>) -> Result<Response, ApiError
     match &**cur {
         Phase::Draining { .. } => {
             st.phase.store(Arc::new(Phase::Serving));
+            st.models.emit(edgeroute_proto::topology::EventKind::NodeReady);
             tracing::info!(node = %st.id, "drain cancelled");
             Ok(Json(node_health(&st)).into_response())
         }

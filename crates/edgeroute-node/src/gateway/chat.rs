@@ -47,7 +47,7 @@ async fn handle(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Respon
     let raw_body = edgeroute_http::json::read_body(body, st.limits.max_body_bytes).await?;
     let req: ChatCompletionRequest = edgeroute_http::json::parse_json(&raw_body)?;
     req.validate().map_err(|e| ApiError::invalid_request(Some(&e.param), e.message))?;
-    if !st.backend.serves(&req.model) {
+    if !st.models.is_ready(&req.model) {
         return Err(ApiError::model_not_found(&req.model));
     }
 

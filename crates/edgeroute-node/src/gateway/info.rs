@@ -3,7 +3,10 @@
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use edgeroute_proto::health::{DrainInfo, ModelHealth, NodeHealth, NodeStatus, Percentiles};
+use edgeroute_core::capacity::{GpuLoad, pipeline_availability};
+use edgeroute_proto::health::{
+    DrainInfo, ModelHealth, NodeHealth, NodeStatus, Percentiles, PipelineHealth,
+};
 use edgeroute_proto::models::{ModelEntry, ModelList};
 use http::{StatusCode, header};
 
@@ -67,11 +70,12 @@ pub fn node_health(st: &AppState) -> NodeHealth {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_s: now.as_secs(),
         models: st
-            .backend
-            .models()
+            .models
+            .list()
             .into_iter()
             .map(|m| ModelHealth { id: m.id, state: m.state, gpu: m.gpu })
             .collect(),
+        pipelines: pipelines(st, &gpus),
         gpus,
         queue_depth,
         in_flight,
@@ -85,14 +89,46 @@ pub fn node_health(st: &AppState) -> NodeHealth {
     }
 }
 
+fn pipelines(st: &AppState, gpus: &[edgeroute_proto::health::GpuHealth]) -> Vec<PipelineHealth> {
+    if st.pipelines.is_empty() {
+        return vec![];
+    }
+    let loads: Vec<GpuLoad> = gpus
+        .iter()
+        .map(|g| GpuLoad {
+            id: g.id.clone(),
+            slots: g.slots,
+            busy: g.busy,
+            queued: g.queued,
+            memory_used_mb: g.memory_used_mb,
+            memory_total_mb: g.memory_total_mb,
+        })
+        .collect();
+    let placement = st.models.ready_placement();
+    st.pipelines
+        .iter()
+        .map(|p| {
+            let a = pipeline_availability(&p.id, &p.models, &placement, &loads);
+            PipelineHealth {
+                id: a.id,
+                models: p.models.clone(),
+                servable: a.servable,
+                availability: a.availability,
+                bottleneck_gpu: a.bottleneck,
+                missing: a.missing,
+            }
+        })
+        .collect()
+}
+
 pub async fn models(State(st): State<AppState>) -> Json<ModelList> {
     st.metrics.request("models", 200);
     let created = (st.clock)();
     Json(ModelList {
         object: "list".into(),
         data: st
-            .backend
-            .models()
+            .models
+            .list()
             .into_iter()
             .map(|m| ModelEntry {
                 id: m.id,
@@ -101,7 +137,7 @@ pub async fn models(State(st): State<AppState>) -> Json<ModelList> {
                 owned_by: "edgeroute".into(),
                 state: m.state,
                 gpu: m.gpu,
-                reason: None,
+                reason: m.reason,
             })
             .collect(),
     })

@@ -9,6 +9,7 @@ mod admin;
 mod auth;
 mod chat;
 mod info;
+mod manage;
 mod ratelimit;
 
 use std::sync::Arc;
@@ -57,6 +58,13 @@ pub struct NodeState {
     pub phase: ArcSwap<Phase>,
     pub sessions: Sessions,
     pub backend: Backend,
+    /// Which models are served, in which state: the routing truth.
+    pub models: crate::models::ModelTable,
+    pub models_cfg: crate::config::ModelsConfig,
+    /// The model repository's installer, opened when the node starts serving (when
+    /// `models.repository` is set).
+    pub hub: std::sync::OnceLock<edgeroute_hub::Installer>,
+    pub pipelines: Vec<crate::config::PipelineSpec>,
     /// `None` only when the config waives authentication.
     pub auth: Option<Arc<KeyStore>>,
     pub limiter: TenantLimiter,
@@ -91,6 +99,7 @@ pub fn router(state: AppState) -> Router {
     let inference = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(info::models))
+        .route("/v1/models/{id}", get(manage::get_model))
         .route_layer(middleware::from_fn_with_state(state.clone(), ratelimit::limit))
         .route_layer(middleware::from_fn_with_state(
             (state.clone(), Scope::Inference),
@@ -99,6 +108,8 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/drain", post(admin::start_drain).delete(admin::stop_drain))
         .route("/admin/faults", get(admin::get_faults).put(admin::set_faults))
+        .route("/v1/models/load", post(manage::load))
+        .route("/v1/models/unload", post(manage::unload))
         .route_layer(middleware::from_fn_with_state((state.clone(), Scope::Admin), auth::require));
     Router::new()
         .merge(inference)

@@ -1,0 +1,42 @@
+//! The topology bus: how the fleet learns which node runs which model, and which nodes are up.
+//!
+//! Nodes publish model loading/ready/failed/unloaded, drain and up/down events through a
+//! [`Publisher`]; discovery replicas follow them with a [`Subscription`], a stream of
+//! [`FleetUpdate`]s backed by a [`FleetView`]. Every node numbers its events (`epoch`, `seq`)
+//! and the bus also stores each node's latest full [`NodeSnapshot`], so a subscriber that
+//! misses messages or starts late resyncs from the snapshot instead of drifting.
+//!
+//! Two transports behind one [`Bus`] handle:
+//! - embedded (default): in process, tokio broadcast plus a shared map;
+//! - NATS: core subjects `<prefix>.<region>.<node_id>` for events, a JetStream KV bucket
+//!   (key = node id) for snapshots. See [`nats`] for the layout.
+//!
+//! What this crate deliberately does not do: it is never on the request path. A dead bus stops
+//! routing refreshes only: [`Bus::connect`] succeeds with the server down, and
+//! [`Publisher::publish`] never blocks. [`FleetView`] is pure (no I/O, `now` passed in).
+//!
+//! [`NodeSnapshot`]: edgeroute_proto::topology::NodeSnapshot
+
+mod bench;
+mod bus;
+mod config;
+mod error;
+mod inprocess;
+pub mod nats;
+mod publisher;
+mod subscription;
+mod view;
+pub mod wire;
+
+pub use bench::{PropagationReport, propagation};
+pub use bus::{Bus, Transport};
+pub use config::{BusConfig, BusKind};
+pub use error::BusError;
+pub use inprocess::InProcessBus;
+pub use nats::NatsBus;
+pub use publisher::{
+    Clock, NodeIdentity, Publisher, PublisherOptions, PublisherStats, system_clock,
+};
+pub use subscription::{FleetUpdate, Subscription};
+pub use view::{Applied, FleetCounters, FleetView, SnapshotApplied};
+pub use wire::{MAX_MESSAGE_BYTES, Rejected};

@@ -1,0 +1,256 @@
+//! The NATS bus: core subjects for events, a JetStream KV bucket for the latest state per node.
+//!
+//! Layout:
+//! - events: `<subject_prefix>.<region>.<node_id>`, one JSON [`TopologyEvent`] per message,
+//!   core pub/sub (at most once, lowest latency);
+//! - state: KV bucket `<bucket>` (history 1), key = node id, value = JSON [`NodeSnapshot`].
+//!
+//! A publisher writes the KV entry before it publishes the events the entry covers, so whoever
+//! notices a gap finds a snapshot at least as new in the bucket. Lost core messages therefore
+//! cost a resync, never a wrong state.
+//!
+//! The client connects in the background (`retry_on_initial_connect`) and reconnects forever:
+//! [`NatsBus::connect`] never fails because the server is down, only for a bad URL, so a node
+//! with a dead bus still starts and serves. Operations fail fast with
+//! [`BusError::Unavailable`] while disconnected instead of waiting out their timeouts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{ConnectOptions, Event};
+use edgeroute_proto::topology::{NodeSnapshot, TopologyEvent};
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::sync::{OnceCell, watch};
+
+use crate::BusError;
+use crate::config::BusConfig;
+use crate::inprocess::check_batch;
+use crate::wire::{self, MAX_MESSAGE_BYTES, Rejected};
+
+/// How many snapshots a full sync reads at once.
+const FETCH_CONCURRENCY: usize = 16;
+
+/// A cheap handle (clone it) to one NATS connection and its KV bucket.
+#[derive(Clone)]
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("bucket", &self.inner.bucket)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// Opened (or created) on first use, since the server may be down at start-up.
+    store: OnceCell<kv::Store>,
+    bucket: String,
+    prefix: String,
+    op_timeout: Duration,
+    /// Counts connections made (1 after the first); a change means "reconnected".
+    connections: watch::Receiver<u64>,
+}
+
+/// The delay before reconnection attempt `attempts`: quick at first, then capped, so a fleet
+/// does not hammer a restarting server yet finds it again within `max`.
+pub(crate) fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
+    let exp = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
+    Duration::from_millis(25u64.saturating_mul(1 << exp)).min(max)
+}
+
+impl NatsBus {
+    /// Starts connecting to `cfg.nats_url` and returns at once, connected or not.
+    pub async fn connect(cfg: &BusConfig) -> Result<NatsBus, BusError> {
+        let (connections_tx, connections) = watch::channel(0u64);
+        let connections_tx = Arc::new(connections_tx);
+        let max = cfg.reconnect_max();
+        let client = ConnectOptions::new()
+            .name("edgeroute-bus")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .request_timeout(Some(cfg.op_timeout()))
+            .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max))
+            .event_callback(move |event| {
+                let connections_tx = connections_tx.clone();
+                async move {
+                    match event {
+                        Event::Connected => {
+                            connections_tx.send_modify(|n| *n += 1);
+                            tracing::info!("topology bus connected to nats");
+                        }
+                        Event::Disconnected => tracing::warn!("topology bus lost nats"),
+                        other => tracing::debug!(event = %other, "nats event"),
+                    }
+                }
+            })
+            .connect(cfg.nats_url.as_str())
+            .await
+            .map_err(|e| BusError::nats("connect", e))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(cfg.op_timeout());
+        Ok(NatsBus {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                store: OnceCell::new(),
+                bucket: cfg.bucket.clone(),
+                prefix: cfg.subject_prefix.clone(),
+                op_timeout: cfg.op_timeout(),
+                connections,
+            }),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The underlying client (e.g. for tests that publish raw messages).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    pub(crate) fn connections(&self) -> watch::Receiver<u64> {
+        self.inner.connections.clone()
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    fn ensure_connected(&self) -> Result<(), BusError> {
+        if self.is_connected() { Ok(()) } else { Err(BusError::Unavailable) }
+    }
+
+    async fn timed<T, E>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, BusError>
+    where
+        E: Into<async_nats::Error>,
+    {
+        match tokio::time::timeout(self.inner.op_timeout, fut).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(BusError::nats(op, e)),
+            Err(_) => Err(BusError::Timeout { op, after: self.inner.op_timeout }),
+        }
+    }
+
+    /// The KV bucket, opened or created on first use.
+    async fn store(&self) -> Result<&kv::Store, BusError> {
+        self.ensure_connected()?;
+        self.inner.store.get_or_try_init(|| self.open_or_create()).await
+    }
+
+    async fn open_or_create(&self) -> Result<kv::Store, BusError> {
+        let js = &self.inner.js;
+        if let Ok(store) = self.timed("kv open", js.get_key_value(self.inner.bucket.as_str())).await
+        {
+            return Ok(store);
+        }
+        // The stream a KV bucket is made of, created directly: async-nats's
+        // `create_key_value` first reads account info in a shape nats-server 2.9 (Debian's)
+        // does not send, and fails. This is the same stream config it would create.
+        let bucket = &self.inner.bucket;
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("edgeroute: latest topology snapshot per node".to_owned()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_message_size: i32::try_from(MAX_MESSAGE_BYTES).unwrap_or(i32::MAX),
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: 1,
+            ..stream::Config::default()
+        };
+        // Creating an identical stream is idempotent, so racing creators both succeed.
+        self.timed("kv create", js.create_stream(config)).await?;
+        self.timed("kv open", js.get_key_value(bucket.as_str())).await
+    }
+
+    /// Stores `snapshot` in the bucket, then publishes `events` (all of the snapshot's node).
+    pub async fn publish_batch(
+        &self,
+        events: &[TopologyEvent],
+        snapshot: &NodeSnapshot,
+    ) -> Result<(), BusError> {
+        check_batch(events, snapshot)?;
+        let state = wire::encode("snapshot", snapshot)?;
+        let subject = wire::event_subject(&self.inner.prefix, &snapshot.region, &snapshot.node_id);
+        let payloads =
+            events.iter().map(|e| wire::encode("event", e)).collect::<Result<Vec<_>, _>>()?;
+        let store = self.store().await?;
+        self.timed("kv put", store.put(snapshot.node_id.as_str(), state.into())).await?;
+        for payload in payloads {
+            self.timed("publish", self.inner.client.publish(subject.clone(), payload.into()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Subscribes to every node's events.
+    pub(crate) async fn subscribe_events(&self) -> Result<async_nats::Subscriber, BusError> {
+        self.inner
+            .client
+            .subscribe(wire::all_events_subject(&self.inner.prefix))
+            .await
+            .map_err(|e| BusError::nats("subscribe", e))
+    }
+
+    /// The stored snapshot of one node (`None` if it has none).
+    pub async fn fetch(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<Result<NodeSnapshot, Rejected>>, BusError> {
+        let store = self.store().await?;
+        let entry = self.timed("kv get", store.entry(node_id)).await?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| wire::decode_snapshot(&e.key, &e.value)))
+    }
+
+    /// Every stored snapshot (each decoded or rejected).
+    pub async fn fetch_all(&self) -> Result<Vec<Result<NodeSnapshot, Rejected>>, BusError> {
+        let store = self.store().await?;
+        let keys = self.timed("kv keys", store.keys()).await?;
+        let keys: Vec<String> = self.timed("kv keys", keys.try_collect()).await?;
+        let fetched: Vec<_> = futures_util::stream::iter(keys)
+            .map(|key| async move { self.fetch(&key).await })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        let mut snapshots = Vec::with_capacity(fetched.len());
+        for item in fetched {
+            // A key deleted between listing and reading is simply gone.
+            if let Some(snap) = item? {
+                snapshots.push(snap);
+            }
+        }
+        Ok(snapshots)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_grows_then_caps() {
+        let max = Duration::from_millis(2000);
+        assert_eq!(reconnect_delay(0, max), Duration::from_millis(25));
+        assert_eq!(reconnect_delay(1, max), Duration::from_millis(25));
+        assert_eq!(reconnect_delay(3, max), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(1000, max), max);
+    }
+}

@@ -1,0 +1,238 @@
+//! `POST /v1/models/load`, `POST /v1/models/unload`, `GET /v1/models/{id}` (scope `admin` for
+//! the first two): deployment is an API call to the node itself.
+//!
+//! Everything that can be checked before work starts is checked synchronously and answered
+//! with a precise 4xx (bad id, unknown GPU, not enough VRAM, unknown or unsafe hub model, not
+//! enough disk); the download and the backend load then run in the background and the answer
+//! is `202` with the model in state `loading` and the URL to follow its progress.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::response::{IntoResponse, Response};
+use edgeroute_core::capacity::{GpuLoad, PlacementError, check_fit};
+use edgeroute_http::ApiError;
+use edgeroute_proto::headers::is_hint_token;
+use edgeroute_proto::models::ModelState;
+use http::StatusCode;
+use serde_json::json;
+
+use super::AppState;
+use crate::backend::Activation;
+use crate::config::ms;
+use crate::models::{LoadRequest, Record, Source, UnloadRequest};
+
+const MAX_BODY: usize = 64 * 1024;
+
+fn conflict(code: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "invalid_request_error", Some(code), message)
+}
+
+fn record_response(status: StatusCode, r: &Record) -> Response {
+    let mut v = serde_json::to_value(r).unwrap_or_else(|_| json!({}));
+    v["status_url"] = json!(format!("/v1/models/{}", r.id));
+    (status, Json(v)).into_response()
+}
+
+pub async fn get_model(
+    State(st): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    st.models
+        .get(&id)
+        .map(|r| record_response(StatusCode::OK, &r))
+        .ok_or_else(|| ApiError::model_not_found(&id))
+}
+
+/// The served id a source gets when the request names none.
+fn default_id(source: &Source) -> Option<String> {
+    match source {
+        Source::Hub { repo, .. } => repo.rsplit('/').next().map(str::to_owned),
+        Source::Path { path } => path.file_name().and_then(|n| n.to_str()).map(str::to_owned),
+        Source::Config => None,
+    }
+}
+
+/// A local directory is accepted only under an allowed root, after resolving symlinks.
+fn check_local_path(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, ApiError> {
+    let bad = |m: String| ApiError::invalid_request(Some("path"), m);
+    if !path.is_absolute() {
+        return Err(bad("`path` must be absolute".into()));
+    }
+    let real = path
+        .canonicalize()
+        .map_err(|e| bad(format!("`{}` cannot be read: {e}", path.display())))?;
+    if !real.is_dir() {
+        return Err(bad(format!("`{}` is not a directory", path.display())));
+    }
+    let allowed = roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .any(|r| real.starts_with(&r) && real != r);
+    if !allowed {
+        return Err(ApiError::forbidden(
+            "path_not_allowed",
+            format!("`{}` is not under models.allowed_local_roots", path.display()),
+        ));
+    }
+    Ok(real)
+}
+
+pub async fn load(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let req: LoadRequest = edgeroute_http::json::read_json(body, MAX_BODY).await?;
+    let source = match (&req.model, &req.path) {
+        (Some(repo), None) => {
+            let revision = req.revision.clone().unwrap_or_else(|| "main".into());
+            crate::fetch::validate_ref(repo, &revision)?;
+            Source::Hub { repo: repo.clone(), revision }
+        }
+        (None, Some(p)) => {
+            Source::Path { path: check_local_path(p, &st.models_cfg.allowed_local_roots)? }
+        }
+        _ => {
+            return Err(ApiError::invalid_request(
+                Some("model"),
+                "Give exactly one of `model` (a hub repository id) or `path`.",
+            ));
+        }
+    };
+    let id = req.id.clone().or_else(|| default_id(&source)).unwrap_or_default();
+    if !is_hint_token(&id) {
+        return Err(ApiError::invalid_request(
+            Some("id"),
+            format!("`{id}` is not a valid model id: 1-128 characters of [A-Za-z0-9._:-]"),
+        ));
+    }
+
+    // Placement: the GPU must exist and have room.
+    let gpus: Vec<GpuLoad> = st
+        .backend
+        .gpus()
+        .into_iter()
+        .map(|g| GpuLoad {
+            id: g.id,
+            slots: g.slots,
+            busy: g.busy,
+            queued: g.queued,
+            memory_used_mb: g.memory_used_mb,
+            memory_total_mb: g.memory_total_mb,
+        })
+        .collect();
+    let gpu = match &req.gpu {
+        Some(g) => g.clone(),
+        None => gpus.first().map(|g| g.id.clone()).unwrap_or_else(|| "gpu0".into()),
+    };
+    if let Some(cur) = st.models.get(&id)
+        && cur.state == ModelState::Ready
+        && cur.source == source
+    {
+        return Ok(record_response(StatusCode::OK, &cur));
+    }
+    let memory_hint = req.memory_mb.unwrap_or(0);
+    check_fit(&gpu, memory_hint, &gpus).map_err(|e| match e {
+        PlacementError::UnknownGpu(g) => ApiError::invalid_request(
+            Some("gpu"),
+            format!(
+                "GPU `{g}` does not exist on this node (known: {})",
+                gpus.iter().map(|g| g.id.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+        .with_code("unknown_gpu"),
+        PlacementError::InsufficientMemory { gpu, needed_mb, free_mb } => conflict(
+            "insufficient_gpu_memory",
+            format!("`{id}` needs {needed_mb} MB on {gpu}, which has {free_mb} MB free"),
+        ),
+    })?;
+
+    // Hub models are resolved now, so an unknown, gated or unsafe model is a 4xx at once.
+    let plan = crate::fetch::plan(&st, &source, &req).await?;
+
+    let (record, started) =
+        match st.models.begin_load(&id, Some(gpu.clone()), memory_hint, source.clone()) {
+            Ok(x) => x,
+            Err(cur) => {
+                return Err(conflict(
+                    "model_id_in_use",
+                    format!(
+                        "`{id}` is already {} from another source; unload it first",
+                        serde_json::to_value(cur.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        };
+    if !started {
+        return Ok(record_response(StatusCode::ACCEPTED, &record));
+    }
+    let activation = Activation {
+        id: id.clone(),
+        gpu: Some(gpu),
+        memory_mb: memory_hint,
+        upstream_name: req.options.upstream_name.clone(),
+        load_time: match &st.backend {
+            crate::backend::Backend::Sim(_) => {
+                ms(req.options.load_time_ms.unwrap_or(st.models_cfg.sim_load_time_ms))
+            }
+            crate::backend::Backend::OpenAi(_) => Duration::from_millis(600_000),
+        },
+    };
+    let task_st = st.clone();
+    let task =
+        tokio::spawn(async move { run_load(task_st, plan, activation, memory_hint == 0).await });
+    st.models.set_task(&id, task.abort_handle());
+    tracing::info!(model = %id, ?source, "model load started");
+    Ok(record_response(StatusCode::ACCEPTED, &record))
+}
+
+async fn run_load(
+    st: AppState,
+    plan: crate::fetch::Plan,
+    mut a: Activation,
+    estimate_memory: bool,
+) {
+    let id = a.id.clone();
+    match crate::fetch::fetch(&st, &id, plan).await {
+        Ok(Some(installed)) => {
+            if estimate_memory {
+                // Weights take about their file size in VRAM, plus working memory.
+                a.memory_mb = (installed.bytes as f64 * 1.2 / (1024.0 * 1024.0)).ceil() as u64;
+            }
+            st.models.set_path(&id, installed.path, a.memory_mb);
+        }
+        Ok(None) => {}
+        Err(reason) => return st.models.mark_failed(&id, reason),
+    }
+    match st.backend.activate(&a).await {
+        Ok(()) => {
+            tracing::info!(model = %id, "model ready");
+            st.models.mark_ready(&id);
+        }
+        Err(reason) => st.models.mark_failed(&id, format!("backend load failed: {reason}")),
+    }
+}
+
+pub async fn unload(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
+    let req: UnloadRequest = edgeroute_http::json::read_json(body, MAX_BODY).await?;
+    let Some(cur) = st.models.begin_unload(&req.model) else {
+        return Err(ApiError::model_not_found(&req.model));
+    };
+    let was = cur.clone();
+    // Requests admitted before this point finish; new ones no longer see the model.
+    if let Err(e) = st.backend.deactivate(&cur.id, None).await {
+        tracing::warn!(model = %cur.id, error = %e, "backend unload failed; the model is unrouted anyway");
+    }
+    if req.purge
+        && let Some(path) = &was.path
+        && let Err(e) = crate::fetch::purge(&st, path).await
+    {
+        tracing::warn!(model = %cur.id, error = %e, "could not delete the model's files");
+    }
+    st.models.remove(&cur.id);
+    tracing::info!(model = %cur.id, "model unloaded");
+    Ok((StatusCode::OK, Json(json!({"id": cur.id, "state": "unloaded"}))).into_response())
+}

@@ -1,0 +1,328 @@
+//! Models loaded and unloaded at run time: load → ready → routed-to and unload → gone, with the
+//! simulator and with (a fake) Triton, plus every bad input the load endpoint must refuse.
+#![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgeroute_proto::topology::EventKind;
+use edgeroute_test_util::client::method;
+use edgeroute_test_util::fake_triton::FakeTriton;
+use edgeroute_test_util::{TestNode, get, post_json, spawn_router};
+use serde_json::json;
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "edgeroute-models-{tag}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn chat(model: &str) -> String {
+    json!({"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+}
+
+async fn wait_state(node: &TestNode, id: &str, want: &str) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let r = get(node.addr, &format!("/v1/models/{id}"), Some(&node.token())).await;
+        if r.status == 200 && r.json()["state"] == want {
+            return r.json();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "model `{id}` never became {want}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn capture(node: &TestNode) -> Arc<Mutex<Vec<EventKind>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    node.state.models.set_sink(Arc::new(move |k| s2.lock().unwrap().push(k)));
+    seen
+}
+
+fn sim_node_cfg(root: &std::path::Path) -> String {
+    format!(
+        "[models]\nallowed_local_roots = [\"{}\"]\nsim_load_time_ms = 300\n[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 2\ntokens_per_s = 1000.0\n\
+         [[backend.sim.gpus]]\nid = \"gpu0\"\nslots = 2\nmemory_total_mb = 8000\n[[backend.sim.gpus]]\nid = \"gpu1\"\nslots = 2\nmemory_total_mb = 1000\n\
+         [[backend.sim.models]]\nid = \"sim-llama\"\ngpu = \"gpu0\"\nmemory_mb = 4000\n",
+        root.display()
+    )
+}
+
+#[tokio::test]
+async fn sim_load_ready_routed_then_unload_gone() {
+    let root = tempdir("sim");
+    std::fs::create_dir_all(root.join("qwen-tiny")).unwrap();
+    std::fs::write(root.join("qwen-tiny/model.gguf"), vec![0u8; 2048]).unwrap();
+    let node = TestNode::start(&sim_node_cfg(&root)).await;
+    let events = capture(&node);
+    let admin = node.admin_token();
+
+    let r = post_json(
+        node.addr,
+        "/v1/models/load",
+        Some(&admin),
+        &[],
+        json!({"path": root.join("qwen-tiny"), "gpu": "gpu1", "memory_mb": 500}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["state"], "loading");
+    assert_eq!(r.json()["id"], "qwen-tiny");
+    assert_eq!(r.json()["status_url"], "/v1/models/qwen-tiny");
+
+    // Loading: listed with its state, not routed.
+    let list = get(node.addr, "/v1/models", Some(&node.token())).await.json();
+    let entry =
+        list["data"].as_array().unwrap().iter().find(|m| m["id"] == "qwen-tiny").cloned().unwrap();
+    assert_eq!((entry["state"].as_str(), entry["gpu"].as_str()), (Some("loading"), Some("gpu1")));
+    let r =
+        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("qwen-tiny"))
+            .await;
+    assert_eq!(r.status, 404);
+
+    wait_state(&node, "qwen-tiny", "ready").await;
+    let r =
+        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("qwen-tiny"))
+            .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let h = get(node.addr, "/health", None).await.json();
+    let gpu1 = h["gpus"].as_array().unwrap().iter().find(|g| g["id"] == "gpu1").unwrap().clone();
+    assert_eq!(gpu1["memory_used_mb"], 500);
+    assert!(gpu1["models"].as_array().unwrap().iter().any(|m| m == "qwen-tiny"));
+
+    let r = post_json(
+        node.addr,
+        "/v1/models/unload",
+        Some(&admin),
+        &[],
+        json!({"model": "qwen-tiny"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("qwen-tiny"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(get(node.addr, "/v1/models/qwen-tiny", Some(&node.token())).await.status, 404);
+    assert_eq!(
+        post_json(
+            node.addr,
+            "/v1/models/unload",
+            Some(&admin),
+            &[],
+            json!({"model": "qwen-tiny"}).to_string()
+        )
+        .await
+        .status,
+        404
+    );
+
+    let kinds: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|k| format!("{k:?}").split(' ').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, vec!["ModelLoading", "ModelReady", "ModelUnloaded"]);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[tokio::test]
+async fn bad_loads_get_precise_errors_and_change_nothing() {
+    let root = tempdir("bad");
+    std::fs::create_dir_all(root.join("ok-model")).unwrap();
+    let outside = tempdir("outside");
+    let node = TestNode::start(&sim_node_cfg(&root)).await;
+    let admin = node.admin_token();
+    let load = |body: serde_json::Value| {
+        let admin = admin.clone();
+        async move { post_json(node.addr, "/v1/models/load", Some(&admin), &[], body.to_string()).await }
+    };
+    let ok = root.join("ok-model");
+    let cases = vec![
+        (json!({"path": ok, "gpu": "gpu7"}), 400, "unknown_gpu"),
+        (json!({"path": ok, "gpu": "gpu1", "memory_mb": 5000}), 409, "insufficient_gpu_memory"),
+        (json!({"path": outside}), 403, "path_not_allowed"),
+        (json!({"path": "relative/dir"}), 400, ""),
+        (json!({"path": root.join("ok-model/../../etc")}), 400, ""),
+        (json!({"path": ok, "id": "bad id/.."}), 400, ""),
+        (json!({"model": "../../etc/passwd"}), 400, "invalid_model_id"),
+        (json!({"model": "https://evil.example/x"}), 400, "invalid_model_id"),
+        (json!({"model": "org/na%2e%2eme"}), 400, "invalid_model_id"),
+        (json!({"model": "org/name", "revision": "../main"}), 400, "invalid_revision"),
+        (json!({"model": "org/name"}), 409, "hub_not_configured"),
+        (json!({"model": "org/name", "path": ok}), 400, ""),
+        (json!({}), 400, ""),
+        (json!({"path": ok, "bogus": 1}), 400, ""),
+    ];
+    for (body, status, code) in cases {
+        let r = load(body.clone()).await;
+        assert_eq!(r.status.as_u16(), status, "{body}: {}", String::from_utf8_lossy(&r.body));
+        if !code.is_empty() {
+            assert_eq!(r.error_code(), code, "{body}");
+        }
+    }
+    // Nothing changed: only the configured model is there.
+    let list = get(node.addr, "/v1/models", Some(&node.token())).await.json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    // Inference tokens cannot load.
+    let r = post_json(
+        node.addr,
+        "/v1/models/load",
+        Some(&node.token()),
+        &[],
+        json!({"path": ok}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    std::fs::remove_dir_all(root).ok();
+    std::fs::remove_dir_all(outside).ok();
+}
+
+#[tokio::test]
+async fn triton_load_routes_through_its_repository_api_and_unloads() {
+    let repo = tempdir("triton-repo");
+    std::fs::create_dir_all(repo.join("whisper-small/1")).unwrap();
+    std::fs::write(repo.join("whisper-small/config.pbtxt"), "name: \"whisper-small\"\n").unwrap();
+    std::fs::create_dir_all(repo.join("broken")).unwrap();
+    let triton = FakeTriton::new(&repo, Duration::from_millis(100));
+    let up = spawn_router(triton.router()).await;
+    let cfg = format!(
+        "[models]\nallowed_local_roots = [\"{}\"]\n[backend]\nkind = \"openai\"\nurl = \"{}\"\ntriton_url = \"{}\"\n",
+        repo.display(),
+        up.url(),
+        up.url()
+    );
+    let node = TestNode::start(&cfg).await;
+    let admin = node.admin_token();
+    let r = post_json(
+        node.addr,
+        "/v1/models/load",
+        Some(&admin),
+        &[],
+        json!({"path": repo.join("whisper-small")}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    wait_state(&node, "whisper-small", "ready").await;
+    assert_eq!(triton.state_of("whisper-small"), Some("READY"));
+    let r = post_json(
+        node.addr,
+        "/v1/chat/completions",
+        Some(&node.token()),
+        &[],
+        chat("whisper-small"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // A directory Triton cannot load fails with Triton's reason; the node keeps serving.
+    let r = post_json(
+        node.addr,
+        "/v1/models/load",
+        Some(&admin),
+        &[],
+        json!({"path": repo.join("broken")}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let failed = wait_state(&node, "broken", "failed").await;
+    assert!(failed["reason"].as_str().unwrap().contains("failed to load"), "{failed}");
+    assert_eq!(
+        post_json(
+            node.addr,
+            "/v1/chat/completions",
+            Some(&node.token()),
+            &[],
+            chat("whisper-small")
+        )
+        .await
+        .status,
+        200
+    );
+
+    let r = post_json(
+        node.addr,
+        "/v1/models/unload",
+        Some(&admin),
+        &[],
+        json!({"model": "whisper-small"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(triton.state_of("whisper-small"), Some("UNAVAILABLE"));
+    assert_eq!(
+        post_json(
+            node.addr,
+            "/v1/chat/completions",
+            Some(&node.token()),
+            &[],
+            chat("whisper-small")
+        )
+        .await
+        .status,
+        404
+    );
+    std::fs::remove_dir_all(repo).ok();
+}
+
+#[tokio::test]
+async fn pipelines_are_as_available_as_their_busiest_gpu() {
+    let cfg = "[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 2\ntokens_per_s = 20.0\nmin_answer_tokens = 40\nmax_answer_tokens = 40\n\
+        [[backend.sim.gpus]]\nid = \"gpu0\"\nslots = 2\n[[backend.sim.gpus]]\nid = \"gpu1\"\nslots = 2\n[[backend.sim.gpus]]\nid = \"gpu2\"\nslots = 2\n\
+        [[backend.sim.models]]\nid = \"stt\"\ngpu = \"gpu0\"\n[[backend.sim.models]]\nid = \"llm\"\ngpu = \"gpu1\"\n[[backend.sim.models]]\nid = \"tts\"\ngpu = \"gpu2\"\n\
+        [[pipelines]]\nid = \"voice\"\nmodels = [\"stt\", \"llm\", \"tts\"]\n[[pipelines]]\nid = \"vision\"\nmodels = [\"clip\", \"llm\"]\n";
+    let node = TestNode::start(cfg).await;
+    let h = get(node.addr, "/health", None).await.json();
+    let voice =
+        h["pipelines"].as_array().unwrap().iter().find(|p| p["id"] == "voice").unwrap().clone();
+    assert_eq!(
+        (voice["servable"].as_bool(), voice["availability"].as_f64()),
+        (Some(true), Some(1.0))
+    );
+    let vision =
+        h["pipelines"].as_array().unwrap().iter().find(|p| p["id"] == "vision").unwrap().clone();
+    assert_eq!(vision["servable"], false);
+    assert_eq!(vision["missing"], json!(["clip"]));
+
+    // Occupy one of the LLM GPU's two slots: the pipeline drops to 0.5, limited by gpu1.
+    let (addr, t) = (node.addr, node.token());
+    let busy = tokio::spawn(async move {
+        edgeroute_test_util::stream(
+            addr,
+            Some(&t),
+            &[],
+            json!({"model":"llm","stream":true,"messages":[{"role":"user","content":"x"}]})
+                .to_string(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let h = get(node.addr, "/health", None).await.json();
+    let voice =
+        h["pipelines"].as_array().unwrap().iter().find(|p| p["id"] == "voice").unwrap().clone();
+    assert_eq!(voice["availability"], 0.5);
+    assert_eq!(voice["bottleneck_gpu"], "gpu1");
+    let gpu1 = h["gpus"].as_array().unwrap().iter().find(|g| g["id"] == "gpu1").unwrap().clone();
+    assert_eq!(gpu1["availability"], 0.5);
+    busy.abort();
+    let _ = method(node.addr, "GET", "/health", None, "").await;
+}
