@@ -92,8 +92,16 @@ pub async fn propagation(bus: &Bus, changes: usize) -> Result<PropagationReport,
     let mut lost = 0;
     for i in 0..changes {
         let started = Instant::now();
-        let ev =
-            publisher.publish(EventKind::ModelReady { model: format!("bench-{i}"), gpu: None });
+        // A node holds a bounded set of models: cycle 16 names, alternating ready and unloaded,
+        // so the node's snapshot stays the size of a real node's (it must fit the KV value
+        // limit) however many changes are timed.
+        let model = format!("bench-{}", i % 16);
+        let kind = if (i / 16) % 2 == 0 {
+            EventKind::ModelReady { model, gpu: None }
+        } else {
+            EventKind::ModelUnloaded { model, gpu: None }
+        };
+        let ev = publisher.publish(kind);
         match tokio::time::timeout(CHANGE_TIMEOUT, delivered(&mut sub, &node_id, ev.seq)).await {
             Ok(true) => {
                 samples.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX))

@@ -22,34 +22,36 @@ pub enum BusKind {
     Nats,
 }
 
-/// `[bus]` settings. Every field has a default (shown in brackets).
+/// `[bus]` settings. Every field has a default, given as "default: …".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
-    /// `embedded` or `nats` [`embedded`].
+    /// `embedded` or `nats` (default: `embedded`).
     pub kind: BusKind,
-    /// NATS server URL [`nats://127.0.0.1:4222`].
+    /// NATS server URL (default: `nats://127.0.0.1:4222`).
     pub nats_url: String,
     /// JetStream KV bucket holding the latest snapshot per node, key = node id
-    /// [`edgeroute_nodes`]. Created with history 1 if missing.
+    /// (default: `edgeroute_nodes`). Created with history 1 if missing.
     pub bucket: String,
-    /// Events go to `<subject_prefix>.<region>.<node_id>` [`edgeroute.topology`].
+    /// Events go to `<subject_prefix>.<region>.<node_id>` (default: `edgeroute.topology`).
     pub subject_prefix: String,
-    /// A publisher sends a `heartbeat` event this often [2000].
+    /// A publisher sends a `heartbeat` event this often (default: 2000).
     pub heartbeat_ms: u64,
-    /// A subscriber marks a node down after this long without hearing from it [6000].
-    /// Must exceed `heartbeat_ms`, with room for a lost heartbeat or two.
+    /// A subscriber marks a node down after this long without hearing from it
+    /// (default: 6000). Must exceed `heartbeat_ms`, with room for a lost heartbeat or two.
     pub expire_ms: u64,
     /// Events a publisher keeps while the bus is unavailable; the oldest are dropped beyond it.
-    /// Subscribers resync from the snapshot, so a drop costs detail, never correctness [1024].
+    /// Subscribers resync from the snapshot, so a drop costs detail, never correctness
+    /// (default: 1024).
     pub max_buffered_events: usize,
-    /// Timeout of one connection attempt to NATS [2000].
+    /// Timeout of one connection attempt to NATS (default: 2000).
     pub connect_timeout_ms: u64,
-    /// Timeout of one KV read or write [2000].
+    /// Timeout of one KV read or write (default: 2000).
     pub op_timeout_ms: u64,
-    /// Longest wait between reconnection or republish attempts [2000].
+    /// Longest wait between reconnection or republish attempts (default: 2000).
     pub reconnect_max_ms: u64,
-    /// Events an embedded subscriber may fall behind before it resyncs from the snapshots [4096].
+    /// Events an embedded subscriber may fall behind before it resyncs from the snapshots
+    /// (default: 4096).
     pub channel_capacity: usize,
 }
 

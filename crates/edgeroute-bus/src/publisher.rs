@@ -265,6 +265,14 @@ async fn next_connection(connections: &mut Option<watch::Receiver<u64>>) -> Opti
     }
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The sender: drains the queue to the bus, heartbeats, and recovers from outages.
 async fn run(shared: Arc<Shared>, bus: Bus, options: PublisherOptions) {
     let mut heartbeat =
@@ -300,13 +308,20 @@ async fn run(shared: Arc<Shared>, bus: Bus, options: PublisherOptions) {
                     shared.published.fetch_add(events.len() as u64, Ordering::Relaxed);
                     if resumed {
                         shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(node = %snapshot.node_id, "topology bus back: full state republished");
+                        tracing::info!(
+                            node = %snapshot.node_id,
+                            "topology bus back: full state republished"
+                        );
                     }
                     (resumed, republish, delay) = (false, false, RETRY_MIN);
                 }
                 Err(error) if !error.is_retryable() => {
                     // Sending it again would fail the same way: drop it, loudly.
-                    tracing::error!(node = %snapshot.node_id, %error, "topology events rejected, dropped");
+                    tracing::error!(
+                        node = %snapshot.node_id,
+                        %error,
+                        "topology events rejected, dropped"
+                    );
                     let mut state = shared.lock();
                     let before = state.queue.len();
                     state.ack(last_seq);
@@ -314,7 +329,12 @@ async fn run(shared: Arc<Shared>, bus: Bus, options: PublisherOptions) {
                     republish = false;
                 }
                 Err(error) => {
-                    tracing::debug!(node = %snapshot.node_id, %error, retry_in = ?delay, "topology publish failed");
+                    tracing::debug!(
+                        node = %snapshot.node_id,
+                        %error,
+                        retry_in = ?delay,
+                        "topology publish failed"
+                    );
                     shared.failures.fetch_add(1, Ordering::Relaxed);
                     resumed = true;
                     retry_at = Some(Instant::now() + delay);
@@ -328,9 +348,7 @@ async fn run(shared: Arc<Shared>, bus: Bus, options: PublisherOptions) {
         }
         tokio::select! {
             () = shared.wake.notified(), if retry_at.is_none() => {}
-            () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
-                retry_at = None;
-            }
+            () = sleep_until(retry_at), if retry_at.is_some() => retry_at = None,
             _ = heartbeat.tick(), if !closing => {
                 shared.publish(EventKind::Heartbeat);
             }

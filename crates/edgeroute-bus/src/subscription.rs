@@ -9,7 +9,8 @@
 //!    fetches that node's stored snapshot, and the events held meanwhile are replayed on it;
 //! 3. a lagged in-process receiver, or a NATS reconnection, rereads every snapshot, since
 //!    any node may have changed unseen;
-//! 4. a timer expires nodes that fell silent (no heartbeat for `expire_ms`).
+//! 4. a timer expires nodes that fell silent (no heartbeat for `expire_ms`), except while the
+//!    subscriber's own connection is down: then the silence is its own, not the nodes'.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
@@ -179,8 +180,14 @@ impl Core {
         self.synced = true;
     }
 
-    fn on_tick(&mut self) {
+    /// The expiry check. `hearing` says whether our own transport is up: while it is not,
+    /// nodes' silence is ours, so their clocks are restarted instead of expired.
+    fn on_tick(&mut self, hearing: bool) {
         let now = self.now_ms();
+        if !hearing {
+            self.view.touch_all(now);
+            return;
+        }
         for node in self.view.expire(now, self.expire_ms) {
             tracing::info!(node = %node, "topology: node silent, marked down");
             self.ready.push_back(FleetUpdate::Expired(node));
@@ -234,8 +241,8 @@ impl Subscription {
         &self.core.view
     }
 
-    /// Whether the initial read of every stored snapshot has completed. Until then the view
-    /// may lack nodes (NATS down at start-up, say); events are held, not lost.
+    /// Whether a read of every stored snapshot has completed. Until then the view may lack
+    /// nodes (NATS down at start-up, say); it fills in once the store can be read.
     pub fn is_synced(&self) -> bool {
         self.core.synced
     }
@@ -267,6 +274,9 @@ impl NatsSource {
         let mut progressed = false;
         // A reconnection: anything may have changed unseen, so read everything again.
         while let Poll::Ready(Some(_)) = Pin::new(&mut self.connections).poll_next(cx) {
+            // We heard nothing while cut off: give every node a full timeout to speak again.
+            let now = core.now_ms();
+            core.view.touch_all(now);
             self.retry_delay = RETRY_MIN;
             self.start_full_sync();
             progressed = true;
@@ -288,7 +298,8 @@ impl NatsSource {
                     core.on_full_sync(snapshots);
                 }
                 Err(error) => {
-                    tracing::debug!(%error, retry_in = ?self.retry_delay, "topology full sync failed");
+                    let retry_in = self.retry_delay;
+                    tracing::debug!(%error, ?retry_in, "topology full sync failed");
                     self.retry = Some(Box::pin(tokio::time::sleep(self.retry_delay)));
                     self.retry_delay = (self.retry_delay * 2).min(self.retry_max);
                 }
@@ -299,10 +310,10 @@ impl NatsSource {
             core.on_fetched(&node, fetched);
             progressed = true;
         }
-        // Events wait (buffered by the client) until the first full sync has landed, so they
-        // are checked against the stored state rather than each asking for its own fetch.
-        let waiting_for_sync = self.full_sync.is_some() || self.retry.is_some();
-        if !waiting_for_sync {
+        // Events wait (buffered by the client) while a full sync is in flight, so they are
+        // checked against the stored state rather than each asking for its own fetch. Not
+        // while a failed one waits for its retry: the stream keeps flowing, degraded.
+        if self.full_sync.is_none() {
             match Pin::new(&mut self.events).poll_next(cx) {
                 Poll::Ready(Some(msg)) => {
                     progressed = true;
@@ -315,7 +326,8 @@ impl NatsSource {
                             }
                         }
                         Err(why) => {
-                            tracing::debug!(subject = %msg.subject, ?why, "rejected topology message");
+                            let subject = msg.subject.as_str();
+                            tracing::debug!(subject, ?why, "rejected topology message");
                             core.view.note_rejected(why);
                         }
                     }
@@ -339,7 +351,11 @@ impl Stream for Subscription {
             }
             let mut progressed = false;
             if this.expiry.poll_tick(cx).is_ready() {
-                this.core.on_tick();
+                let hearing = match &this.source {
+                    Source::InProcess { .. } => true,
+                    Source::Nats(source) => source.bus.is_connected(),
+                };
+                this.core.on_tick(hearing);
                 progressed = true;
             }
             let polled = match &mut this.source {

@@ -205,6 +205,15 @@ impl FleetView {
         expired
     }
 
+    /// Restarts every node's silence clock at `now_ms`. For when the subscriber itself could
+    /// not hear (its own connection was down): silence then says nothing about the nodes, and
+    /// expiring the whole fleet for it would turn a bus outage into a routing outage.
+    pub fn touch_all(&mut self, now_ms: u64) {
+        for entry in self.nodes.values_mut() {
+            entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
+        }
+    }
+
     /// Counts a message the transport rejected before it reached the view.
     pub fn note_rejected(&mut self, why: Rejected) {
         match why {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{NatsServer, drive_until, flushed, nats_config, next};
 use edgeroute_bus::{
-    Bus, FleetUpdate, NodeIdentity, Publisher, PublisherOptions, Subscription, Transport,
-    system_clock,
+    Bus, BusConfig, FleetUpdate, NodeIdentity, Publisher, PublisherOptions, Subscription,
+    Transport, system_clock,
 };
 use edgeroute_proto::topology::{EventKind, NodeSnapshot, TopologyEvent};
 use tokio::time::Instant;
@@ -79,8 +79,9 @@ async fn a_subscriber_started_after_the_events_gets_the_snapshot() {
 #[tokio::test]
 async fn a_nats_restart_mid_stream_ends_in_the_right_state() {
     let mut server = NatsServer::start().await;
-    let cfg = common::nats_config(&server.url());
-    let node_cfg = edgeroute_bus::BusConfig { max_buffered_events: 4, ..cfg.clone() };
+    // Short liveness timings, so the outage below outlasts the expiry timeout.
+    let cfg = BusConfig { heartbeat_ms: 200, expire_ms: 1_000, ..nats_config(&server.url()) };
+    let node_cfg = BusConfig { max_buffered_events: 4, ..cfg.clone() };
     let node_bus = Bus::connect(&node_cfg).await.unwrap();
     let p = spawn(&node_bus, "n1");
     p.publish(ready("a"));
@@ -107,16 +108,22 @@ async fn a_nats_restart_mid_stream_ends_in_the_right_state() {
         "publish blocked: {:?}",
         started.elapsed()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 1.5 s down, longer than expire_ms: the subscriber must not blame the node for the
+    // silence of its own connection.
+    let mut during = collect_for(&mut sub, Duration::from_millis(1_500)).await;
     let down = p.stats();
     assert!(down.dropped >= 6, "10 events into a 4-event buffer: {down:?}");
     assert!(down.failures >= 1, "{down:?}");
 
     server.spawn().await;
-    drive_until(&mut sub, WITHIN, "the state after the restart", |v| {
-        v.node("n1") == Some(&p.snapshot())
-    })
-    .await;
+    during.extend(
+        drive_until(&mut sub, WITHIN, "the state after the restart", |v| {
+            v.node("n1") == Some(&p.snapshot())
+        })
+        .await,
+    );
+    during.extend(collect_for(&mut sub, Duration::from_millis(300)).await);
+    assert!(!during.iter().any(|u| matches!(u, FleetUpdate::Expired(_))), "{during:?}");
     assert_eq!(sub.view().node("n1").unwrap().ready_models().count(), 11);
     let c = sub.view().counters();
     assert!(c.resyncs >= 1, "the subscriber repaired from the store: {c:?}");
@@ -125,6 +132,18 @@ async fn a_nats_restart_mid_stream_ends_in_the_right_state() {
         assert!(Instant::now() < deadline, "no republish: {:?}", p.stats());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Everything the subscription yields during `period`.
+async fn collect_for(sub: &mut Subscription, period: Duration) -> Vec<FleetUpdate> {
+    let until = Instant::now() + period;
+    let mut seen = Vec::new();
+    while let Ok(Some(update)) =
+        tokio::time::timeout_at(until, futures_util::StreamExt::next(sub)).await
+    {
+        seen.push(update);
+    }
+    seen
 }
 
 #[tokio::test]

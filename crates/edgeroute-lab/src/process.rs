@@ -195,8 +195,13 @@ mod tests {
     #[test]
     fn own_rss_is_visible() {
         let me = std::process::id();
-        assert!(rss(me).unwrap() > 0);
-        assert!(tree_rss(me).unwrap() >= rss(me).unwrap());
+        // RSS moves between reads (other test threads allocate): bracket the tree reading
+        // between two readings of our own and allow a little slack.
+        let before = rss(me).unwrap();
+        let tree = tree_rss(me).unwrap();
+        let after = rss(me).unwrap();
+        assert!(before > 0);
+        assert!(tree >= before.min(after) * 9 / 10, "tree {tree} < own {before}/{after}");
     }
 
     fn alive(pid: u32) -> bool {

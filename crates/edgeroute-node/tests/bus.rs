@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use edgeroute_bus::{Bus, BusConfig, FleetUpdate, Subscription};
+use edgeroute_bus::{Bus, BusConfig, Subscription};
 use edgeroute_proto::models::ModelState;
-use edgeroute_proto::topology::{EventKind, NodeLiveness};
+use edgeroute_proto::topology::NodeLiveness;
 use edgeroute_test_util::nats::NatsServer;
 use edgeroute_test_util::{TestNode, post_json};
 use futures_util::StreamExt;
@@ -80,6 +80,9 @@ async fn exercise(node: &TestNode, sub: &mut Subscription, root: &std::path::Pat
     )
     .await;
     until(sub, "fresh-model gone", |n| !n.models.iter().any(|m| m.model == "fresh-model")).await;
+    edgeroute_test_util::client::method(node.addr, "DELETE", "/admin/drain", Some(&admin), "")
+        .await;
+    until(sub, "serving again", |n| n.liveness == NodeLiveness::Up).await;
 }
 
 #[tokio::test]
@@ -136,7 +139,5 @@ async fn placement_and_changes_reach_a_nats_subscriber_and_survive_nats_loss() {
         has(n, "while-down", ModelState::Ready)
     })
     .await;
-    let _ = EventKind::Heartbeat;
     std::fs::remove_dir_all(root).ok();
-    let _ = FleetUpdate::Expired(String::new());
 }

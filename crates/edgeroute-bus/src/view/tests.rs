@@ -138,6 +138,20 @@ fn silent_nodes_expire_once_and_revive_when_they_speak() {
 }
 
 #[test]
+fn touching_all_nodes_postpones_expiry_but_keeps_expired_nodes_down() {
+    let mut view = FleetView::new();
+    view.apply_event(&up(1, 1), 0);
+    view.apply_snapshot(NodeSnapshot::new("n2", "r", "u", 1), 0);
+    assert_eq!(view.expire(7_000, 6_000).len(), 2);
+    view.apply_event(&ev(2, 1, EventKind::Heartbeat), 8_000);
+    // The subscriber was cut off from 9 s to 20 s: nobody's silence counts.
+    view.touch_all(20_000);
+    assert!(view.expire(26_000, 6_000).is_empty());
+    assert_eq!(view.expire(26_001, 6_000), vec!["n1".to_owned()]);
+    assert!(view.is_expired("n2"), "touching revives nobody");
+}
+
+#[test]
 fn nodes_that_said_goodbye_are_not_expired_again() {
     let mut view = FleetView::new();
     view.apply_event(&up(1, 1), 0);

@@ -278,7 +278,7 @@ impl Backend {
                         tokio::time::Instant::now() + a.load_time.max(Duration::from_secs(1));
                     loop {
                         match b.upstream_models().await {
-                            Ok(ids) if ids.iter().any(|i| *i == name) => break,
+                            Ok(ids) if ids.contains(&name) => break,
                             Ok(_) | Err(_) if tokio::time::Instant::now() >= deadline => {
                                 return Err(format!(
                                     "the upstream did not list `{name}` in GET /v1/models within {} ms",

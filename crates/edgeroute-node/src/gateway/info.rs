@@ -89,12 +89,9 @@ pub fn node_health(st: &AppState) -> NodeHealth {
     }
 }
 
-fn pipelines(st: &AppState, gpus: &[edgeroute_proto::health::GpuHealth]) -> Vec<PipelineHealth> {
-    if st.pipelines.is_empty() {
-        return vec![];
-    }
-    let loads: Vec<GpuLoad> = gpus
-        .iter()
+/// The backend's GPU report in the shape the capacity logic takes.
+pub fn gpu_loads(gpus: &[edgeroute_proto::health::GpuHealth]) -> Vec<GpuLoad> {
+    gpus.iter()
         .map(|g| GpuLoad {
             id: g.id.clone(),
             slots: g.slots,
@@ -103,7 +100,14 @@ fn pipelines(st: &AppState, gpus: &[edgeroute_proto::health::GpuHealth]) -> Vec<
             memory_used_mb: g.memory_used_mb,
             memory_total_mb: g.memory_total_mb,
         })
-        .collect();
+        .collect()
+}
+
+fn pipelines(st: &AppState, gpus: &[edgeroute_proto::health::GpuHealth]) -> Vec<PipelineHealth> {
+    if st.pipelines.is_empty() {
+        return vec![];
+    }
+    let loads = gpu_loads(gpus);
     let placement = st.models.ready_placement();
     st.pipelines
         .iter()

@@ -108,19 +108,7 @@ pub async fn load(State(st): State<AppState>, body: Body) -> Result<Response, Ap
     }
 
     // Placement: the GPU must exist and have room.
-    let gpus: Vec<GpuLoad> = st
-        .backend
-        .gpus()
-        .into_iter()
-        .map(|g| GpuLoad {
-            id: g.id,
-            slots: g.slots,
-            busy: g.busy,
-            queued: g.queued,
-            memory_used_mb: g.memory_used_mb,
-            memory_total_mb: g.memory_total_mb,
-        })
-        .collect();
+    let gpus: Vec<GpuLoad> = super::info::gpu_loads(&st.backend.gpus());
     let gpu = match &req.gpu {
         Some(g) => g.clone(),
         None => gpus.first().map(|g| g.id.clone()).unwrap_or_else(|| "gpu0".into()),
