@@ -326,3 +326,54 @@ async fn pipelines_are_as_available_as_their_busiest_gpu() {
     busy.abort();
     let _ = method(node.addr, "GET", "/health", None, "").await;
 }
+
+#[tokio::test]
+async fn openai_upstream_load_waits_for_the_model_to_appear_in_its_model_list() {
+    let root = tempdir("upstream");
+    std::fs::create_dir_all(root.join("late-model")).unwrap();
+    // The upstream (the simulator's server) does not serve `late-model` yet.
+    let sim = Arc::new(
+        edgeroute_sim::Simulator::new(edgeroute_sim::SimConfig {
+            ttft_base_ms: 1,
+            tokens_per_s: 1000.0,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let up = spawn_router(edgeroute_sim::server::router(sim.clone())).await;
+    let cfg = format!(
+        "[models]\nallowed_local_roots = [\"{}\"]\n[backend]\nkind = \"openai\"\nurl = \"{}\"\n",
+        root.display(),
+        up.url()
+    );
+    let node = TestNode::start(&cfg).await;
+    let r = post_json(
+        node.addr,
+        "/v1/models/load",
+        Some(&node.admin_token()),
+        &[],
+        json!({"path": root.join("late-model")}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get(node.addr, "/v1/models/late-model", Some(&node.token())).await.json()["state"],
+        "loading",
+        "ready before the upstream had it"
+    );
+    // The upstream finishes loading it (as vLLM or llama.cpp would): the node notices.
+    sim.load_model(edgeroute_sim::SimModel {
+        memory_mb: 0,
+        ..edgeroute_sim::SimModel::new("late-model", "gpu0")
+    })
+    .unwrap();
+    wait_state(&node, "late-model", "ready").await;
+    assert_eq!(
+        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("late-model"))
+            .await
+            .status,
+        200
+    );
+    std::fs::remove_dir_all(root).ok();
+}
