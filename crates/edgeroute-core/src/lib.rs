@@ -5,6 +5,7 @@
 //! every function here is deterministic and testable without sockets or sleeps.
 
 pub mod capacity;
+pub mod health;
 pub mod score;
 pub mod window;
 
