@@ -116,12 +116,7 @@ async fn placement_and_changes_reach_a_nats_subscriber_and_survive_nats_loss() {
     // NATS goes away: the node keeps serving.
     nats.stop();
     let chat = json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
-    assert_eq!(
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat.clone())
-            .await
-            .status,
-        200
-    );
+    assert_eq!(node.chat(chat.clone()).await.status, 200);
     let admin = node.admin_token();
     let r = post_json(
         node.addr,

@@ -43,8 +43,7 @@ fn body(r: &ChatCompletionRequest) -> Vec<u8> {
 async fn json_completion_matches_the_simulator_exactly() {
     let node = TestNode::start(FAST).await;
     let req = request(false, None);
-    let r =
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], body(&req)).await;
+    let r = node.chat(body(&req)).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let v = r.json();
     let want = expected_completion(&sim_cfg(), &req);
@@ -102,8 +101,7 @@ async fn max_completion_tokens_wins_and_extra_fields_pass() {
     let node = TestNode::start(FAST).await;
     let raw = json!({"model":"sim-llama","messages":[{"role":"user","content":"hi"}],
         "max_tokens": 9, "max_completion_tokens": 2, "temperature": 0.3, "top_p": 0.9, "user": "u1"});
-    let r = post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], raw.to_string())
-        .await;
+    let r = node.chat(raw.to_string()).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["usage"]["completion_tokens"], 2);
     assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
@@ -390,14 +388,7 @@ async fn client_disconnect_mid_stream_frees_the_slot_at_once() {
 async fn failure_before_first_token_is_a_fast_5xx() {
     let node = TestNode::start(&format!("{FAST}[backend.sim.faults]\nerror_rate = 1.0\n")).await;
     let t = Instant::now();
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(true, None)),
-    )
-    .await;
+    let r = node.chat(body(&request(true, None))).await;
     assert!(t.elapsed() < Duration::from_millis(500));
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["error"]["type"], "upstream_error");
@@ -434,14 +425,7 @@ async fn stalled_stream_is_ended_at_the_idle_deadline() {
     assert!(!s.done());
     assert_eq!(s.error().unwrap()["error"]["code"], "backend_timeout");
     // The same bound applies to a non-streaming request.
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(false, None)),
-    )
-    .await;
+    let r = node.chat(body(&request(false, None))).await;
     assert_eq!(r.status, 504);
 }
 
@@ -453,46 +437,21 @@ async fn faults_can_be_changed_at_run_time_by_an_admin() {
         method(node.addr, "PUT", "/admin/faults", Some(&admin), r#"{"refuse_connections": true}"#)
             .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(false, None)),
-    )
-    .await;
+    let r = node.chat(body(&request(false, None))).await;
     assert_eq!((r.status.as_u16(), r.error_code()), (502, "backend_unavailable".to_owned()));
     assert_eq!(
         method(node.addr, "PUT", "/admin/faults", Some(&admin), r#"{"bogus": 1}"#).await.status,
         400
     );
     assert_eq!(method(node.addr, "PUT", "/admin/faults", Some(&admin), "{}").await.status, 200);
-    assert_eq!(
-        post_json(
-            node.addr,
-            "/v1/chat/completions",
-            Some(&node.token()),
-            &[],
-            body(&request(false, None))
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(node.chat(body(&request(false, None))).await.status, 200);
 }
 
 #[tokio::test]
 async fn health_models_and_metrics_report_the_node() {
     let node = TestNode::start(FAST).await;
     for _ in 0..3 {
-        post_json(
-            node.addr,
-            "/v1/chat/completions",
-            Some(&node.token()),
-            &[],
-            body(&request(false, Some(2))),
-        )
-        .await;
+        node.chat(body(&request(false, Some(2)))).await;
     }
     let h = get(node.addr, "/health", None).await.json();
     assert_eq!(h["status"], "ready");

@@ -93,12 +93,7 @@ async fn smollm2_is_downloaded_resumed_verified_and_served() {
     );
 
     let chat = json!({"model": "smollm2", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}).to_string();
-    assert_eq!(
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat.clone())
-            .await
-            .status,
-        200
-    );
+    assert_eq!(node.chat(chat.clone()).await.status, 200);
 
     let r = post_json(
         node.addr,
@@ -109,10 +104,7 @@ async fn smollm2_is_downloaded_resumed_verified_and_served() {
     )
     .await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat).await.status,
-        404
-    );
+    assert_eq!(node.chat(chat).await.status, 404);
     assert!(!path.exists(), "purge removes the installed files");
     std::fs::remove_dir_all(root).ok();
 }

@@ -91,15 +91,11 @@ async fn sim_load_ready_routed_then_unload_gone() {
     let entry =
         list["data"].as_array().unwrap().iter().find(|m| m["id"] == "qwen-tiny").cloned().unwrap();
     assert_eq!((entry["state"].as_str(), entry["gpu"].as_str()), (Some("loading"), Some("gpu1")));
-    let r =
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("qwen-tiny"))
-            .await;
+    let r = node.chat(chat("qwen-tiny")).await;
     assert_eq!(r.status, 404);
 
     wait_state(&node, "qwen-tiny", "ready").await;
-    let r =
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("qwen-tiny"))
-            .await;
+    let r = node.chat(chat("qwen-tiny")).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let h = get(node.addr, "/health", None).await.json();
     let gpu1 = h["gpus"].as_array().unwrap().iter().find(|g| g["id"] == "gpu1").unwrap().clone();
@@ -115,12 +111,7 @@ async fn sim_load_ready_routed_then_unload_gone() {
     )
     .await;
     assert_eq!(r.status, 200);
-    assert_eq!(
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("qwen-tiny"))
-            .await
-            .status,
-        404
-    );
+    assert_eq!(node.chat(chat("qwen-tiny")).await.status, 404);
     assert_eq!(get(node.addr, "/v1/models/qwen-tiny", Some(&node.token())).await.status, 404);
     assert_eq!(
         post_json(
@@ -224,14 +215,7 @@ async fn triton_load_routes_through_its_repository_api_and_unloads() {
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     wait_state(&node, "whisper-small", "ready").await;
     assert_eq!(triton.state_of("whisper-small"), Some("READY"));
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        chat("whisper-small"),
-    )
-    .await;
+    let r = node.chat(chat("whisper-small")).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
     // A directory Triton cannot load fails with Triton's reason; the node keeps serving.
@@ -246,18 +230,7 @@ async fn triton_load_routes_through_its_repository_api_and_unloads() {
     assert_eq!(r.status, 202);
     let failed = wait_state(&node, "broken", "failed").await;
     assert!(failed["reason"].as_str().unwrap().contains("failed to load"), "{failed}");
-    assert_eq!(
-        post_json(
-            node.addr,
-            "/v1/chat/completions",
-            Some(&node.token()),
-            &[],
-            chat("whisper-small")
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(node.chat(chat("whisper-small")).await.status, 200);
 
     let r = post_json(
         node.addr,
@@ -269,18 +242,7 @@ async fn triton_load_routes_through_its_repository_api_and_unloads() {
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(triton.state_of("whisper-small"), Some("UNAVAILABLE"));
-    assert_eq!(
-        post_json(
-            node.addr,
-            "/v1/chat/completions",
-            Some(&node.token()),
-            &[],
-            chat("whisper-small")
-        )
-        .await
-        .status,
-        404
-    );
+    assert_eq!(node.chat(chat("whisper-small")).await.status, 404);
     std::fs::remove_dir_all(repo).ok();
 }
 
@@ -369,11 +331,6 @@ async fn openai_upstream_load_waits_for_the_model_to_appear_in_its_model_list() 
     })
     .unwrap();
     wait_state(&node, "late-model", "ready").await;
-    assert_eq!(
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], chat("late-model"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(node.chat(chat("late-model")).await.status, 200);
     std::fs::remove_dir_all(root).ok();
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 use edgeroute_sim::{SimConfig, Simulator, expected_completion};
 use edgeroute_test_util::fake_upstream::{Behaviour, FakeUpstream};
-use edgeroute_test_util::{TestNode, get, post_json, spawn_router, stream};
+use edgeroute_test_util::{TestNode, get, spawn_router, stream};
 
 fn sim_cfg() -> SimConfig {
     SimConfig {
@@ -53,8 +53,7 @@ async fn passes_answers_through_unchanged_json_and_stream() {
     let node = TestNode::start(&openai_backend(&up.url(), "")).await;
 
     let req = request(false);
-    let r =
-        post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], body(&req)).await;
+    let r = node.chat(body(&req)).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let want = expected_completion(&sim_cfg(), &as_upstream(req));
     assert_eq!(r.json()["choices"][0]["message"]["content"], want.text());
@@ -86,14 +85,7 @@ async fn unreachable_upstream_is_a_fast_502() {
     drop(dead);
     let node = TestNode::start(&openai_backend(&url, "")).await;
     let t = Instant::now();
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(true)),
-    )
-    .await;
+    let r = node.chat(body(&request(true))).await;
     assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
     assert_eq!((r.status.as_u16(), r.error_code()), (502, "backend_unavailable".to_owned()));
 }
@@ -116,14 +108,7 @@ async fn node_before(
 async fn client_errors_pass_through_and_never_count_against_the_node() {
     let ctx = r#"{"error":{"message":"This model's maximum context length is 2048 tokens","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
     let (node, _f, _u) = node_before(Behaviour::Status(400, ctx, None), "").await;
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(false)),
-    )
-    .await;
+    let r = node.chat(body(&request(false))).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.error_code(), "context_length_exceeded");
     assert_eq!(r.json()["error"]["param"], "messages");
@@ -131,14 +116,7 @@ async fn client_errors_pass_through_and_never_count_against_the_node() {
     assert_eq!(h["error_rate"], 0.0, "a client error is not the node's fault");
 
     let (node, _f, _u) = node_before(Behaviour::Status(429, "slow down", Some("3")), "").await;
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(false)),
-    )
-    .await;
+    let r = node.chat(body(&request(false))).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.header("retry-after"), Some("3"));
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
@@ -151,27 +129,13 @@ async fn upstream_server_errors_become_502_and_503() {
         "",
     )
     .await;
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(false)),
-    )
-    .await;
+    let r = node.chat(body(&request(false))).await;
     assert_eq!((r.status.as_u16(), r.error_code()), (502, "backend_error".to_owned()));
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("CUDA out of memory"));
     assert_eq!(get(node.addr, "/health", None).await.json()["error_rate"], 1.0);
 
     let (node, _f, _u) = node_before(Behaviour::Status(503, "busy", None), "").await;
-    let r = post_json(
-        node.addr,
-        "/v1/chat/completions",
-        Some(&node.token()),
-        &[],
-        body(&request(true)),
-    )
-    .await;
+    let r = node.chat(body(&request(true))).await;
     assert_eq!((r.status.as_u16(), r.error_code()), (503, "backend_overloaded".to_owned()));
     assert!(r.header("retry-after").is_some());
 }
@@ -203,14 +167,7 @@ async fn silence_before_first_token_is_a_504_within_the_deadline() {
     for b in [Behaviour::HeadersThenSilence, Behaviour::NoResponse] {
         let (node, _f, _u) = node_before(b.clone(), "").await;
         let t = Instant::now();
-        let r = post_json(
-            node.addr,
-            "/v1/chat/completions",
-            Some(&node.token()),
-            &[],
-            body(&request(true)),
-        )
-        .await;
+        let r = node.chat(body(&request(true))).await;
         let took = t.elapsed();
         assert_eq!(
             (r.status.as_u16(), r.error_code()),
@@ -287,12 +244,12 @@ async fn request_bodies_pass_untouched_unless_the_model_is_renamed() {
     let node = TestNode::start(&cfg).await;
     let raw =
         r#"{"model":"same",   "messages":[{"role":"user","content":"hi"}], "vendor_knob": 1.50}"#;
-    let r = post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], raw).await;
+    let r = node.chat(raw).await;
     assert_eq!(r.status, 200);
     assert_eq!(&r.body[..], raw.as_bytes(), "the client's bytes reach the upstream unchanged");
 
     let raw = r#"{"model":"alias","messages":[{"role":"user","content":"hi"}],"vendor_knob":1.5}"#;
-    let r = post_json(node.addr, "/v1/chat/completions", Some(&node.token()), &[], raw).await;
+    let r = node.chat(raw).await;
     let sent = r.json();
     assert_eq!(sent["model"], "real-name");
     assert_eq!(sent["vendor_knob"], 1.5);

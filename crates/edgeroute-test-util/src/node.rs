@@ -84,6 +84,11 @@ impl TestNode {
         TestNode { addr, state, dir, stop: Some(tx), task: Some(task) }
     }
 
+    /// `POST /v1/chat/completions` with an inference token.
+    pub async fn chat(&self, body: impl Into<bytes::Bytes>) -> crate::Reply {
+        crate::post_json(self.addr, "/v1/chat/completions", Some(&self.token()), &[], body).await
+    }
+
     /// A scratch directory removed with the node.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
