@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use edgeroute_bus::{Bus, BusConfig, Subscription};
 use edgeroute_proto::models::ModelState;
 use edgeroute_proto::topology::NodeLiveness;
+use edgeroute_test_util::TestNode;
 use edgeroute_test_util::nats::NatsServer;
-use edgeroute_test_util::{TestNode, post_json};
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -57,28 +57,16 @@ async fn exercise(node: &TestNode, sub: &mut Subscription, root: &std::path::Pat
     })
     .await;
     let admin = node.admin_token();
-    let r = post_json(
-        node.addr,
-        "/v1/models/load",
-        Some(&admin),
-        &[],
-        json!({"path": root.join("fresh-model")}).to_string(),
-    )
-    .await;
+    let r = node
+        .admin_post("/v1/models/load", json!({"path": root.join("fresh-model")}).to_string())
+        .await;
     assert_eq!(r.status, 202);
     until(sub, "fresh-model loading", |n| n.models.iter().any(|m| m.model == "fresh-model")).await;
     let took = until(sub, "fresh-model ready", |n| has(n, "fresh-model", ModelState::Ready)).await;
     assert!(took < Duration::from_secs(2), "ready took {took:?} to propagate");
-    post_json(node.addr, "/admin/drain", Some(&admin), &[], "{}").await;
+    node.admin_post("/admin/drain", "{}").await;
     until(sub, "draining", |n| n.liveness == NodeLiveness::Draining).await;
-    post_json(
-        node.addr,
-        "/v1/models/unload",
-        Some(&admin),
-        &[],
-        json!({"model": "fresh-model"}).to_string(),
-    )
-    .await;
+    node.admin_post("/v1/models/unload", json!({"model": "fresh-model"}).to_string()).await;
     until(sub, "fresh-model gone", |n| !n.models.iter().any(|m| m.model == "fresh-model")).await;
     edgeroute_test_util::client::method(node.addr, "DELETE", "/admin/drain", Some(&admin), "")
         .await;
@@ -117,15 +105,12 @@ async fn placement_and_changes_reach_a_nats_subscriber_and_survive_nats_loss() {
     nats.stop();
     let chat = json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
     assert_eq!(node.chat(chat.clone()).await.status, 200);
-    let admin = node.admin_token();
-    let r = post_json(
-        node.addr,
-        "/v1/models/load",
-        Some(&admin),
-        &[],
-        json!({"path": root.join("fresh-model"), "id": "while-down"}).to_string(),
-    )
-    .await;
+    let r = node
+        .admin_post(
+            "/v1/models/load",
+            json!({"path": root.join("fresh-model"), "id": "while-down"}).to_string(),
+        )
+        .await;
     assert_eq!(r.status, 202);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // NATS returns: the change made while it was down arrives.

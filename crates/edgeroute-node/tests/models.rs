@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edgeroute_proto::topology::EventKind;
 use edgeroute_test_util::client::method;
@@ -32,22 +32,6 @@ fn chat(model: &str) -> String {
         .to_string()
 }
 
-async fn wait_state(node: &TestNode, id: &str, want: &str) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        let r = get(node.addr, &format!("/v1/models/{id}"), Some(&node.token())).await;
-        if r.status == 200 && r.json()["state"] == want {
-            return r.json();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "model `{id}` never became {want}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn capture(node: &TestNode) -> Arc<Mutex<Vec<EventKind>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
@@ -71,16 +55,13 @@ async fn sim_load_ready_routed_then_unload_gone() {
     std::fs::write(root.join("qwen-tiny/model.gguf"), vec![0u8; 2048]).unwrap();
     let node = TestNode::start(&sim_node_cfg(&root)).await;
     let events = capture(&node);
-    let admin = node.admin_token();
 
-    let r = post_json(
-        node.addr,
-        "/v1/models/load",
-        Some(&admin),
-        &[],
-        json!({"path": root.join("qwen-tiny"), "gpu": "gpu1", "memory_mb": 500}).to_string(),
-    )
-    .await;
+    let r = node
+        .admin_post(
+            "/v1/models/load",
+            json!({"path": root.join("qwen-tiny"), "gpu": "gpu1", "memory_mb": 500}).to_string(),
+        )
+        .await;
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["state"], "loading");
     assert_eq!(r.json()["id"], "qwen-tiny");
@@ -94,7 +75,7 @@ async fn sim_load_ready_routed_then_unload_gone() {
     let r = node.chat(chat("qwen-tiny")).await;
     assert_eq!(r.status, 404);
 
-    wait_state(&node, "qwen-tiny", "ready").await;
+    node.wait_model("qwen-tiny", "ready", Duration::from_secs(10)).await;
     let r = node.chat(chat("qwen-tiny")).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let h = get(node.addr, "/health", None).await.json();
@@ -102,27 +83,14 @@ async fn sim_load_ready_routed_then_unload_gone() {
     assert_eq!(gpu1["memory_used_mb"], 500);
     assert!(gpu1["models"].as_array().unwrap().iter().any(|m| m == "qwen-tiny"));
 
-    let r = post_json(
-        node.addr,
-        "/v1/models/unload",
-        Some(&admin),
-        &[],
-        json!({"model": "qwen-tiny"}).to_string(),
-    )
-    .await;
+    let r = node.admin_post("/v1/models/unload", json!({"model": "qwen-tiny"}).to_string()).await;
     assert_eq!(r.status, 200);
     assert_eq!(node.chat(chat("qwen-tiny")).await.status, 404);
     assert_eq!(get(node.addr, "/v1/models/qwen-tiny", Some(&node.token())).await.status, 404);
     assert_eq!(
-        post_json(
-            node.addr,
-            "/v1/models/unload",
-            Some(&admin),
-            &[],
-            json!({"model": "qwen-tiny"}).to_string()
-        )
-        .await
-        .status,
+        node.admin_post("/v1/models/unload", json!({"model": "qwen-tiny"}).to_string())
+            .await
+            .status,
         404
     );
 
@@ -142,11 +110,7 @@ async fn bad_loads_get_precise_errors_and_change_nothing() {
     std::fs::create_dir_all(root.join("ok-model")).unwrap();
     let outside = tempdir("outside");
     let node = TestNode::start(&sim_node_cfg(&root)).await;
-    let admin = node.admin_token();
-    let load = |body: serde_json::Value| {
-        let admin = admin.clone();
-        async move { post_json(node.addr, "/v1/models/load", Some(&admin), &[], body.to_string()).await }
-    };
+    let load = |body: serde_json::Value| node.admin_post("/v1/models/load", body.to_string());
     let ok = root.join("ok-model");
     let cases = vec![
         (json!({"path": ok, "gpu": "gpu7"}), 400, "unknown_gpu"),
@@ -203,43 +167,25 @@ async fn triton_load_routes_through_its_repository_api_and_unloads() {
         up.url()
     );
     let node = TestNode::start(&cfg).await;
-    let admin = node.admin_token();
-    let r = post_json(
-        node.addr,
-        "/v1/models/load",
-        Some(&admin),
-        &[],
-        json!({"path": repo.join("whisper-small")}).to_string(),
-    )
-    .await;
+    let r = node
+        .admin_post("/v1/models/load", json!({"path": repo.join("whisper-small")}).to_string())
+        .await;
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    wait_state(&node, "whisper-small", "ready").await;
+    node.wait_model("whisper-small", "ready", Duration::from_secs(10)).await;
     assert_eq!(triton.state_of("whisper-small"), Some("READY"));
     let r = node.chat(chat("whisper-small")).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
     // A directory Triton cannot load fails with Triton's reason; the node keeps serving.
-    let r = post_json(
-        node.addr,
-        "/v1/models/load",
-        Some(&admin),
-        &[],
-        json!({"path": repo.join("broken")}).to_string(),
-    )
-    .await;
+    let r =
+        node.admin_post("/v1/models/load", json!({"path": repo.join("broken")}).to_string()).await;
     assert_eq!(r.status, 202);
-    let failed = wait_state(&node, "broken", "failed").await;
+    let failed = node.wait_model("broken", "failed", Duration::from_secs(10)).await;
     assert!(failed["reason"].as_str().unwrap().contains("failed to load"), "{failed}");
     assert_eq!(node.chat(chat("whisper-small")).await.status, 200);
 
-    let r = post_json(
-        node.addr,
-        "/v1/models/unload",
-        Some(&admin),
-        &[],
-        json!({"model": "whisper-small"}).to_string(),
-    )
-    .await;
+    let r =
+        node.admin_post("/v1/models/unload", json!({"model": "whisper-small"}).to_string()).await;
     assert_eq!(r.status, 200);
     assert_eq!(triton.state_of("whisper-small"), Some("UNAVAILABLE"));
     assert_eq!(node.chat(chat("whisper-small")).await.status, 404);
@@ -330,7 +276,7 @@ async fn openai_upstream_load_waits_for_the_model_to_appear_in_its_model_list() 
         ..edgeroute_sim::SimModel::new("late-model", "gpu0")
     })
     .unwrap();
-    wait_state(&node, "late-model", "ready").await;
+    node.wait_model("late-model", "ready", Duration::from_secs(10)).await;
     assert_eq!(node.chat(chat("late-model")).await.status, 200);
     std::fs::remove_dir_all(root).ok();
 }

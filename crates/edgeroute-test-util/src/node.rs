@@ -89,6 +89,33 @@ impl TestNode {
         crate::post_json(self.addr, "/v1/chat/completions", Some(&self.token()), &[], body).await
     }
 
+    /// `POST` to an admin endpoint (`/v1/models/load`, `/admin/drain`, ...) with an admin token.
+    pub async fn admin_post(&self, path: &str, body: impl Into<bytes::Bytes>) -> crate::Reply {
+        crate::post_json(self.addr, path, Some(&self.admin_token()), &[], body).await
+    }
+
+    /// Polls `GET /v1/models/{id}` until the model is in `state`; panics after `limit`.
+    pub async fn wait_model(
+        &self,
+        id: &str,
+        state: &str,
+        limit: std::time::Duration,
+    ) -> serde_json::Value {
+        let t = std::time::Instant::now();
+        loop {
+            let r = crate::get(self.addr, &format!("/v1/models/{id}"), Some(&self.token())).await;
+            if r.status == 200 && r.json()["state"] == state {
+                return r.json();
+            }
+            assert!(
+                t.elapsed() < limit,
+                "model `{id}` never became {state}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// A scratch directory removed with the node.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
