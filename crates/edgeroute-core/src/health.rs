@@ -180,6 +180,10 @@ impl HealthTracker {
         self.phi.phi(now)
     }
 
+    pub fn params(&self) -> &HealthParams {
+        &self.params
+    }
+
     pub fn verdict(&mut self, now: Duration) -> Verdict {
         if self.phi.phi(now) > self.params.phi_eject {
             self.ejected = true;

@@ -9,7 +9,7 @@
 //! say why. Ties are broken by node id, so a ranking is deterministic for a given snapshot;
 //! near-tie randomisation belongs to the client, which knows its own seed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A node's health as discovery estimates it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +33,9 @@ pub struct NodeView {
     pub health: Health,
     /// Models ready on the node.
     pub models: BTreeSet<String>,
-    /// Pipelines every model of which is ready on the node.
-    pub pipelines: BTreeSet<String>,
+    /// Pipelines every model of which is ready on the node, with their availability: the
+    /// share of free slots on the pipeline's busiest GPU, in [0, 1].
+    pub pipelines: BTreeMap<String, f64>,
     pub queue_depth: u32,
     pub in_flight: u32,
     pub capacity: u32,
@@ -53,6 +54,30 @@ pub enum Strategy {
     CostOptimized,
 }
 
+impl Strategy {
+    pub const ALL: [Strategy; 3] =
+        [Strategy::LatencyFirst, Strategy::AvailabilityFirst, Strategy::CostOptimized];
+
+    /// The strategy's wire name (`latency_first`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::LatencyFirst => "latency_first",
+            Strategy::AvailabilityFirst => "availability_first",
+            Strategy::CostOptimized => "cost_optimized",
+        }
+    }
+
+    /// Parses a wire name; `-` and `_` are interchangeable.
+    pub fn from_name(s: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|k| k.name() == s.replace('-', "_"))
+    }
+
+    /// Position in [`Strategy::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Tunable per deployment. All penalties are in milliseconds of predicted TTFT.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Weights {
@@ -68,6 +93,9 @@ pub struct Weights {
     pub load_ms: f64,
     /// Cost-optimized: added per unit of cost per 1k tokens.
     pub cost_ms: f64,
+    /// For a pipeline request: added per unit of unavailability of the pipeline's busiest GPU
+    /// (a fully busy bottleneck adds the whole figure).
+    pub pipeline_busy_ms: f64,
 }
 
 impl Weights {
@@ -79,6 +107,7 @@ impl Weights {
             queue_factor: 1.0,
             load_ms: 0.0,
             cost_ms: 0.0,
+            pipeline_busy_ms: 200.0,
         };
         match s {
             Strategy::LatencyFirst => base,
@@ -108,6 +137,7 @@ pub struct Factors {
     pub error_penalty_ms: f64,
     pub load_penalty_ms: f64,
     pub cost_penalty_ms: f64,
+    pub pipeline_penalty_ms: f64,
 }
 
 impl Factors {
@@ -118,6 +148,7 @@ impl Factors {
             + self.error_penalty_ms
             + self.load_penalty_ms
             + self.cost_penalty_ms
+            + self.pipeline_penalty_ms
     }
 }
 
@@ -153,7 +184,7 @@ fn exclusion(n: &NodeView, q: &Query) -> Option<Exclusion> {
         return Some(Exclusion::ModelNotReady);
     }
     if let Some(p) = &q.pipeline
-        && !n.pipelines.contains(p)
+        && !n.pipelines.contains_key(p)
     {
         return Some(Exclusion::PipelineNotServable);
     }
@@ -168,8 +199,11 @@ fn finite(x: f64) -> f64 {
     if x.is_finite() { x.max(0.0) } else { 0.0 }
 }
 
-/// The predicted TTFT of a node and its factors.
-pub fn score(n: &NodeView, w: &Weights) -> Factors {
+/// The predicted TTFT of a node and its factors, for a request of `pipeline` (if any).
+pub fn score(n: &NodeView, w: &Weights, pipeline: Option<&str>) -> Factors {
+    let pipeline_busy = pipeline
+        .and_then(|p| n.pipelines.get(p))
+        .map_or(0.0, |avail| 1.0 - finite(*avail).min(1.0));
     let p50 = finite(n.ttft_p50_ms);
     let cap = f64::from(n.capacity.max(1));
     Factors {
@@ -183,6 +217,7 @@ pub fn score(n: &NodeView, w: &Weights) -> Factors {
         error_penalty_ms: finite(w.error_rate_ms) * finite(n.error_rate).min(1.0),
         load_penalty_ms: finite(w.load_ms) * (f64::from(n.in_flight) / cap).min(4.0),
         cost_penalty_ms: finite(w.cost_ms) * finite(n.cost_per_1k),
+        pipeline_penalty_ms: finite(w.pipeline_busy_ms) * pipeline_busy,
     }
 }
 
@@ -194,7 +229,7 @@ pub fn rank(nodes: &[NodeView], q: &Query, w: &Weights) -> Ranking {
         match exclusion(n, q) {
             Some(why) => out.excluded.push((n.id.clone(), why)),
             None => {
-                let factors = score(n, w);
+                let factors = score(n, w, q.pipeline.as_deref());
                 scored.push(Scored { node: n.id.clone(), score_ms: factors.total(), factors });
             }
         }
@@ -210,7 +245,7 @@ pub fn rank(nodes: &[NodeView], q: &Query, w: &Weights) -> Ranking {
 mod tests {
     use super::{Exclusion, Health, NodeView, Query, Ranking, Strategy as Preset, Weights, rank};
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
+    use std::collections::BTreeMap;
 
     fn node(id: &str, region: &str, p50: f64, q: u32) -> NodeView {
         NodeView {
@@ -218,7 +253,7 @@ mod tests {
             region: region.into(),
             health: Health::Ready,
             models: ["llm".to_owned()].into(),
-            pipelines: BTreeSet::new(),
+            pipelines: BTreeMap::new(),
             queue_depth: q,
             in_flight: q,
             capacity: 4,
@@ -299,7 +334,7 @@ mod tests {
                 region: region.into(),
                 health,
                 models,
-                pipelines: BTreeSet::new(),
+                pipelines: BTreeMap::new(),
                 queue_depth: q,
                 in_flight: q,
                 capacity: cap,

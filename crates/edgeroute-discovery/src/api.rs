@@ -1,0 +1,619 @@
+//! HTTP API: `/v1/discover`, `/v1/nodes`, `/v1/topology`, `/health`, `/metrics`.
+//!
+//! Every handler reads the current [`Snapshot`] through one atomic load and never takes a lock:
+//! a discover request costs a query parse, a lookup, a merge of at most `k` entries per allowed
+//! region, and serialising the answer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{RawQuery, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use edgeroute_core::score::{Exclusion, Factors, Query, Strategy};
+use edgeroute_http::ApiError;
+use edgeroute_proto::models::ModelState;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use crate::Shared;
+use crate::config::is_name;
+use crate::fleet::NodeInfo;
+use crate::metrics::OutcomeLabels;
+use crate::snapshot::{ModelStats, Snapshot};
+
+pub const REPLICA_HEADER: &str = "x-edgeroute-discovery";
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/discover", get(discover))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/topology", get(topology))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .with_state(shared)
+}
+
+/// A parsed, validated `/v1/discover` request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoverParams {
+    pub query: Query,
+    pub strategy: Strategy,
+    pub explain: bool,
+}
+
+fn once<T>(slot: &Option<T>, key: &str) -> Result<(), ApiError> {
+    match slot {
+        Some(_) => Err(bad(key, format!("`{key}` given more than once"))),
+        None => Ok(()),
+    }
+}
+
+fn bad(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid_request(Some(param), message).with_code("invalid_parameter")
+}
+
+/// A model or pipeline id: what the node's load endpoint accepts (hub ids with `/`).
+fn is_model_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':'))
+}
+
+/// Parses the query string. Unknown parameters are refused: a misspelt `regions=` must not
+/// silently drop a data-residency constraint.
+pub fn parse_params(
+    raw: Option<&str>,
+    default_k: usize,
+    max_k: usize,
+    default_strategy: Strategy,
+    max_query_bytes: usize,
+) -> Result<DiscoverParams, ApiError> {
+    let raw = raw.unwrap_or("");
+    if raw.len() > max_query_bytes {
+        return Err(ApiError::invalid_request(
+            None,
+            format!("query string longer than {max_query_bytes} bytes"),
+        )
+        .with_code("query_too_long"));
+    }
+    let mut model = None;
+    let mut pipeline = None;
+    let mut regions: Vec<String> = Vec::new();
+    let mut k = None;
+    let mut strategy = None;
+    let mut explain = None;
+    for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
+        match &*key {
+            "model" => {
+                once(&model, &key)?;
+                if !is_model_id(&value) {
+                    return Err(bad("model", "a model id: 1-256 characters of [A-Za-z0-9._/:-]"));
+                }
+                model = Some(value.into_owned());
+            }
+            "pipeline" => {
+                once(&pipeline, &key)?;
+                if !is_model_id(&value) {
+                    return Err(bad(
+                        "pipeline",
+                        "a pipeline id: 1-256 characters of [A-Za-z0-9._/:-]",
+                    ));
+                }
+                pipeline = Some(value.into_owned());
+            }
+            // Repeatable and comma-separated: `region=tor,mtl` or `region=tor&region=mtl`.
+            "region" => {
+                for r in value.split(',') {
+                    let r = r.trim();
+                    if !is_name(r) {
+                        return Err(bad(
+                            "region",
+                            format!(
+                                "`{r}` is not a region name (1-64 characters of [A-Za-z0-9._-])"
+                            ),
+                        ));
+                    }
+                    if !regions.iter().any(|x| x == r) {
+                        regions.push(r.to_owned());
+                    }
+                }
+                if regions.len() > 64 {
+                    return Err(bad("region", "at most 64 regions"));
+                }
+            }
+            "k" => {
+                once(&k, &key)?;
+                let n: usize = value
+                    .parse()
+                    .map_err(|_| bad("k", format!("`{value}` is not a whole number")))?;
+                if n == 0 || n > max_k {
+                    return Err(bad("k", format!("k must be between 1 and {max_k}")));
+                }
+                k = Some(n);
+            }
+            "strategy" => {
+                once(&strategy, &key)?;
+                strategy = Some(Strategy::from_name(&value).ok_or_else(|| {
+                    bad(
+                        "strategy",
+                        format!(
+                            "`{value}` is not a strategy: latency_first, availability_first or cost_optimized"
+                        ),
+                    )
+                })?);
+            }
+            "explain" => {
+                once(&explain, &key)?;
+                explain = Some(match &*value {
+                    "" | "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(bad("explain", "true or false")),
+                });
+            }
+            _ => {
+                return Err(bad(
+                    &key,
+                    format!(
+                        "unknown parameter `{key}` (expected model, region, k, pipeline, strategy, explain)"
+                    ),
+                ));
+            }
+        }
+    }
+    let model = model.ok_or_else(|| bad("model", "`model` is required"))?;
+    Ok(DiscoverParams {
+        query: Query { model, pipeline, allowed_regions: regions, k: k.unwrap_or(default_k) },
+        strategy: strategy.unwrap_or(default_strategy),
+        explain: explain.unwrap_or(false),
+    })
+}
+
+#[derive(Serialize)]
+struct Candidate<'a> {
+    id: &'a str,
+    region: &'a str,
+    url: &'a str,
+    health: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_reason: Option<&'a str>,
+    models: &'a [String],
+    queue_depth: u32,
+    in_flight: u32,
+    capacity: u32,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ttft_estimated: bool,
+    error_rate: f64,
+    cost_per_1k: f64,
+    score_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    factors: Option<FactorsJson>,
+}
+
+impl<'a> Candidate<'a> {
+    fn new(n: &'a NodeInfo, score_ms: f64) -> Self {
+        Candidate {
+            id: &n.id,
+            region: &n.region,
+            url: &n.url,
+            health: n.health,
+            health_reason: n.health_reason.as_deref(),
+            models: &n.models,
+            queue_depth: n.queue_depth,
+            in_flight: n.in_flight,
+            capacity: n.capacity,
+            ttft_p50_ms: n.ttft_p50_ms,
+            ttft_p99_ms: n.ttft_p99_ms,
+            ttft_estimated: n.ttft_estimated,
+            error_rate: n.error_rate,
+            cost_per_1k: n.cost_per_1k,
+            score_ms,
+            factors: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct FactorsJson {
+    ttft_p50_ms: f64,
+    queue_wait_ms: f64,
+    health_penalty_ms: f64,
+    error_penalty_ms: f64,
+    load_penalty_ms: f64,
+    cost_penalty_ms: f64,
+    pipeline_penalty_ms: f64,
+}
+
+impl From<&Factors> for FactorsJson {
+    fn from(f: &Factors) -> Self {
+        FactorsJson {
+            ttft_p50_ms: f.ttft_p50_ms,
+            queue_wait_ms: f.queue_wait_ms,
+            health_penalty_ms: f.health_penalty_ms,
+            error_penalty_ms: f.error_penalty_ms,
+            load_penalty_ms: f.load_penalty_ms,
+            cost_penalty_ms: f.cost_penalty_ms,
+            pipeline_penalty_ms: f.pipeline_penalty_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Excluded<'a> {
+    id: &'a str,
+    region: &'a str,
+    reason: &'static str,
+    detail: String,
+}
+
+fn exclusion_code(e: Exclusion) -> &'static str {
+    match e {
+        Exclusion::ModelNotReady => "model_not_ready",
+        Exclusion::PipelineNotServable => "pipeline_not_servable",
+        Exclusion::RegionNotAllowed => "region_not_allowed",
+        Exclusion::Draining => "draining",
+        Exclusion::Unhealthy => "unhealthy",
+    }
+}
+
+#[derive(Serialize)]
+struct Reason {
+    code: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_nodes: Option<ModelStats>,
+}
+
+#[derive(Serialize)]
+struct DiscoverResponse<'a> {
+    object: &'static str,
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pipeline: Option<&'a str>,
+    strategy: &'static str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    regions: &'a [String],
+    /// How long the answer may be used before asking again, and how long it may still be used
+    /// while discovery is unreachable.
+    ttl_ms: u64,
+    stale_ok_ms: u64,
+    generation: u64,
+    generated_at_ms: u64,
+    replica: &'a str,
+    candidates: Vec<Candidate<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<Reason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    excluded: Option<Vec<Excluded<'a>>>,
+}
+
+fn empty_reason(snap: &Snapshot, p: &DiscoverParams) -> Reason {
+    let q = &p.query;
+    let Some(stats) = snap.model_stats(&q.model) else {
+        let known = snap.models();
+        let shown: Vec<&str> = known.iter().take(20).copied().collect();
+        return Reason {
+            code: "model_unknown",
+            message: format!(
+                "no node in the fleet holds model `{}`; models known: [{}]{}",
+                q.model,
+                shown.join(", "),
+                if known.len() > shown.len() { ", ..." } else { "" }
+            ),
+            model_nodes: None,
+        };
+    };
+    if let Some(pl) = &q.pipeline
+        && !snap.knows_pipeline(pl)
+    {
+        return Reason {
+            code: "pipeline_unknown",
+            message: format!("no node can serve pipeline `{pl}` now"),
+            model_nodes: Some(stats),
+        };
+    }
+    let (code, message) = if stats.ready == 0 {
+        (
+            "model_not_ready",
+            format!(
+                "model `{}` is ready on no node ({} loading, {} failed)",
+                q.model, stats.loading, stats.failed
+            ),
+        )
+    } else if stats.eligible == 0 {
+        (
+            "no_healthy_node",
+            format!(
+                "model `{}` is ready on {} node(s), none of them healthy and accepting sessions",
+                q.model, stats.ready
+            ),
+        )
+    } else {
+        (
+            "constraints_unsatisfied",
+            format!(
+                "{} eligible node(s) hold model `{}`, none in the allowed regions [{}]{}",
+                stats.eligible,
+                q.model,
+                q.allowed_regions.join(", "),
+                if q.pipeline.is_some() { " with the pipeline servable" } else { "" }
+            ),
+        )
+    };
+    Reason { code, message, model_nodes: Some(stats) }
+}
+
+async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Response {
+    let cfg = &sh.cfg;
+    let params = match parse_params(
+        raw.as_deref(),
+        cfg.serving.default_k,
+        cfg.serving.max_k,
+        sh.default_strategy,
+        cfg.limits.max_query_bytes,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            sh.metrics.discover.get_or_create(&OutcomeLabels { outcome: "bad_request" }).inc();
+            return e.into_response();
+        }
+    };
+    let snap = sh.snapshot.load();
+    let q = &params.query;
+    let (candidates, excluded) = if params.explain {
+        let ranking = snap.explain(q, params.strategy);
+        let cands: Vec<Candidate> = ranking
+            .candidates
+            .iter()
+            .filter_map(|c| {
+                let info = &snap.infos()[snap.index_of(&c.node)?];
+                let mut cand = Candidate::new(info, c.score_ms);
+                cand.factors = Some(FactorsJson::from(&c.factors));
+                Some(cand)
+            })
+            .collect();
+        let excluded = ranking
+            .excluded
+            .iter()
+            .filter_map(|(id, why)| {
+                let info = &snap.infos()[snap.index_of(id)?];
+                let detail = match why {
+                    Exclusion::Unhealthy | Exclusion::Draining => {
+                        info.health_reason.clone().unwrap_or_default()
+                    }
+                    Exclusion::ModelNotReady => match info.detail.model_states.get(&q.model) {
+                        Some(ModelState::Loading) => "model loading".to_owned(),
+                        Some(ModelState::Failed) => "model failed to load".to_owned(),
+                        _ => "model not on the node".to_owned(),
+                    },
+                    Exclusion::PipelineNotServable => {
+                        "a model of the pipeline is not ready on the node".to_owned()
+                    }
+                    Exclusion::RegionNotAllowed => {
+                        format!("region `{}` is not in the allowed regions", info.region)
+                    }
+                };
+                Some(Excluded {
+                    id: &info.id,
+                    region: &info.region,
+                    reason: exclusion_code(*why),
+                    detail,
+                })
+            })
+            .collect();
+        (cands, Some(excluded))
+    } else {
+        let cands = snap
+            .top_k(q, params.strategy)
+            .into_iter()
+            .map(|c| Candidate::new(snap.info(c), c.score_ms))
+            .collect();
+        (cands, None)
+    };
+    let reason: Option<Reason> =
+        if candidates.is_empty() { Some(empty_reason(&snap, &params)) } else { None };
+    sh.metrics
+        .discover
+        .get_or_create(&OutcomeLabels { outcome: if reason.is_some() { "empty" } else { "ok" } })
+        .inc();
+    let body = DiscoverResponse {
+        object: "edgeroute.discovery",
+        model: &q.model,
+        pipeline: q.pipeline.as_deref(),
+        strategy: params.strategy.name(),
+        regions: &q.allowed_regions,
+        ttl_ms: cfg.serving.ttl_ms,
+        stale_ok_ms: cfg.serving.stale_ok_ms,
+        generation: snap.generation,
+        generated_at_ms: snap.built_at_unix_ms,
+        replica: &cfg.discovery.id,
+        candidates,
+        reason,
+        excluded,
+    };
+    json_response(&sh, &body, Some(&sh.cache_control))
+}
+
+fn json_response<T: Serialize>(sh: &Shared, body: &T, cache: Option<&HeaderValue>) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => {
+            let mut res = (StatusCode::OK, bytes).into_response();
+            let h = res.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(REPLICA_HEADER, sh.replica_header.clone());
+            if let Some(c) = cache {
+                h.insert(header::CACHE_CONTROL, c.clone());
+            }
+            res
+        }
+        Err(e) => ApiError::internal(format!("serialising the answer: {e}")).into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct NodesResponse<'a> {
+    object: &'static str,
+    generation: u64,
+    generated_at_ms: u64,
+    replica: &'a str,
+    nodes: &'a [NodeInfo],
+}
+
+async fn nodes(State(sh): State<Arc<Shared>>) -> Response {
+    let snap = sh.snapshot.load();
+    let body = NodesResponse {
+        object: "edgeroute.nodes",
+        generation: snap.generation,
+        generated_at_ms: snap.built_at_unix_ms,
+        replica: &sh.cfg.discovery.id,
+        nodes: snap.infos(),
+    };
+    json_response(&sh, &body, None)
+}
+
+#[derive(Serialize)]
+struct TopologyResponse<'a> {
+    object: &'static str,
+    generation: u64,
+    models: Vec<&'a str>,
+    nodes: Vec<TopologyNode<'a>>,
+    /// model → node → state, for every model a node holds in any state.
+    matrix: BTreeMap<&'a str, BTreeMap<&'a str, ModelState>>,
+}
+
+#[derive(Serialize)]
+struct TopologyNode<'a> {
+    id: &'a str,
+    region: &'a str,
+    health: &'static str,
+}
+
+async fn topology(State(sh): State<Arc<Shared>>) -> Response {
+    let snap = sh.snapshot.load();
+    let mut matrix: BTreeMap<&str, BTreeMap<&str, ModelState>> = BTreeMap::new();
+    for n in snap.infos() {
+        for (m, s) in &n.detail.model_states {
+            matrix.entry(m.as_str()).or_default().insert(n.id.as_str(), *s);
+        }
+    }
+    let body = TopologyResponse {
+        object: "edgeroute.topology",
+        generation: snap.generation,
+        models: matrix.keys().copied().collect(),
+        nodes: snap
+            .infos()
+            .iter()
+            .map(|n| TopologyNode { id: &n.id, region: &n.region, health: n.health })
+            .collect(),
+        matrix,
+    };
+    json_response(&sh, &body, None)
+}
+
+#[derive(Serialize)]
+struct HealthResponse<'a> {
+    status: &'static str,
+    replica: &'a str,
+    region: &'a str,
+    version: &'static str,
+    uptime_s: u64,
+    generation: u64,
+    /// Milliseconds since the snapshot was built.
+    snapshot_age_ms: u64,
+    nodes: usize,
+    nodes_by_health: BTreeMap<&'static str, usize>,
+    bus: BusHealth,
+}
+
+#[derive(Serialize)]
+struct BusHealth {
+    configured: bool,
+    connected: bool,
+    synced: bool,
+    updates: u64,
+}
+
+async fn health(State(sh): State<Arc<Shared>>) -> Response {
+    let snap = sh.snapshot.load();
+    let mut by_health: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for n in snap.infos() {
+        *by_health.entry(n.health).or_default() += 1;
+    }
+    let now_ms = crate::unix_ms();
+    let bus = sh.bus_status();
+    // Degraded, not down: with the bus or every node unreachable, the last-known fleet is still
+    // the best answer a client can get.
+    let status = if bus.configured && !bus.connected { "degraded" } else { "ready" };
+    let body = HealthResponse {
+        status,
+        replica: &sh.cfg.discovery.id,
+        region: &sh.cfg.discovery.region,
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: sh.started.elapsed().as_secs(),
+        generation: snap.generation,
+        snapshot_age_ms: now_ms.saturating_sub(snap.built_at_unix_ms),
+        nodes: snap.len(),
+        nodes_by_health: by_health,
+        bus: BusHealth {
+            configured: bus.configured,
+            connected: bus.connected,
+            synced: bus.synced,
+            updates: bus.updates,
+        },
+    };
+    json_response(&sh, &body, None)
+}
+
+async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
+    sh.refresh_gauges();
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        sh.metrics.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(q: &str) -> Result<DiscoverParams, ApiError> {
+        parse_params(Some(q), 3, 32, Strategy::LatencyFirst, 2048)
+    }
+
+    #[test]
+    fn parameters_parse_and_default() {
+        let p = parse("model=llama-3.1-8b&region=tor,mtl&region=van&k=5&explain").unwrap();
+        assert_eq!(p.query.allowed_regions, ["tor", "mtl", "van"]);
+        assert_eq!((p.query.k, p.explain, p.strategy), (5, true, Strategy::LatencyFirst));
+        let p = parse("model=meta%2Fllama&strategy=cost-optimized&pipeline=voice").unwrap();
+        assert_eq!(p.query.model, "meta/llama");
+        assert_eq!(p.query.k, 3);
+        assert_eq!(p.strategy, Strategy::CostOptimized);
+        assert_eq!(p.query.pipeline.as_deref(), Some("voice"));
+    }
+
+    #[test]
+    fn bad_input_names_the_parameter() {
+        let param = |q: &str| parse(q).unwrap_err().body.error.param.unwrap_or_default();
+        assert_eq!(param("k=3"), "model");
+        assert_eq!(param("model=a&k=0"), "k");
+        assert_eq!(param("model=a&k=33"), "k");
+        assert_eq!(param("model=a&k=x"), "k");
+        assert_eq!(param("model=a&region=to%20r"), "region");
+        assert_eq!(param("model=a&region="), "region");
+        assert_eq!(param("model=a&regions=tor"), "regions", "a typo must not drop residency");
+        assert_eq!(param("model=a&model=b"), "model");
+        assert_eq!(param("model=a&strategy=fast"), "strategy");
+        assert_eq!(param("model=a&explain=maybe"), "explain");
+        assert_eq!(param("model=a%20b"), "model");
+        let long = format!("model={}", "a".repeat(3000));
+        assert_eq!(parse(&long).unwrap_err().status, StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,483 @@
+//! Discovery's configuration: one TOML file, strictly parsed, every default documented here.
+//!
+//! Unknown keys are errors naming the key. `EDGEROUTE_LISTEN` and `EDGEROUTE_REGION` override
+//! the file. Only the binary reads files and the environment; this module turns text and an env
+//! lookup into a validated [`DiscoveryConfig`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use edgeroute_core::health::HealthParams;
+use edgeroute_core::score::{Strategy, Weights};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid discovery config: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("invalid discovery config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_owned(), message: message.into() }
+}
+
+pub(crate) fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    #[serde(default)]
+    pub discovery: Section,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub probe: ProbeConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub scoring: ScoringConfig,
+    #[serde(default)]
+    pub serving: ServingConfig,
+    /// Nodes known from configuration (others announce themselves on the bus).
+    #[serde(default)]
+    pub nodes: Vec<StaticNode>,
+    /// The topology bus to follow. Absent: only `[[nodes]]` and their `/health`.
+    #[serde(default)]
+    pub bus: Option<edgeroute_bus::BusConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Section {
+    /// This replica's id, reported in `/health` and `x-edgeroute-discovery`. Default `discovery`.
+    pub id: String,
+    /// The region this replica serves (informative). Default `local`.
+    pub region: String,
+    /// Default `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// Runtime threads: `0` = one per core. Default `0`.
+    pub worker_threads: usize,
+}
+
+impl Default for Section {
+    fn default() -> Self {
+        Section {
+            id: "discovery".into(),
+            region: "local".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            worker_threads: 0,
+        }
+    }
+}
+
+/// Server limits. Durations in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Default 5000.
+    pub header_read_timeout_ms: u64,
+    /// Default 60000.
+    pub idle_timeout_ms: u64,
+    /// Default 4096.
+    pub max_connections: usize,
+    /// Largest request head, bytes. Default 16384.
+    pub max_header_bytes: usize,
+    /// Longest query string accepted by `/v1/discover`, bytes. Default 2048.
+    pub max_query_bytes: usize,
+    /// Default 5000.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout_ms: 5000,
+            idle_timeout_ms: 60_000,
+            max_connections: 4096,
+            max_header_bytes: 16 * 1024,
+            max_query_bytes: 2048,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn server_limits(&self) -> edgeroute_http::ServerLimits {
+        edgeroute_http::ServerLimits {
+            header_read_timeout: ms(self.header_read_timeout_ms),
+            idle_timeout: ms(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            shutdown_grace: ms(self.shutdown_grace_ms),
+            ..Default::default()
+        }
+    }
+}
+
+/// Pulling each node's `/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Time between two probes of a node. Default 1000.
+    pub interval_ms: u64,
+    /// A probe not answered within this is failed. Must be below `interval_ms`. Default 500.
+    pub timeout_ms: u64,
+    /// Largest `/health` body accepted, bytes. Default 262144.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig { interval_ms: 1000, timeout_ms: 500, max_body_bytes: 256 * 1024 }
+    }
+}
+
+/// The health detector's parameters; see `edgeroute_core::health` for what each means.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// φ above which a silent node is ejected. Default 8.
+    pub phi_eject: f64,
+    /// Probe inter-arrival history. Default 100.
+    pub window: usize,
+    /// Floor on the probe-interval deviation, ms. Default 100.
+    pub min_std_ms: u64,
+    /// Wilson lower bound of the error rate that ejects. Default 0.5.
+    pub eject_error_rate: f64,
+    /// Wilson lower bound of the error rate that degrades. Default 0.1.
+    pub degrade_error_rate: f64,
+    /// z of the Wilson interval. Default 1.96.
+    pub z: f64,
+    /// Consecutive good probes before an ejected node rejoins. Default 3.
+    pub readmit_after: u32,
+    /// A node only on the bus, down, is forgotten after this long. Default 600000.
+    pub forget_after_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        let p = HealthParams::default();
+        HealthConfig {
+            phi_eject: p.phi_eject,
+            window: p.window,
+            min_std_ms: p.min_std.as_millis() as u64,
+            eject_error_rate: p.eject_error_rate,
+            degrade_error_rate: p.degrade_error_rate,
+            z: p.z,
+            readmit_after: p.readmit_after,
+            forget_after_ms: 600_000,
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn params(&self) -> HealthParams {
+        HealthParams {
+            phi_eject: self.phi_eject,
+            window: self.window,
+            min_std: ms(self.min_std_ms),
+            eject_error_rate: self.eject_error_rate,
+            degrade_error_rate: self.degrade_error_rate,
+            z: self.z,
+            readmit_after: self.readmit_after,
+        }
+    }
+}
+
+/// Overrides of one strategy's weights (see `edgeroute_core::score::Weights`); unset keys keep
+/// the preset's value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WeightOverrides {
+    pub degraded_ms: Option<f64>,
+    pub saturated_ms: Option<f64>,
+    pub error_rate_ms: Option<f64>,
+    pub queue_factor: Option<f64>,
+    pub load_ms: Option<f64>,
+    pub cost_ms: Option<f64>,
+    pub pipeline_busy_ms: Option<f64>,
+}
+
+impl WeightOverrides {
+    fn apply(&self, mut w: Weights) -> Weights {
+        let set = |slot: &mut f64, v: Option<f64>| {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        };
+        set(&mut w.degraded_ms, self.degraded_ms);
+        set(&mut w.saturated_ms, self.saturated_ms);
+        set(&mut w.error_rate_ms, self.error_rate_ms);
+        set(&mut w.queue_factor, self.queue_factor);
+        set(&mut w.load_ms, self.load_ms);
+        set(&mut w.cost_ms, self.cost_ms);
+        set(&mut w.pipeline_busy_ms, self.pipeline_busy_ms);
+        w
+    }
+
+    fn values(&self) -> [(&'static str, Option<f64>); 7] {
+        [
+            ("degraded_ms", self.degraded_ms),
+            ("saturated_ms", self.saturated_ms),
+            ("error_rate_ms", self.error_rate_ms),
+            ("queue_factor", self.queue_factor),
+            ("load_ms", self.load_ms),
+            ("cost_ms", self.cost_ms),
+            ("pipeline_busy_ms", self.pipeline_busy_ms),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScoringConfig {
+    /// The strategy used when a request names none: `latency_first`, `availability_first` or
+    /// `cost_optimized`. Default `latency_first`.
+    pub strategy: String,
+    pub latency_first: WeightOverrides,
+    pub availability_first: WeightOverrides,
+    pub cost_optimized: WeightOverrides,
+    /// Predicted TTFT of a node that has served fewer than `min_ttft_samples` requests, when no
+    /// node of the fleet has either; otherwise the fleet's median p50 is used. Default 250.
+    pub unknown_ttft_ms: f64,
+    /// Default 5.
+    pub min_ttft_samples: u64,
+    /// Shortest time between two rebuilds of the ranked lists: changes arriving meanwhile are
+    /// folded into the next one. Default 5.
+    pub rebuild_interval_ms: u64,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        ScoringConfig {
+            strategy: "latency_first".into(),
+            latency_first: WeightOverrides::default(),
+            availability_first: WeightOverrides::default(),
+            cost_optimized: WeightOverrides::default(),
+            unknown_ttft_ms: 250.0,
+            min_ttft_samples: 5,
+            rebuild_interval_ms: 5,
+        }
+    }
+}
+
+impl ScoringConfig {
+    pub fn default_strategy(&self) -> Strategy {
+        Strategy::from_name(&self.strategy).unwrap_or(Strategy::LatencyFirst)
+    }
+
+    /// Each strategy's weights, in [`Strategy::ALL`] order.
+    pub fn weights(&self) -> [Weights; 3] {
+        Strategy::ALL.map(|s| self.overrides(s).apply(Weights::for_strategy(s)))
+    }
+
+    fn overrides(&self, s: Strategy) -> &WeightOverrides {
+        match s {
+            Strategy::LatencyFirst => &self.latency_first,
+            Strategy::AvailabilityFirst => &self.availability_first,
+            Strategy::CostOptimized => &self.cost_optimized,
+        }
+    }
+}
+
+/// What `/v1/discover` tells clients about caching, and the bounds on `k`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServingConfig {
+    /// How long a client may use an answer before asking again. Default 5000.
+    pub ttl_ms: u64,
+    /// How long a client may keep using an answer while discovery is unreachable. Default
+    /// 300000.
+    pub stale_ok_ms: u64,
+    /// Candidates returned when the request gives no `k`. Default 3.
+    pub default_k: usize,
+    /// Largest `k` accepted. Default 32.
+    pub max_k: usize,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig { ttl_ms: 5000, stale_ok_ms: 300_000, default_k: 3, max_k: 32 }
+    }
+}
+
+/// A node known from configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticNode {
+    pub id: String,
+    /// Base URL of the node's gateway (`http://10.0.0.5:8080`).
+    pub url: String,
+    pub region: String,
+    /// Price per 1,000 tokens, for the cost-optimized strategy. Default 0 (unknown).
+    #[serde(default)]
+    pub cost_per_1k: f64,
+}
+
+/// A node or region name: short, lowercase-friendly, safe in URLs, headers and NATS subjects.
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl DiscoveryConfig {
+    /// Parses `text`, applies environment overrides from `env`, validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<DiscoveryConfig, ConfigError> {
+        let mut cfg: DiscoveryConfig = toml::from_str(text)?;
+        if let Some(v) = env("EDGEROUTE_LISTEN") {
+            cfg.discovery.listen =
+                v.parse().map_err(|_| invalid("EDGEROUTE_LISTEN", "not an ip:port"))?;
+        }
+        if let Some(v) = env("EDGEROUTE_REGION") {
+            cfg.discovery.region = v;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_name(&self.discovery.id) {
+            return Err(invalid("discovery.id", "1-64 characters of [A-Za-z0-9._-]"));
+        }
+        if !is_name(&self.discovery.region) {
+            return Err(invalid("discovery.region", "1-64 characters of [A-Za-z0-9._-]"));
+        }
+        let p = &self.probe;
+        if p.interval_ms == 0 || p.timeout_ms == 0 || p.timeout_ms >= p.interval_ms {
+            return Err(invalid(
+                "probe.timeout_ms",
+                "must be positive and below probe.interval_ms",
+            ));
+        }
+        if p.max_body_bytes < 1024 {
+            return Err(invalid("probe.max_body_bytes", "at least 1024"));
+        }
+        let h = &self.health;
+        let checks: [(&str, bool); 6] = [
+            ("health.phi_eject", h.phi_eject.is_finite() && h.phi_eject > 0.0),
+            ("health.window", h.window >= 2),
+            ("health.eject_error_rate", (0.0..=1.0).contains(&h.eject_error_rate)),
+            (
+                "health.degrade_error_rate",
+                (0.0..=1.0).contains(&h.degrade_error_rate)
+                    && h.degrade_error_rate <= h.eject_error_rate,
+            ),
+            ("health.z", h.z.is_finite() && h.z > 0.0),
+            ("health.readmit_after", h.readmit_after >= 1),
+        ];
+        if let Some((key, _)) = checks.iter().find(|(_, ok)| !ok) {
+            return Err(invalid(key, "out of range (see the documented default)"));
+        }
+        let s = &self.scoring;
+        if Strategy::from_name(&s.strategy).is_none() {
+            return Err(invalid(
+                "scoring.strategy",
+                "one of latency_first, availability_first, cost_optimized",
+            ));
+        }
+        for strategy in Strategy::ALL {
+            for (name, v) in s.overrides(strategy).values() {
+                if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    return Err(invalid(
+                        &format!("scoring.{}.{name}", strategy.name()),
+                        "a finite number ≥ 0",
+                    ));
+                }
+            }
+        }
+        if !s.unknown_ttft_ms.is_finite() || s.unknown_ttft_ms < 0.0 {
+            return Err(invalid("scoring.unknown_ttft_ms", "a finite number ≥ 0"));
+        }
+        let v = &self.serving;
+        if v.max_k == 0 || v.max_k > 1000 || v.default_k == 0 || v.default_k > v.max_k {
+            return Err(invalid("serving.default_k", "1 ≤ default_k ≤ max_k ≤ 1000"));
+        }
+        if v.ttl_ms == 0 || v.stale_ok_ms < v.ttl_ms {
+            return Err(invalid("serving.stale_ok_ms", "ttl_ms > 0 and stale_ok_ms ≥ ttl_ms"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let key = |f: &str| format!("nodes[{i}].{f}");
+            if !is_name(&n.id) {
+                return Err(invalid(&key("id"), "1-64 characters of [A-Za-z0-9._-]"));
+            }
+            if !seen.insert(n.id.as_str()) {
+                return Err(invalid(&key("id"), format!("`{}` is listed twice", n.id)));
+            }
+            if !is_name(&n.region) {
+                return Err(invalid(&key("region"), "1-64 characters of [A-Za-z0-9._-]"));
+            }
+            if crate::probe::health_uri(&n.url).is_none() {
+                return Err(invalid(&key("url"), "an http:// URL with a host"));
+            }
+            if !n.cost_per_1k.is_finite() || n.cost_per_1k < 0.0 {
+                return Err(invalid(&key("cost_per_1k"), "a finite number ≥ 0"));
+            }
+        }
+        if let Some(b) = &self.bus {
+            b.validate().map_err(|e| invalid("bus", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<DiscoveryConfig, ConfigError> {
+        DiscoveryConfig::from_toml(s, |_| None)
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = parse(
+            r#"
+            [scoring]
+            strategy = "cost-optimized"
+            [scoring.latency_first]
+            degraded_ms = 500
+            [[nodes]]
+            id = "tor-1"
+            url = "http://127.0.0.1:9000"
+            region = "toronto"
+            cost_per_1k = 0.2
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.scoring.default_strategy(), Strategy::CostOptimized);
+        let w = c.scoring.weights();
+        assert_eq!(w[0].degraded_ms, 500.0);
+        assert_eq!(w[1], Weights::for_strategy(Strategy::AvailabilityFirst));
+        assert_eq!(c.probe.interval_ms, 1000);
+        let c = DiscoveryConfig::from_toml("", |k| {
+            (k == "EDGEROUTE_LISTEN").then(|| "127.0.0.1:9999".to_owned())
+        })
+        .unwrap();
+        assert_eq!(c.discovery.listen.port(), 9999);
+    }
+
+    #[test]
+    fn mistakes_name_their_key() {
+        let err = |s: &str| parse(s).unwrap_err().to_string();
+        assert!(err("[probe]\ninterval_ms = 100\ntimeout_ms = 200").contains("probe.timeout_ms"));
+        assert!(err("[scoring]\nstrategy = \"fastest\"").contains("scoring.strategy"));
+        assert!(err("[scoring.cost_optimized]\ncost_ms = -1").contains("cost_optimized.cost_ms"));
+        assert!(err("[serving]\ndefault_k = 50").contains("default_k"));
+        assert!(err("[scoring]\nstratgy = \"x\"").contains("stratgy"));
+        let dup = "[[nodes]]\nid=\"a\"\nurl=\"http://h:1\"\nregion=\"r\"\n".repeat(2);
+        assert!(err(&dup).contains("listed twice"));
+        assert!(err("[[nodes]]\nid=\"a\"\nurl=\"ftp://h\"\nregion=\"r\"").contains("nodes[0].url"));
+        assert!(
+            err("[[nodes]]\nid=\"a b\"\nurl=\"http://h\"\nregion=\"r\"").contains("nodes[0].id")
+        );
+    }
+}

@@ -1,0 +1,435 @@
+//! The discovery service: which nodes, in which order, for this model and this client.
+//!
+//! Off the hot path by design: a client asks once per session, then talks to nodes directly,
+//! and a dead replica costs nothing but routing refreshes. One replica per region; each is
+//! stateless apart from caches, and replicas agree because they follow the same topology bus
+//! and probe the same nodes.
+//!
+//! How a decision is made, from the edges in:
+//! - [`fleet`] (pure): the registry. Nodes come from `[[nodes]]` and from the topology bus;
+//!   placement from whichever source is newer; telemetry from the node's `/health`; health
+//!   verdicts from `edgeroute_core::health` (phi-accrual on probe arrivals, Wilson bounds on
+//!   error rates, eject/readmit hysteresis).
+//! - [`snapshot`] (pure): every node's view, ranked for every model, pipeline, strategy and
+//!   region by `edgeroute_core::score`, held immutable behind an `ArcSwap`.
+//! - [`probe`]: the `/health` puller (the network seam is the [`probe::Probe`] trait).
+//! - [`api`]: `/v1/discover`, `/v1/nodes`, `/v1/topology`, `/health`, `/metrics`.
+//!
+//! Background tasks (started by [`Discovery::start`]): the bus follower, the probe tasks, and
+//! the rebuilder, which folds bursts of changes into one new snapshot every
+//! `scoring.rebuild_interval_ms` at most.
+
+pub mod api;
+pub mod config;
+pub mod fleet;
+pub mod metrics;
+pub mod probe;
+pub mod snapshot;
+pub mod synthetic;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use edgeroute_bus::{Bus, FleetUpdate};
+use edgeroute_core::score::{Strategy, Weights};
+use edgeroute_http::Listener;
+use futures_util::StreamExt;
+use http::HeaderValue;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use config::DiscoveryConfig;
+pub use snapshot::Snapshot;
+
+use crate::config::ms;
+use crate::fleet::{Change, Fleet, ViewParams};
+use crate::metrics::{HealthLabels, Metrics, OutcomeLabels};
+use crate::probe::{HttpProbe, Probe, Scheduler};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("topology bus: {0}")]
+    Bus(#[from] edgeroute_bus::BusError),
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The bus as the replica last saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusStatus {
+    pub configured: bool,
+    pub connected: bool,
+    pub synced: bool,
+    pub updates: u64,
+}
+
+/// State shared by the handlers and the background tasks.
+pub struct Shared {
+    pub cfg: DiscoveryConfig,
+    pub(crate) default_strategy: Strategy,
+    weights: [Weights; 3],
+    view_params: ViewParams,
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    fleet: Mutex<Fleet>,
+    scheduler: Mutex<Option<Scheduler>>,
+    dirty: Notify,
+    pub(crate) started: Instant,
+    pub(crate) metrics: Metrics,
+    generation: AtomicU64,
+    generations: watch::Sender<u64>,
+    bus_configured: AtomicBool,
+    bus_connected: AtomicBool,
+    bus_synced: AtomicBool,
+    bus_updates: AtomicU64,
+    pub(crate) replica_header: HeaderValue,
+    pub(crate) cache_control: HeaderValue,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("replica", &self.cfg.discovery.id).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub(crate) fn bus_status(&self) -> BusStatus {
+        BusStatus {
+            configured: self.bus_configured.load(Ordering::Relaxed),
+            connected: self.bus_connected.load(Ordering::Relaxed),
+            synced: self.bus_synced.load(Ordering::Relaxed),
+            updates: self.bus_updates.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn refresh_gauges(&self) {
+        let snap = self.snapshot.load();
+        for h in ["ready", "degraded", "saturated", "draining", "unhealthy"] {
+            let n = snap.infos().iter().filter(|i| i.health == h).count();
+            self.metrics.nodes.get_or_create(&HealthLabels { health: h }).set(n as i64);
+        }
+        self.metrics.bus_connected.set(i64::from(self.bus_connected.load(Ordering::Relaxed)));
+    }
+
+    fn apply(&self, change: Change) {
+        match change {
+            Change::None => {}
+            Change::Changed => self.dirty.notify_one(),
+            Change::Target { id, url } => {
+                if let Ok(mut s) = self.scheduler.lock()
+                    && let Some(s) = s.as_mut()
+                {
+                    s.ensure(&id, &url);
+                }
+                self.dirty.notify_one();
+            }
+        }
+    }
+
+    /// Rebuilds the snapshot from the registry now.
+    fn rebuild(&self) {
+        let t0 = std::time::Instant::now();
+        let now = self.now();
+        let (entries, forgotten) = {
+            let Ok(mut fleet) = self.fleet.lock() else { return };
+            let forgotten = fleet.forget(now);
+            (fleet.entries(now, self.view_params), forgotten)
+        };
+        if !forgotten.is_empty()
+            && let Ok(mut s) = self.scheduler.lock()
+            && let Some(s) = s.as_mut()
+        {
+            for id in &forgotten {
+                s.remove(id);
+            }
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let snap = Snapshot::build(entries, self.weights, generation, unix_ms());
+        self.snapshot.store(Arc::new(snap));
+        self.generations.send_replace(generation);
+        self.metrics.rebuilds.inc();
+        self.metrics.generation.set(generation as i64);
+        self.metrics.rebuild_seconds.observe(t0.elapsed().as_secs_f64());
+    }
+}
+
+/// A discovery replica, built and ready to start.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    shared: Arc<Shared>,
+    bus: Option<Bus>,
+    probe: Option<Arc<dyn ProbeDebug>>,
+}
+
+/// [`Probe`] with `Debug`, for storing in [`Discovery`].
+pub trait ProbeDebug: Probe + std::fmt::Debug {}
+impl<T: Probe + std::fmt::Debug> ProbeDebug for T {}
+
+/// The running background tasks; dropping it does not stop them, [`Running::stop`] does.
+#[derive(Debug)]
+pub struct Running {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Ok(mut s) = self.shared.scheduler.lock() {
+            *s = None;
+        }
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Discovery {
+    pub fn build(cfg: DiscoveryConfig) -> Result<Discovery, DiscoveryError> {
+        cfg.validate()?;
+        let started = Instant::now();
+        let mut fleet = Fleet::new(cfg.health.params(), ms(cfg.health.forget_after_ms));
+        for n in &cfg.nodes {
+            fleet.add_static(n, Duration::ZERO);
+        }
+        let replica_header =
+            HeaderValue::from_str(&cfg.discovery.id).map_err(|_| config::ConfigError::Invalid {
+                key: "discovery.id".into(),
+                message: "not a valid header value".into(),
+            })?;
+        let cache_control = HeaderValue::from_str(&format!(
+            "max-age={}, stale-if-error={}",
+            cfg.serving.ttl_ms / 1000,
+            cfg.serving.stale_ok_ms / 1000
+        ))
+        .unwrap_or(HeaderValue::from_static("no-cache"));
+        let (generations, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            default_strategy: cfg.scoring.default_strategy(),
+            weights: cfg.scoring.weights(),
+            view_params: ViewParams {
+                unknown_ttft_ms: cfg.scoring.unknown_ttft_ms,
+                min_ttft_samples: cfg.scoring.min_ttft_samples,
+            },
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            fleet: Mutex::new(fleet),
+            scheduler: Mutex::new(None),
+            dirty: Notify::new(),
+            started,
+            metrics: Metrics::default(),
+            generation: AtomicU64::new(0),
+            generations,
+            bus_configured: AtomicBool::new(cfg.bus.is_some()),
+            bus_connected: AtomicBool::new(false),
+            bus_synced: AtomicBool::new(false),
+            bus_updates: AtomicU64::new(0),
+            replica_header,
+            cache_control,
+            cfg,
+        });
+        shared.rebuild();
+        Ok(Discovery { shared, bus: None, probe: None })
+    }
+
+    /// Follows `bus` (instead of the one `[bus]` configures): the embedded bus shared with
+    /// nodes in one process.
+    pub fn with_bus(mut self, bus: Bus) -> Self {
+        self.shared.bus_configured.store(true, Ordering::Relaxed);
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Probes through `probe` instead of HTTP.
+    pub fn with_probe(mut self, probe: Arc<dyn ProbeDebug>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.shared.clone())
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Changes each time a new snapshot is published.
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.shared.generations.subscribe()
+    }
+
+    /// Starts the probe tasks, the bus follower and the rebuilder.
+    pub async fn start(&self) -> Result<Running, DiscoveryError> {
+        let sh = self.shared.clone();
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let probe: Arc<dyn Probe> = match &self.probe {
+            Some(p) => {
+                let p = p.clone();
+                Arc::new(Forward(p))
+            }
+            None => {
+                Arc::new(HttpProbe::new(ms(sh.cfg.probe.timeout_ms), sh.cfg.probe.max_body_bytes))
+            }
+        };
+        let sink_shared = Arc::downgrade(&sh);
+        let sink: probe::Sink = Arc::new(move |id, sent, now, outcome| {
+            let Some(sh) = sink_shared.upgrade() else { return };
+            let label = match &outcome {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            };
+            sh.metrics.probes.get_or_create(&OutcomeLabels { outcome: label }).inc();
+            if let Ok(mut fleet) = sh.fleet.lock() {
+                match outcome {
+                    Ok(h) => fleet.probe_ok(id, sent, now, h),
+                    Err(e) => fleet.probe_failed(id, now, e.to_string()),
+                }
+            }
+            sh.dirty.notify_one();
+        });
+        let targets = sh.fleet.lock().map(|f| f.targets()).unwrap_or_default();
+        {
+            let mut scheduler =
+                Scheduler::new(probe, ms(sh.cfg.probe.interval_ms), sh.started, sink);
+            for (id, url) in targets {
+                scheduler.ensure(&id, &url);
+            }
+            if let Ok(mut s) = sh.scheduler.lock() {
+                *s = Some(scheduler);
+            }
+        }
+
+        let bus = match (&self.bus, &sh.cfg.bus) {
+            (Some(b), _) => Some(b.clone()),
+            (None, Some(cfg)) => Some(Bus::connect(cfg).await?),
+            (None, None) => None,
+        };
+        if let Some(bus) = bus {
+            tasks.push(tokio::spawn(follow_bus(sh.clone(), bus, stop_rx.clone())));
+        }
+        tasks.push(tokio::spawn(rebuild_loop(sh.clone(), stop_rx)));
+        Ok(Running { stop, tasks, shared: sh })
+    }
+
+    /// Starts the background tasks and serves on `listener` until `shutdown` resolves.
+    pub async fn serve<L: Listener>(
+        self,
+        listener: L,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DiscoveryError> {
+        let running = self.start().await?;
+        tracing::info!(replica = %self.shared.cfg.discovery.id, region = %self.shared.cfg.discovery.region, "discovery serving");
+        edgeroute_http::serve(
+            listener,
+            self.router(),
+            self.shared.cfg.limits.server_limits(),
+            None,
+            shutdown,
+        )
+        .await;
+        running.stop().await;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Forward(Arc<dyn ProbeDebug>);
+
+impl Probe for Forward {
+    fn probe(&self, uri: http::Uri) -> probe::ProbeFuture {
+        self.0.probe(uri)
+    }
+}
+
+async fn rebuild_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let min_gap = ms(sh.cfg.scoring.rebuild_interval_ms);
+    // Even with no change, verdicts move with time (a silent node's φ grows): re-evaluate a
+    // few times per probe interval.
+    let idle = ms((sh.cfg.probe.interval_ms / 4).max(10));
+    loop {
+        tokio::select! {
+            () = sh.dirty.notified() => {}
+            () = tokio::time::sleep(idle) => {}
+            _ = stop.changed() => return,
+        }
+        sh.rebuild();
+        tokio::select! {
+            () = tokio::time::sleep(min_gap) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Follows the topology bus into the registry. With the bus unreachable the replica serves
+/// its last-known placement and keeps probing; the subscription resyncs when it returns.
+async fn follow_bus(sh: Arc<Shared>, bus: Bus, mut stop: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(100);
+    let mut sub = loop {
+        match bus.subscribe().await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "topology bus: subscribe failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let mut status = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            update = sub.next() => {
+                let Some(update) = update else {
+                    tracing::warn!("topology bus: subscription ended");
+                    return;
+                };
+                sh.bus_updates.fetch_add(1, Ordering::Relaxed);
+                sh.metrics.bus_updates.inc();
+                let now = sh.now();
+                let change = match sh.fleet.lock() {
+                    Ok(mut fleet) => match &update {
+                        FleetUpdate::Snapshot(s) => fleet.apply_bus(s, now),
+                        FleetUpdate::Event(ev) => match sub.view().node(&ev.node_id) {
+                            Some(s) => fleet.apply_bus(s, now),
+                            None => Change::None,
+                        },
+                        FleetUpdate::Expired(id) => fleet.bus_expired(id, now),
+                    },
+                    Err(_) => Change::None,
+                };
+                sh.apply(change);
+                sh.bus_synced.store(sub.is_synced(), Ordering::Relaxed);
+            }
+            _ = status.tick() => {
+                sh.bus_connected.store(bus.is_connected(), Ordering::Relaxed);
+                sh.bus_synced.store(sub.is_synced(), Ordering::Relaxed);
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}

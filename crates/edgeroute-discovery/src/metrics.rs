@@ -1,0 +1,83 @@
+//! Prometheus metrics, named `edgeroute_discovery_*`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    pub health: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// `/v1/discover` answers by outcome: `ok`, `empty`, `bad_request`.
+    pub discover: Family<OutcomeLabels, Counter>,
+    /// Probes by outcome: `ok` or the failure kind.
+    pub probes: Family<OutcomeLabels, Counter>,
+    pub bus_updates: Counter,
+    pub rebuilds: Counter,
+    pub rebuild_seconds: Histogram,
+    pub generation: Gauge,
+    pub nodes: Family<HealthLabels, Gauge>,
+    pub bus_connected: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("edgeroute_discovery");
+        let m = Metrics {
+            discover: Family::default(),
+            probes: Family::default(),
+            bus_updates: Counter::default(),
+            rebuilds: Counter::default(),
+            rebuild_seconds: Histogram::new(
+                [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1].into_iter(),
+            ),
+            generation: Gauge::default(),
+            nodes: Family::default(),
+            bus_connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("discover_requests", "Discover answers by outcome", m.discover.clone());
+        registry.register("probes", "Health probes by outcome", m.probes.clone());
+        registry.register("bus_updates", "Topology bus updates applied", m.bus_updates.clone());
+        registry.register("rebuilds", "Snapshot rebuilds", m.rebuilds.clone());
+        registry.register(
+            "rebuild_seconds",
+            "Time to rebuild the ranked snapshot",
+            m.rebuild_seconds.clone(),
+        );
+        registry.register("generation", "Current snapshot generation", m.generation.clone());
+        registry.register("nodes", "Known nodes by health", m.nodes.clone());
+        registry.register(
+            "bus_connected",
+            "1 when the topology bus is reachable",
+            m.bus_connected.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
