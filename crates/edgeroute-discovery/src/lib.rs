@@ -274,6 +274,17 @@ impl Discovery {
         self.shared.snapshot.load_full()
     }
 
+    /// Replaces the served snapshot (benchmarks and tests serving a synthetic fleet; a running
+    /// rebuilder would overwrite it).
+    pub fn replace_snapshot(&self, snapshot: Snapshot) {
+        self.shared.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Each strategy's weights, in [`Strategy::ALL`] order.
+    pub fn weights(&self) -> [Weights; 3] {
+        self.shared.weights
+    }
+
     /// Changes each time a new snapshot is published.
     pub fn generations(&self) -> watch::Receiver<u64> {
         self.shared.generations.subscribe()

@@ -45,9 +45,9 @@ impl Default for Metrics {
             probes: Family::default(),
             bus_updates: Counter::default(),
             rebuilds: Counter::default(),
-            rebuild_seconds: Histogram::new(
-                [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1].into_iter(),
-            ),
+            rebuild_seconds: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
             generation: Gauge::default(),
             nodes: Family::default(),
             bus_connected: Gauge::default(),

@@ -41,6 +41,22 @@ impl TestNode {
         Self::start_full("", extra, |_| None, Some(bus)).await
     }
 
+    /// A node named `id` in `region`, optionally publishing on `bus`: for fleets.
+    pub async fn start_as(
+        id: &str,
+        region: &str,
+        extra: &str,
+        bus: Option<edgeroute_bus::Bus>,
+    ) -> TestNode {
+        let (id, region) = (id.to_owned(), region.to_owned());
+        let env = move |k: &str| match k {
+            "EDGEROUTE_NODE_ID" => Some(id.clone()),
+            "EDGEROUTE_REGION" => Some(region.clone()),
+            _ => None,
+        };
+        Self::start_full("", extra, env, bus).await
+    }
+
     /// As [`TestNode::start`], with more keys in the `[auth]` table (e.g. `jwks_file`).
     pub async fn start_with_auth(auth_extra: &str, extra: &str) -> TestNode {
         Self::start_full(auth_extra, extra, |_| None, None).await

@@ -1,0 +1,391 @@
+//! Discovery against real simulator nodes on loopback: a three-region fleet discovered, scored
+//! and served; drain, stop and model loads reflected; a killed node ejected in the detector's
+//! time and readmitted only after verified recovery; two replicas over a real NATS server that
+//! agree on the fleet and survive NATS going away.
+#![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use edgeroute_bus::{Bus, BusConfig};
+use edgeroute_discovery::{Discovery, DiscoveryConfig};
+use edgeroute_test_util::nats::NatsServer;
+use edgeroute_test_util::{Reply, TestNode, get};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+struct Replica {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Replica {
+    async fn start(toml: &str, bus: Option<Bus>) -> Replica {
+        let cfg = DiscoveryConfig::from_toml(toml, |_| None).unwrap();
+        let mut d = Discovery::build(cfg).unwrap();
+        if let Some(b) = bus {
+            d = d.with_bus(b);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            d.serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Replica { addr, stop: Some(tx), task: Some(task) }
+    }
+
+    async fn discover(&self, query: &str) -> Reply {
+        get(self.addr, &format!("/v1/discover?{query}"), None).await
+    }
+
+    async fn ids(&self, query: &str) -> Vec<String> {
+        let r = self.discover(query).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Polls `/v1/discover?{query}` until the candidate ids satisfy `pred`; returns the time.
+    async fn until(
+        &self,
+        query: &str,
+        limit: Duration,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Duration {
+        let t = Instant::now();
+        loop {
+            let ids = self.ids(query).await;
+            if pred(&ids) {
+                return t.elapsed();
+            }
+            assert!(t.elapsed() < limit, "`{query}` still gives {ids:?} after {limit:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn json(&self, path: &str) -> Value {
+        let r = get(self.addr, path, None).await;
+        assert_eq!(r.status, 200);
+        r.json()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("edgeroute-disc-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("fresh-model")).unwrap();
+    d
+}
+
+fn node_cfg(root: &std::path::Path, ttft_ms: u64, extra: &str) -> String {
+    format!(
+        "[models]\nallowed_local_roots = [\"{}\"]\nsim_load_time_ms = 20\n{extra}\n[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = {ttft_ms}\nprefill_us_per_token = 0\ntokens_per_s = 1000.0\n",
+        root.display()
+    )
+}
+
+const FAST: &str = "[probe]\ninterval_ms = 200\ntimeout_ms = 150\n[health]\nmin_std_ms = 50\n";
+
+async fn warm(node: &TestNode, n: usize) {
+    let chat = json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    for _ in 0..n {
+        assert_eq!(node.chat(chat.clone()).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_three_region_fleet_is_discovered_scored_and_served() {
+    let root = tempdir("three");
+    let bus = Bus::embedded(&BusConfig::embedded()).unwrap();
+    let van =
+        TestNode::start_as("van-1", "vancouver", &node_cfg(&root, 60, ""), Some(bus.clone())).await;
+    let mut tor =
+        TestNode::start_as("tor-1", "toronto", &node_cfg(&root, 10, ""), Some(bus.clone())).await;
+    let mtl =
+        TestNode::start_as("mtl-1", "montreal", &node_cfg(&root, 30, ""), Some(bus.clone())).await;
+    // Enough traffic that each node reports its own TTFT percentiles.
+    for n in [&van, &tor, &mtl] {
+        warm(n, 6).await;
+    }
+    let d =
+        Replica::start(&format!("[discovery]\nid = \"disc-tor\"\n{FAST}"), Some(bus.clone())).await;
+    let q = "model=sim-llama&k=3";
+    d.until(q, Duration::from_secs(5), |ids| ids == ["tor-1", "mtl-1", "van-1"]).await;
+
+    let r = d.discover(q).await;
+    assert_eq!(r.header("x-edgeroute-discovery"), Some("disc-tor"));
+    assert!(r.header("cache-control").unwrap().contains("max-age=5"));
+    let body = r.json();
+    assert_eq!(body["ttl_ms"], 5000);
+    assert_eq!(body["stale_ok_ms"], 300_000);
+    let best = &body["candidates"][0];
+    assert_eq!(best["region"], "toronto");
+    assert_eq!(best["health"], "ready");
+    assert_eq!(best["url"], format!("http://{}", tor.addr));
+    assert!(best["models"].as_array().unwrap().contains(&json!("sim-llama")));
+    assert!(best["ttft_p50_ms"].as_f64().unwrap() >= 10.0);
+    let scores: Vec<f64> = body["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["score_ms"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] <= w[1]), "{scores:?}");
+
+    // Data residency is a hard filter; k bounds the answer.
+    assert_eq!(d.ids("model=sim-llama&region=vancouver,montreal").await, ["mtl-1", "van-1"]);
+    assert_eq!(d.ids("model=sim-llama&k=1").await, ["tor-1"]);
+    // Explain: every factor, and why the others were left out.
+    let e = d.discover("model=sim-llama&region=toronto&explain=true").await.json();
+    let f = &e["candidates"][0]["factors"];
+    assert!(f["ttft_p50_ms"].as_f64().unwrap() > 0.0 && f["queue_wait_ms"].is_number());
+    let excluded: Vec<(&str, &str)> = e["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["id"].as_str().unwrap(), x["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(excluded, [("mtl-1", "region_not_allowed"), ("van-1", "region_not_allowed")]);
+
+    // Bad input: precise 4xx; an unknown model is an empty answer with a reason, not an error.
+    let unknown = d.discover("model=gpt-9").await;
+    assert_eq!(unknown.status, 200);
+    assert_eq!(unknown.json()["candidates"], json!([]));
+    assert_eq!(unknown.json()["reason"]["code"], "model_unknown");
+    assert!(unknown.json()["reason"]["message"].as_str().unwrap().contains("sim-llama"));
+    for (query, param) in [
+        ("model=sim-llama&k=0", "k"),
+        ("model=sim-llama&region=to%20ronto", "region"),
+        ("k=3", "model"),
+        ("model=sim-llama&regoin=toronto", "regoin"),
+    ] {
+        let r = d.discover(query).await;
+        assert_eq!(
+            (r.status.as_u16(), r.json()["error"]["param"].as_str().unwrap()),
+            (400, param),
+            "{query}"
+        );
+    }
+    let none = d.discover("model=sim-llama&region=tokyo").await.json();
+    assert_eq!(none["reason"]["code"], "constraints_unsatisfied");
+
+    // Fleet views.
+    let nodes = d.json("/v1/nodes").await;
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 3);
+    let topo = d.json("/v1/topology").await;
+    assert_eq!(topo["matrix"]["sim-llama"]["van-1"], "ready");
+    let h = d.json("/health").await;
+    assert_eq!((h["status"].as_str(), h["nodes"].as_u64()), (Some("ready"), Some(3)));
+    let m = get(d.addr, "/metrics", None).await;
+    assert!(
+        String::from_utf8_lossy(&m.body).contains("edgeroute_discovery_discover_requests_total")
+    );
+
+    // A drain reaches discovery through the bus: the node leaves the list at once.
+    tor.admin_post("/admin/drain", "{}").await;
+    d.until(q, Duration::from_secs(2), |ids| ids == ["mtl-1", "van-1"]).await;
+    let e = d.discover("model=sim-llama&explain").await.json();
+    assert_eq!(e["excluded"][0]["reason"], "draining");
+    edgeroute_test_util::client::method(
+        tor.addr,
+        "DELETE",
+        "/admin/drain",
+        Some(&tor.admin_token()),
+        "",
+    )
+    .await;
+    d.until(q, Duration::from_secs(2), |ids| ids.len() == 3).await;
+
+    // A model loaded on a node is served by discovery within milliseconds.
+    let r = van
+        .admin_post("/v1/models/load", json!({"path": root.join("fresh-model")}).to_string())
+        .await;
+    assert_eq!(r.status, 202);
+    let loading = d.discover("model=fresh-model").await.json();
+    assert!(loading["candidates"] == json!([]));
+    let took = d.until("model=fresh-model", Duration::from_secs(2), |ids| ids == ["van-1"]).await;
+    println!(
+        "fresh-model visible in discovery after {took:?} (embedded bus, 20 ms simulated load)"
+    );
+
+    // A clean shutdown is announced on the bus: the node leaves the list.
+    tor.begin_shutdown().await.unwrap();
+    d.until(q, Duration::from_secs(3), |ids| ids == ["mtl-1", "van-1"]).await;
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// A TCP relay that can be cut (the node "dies": connections refused and reset) and restored
+/// on the same address.
+struct Switch {
+    addr: SocketAddr,
+    target: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Switch {
+    async fn start(target: SocketAddr) -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut s = Switch { addr, target, task: None };
+        s.task = Some(tokio::spawn(relay(listener, target)));
+        s
+    }
+
+    fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    async fn restore(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.task = Some(tokio::spawn(relay(listener, self.target)));
+    }
+}
+
+async fn relay(listener: tokio::net::TcpListener, target: SocketAddr) {
+    let mut conns = tokio::task::JoinSet::new();
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        conns.spawn(async move {
+            if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_killed_node_is_ejected_in_detector_time_and_readmitted_after_verified_recovery() {
+    let root = tempdir("kill");
+    let a = TestNode::start_as("tor-1", "toronto", &node_cfg(&root, 5, ""), None).await;
+    let b = TestNode::start_as("tor-2", "toronto", &node_cfg(&root, 5, ""), None).await;
+    let mut switch = Switch::start(a.addr).await;
+    // Probes every 100 ms, deviation floor 20 ms: φ crosses 8 about 100 + 5.2 × 20 ≈ 205 ms
+    // after the last answered probe.
+    let toml = format!(
+        "[probe]\ninterval_ms = 100\ntimeout_ms = 80\n[health]\nmin_std_ms = 20\n\
+         [[nodes]]\nid = \"tor-1\"\nurl = \"http://{}\"\nregion = \"toronto\"\n\
+         [[nodes]]\nid = \"tor-2\"\nurl = \"http://{}\"\nregion = \"toronto\"\n",
+        switch.addr, b.addr
+    );
+    let d = Replica::start(&toml, None).await;
+    let q = "model=sim-llama&k=5";
+    d.until(q, Duration::from_secs(3), |ids| ids.len() == 2).await;
+    // Let the detector learn the probe rhythm.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(d.ids(q).await.len(), 2, "steady probes never eject");
+
+    switch.cut();
+    let gone = d.until(q, Duration::from_secs(3), |ids| ids == ["tor-2"]).await;
+    println!("killed node ejected after {gone:?}");
+    // At most one interval since the last answered probe, plus φ's 205 ms, plus a rebuild tick.
+    assert!(gone < Duration::from_millis(600), "ejected only after {gone:?}");
+    let nodes = d.json("/v1/nodes").await;
+    let dead =
+        nodes["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "tor-1").unwrap().clone();
+    assert_eq!(dead["health"], "unhealthy");
+    assert!(dead["health_reason"].as_str().unwrap().contains("ejected"), "{dead}");
+
+    // Recovery must be verified by three consecutive good probes (~200 ms at 100 ms).
+    switch.restore().await;
+    let back = d.until(q, Duration::from_secs(3), |ids| ids.len() == 2).await;
+    println!("recovered node readmitted after {back:?}");
+    assert!(
+        back >= Duration::from_millis(150),
+        "readmitted after {back:?}: one probe is not enough"
+    );
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[tokio::test]
+async fn two_replicas_over_nats_agree_and_survive_nats_going_away() {
+    let mut nats = NatsServer::start();
+    let root = tempdir("nats");
+    let bus = format!(
+        "[bus]\nkind = \"nats\"\nnats_url = \"{}\"\nheartbeat_ms = 200\nexpire_ms = 1500\nreconnect_max_ms = 200\n",
+        nats.url()
+    );
+    let van = TestNode::start_as("van-1", "vancouver", &node_cfg(&root, 20, &bus), None).await;
+    let tor = TestNode::start_as("tor-1", "toronto", &node_cfg(&root, 20, &bus), None).await;
+    let replica = |id: &str| format!("[discovery]\nid = \"{id}\"\n{FAST}{bus}");
+    let a = Replica::start(&replica("disc-van"), None).await;
+    let b = Replica::start(&replica("disc-tor"), None).await;
+    let q = "model=sim-llama&k=5";
+    for r in [&a, &b] {
+        r.until(q, Duration::from_secs(5), |ids| ids == ["tor-1", "van-1"]).await;
+    }
+    assert_eq!(a.json("/v1/topology").await["matrix"], b.json("/v1/topology").await["matrix"]);
+
+    // A model loaded on one node reaches both replicas over NATS.
+    let r = tor
+        .admin_post("/v1/models/load", json!({"path": root.join("fresh-model")}).to_string())
+        .await;
+    assert_eq!(r.status, 202);
+    for r in [&a, &b] {
+        let took =
+            r.until("model=fresh-model", Duration::from_secs(2), |ids| ids == ["tor-1"]).await;
+        println!("fresh-model visible after {took:?} over NATS");
+    }
+    assert_eq!(a.json("/v1/topology").await["matrix"], b.json("/v1/topology").await["matrix"]);
+
+    // NATS goes away: both replicas keep answering from the last-known fleet...
+    nats.stop();
+    let t = Instant::now();
+    while a.json("/health").await["bus"]["connected"] != false {
+        assert!(t.elapsed() < Duration::from_secs(5), "replica never noticed NATS was down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.json("/health").await["status"], "degraded");
+    for r in [&a, &b] {
+        assert_eq!(r.ids(q).await, ["tor-1", "van-1"]);
+    }
+    // ...and keep pulling node health: a change made while NATS is down arrives by probe.
+    tor.admin_post("/v1/models/unload", json!({"model": "fresh-model"}).to_string()).await;
+    for r in [&a, &b] {
+        r.until("model=fresh-model", Duration::from_secs(3), <[String]>::is_empty).await;
+    }
+    // NATS returns: the replicas reconnect and follow the bus again.
+    nats.restart();
+    for r in [&a, &b] {
+        let t = Instant::now();
+        while r.json("/health").await["bus"]["connected"] != true {
+            assert!(t.elapsed() < Duration::from_secs(10), "replica never reconnected");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let r = van
+        .admin_post(
+            "/v1/models/load",
+            json!({"path": root.join("fresh-model"), "id": "after-return"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    for r in [&a, &b] {
+        r.until("model=after-return", Duration::from_secs(3), |ids| ids == ["van-1"]).await;
+        assert_eq!(r.ids(q).await, ["tor-1", "van-1"]);
+    }
+    assert_eq!(a.json("/v1/topology").await["matrix"], b.json("/v1/topology").await["matrix"]);
+    drop((van, tor));
+    std::fs::remove_dir_all(root).ok();
+}
