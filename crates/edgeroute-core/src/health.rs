@@ -68,6 +68,9 @@ pub fn wilson_lower(failures: u64, total: u64, z: f64) -> f64 {
 #[derive(Debug, Clone)]
 pub struct PhiAccrual {
     intervals: std::collections::VecDeque<f64>,
+    /// Running sums of the intervals and their squares: φ in O(1).
+    sum: f64,
+    sum_sq: f64,
     last: Option<Duration>,
     window: usize,
     min_std_ms: f64,
@@ -77,6 +80,8 @@ impl PhiAccrual {
     pub fn new(window: usize, min_std: Duration) -> Self {
         PhiAccrual {
             intervals: Default::default(),
+            sum: 0.0,
+            sum_sq: 0.0,
             last: None,
             window: window.max(2),
             min_std_ms: min_std.as_secs_f64() * 1000.0,
@@ -88,10 +93,16 @@ impl PhiAccrual {
         if let Some(last) = self.last
             && now > last
         {
-            if self.intervals.len() == self.window {
-                self.intervals.pop_front();
+            if self.intervals.len() == self.window
+                && let Some(old) = self.intervals.pop_front()
+            {
+                self.sum -= old;
+                self.sum_sq -= old * old;
             }
-            self.intervals.push_back((now - last).as_secs_f64() * 1000.0);
+            let x = (now - last).as_secs_f64() * 1000.0;
+            self.intervals.push_back(x);
+            self.sum += x;
+            self.sum_sq += x * x;
         }
         self.last = Some(now);
     }
@@ -100,8 +111,8 @@ impl PhiAccrual {
     pub fn phi(&self, now: Duration) -> f64 {
         let (Some(last), false) = (self.last, self.intervals.is_empty()) else { return 0.0 };
         let n = self.intervals.len() as f64;
-        let mean = self.intervals.iter().sum::<f64>() / n;
-        let var = self.intervals.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        let mean = self.sum / n;
+        let var = (self.sum_sq / n - mean * mean).max(0.0);
         let std = var.sqrt().max(self.min_std_ms);
         let t = now.saturating_sub(last).as_secs_f64() * 1000.0;
         // P(interval > t) under a normal model, by the logistic approximation of its CDF.

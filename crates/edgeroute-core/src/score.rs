@@ -222,7 +222,7 @@ pub fn score(n: &NodeView, w: &Weights, pipeline: Option<&str>) -> Factors {
 }
 
 /// Ranks `nodes` for `q`: eligible nodes by score (then id), at most `q.k`.
-pub fn rank(nodes: &[NodeView], q: &Query, w: &Weights) -> Ranking {
+pub fn rank<'a>(nodes: impl IntoIterator<Item = &'a NodeView>, q: &Query, w: &Weights) -> Ranking {
     let mut out = Ranking::default();
     let mut scored = Vec::new();
     for n in nodes {

@@ -21,6 +21,25 @@ fn rescore(c: &mut Criterion) {
             )
         });
     }
+    // The whole path after one node's telemetry changed: the registry rebuilds that node's
+    // entry (reusing the others), then the snapshot ranks the fleet.
+    for n in [1_000usize, 10_000] {
+        let (mut fleet, now) = synthetic::registry(n, 7);
+        let entries = synthetic::fleet(n, 7);
+        let changed = entries[n / 2].clone();
+        let mut report = synthetic::report(&changed);
+        let _ = fleet.entries(now, synthetic::VIEW_PARAMS);
+        let mut t = now;
+        g.bench_function(BenchmarkId::new("after_one_change", n), |b| {
+            b.iter(|| {
+                t += std::time::Duration::from_millis(1);
+                report.queue_depth = (report.queue_depth + 1) % 10;
+                fleet.probe_ok(&changed.view.id, t, t, report.clone());
+                let e = fleet.entries(t, synthetic::VIEW_PARAMS);
+                Snapshot::build(e, weights, 1, 0)
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("lookup");

@@ -372,7 +372,7 @@ async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Res
             .candidates
             .iter()
             .filter_map(|c| {
-                let info = &snap.infos()[snap.index_of(&c.node)?];
+                let info = &snap.nodes()[snap.index_of(&c.node)?].info;
                 let mut cand = Candidate::new(info, c.score_ms);
                 cand.factors = Some(FactorsJson::from(&c.factors));
                 Some(cand)
@@ -382,7 +382,7 @@ async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Res
             .excluded
             .iter()
             .filter_map(|(id, why)| {
-                let info = &snap.infos()[snap.index_of(id)?];
+                let info = &snap.nodes()[snap.index_of(id)?].info;
                 let detail = match why {
                     Exclusion::Unhealthy | Exclusion::Draining => {
                         info.health_reason.clone().unwrap_or_default()
@@ -462,7 +462,7 @@ struct NodesResponse<'a> {
     generation: u64,
     generated_at_ms: u64,
     replica: &'a str,
-    nodes: &'a [NodeInfo],
+    nodes: Vec<&'a NodeInfo>,
 }
 
 async fn nodes(State(sh): State<Arc<Shared>>) -> Response {
@@ -472,7 +472,7 @@ async fn nodes(State(sh): State<Arc<Shared>>) -> Response {
         generation: snap.generation,
         generated_at_ms: snap.built_at_unix_ms,
         replica: &sh.cfg.discovery.id,
-        nodes: snap.infos(),
+        nodes: snap.infos().collect(),
     };
     json_response(&sh, &body, None)
 }
@@ -508,7 +508,6 @@ async fn topology(State(sh): State<Arc<Shared>>) -> Response {
         models: matrix.keys().copied().collect(),
         nodes: snap
             .infos()
-            .iter()
             .map(|n| TopologyNode { id: &n.id, region: &n.region, health: n.health })
             .collect(),
         matrix,

@@ -247,8 +247,12 @@ pub struct ScoringConfig {
     /// Default 5.
     pub min_ttft_samples: u64,
     /// Shortest time between two rebuilds of the ranked lists: changes arriving meanwhile are
-    /// folded into the next one. Default 5.
+    /// folded into the next one. Default 1.
     pub rebuild_interval_ms: u64,
+    /// A change of telemetry only (queue, TTFT, error rate: already up to a probe interval
+    /// old) waits this long for more before a rebuild. Placement and health changes do not
+    /// wait. Default 50.
+    pub telemetry_delay_ms: u64,
 }
 
 impl Default for ScoringConfig {
@@ -260,7 +264,8 @@ impl Default for ScoringConfig {
             cost_optimized: WeightOverrides::default(),
             unknown_ttft_ms: 250.0,
             min_ttft_samples: 5,
-            rebuild_interval_ms: 5,
+            rebuild_interval_ms: 1,
+            telemetry_delay_ms: 50,
         }
     }
 }

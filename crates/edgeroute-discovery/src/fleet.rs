@@ -13,6 +13,7 @@
 //! bus that went quiet is overruled by the next probe. Telemetry always comes from the probe.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use edgeroute_core::health::{HealthParams, HealthTracker, Report, Verdict};
@@ -74,6 +75,9 @@ struct NodeRecord {
     probes: ProbeStats,
     /// When the node was last seen alive by either source.
     last_alive: Duration,
+    /// The entry built at the last change, reused while nothing it shows has changed.
+    cached: Option<Arc<NodeEntry>>,
+    dirty: bool,
 }
 
 impl NodeRecord {
@@ -88,6 +92,8 @@ impl NodeRecord {
             tracker: HealthTracker::new(params),
             probes: ProbeStats::default(),
             last_alive: now,
+            cached: None,
+            dirty: true,
         }
     }
 
@@ -179,8 +185,10 @@ pub struct ViewParams {
 pub enum Change {
     /// Nothing a ranking depends on.
     None,
-    /// Rankings must be rebuilt.
+    /// Placement or health changed: rebuild the rankings promptly.
     Changed,
+    /// Only telemetry (queue, TTFT, error rate) moved: a rebuild may wait to fold in more.
+    Telemetry,
     /// A node appeared or its URL changed: (re)start probing it.
     Target { id: String, url: String },
 }
@@ -216,6 +224,7 @@ impl Fleet {
         rec.configured = true;
         rec.configured_url = Some(n.url.clone());
         rec.cost_per_1k = n.cost_per_1k;
+        rec.dirty = true;
         match rec.url() {
             Some(url) => Change::Target { id: n.id.clone(), url: url.to_owned() },
             None => Change::Changed,
@@ -251,6 +260,7 @@ impl Fleet {
         if !rec.configured {
             rec.region = snap.region.clone();
         }
+        rec.dirty = true;
         rec.bus = Some(BusState { snapshot: snap.clone(), changed: now, expired: false });
         match rec.url() {
             Some(url) if old_url.as_deref() != Some(url) => {
@@ -266,6 +276,9 @@ impl Fleet {
             Some(b) if !b.expired => {
                 b.expired = true;
                 b.changed = now;
+                if let Some(r) = self.nodes.get_mut(id) {
+                    r.dirty = true;
+                }
                 Change::Changed
             }
             _ => Change::None,
@@ -273,8 +286,23 @@ impl Fleet {
     }
 
     /// A probe sent at `sent` was answered at `now` with `health`.
-    pub fn probe_ok(&mut self, id: &str, sent: Duration, now: Duration, health: NodeHealth) {
-        let Some(rec) = self.nodes.get_mut(id) else { return };
+    pub fn probe_ok(
+        &mut self,
+        id: &str,
+        sent: Duration,
+        now: Duration,
+        health: NodeHealth,
+    ) -> Change {
+        let Some(rec) = self.nodes.get_mut(id) else { return Change::None };
+        let change = match &rec.report {
+            Some(old)
+                if placement(&old.health) == placement(&health)
+                    && rec.probes.consecutive_failures == 0 =>
+            {
+                Change::Telemetry
+            }
+            _ => Change::Changed,
+        };
         let requests = health.requests_in_window;
         let failures = (health.error_rate.clamp(0.0, 1.0) * requests as f64).round() as u64;
         rec.tracker.probe_ok(
@@ -292,6 +320,8 @@ impl Fleet {
         rec.probes.last_ok = Some(now);
         rec.last_alive = now;
         rec.report = Some(Reported { health, sent });
+        rec.dirty = true;
+        change
     }
 
     /// A probe failed (refused, timed out, bad answer) at `now`.
@@ -301,6 +331,7 @@ impl Fleet {
         rec.probes.failed += 1;
         rec.probes.consecutive_failures = rec.probes.consecutive_failures.saturating_add(1);
         rec.probes.last_error = Some(error);
+        rec.dirty = true;
     }
 
     /// Nodes to probe: id and URL.
@@ -324,11 +355,39 @@ impl Fleet {
     }
 
     /// Every node's view at `now`, sorted by id. Verdicts advance here (a silent node is
-    /// ejected when its φ crosses the threshold at `now`).
-    pub fn entries(&mut self, now: Duration, p: ViewParams) -> Vec<NodeEntry> {
+    /// ejected when its φ crosses the threshold at `now`). Entries of nodes whose inputs and
+    /// verdict are unchanged are reused, so the cost follows what changed, not the fleet.
+    /// (Their `phi` and `last_probe_age_ms` are as of their last change: at most a probe
+    /// interval old for a live node.)
+    pub fn entries(&mut self, now: Duration, p: ViewParams) -> Vec<Arc<NodeEntry>> {
         let prior = fleet_median_ttft(self.nodes.values(), p);
-        self.nodes.iter_mut().map(|(id, rec)| entry(id, rec, now, p, prior)).collect()
+        self.nodes
+            .iter_mut()
+            .map(|(id, rec)| {
+                let (health, reason) = judge(rec, now);
+                if let Some(c) = &rec.cached
+                    && !rec.dirty
+                    && c.view.health == health
+                    && c.info.health_reason == reason
+                    && (!c.info.ttft_estimated || c.view.ttft_p50_ms == prior)
+                {
+                    return c.clone();
+                }
+                let e = Arc::new(entry(id, rec, now, p, prior, health, reason));
+                rec.cached = Some(e.clone());
+                rec.dirty = false;
+                e
+            })
+            .collect()
     }
+}
+
+/// What of a report decides placement and health (anything else is telemetry).
+fn placement(h: &NodeHealth) -> (NodeStatus, Vec<&str>, Vec<(&str, bool)>) {
+    let ready =
+        h.models.iter().filter(|m| m.state == ModelState::Ready).map(|m| m.id.as_str()).collect();
+    let pipelines = h.pipelines.iter().map(|p| (p.id.as_str(), p.servable)).collect();
+    (h.status, ready, pipelines)
 }
 
 /// Median p50 of the nodes with enough samples, else the configured prior.
@@ -342,38 +401,32 @@ fn fleet_median_ttft<'a>(nodes: impl Iterator<Item = &'a NodeRecord>, p: ViewPar
     if p50s.is_empty() {
         return p.unknown_ttft_ms;
     }
-    p50s.sort_by(f64::total_cmp);
-    p50s[p50s.len() / 2]
+    let mid = p50s.len() / 2;
+    *p50s.select_nth_unstable_by(mid, f64::total_cmp).1
 }
 
-fn entry(id: &str, rec: &mut NodeRecord, now: Duration, p: ViewParams, prior: f64) -> NodeEntry {
-    let verdict = rec.tracker.verdict(now);
-    let phi = rec.tracker.phi(now);
-    let url = rec.url().unwrap_or_default().to_owned();
-    let bus_wins = rec.bus_wins();
-    let (source, model_states, liveness) = match (&rec.bus, &rec.report) {
-        (Some(b), _) if bus_wins => {
-            let live = if b.expired { NodeLiveness::Down } else { b.snapshot.liveness };
-            let states = b.snapshot.models.iter().map(|m| (m.model.clone(), m.state)).collect();
-            (Source::Bus, states, live)
+/// Where placement comes from and the node's liveness by it.
+fn liveness(rec: &NodeRecord) -> (Source, NodeLiveness) {
+    match (&rec.bus, &rec.report) {
+        (Some(b), _) if rec.bus_wins() => {
+            (Source::Bus, if b.expired { NodeLiveness::Down } else { b.snapshot.liveness })
         }
-        (_, Some(r)) => {
-            let live = match r.health.status {
+        (_, Some(r)) => (
+            Source::Probe,
+            match r.health.status {
                 NodeStatus::Draining | NodeStatus::ShuttingDown => NodeLiveness::Draining,
                 _ => NodeLiveness::Up,
-            };
-            let states = r.health.models.iter().map(|m| (m.id.clone(), m.state)).collect();
-            (Source::Probe, states, live)
-        }
-        _ => (Source::None, BTreeMap::new(), NodeLiveness::Up),
-    };
-    let models: BTreeSet<String> = model_states
-        .iter()
-        .filter(|(_, s)| **s == ModelState::Ready)
-        .map(|(m, _)| m.clone())
-        .collect();
+            },
+        ),
+        _ => (Source::None, NodeLiveness::Up),
+    }
+}
 
-    let (health, reason) = if url.is_empty() {
+/// The node's health and, when not ready, why. Cheap: run for every node at every rebuild.
+fn judge(rec: &mut NodeRecord, now: Duration) -> (Health, Option<String>) {
+    let verdict = rec.tracker.verdict(now);
+    let (_, liveness) = liveness(rec);
+    if rec.url().is_none() {
         (Health::Unhealthy, Some("no URL known for the node".to_owned()))
     } else if rec.report.is_none() {
         (Health::Unhealthy, Some("not yet verified: no probe answered".to_owned()))
@@ -386,16 +439,13 @@ fn entry(id: &str, rec: &mut NodeRecord, now: Duration, p: ViewParams, prior: f6
     } else {
         match verdict {
             Verdict::Unhealthy => {
-                let why = if phi > rec.tracker_params_phi() {
+                let why = if rec.tracker.phi(now) > rec.tracker.params().phi_eject {
                     format!(
-                        "ejected: no probe answered for {} ms (phi {phi:.1})",
-                        rec.probes.last_ok.map_or(0, |t| now.saturating_sub(t).as_millis())
+                        "ejected: probes stopped answering (phi above {})",
+                        rec.tracker.params().phi_eject
                     )
                 } else if rec.probes.consecutive_failures > 0 {
-                    format!(
-                        "ejected; recovery not yet verified ({} failed probe(s) since)",
-                        rec.probes.consecutive_failures
-                    )
+                    "ejected; probes still failing".to_owned()
                 } else {
                     "ejected; recovery not yet verified by consecutive good probes".to_owned()
                 };
@@ -411,7 +461,33 @@ fn entry(id: &str, rec: &mut NodeRecord, now: Duration, p: ViewParams, prior: f6
             Verdict::Saturated => (Health::Saturated, Some("full: new work queues".to_owned())),
             Verdict::Draining | Verdict::Ready => (Health::Ready, None),
         }
+    }
+}
+
+fn entry(
+    id: &str,
+    rec: &NodeRecord,
+    now: Duration,
+    p: ViewParams,
+    prior: f64,
+    health: Health,
+    reason: Option<String>,
+) -> NodeEntry {
+    let phi = rec.tracker.phi(now);
+    let url = rec.url().unwrap_or_default().to_owned();
+    let (source, _) = liveness(rec);
+    let model_states: BTreeMap<String, ModelState> = match (&rec.bus, &rec.report) {
+        (Some(b), _) if source == Source::Bus => {
+            b.snapshot.models.iter().map(|m| (m.model.clone(), m.state)).collect()
+        }
+        (_, Some(r)) => r.health.models.iter().map(|m| (m.id.clone(), m.state)).collect(),
+        _ => BTreeMap::new(),
     };
+    let models: BTreeSet<String> = model_states
+        .iter()
+        .filter(|(_, s)| **s == ModelState::Ready)
+        .map(|(m, _)| m.clone())
+        .collect();
 
     let report = rec.report.as_ref().map(|r| &r.health);
     let samples = report.map_or(0, |h| h.ttft_ms.samples);
@@ -472,12 +548,6 @@ fn entry(id: &str, rec: &mut NodeRecord, now: Duration, p: ViewParams, prior: f6
         },
     };
     NodeEntry { view, info }
-}
-
-impl NodeRecord {
-    fn tracker_params_phi(&self) -> f64 {
-        self.tracker.params().phi_eject
-    }
 }
 
 #[cfg(test)]

@@ -83,7 +83,10 @@ pub struct Shared {
     pub(crate) snapshot: ArcSwap<Snapshot>,
     fleet: Mutex<Fleet>,
     scheduler: Mutex<Option<Scheduler>>,
+    /// Placement or health changed: rebuild promptly.
     dirty: Notify,
+    /// Only telemetry changed: rebuild within `scoring.telemetry_delay_ms`.
+    telemetry: Notify,
     pub(crate) started: Instant,
     pub(crate) metrics: Metrics,
     generation: AtomicU64,
@@ -119,7 +122,7 @@ impl Shared {
     pub(crate) fn refresh_gauges(&self) {
         let snap = self.snapshot.load();
         for h in ["ready", "degraded", "saturated", "draining", "unhealthy"] {
-            let n = snap.infos().iter().filter(|i| i.health == h).count();
+            let n = snap.infos().filter(|i| i.health == h).count();
             self.metrics.nodes.get_or_create(&HealthLabels { health: h }).set(n as i64);
         }
         self.metrics.bus_connected.set(i64::from(self.bus_connected.load(Ordering::Relaxed)));
@@ -129,6 +132,7 @@ impl Shared {
         match change {
             Change::None => {}
             Change::Changed => self.dirty.notify_one(),
+            Change::Telemetry => self.telemetry.notify_one(),
             Change::Target { id, url } => {
                 if let Ok(mut s) = self.scheduler.lock()
                     && let Some(s) = s.as_mut()
@@ -231,6 +235,7 @@ impl Discovery {
             fleet: Mutex::new(fleet),
             scheduler: Mutex::new(None),
             dirty: Notify::new(),
+            telemetry: Notify::new(),
             started,
             metrics: Metrics::default(),
             generation: AtomicU64::new(0),
@@ -314,12 +319,16 @@ impl Discovery {
             };
             sh.metrics.probes.get_or_create(&OutcomeLabels { outcome: label }).inc();
             if let Ok(mut fleet) = sh.fleet.lock() {
-                match outcome {
+                let change = match outcome {
                     Ok(h) => fleet.probe_ok(id, sent, now, h),
-                    Err(e) => fleet.probe_failed(id, now, e.to_string()),
-                }
+                    Err(e) => {
+                        fleet.probe_failed(id, now, e.to_string());
+                        Change::Telemetry
+                    }
+                };
+                drop(fleet);
+                sh.apply(change);
             }
-            sh.dirty.notify_one();
         });
         let targets = sh.fleet.lock().map(|f| f.targets()).unwrap_or_default();
         {
@@ -377,12 +386,22 @@ impl Probe for Forward {
 
 async fn rebuild_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let min_gap = ms(sh.cfg.scoring.rebuild_interval_ms);
+    let telemetry_delay = ms(sh.cfg.scoring.telemetry_delay_ms);
     // Even with no change, verdicts move with time (a silent node's φ grows): re-evaluate a
     // few times per probe interval.
     let idle = ms((sh.cfg.probe.interval_ms / 4).max(10));
     loop {
         tokio::select! {
             () = sh.dirty.notified() => {}
+            () = sh.telemetry.notified() => {
+                // Fold the telemetry of many probes into one rebuild; a placement or health
+                // change cuts the wait short.
+                tokio::select! {
+                    () = tokio::time::sleep(telemetry_delay) => {}
+                    () = sh.dirty.notified() => {}
+                    _ = stop.changed() => return,
+                }
+            }
             () = tokio::time::sleep(idle) => {}
             _ = stop.changed() => return,
         }

@@ -5,10 +5,17 @@
 //! The lists are exactly what [`edgeroute_core::score::rank`] would return for the same
 //! snapshot and query (a property test pins it); `explain=true` runs `rank` itself, because it
 //! must say why every other node was left out, and that costs a pass over the fleet.
+//!
+//! Building is the cost of every change, so it avoids per-node allocation: model, pipeline and
+//! region names are interned to small integers once, lists are vectors indexed by them, and
+//! node entries are shared (`Arc`) with the registry, which rebuilds only the nodes that
+//! changed.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
-use edgeroute_core::score::{self, Health, NodeView, Query, Ranking, Strategy, Weights};
+use rustc_hash::FxHashMap;
+
+use edgeroute_core::score::{self, Health, Query, Ranking, Strategy, Weights};
 
 use crate::fleet::{NodeEntry, NodeInfo};
 
@@ -24,16 +31,26 @@ fn order(a: &Cand, b: &Cand) -> std::cmp::Ordering {
     a.score_ms.total_cmp(&b.score_ms).then(a.idx.cmp(&b.idx))
 }
 
+/// A sort key equal in order to [`order`]: scores are finite and ≥ 0 (`score` clamps every
+/// factor), and for such floats the IEEE bit pattern orders as an unsigned integer.
+fn key(c: &Cand) -> (u64, u32) {
+    debug_assert!(c.score_ms >= 0.0 && c.score_ms.is_finite());
+    // `+ 0.0` turns a -0.0 into +0.0, whose bits sort first.
+    ((c.score_ms + 0.0).to_bits(), c.idx)
+}
+
+/// One key's candidates, best first, overall and per region (indexed by region id).
 #[derive(Debug, Clone, Default)]
 struct Ranked {
     all: Vec<Cand>,
-    by_region: HashMap<String, Vec<Cand>>,
+    by_region: Vec<Vec<Cand>>,
 }
 
+/// One strategy's lists, indexed by model id and pipeline id.
 #[derive(Debug, Clone, Default)]
 struct Lists {
-    by_model: HashMap<String, Ranked>,
-    by_pipeline: HashMap<String, Ranked>,
+    by_model: Vec<Ranked>,
+    by_pipeline: Vec<Ranked>,
 }
 
 /// How many nodes hold a model, by state; the reason given when no candidate is left.
@@ -47,16 +64,45 @@ pub struct ModelStats {
     pub failed: u32,
 }
 
+/// Names interned to dense ids.
+#[derive(Debug, Clone, Default)]
+struct Names {
+    ids: FxHashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Names {
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.ids.insert(name.to_owned(), id);
+        self.names.push(name.to_owned());
+        id
+    }
+
+    fn get(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    fn len(&self) -> usize {
+        self.names.len()
+    }
+}
+
 /// The fleet at one instant, ranked.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub generation: u64,
     pub built_at_unix_ms: u64,
-    views: Vec<NodeView>,
-    infos: Vec<NodeInfo>,
+    nodes: Vec<Arc<NodeEntry>>,
     lists: Vec<Lists>,
-    models: HashMap<String, ModelStats>,
-    pipelines: HashMap<String, u32>,
+    models: Names,
+    pipelines: Names,
+    regions: Names,
+    /// Indexed by model id.
+    model_stats: Vec<ModelStats>,
     weights: Vec<Weights>,
 }
 
@@ -64,86 +110,175 @@ fn eligible(h: Health) -> bool {
     !matches!(h, Health::Unhealthy | Health::Draining)
 }
 
+/// What the ranking needs of one node, compact: the build touches each node's entry once.
+struct Facts {
+    region: u32,
+    /// Range into the flat model list.
+    models: std::ops::Range<usize>,
+    /// Range into the flat pipeline list.
+    pipelines: std::ops::Range<usize>,
+    eligible: bool,
+    /// Score per strategy.
+    scores: [f64; 3],
+}
+
 impl Snapshot {
-    /// Ranks `entries` (sorted by id) under each strategy's `weights` ([`Strategy::ALL`] order).
+    /// Ranks `nodes` (sorted by id) under each strategy's `weights` ([`Strategy::ALL`] order).
+    ///
+    /// A node's ready models are the `Ready` entries of `info.detail.model_states` (which
+    /// `view.models` mirrors).
     pub fn build(
-        entries: Vec<NodeEntry>,
+        nodes: Vec<Arc<NodeEntry>>,
         weights: [Weights; 3],
         generation: u64,
         built_at_unix_ms: u64,
     ) -> Snapshot {
-        let (views, infos): (Vec<NodeView>, Vec<NodeInfo>) =
-            entries.into_iter().map(|e| (e.view, e.info)).unzip();
-        debug_assert!(views.windows(2).all(|w| w[0].id < w[1].id), "entries sorted by id");
-        let mut models: HashMap<String, ModelStats> = HashMap::new();
-        let mut pipelines: HashMap<String, u32> = HashMap::new();
-        for (v, info) in views.iter().zip(&infos) {
-            for (m, state) in &info.detail.model_states {
-                let s = models.entry(m.clone()).or_default();
+        use edgeroute_proto::models::ModelState;
+        debug_assert!(nodes.windows(2).all(|w| w[0].view.id < w[1].view.id), "sorted by id");
+        let mut models = Names::default();
+        let mut pipelines = Names::default();
+        let mut regions = Names::default();
+        let mut model_stats: Vec<ModelStats> = Vec::new();
+        let mut facts = Vec::with_capacity(nodes.len());
+        let mut flat_models: Vec<u32> = Vec::with_capacity(nodes.len() * 3);
+        // (pipeline id, score per strategy)
+        let mut flat_pipelines: Vec<(u32, [f64; 3])> = Vec::new();
+        for n in &nodes {
+            let v = &n.view;
+            let ok = eligible(v.health);
+            let m0 = flat_models.len();
+            for (m, state) in &n.info.detail.model_states {
+                let id = models.intern(m);
+                if model_stats.len() <= id as usize {
+                    model_stats.resize(id as usize + 1, ModelStats::default());
+                }
+                let s = &mut model_stats[id as usize];
                 match state {
-                    edgeroute_proto::models::ModelState::Ready => {
+                    ModelState::Ready => {
                         s.ready += 1;
-                        s.eligible += u32::from(eligible(v.health));
+                        s.eligible += u32::from(ok);
+                        flat_models.push(id);
                     }
-                    edgeroute_proto::models::ModelState::Loading => s.loading += 1,
-                    edgeroute_proto::models::ModelState::Failed => s.failed += 1,
+                    ModelState::Loading => s.loading += 1,
+                    ModelState::Failed => s.failed += 1,
                     _ => {}
                 }
             }
-            // Models the bus or probe lists only as ready (no state map) still count.
-            for m in &v.models {
-                models.entry(m.clone()).or_default();
+            debug_assert_eq!(flat_models.len() - m0, v.models.len(), "view.models mirrors states");
+            let p0 = flat_pipelines.len();
+            let mut scores = [0.0; 3];
+            if ok {
+                for (s, w) in scores.iter_mut().zip(&weights) {
+                    *s = score::score(v, w, None).total();
+                }
+                for p in v.pipelines.keys() {
+                    let mut ps = [0.0; 3];
+                    for (s, w) in ps.iter_mut().zip(&weights) {
+                        *s = score::score(v, w, Some(p)).total();
+                    }
+                    flat_pipelines.push((pipelines.intern(p), ps));
+                }
+            } else {
+                for p in v.pipelines.keys() {
+                    pipelines.intern(p);
+                }
             }
-            for p in v.pipelines.keys() {
-                *pipelines.entry(p.clone()).or_default() += 1;
-            }
+            facts.push(Facts {
+                region: regions.intern(&v.region),
+                models: m0..flat_models.len(),
+                pipelines: p0..flat_pipelines.len(),
+                eligible: ok,
+                scores,
+            });
         }
-        let lists = weights.iter().map(|w| build_lists(&views, w)).collect();
+        model_stats.resize(models.len(), ModelStats::default());
+        let n_regions = regions.len();
+        let lists = (0..weights.len())
+            .map(|s| {
+                // One sort per strategy: a node scores the same for every model it holds, so
+                // walking nodes best-first fills every model's list already in order.
+                let mut order: Vec<Cand> = facts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.eligible)
+                    .map(|(i, f)| Cand { idx: i as u32, score_ms: f.scores[s] })
+                    .collect();
+                order.sort_unstable_by_key(key);
+                let mut by_model = vec![Ranked::default(); models.len()];
+                for r in &mut by_model {
+                    r.by_region = vec![Vec::new(); n_regions];
+                }
+                for c in &order {
+                    let f = &facts[c.idx as usize];
+                    for &m in &flat_models[f.models.clone()] {
+                        let r = &mut by_model[m as usize];
+                        r.all.push(*c);
+                        r.by_region[f.region as usize].push(*c);
+                    }
+                }
+                // Pipeline scores differ per pipeline (its bottleneck's load): sorted apiece.
+                let mut by_pipeline = vec![Ranked::default(); pipelines.len()];
+                for (i, f) in facts.iter().enumerate() {
+                    for (p, ps) in &flat_pipelines[f.pipelines.clone()] {
+                        by_pipeline[*p as usize].all.push(Cand { idx: i as u32, score_ms: ps[s] });
+                    }
+                }
+                for r in &mut by_pipeline {
+                    r.all.sort_unstable_by_key(key);
+                    r.by_region = vec![Vec::new(); n_regions];
+                    for c in &r.all {
+                        r.by_region[facts[c.idx as usize].region as usize].push(*c);
+                    }
+                }
+                Lists { by_model, by_pipeline }
+            })
+            .collect();
         Snapshot {
             generation,
             built_at_unix_ms,
-            views,
-            infos,
+            nodes,
             lists,
             models,
             pipelines,
+            regions,
+            model_stats,
             weights: weights.to_vec(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.views.len()
+        self.nodes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.views.is_empty()
+        self.nodes.is_empty()
     }
 
-    pub fn views(&self) -> &[NodeView] {
-        &self.views
+    pub fn nodes(&self) -> &[Arc<NodeEntry>] {
+        &self.nodes
     }
 
-    pub fn infos(&self) -> &[NodeInfo] {
-        &self.infos
+    pub fn infos(&self) -> impl ExactSizeIterator<Item = &NodeInfo> {
+        self.nodes.iter().map(|n| &n.info)
     }
 
     pub fn info(&self, c: Cand) -> &NodeInfo {
-        &self.infos[c.idx as usize]
+        &self.nodes[c.idx as usize].info
     }
 
     pub fn model_stats(&self, model: &str) -> Option<ModelStats> {
-        self.models.get(model).copied()
+        self.models.get(model).map(|id| self.model_stats[id as usize])
     }
 
     /// Models known anywhere in the fleet, in any state, sorted.
     pub fn models(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        let mut v: Vec<&str> = self.models.names.iter().map(String::as_str).collect();
         v.sort_unstable();
         v
     }
 
     pub fn knows_pipeline(&self, p: &str) -> bool {
-        self.pipelines.contains_key(p)
+        self.pipelines.get(p).is_some()
     }
 
     pub fn weights(&self, s: Strategy) -> Weights {
@@ -155,11 +290,12 @@ impl Snapshot {
     pub fn top_k(&self, q: &Query, s: Strategy) -> Vec<Cand> {
         let Some(lists) = self.lists.get(s.index()) else { return vec![] };
         let (ranked, need_model) = match &q.pipeline {
-            Some(p) => (lists.by_pipeline.get(p), true),
-            None => (lists.by_model.get(&q.model), false),
+            Some(p) => (self.pipelines.get(p).map(|id| &lists.by_pipeline[id as usize]), true),
+            None => (self.models.get(&q.model).map(|id| &lists.by_model[id as usize]), false),
         };
         let Some(ranked) = ranked else { return vec![] };
-        let keep = |c: &Cand| !need_model || self.views[c.idx as usize].models.contains(&q.model);
+        let keep =
+            |c: &Cand| !need_model || self.nodes[c.idx as usize].view.models.contains(&q.model);
         if q.allowed_regions.is_empty() {
             return ranked.all.iter().filter(|c| keep(c)).take(q.k).copied().collect();
         }
@@ -168,7 +304,8 @@ impl Snapshot {
             if q.allowed_regions[..i].contains(r) {
                 continue;
             }
-            if let Some(list) = ranked.by_region.get(r) {
+            if let Some(list) = self.regions.get(r).and_then(|id| ranked.by_region.get(id as usize))
+            {
                 heads.push(list.iter().filter(|c| keep(c)).peekable());
             }
         }
@@ -191,61 +328,20 @@ impl Snapshot {
 
     /// The full ranking with every factor and every exclusion: a pass over the fleet.
     pub fn explain(&self, q: &Query, s: Strategy) -> Ranking {
-        score::rank(&self.views, q, &self.weights(s))
+        score::rank(self.nodes.iter().map(|n| &n.view), q, &self.weights(s))
     }
 
     /// Index of a node by id.
     pub fn index_of(&self, id: &str) -> Option<usize> {
-        self.views.binary_search_by(|v| v.id.as_str().cmp(id)).ok()
+        self.nodes.binary_search_by(|n| n.view.id.as_str().cmp(id)).ok()
     }
-}
-
-fn push(ranked: &mut HashMap<String, Ranked>, key: &str, c: Cand) {
-    match ranked.get_mut(key) {
-        Some(r) => r.all.push(c),
-        None => {
-            ranked.insert(key.to_owned(), Ranked { all: vec![c], by_region: HashMap::new() });
-        }
-    }
-}
-
-fn build_lists(views: &[NodeView], w: &Weights) -> Lists {
-    let mut lists = Lists::default();
-    for (i, v) in views.iter().enumerate() {
-        if !eligible(v.health) {
-            continue;
-        }
-        let idx = i as u32;
-        if !v.models.is_empty() {
-            let score_ms = score::score(v, w, None).total();
-            for m in &v.models {
-                push(&mut lists.by_model, m, Cand { idx, score_ms });
-            }
-        }
-        for p in v.pipelines.keys() {
-            let score_ms = score::score(v, w, Some(p)).total();
-            push(&mut lists.by_pipeline, p, Cand { idx, score_ms });
-        }
-    }
-    for r in lists.by_model.values_mut().chain(lists.by_pipeline.values_mut()) {
-        r.all.sort_unstable_by(order);
-        for c in &r.all {
-            let region = &views[c.idx as usize].region;
-            match r.by_region.get_mut(region) {
-                Some(list) => list.push(*c),
-                None => {
-                    r.by_region.insert(region.clone(), vec![*c]);
-                }
-            }
-        }
-    }
-    lists
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fleet::{NodeDetail, Source};
+    use edgeroute_core::score::NodeView;
     use proptest::prelude::{Just, any, prop_assert, prop_assert_eq, prop_oneof, proptest};
     use proptest::strategy::Strategy as Gen;
     use std::collections::{BTreeMap, BTreeSet};
@@ -282,6 +378,10 @@ mod tests {
             },
         };
         NodeEntry { view: v, info }
+    }
+
+    fn arc(v: NodeView) -> Arc<NodeEntry> {
+        Arc::new(entry(v))
     }
 
     fn arb_view() -> impl Gen<Value = NodeView> {
@@ -361,7 +461,7 @@ mod tests {
 
     fn snapshot(views: &[NodeView]) -> Snapshot {
         let weights = Strategy::ALL.map(Weights::for_strategy);
-        Snapshot::build(views.iter().cloned().map(entry).collect(), weights, 1, 0)
+        Snapshot::build(views.iter().cloned().map(arc).collect(), weights, 1, 0)
     }
 
     proptest! {

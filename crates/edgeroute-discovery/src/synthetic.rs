@@ -3,18 +3,23 @@
 //! saturated, draining or down).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
 
+use edgeroute_core::health::HealthParams;
 use edgeroute_core::score::{Health, NodeView};
+use edgeroute_proto::health::{ModelHealth, NodeHealth, NodeStatus, Percentiles, PipelineHealth};
 use edgeroute_proto::models::ModelState;
 
-use crate::fleet::{NodeDetail, NodeEntry, NodeInfo, Source, health_name};
+use crate::config::StaticNode;
+use crate::fleet::{Fleet, NodeDetail, NodeEntry, NodeInfo, Source, ViewParams, health_name};
 
 pub const REGIONS: [&str; 3] = ["vancouver", "toronto", "montreal"];
 pub const MODELS: [&str; 6] =
     ["llama-3.1-8b", "qwen2.5-7b", "whisper-small", "kokoro-tts", "mistral-7b", "phi-3-mini"];
 
 /// `n` nodes, sorted by id, deterministic for `seed`.
-pub fn fleet(n: usize, seed: u64) -> Vec<NodeEntry> {
+pub fn fleet(n: usize, seed: u64) -> Vec<Arc<NodeEntry>> {
     let mut x = seed | 1;
     let mut next = move || {
         // xorshift64*
@@ -92,5 +97,73 @@ pub fn fleet(n: usize, seed: u64) -> Vec<NodeEntry> {
         })
         .collect();
     out.sort_by(|a, b| a.view.id.cmp(&b.view.id));
-    out
+    out.into_iter().map(Arc::new).collect()
 }
+
+/// The node's `/health` report that would produce `e` (for registry benchmarks).
+pub fn report(e: &NodeEntry) -> NodeHealth {
+    let v = &e.view;
+    NodeHealth {
+        status: match v.health {
+            edgeroute_core::score::Health::Saturated => NodeStatus::Saturated,
+            edgeroute_core::score::Health::Draining => NodeStatus::Draining,
+            _ => NodeStatus::Ready,
+        },
+        ready: true,
+        node_id: v.id.clone(),
+        region: v.region.clone(),
+        version: "synthetic".into(),
+        uptime_s: 1,
+        models: v
+            .models
+            .iter()
+            .map(|m| ModelHealth { id: m.clone(), state: ModelState::Ready, gpu: None })
+            .collect(),
+        gpus: vec![],
+        pipelines: v
+            .pipelines
+            .iter()
+            .map(|(id, avail)| PipelineHealth {
+                id: id.clone(),
+                models: vec!["whisper-small".into(), "kokoro-tts".into()],
+                servable: true,
+                availability: *avail,
+                bottleneck_gpu: None,
+                missing: vec![],
+            })
+            .collect(),
+        queue_depth: v.queue_depth,
+        in_flight: v.in_flight,
+        capacity: v.capacity,
+        window_s: 60,
+        ttft_ms: Percentiles { p50: v.ttft_p50_ms, p99: v.ttft_p99_ms, samples: 100 },
+        latency_ms: Percentiles::default(),
+        error_rate: v.error_rate,
+        requests_in_window: 1000,
+        drain: None,
+    }
+}
+
+/// A registry of `n` configured nodes, each verified by two answered probes; returns it with
+/// the time of the last probe.
+pub fn registry(n: usize, seed: u64) -> (Fleet, Duration) {
+    let mut f = Fleet::new(HealthParams::default(), Duration::from_secs(600));
+    let entries = fleet(n, seed);
+    for e in &entries {
+        let node = StaticNode {
+            id: e.view.id.clone(),
+            url: e.info.url.clone(),
+            region: e.view.region.clone(),
+            cost_per_1k: e.view.cost_per_1k,
+        };
+        f.add_static(&node, Duration::ZERO);
+        for t in [1000, 2000] {
+            let at = Duration::from_millis(t);
+            f.probe_ok(&e.view.id, at, at, report(e));
+        }
+    }
+    (f, Duration::from_millis(2000))
+}
+
+/// The view parameters discovery uses by default.
+pub const VIEW_PARAMS: ViewParams = ViewParams { unknown_ttft_ms: 250.0, min_ttft_samples: 5 };

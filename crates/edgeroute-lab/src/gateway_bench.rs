@@ -774,7 +774,7 @@ impl GatewayBenchReport {
 
         for phase in &self.phases {
             match phase.mode {
-                Mode::Json => {
+                Mode::Json | Mode::Get => {
                     let _ =
                         writeln!(md, "## JSON answers at {} requests/s\n", fmt_rate(phase.rate));
                     self.table(&mut md, phase, Metric::Total, true);

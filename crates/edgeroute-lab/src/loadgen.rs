@@ -79,6 +79,9 @@ pub enum Mode {
     Json,
     /// `"stream": true` (SSE): time to first content frame (TTFT) and to `data: [DONE]`.
     Stream,
+    /// `GET` of the URL's own path and query (no body): time to the end of the answer. For
+    /// servers other than the gateway, e.g. discovery's `/v1/discover?...`.
+    Get,
 }
 
 impl fmt::Display for Mode {
@@ -86,6 +89,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Json => "json",
             Mode::Stream => "stream",
+            Mode::Get => "get",
         })
     }
 }
@@ -97,6 +101,7 @@ impl FromStr for Mode {
         match s {
             "json" => Ok(Mode::Json),
             "stream" => Ok(Mode::Stream),
+            "get" => Ok(Mode::Get),
             other => Err(format!("unknown mode {other:?} (expected json or stream)")),
         }
     }
@@ -530,7 +535,14 @@ struct RequestTemplate {
 }
 
 impl RequestTemplate {
-    fn new(spec: &LoadSpec, target: Target) -> Result<Self, LoadgenError> {
+    fn new(spec: &LoadSpec, mut target: Target) -> Result<Self, LoadgenError> {
+        if spec.mode == Mode::Get {
+            let uri: Uri = spec
+                .url
+                .parse()
+                .map_err(|_| LoadgenError::InvalidSpec("target URL does not parse".into()))?;
+            target.path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        }
         let bearer = spec
             .bearer
             .as_deref()
@@ -541,6 +553,13 @@ impl RequestTemplate {
     }
 
     fn build(&self) -> Result<Request<Full<Bytes>>, http::Error> {
+        if self.mode == Mode::Get {
+            return Request::builder()
+                .method(Method::GET)
+                .uri(self.target.path.as_str())
+                .header(HOST, self.target.host_header.as_str())
+                .body(Full::new(Bytes::new()));
+        }
         let mut b = Request::builder()
             .method(Method::POST)
             .uri(self.target.path.as_str())
@@ -644,7 +663,7 @@ async fn read_response(
         Err(Failure::StreamError)
     } else {
         match mode {
-            Mode::Json => Ok(Success { first_content: None, done: Instant::now() }),
+            Mode::Json | Mode::Get => Ok(Success { first_content: None, done: Instant::now() }),
             Mode::Stream => match done {
                 Some(done) => Ok(Success { first_content, done }),
                 None => Err(Failure::Truncated),

@@ -1,6 +1,7 @@
 //! `edgeroute`: the thin command-line front of the workspace. It parses arguments, reads
 //! files and the environment, and calls into the library crates; no logic lives here.
 
+mod bench_discovery;
 mod demo;
 
 /// Request handling allocates many small, short-lived buffers; mimalloc serves them with less
@@ -32,6 +33,23 @@ enum Command {
         /// The node's TOML config (see ARCHITECTURE.md and crates/edgeroute-node/src/config.rs).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Run a discovery replica.
+    Discovery {
+        /// The replica's TOML config (crates/edgeroute-discovery/src/config.rs); defaults
+        /// otherwise.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Overrides `discovery.listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Overrides `discovery.worker_threads` (1: a single event loop).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Serve a synthetic fleet of this many nodes instead of probing and following the
+        /// bus (for load benchmarks).
+        #[arg(long)]
+        synthetic_nodes: Option<usize>,
     },
     /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
     Sim {
@@ -91,6 +109,36 @@ enum BenchCommand {
         nats_url: String,
         /// Changes to publish and time.
         #[arg(long, default_value_t = 1000)]
+        changes: usize,
+    },
+    /// Discovery under load: `/v1/discover` against synthetic fleets of several sizes, served by
+    /// its own process, from an open-loop load generator.
+    Discover {
+        /// Fleet sizes.
+        #[arg(long, value_delimiter = ',', default_value = "60,1000")]
+        nodes: Vec<usize>,
+        /// Intended request rates, requests/s.
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        rates: Vec<f64>,
+        /// Measured seconds per row.
+        #[arg(long, default_value_t = 10)]
+        duration_s: u64,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// The discovery server's worker threads.
+        #[arg(long, default_value_t = 1)]
+        server_threads: usize,
+    },
+    /// Topology freshness: a model loaded on a node → listed by discovery, end to end.
+    Freshness {
+        /// `embedded` or `nats`.
+        #[arg(long, default_value = "nats")]
+        bus: String,
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Model loads to time.
+        #[arg(long, default_value_t = 200)]
         changes: usize,
     },
     /// Gateway overhead: the same load direct to the simulator, through the gateway, and
@@ -181,6 +229,28 @@ fn main() -> Result<()> {
             let t = cfg.node.worker_threads;
             (t, Some(cfg))
         }
+        Command::Discovery { config, listen, threads, synthetic_nodes } => {
+            let mut cfg = match config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    edgeroute_discovery::DiscoveryConfig::from_toml(&text, |k| {
+                        std::env::var(k).ok()
+                    })?
+                }
+                None => {
+                    edgeroute_discovery::DiscoveryConfig::from_toml("", |k| std::env::var(k).ok())?
+                }
+            };
+            if let Some(l) = listen {
+                cfg.discovery.listen = *l;
+            }
+            if let Some(t) = threads {
+                cfg.discovery.worker_threads = *t;
+            }
+            let rt = runtime(cfg.discovery.worker_threads)?;
+            return rt.block_on(run_discovery(cfg, *synthetic_nodes));
+        }
         _ => (0, None),
     };
     let rt = runtime(threads.0)?;
@@ -197,8 +267,64 @@ fn default_filter(c: &Command) -> &'static str {
     }
 }
 
+async fn run_discovery(
+    cfg: edgeroute_discovery::DiscoveryConfig,
+    synthetic_nodes: Option<usize>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.discovery.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.discovery.listen))?;
+    let addr = listener.local_addr()?;
+    let limits = cfg.limits.server_limits();
+    let d = edgeroute_discovery::Discovery::build(cfg)?;
+    if let Some(n) = synthetic_nodes {
+        let entries = edgeroute_discovery::synthetic::fleet(n, 7);
+        d.replace_snapshot(edgeroute_discovery::Snapshot::build(
+            entries,
+            d.weights(),
+            1,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        ));
+        eprintln!("edgeroute discovery: synthetic fleet of {n} nodes on {addr}");
+        edgeroute_http::serve(listener, d.router(), limits, None, shutdown_signal()).await;
+        return Ok(());
+    }
+    eprintln!("edgeroute discovery listening on {addr}");
+    d.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Discovery { .. } => unreachable!("handled before the runtime is built"),
+        Command::Bench {
+            command:
+                BenchCommand::Discover { nodes, rates, duration_s, connections, server_threads },
+        } => {
+            let opts = bench_discovery::LoadOpts {
+                bin: std::env::current_exe()?,
+                nodes,
+                rates,
+                duration: std::time::Duration::from_secs(duration_s),
+                connections,
+                server_threads,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            println!("{}", bench_discovery::load(opts).await?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Freshness { bus, nats_url, changes } } => {
+            let cfg = match bus.as_str() {
+                "embedded" => edgeroute_bus::BusConfig::embedded(),
+                "nats" => edgeroute_bus::BusConfig::nats(nats_url.clone()),
+                other => anyhow::bail!("--bus: `{other}` is not embedded or nats"),
+            };
+            println!("{}", bench_discovery::freshness(cfg, changes).await?);
+            Ok(())
+        }
         Command::Node { config } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
