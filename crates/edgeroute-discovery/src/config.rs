@@ -128,11 +128,19 @@ pub struct ProbeConfig {
     pub timeout_ms: u64,
     /// Largest `/health` body accepted, bytes. Default 262144.
     pub max_body_bytes: usize,
+    /// PEM roots that `https://` nodes' certificates must chain to (a private fleet CA).
+    /// Default: unset, the Mozilla roots compiled in.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { interval_ms: 1000, timeout_ms: 500, max_body_bytes: 256 * 1024 }
+        ProbeConfig {
+            interval_ms: 1000,
+            timeout_ms: 500,
+            max_body_bytes: 256 * 1024,
+            ca_file: None,
+        }
     }
 }
 
@@ -421,7 +429,7 @@ impl DiscoveryConfig {
                 return Err(invalid(&key("region"), "1-64 characters of [A-Za-z0-9._-]"));
             }
             if crate::probe::health_uri(&n.url).is_none() {
-                return Err(invalid(&key("url"), "an http:// URL with a host"));
+                return Err(invalid(&key("url"), "an http:// or https:// URL with a host"));
             }
             if !n.cost_per_1k.is_finite() || n.cost_per_1k < 0.0 {
                 return Err(invalid(&key("cost_per_1k"), "a finite number ≥ 0"));

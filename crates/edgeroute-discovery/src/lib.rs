@@ -56,6 +56,8 @@ pub enum DiscoveryError {
     Config(#[from] config::ConfigError),
     #[error("topology bus: {0}")]
     Bus(#[from] edgeroute_bus::BusError),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -307,7 +309,13 @@ impl Discovery {
                 Arc::new(Forward(p))
             }
             None => {
-                Arc::new(HttpProbe::new(ms(sh.cfg.probe.timeout_ms), sh.cfg.probe.max_body_bytes))
+                let tls = probe::tls_config(sh.cfg.probe.ca_file.as_deref())
+                    .map_err(DiscoveryError::Tls)?;
+                Arc::new(HttpProbe::new(
+                    ms(sh.cfg.probe.timeout_ms),
+                    sh.cfg.probe.max_body_bytes,
+                    tls,
+                ))
             }
         };
         let sink_shared = Arc::downgrade(&sh);

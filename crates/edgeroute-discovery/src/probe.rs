@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edgeroute_proto::health::NodeHealth;
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -57,24 +58,52 @@ pub trait Probe: Send + Sync + 'static {
     fn probe(&self, health_uri: http::Uri) -> ProbeFuture;
 }
 
-/// `<base>/health` for a node's base URL, if it is a plain `http://` URL with a host.
+/// `<base>/health` for a node's base URL, if it is an `http://` or `https://` URL with a
+/// host and no query.
 pub fn health_uri(base: &str) -> Option<http::Uri> {
     let uri: http::Uri = base.parse().ok()?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+    let scheme = uri.scheme_str()?;
+    if !matches!(scheme, "http" | "https") || uri.host().is_none_or(str::is_empty) {
         return None;
     }
     if uri.query().is_some() {
         return None;
     }
     let path = uri.path().trim_end_matches('/');
-    format!("http://{}{path}/health", uri.authority()?).parse().ok()
+    format!("{scheme}://{}{path}/health", uri.authority()?).parse().ok()
+}
+
+/// The TLS client configuration for `https://` nodes: the roots in `ca_file` (PEM) when given
+/// (a private fleet CA), else the Mozilla roots compiled in.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?;
+    let Some(path) = ca_file else {
+        return Ok(hyper_rustls::ConfigBuilderExt::with_webpki_roots(builder).with_no_client_auth());
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("probe.ca_file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("probe.ca_file {}: no certificate in it", path.display()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| format!("probe.ca_file {}: {e}", path.display()))?;
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// Probes over HTTP/1.1 with pooled keep-alive connections, a deadline per probe and a cap on
 /// the body.
 #[derive(Clone)]
 pub struct HttpProbe {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     timeout: Duration,
     max_body: usize,
 }
@@ -86,10 +115,17 @@ impl std::fmt::Debug for HttpProbe {
 }
 
 impl HttpProbe {
-    pub fn new(timeout: Duration, max_body: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
+    /// A prober; `tls` verifies `https://` nodes (see [`tls_config`]).
+    pub fn new(timeout: Duration, max_body: usize, tls: rustls::ClientConfig) -> Self {
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(timeout));
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(1)
@@ -201,7 +237,7 @@ impl Scheduler {
                 id,
                 self.started.elapsed(),
                 self.started.elapsed(),
-                Err(ProbeError::Connect(format!("cannot probe `{url}`: only http:// URLs"))),
+                Err(ProbeError::Connect(format!("cannot probe `{url}`: not an http(s):// URL"))),
             );
             return;
         };
@@ -273,7 +309,8 @@ mod tests {
         let u = |s: &str| health_uri(s).map(|u| u.to_string());
         assert_eq!(u("http://10.0.0.1:8080").as_deref(), Some("http://10.0.0.1:8080/health"));
         assert_eq!(u("http://h:1/edge/").as_deref(), Some("http://h:1/edge/health"));
-        assert_eq!(u("https://h:1"), None, "TLS probes are not supported yet");
+        assert_eq!(u("https://h:1").as_deref(), Some("https://h:1/health"));
+        assert_eq!(u("ftp://h:1"), None);
         assert_eq!(u("h:1"), None);
         assert_eq!(u("http://h/?x=1"), None);
     }

@@ -389,3 +389,39 @@ async fn two_replicas_over_nats_agree_and_survive_nats_going_away() {
     drop((van, tor));
     std::fs::remove_dir_all(root).ok();
 }
+
+#[tokio::test]
+async fn tls_nodes_are_probed_over_https_and_an_untrusted_certificate_is_refused() {
+    let root = tempdir("tls");
+    let trusted = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let mut nodes = Vec::new();
+    for (id, cert) in [("tls-ok", &trusted), ("tls-bad", &stranger)] {
+        std::fs::write(root.join(format!("{id}.pem")), cert.cert.pem()).unwrap();
+        std::fs::write(root.join(format!("{id}.key")), cert.signing_key.serialize_pem()).unwrap();
+        let tls = format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            root.join(format!("{id}.pem")).display(),
+            root.join(format!("{id}.key")).display()
+        );
+        nodes.push(TestNode::start_as(id, "toronto", &node_cfg(&root, 5, &tls), None).await);
+    }
+    let toml = format!(
+        "[probe]\ninterval_ms = 200\ntimeout_ms = 150\nca_file = \"{}\"\n\
+         [[nodes]]\nid = \"tls-ok\"\nurl = \"https://localhost:{}\"\nregion = \"toronto\"\n\
+         [[nodes]]\nid = \"tls-bad\"\nurl = \"https://localhost:{}\"\nregion = \"toronto\"\n",
+        root.join("tls-ok.pem").display(),
+        nodes[0].addr.port(),
+        nodes[1].addr.port()
+    );
+    let d = Replica::start(&toml, None).await;
+    d.until("model=sim-llama&k=5", Duration::from_secs(3), |ids| ids == ["tls-ok"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(d.ids("model=sim-llama&k=5").await, ["tls-ok"]);
+    let all = d.json("/v1/nodes").await;
+    let bad = all["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "tls-bad").unwrap();
+    assert_eq!(bad["health"], "unhealthy");
+    let err = bad["detail"]["probes"]["last_error"].as_str().unwrap();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    std::fs::remove_dir_all(root).ok();
+}
