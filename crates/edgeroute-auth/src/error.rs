@@ -66,6 +66,16 @@ pub enum AuthError {
 impl AuthError {
     /// The HTTP status this error maps to: 401 for credential problems, 403 for a valid token
     /// without the required scope, 500 for key-loading failures.
+    /// The OpenAI-style error `code` for an answer refusing the request.
+    pub fn api_code(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing_token",
+            Self::Expired => "token_expired",
+            Self::InsufficientScope { .. } => "insufficient_scope",
+            _ => "invalid_token",
+        }
+    }
+
     pub fn http_status(&self) -> u16 {
         match self {
             Self::InsufficientScope { .. } => 403,

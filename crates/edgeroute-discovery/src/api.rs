@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{RawQuery, Request, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use edgeroute_auth::Scope;
 use edgeroute_core::score::{Exclusion, Factors, Query, Strategy};
 use edgeroute_http::ApiError;
 use edgeroute_proto::models::ModelState;
@@ -26,15 +28,44 @@ use crate::snapshot::{ModelStats, Snapshot};
 pub const REPLICA_HEADER: &str = "x-edgeroute-discovery";
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let clients = Router::new()
         .route("/v1/discover", get(discover))
+        .route_layer(middleware::from_fn_with_state((shared.clone(), Scope::Inference), require));
+    let operators = Router::new()
         .route("/v1/nodes", get(nodes))
         .route("/v1/topology", get(topology))
+        .route_layer(middleware::from_fn_with_state((shared.clone(), Scope::Admin), require));
+    Router::new()
+        .merge(clients)
+        .merge(operators)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(shared)
+}
+
+/// Checks the bearer token against the replica's keys, when it has any.
+async fn require(
+    State((sh, scope)): State<(Arc<Shared>, Scope)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(store) = &sh.auth else { return next.run(req).await };
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let verified = edgeroute_auth::parse_bearer(header)
+        .and_then(|token| store.verify(token, now))
+        .and_then(|claims| claims.require_scope(scope));
+    match verified {
+        Ok(()) => next.run(req).await,
+        Err(e) if e.http_status() == 403 => {
+            ApiError::forbidden(e.api_code(), e.to_string()).into_response()
+        }
+        Err(e) => ApiError::unauthorized(e.api_code(), e.to_string()).into_response(),
+    }
 }
 
 /// A parsed, validated `/v1/discover` request.

@@ -32,6 +32,14 @@ pub(crate) fn ms(v: u64) -> Duration {
 pub struct DiscoveryConfig {
     #[serde(default)]
     pub discovery: Section,
+    /// TLS termination. Absent: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    /// JWT verification keys (as the node's `[auth]`). With them, `/v1/discover` needs an
+    /// inference-scoped token and `/v1/nodes` and `/v1/topology` an admin-scoped one; without
+    /// them every route is open (a warning is logged). `/health` and `/metrics` are open.
+    #[serde(default)]
+    pub auth: Option<edgeroute_auth::AuthConfig>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -72,6 +80,15 @@ impl Default for Section {
             worker_threads: 0,
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
 }
 
 /// Server limits. Durations in milliseconds.

@@ -58,6 +58,10 @@ pub enum DiscoveryError {
     Bus(#[from] edgeroute_bus::BusError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("TLS: {0}")]
+    ServerTls(#[from] edgeroute_http::tls::TlsError),
+    #[error("auth keys: {0}")]
+    Auth(#[from] edgeroute_auth::AuthError),
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -98,6 +102,7 @@ pub struct Shared {
     bus_synced: AtomicBool,
     bus_updates: AtomicU64,
     pub(crate) replica_header: HeaderValue,
+    pub(crate) auth: Option<Arc<edgeroute_auth::KeyStore>>,
     pub(crate) cache_control: HeaderValue,
 }
 
@@ -225,6 +230,13 @@ impl Discovery {
             cfg.serving.stale_ok_ms / 1000
         ))
         .unwrap_or(HeaderValue::from_static("no-cache"));
+        let auth = match &cfg.auth {
+            Some(a) => Some(Arc::new(edgeroute_auth::KeyStore::from_config(a)?)),
+            None => {
+                tracing::warn!(replica = %cfg.discovery.id, "discovery has no [auth]: every route is open");
+                None
+            }
+        };
         let (generations, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             default_strategy: cfg.scoring.default_strategy(),
@@ -247,6 +259,7 @@ impl Discovery {
             bus_synced: AtomicBool::new(false),
             bus_updates: AtomicU64::new(0),
             replica_header,
+            auth,
             cache_control,
             cfg,
         });
@@ -358,6 +371,18 @@ impl Discovery {
         if let Some(bus) = bus {
             tasks.push(tokio::spawn(follow_bus(sh.clone(), bus, stop_rx.clone())));
         }
+        if let (Some(store), Some(a)) = (&sh.auth, &sh.cfg.auth)
+            && a.reload_interval_ms > 0
+        {
+            let mut stopped = stop_rx.clone();
+            tasks.push(edgeroute_auth::spawn_reloader(
+                store.clone(),
+                a.reload_interval(),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            ));
+        }
         tasks.push(tokio::spawn(rebuild_loop(sh.clone(), stop_rx)));
         Ok(Running { stop, tasks, shared: sh })
     }
@@ -368,13 +393,19 @@ impl Discovery {
         listener: L,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DiscoveryError> {
+        let tls = match &self.shared.cfg.tls {
+            Some(t) => {
+                Some(edgeroute_http::tls::acceptor_from_pem_files(&t.cert_file, &t.key_file)?)
+            }
+            None => None,
+        };
         let running = self.start().await?;
         tracing::info!(replica = %self.shared.cfg.discovery.id, region = %self.shared.cfg.discovery.region, "discovery serving");
         edgeroute_http::serve(
             listener,
             self.router(),
             self.shared.cfg.limits.server_limits(),
-            None,
+            tls,
             shutdown,
         )
         .await;

@@ -425,3 +425,32 @@ async fn tls_nodes_are_probed_over_https_and_an_untrusted_certificate_is_refused
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     std::fs::remove_dir_all(root).ok();
 }
+
+#[tokio::test]
+async fn with_auth_keys_clients_need_an_inference_token_and_fleet_views_an_admin_token() {
+    use edgeroute_auth::Scope;
+    use edgeroute_test_util::node::{SECRET, mint_hs256};
+    let root = tempdir("auth");
+    std::fs::write(root.join("secret"), SECRET).unwrap();
+    let toml = format!("[auth]\nhs256_secret_file = \"{}\"\n{FAST}", root.join("secret").display());
+    let d = Replica::start(&toml, None).await;
+    let inference = mint_hs256("tenant-a", &[Scope::Inference], 600);
+    let admin = mint_hs256("operator", &[Scope::Admin], 600);
+    let expired = mint_hs256("tenant-a", &[Scope::Inference], -60);
+    let status = |path: &'static str, token: Option<String>| {
+        let addr = d.addr;
+        async move {
+            let r = get(addr, path, token.as_deref()).await;
+            (r.status.as_u16(), r.json()["error"]["code"].as_str().unwrap_or("").to_owned())
+        }
+    };
+    let q = "/v1/discover?model=sim-llama";
+    assert_eq!(status(q, None).await, (401, "missing_token".into()));
+    assert_eq!(status(q, Some(expired)).await, (401, "token_expired".into()));
+    assert_eq!(status(q, Some(inference.clone())).await, (200, String::new()));
+    assert_eq!(status("/v1/nodes", Some(inference)).await, (403, "insufficient_scope".into()));
+    assert_eq!(status("/v1/nodes", Some(admin.clone())).await, (200, String::new()));
+    assert_eq!(status("/v1/topology", Some(admin)).await, (200, String::new()));
+    assert_eq!(status("/health", None).await.0, 200);
+    std::fs::remove_dir_all(root).ok();
+}

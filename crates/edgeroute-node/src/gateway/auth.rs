@@ -44,12 +44,7 @@ fn reject_reason(e: &AuthError) -> &'static str {
 }
 
 fn auth_error(e: &AuthError) -> ApiError {
-    let code = match e {
-        AuthError::Missing => "missing_token",
-        AuthError::Expired => "token_expired",
-        AuthError::InsufficientScope { .. } => "insufficient_scope",
-        _ => "invalid_token",
-    };
+    let code = e.api_code();
     if e.http_status() == 403 {
         ApiError::forbidden(code, e.to_string())
     } else {
