@@ -553,7 +553,7 @@ fn entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgeroute_proto::health::{ModelHealth, Percentiles, PipelineHealth};
+    use edgeroute_proto::health::PipelineHealth;
     use edgeroute_proto::topology::ModelPlacement;
 
     const P: ViewParams = ViewParams { unknown_ttft_ms: 250.0, min_ttft_samples: 5 };
@@ -562,41 +562,13 @@ mod tests {
         Duration::from_millis(ms)
     }
 
-    pub(crate) fn report(id: &str, models: &[&str]) -> NodeHealth {
-        NodeHealth {
-            status: NodeStatus::Ready,
-            ready: true,
-            node_id: id.into(),
-            region: "tor".into(),
-            version: "0".into(),
-            uptime_s: 1,
-            models: models
-                .iter()
-                .map(|m| ModelHealth { id: (*m).into(), state: ModelState::Ready, gpu: None })
-                .collect(),
-            gpus: vec![],
-            pipelines: vec![],
-            queue_depth: 0,
-            in_flight: 0,
-            capacity: 8,
-            window_s: 60,
-            ttft_ms: Percentiles { p50: 40.0, p99: 90.0, samples: 100 },
-            latency_ms: Percentiles::default(),
-            error_rate: 0.0,
-            requests_in_window: 100,
-            drain: None,
-        }
+    fn report(id: &str, models: &[&str]) -> NodeHealth {
+        crate::synthetic::health(id, "tor", models)
     }
 
     fn fleet_with(id: &str) -> Fleet {
         let mut f = Fleet::new(HealthParams::default(), s(600_000));
-        let n = StaticNode {
-            id: id.into(),
-            url: "http://127.0.0.1:1".into(),
-            region: "tor".into(),
-            cost_per_1k: 0.0,
-        };
-        f.add_static(&n, s(0));
+        f.add_static(&crate::synthetic::static_node(id, "tor"), s(0));
         f
     }
 
@@ -672,13 +644,7 @@ mod tests {
     fn ttft_prior_is_the_fleet_median_and_pipelines_follow_placement() {
         let mut f = fleet_with("a");
         for (id, p50) in [("b", 30.0), ("c", 50.0), ("d", 70.0)] {
-            let n = StaticNode {
-                id: id.into(),
-                url: "http://127.0.0.1:1".into(),
-                region: "tor".into(),
-                cost_per_1k: 0.0,
-            };
-            f.add_static(&n, s(0));
+            f.add_static(&crate::synthetic::static_node(id, "tor"), s(0));
             let mut r = report(id, &["llm"]);
             r.ttft_ms.p50 = p50;
             f.probe_ok(id, s(0), s(10), r);

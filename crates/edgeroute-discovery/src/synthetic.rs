@@ -100,6 +100,43 @@ pub fn fleet(n: usize, seed: u64) -> Vec<Arc<NodeEntry>> {
     out.into_iter().map(Arc::new).collect()
 }
 
+/// A healthy node's `/health` report with `models` ready: the starting point of test reports.
+pub fn health(id: &str, region: &str, models: &[&str]) -> NodeHealth {
+    NodeHealth {
+        status: NodeStatus::Ready,
+        ready: true,
+        node_id: id.into(),
+        region: region.into(),
+        version: "synthetic".into(),
+        uptime_s: 1,
+        models: models
+            .iter()
+            .map(|m| ModelHealth { id: (*m).into(), state: ModelState::Ready, gpu: None })
+            .collect(),
+        gpus: vec![],
+        pipelines: vec![],
+        queue_depth: 0,
+        in_flight: 0,
+        capacity: 8,
+        window_s: 60,
+        ttft_ms: Percentiles { p50: 40.0, p99: 90.0, samples: 100 },
+        latency_ms: Percentiles::default(),
+        error_rate: 0.0,
+        requests_in_window: 100,
+        drain: None,
+    }
+}
+
+/// A node from configuration at a placeholder URL.
+pub fn static_node(id: &str, region: &str) -> StaticNode {
+    StaticNode {
+        id: id.into(),
+        url: "http://127.0.0.1:1".into(),
+        region: region.into(),
+        cost_per_1k: 0.0,
+    }
+}
+
 /// The node's `/health` report that would produce `e` (for registry benchmarks).
 pub fn report(e: &NodeEntry) -> NodeHealth {
     let v = &e.view;

@@ -16,8 +16,6 @@ use std::time::Duration;
 use edgeroute_core::score::{Query, Strategy};
 use edgeroute_discovery::probe::{Probe, ProbeError, ProbeFuture};
 use edgeroute_discovery::{Discovery, DiscoveryConfig};
-use edgeroute_proto::health::{ModelHealth, NodeHealth, NodeStatus, Percentiles};
-use edgeroute_proto::models::ModelState;
 use tokio::time::Instant;
 
 #[derive(Debug, Default)]
@@ -36,26 +34,7 @@ impl Probe for FakeNode {
             if !alive {
                 return Err(ProbeError::Connect("connection refused".into()));
             }
-            Ok(NodeHealth {
-                status: NodeStatus::Ready,
-                ready: true,
-                node_id: "a".into(),
-                region: "toronto".into(),
-                version: "0".into(),
-                uptime_s: 1,
-                models: vec![ModelHealth { id: "llm".into(), state: ModelState::Ready, gpu: None }],
-                gpus: vec![],
-                pipelines: vec![],
-                queue_depth: 0,
-                in_flight: 0,
-                capacity: 8,
-                window_s: 60,
-                ttft_ms: Percentiles { p50: 40.0, p99: 80.0, samples: 50 },
-                latency_ms: Percentiles::default(),
-                error_rate: 0.0,
-                requests_in_window: 50,
-                drain: None,
-            })
+            Ok(edgeroute_discovery::synthetic::health("a", "toronto", &["llm"]))
         })
     }
 }
