@@ -343,9 +343,10 @@ pub struct StaticNode {
     /// Base URL of the node's gateway (`http://10.0.0.5:8080`).
     pub url: String,
     pub region: String,
-    /// Price per 1,000 tokens, for the cost-optimized strategy. Default 0 (unknown).
+    /// Price per 1,000 tokens, for the cost-optimized strategy. Default: what the node
+    /// reports in `/health` (`[node] cost_per_1k`), else 0.
     #[serde(default)]
-    pub cost_per_1k: f64,
+    pub cost_per_1k: Option<f64>,
 }
 
 /// A node or region name: short, lowercase-friendly, safe in URLs, headers and NATS subjects.
@@ -448,7 +449,7 @@ impl DiscoveryConfig {
             if crate::probe::health_uri(&n.url).is_none() {
                 return Err(invalid(&key("url"), "an http:// or https:// URL with a host"));
             }
-            if !n.cost_per_1k.is_finite() || n.cost_per_1k < 0.0 {
+            if n.cost_per_1k.is_some_and(|c| !c.is_finite() || c < 0.0) {
                 return Err(invalid(&key("cost_per_1k"), "a finite number ≥ 0"));
             }
         }

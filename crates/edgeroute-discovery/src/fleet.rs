@@ -68,7 +68,8 @@ struct NodeRecord {
     /// From configuration; a bus-announced URL overrides it.
     configured_url: Option<String>,
     configured: bool,
-    cost_per_1k: f64,
+    /// From configuration; overrides what the node reports.
+    cost_per_1k: Option<f64>,
     bus: Option<BusState>,
     report: Option<Reported>,
     tracker: HealthTracker,
@@ -86,7 +87,7 @@ impl NodeRecord {
             region,
             configured_url: None,
             configured: false,
-            cost_per_1k: 0.0,
+            cost_per_1k: None,
             bus: None,
             report: None,
             tracker: HealthTracker::new(params),
@@ -519,7 +520,11 @@ fn entry(
         ttft_p50_ms: p50,
         ttft_p99_ms: p99,
         error_rate: report.map_or(0.0, |h| h.error_rate),
-        cost_per_1k: rec.cost_per_1k,
+        cost_per_1k: rec
+            .cost_per_1k
+            .or(report.and_then(|h| h.cost_per_1k))
+            .filter(|c| c.is_finite() && *c >= 0.0)
+            .unwrap_or(0.0),
     };
     let info = NodeInfo {
         id: id.to_owned(),
@@ -535,7 +540,7 @@ fn entry(
         ttft_p99_ms: p99,
         ttft_estimated: estimated,
         error_rate: view.error_rate,
-        cost_per_1k: rec.cost_per_1k,
+        cost_per_1k: view.cost_per_1k,
         pipelines,
         detail: NodeDetail {
             placement_source: source,
@@ -681,6 +686,22 @@ mod tests {
         f.apply_bus(&snap("a", &all, NodeLiveness::Up), s(20));
         let a = f.entries(s(20), P).into_iter().find(|e| e.view.id == "a").unwrap();
         assert_eq!(a.view.pipelines.get("voice-tts"), Some(&1.0));
+    }
+
+    #[test]
+    fn a_configured_price_overrides_the_one_the_node_reports() {
+        let mut f = fleet_with("a");
+        f.add_static(&crate::synthetic::static_node("b", "tor"), s(0));
+        for id in ["a", "b"] {
+            let mut r = report(id, &["llm"]);
+            r.cost_per_1k = Some(0.3);
+            f.probe_ok(id, s(0), s(10), r);
+        }
+        let mut priced = crate::synthetic::static_node("b", "tor");
+        priced.cost_per_1k = Some(0.1);
+        f.add_static(&priced, s(20));
+        let e = f.entries(s(20), P);
+        assert_eq!((e[0].view.cost_per_1k, e[1].view.cost_per_1k), (0.3, 0.1));
     }
 
     #[test]

@@ -124,6 +124,7 @@ pub fn health(id: &str, region: &str, models: &[&str]) -> NodeHealth {
         error_rate: 0.0,
         requests_in_window: 100,
         drain: None,
+        cost_per_1k: None,
     }
 }
 
@@ -133,7 +134,7 @@ pub fn static_node(id: &str, region: &str) -> StaticNode {
         id: id.into(),
         url: "http://127.0.0.1:1".into(),
         region: region.into(),
-        cost_per_1k: 0.0,
+        cost_per_1k: None,
     }
 }
 
@@ -178,6 +179,7 @@ pub fn report(e: &NodeEntry) -> NodeHealth {
         error_rate: v.error_rate,
         requests_in_window: 1000,
         drain: None,
+        cost_per_1k: Some(v.cost_per_1k),
     }
 }
 
@@ -191,7 +193,7 @@ pub fn registry(n: usize, seed: u64) -> (Fleet, Duration) {
             id: e.view.id.clone(),
             url: e.info.url.clone(),
             region: e.view.region.clone(),
-            cost_per_1k: e.view.cost_per_1k,
+            cost_per_1k: None,
         };
         f.add_static(&node, Duration::ZERO);
         for t in [1000, 2000] {

@@ -119,6 +119,10 @@ pub struct NodeSection {
     /// development; the node logs a warning at start. Default `false`.
     #[serde(default)]
     pub allow_unauthenticated: bool,
+    /// Price per 1,000 tokens on this node, reported in `/health` for discovery's
+    /// cost-optimized strategy. Default: unset.
+    #[serde(default)]
+    pub cost_per_1k: Option<f64>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -387,6 +391,9 @@ impl NodeConfig {
 
     /// Checks what serde cannot: ids, ranges and references between sections.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.cost_per_1k.is_some_and(|c| !c.is_finite() || c < 0.0) {
+            return Err(invalid("node.cost_per_1k", "a finite number ≥ 0"));
+        }
         if !edgeroute_proto::headers::is_hint_token(&self.node.id) {
             return Err(invalid("node.id", "must be 1-128 characters of [A-Za-z0-9._:-]"));
         }

@@ -94,6 +94,7 @@ impl Node {
         let state = Arc::new(NodeState {
             id: cfg.node.id.clone(),
             region: cfg.node.region.clone(),
+            cost_per_1k: cfg.node.cost_per_1k,
             node_header,
             limits: l.clone(),
             telemetry_cfg: cfg.telemetry.clone(),

@@ -119,4 +119,7 @@ pub struct NodeHealth {
     pub requests_in_window: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainInfo>,
+    /// The operator's price per 1,000 tokens on this node, for cost-aware routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_per_1k: Option<f64>,
 }

@@ -86,6 +86,7 @@ pub fn node_health(st: &AppState) -> NodeHealth {
         error_rate: figures.error_rate,
         requests_in_window: figures.requests,
         drain,
+        cost_per_1k: st.cost_per_1k,
     }
 }
 

@@ -51,6 +51,7 @@ pub fn system_clock() -> UnixClock {
 pub struct NodeState {
     pub id: String,
     pub region: String,
+    pub cost_per_1k: Option<f64>,
     pub node_header: HeaderValue,
     pub limits: Limits,
     pub telemetry_cfg: TelemetryConfig,
