@@ -7,6 +7,7 @@
 pub mod capacity;
 pub mod health;
 pub mod score;
+pub mod steer;
 pub mod window;
 
 pub use window::{LatencyWindow, OutcomeWindow, WindowConfig};
