@@ -369,6 +369,7 @@ impl Discovery {
             (None, None) => None,
         };
         if let Some(bus) = bus {
+            sh.bus_connected.store(bus.is_connected(), Ordering::Relaxed);
             tasks.push(tokio::spawn(follow_bus(sh.clone(), bus, stop_rx.clone())));
         }
         if let (Some(store), Some(a)) = (&sh.auth, &sh.cfg.auth)

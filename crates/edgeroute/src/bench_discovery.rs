@@ -111,11 +111,11 @@ async fn load_with(opts: &LoadOpts, guard: &mut ProcessGuard) -> Result<String> 
             let mut reference_p99 = None;
             for (label, query) in QUERIES {
                 let url = format!("http://{addr}/v1/discover?{query}");
-                let check =
-                    loadgen::probe(&url, None, Bytes::new(), Mode::Get, Duration::from_secs(2))
-                        .await
-                        .with_context(|| format!("first request to {url}"))?;
-                let _ = check;
+                // One request first: a broken target fails here with its answer, not as a table
+                // of errors.
+                loadgen::probe(&url, None, Bytes::new(), Mode::Get, Duration::from_secs(2))
+                    .await
+                    .with_context(|| format!("first request to {url}"))?;
                 let mut spec = LoadSpec::new(url, Bytes::new(), Mode::Get, rate);
                 spec.duration = opts.duration;
                 spec.connections = opts.connections;
