@@ -365,6 +365,15 @@ impl Fleet {
         self.nodes
             .iter_mut()
             .map(|(id, rec)| {
+                // Unchanged inputs: only time can move the verdict, and only by φ crossing the
+                // ejection threshold.
+                if let Some(c) = &rec.cached
+                    && !rec.dirty
+                    && rec.tracker.phi(now) <= rec.tracker.params().phi_eject
+                    && (!c.info.ttft_estimated || c.view.ttft_p50_ms == prior)
+                {
+                    return c.clone();
+                }
                 let (health, reason) = judge(rec, now);
                 if let Some(c) = &rec.cached
                     && !rec.dirty
