@@ -134,6 +134,13 @@ async fn a_three_region_fleet_is_discovered_scored_and_served() {
     d.until(q, Duration::from_secs(5), |ids| ids == ["tor-1", "mtl-1", "van-1"]).await;
 
     let r = d.discover(q).await;
+    // Clients read the answer through the shared wire types.
+    let typed: edgeroute_proto::discovery::DiscoverResponse =
+        serde_json::from_slice(&r.body).unwrap();
+    assert_eq!((typed.candidates.len(), typed.candidates[0].id.as_str()), (3, "tor-1"));
+    let unknown: edgeroute_proto::discovery::DiscoverResponse =
+        serde_json::from_slice(&d.discover("model=nope").await.body).unwrap();
+    assert_eq!(unknown.reason.unwrap().code, "model_unknown");
     assert_eq!(r.header("x-edgeroute-discovery"), Some("disc-tor"));
     assert!(r.header("cache-control").unwrap().contains("max-age=5"));
     let body = r.json();

@@ -6,6 +6,7 @@
 //! encoding, decoding and shape validation; decisions live in `edgeroute-core`.
 
 pub mod chat;
+pub mod discovery;
 pub mod error;
 pub mod headers;
 pub mod health;

@@ -1,0 +1,127 @@
+//! Discovery answers kept per query, honouring `ttl` and `stale_ok`, and persisted to a file so
+//! a client that starts while discovery is down still knows where to go. Pure apart from
+//! [`ListCache::load`] and [`ListCache::save`]; time is Unix milliseconds passed in.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use edgeroute_proto::discovery::DiscoverResponse;
+use serde::{Deserialize, Serialize};
+
+/// How usable a cached answer is at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within `ttl`: use it without asking discovery.
+    Fresh,
+    /// Past `ttl` but within `stale_ok`: use it only if discovery cannot be reached.
+    Stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    /// When the client received the answer, Unix ms (the client's clock).
+    fetched_at_ms: u64,
+    answer: DiscoverResponse,
+}
+
+/// Answers by query key (model, pipeline, regions).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListCache {
+    entries: BTreeMap<String, Entry>,
+}
+
+/// The cache key of a query.
+pub fn key(model: &str, pipeline: Option<&str>, regions: &[String]) -> String {
+    let mut r = regions.to_vec();
+    r.sort();
+    format!("{model}|{}|{}", pipeline.unwrap_or(""), r.join(","))
+}
+
+impl ListCache {
+    pub fn put(&mut self, key: String, answer: DiscoverResponse, now_ms: u64) {
+        self.entries.insert(key, Entry { fetched_at_ms: now_ms, answer });
+    }
+
+    /// The cached answer for `key` and how fresh it is at `now_ms`; `None` when absent or past
+    /// `stale_ok`.
+    pub fn get(&self, key: &str, now_ms: u64) -> Option<(&DiscoverResponse, Freshness)> {
+        let e = self.entries.get(key)?;
+        let age = now_ms.saturating_sub(e.fetched_at_ms);
+        if age < e.answer.ttl_ms {
+            Some((&e.answer, Freshness::Fresh))
+        } else if age < e.answer.stale_ok_ms {
+            Some((&e.answer, Freshness::Stale))
+        } else {
+            None
+        }
+    }
+
+    /// Drops answers past `stale_ok`.
+    pub fn prune(&mut self, now_ms: u64) {
+        self.entries.retain(|_, e| now_ms.saturating_sub(e.fetched_at_ms) < e.answer.stale_ok_ms);
+    }
+
+    /// Reads a cache file; a missing or unreadable file is an empty cache (it is only a cache).
+    pub fn load(path: &Path) -> ListCache {
+        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Writes the cache atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(ttl: u64, stale: u64) -> DiscoverResponse {
+        DiscoverResponse {
+            model: "llm".into(),
+            pipeline: None,
+            strategy: "latency_first".into(),
+            regions: vec![],
+            ttl_ms: ttl,
+            stale_ok_ms: stale,
+            generation: 1,
+            generated_at_ms: 0,
+            replica: "d".into(),
+            candidates: vec![],
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn ttl_then_stale_then_gone() {
+        let mut c = ListCache::default();
+        let k = key("llm", None, &["tor".into(), "mtl".into()]);
+        assert_eq!(
+            k,
+            key("llm", None, &["mtl".into(), "tor".into()]),
+            "region order is irrelevant"
+        );
+        c.put(k.clone(), answer(5000, 60_000), 1000);
+        assert_eq!(c.get(&k, 5999).unwrap().1, Freshness::Fresh);
+        assert_eq!(c.get(&k, 6000).unwrap().1, Freshness::Stale);
+        assert!(c.get(&k, 61_000).is_none());
+        c.prune(61_000);
+        assert_eq!(c, ListCache::default());
+    }
+
+    #[test]
+    fn persists_atomically_and_tolerates_garbage() {
+        let dir = std::env::temp_dir().join(format!("edgeroute-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lists.json");
+        let mut c = ListCache::default();
+        c.put("k".into(), answer(1, 2), 3);
+        c.save(&path).unwrap();
+        assert_eq!(ListCache::load(&path), c);
+        std::fs::write(&path, b"{not json").unwrap();
+        assert_eq!(ListCache::load(&path), ListCache::default());
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

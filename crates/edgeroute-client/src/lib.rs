@@ -1,0 +1,705 @@
+//! The edgeroute client SDK: decide once, talk direct.
+//!
+//! A [`Client`] asks discovery once per session for candidates, probes the top few in parallel
+//! from the client's own network position, pins the session to the best measured node (random
+//! among near-ties, so clients starting together spread out) and keeps the runner-up as a warm
+//! standby. Every request then goes straight to the pinned node. The failover ladder:
+//!
+//! - connection refused, reset, timeout or a 5xx before any byte → the same request goes to the
+//!   standby at once, and the session moves there;
+//! - 429 / 503 (the node is full, not broken) → counted as slowness: this request moves if
+//!   another node can take it, the node is not ejected and stays pinned;
+//! - 4xx client errors → returned as they are: never retried elsewhere, never held against the
+//!   node;
+//! - a migrate hint on a response → the session moves before its next request (between turns);
+//! - repeated hard failures → the node is ejected with an exponential, jittered backoff; if
+//!   every candidate is ejected the client fails open to the best of them.
+//!
+//! Retries are budgeted (a share of recent requests plus a floor per second) so a fleet outage
+//! never becomes a retry storm. Discovery answers are cached with their `ttl` and `stale_ok`, and
+//! persisted to a file: a client that starts while discovery is down uses the last list.
+//!
+//! Status: JSON chat completions. Streaming with mid-stream continuation, hedging on a TTFT
+//! deadline and the local proxy are the next steps (see the SDK issue).
+//!
+//! The SDK never creates a runtime; it runs on the caller's tokio runtime.
+
+pub mod cache;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edgeroute_core::steer::{self, Backoff, PeakEwma, Probed, RetryBudget, TieMargin};
+use edgeroute_proto::discovery::{Candidate, DiscoverResponse};
+use edgeroute_proto::headers::{LOAD_HEADER, MIGRATE_HEADER, MigrateHint, SESSION_HEADER};
+use edgeroute_proto::{ChatCompletion, ChatCompletionRequest, LoadReport};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::{Rng, SeedableRng};
+
+use crate::cache::{Freshness, ListCache};
+
+/// Everything a client is told; every field has a default.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Discovery base URLs, tried in order.
+    pub discovery: Vec<String>,
+    /// Bearer token for discovery and nodes.
+    pub token: Option<String>,
+    /// Data residency: only nodes in these regions (empty = any).
+    pub regions: Vec<String>,
+    /// Candidates probed at session start. Default 3.
+    pub probe_k: usize,
+    /// Probes not answered within this are ignored. Default 150 ms.
+    pub probe_deadline: Duration,
+    /// One discovery request. Default 500 ms.
+    pub discovery_timeout: Duration,
+    /// TCP connect to a node. Default 300 ms (never the OS's two minutes).
+    pub connect_timeout: Duration,
+    /// A whole JSON answer. Default 60 s.
+    pub request_timeout: Duration,
+    /// Largest answer read, bytes. Default 8 MiB.
+    pub max_response_bytes: usize,
+    /// Where discovery answers are persisted. Default: not persisted.
+    pub cache_file: Option<PathBuf>,
+    /// Seed for near-tie breaking and jitter. Default: from the OS.
+    pub seed: Option<u64>,
+    /// Retries as a share of requests over 10 s, plus a floor per second. Default 0.1 and 1.
+    pub retry_ratio: f64,
+    pub retry_floor_per_s: f64,
+    /// Consecutive hard failures before a node is ejected. Default 2.
+    pub eject_after: u32,
+    pub eject_backoff: Backoff,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            discovery: vec![],
+            token: None,
+            regions: vec![],
+            probe_k: 3,
+            probe_deadline: Duration::from_millis(150),
+            discovery_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(60),
+            max_response_bytes: 8 << 20,
+            cache_file: None,
+            seed: None,
+            retry_ratio: 0.1,
+            retry_floor_per_s: 1.0,
+            eject_after: 2,
+            eject_backoff: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(30),
+                jitter: 0.5,
+            },
+        }
+    }
+}
+
+/// What the client decided, for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Discovered { model: String, candidates: usize, cached: Option<&'static str> },
+    DiscoveryFailed { endpoint: String, error: String },
+    Probed { node: String, rtt_ms: f64, predicted_ttft_ms: f64 },
+    ProbeFailed { node: String, error: String },
+    Pinned { node: String, standby: Option<String> },
+    Failover { from: String, to: String, reason: String },
+    Migrated { from: String, to: String, reason: String },
+    Ejected { node: String, for_ms: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("discovery unreachable and no usable cached list: {0}")]
+    Discovery(String),
+    #[error("no candidate for model `{model}`: {reason}")]
+    NoCandidates { model: String, reason: String },
+    /// The node refused the request itself (a client error): returned as is, never retried.
+    #[error("node `{node}` answered {status}: {body}")]
+    Api { node: String, status: u16, body: String },
+    #[error("every candidate failed: {0}")]
+    Exhausted(String),
+    #[error("retry budget spent; last failure: {0}")]
+    BudgetSpent(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+type Http = HttpClient<HttpConnector, Full<Bytes>>;
+/// Called with every decision the client makes.
+pub type Listener = Arc<dyn Fn(&Event) + Send + Sync>;
+
+#[derive(Debug)]
+struct NodeState {
+    ewma: PeakEwma,
+    failures: u32,
+    ejected_until: Option<Instant>,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    http: Http,
+    cache: Mutex<ListCache>,
+    budget: Mutex<RetryBudget>,
+    nodes: Mutex<HashMap<String, NodeState>>,
+    rng: Mutex<rand::rngs::StdRng>,
+    listener: Option<Listener>,
+    origin: Instant,
+}
+
+/// The SDK handle; cheap to clone, shared by every session.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("discovery", &self.inner.cfg.discovery).finish()
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// How an attempt on one node ended.
+enum Attempt {
+    Done(ChatCompletion, Option<MigrateHint>),
+    /// A client error: stop, return it.
+    Refused {
+        status: u16,
+        body: String,
+    },
+    /// Full or leaving: try elsewhere, do not hold it against the node. With a migrate hint,
+    /// the session moves to whichever node answers.
+    Busy(String, Option<MigrateHint>),
+    /// Broken before any byte of an answer: fail over, count it.
+    Failed(String),
+}
+
+impl Client {
+    pub fn new(cfg: ClientConfig) -> Result<Client, ClientError> {
+        Self::with_listener(cfg, None)
+    }
+
+    /// As [`Client::new`], calling `listener` with every decision.
+    pub fn with_listener(
+        cfg: ClientConfig,
+        listener: Option<Listener>,
+    ) -> Result<Client, ClientError> {
+        if cfg.probe_k == 0 {
+            return Err(ClientError::Invalid("probe_k must be at least 1".into()));
+        }
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(cfg.connect_timeout));
+        tcp.set_nodelay(true);
+        let http = HttpClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(tcp);
+        let cache = cfg.cache_file.as_deref().map(ListCache::load).unwrap_or_default();
+        let rng = match cfg.seed {
+            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+            None => rand::rngs::StdRng::from_os_rng(),
+        };
+        Ok(Client {
+            inner: Arc::new(Inner {
+                budget: Mutex::new(RetryBudget::new(
+                    cfg.retry_ratio,
+                    cfg.retry_floor_per_s,
+                    Duration::from_secs(10),
+                )),
+                cfg,
+                http,
+                cache: Mutex::new(cache),
+                nodes: Mutex::new(HashMap::new()),
+                rng: Mutex::new(rng),
+                listener,
+                origin: Instant::now(),
+            }),
+        })
+    }
+
+    fn emit(&self, e: Event) {
+        tracing::debug!(event = ?e, "edgeroute client");
+        if let Some(l) = &self.inner.listener {
+            l(&e);
+        }
+    }
+
+    fn draw(&self) -> f64 {
+        self.inner.rng.lock().map_or(0.5, |mut r| r.random::<f64>())
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, String> {
+        let mut b = Request::builder().method(method).uri(url);
+        if let Some(t) = &self.inner.cfg.token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if !body.is_empty() {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+        }
+        b.body(Full::new(body)).map_err(|e| e.to_string())
+    }
+
+    /// Candidates for `model`: a fresh cached answer, else discovery (endpoints in order), else
+    /// a stale cached answer within `stale_ok`.
+    pub async fn discover(&self, model: &str) -> Result<Vec<Candidate>, ClientError> {
+        let cfg = &self.inner.cfg;
+        let key = cache::key(model, None, &cfg.regions);
+        let now = unix_ms();
+        let cached = self
+            .inner
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key, now).map(|(a, f)| (a.clone(), f)));
+        if let Some((a, Freshness::Fresh)) = &cached {
+            self.emit(Event::Discovered {
+                model: model.into(),
+                candidates: a.candidates.len(),
+                cached: Some("fresh"),
+            });
+            return Ok(a.candidates.clone());
+        }
+        let mut query = format!("model={}&k={}", encode(model), (cfg.probe_k + 2).min(32));
+        if !cfg.regions.is_empty() {
+            query.push_str(&format!("&region={}", encode(&cfg.regions.join(","))));
+        }
+        let mut last_error = String::from("no discovery endpoint configured");
+        for endpoint in &cfg.discovery {
+            let url = format!("{}/v1/discover?{query}", endpoint.trim_end_matches('/'));
+            match self.fetch_json::<DiscoverResponse>(&url, cfg.discovery_timeout).await {
+                Ok(answer) => {
+                    let candidates = answer.candidates.clone();
+                    if candidates.is_empty() {
+                        let reason = answer
+                            .reason
+                            .as_ref()
+                            .map_or("no candidates".to_owned(), |r| r.message.clone());
+                        return Err(ClientError::NoCandidates { model: model.into(), reason });
+                    }
+                    if let Ok(mut c) = self.inner.cache.lock() {
+                        c.put(key.clone(), answer, unix_ms());
+                        c.prune(unix_ms());
+                        if let Some(path) = &cfg.cache_file
+                            && let Err(e) = c.save(path)
+                        {
+                            tracing::warn!(error = %e, path = %path.display(), "could not persist the candidate list");
+                        }
+                    }
+                    self.emit(Event::Discovered {
+                        model: model.into(),
+                        candidates: candidates.len(),
+                        cached: None,
+                    });
+                    return Ok(candidates);
+                }
+                Err(e) => {
+                    self.emit(Event::DiscoveryFailed {
+                        endpoint: endpoint.clone(),
+                        error: e.clone(),
+                    });
+                    last_error = e;
+                }
+            }
+        }
+        match cached {
+            Some((a, _)) => {
+                self.emit(Event::Discovered {
+                    model: model.into(),
+                    candidates: a.candidates.len(),
+                    cached: Some("stale"),
+                });
+                Ok(a.candidates)
+            }
+            None => Err(ClientError::Discovery(last_error)),
+        }
+    }
+
+    async fn fetch_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let req = self.request(Method::GET, url, Bytes::new())?;
+        let work = async {
+            let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
+            let status = res.status();
+            let body = Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+            }
+            serde_json::from_slice(&body).map_err(|e| format!("bad answer: {e}"))
+        };
+        tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| Err("timed out".into()))
+    }
+
+    /// One probe: a small request on a (new or pooled) connection, which then stays warm.
+    async fn probe(&self, c: &Candidate) -> Result<Probed, String> {
+        let url = format!("{}/health", c.url.trim_end_matches('/'));
+        let req = self.request(Method::GET, &url, Bytes::new())?;
+        let t = Instant::now();
+        let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
+        let load: Option<LoadReport> = res
+            .headers()
+            .get(LOAD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let status = res.status();
+        let _ = res.into_body().collect().await;
+        let rtt = t.elapsed();
+        if !(status.is_success() || status == StatusCode::SERVICE_UNAVAILABLE) {
+            return Err(format!("HTTP {status}"));
+        }
+        // The node's own TTFT and the wait its queue implies; discovery's figures if the
+        // node sent no load report.
+        let (p50, q, cap) = match load {
+            Some(l) => (f64::from(l.ttft_ms), f64::from(l.queue_depth), f64::from(l.capacity)),
+            None => (c.ttft_p50_ms, f64::from(c.queue_depth), f64::from(c.capacity)),
+        };
+        Ok(Probed { id: c.id.clone(), rtt, queue_wait_ms: p50 + q * p50 / cap.max(1.0) })
+    }
+
+    /// Starts a session for `model`: discover, probe the top candidates in parallel, pin the
+    /// best, keep the runner-up as standby.
+    pub async fn session(&self, model: &str) -> Result<Session, ClientError> {
+        let candidates = self.discover(model).await?;
+        let now = Instant::now();
+        let usable: Vec<Candidate> = {
+            let nodes = self.inner.nodes.lock().ok();
+            let ejected = |id: &str| {
+                nodes
+                    .as_ref()
+                    .and_then(|n| n.get(id))
+                    .and_then(|s| s.ejected_until)
+                    .is_some_and(|t| t > now)
+            };
+            let fine: Vec<Candidate> =
+                candidates.iter().filter(|c| !ejected(&c.id)).cloned().collect();
+            // Every candidate ejected: fail open to the list as discovery ranked it.
+            if fine.is_empty() { candidates.clone() } else { fine }
+        };
+        let probe_set: Vec<&Candidate> = usable.iter().take(self.inner.cfg.probe_k).collect();
+        let results = self.probe_all(&probe_set).await;
+        let mut order: Vec<Candidate> = Vec::new();
+        if !results.is_empty() {
+            let probed: Vec<Probed> = results.iter().map(|(p, _)| p.clone()).collect();
+            if let Some(i) = steer::pick(&probed, TieMargin::default(), self.draw()) {
+                order.push(results[i].1.clone());
+                let mut rest: Vec<&(Probed, Candidate)> =
+                    results.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r).collect();
+                rest.sort_by(|a, b| a.0.predicted_ttft_ms().total_cmp(&b.0.predicted_ttft_ms()));
+                order.extend(rest.into_iter().map(|r| r.1.clone()));
+            }
+        }
+        // Then the unprobed (or unanswered) candidates, in discovery's order.
+        for c in &usable {
+            if !order.iter().any(|o| o.id == c.id) {
+                order.push(c.clone());
+            }
+        }
+        self.emit(Event::Pinned {
+            node: order[0].id.clone(),
+            standby: order.get(1).map(|c| c.id.clone()),
+        });
+        let id = format!("s-{:016x}", self.inner.rng.lock().map_or(0, |mut r| r.random::<u64>()));
+        Ok(Session { client: self.clone(), id, model: model.into(), order, pending_move: None })
+    }
+
+    async fn probe_all(&self, set: &[&Candidate]) -> Vec<(Probed, Candidate)> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in set {
+            let this = self.clone();
+            let c = (*c).clone();
+            tasks.spawn(async move {
+                let r = this.probe(&c).await;
+                (c, r)
+            });
+        }
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.inner.cfg.probe_deadline;
+        let mut out: Vec<(Probed, Candidate)> = Vec::new();
+        loop {
+            let next = tokio::time::timeout_at(deadline, tasks.join_next()).await;
+            match next {
+                Ok(Some(Ok((c, Ok(p))))) => {
+                    self.emit(Event::Probed {
+                        node: c.id.clone(),
+                        rtt_ms: ms(p.rtt),
+                        predicted_ttft_ms: p.predicted_ttft_ms(),
+                    });
+                    out.push((p, c));
+                }
+                Ok(Some(Ok((c, Err(e))))) => {
+                    self.emit(Event::ProbeFailed { node: c.id.clone(), error: e });
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    for c in set {
+                        if !out.iter().any(|(_, o)| o.id == c.id) {
+                            self.emit(Event::ProbeFailed {
+                                node: c.id.clone(),
+                                error: format!(
+                                    "no answer within {} ms",
+                                    self.inner.cfg.probe_deadline.as_millis()
+                                ),
+                            });
+                        }
+                    }
+                    break;
+                }
+            }
+            // Decide early: nothing still outstanding can beat the best answer so far.
+            if let Some(best) =
+                out.iter().map(|(p, _)| p.predicted_ttft_ms()).min_by(f64::total_cmp)
+                && !steer::can_still_win(best, start.elapsed(), TieMargin::default())
+            {
+                break;
+            }
+        }
+        tasks.abort_all();
+        out
+    }
+
+    fn node_ok(&self, id: &str, latency: Duration) {
+        if let Ok(mut nodes) = self.inner.nodes.lock() {
+            let now = self.inner.origin.elapsed();
+            let s = nodes.entry(id.to_owned()).or_insert_with(|| NodeState {
+                ewma: PeakEwma::new(Duration::from_secs(10), latency),
+                failures: 0,
+                ejected_until: None,
+            });
+            s.ewma.observe(latency, now);
+            s.failures = 0;
+            s.ejected_until = None;
+        }
+    }
+
+    fn node_failed(&self, id: &str) {
+        let draw = self.draw();
+        let mut ejected = None;
+        if let Ok(mut nodes) = self.inner.nodes.lock() {
+            let s = nodes.entry(id.to_owned()).or_insert_with(|| NodeState {
+                ewma: PeakEwma::new(Duration::from_secs(10), Duration::from_millis(100)),
+                failures: 0,
+                ejected_until: None,
+            });
+            s.failures = s.failures.saturating_add(1);
+            if s.failures >= self.inner.cfg.eject_after {
+                let d = self
+                    .inner
+                    .cfg
+                    .eject_backoff
+                    .delay(s.failures - self.inner.cfg.eject_after + 1, draw);
+                s.ejected_until = Some(Instant::now() + d);
+                ejected = Some(d);
+            }
+        }
+        if let Some(d) = ejected {
+            self.emit(Event::Ejected { node: id.into(), for_ms: d.as_millis() as u64 });
+        }
+    }
+
+    fn try_retry(&self) -> bool {
+        let now = self.inner.origin.elapsed();
+        self.inner.budget.lock().is_ok_and(|mut b| b.try_retry(now))
+    }
+
+    async fn attempt(&self, node: &Candidate, body: &Bytes, session: &str) -> Attempt {
+        let url = format!("{}/v1/chat/completions", node.url.trim_end_matches('/'));
+        let mut req = match self.request(Method::POST, &url, body.clone()) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Failed(e),
+        };
+        if let Ok(v) = http::HeaderValue::from_str(session) {
+            req.headers_mut().insert(SESSION_HEADER, v);
+        }
+        let t = Instant::now();
+        let work = async {
+            let res = match self.inner.http.request(req).await {
+                Ok(r) => r,
+                Err(e) => return Attempt::Failed(format!("connect/send: {e}")),
+            };
+            let status = res.status();
+            let hint: Option<MigrateHint> = res
+                .headers()
+                .get(MIGRATE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return Attempt::Failed(format!("reading the answer: {e}")),
+            };
+            let text = || String::from_utf8_lossy(&body).into_owned();
+            match status.as_u16() {
+                200..=299 => match serde_json::from_slice::<ChatCompletion>(&body) {
+                    Ok(c) => Attempt::Done(c, hint),
+                    Err(e) => Attempt::Failed(format!("malformed answer: {e}")),
+                },
+                429 | 503 => Attempt::Busy(format!("HTTP {status}: {}", text()), hint),
+                400..=499 => Attempt::Refused { status: status.as_u16(), body: text() },
+                _ => Attempt::Failed(format!("HTTP {status}: {}", text())),
+            }
+        };
+        let out = tokio::time::timeout(self.inner.cfg.request_timeout, work)
+            .await
+            .unwrap_or_else(|_| Attempt::Failed("no answer within the request timeout".into()));
+        if let Attempt::Done(..) = out {
+            self.node_ok(&node.id, t.elapsed());
+        }
+        out
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A conversation pinned to one node, with the others ranked behind it.
+#[derive(Debug)]
+pub struct Session {
+    client: Client,
+    /// Sent as `x-edgeroute-session`: a draining node keeps serving known sessions until its
+    /// deadline, with a migrate hint.
+    id: String,
+    model: String,
+    /// Pinned first, then the standby, then the rest.
+    order: Vec<Candidate>,
+    /// A move requested by a migrate hint, carried out before the next request.
+    pending_move: Option<String>,
+}
+
+impl Session {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The node the session is pinned to.
+    pub fn pinned(&self) -> &Candidate {
+        &self.order[0]
+    }
+
+    pub fn standby(&self) -> Option<&Candidate> {
+        self.order.get(1)
+    }
+
+    fn move_to(&mut self, i: usize, reason: String, migrated: bool) {
+        if i == 0 || i >= self.order.len() {
+            return;
+        }
+        let from = self.order[0].id.clone();
+        let node = self.order.remove(i);
+        let to = node.id.clone();
+        self.order.insert(0, node);
+        let e = if migrated {
+            Event::Migrated { from, to, reason }
+        } else {
+            Event::Failover { from, to, reason }
+        };
+        self.client.emit(e);
+    }
+
+    /// One chat completion (JSON), with the failover ladder.
+    pub async fn chat(
+        &mut self,
+        req: &ChatCompletionRequest,
+    ) -> Result<ChatCompletion, ClientError> {
+        if req.stream {
+            return Err(ClientError::Invalid("streaming is not supported by Session::chat".into()));
+        }
+        if let Some(reason) = self.pending_move.take() {
+            // Between turns: the standby is already connected.
+            self.move_to(1, reason, true);
+        }
+        let body =
+            Bytes::from(serde_json::to_vec(req).map_err(|e| ClientError::Invalid(e.to_string()))?);
+        let now = self.client.inner.origin.elapsed();
+        if let Ok(mut b) = self.client.inner.budget.lock() {
+            b.record_request(now);
+        }
+        let mut tried: Vec<String> = Vec::new();
+        let mut failures: Vec<String> = Vec::new();
+        // Why the pinned node cannot keep the session, and whether it was a planned move.
+        let mut pinned_broken: Option<(String, bool)> = None;
+        while let Some(i) = self.order.iter().position(|c| !tried.contains(&c.id)) {
+            if !tried.is_empty() && !self.client.try_retry() {
+                return Err(ClientError::BudgetSpent(failures.join("; ")));
+            }
+            let node = self.order[i].clone();
+            tried.push(node.id.clone());
+            match self.client.attempt(&node, &body, &self.id).await {
+                Attempt::Done(c, hint) => {
+                    // The pinned node is broken: the session moves to the node that answered.
+                    // (A busy pinned node keeps the session; only this request went elsewhere.)
+                    if let Some((why, planned)) = pinned_broken {
+                        self.move_to(i, why, planned);
+                    }
+                    if let Some(h) = hint {
+                        self.pending_move = Some(format!("migrate hint: {}", h.reason));
+                    }
+                    return Ok(c);
+                }
+                Attempt::Refused { status, body } => {
+                    return Err(ClientError::Api { node: node.id, status, body });
+                }
+                Attempt::Busy(why, hint) => {
+                    if i == 0
+                        && let Some(h) = hint
+                    {
+                        // Refused with a migrate hint (draining): a planned move, not a fault.
+                        pinned_broken = Some((format!("migrate hint: {}", h.reason), true));
+                    }
+                    failures.push(format!("{}: {why}", node.id));
+                }
+                Attempt::Failed(why) => {
+                    self.client.node_failed(&node.id);
+                    if i == 0 {
+                        pinned_broken = Some((why.clone(), false));
+                    }
+                    failures.push(format!("{}: {why}", node.id));
+                }
+            }
+        }
+        Err(ClientError::Exhausted(failures.join("; ")))
+    }
+}

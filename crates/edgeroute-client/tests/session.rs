@@ -1,0 +1,315 @@
+//! The SDK against real simulator nodes and a discovery replica on loopback. Each node sits
+//! behind a relay the test can cut (connections refused and reset: the node "dies").
+#![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgeroute_client::{Client, ClientConfig, ClientError, Event, Listener};
+use edgeroute_discovery::{Discovery, DiscoveryConfig};
+use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
+use edgeroute_test_util::TestNode;
+use tokio::task::JoinHandle;
+
+struct Relay {
+    addr: SocketAddr,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        Relay { addr, task: Some(tokio::spawn(relay(listener, target))) }
+    }
+
+    fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+async fn relay(listener: tokio::net::TcpListener, target: SocketAddr) {
+    let mut conns = tokio::task::JoinSet::new();
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        conns.spawn(async move {
+            if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+            }
+        });
+    }
+}
+
+struct Fleet {
+    nodes: Vec<TestNode>,
+    relays: Vec<Relay>,
+    discovery: Option<(SocketAddr, tokio::sync::oneshot::Sender<()>)>,
+    dir: std::path::PathBuf,
+}
+
+impl Fleet {
+    /// Three nodes (`tor-1` fast, `mtl-1` medium, `van-1` slow TTFT), each warmed so it reports
+    /// its own TTFT, behind relays, and a discovery replica that knows them.
+    async fn start(tag: &str, serving: &str) -> Fleet {
+        let dir = std::env::temp_dir().join(format!("edgeroute-sdk-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nodes = Vec::new();
+        let mut relays = Vec::new();
+        let mut static_nodes = String::new();
+        for (id, region, ttft) in
+            [("tor-1", "toronto", 5), ("mtl-1", "montreal", 40), ("van-1", "vancouver", 90)]
+        {
+            let cfg = format!(
+                "[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = {ttft}\nprefill_us_per_token = 0\ntokens_per_s = 2000.0\n"
+            );
+            let node = TestNode::start_as(id, region, &cfg, None).await;
+            let chat = serde_json::json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+            for _ in 0..6 {
+                assert_eq!(node.chat(chat.clone()).await.status, 200);
+            }
+            let relay = Relay::start(node.addr).await;
+            static_nodes.push_str(&format!(
+                "[[nodes]]\nid = \"{id}\"\nurl = \"http://{}\"\nregion = \"{region}\"\n",
+                relay.addr
+            ));
+            nodes.push(node);
+            relays.push(relay);
+        }
+        let toml = format!("[probe]\ninterval_ms = 200\ntimeout_ms = 150\n{serving}{static_nodes}");
+        let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(d.serve(listener, async {
+            let _ = rx.await;
+        }));
+        let f = Fleet { nodes, relays, discovery: Some((addr, tx)), dir };
+        // Until discovery has verified all three.
+        let t = std::time::Instant::now();
+        loop {
+            let r = edgeroute_test_util::get(addr, "/v1/discover?model=sim-llama&k=5", None).await;
+            if r.json()["candidates"].as_array().is_some_and(|c| c.len() == 3) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "discovery never listed the fleet");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f
+    }
+
+    fn discovery_url(&self) -> String {
+        format!("http://{}", self.discovery.as_ref().unwrap().0)
+    }
+
+    fn stop_discovery(&mut self) {
+        if let Some((_, tx)) = self.discovery.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn node(&self, id: &str) -> &TestNode {
+        let i = ["tor-1", "mtl-1", "van-1"].iter().position(|n| *n == id).unwrap();
+        &self.nodes[i]
+    }
+
+    fn relay(&mut self, id: &str) -> &mut Relay {
+        let i = ["tor-1", "mtl-1", "van-1"].iter().position(|n| *n == id).unwrap();
+        &mut self.relays[i]
+    }
+
+    /// Chat requests a node has answered (its own telemetry).
+    fn served(&self, id: &str) -> u64 {
+        self.node(id).state.telemetry.figures().requests
+    }
+
+    fn config(&self) -> ClientConfig {
+        ClientConfig {
+            discovery: vec![self.discovery_url()],
+            token: Some(self.nodes[0].token()),
+            seed: Some(7),
+            ..ClientConfig::default()
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop_discovery();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn request(model: &str, text: &str) -> ChatCompletionRequest {
+    let mut r = ChatCompletionRequest::new(model, vec![ChatMessage::new(Role::User, text)]);
+    r.max_tokens = Some(8);
+    r
+}
+
+fn recorder() -> (Arc<Mutex<Vec<Event>>>, Listener) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    (events, Arc::new(move |ev: &Event| e.lock().unwrap().push(ev.clone())))
+}
+
+#[tokio::test]
+async fn a_session_pins_the_fastest_node_and_talks_to_it_directly() {
+    let fleet = Fleet::start("pin", "").await;
+    let (events, listener) = recorder();
+    let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    assert_eq!(s.standby().unwrap().id, "mtl-1");
+    let before = fleet.served("tor-1");
+    for i in 0..5 {
+        let c = s.chat(&request("sim-llama", &format!("turn {i}"))).await.unwrap();
+        assert!(!c.choices.is_empty());
+    }
+    assert_eq!(fleet.served("tor-1") - before, 5, "every turn went straight to the pinned node");
+    let ev = events.lock().unwrap().clone();
+    assert!(ev.iter().any(|e| matches!(e, Event::Probed { node, .. } if node == "tor-1")));
+    assert!(ev.iter().any(|e| matches!(e, Event::Pinned { node, .. } if node == "tor-1")));
+    assert!(!ev.iter().any(|e| matches!(e, Event::Failover { .. })));
+}
+
+#[tokio::test]
+async fn a_dead_pinned_node_fails_over_to_the_standby_within_the_same_request() {
+    let mut fleet = Fleet::start("dead", "").await;
+    let (events, listener) = recorder();
+    let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    s.chat(&request("sim-llama", "hello")).await.unwrap();
+    fleet.relay("tor-1").cut();
+    let t = std::time::Instant::now();
+    let c = s.chat(&request("sim-llama", "still there?")).await.unwrap();
+    assert!(!c.choices.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(1), "failover took {:?}", t.elapsed());
+    assert_eq!(s.pinned().id, "mtl-1", "the session moved to the standby");
+    let ev = events.lock().unwrap().clone();
+    assert!(ev.iter().any(
+        |e| matches!(e, Event::Failover { from, to, .. } if from == "tor-1" && to == "mtl-1")
+    ));
+    // Later turns stay on the new node.
+    let before = fleet.served("mtl-1");
+    s.chat(&request("sim-llama", "and again")).await.unwrap();
+    assert_eq!(fleet.served("mtl-1") - before, 1);
+}
+
+#[tokio::test]
+async fn a_client_error_is_returned_as_is_and_never_retried_elsewhere() {
+    let fleet = Fleet::start("4xx", "").await;
+    let (events, listener) = recorder();
+    let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    let before: Vec<u64> = ["tor-1", "mtl-1", "van-1"].iter().map(|n| fleet.served(n)).collect();
+    let err = s.chat(&request("no-such-model", "hi")).await.unwrap_err();
+    match err {
+        ClientError::Api { node, status, .. } => {
+            assert_eq!((node.as_str(), status), ("tor-1", 404))
+        }
+        other => panic!("expected the node's 404, got {other}"),
+    }
+    let after: Vec<u64> = ["tor-1", "mtl-1", "van-1"].iter().map(|n| fleet.served(n)).collect();
+    assert_eq!(after[1..], before[1..], "no other node saw the request");
+    assert_eq!(s.pinned().id, "tor-1", "a client error does not move the session");
+    assert!(
+        !events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::Failover { .. } | Event::Ejected { .. }))
+    );
+}
+
+#[tokio::test]
+async fn a_draining_node_moves_the_session_between_turns() {
+    let fleet = Fleet::start("drain", "").await;
+    let (events, listener) = recorder();
+    let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    s.chat(&request("sim-llama", "turn 1")).await.unwrap();
+    let r = fleet
+        .node("tor-1")
+        .admin_post("/admin/drain", r#"{"deadline_ms": 30000, "to": "mtl-1"}"#)
+        .await;
+    assert!(r.status.is_success(), "{}", String::from_utf8_lossy(&r.body));
+    // The known session is still served by the draining node, with a migrate hint...
+    let before = fleet.served("tor-1");
+    s.chat(&request("sim-llama", "turn 2")).await.unwrap();
+    assert_eq!(fleet.served("tor-1") - before, 1);
+    // ...and the next turn starts on the standby.
+    let before = fleet.served("mtl-1");
+    s.chat(&request("sim-llama", "turn 3")).await.unwrap();
+    assert_eq!(fleet.served("mtl-1") - before, 1);
+    assert_eq!(s.pinned().id, "mtl-1");
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::Migrated { from, .. } if from == "tor-1"))
+    );
+}
+
+#[tokio::test]
+async fn with_discovery_down_a_new_client_starts_from_the_persisted_list() {
+    // Short ttl so the persisted answer is stale (but within stale_ok) when reused.
+    let mut fleet = Fleet::start("cache", "[serving]\nttl_ms = 100\nstale_ok_ms = 60000\n").await;
+    let cache_file = fleet.dir.join("lists.json");
+    let cfg = ClientConfig { cache_file: Some(cache_file.clone()), ..fleet.config() };
+    let first = Client::new(cfg.clone()).unwrap();
+    first.session("sim-llama").await.unwrap();
+    assert!(cache_file.exists());
+    fleet.stop_discovery();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (events, listener) = recorder();
+    let second = Client::with_listener(cfg, Some(listener)).unwrap();
+    let mut s = second.session("sim-llama").await.unwrap();
+    s.chat(&request("sim-llama", "hello")).await.unwrap();
+    let ev = events.lock().unwrap().clone();
+    assert!(ev.iter().any(|e| matches!(e, Event::DiscoveryFailed { .. })));
+    assert!(ev.iter().any(|e| matches!(e, Event::Discovered { cached: Some("stale"), .. })));
+
+    // Without a cache file and with discovery down: a clear error, at once.
+    let bare =
+        Client::new(ClientConfig { cache_file: None, ..fleet.config_without_discovery() }).unwrap();
+    let t = std::time::Instant::now();
+    assert!(matches!(bare.session("sim-llama").await, Err(ClientError::Discovery(_))));
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn every_node_down_is_a_clear_error_within_the_retry_budget() {
+    let mut fleet = Fleet::start("alldown", "").await;
+    let client = Client::new(fleet.config()).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    for id in ["tor-1", "mtl-1", "van-1"] {
+        fleet.relay(id).cut();
+    }
+    let t = std::time::Instant::now();
+    let err = s.chat(&request("sim-llama", "anyone?")).await.unwrap_err();
+    assert!(matches!(err, ClientError::Exhausted(_) | ClientError::BudgetSpent(_)), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+}
+
+impl Fleet {
+    /// The same client settings pointing at a discovery address nothing listens on.
+    fn config_without_discovery(&self) -> ClientConfig {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        ClientConfig {
+            discovery: vec![format!("http://{dead}")],
+            token: Some(self.nodes[0].token()),
+            seed: Some(7),
+            ..ClientConfig::default()
+        }
+    }
+}
