@@ -19,12 +19,21 @@
 //! never becomes a retry storm. Discovery answers are cached with their `ttl` and `stale_ok`, and
 //! persisted to a file: a client that starts while discovery is down uses the last list.
 //!
-//! Status: JSON chat completions. Streaming with mid-stream continuation, hedging on a TTFT
-//! deadline and the local proxy are the next steps (see the SDK issue).
+//! Streams ([`Session::chat_stream`]) keep the commit point on the client: before the first
+//! content chunk the request moves like a JSON one (a first-token deadline bounds the wait);
+//! after it, a cut, malformed or stalled stream is continued on the next node from the partial
+//! answer (`continue_final_message`), so the caller sees one stream with no token lost or
+//! repeated.
+//!
+//! Status: hedging on the TTFT deadline, Peak-EWMA-driven planned moves and the local proxy are
+//! the next steps (see the SDK issue).
 //!
 //! The SDK never creates a runtime; it runs on the caller's tokio runtime.
 
 pub mod cache;
+mod stream;
+
+pub use stream::ChatStream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -64,6 +73,12 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// A whole JSON answer. Default 60 s.
     pub request_timeout: Duration,
+    /// A stream's first content chunk must arrive within this, or the request moves to the
+    /// next node (nothing has reached the caller yet). Default 3 s.
+    pub first_token_timeout: Duration,
+    /// After the first token, a gap longer than this between chunks is a stall: the answer is
+    /// continued on the next node. Default 2 s.
+    pub stall_timeout: Duration,
     /// Largest answer read, bytes. Default 8 MiB.
     pub max_response_bytes: usize,
     /// Where discovery answers are persisted. Default: not persisted.
@@ -89,6 +104,8 @@ impl Default for ClientConfig {
             discovery_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_secs(60),
+            first_token_timeout: Duration::from_secs(3),
+            stall_timeout: Duration::from_secs(2),
             max_response_bytes: 8 << 20,
             cache_file: None,
             seed: None,
@@ -130,6 +147,9 @@ pub enum ClientError {
     Exhausted(String),
     #[error("retry budget spent; last failure: {0}")]
     BudgetSpent(String),
+    /// A stream failed after tokens were delivered and no node could continue it.
+    #[error("stream cut and not continued: {0}")]
+    StreamCut(String),
     #[error("invalid request: {0}")]
     Invalid(String),
 }
@@ -179,8 +199,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// How an attempt on one node ended.
-enum Attempt {
-    Done(ChatCompletion, Option<MigrateHint>),
+pub(crate) enum Outcome<T> {
+    Done(T, Option<MigrateHint>),
     /// A client error: stop, return it.
     Refused {
         status: u16,
@@ -189,9 +209,11 @@ enum Attempt {
     /// Full or leaving: try elsewhere, do not hold it against the node. With a migrate hint,
     /// the session moves to whichever node answers.
     Busy(String, Option<MigrateHint>),
-    /// Broken before any byte of an answer: fail over, count it.
+    /// Broken before any byte of an answer reached the caller: fail over, count it.
     Failed(String),
 }
+
+type Attempt = Outcome<ChatCompletion>;
 
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Client, ClientError> {
@@ -428,7 +450,14 @@ impl Client {
             standby: order.get(1).map(|c| c.id.clone()),
         });
         let id = format!("s-{:016x}", self.inner.rng.lock().map_or(0, |mut r| r.random::<u64>()));
-        Ok(Session { client: self.clone(), id, model: model.into(), order, pending_move: None })
+        Ok(Session {
+            client: self.clone(),
+            id,
+            model: model.into(),
+            order,
+            pending_move: None,
+            moved: Arc::new(Mutex::new(None)),
+        })
     }
 
     async fn probe_all(&self, set: &[&Candidate]) -> Vec<(Probed, Candidate)> {
@@ -535,7 +564,7 @@ impl Client {
         let url = format!("{}/v1/chat/completions", node.url.trim_end_matches('/'));
         let mut req = match self.request(Method::POST, &url, body.clone()) {
             Ok(r) => r,
-            Err(e) => return Attempt::Failed(e),
+            Err(e) => return Outcome::Failed(e),
         };
         if let Ok(v) = http::HeaderValue::from_str(session) {
             req.headers_mut().insert(SESSION_HEADER, v);
@@ -544,7 +573,7 @@ impl Client {
         let work = async {
             let res = match self.inner.http.request(req).await {
                 Ok(r) => r,
-                Err(e) => return Attempt::Failed(format!("connect/send: {e}")),
+                Err(e) => return Outcome::Failed(format!("connect/send: {e}")),
             };
             let status = res.status();
             let hint: Option<MigrateHint> = res
@@ -557,23 +586,23 @@ impl Client {
                 .await
             {
                 Ok(b) => b.to_bytes(),
-                Err(e) => return Attempt::Failed(format!("reading the answer: {e}")),
+                Err(e) => return Outcome::Failed(format!("reading the answer: {e}")),
             };
             let text = || String::from_utf8_lossy(&body).into_owned();
             match status.as_u16() {
                 200..=299 => match serde_json::from_slice::<ChatCompletion>(&body) {
-                    Ok(c) => Attempt::Done(c, hint),
-                    Err(e) => Attempt::Failed(format!("malformed answer: {e}")),
+                    Ok(c) => Outcome::Done(c, hint),
+                    Err(e) => Outcome::Failed(format!("malformed answer: {e}")),
                 },
-                429 | 503 => Attempt::Busy(format!("HTTP {status}: {}", text()), hint),
-                400..=499 => Attempt::Refused { status: status.as_u16(), body: text() },
-                _ => Attempt::Failed(format!("HTTP {status}: {}", text())),
+                429 | 503 => Outcome::Busy(format!("HTTP {status}: {}", text()), hint),
+                400..=499 => Outcome::Refused { status: status.as_u16(), body: text() },
+                _ => Outcome::Failed(format!("HTTP {status}: {}", text())),
             }
         };
         let out = tokio::time::timeout(self.inner.cfg.request_timeout, work)
             .await
-            .unwrap_or_else(|_| Attempt::Failed("no answer within the request timeout".into()));
-        if let Attempt::Done(..) = out {
+            .unwrap_or_else(|_| Outcome::Failed("no answer within the request timeout".into()));
+        if let Outcome::Done(..) = out {
             self.node_ok(&node.id, t.elapsed());
         }
         out
@@ -603,6 +632,8 @@ pub struct Session {
     order: Vec<Candidate>,
     /// A move requested by a migrate hint, carried out before the next request.
     pending_move: Option<String>,
+    /// A move made by a stream's continuation (on its own task): (node, reason).
+    moved: Arc<Mutex<Option<(String, String)>>>,
 }
 
 impl Session {
@@ -640,19 +671,30 @@ impl Session {
     }
 
     /// One chat completion (JSON), with the failover ladder.
-    pub async fn chat(
-        &mut self,
-        req: &ChatCompletionRequest,
-    ) -> Result<ChatCompletion, ClientError> {
-        if req.stream {
-            return Err(ClientError::Invalid("streaming is not supported by Session::chat".into()));
+    /// Carries out moves decided since the last request: a migrate hint (to the standby) or a
+    /// mid-stream failover (to the node that continued the stream).
+    fn apply_moves(&mut self) {
+        let moved = self.moved.lock().ok().and_then(|mut m| m.take());
+        if let Some((node, _)) = moved
+            && let Some(i) = self.order.iter().position(|c| c.id == node)
+        {
+            // Already announced as a failover by the stream; only the order changes.
+            let n = self.order.remove(i);
+            self.order.insert(0, n);
         }
         if let Some(reason) = self.pending_move.take() {
             // Between turns: the standby is already connected.
             self.move_to(1, reason, true);
         }
-        let body =
-            Bytes::from(serde_json::to_vec(req).map_err(|e| ClientError::Invalid(e.to_string()))?);
+    }
+
+    /// Tries the nodes in order until one answers (the failover ladder); returns the answer
+    /// and the index of the node that gave it.
+    async fn ladder<T, F, Fut>(&mut self, mut attempt: F) -> Result<(T, usize), ClientError>
+    where
+        F: FnMut(Candidate) -> Fut,
+        Fut: std::future::Future<Output = Outcome<T>>,
+    {
         let now = self.client.inner.origin.elapsed();
         if let Ok(mut b) = self.client.inner.budget.lock() {
             b.record_request(now);
@@ -667,22 +709,24 @@ impl Session {
             }
             let node = self.order[i].clone();
             tried.push(node.id.clone());
-            match self.client.attempt(&node, &body, &self.id).await {
-                Attempt::Done(c, hint) => {
+            match attempt(node.clone()).await {
+                Outcome::Done(answer, hint) => {
                     // The pinned node is broken: the session moves to the node that answered.
                     // (A busy pinned node keeps the session; only this request went elsewhere.)
+                    let mut at = i;
                     if let Some((why, planned)) = pinned_broken {
                         self.move_to(i, why, planned);
+                        at = 0;
                     }
                     if let Some(h) = hint {
                         self.pending_move = Some(format!("migrate hint: {}", h.reason));
                     }
-                    return Ok(c);
+                    return Ok((answer, at));
                 }
-                Attempt::Refused { status, body } => {
+                Outcome::Refused { status, body } => {
                     return Err(ClientError::Api { node: node.id, status, body });
                 }
-                Attempt::Busy(why, hint) => {
+                Outcome::Busy(why, hint) => {
                     if i == 0
                         && let Some(h) = hint
                     {
@@ -691,7 +735,7 @@ impl Session {
                     }
                     failures.push(format!("{}: {why}", node.id));
                 }
-                Attempt::Failed(why) => {
+                Outcome::Failed(why) => {
                     self.client.node_failed(&node.id);
                     if i == 0 {
                         pinned_broken = Some((why.clone(), false));
@@ -701,5 +745,80 @@ impl Session {
             }
         }
         Err(ClientError::Exhausted(failures.join("; ")))
+    }
+
+    /// One chat completion (JSON), with the failover ladder.
+    pub async fn chat(
+        &mut self,
+        req: &ChatCompletionRequest,
+    ) -> Result<ChatCompletion, ClientError> {
+        if req.stream {
+            return Err(ClientError::Invalid("use Session::chat_stream for streaming".into()));
+        }
+        self.apply_moves();
+        let body =
+            Bytes::from(serde_json::to_vec(req).map_err(|e| ClientError::Invalid(e.to_string()))?);
+        let client = self.client.clone();
+        let id = self.id.clone();
+        let (answer, _) = self
+            .ladder(|node| {
+                let (client, body, id) = (client.clone(), body.clone(), id.clone());
+                async move { client.attempt(&node, &body, &id).await }
+            })
+            .await?;
+        Ok(answer)
+    }
+
+    /// A streamed chat completion. Before the first token it fails over like [`Session::chat`];
+    /// after it, a cut or stalled stream is continued on the next node and the caller sees one
+    /// seamless stream.
+    pub async fn chat_stream(
+        &mut self,
+        req: &ChatCompletionRequest,
+    ) -> Result<ChatStream, ClientError> {
+        self.apply_moves();
+        let mut req = req.clone();
+        req.stream = true;
+        let body =
+            Bytes::from(serde_json::to_vec(&req).map_err(|e| ClientError::Invalid(e.to_string()))?);
+        let client = self.client.clone();
+        let id = self.id.clone();
+        let first_token = client.inner.cfg.first_token_timeout;
+        let (committed, at) = self
+            .ladder(|node| {
+                let (client, body, id) = (client.clone(), body.clone(), id.clone());
+                async move {
+                    match client.start_stream(&node, &body, &id, first_token).await {
+                        stream::Start::Committed(c) => {
+                            let hint = c.hint.clone();
+                            Outcome::Done(c, hint)
+                        }
+                        stream::Start::Refused { status, body } => {
+                            Outcome::Refused { status, body }
+                        }
+                        stream::Start::Busy(e, h) => Outcome::Busy(e, h),
+                        stream::Start::Failed(e) => Outcome::Failed(e),
+                    }
+                }
+            })
+            .await?;
+        let current = self.order[at].clone();
+        let next: Vec<Candidate> =
+            self.order.iter().filter(|c| c.id != current.id).cloned().collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(
+            stream::Forward {
+                client: self.client.clone(),
+                session: self.id.clone(),
+                req,
+                next,
+                current,
+                committed: *committed,
+                tx,
+                moved: self.moved.clone(),
+            }
+            .run(),
+        );
+        Ok(ChatStream::new(rx))
     }
 }

@@ -313,3 +313,85 @@ impl Fleet {
         }
     }
 }
+
+/// Sets simulator faults on a node.
+async fn faults(node: &TestNode, json: &str) {
+    let r = edgeroute_test_util::client::method(
+        node.addr,
+        "PUT",
+        "/admin/faults",
+        Some(&node.admin_token()),
+        json.to_owned(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// What an unfaulted node answers to `text` (the simulator is deterministic).
+async fn reference(node: &TestNode, text: &str, max_tokens: u32) -> String {
+    let body = serde_json::json!({"model": "sim-llama", "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]});
+    let r = node.chat(body.to_string()).await;
+    r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+}
+
+fn long_request(text: &str) -> ChatCompletionRequest {
+    let mut r = request("sim-llama", text);
+    r.max_tokens = Some(40);
+    r
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_answer_is_continued_on_the_standby_without_losing_or_repeating_a_token() {
+    let fleet = Fleet::start("cut", "").await;
+    let prompt = "tell me about the weather in Toronto";
+    let want = reference(fleet.node("mtl-1"), prompt, 40).await;
+    assert!(want.split(' ').count() > 10, "a long enough answer to cut: {want:?}");
+    let (events, listener) = recorder();
+    let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    faults(fleet.node("tor-1"), r#"{"cut_after_tokens": 5}"#).await;
+    let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
+    assert_eq!(got, want, "one seamless answer");
+    assert!(events.lock().unwrap().iter().any(|e| matches!(e, Event::Failover { from, to, reason } if from == "tor-1" && to == "mtl-1" && reason.contains("mid-stream"))));
+    // The next turn starts where the stream ended up.
+    s.chat(&request("sim-llama", "next turn")).await.unwrap();
+    assert_eq!(s.pinned().id, "mtl-1");
+}
+
+#[tokio::test]
+async fn a_stalled_stream_is_continued_after_the_stall_deadline() {
+    let fleet = Fleet::start("stall", "").await;
+    let prompt = "book a table for two";
+    let want = reference(fleet.node("mtl-1"), prompt, 40).await;
+    let cfg = ClientConfig { stall_timeout: Duration::from_millis(300), ..fleet.config() };
+    let client = Client::new(cfg).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    faults(fleet.node("tor-1"), r#"{"stall_after_tokens": 4}"#).await;
+    let t = std::time::Instant::now();
+    let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
+    assert_eq!(got, want);
+    assert!(t.elapsed() < Duration::from_millis(1500), "dead air: {:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn a_first_token_that_never_comes_moves_the_request_before_the_caller_sees_anything() {
+    let fleet = Fleet::start("ttft", "").await;
+    let prompt = "translate good morning";
+    let want = reference(fleet.node("mtl-1"), prompt, 40).await;
+    let cfg = ClientConfig { first_token_timeout: Duration::from_millis(300), ..fleet.config() };
+    let (events, listener) = recorder();
+    let client = Client::with_listener(cfg, Some(listener)).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    faults(fleet.node("tor-1"), r#"{"stall_after_tokens": 0}"#).await;
+    let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
+    assert_eq!(got, want);
+    assert_eq!(s.pinned().id, "mtl-1");
+    assert!(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::Failover { reason, .. } if reason.contains("first token")))
+    );
+}
