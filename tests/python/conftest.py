@@ -83,13 +83,14 @@ def start_node(edgeroute_bin, workdir):
     """Starts `edgeroute node` with the given [backend] section; returns (base_url, mint)."""
     procs = []
 
-    def start(backend_toml: str, limits_toml: str = ""):
+    def start(backend_toml: str, limits_toml: str = "", node_id: str = "py-node",
+              region: str = "local"):
         port = free_port()
         secret = workdir / "secret"
         secret.write_text(SECRET)
         cfg = workdir / f"node-{port}.toml"
         cfg.write_text(
-            f'[node]\nid = "py-node"\nregion = "local"\nlisten = "127.0.0.1:{port}"\n'
+            f'[node]\nid = "{node_id}"\nregion = "{region}"\nlisten = "127.0.0.1:{port}"\n'
             f'[auth]\nhs256_secret_file = "{secret}"\n{limits_toml}\n{backend_toml}\n'
         )
         proc = Proc([edgeroute_bin, "node", "--config", str(cfg)], workdir / f"node-{port}.log")
@@ -135,3 +136,23 @@ def llama_server(tmp_path_factory):
         raise
     yield f"http://127.0.0.1:{port}"
     proc.stop()
+
+
+@pytest.fixture
+def start_proc(edgeroute_bin, workdir):
+    """Starts `edgeroute <args>` and waits for `ready_url`; stops it after the test."""
+    procs = []
+
+    def start(args, ready_url: str, name: str):
+        proc = Proc([edgeroute_bin, *args], workdir / f"{name}.log")
+        procs.append(proc)
+        try:
+            wait_http(ready_url, 30, proc.p)
+        except Exception:
+            print(proc.output())
+            raise
+        return proc
+
+    yield start
+    for p in procs:
+        p.stop()

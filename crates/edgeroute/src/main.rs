@@ -51,6 +51,23 @@ enum Command {
         #[arg(long)]
         synthetic_nodes: Option<usize>,
     },
+    /// Run the local proxy: the client SDK behind an OpenAI-compatible endpoint on this machine.
+    Proxy {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: std::net::SocketAddr,
+        /// Discovery base URLs, tried in order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        discovery: Vec<String>,
+        /// Bearer token sent to discovery and nodes.
+        #[arg(long, env = "EDGEROUTE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Data residency: only nodes in these regions.
+        #[arg(long, value_delimiter = ',')]
+        region: Vec<String>,
+        /// Persist discovery answers here (used when discovery is down at start).
+        #[arg(long)]
+        cache_file: Option<PathBuf>,
+    },
     /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
     Sim {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -300,6 +317,29 @@ async fn run_discovery(
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Discovery { .. } => unreachable!("handled before the runtime is built"),
+        Command::Proxy { listen, discovery, token, region, cache_file } => {
+            let cfg = edgeroute_client::ClientConfig {
+                discovery,
+                token,
+                regions: region,
+                cache_file,
+                ..Default::default()
+            };
+            let client = edgeroute_client::Client::new(cfg)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            eprintln!("edgeroute proxy listening on {}", listener.local_addr()?);
+            edgeroute_http::serve(
+                listener,
+                edgeroute_proxy::router(client, edgeroute_proxy::DEFAULT_MAX_BODY),
+                edgeroute_http::ServerLimits::default(),
+                None,
+                shutdown_signal(),
+            )
+            .await;
+            Ok(())
+        }
         Command::Bench {
             command:
                 BenchCommand::Discover { nodes, rates, duration_s, connections, server_threads },
