@@ -25,8 +25,12 @@
 //! answer (`continue_final_message`), so the caller sees one stream with no token lost or
 //! repeated.
 //!
-//! Status: hedging on the TTFT deadline, Peak-EWMA-driven planned moves and the local proxy are
-//! the next steps (see the SDK issue).
+//! A first token later than the TTFT deadline (mean + 4 × deviation of observed first tokens,
+//! clamped) is hedged: the standby is raced against the pinned node, the first to commit wins
+//! and the other request is dropped (cancelling its work on the node).
+//!
+//! Status: Peak-EWMA-driven planned moves and the remaining fault scenarios are the next steps
+//! (see the SDK issue).
 //!
 //! The SDK never creates a runtime; it runs on the caller's tokio runtime.
 
@@ -79,6 +83,12 @@ pub struct ClientConfig {
     /// After the first token, a gap longer than this between chunks is a stall: the answer is
     /// continued on the next node. Default 2 s.
     pub stall_timeout: Duration,
+    /// The hedge deadline before any first token was observed. Default 1 s. After that it is
+    /// mean + 4 × deviation of observed first tokens, at least `hedge_min` and at most
+    /// `first_token_timeout`.
+    pub hedge_initial: Duration,
+    /// Default 100 ms.
+    pub hedge_min: Duration,
     /// Largest answer read, bytes. Default 8 MiB.
     pub max_response_bytes: usize,
     /// Where discovery answers are persisted. Default: not persisted.
@@ -106,6 +116,8 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(60),
             first_token_timeout: Duration::from_secs(3),
             stall_timeout: Duration::from_secs(2),
+            hedge_initial: Duration::from_secs(1),
+            hedge_min: Duration::from_millis(100),
             max_response_bytes: 8 << 20,
             cache_file: None,
             seed: None,
@@ -124,14 +136,48 @@ impl Default for ClientConfig {
 /// What the client decided, for logs and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Discovered { model: String, candidates: usize, cached: Option<&'static str> },
-    DiscoveryFailed { endpoint: String, error: String },
-    Probed { node: String, rtt_ms: f64, predicted_ttft_ms: f64 },
-    ProbeFailed { node: String, error: String },
-    Pinned { node: String, standby: Option<String> },
-    Failover { from: String, to: String, reason: String },
-    Migrated { from: String, to: String, reason: String },
-    Ejected { node: String, for_ms: u64 },
+    Discovered {
+        model: String,
+        candidates: usize,
+        cached: Option<&'static str>,
+    },
+    DiscoveryFailed {
+        endpoint: String,
+        error: String,
+    },
+    Probed {
+        node: String,
+        rtt_ms: f64,
+        predicted_ttft_ms: f64,
+    },
+    ProbeFailed {
+        node: String,
+        error: String,
+    },
+    Pinned {
+        node: String,
+        standby: Option<String>,
+    },
+    Failover {
+        from: String,
+        to: String,
+        reason: String,
+    },
+    /// No first token within the TTFT deadline: the standby was raced against the pinned node.
+    Hedged {
+        from: String,
+        to: String,
+        after_ms: u64,
+    },
+    Migrated {
+        from: String,
+        to: String,
+        reason: String,
+    },
+    Ejected {
+        node: String,
+        for_ms: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +218,7 @@ struct Inner {
     budget: Mutex<RetryBudget>,
     nodes: Mutex<HashMap<String, NodeState>>,
     rng: Mutex<rand::rngs::StdRng>,
+    ttft: Mutex<steer::TtftDeadline>,
     listener: Option<Listener>,
     origin: Instant,
 }
@@ -239,6 +286,11 @@ impl Client {
             Some(s) => rand::rngs::StdRng::seed_from_u64(s),
             None => rand::rngs::StdRng::from_os_rng(),
         };
+        let ttft = steer::TtftDeadline::new(
+            cfg.hedge_initial,
+            cfg.hedge_min,
+            cfg.first_token_timeout.max(cfg.hedge_min),
+        );
         Ok(Client {
             inner: Arc::new(Inner {
                 budget: Mutex::new(RetryBudget::new(
@@ -251,6 +303,7 @@ impl Client {
                 cache: Mutex::new(cache),
                 nodes: Mutex::new(HashMap::new()),
                 rng: Mutex::new(rng),
+                ttft: Mutex::new(ttft),
                 listener,
                 origin: Instant::now(),
             }),
@@ -555,6 +608,16 @@ impl Client {
         }
     }
 
+    fn observe_ttft(&self, ttft: Duration) {
+        if let Ok(mut t) = self.inner.ttft.lock() {
+            t.observe(ttft);
+        }
+    }
+
+    fn ttft_deadline(&self) -> Duration {
+        self.inner.ttft.lock().map_or(self.inner.cfg.first_token_timeout, |t| t.deadline())
+    }
+
     fn try_retry(&self) -> bool {
         let now = self.inner.origin.elapsed();
         self.inner.budget.lock().is_ok_and(|mut b| b.try_retry(now))
@@ -618,6 +681,15 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Where a failover ladder stands.
+#[derive(Debug, Default)]
+struct Ladder {
+    tried: Vec<String>,
+    failures: Vec<String>,
+    /// Why the pinned node cannot keep the session, and whether it was a planned move.
+    pinned_broken: Option<(String, bool)>,
 }
 
 /// A conversation pinned to one node, with the others ranked behind it.
@@ -690,19 +762,33 @@ impl Session {
 
     /// Tries the nodes in order until one answers (the failover ladder); returns the answer
     /// and the index of the node that gave it.
-    async fn ladder<T, F, Fut>(&mut self, mut attempt: F) -> Result<(T, usize), ClientError>
+    async fn ladder<T, F, Fut>(&mut self, attempt: F) -> Result<(T, usize), ClientError>
     where
         F: FnMut(Candidate) -> Fut,
         Fut: std::future::Future<Output = Outcome<T>>,
     {
+        self.record_request();
+        self.ladder_from(Ladder::default(), attempt).await
+    }
+
+    fn record_request(&self) {
         let now = self.client.inner.origin.elapsed();
         if let Ok(mut b) = self.client.inner.budget.lock() {
             b.record_request(now);
         }
-        let mut tried: Vec<String> = Vec::new();
-        let mut failures: Vec<String> = Vec::new();
-        // Why the pinned node cannot keep the session, and whether it was a planned move.
-        let mut pinned_broken: Option<(String, bool)> = None;
+    }
+
+    /// The ladder, continuing from nodes already tried.
+    async fn ladder_from<T, F, Fut>(
+        &mut self,
+        state: Ladder,
+        mut attempt: F,
+    ) -> Result<(T, usize), ClientError>
+    where
+        F: FnMut(Candidate) -> Fut,
+        Fut: std::future::Future<Output = Outcome<T>>,
+    {
+        let Ladder { mut tried, mut failures, mut pinned_broken } = state;
         while let Some(i) = self.order.iter().position(|c| !tried.contains(&c.id)) {
             if !tried.is_empty() && !self.client.try_retry() {
                 return Err(ClientError::BudgetSpent(failures.join("; ")));
@@ -781,27 +867,7 @@ impl Session {
         req.stream = true;
         let body =
             Bytes::from(serde_json::to_vec(&req).map_err(|e| ClientError::Invalid(e.to_string()))?);
-        let client = self.client.clone();
-        let id = self.id.clone();
-        let first_token = client.inner.cfg.first_token_timeout;
-        let (committed, at) = self
-            .ladder(|node| {
-                let (client, body, id) = (client.clone(), body.clone(), id.clone());
-                async move {
-                    match client.start_stream(&node, &body, &id, first_token).await {
-                        stream::Start::Committed(c) => {
-                            let hint = c.hint.clone();
-                            Outcome::Done(c, hint)
-                        }
-                        stream::Start::Refused { status, body } => {
-                            Outcome::Refused { status, body }
-                        }
-                        stream::Start::Busy(e, h) => Outcome::Busy(e, h),
-                        stream::Start::Failed(e) => Outcome::Failed(e),
-                    }
-                }
-            })
-            .await?;
+        let (committed, at) = self.start_hedged(&body).await?;
         let current = self.order[at].clone();
         let next: Vec<Candidate> =
             self.order.iter().filter(|c| c.id != current.id).cloned().collect();
@@ -820,5 +886,127 @@ impl Session {
             .run(),
         );
         Ok(ChatStream::new(rx))
+    }
+
+    /// A stream up to its commit point. The pinned node goes first; if its first token is later
+    /// than the TTFT deadline (learnt from observed first tokens), the standby is raced against
+    /// it (budget permitting): the first to commit wins and the other is dropped, which closes
+    /// its connection and cancels its work on the node. Anything else falls to the ladder.
+    async fn start_hedged(
+        &mut self,
+        body: &Bytes,
+    ) -> Result<(Box<stream::Committed>, usize), ClientError> {
+        self.record_request();
+        let client = self.client.clone();
+        let id = self.id.clone();
+        let first_token = client.inner.cfg.first_token_timeout;
+        let start = |node: Candidate| {
+            let (client, body, id) = (client.clone(), body.clone(), id.clone());
+            async move {
+                match client.start_stream(&node, &body, &id, first_token).await {
+                    stream::Start::Committed(c) => {
+                        client.observe_ttft(c.ttft);
+                        let hint = c.hint.clone();
+                        Outcome::Done(c, hint)
+                    }
+                    stream::Start::Refused { status, body } => Outcome::Refused { status, body },
+                    stream::Start::Busy(e, h) => Outcome::Busy(e, h),
+                    stream::Start::Failed(e) => Outcome::Failed(e),
+                }
+            }
+        };
+        let mut state = Ladder::default();
+        if self.order.len() >= 2 {
+            let (a, b) = (self.order[0].clone(), self.order[1].clone());
+            let hedge_after = client.ttft_deadline();
+            let primary = start(a.clone());
+            tokio::pin!(primary);
+            let early = tokio::select! {
+                r = &mut primary => Some(r),
+                () = tokio::time::sleep(hedge_after) => None,
+            };
+            let (ra, rb) = match early {
+                Some(r) => (r, None),
+                None if client.try_retry() => {
+                    client.emit(Event::Hedged {
+                        from: a.id.clone(),
+                        to: b.id.clone(),
+                        after_ms: hedge_after.as_millis() as u64,
+                    });
+                    let hedge = start(b.clone());
+                    tokio::pin!(hedge);
+                    // First commit wins; a failure waits for the other.
+                    tokio::select! {
+                        r = &mut primary => match r {
+                            Outcome::Done(..) | Outcome::Refused { .. } => (r, None),
+                            other => (other, Some(hedge.await)),
+                        },
+                        r = &mut hedge => match r {
+                            Outcome::Done(c, hint) => {
+                                self.move_to(1, format!("hedge won: no first token from {} within {} ms", a.id, hedge_after.as_millis()), false);
+                                return Ok(self.committed(c, hint, 0));
+                            }
+                            Outcome::Refused { status, body } => {
+                                return Err(ClientError::Api { node: b.id, status, body });
+                            }
+                            other => (primary.await, Some(other)),
+                        },
+                    }
+                }
+                None => (primary.await, None),
+            };
+            match ra {
+                Outcome::Done(c, hint) => return Ok(self.committed(c, hint, 0)),
+                Outcome::Refused { status, body } => {
+                    return Err(ClientError::Api { node: a.id, status, body });
+                }
+                Outcome::Busy(why, hint) => {
+                    if let Some(h) = hint {
+                        state.pinned_broken = Some((format!("migrate hint: {}", h.reason), true));
+                    }
+                    state.failures.push(format!("{}: {why}", a.id));
+                }
+                Outcome::Failed(why) => {
+                    client.node_failed(&a.id);
+                    state.failures.push(format!("{}: {why}", a.id));
+                    state.pinned_broken = Some((why, false));
+                }
+            }
+            state.tried.push(a.id.clone());
+            if let Some(rb) = rb {
+                state.tried.push(b.id.clone());
+                match rb {
+                    Outcome::Done(c, hint) => {
+                        self.move_to(
+                            1,
+                            "the pinned node failed while the hedge answered".into(),
+                            false,
+                        );
+                        return Ok(self.committed(c, hint, 0));
+                    }
+                    Outcome::Refused { status, body } => {
+                        return Err(ClientError::Api { node: b.id, status, body });
+                    }
+                    Outcome::Busy(why, _) => state.failures.push(format!("{}: {why}", b.id)),
+                    Outcome::Failed(why) => {
+                        client.node_failed(&b.id);
+                        state.failures.push(format!("{}: {why}", b.id));
+                    }
+                }
+            }
+        }
+        self.ladder_from(state, start).await
+    }
+
+    fn committed(
+        &mut self,
+        c: Box<stream::Committed>,
+        hint: Option<MigrateHint>,
+        at: usize,
+    ) -> (Box<stream::Committed>, usize) {
+        if let Some(h) = hint {
+            self.pending_move = Some(format!("migrate hint: {}", h.reason));
+        }
+        (c, at)
     }
 }

@@ -60,6 +60,8 @@ pub(crate) struct Committed {
     pub first: Vec<ChatCompletionChunk>,
     pub done: bool,
     pub hint: Option<MigrateHint>,
+    /// From sending the request to the first content chunk.
+    pub ttft: Duration,
 }
 
 pub(crate) enum Start {
@@ -127,6 +129,7 @@ impl Client {
             req.headers_mut().insert(SESSION_HEADER, v);
         }
         let stall = self.inner.cfg.stall_timeout;
+        let sent = std::time::Instant::now();
         let work = async {
             let res = match self.inner.http.request(req).await {
                 Ok(r) => r,
@@ -164,6 +167,7 @@ impl Client {
                             first,
                             done: true,
                             hint,
+                            ttft: sent.elapsed(),
                         }));
                     }
                     Ok(SseEvent::Data(d)) => match chunk(&d) {
@@ -178,6 +182,7 @@ impl Client {
                                     first,
                                     done: false,
                                     hint,
+                                    ttft: sent.elapsed(),
                                 }));
                             }
                         }

@@ -392,6 +392,37 @@ async fn a_first_token_that_never_comes_moves_the_request_before_the_caller_sees
             .lock()
             .unwrap()
             .iter()
-            .any(|e| matches!(e, Event::Failover { reason, .. } if reason.contains("first token")))
+            .any(|e| matches!(e, Event::Failover { to, .. } if to == "mtl-1"))
     );
+}
+
+#[tokio::test]
+async fn a_late_first_token_is_hedged_on_the_standby_and_the_loser_is_cancelled() {
+    let fleet = Fleet::start("hedge", "").await;
+    let prompt = "what is on my calendar";
+    let want = reference(fleet.node("mtl-1"), prompt, 40).await;
+    let cfg = ClientConfig {
+        first_token_timeout: Duration::from_secs(5),
+        hedge_initial: Duration::from_millis(200),
+        ..fleet.config()
+    };
+    let (events, listener) = recorder();
+    let client = Client::with_listener(cfg, Some(listener)).unwrap();
+    let mut s = client.session("sim-llama").await.unwrap();
+    faults(fleet.node("tor-1"), r#"{"stall_after_tokens": 0}"#).await;
+    let t = std::time::Instant::now();
+    let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
+    assert_eq!(got, want);
+    assert!(t.elapsed() < Duration::from_millis(1500), "hedged answer took {:?}", t.elapsed());
+    let hedged = events.lock().unwrap().iter().any(|e| {
+        matches!(e, Event::Hedged { from, to, after_ms: 200 } if from == "tor-1" && to == "mtl-1")
+    });
+    assert!(hedged);
+    assert_eq!(s.pinned().id, "mtl-1", "the hedge won: the session follows it");
+    // The losing request was dropped: its slot on tor-1 is free again.
+    let t = std::time::Instant::now();
+    while fleet.node("tor-1").state.telemetry.in_flight() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(2), "the losing stream was never cancelled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
