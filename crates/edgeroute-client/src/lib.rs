@@ -209,6 +209,14 @@ struct NodeState {
     ewma: PeakEwma,
     failures: u32,
     ejected_until: Option<Instant>,
+    /// A 429/503 said `Retry-After`: other nodes go first until then (not an ejection).
+    cooling_until: Option<Instant>,
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not used by nodes), capped at a minute.
+pub(crate) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let s: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(s.min(60)))
 }
 
 struct Inner {
@@ -576,6 +584,7 @@ impl Client {
                 ewma: PeakEwma::new(Duration::from_secs(10), latency),
                 failures: 0,
                 ejected_until: None,
+                cooling_until: None,
             });
             s.ewma.observe(latency, now);
             s.failures = 0;
@@ -591,6 +600,7 @@ impl Client {
                 ewma: PeakEwma::new(Duration::from_secs(10), Duration::from_millis(100)),
                 failures: 0,
                 ejected_until: None,
+                cooling_until: None,
             });
             s.failures = s.failures.saturating_add(1);
             if s.failures >= self.inner.cfg.eject_after {
@@ -606,6 +616,27 @@ impl Client {
         if let Some(d) = ejected {
             self.emit(Event::Ejected { node: id.into(), for_ms: d.as_millis() as u64 });
         }
+    }
+
+    /// The node asked for a pause (`Retry-After`): other nodes go first until it passes.
+    pub(crate) fn cool_down(&self, id: &str, d: Duration) {
+        if let Ok(mut nodes) = self.inner.nodes.lock() {
+            let s = nodes.entry(id.to_owned()).or_insert_with(|| NodeState {
+                ewma: PeakEwma::new(Duration::from_secs(10), Duration::from_millis(100)),
+                failures: 0,
+                ejected_until: None,
+                cooling_until: None,
+            });
+            s.cooling_until = Some(Instant::now() + d);
+        }
+    }
+
+    fn cooling(&self, id: &str) -> bool {
+        let now = Instant::now();
+        self.inner
+            .nodes
+            .lock()
+            .is_ok_and(|n| n.get(id).and_then(|s| s.cooling_until).is_some_and(|t| t > now))
     }
 
     fn observe_ttft(&self, ttft: Duration) {
@@ -644,6 +675,11 @@ impl Client {
                 .get(MIGRATE_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
+            if matches!(status.as_u16(), 429 | 503)
+                && let Some(d) = retry_after(res.headers())
+            {
+                self.cool_down(&node.id, d);
+            }
             let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
                 .collect()
                 .await
@@ -789,7 +825,14 @@ impl Session {
         Fut: std::future::Future<Output = Outcome<T>>,
     {
         let Ladder { mut tried, mut failures, mut pinned_broken } = state;
-        while let Some(i) = self.order.iter().position(|c| !tried.contains(&c.id)) {
+        // Untried nodes, those not cooling down (after a `Retry-After`) first.
+        let next = |order: &[Candidate], tried: &[String]| {
+            order
+                .iter()
+                .position(|c| !tried.contains(&c.id) && !self.client.cooling(&c.id))
+                .or_else(|| order.iter().position(|c| !tried.contains(&c.id)))
+        };
+        while let Some(i) = next(&self.order, &tried) {
             if !tried.is_empty() && !self.client.try_retry() {
                 return Err(ClientError::BudgetSpent(failures.join("; ")));
             }
@@ -916,7 +959,7 @@ impl Session {
             }
         };
         let mut state = Ladder::default();
-        if self.order.len() >= 2 {
+        if self.order.len() >= 2 && !client.cooling(&self.order[0].id) {
             let (a, b) = (self.order[0].clone(), self.order[1].clone());
             let hedge_after = client.ttft_deadline();
             let primary = start(a.clone());

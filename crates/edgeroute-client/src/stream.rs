@@ -141,6 +141,11 @@ impl Client {
                 .get(MIGRATE_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
+            if matches!(status.as_u16(), 429 | 503)
+                && let Some(d) = crate::retry_after(res.headers())
+            {
+                self.cool_down(&node.id, d);
+            }
             if !status.is_success() {
                 let text = res
                     .into_body()

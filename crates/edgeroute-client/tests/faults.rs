@@ -396,3 +396,21 @@ async fn a_flapping_node_is_ejected_with_backoff_and_sessions_avoid_it() {
     let s = client.session("sim-llama").await.unwrap();
     assert_eq!(s.pinned().id, "mtl-1");
 }
+
+#[tokio::test]
+async fn retry_after_is_honoured_as_a_cool_down_not_an_ejection() {
+    for (retry_after, hits_again) in [(Some(5), false), (None, true)] {
+        let mut lab = Lab::start().await;
+        let (events, listener) = recorder();
+        let client = lab.client(listener);
+        let mut s = client.session("sim-llama").await.unwrap();
+        lab.fronts[0].set(Mode::Status { code: 429, retry_after }).await;
+        s.chat(&request("turn 1")).await.unwrap();
+        let before = lab.fronts[0].chats();
+        s.chat(&request("turn 2")).await.unwrap();
+        let again = lab.fronts[0].chats() > before;
+        assert_eq!(again, hits_again, "Retry-After {retry_after:?}");
+        assert_eq!(s.pinned().id, "tor-1", "still the session's node");
+        assert!(!events.lock().unwrap().iter().any(|e| matches!(e, Event::Ejected { .. })));
+    }
+}
