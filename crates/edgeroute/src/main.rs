@@ -2,6 +2,7 @@
 //! files and the environment, and calls into the library crates; no logic lives here.
 
 mod bench_discovery;
+mod bench_sdk;
 mod demo;
 
 /// Request handling allocates many small, short-lived buffers; mimalloc serves them with less
@@ -146,6 +147,11 @@ enum BenchCommand {
         /// The discovery server's worker threads.
         #[arg(long, default_value_t = 1)]
         server_threads: usize,
+    },
+    /// The client SDK: session start (cold, warm), per-request overhead, failover time.
+    Sdk {
+        #[arg(long, default_value_t = 1000)]
+        rounds: usize,
     },
     /// Topology freshness: a model loaded on a node → listed by discovery, end to end.
     Freshness {
@@ -354,6 +360,11 @@ async fn run(cli: Cli) -> Result<()> {
                 command: std::env::args().collect::<Vec<_>>().join(" "),
             };
             println!("{}", bench_discovery::load(opts).await?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Sdk { rounds } } => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            println!("{}", bench_sdk::run(rounds, command).await?);
             Ok(())
         }
         Command::Bench { command: BenchCommand::Freshness { bus, nats_url, changes } } => {
