@@ -270,6 +270,19 @@ pub(crate) enum Outcome<T> {
 
 type Attempt = Outcome<ChatCompletion>;
 
+/// What a non-2xx answer means for the ladder.
+pub(crate) fn refusal<T>(
+    status: StatusCode,
+    text: String,
+    hint: Option<MigrateHint>,
+) -> Outcome<T> {
+    match status.as_u16() {
+        429 | 503 => Outcome::Busy(format!("HTTP {status}: {text}"), hint),
+        400..=499 => Outcome::Refused { status: status.as_u16(), body: text },
+        _ => Outcome::Failed(format!("HTTP {status}: {text}")),
+    }
+}
+
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Client, ClientError> {
         Self::with_listener(cfg, None)
@@ -654,32 +667,41 @@ impl Client {
         self.inner.budget.lock().is_ok_and(|mut b| b.try_retry(now))
     }
 
-    async fn attempt(&self, node: &Candidate, body: &Bytes, session: &str) -> Attempt {
+    /// Sends a chat request to `node`: the answer's head and its migrate hint, with any
+    /// `Retry-After` already noted.
+    pub(crate) async fn send_chat(
+        &self,
+        node: &Candidate,
+        body: &Bytes,
+        session: &str,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Option<MigrateHint>), String> {
         let url = format!("{}/v1/chat/completions", node.url.trim_end_matches('/'));
-        let mut req = match self.request(Method::POST, &url, body.clone()) {
-            Ok(r) => r,
-            Err(e) => return Outcome::Failed(e),
-        };
+        let mut req = self.request(Method::POST, &url, body.clone())?;
         if let Ok(v) = http::HeaderValue::from_str(session) {
             req.headers_mut().insert(SESSION_HEADER, v);
         }
+        let res = self.inner.http.request(req).await.map_err(|e| format!("connect/send: {e}"))?;
+        let hint: Option<MigrateHint> = res
+            .headers()
+            .get(MIGRATE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        if matches!(res.status().as_u16(), 429 | 503)
+            && let Some(d) = retry_after(res.headers())
+        {
+            self.cool_down(&node.id, d);
+        }
+        Ok((res, hint))
+    }
+
+    async fn attempt(&self, node: &Candidate, body: &Bytes, session: &str) -> Attempt {
         let t = Instant::now();
         let work = async {
-            let res = match self.inner.http.request(req).await {
+            let (res, hint) = match self.send_chat(node, body, session).await {
                 Ok(r) => r,
-                Err(e) => return Outcome::Failed(format!("connect/send: {e}")),
+                Err(e) => return Outcome::Failed(e),
             };
             let status = res.status();
-            let hint: Option<MigrateHint> = res
-                .headers()
-                .get(MIGRATE_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            if matches!(status.as_u16(), 429 | 503)
-                && let Some(d) = retry_after(res.headers())
-            {
-                self.cool_down(&node.id, d);
-            }
             let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
                 .collect()
                 .await
@@ -687,15 +709,12 @@ impl Client {
                 Ok(b) => b.to_bytes(),
                 Err(e) => return Outcome::Failed(format!("reading the answer: {e}")),
             };
-            let text = || String::from_utf8_lossy(&body).into_owned();
-            match status.as_u16() {
-                200..=299 => match serde_json::from_slice::<ChatCompletion>(&body) {
-                    Ok(c) => Outcome::Done(c, hint),
-                    Err(e) => Outcome::Failed(format!("malformed answer: {e}")),
-                },
-                429 | 503 => Outcome::Busy(format!("HTTP {status}: {}", text()), hint),
-                400..=499 => Outcome::Refused { status: status.as_u16(), body: text() },
-                _ => Outcome::Failed(format!("HTTP {status}: {}", text())),
+            if !status.is_success() {
+                return refusal(status, String::from_utf8_lossy(&body).into_owned(), hint);
+            }
+            match serde_json::from_slice::<ChatCompletion>(&body) {
+                Ok(c) => Outcome::Done(c, hint),
+                Err(e) => Outcome::Failed(format!("malformed answer: {e}")),
             }
         };
         let out = tokio::time::timeout(self.inner.cfg.request_timeout, work)
@@ -946,16 +965,11 @@ impl Session {
         let start = |node: Candidate| {
             let (client, body, id) = (client.clone(), body.clone(), id.clone());
             async move {
-                match client.start_stream(&node, &body, &id, first_token).await {
-                    stream::Start::Committed(c) => {
-                        client.observe_ttft(c.ttft);
-                        let hint = c.hint.clone();
-                        Outcome::Done(c, hint)
-                    }
-                    stream::Start::Refused { status, body } => Outcome::Refused { status, body },
-                    stream::Start::Busy(e, h) => Outcome::Busy(e, h),
-                    stream::Start::Failed(e) => Outcome::Failed(e),
+                let out = client.start_stream(&node, &body, &id, first_token).await;
+                if let Outcome::Done(c, _) = &out {
+                    client.observe_ttft(c.ttft);
                 }
+                out
             }
         };
         let mut state = Ladder::default();

@@ -12,15 +12,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgeroute_proto::discovery::Candidate;
-use edgeroute_proto::headers::{MIGRATE_HEADER, MigrateHint, SESSION_HEADER};
 use edgeroute_proto::sse::{SseDecoder, SseEvent, is_error_payload};
 use edgeroute_proto::{ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Role};
-use http::Method;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-use crate::{Client, ClientError, Event};
+use crate::{Client, ClientError, Event, Outcome, refusal};
 
 /// The caller's end of a streamed answer.
 #[derive(Debug)]
@@ -59,17 +57,12 @@ pub(crate) struct Committed {
     /// Chunks read up to and including the first content chunk.
     pub first: Vec<ChatCompletionChunk>,
     pub done: bool,
-    pub hint: Option<MigrateHint>,
     /// From sending the request to the first content chunk.
     pub ttft: Duration,
 }
 
-pub(crate) enum Start {
-    Committed(Box<Committed>),
-    Refused { status: u16, body: String },
-    Busy(String, Option<MigrateHint>),
-    Failed(String),
-}
+/// How a stream's start on one node ended.
+pub(crate) type Start = Outcome<Box<Committed>>;
 
 const MAX_EVENT: usize = 1 << 20;
 
@@ -120,32 +113,14 @@ impl Client {
         session: &str,
         first_token: Duration,
     ) -> Start {
-        let url = format!("{}/v1/chat/completions", node.url.trim_end_matches('/'));
-        let mut req = match self.request(Method::POST, &url, body.clone()) {
-            Ok(r) => r,
-            Err(e) => return Start::Failed(e),
-        };
-        if let Ok(v) = http::HeaderValue::from_str(session) {
-            req.headers_mut().insert(SESSION_HEADER, v);
-        }
         let stall = self.inner.cfg.stall_timeout;
         let sent = std::time::Instant::now();
         let work = async {
-            let res = match self.inner.http.request(req).await {
+            let (res, hint) = match self.send_chat(node, body, session).await {
                 Ok(r) => r,
-                Err(e) => return Start::Failed(format!("connect/send: {e}")),
+                Err(e) => return Start::Failed(e),
             };
             let status = res.status();
-            let hint: Option<MigrateHint> = res
-                .headers()
-                .get(MIGRATE_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            if matches!(status.as_u16(), 429 | 503)
-                && let Some(d) = crate::retry_after(res.headers())
-            {
-                self.cool_down(&node.id, d);
-            }
             if !status.is_success() {
                 let text = res
                     .into_body()
@@ -153,11 +128,7 @@ impl Client {
                     .await
                     .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                     .unwrap_or_default();
-                return match status.as_u16() {
-                    429 | 503 => Start::Busy(format!("HTTP {status}: {text}"), hint),
-                    400..=499 => Start::Refused { status: status.as_u16(), body: text },
-                    _ => Start::Failed(format!("HTTP {status}: {text}")),
-                };
+                return refusal(status, text, hint);
             }
             let mut body = res.into_body();
             let mut dec = SseDecoder::new(MAX_EVENT);
@@ -166,14 +137,8 @@ impl Client {
                 match next_event(&mut body, &mut dec, stall).await {
                     Err(e) => return Start::Failed(e),
                     Ok(SseEvent::Done) => {
-                        return Start::Committed(Box::new(Committed {
-                            body,
-                            dec,
-                            first,
-                            done: true,
-                            hint,
-                            ttft: sent.elapsed(),
-                        }));
+                        let c = Committed { body, dec, first, done: true, ttft: sent.elapsed() };
+                        return Start::Done(Box::new(c), hint);
                     }
                     Ok(SseEvent::Data(d)) => match chunk(&d) {
                         Err(e) => return Start::Failed(e),
@@ -181,14 +146,14 @@ impl Client {
                             let committed = content_of(&c).is_some();
                             first.push(c);
                             if committed {
-                                return Start::Committed(Box::new(Committed {
+                                let c = Committed {
                                     body,
                                     dec,
                                     first,
                                     done: false,
-                                    hint,
                                     ttft: sent.elapsed(),
-                                }));
+                                };
+                                return Start::Done(Box::new(c), hint);
                             }
                         }
                     },
@@ -254,19 +219,15 @@ impl Forward {
             if done {
                 return;
             }
-            match next_event(&mut self.committed.body, &mut self.committed.dec, stall).await {
-                Ok(SseEvent::Done) => done = true,
-                Ok(SseEvent::Data(d)) => match chunk(&d) {
-                    Ok(c) => pending.push(c),
-                    Err(e) => {
-                        if !self.continue_elsewhere(&e, &text, tokens, first_token).await {
-                            return;
-                        }
-                        continuing = true;
-                        pending = std::mem::take(&mut self.committed.first);
-                        done = self.committed.done;
-                    }
-                },
+            let next = next_event(&mut self.committed.body, &mut self.committed.dec, stall)
+                .await
+                .and_then(|ev| match ev {
+                    SseEvent::Done => Ok(None),
+                    SseEvent::Data(d) => chunk(&d).map(Some),
+                });
+            match next {
+                Ok(None) => done = true,
+                Ok(Some(c)) => pending.push(c),
                 Err(e) => {
                     if !self.continue_elsewhere(&e, &text, tokens, first_token).await {
                         return;
@@ -311,7 +272,7 @@ impl Forward {
             }
             let node = self.next.remove(0);
             match self.client.start_stream(&node, &body, &self.session, first_token).await {
-                Start::Committed(c) => {
+                Start::Done(c, _) => {
                     self.client.emit(Event::Failover {
                         from: self.current.id.clone(),
                         to: node.id.clone(),
@@ -324,13 +285,13 @@ impl Forward {
                     self.committed = *c;
                     return true;
                 }
-                Start::Refused { status, body } => {
+                Outcome::Refused { status, body } => {
                     let _ =
                         self.tx.send(Err(ClientError::Api { node: node.id, status, body })).await;
                     return false;
                 }
-                Start::Busy(e, _) => failures.push(format!("{}: {e}", node.id)),
-                Start::Failed(e) => {
+                Outcome::Busy(e, _) => failures.push(format!("{}: {e}", node.id)),
+                Outcome::Failed(e) => {
                     self.client.node_failed(&node.id);
                     failures.push(format!("{}: {e}", node.id));
                 }

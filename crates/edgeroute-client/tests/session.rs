@@ -8,45 +8,9 @@ use std::time::Duration;
 
 use edgeroute_client::{Client, ClientConfig, ClientError, Event, Listener};
 use edgeroute_discovery::{Discovery, DiscoveryConfig};
+use edgeroute_lab::relay::Relay;
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 use edgeroute_test_util::TestNode;
-use tokio::task::JoinHandle;
-
-struct Relay {
-    addr: SocketAddr,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Relay {
-    async fn start(target: SocketAddr) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        Relay { addr, task: Some(tokio::spawn(relay(listener, target))) }
-    }
-
-    fn cut(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.cut();
-    }
-}
-
-async fn relay(listener: tokio::net::TcpListener, target: SocketAddr) {
-    let mut conns = tokio::task::JoinSet::new();
-    while let Ok((mut inbound, _)) = listener.accept().await {
-        conns.spawn(async move {
-            if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-            }
-        });
-    }
-}
 
 struct Fleet {
     nodes: Vec<TestNode>,
@@ -76,10 +40,10 @@ impl Fleet {
             for _ in 0..6 {
                 assert_eq!(node.chat(chat.clone()).await.status, 200);
             }
-            let relay = Relay::start(node.addr).await;
+            let relay = Relay::start(node.addr).await.unwrap();
             static_nodes.push_str(&format!(
                 "[[nodes]]\nid = \"{id}\"\nurl = \"http://{}\"\nregion = \"{region}\"\n",
-                relay.addr
+                relay.addr()
             ));
             nodes.push(node);
             relays.push(relay);

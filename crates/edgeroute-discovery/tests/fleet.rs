@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use edgeroute_bus::{Bus, BusConfig};
 use edgeroute_discovery::{Discovery, DiscoveryConfig};
+use edgeroute_lab::relay::Relay;
 use edgeroute_test_util::nats::NatsServer;
 use edgeroute_test_util::{Reply, TestNode, get};
 use serde_json::{Value, json};
@@ -242,59 +243,20 @@ async fn a_three_region_fleet_is_discovered_scored_and_served() {
     std::fs::remove_dir_all(root).ok();
 }
 
-/// A TCP relay that can be cut (the node "dies": connections refused and reset) and restored
-/// on the same address.
-struct Switch {
-    addr: SocketAddr,
-    target: SocketAddr,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Switch {
-    async fn start(target: SocketAddr) -> Switch {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut s = Switch { addr, target, task: None };
-        s.task = Some(tokio::spawn(relay(listener, target)));
-        s
-    }
-
-    fn cut(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-
-    async fn restore(&mut self) {
-        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
-        self.task = Some(tokio::spawn(relay(listener, self.target)));
-    }
-}
-
-async fn relay(listener: tokio::net::TcpListener, target: SocketAddr) {
-    let mut conns = tokio::task::JoinSet::new();
-    while let Ok((mut inbound, _)) = listener.accept().await {
-        conns.spawn(async move {
-            if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-            }
-        });
-    }
-}
-
 #[tokio::test]
 async fn a_killed_node_is_ejected_in_detector_time_and_readmitted_after_verified_recovery() {
     let root = tempdir("kill");
     let a = TestNode::start_as("tor-1", "toronto", &node_cfg(&root, 5, ""), None).await;
     let b = TestNode::start_as("tor-2", "toronto", &node_cfg(&root, 5, ""), None).await;
-    let mut switch = Switch::start(a.addr).await;
+    let mut switch = Relay::start(a.addr).await.unwrap();
     // Probes every 100 ms, deviation floor 20 ms: φ crosses 8 about 100 + 5.2 × 20 ≈ 205 ms
     // after the last answered probe.
     let toml = format!(
         "[probe]\ninterval_ms = 100\ntimeout_ms = 80\n[health]\nmin_std_ms = 20\n\
          [[nodes]]\nid = \"tor-1\"\nurl = \"http://{}\"\nregion = \"toronto\"\n\
          [[nodes]]\nid = \"tor-2\"\nurl = \"http://{}\"\nregion = \"toronto\"\n",
-        switch.addr, b.addr
+        switch.addr(),
+        b.addr
     );
     let d = Replica::start(&toml, None).await;
     let q = "model=sim-llama&k=5";
@@ -315,7 +277,7 @@ async fn a_killed_node_is_ejected_in_detector_time_and_readmitted_after_verified
     assert!(dead["health_reason"].as_str().unwrap().contains("ejected"), "{dead}");
 
     // Recovery must be verified by three consecutive good probes (~200 ms at 100 ms).
-    switch.restore().await;
+    switch.restore().await.unwrap();
     let back = d.until(q, Duration::from_secs(3), |ids| ids.len() == 2).await;
     println!("recovered node readmitted after {back:?}");
     assert!(

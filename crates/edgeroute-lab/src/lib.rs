@@ -9,3 +9,4 @@
 pub mod gateway_bench;
 pub mod loadgen;
 pub mod process;
+pub mod relay;

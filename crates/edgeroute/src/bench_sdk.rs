@@ -12,52 +12,16 @@
 //! each behind a relay the benchmark can cut, and a discovery replica, all in this process.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use edgeroute_client::{Client, ClientConfig};
+use edgeroute_lab::relay::Relay;
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use tokio::task::JoinHandle;
-
-struct Relay {
-    addr: SocketAddr,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Relay {
-    async fn start(target: SocketAddr) -> Result<Relay> {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
-    }
-
-    async fn start_on(at: SocketAddr, target: SocketAddr) -> Result<Relay> {
-        let listener = tokio::net::TcpListener::bind(at).await?;
-        let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let _ = inbound.set_nodelay(true);
-                conns.spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                        let _ = out.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-            }
-        });
-        Ok(Relay { addr, task: Some(task) })
-    }
-
-    fn cut(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
 
 fn pct(v: &mut [u64], q: f64) -> u64 {
     v.sort_unstable();
@@ -93,7 +57,7 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
         let relay = Relay::start(addr).await?;
         static_nodes.push_str(&format!(
             "[[nodes]]\nid = \"{id}\"\nurl = \"http://{}\"\nregion = \"{region}\"\n",
-            relay.addr
+            relay.addr()
         ));
         nodes.push(addr);
         relays.push(relay);
@@ -177,7 +141,7 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
         anyhow::ensure!(first.is_some_and(|c| c.is_ok()), "no first token after failover");
         while stream.next().await.is_some() {}
         // Back on the same address: discovery readmits it after its good probes.
-        relays[i] = Relay::start_on(relays[i].addr, nodes[i]).await?;
+        relays[i].restore().await?;
     }
     let _ = dstop.send(());
     for s in stops {
