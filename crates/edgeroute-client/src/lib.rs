@@ -29,8 +29,9 @@
 //! clamped) is hedged: the standby is raced against the pinned node, the first to commit wins
 //! and the other request is dropped (cancelling its work on the node).
 //!
-//! Status: Peak-EWMA-driven planned moves and the remaining fault scenarios are the next steps
-//! (see the SDK issue).
+//! Between turns the pinned node and the standby are re-probed now and then; a standby that
+//! predicts a better first token by a margin on several consecutive re-probes (Peak-EWMA
+//! smoothed) takes the session — planned moves have hysteresis and never happen mid-turn.
 //!
 //! The SDK never creates a runtime; it runs on the caller's tokio runtime.
 
@@ -89,6 +90,13 @@ pub struct ClientConfig {
     pub hedge_initial: Duration,
     /// Default 100 ms.
     pub hedge_min: Duration,
+    /// Between turns, the pinned node and the standby are re-probed at most this often, to
+    /// notice a persistently better standby. Default 5 s.
+    pub reprobe_interval: Duration,
+    /// The standby must predict a first token better by `max(abs_ms, rel × pinned)` ...
+    pub move_margin: TieMargin,
+    /// ... on this many consecutive re-probes before the session moves to it. Default 3.
+    pub move_after: u32,
     /// Largest answer read, bytes. Default 8 MiB.
     pub max_response_bytes: usize,
     /// Where discovery answers are persisted. Default: not persisted.
@@ -118,6 +126,9 @@ impl Default for ClientConfig {
             stall_timeout: Duration::from_secs(2),
             hedge_initial: Duration::from_secs(1),
             hedge_min: Duration::from_millis(100),
+            reprobe_interval: Duration::from_secs(5),
+            move_margin: TieMargin { abs_ms: 10.0, rel: 0.2 },
+            move_after: 3,
             max_response_bytes: 8 << 20,
             cache_file: None,
             seed: None,
@@ -531,6 +542,9 @@ impl Client {
             order,
             pending_move: None,
             moved: Arc::new(Mutex::new(None)),
+            watch: None,
+            last_reprobe: Instant::now(),
+            better_streak: 0,
         })
     }
 
@@ -761,6 +775,20 @@ pub struct Session {
     pending_move: Option<String>,
     /// A move made by a stream's continuation (on its own task): (node, reason).
     moved: Arc<Mutex<Option<(String, String)>>>,
+    /// Smoothed predictions from re-probes between turns: pinned, standby (by node id).
+    watch: Option<Watch>,
+    last_reprobe: Instant,
+    /// Consecutive re-probes on which the standby was better by the margin.
+    better_streak: u32,
+}
+
+/// Peak-EWMA of the predicted first-token time of the pinned node and the standby.
+#[derive(Debug)]
+struct Watch {
+    pinned: String,
+    standby: String,
+    pinned_ms: PeakEwma,
+    standby_ms: PeakEwma,
 }
 
 impl Session {
@@ -812,6 +840,64 @@ impl Session {
         if let Some(reason) = self.pending_move.take() {
             // Between turns: the standby is already connected.
             self.move_to(1, reason, true);
+        }
+    }
+
+    /// Between turns: re-probes the pinned node and the standby (at most every
+    /// `reprobe_interval`) and moves the session when the standby has predicted a first token
+    /// better by the margin on `move_after` consecutive re-probes (hysteresis: one good probe
+    /// never moves a conversation).
+    async fn reconsider(&mut self) {
+        let cfg = &self.client.inner.cfg;
+        if self.order.len() < 2 || self.last_reprobe.elapsed() < cfg.reprobe_interval {
+            return;
+        }
+        self.last_reprobe = Instant::now();
+        let (a, b) = (self.order[0].clone(), self.order[1].clone());
+        let deadline = cfg.probe_deadline;
+        let (pa, pb) = tokio::join!(
+            tokio::time::timeout(deadline, self.client.probe(&a)),
+            tokio::time::timeout(deadline, self.client.probe(&b))
+        );
+        let (Ok(Ok(pa)), Ok(Ok(pb))) = (pa, pb) else {
+            self.better_streak = 0;
+            return;
+        };
+        let now = self.client.inner.origin.elapsed();
+        let tau = cfg.reprobe_interval * 4;
+        let w = match self.watch.take() {
+            Some(w) if w.pinned == a.id && w.standby == b.id => w,
+            _ => Watch {
+                pinned: a.id.clone(),
+                standby: b.id.clone(),
+                pinned_ms: PeakEwma::new(
+                    tau,
+                    Duration::from_secs_f64(pa.predicted_ttft_ms() / 1000.0),
+                ),
+                standby_ms: PeakEwma::new(
+                    tau,
+                    Duration::from_secs_f64(pb.predicted_ttft_ms() / 1000.0),
+                ),
+            },
+        };
+        let mut w = w;
+        w.pinned_ms.observe(Duration::from_secs_f64(pa.predicted_ttft_ms() / 1000.0), now);
+        w.standby_ms.observe(Duration::from_secs_f64(pb.predicted_ttft_ms() / 1000.0), now);
+        let (p, s) = (w.pinned_ms.latency_ms(), w.standby_ms.latency_ms());
+        let margin = cfg.move_margin.abs_ms.max(cfg.move_margin.rel * p);
+        self.better_streak = if s + margin < p { self.better_streak + 1 } else { 0 };
+        self.watch = Some(w);
+        if self.better_streak >= cfg.move_after {
+            self.better_streak = 0;
+            self.watch = None;
+            self.move_to(
+                1,
+                format!(
+                    "standby predicted {s:.1} ms against {p:.1} ms for {} re-probes",
+                    cfg.move_after
+                ),
+                true,
+            );
         }
     }
 
@@ -904,6 +990,7 @@ impl Session {
             return Err(ClientError::Invalid("use Session::chat_stream for streaming".into()));
         }
         self.apply_moves();
+        self.reconsider().await;
         let body =
             Bytes::from(serde_json::to_vec(req).map_err(|e| ClientError::Invalid(e.to_string()))?);
         let client = self.client.clone();
@@ -925,6 +1012,7 @@ impl Session {
         req: &ChatCompletionRequest,
     ) -> Result<ChatStream, ClientError> {
         self.apply_moves();
+        self.reconsider().await;
         let mut req = req.clone();
         req.stream = true;
         let body =

@@ -24,11 +24,16 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone, PartialEq)]
 enum Mode {
     Pass,
-    Status { code: u16, retry_after: Option<u32> },
+    Status {
+        code: u16,
+        retry_after: Option<u32>,
+    },
     MalformedAfter(usize),
     NoDoneAfter(usize),
     ResetBeforeHeaders,
     Silence,
+    /// Every answer (probes included) is held this long: a congested path.
+    Delay(Duration),
 }
 
 struct Front {
@@ -117,6 +122,9 @@ async fn forward(
     http: Http,
     chats: Arc<Mutex<usize>>,
 ) -> Result<http::Response<Boxed>, Infallible> {
+    if let Mode::Delay(d) = &mode {
+        tokio::time::sleep(*d).await;
+    }
     let chat = req.uri().path() == "/v1/chat/completions";
     if chat {
         *chats.lock().unwrap() += 1;
@@ -237,6 +245,10 @@ impl Lab {
     }
 
     fn client(&self, events: Listener) -> Client {
+        self.client_with(events, ClientConfig::default())
+    }
+
+    fn client_with(&self, events: Listener, base: ClientConfig) -> Client {
         let cfg = ClientConfig {
             discovery: vec![format!("http://{}", self.discovery)],
             token: Some(self.nodes[0].token()),
@@ -245,7 +257,7 @@ impl Lab {
             hedge_initial: Duration::from_millis(300),
             stall_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(2),
-            ..ClientConfig::default()
+            ..base
         };
         Client::with_listener(cfg, Some(events)).unwrap()
     }
@@ -413,4 +425,33 @@ async fn retry_after_is_honoured_as_a_cool_down_not_an_ejection() {
         assert_eq!(s.pinned().id, "tor-1", "still the session's node");
         assert!(!events.lock().unwrap().iter().any(|e| matches!(e, Event::Ejected { .. })));
     }
+}
+
+#[tokio::test]
+async fn a_persistently_better_standby_takes_the_session_between_turns_not_before() {
+    let mut lab = Lab::start().await;
+    let (events, listener) = recorder();
+    let base = ClientConfig {
+        reprobe_interval: Duration::from_millis(50),
+        probe_deadline: Duration::from_millis(500),
+        ..ClientConfig::default()
+    };
+    let client = lab.client_with(listener, base);
+    let mut s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    // tor-1's path gets congested: 80 ms on every answer.
+    lab.fronts[0].set(Mode::Delay(Duration::from_millis(80))).await;
+    let mut moved_at = None;
+    for turn in 1..=6 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        s.chat(&request(&format!("turn {turn}"))).await.unwrap();
+        if moved_at.is_none() && s.pinned().id == "mtl-1" {
+            moved_at = Some(turn);
+        }
+    }
+    // Three consecutive re-probes must agree before the session moves.
+    assert_eq!(moved_at, Some(3), "moved on turn {moved_at:?}");
+    assert!(events.lock().unwrap().iter().any(
+        |e| matches!(e, Event::Migrated { from, to, .. } if from == "tor-1" && to == "mtl-1")
+    ));
 }
