@@ -34,9 +34,39 @@
 //! smoothed) takes the session — planned moves have hysteresis and never happen mid-turn.
 //!
 //! The SDK never creates a runtime; it runs on the caller's tokio runtime.
+//!
+//! ```no_run
+//! use edgeroute_client::{Client, ClientConfig};
+//! use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
+//!
+//! # async fn voice_turns() -> Result<(), edgeroute_client::ClientError> {
+//! let client = Client::new(ClientConfig {
+//!     discovery: vec!["https://disc-tor.example:7070".into(), "https://disc-mtl.example:7070".into()],
+//!     token: Some(std::env::var("EDGEROUTE_TOKEN").unwrap_or_default()),
+//!     regions: vec!["toronto".into(), "montreal".into()], // data residency
+//!     cache_file: Some("/var/cache/app/edgeroute-lists.json".into()),
+//!     ..ClientConfig::default()
+//! })?;
+//! let mut session = client.session("llama-3.1-8b").await?; // discover, probe, pin
+//! let req = ChatCompletionRequest::new(
+//!     "llama-3.1-8b",
+//!     vec![ChatMessage::new(Role::User, "What's the weather in Toronto?")],
+//! );
+//! let mut stream = session.chat_stream(&req).await?; // straight to the pinned node
+//! while let Some(chunk) = stream.next().await {
+//!     let chunk = chunk?;
+//!     // speak chunk.choices[0].delta.content ...
+//! #   let _ = chunk;
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod cache;
 mod stream;
+mod tls;
+
+pub use tls::tls_config;
 
 pub use stream::ChatStream;
 
@@ -101,6 +131,9 @@ pub struct ClientConfig {
     pub max_response_bytes: usize,
     /// Where discovery answers are persisted. Default: not persisted.
     pub cache_file: Option<PathBuf>,
+    /// PEM roots for `https://` nodes and discovery (a private fleet CA). Default: the Mozilla
+    /// roots compiled in.
+    pub ca_file: Option<PathBuf>,
     /// Seed for near-tie breaking and jitter. Default: from the OS.
     pub seed: Option<u64>,
     /// Retries as a share of requests over 10 s, plus a floor per second. Default 0.1 and 1.
@@ -131,6 +164,7 @@ impl Default for ClientConfig {
             move_after: 3,
             max_response_bytes: 8 << 20,
             cache_file: None,
+            ca_file: None,
             seed: None,
             retry_ratio: 0.1,
             retry_floor_per_s: 1.0,
@@ -211,7 +245,7 @@ pub enum ClientError {
     Invalid(String),
 }
 
-type Http = HttpClient<HttpConnector, Full<Bytes>>;
+type Http = HttpClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// Called with every decision the client makes.
 pub type Listener = Arc<dyn Fn(&Event) + Send + Sync>;
 
@@ -310,9 +344,16 @@ impl Client {
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(cfg.connect_timeout));
         tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let tls = tls::tls_config(cfg.ca_file.as_deref()).map_err(ClientError::Invalid)?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
         let http = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(tcp);
+            .build(connector);
         let cache = cfg.cache_file.as_deref().map(ListCache::load).unwrap_or_default();
         let rng = match cfg.seed {
             Some(s) => rand::rngs::StdRng::seed_from_u64(s),

@@ -390,3 +390,51 @@ async fn a_late_first_token_is_hedged_on_the_standby_and_the_loser_is_cancelled(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
+    let dir = std::env::temp_dir().join(format!("edgeroute-sdk-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("c.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("k.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let tls = format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[backend]\nkind = \"sim\"\n",
+        dir.join("c.pem").display(),
+        dir.join("k.pem").display()
+    );
+    let node = TestNode::start_as("tls-1", "toronto", &tls, None).await;
+    let toml = format!(
+        "[probe]\ninterval_ms = 200\ntimeout_ms = 150\nca_file = \"{}\"\n[[nodes]]\nid = \"tls-1\"\nurl = \"https://localhost:{}\"\nregion = \"toronto\"\n",
+        dir.join("c.pem").display(),
+        node.addr.port()
+    );
+    let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(d.serve(listener, async {
+        let _ = rx.await;
+    }));
+    let cfg = ClientConfig {
+        discovery: vec![format!("http://{addr}")],
+        token: Some(node.token()),
+        ca_file: Some(dir.join("c.pem")),
+        ..ClientConfig::default()
+    };
+    let client = Client::new(cfg).unwrap();
+    let t = std::time::Instant::now();
+    let mut s = loop {
+        match client.session("sim-llama").await {
+            Ok(s) => break s,
+            Err(_) if t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no session: {e}"),
+        }
+    };
+    assert!(s.pinned().url.starts_with("https://"));
+    s.chat(&request("sim-llama", "over TLS")).await.unwrap();
+    let _ = tx.send(());
+    std::fs::remove_dir_all(dir).ok();
+}

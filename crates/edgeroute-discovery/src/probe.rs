@@ -73,31 +73,7 @@ pub fn health_uri(base: &str) -> Option<http::Uri> {
     format!("{scheme}://{}{path}/health", uri.authority()?).parse().ok()
 }
 
-/// The TLS client configuration for `https://` nodes: the roots in `ca_file` (PEM) when given
-/// (a private fleet CA), else the Mozilla roots compiled in.
-pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS setup: {e}"))?;
-    let Some(path) = ca_file else {
-        return Ok(hyper_rustls::ConfigBuilderExt::with_webpki_roots(builder).with_no_client_auth());
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("probe.ca_file {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("probe.ca_file {}: no certificate in it", path.display()));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs {
-        roots.add(c).map_err(|e| format!("probe.ca_file {}: {e}", path.display()))?;
-    }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
-}
+pub use edgeroute_client::tls_config;
 
 /// Probes over HTTP/1.1 with pooled keep-alive connections, a deadline per probe and a cap on
 /// the body.
