@@ -102,6 +102,9 @@ pub struct ClientConfig {
     pub probe_k: usize,
     /// Probes not answered within this are ignored. Default 150 ms.
     pub probe_deadline: Duration,
+    /// A session starting within this of the last probes of all its candidates reuses them
+    /// instead of probing again. Default 2 s.
+    pub probe_ttl: Duration,
     /// One discovery request. Default 500 ms.
     pub discovery_timeout: Duration,
     /// TCP connect to a node. Default 300 ms (never the OS's two minutes).
@@ -152,6 +155,7 @@ impl Default for ClientConfig {
             regions: vec![],
             probe_k: 3,
             probe_deadline: Duration::from_millis(150),
+            probe_ttl: Duration::from_secs(2),
             discovery_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_secs(60),
@@ -272,6 +276,8 @@ struct Inner {
     nodes: Mutex<HashMap<String, NodeState>>,
     rng: Mutex<rand::rngs::StdRng>,
     ttft: Mutex<steer::TtftDeadline>,
+    /// The last answered probe of each node, and when.
+    probes: Mutex<HashMap<String, (Probed, Instant)>>,
     listener: Option<Listener>,
     origin: Instant,
 }
@@ -377,6 +383,7 @@ impl Client {
                 nodes: Mutex::new(HashMap::new()),
                 rng: Mutex::new(rng),
                 ttft: Mutex::new(ttft),
+                probes: Mutex::new(HashMap::new()),
                 listener,
                 origin: Instant::now(),
             }),
@@ -553,7 +560,12 @@ impl Client {
             if fine.is_empty() { candidates.clone() } else { fine }
         };
         let probe_set: Vec<&Candidate> = usable.iter().take(self.inner.cfg.probe_k).collect();
-        let results = self.probe_all(&probe_set).await;
+        // Probed moments ago (a session just started, or a re-probe): reuse, so a warm start
+        // adds nothing but the pick.
+        let results = match self.recent_probes(&probe_set) {
+            Some(r) => r,
+            None => self.probe_all(&probe_set).await,
+        };
         let mut order: Vec<Candidate> = Vec::new();
         if !results.is_empty() {
             let probed: Vec<Probed> = results.iter().map(|(p, _)| p.clone()).collect();
@@ -589,6 +601,20 @@ impl Client {
         })
     }
 
+    /// Every candidate of `set` probed within `probe_ttl`, if all were.
+    fn recent_probes(&self, set: &[&Candidate]) -> Option<Vec<(Probed, Candidate)>> {
+        let ttl = self.inner.cfg.probe_ttl;
+        let probes = self.inner.probes.lock().ok()?;
+        set.iter()
+            .map(|c| {
+                probes
+                    .get(&c.id)
+                    .filter(|(_, at)| at.elapsed() < ttl)
+                    .map(|(p, _)| (p.clone(), (*c).clone()))
+            })
+            .collect()
+    }
+
     async fn probe_all(&self, set: &[&Candidate]) -> Vec<(Probed, Candidate)> {
         let mut tasks = tokio::task::JoinSet::new();
         for c in set {
@@ -606,6 +632,9 @@ impl Client {
             let next = tokio::time::timeout_at(deadline, tasks.join_next()).await;
             match next {
                 Ok(Some(Ok((c, Ok(p))))) => {
+                    if let Ok(mut probes) = self.inner.probes.lock() {
+                        probes.insert(c.id.clone(), (p.clone(), Instant::now()));
+                    }
                     self.emit(Event::Probed {
                         node: c.id.clone(),
                         rtt_ms: ms(p.rtt),
