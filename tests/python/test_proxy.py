@@ -80,3 +80,6 @@ def test_a_stream_cut_on_the_pinned_node_reads_as_one_answer(start_node, start_p
     raw = proxy.chat.completions.with_raw_response.create(
         model="sim-llama", messages=msgs, max_tokens=2, extra_headers={"x-edgeroute-session": "s1"})
     assert raw.headers["x-edgeroute-node"] == "mtl-1"
+    # The proxy reports the SDK's decisions.
+    metrics = httpx.get(str(proxy.base_url).replace("/v1/", "/metrics")).text
+    assert "edgeroute_client_failovers_total 1" in metrics, metrics

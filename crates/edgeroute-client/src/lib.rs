@@ -182,6 +182,61 @@ impl Default for ClientConfig {
     }
 }
 
+/// Counts of the client's decisions since it was built (see [`Client::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub discoveries: u64,
+    /// Discovery answers served from the cache while discovery was unreachable.
+    pub stale_lists: u64,
+    pub discovery_failures: u64,
+    pub probes: u64,
+    pub probe_failures: u64,
+    pub sessions: u64,
+    /// Requests moved to another node after a failure (before or after the first token).
+    pub failovers: u64,
+    pub hedges: u64,
+    /// Planned moves: migrate hints and persistently better standbys.
+    pub migrations: u64,
+    pub ejections: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters([std::sync::atomic::AtomicU64; 10]);
+
+impl Counters {
+    fn count(&self, e: &Event) {
+        let i = match e {
+            Event::Discovered { cached: Some("stale"), .. } => 1,
+            Event::Discovered { .. } => 0,
+            Event::DiscoveryFailed { .. } => 2,
+            Event::Probed { .. } => 3,
+            Event::ProbeFailed { .. } => 4,
+            Event::Pinned { .. } => 5,
+            Event::Failover { .. } => 6,
+            Event::Hedged { .. } => 7,
+            Event::Migrated { .. } => 8,
+            Event::Ejected { .. } => 9,
+        };
+        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Stats {
+        let v = |i: usize| self.0[i].load(std::sync::atomic::Ordering::Relaxed);
+        Stats {
+            discoveries: v(0) + v(1),
+            stale_lists: v(1),
+            discovery_failures: v(2),
+            probes: v(3),
+            probe_failures: v(4),
+            sessions: v(5),
+            failovers: v(6),
+            hedges: v(7),
+            migrations: v(8),
+            ejections: v(9),
+        }
+    }
+}
+
 /// What the client decided, for logs and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -276,6 +331,7 @@ struct Inner {
     nodes: Mutex<HashMap<String, NodeState>>,
     rng: Mutex<rand::rngs::StdRng>,
     ttft: Mutex<steer::TtftDeadline>,
+    stats: Counters,
     /// The last answered probe of each node, and when.
     probes: Mutex<HashMap<String, (Probed, Instant)>>,
     listener: Option<Listener>,
@@ -384,6 +440,7 @@ impl Client {
                 rng: Mutex::new(rng),
                 ttft: Mutex::new(ttft),
                 probes: Mutex::new(HashMap::new()),
+                stats: Counters::default(),
                 listener,
                 origin: Instant::now(),
             }),
@@ -392,9 +449,15 @@ impl Client {
 
     fn emit(&self, e: Event) {
         tracing::debug!(event = ?e, "edgeroute client");
+        self.inner.stats.count(&e);
         if let Some(l) = &self.inner.listener {
             l(&e);
         }
+    }
+
+    /// Counts of every decision so far (for an application's metrics).
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
     }
 
     fn draw(&self) -> f64 {

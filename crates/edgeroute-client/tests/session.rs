@@ -157,6 +157,9 @@ async fn a_dead_pinned_node_fails_over_to_the_standby_within_the_same_request() 
     assert!(!c.choices.is_empty());
     assert!(t.elapsed() < Duration::from_secs(1), "failover took {:?}", t.elapsed());
     assert_eq!(s.pinned().id, "mtl-1", "the session moved to the standby");
+    let st = client.stats();
+    assert_eq!((st.sessions, st.failovers, st.discoveries), (1, 1, 1), "{st:?}");
+    assert!(st.probes >= 2);
     let ev = events.lock().unwrap().clone();
     assert!(ev.iter().any(
         |e| matches!(e, Event::Failover { from, to, .. } if from == "tor-1" && to == "mtl-1")

@@ -42,6 +42,7 @@ pub fn router(client: Client, max_body: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ready"})) }))
+        .route("/metrics", get(metrics))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(st)
@@ -76,6 +77,30 @@ fn error_response(e: ClientError) -> Response {
         )
         .into_response(),
     }
+}
+
+/// The SDK's decision counters, in the Prometheus text format.
+async fn metrics(State(st): State<Arc<State_>>) -> Response {
+    let s = st.client.stats();
+    let rows = [
+        ("discoveries", "Candidate lists obtained", s.discoveries),
+        ("stale_lists", "Lists served from the cache with discovery unreachable", s.stale_lists),
+        ("discovery_failures", "Discovery endpoints that failed", s.discovery_failures),
+        ("probes", "Node probes answered", s.probes),
+        ("probe_failures", "Node probes failed or late", s.probe_failures),
+        ("sessions", "Sessions pinned", s.sessions),
+        ("failovers", "Requests moved after a failure", s.failovers),
+        ("hedges", "Late first tokens hedged on the standby", s.hedges),
+        ("migrations", "Planned session moves", s.migrations),
+        ("ejections", "Nodes ejected after repeated failures", s.ejections),
+    ];
+    let mut out = String::new();
+    for (name, help, v) in rows {
+        out.push_str(&format!(
+            "# HELP edgeroute_client_{name} {help}.\n# TYPE edgeroute_client_{name} counter\nedgeroute_client_{name}_total {v}\n"
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn chat(State(st): State<Arc<State_>>, req: Request) -> Response {
