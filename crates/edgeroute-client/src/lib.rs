@@ -186,7 +186,10 @@ impl Default for ClientConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub discoveries: u64,
-    /// Discovery answers served from the cache while discovery was unreachable.
+    /// Lists served from the cache without asking discovery (fresh) or because it was
+    /// unreachable (stale).
+    pub cached_lists: u64,
+    /// Lists served from the cache while discovery was unreachable.
     pub stale_lists: u64,
     pub discovery_failures: u64,
     pub probes: u64,
@@ -201,10 +204,13 @@ pub struct Stats {
 }
 
 #[derive(Debug, Default)]
-struct Counters([std::sync::atomic::AtomicU64; 10]);
+struct Counters([std::sync::atomic::AtomicU64; 11]);
 
 impl Counters {
     fn count(&self, e: &Event) {
+        if matches!(e, Event::Discovered { cached: Some(_), .. }) {
+            self.0[10].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let i = match e {
             Event::Discovered { cached: Some("stale"), .. } => 1,
             Event::Discovered { .. } => 0,
@@ -224,6 +230,7 @@ impl Counters {
         let v = |i: usize| self.0[i].load(std::sync::atomic::Ordering::Relaxed);
         Stats {
             discoveries: v(0) + v(1),
+            cached_lists: v(10),
             stale_lists: v(1),
             discovery_failures: v(2),
             probes: v(3),
@@ -376,6 +383,12 @@ pub(crate) enum Outcome<T> {
 }
 
 type Attempt = Outcome<ChatCompletion>;
+
+/// The node's own TTFT and the wait its queue implies, from its load report, ms.
+fn queue_wait(l: &LoadReport) -> f64 {
+    let p50 = f64::from(l.ttft_ms);
+    p50 + f64::from(l.queue_depth) * p50 / f64::from(l.capacity).max(1.0)
+}
 
 /// What a non-2xx answer means for the ladder.
 pub(crate) fn refusal<T>(
@@ -596,11 +609,14 @@ impl Client {
         }
         // The node's own TTFT and the wait its queue implies; discovery's figures if the
         // node sent no load report.
-        let (p50, q, cap) = match load {
-            Some(l) => (f64::from(l.ttft_ms), f64::from(l.queue_depth), f64::from(l.capacity)),
-            None => (c.ttft_p50_ms, f64::from(c.queue_depth), f64::from(c.capacity)),
+        let wait = match load {
+            Some(l) => queue_wait(&l),
+            None => {
+                let cap = f64::from(c.capacity).max(1.0);
+                c.ttft_p50_ms + f64::from(c.queue_depth) * c.ttft_p50_ms / cap
+            }
         };
-        Ok(Probed { id: c.id.clone(), rtt, queue_wait_ms: p50 + q * p50 / cap.max(1.0) })
+        Ok(Probed { id: c.id.clone(), rtt, queue_wait_ms: wait })
     }
 
     /// Starts a session for `model`: discover, probe the top candidates in parallel, pin the
@@ -837,6 +853,17 @@ impl Client {
             && let Some(d) = retry_after(res.headers())
         {
             self.cool_down(&node.id, d);
+        }
+        // Every answer carries the node's load: reused probes are refreshed with it.
+        if let Some(l) = res
+            .headers()
+            .get(LOAD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<LoadReport>().ok())
+            && let Ok(mut probes) = self.inner.probes.lock()
+            && let Some((p, _)) = probes.get_mut(&node.id)
+        {
+            p.queue_wait_ms = queue_wait(&l);
         }
         Ok((res, hint))
     }
@@ -1152,6 +1179,7 @@ impl Session {
             Bytes::from(serde_json::to_vec(&req).map_err(|e| ClientError::Invalid(e.to_string()))?);
         let (committed, at) = self.start_hedged(&body).await?;
         let current = self.order[at].clone();
+        let node = current.id.clone();
         let next: Vec<Candidate> =
             self.order.iter().filter(|c| c.id != current.id).cloned().collect();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -1168,7 +1196,7 @@ impl Session {
             }
             .run(),
         );
-        Ok(ChatStream::new(rx))
+        Ok(ChatStream::new(rx, node))
     }
 
     /// A stream up to its commit point. The pinned node goes first; if its first token is later

@@ -24,11 +24,20 @@ use crate::{Client, ClientError, Event, Outcome, refusal};
 #[derive(Debug)]
 pub struct ChatStream {
     rx: mpsc::Receiver<Result<ChatCompletionChunk, ClientError>>,
+    node: String,
 }
 
 impl ChatStream {
-    pub(crate) fn new(rx: mpsc::Receiver<Result<ChatCompletionChunk, ClientError>>) -> Self {
-        ChatStream { rx }
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Result<ChatCompletionChunk, ClientError>>,
+        node: String,
+    ) -> Self {
+        ChatStream { rx, node }
+    }
+
+    /// The node whose first token started the stream (a continuation may finish elsewhere).
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The next chunk; `None` after the last one. An `Err` is final.

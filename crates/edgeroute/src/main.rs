@@ -106,11 +106,17 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
-    /// Start a node with the simulator on loopback and send it sample requests.
+    /// A three-region fleet on loopback (simulator nodes, discovery, SDK clients) and a short
+    /// story: steady traffic, a drain, a node killed mid-stream, the control plane stopped.
     Demo {
-        /// Streamed sample requests to send.
-        #[arg(long, default_value_t = 3)]
-        requests: u32,
+        /// Sessions per phase of the story.
+        #[arg(long, default_value_t = 12)]
+        sessions: usize,
+        /// Streamed turns per session.
+        #[arg(long, default_value_t = 4)]
+        turns: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
     },
 }
 
@@ -436,7 +442,9 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("edgeroute watch: installed {} model(s)", installed.len());
             Ok(())
         }
-        Command::Demo { requests } => demo::run(requests).await,
+        Command::Demo { sessions, turns, seed } => {
+            demo::run(demo::DemoOpts { sessions, turns, seed }).await.map(|_| ())
+        }
         Command::Bench { command: BenchCommand::Bus { bus, nats_url, changes } } => {
             let cfg = match bus.as_str() {
                 "embedded" => edgeroute_bus::BusConfig::embedded(),
