@@ -339,6 +339,8 @@ struct Inner {
     rng: Mutex<rand::rngs::StdRng>,
     ttft: Mutex<steer::TtftDeadline>,
     stats: Counters,
+    /// This client's live sessions pinned to each node.
+    active: Mutex<HashMap<String, u32>>,
     /// The last answered probe of each node, and when.
     probes: Mutex<HashMap<String, (Probed, Instant)>>,
     listener: Option<Listener>,
@@ -453,6 +455,7 @@ impl Client {
                 rng: Mutex::new(rng),
                 ttft: Mutex::new(ttft),
                 probes: Mutex::new(HashMap::new()),
+                active: Mutex::new(HashMap::new()),
                 stats: Counters::default(),
                 listener,
                 origin: Instant::now(),
@@ -465,6 +468,17 @@ impl Client {
         self.inner.stats.count(&e);
         if let Some(l) = &self.inner.listener {
             l(&e);
+        }
+    }
+
+    fn active_sessions(&self, id: &str) -> u32 {
+        self.inner.active.lock().map_or(0, |a| a.get(id).copied().unwrap_or(0))
+    }
+
+    fn count_session(&self, id: &str, delta: i32) {
+        if let Ok(mut a) = self.inner.active.lock() {
+            let n = a.entry(id.to_owned()).or_default();
+            *n = n.saturating_add_signed(delta);
         }
     }
 
@@ -602,8 +616,13 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         let status = res.status();
+        // A node that is leaving says so on every answer: not a candidate for a new session.
+        let leaving = res.headers().get(MIGRATE_HEADER).is_some();
         let _ = res.into_body().collect().await;
         let rtt = t.elapsed();
+        if leaving {
+            return Err("draining (migrate hint on its answer)".into());
+        }
         if !(status.is_success() || status == StatusCode::SERVICE_UNAVAILABLE) {
             return Err(format!("HTTP {status}"));
         }
@@ -641,19 +660,42 @@ impl Client {
         let probe_set: Vec<&Candidate> = usable.iter().take(self.inner.cfg.probe_k).collect();
         // Probed moments ago (a session just started, or a re-probe): reuse, so a warm start
         // adds nothing but the pick.
-        let results = match self.recent_probes(&probe_set) {
+        let mut results = match self.recent_probes(&probe_set) {
             Some(r) => r,
             None => self.probe_all(&probe_set).await,
         };
+        // Fewer than two answered (nodes gone or draining since the list was made): probe the
+        // next candidates too, so there is a choice and a standby.
+        let k = self.inner.cfg.probe_k;
+        let mut next = k;
+        while results.len() < 2 && next < usable.len() {
+            let more: Vec<&Candidate> = usable.iter().skip(next).take(k).collect();
+            next += k;
+            results.extend(self.probe_all(&more).await);
+        }
         let mut order: Vec<Candidate> = Vec::new();
         if !results.is_empty() {
-            let probed: Vec<Probed> = results.iter().map(|(p, _)| p.clone()).collect();
+            // Each of this client's sessions already on a node counts like an outstanding
+            // request in Peak-EWMA: cost × (sessions + 1). Sessions starting together spread
+            // out instead of herding onto the node that looked best a moment ago.
+            let probed: Vec<Probed> = results
+                .iter()
+                .map(|(p, _)| {
+                    let mut p = p.clone();
+                    let factor = f64::from(self.active_sessions(&p.id) + 1);
+                    let rtt = p.rtt.as_secs_f64() * 1000.0;
+                    p.queue_wait_ms = p.predicted_ttft_ms() * factor - rtt;
+                    p
+                })
+                .collect();
             if let Some(i) = steer::pick(&probed, TieMargin::default(), self.draw()) {
                 order.push(results[i].1.clone());
-                let mut rest: Vec<&(Probed, Candidate)> =
-                    results.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r).collect();
-                rest.sort_by(|a, b| a.0.predicted_ttft_ms().total_cmp(&b.0.predicted_ttft_ms()));
-                order.extend(rest.into_iter().map(|r| r.1.clone()));
+                // The standby and the rest by the same adjusted cost.
+                let mut rest: Vec<usize> = (0..results.len()).filter(|j| *j != i).collect();
+                rest.sort_by(|a, b| {
+                    probed[*a].predicted_ttft_ms().total_cmp(&probed[*b].predicted_ttft_ms())
+                });
+                order.extend(rest.into_iter().map(|j| results[j].1.clone()));
             }
         }
         // Then the unprobed (or unanswered) candidates, in discovery's order.
@@ -667,6 +709,8 @@ impl Client {
             standby: order.get(1).map(|c| c.id.clone()),
         });
         let id = format!("s-{:016x}", self.inner.rng.lock().map_or(0, |mut r| r.random::<u64>()));
+        self.count_session(&order[0].id, 1);
+        let counted = order[0].id.clone();
         Ok(Session {
             client: self.clone(),
             id,
@@ -677,6 +721,7 @@ impl Client {
             watch: None,
             last_reprobe: Instant::now(),
             better_streak: 0,
+            counted,
         })
     }
 
@@ -854,6 +899,12 @@ impl Client {
         {
             self.cool_down(&node.id, d);
         }
+        // A node that is leaving is no candidate for new sessions: forget its last probe.
+        if hint.is_some()
+            && let Ok(mut probes) = self.inner.probes.lock()
+        {
+            probes.remove(&node.id);
+        }
         // Every answer carries the node's load: reused probes are refreshed with it.
         if let Some(l) = res
             .headers()
@@ -940,6 +991,14 @@ pub struct Session {
     last_reprobe: Instant,
     /// Consecutive re-probes on which the standby was better by the margin.
     better_streak: u32,
+    /// The node this session is counted on in the client's per-node session counts.
+    counted: String,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.client.count_session(&self.counted, -1);
+    }
 }
 
 /// Peak-EWMA of the predicted first-token time of the pinned node and the standby.
@@ -969,6 +1028,15 @@ impl Session {
         self.order.get(1)
     }
 
+    /// Keeps the client's per-node session counts in step with the pinned node.
+    fn recount(&mut self) {
+        if self.order[0].id != self.counted {
+            self.client.count_session(&self.counted, -1);
+            self.counted = self.order[0].id.clone();
+            self.client.count_session(&self.counted, 1);
+        }
+    }
+
     fn move_to(&mut self, i: usize, reason: String, migrated: bool) {
         if i == 0 || i >= self.order.len() {
             return;
@@ -977,6 +1045,7 @@ impl Session {
         let node = self.order.remove(i);
         let to = node.id.clone();
         self.order.insert(0, node);
+        self.recount();
         let e = if migrated {
             Event::Migrated { from, to, reason }
         } else {
@@ -996,6 +1065,7 @@ impl Session {
             // Already announced as a failover by the stream; only the order changes.
             let n = self.order.remove(i);
             self.order.insert(0, n);
+            self.recount();
         }
         if let Some(reason) = self.pending_move.take() {
             // Between turns: the standby is already connected.
