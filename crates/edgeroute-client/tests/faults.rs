@@ -344,7 +344,7 @@ async fn persistent_503_is_routed_around_on_every_turn() {
         s.chat(&request(&format!("turn {i}"))).await.unwrap();
     }
     assert_eq!(lab.fronts[1].chats() - served_before, 4, "every turn was answered by mtl-1");
-    assert!(!events.lock().unwrap().iter().any(|e| matches!(e, Event::Ejected { .. })));
+    assert!(!saw(&events, |e| matches!(e, Event::Ejected { .. })));
 }
 
 #[tokio::test]
@@ -396,13 +396,7 @@ async fn a_flapping_node_is_ejected_with_backoff_and_sessions_avoid_it() {
         s.chat(&request("hello")).await.unwrap();
         assert_eq!(s.pinned().id, "mtl-1");
     }
-    assert!(
-        events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e, Event::Ejected { node, .. } if node == "tor-1"))
-    );
+    assert!(saw(&events, |e| matches!(e, Event::Ejected { node, .. } if node == "tor-1")));
     // It comes back, but is still in its backoff: a new session does not pin it.
     lab.fronts[0].set(Mode::Pass).await;
     let s = client.session("sim-llama").await.unwrap();
@@ -423,7 +417,7 @@ async fn retry_after_is_honoured_as_a_cool_down_not_an_ejection() {
         let again = lab.fronts[0].chats() > before;
         assert_eq!(again, hits_again, "Retry-After {retry_after:?}");
         assert_eq!(s.pinned().id, "tor-1", "still the session's node");
-        assert!(!events.lock().unwrap().iter().any(|e| matches!(e, Event::Ejected { .. })));
+        assert!(!saw(&events, |e| matches!(e, Event::Ejected { .. })));
     }
 }
 
@@ -451,7 +445,13 @@ async fn a_persistently_better_standby_takes_the_session_between_turns_not_befor
     }
     // Three consecutive re-probes must agree before the session moves.
     assert_eq!(moved_at, Some(3), "moved on turn {moved_at:?}");
-    assert!(events.lock().unwrap().iter().any(
+    assert!(saw(
+        &events,
         |e| matches!(e, Event::Migrated { from, to, .. } if from == "tor-1" && to == "mtl-1")
     ));
+}
+
+/// Whether any recorded event satisfies `pred`.
+fn saw(events: &Mutex<Vec<Event>>, pred: impl Fn(&Event) -> bool) -> bool {
+    events.lock().unwrap().iter().any(pred)
 }

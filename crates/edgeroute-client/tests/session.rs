@@ -187,13 +187,7 @@ async fn a_client_error_is_returned_as_is_and_never_retried_elsewhere() {
     let after: Vec<u64> = ["tor-1", "mtl-1", "van-1"].iter().map(|n| fleet.served(n)).collect();
     assert_eq!(after[1..], before[1..], "no other node saw the request");
     assert_eq!(s.pinned().id, "tor-1", "a client error does not move the session");
-    assert!(
-        !events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e, Event::Failover { .. } | Event::Ejected { .. }))
-    );
+    assert!(!saw(&events, |e| matches!(e, Event::Failover { .. } | Event::Ejected { .. })));
 }
 
 #[tokio::test]
@@ -217,13 +211,7 @@ async fn a_draining_node_moves_the_session_between_turns() {
     s.chat(&request("sim-llama", "turn 3")).await.unwrap();
     assert_eq!(fleet.served("mtl-1") - before, 1);
     assert_eq!(s.pinned().id, "mtl-1");
-    assert!(
-        events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e, Event::Migrated { from, .. } if from == "tor-1"))
-    );
+    assert!(saw(&events, |e| matches!(e, Event::Migrated { from, .. } if from == "tor-1")));
 }
 
 #[tokio::test]
@@ -320,7 +308,10 @@ async fn a_stream_cut_mid_answer_is_continued_on_the_standby_without_losing_or_r
     faults(fleet.node("tor-1"), r#"{"cut_after_tokens": 5}"#).await;
     let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
     assert_eq!(got, want, "one seamless answer");
-    assert!(events.lock().unwrap().iter().any(|e| matches!(e, Event::Failover { from, to, reason } if from == "tor-1" && to == "mtl-1" && reason.contains("mid-stream"))));
+    assert!(saw(
+        &events,
+        |e| matches!(e, Event::Failover { from, to, reason } if from == "tor-1" && to == "mtl-1" && reason.contains("mid-stream"))
+    ));
     // The next turn starts where the stream ended up.
     s.chat(&request("sim-llama", "next turn")).await.unwrap();
     assert_eq!(s.pinned().id, "mtl-1");
@@ -354,13 +345,7 @@ async fn a_first_token_that_never_comes_moves_the_request_before_the_caller_sees
     let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
     assert_eq!(got, want);
     assert_eq!(s.pinned().id, "mtl-1");
-    assert!(
-        events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e, Event::Failover { to, .. } if to == "mtl-1"))
-    );
+    assert!(saw(&events, |e| matches!(e, Event::Failover { to, .. } if to == "mtl-1")));
 }
 
 #[tokio::test]
@@ -381,9 +366,10 @@ async fn a_late_first_token_is_hedged_on_the_standby_and_the_loser_is_cancelled(
     let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
     assert_eq!(got, want);
     assert!(t.elapsed() < Duration::from_millis(1500), "hedged answer took {:?}", t.elapsed());
-    let hedged = events.lock().unwrap().iter().any(|e| {
-        matches!(e, Event::Hedged { from, to, after_ms: 200 } if from == "tor-1" && to == "mtl-1")
-    });
+    let hedged = saw(
+        &events,
+        |e| matches!(e, Event::Hedged { from, to, after_ms: 200 } if from == "tor-1" && to == "mtl-1"),
+    );
     assert!(hedged);
     assert_eq!(s.pinned().id, "mtl-1", "the hedge won: the session follows it");
     // The losing request was dropped: its slot on tor-1 is free again.
@@ -440,4 +426,9 @@ async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
     s.chat(&request("sim-llama", "over TLS")).await.unwrap();
     let _ = tx.send(());
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// Whether any recorded event satisfies `pred`.
+fn saw(events: &Mutex<Vec<Event>>, pred: impl Fn(&Event) -> bool) -> bool {
+    events.lock().unwrap().iter().any(pred)
 }

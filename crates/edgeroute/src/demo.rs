@@ -125,12 +125,12 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
 }
 
 impl Fleet {
-    fn token(&self) -> Result<String> {
+    fn mint(&self, sub: &str, scope: edgeroute_auth::Scope) -> Result<String> {
         Ok(edgeroute_auth::mint(
             &edgeroute_auth::SigningKey::Hs256(self.secret.clone()),
             &edgeroute_auth::MintOptions {
-                sub: "demo-tenant".into(),
-                scopes: edgeroute_auth::Scope::Inference.into(),
+                sub: sub.into(),
+                scopes: scope.into(),
                 aud: None,
                 iss: None,
                 ttl_s: 3600,
@@ -141,6 +141,10 @@ impl Fleet {
                 nbf: None,
             },
         )?)
+    }
+
+    fn token(&self) -> Result<String> {
+        self.mint("demo-tenant", edgeroute_auth::Scope::Inference)
     }
 
     /// A client in `region`: its own region's replica first, the others as fallbacks; the
@@ -161,21 +165,7 @@ impl Fleet {
     }
 
     async fn admin_drain(&self, node: usize) -> Result<()> {
-        let token = edgeroute_auth::mint(
-            &edgeroute_auth::SigningKey::Hs256(self.secret.clone()),
-            &edgeroute_auth::MintOptions {
-                sub: "operator".into(),
-                scopes: edgeroute_auth::Scope::Admin.into(),
-                aud: None,
-                iss: None,
-                ttl_s: 600,
-                now_unix_s: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_secs(),
-                kid: None,
-                nbf: None,
-            },
-        )?;
+        let token = self.mint("operator", edgeroute_auth::Scope::Admin)?;
         let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
