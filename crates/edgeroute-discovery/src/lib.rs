@@ -183,12 +183,8 @@ impl Shared {
 pub struct Discovery {
     shared: Arc<Shared>,
     bus: Option<Bus>,
-    probe: Option<Arc<dyn ProbeDebug>>,
+    probe: Option<Arc<dyn Probe>>,
 }
-
-/// [`Probe`] with `Debug`, for storing in [`Discovery`].
-pub trait ProbeDebug: Probe + std::fmt::Debug {}
-impl<T: Probe + std::fmt::Debug> ProbeDebug for T {}
 
 /// The running background tasks; dropping it does not stop them, [`Running::stop`] does.
 #[derive(Debug)]
@@ -276,7 +272,7 @@ impl Discovery {
     }
 
     /// Probes through `probe` instead of HTTP.
-    pub fn with_probe(mut self, probe: Arc<dyn ProbeDebug>) -> Self {
+    pub fn with_probe(mut self, probe: Arc<dyn Probe>) -> Self {
         self.probe = Some(probe);
         self
     }
@@ -317,10 +313,7 @@ impl Discovery {
         let mut tasks = Vec::new();
 
         let probe: Arc<dyn Probe> = match &self.probe {
-            Some(p) => {
-                let p = p.clone();
-                Arc::new(Forward(p))
-            }
+            Some(p) => p.clone(),
             None => {
                 let tls = probe::tls_config(sh.cfg.probe.ca_file.as_deref())
                     .map_err(DiscoveryError::Tls)?;
@@ -412,15 +405,6 @@ impl Discovery {
         .await;
         running.stop().await;
         Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct Forward(Arc<dyn ProbeDebug>);
-
-impl Probe for Forward {
-    fn probe(&self, uri: http::Uri) -> probe::ProbeFuture {
-        self.0.probe(uri)
     }
 }
 

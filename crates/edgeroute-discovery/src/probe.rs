@@ -54,7 +54,7 @@ pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<NodeHealth, ProbeError
 
 /// Fetches one node's health report. The seam between the schedule and the network: tests
 /// and simulations provide their own.
-pub trait Probe: Send + Sync + 'static {
+pub trait Probe: Send + Sync + std::fmt::Debug + 'static {
     fn probe(&self, health_uri: http::Uri) -> ProbeFuture;
 }
 
