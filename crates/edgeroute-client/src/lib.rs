@@ -203,6 +203,27 @@ pub struct Stats {
     pub ejections: u64,
 }
 
+impl std::ops::Add for Stats {
+    type Output = Stats;
+
+    /// Counts of several clients together.
+    fn add(self, o: Stats) -> Stats {
+        Stats {
+            discoveries: self.discoveries + o.discoveries,
+            cached_lists: self.cached_lists + o.cached_lists,
+            stale_lists: self.stale_lists + o.stale_lists,
+            discovery_failures: self.discovery_failures + o.discovery_failures,
+            probes: self.probes + o.probes,
+            probe_failures: self.probe_failures + o.probe_failures,
+            sessions: self.sessions + o.sessions,
+            failovers: self.failovers + o.failovers,
+            hedges: self.hedges + o.hedges,
+            migrations: self.migrations + o.migrations,
+            ejections: self.ejections + o.ejections,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters([std::sync::atomic::AtomicU64; 11]);
 

@@ -197,7 +197,7 @@ fn tokio_stream_from<T: Send + 'static>(
 struct Lab {
     nodes: Vec<TestNode>,
     fronts: Vec<Front>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _running: edgeroute_discovery::Spawned,
     discovery: SocketAddr,
 }
 
@@ -225,12 +225,8 @@ impl Lab {
             fronts.push(front);
         }
         let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let discovery = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(d.serve(listener, async {
-            let _ = rx.await;
-        }));
+        let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let discovery = running.addr();
         let t = Instant::now();
         while edgeroute_test_util::get(discovery, "/v1/discover?model=sim-llama&k=5", None)
             .await
@@ -241,7 +237,7 @@ impl Lab {
             assert!(t.elapsed() < Duration::from_secs(5));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Lab { nodes, fronts, stop: Some(tx), discovery }
+        Lab { nodes, fronts, _running: running, discovery }
     }
 
     fn client(&self, events: Listener) -> Client {
@@ -268,14 +264,6 @@ impl Lab {
             .as_str()
             .unwrap()
             .to_owned()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
     }
 }
 

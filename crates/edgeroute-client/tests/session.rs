@@ -15,7 +15,7 @@ use edgeroute_test_util::TestNode;
 struct Fleet {
     nodes: Vec<TestNode>,
     relays: Vec<Relay>,
-    discovery: Option<(SocketAddr, tokio::sync::oneshot::Sender<()>)>,
+    discovery: Option<edgeroute_discovery::Spawned>,
     dir: std::path::PathBuf,
 }
 
@@ -50,13 +50,9 @@ impl Fleet {
         }
         let toml = format!("[probe]\ninterval_ms = 200\ntimeout_ms = 150\n{serving}{static_nodes}");
         let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(d.serve(listener, async {
-            let _ = rx.await;
-        }));
-        let f = Fleet { nodes, relays, discovery: Some((addr, tx)), dir };
+        let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let addr = running.addr();
+        let f = Fleet { nodes, relays, discovery: Some(running), dir };
         // Until discovery has verified all three.
         let t = std::time::Instant::now();
         loop {
@@ -71,13 +67,11 @@ impl Fleet {
     }
 
     fn discovery_url(&self) -> String {
-        format!("http://{}", self.discovery.as_ref().unwrap().0)
+        format!("http://{}", self.discovery.as_ref().unwrap().addr())
     }
 
     fn stop_discovery(&mut self) {
-        if let Some((_, tx)) = self.discovery.take() {
-            let _ = tx.send(());
-        }
+        self.discovery = None;
     }
 
     fn node(&self, id: &str) -> &TestNode {
@@ -399,12 +393,8 @@ async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
         node.addr.port()
     );
     let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(d.serve(listener, async {
-        let _ = rx.await;
-    }));
+    let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+    let addr = running.addr();
     let cfg = ClientConfig {
         discovery: vec![format!("http://{addr}")],
         token: Some(node.token()),
@@ -424,7 +414,7 @@ async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
     };
     assert!(s.pinned().url.starts_with("https://"));
     s.chat(&request("sim-llama", "over TLS")).await.unwrap();
-    let _ = tx.send(());
+    drop(running);
     std::fs::remove_dir_all(dir).ok();
 }
 

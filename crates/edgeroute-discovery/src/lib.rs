@@ -408,6 +408,50 @@ impl Discovery {
     }
 }
 
+/// A replica serving on its own task (see [`Discovery::spawn`]); stops when dropped.
+#[derive(Debug)]
+pub struct Spawned {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Spawned {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Begins the replica's graceful shutdown.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Discovery {
+    /// Serves on a new task, on a TCP listener bound at `addr` (port 0: any free port).
+    pub async fn spawn(self, addr: std::net::SocketAddr) -> std::io::Result<Spawned> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = rx.await;
+            };
+            if let Err(e) = self.serve(listener, stopped).await {
+                tracing::error!(error = %e, "discovery stopped");
+            }
+        });
+        Ok(Spawned { addr, stop: Some(tx) })
+    }
+}
+
 async fn rebuild_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let min_gap = ms(sh.cfg.scoring.rebuild_interval_ms);
     let telemetry_delay = ms(sh.cfg.scoring.telemetry_delay_ms);

@@ -13,12 +13,10 @@ use edgeroute_lab::relay::Relay;
 use edgeroute_test_util::nats::NatsServer;
 use edgeroute_test_util::{Reply, TestNode, get};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 struct Replica {
     addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    _running: edgeroute_discovery::Spawned,
 }
 
 impl Replica {
@@ -28,17 +26,8 @@ impl Replica {
         if let Some(b) = bus {
             d = d.with_bus(b);
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            d.serve(listener, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Replica { addr, stop: Some(tx), task: Some(task) }
+        let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        Replica { addr: running.addr(), _running: running }
     }
 
     async fn discover(&self, query: &str) -> Reply {
@@ -78,17 +67,6 @@ impl Replica {
         let r = get(self.addr, path, None).await;
         assert_eq!(r.status, 200);
         r.json()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
     }
 }
 

@@ -66,12 +66,8 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
     let d = edgeroute_discovery::Discovery::build(
         edgeroute_discovery::DiscoveryConfig::from_toml(&toml, |_| None)?,
     )?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let disc = listener.local_addr()?;
-    let (dstop, drx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(d.serve(listener, async {
-        let _ = drx.await;
-    }));
+    let running = d.spawn(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let disc = running.addr();
     let cfg = ClientConfig { discovery: vec![format!("http://{disc}")], ..Default::default() };
     let t = Instant::now();
     loop {
@@ -143,7 +139,7 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
         // Back on the same address: discovery readmits it after its good probes.
         relays[i].restore().await?;
     }
-    let _ = dstop.send(());
+    drop(running);
     for s in stops {
         let _ = s.send(());
     }

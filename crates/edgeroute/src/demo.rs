@@ -46,8 +46,7 @@ pub struct DemoOpts {
 struct Fleet {
     relays: Arc<std::sync::Mutex<Vec<Relay>>>,
     node_stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    discovery: Vec<SocketAddr>,
-    discovery_stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    discovery: Vec<edgeroute_discovery::Spawned>,
     secret: Vec<u8>,
     dir: std::path::PathBuf,
 }
@@ -94,7 +93,6 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
         node_stops.push(tx);
     }
     let mut discovery = Vec::new();
-    let mut discovery_stops = Vec::new();
     for region in REGIONS {
         let toml = format!(
             "[discovery]\nid = \"disc-{}\"\nregion = \"{region}\"\n[auth]\nhs256_secret_file = \"{}\"\n\
@@ -106,19 +104,12 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
             edgeroute_discovery::DiscoveryConfig::from_toml(&toml, |_| None)?,
         )?
         .with_bus(bus.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        discovery.push(listener.local_addr()?);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(d.serve(listener, async {
-            let _ = rx.await;
-        }));
-        discovery_stops.push(tx);
+        discovery.push(d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await?);
     }
     Ok(Fleet {
         relays: Arc::new(std::sync::Mutex::new(relays)),
         node_stops,
         discovery,
-        discovery_stops,
         secret: secret_hex.into_bytes(),
         dir: dir.to_owned(),
     })
@@ -152,7 +143,8 @@ impl Fleet {
     fn client(&self, region: usize, seed: u64) -> Result<Client> {
         let mut discovery: Vec<String> = Vec::new();
         for k in 0..REGIONS.len() {
-            discovery.push(format!("http://{}", self.discovery[(region + k) % REGIONS.len()]));
+            discovery
+                .push(format!("http://{}", self.discovery[(region + k) % REGIONS.len()].addr()));
         }
         Ok(Client::new(ClientConfig {
             discovery,
@@ -185,7 +177,6 @@ impl Fleet {
 /// Runs `opts.sessions` sessions of `opts.turns` streamed turns, from clients spread over the
 /// regions; `during` runs once the first turns are under way (a fault, a drain).
 async fn phase(
-    fleet: &Fleet,
     opts: DemoOpts,
     salt: u64,
     clients: &[Client],
@@ -252,7 +243,6 @@ async fn phase(
         }
     }
     while tasks.join_next().await.is_some() {}
-    let _ = fleet;
     Arc::try_unwrap(results).ok().and_then(|m| m.into_inner().ok()).unwrap_or_default()
 }
 
@@ -263,45 +253,25 @@ fn pct(v: &[f64], q: f64) -> f64 {
 }
 
 fn total(clients: &[Client]) -> Stats {
-    clients.iter().map(Client::stats).fold(Stats::default(), |a, b| Stats {
-        discoveries: a.discoveries + b.discoveries,
-        cached_lists: a.cached_lists + b.cached_lists,
-        stale_lists: a.stale_lists + b.stale_lists,
-        discovery_failures: a.discovery_failures + b.discovery_failures,
-        probes: a.probes + b.probes,
-        probe_failures: a.probe_failures + b.probe_failures,
-        sessions: a.sessions + b.sessions,
-        failovers: a.failovers + b.failovers,
-        hedges: a.hedges + b.hedges,
-        migrations: a.migrations + b.migrations,
-        ejections: a.ejections + b.ejections,
-    })
+    clients.iter().map(Client::stats).fold(Stats::default(), |a, b| a + b)
 }
 
 fn record(name: &str, r: &PhaseResult, clients: &[Client], before: &mut Stats, md: &mut String) {
     let now = total(clients);
+    let (p50, p99) = (pct(&r.ttft_ms, 0.5), pct(&r.ttft_ms, 0.99));
+    let (failovers, moves) = (now.failovers - before.failovers, now.migrations - before.migrations);
     let nodes: Vec<String> = r.nodes.iter().map(|(n, c)| format!("{n}×{c}")).collect();
-    let line = format!(
-        "| {name} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
+    println!(
+        "   {} turns, {} failed, TTFT p50 {p50:.0} ms p99 {p99:.0} ms, failovers {failovers}, moves {moves}",
+        r.turns, r.failed
+    );
+    md.push_str(&format!(
+        "| {name} | {} | {} | {p50:.0} | {p99:.0} | {failovers} | {moves} | {} | {} |\n",
         r.turns,
         r.failed,
-        pct(&r.ttft_ms, 0.5),
-        pct(&r.ttft_ms, 0.99),
-        now.failovers - before.failovers,
-        now.migrations - before.migrations,
         now.cached_lists - before.cached_lists,
         nodes.join(" ")
-    );
-    println!(
-        "   {} turns, {} failed, TTFT p50 {:.0} ms p99 {:.0} ms, failovers {}, moves {}",
-        r.turns,
-        r.failed,
-        pct(&r.ttft_ms, 0.5),
-        pct(&r.ttft_ms, 0.99),
-        now.failovers - before.failovers,
-        now.migrations - before.migrations
-    );
-    md.push_str(&line);
+    ));
     *before = now;
 }
 
@@ -331,12 +301,12 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     let mut before = total(&clients);
 
     println!("1. steady traffic: each session pins the node that answers its region fastest");
-    let r = phase(&fleet, opts, 0, &clients, None).await;
+    let r = phase(opts, 0, &clients, None).await;
     record("steady", &r, &clients, &mut before, &mut md);
 
     println!("2. tor-1 is drained: its sessions finish the turn, then move");
     fleet.admin_drain(2).await?;
-    let r = phase(&fleet, opts, 1, &clients, None).await;
+    let r = phase(opts, 1, &clients, None).await;
     record("tor-1 drained", &r, &clients, &mut before, &mut md);
 
     println!("3. the busiest node dies mid-stream: answers are continued on another node");
@@ -356,20 +326,21 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
             }
         }) as During
     };
-    let r = phase(&fleet, opts, 2, &clients, Some(kill)).await;
+    let r = phase(opts, 2, &clients, Some(kill)).await;
     let victim = victim.lock().map(|v| v.clone()).unwrap_or_default();
     println!("   ({victim} was killed)");
     record(&format!("{victim} killed mid-stream"), &r, &clients, &mut before, &mut md);
 
     println!("4. the whole control plane stops: new clients start from persisted lists");
-    for s in fleet.discovery_stops.drain(..) {
-        let _ = s.send(());
+    // Stopped, but their addresses stay in the clients' configuration: unreachable.
+    for d in &mut fleet.discovery {
+        d.stop();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let cold: Vec<Client> =
         (0..3).map(|r| fleet.client(r, opts.seed + 10 + r as u64)).collect::<Result<_>>()?;
     before = total(&cold);
-    let r = phase(&fleet, opts, 3, &cold, None).await;
+    let r = phase(opts, 3, &cold, None).await;
     record("discovery down, new clients", &r, &cold, &mut before, &mut md);
 
     for s in fleet.node_stops.drain(..) {
