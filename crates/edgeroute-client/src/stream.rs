@@ -261,6 +261,9 @@ impl Forward {
         let mut req = self.req.clone();
         req.messages.push(ChatMessage::new(Role::Assistant, text));
         req.continue_final_message = Some(true);
+        // vLLM refuses `continue_final_message` together with its default
+        // `add_generation_prompt: true`; SGLang and edgeroute's nodes read it the same way.
+        req.extra.insert("add_generation_prompt".into(), false.into());
         if let Some(m) = req.max_tokens {
             req.max_tokens = Some(m.saturating_sub(tokens).max(1));
         }

@@ -334,6 +334,25 @@ pub struct UpstreamModel {
     /// VRAM the model occupies, for reporting. Default 0.
     #[serde(default)]
     pub memory_mb: u64,
+    /// How a partial answer is continued (a request whose final message is the assistant's,
+    /// with `continue_final_message: true`, as the client SDK sends after a cut stream).
+    /// `native` (default): forwarded as is, for upstreams that take it (vLLM, SGLang).
+    /// `template`: the node renders `chat_template` itself and continues through the
+    /// upstream's `/v1/completions` (llama.cpp, whose chat endpoint would start a new turn).
+    #[serde(default)]
+    pub continuation: Continuation,
+    /// The chat template for `continuation = "template"`: a `.gguf` model file (its
+    /// `tokenizer.chat_template`), a Hugging Face `tokenizer_config.json`, or a Jinja file.
+    #[serde(default)]
+    pub chat_template: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Continuation {
+    #[default]
+    Native,
+    Template,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -473,6 +492,15 @@ impl NodeConfig {
                         return Err(invalid(
                             "backend.models",
                             format!("model `{}` names unknown GPU `{g}`", m.id),
+                        ));
+                    }
+                    if (m.continuation == Continuation::Template) != m.chat_template.is_some() {
+                        return Err(invalid(
+                            "backend.models",
+                            format!(
+                                "model `{}`: `continuation = \"template\"` and `chat_template` go together",
+                                m.id
+                            ),
                         ));
                     }
                 }

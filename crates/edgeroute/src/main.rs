@@ -68,6 +68,17 @@ enum Command {
         /// Persist discovery answers here (used when discovery is down at start).
         #[arg(long)]
         cache_file: Option<PathBuf>,
+        /// A stream's first token must arrive within this, or the request moves to another
+        /// node. Raise it for slow (CPU) backends.
+        #[arg(long, default_value_t = 3000)]
+        first_token_timeout_ms: u64,
+        /// A longer gap between two tokens is a stall: the answer continues on another node.
+        #[arg(long, default_value_t = 2000)]
+        stall_timeout_ms: u64,
+        /// Hedge to the standby when the first token is this late, until enough first tokens
+        /// were seen to derive the deadline from them.
+        #[arg(long, default_value_t = 1000)]
+        hedge_after_ms: u64,
     },
     /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
     Sim {
@@ -329,12 +340,24 @@ async fn run_discovery(
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Discovery { .. } => unreachable!("handled before the runtime is built"),
-        Command::Proxy { listen, discovery, token, region, cache_file } => {
+        Command::Proxy {
+            listen,
+            discovery,
+            token,
+            region,
+            cache_file,
+            first_token_timeout_ms,
+            stall_timeout_ms,
+            hedge_after_ms,
+        } => {
             let cfg = edgeroute_client::ClientConfig {
                 discovery,
                 token,
                 regions: region,
                 cache_file,
+                first_token_timeout: std::time::Duration::from_millis(first_token_timeout_ms),
+                stall_timeout: std::time::Duration::from_millis(stall_timeout_ms),
+                hedge_initial: std::time::Duration::from_millis(hedge_after_ms),
                 ..Default::default()
             };
             let client = edgeroute_client::Client::new(cfg)?;

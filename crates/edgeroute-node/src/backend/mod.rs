@@ -6,8 +6,11 @@
 //! point is a clean 5xx the client can fail over on; after it, the gateway ends the stream
 //! with an explicit SSE error event, never a clean `[DONE]`.
 
+mod completions;
+mod gguf;
 mod openai;
 mod sim;
+mod template;
 pub mod triton;
 
 use std::pin::Pin;
@@ -294,6 +297,8 @@ impl Backend {
                     upstream_name: (name != a.id).then_some(name),
                     gpu: a.gpu.clone(),
                     memory_mb: a.memory_mb,
+                    continuation: crate::config::Continuation::Native,
+                    chat_template: None,
                 });
                 Ok(())
             }

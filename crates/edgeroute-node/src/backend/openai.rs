@@ -24,8 +24,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::completions::{self, ChunkTranslator, Label};
+use super::template::ChatTemplate;
 use super::{BackendError, BuildError, CallContext, ModelInfo, Reply, StreamEvent};
-use crate::config::{GpuSpec, OpenAiConfig, UpstreamModel};
+use crate::config::{Continuation, GpuSpec, OpenAiConfig, UpstreamModel};
 
 /// Largest single SSE event accepted from an upstream.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -37,6 +39,10 @@ const MAX_ERROR_BYTES: usize = 64 * 1024;
 pub struct OpenAiBackend {
     client: Client<HttpConnector, Full<Bytes>>,
     endpoint: http::Uri,
+    /// `/v1/completions`, for continuing answers of `continuation = "template"` models.
+    completions: http::Uri,
+    /// Chat templates of the `continuation = "template"` models configured at start.
+    templates: std::collections::HashMap<String, Arc<ChatTemplate>>,
     api_key: Option<String>,
     /// Read on every request, changed only by model loads: a lock-free snapshot.
     models: arc_swap::ArcSwap<Vec<UpstreamModel>>,
@@ -57,6 +63,17 @@ impl OpenAiBackend {
         let endpoint: http::Uri = format!("{base}/v1/chat/completions")
             .parse()
             .map_err(|e| BuildError::Upstream(format!("url `{}`: {e}", cfg.url)))?;
+        let completions: http::Uri = format!("{base}/v1/completions")
+            .parse()
+            .map_err(|e| BuildError::Upstream(format!("url `{}`: {e}", cfg.url)))?;
+        let mut templates = std::collections::HashMap::new();
+        for m in &cfg.models {
+            if let (Continuation::Template, Some(path)) = (m.continuation, &m.chat_template) {
+                let t = ChatTemplate::load(path)
+                    .map_err(|e| BuildError::Upstream(format!("model `{}`: {e}", m.id)))?;
+                templates.insert(m.id.clone(), Arc::new(t));
+            }
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
@@ -80,6 +97,8 @@ impl OpenAiBackend {
         Ok(OpenAiBackend {
             client,
             endpoint,
+            completions,
+            templates,
             api_key,
             models: arc_swap::ArcSwap::from_pointee(cfg.models.clone()),
             triton: cfg.triton_url.as_deref().map(|u| {
@@ -224,6 +243,10 @@ impl OpenAiBackend {
             return Err(BackendError::ModelNotFound(req.model));
         };
         let guard = GpuGuard::new(self.in_flight.clone(), self.gpu_index(model));
+        if req.continue_final_message == Some(true) && model.continuation == Continuation::Template
+        {
+            return self.continue_via_completions(req, ctx, model, guard).await;
+        }
         // Same name upstream: forward the client's bytes untouched; otherwise rewrite `model`.
         let body = match &model.upstream_name {
             Some(name) if *name != req.model => {
@@ -234,12 +257,71 @@ impl OpenAiBackend {
             }
             _ => ctx.raw_body.clone(),
         };
-        let mut builder = Request::post(self.endpoint.clone())
+        self.send(self.endpoint.clone(), body, req.stream, guard, ctx.idle_timeout).await
+    }
+
+    /// Continues the final (assistant) message through `/v1/completions`: the node renders the
+    /// model's chat template up to the partial answer, and translates the completion back
+    /// into the chat answer (or chunks) the client asked for.
+    async fn continue_via_completions(
+        &self,
+        req: ChatCompletionRequest,
+        ctx: CallContext,
+        model: &UpstreamModel,
+        guard: GpuGuard,
+    ) -> Result<Reply, BackendError> {
+        let Some(template) = self.templates.get(&model.id) else {
+            return Err(BackendError::Failed(format!("model `{}` has no chat template", model.id)));
+        };
+        let prompt =
+            template.continuation_prompt(&req.messages).map_err(|e| BackendError::Rejected {
+                status: StatusCode::BAD_REQUEST,
+                body: ErrorBody::new(
+                    e.to_string(),
+                    "invalid_request_error",
+                    Some("messages".into()),
+                    None,
+                ),
+                retry_after: None,
+            })?;
+        let name = model.upstream_name.as_deref().unwrap_or(&model.id);
+        let body = completions::request(&req, name, prompt);
+        let reply =
+            self.send(self.completions.clone(), body, req.stream, guard, ctx.idle_timeout).await?;
+        let (id, created, model) = (ctx.response_id, ctx.created, req.model);
+        match reply {
+            Reply::Json(b) => {
+                let label = Label { id: &id, created, model: &model };
+                completions::chat_json(&b, &label).map(Reply::Json).map_err(BackendError::Failed)
+            }
+            Reply::Stream(s) => {
+                let mut chunks = ChunkTranslator::default();
+                Ok(Reply::Stream(Box::pin(s.map(move |ev| {
+                    match ev {
+                        Ok(StreamEvent::Frames { raw, .. }) => chunks
+                            .frames(&raw, &Label { id: &id, created, model: &model })
+                            .map(|(raw, events)| StreamEvent::Frames { raw, events })
+                            .map_err(BackendError::Failed),
+                        other => other,
+                    }
+                }))))
+            }
+        }
+    }
+
+    /// Sends `body` to `uri` and reads the answer up to the commit point (the whole answer, or
+    /// the first streamed event), within the first-byte deadline.
+    async fn send(
+        &self,
+        uri: http::Uri,
+        body: Bytes,
+        stream: bool,
+        guard: GpuGuard,
+        idle: Duration,
+    ) -> Result<Reply, BackendError> {
+        let mut builder = Request::post(uri)
             .header(header::CONTENT_TYPE, "application/json")
-            .header(
-                header::ACCEPT,
-                if req.stream { "text/event-stream" } else { "application/json" },
-            );
+            .header(header::ACCEPT, if stream { "text/event-stream" } else { "application/json" });
         if let Some(key) = &self.api_key {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
         }
@@ -247,7 +329,7 @@ impl OpenAiBackend {
             BackendError::Failed(format!("could not build the upstream request: {e}"))
         })?;
 
-        let deadline = if req.stream { self.first_byte_timeout } else { self.request_timeout };
+        let deadline = if stream { self.first_byte_timeout } else { self.request_timeout };
         let started = tokio::time::Instant::now();
         let response = match tokio::time::timeout(deadline, self.client.request(request)).await {
             Err(_) => {
@@ -275,7 +357,7 @@ impl OpenAiBackend {
             return Err(upstream_error(response).await);
         }
         let remaining = deadline.saturating_sub(started.elapsed());
-        if !req.stream {
+        if !stream {
             let read = Limited::new(response.into_body(), self.max_response_bytes).collect();
             let bytes = match tokio::time::timeout(remaining, read).await {
                 Err(_) => {
@@ -316,7 +398,6 @@ impl OpenAiBackend {
             Ok(Some(Err(e))) => return Err(e),
             Ok(Some(Ok(ev))) => ev,
         };
-        let idle = ctx.idle_timeout;
         let rest =
             futures_util::stream::unfold((upstream, guard), move |(mut up, guard)| async move {
                 if up.ended {
