@@ -65,15 +65,19 @@
 pub mod cache;
 mod stream;
 mod tls;
+pub mod transport;
 
 pub use tls::tls_config;
 
 pub use stream::ChatStream;
+pub use transport::{BoxIo, ConnectFuture, Transport};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use edgeroute_core::steer::{self, Backoff, PeakEwma, Probed, RetryBudget, TieMargin};
@@ -332,7 +336,7 @@ pub enum ClientError {
     Invalid(String),
 }
 
-type Http = HttpClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type Http = HttpClient<transport::Connector, Full<Bytes>>;
 /// Called with every decision the client makes.
 pub type Listener = Arc<dyn Fn(&Event) + Send + Sync>;
 
@@ -366,6 +370,9 @@ struct Inner {
     probes: Mutex<HashMap<String, (Probed, Instant)>>,
     listener: Option<Listener>,
     origin: Instant,
+    /// Wall-clock ms at `origin`: list ages are measured on the monotonic clock from there
+    /// (so they follow tokio's clock, paused in simulations) and persisted as wall time.
+    origin_unix_ms: u64,
 }
 
 /// The SDK handle; cheap to clone, shared by every session.
@@ -436,9 +443,6 @@ impl Client {
         cfg: ClientConfig,
         listener: Option<Listener>,
     ) -> Result<Client, ClientError> {
-        if cfg.probe_k == 0 {
-            return Err(ClientError::Invalid("probe_k must be at least 1".into()));
-        }
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(cfg.connect_timeout));
         tcp.set_nodelay(true);
@@ -449,6 +453,29 @@ impl Client {
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
+        Self::build(cfg, listener, transport::Connector::Net(connector))
+    }
+
+    /// As [`Client::with_listener`], reaching discovery and nodes through `transport` (plain
+    /// HTTP over its streams) instead of TCP: how the SDK runs on an in-memory network under
+    /// a paused clock, deterministically.
+    pub fn with_transport(
+        cfg: ClientConfig,
+        listener: Option<Listener>,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Client, ClientError> {
+        let connect_timeout = cfg.connect_timeout;
+        Self::build(cfg, listener, transport::Connector::Custom { transport, connect_timeout })
+    }
+
+    fn build(
+        cfg: ClientConfig,
+        listener: Option<Listener>,
+        connector: transport::Connector,
+    ) -> Result<Client, ClientError> {
+        if cfg.probe_k == 0 {
+            return Err(ClientError::Invalid("probe_k must be at least 1".into()));
+        }
         let http = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
@@ -480,8 +507,14 @@ impl Client {
                 stats: Counters::default(),
                 listener,
                 origin: Instant::now(),
+                origin_unix_ms: unix_ms(),
             }),
         })
+    }
+
+    /// Wall-clock now, ms: the wall time at start plus monotonic time since.
+    fn wall_ms(&self) -> u64 {
+        self.inner.origin_unix_ms + self.inner.origin.elapsed().as_millis() as u64
     }
 
     fn emit(&self, e: Event) {
@@ -533,7 +566,7 @@ impl Client {
     pub async fn discover(&self, model: &str) -> Result<Vec<Candidate>, ClientError> {
         let cfg = &self.inner.cfg;
         let key = cache::key(model, None, &cfg.regions);
-        let now = unix_ms();
+        let now = self.wall_ms();
         let cached = self
             .inner
             .cache
@@ -566,8 +599,8 @@ impl Client {
                         return Err(ClientError::NoCandidates { model: model.into(), reason });
                     }
                     if let Ok(mut c) = self.inner.cache.lock() {
-                        c.put(key.clone(), answer, unix_ms());
-                        c.prune(unix_ms());
+                        c.put(key.clone(), answer, self.wall_ms());
+                        c.prune(self.wall_ms());
                         if let Some(path) = &cfg.cache_file
                             && let Err(e) = c.save(path)
                         {

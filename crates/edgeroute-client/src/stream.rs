@@ -123,7 +123,7 @@ impl Client {
         first_token: Duration,
     ) -> Start {
         let stall = self.inner.cfg.stall_timeout;
-        let sent = std::time::Instant::now();
+        let sent = tokio::time::Instant::now();
         let work = async {
             let (res, hint) = match self.send_chat(node, body, session).await {
                 Ok(r) => r,

@@ -8,5 +8,6 @@
 
 pub mod gateway_bench;
 pub mod loadgen;
+pub mod memnet;
 pub mod process;
 pub mod relay;
