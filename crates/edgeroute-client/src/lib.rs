@@ -205,6 +205,11 @@ pub struct Stats {
     /// Planned moves: migrate hints and persistently better standbys.
     pub migrations: u64,
     pub ejections: u64,
+    /// Attempts beyond a request's first (retries, continuations, hedges) the retry budget
+    /// allowed, whether they succeeded or not.
+    pub retries: u64,
+    /// Attempts the retry budget refused: what a fleet outage did not turn into a storm.
+    pub retries_denied: u64,
 }
 
 impl std::ops::Add for Stats {
@@ -224,12 +229,17 @@ impl std::ops::Add for Stats {
             hedges: self.hedges + o.hedges,
             migrations: self.migrations + o.migrations,
             ejections: self.ejections + o.ejections,
+            retries: self.retries + o.retries,
+            retries_denied: self.retries_denied + o.retries_denied,
         }
     }
 }
 
 #[derive(Debug, Default)]
-struct Counters([std::sync::atomic::AtomicU64; 11]);
+struct Counters([std::sync::atomic::AtomicU64; 13]);
+
+const RETRIES: usize = 11;
+const RETRIES_DENIED: usize = 12;
 
 impl Counters {
     fn count(&self, e: &Event) {
@@ -265,7 +275,13 @@ impl Counters {
             hedges: v(7),
             migrations: v(8),
             ejections: v(9),
+            retries: v(RETRIES),
+            retries_denied: v(RETRIES_DENIED),
         }
+    }
+
+    fn bump(&self, i: usize) {
+        self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -926,7 +942,9 @@ impl Client {
 
     fn try_retry(&self) -> bool {
         let now = self.inner.origin.elapsed();
-        self.inner.budget.lock().is_ok_and(|mut b| b.try_retry(now))
+        let granted = self.inner.budget.lock().is_ok_and(|mut b| b.try_retry(now));
+        self.inner.stats.bump(if granted { RETRIES } else { RETRIES_DENIED });
+        granted
     }
 
     /// Sends a chat request to `node`: the answer's head and its migrate hint, with any

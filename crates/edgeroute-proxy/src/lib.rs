@@ -93,6 +93,8 @@ async fn metrics(State(st): State<Arc<State_>>) -> Response {
         ("hedges", "Late first tokens hedged on the standby", s.hedges),
         ("migrations", "Planned session moves", s.migrations),
         ("ejections", "Nodes ejected after repeated failures", s.ejections),
+        ("retries", "Attempts beyond a request's first, allowed by the retry budget", s.retries),
+        ("retries_denied", "Attempts the retry budget refused", s.retries_denied),
     ];
     let mut out = String::new();
     for (name, help, v) in rows {

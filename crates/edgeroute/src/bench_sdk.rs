@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use edgeroute_client::{Client, ClientConfig};
+use edgeroute_client::{Client, ClientConfig, Stats};
 use edgeroute_lab::relay::Relay;
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 use http_body_util::{BodyExt, Full};
@@ -69,18 +69,7 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
     let running = d.spawn(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let disc = running.addr();
     let cfg = ClientConfig { discovery: vec![format!("http://{disc}")], ..Default::default() };
-    let t = Instant::now();
-    loop {
-        let probe = Client::new(cfg.clone())?;
-        if probe.discover("sim-llama").await.is_ok_and(|c| c.len() == 3) {
-            break;
-        }
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(10),
-            "discovery never verified the nodes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_fleet(&cfg, 3).await?;
 
     // 1. Session start.
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
@@ -139,6 +128,52 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
         // Back on the same address: discovery readmits it after its good probes.
         relays[i].restore().await?;
     }
+    // 4. Fleet outage: every node down; how many attempts the clients make.
+    let mut outage = Vec::new();
+    for (label, ratio) in
+        [("retry budget (default: 10 % + 1/s)", None), ("no budget (reference)", Some(1e9))]
+    {
+        wait_for_fleet(&cfg, 3).await?;
+        let cfg = ClientConfig { retry_ratio: ratio.unwrap_or(cfg.retry_ratio), ..cfg.clone() };
+        let mut sessions = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..OUTAGE_CLIENTS {
+            let c = Client::new(cfg.clone())?;
+            sessions.push(c.session("sim-llama").await?);
+            clients.push(c);
+        }
+        let before = clients.iter().map(Client::stats).fold(Stats::default(), |a, b| a + b);
+        for r in &mut relays {
+            r.cut();
+        }
+        let (mut took, mut failed) = (Vec::new(), 0usize);
+        let t0 = Instant::now();
+        for turn in 0..OUTAGE_TURNS {
+            for s in &mut sessions {
+                let t = Instant::now();
+                failed += usize::from(s.chat(&request(&format!("turn {turn}"))).await.is_err());
+                took.push(t.elapsed().as_micros() as u64);
+            }
+        }
+        let wall = t0.elapsed();
+        let after = clients.iter().map(Client::stats).fold(Stats::default(), |a, b| a + b);
+        let requests = took.len();
+        let retries = after.retries - before.retries;
+        let denied = after.retries_denied - before.retries_denied;
+        outage.push((
+            label,
+            requests,
+            failed,
+            retries,
+            denied,
+            wall,
+            pct(&mut took, 0.5),
+            pct(&mut took, 0.99),
+        ));
+        for r in &mut relays {
+            r.restore().await?;
+        }
+    }
     drop(running);
     for s in stops {
         let _ = s.send(());
@@ -189,5 +224,50 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
         pct(&mut failover, 0.5),
         pct(&mut failover, 0.99)
     );
+    let _ = writeln!(
+        md,
+        "\nEvery node down ({OUTAGE_CLIENTS} clients with a session each, {OUTAGE_TURNS} turns each, all relays cut): \
+         every request fails with a clear error; attempts beyond the first are what a fleet outage costs.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| clients | requests | failed | extra attempts | per request | budget allows | refused by the budget | over (s) | time to error p50 (µs) | p99 (µs) |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let d = ClientConfig::default();
+    // Each client's budget over its 10 s window: ratio × its requests + floor × 10 s.
+    let per_client = (d.retry_ratio * OUTAGE_TURNS as f64 + d.retry_floor_per_s * 10.0).floor();
+    for (label, requests, failed, retries, denied, wall, p50, p99) in outage {
+        let allows = if label.starts_with("no budget") {
+            "∞".to_owned()
+        } else {
+            format!("{}", OUTAGE_CLIENTS as f64 * per_client)
+        };
+        let _ = writeln!(
+            md,
+            "| {label} | {requests} | {failed} | {retries} | {:.2} | {allows} | {denied} | {:.2} | {p50} | {p99} |",
+            retries as f64 / requests as f64,
+            wall.as_secs_f64()
+        );
+    }
     Ok(md)
+}
+
+const OUTAGE_CLIENTS: usize = 20;
+const OUTAGE_TURNS: usize = 25;
+
+/// Waits until discovery lists `n` nodes again.
+async fn wait_for_fleet(cfg: &ClientConfig, n: usize) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let probe = Client::new(cfg.clone())?;
+        if probe.discover("sim-llama").await.is_ok_and(|c| c.len() == n) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "discovery never verified the nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
