@@ -102,6 +102,11 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// Data residency: only nodes in these regions (empty = any).
     pub regions: Vec<String>,
+    /// Where this client is. Discovery ranks nodes by what it sees of them, not by this
+    /// client's path to them: with a home region, discovery adds that region's best node
+    /// (`near=`) and it is always among the probes, so a near node competes on its measured
+    /// round trip. Default: none.
+    pub home_region: Option<String>,
     /// Candidates probed at session start. Default 3.
     pub probe_k: usize,
     /// Probes not answered within this are ignored. Default 150 ms.
@@ -157,6 +162,7 @@ impl Default for ClientConfig {
             discovery: vec![],
             token: None,
             regions: vec![],
+            home_region: None,
             probe_k: 3,
             probe_deadline: Duration::from_millis(150),
             probe_ttl: Duration::from_secs(2),
@@ -430,6 +436,20 @@ pub(crate) enum Outcome<T> {
 
 type Attempt = Outcome<ChatCompletion>;
 
+/// The candidates probed at session start: discovery's first `k`, except that the best of
+/// the client's home region takes the last place when none of the first `k` is in it.
+fn probe_set<'a>(usable: &'a [Candidate], k: usize, home: Option<&str>) -> Vec<&'a Candidate> {
+    let mut set: Vec<&Candidate> = usable.iter().take(k).collect();
+    if let Some(home) = home
+        && !set.iter().any(|c| c.region == home)
+        && let Some(local) = usable.iter().skip(k).find(|c| c.region == home)
+    {
+        set.truncate(k.saturating_sub(1));
+        set.push(local);
+    }
+    set
+}
+
 /// The node's own TTFT and the wait its queue implies, from its load report, ms.
 fn queue_wait(l: &LoadReport) -> f64 {
     let p50 = f64::from(l.ttft_ms);
@@ -601,6 +621,9 @@ impl Client {
         if !cfg.regions.is_empty() {
             query.push_str(&format!("&region={}", encode(&cfg.regions.join(","))));
         }
+        if let Some(home) = &cfg.home_region {
+            query.push_str(&format!("&near={}", encode(home)));
+        }
         let mut last_error = String::from("no discovery endpoint configured");
         for endpoint in &cfg.discovery {
             let url = format!("{}/v1/discover?{query}", endpoint.trim_end_matches('/'));
@@ -727,7 +750,8 @@ impl Client {
             // Every candidate ejected: fail open to the list as discovery ranked it.
             if fine.is_empty() { candidates.clone() } else { fine }
         };
-        let probe_set: Vec<&Candidate> = usable.iter().take(self.inner.cfg.probe_k).collect();
+        let probe_set =
+            probe_set(&usable, self.inner.cfg.probe_k, self.inner.cfg.home_region.as_deref());
         // Probed moments ago (a session just started, or a re-probe): reuse, so a warm start
         // adds nothing but the pick.
         let mut results = match self.recent_probes(&probe_set) {
@@ -1456,5 +1480,44 @@ impl Session {
             self.pending_move = Some(format!("migrate hint: {}", h.reason));
         }
         (c, at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: &str, region: &str) -> Candidate {
+        Candidate {
+            id: id.into(),
+            region: region.into(),
+            url: format!("http://{id}"),
+            health: "ready".into(),
+            models: vec![],
+            queue_depth: 0,
+            in_flight: 0,
+            capacity: 1,
+            ttft_p50_ms: 0.0,
+            ttft_p99_ms: 0.0,
+            error_rate: 0.0,
+            cost_per_1k: 0.0,
+            score_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_home_regions_best_is_always_probed() {
+        let list = [
+            cand("tor-1", "toronto"),
+            cand("mtl-1", "montreal"),
+            cand("tor-2", "toronto"),
+            cand("van-1", "vancouver"),
+            cand("van-2", "vancouver"),
+        ];
+        let ids = |home| probe_set(&list, 3, home).iter().map(|c| c.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(None), ["tor-1", "mtl-1", "tor-2"]);
+        assert_eq!(ids(Some("montreal")), ["tor-1", "mtl-1", "tor-2"], "already probed");
+        assert_eq!(ids(Some("vancouver")), ["tor-1", "mtl-1", "van-1"]);
+        assert_eq!(ids(Some("calgary")), ["tor-1", "mtl-1", "tor-2"], "no node there");
     }
 }

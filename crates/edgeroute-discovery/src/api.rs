@@ -74,6 +74,10 @@ pub struct DiscoverParams {
     pub query: Query,
     pub strategy: Strategy,
     pub explain: bool,
+    /// Where the client is. Discovery ranks by what it sees of nodes (queues, first tokens),
+    /// not by the client's network path: the best node of this region is added to the answer
+    /// when it is not already in the top k, so the client's probes can weigh it.
+    pub near: Option<String>,
 }
 
 fn once<T>(slot: &Option<T>, key: &str) -> Result<(), ApiError> {
@@ -118,6 +122,7 @@ pub fn parse_params(
     let mut k = None;
     let mut strategy = None;
     let mut explain = None;
+    let mut near = None;
     for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
         match &*key {
             "model" => {
@@ -178,6 +183,18 @@ pub fn parse_params(
                     )
                 })?);
             }
+            "near" => {
+                once(&near, &key)?;
+                if !is_name(&value) {
+                    return Err(bad(
+                        "near",
+                        format!(
+                            "`{value}` is not a region name (1-64 characters of [A-Za-z0-9._-])"
+                        ),
+                    ));
+                }
+                near = Some(value.into_owned());
+            }
             "explain" => {
                 once(&explain, &key)?;
                 explain = Some(match &*value {
@@ -190,7 +207,7 @@ pub fn parse_params(
                 return Err(bad(
                     &key,
                     format!(
-                        "unknown parameter `{key}` (expected model, region, k, pipeline, strategy, explain)"
+                        "unknown parameter `{key}` (expected model, region, near, k, pipeline, strategy, explain)"
                     ),
                 ));
             }
@@ -201,6 +218,7 @@ pub fn parse_params(
         query: Query { model, pipeline, allowed_regions: regions, k: k.unwrap_or(default_k) },
         strategy: strategy.unwrap_or(default_strategy),
         explain: explain.unwrap_or(false),
+        near,
     })
 }
 
@@ -440,11 +458,18 @@ async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Res
             .collect();
         (cands, Some(excluded))
     } else {
-        let cands = snap
-            .top_k(q, params.strategy)
-            .into_iter()
-            .map(|c| Candidate::new(snap.info(c), c.score_ms))
-            .collect();
+        let mut top = snap.top_k(q, params.strategy);
+        if let Some(near) = &params.near
+            && (q.allowed_regions.is_empty() || q.allowed_regions.contains(near))
+        {
+            let local = Query { allowed_regions: vec![near.clone()], k: 1, ..q.clone() };
+            if let Some(best) = snap.top_k(&local, params.strategy).into_iter().next()
+                && !top.iter().any(|c| c.idx == best.idx)
+            {
+                top.push(best);
+            }
+        }
+        let cands = top.into_iter().map(|c| Candidate::new(snap.info(c), c.score_ms)).collect();
         (cands, None)
     };
     let reason: Option<Reason> =
@@ -627,6 +652,7 @@ mod tests {
         assert_eq!(p.query.k, 3);
         assert_eq!(p.strategy, Strategy::CostOptimized);
         assert_eq!(p.query.pipeline.as_deref(), Some("voice"));
+        assert_eq!(parse("model=a&near=vancouver").unwrap().near.as_deref(), Some("vancouver"));
     }
 
     #[test]
@@ -640,6 +666,8 @@ mod tests {
         assert_eq!(param("model=a&region="), "region");
         assert_eq!(param("model=a&regions=tor"), "regions", "a typo must not drop residency");
         assert_eq!(param("model=a&model=b"), "model");
+        assert_eq!(param("model=a&near=to%20r"), "near");
+        assert_eq!(param("model=a&near=tor&near=mtl"), "near");
         assert_eq!(param("model=a&strategy=fast"), "strategy");
         assert_eq!(param("model=a&explain=maybe"), "explain");
         assert_eq!(param("model=a%20b"), "model");

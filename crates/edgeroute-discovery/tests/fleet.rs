@@ -142,6 +142,11 @@ async fn a_three_region_fleet_is_discovered_scored_and_served() {
     // Data residency is a hard filter; k bounds the answer.
     assert_eq!(d.ids("model=sim-llama&region=vancouver,montreal").await, ["mtl-1", "van-1"]);
     assert_eq!(d.ids("model=sim-llama&k=1").await, ["tor-1"]);
+    // A client in Vancouver: its region's best node is added for its probes to weigh; never
+    // outside the allowed regions, never twice.
+    assert_eq!(d.ids("model=sim-llama&k=1&near=vancouver").await, ["tor-1", "van-1"]);
+    assert_eq!(d.ids("model=sim-llama&k=1&near=toronto").await, ["tor-1"]);
+    assert_eq!(d.ids("model=sim-llama&region=toronto&k=1&near=vancouver").await, ["tor-1"]);
     // Explain: every factor, and why the others were left out.
     let e = d.discover("model=sim-llama&region=toronto&explain=true").await.json();
     let f = &e["candidates"][0]["factors"];

@@ -11,3 +11,4 @@ pub mod loadgen;
 pub mod memnet;
 pub mod process;
 pub mod relay;
+pub mod wan;

@@ -2,7 +2,8 @@
 //!
 //! Six simulator nodes (two each in Vancouver, Toronto and Montreal, with different speeds),
 //! one discovery replica per region on the embedded bus, and clients in every region using the
-//! SDK: each session discovers once, probes, pins, then streams its turns straight to its node.
+//! SDK over emulated WAN links (`edgeroute_lab::wan`, real-geography RTTs): each session
+//! discovers once, probes, pins, then streams its turns straight to its node.
 //! The story, phase by phase: steady traffic; a node drained (sessions move between turns); a
 //! node killed mid-stream (answers continued on another node); the whole control plane stopped
 //! (new sessions start from the persisted candidate lists). Nothing outside the machine is
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use edgeroute_client::{Client, ClientConfig, Stats};
 use edgeroute_lab::relay::Relay;
+use edgeroute_lab::wan::{LinkSpec, Wan, geo_rtt_ms};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 
 const NODES: [(&str, &str, u64); 6] = [
@@ -45,6 +47,8 @@ pub struct DemoOpts {
 
 struct Fleet {
     relays: Arc<std::sync::Mutex<Vec<Relay>>>,
+    /// Every client region's delayed links to every node (real geography).
+    wan: Wan,
     node_stops: Vec<tokio::sync::oneshot::Sender<()>>,
     discovery: Vec<edgeroute_discovery::Spawned>,
     secret: Vec<u8>,
@@ -92,6 +96,12 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
         relays.push(relay);
         node_stops.push(tx);
     }
+    // Clients in each region reach each node over a link with that pair's real RTT and 1 ms
+    // of jitter: nearest is not always fastest (a Montreal client's best is Toronto's fast node).
+    let targets: Vec<(SocketAddr, &str)> =
+        relays.iter().zip(NODES).map(|(r, (_, region, _))| (r.addr(), region)).collect();
+    let wan =
+        Wan::build(&REGIONS, &targets, |c, n| LinkSpec::rtt_ms(geo_rtt_ms(c, n), 1.0), 7).await?;
     let mut discovery = Vec::new();
     for region in REGIONS {
         let toml = format!(
@@ -108,6 +118,7 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
     }
     Ok(Fleet {
         relays: Arc::new(std::sync::Mutex::new(relays)),
+        wan,
         node_stops,
         discovery,
         secret: secret_hex.into_bytes(),
@@ -146,14 +157,16 @@ impl Fleet {
             discovery
                 .push(format!("http://{}", self.discovery[(region + k) % REGIONS.len()].addr()));
         }
-        Ok(Client::new(ClientConfig {
+        let cfg = ClientConfig {
             discovery,
             token: Some(self.token()?),
             cache_file: Some(self.dir.join(format!("lists-{}.json", REGIONS[region]))),
             seed: Some(seed),
             stall_timeout: Duration::from_millis(500),
+            home_region: Some(REGIONS[region].to_owned()),
             ..ClientConfig::default()
-        })?)
+        };
+        Ok(Client::with_transport(cfg, None, self.wan.transport(REGIONS[region]))?)
     }
 
     async fn admin_drain(&self, node: usize) -> Result<()> {
@@ -280,7 +293,8 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     std::fs::create_dir_all(&dir)?;
     let mut fleet = start_fleet(&dir).await.context("starting the fleet")?;
     println!(
-        "edgeroute demo: 6 simulator nodes in 3 regions, a discovery replica per region, clients in every region\n"
+        "edgeroute demo: 6 simulator nodes in 3 regions, a discovery replica per region, clients in every region\n\
+         over emulated WAN links (same region 3 ms RTT, Toronto-Montreal 9 ms, to Vancouver 60-66 ms)\n"
     );
     // Until every replica has verified the fleet.
     let probe = fleet.client(0, opts.seed)?;

@@ -68,6 +68,9 @@ enum Command {
         /// Persist discovery answers here (used when discovery is down at start).
         #[arg(long)]
         cache_file: Option<PathBuf>,
+        /// Where this machine is: that region's best node is always among the probes.
+        #[arg(long)]
+        home_region: Option<String>,
         /// A stream's first token must arrive within this, or the request moves to another
         /// node. Raise it for slow (CPU) backends.
         #[arg(long, default_value_t = 3000)]
@@ -164,6 +167,11 @@ enum BenchCommand {
         /// The discovery server's worker threads.
         #[arg(long, default_value_t = 1)]
         server_threads: usize,
+    },
+    /// The WAN emulation relay's own cost: round trips direct vs through a link.
+    Wan {
+        #[arg(long, default_value_t = 2000)]
+        rounds: usize,
     },
     /// The client SDK: session start (cold, warm), per-request overhead, failover time.
     Sdk {
@@ -346,6 +354,7 @@ async fn run(cli: Cli) -> Result<()> {
             token,
             region,
             cache_file,
+            home_region,
             first_token_timeout_ms,
             stall_timeout_ms,
             hedge_after_ms,
@@ -355,6 +364,7 @@ async fn run(cli: Cli) -> Result<()> {
                 token,
                 regions: region,
                 cache_file,
+                home_region,
                 first_token_timeout: std::time::Duration::from_millis(first_token_timeout_ms),
                 stall_timeout: std::time::Duration::from_millis(stall_timeout_ms),
                 hedge_initial: std::time::Duration::from_millis(hedge_after_ms),
@@ -389,6 +399,12 @@ async fn run(cli: Cli) -> Result<()> {
                 command: std::env::args().collect::<Vec<_>>().join(" "),
             };
             println!("{}", bench_discovery::load(opts).await?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Wan { rounds } } => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            println!("## WAN emulation relay (`{command}`)\n");
+            println!("{}", edgeroute_lab::wan::overhead(rounds).await?);
             Ok(())
         }
         Command::Bench { command: BenchCommand::Sdk { rounds } } => {
