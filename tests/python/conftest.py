@@ -156,3 +156,28 @@ def start_proc(edgeroute_bin, workdir):
     yield start
     for p in procs:
         p.stop()
+
+
+@pytest.fixture
+def start_discovery_and_proxy(start_proc, workdir):
+    """A discovery replica over static `nodes` [(id, url, region)], verified, and `edgeroute
+    proxy` in front of it; returns the proxy's base URL."""
+
+    def start(nodes, model: str, token: str, proxy_args=()):
+        dport = free_port()
+        cfg = workdir / "discovery.toml"
+        cfg.write_text(
+            f'[discovery]\nlisten = "127.0.0.1:{dport}"\n[probe]\ninterval_ms = 200\ntimeout_ms = 150\n'
+            + "".join(f'[[nodes]]\nid = "{i}"\nurl = "{u}"\nregion = "{r}"\n' for i, u, r in nodes))
+        start_proc(["discovery", "--config", str(cfg)], f"http://127.0.0.1:{dport}/health", "discovery")
+        deadline = time.time() + 10
+        url = f"http://127.0.0.1:{dport}/v1/discover?model={model}&k=5"
+        while len(httpx.get(url).json()["candidates"]) < len(nodes):
+            assert time.time() < deadline, "discovery never verified every node"
+            time.sleep(0.05)
+        pport = free_port()
+        start_proc(["proxy", "--listen", f"127.0.0.1:{pport}", "--discovery", f"http://127.0.0.1:{dport}",
+                    "--token", token, *proxy_args], f"http://127.0.0.1:{pport}/health", "proxy")
+        return f"http://127.0.0.1:{pport}"
+
+    return start

@@ -4,7 +4,6 @@ SmolLM2-135M-Instruct behind the edgeroute gateway, called with the official `op
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -196,35 +195,22 @@ class CuttingUpstream:
 
 
 def test_the_sdk_continues_a_cut_llama_cpp_answer_on_another_node(
-        llama_server, start_node, start_proc, workdir, uncut):
+        llama_server, start_node, start_discovery_and_proxy, uncut):
     cutter = CuttingUpstream(llama_server, after=8)
     try:
         a, mint, _ = start_node(template_backend(cutter.url), node_id="tor-1", region="toronto")
         b, _, _ = start_node(template_backend(cutter.url), node_id="tor-2", region="toronto")
-        dport = free_port()
-        dcfg = workdir / "discovery.toml"
-        dcfg.write_text(
-            f'[discovery]\nlisten = "127.0.0.1:{dport}"\n[probe]\ninterval_ms = 200\ntimeout_ms = 150\n'
-            f'[[nodes]]\nid = "tor-1"\nurl = "{a}"\nregion = "toronto"\n'
-            f'[[nodes]]\nid = "tor-2"\nurl = "{b}"\nregion = "toronto"\n')
-        start_proc(["discovery", "--config", str(dcfg)], f"http://127.0.0.1:{dport}/health", "discovery")
-        deadline = time.time() + 10
-        while len(httpx.get(f"http://127.0.0.1:{dport}/v1/discover?model=smollm2&k=5").json()["candidates"]) < 2:
-            assert time.time() < deadline, "discovery never verified both nodes"
-            time.sleep(0.05)
-        pport = free_port()
-        start_proc(["proxy", "--listen", f"127.0.0.1:{pport}", "--discovery", f"http://127.0.0.1:{dport}",
-                    "--token", mint(), "--first-token-timeout-ms", "60000", "--stall-timeout-ms", "30000", "--hedge-after-ms", "60000"],
-                   f"http://127.0.0.1:{pport}/health", "proxy")
-        proxy = openai.OpenAI(base_url=f"http://127.0.0.1:{pport}/v1", api_key="unused", max_retries=0,
-                              timeout=120)
+        base = start_discovery_and_proxy(
+            [("tor-1", a, "toronto"), ("tor-2", b, "toronto")], "smollm2", mint(),
+            ["--first-token-timeout-ms", "60000", "--stall-timeout-ms", "30000", "--hedge-after-ms", "60000"])
+        proxy = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         texts, finishes = stream_text(proxy, model="smollm2", messages=STORY, max_tokens=160,
                                       extra_body=EXACT, extra_headers={"x-edgeroute-session": "voice-1"},
                                       **GREEDY)
         assert cutter.cuts == 1, "the pinned node's answer was cut once"
         assert "".join(texts) == "".join(uncut), "one coherent answer: nothing lost, nothing repeated"
         assert finishes == ["stop"]
-        metrics = httpx.get(f"http://127.0.0.1:{pport}/metrics").text
+        metrics = httpx.get(f"{base}/metrics").text
         assert "edgeroute_client_failovers_total 1" in metrics, metrics
     finally:
         cutter.close()

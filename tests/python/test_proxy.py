@@ -1,12 +1,10 @@
 """The local proxy: the official `openai` package, unchanged, gets edgeroute's routing and
 mid-stream failover by pointing its base URL at `edgeroute proxy`."""
 
-import time
 
 import httpx
 import openai
 
-from conftest import free_port
 
 
 def sim(ttft_ms: int) -> str:
@@ -14,7 +12,7 @@ def sim(ttft_ms: int) -> str:
             'prefill_us_per_token = 0\ntokens_per_s = 1000.0\n')
 
 
-def fleet(start_node, start_proc, workdir):
+def fleet(start_node, start_discovery_and_proxy):
     """Two nodes (fast `tor-1`, slower `mtl-1`), a discovery replica, a proxy."""
     tor, mint, _ = start_node(sim(5), node_id="tor-1", region="toronto")
     mtl, _, _ = start_node(sim(60), node_id="mtl-1", region="montreal")
@@ -24,27 +22,14 @@ def fleet(start_node, start_proc, workdir):
         for _ in range(6):
             c.chat.completions.create(model="sim-llama", max_tokens=2,
                                       messages=[{"role": "user", "content": "hi"}])
-    dport = free_port()
-    dcfg = workdir / "discovery.toml"
-    dcfg.write_text(
-        f'[discovery]\nlisten = "127.0.0.1:{dport}"\n[probe]\ninterval_ms = 200\ntimeout_ms = 150\n'
-        f'[[nodes]]\nid = "tor-1"\nurl = "{tor}"\nregion = "toronto"\n'
-        f'[[nodes]]\nid = "mtl-1"\nurl = "{mtl}"\nregion = "montreal"\n')
-    start_proc(["discovery", "--config", str(dcfg)], f"http://127.0.0.1:{dport}/health", "discovery")
-    deadline = time.time() + 10
-    while len(httpx.get(f"http://127.0.0.1:{dport}/v1/discover?model=sim-llama&k=5").json()["candidates"]) < 2:
-        assert time.time() < deadline, "discovery never verified both nodes"
-        time.sleep(0.05)
-    pport = free_port()
-    start_proc(["proxy", "--listen", f"127.0.0.1:{pport}", "--discovery", f"http://127.0.0.1:{dport}",
-                "--token", token], f"http://127.0.0.1:{pport}/health", "proxy")
-    proxy = openai.OpenAI(base_url=f"http://127.0.0.1:{pport}/v1", api_key="unused", max_retries=0,
-                          timeout=10)
+    base = start_discovery_and_proxy([("tor-1", tor, "toronto"), ("mtl-1", mtl, "montreal")],
+                                     "sim-llama", token)
+    proxy = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=10)
     return proxy, tor, mtl, mint
 
 
-def test_any_openai_client_is_routed_to_the_best_node(start_node, start_proc, workdir):
-    proxy, _, _, _ = fleet(start_node, start_proc, workdir)
+def test_any_openai_client_is_routed_to_the_best_node(start_node, start_discovery_and_proxy):
+    proxy, _, _, _ = fleet(start_node, start_discovery_and_proxy)
     msgs = [{"role": "user", "content": "Which node is closest to Toronto?"}]
     raw = proxy.chat.completions.with_raw_response.create(model="sim-llama", messages=msgs, max_tokens=12)
     assert raw.headers["x-edgeroute-node"] == "tor-1", "the session is pinned to the fastest node"
@@ -59,8 +44,8 @@ def test_any_openai_client_is_routed_to_the_best_node(start_node, start_proc, wo
         pass
 
 
-def test_a_stream_cut_on_the_pinned_node_reads_as_one_answer(start_node, start_proc, workdir):
-    proxy, tor, mtl, mint = fleet(start_node, start_proc, workdir)
+def test_a_stream_cut_on_the_pinned_node_reads_as_one_answer(start_node, start_discovery_and_proxy):
+    proxy, tor, mtl, mint = fleet(start_node, start_discovery_and_proxy)
     msgs = [{"role": "user", "content": "Tell me about the weather in Montreal this week."}]
     direct = openai.OpenAI(base_url=f"{mtl}/v1", api_key=mint(), max_retries=0)
     want = direct.chat.completions.create(model="sim-llama", messages=msgs, max_tokens=40).choices[0].message.content

@@ -64,6 +64,23 @@ pub struct Label<'a> {
     pub model: &'a str,
 }
 
+impl Label<'_> {
+    /// A chat object of kind `object` around `choices`, with the upstream's usage if any.
+    fn wrap(&self, object: &str, choices: Vec<Value>, usage: &Value) -> Value {
+        let mut out = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if !usage.is_null() {
+            out["usage"] = usage.clone();
+        }
+        out
+    }
+}
+
 /// A `text_completion` JSON answer as a `chat.completion`.
 pub fn chat_json(body: &[u8], label: &Label<'_>) -> Result<Bytes, String> {
     let v: Value = serde_json::from_slice(body)
@@ -80,17 +97,7 @@ pub fn chat_json(body: &[u8], label: &Label<'_>) -> Result<Bytes, String> {
             })
         })
         .collect::<Vec<_>>();
-    let mut out = json!({
-        "id": label.id,
-        "object": "chat.completion",
-        "created": label.created,
-        "model": label.model,
-        "choices": choices,
-    });
-    if !v["usage"].is_null() {
-        out["usage"] = v["usage"].clone();
-    }
-    Ok(Bytes::from(out.to_string()))
+    Ok(Bytes::from(label.wrap("chat.completion", choices, &v["usage"]).to_string()))
 }
 
 /// Turns `text_completion` stream chunks into `chat.completion.chunk`s, event by event.
@@ -140,17 +147,7 @@ impl ChunkTranslator {
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();
-        let mut out = json!({
-            "id": label.id,
-            "object": "chat.completion.chunk",
-            "created": label.created,
-            "model": label.model,
-            "choices": choices,
-        });
-        if !v["usage"].is_null() {
-            out["usage"] = v["usage"].clone();
-        }
-        Ok(out.to_string())
+        Ok(label.wrap("chat.completion.chunk", choices, &v["usage"]).to_string())
     }
 }
 
