@@ -1,10 +1,8 @@
 """The local proxy: the official `openai` package, unchanged, gets edgeroute's routing and
 mid-stream failover by pointing its base URL at `edgeroute proxy`."""
 
-
 import httpx
 import openai
-
 
 
 def sim(ttft_ms: int) -> str:
