@@ -36,13 +36,18 @@ const PROMPTS: [&str; 4] = [
 ];
 
 /// The demo's size.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DemoOpts {
     /// Sessions per phase.
     pub sessions: usize,
     /// Turns per session.
     pub turns: usize,
     pub seed: u64,
+    /// A NATS server for the topology bus (every node and replica connects on its own, as on
+    /// separate machines); default: the embedded bus.
+    pub nats: Option<String>,
+    /// Where to write the report (markdown); default: none.
+    pub report: Option<std::path::PathBuf>,
 }
 
 struct Fleet {
@@ -53,7 +58,12 @@ struct Fleet {
     discovery: Vec<edgeroute_discovery::Spawned>,
     secret: Vec<u8>,
     dir: std::path::PathBuf,
+    /// What happened when, for the report: (seconds since start, what).
+    timeline: Timeline,
+    started: Instant,
 }
+
+type Timeline = Arc<std::sync::Mutex<Vec<(f64, String)>>>;
 
 /// Something done to the fleet while a phase runs, given the turns served so far.
 type During = Box<dyn FnOnce(&PhaseResult) + Send>;
@@ -66,12 +76,27 @@ struct PhaseResult {
     nodes: std::collections::BTreeMap<String, usize>,
 }
 
-async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
+async fn start_fleet(dir: &std::path::Path, nats: Option<&str>) -> Result<Fleet> {
     let secret: [u8; 32] = rand::random();
     let secret_hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let secret_file = dir.join("hs256.secret");
     std::fs::write(&secret_file, &secret_hex)?;
-    let bus = edgeroute_bus::Bus::embedded(&edgeroute_bus::BusConfig::embedded())?;
+    let embedded = edgeroute_bus::Bus::embedded(&edgeroute_bus::BusConfig::embedded())?;
+    let bus_cfg = nats.map(|url| {
+        // A bucket and subjects of this run's own, so earlier runs' nodes are not in view.
+        let run = format!("demo_{}_{}", std::process::id(), rand::random::<u32>());
+        edgeroute_bus::BusConfig {
+            bucket: run.clone(),
+            subject_prefix: format!("edgeroute.{run}"),
+            ..edgeroute_bus::BusConfig::nats(url)
+        }
+    });
+    let bus = async || -> Result<edgeroute_bus::Bus> {
+        Ok(match &bus_cfg {
+            Some(cfg) => edgeroute_bus::Bus::connect(cfg).await?,
+            None => embedded.clone(),
+        })
+    };
     let mut relays = Vec::new();
     let mut node_stops = Vec::new();
     for (i, (id, region, ttft)) in NODES.iter().enumerate() {
@@ -88,7 +113,7 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
         );
         let node =
             edgeroute_node::Node::build(edgeroute_node::NodeConfig::parse(&toml, |_| None)?)?
-                .with_bus(bus.clone());
+                .with_bus(bus().await?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(node.serve(listener, async {
             let _ = rx.await;
@@ -113,7 +138,7 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
         let d = edgeroute_discovery::Discovery::build(
             edgeroute_discovery::DiscoveryConfig::from_toml(&toml, |_| None)?,
         )?
-        .with_bus(bus.clone());
+        .with_bus(bus().await?);
         discovery.push(d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await?);
     }
     Ok(Fleet {
@@ -123,10 +148,18 @@ async fn start_fleet(dir: &std::path::Path) -> Result<Fleet> {
         discovery,
         secret: secret_hex.into_bytes(),
         dir: dir.to_owned(),
+        timeline: Arc::default(),
+        started: Instant::now(),
     })
 }
 
 impl Fleet {
+    fn mark(&self, what: impl Into<String>) {
+        if let Ok(mut t) = self.timeline.lock() {
+            t.push((self.started.elapsed().as_secs_f64(), what.into()));
+        }
+    }
+
     fn mint(&self, sub: &str, scope: edgeroute_auth::Scope) -> Result<String> {
         Ok(edgeroute_auth::mint(
             &edgeroute_auth::SigningKey::Hs256(self.secret.clone()),
@@ -166,7 +199,23 @@ impl Fleet {
             home_region: Some(REGIONS[region].to_owned()),
             ..ClientConfig::default()
         };
-        Ok(Client::with_transport(cfg, None, self.wan.transport(REGIONS[region]))?)
+        let (timeline, started) = (self.timeline.clone(), self.started);
+        let listener: edgeroute_client::Listener = Arc::new(move |e: &edgeroute_client::Event| {
+            use edgeroute_client::Event as E;
+            let what = match e {
+                E::Failover { from, to, reason } => format!("failover {from} → {to}: {reason}"),
+                E::Hedged { from, to, after_ms } => {
+                    format!("hedge {from} → {to} after {after_ms} ms")
+                }
+                E::Migrated { from, to, reason } => format!("move {from} → {to}: {reason}"),
+                E::Ejected { node, for_ms } => format!("{node} ejected for {for_ms} ms"),
+                _ => return,
+            };
+            if let Ok(mut t) = timeline.lock() {
+                t.push((started.elapsed().as_secs_f64(), what));
+            }
+        });
+        Ok(Client::with_transport(cfg, Some(listener), self.wan.transport(REGIONS[region]))?)
     }
 
     async fn admin_drain(&self, node: usize) -> Result<()> {
@@ -190,7 +239,7 @@ impl Fleet {
 /// Runs `opts.sessions` sessions of `opts.turns` streamed turns, from clients spread over the
 /// regions; `during` runs once the first turns are under way (a fault, a drain).
 async fn phase(
-    opts: DemoOpts,
+    opts: &DemoOpts,
     salt: u64,
     clients: &[Client],
     during: Option<During>,
@@ -291,7 +340,7 @@ fn record(name: &str, r: &PhaseResult, clients: &[Client], before: &mut Stats, m
 pub async fn run(opts: DemoOpts) -> Result<String> {
     let dir = std::env::temp_dir().join(format!("edgeroute-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut fleet = start_fleet(&dir).await.context("starting the fleet")?;
+    let mut fleet = start_fleet(&dir, opts.nats.as_deref()).await.context("starting the fleet")?;
     println!(
         "edgeroute demo: 6 simulator nodes in 3 regions, a discovery replica per region, clients in every region\n\
          over emulated WAN links (same region 3 ms RTT, Toronto-Montreal 9 ms, to Vancouver 60-66 ms)\n"
@@ -314,19 +363,26 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     );
     let mut before = total(&clients);
 
+    let mut phases: Vec<(String, PhaseResult)> = Vec::new();
     println!("1. steady traffic: each session pins the node that answers its region fastest");
-    let r = phase(opts, 0, &clients, None).await;
+    fleet.mark("phase 1: steady traffic");
+    let r = phase(&opts, 0, &clients, None).await;
     record("steady", &r, &clients, &mut before, &mut md);
+    phases.push(("steady".into(), r));
 
     println!("2. tor-1 is drained: its sessions finish the turn, then move");
+    fleet.mark("phase 2: tor-1 drained");
     fleet.admin_drain(2).await?;
-    let r = phase(opts, 1, &clients, None).await;
+    let r = phase(&opts, 1, &clients, None).await;
     record("tor-1 drained", &r, &clients, &mut before, &mut md);
+    phases.push(("tor-1 drained".into(), r));
 
     println!("3. the busiest node dies mid-stream: answers are continued on another node");
+    fleet.mark("phase 3: the busiest node will be killed");
     let victim = Arc::new(std::sync::Mutex::new(String::new()));
     let kill = {
         let (relays, victim) = (fleet.relays.clone(), victim.clone());
+        let (timeline, started) = (fleet.timeline.clone(), fleet.started);
         Box::new(move |so_far: &PhaseResult| {
             // The node serving the most turns so far.
             let Some((name, _)) = so_far.nodes.iter().max_by_key(|(_, c)| **c) else { return };
@@ -337,15 +393,20 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
                 if let Ok(mut v) = victim.lock() {
                     v.clone_from(name);
                 }
+                if let Ok(mut t) = timeline.lock() {
+                    t.push((started.elapsed().as_secs_f64(), format!("{name} killed")));
+                }
             }
         }) as During
     };
-    let r = phase(opts, 2, &clients, Some(kill)).await;
+    let r = phase(&opts, 2, &clients, Some(kill)).await;
     let victim = victim.lock().map(|v| v.clone()).unwrap_or_default();
     println!("   ({victim} was killed)");
     record(&format!("{victim} killed mid-stream"), &r, &clients, &mut before, &mut md);
+    phases.push((format!("{victim} killed mid-stream"), r));
 
     println!("4. the whole control plane stops: new clients start from persisted lists");
+    fleet.mark("phase 4: every discovery replica stopped");
     // Stopped, but their addresses stay in the clients' configuration: unreachable.
     for d in &mut fleet.discovery {
         d.stop();
@@ -354,8 +415,14 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     let cold: Vec<Client> =
         (0..3).map(|r| fleet.client(r, opts.seed + 10 + r as u64)).collect::<Result<_>>()?;
     before = total(&cold);
-    let r = phase(opts, 3, &cold, None).await;
+    let r = phase(&opts, 3, &cold, None).await;
     record("discovery down, new clients", &r, &cold, &mut before, &mut md);
+    phases.push(("discovery down, new clients".into(), r));
+    if let Some(dir) = &opts.report {
+        let timeline = fleet.timeline.lock().map(|t| t.clone()).unwrap_or_default();
+        write_report(dir, &opts, &md, &phases, &timeline)?;
+        println!("report written to {}", dir.display());
+    }
 
     for s in fleet.node_stops.drain(..) {
         let _ = s.send(());
@@ -365,6 +432,65 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     Ok(md)
 }
 
+/// TTFT buckets of the report, ms.
+const BUCKETS: [(f64, f64); 6] = [
+    (0.0, 25.0),
+    (25.0, 50.0),
+    (50.0, 100.0),
+    (100.0, 200.0),
+    (200.0, 400.0),
+    (400.0, f64::INFINITY),
+];
+
+/// The report: the summary, each phase's TTFT distribution, and the timeline of faults and
+/// the clients' decisions, as markdown in `dir/report.md`.
+fn write_report(
+    dir: &std::path::Path,
+    opts: &DemoOpts,
+    summary: &str,
+    phases: &[(String, PhaseResult)],
+    timeline: &[(f64, String)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut md = format!(
+        "# edgeroute demo report\n\nSix simulator nodes in Vancouver, Toronto and Montreal; a discovery replica per \
+         region on the {} bus; clients in every region over emulated WAN links. {} sessions × {} streamed \
+         turns per phase, seed {}.\n\n## Summary\n\n{summary}\n## Time to first token, per phase (turns per bucket)\n\n",
+        if opts.nats.is_some() { "NATS" } else { "embedded" },
+        opts.sessions,
+        opts.turns,
+        opts.seed
+    );
+    md.push_str("| phase |");
+    for (lo, hi) in BUCKETS {
+        if hi.is_finite() {
+            md.push_str(&format!(" {lo:.0}–{hi:.0} ms |"));
+        } else {
+            md.push_str(&format!(" ≥ {lo:.0} ms |"));
+        }
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(BUCKETS.len()));
+    md.push('\n');
+    for (name, r) in phases {
+        md.push_str(&format!("| {name} |"));
+        for (lo, hi) in BUCKETS {
+            let n = r.ttft_ms.iter().filter(|t| **t >= lo && **t < hi).count();
+            md.push_str(&format!(" {n} |"));
+        }
+        md.push('\n');
+    }
+    md.push_str(
+        "\n## Timeline (seconds since the fleet started)\n\n| t (s) | what |\n|---:|---|\n",
+    );
+    for (t, what) in timeline {
+        md.push_str(&format!("| {t:.2} | {} |\n", what.replace('|', "/")));
+    }
+    let path = dir.join("report.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,11 +498,19 @@ mod tests {
     /// A short demo as a smoke test: every phase completes with no failed turn.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_demo_story_runs_without_a_failed_turn() {
-        let md = run(DemoOpts { sessions: 6, turns: 3, seed: 1 }).await.expect("demo");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let report = dir.path().join("report");
+        let opts =
+            DemoOpts { sessions: 6, turns: 3, seed: 1, nats: None, report: Some(report.clone()) };
+        let md = run(opts).await.expect("demo");
         for line in md.lines().skip(2) {
             let cols: Vec<&str> = line.split('|').map(str::trim).collect();
             assert_eq!(cols[3], "0", "failed turns in: {line}");
         }
         assert_eq!(md.lines().count(), 6, "{md}");
+        let written = std::fs::read_to_string(report.join("report.md")).expect("report.md");
+        assert!(written.contains("## Time to first token, per phase"), "{written}");
+        assert!(written.contains(" killed"), "the kill is on the timeline: {written}");
+        assert!(written.contains("failover "), "the failovers are on the timeline: {written}");
     }
 }

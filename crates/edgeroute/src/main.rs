@@ -131,6 +131,12 @@ enum Command {
         turns: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Use this NATS server for the topology bus instead of the embedded one.
+        #[arg(long)]
+        nats: Option<String>,
+        /// Write a report (markdown: summary, TTFT per phase, timeline) into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
 }
 
@@ -481,8 +487,8 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("edgeroute watch: installed {} model(s)", installed.len());
             Ok(())
         }
-        Command::Demo { sessions, turns, seed } => {
-            demo::run(demo::DemoOpts { sessions, turns, seed }).await.map(|_| ())
+        Command::Demo { sessions, turns, seed, nats, report } => {
+            demo::run(demo::DemoOpts { sessions, turns, seed, nats, report }).await.map(|_| ())
         }
         Command::Bench { command: BenchCommand::Bus { bus, nats_url, changes } } => {
             let cfg = match bus.as_str() {
