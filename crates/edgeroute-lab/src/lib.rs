@@ -6,6 +6,7 @@
 //!   the gateway and nginx as child processes and loads them all in one run.
 //! - [`process`]: child-process supervision (kill on drop) and RSS sampling from `/proc`.
 
+pub mod chart;
 pub mod gateway_bench;
 pub mod loadgen;
 pub mod memnet;

@@ -443,7 +443,7 @@ const BUCKETS: [(f64, f64); 6] = [
 ];
 
 /// The report: the summary, each phase's TTFT distribution, and the timeline of faults and
-/// the clients' decisions, as markdown in `dir/report.md`.
+/// the clients' decisions, as markdown in `dir/report.md` with PNG charts beside it.
 fn write_report(
     dir: &std::path::Path,
     opts: &DemoOpts,
@@ -480,9 +480,50 @@ fn write_report(
         }
         md.push('\n');
     }
-    md.push_str(
-        "\n## Timeline (seconds since the fleet started)\n\n| t (s) | what |\n|---:|---|\n",
-    );
+    // The same distribution as a chart: groups are the buckets, bars the phases.
+    let series: Vec<Vec<f64>> = phases
+        .iter()
+        .map(|(_, r)| {
+            BUCKETS
+                .iter()
+                .map(|(lo, hi)| r.ttft_ms.iter().filter(|t| **t >= *lo && **t < *hi).count() as f64)
+                .collect()
+        })
+        .collect();
+    edgeroute_lab::chart::grouped_bars(&series).save(&dir.join("ttft.png"))?;
+    let legend: Vec<String> = phases
+        .iter()
+        .zip(edgeroute_lab::chart::PALETTE)
+        .map(|((name, _), (colour, _))| format!("{colour} = {name}"))
+        .collect();
+    md.push_str(&format!(
+        "\n![TTFT per phase](ttft.png)\n\n*Turns per TTFT bucket (1 = 0–25 ms … 6 = ≥ 400 ms); {}.*\n",
+        legend.join(", ")
+    ));
+    // The timeline as a chart: one lane per kind of event.
+    let lanes: [(&str, &str, usize); 6] = [
+        ("phase", "grey", 5),
+        ("killed", "red", 3),
+        ("failover", "orange", 1),
+        ("move", "blue", 0),
+        ("hedge", "purple", 4),
+        ("ejected", "green", 2),
+    ];
+    let marks: Vec<(f64, usize, edgeroute_lab::chart::Rgb)> = timeline
+        .iter()
+        .filter_map(|(t, what)| {
+            let lane = lanes.iter().position(|(key, _, _)| what.contains(key))?;
+            Some((*t, lane, edgeroute_lab::chart::PALETTE[lanes[lane].2].1))
+        })
+        .collect();
+    let end = timeline.iter().map(|(t, _)| *t).fold(0.0, f64::max) + 0.5;
+    edgeroute_lab::chart::timeline(end, lanes.len(), &marks).save(&dir.join("timeline.png"))?;
+    let lane_names: Vec<String> =
+        lanes.iter().enumerate().map(|(i, (k, c, _))| format!("{} {k} ({c})", i + 1)).collect();
+    md.push_str(&format!(
+        "\n## Timeline (seconds since the fleet started)\n\n![timeline](timeline.png)\n\n*Lanes, top to bottom: {}.*\n\n| t (s) | what |\n|---:|---|\n",
+        lane_names.join(", ")
+    ));
     for (t, what) in timeline {
         md.push_str(&format!("| {t:.2} | {} |\n", what.replace('|', "/")));
     }
@@ -512,5 +553,9 @@ mod tests {
         assert!(written.contains("## Time to first token, per phase"), "{written}");
         assert!(written.contains(" killed"), "the kill is on the timeline: {written}");
         assert!(written.contains("failover "), "the failovers are on the timeline: {written}");
+        for png in ["ttft.png", "timeline.png"] {
+            let bytes = std::fs::read(report.join(png)).expect(png);
+            assert_eq!(&bytes[..4], b"\x89PNG", "{png}");
+        }
     }
 }
