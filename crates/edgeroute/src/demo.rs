@@ -297,6 +297,31 @@ async fn phase(
             }
         });
     }
+    // On a terminal: one progress line, rewritten in place (never a log flood).
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let (results, clients) = (results.clone(), clients.to_vec());
+        let (want, base) = (opts.sessions * opts.turns, total(&clients));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Ok(r) = results.lock().map(|r| {
+                    let s = total(&clients);
+                    format!(
+                        "\r   {}/{want} turns, {} failed, TTFT p50 {:.0} ms p99 {:.0} ms, failovers {}, moves {}   ",
+                        r.turns,
+                        r.failed,
+                        pct(&r.ttft_ms, 0.5),
+                        pct(&r.ttft_ms, 0.99),
+                        s.failovers - base.failovers,
+                        s.migrations - base.migrations
+                    )
+                }) else {
+                    return;
+                };
+                eprint!("{r}");
+            }
+        })
+    });
     if let Some(f) = during {
         // Once most sessions are under way.
         tokio::time::sleep(Duration::from_millis(40 * opts.sessions as u64 * 2 / 3)).await;
@@ -305,7 +330,11 @@ async fn phase(
         }
     }
     while tasks.join_next().await.is_some() {}
-    Arc::try_unwrap(results).ok().and_then(|m| m.into_inner().ok()).unwrap_or_default()
+    if let Some(p) = progress {
+        p.abort();
+        eprint!("\r{:100}\r", "");
+    }
+    results.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default()
 }
 
 fn pct(v: &[f64], q: f64) -> f64 {
