@@ -10,6 +10,7 @@ pub mod chart;
 pub mod gateway_bench;
 pub mod loadgen;
 pub mod memnet;
+mod pipe;
 pub mod process;
 pub mod relay;
 pub mod wan;

@@ -12,8 +12,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 
 /// Bytes in flight per direction of a connection.
@@ -158,30 +157,11 @@ impl edgeroute_client::Transport for MemNet {
 
 /// Carries one direction of a connection: each chunk is delivered the link's delay after it
 /// was read, in order; everything stops when the link is cut.
-async fn carry(mut from: ReadHalf<DuplexStream>, mut to: WriteHalf<DuplexStream>, link: Arc<Link>) {
+async fn carry(from: ReadHalf<DuplexStream>, mut to: WriteHalf<DuplexStream>, link: Arc<Link>) {
     let mut cut = link.cut.subscribe();
-    let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Bytes)>();
-    let writer = async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            if to.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = to.shutdown().await;
-    };
-    let reader = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        while let Ok(n) = from.read(&mut buf).await {
-            let due = tokio::time::Instant::now() + link.delay();
-            if n == 0 || tx.send((due, Bytes::copy_from_slice(&buf[..n]))).is_err() {
-                break;
-            }
-        }
-    };
     tokio::select! {
         _ = cut.changed() => {}
-        _ = async { tokio::join!(reader, writer) } => {}
+        () = crate::pipe::delayed_copy(from, &mut to, || Some(link.delay()), Duration::ZERO) => {}
     }
 }
 
@@ -208,6 +188,7 @@ impl edgeroute_http::Listener for MemListener {
 mod tests {
     use super::*;
     use edgeroute_http::Listener as _;
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test(start_paused = true)]
     async fn connections_carry_bytes_with_the_hosts_delay_and_faults() {

@@ -12,14 +12,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 const HALF_TICK: Duration = Duration::from_micros(500);
 
@@ -170,48 +168,20 @@ fn reset(s: TcpStream) {
 
 /// One direction: read, stamp with the delivery time, deliver in order when due.
 async fn carry(
-    mut from: OwnedReadHalf,
+    from: OwnedReadHalf,
     to: OwnedWriteHalf,
     control: Arc<Control>,
     mut rng: rand::rngs::SmallRng,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Bytes)>();
+    let mut to = NoFin(Some(to));
+    let Some(w) = to.0.as_mut() else { return };
     let state = control.state.subscribe();
-    let writer = async move {
-        let mut to = NoFin(Some(to));
-        let Some(w) = to.0.as_mut() else { return };
-        while let Some((due, chunk)) = rx.recv().await {
-            // tokio's timer fires on the first 1 ms tick at or after a deadline: aiming half a
-            // tick early centres the error on zero (±0.5 ms), and a chunk due within half a
-            // tick goes at once, so a zero-delay link adds no timer at all.
-            if due > Instant::now() + HALF_TICK {
-                tokio::time::sleep_until(due - HALF_TICK).await;
-            }
-            if w.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = w.shutdown().await;
-    };
-    let reader = async move {
-        let mut buf = vec![0u8; 32 * 1024];
-        let mut last = Instant::now();
-        while let Ok(n) = from.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            if *state.borrow() == LinkState::Blackhole {
-                continue; // dropped on the floor
-            }
-            let spec = control.spec();
-            let due = (Instant::now() + sample(spec, &mut rng)).max(last);
-            last = due;
-            if tx.send((due, Bytes::copy_from_slice(&buf[..n]))).is_err() {
-                break;
-            }
-        }
-    };
-    tokio::join!(reader, writer);
+    // A black hole reads and drops. tokio's timer fires on the first 1 ms tick at or after a
+    // deadline: aiming half a tick early centres the error on zero (±0.5 ms), and a zero-delay
+    // link uses no timer at all.
+    let delay =
+        || (*state.borrow() != LinkState::Blackhole).then(|| sample(control.spec(), &mut rng));
+    crate::pipe::delayed_copy(from, w, delay, HALF_TICK).await;
 }
 
 /// A write half that sends no FIN when dropped: a relay cancelled by a reset must not look
