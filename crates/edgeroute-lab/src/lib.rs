@@ -5,8 +5,14 @@
 //! - [`gateway_bench`]: the published gateway-overhead benchmark, which starts the simulator,
 //!   the gateway and nginx as child processes and loads them all in one run.
 //! - [`process`]: child-process supervision (kill on drop) and RSS sampling from `/proc`.
+//! - [`memnet`], [`wan`], [`relay`]: emulated networks — an in-memory one for deterministic
+//!   runs, delayed TCP links, a TCP relay that can be cut.
+//! - [`compare`]: DNS-style, central proxy, edgeroute and an oracle on one emulated network
+//!   (`edgeroute bench fleet`).
+//! - [`chart`]: PNG charts for reports.
 
 pub mod chart;
+pub mod compare;
 pub mod gateway_bench;
 pub mod loadgen;
 pub mod memnet;

@@ -61,13 +61,28 @@ pub enum NodeError {
 }
 
 /// A built node: its shared state and config, ready to serve.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Node {
     state: AppState,
     cfg: Arc<NodeConfig>,
     /// A bus handed in by the caller (the embedded bus shared with discovery in one process).
     bus: Option<edgeroute_bus::Bus>,
+    /// Wraps the gateway's router before serving (a lab's measurement layer).
+    wrap: Option<RouterWrap>,
 }
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.cfg.node.id)
+            .field("bus", &self.bus.is_some())
+            .field("wrapped", &self.wrap.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// See [`Node::wrap_router`].
+pub type RouterWrap = Arc<dyn Fn(axum::Router) -> axum::Router + Send + Sync>;
 
 impl Node {
     pub fn build(cfg: NodeConfig) -> Result<Node, NodeError> {
@@ -118,12 +133,19 @@ impl Node {
             clock,
             seq: AtomicU64::new(0),
         });
-        Ok(Node { state, cfg: Arc::new(cfg), bus: None })
+        Ok(Node { state, cfg: Arc::new(cfg), bus: None, wrap: None })
     }
 
     /// Publishes on `bus` (instead of the one `[bus]` configures).
     pub fn with_bus(mut self, bus: edgeroute_bus::Bus) -> Self {
         self.bus = Some(bus);
+        self
+    }
+
+    /// Serves the gateway's router wrapped by `wrap` (layers of the caller's own: a lab
+    /// measuring what each request does on the node). Nothing in production uses it.
+    pub fn wrap_router(mut self, wrap: RouterWrap) -> Self {
+        self.wrap = Some(wrap);
         self
     }
 
@@ -257,9 +279,13 @@ impl Node {
             tokio::time::sleep(delay).await;
         };
         tracing::info!(node = %self.cfg.node.id, region = %self.cfg.node.region, tls = tls.is_some(), "node serving");
+        let router = match &self.wrap {
+            Some(wrap) => wrap(self.router()),
+            None => self.router(),
+        };
         edgeroute_http::serve(
             listener,
-            self.router(),
+            router,
             self.cfg.limits.server_limits(),
             tls,
             drain_then_stop,
