@@ -114,6 +114,12 @@ pub struct ClientConfig {
     /// A session starting within this of the last probes of all its candidates reuses them
     /// instead of probing again. Default 2 s.
     pub probe_ttl: Duration,
+    /// A session starting within this of the last probes of all its candidates (but after
+    /// `probe_ttl`) does not wait for new ones: a measured round trip holds for minutes, so
+    /// the pick uses it with discovery's fresh load figures, and the probes are refreshed in
+    /// the background for the next session. Only a client's first sessions (or one after a
+    /// long quiet) pay for probing. Default 30 s; zero always probes.
+    pub path_ttl: Duration,
     /// One discovery request. Default 500 ms.
     pub discovery_timeout: Duration,
     /// TCP connect to a node. Default 300 ms (never the OS's two minutes).
@@ -166,6 +172,7 @@ impl Default for ClientConfig {
             probe_k: 3,
             probe_deadline: Duration::from_millis(150),
             probe_ttl: Duration::from_secs(2),
+            path_ttl: Duration::from_secs(30),
             discovery_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_secs(60),
@@ -386,11 +393,15 @@ struct Inner {
     rng: Mutex<rand::rngs::StdRng>,
     ttft: Mutex<steer::TtftDeadline>,
     stats: Counters,
-    /// This client's live sessions pinned to each node.
-    active: Mutex<HashMap<String, u32>>,
+    /// When this client last pinned sessions to each node: pins younger than `probe_ttl`
+    /// (the age at which probes are reused, so the node's own load report may not show them
+    /// yet) count in that node's cost.
+    pins: Mutex<HashMap<String, Vec<Instant>>>,
     /// The last answered probe of each node, and when.
     probes: Mutex<HashMap<String, (Probed, Instant)>>,
     listener: Option<Listener>,
+    /// A background refresh of probes is under way.
+    refreshing: std::sync::atomic::AtomicBool,
     origin: Instant,
     /// Wall-clock ms at `origin`: list ages are measured on the monotonic clock from there
     /// (so they follow tokio's clock, paused in simulations) and persisted as wall time.
@@ -450,9 +461,11 @@ fn probe_set<'a>(usable: &'a [Candidate], k: usize, home: Option<&str>) -> Vec<&
     set
 }
 
-/// The node's own TTFT and the wait its queue implies, from its load report, ms.
-fn queue_wait(l: &LoadReport) -> f64 {
-    let p50 = f64::from(l.ttft_ms);
+/// The node's own TTFT and the wait its queue implies, from its load report, ms. A node that
+/// served nothing lately reports a TTFT of 0 (no samples, not an instant answer): discovery's
+/// figure for it (`prior_ms`: its longer view, or the fleet's median) stands in.
+fn queue_wait(l: &LoadReport, prior_ms: f64) -> f64 {
+    let p50 = if l.ttft_ms == 0 { prior_ms } else { f64::from(l.ttft_ms) };
     p50 + f64::from(l.queue_depth) * p50 / f64::from(l.capacity).max(1.0)
 }
 
@@ -539,9 +552,10 @@ impl Client {
                 rng: Mutex::new(rng),
                 ttft: Mutex::new(ttft),
                 probes: Mutex::new(HashMap::new()),
-                active: Mutex::new(HashMap::new()),
+                pins: Mutex::new(HashMap::new()),
                 stats: Counters::default(),
                 listener,
+                refreshing: std::sync::atomic::AtomicBool::new(false),
                 origin: Instant::now(),
                 origin_unix_ms: unix_ms(),
             }),
@@ -561,14 +575,20 @@ impl Client {
         }
     }
 
-    fn active_sessions(&self, id: &str) -> u32 {
-        self.inner.active.lock().map_or(0, |a| a.get(id).copied().unwrap_or(0))
+    /// Sessions this client pinned to `id` within `probe_ttl`.
+    fn recent_pins(&self, id: &str) -> u32 {
+        let since = Instant::now().checked_sub(self.inner.cfg.probe_ttl);
+        let Ok(mut pins) = self.inner.pins.lock() else { return 0 };
+        let Some(v) = pins.get_mut(id) else { return 0 };
+        if let Some(since) = since {
+            v.retain(|t| *t > since);
+        }
+        v.len() as u32
     }
 
-    fn count_session(&self, id: &str, delta: i32) {
-        if let Ok(mut a) = self.inner.active.lock() {
-            let n = a.entry(id.to_owned()).or_default();
-            *n = n.saturating_add_signed(delta);
+    fn note_pin(&self, id: &str) {
+        if let Ok(mut pins) = self.inner.pins.lock() {
+            pins.entry(id.to_owned()).or_default().push(Instant::now());
         }
     }
 
@@ -722,13 +742,23 @@ impl Client {
         // The node's own TTFT and the wait its queue implies; discovery's figures if the
         // node sent no load report.
         let wait = match load {
-            Some(l) => queue_wait(&l),
+            Some(l) => queue_wait(&l, c.ttft_p50_ms),
             None => {
                 let cap = f64::from(c.capacity).max(1.0);
                 c.ttft_p50_ms + f64::from(c.queue_depth) * c.ttft_p50_ms / cap
             }
         };
         Ok(Probed { id: c.id.clone(), rtt, queue_wait_ms: wait })
+    }
+
+    /// Discovers `model` and probes its candidates now, ahead of any session (at start-up,
+    /// before calls arrive), so the first sessions start warm instead of waiting for probes.
+    /// Returns how many candidates answered.
+    pub async fn prepare(&self, model: &str) -> Result<usize, ClientError> {
+        let candidates = self.discover(model).await?;
+        let set =
+            probe_set(&candidates, self.inner.cfg.probe_k, self.inner.cfg.home_region.as_deref());
+        Ok(self.probe_all(&set).await.len())
     }
 
     /// Starts a session for `model`: discover, probe the top candidates in parallel, pin the
@@ -756,7 +786,13 @@ impl Client {
         // adds nothing but the pick.
         let mut results = match self.recent_probes(&probe_set) {
             Some(r) => r,
-            None => self.probe_all(&probe_set).await,
+            None => match self.known_paths(&probe_set) {
+                Some(r) => {
+                    self.refresh_probes(&probe_set);
+                    r
+                }
+                None => self.probe_all(&probe_set).await,
+            },
         };
         // Fewer than two answered (nodes gone or draining since the list was made): probe the
         // next candidates too, so there is a choice and a standby.
@@ -769,16 +805,18 @@ impl Client {
         }
         let mut order: Vec<Candidate> = Vec::new();
         if !results.is_empty() {
-            // Each of this client's sessions already on a node counts like an outstanding
-            // request in Peak-EWMA: cost × (sessions + 1). Sessions starting together spread
-            // out instead of herding onto the node that looked best a moment ago.
+            // Each session this client pinned to a node lately counts as one more request in
+            // its queue (a node's wait grows by 1/capacity of its TTFT per queued request):
+            // sessions starting together spread out instead of herding onto the node that
+            // looked best a moment ago. Older sessions are in the node's own load report (a
+            // voice session is idle between turns: counting it for its whole life, or as a
+            // whole outstanding request, overstates it and pushes callers off their best node).
             let probed: Vec<Probed> = results
                 .iter()
-                .map(|(p, _)| {
+                .map(|(p, c)| {
                     let mut p = p.clone();
-                    let factor = f64::from(self.active_sessions(&p.id) + 1);
-                    let rtt = p.rtt.as_secs_f64() * 1000.0;
-                    p.queue_wait_ms = p.predicted_ttft_ms() * factor - rtt;
+                    let pins = f64::from(self.recent_pins(&p.id));
+                    p.queue_wait_ms *= 1.0 + pins / f64::from(c.capacity).max(1.0);
                     p
                 })
                 .collect();
@@ -803,7 +841,7 @@ impl Client {
             standby: order.get(1).map(|c| c.id.clone()),
         });
         let id = format!("s-{:016x}", self.inner.rng.lock().map_or(0, |mut r| r.random::<u64>()));
-        self.count_session(&order[0].id, 1);
+        self.note_pin(&order[0].id);
         let counted = order[0].id.clone();
         Ok(Session {
             client: self.clone(),
@@ -814,6 +852,7 @@ impl Client {
             moved: Arc::new(Mutex::new(None)),
             watch: None,
             last_reprobe: Instant::now(),
+            reprobe: None,
             better_streak: 0,
             counted,
         })
@@ -833,63 +872,108 @@ impl Client {
             .collect()
     }
 
+    /// The candidates of `set` probed within `path_ttl` — their measured round trips, with
+    /// the node's TTFT and queue from discovery's (fresher) figures — if at least two are (a
+    /// pin and a standby). A candidate missing lost its last probe race (an early decision
+    /// left it unanswered: it could not win) or is new; the background refresh probes it.
+    fn known_paths(&self, set: &[&Candidate]) -> Option<Vec<(Probed, Candidate)>> {
+        let ttl = self.inner.cfg.path_ttl;
+        let probes = self.inner.probes.lock().ok()?;
+        let known: Vec<(Probed, Candidate)> = set
+            .iter()
+            .filter_map(|c| {
+                let (p, _) = probes.get(&c.id).filter(|(_, at)| at.elapsed() < ttl)?;
+                let cap = f64::from(c.capacity).max(1.0);
+                let wait = c.ttft_p50_ms + f64::from(c.queue_depth) * c.ttft_p50_ms / cap;
+                Some((Probed { id: c.id.clone(), rtt: p.rtt, queue_wait_ms: wait }, (*c).clone()))
+            })
+            .collect();
+        (known.len() >= 2.min(set.len()) && !known.is_empty()).then_some(known)
+    }
+
+    /// Probes `set` on a task of its own (one refresh at a time), for the sessions to come.
+    fn refresh_probes(&self, set: &[&Candidate]) {
+        use std::sync::atomic::Ordering;
+        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        let set: Vec<Candidate> = set.iter().map(|c| (*c).clone()).collect();
+        tokio::spawn(async move {
+            this.probe_all(&set.iter().collect::<Vec<_>>()).await;
+            this.inner.refreshing.store(false, Ordering::Release);
+        });
+    }
+
     async fn probe_all(&self, set: &[&Candidate]) -> Vec<(Probed, Candidate)> {
+        let limit = self.inner.cfg.probe_deadline;
         let mut tasks = tokio::task::JoinSet::new();
         for c in set {
             let this = self.clone();
             let c = (*c).clone();
             tasks.spawn(async move {
-                let r = this.probe(&c).await;
+                // Bounded on its own: a probe outlives an early decision, and then only warms
+                // its connection and the cache for the sessions to come.
+                let r = tokio::time::timeout(limit, this.probe(&c))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {} ms", limit.as_millis())));
+                this.record_probe(&c, &r);
                 (c, r)
             });
         }
         let start = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.inner.cfg.probe_deadline;
         let mut out: Vec<(Probed, Candidate)> = Vec::new();
-        loop {
-            let next = tokio::time::timeout_at(deadline, tasks.join_next()).await;
+        let mut failed: Vec<String> = Vec::new();
+        while let Some(next) = tasks.join_next().await {
             match next {
-                Ok(Some(Ok((c, Ok(p))))) => {
-                    if let Ok(mut probes) = self.inner.probes.lock() {
-                        probes.insert(c.id.clone(), (p.clone(), Instant::now()));
-                    }
-                    self.emit(Event::Probed {
-                        node: c.id.clone(),
-                        rtt_ms: ms(p.rtt),
-                        predicted_ttft_ms: p.predicted_ttft_ms(),
-                    });
-                    out.push((p, c));
-                }
-                Ok(Some(Ok((c, Err(e))))) => {
-                    self.emit(Event::ProbeFailed { node: c.id.clone(), error: e });
-                }
-                Ok(Some(Err(_))) => {}
-                Ok(None) => break,
-                Err(_) => {
-                    for c in set {
-                        if !out.iter().any(|(_, o)| o.id == c.id) {
-                            self.emit(Event::ProbeFailed {
-                                node: c.id.clone(),
-                                error: format!(
-                                    "no answer within {} ms",
-                                    self.inner.cfg.probe_deadline.as_millis()
-                                ),
-                            });
-                        }
-                    }
-                    break;
-                }
+                Ok((c, Ok(p))) => out.push((p, c)),
+                Ok((c, Err(_))) => failed.push(c.id.clone()),
+                Err(_) => {}
             }
-            // Decide early: nothing still outstanding can beat the best answer so far.
+            // Decide early: nothing still outstanding can beat the best answer so far. An
+            // outstanding node's prediction is at least the time waited plus its own first-token
+            // time (discovery's figure): a far node is given up on sooner than a near one.
+            let floor_ms = set
+                .iter()
+                .filter(|c| !failed.contains(&c.id) && !out.iter().any(|(_, o)| o.id == c.id))
+                .map(|c| c.ttft_p50_ms.max(0.0))
+                .min_by(f64::total_cmp)
+                .unwrap_or(0.0);
             if let Some(best) =
                 out.iter().map(|(p, _)| p.predicted_ttft_ms()).min_by(f64::total_cmp)
-                && !steer::can_still_win(best, start.elapsed(), TieMargin::default())
+                && !steer::can_still_win(
+                    best,
+                    start.elapsed() + Duration::from_secs_f64(floor_ms / 1000.0),
+                    TieMargin::default(),
+                )
             {
                 break;
             }
         }
-        tasks.abort_all();
+        tasks.detach_all();
         out
+    }
+
+    /// A finished probe: its answer cached (a failed one forgets the path) and announced.
+    fn record_probe(&self, c: &Candidate, r: &Result<Probed, String>) {
+        match r {
+            Ok(p) => {
+                if let Ok(mut probes) = self.inner.probes.lock() {
+                    probes.insert(c.id.clone(), (p.clone(), Instant::now()));
+                }
+                self.emit(Event::Probed {
+                    node: c.id.clone(),
+                    rtt_ms: ms(p.rtt),
+                    predicted_ttft_ms: p.predicted_ttft_ms(),
+                });
+            }
+            Err(e) => {
+                if let Ok(mut probes) = self.inner.probes.lock() {
+                    probes.remove(&c.id);
+                }
+                self.emit(Event::ProbeFailed { node: c.id.clone(), error: e.clone() });
+            }
+        }
     }
 
     fn node_ok(&self, id: &str, latency: Duration) {
@@ -944,6 +1028,14 @@ impl Client {
             });
             s.cooling_until = Some(Instant::now() + d);
         }
+    }
+
+    fn is_ejected(&self, id: &str) -> bool {
+        let now = Instant::now();
+        self.inner
+            .nodes
+            .lock()
+            .is_ok_and(|n| n.get(id).and_then(|s| s.ejected_until).is_some_and(|t| t > now))
     }
 
     fn cooling(&self, id: &str) -> bool {
@@ -1010,7 +1102,7 @@ impl Client {
             && let Ok(mut probes) = self.inner.probes.lock()
             && let Some((p, _)) = probes.get_mut(&node.id)
         {
-            p.queue_wait_ms = queue_wait(&l);
+            p.queue_wait_ms = queue_wait(&l, node.ttft_p50_ms);
         }
         Ok((res, hint))
     }
@@ -1085,17 +1177,18 @@ pub struct Session {
     /// Smoothed predictions from re-probes between turns: pinned, standby (by node id).
     watch: Option<Watch>,
     last_reprobe: Instant,
+    /// A re-probe of (pinned, standby) running on its own task; its answers when done.
+    reprobe: Option<ReprobeSlot>,
     /// Consecutive re-probes on which the standby was better by the margin.
     better_streak: u32,
-    /// The node this session is counted on in the client's per-node session counts.
+    /// The node this session was last pinned to (a move to another is a new pin there).
     counted: String,
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.client.count_session(&self.counted, -1);
-    }
-}
+/// The pinned node and the standby re-probed, and what each probe gave (filled when both
+/// are done).
+type ReprobeSlot = (String, String, Arc<Mutex<Option<(ProbeResult, ProbeResult)>>>);
+type ProbeResult = Result<Probed, String>;
 
 /// Peak-EWMA of the predicted first-token time of the pinned node and the standby.
 #[derive(Debug)]
@@ -1124,12 +1217,11 @@ impl Session {
         self.order.get(1)
     }
 
-    /// Keeps the client's per-node session counts in step with the pinned node.
+    /// A move to another node pins the session there.
     fn recount(&mut self) {
         if self.order[0].id != self.counted {
-            self.client.count_session(&self.counted, -1);
             self.counted = self.order[0].id.clone();
-            self.client.count_session(&self.counted, 1);
+            self.client.note_pin(&self.counted);
         }
     }
 
@@ -1169,26 +1261,92 @@ impl Session {
         }
     }
 
-    /// Between turns: re-probes the pinned node and the standby (at most every
-    /// `reprobe_interval`) and moves the session when the standby has predicted a first token
-    /// better by the margin on `move_after` consecutive re-probes (hysteresis: one good probe
-    /// never moves a conversation).
-    async fn reconsider(&mut self) {
+    /// Between turns, never in a turn's path: re-probes the pinned node and the standby on a
+    /// task of their own (at most every `reprobe_interval`) and, once they answered, moves the
+    /// session when the standby has predicted a first token better by the margin on
+    /// `move_after` consecutive re-probes (hysteresis: one good probe never moves a
+    /// conversation) — or at once when the pinned node no longer answers while the standby
+    /// does. A pinned node this client has ejected (other sessions failed there) is left
+    /// before the turn, too.
+    fn reconsider(&mut self) {
+        if self.order.len() < 2 {
+            return;
+        }
+        if self.client.is_ejected(&self.order[0].id)
+            && let Some(i) =
+                (1..self.order.len()).find(|i| !self.client.is_ejected(&self.order[*i].id))
+        {
+            let reason = format!("{} ejected after failures seen by this client", self.order[0].id);
+            self.move_to(i, reason, false);
+            self.demote_old_pin();
+            return;
+        }
+        let done = match &self.reprobe {
+            Some((a, b, slot)) => {
+                let taken = slot.lock().ok().and_then(|mut s| s.take());
+                taken.map(|r| (a.clone(), b.clone(), r))
+            }
+            None => None,
+        };
+        if let Some((a, b, (pa, pb))) = done {
+            self.reprobe = None;
+            if self.order[0].id == a && self.order[1].id == b {
+                self.weigh(pa, pb);
+            }
+        }
         let cfg = &self.client.inner.cfg;
-        if self.order.len() < 2 || self.last_reprobe.elapsed() < cfg.reprobe_interval {
+        if self.reprobe.is_some() || self.last_reprobe.elapsed() < cfg.reprobe_interval {
             return;
         }
         self.last_reprobe = Instant::now();
         let (a, b) = (self.order[0].clone(), self.order[1].clone());
-        let deadline = cfg.probe_deadline;
-        let (pa, pb) = tokio::join!(
-            tokio::time::timeout(deadline, self.client.probe(&a)),
-            tokio::time::timeout(deadline, self.client.probe(&b))
-        );
-        let (Ok(Ok(pa)), Ok(Ok(pb))) = (pa, pb) else {
-            self.better_streak = 0;
-            return;
+        let slot = Arc::new(Mutex::new(None));
+        self.reprobe = Some((a.id.clone(), b.id.clone(), slot.clone()));
+        let (client, deadline) = (self.client.clone(), cfg.probe_deadline);
+        tokio::spawn(async move {
+            let probe = |c: Candidate| {
+                let client = client.clone();
+                async move {
+                    tokio::time::timeout(deadline, client.probe(&c)).await.unwrap_or_else(|_| {
+                        Err(format!("no answer within {} ms", deadline.as_millis()))
+                    })
+                }
+            };
+            let both = tokio::join!(probe(a), probe(b));
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(both);
+            }
+        });
+    }
+
+    /// After a move away from a failing node (now second): it goes last, so it is not the
+    /// standby a hedge would race.
+    fn demote_old_pin(&mut self) {
+        if self.order.len() > 2 {
+            let old = self.order.remove(1);
+            self.order.push(old);
+        }
+    }
+
+    /// Weighs a finished re-probe of the pinned node (`pa`) and the standby (`pb`).
+    fn weigh(&mut self, pa: ProbeResult, pb: ProbeResult) {
+        let cfg = &self.client.inner.cfg;
+        let (pa, pb) = match (pa, pb) {
+            (Ok(pa), Ok(pb)) => (pa, pb),
+            (Err(e), Ok(_)) => {
+                self.better_streak = 0;
+                self.watch = None;
+                let reason = format!("{} did not answer its re-probe: {e}", self.order[0].id);
+                self.move_to(1, reason, false);
+                self.demote_old_pin();
+                return;
+            }
+            _ => {
+                self.better_streak = 0;
+                return;
+            }
         };
+        let (a, b) = (self.order[0].clone(), self.order[1].clone());
         let now = self.client.inner.origin.elapsed();
         let tau = cfg.reprobe_interval * 4;
         let w = match self.watch.take() {
@@ -1316,7 +1474,7 @@ impl Session {
             return Err(ClientError::Invalid("use Session::chat_stream for streaming".into()));
         }
         self.apply_moves();
-        self.reconsider().await;
+        self.reconsider();
         let body =
             Bytes::from(serde_json::to_vec(req).map_err(|e| ClientError::Invalid(e.to_string()))?);
         let client = self.client.clone();
@@ -1338,7 +1496,7 @@ impl Session {
         req: &ChatCompletionRequest,
     ) -> Result<ChatStream, ClientError> {
         self.apply_moves();
-        self.reconsider().await;
+        self.reconsider();
         let mut req = req.clone();
         req.stream = true;
         let body =
@@ -1485,6 +1643,16 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_node_with_no_recent_first_token_is_not_taken_for_an_instant_one() {
+        let report =
+            |ttft_ms, queue_depth| LoadReport { queue_depth, in_flight: 4, capacity: 4, ttft_ms };
+        assert_eq!(queue_wait(&report(20, 0), 250.0), 20.0);
+        assert_eq!(queue_wait(&report(20, 4), 250.0), 40.0, "a full queue: one more p50");
+        assert_eq!(queue_wait(&report(0, 0), 30.0), 30.0, "no samples: discovery's figure");
+        assert_eq!(queue_wait(&report(0, 2), 30.0), 45.0);
+    }
+
     use super::*;
 
     fn cand(id: &str, region: &str) -> Candidate {

@@ -629,7 +629,9 @@ async fn a_persistently_better_standby_takes_the_session_between_turns_not_befor
             moved_at = Some(turn);
         }
     }
-    assert_eq!(moved_at, Some(3), "three consecutive re-probes must agree before the move");
+    // Re-probes run between turns, off the turn's path: each is weighed at the next turn, so
+    // the third agreeing one moves the session before turn 4.
+    assert_eq!(moved_at, Some(4), "three consecutive re-probes must agree before the move");
     assert!(lab.saw(
         |e| matches!(e, Event::Migrated { from, to, .. } if from == "tor-1" && to == "mtl-1")
     ));
@@ -696,4 +698,60 @@ async fn every_node_down_is_a_clear_error_at_once_and_attempts_stay_within_the_b
         (after.retries - before.retries, after.retries_denied - before.retries_denied);
     assert_eq!(retries, 20, "{after:?}");
     assert!(denied > 0, "{after:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_session_uses_known_paths_and_does_not_wait_for_probes() {
+    let lab = Lab::start().await;
+    let client = lab.client();
+    let t = Instant::now();
+    let _first = client.session("sim-llama").await.unwrap();
+    // Discovery (no delay on its host) and probes that only end when mtl-1's cannot win.
+    let cold = t.elapsed();
+    assert!(cold >= Duration::from_millis(RTT_TOR), "{cold:?}");
+    let probes_before =
+        lab.events.lock().unwrap().iter().filter(|e| matches!(e, Event::Probed { .. })).count();
+    // Past probe_ttl (2 s), within path_ttl (30 s): the measured paths stand.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let t = Instant::now();
+    let s = client.session("sim-llama").await.unwrap();
+    assert_eq!(t.elapsed(), Duration::ZERO, "no probe in the session's start");
+    assert_eq!(s.pinned().id, "tor-1");
+    // ...and the probes are refreshed behind it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let probes_after =
+        lab.events.lock().unwrap().iter().filter(|e| matches!(e, Event::Probed { .. })).count();
+    assert!(probes_after > probes_before, "{probes_before} → {probes_after}");
+    // After a long quiet, probing again.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let t = Instant::now();
+    let _s = client.session("sim-llama").await.unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(RTT_TOR), "{:?}", t.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_node_that_stops_answering_re_probes_is_left_before_the_next_turn() {
+    let lab = Lab::start().await;
+    let cfg = ClientConfig { reprobe_interval: Duration::from_millis(50), ..lab.config() };
+    let client = lab.client_with(cfg);
+    let mut s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    s.chat(&request("turn 1", 4)).await.unwrap();
+    // tor-1 falls off the network between turns; the next turn starts the re-probe (off the
+    // turn's path), which finds it silent.
+    lab.net.set_fault("tor-1", Fault::Blackhole);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let tor_before = lab.chats("tor-1");
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.chat(&request("turn 2", 4))).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    s.chat(&request("turn 3", 4)).await.unwrap();
+    assert_eq!(s.pinned().id, "mtl-1");
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "turn 3 went straight to mtl-1: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(lab.chats("tor-1"), tor_before, "nothing reached the black hole");
+    assert!(lab.saw(|e| matches!(e, Event::Failover { from, .. } if from == "tor-1")));
 }
