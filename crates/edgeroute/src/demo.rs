@@ -1,13 +1,17 @@
 //! `edgeroute demo`: a three-region fleet on loopback, in this process, and a short story.
 //!
-//! Six simulator nodes (two each in Vancouver, Toronto and Montreal, with different speeds),
-//! one discovery replica per region on the embedded bus, and clients in every region using the
-//! SDK over emulated WAN links (`edgeroute_lab::wan`, real-geography RTTs): each session
-//! discovers once, probes, pins, then streams its turns straight to its node.
-//! The story, phase by phase: steady traffic; a node drained (sessions move between turns); a
-//! node killed mid-stream (answers continued on another node); the whole control plane stopped
-//! (new sessions start from the persisted candidate lists). Nothing outside the machine is
-//! contacted.
+//! Six nodes (two each in Vancouver, Toronto and Montreal, with different speeds and different
+//! models: every node serves the LLM, speech-to-text and text-to-speech sit on some, and
+//! `van-1` holds the three-GPU voice pipeline), one discovery replica per region on the
+//! embedded bus (or NATS), and voice-agent clients in every region using the SDK over emulated
+//! WAN links (`edgeroute_lab::wan`, real-geography RTTs). Each turn is STT → LLM stream → TTS,
+//! each model on the session its client pinned for it: discovery once, probes, pin, then
+//! straight to the node.
+//! The story, phase by phase: steady traffic; a model loaded on a node at run time and
+//! traffic finding it; a node drained (sessions move between turns); a node killed mid-stream
+//! (answers continued on another node); the whole control plane stopped (new sessions start
+//! from the persisted candidate lists). Nothing outside the machine is contacted, unless real
+//! upstreams are put behind the nodes (`--backend openai --upstream URL`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,13 +23,42 @@ use edgeroute_lab::relay::Relay;
 use edgeroute_lab::wan::{LinkSpec, Wan, geo_rtt_ms};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 
-const NODES: [(&str, &str, u64); 6] = [
-    ("van-1", "vancouver", 45),
-    ("van-2", "vancouver", 60),
-    ("tor-1", "toronto", 15),
-    ("tor-2", "toronto", 30),
-    ("mtl-1", "montreal", 25),
-    ("mtl-2", "montreal", 40),
+/// A demo node: id, region, the simulator's base time to first token (ms), its models (one
+/// GPU each), and whether it declares the voice pipeline.
+struct DemoNode {
+    id: &'static str,
+    region: &'static str,
+    ttft_ms: u64,
+    models: &'static [&'static str],
+    pipeline: bool,
+}
+
+const LLM: &str = "sim-llama";
+const STT: &str = "sim-whisper";
+const TTS: &str = "sim-tts";
+/// The model loaded at run time, and where.
+const LOADED: &str = "sim-qwen";
+const LOAD_ON: usize = 5;
+
+const NODES: [DemoNode; 6] = [
+    DemoNode {
+        id: "van-1",
+        region: "vancouver",
+        ttft_ms: 45,
+        models: &[STT, LLM, TTS],
+        pipeline: true,
+    },
+    DemoNode { id: "van-2", region: "vancouver", ttft_ms: 60, models: &[LLM], pipeline: false },
+    DemoNode { id: "tor-1", region: "toronto", ttft_ms: 15, models: &[LLM], pipeline: false },
+    DemoNode { id: "tor-2", region: "toronto", ttft_ms: 30, models: &[LLM, STT], pipeline: false },
+    DemoNode { id: "mtl-1", region: "montreal", ttft_ms: 25, models: &[LLM, TTS], pipeline: false },
+    DemoNode {
+        id: "mtl-2",
+        region: "montreal",
+        ttft_ms: 40,
+        models: &[LLM, STT, TTS],
+        pipeline: false,
+    },
 ];
 const REGIONS: [&str; 3] = ["vancouver", "toronto", "montreal"];
 const PROMPTS: [&str; 4] = [
@@ -34,6 +67,17 @@ const PROMPTS: [&str; 4] = [
     "Translate 'good morning' into French for my Montreal trip.",
     "How long is the drive from Toronto to Montreal?",
 ];
+
+/// What the nodes serve with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DemoBackend {
+    /// The built-in simulator, with the demo's placement of models.
+    Sim,
+    /// A real OpenAI-compatible upstream (llama.cpp, vLLM…) behind every node; `model` is the
+    /// upstream's. Turns are then LLM only (no speech models), and nothing is loaded at run
+    /// time.
+    OpenAi { upstream: String, model: String },
+}
 
 /// The demo's size.
 #[derive(Debug, Clone)]
@@ -48,6 +92,36 @@ pub struct DemoOpts {
     pub nats: Option<String>,
     /// Where to write the report (markdown); default: none.
     pub report: Option<std::path::PathBuf>,
+    /// How long the story's traffic lasts: each phase's sessions arrive spread over its share
+    /// of it. Default (`None`): a session every 40 ms.
+    pub duration: Option<Duration>,
+    pub backend: DemoBackend,
+}
+
+impl DemoOpts {
+    /// The story's phases (the load phase needs the simulator).
+    fn phases(&self) -> u32 {
+        if self.backend == DemoBackend::Sim { 5 } else { 4 }
+    }
+
+    /// The gap between two sessions' arrivals in a phase.
+    fn spacing(&self) -> Duration {
+        match self.duration {
+            Some(d) => d / self.phases() / self.sessions.max(1) as u32,
+            None => Duration::from_millis(40),
+        }
+    }
+
+    fn llm(&self) -> &str {
+        match &self.backend {
+            DemoBackend::Sim => LLM,
+            DemoBackend::OpenAi { model, .. } => model,
+        }
+    }
+
+    fn voice(&self) -> bool {
+        self.backend == DemoBackend::Sim
+    }
 }
 
 struct Fleet {
@@ -72,11 +146,66 @@ type During = Box<dyn FnOnce(&PhaseResult) + Send>;
 struct PhaseResult {
     turns: usize,
     failed: usize,
+    /// The LLM answer's first token, from the turn's start (after STT).
     ttft_ms: Vec<f64>,
+    /// The whole turn: STT, the LLM's whole answer, TTS.
+    turn_ms: Vec<f64>,
+    /// The LLM's node per turn.
     nodes: std::collections::BTreeMap<String, usize>,
 }
 
-async fn start_fleet(dir: &std::path::Path, nats: Option<&str>) -> Result<Fleet> {
+/// A node's configuration in the demo.
+fn node_toml(
+    node: &DemoNode,
+    seed: usize,
+    relay: SocketAddr,
+    secret_file: &std::path::Path,
+    models_root: &std::path::Path,
+    backend: &DemoBackend,
+) -> String {
+    let mut t = format!(
+        "[node]\nid = \"{id}\"\nregion = \"{region}\"\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://{relay}\"\n\
+         [auth]\nhs256_secret_file = \"{secret}\"\n\
+         [limits]\nrate_limit_per_s = 100000\nrate_limit_burst = 100000\n\
+         [models]\nallowed_local_roots = [\"{root}\"]\nsim_load_time_ms = 800\n",
+        id = node.id,
+        region = node.region,
+        secret = secret_file.display(),
+        root = models_root.display(),
+    );
+    match backend {
+        DemoBackend::Sim => {
+            t.push_str(&format!(
+                "[backend]\nkind = \"sim\"\n[backend.sim]\nseed = {seed}\nttft_base_ms = {}\ntokens_per_s = 400.0\n",
+                node.ttft_ms
+            ));
+            for (g, m) in node.models.iter().enumerate() {
+                t.push_str(&format!(
+                    "[[backend.sim.gpus]]\nid = \"gpu{g}\"\n[[backend.sim.models]]\nid = \"{m}\"\ngpu = \"gpu{g}\"\n"
+                ));
+            }
+            // Room for the model loaded at run time.
+            t.push_str(&format!("[[backend.sim.gpus]]\nid = \"gpu{}\"\n", node.models.len()));
+            if node.pipeline {
+                t.push_str(&format!(
+                    "[[pipelines]]\nid = \"voice\"\nmodels = [\"{STT}\", \"{LLM}\", \"{TTS}\"]\n"
+                ));
+            }
+        }
+        DemoBackend::OpenAi { upstream, model } => {
+            t.push_str(&format!(
+                "[backend]\nkind = \"openai\"\nurl = \"{upstream}\"\n[[backend.models]]\nid = \"{model}\"\n"
+            ));
+        }
+    }
+    t
+}
+
+async fn start_fleet(
+    dir: &std::path::Path,
+    nats: Option<&str>,
+    backend: &DemoBackend,
+) -> Result<Fleet> {
     let secret: [u8; 32] = rand::random();
     let secret_hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let secret_file = dir.join("hs256.secret");
@@ -99,18 +228,13 @@ async fn start_fleet(dir: &std::path::Path, nats: Option<&str>) -> Result<Fleet>
     };
     let mut relays = Vec::new();
     let mut node_stops = Vec::new();
-    for (i, (id, region, ttft)) in NODES.iter().enumerate() {
+    let models_root = dir.join("models");
+    std::fs::create_dir_all(models_root.join(LOADED))?;
+    for (i, node) in NODES.iter().enumerate() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         // Clients reach the node through a relay the demo can cut (a node dying).
         let relay = Relay::start(listener.local_addr()?).await?;
-        let toml = format!(
-            "[node]\nid = \"{id}\"\nregion = \"{region}\"\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://{}\"\n\
-             [auth]\nhs256_secret_file = \"{}\"\n\
-             [limits]\nrate_limit_per_s = 100000\nrate_limit_burst = 100000\n\
-             [backend]\nkind = \"sim\"\n[backend.sim]\nseed = {i}\nttft_base_ms = {ttft}\ntokens_per_s = 400.0\n",
-            relay.addr(),
-            secret_file.display()
-        );
+        let toml = node_toml(node, i, relay.addr(), &secret_file, &models_root, backend);
         let node =
             edgeroute_node::Node::build(edgeroute_node::NodeConfig::parse(&toml, |_| None)?)?
                 .with_bus(bus().await?);
@@ -124,7 +248,7 @@ async fn start_fleet(dir: &std::path::Path, nats: Option<&str>) -> Result<Fleet>
     // Clients in each region reach each node over a link with that pair's real RTT and 1 ms
     // of jitter: nearest is not always fastest (a Montreal client's best is Toronto's fast node).
     let targets: Vec<(SocketAddr, &str)> =
-        relays.iter().zip(NODES).map(|(r, (_, region, _))| (r.addr(), region)).collect();
+        relays.iter().zip(&NODES).map(|(r, n)| (r.addr(), n.region)).collect();
     let wan =
         Wan::build(&REGIONS, &targets, |c, n| LinkSpec::rtt_ms(geo_rtt_ms(c, n), 1.0), 7).await?;
     let mut discovery = Vec::new();
@@ -218,20 +342,23 @@ impl Fleet {
         Ok(Client::with_transport(cfg, Some(listener), self.wan.transport(REGIONS[region]))?)
     }
 
-    async fn admin_drain(&self, node: usize) -> Result<()> {
+    /// An operator's call to a node's admin API; the answer's status must be a success.
+    async fn admin_post(&self, node: usize, path: &str, body: String) -> Result<()> {
         let token = self.mint("operator", edgeroute_auth::Scope::Admin)?;
         let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
         let addr = self.relays.lock().map_err(|_| anyhow::anyhow!("relays"))?[node].addr();
-        let req = http::Request::post(format!("http://{addr}/admin/drain"))
+        let req = http::Request::post(format!("http://{addr}{path}"))
             .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                b"{\"deadline_ms\": 60000}",
-            )))?;
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
         let res = client.request(req).await?;
-        anyhow::ensure!(res.status().is_success(), "drain answered {}", res.status());
+        let status = res.status();
+        if !status.is_success() {
+            let text = http_body_util::BodyExt::collect(res.into_body()).await?.to_bytes();
+            anyhow::bail!("{path} answered {status}: {}", String::from_utf8_lossy(&text));
+        }
         Ok(())
     }
 }
@@ -242,6 +369,7 @@ async fn phase(
     opts: &DemoOpts,
     salt: u64,
     clients: &[Client],
+    llm: &str,
     during: Option<During>,
 ) -> PhaseResult {
     let results = Arc::new(std::sync::Mutex::new(PhaseResult::default()));
@@ -249,45 +377,79 @@ async fn phase(
     for i in 0..opts.sessions {
         let client = clients[i % clients.len()].clone();
         let results = results.clone();
-        let turns = opts.turns;
+        let (turns, spacing, voice, llm) =
+            (opts.turns, opts.spacing(), opts.voice(), llm.to_owned());
         tasks.spawn(async move {
             // Sessions arrive over time, as callers do, not all in the same millisecond.
-            tokio::time::sleep(Duration::from_millis(40 * i as u64)).await;
-            let mut s = match client.session("sim-llama").await {
-                Ok(s) => s,
-                Err(_) => {
-                    if let Ok(mut r) = results.lock() {
-                        r.turns += turns;
-                        r.failed += turns;
-                    }
-                    return;
+            tokio::time::sleep(spacing * i as u32).await;
+            let fail_all = |results: &std::sync::Mutex<PhaseResult>| {
+                if let Ok(mut r) = results.lock() {
+                    r.turns += turns;
+                    r.failed += turns;
                 }
             };
+            // One session per model, each pinned to the best node serving it.
+            let Ok(mut s) = client.session(&llm).await else { return fail_all(&results) };
+            let mut speech = None;
+            if voice {
+                match tokio::try_join!(client.session(STT), client.session(TTS)) {
+                    Ok(pair) => speech = Some(pair),
+                    Err(_) => return fail_all(&results),
+                }
+            }
             for t in 0..turns {
                 let prompt = PROMPTS[(i + t + salt as usize) % PROMPTS.len()];
-                let mut req = ChatCompletionRequest::new(
-                    "sim-llama",
-                    vec![ChatMessage::new(Role::User, prompt)],
-                );
-                req.max_tokens = Some(24);
                 let start = Instant::now();
                 let mut node = String::new();
+                let mut ttft = None;
                 let outcome = async {
+                    // STT: the caller's audio (here, its transcript) in, text out.
+                    let heard = match speech.as_mut() {
+                        Some((stt, _)) => {
+                            let mut req = ChatCompletionRequest::new(
+                                STT,
+                                vec![ChatMessage::new(Role::User, prompt)],
+                            );
+                            req.max_tokens = Some(8);
+                            stt.chat(&req).await?;
+                            prompt.to_owned()
+                        }
+                        None => prompt.to_owned(),
+                    };
+                    let mut req = ChatCompletionRequest::new(
+                        llm.as_str(),
+                        vec![ChatMessage::new(Role::User, heard)],
+                    );
+                    req.max_tokens = Some(24);
+                    let llm_start = Instant::now();
                     let mut stream = s.chat_stream(&req).await?;
                     node = stream.node().to_owned();
-                    let mut ttft = None;
+                    let mut answer = String::new();
                     while let Some(c) = stream.next().await {
-                        c?;
-                        ttft.get_or_insert_with(|| start.elapsed());
+                        let c = c?;
+                        ttft.get_or_insert_with(|| llm_start.elapsed());
+                        for choice in &c.choices {
+                            answer.push_str(choice.delta.content.as_deref().unwrap_or_default());
+                        }
                     }
-                    Ok::<_, edgeroute_client::ClientError>(ttft)
+                    // TTS: the answer in, audio (here, text) out.
+                    if let Some((_, tts)) = speech.as_mut() {
+                        let mut req = ChatCompletionRequest::new(
+                            TTS,
+                            vec![ChatMessage::new(Role::User, answer)],
+                        );
+                        req.max_tokens = Some(8);
+                        tts.chat(&req).await?;
+                    }
+                    Ok::<_, edgeroute_client::ClientError>(())
                 }
                 .await;
                 if let Ok(mut r) = results.lock() {
                     r.turns += 1;
                     match outcome {
-                        Ok(ttft) => {
+                        Ok(()) => {
                             r.ttft_ms.push(ttft.unwrap_or_default().as_secs_f64() * 1000.0);
+                            r.turn_ms.push(start.elapsed().as_secs_f64() * 1000.0);
                             *r.nodes.entry(node).or_default() += 1;
                         }
                         Err(_) => r.failed += 1,
@@ -324,7 +486,12 @@ async fn phase(
     });
     if let Some(f) = during {
         // Once most sessions are under way.
-        tokio::time::sleep(Duration::from_millis(40 * opts.sessions as u64 * 2 / 3)).await;
+        tokio::time::sleep(opts.spacing() * (opts.sessions as u32 * 2 / 3)).await;
+        // And once turns have been served (so there is a busiest node), while others run.
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while results.lock().is_ok_and(|r| r.nodes.is_empty()) && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if let Ok(r) = results.lock() {
             f(&r);
         }
@@ -350,6 +517,7 @@ fn total(clients: &[Client]) -> Stats {
 fn record(name: &str, r: &PhaseResult, clients: &[Client], before: &mut Stats, md: &mut String) {
     let now = total(clients);
     let (p50, p99) = (pct(&r.ttft_ms, 0.5), pct(&r.ttft_ms, 0.99));
+    let turn_p50 = pct(&r.turn_ms, 0.5);
     let (failovers, moves) = (now.failovers - before.failovers, now.migrations - before.migrations);
     let nodes: Vec<String> = r.nodes.iter().map(|(n, c)| format!("{n}×{c}")).collect();
     println!(
@@ -357,7 +525,7 @@ fn record(name: &str, r: &PhaseResult, clients: &[Client], before: &mut Stats, m
         r.turns, r.failed
     );
     md.push_str(&format!(
-        "| {name} | {} | {} | {p50:.0} | {p99:.0} | {failovers} | {moves} | {} | {} |\n",
+        "| {name} | {} | {} | {p50:.0} | {p99:.0} | {turn_p50:.0} | {failovers} | {moves} | {} | {} |\n",
         r.turns,
         r.failed,
         now.cached_lists - before.cached_lists,
@@ -369,15 +537,25 @@ fn record(name: &str, r: &PhaseResult, clients: &[Client], before: &mut Stats, m
 pub async fn run(opts: DemoOpts) -> Result<String> {
     let dir = std::env::temp_dir().join(format!("edgeroute-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut fleet = start_fleet(&dir, opts.nats.as_deref()).await.context("starting the fleet")?;
-    println!(
-        "edgeroute demo: 6 simulator nodes in 3 regions, a discovery replica per region, clients in every region\n\
-         over emulated WAN links (same region 3 ms RTT, Toronto-Montreal 9 ms, to Vancouver 60-66 ms)\n"
-    );
+    let mut fleet = start_fleet(&dir, opts.nats.as_deref(), &opts.backend)
+        .await
+        .context("starting the fleet")?;
+    match &opts.backend {
+        DemoBackend::Sim => println!(
+            "edgeroute demo: 6 simulator nodes in 3 regions (every node serves the LLM; speech-to-text and\n\
+             text-to-speech on some; van-1 holds the three-GPU voice pipeline), a discovery replica per region,\n\
+             voice-agent clients in every region (each turn: STT → LLM stream → TTS) over emulated WAN links\n\
+             (same region 3 ms RTT, Toronto-Montreal 9 ms, to Vancouver 60-66 ms)\n"
+        ),
+        DemoBackend::OpenAi { upstream, model } => println!(
+            "edgeroute demo: 6 nodes in 3 regions in front of {upstream} ({model}), a discovery replica per region,\n\
+             clients in every region over emulated WAN links (turns are LLM only: the upstream has no speech models)\n"
+        ),
+    }
     // Until every replica has verified the fleet.
     let probe = fleet.client(0, opts.seed)?;
     let t = Instant::now();
-    while probe.discover("sim-llama").await.map_or(0, |c| c.len()) < 5 {
+    while probe.discover(opts.llm()).await.map_or(0, |c| c.len()) < 5 {
         anyhow::ensure!(
             t.elapsed() < Duration::from_secs(10),
             "discovery never verified the fleet"
@@ -388,26 +566,56 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
         (0..3).map(|r| fleet.client(r, opts.seed + r as u64)).collect::<Result<_>>()?;
 
     let mut md = String::from(
-        "| phase | turns | failed | TTFT p50 (ms) | TTFT p99 (ms) | failovers | moves | lists from cache | nodes used |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| phase | turns | failed | TTFT p50 (ms) | TTFT p99 (ms) | turn p50 (ms) | failovers | moves | lists from cache | LLM nodes used |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     let mut before = total(&clients);
 
     let mut phases: Vec<(String, PhaseResult)> = Vec::new();
     println!("1. steady traffic: each session pins the node that answers its region fastest");
     fleet.mark("phase 1: steady traffic");
-    let r = phase(&opts, 0, &clients, None).await;
+    let r = phase(&opts, 0, &clients, opts.llm(), None).await;
     record("steady", &r, &clients, &mut before, &mut md);
     phases.push(("steady".into(), r));
 
-    println!("2. tor-1 is drained: its sessions finish the turn, then move");
-    fleet.mark("phase 2: tor-1 drained");
-    fleet.admin_drain(2).await?;
-    let r = phase(&opts, 1, &clients, None).await;
+    let mut n = 2;
+    if opts.backend == DemoBackend::Sim {
+        let node = NODES[LOAD_ON].id;
+        println!(
+            "{n}. {LOADED} is loaded on {node} at run time: new sessions for it find it there"
+        );
+        fleet.mark(format!("phase {n}: {LOADED} loaded on {node}"));
+        let path = dir.join("models").join(LOADED);
+        let body = serde_json::json!({ "path": path, "id": LOADED }).to_string();
+        let asked = Instant::now();
+        fleet.admin_post(LOAD_ON, "/v1/models/load", body).await?;
+        while probe.discover(LOADED).await.map_or(0, |c| c.len()) == 0 {
+            anyhow::ensure!(
+                asked.elapsed() < Duration::from_secs(15),
+                "discovery never listed {LOADED}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let listed = asked.elapsed().as_millis();
+        println!(
+            "   listed by discovery {listed} ms after the load call (the simulator takes 800 ms to load)"
+        );
+        fleet.mark(format!("{LOADED} listed ({listed} ms after the load call)"));
+        let r = phase(&opts, 4, &clients, LOADED, None).await;
+        record(&format!("{LOADED} loaded on {node}"), &r, &clients, &mut before, &mut md);
+        phases.push((format!("{LOADED} loaded on {node}"), r));
+        n += 1;
+    }
+
+    println!("{n}. tor-1 is drained: its sessions finish the turn, then move");
+    fleet.mark(format!("phase {n}: tor-1 drained"));
+    fleet.admin_post(2, "/admin/drain", "{\"deadline_ms\": 60000}".into()).await?;
+    let r = phase(&opts, 1, &clients, opts.llm(), None).await;
     record("tor-1 drained", &r, &clients, &mut before, &mut md);
     phases.push(("tor-1 drained".into(), r));
 
-    println!("3. the busiest node dies mid-stream: answers are continued on another node");
-    fleet.mark("phase 3: the busiest node will be killed");
+    n += 1;
+    println!("{n}. the busiest node dies mid-stream: answers are continued on another node");
+    fleet.mark(format!("phase {n}: the busiest node will be killed"));
     let victim = Arc::new(std::sync::Mutex::new(String::new()));
     let kill = {
         let (relays, victim) = (fleet.relays.clone(), victim.clone());
@@ -416,7 +624,7 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
             // The node serving the most turns so far.
             let Some((name, _)) = so_far.nodes.iter().max_by_key(|(_, c)| **c) else { return };
             if let (Some(i), Ok(mut relays)) =
-                (NODES.iter().position(|(id, _, _)| id == name), relays.lock())
+                (NODES.iter().position(|n| n.id == name), relays.lock())
             {
                 relays[i].cut();
                 if let Ok(mut v) = victim.lock() {
@@ -428,14 +636,15 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
             }
         }) as During
     };
-    let r = phase(&opts, 2, &clients, Some(kill)).await;
+    let r = phase(&opts, 2, &clients, opts.llm(), Some(kill)).await;
     let victim = victim.lock().map(|v| v.clone()).unwrap_or_default();
     println!("   ({victim} was killed)");
     record(&format!("{victim} killed mid-stream"), &r, &clients, &mut before, &mut md);
     phases.push((format!("{victim} killed mid-stream"), r));
 
-    println!("4. the whole control plane stops: new clients start from persisted lists");
-    fleet.mark("phase 4: every discovery replica stopped");
+    n += 1;
+    println!("{n}. the whole control plane stops: new clients start from persisted lists");
+    fleet.mark(format!("phase {n}: every discovery replica stopped"));
     // Stopped, but their addresses stay in the clients' configuration: unreachable.
     for d in &mut fleet.discovery {
         d.stop();
@@ -444,7 +653,7 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     let cold: Vec<Client> =
         (0..3).map(|r| fleet.client(r, opts.seed + 10 + r as u64)).collect::<Result<_>>()?;
     before = total(&cold);
-    let r = phase(&opts, 3, &cold, None).await;
+    let r = phase(&opts, 3, &cold, opts.llm(), None).await;
     record("discovery down, new clients", &r, &cold, &mut before, &mut md);
     phases.push(("discovery down, new clients".into(), r));
     if let Some(dir) = &opts.report {
@@ -459,6 +668,28 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     std::fs::remove_dir_all(&dir).ok();
     println!("\n{md}");
     Ok(md)
+}
+
+/// The first model an OpenAI-compatible upstream lists at `GET /v1/models`.
+pub async fn upstream_model(upstream: &str) -> Result<String> {
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let uri: http::Uri = format!("{upstream}/v1/models")
+        .parse()
+        .with_context(|| format!("--upstream `{upstream}` is not a URL"))?;
+    let res = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .with_context(|| format!("{upstream}/v1/models did not answer in 10 s"))?
+        .with_context(|| format!("asking {upstream}/v1/models"))?;
+    anyhow::ensure!(res.status().is_success(), "{upstream}/v1/models answered {}", res.status());
+    let body = http_body_util::BodyExt::collect(res.into_body()).await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("{upstream}/v1/models is not JSON"))?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{upstream}/v1/models lists no model (use --model)"))
 }
 
 /// TTFT buckets of the report, ms.
@@ -482,12 +713,17 @@ fn write_report(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut md = format!(
-        "# edgeroute demo report\n\nSix simulator nodes in Vancouver, Toronto and Montreal; a discovery replica per \
-         region on the {} bus; clients in every region over emulated WAN links. {} sessions × {} streamed \
-         turns per phase, seed {}.\n\n## Summary\n\n{summary}\n## Time to first token, per phase (turns per bucket)\n\n",
+        "# edgeroute demo report\n\nSix nodes ({}) in Vancouver, Toronto and Montreal; a discovery replica per \
+         region on the {} bus; clients in every region over emulated WAN links. {} sessions × {} turns ({}) per \
+         phase, seed {}.\n\n## Summary\n\n{summary}\n## Time to first token, per phase (turns per bucket)\n\n",
+        match &opts.backend {
+            DemoBackend::Sim => "simulators; the voice pipeline on van-1".to_owned(),
+            DemoBackend::OpenAi { upstream, model } => format!("in front of {upstream}, {model}"),
+        },
         if opts.nats.is_some() { "NATS" } else { "embedded" },
         opts.sessions,
         opts.turns,
+        if opts.voice() { "STT → LLM stream → TTS" } else { "LLM stream" },
         opts.seed
     );
     md.push_str("| phase |");
@@ -570,17 +806,35 @@ mod tests {
     async fn the_demo_story_runs_without_a_failed_turn() {
         let dir = tempfile::tempdir().expect("tempdir");
         let report = dir.path().join("report");
-        let opts =
-            DemoOpts { sessions: 6, turns: 3, seed: 1, nats: None, report: Some(report.clone()) };
+        let opts = DemoOpts {
+            sessions: 6,
+            turns: 3,
+            seed: 1,
+            nats: None,
+            report: Some(report.clone()),
+            duration: None,
+            backend: DemoBackend::Sim,
+        };
         let md = run(opts).await.expect("demo");
         for line in md.lines().skip(2) {
             let cols: Vec<&str> = line.split('|').map(str::trim).collect();
             assert_eq!(cols[3], "0", "failed turns in: {line}");
         }
-        assert_eq!(md.lines().count(), 6, "{md}");
+        assert_eq!(md.lines().count(), 7, "{md}");
+        let loaded =
+            md.lines().find(|l| l.contains("sim-qwen loaded on mtl-2")).expect("load phase");
+        assert!(
+            loaded.trim_end().ends_with("| mtl-2×18 |"),
+            "traffic found the loaded model: {loaded}"
+        );
         let written = std::fs::read_to_string(report.join("report.md")).expect("report.md");
         assert!(written.contains("## Time to first token, per phase"), "{written}");
-        assert!(written.contains(" killed"), "the kill is on the timeline: {written}");
+        let victim = NODES.iter().find(|n| md.contains(&format!("| {} killed mid-stream", n.id)));
+        assert!(victim.is_some(), "a node was killed: {md}");
+        assert!(
+            written.contains(&format!("| {} killed |", victim.map_or("", |n| n.id))),
+            "on the timeline: {written}"
+        );
         assert!(written.contains("failover "), "the failovers are on the timeline: {written}");
         for png in ["ttft.png", "timeline.png"] {
             let bytes = std::fs::read(report.join(png)).expect(png);

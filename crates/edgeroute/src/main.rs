@@ -137,6 +137,20 @@ enum Command {
         /// Write a report (markdown: summary, TTFT per phase, timeline) into this folder.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// How long the story's traffic lasts, seconds (each phase gets its share; sessions
+        /// arrive spread over it). Default: a session every 40 ms.
+        #[arg(long)]
+        duration_s: Option<u64>,
+        /// What the nodes serve with: `sim` (the simulator, with speech models and a voice
+        /// pipeline) or `openai` (a real OpenAI-compatible upstream, see --upstream).
+        #[arg(long, default_value = "sim")]
+        backend: String,
+        /// The upstream behind every node with `--backend openai` (e.g. llama.cpp's server).
+        #[arg(long)]
+        upstream: Option<String>,
+        /// The upstream's model; default: the first its `/v1/models` lists.
+        #[arg(long)]
+        model: Option<String>,
     },
 }
 
@@ -174,6 +188,24 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         server_threads: usize,
     },
+    /// Routing architectures side by side on one emulated network, workload and seed:
+    /// DNS-style, central proxy, edgeroute, oracle; steady, a node dying, a congested ISP.
+    Fleet {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seconds during which sessions arrive, per run.
+        #[arg(long, default_value_t = 30)]
+        duration_s: u64,
+        /// New voice sessions per second.
+        #[arg(long, default_value_t = 4.0)]
+        sessions_per_s: f64,
+        /// Turns per session.
+        #[arg(long, default_value_t = 6)]
+        turns: usize,
+        /// Scenarios: steady, death, congested.
+        #[arg(long, value_delimiter = ',', default_value = "steady,death,congested")]
+        scenarios: Vec<String>,
+    },
     /// The WAN emulation relay's own cost: round trips direct vs through a link.
     Wan {
         #[arg(long, default_value_t = 2000)]
@@ -195,11 +227,11 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
-    /// Gateway overhead: the same load direct to the simulator, through the gateway, and
-    /// through nginx, on loopback, in one run.
+    /// Gateway overhead: the same load direct to the simulator, through the gateway, through
+    /// nginx and through LiteLLM's proxy, on loopback, in one run.
     Gateway {
-        /// Intended request rates, requests/s.
-        #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+        /// Intended request rates, requests/s (LiteLLM only at those up to --litellm-max-rate).
+        #[arg(long, value_delimiter = ',', default_value = "20,1000,5000")]
         rates: Vec<f64>,
         /// Modes: json, stream.
         #[arg(long, value_delimiter = ',', default_value = "json,stream")]
@@ -216,6 +248,13 @@ enum BenchCommand {
         /// nginx binary for the reference row ("none" leaves it out).
         #[arg(long, default_value = "/usr/sbin/nginx")]
         nginx: String,
+        /// LiteLLM's `litellm` command for its row ("none" leaves it out). Default: the venv
+        /// scripts/setup-litellm.sh installs, when present.
+        #[arg(long)]
+        litellm: Option<String>,
+        /// The highest rate LiteLLM is loaded at (one Python worker). Default: 20.
+        #[arg(long)]
+        litellm_max_rate: Option<f64>,
         /// The gateway's `node.worker_threads` (1: one event loop, like nginx's one worker).
         #[arg(long, default_value_t = 1)]
         gateway_threads: usize,
@@ -407,6 +446,51 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", bench_discovery::load(opts).await?);
             Ok(())
         }
+        Command::Bench {
+            command: BenchCommand::Fleet { seed, duration_s, sessions_per_s, turns, scenarios },
+        } => {
+            use edgeroute_lab::compare::{self, CompareOpts, Scenario};
+            let scenarios = scenarios
+                .iter()
+                .map(|s| {
+                    Scenario::parse(s).with_context(|| {
+                        format!("unknown scenario `{s}` (expected steady, death, congested)")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = CompareOpts {
+                seed,
+                duration: std::time::Duration::from_secs(duration_s),
+                sessions_per_s,
+                turns,
+                scenarios,
+                ..CompareOpts::default()
+            };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            eprintln!(
+                "{} scenario(s) × {} strategies, {duration_s} s of arrivals each, seed {seed}",
+                opts.scenarios.len(),
+                opts.strategies.len()
+            );
+            let rows = compare::run(&opts, &|r| {
+                eprintln!(
+                    "  {} / {}: {} turns, TTFT p50 {:.1} ms p99 {:.1} ms, {} failed",
+                    r.scenario.name(),
+                    r.strategy.name(),
+                    r.turns,
+                    r.ttft_p50_ms,
+                    r.ttft_p99_ms,
+                    r.failed_requests
+                );
+            })
+            .await?;
+            println!("## Routing architectures (`{command}`)\n");
+            println!("{}", compare::report::to_markdown(&rows));
+            for (what, met) in compare::report::targets(&rows) {
+                println!("- {} {what}", if met { "met:" } else { "MISSED:" });
+            }
+            Ok(())
+        }
         Command::Bench { command: BenchCommand::Wan { rounds } } => {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             println!("## WAN emulation relay (`{command}`)\n");
@@ -487,8 +571,35 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("edgeroute watch: installed {} model(s)", installed.len());
             Ok(())
         }
-        Command::Demo { sessions, turns, seed, nats, report } => {
-            demo::run(demo::DemoOpts { sessions, turns, seed, nats, report }).await.map(|_| ())
+        Command::Demo {
+            sessions,
+            turns,
+            seed,
+            nats,
+            report,
+            duration_s,
+            backend,
+            upstream,
+            model,
+        } => {
+            let backend = match (backend.as_str(), upstream) {
+                ("sim", None) => demo::DemoBackend::Sim,
+                ("sim", Some(_)) => bail!("--upstream needs --backend openai"),
+                ("openai", Some(upstream)) => {
+                    let upstream = upstream.trim_end_matches('/').to_owned();
+                    let model = match model {
+                        Some(m) => m,
+                        None => demo::upstream_model(&upstream).await?,
+                    };
+                    demo::DemoBackend::OpenAi { upstream, model }
+                }
+                ("openai", None) => bail!("--backend openai needs --upstream URL"),
+                (other, _) => bail!("--backend: `{other}` is not sim or openai"),
+            };
+            let duration = duration_s.map(std::time::Duration::from_secs);
+            demo::run(demo::DemoOpts { sessions, turns, seed, nats, report, duration, backend })
+                .await
+                .map(|_| ())
         }
         Command::Bench { command: BenchCommand::Bus { bus, nats_url, changes } } => {
             let cfg = match bus.as_str() {
@@ -514,6 +625,8 @@ async fn run(cli: Cli) -> Result<()> {
                     rounds,
                     connections,
                     nginx,
+                    litellm,
+                    litellm_max_rate,
                     gateway_threads,
                     work_dir,
                 },
@@ -530,6 +643,14 @@ async fn run(cli: Cli) -> Result<()> {
             opts.rounds = rounds;
             opts.connections = connections;
             opts.nginx_bin = (nginx != "none").then(|| PathBuf::from(nginx));
+            match litellm.as_deref() {
+                Some("none") => opts.litellm_bin = None,
+                Some(path) => opts.litellm_bin = Some(PathBuf::from(path)),
+                None => {}
+            }
+            if let Some(r) = litellm_max_rate {
+                opts.litellm_max_rate = r;
+            }
             opts.work_dir = work_dir;
             opts.gateway_worker_threads = gateway_threads;
             opts.command = std::env::args().collect::<Vec<_>>().join(" ");
