@@ -1,11 +1,18 @@
 //! The gateway-overhead benchmark: the same open-loop load sent, in one run on loopback, to
-//! the simulator backend directly, through the edgeroute gateway, and through nginx as a
-//! reference reverse proxy, for JSON and SSE answers at each requested rate.
+//! the simulator backend directly, through the edgeroute gateway, through nginx as a
+//! reference reverse proxy, and through LiteLLM's proxy (a Python AI gateway), for JSON and SSE
+//! answers at each requested rate.
+//!
+//! LiteLLM is loaded only at rates up to [`GatewayBenchOpts::litellm_max_rate`]: one Python
+//! worker saturated here at about 45 JSON or 22 streamed requests per second (2 cores shared
+//! with the load generator), so at the gateway's rates its figures would be queueing, and its
+//! runs would end only at the request timeout. The published configuration therefore has a
+//! low rate (20 requests/s) at which all four targets are measured side by side.
 //!
 //! [`run`] starts every server as a child process (killed on drop, see
-//! [`crate::process::ProcessGuard`]), waits for `/health`, checks one request per target and
-//! mode, warms up, then loads the targets in turn, rotating their order each round to spread
-//! drift (thermal, page cache, other tenants) evenly. [`GatewayBenchReport::to_markdown`]
+//! [`crate::process::ProcessGuard`]), waits for its health endpoint, checks one request per
+//! target and mode, warms up, then loads the targets in turn, rotating their order each round
+//! to spread drift (thermal, page cache, other tenants) evenly. [`GatewayBenchReport::to_markdown`]
 //! renders the figures with the machine, the exact command, and every rate that was not
 //! sustained marked as such.
 //!
@@ -38,6 +45,8 @@ pub enum TargetKind {
     Gateway,
     /// nginx as a plain reverse proxy in front of the same simulator.
     Nginx,
+    /// LiteLLM's proxy (`litellm --config`) in front of the same simulator.
+    LiteLlm,
 }
 
 impl TargetKind {
@@ -46,6 +55,7 @@ impl TargetKind {
             TargetKind::Direct => "direct (sim)",
             TargetKind::Gateway => "edgeroute gateway",
             TargetKind::Nginx => "nginx",
+            TargetKind::LiteLlm => "LiteLLM proxy",
         }
     }
 }
@@ -59,6 +69,17 @@ pub struct GatewayBenchOpts {
     pub nginx_bin: Option<PathBuf>,
     /// nginx `worker_processes`.
     pub nginx_workers: u32,
+    /// LiteLLM's `litellm` command (from `pip install 'litellm[proxy]'`, see
+    /// `scripts/setup-litellm.sh`); `None` leaves it out.
+    pub litellm_bin: Option<PathBuf>,
+    /// LiteLLM's `--num_workers`.
+    pub litellm_workers: u32,
+    /// The highest rate LiteLLM is loaded at; phases above it have no LiteLLM row, and
+    /// LiteLLM is not started when every rate is above it.
+    pub litellm_max_rate: f64,
+    /// How long LiteLLM gets to answer its liveness probe after it starts (it imports for
+    /// several seconds before it listens).
+    pub litellm_startup_timeout: Duration,
     /// The gateway's `node.worker_threads` (1: one event loop, like one nginx worker; 0: one
     /// thread per core).
     pub gateway_worker_threads: usize,
@@ -87,17 +108,26 @@ pub struct GatewayBenchOpts {
 }
 
 impl GatewayBenchOpts {
-    /// The published configuration: JSON and SSE, 1,000 and 5,000 requests/s, 10 s measured
-    /// per target and phase in 2 interleaved rounds, 32 connections, nginx with 1 worker.
+    /// The published configuration: JSON and SSE at 20, 1,000 and 5,000 requests/s (LiteLLM
+    /// at 20 only), 10 s measured per target and phase in 2 interleaved rounds, 32
+    /// connections, nginx with 1 worker, LiteLLM with 1 worker. nginx and LiteLLM are
+    /// included when installed where `scripts/bench.sh` puts them.
     pub fn new(edgeroute_bin: impl Into<PathBuf>) -> Self {
         let nginx = PathBuf::from("/usr/sbin/nginx");
         GatewayBenchOpts {
             edgeroute_bin: edgeroute_bin.into(),
             nginx_bin: nginx.exists().then_some(nginx),
             nginx_workers: 1,
+            litellm_bin: default_litellm_bin(),
+            // One worker, as LiteLLM's production guide recommends per container (scale with
+            // replicas, not workers), and for parity with the gateway's one event loop and
+            // nginx's one worker process on these 2 cores shared with the load generator.
+            litellm_workers: 1,
+            litellm_max_rate: 20.0,
+            litellm_startup_timeout: Duration::from_secs(120),
             gateway_worker_threads: 1,
             modes: vec![Mode::Json, Mode::Stream],
-            rates: vec![1000.0, 5000.0],
+            rates: vec![20.0, 1000.0, 5000.0],
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(2),
             rounds: 2,
@@ -111,6 +141,21 @@ impl GatewayBenchOpts {
             command: String::new(),
         }
     }
+}
+
+/// Where `scripts/setup-litellm.sh` installs LiteLLM's proxy:
+/// `${EDGEROUTE_CACHE:-$HOME/.cache/edgeroute}/litellm-venv/bin/litellm`.
+pub fn litellm_venv_bin() -> Option<PathBuf> {
+    let cache = match std::env::var_os("EDGEROUTE_CACHE") {
+        Some(c) if !c.is_empty() => PathBuf::from(c),
+        _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache/edgeroute"),
+    };
+    Some(cache.join("litellm-venv/bin/litellm"))
+}
+
+/// [`litellm_venv_bin`] when it is installed.
+pub fn default_litellm_bin() -> Option<PathBuf> {
+    litellm_venv_bin().filter(|p| p.exists())
 }
 
 /// Where the benchmark ran.
@@ -163,12 +208,18 @@ pub struct Row {
     pub rss_end: Option<u64>,
 }
 
-/// One mode at one rate, all targets.
+/// One mode at one rate, all targets loaded at that rate.
 #[derive(Debug, Clone)]
 pub struct Phase {
     pub mode: Mode,
     pub rate: f64,
     pub rows: Vec<Row>,
+}
+
+impl Phase {
+    pub fn find(&self, kind: TargetKind) -> Option<&Row> {
+        self.rows.iter().find(|r| r.target == kind)
+    }
 }
 
 /// RSS of one server over the whole run.
@@ -188,6 +239,8 @@ pub struct GatewayBenchReport {
     pub command: String,
     pub nginx_version: Option<String>,
     pub nginx_workers: u32,
+    /// `Some` when LiteLLM was asked for (whether or not a rate allowed starting it).
+    pub litellm: Option<LiteLlmInfo>,
     pub gateway_worker_threads: usize,
     pub connections: usize,
     pub duration: Duration,
@@ -201,6 +254,17 @@ pub struct GatewayBenchReport {
     pub memory: Vec<MemoryRow>,
     pub gateway_config: String,
     pub nginx_config: Option<String>,
+}
+
+/// How LiteLLM ran, for the report.
+#[derive(Debug, Clone)]
+pub struct LiteLlmInfo {
+    /// The installed `litellm` package version, e.g. `1.106.0`.
+    pub version: Option<String>,
+    pub workers: u32,
+    pub max_rate: f64,
+    /// The generated `config.yaml`, master key masked; `None` when LiteLLM was not started.
+    pub config: Option<String>,
 }
 
 /// The gateway's configuration, in the format of `edgeroute-node`'s `NodeConfig` (which
@@ -308,6 +372,90 @@ http {{
     )
 }
 
+/// LiteLLM's proxy configuration: `model` routed to the simulator's OpenAI-compatible API as
+/// an `openai/` model (LiteLLM's generic OpenAI-compatible provider), the master key as the
+/// only credential (parity with the gateway's JWT: every request is authenticated), no
+/// database (so no virtual keys, spend or error logs to write), and no logging callbacks.
+/// The listen address is given on the command line, not here.
+///
+/// What LiteLLM's production guide adds that is left out: a Postgres database and Redis (for
+/// virtual keys, budgets and shared rate limits; the gateway keeps its limits in memory, and
+/// with no database LiteLLM checks only the master key), Slack alerting, and JSON logs. Its
+/// other recommendations are followed: one worker (`--num_workers 1`, see
+/// [`GatewayBenchOpts::litellm_workers`]), debug logging off, `LITELLM_MODE=PRODUCTION` and
+/// `LITELLM_LOG=ERROR` (set by [`run`] in the environment).
+pub fn litellm_config_yaml(upstream: SocketAddr, model: &str, master_key: &str) -> String {
+    // YAML's double-quoted scalars accept the escapes `toml_string` writes (\", \\, \uXXXX).
+    let q = toml_string;
+    format!(
+        r#"# Generated by edgeroute-lab's gateway benchmark.
+model_list:
+  - model_name: {name}
+    litellm_params:
+      model: {provider_model}
+      api_base: {api_base}
+      # The simulator checks no key; LiteLLM's OpenAI client needs one all the same.
+      api_key: "sk-bench-unused"
+
+litellm_settings:
+  set_verbose: false
+  turn_off_message_logging: true
+  callbacks: []
+  success_callback: []
+  failure_callback: []
+  request_timeout: 30
+
+general_settings:
+  master_key: {master_key}
+  disable_spend_logs: true
+  disable_error_logs: true
+  background_health_checks: false
+"#,
+        name = q(model),
+        provider_model = q(&format!("openai/{model}")),
+        api_base = q(&format!("http://{upstream}/v1")),
+        master_key = q(master_key),
+    )
+}
+
+/// A LiteLLM master key: `sk-` (LiteLLM requires the prefix) and 32 random bytes in hex.
+fn litellm_master_key() -> anyhow::Result<String> {
+    let mut raw = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
+    Ok(format!("sk-bench-{}", raw.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// The `litellm` package version behind a `litellm` command: read from the `.dist-info`
+/// directory of the venv it belongs to (`bin/../lib/python3.*/site-packages`), which is
+/// instant, or else from `litellm --version`, which imports the whole package (~10 s).
+async fn litellm_version(bin: &Path) -> Option<String> {
+    let from_dist_info = || -> Option<String> {
+        let venv = bin.parent()?.parent()?;
+        for lib in std::fs::read_dir(venv.join("lib")).ok()?.flatten() {
+            let site = lib.path().join("site-packages");
+            let Ok(entries) = std::fs::read_dir(&site) else { continue };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(v) =
+                    name.strip_prefix("litellm-").and_then(|r| r.strip_suffix(".dist-info"))
+                {
+                    return Some(v.to_owned());
+                }
+            }
+        }
+        None
+    };
+    if let Some(v) = from_dist_info() {
+        return Some(v);
+    }
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("--version").env("LITELLM_LOCAL_MODEL_COST_MAP", "True").kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await.ok()?.ok()?;
+    // "LiteLLM: Current Version = 1.106.0"
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find_map(|l| l.split_once("Current Version = ")).map(|(_, v)| v.trim().to_owned())
+}
+
 fn free_port() -> std::io::Result<u16> {
     // Bind, read the port, release it. Another process may take it in between; starts
     // are retried on another port when the server exits early.
@@ -334,13 +482,14 @@ async fn get_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<S
     tokio::time::timeout(timeout, attempt).await.ok().flatten()
 }
 
-/// Starts a server on a free port and waits until `/health` answers 200. A server that
+/// Starts a server on a free port and waits until `GET health` answers 200. A server that
 /// exits during start-up (most likely: the port was taken meanwhile) is retried on another
 /// port, twice.
 async fn start_server(
     guard: &mut ProcessGuard,
     name: &str,
     log: &Path,
+    health: &str,
     startup_timeout: Duration,
     mut make: impl FnMut(SocketAddr) -> anyhow::Result<Command>,
 ) -> anyhow::Result<(SocketAddr, u32)> {
@@ -360,13 +509,13 @@ async fn start_server(
                 }
                 break;
             }
-            if get_status(addr, "/health", Duration::from_secs(1)).await == Some(StatusCode::OK) {
+            if get_status(addr, health, Duration::from_secs(1)).await == Some(StatusCode::OK) {
                 return Ok((addr, pid));
             }
             if Instant::now() > deadline {
                 let tail = guard.log_tail(name);
                 bail!(
-                    "{name} ({program}) did not answer GET /health with 200 within {startup_timeout:?}; log:\n{tail}"
+                    "{name} ({program}) did not answer GET {health} with 200 within {startup_timeout:?}; log:\n{tail}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -420,13 +569,62 @@ fn write_secret(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `litellm --config ... --host ... --port ... --num_workers N`, with the environment LiteLLM's
+/// production guide asks for and nothing that reaches beyond loopback.
+fn litellm_command(
+    bin: &Path,
+    config: &Path,
+    prefix: &Path,
+    addr: SocketAddr,
+    opts: &GatewayBenchOpts,
+) -> Command {
+    let mut c = Command::new(bin);
+    c.arg("--config")
+        .arg(config)
+        .arg("--host")
+        .arg(addr.ip().to_string())
+        .arg("--port")
+        .arg(addr.port().to_string())
+        .arg("--num_workers")
+        .arg(opts.litellm_workers.to_string());
+    // PRODUCTION: no `.env` loading. LITELLM_LOG=ERROR: no per-request access log (nginx runs
+    // with `access_log off`) and no debug logging. The local model cost map: LiteLLM otherwise
+    // fetches it from the internet at start-up, which is unreachable here and only delays it.
+    c.env("LITELLM_MODE", "PRODUCTION")
+        .env("LITELLM_LOG", "ERROR")
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        // No database, whatever the caller's environment says.
+        .env_remove("DATABASE_URL")
+        .env_remove("DIRECT_URL")
+        // Proxies for loopback traffic would add a hop (and are not wanted for the sim).
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .current_dir(prefix);
+    c
+}
+
 /// The servers of one run and how to reach them.
 struct Targets {
     list: Vec<TargetInfo>,
     token: String,
+    litellm_key: Option<String>,
 }
 
 impl Targets {
+    /// The credential each target requires: the gateway's JWT, LiteLLM's master key.
+    fn bearer(&self, kind: TargetKind) -> Option<&str> {
+        match kind {
+            TargetKind::Gateway => Some(&self.token),
+            TargetKind::LiteLlm => self.litellm_key.as_deref(),
+            TargetKind::Direct | TargetKind::Nginx => None,
+        }
+    }
+
+    /// Whether `t` is loaded at `rate`: LiteLLM only up to its cap.
+    fn loaded_at(&self, t: &TargetInfo, opts: &GatewayBenchOpts, rate: f64) -> bool {
+        t.kind != TargetKind::LiteLlm || rate <= opts.litellm_max_rate
+    }
+
     fn spec(
         &self,
         t: &TargetInfo,
@@ -436,9 +634,7 @@ impl Targets {
         body: &Bytes,
     ) -> LoadSpec {
         let mut spec = LoadSpec::new(format!("http://{}", t.addr), body.clone(), mode, rate);
-        if t.kind == TargetKind::Gateway {
-            spec.bearer = Some(self.token.clone());
-        }
+        spec.bearer = self.bearer(t.kind).map(str::to_owned);
         spec.connections = opts.connections;
         spec.warmup = opts.warmup;
         spec.request_timeout = opts.request_timeout;
@@ -506,7 +702,7 @@ async fn run_with(
 ) -> anyhow::Result<GatewayBenchReport> {
     let bin = &opts.edgeroute_bin;
     let (sim_addr, sim_pid) =
-        start_server(guard, "sim", &dir.join("sim.log"), opts.startup_timeout, |addr| {
+        start_server(guard, "sim", &dir.join("sim.log"), "/health", opts.startup_timeout, |addr| {
             let mut c = Command::new(bin);
             c.arg("sim").arg("--listen").arg(addr.to_string()).arg("--zero-latency");
             Ok(c)
@@ -520,16 +716,22 @@ async fn run_with(
     let upstream = format!("http://{sim_addr}");
     let config_path = dir.join("gateway.toml");
     let mut gateway_config = String::new();
-    let (gw_addr, gw_pid) =
-        start_server(guard, "gateway", &dir.join("gateway.log"), opts.startup_timeout, |addr| {
+    let (gw_addr, gw_pid) = start_server(
+        guard,
+        "gateway",
+        &dir.join("gateway.log"),
+        "/health",
+        opts.startup_timeout,
+        |addr| {
             gateway_config =
                 gateway_config_toml(addr, &upstream, &secret, opts.gateway_worker_threads);
             std::fs::write(&config_path, &gateway_config)?;
             let mut c = Command::new(bin);
             c.arg("node").arg("--config").arg(&config_path);
             Ok(c)
-        })
-        .await?;
+        },
+    )
+    .await?;
     list.push(TargetInfo { kind: TargetKind::Gateway, addr: gw_addr, pid: gw_pid });
 
     let mut nginx_config = None;
@@ -541,20 +743,60 @@ async fn run_with(
         std::fs::set_permissions(&prefix, std::fs::Permissions::from_mode(0o755))?;
         let conf_path = prefix.join("nginx.conf");
         let mut conf_text = String::new();
-        let (addr, pid) =
-            start_server(guard, "nginx", &dir.join("nginx.log"), opts.startup_timeout, |addr| {
+        let (addr, pid) = start_server(
+            guard,
+            "nginx",
+            &dir.join("nginx.log"),
+            "/health",
+            opts.startup_timeout,
+            |addr| {
                 conf_text = nginx_conf(addr, sim_addr, &prefix, opts.nginx_workers);
                 std::fs::write(&conf_path, &conf_text)?;
                 let mut c = Command::new(nginx);
                 c.arg("-p").arg(&prefix).arg("-c").arg(&conf_path);
                 c.arg("-e").arg(prefix.join("error.log"));
                 Ok(c)
-            })
-            .await?;
+            },
+        )
+        .await?;
         nginx_config = Some(conf_text);
         list.push(TargetInfo { kind: TargetKind::Nginx, addr, pid });
     }
-    let targets = Targets { list, token };
+
+    let mut litellm = None;
+    let mut litellm_key = None;
+    if let Some(litellm_bin) = &opts.litellm_bin {
+        let mut info = LiteLlmInfo {
+            version: litellm_version(litellm_bin).await,
+            workers: opts.litellm_workers,
+            max_rate: opts.litellm_max_rate,
+            config: None,
+        };
+        if opts.rates.iter().any(|&r| r <= opts.litellm_max_rate) {
+            let key = litellm_master_key()?;
+            let prefix = dir.join("litellm");
+            std::fs::create_dir_all(&prefix)?;
+            let conf_path = prefix.join("config.yaml");
+            std::fs::write(&conf_path, litellm_config_yaml(sim_addr, &opts.model, &key))?;
+            std::fs::set_permissions(&conf_path, std::fs::Permissions::from_mode(0o600))?;
+            let (addr, pid) = start_server(
+                guard,
+                "litellm",
+                &dir.join("litellm.log"),
+                // Open, and answered by the proxy itself: `/health` would need the master key
+                // and calls every model.
+                "/health/liveliness",
+                opts.litellm_startup_timeout,
+                |addr| Ok(litellm_command(litellm_bin, &conf_path, &prefix, addr, opts)),
+            )
+            .await?;
+            info.config = Some(litellm_config_yaml(sim_addr, &opts.model, "sk-<random per run>"));
+            litellm_key = Some(key);
+            list.push(TargetInfo { kind: TargetKind::LiteLlm, addr, pid });
+        }
+        litellm = Some(info);
+    }
+    let targets = Targets { list, token, litellm_key };
 
     // One request per target and mode first: a misconfigured target (401, 404, a stream
     // without [DONE]) should fail here with its answer, not as a table of errors.
@@ -562,10 +804,9 @@ async fn run_with(
     for &mode in &opts.modes {
         let body = loadgen::chat_body(&opts.model, &opts.prompt, opts.max_tokens, mode)?;
         for t in &targets.list {
-            let bearer = (t.kind == TargetKind::Gateway).then_some(targets.token.as_str());
             loadgen::probe(
                 &format!("http://{}", t.addr),
-                bearer,
+                targets.bearer(t.kind),
                 body.clone(),
                 mode,
                 opts.request_timeout,
@@ -580,6 +821,7 @@ async fn run_with(
     let warm_rate = opts.rates.iter().copied().fold(f64::INFINITY, f64::min);
     for (mode, body) in &bodies {
         for t in &targets.list {
+            // LiteLLM is started only when the lowest rate is within its cap.
             let mut spec = targets.spec(t, opts, *mode, warm_rate, body);
             spec.duration = opts.warmup.max(Duration::from_millis(100));
             spec.warmup = Duration::ZERO;
@@ -596,10 +838,13 @@ async fn run_with(
             let rss_start: Vec<Option<u64>> =
                 targets.list.iter().map(|t| tree_rss(t.pid)).collect();
             let mut acc: Vec<Option<LoadReport>> = vec![None; targets.list.len()];
+            let loaded: Vec<usize> = (0..targets.list.len())
+                .filter(|&i| targets.loaded_at(&targets.list[i], opts, rate))
+                .collect();
             for round in 0..opts.rounds {
-                let n = targets.list.len();
+                let n = loaded.len();
                 for k in 0..n {
-                    let i = (k + round as usize) % n;
+                    let i = loaded[(k + round as usize) % n];
                     let t = &targets.list[i];
                     let mut spec = targets.spec(t, opts, *mode, rate, body);
                     spec.duration = slice;
@@ -637,6 +882,7 @@ async fn run_with(
         command: opts.command.clone(),
         nginx_version: nginx_version_text,
         nginx_workers: opts.nginx_workers,
+        litellm,
         gateway_worker_threads: opts.gateway_worker_threads,
         connections: opts.connections,
         duration: opts.duration,
@@ -666,6 +912,16 @@ fn fmt_us(us: u64) -> String {
 fn fmt_delta(us: i128) -> String {
     let sign = if us < 0 { "−" } else { "+" };
     format!("{sign}{}", fmt_us(u64::try_from(us.unsigned_abs()).unwrap_or(u64::MAX)))
+}
+
+/// `a ÷ b` for two added latencies; "—" when `b` is not positive (the gateway added nothing
+/// measurable, so no multiple of it means anything).
+fn fmt_ratio(a: i128, b: i128) -> String {
+    if b <= 0 {
+        return "—".into();
+    }
+    let r = a as f64 / b as f64;
+    if r.abs() >= 10.0 { format!("{r:.0}×") } else { format!("{r:.1}×") }
 }
 
 fn fmt_mib(bytes: Option<u64>) -> String {
@@ -726,7 +982,21 @@ impl GatewayBenchReport {
                 t.pid,
                 self.nginx_workers
             ),
+            TargetKind::LiteLlm => {
+                let (version, workers) = match &self.litellm {
+                    Some(l) => (l.version.as_deref().unwrap_or("version unknown"), l.workers),
+                    None => ("version unknown", 1),
+                };
+                format!(
+                    "LiteLLM proxy: litellm {version} (`litellm --config config.yaml --num_workers {workers}`, uvicorn) on {} (pid {}), master-key auth, no database, logging callbacks off, in front of the same sim as an `openai/` model",
+                    t.addr, t.pid
+                )
+            }
         }
+    }
+
+    fn has_litellm(&self) -> bool {
+        self.targets.iter().any(|t| t.kind == TargetKind::LiteLlm)
     }
 
     /// The report as Markdown, ready for BENCHMARKS.md.
@@ -739,9 +1009,14 @@ impl GatewayBenchReport {
             "- **Machine**: {} cores (`nproc`), kernel `{}` (`uname -r`), CPU: {}.",
             m.nproc, m.kernel, m.cpu
         );
+        let servers = if self.has_litellm() {
+            "the simulator, the gateway, nginx and LiteLLM"
+        } else {
+            "the simulator, the gateway and nginx"
+        };
         let _ = writeln!(
             md,
-            "- **Shared cores**: the load generator runs on the same {} cores as the simulator, the gateway and nginx; every figure includes that contention.",
+            "- **Shared cores**: the load generator runs on the same {} cores as {servers}; every figure includes that contention.",
             m.nproc
         );
         if !self.command.is_empty() {
@@ -762,6 +1037,15 @@ impl GatewayBenchReport {
             "- **Late starts**: requests that found every connection busy and started more than {} after their intended time. Any late start or error marks the rate as not sustained.",
             fmt_us(u64::try_from(self.late_threshold.as_micros()).unwrap_or(u64::MAX))
         );
+        if let Some(l) = &self.litellm {
+            let _ = writeln!(
+                md,
+                "- **LiteLLM's rate cap**: LiteLLM is loaded only at rates up to {} requests/s (one Python worker; above that its figures would be queueing and its runs would last until the request timeout). At those rates all four targets get the same load; higher rates have no LiteLLM row. At {} requests/s each target gets {} measured requests per phase, so a p99 there rests on its slowest few requests; the p50s are the steadier comparison.",
+                fmt_rate(l.max_rate),
+                fmt_rate(l.max_rate),
+                (l.max_rate * self.duration.as_secs_f64()).round(),
+            );
+        }
         let _ = writeln!(
             md,
             "- **Added**: a target's percentile minus the direct target's at the same percentile (a difference of percentiles, not a percentile of per-request differences). Ratio: target p99 ÷ direct p99."
@@ -770,7 +1054,18 @@ impl GatewayBenchReport {
         for t in &self.targets {
             let _ = writeln!(md, "  - {}", self.target_line(t));
         }
+        if let Some(l) = &self.litellm
+            && !self.has_litellm()
+        {
+            let _ = writeln!(
+                md,
+                "  - LiteLLM proxy (litellm {}): not started, every rate is above its cap of {} requests/s",
+                l.version.as_deref().unwrap_or("version unknown"),
+                fmt_rate(l.max_rate)
+            );
+        }
         let _ = writeln!(md);
+        self.summary(&mut md);
 
         for phase in &self.phases {
             match phase.mode {
@@ -790,6 +1085,14 @@ impl GatewayBenchReport {
                     let _ = writeln!(md, "Time to `data: [DONE]`:\n");
                     self.table(&mut md, phase, Metric::Total, false);
                 }
+            }
+            if self.has_litellm() && !phase.rows.iter().any(|r| r.target == TargetKind::LiteLlm) {
+                let cap = self.litellm.as_ref().map_or(0.0, |l| l.max_rate);
+                let _ = writeln!(
+                    md,
+                    "LiteLLM was not loaded at this rate (above its cap of {} requests/s).\n",
+                    fmt_rate(cap)
+                );
             }
             let delays: Vec<String> = phase
                 .rows
@@ -833,16 +1136,91 @@ impl GatewayBenchReport {
             }
             let _ = writeln!(
                 md,
-                "\nRSS of the process tree (nginx: master and workers), from `/proc/PID/status`.\n"
+                "\nRSS of the process tree (nginx: master and workers; LiteLLM: the proxy and any worker processes), from `/proc/PID/status`.\n"
             );
         }
 
         let _ = writeln!(md, "## Configurations\n");
         let _ = writeln!(md, "Gateway (`gateway.toml`):\n\n```toml\n{}```\n", self.gateway_config);
         if let Some(conf) = &self.nginx_config {
-            let _ = writeln!(md, "nginx:\n\n```nginx\n{conf}```");
+            let _ = writeln!(md, "nginx:\n\n```nginx\n{conf}```\n");
+        }
+        if let Some(conf) = self.litellm.as_ref().and_then(|l| l.config.as_ref()) {
+            let _ = writeln!(
+                md,
+                "LiteLLM (`config.yaml`; environment `LITELLM_MODE=PRODUCTION`, `LITELLM_LOG=ERROR`, `LITELLM_LOCAL_MODEL_COST_MAP=True`):\n\n```yaml\n{conf}```"
+            );
         }
         md
+    }
+
+    /// One line per phase and latency: what each proxy adds over direct at p50 and p99, and
+    /// LiteLLM's added latency as a multiple of the gateway's (p50: the steadier figure at
+    /// low rates, where p99 rests on a few samples; p99: the one the goals are stated in).
+    fn summary(&self, md: &mut String) {
+        if self.phases.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## Summary: latency added over direct\n");
+        let _ = writeln!(
+            md,
+            "| phase | gateway +p50 | gateway +p99 | nginx +p50 | nginx +p99 | LiteLLM +p50 | LiteLLM +p99 | LiteLLM ÷ gateway, added p50 | LiteLLM ÷ gateway, added p99 |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for phase in &self.phases {
+            let metrics: &[(Metric, &str)] = match phase.mode {
+                Mode::Json | Mode::Get => &[(Metric::Total, "JSON")],
+                Mode::Stream => &[(Metric::Ttft, "SSE first token"), (Metric::Total, "SSE [DONE]")],
+            };
+            for &(metric, what) in metrics {
+                let Some(d) = phase.find(TargetKind::Direct) else { continue };
+                let base = metric.of(&d.load);
+                let added = |k: TargetKind| {
+                    phase.find(k).map(|r| {
+                        let p = metric.of(&r.load);
+                        let mark = if r.load.sustained() { "" } else { " (not sustained)" };
+                        (
+                            i128::from(p.p50) - i128::from(base.p50),
+                            i128::from(p.p99) - i128::from(base.p99),
+                            mark,
+                        )
+                    })
+                };
+                let cells = |a: Option<(i128, i128, &str)>| match a {
+                    Some((a50, a99, mark)) => {
+                        format!("{} | {}{mark}", fmt_delta(a50), fmt_delta(a99))
+                    }
+                    None => "— | —".to_owned(),
+                };
+                let gw = added(TargetKind::Gateway);
+                let lite = added(TargetKind::LiteLlm);
+                let (ratio50, ratio99) = match (lite, gw) {
+                    (Some((l50, l99, _)), Some((g50, g99, _))) => {
+                        (fmt_ratio(l50, g50), fmt_ratio(l99, g99))
+                    }
+                    _ => ("—".to_owned(), "—".to_owned()),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {what}, {} req/s | {} | {} | {} | {ratio50} | {ratio99} |",
+                    fmt_rate(phase.rate),
+                    cells(gw),
+                    cells(added(TargetKind::Nginx)),
+                    cells(lite),
+                );
+            }
+        }
+        let _ = writeln!(md);
+        let direct_sustained = self
+            .phases
+            .iter()
+            .all(|p| p.find(TargetKind::Direct).is_none_or(|d| d.load.sustained()));
+        if !direct_sustained {
+            let _ = writeln!(
+                md,
+                "Rates the direct target itself did not sustain measure queueing more than proxy overhead (see the tables below).\n"
+            );
+        }
     }
 
     fn table(&self, md: &mut String, phase: &Phase, metric: Metric, full: bool) {
@@ -968,6 +1346,13 @@ impl GatewayBenchReport {
                     fmt_delta(gw - ng)
                 ));
             }
+            if let Some(lite) = added(TargetKind::LiteLlm) {
+                parts.push(format!(
+                    "LiteLLM added p99 {} (LiteLLM added p99 ÷ gateway added p99: {})",
+                    fmt_delta(lite),
+                    fmt_ratio(lite, gw)
+                ));
+            }
         }
         if !parts.is_empty() {
             let _ = writeln!(md, "{}.\n", capitalize(&parts.join("; ")));
@@ -1073,6 +1458,61 @@ mod tests {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
+    #[test]
+    fn litellm_config_routes_the_model_to_the_sim_behind_the_master_key() {
+        let conf = litellm_config_yaml("127.0.0.1:4200".parse().unwrap(), "sim-llama", "sk-abc");
+        for needle in [
+            "model_list:\n  - model_name: \"sim-llama\"\n    litellm_params:\n",
+            "      model: \"openai/sim-llama\"\n",
+            "      api_base: \"http://127.0.0.1:4200/v1\"\n",
+            "      api_key: \"sk-bench-unused\"\n",
+            "general_settings:\n  master_key: \"sk-abc\"\n",
+            "  disable_spend_logs: true\n",
+            "  disable_error_logs: true\n",
+            "  background_health_checks: false\n",
+            "  set_verbose: false\n",
+            "  callbacks: []\n",
+            "  success_callback: []\n",
+            "  failure_callback: []\n",
+        ] {
+            assert!(conf.contains(needle), "missing {needle:?} in\n{conf}");
+        }
+        // No database: without one LiteLLM checks only the master key and writes no logs.
+        assert!(!conf.contains("database_url"), "{conf}");
+        // YAML forbids tabs in indentation; every top-level key starts a known section.
+        assert!(!conf.contains('\t'));
+        let top: Vec<&str> = conf
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with(' ') && !l.starts_with('#'))
+            .collect();
+        assert_eq!(top, ["model_list:", "litellm_settings:", "general_settings:"]);
+        // Values are quoted, so a model name with YAML syntax in it stays one string.
+        let odd = litellm_config_yaml("127.0.0.1:1".parse().unwrap(), "a: \"b\"", "sk-x");
+        assert!(odd.contains(r#"model_name: "a: \"b\"""#), "{odd}");
+        assert!(odd.contains(r#"model: "openai/a: \"b\"""#), "{odd}");
+    }
+
+    #[test]
+    fn litellm_master_keys_have_the_required_prefix_and_differ() {
+        let a = litellm_master_key().unwrap();
+        let b = litellm_master_key().unwrap();
+        assert!(a.starts_with("sk-") && a.len() > 64, "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn litellm_version_comes_from_the_venv_dist_info() {
+        let venv = tempfile::tempdir().unwrap();
+        let bin = venv.path().join("bin/litellm");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::write(&bin, "#!/bin/sh\nexit 1\n").unwrap();
+        let site = venv.path().join("lib/python3.11/site-packages");
+        std::fs::create_dir_all(site.join("litellm_proxy_extras-0.4.1.dist-info")).unwrap();
+        std::fs::create_dir_all(site.join("litellm-1.106.0.dist-info")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert_eq!(rt.block_on(litellm_version(&bin)).as_deref(), Some("1.106.0"));
+    }
+
     fn load(mode: Mode, rate: f64, base_us: u64, ttft: bool) -> LoadReport {
         let spec = LoadSpec::new("http://127.0.0.1:1", Bytes::new(), mode, rate);
         let mut r = LoadReport::empty_for_test(&spec).unwrap();
@@ -1096,6 +1536,7 @@ mod tests {
             command: "edgeroute bench gateway".into(),
             nginx_version: Some("nginx/1.22.1".into()),
             nginx_workers: 1,
+            litellm: None,
             gateway_worker_threads: 1,
             connections: 32,
             duration: Duration::from_secs(10),
@@ -1184,6 +1625,81 @@ mod tests {
         // TTFT table: 1.50 ms vs 50 µs at p50.
         assert!(gw.contains("| 1.50 ms |"), "{gw}");
         assert!(md.contains("goal < 1 ms: missed"), "{md}");
+    }
+
+    #[test]
+    fn markdown_compares_litellm_with_the_gateway() {
+        let mut r = report(vec![
+            Phase {
+                mode: Mode::Json,
+                rate: 50.0,
+                rows: vec![
+                    row(TargetKind::Direct, load(Mode::Json, 50.0, 100, false)),
+                    row(TargetKind::Gateway, load(Mode::Json, 50.0, 300, false)),
+                    row(TargetKind::Nginx, load(Mode::Json, 50.0, 200, false)),
+                    row(TargetKind::LiteLlm, load(Mode::Json, 50.0, 10_100, false)),
+                ],
+            },
+            Phase {
+                mode: Mode::Json,
+                rate: 1000.0,
+                rows: vec![
+                    row(TargetKind::Direct, load(Mode::Json, 1000.0, 100, false)),
+                    row(TargetKind::Gateway, load(Mode::Json, 1000.0, 300, false)),
+                ],
+            },
+        ]);
+        r.targets.push(TargetInfo {
+            kind: TargetKind::LiteLlm,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4400)),
+            pid: 14,
+        });
+        r.litellm = Some(LiteLlmInfo {
+            version: Some("1.106.0".into()),
+            workers: 1,
+            max_rate: 50.0,
+            config: Some("model_list:\n".into()),
+        });
+        let md = r.to_markdown();
+        assert!(
+            md.contains(
+                "LiteLLM proxy: litellm 1.106.0 (`litellm --config config.yaml --num_workers 1`"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("LiteLLM is loaded only at rates up to 50 requests/s"), "{md}");
+        assert!(md.contains("the simulator, the gateway, nginx and LiteLLM"), "{md}");
+        // +10 ms vs +200 µs at p99: 50×.
+        assert!(
+            md.contains("LiteLLM added p99 +10.00 ms (LiteLLM added p99 ÷ gateway added p99: 50×)"),
+            "{md}"
+        );
+        let summary = md.lines().find(|l| l.starts_with("| JSON, 50 req/s |")).unwrap();
+        assert_eq!(
+            summary,
+            "| JSON, 50 req/s | +200 µs | +200 µs | +100 µs | +100 µs | +10.00 ms | +10.00 ms | 50× | 50× |"
+        );
+        let summary = md.lines().find(|l| l.starts_with("| JSON, 1,000 req/s |")).unwrap();
+        assert!(summary.ends_with("| — | — | — | — | — | — |"), "{summary}");
+        assert!(
+            md.contains("LiteLLM was not loaded at this rate (above its cap of 50 requests/s).")
+        );
+        let row = md.lines().find(|l| l.starts_with("| LiteLLM proxy |")).unwrap();
+        assert!(row.contains("| +10.00 ms | +10.00 ms | 101."), "{row}");
+        assert!(md.contains("```yaml\nmodel_list:\n```"), "{md}");
+        assert_eq!(fmt_ratio(5, 0), "—");
+        assert_eq!(fmt_ratio(15, 10), "1.5×");
+    }
+
+    #[test]
+    fn markdown_says_when_litellm_was_not_started() {
+        let mut r = report(vec![]);
+        r.litellm = Some(LiteLlmInfo { version: None, workers: 1, max_rate: 50.0, config: None });
+        let md = r.to_markdown();
+        assert!(
+            md.contains("LiteLLM proxy (litellm version unknown): not started, every rate is above its cap of 50 requests/s"),
+            "{md}"
+        );
     }
 
     #[test]

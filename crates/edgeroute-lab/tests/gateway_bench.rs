@@ -1,6 +1,7 @@
 //! The benchmark's orchestration end to end, against `fake-edgeroute` (a stand-in with the
-//! real binary's command line) and nginx when it is installed. Figures are not asserted:
-//! only that every target was started, loaded, reported and stopped.
+//! real binary's command line), nginx when it is installed, and LiteLLM's proxy when
+//! `scripts/setup-litellm.sh` has installed it (never downloaded by the tests). Figures are not
+//! asserted: only that every target was started, loaded, reported and stopped.
 
 // Helpers outside #[test] bodies unwrap too: clippy.toml's allow-unwrap-in-tests only
 // covers the test functions themselves, and a panic here is still a failed test.
@@ -24,6 +25,8 @@ fn small_opts(bin: &Path) -> GatewayBenchOpts {
     opts.rounds = 2;
     opts.connections = 4;
     opts.command = "cargo test -p edgeroute-lab --test gateway_bench".into();
+    // LiteLLM has its own test below; here its absence must not change anything.
+    opts.litellm_bin = None;
     opts
 }
 
@@ -37,6 +40,7 @@ async fn runs_every_target_in_one_run_and_stops_them_after() {
     let mut opts = small_opts(Path::new(FAKE));
     opts.nginx_bin = nginx();
     let report = gateway_bench::run(opts).await.unwrap();
+    assert!(report.litellm.is_none());
 
     let expected_targets = if nginx().is_some() { 3 } else { 2 };
     assert_eq!(report.targets.len(), expected_targets);
@@ -116,4 +120,74 @@ async fn a_failing_start_stops_what_was_started() {
     for pid in started {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} survived");
     }
+}
+
+/// Every target stops after the run: nothing listens on its port, no process is left.
+fn assert_all_stopped(report: &gateway_bench::GatewayBenchReport) {
+    for t in &report.targets {
+        assert!(
+            TcpStream::connect_timeout(&t.addr, Duration::from_millis(200)).is_err(),
+            "{:?} still listening on {}",
+            t.kind,
+            t.addr
+        );
+        assert!(
+            !Path::new(&format!("/proc/{}", t.pid)).exists(),
+            "{:?} pid {} alive",
+            t.kind,
+            t.pid
+        );
+    }
+}
+
+/// LiteLLM's proxy side by side with the others, at a rate within its cap: its one-request
+/// checks (JSON and SSE through LiteLLM's own re-encoding) pass, it is loaded, reported with
+/// its version and config, and stopped. Skipped when LiteLLM is not installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn litellm_runs_beside_the_gateway_when_installed() {
+    let Some(litellm) = gateway_bench::default_litellm_bin() else {
+        eprintln!(
+            "skipped: LiteLLM is not installed at {:?} (scripts/setup-litellm.sh installs it)",
+            gateway_bench::litellm_venv_bin()
+        );
+        return;
+    };
+    let mut opts = small_opts(Path::new(FAKE));
+    opts.nginx_bin = None;
+    opts.litellm_bin = Some(litellm);
+    // Well within what one LiteLLM worker sustains, even on 2 busy cores; and one rate above
+    // the cap, where LiteLLM must not be loaded.
+    opts.rates = vec![10.0, 200.0];
+    opts.litellm_max_rate = 10.0;
+    opts.duration = Duration::from_secs(2);
+    opts.warmup = Duration::from_millis(500);
+    opts.request_timeout = Duration::from_secs(20);
+    let report = gateway_bench::run(opts).await.unwrap();
+
+    let kinds: Vec<TargetKind> = report.targets.iter().map(|t| t.kind).collect();
+    assert_eq!(kinds, [TargetKind::Direct, TargetKind::Gateway, TargetKind::LiteLlm]);
+    let info = report.litellm.as_ref().unwrap();
+    assert!(info.version.as_deref().is_some_and(|v| v.starts_with("1.")), "{info:?}");
+    // The report shows the config with the master key masked.
+    let config = info.config.as_deref().unwrap();
+    assert!(config.contains(r#"master_key: "sk-<random per run>""#), "{config}");
+    assert_eq!(report.phases.len(), 4);
+    for phase in &report.phases {
+        let lite = phase.rows.iter().find(|r| r.target == TargetKind::LiteLlm);
+        if phase.rate > 10.0 {
+            assert!(lite.is_none(), "LiteLLM loaded above its cap at {}", phase.rate);
+            assert_eq!(phase.rows.len(), 2);
+            continue;
+        }
+        let load = &lite.expect("a LiteLLM row at 10 req/s").load;
+        assert_eq!(load.scheduled, 20, "{}: {load:?}", phase.mode);
+        assert_eq!(load.ok, 20, "{}: {load:?}", phase.mode);
+        assert_eq!(load.ttft_percentiles().is_some(), phase.mode == Mode::Stream);
+    }
+    let md = report.to_markdown();
+    assert!(md.contains("| LiteLLM proxy |"), "{md}");
+    assert!(md.contains("LiteLLM added p99"), "{md}");
+    assert!(md.contains("```yaml"), "{md}");
+    println!("{md}");
+    assert_all_stopped(&report);
 }
