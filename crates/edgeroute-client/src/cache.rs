@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub enum Freshness {
     /// Within `ttl`: use it without asking discovery.
     Fresh,
+    /// Just past `ttl` (within the client's revalidation window): use it, and ask discovery
+    /// in the background for the next caller (HTTP's `stale-while-revalidate`).
+    Revalidate,
     /// Past `ttl` but within `stale_ok`: use it only if discovery cannot be reached.
     Stale,
 }
@@ -45,10 +48,24 @@ impl ListCache {
     /// The cached answer for `key` and how fresh it is at `now_ms`; `None` when absent or past
     /// `stale_ok`.
     pub fn get(&self, key: &str, now_ms: u64) -> Option<(&DiscoverResponse, Freshness)> {
+        self.get_revalidating(key, now_ms, 0)
+    }
+
+    /// As [`ListCache::get`], with answers up to `revalidate_ms` past their `ttl` (and within
+    /// `stale_ok`) as [`Freshness::Revalidate`].
+    pub fn get_revalidating(
+        &self,
+        key: &str,
+        now_ms: u64,
+        revalidate_ms: u64,
+    ) -> Option<(&DiscoverResponse, Freshness)> {
         let e = self.entries.get(key)?;
         let age = now_ms.saturating_sub(e.fetched_at_ms);
         if age < e.answer.ttl_ms {
             Some((&e.answer, Freshness::Fresh))
+        } else if age < e.answer.ttl_ms.saturating_add(revalidate_ms) && age < e.answer.stale_ok_ms
+        {
+            Some((&e.answer, Freshness::Revalidate))
         } else if age < e.answer.stale_ok_ms {
             Some((&e.answer, Freshness::Stale))
         } else {

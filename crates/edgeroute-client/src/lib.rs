@@ -120,6 +120,10 @@ pub struct ClientConfig {
     /// the background for the next session. Only a client's first sessions (or one after a
     /// long quiet) pay for probing. Default 30 s; zero always probes.
     pub path_ttl: Duration,
+    /// A candidate list up to this far past its `ttl` is still used at once while discovery is
+    /// asked again in the background (`stale-while-revalidate`): a session's start waits for
+    /// discovery only when no recent list exists. Default 10 s; zero always waits.
+    pub discovery_revalidate: Duration,
     /// One discovery request. Default 500 ms.
     pub discovery_timeout: Duration,
     /// TCP connect to a node. Default 300 ms (never the OS's two minutes).
@@ -173,6 +177,7 @@ impl Default for ClientConfig {
             probe_deadline: Duration::from_millis(150),
             probe_ttl: Duration::from_secs(2),
             path_ttl: Duration::from_secs(30),
+            discovery_revalidate: Duration::from_secs(10),
             discovery_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_secs(60),
@@ -402,6 +407,8 @@ struct Inner {
     listener: Option<Listener>,
     /// A background refresh of probes is under way.
     refreshing: std::sync::atomic::AtomicBool,
+    /// Candidate lists being revalidated in the background, by cache key.
+    revalidating: Mutex<std::collections::HashSet<String>>,
     origin: Instant,
     /// Wall-clock ms at `origin`: list ages are measured on the monotonic clock from there
     /// (so they follow tokio's clock, paused in simulations) and persisted as wall time.
@@ -460,6 +467,12 @@ fn probe_set<'a>(usable: &'a [Candidate], k: usize, home: Option<&str>) -> Vec<&
     }
     set
 }
+
+/// How long a new pin weighs in a node's cost (fading): about one first turn. Herding is
+/// sessions starting in the same instant, before their requests show in any load report;
+/// counting a voice session (idle between turns) for longer pushes callers off their best
+/// node for nothing.
+const PIN_FADE: Duration = Duration::from_millis(500);
 
 /// The node's own TTFT and the wait its queue implies, from its load report, ms. A node that
 /// served nothing lately reports a TTFT of 0 (no samples, not an instant answer): discovery's
@@ -556,6 +569,7 @@ impl Client {
                 stats: Counters::default(),
                 listener,
                 refreshing: std::sync::atomic::AtomicBool::new(false),
+                revalidating: Mutex::new(std::collections::HashSet::new()),
                 origin: Instant::now(),
                 origin_unix_ms: unix_ms(),
             }),
@@ -575,15 +589,18 @@ impl Client {
         }
     }
 
-    /// Sessions this client pinned to `id` within `probe_ttl`.
-    fn recent_pins(&self, id: &str) -> u32 {
-        let since = Instant::now().checked_sub(self.inner.cfg.probe_ttl);
-        let Ok(mut pins) = self.inner.pins.lock() else { return 0 };
-        let Some(v) = pins.get_mut(id) else { return 0 };
-        if let Some(since) = since {
-            v.retain(|t| *t > since);
+    /// Sessions this client pinned to `id` lately, each weighing 1 when just pinned and
+    /// nothing after [`PIN_FADE`] (by then its first request is on the node, and in the load
+    /// report every answer carries).
+    fn recent_pins(&self, id: &str) -> f64 {
+        let ttl = PIN_FADE.as_secs_f64();
+        let Ok(mut pins) = self.inner.pins.lock() else { return 0.0 };
+        let Some(v) = pins.get_mut(id) else { return 0.0 };
+        v.retain(|t| t.elapsed().as_secs_f64() < ttl);
+        if ttl <= 0.0 {
+            return 0.0;
         }
-        v.len() as u32
+        v.iter().map(|t| 1.0 - t.elapsed().as_secs_f64() / ttl).sum()
     }
 
     fn note_pin(&self, id: &str) {
@@ -623,20 +640,66 @@ impl Client {
         let cfg = &self.inner.cfg;
         let key = cache::key(model, None, &cfg.regions);
         let now = self.wall_ms();
-        let cached = self
-            .inner
-            .cache
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&key, now).map(|(a, f)| (a.clone(), f)));
-        if let Some((a, Freshness::Fresh)) = &cached {
-            self.emit(Event::Discovered {
-                model: model.into(),
-                candidates: a.candidates.len(),
-                cached: Some("fresh"),
+        let revalidate = cfg.discovery_revalidate.as_millis() as u64;
+        let cached =
+            self.inner.cache.lock().ok().and_then(|c| {
+                c.get_revalidating(&key, now, revalidate).map(|(a, f)| (a.clone(), f))
             });
-            return Ok(a.candidates.clone());
+        match &cached {
+            Some((a, Freshness::Fresh)) => {
+                self.emit(Event::Discovered {
+                    model: model.into(),
+                    candidates: a.candidates.len(),
+                    cached: Some("fresh"),
+                });
+                return Ok(a.candidates.clone());
+            }
+            Some((a, Freshness::Revalidate)) => {
+                self.revalidate(model, &key);
+                self.emit(Event::Discovered {
+                    model: model.into(),
+                    candidates: a.candidates.len(),
+                    cached: Some("revalidating"),
+                });
+                return Ok(a.candidates.clone());
+            }
+            _ => {}
         }
+        match self.query_discovery(model, &key).await {
+            Ok(candidates) => Ok(candidates),
+            Err(e @ ClientError::NoCandidates { .. }) => Err(e),
+            Err(e) => match cached {
+                Some((a, _)) => {
+                    self.emit(Event::Discovered {
+                        model: model.into(),
+                        candidates: a.candidates.len(),
+                        cached: Some("stale"),
+                    });
+                    Ok(a.candidates)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Asks discovery again for `model` on a task of its own (one at a time per list).
+    fn revalidate(&self, model: &str, key: &str) {
+        let fresh = self.inner.revalidating.lock().is_ok_and(|mut r| r.insert(key.to_owned()));
+        if !fresh {
+            return;
+        }
+        let (this, model, key) = (self.clone(), model.to_owned(), key.to_owned());
+        tokio::spawn(async move {
+            let _ = this.query_discovery(&model, &key).await;
+            if let Ok(mut r) = this.inner.revalidating.lock() {
+                r.remove(&key);
+            }
+        });
+    }
+
+    /// Asks the discovery endpoints in order; the first answer is cached (and persisted).
+    async fn query_discovery(&self, model: &str, key: &str) -> Result<Vec<Candidate>, ClientError> {
+        let cfg = &self.inner.cfg;
         let mut query = format!("model={}&k={}", encode(model), (cfg.probe_k + 2).min(32));
         if !cfg.regions.is_empty() {
             query.push_str(&format!("&region={}", encode(&cfg.regions.join(","))));
@@ -658,7 +721,7 @@ impl Client {
                         return Err(ClientError::NoCandidates { model: model.into(), reason });
                     }
                     if let Ok(mut c) = self.inner.cache.lock() {
-                        c.put(key.clone(), answer, self.wall_ms());
+                        c.put(key.to_owned(), answer, self.wall_ms());
                         c.prune(self.wall_ms());
                         if let Some(path) = &cfg.cache_file
                             && let Err(e) = c.save(path)
@@ -682,17 +745,7 @@ impl Client {
                 }
             }
         }
-        match cached {
-            Some((a, _)) => {
-                self.emit(Event::Discovered {
-                    model: model.into(),
-                    candidates: a.candidates.len(),
-                    cached: Some("stale"),
-                });
-                Ok(a.candidates)
-            }
-            None => Err(ClientError::Discovery(last_error)),
-        }
+        Err(ClientError::Discovery(last_error))
     }
 
     async fn fetch_json<T: serde::de::DeserializeOwned>(
@@ -806,7 +859,8 @@ impl Client {
         let mut order: Vec<Candidate> = Vec::new();
         if !results.is_empty() {
             // Each session this client pinned to a node lately counts as one more request in
-            // its queue (a node's wait grows by 1/capacity of its TTFT per queued request):
+            // its queue (a node's wait grows by 1/capacity of its TTFT per queued request),
+            // fading out over `PIN_FADE`:
             // sessions starting together spread out instead of herding onto the node that
             // looked best a moment ago. Older sessions are in the node's own load report (a
             // voice session is idle between turns: counting it for its whole life, or as a
@@ -815,7 +869,7 @@ impl Client {
                 .iter()
                 .map(|(p, c)| {
                     let mut p = p.clone();
-                    let pins = f64::from(self.recent_pins(&p.id));
+                    let pins = self.recent_pins(&p.id);
                     p.queue_wait_ms *= 1.0 + pins / f64::from(c.capacity).max(1.0);
                     p
                 })
@@ -992,6 +1046,29 @@ impl Client {
     }
 
     fn node_failed(&self, id: &str) {
+        self.count_failure(id, 0);
+    }
+
+    /// A node that lost a hedge is probed at once, on a task of its own: if it does not
+    /// answer that either, it is dead rather than slow, and is ejected — so this client's
+    /// other sessions pinned to it leave before their next turn instead of each waiting out a
+    /// first-token deadline there.
+    fn suspect(&self, node: &Candidate) {
+        let (this, node) = (self.clone(), node.clone());
+        tokio::spawn(async move {
+            let limit = this.inner.cfg.probe_deadline;
+            let r = tokio::time::timeout(limit, this.probe(&node))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {} ms", limit.as_millis())));
+            this.record_probe(&node, &r);
+            if r.is_err() {
+                this.count_failure(&node.id, this.inner.cfg.eject_after);
+            }
+        });
+    }
+
+    /// One more failure of `id`, counted as at least `at_least` (to eject at once).
+    fn count_failure(&self, id: &str, at_least: u32) {
         let draw = self.draw();
         let mut ejected = None;
         if let Ok(mut nodes) = self.inner.nodes.lock() {
@@ -1001,7 +1078,7 @@ impl Client {
                 ejected_until: None,
                 cooling_until: None,
             });
-            s.failures = s.failures.saturating_add(1);
+            s.failures = s.failures.saturating_add(1).max(at_least);
             if s.failures >= self.inner.cfg.eject_after {
                 let d = self
                     .inner
@@ -1574,6 +1651,7 @@ impl Session {
                         r = &mut hedge => match r {
                             Outcome::Done(c, hint) => {
                                 self.move_to(1, format!("hedge won: no first token from {} within {} ms", a.id, hedge_after.as_millis()), false);
+                                client.suspect(&a);
                                 return Ok(self.committed(c, hint, 0));
                             }
                             Outcome::Refused { status, body } => {

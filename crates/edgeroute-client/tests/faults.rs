@@ -755,3 +755,34 @@ async fn a_pinned_node_that_stops_answering_re_probes_is_left_before_the_next_tu
     assert_eq!(lab.chats("tor-1"), tor_before, "nothing reached the black hole");
     assert!(lab.saw(|e| matches!(e, Event::Failover { from, .. } if from == "tor-1")));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_list_just_past_its_ttl_is_used_at_once_and_revalidated_behind() {
+    let lab = Lab::start().await;
+    lab.net.set_delay(DISCOVERY, Duration::from_millis(20));
+    let client = lab.client();
+    let discovered = |cached: Option<&'static str>| {
+        lab.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e, Event::Discovered { cached: c, .. } if *c == cached))
+            .count()
+    };
+    let t = Instant::now();
+    client.discover("sim-llama").await.unwrap();
+    assert_eq!(t.elapsed(), Duration::from_millis(40), "the first list: one round trip");
+    // Past the answer's 100 ms ttl: no wait, and the list is asked for again behind.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t = Instant::now();
+    client.discover("sim-llama").await.unwrap();
+    assert_eq!(t.elapsed(), Duration::ZERO);
+    assert_eq!(discovered(Some("revalidating")), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(discovered(None), 2, "revalidated in the background");
+    // Long past (beyond ttl + 10 s): the caller waits for discovery again.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let t = Instant::now();
+    client.discover("sim-llama").await.unwrap();
+    assert_eq!(t.elapsed(), Duration::from_millis(40));
+}

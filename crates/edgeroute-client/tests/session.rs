@@ -213,7 +213,12 @@ async fn with_discovery_down_a_new_client_starts_from_the_persisted_list() {
     // Short ttl so the persisted answer is stale (but within stale_ok) when reused.
     let mut fleet = Fleet::start("cache", "[serving]\nttl_ms = 100\nstale_ok_ms = 60000\n").await;
     let cache_file = fleet.dir.join("lists.json");
-    let cfg = ClientConfig { cache_file: Some(cache_file.clone()), ..fleet.config() };
+    // (No revalidation window: past its ttl the list is used only when discovery is down.)
+    let cfg = ClientConfig {
+        cache_file: Some(cache_file.clone()),
+        discovery_revalidate: Duration::ZERO,
+        ..fleet.config()
+    };
     let first = Client::new(cfg.clone()).unwrap();
     first.session("sim-llama").await.unwrap();
     assert!(cache_file.exists());

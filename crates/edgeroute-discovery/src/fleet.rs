@@ -79,11 +79,16 @@ struct NodeRecord {
     /// The entry built at the last change, reused while nothing it shows has changed.
     cached: Option<Arc<NodeEntry>>,
     dirty: bool,
+    /// The last first-token figures the node reported with samples behind them (p50, p99,
+    /// samples): a node whose window emptied (no traffic lately) is predicted by what it last
+    /// showed, not by the fleet's median — an idle slow node is still slow.
+    last_ttft: Option<(f64, f64, u64)>,
 }
 
 impl NodeRecord {
     fn new(region: String, params: HealthParams, now: Duration) -> Self {
         NodeRecord {
+            last_ttft: None,
             region,
             configured_url: None,
             configured: false,
@@ -320,6 +325,12 @@ impl Fleet {
         rec.probes.consecutive_failures = 0;
         rec.probes.last_ok = Some(now);
         rec.last_alive = now;
+        // A window thinning out (few samples) does not replace a well-sampled figure.
+        let n = health.ttft_ms.samples;
+        let thinner = rec.last_ttft.is_some_and(|(_, _, old)| n < old.min(5));
+        if n > 0 && health.ttft_ms.p50.is_finite() && !thinner {
+            rec.last_ttft = Some((health.ttft_ms.p50, health.ttft_ms.p99, n));
+        }
         rec.report = Some(Reported { health, sent });
         rec.dirty = true;
         change
@@ -502,8 +513,10 @@ fn entry(
     let report = rec.report.as_ref().map(|r| &r.health);
     let samples = report.map_or(0, |h| h.ttft_ms.samples);
     let estimated = samples < p.min_ttft_samples;
-    let (p50, p99) = match report {
-        Some(h) if !estimated => (h.ttft_ms.p50, h.ttft_ms.p99),
+    let (p50, p99) = match (report, rec.last_ttft) {
+        (Some(h), _) if !estimated => (h.ttft_ms.p50, h.ttft_ms.p99),
+        // Idle lately: what it showed last, when that had enough samples behind it.
+        (_, Some((p50, p99, n))) if n >= p.min_ttft_samples => (p50, p99),
         _ => (prior, prior),
     };
     let pipelines: BTreeMap<String, f64> = report

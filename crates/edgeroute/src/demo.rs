@@ -841,4 +841,46 @@ mod tests {
             assert_eq!(&bytes[..4], b"\x89PNG", "{png}");
         }
     }
+
+    /// `--backend openai --upstream URL`: every node in front of one OpenAI-compatible server
+    /// (here the simulator's own HTTP server standing in for llama.cpp); the model is found at
+    /// the upstream's `/v1/models`, turns are LLM only, and there is no load phase.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_demo_runs_in_front_of_a_real_openai_upstream() {
+        let sim = Arc::new(
+            edgeroute_sim::Simulator::new(edgeroute_sim::SimConfig {
+                ttft_base_ms: 10,
+                tokens_per_s: 500.0,
+                ..edgeroute_sim::SimConfig::default()
+            })
+            .expect("sim"),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(edgeroute_http::serve(
+            listener,
+            edgeroute_sim::server::router(sim),
+            edgeroute_http::ServerLimits::default(),
+            None,
+            std::future::pending(),
+        ));
+        let model = upstream_model(&upstream).await.expect("the upstream's model");
+        assert_eq!(model, "sim-llama");
+        let opts = DemoOpts {
+            sessions: 6,
+            turns: 2,
+            seed: 3,
+            nats: None,
+            report: None,
+            duration: Some(Duration::from_secs(2)),
+            backend: DemoBackend::OpenAi { upstream, model },
+        };
+        let md = run(opts).await.expect("demo");
+        assert_eq!(md.lines().count(), 6, "four phases, no load phase: {md}");
+        for line in md.lines().skip(2) {
+            let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+            assert_eq!(cols[3], "0", "failed turns in: {line}");
+        }
+        assert!(!md.contains("sim-qwen"), "{md}");
+    }
 }

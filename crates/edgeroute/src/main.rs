@@ -205,6 +205,9 @@ enum BenchCommand {
         /// Scenarios: steady, death, congested.
         #[arg(long, value_delimiter = ',', default_value = "steady,death,congested")]
         scenarios: Vec<String>,
+        /// Also write the report (fleet.md, a TTFT chart per scenario) into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// The WAN emulation relay's own cost: round trips direct vs through a link.
     Wan {
@@ -355,6 +358,8 @@ fn main() -> Result<()> {
 
 fn default_filter(c: &Command) -> &'static str {
     match c {
+        // The comparison's lab fleet runs without auth on purpose: its warnings are noise.
+        Command::Bench { command: BenchCommand::Fleet { .. } } => "error",
         Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info",
     }
@@ -447,7 +452,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench {
-            command: BenchCommand::Fleet { seed, duration_s, sessions_per_s, turns, scenarios },
+            command:
+                BenchCommand::Fleet { seed, duration_s, sessions_per_s, turns, scenarios, report },
         } => {
             use edgeroute_lab::compare::{self, CompareOpts, Scenario};
             let scenarios = scenarios
@@ -488,6 +494,12 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", compare::report::to_markdown(&rows));
             for (what, met) in compare::report::targets(&rows) {
                 println!("- {} {what}", if met { "met:" } else { "MISSED:" });
+            }
+            if let Some(dir) = report {
+                let header = format!("# Routing architectures\n\n`{command}`");
+                compare::report::write(&dir, &header, &rows)
+                    .with_context(|| format!("writing the report into {}", dir.display()))?;
+                eprintln!("report written to {}", dir.display());
             }
             Ok(())
         }

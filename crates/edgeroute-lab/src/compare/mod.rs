@@ -314,13 +314,7 @@ fn sdk_client(world: &World, site: Site, seed: u64) -> Result<edgeroute_client::
         stall_timeout: limits.stall,
         ..edgeroute_client::ClientConfig::default()
     };
-    let name = site.name;
-    let dbg: Option<edgeroute_client::Listener> =
-        (std::env::var("COMPARE_DEBUG").is_ok()).then(|| {
-            Arc::new(move |e: &edgeroute_client::Event| eprintln!("{name}: {e:?}"))
-                as edgeroute_client::Listener
-        });
-    Ok(edgeroute_client::Client::with_transport(cfg, dbg, Arc::new(world.net.from(site.name)))?)
+    Ok(edgeroute_client::Client::with_transport(cfg, None, Arc::new(world.net.from(site.name)))?)
 }
 
 /// Plays one session's turns through `route`.

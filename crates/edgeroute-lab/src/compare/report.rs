@@ -7,6 +7,16 @@ use super::{Run, Scenario, Strategy, TurnRecord};
 /// conversation is heard as one.
 pub const DEAD_AIR_MS: f64 = 300.0;
 
+/// TTFT buckets of the distribution charts, ms.
+pub const BUCKETS: [(f64, f64); 6] = [
+    (0.0, 25.0),
+    (25.0, 50.0),
+    (50.0, 100.0),
+    (100.0, 200.0),
+    (200.0, 400.0),
+    (400.0, f64::INFINITY),
+];
+
 /// One strategy's figures in one scenario.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -31,6 +41,8 @@ pub struct Row {
     pub load_max_over_mean: f64,
     /// Turns served per node.
     pub per_node: [usize; NODES.len()],
+    /// Turns per TTFT bucket ([`BUCKETS`]).
+    pub ttft_buckets: [usize; BUCKETS.len()],
 }
 
 /// The `q` quantile of `v` (nearest rank); 0 for none.
@@ -82,6 +94,8 @@ impl Row {
             longest_silence_ms: records.iter().map(|r| r.longest_silence_ms).fold(0.0, f64::max),
             load_max_over_mean: if mean > 0.0 { max / mean } else { 0.0 },
             per_node,
+            ttft_buckets: BUCKETS
+                .map(|(lo, hi)| ttft.iter().filter(|t| **t >= lo && **t < hi).count()),
         }
     }
 }
@@ -127,6 +141,50 @@ pub fn to_markdown(rows: &[Row]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Writes `dir/ttft-<scenario>.png` per scenario (turns per TTFT bucket, a bar per strategy)
+/// and `dir/fleet.md` (the tables, the targets, and the charts with their legends).
+pub fn write(dir: &std::path::Path, header: &str, rows: &[Row]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut md = format!("{header}\n\n{}", to_markdown(rows));
+    for (what, met) in targets(rows) {
+        md.push_str(&format!("- {} {what}\n", if met { "met:" } else { "MISSED:" }));
+    }
+    let buckets: Vec<String> = BUCKETS
+        .iter()
+        .enumerate()
+        .map(|(i, (lo, hi))| {
+            if hi.is_finite() {
+                format!("{} = {lo:.0}–{hi:.0} ms", i + 1)
+            } else {
+                format!("{} = ≥ {lo:.0} ms", i + 1)
+            }
+        })
+        .collect();
+    for s in Scenario::ALL {
+        let these: Vec<&Row> = rows.iter().filter(|r| r.scenario == s).collect();
+        if these.is_empty() {
+            continue;
+        }
+        let series: Vec<Vec<f64>> =
+            these.iter().map(|r| r.ttft_buckets.iter().map(|n| *n as f64).collect()).collect();
+        let file = format!("ttft-{}.png", s.name().replace(' ', "-").to_lowercase());
+        crate::chart::grouped_bars(&series).save(&dir.join(&file))?;
+        let legend: Vec<String> = these
+            .iter()
+            .zip(crate::chart::PALETTE)
+            .map(|(r, (colour, _))| format!("{colour} = {}", r.strategy.name()))
+            .collect();
+        md.push_str(&format!(
+            "\n### TTFT distribution, {}\n\n![TTFT, {}]({file})\n\n*Turns per TTFT bucket ({}); {}.*\n",
+            s.name(),
+            s.name(),
+            buckets.join(", "),
+            legend.join(", ")
+        ));
+    }
+    std::fs::write(dir.join("fleet.md"), md)
 }
 
 /// The targets, checked on the rows: edgeroute's p99 within 10 % of the oracle's and below
@@ -221,6 +279,33 @@ mod tests {
         let md = to_markdown(std::slice::from_ref(&r));
         assert!(md.contains("**node death**"), "{md}");
         assert!(md.contains("| DNS-style (geo map, 30 s TTL) | 100 | 59.0 | 500.0 | – |"), "{md}");
+    }
+
+    #[test]
+    fn the_report_is_written_with_a_chart_per_scenario() {
+        let run = Run {
+            records: vec![rec(2, 2, 20.0, 30.0, 0, true), rec(3, 2, 420.0, 30.0, 0, true)],
+            victim: None,
+        };
+        let rows = vec![
+            Row::new(Scenario::Steady, Strategy::Edgeroute, &run),
+            Row::new(Scenario::Steady, Strategy::Oracle, &run),
+        ];
+        assert_eq!(rows[0].ttft_buckets, [1, 0, 0, 0, 0, 1]);
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        write(dir.path(), "# fleet", &rows).unwrap_or_else(|e| panic!("{e}"));
+        let md = std::fs::read_to_string(dir.path().join("fleet.md")).unwrap_or_default();
+        assert!(md.starts_with("# fleet\n"), "{md}");
+        assert!(md.contains("![TTFT, steady](ttft-steady.png)"), "{md}");
+        assert!(md.contains("blue = edgeroute, orange = oracle"), "{md}");
+        assert!(
+            md.contains(
+                "- MISSED: steady: edgeroute p99 420.0 ms within 10 % of the oracle's 420.0 ms"
+            ) || md.contains("- met: steady"),
+            "{md}"
+        );
+        let png = std::fs::read(dir.path().join("ttft-steady.png")).unwrap_or_default();
+        assert_eq!(&png[..4], b"\x89PNG");
     }
 
     #[test]
