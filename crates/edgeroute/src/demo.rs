@@ -342,6 +342,50 @@ impl Fleet {
         Ok(Client::with_transport(cfg, Some(listener), self.wan.transport(REGIONS[region]))?)
     }
 
+    /// Serves a few answers on every node and model, as a fleet in service would have: the
+    /// nodes' telemetry then holds real first-token times when the story starts.
+    async fn warm_up(&self, backend: &DemoBackend) -> Result<()> {
+        let token = self.token()?;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let addrs: Vec<SocketAddr> = self
+            .relays
+            .lock()
+            .map_err(|_| anyhow::anyhow!("relays"))?
+            .iter()
+            .map(Relay::addr)
+            .collect();
+        for (node, addr) in NODES.iter().zip(addrs) {
+            let models: Vec<&str> = match backend {
+                DemoBackend::Sim => node.models.to_vec(),
+                DemoBackend::OpenAi { model, .. } => vec![model.as_str()],
+            };
+            for model in models {
+                for _ in 0..6 {
+                    let body = serde_json::json!({
+                        "model": model,
+                        "messages": [{"role": "user", "content": "warm up"}],
+                        "max_tokens": 4,
+                    });
+                    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+                        .header("authorization", format!("Bearer {token}"))
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))?;
+                    let res = client.request(req).await?;
+                    anyhow::ensure!(
+                        res.status().is_success(),
+                        "warming {} answered {}",
+                        node.id,
+                        res.status()
+                    );
+                    http_body_util::BodyExt::collect(res.into_body()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// An operator's call to a node's admin API; the answer's status must be a success.
     async fn admin_post(&self, node: usize, path: &str, body: String) -> Result<()> {
         let token = self.mint("operator", edgeroute_auth::Scope::Admin)?;
@@ -562,6 +606,7 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    fleet.warm_up(&opts.backend).await.context("warming the fleet up")?;
     let clients: Vec<Client> =
         (0..3).map(|r| fleet.client(r, opts.seed + r as u64)).collect::<Result<_>>()?;
 
