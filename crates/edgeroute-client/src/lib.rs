@@ -1108,19 +1108,17 @@ impl Client {
     }
 
     fn is_ejected(&self, id: &str) -> bool {
-        let now = Instant::now();
-        self.inner
-            .nodes
-            .lock()
-            .is_ok_and(|n| n.get(id).and_then(|s| s.ejected_until).is_some_and(|t| t > now))
+        self.until_later(id, |s| s.ejected_until)
     }
 
     fn cooling(&self, id: &str) -> bool {
+        self.until_later(id, |s| s.cooling_until)
+    }
+
+    /// Whether the deadline `field` picks from `id`'s state is still ahead.
+    fn until_later(&self, id: &str, field: impl Fn(&NodeState) -> Option<Instant>) -> bool {
         let now = Instant::now();
-        self.inner
-            .nodes
-            .lock()
-            .is_ok_and(|n| n.get(id).and_then(|s| s.cooling_until).is_some_and(|t| t > now))
+        self.inner.nodes.lock().is_ok_and(|n| n.get(id).and_then(field).is_some_and(|t| t > now))
     }
 
     fn observe_ttft(&self, ttft: Duration) {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use edgeroute_client::{Client, ClientConfig, Stats};
+use edgeroute_lab::compare::report::BUCKETS;
 use edgeroute_lab::relay::Relay;
 use edgeroute_lab::wan::{LinkSpec, Wan, geo_rtt_ms};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
@@ -736,16 +737,6 @@ pub async fn upstream_model(upstream: &str) -> Result<String> {
         .map(str::to_owned)
         .with_context(|| format!("{upstream}/v1/models lists no model (use --model)"))
 }
-
-/// TTFT buckets of the report, ms.
-const BUCKETS: [(f64, f64); 6] = [
-    (0.0, 25.0),
-    (25.0, 50.0),
-    (50.0, 100.0),
-    (100.0, 200.0),
-    (200.0, 400.0),
-    (400.0, f64::INFINITY),
-];
 
 /// The report: the summary, each phase's TTFT distribution, and the timeline of faults and
 /// the clients' decisions, as markdown in `dir/report.md` with PNG charts beside it.

@@ -91,6 +91,28 @@ pub enum AttemptError {
     Cut(String),
 }
 
+/// A new HTTP/1 connection to `host` on `net` (connect bounded by `connect`), for `path`.
+async fn open(
+    net: &MemNet,
+    host: &str,
+    path: &str,
+    connect: Duration,
+) -> Result<(http::Uri, hyper::client::conn::http1::SendRequest<Full<Bytes>>), AttemptError> {
+    let failed = |e: String| AttemptError::Connect(e);
+    let uri: http::Uri = format!("http://{host}{path}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| failed(e.to_string()))?;
+    let io = tokio::time::timeout(connect, edgeroute_client::Transport::connect(net, &uri))
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tokio::spawn(conn);
+    Ok((uri, send))
+}
+
 /// One streamed chat request to `host` on `net` (a node, or the central router), read to its
 /// `[DONE]` with the limits; each token is told to `ear`. Returns the serving node's id.
 pub async fn attempt(
@@ -100,17 +122,7 @@ pub async fn attempt(
     limits: Limits,
     ear: &mut Ear,
 ) -> Result<String, AttemptError> {
-    let uri: http::Uri = format!("http://{host}/v1/chat/completions")
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| AttemptError::Connect(e.to_string()))?;
-    let io = tokio::time::timeout(limits.connect, edgeroute_client::Transport::connect(net, &uri))
-        .await
-        .map_err(|_| AttemptError::Connect("timed out".into()))?
-        .map_err(|e| AttemptError::Connect(e.to_string()))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| AttemptError::Connect(e.to_string()))?;
-    tokio::spawn(conn);
+    let (uri, mut send) = open(net, host, "/v1/chat/completions", limits.connect).await?;
     let req = http::Request::post(uri.path())
         .header(http::header::HOST, host)
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -359,18 +371,7 @@ async fn forward(
     body: Bytes,
 ) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
     let host = NODES[i].id;
-    let uri: http::Uri = format!("http://{host}{}", parts.uri.path())
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| AttemptError::Connect(e.to_string()))?;
-    let io =
-        tokio::time::timeout(c.limits.connect, edgeroute_client::Transport::connect(&c.net, &uri))
-            .await
-            .map_err(|_| AttemptError::Connect("timed out".into()))?
-            .map_err(|e| AttemptError::Connect(e.to_string()))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| AttemptError::Connect(e.to_string()))?;
-    tokio::spawn(conn);
+    let (uri, mut send) = open(&c.net, host, parts.uri.path(), c.limits.connect).await?;
     let mut req = http::Request::post(uri.path()).header(http::header::HOST, host);
     for (k, v) in &parts.headers {
         if k != http::header::HOST && k != http::header::CONTENT_LENGTH {
