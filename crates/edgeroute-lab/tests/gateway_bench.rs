@@ -69,20 +69,7 @@ async fn runs_every_target_in_one_run_and_stops_them_after() {
     println!("{md}");
 
     // Every server is gone once run() returns: nothing listens on their ports.
-    for t in &report.targets {
-        assert!(
-            TcpStream::connect_timeout(&t.addr, Duration::from_millis(200)).is_err(),
-            "{:?} still listening on {}",
-            t.kind,
-            t.addr
-        );
-        assert!(
-            !Path::new(&format!("/proc/{}", t.pid)).exists(),
-            "{:?} pid {} alive",
-            t.kind,
-            t.pid
-        );
-    }
+    assert_all_stopped(&report);
     assert!(report.targets.iter().any(|t| t.kind == TargetKind::Gateway));
 }
 
