@@ -574,7 +574,11 @@ async fn a_flapping_node_is_ejected_with_backoff_and_sessions_avoid_it() {
         s.chat(&request("hello", 4)).await.unwrap();
         assert_eq!(s.pinned().id, "mtl-1");
     }
-    assert!(lab.saw(|e| matches!(e, Event::Ejected { node, .. } if node == "tor-1")));
+    assert!(
+        lab.saw(|e| matches!(e, Event::Ejected { node, .. } if node == "tor-1")),
+        "{:#?}",
+        lab.events.lock().unwrap()
+    );
     // It comes back, but is still in its backoff: a new session does not pin it...
     lab.net.set_fault("tor-1", Fault::None);
     assert_eq!(client.session("sim-llama").await.unwrap().pinned().id, "mtl-1");
@@ -785,4 +789,35 @@ async fn a_list_just_past_its_ttl_is_used_at_once_and_revalidated_behind() {
     let t = Instant::now();
     client.discover("sim-llama").await.unwrap();
     assert_eq!(t.elapsed(), Duration::from_millis(40));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_lost_a_hedge_and_misses_a_probe_is_ejected_for_every_session() {
+    let lab = Lab::start().await;
+    let client = lab.client();
+    let mut a = client.session("sim-llama").await.unwrap();
+    let mut b = client.session("sim-llama").await.unwrap();
+    assert_eq!((a.pinned().id.as_str(), b.pinned().id.as_str()), ("tor-1", "tor-1"));
+    a.chat(&request("warm", 2)).await.unwrap();
+    b.chat(&request("warm", 2)).await.unwrap();
+    // tor-1 falls off the network: a's next (streamed) turn waits out the first-token
+    // deadline and is answered by the hedge on mtl-1; tor-1 is then probed, stays silent,
+    // and is ejected.
+    lab.net.set_fault("tor-1", Fault::Blackhole);
+    let tor_before = lab.chats("tor-1");
+    a.chat_stream(&request("turn", 2)).await.unwrap().text().await.unwrap();
+    assert_eq!(a.pinned().id, "mtl-1");
+    assert!(lab.saw(|e| matches!(e, Event::Hedged { from, .. } if from == "tor-1")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        lab.saw(|e| matches!(e, Event::Ejected { node, .. } if node == "tor-1")),
+        "{:#?}",
+        lab.events.lock().unwrap()
+    );
+    // b never waits on tor-1: it leaves before its turn and goes straight to mtl-1.
+    let t = Instant::now();
+    b.chat_stream(&request("turn", 2)).await.unwrap().text().await.unwrap();
+    assert_eq!(b.pinned().id, "mtl-1");
+    assert!(t.elapsed() < Duration::from_millis(100), "no hedge wait: {:?}", t.elapsed());
+    assert_eq!(lab.chats("tor-1"), tor_before, "nothing else reached the black hole");
 }
