@@ -309,6 +309,9 @@ pub enum Event {
     Discovered {
         model: String,
         candidates: usize,
+        /// `None`: discovery answered; `fresh`: the cached list within its ttl;
+        /// `revalidating`: just past it, used while discovery is asked again behind; `stale`:
+        /// discovery unreachable, the list within `stale_ok`.
         cached: Option<&'static str>,
     },
     DiscoveryFailed {
@@ -480,6 +483,11 @@ const PIN_FADE: Duration = Duration::from_millis(500);
 fn queue_wait(l: &LoadReport, prior_ms: f64) -> f64 {
     let p50 = if l.ttft_ms == 0 { prior_ms } else { f64::from(l.ttft_ms) };
     p50 + f64::from(l.queue_depth) * p50 / f64::from(l.capacity).max(1.0)
+}
+
+/// The same, from discovery's (seconds-old) figures for a candidate.
+fn discovery_wait(c: &Candidate) -> f64 {
+    c.ttft_p50_ms + f64::from(c.queue_depth) * c.ttft_p50_ms / f64::from(c.capacity).max(1.0)
 }
 
 /// What a non-2xx answer means for the ladder.
@@ -796,10 +804,7 @@ impl Client {
         // node sent no load report.
         let wait = match load {
             Some(l) => queue_wait(&l, c.ttft_p50_ms),
-            None => {
-                let cap = f64::from(c.capacity).max(1.0);
-                c.ttft_p50_ms + f64::from(c.queue_depth) * c.ttft_p50_ms / cap
-            }
+            None => discovery_wait(c),
         };
         Ok(Probed { id: c.id.clone(), rtt, queue_wait_ms: wait })
     }
@@ -937,8 +942,7 @@ impl Client {
             .iter()
             .filter_map(|c| {
                 let (p, _) = probes.get(&c.id).filter(|(_, at)| at.elapsed() < ttl)?;
-                let cap = f64::from(c.capacity).max(1.0);
-                let wait = c.ttft_p50_ms + f64::from(c.queue_depth) * c.ttft_p50_ms / cap;
+                let wait = discovery_wait(c);
                 Some((Probed { id: c.id.clone(), rtt: p.rtt, queue_wait_ms: wait }, (*c).clone()))
             })
             .collect();

@@ -347,9 +347,6 @@ impl Fleet {
     /// nodes' telemetry then holds real first-token times when the story starts.
     async fn warm_up(&self, backend: &DemoBackend) -> Result<()> {
         let token = self.token()?;
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
         let addrs: Vec<SocketAddr> = self
             .relays
             .lock()
@@ -369,18 +366,9 @@ impl Fleet {
                         "messages": [{"role": "user", "content": "warm up"}],
                         "max_tokens": 4,
                     });
-                    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
-                        .header("authorization", format!("Bearer {token}"))
-                        .header("content-type", "application/json")
-                        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))?;
-                    let res = client.request(req).await?;
-                    anyhow::ensure!(
-                        res.status().is_success(),
-                        "warming {} answered {}",
-                        node.id,
-                        res.status()
-                    );
-                    http_body_util::BodyExt::collect(res.into_body()).await?;
+                    post_json(addr, "/v1/chat/completions", &token, body.to_string())
+                        .await
+                        .with_context(|| format!("warming {} up", node.id))?;
                 }
             }
         }
@@ -390,21 +378,8 @@ impl Fleet {
     /// An operator's call to a node's admin API; the answer's status must be a success.
     async fn admin_post(&self, node: usize, path: &str, body: String) -> Result<()> {
         let token = self.mint("operator", edgeroute_auth::Scope::Admin)?;
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
         let addr = self.relays.lock().map_err(|_| anyhow::anyhow!("relays"))?[node].addr();
-        let req = http::Request::post(format!("http://{addr}{path}"))
-            .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-        let res = client.request(req).await?;
-        let status = res.status();
-        if !status.is_success() {
-            let text = http_body_util::BodyExt::collect(res.into_body()).await?.to_bytes();
-            anyhow::bail!("{path} answered {status}: {}", String::from_utf8_lossy(&text));
-        }
-        Ok(())
+        post_json(addr, path, &token, body).await
     }
 }
 
@@ -716,15 +691,41 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     Ok(md)
 }
 
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// A plain HTTP/1 client for the demo's own calls (warm-up, operator calls, the upstream's
+/// model list).
+fn http_client() -> HttpClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// POSTs JSON with a bearer token to `addr`; an answer that is not a success is an error that
+/// carries its body.
+async fn post_json(addr: SocketAddr, path: &str, token: &str, body: String) -> Result<()> {
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let res = http_client().request(req).await?;
+    let status = res.status();
+    let text = http_body_util::BodyExt::collect(res.into_body()).await?.to_bytes();
+    anyhow::ensure!(
+        status.is_success(),
+        "{path} answered {status}: {}",
+        String::from_utf8_lossy(&text)
+    );
+    Ok(())
+}
+
 /// The first model an OpenAI-compatible upstream lists at `GET /v1/models`.
 pub async fn upstream_model(upstream: &str) -> Result<String> {
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
     let uri: http::Uri = format!("{upstream}/v1/models")
         .parse()
         .with_context(|| format!("--upstream `{upstream}` is not a URL"))?;
-    let res = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+    let res = tokio::time::timeout(Duration::from_secs(10), http_client().get(uri))
         .await
         .with_context(|| format!("{upstream}/v1/models did not answer in 10 s"))?
         .with_context(|| format!("asking {upstream}/v1/models"))?;

@@ -26,9 +26,9 @@ use bytes::Bytes;
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 use tokio::time::Instant;
 
-use strategy::{Central, Ear, Gslb, Limits, ROUTER_HOST, attempt, best_node, node_of, oracle_pick};
+use strategy::{Central, Ear, Gslb, Limits, ROUTER_HOST, attempt, best_node, oracle_pick};
 use workload::{SessionPlan, WorkloadSpec};
-use world::{NODES, SITES, Site, World, discovery_host};
+use world::{NODES, SITES, Site, World, discovery_host, node_index};
 
 /// The model every node serves.
 pub const MODEL: &str = "sim-llama";
@@ -345,6 +345,7 @@ async fn session(
         let mut node = None;
         let mut ok = false;
         let mut tried: Vec<usize> = Vec::new();
+        let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
         while failed < ATTEMPTS && !ok {
             let result = match route {
                 Route::Edgeroute(clients) => {
@@ -354,42 +355,15 @@ async fn session(
                         None => Err("no client for the site".into()),
                     }
                 }
-                other => {
-                    let host = match other {
-                        Route::Dns(gslb) => {
-                            if dns.as_ref().is_none_or(|(exp, _)| *exp <= Instant::now()) {
-                                dns = Some(gslb.resolve(&site).await);
-                            }
-                            let answer = dns.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
-                            let next =
-                                answer.iter().find(|i| !tried.contains(i)).or(answer.first());
-                            next.map(|i| {
-                                tried.push(*i);
-                                NODES[*i].id.to_owned()
-                            })
-                        }
-                        Route::Central => Some(ROUTER_HOST.to_owned()),
-                        _ => {
-                            let alive_now = |i: usize| world.alive(i);
-                            oracle_pick(&site, &alive_now, &world.tap, max_tokens, &tried).map(
-                                |i| {
-                                    tried.push(i);
-                                    NODES[i].id.to_owned()
-                                },
-                            )
-                        }
-                    };
-                    match host {
-                        Some(h) => {
-                            let body = Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
-                            attempt(&net, &h, body, limits, &mut ear)
-                                .await
-                                .map(|n| node_of(&n))
-                                .map_err(|e| e.to_string())
-                        }
-                        None => Err("no address".into()),
-                    }
-                }
+                _ => match baseline_target(route, world, &site, &mut dns, &mut tried, max_tokens)
+                    .await
+                {
+                    Some(h) => attempt(&net, &h, body.clone(), limits, &mut ear)
+                        .await
+                        .map(|n| node_index(&n))
+                        .map_err(|e| e.to_string()),
+                    None => Err("no address".into()),
+                },
             };
             match result {
                 Ok(n) => {
@@ -423,6 +397,32 @@ async fn session(
     out
 }
 
+/// Where a baseline sends its next attempt: the router, or a node — DNS's next address, the
+/// oracle's pick — which is noted in `tried`.
+async fn baseline_target(
+    route: &Route,
+    world: &World,
+    site: &Site,
+    dns: &mut Option<(Instant, Vec<usize>)>,
+    tried: &mut Vec<usize>,
+    max_tokens: u32,
+) -> Option<String> {
+    let i = match route {
+        Route::Central => return Some(ROUTER_HOST.to_owned()),
+        Route::Edgeroute(_) => return None,
+        Route::Dns(gslb) => {
+            if dns.as_ref().is_none_or(|(expires, _)| *expires <= Instant::now()) {
+                *dns = Some(gslb.resolve(site).await);
+            }
+            let answer = dns.as_ref().map(|(_, a)| a.as_slice()).unwrap_or_default();
+            answer.iter().find(|i| !tried.contains(i)).or(answer.first()).copied()?
+        }
+        Route::Oracle => oracle_pick(site, &|i| world.alive(i), &world.tap, max_tokens, tried)?,
+    };
+    tried.push(i);
+    Some(NODES[i].id.to_owned())
+}
+
 /// One attempt through the SDK: the session is opened on the first turn (discovery and
 /// probes count in that turn's time to first token).
 async fn sdk_turn(
@@ -436,7 +436,7 @@ async fn sdk_turn(
     }
     let Some(s) = session.as_mut() else { return Err("no session".into()) };
     let mut stream = s.chat_stream(req).await.map_err(|e| e.to_string())?;
-    let node = node_of(stream.node());
+    let node = node_index(stream.node());
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
         if chunk.choices.iter().any(|c| c.delta.content.as_deref().is_some_and(|t| !t.is_empty())) {

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::world::{NODES, SLOTS, Site, TOKENS_PER_S, Tap, has_token, node_index};
+use super::world::{NODES, SLOTS, Site, TOKENS_PER_S, Tap, has_token};
 use crate::memnet::MemNet;
 
 /// What the caller hears during one turn, across its attempts.
@@ -92,7 +92,7 @@ pub enum AttemptError {
 }
 
 /// A new HTTP/1 connection to `host` on `net` (connect bounded by `connect`), for `path`.
-async fn open(
+pub(super) async fn open(
     net: &MemNet,
     host: &str,
     path: &str,
@@ -422,11 +422,6 @@ pub fn best_node(site: &Site, alive: &dyn Fn(usize) -> bool) -> Option<usize> {
     (0..NODES.len()).filter(|i| alive(*i)).min_by(|a, b| {
         expected_ttft_ms(site, *a, 0, 0).total_cmp(&expected_ttft_ms(site, *b, 0, 0))
     })
-}
-
-/// The node id a `x-edgeroute-node` answer names, as an index.
-pub fn node_of(id: &str) -> Option<usize> {
-    node_index(id)
 }
 
 #[cfg(test)]

@@ -17,9 +17,8 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::memnet::{Fault, MemNet, PathSpec};
@@ -277,16 +276,13 @@ impl edgeroute_discovery::probe::Probe for MemProbe {
         let (net, timeout) = (self.net.clone(), self.timeout);
         Box::pin(async move {
             let work = async {
-                let io = edgeroute_client::Transport::connect(&net, &uri)
+                let host = uri.host().unwrap_or_default();
+                let (_, mut send) = super::strategy::open(&net, host, uri.path(), timeout)
                     .await
                     .map_err(|e| ProbeError::Connect(e.to_string()))?;
-                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| ProbeError::Connect(e.to_string()))?;
-                tokio::spawn(conn);
                 let req = http::Request::get(uri.path())
-                    .header(http::header::HOST, uri.host().unwrap_or_default())
-                    .body(Empty::<Bytes>::new())
+                    .header(http::header::HOST, host)
+                    .body(Full::new(Bytes::new()))
                     .map_err(|e| ProbeError::Connect(e.to_string()))?;
                 let resp =
                     send.send_request(req).await.map_err(|e| ProbeError::Connect(e.to_string()))?;
