@@ -14,7 +14,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -25,7 +25,10 @@ use crate::Listener;
 /// Every limit of the transport, explicit. Defaults suit an internet-facing node.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
-    /// A client must finish sending a request head within this time (slowloris defence).
+    /// A client must finish sending a request head within this time (slowloris defence),
+    /// counted from accept for the first request (a connection that sends nothing is closed
+    /// too) and, on HTTP/1.1, from the first byte of each later one. It never runs between
+    /// requests: an idle keep-alive connection lives for `idle_timeout`.
     pub header_read_timeout: Duration,
     /// A keep-alive connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
@@ -145,17 +148,172 @@ pub async fn serve<L: Listener>(
     }
 }
 
-/// When the connection last changed between busy and idle, and how many requests it has
-/// in flight; read by the idle watchdog.
+/// What the connection's watchdogs read: how many requests it has in flight and when that last
+/// changed (the idle watchdog), and the request-head deadline.
+///
+/// The head deadline replaces hyper's `header_read_timeout`, which starts as soon as an
+/// HTTP/1.1 connection goes idle and so closes keep-alive connections after a few seconds, and
+/// which does not cover hyper-util's read of the protocol preface at all. Ours is armed at
+/// accept (the first request head, HTTP/1 or the HTTP/2 preface and first request, must arrive
+/// in time) and, on HTTP/1, by the first byte of each later request read while the connection
+/// is idle; it is disarmed when a request head has been parsed (the service is called). An idle
+/// keep-alive connection is then governed by the idle watchdog alone (as is the rare head whose
+/// first bytes were pipelined behind a request still in flight: they arm nothing).
 struct Activity {
     origin: Instant,
     active: AtomicUsize,
     last_ms: AtomicU64,
+    /// When the head deadline was armed, nanoseconds since `origin` plus one; 0 = disarmed.
+    head_armed: AtomicU64,
+    /// Wakes the head watchdog when the deadline is armed.
+    head_notify: Notify,
 }
 
 impl Activity {
+    fn new() -> Self {
+        Activity {
+            origin: Instant::now(),
+            active: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            head_armed: AtomicU64::new(0),
+            head_notify: Notify::new(),
+        }
+    }
+
     fn touch(&self) {
         self.last_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Arms the head deadline from now, unless it is already armed.
+    fn arm_head(&self) {
+        let at = (self.origin.elapsed().as_nanos() as u64).saturating_add(1);
+        if self.head_armed.compare_exchange(0, at, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            self.head_notify.notify_one();
+        }
+    }
+
+    fn disarm_head(&self) {
+        self.head_armed.store(0, Ordering::Release);
+    }
+}
+
+/// Resolves when a request head has been awaited longer than `timeout` since the deadline was
+/// armed.
+async fn head_watch(activity: Arc<Activity>, timeout: Duration) {
+    loop {
+        let notified = activity.head_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let armed = activity.head_armed.load(Ordering::Acquire);
+        if armed == 0 {
+            notified.await;
+            continue;
+        }
+        let deadline = activity.origin + Duration::from_nanos(armed - 1) + timeout;
+        tokio::time::sleep_until(deadline).await;
+        if activity.head_armed.load(Ordering::Acquire) == armed {
+            return;
+        }
+    }
+}
+
+/// The HTTP/2 connection preface, as hyper-util's auto builder detects it.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a connection speaks, told from its first bytes as the auto builder does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    /// This many bytes of the HTTP/2 preface matched so far.
+    Sniffing(usize),
+    Http1,
+    Http2,
+}
+
+pin_project_lite::pin_project! {
+    /// The accepted stream, watched: on HTTP/1, bytes that arrive while no request is in flight
+    /// are the start of a request head and arm the head deadline. HTTP/2 frames (pings,
+    /// settings, window updates) arrive on idle connections too, so there only the accept-time
+    /// deadline applies.
+    struct HeadWatched<I> {
+        #[pin]
+        inner: I,
+        activity: Arc<Activity>,
+        proto: Proto,
+    }
+}
+
+impl<I> HeadWatched<I> {
+    fn new(inner: I, activity: Arc<Activity>) -> Self {
+        HeadWatched { inner, activity, proto: Proto::Sniffing(0) }
+    }
+}
+
+fn sniff(proto: Proto, bytes: &[u8]) -> Proto {
+    match proto {
+        Proto::Sniffing(n) => {
+            let take = bytes.len().min(H2_PREFACE.len() - n);
+            if bytes[..take] != H2_PREFACE[n..n + take] {
+                Proto::Http1
+            } else if n + take == H2_PREFACE.len() {
+                Proto::Http2
+            } else {
+                Proto::Sniffing(n + take)
+            }
+        }
+        known => known,
+    }
+}
+
+impl<I: tokio::io::AsyncRead> tokio::io::AsyncRead for HeadWatched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                *this.proto = sniff(*this.proto, new);
+                if *this.proto == Proto::Http1 && this.activity.active.load(Ordering::Acquire) == 0
+                {
+                    this.activity.arm_head();
+                }
+            }
+        }
+        res
+    }
+}
+
+impl<I: tokio::io::AsyncWrite> tokio::io::AsyncWrite for HeadWatched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -167,11 +325,9 @@ async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity {
-        origin: Instant::now(),
-        active: AtomicUsize::new(0),
-        last_ms: AtomicU64::new(0),
-    });
+    let activity = Arc::new(Activity::new());
+    // Armed at accept: a connection that sends no request (not even a first byte) is closed.
+    activity.arm_head();
     let svc = TrackedService { app, activity: activity.clone() };
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut svc = svc.clone();
@@ -182,7 +338,8 @@ async fn serve_connection<I>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Our head deadline replaces hyper's (see `Activity`).
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
@@ -193,10 +350,13 @@ async fn serve_connection<I>(
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
 
+    let io = HeadWatched::new(io, activity.clone());
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let idle = idle_watch(activity, limits.idle_timeout);
+    let idle = idle_watch(activity.clone(), limits.idle_timeout);
     tokio::pin!(idle);
+    let head = head_watch(activity, limits.header_read_timeout);
+    tokio::pin!(head);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -204,6 +364,10 @@ async fn serve_connection<I>(
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with error");
                 }
+                return;
+            }
+            () = &mut head => {
+                tracing::debug!("request head not received in time; closing the connection");
                 return;
             }
             changed = stop.changed(), if !closing => {
@@ -248,7 +412,9 @@ impl TrackedService {
         req: Request<Incoming>,
     ) -> Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, std::convert::Infallible>> + Send>>
     {
-        self.activity.active.fetch_add(1, Ordering::Relaxed);
+        // A request head has been parsed: the head deadline is met.
+        self.activity.disarm_head();
+        self.activity.active.fetch_add(1, Ordering::AcqRel);
         self.activity.touch();
         let guard = ActiveGuard(self.activity.clone());
         let mut app = self.app.clone();

@@ -121,6 +121,95 @@ async fn idle_keepalive_connection_is_closed() {
     );
 }
 
+/// Reads one `200 ok` answer from a keep-alive connection (the app's `/` answers `ok`).
+async fn read_ok(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 512];
+    while !out.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("no answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "connection closed: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Short real timeouts with wide margins: the header timeout is 200 ms and the gaps between
+/// requests are three times that.
+fn keepalive_limits() -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn idle_keepalive_connection_outlives_the_header_timeout_between_requests() {
+    let srv = start(keepalive_limits()).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    for turn in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let r = read_ok(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "turn {turn}: {r}");
+        // Idle between turns for three header timeouts: the connection must stay open.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+}
+
+#[tokio::test]
+async fn idle_h2_connection_outlives_the_header_timeout_between_requests() {
+    let srv = start(keepalive_limits()).await;
+    let tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for turn in 0..3 {
+        let req = http::Request::get(format!("http://{}/", srv.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let res = send.send_request(req).await.unwrap_or_else(|e| panic!("turn {turn}: {e}"));
+        assert_eq!(res.status(), 200, "turn {turn}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert!(!conn.is_finished(), "the HTTP/2 connection was closed while idle");
+}
+
+#[tokio::test]
+async fn half_a_head_on_a_kept_alive_connection_is_closed_at_the_header_timeout() {
+    let srv = start(keepalive_limits()).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    read_ok(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The next request starts and stalls: its head deadline runs from its first byte.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: a").await.unwrap();
+    let t = time_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(t >= Duration::from_millis(150), "closed too early: {t:?}");
+    assert!(t < Duration::from_secs(3), "half a head held the connection for {t:?}");
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_at_the_header_timeout() {
+    let limits = keepalive_limits();
+    let srv = start(limits).await;
+    let mut silent = TcpStream::connect(srv.addr).await.unwrap();
+    let t = time_to_close(&mut silent, Duration::from_secs(5)).await;
+    assert!(t >= Duration::from_millis(150), "closed too early: {t:?}");
+    assert!(t < Duration::from_secs(3), "a silent connection was held for {t:?}");
+    // The same for one that sends the HTTP/2 preface and then no request.
+    let mut preface_only = TcpStream::connect(srv.addr).await.unwrap();
+    preface_only.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    let t = time_to_close(&mut preface_only, Duration::from_secs(5)).await;
+    assert!(t < Duration::from_secs(3), "a preface-only connection was held for {t:?}");
+}
+
 #[tokio::test]
 async fn oversized_headers_get_431() {
     let limits = ServerLimits { max_header_bytes: 8192, ..Default::default() };

@@ -149,7 +149,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most headers in one request. Default 100.
     pub max_headers: usize,
-    /// Time to receive a whole request head (slowloris defence). Default 5000.
+    /// Time to receive a whole request head (slowloris defence), from accept and from the first
+    /// byte of each later request; it never runs between requests (idle keep-alive
+    /// connections live for `idle_timeout_ms`). Default 5000.
     pub header_read_timeout_ms: u64,
     /// Keep-alive connections idle this long are closed. Default 60000.
     pub idle_timeout_ms: u64,
