@@ -68,6 +68,7 @@ fn hint(reason: &str, to: Option<String>, until: Duration, now: Duration) -> Mig
         reason: reason.to_owned(),
         deadline_ms: until.saturating_sub(now).as_millis() as u64,
         to,
+        model: None,
     }
 }
 
@@ -134,7 +135,12 @@ mod tests {
         };
         assert_eq!(
             h,
-            MigrateHint { reason: "drain".into(), deadline_ms: 20_000, to: Some("tor-2".into()) }
+            MigrateHint {
+                reason: "drain".into(),
+                deadline_ms: 20_000,
+                to: Some("tor-2".into()),
+                model: None
+            }
         );
         assert!(matches!(p.admit(S(10), false), Admission::Refuse { code: "node_draining", .. }));
         let Admission::Refuse { hint, .. } = p.admit(S(31), true) else {

@@ -88,6 +88,8 @@ pub struct MigrateHint {
     pub deadline_ms: u64,
     /// A node the operator suggests instead.
     pub to: Option<String>,
+    /// The hint concerns this model only (`reason=unload`): the node keeps serving others.
+    pub model: Option<String>,
 }
 
 impl fmt::Display for MigrateHint {
@@ -96,6 +98,9 @@ impl fmt::Display for MigrateHint {
         if let Some(to) = &self.to {
             write!(f, "; to={to}")?;
         }
+        if let Some(model) = &self.model {
+            write!(f, "; model={model}")?;
+        }
         Ok(())
     }
 }
@@ -103,13 +108,14 @@ impl fmt::Display for MigrateHint {
 impl std::str::FromStr for MigrateHint {
     type Err = ParseHeaderError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut reason, mut deadline_ms, mut to) = (None, None, None);
+        let (mut reason, mut deadline_ms, mut to, mut model) = (None, None, None, None);
         for kv in fields(s) {
             let (k, v) = kv?;
             match k {
                 "reason" => reason = Some(v.to_owned()),
                 "deadline_ms" => deadline_ms = Some(num(k, v)?),
                 "to" => to = Some(v.to_owned()),
+                "model" => model = Some(v.to_owned()),
                 _ => {}
             }
         }
@@ -117,6 +123,7 @@ impl std::str::FromStr for MigrateHint {
             reason: reason.ok_or(ParseHeaderError::Missing("reason"))?,
             deadline_ms: deadline_ms.ok_or(ParseHeaderError::Missing("deadline_ms"))?,
             to,
+            model,
         })
     }
 }
@@ -138,7 +145,12 @@ mod tests {
         let h: MigrateHint = "reason=drain; deadline_ms=30000; to=tor-2".parse().unwrap();
         assert_eq!(
             h,
-            MigrateHint { reason: "drain".into(), deadline_ms: 30000, to: Some("tor-2".into()) }
+            MigrateHint {
+                reason: "drain".into(),
+                deadline_ms: 30000,
+                to: Some("tor-2".into()),
+                model: None
+            }
         );
         assert_eq!(h.to_string(), "reason=drain; deadline_ms=30000; to=tor-2");
         assert_eq!(
@@ -164,8 +176,8 @@ mod tests {
         }
 
         #[test]
-        fn migrate_hint_round_trips(reason in "[a-z_]{1,12}", d: u64, to in proptest::option::of("[a-z0-9-]{1,12}")) {
-            let h = MigrateHint { reason, deadline_ms: d, to };
+        fn migrate_hint_round_trips(reason in "[a-z_]{1,12}", d: u64, to in proptest::option::of("[a-z0-9-]{1,12}"), model in proptest::option::of("[a-z0-9.:-]{1,16}")) {
+            let h = MigrateHint { reason, deadline_ms: d, to, model };
             prop_assert_eq!(h.to_string().parse::<MigrateHint>().unwrap(), h);
         }
 

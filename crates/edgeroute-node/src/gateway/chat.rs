@@ -80,7 +80,7 @@ async fn handle(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Respon
     };
     let Some(slot) = st.telemetry.try_admit(st.limits.max_concurrency) else {
         st.metrics.reject("overloaded");
-        let hint = MigrateHint { reason: "overload".into(), deadline_ms: 0, to: None };
+        let hint = MigrateHint { reason: "overload".into(), deadline_ms: 0, to: None, model: None };
         return Err(refusal(
             "node_overloaded",
             "This node is at its concurrency limit; retry on another node.",
