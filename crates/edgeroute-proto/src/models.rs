@@ -8,6 +8,9 @@ pub enum ModelState {
     Loading,
     Ready,
     Failed,
+    /// Being unloaded: requests already in flight, and turns of sessions pinned to the node,
+    /// are still served (with a migrate hint), but routing must send no new session here.
+    Draining,
     Unloading,
 }
 

@@ -56,6 +56,18 @@ pub enum EventKind {
         gpu: Option<String>,
         reason: String,
     },
+    /// An unload started: the model is served only to what is in flight or pinned until its
+    /// last request ends or `deadline_ms` (from `at_ms`) passes; no new session may be sent.
+    ModelDraining {
+        model: String,
+        gpu: Option<String>,
+        deadline_ms: u64,
+    },
+    /// The drain is over and the backend is unloading the model: not served any more.
+    ModelUnloading {
+        model: String,
+        gpu: Option<String>,
+    },
     ModelUnloaded {
         model: String,
         gpu: Option<String>,
@@ -158,6 +170,12 @@ impl NodeSnapshot {
             EventKind::ModelFailed { model, gpu, reason } => {
                 set(model, gpu, ModelState::Failed, Some(reason.clone()))
             }
+            EventKind::ModelDraining { model, gpu, .. } => {
+                set(model, gpu, ModelState::Draining, None)
+            }
+            EventKind::ModelUnloading { model, gpu } => {
+                set(model, gpu, ModelState::Unloading, None)
+            }
             EventKind::ModelUnloaded { model, .. } => self.models.retain(|m| &m.model != model),
         }
         self.models.sort_by(|a, b| a.model.cmp(&b.model));
@@ -226,9 +244,16 @@ mod tests {
         assert_eq!(s.ready_models().collect::<Vec<_>>(), vec!["m"]);
         s.apply(&ev(3, 5, EventKind::NodeDraining { deadline_ms: 100, to: None }));
         assert_eq!((s.liveness, s.drain_deadline_ms), (NodeLiveness::Draining, Some(100)));
-        s.apply(&ev(4, 5, EventKind::ModelUnloaded { model: "m".into(), gpu }));
+        let draining =
+            EventKind::ModelDraining { model: "m".into(), gpu: gpu.clone(), deadline_ms: 9 };
+        s.apply(&ev(4, 5, draining));
+        assert_eq!(s.models[0].state, ModelState::Draining);
+        assert_eq!(s.ready_models().count(), 0, "a draining model is not ready");
+        s.apply(&ev(5, 5, EventKind::ModelUnloading { model: "m".into(), gpu: gpu.clone() }));
+        assert_eq!(s.models[0].state, ModelState::Unloading);
+        s.apply(&ev(6, 5, EventKind::ModelUnloaded { model: "m".into(), gpu }));
         assert!(s.models.is_empty());
-        assert_eq!(s.seq, 4);
+        assert_eq!(s.seq, 6);
         let json = serde_json::to_string(&ev(
             1,
             5,

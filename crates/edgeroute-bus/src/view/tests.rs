@@ -204,6 +204,12 @@ fn kind() -> impl Strategy<Value = EventKind> {
             gpu: None,
             reason: "oom".into()
         }),
+        (model.clone(), 0u64..100).prop_map(|(m, d)| EventKind::ModelDraining {
+            model: m,
+            gpu: None,
+            deadline_ms: d
+        }),
+        model.clone().prop_map(|m| EventKind::ModelUnloading { model: m, gpu: None }),
         model.prop_map(|m| EventKind::ModelUnloaded { model: m, gpu: None }),
     ]
 }
