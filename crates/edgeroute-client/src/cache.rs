@@ -25,6 +25,9 @@ struct Entry {
     /// When the client received the answer, Unix ms (the client's clock).
     fetched_at_ms: u64,
     answer: DiscoverResponse,
+    /// Known to be out of date: a fallback only, never fresh.
+    #[serde(default)]
+    expired: bool,
 }
 
 /// Answers by query key (model, pipeline, regions).
@@ -42,7 +45,7 @@ pub fn key(model: &str, pipeline: Option<&str>, regions: &[String]) -> String {
 
 impl ListCache {
     pub fn put(&mut self, key: String, answer: DiscoverResponse, now_ms: u64) {
-        self.entries.insert(key, Entry { fetched_at_ms: now_ms, answer });
+        self.entries.insert(key, Entry { fetched_at_ms: now_ms, answer, expired: false });
     }
 
     /// The cached answer for `key` and how fresh it is at `now_ms`; `None` when absent or past
@@ -61,6 +64,9 @@ impl ListCache {
     ) -> Option<(&DiscoverResponse, Freshness)> {
         let e = self.entries.get(key)?;
         let age = now_ms.saturating_sub(e.fetched_at_ms);
+        if e.expired {
+            return (age < e.answer.stale_ok_ms).then_some((&e.answer, Freshness::Stale));
+        }
         if age < e.answer.ttl_ms {
             Some((&e.answer, Freshness::Fresh))
         } else if age < e.answer.ttl_ms.saturating_add(revalidate_ms) && age < e.answer.stale_ok_ms
@@ -70,6 +76,20 @@ impl ListCache {
             Some((&e.answer, Freshness::Stale))
         } else {
             None
+        }
+    }
+
+    /// When the answer for `key` was received (Unix ms), if there is one.
+    pub fn fetched_at(&self, key: &str) -> Option<u64> {
+        self.entries.get(key).map(|e| e.fetched_at_ms)
+    }
+
+    /// The answer for `key` is no longer fresh (a node listed in it no longer had the model,
+    /// or every node in it failed): the next look-up asks discovery, and the answer stays
+    /// usable only as a stale fallback while discovery is unreachable.
+    pub fn expire(&mut self, key: &str) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.expired = true;
         }
     }
 
@@ -124,6 +144,11 @@ mod tests {
         assert_eq!(c.get(&k, 5999).unwrap().1, Freshness::Fresh);
         assert_eq!(c.get(&k, 6000).unwrap().1, Freshness::Stale);
         assert!(c.get(&k, 61_000).is_none());
+        c.put(k.clone(), answer(5000, 60_000), 1000);
+        c.expire(&k);
+        assert_eq!(c.get(&k, 2000).unwrap().1, Freshness::Stale, "expired: a fallback only");
+        assert_eq!(c.fetched_at(&k), Some(1000));
+        c.put(k.clone(), answer(5000, 60_000), 1000);
         c.prune(61_000);
         assert_eq!(c, ListCache::default());
     }

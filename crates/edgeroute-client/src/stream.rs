@@ -14,25 +14,38 @@ use bytes::Bytes;
 use edgeroute_proto::discovery::Candidate;
 use edgeroute_proto::sse::{SseDecoder, SseEvent, is_error_payload};
 use edgeroute_proto::{ChatCompletionChunk, ChatCompletionRequest, ChatMessage, Role};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
-use crate::{Client, ClientError, Event, Outcome, refusal};
+use crate::error::{Attempts, ClientError, Side};
+use crate::machine::{Kind, Outcome, Turn};
+use crate::{Client, Event, Query, classify, retry_after};
+
+/// What a stream yields: the answer's chunks and, where it happened, the point at which the
+/// answer moved to another node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    Chunk(ChatCompletionChunk),
+    /// The stream was cut on `from` after `after_tokens` tokens and continues on `to`.
+    Continued {
+        from: String,
+        to: String,
+        after_tokens: u32,
+    },
+}
 
 /// The caller's end of a streamed answer.
 #[derive(Debug)]
 pub struct ChatStream {
-    rx: mpsc::Receiver<Result<ChatCompletionChunk, ClientError>>,
+    rx: mpsc::Receiver<Result<StreamItem, ClientError>>,
     node: String,
+    continued_on: Vec<String>,
 }
 
 impl ChatStream {
-    pub(crate) fn new(
-        rx: mpsc::Receiver<Result<ChatCompletionChunk, ClientError>>,
-        node: String,
-    ) -> Self {
-        ChatStream { rx, node }
+    pub(crate) fn new(rx: mpsc::Receiver<Result<StreamItem, ClientError>>, node: String) -> Self {
+        ChatStream { rx, node, continued_on: Vec::new() }
     }
 
     /// The node whose first token started the stream (a continuation may finish elsewhere).
@@ -40,9 +53,29 @@ impl ChatStream {
         &self.node
     }
 
+    /// The nodes the answer was continued on so far, in order.
+    pub fn continued_on(&self) -> &[String] {
+        &self.continued_on
+    }
+
+    /// The next chunk or continuation; `None` after the last one. An `Err` is final.
+    pub async fn next_item(&mut self) -> Option<Result<StreamItem, ClientError>> {
+        let item = self.rx.recv().await;
+        if let Some(Ok(StreamItem::Continued { to, .. })) = &item {
+            self.continued_on.push(to.clone());
+        }
+        item
+    }
+
     /// The next chunk; `None` after the last one. An `Err` is final.
     pub async fn next(&mut self) -> Option<Result<ChatCompletionChunk, ClientError>> {
-        self.rx.recv().await
+        loop {
+            match self.next_item().await? {
+                Ok(StreamItem::Chunk(c)) => return Some(Ok(c)),
+                Ok(StreamItem::Continued { .. }) => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 
     /// Reads the whole stream and returns the answer's text.
@@ -66,12 +99,7 @@ pub(crate) struct Committed {
     /// Chunks read up to and including the first content chunk.
     pub first: Vec<ChatCompletionChunk>,
     pub done: bool,
-    /// From sending the request to the first content chunk.
-    pub ttft: Duration,
 }
-
-/// How a stream's start on one node ended.
-pub(crate) type Start = Outcome<Box<Committed>>;
 
 const MAX_EVENT: usize = 1 << 20;
 
@@ -112,6 +140,13 @@ fn chunk(d: &Bytes) -> Result<ChatCompletionChunk, String> {
     serde_json::from_slice(d).map_err(|e| format!("malformed chunk: {e}"))
 }
 
+/// How a stream's start on one node ended, and the stream when it committed.
+pub(crate) type Start = (Outcome, Option<Box<Committed>>);
+
+fn failed(side: Side, what: String) -> Start {
+    (Outcome::Failed { side, what }, None)
+}
+
 impl Client {
     /// Sends a streaming request to `node` and reads up to the commit point (the first
     /// content chunk) within `first_token`.
@@ -127,50 +162,44 @@ impl Client {
         let work = async {
             let (res, hint) = match self.send_chat(node, body, session).await {
                 Ok(r) => r,
-                Err(e) => return Start::Failed(e),
+                Err(e) => return failed(Side::Network, e),
             };
             let status = res.status();
             if !status.is_success() {
-                let text = res
-                    .into_body()
+                let retry = retry_after(res.headers());
+                let text = Limited::new(res.into_body(), 1 << 20)
                     .collect()
                     .await
                     .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                     .unwrap_or_default();
-                return refusal(status, text, hint);
+                return (classify(status, text, hint, retry), None);
             }
             let mut body = res.into_body();
             let mut dec = SseDecoder::new(MAX_EVENT);
             let mut first = Vec::new();
             loop {
-                match next_event(&mut body, &mut dec, stall).await {
-                    Err(e) => return Start::Failed(e),
-                    Ok(SseEvent::Done) => {
-                        let c = Committed { body, dec, first, done: true, ttft: sent.elapsed() };
-                        return Start::Done(Box::new(c), hint);
-                    }
+                let done = match next_event(&mut body, &mut dec, stall).await {
+                    Err(e) => return failed(Side::Network, e),
+                    Ok(SseEvent::Done) => true,
                     Ok(SseEvent::Data(d)) => match chunk(&d) {
-                        Err(e) => return Start::Failed(e),
+                        Err(e) => return failed(Side::Backend, e),
                         Ok(c) => {
                             let committed = content_of(&c).is_some();
                             first.push(c);
-                            if committed {
-                                let c = Committed {
-                                    body,
-                                    dec,
-                                    first,
-                                    done: false,
-                                    ttft: sent.elapsed(),
-                                };
-                                return Start::Done(Box::new(c), hint);
+                            if !committed {
+                                continue;
                             }
+                            false
                         }
                     },
-                }
+                };
+                let c = Committed { body, dec, first, done };
+                let outcome = Outcome::Committed { after: sent.elapsed(), hint };
+                return (outcome, Some(Box::new(c)));
             }
         };
         tokio::time::timeout(first_token, work).await.unwrap_or_else(|_| {
-            Start::Failed(format!("no first token within {} ms", first_token.as_millis()))
+            failed(Side::Network, format!("no first token within {} ms", first_token.as_millis()))
         })
     }
 }
@@ -179,20 +208,16 @@ impl Client {
 pub(crate) struct Forward {
     pub client: Client,
     pub session: String,
+    pub q: Query,
     pub req: ChatCompletionRequest,
-    /// The nodes to continue on, in order (the one streaming now excluded).
-    pub next: Vec<Candidate>,
     pub current: Candidate,
     pub committed: Committed,
-    pub tx: mpsc::Sender<Result<ChatCompletionChunk, ClientError>>,
-    /// Where a move caused mid-stream is reported back to the session: (node, reason).
-    pub moved: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>,
+    pub tx: mpsc::Sender<Result<StreamItem, ClientError>>,
 }
 
 impl Forward {
     pub(crate) async fn run(mut self) {
         let stall = self.client.inner.cfg.stall_timeout;
-        let first_token = self.client.inner.cfg.first_token_timeout;
         // The stream's identity as the caller first saw it.
         let (id, created, model) = match self.committed.first.first() {
             Some(c) => (c.id.clone(), c.created, c.model.clone()),
@@ -201,6 +226,7 @@ impl Forward {
         let mut text = String::new();
         let mut tokens: u32 = 0;
         let mut continuing = false;
+        let mut tried = vec![self.current.id.clone()];
         let mut pending: Vec<ChatCompletionChunk> = std::mem::take(&mut self.committed.first);
         let mut done = self.committed.done;
         loop {
@@ -221,7 +247,7 @@ impl Forward {
                 c.id.clone_from(&id);
                 c.created = created;
                 c.model.clone_from(&model);
-                if self.tx.send(Ok(c)).await.is_err() {
+                if self.tx.send(Ok(StreamItem::Chunk(c))).await.is_err() {
                     return; // The caller went away: dropping the body cancels the node's work.
                 }
             }
@@ -238,7 +264,7 @@ impl Forward {
                 Ok(None) => done = true,
                 Ok(Some(c)) => pending.push(c),
                 Err(e) => {
-                    if !self.continue_elsewhere(&e, &text, tokens, first_token).await {
+                    if !self.continue_elsewhere(&e, &text, tokens, &mut tried).await {
                         return;
                     }
                     continuing = true;
@@ -249,67 +275,98 @@ impl Forward {
         }
     }
 
-    /// Continues the answer on the next node; false (after telling the caller) when none can.
+    /// Continues the answer on the next node (the machine's continuation ladder over the
+    /// session's order as it stands now); false (after telling the caller) when none can.
     async fn continue_elsewhere(
         &mut self,
         why: &str,
         text: &str,
         tokens: u32,
-        first_token: Duration,
+        tried: &mut Vec<String>,
     ) -> bool {
-        self.client.node_failed(&self.current.id);
-        let mut req = self.req.clone();
-        req.messages.push(ChatMessage::new(Role::Assistant, text));
-        req.continue_final_message = Some(true);
-        // vLLM refuses `continue_final_message` together with its default
-        // `add_generation_prompt: true`; SGLang and edgeroute's nodes read it the same way.
-        req.extra.insert("add_generation_prompt".into(), false.into());
-        if let Some(m) = req.max_tokens {
-            req.max_tokens = Some(m.saturating_sub(tokens).max(1));
-        }
-        if let Some(m) = req.max_completion_tokens {
-            req.max_completion_tokens = Some(m.saturating_sub(tokens).max(1));
-        }
-        let body = match serde_json::to_vec(&req) {
-            Ok(b) => Bytes::from(b),
+        let client = self.client.clone();
+        let cut = self.current.id.clone();
+        let order = client.with(|st, now| {
+            st.m.note_failure(&cut, 0, now);
+            st.plans.get(&self.session).map(|p| p.order().to_vec())
+        });
+        let order: Vec<Candidate> =
+            order.unwrap_or_default().into_iter().filter(|c| !tried.contains(&c.id)).collect();
+        let body = match continuation(&self.req, text, tokens) {
+            Ok(b) => b,
             Err(e) => {
-                let _ = self.tx.send(Err(ClientError::Invalid(e.to_string()))).await;
+                let _ = self.tx.send(Err(e)).await;
                 return false;
             }
         };
-        let mut failures = vec![format!("{}: {why}", self.current.id)];
-        while !self.next.is_empty() {
-            if !self.client.try_retry() {
-                break;
-            }
-            let node = self.next.remove(0);
-            match self.client.start_stream(&node, &body, &self.session, first_token).await {
-                Start::Done(c, _) => {
-                    self.client.emit(Event::Failover {
-                        from: self.current.id.clone(),
-                        to: node.id.clone(),
-                        reason: format!("mid-stream after {tokens} tokens: {why}"),
-                    });
-                    if let Ok(mut m) = self.moved.lock() {
-                        *m = Some((node.id.clone(), why.to_owned()));
+        let first_token = client.inner.cfg.first_token_timeout;
+        let mut turn = Turn::new(&self.req.model, Kind::Continuation, order);
+        let session = self.session.as_str();
+        let r = client
+            .drive(&self.q, &mut turn, |node| {
+                let (client, body) = (&client, body.clone());
+                async move { client.start_stream(&node, &body, session, first_token).await }
+            })
+            .await;
+        tried.extend(turn.reports().iter().map(|a| a.node.clone()));
+        match r {
+            Ok((c, d)) => {
+                let to = d.node.id.clone();
+                client.emit(Event::Failover {
+                    from: cut.clone(),
+                    to: to.clone(),
+                    reason: format!("mid-stream after {tokens} tokens: {why}"),
+                });
+                client.with(|st, now| {
+                    if let Some(plan) = st.plans.get_mut(&self.session) {
+                        plan.reorder(&mut st.m, &to, now);
                     }
-                    self.current = node;
-                    self.committed = *c;
-                    return true;
-                }
-                Outcome::Refused { status, body } => {
-                    let _ =
-                        self.tx.send(Err(ClientError::Api { node: node.id, status, body })).await;
-                    return false;
-                }
-                Outcome::Busy(e, _) => failures.push(format!("{}: {e}", node.id)),
-                Outcome::Failed(e) => {
-                    self.client.node_failed(&node.id);
-                    failures.push(format!("{}: {e}", node.id));
-                }
+                });
+                tried.push(to.clone());
+                self.current = d.node;
+                self.committed = *c;
+                let moved = StreamItem::Continued { from: cut, to, after_tokens: tokens };
+                self.tx.send(Ok(moved)).await.is_ok()
+            }
+            Err(e) => {
+                let e = match e {
+                    ClientError::Exhausted(a) | ClientError::StreamCut(a) => {
+                        let mut all = vec![crate::error::AttemptReport {
+                            node: cut,
+                            side: Side::Network,
+                            what: why.to_owned(),
+                            after: Duration::ZERO,
+                            hedge: false,
+                        }];
+                        all.extend(a.0);
+                        ClientError::StreamCut(Attempts(all))
+                    }
+                    other => other,
+                };
+                let _ = self.tx.send(Err(e)).await;
+                false
             }
         }
-        let _ = self.tx.send(Err(ClientError::StreamCut(failures.join("; ")))).await;
-        false
     }
+}
+
+/// The request that continues `req` from the partial answer `text` (`tokens` long).
+fn continuation(
+    req: &ChatCompletionRequest,
+    text: &str,
+    tokens: u32,
+) -> Result<Bytes, ClientError> {
+    let mut req = req.clone();
+    req.messages.push(ChatMessage::new(Role::Assistant, text));
+    req.continue_final_message = Some(true);
+    // vLLM refuses `continue_final_message` together with its default
+    // `add_generation_prompt: true`; SGLang and edgeroute's nodes read it the same way.
+    req.extra.insert("add_generation_prompt".into(), false.into());
+    if let Some(m) = req.max_tokens {
+        req.max_tokens = Some(m.saturating_sub(tokens).max(1));
+    }
+    if let Some(m) = req.max_completion_tokens {
+        req.max_completion_tokens = Some(m.saturating_sub(tokens).max(1));
+    }
+    serde_json::to_vec(&req).map(Bytes::from).map_err(|e| ClientError::Invalid(e.to_string()))
 }

@@ -303,7 +303,7 @@ const PROMPT: &str = "what should I pack for Vancouver";
 async fn turn(lab: &Lab, fault: impl FnOnce(&Lab), stream: bool) -> (Duration, String) {
     let want = lab.reference(PROMPT, 30).await;
     let client = lab.client();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     assert_eq!(s.pinned().id, "tor-1");
     fault(lab);
     let t = Instant::now();
@@ -322,6 +322,8 @@ async fn turn(lab: &Lab, fault: impl FnOnce(&Lab), stream: bool) -> (Duration, S
 }
 
 const RTT_TOR: u64 = 4;
+/// The SDK's default hedge floor, ms.
+const HEDGE_MIN: u64 = 40;
 const RTT_MTL: u64 = 10;
 /// The simulator's time per token after the first.
 const TOKEN: Duration = Duration::from_millis(10);
@@ -364,7 +366,7 @@ async fn retry_after_is_honoured_as_a_cool_down_not_an_ejection() {
     for (retry_after, hits_again) in [(Some(5), false), (None, true)] {
         let lab = Lab::start().await;
         let client = lab.client();
-        let mut s = client.session("sim-llama").await.unwrap();
+        let s = client.session("sim-llama").await.unwrap();
         let busy =
             r#"{"error":{"message":"busy","type":"rate_limit_error","param":null,"code":null}}"#;
         lab.http("tor-1", Http::Status { code: 429, retry_after, body: busy });
@@ -381,7 +383,7 @@ async fn retry_after_is_honoured_as_a_cool_down_not_an_ejection() {
 async fn persistent_503_is_routed_around_on_every_turn() {
     let lab = Lab::start().await;
     let client = lab.client();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     let full = r#"{"error":{"message":"full","type":"overloaded_error","param":null,"code":null}}"#;
     lab.http("tor-1", Http::Status { code: 503, retry_after: Some(1), body: full });
     let before = lab.chats("mtl-1");
@@ -396,7 +398,7 @@ async fn persistent_503_is_routed_around_on_every_turn() {
 async fn a_400_context_length_error_is_returned_as_is_never_retried_never_held_against_the_node() {
     let lab = Lab::start().await;
     let client = lab.client();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     let too_long = r#"{"error":{"message":"This model's maximum context length is 2048 tokens","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
     lab.http("tor-1", Http::Status { code: 400, retry_after: None, body: too_long });
     let before = lab.chats("mtl-1");
@@ -442,9 +444,10 @@ async fn accept_then_silence_is_hedged_at_the_deadline() {
     let lab = Lab::start().await;
     let (took, pinned) = turn(&lab, |l| l.net.set_fault("tor-1", Fault::Silence), true).await;
     assert_eq!(pinned, "mtl-1");
-    assert!(lab.saw(|e| matches!(e, Event::Hedged { after_ms: 300, .. })));
-    // 300 ms hedge deadline, then mtl-1's whole answer.
-    assert_eq!(took, Duration::from_millis(300 + RTT_MTL + 40) + 29 * TOKEN);
+    // tor-1's own first token is ~10 ms (its probe): the deadline is twice that, floored at
+    // `hedge_min` (40 ms) — not the fleet-wide 300 ms of `hedge_initial`.
+    assert!(lab.saw(|e| matches!(e, Event::Hedged { after_ms: HEDGE_MIN, .. })));
+    assert_eq!(took, Duration::from_millis(HEDGE_MIN + RTT_MTL + 40) + 29 * TOKEN);
 }
 
 #[tokio::test(start_paused = true)]
@@ -453,6 +456,38 @@ async fn accept_then_silence_on_a_json_request_moves_it_after_the_request_timeou
     let (took, pinned) = turn(&lab, |l| l.net.set_fault("tor-1", Fault::Silence), false).await;
     assert_eq!(pinned, "mtl-1");
     assert_eq!(took, Duration::from_secs(2) + Duration::from_millis(RTT_MTL + 40) + 29 * TOKEN);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_node_holds_a_json_request_only_for_a_multiple_of_its_usual_answer_time() {
+    let lab = Lab::start().await;
+    let want = lab.reference(PROMPT, 30).await;
+    let client = lab.client();
+    let s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    // Five JSON answers of 30 tokens teach the client tor-1's answer time: RTT + 5 ms first
+    // token + 29 tokens.
+    for _ in 0..5 {
+        s.chat(&request(PROMPT, 30)).await.unwrap();
+    }
+    let usual = Duration::from_millis(RTT_TOR + 5) + 29 * TOKEN;
+    // tor-1 accepts the next request and says nothing for ten seconds.
+    lab.http("tor-1", Http::FirstByteLate(Duration::from_secs(10)));
+    let t = Instant::now();
+    let c = s.chat(&request(PROMPT, 30)).await.unwrap();
+    assert_eq!(c.choices[0].message.content.as_deref(), Some(want.as_str()));
+    // Hedged at twice the usual answer (not the 2 s request timeout), then mtl-1's answer.
+    let hedged_after = lab.events.lock().unwrap().iter().find_map(|e| match e {
+        Event::Hedged { from, after_ms, .. } if from == "tor-1" => Some(*after_ms),
+        _ => None,
+    });
+    let Some(hedged_after) = hedged_after else {
+        panic!("not hedged after {:?}: {:#?}", t.elapsed(), lab.events.lock().unwrap())
+    };
+    let hedged_after = Duration::from_millis(hedged_after);
+    assert!(hedged_after >= usual * 2 && hedged_after < usual * 2 + Duration::from_millis(20));
+    assert_eq!(t.elapsed(), hedged_after + Duration::from_millis(RTT_MTL + 40) + 29 * TOKEN);
+    assert_eq!(s.pinned().id, "mtl-1", "the hedge won: the session follows it");
 }
 
 #[tokio::test(start_paused = true)]
@@ -465,7 +500,11 @@ async fn a_slow_first_token_is_hedged_the_first_token_wins_and_the_loser_is_canc
             |e| matches!(e, Event::Hedged { from, to, .. } if from == "tor-1" && to == "mtl-1")
         )
     );
-    assert_eq!(took, Duration::from_millis(300 + RTT_MTL + 40) + 29 * TOKEN, "mtl-1 won the race");
+    assert_eq!(
+        took,
+        Duration::from_millis(HEDGE_MIN + RTT_MTL + 40) + 29 * TOKEN,
+        "mtl-1 won the race"
+    );
     // The loser's request was cancelled: nothing is left in flight on tor-1.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, h) = call(&lab.nodes["tor-1"].router, "GET", "/health", "").await;
@@ -478,7 +517,7 @@ async fn a_stream_cut_after_n_tokens_is_continued_with_no_token_lost_or_repeated
     let lab = Lab::start().await;
     let want = lab.reference(PROMPT, 30).await;
     let client = lab.client();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     lab.sim_faults("tor-1", r#"{"cut_after_tokens": 7}"#).await;
     let mut stream = s.chat_stream(&request(PROMPT, 30)).await.unwrap();
     let mut chunks = Vec::new();
@@ -504,7 +543,7 @@ async fn a_stall_mid_stream_is_continued_after_exactly_the_stall_deadline() {
     let lab = Lab::start().await;
     let want = lab.reference(PROMPT, 30).await;
     let client = lab.client();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     lab.sim_faults("tor-1", r#"{"stall_after_tokens": 10}"#).await;
     let t = Instant::now();
     let got = s.chat_stream(&request(PROMPT, 30)).await.unwrap().text().await.unwrap();
@@ -537,7 +576,7 @@ async fn a_node_dying_mid_stream_costs_no_request_and_under_a_second_of_dead_air
     let lab = Lab::start().await;
     let want = lab.reference(PROMPT, 30).await;
     let client = lab.client();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     let mut stream = s.chat_stream(&request(PROMPT, 30)).await.unwrap();
     let mut text = String::new();
     let mut last = Instant::now();
@@ -566,11 +605,11 @@ async fn a_node_dying_mid_stream_costs_no_request_and_under_a_second_of_dead_air
 async fn a_flapping_node_is_ejected_with_backoff_and_sessions_avoid_it() {
     let lab = Lab::start().await;
     let client = lab.client();
-    let mut a = client.session("sim-llama").await.unwrap();
-    let mut b = client.session("sim-llama").await.unwrap();
+    let a = client.session("sim-llama").await.unwrap();
+    let b = client.session("sim-llama").await.unwrap();
     assert_eq!((a.pinned().id.as_str(), b.pinned().id.as_str()), ("tor-1", "tor-1"));
     lab.net.set_fault("tor-1", Fault::ResetBeforeHeaders);
-    for s in [&mut a, &mut b] {
+    for s in [&a, &b] {
         s.chat(&request("hello", 4)).await.unwrap();
         assert_eq!(s.pinned().id, "mtl-1");
     }
@@ -591,7 +630,7 @@ async fn a_flapping_node_is_ejected_with_backoff_and_sessions_avoid_it() {
 async fn a_drained_node_moves_the_session_between_turns_with_its_migrate_hint() {
     let lab = Lab::start().await;
     let client = lab.client();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     s.chat(&request("turn 1", 4)).await.unwrap();
     let (status, b) = call(
         &lab.nodes["tor-1"].router,
@@ -622,7 +661,7 @@ async fn a_persistently_better_standby_takes_the_session_between_turns_not_befor
         ..lab.config()
     };
     let client = lab.client_with(cfg);
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     assert_eq!(s.pinned().id, "tor-1");
     lab.http("tor-1", Http::Delay(Duration::from_millis(80)));
     let mut moved_at = None;
@@ -652,7 +691,7 @@ async fn discovery_down_at_start_and_for_the_whole_run_is_served_from_the_persis
     let want = lab.reference(PROMPT, 30).await;
     let client = lab.client_with(cfg);
     for i in 0..3 {
-        let mut s = client.session("sim-llama").await.unwrap();
+        let s = client.session("sim-llama").await.unwrap();
         assert_eq!(s.pinned().id, "tor-1", "session {i}");
         assert_eq!(s.chat_stream(&request(PROMPT, 30)).await.unwrap().text().await.unwrap(), want);
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -738,7 +777,7 @@ async fn a_pinned_node_that_stops_answering_re_probes_is_left_before_the_next_tu
     let lab = Lab::start().await;
     let cfg = ClientConfig { reprobe_interval: Duration::from_millis(50), ..lab.config() };
     let client = lab.client_with(cfg);
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     assert_eq!(s.pinned().id, "tor-1");
     s.chat(&request("turn 1", 4)).await.unwrap();
     // tor-1 falls off the network between turns; the next turn starts the re-probe (off the
@@ -795,8 +834,8 @@ async fn a_list_just_past_its_ttl_is_used_at_once_and_revalidated_behind() {
 async fn a_node_that_lost_a_hedge_and_misses_a_probe_is_ejected_for_every_session() {
     let lab = Lab::start().await;
     let client = lab.client();
-    let mut a = client.session("sim-llama").await.unwrap();
-    let mut b = client.session("sim-llama").await.unwrap();
+    let a = client.session("sim-llama").await.unwrap();
+    let b = client.session("sim-llama").await.unwrap();
     assert_eq!((a.pinned().id.as_str(), b.pinned().id.as_str()), ("tor-1", "tor-1"));
     a.chat(&request("warm", 2)).await.unwrap();
     b.chat(&request("warm", 2)).await.unwrap();

@@ -123,7 +123,7 @@ async fn a_session_pins_the_fastest_node_and_talks_to_it_directly() {
     let fleet = Fleet::start("pin", "").await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     assert_eq!(s.pinned().id, "tor-1");
     assert_eq!(s.standby().unwrap().id, "mtl-1");
     let before = fleet.served("tor-1");
@@ -143,7 +143,7 @@ async fn a_dead_pinned_node_fails_over_to_the_standby_within_the_same_request() 
     let mut fleet = Fleet::start("dead", "").await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     s.chat(&request("sim-llama", "hello")).await.unwrap();
     fleet.relay("tor-1").cut();
     let t = std::time::Instant::now();
@@ -169,14 +169,16 @@ async fn a_client_error_is_returned_as_is_and_never_retried_elsewhere() {
     let fleet = Fleet::start("4xx", "").await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     let before: Vec<u64> = ["tor-1", "mtl-1", "van-1"].iter().map(|n| fleet.served(n)).collect();
-    let err = s.chat(&request("no-such-model", "hi")).await.unwrap_err();
+    let mut bad = request("sim-llama", "hi");
+    bad.temperature = Some(5.0);
+    let err = s.chat(&bad).await.unwrap_err();
     match err {
         ClientError::Api { node, status, .. } => {
-            assert_eq!((node.as_str(), status), ("tor-1", 404))
+            assert_eq!((node.as_str(), status), ("tor-1", 400))
         }
-        other => panic!("expected the node's 404, got {other}"),
+        other => panic!("expected the node's 400, got {other}"),
     }
     let after: Vec<u64> = ["tor-1", "mtl-1", "van-1"].iter().map(|n| fleet.served(n)).collect();
     assert_eq!(after[1..], before[1..], "no other node saw the request");
@@ -185,11 +187,49 @@ async fn a_client_error_is_returned_as_is_and_never_retried_elsewhere() {
 }
 
 #[tokio::test]
+async fn a_model_no_node_serves_is_a_404_after_one_rediscovery_and_blames_no_node() {
+    let fleet = Fleet::start("nomodel", "").await;
+    let (events, listener) = recorder();
+    let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
+    let s = client.session("sim-llama").await.unwrap();
+    let err = s.chat(&request("no-such-model", "hi")).await.unwrap_err();
+    assert!(matches!(err, ClientError::NoCandidates { .. }), "{err}");
+    assert_eq!(err.status(), 404);
+    assert!(!err.retryable());
+    assert!(!saw(&events, |e| matches!(e, Event::Ejected { .. })), "no node is blamed");
+    // The session's own model is still served where it was.
+    s.chat(&request("sim-llama", "still here?")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_unloaded_under_a_pinned_session_costs_no_turn_and_new_sessions_avoid_the_node() {
+    let fleet = Fleet::start("unload", "").await;
+    let (events, listener) = recorder();
+    let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
+    let s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    s.chat(&request("sim-llama", "turn 1")).await.unwrap();
+    let r = fleet.node("tor-1").admin_post("/v1/models/unload", r#"{"model": "sim-llama"}"#).await;
+    assert!(r.status.is_success(), "{}", String::from_utf8_lossy(&r.body));
+    // The pinned session's next turns: answered (elsewhere), JSON and streamed.
+    s.chat(&request("sim-llama", "turn 2")).await.unwrap();
+    let text = s.chat_stream(&request("sim-llama", "turn 3")).await.unwrap().text().await.unwrap();
+    assert!(!text.is_empty());
+    assert_ne!(s.pinned().id, "tor-1", "the session left the node without the model");
+    // A new session right after (the cached list still names tor-1): never pinned there.
+    let fresh = client.session("sim-llama").await.unwrap();
+    fresh.chat(&request("sim-llama", "hello")).await.unwrap();
+    assert_ne!(fresh.pinned().id, "tor-1");
+    assert!(saw(&events, |e| matches!(e, Event::PlacementMiss { node, .. } if node == "tor-1")
+        || matches!(e, Event::Migrated { from, .. } if from == "tor-1")));
+}
+
+#[tokio::test]
 async fn a_draining_node_moves_the_session_between_turns() {
     let fleet = Fleet::start("drain", "").await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     s.chat(&request("sim-llama", "turn 1")).await.unwrap();
     let r = fleet
         .node("tor-1")
@@ -227,7 +267,7 @@ async fn with_discovery_down_a_new_client_starts_from_the_persisted_list() {
 
     let (events, listener) = recorder();
     let second = Client::with_listener(cfg, Some(listener)).unwrap();
-    let mut s = second.session("sim-llama").await.unwrap();
+    let s = second.session("sim-llama").await.unwrap();
     s.chat(&request("sim-llama", "hello")).await.unwrap();
     let ev = events.lock().unwrap().clone();
     assert!(ev.iter().any(|e| matches!(e, Event::DiscoveryFailed { .. })));
@@ -245,7 +285,7 @@ async fn with_discovery_down_a_new_client_starts_from_the_persisted_list() {
 async fn every_node_down_is_a_clear_error_within_the_retry_budget() {
     let mut fleet = Fleet::start("alldown", "").await;
     let client = Client::new(fleet.config()).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     for id in ["tor-1", "mtl-1", "van-1"] {
         fleet.relay(id).cut();
     }
@@ -302,7 +342,7 @@ async fn a_stream_cut_mid_answer_is_continued_on_the_standby_without_losing_or_r
     assert!(want.split(' ').count() > 10, "a long enough answer to cut: {want:?}");
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     assert_eq!(s.pinned().id, "tor-1");
     faults(fleet.node("tor-1"), r#"{"cut_after_tokens": 5}"#).await;
     let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
@@ -323,7 +363,7 @@ async fn a_stalled_stream_is_continued_after_the_stall_deadline() {
     let want = reference(fleet.node("mtl-1"), prompt, 40).await;
     let cfg = ClientConfig { stall_timeout: Duration::from_millis(300), ..fleet.config() };
     let client = Client::new(cfg).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     faults(fleet.node("tor-1"), r#"{"stall_after_tokens": 4}"#).await;
     let t = std::time::Instant::now();
     let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
@@ -339,7 +379,7 @@ async fn a_first_token_that_never_comes_moves_the_request_before_the_caller_sees
     let cfg = ClientConfig { first_token_timeout: Duration::from_millis(300), ..fleet.config() };
     let (events, listener) = recorder();
     let client = Client::with_listener(cfg, Some(listener)).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     faults(fleet.node("tor-1"), r#"{"stall_after_tokens": 0}"#).await;
     let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
     assert_eq!(got, want);
@@ -359,7 +399,7 @@ async fn a_late_first_token_is_hedged_on_the_standby_and_the_loser_is_cancelled(
     };
     let (events, listener) = recorder();
     let client = Client::with_listener(cfg, Some(listener)).unwrap();
-    let mut s = client.session("sim-llama").await.unwrap();
+    let s = client.session("sim-llama").await.unwrap();
     faults(fleet.node("tor-1"), r#"{"stall_after_tokens": 0}"#).await;
     let t = std::time::Instant::now();
     let got = s.chat_stream(&long_request(prompt)).await.unwrap().text().await.unwrap();
@@ -367,7 +407,9 @@ async fn a_late_first_token_is_hedged_on_the_standby_and_the_loser_is_cancelled(
     assert!(t.elapsed() < Duration::from_millis(1500), "hedged answer took {:?}", t.elapsed());
     let hedged = saw(
         &events,
-        |e| matches!(e, Event::Hedged { from, to, after_ms: 200 } if from == "tor-1" && to == "mtl-1"),
+        // At the node's own deadline (a multiple of its probed first token), not the 200 ms
+        // a node nothing is known of would get.
+        |e| matches!(e, Event::Hedged { from, to, after_ms } if from == "tor-1" && to == "mtl-1" && *after_ms < 200),
     );
     assert!(hedged);
     assert_eq!(s.pinned().id, "mtl-1", "the hedge won: the session follows it");
@@ -408,7 +450,7 @@ async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
     };
     let client = Client::new(cfg).unwrap();
     let t = std::time::Instant::now();
-    let mut s = loop {
+    let s = loop {
         match client.session("sim-llama").await {
             Ok(s) => break s,
             Err(_) if t.elapsed() < Duration::from_secs(5) => {

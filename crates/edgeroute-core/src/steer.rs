@@ -149,6 +149,11 @@ impl TtftDeadline {
         }
     }
 
+    /// The smoothed mean and mean deviation of the samples so far, ms; `None` before any.
+    pub fn estimate(&self) -> Option<(f64, f64)> {
+        self.mean_ms.map(|m| (m, self.dev_ms))
+    }
+
     pub fn deadline(&self) -> Duration {
         let Some(m) = self.mean_ms else { return self.initial.clamp(self.min, self.max) };
         let d = Duration::from_secs_f64(((m + 4.0 * self.dev_ms) / 1000.0).max(0.0));

@@ -85,7 +85,7 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
 
     // 2. Per-request overhead once pinned.
     let client = Client::new(cfg.clone())?;
-    let mut session = client.session("sim-llama").await?;
+    let session = client.session("sim-llama").await?;
     let pinned = session.pinned().url.clone();
     let bare: HttpClient<_, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
     let body = Bytes::from(serde_json::to_vec(&request("hello"))?);
@@ -112,7 +112,7 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
     let mut failover = Vec::new();
     for _ in 0..rounds.min(50) {
         let client = Client::new(cfg.clone())?;
-        let mut s = client.session("sim-llama").await?;
+        let s = client.session("sim-llama").await?;
         s.chat(&request("hello")).await?;
         let i = ["tor-1", "mtl-1", "van-1"]
             .iter()

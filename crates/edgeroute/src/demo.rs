@@ -409,7 +409,7 @@ async fn phase(
                 }
             };
             // One session per model, each pinned to the best node serving it.
-            let Ok(mut s) = client.session(&llm).await else { return fail_all(&results) };
+            let Ok(s) = client.session(&llm).await else { return fail_all(&results) };
             let mut speech = None;
             if voice {
                 match tokio::try_join!(client.session(STT), client.session(TTS)) {

@@ -1,0 +1,152 @@
+//! One classified error (pingora's model): which side failed, whether the caller may retry,
+//! and every attempt the SDK made on the way.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The request itself (a 4xx, an invalid body): retrying elsewhere cannot help.
+    Caller,
+    /// The node's gateway: a 5xx it produced, or "full / leaving" (429, 503).
+    Node,
+    /// The inference backend behind a node: a malformed answer, an error event, a 502/504.
+    Backend,
+    /// The path to the node: refused, reset, timed out, silent.
+    Network,
+    /// The fleet as a whole: no node serves the model, every candidate failed, the retry
+    /// budget is spent, discovery is unreachable.
+    Fleet,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Caller => "caller",
+            Side::Node => "node",
+            Side::Backend => "backend",
+            Side::Network => "network",
+            Side::Fleet => "fleet",
+        })
+    }
+}
+
+/// One attempt of a request on one node, as the ladder saw it end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptReport {
+    pub node: String,
+    pub side: Side,
+    pub what: String,
+    /// From the attempt's start to its end.
+    pub after: Duration,
+    /// Started as a hedge (a race against a late first answer).
+    pub hedge: bool,
+}
+
+/// The attempts behind an error, in the order they ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attempts(pub Vec<AttemptReport>);
+
+impl fmt::Display for Attempts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("no attempt");
+        }
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            let hedge = if a.hedge { " (hedge)" } else { "" };
+            write!(f, "{}{hedge}: {} [{}, {} ms]", a.node, a.what, a.side, a.after.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    #[error("discovery unreachable and no usable cached list: {0}")]
+    Discovery(String),
+    /// Discovery knows no node that serves the model (after placement misses, asked again).
+    #[error("no candidate for model `{model}`: {reason}")]
+    NoCandidates { model: String, reason: String },
+    /// The node refused the request itself (a client error): returned as is, never retried.
+    #[error("node `{node}` answered {status}: {body}")]
+    Api { node: String, status: u16, body: String },
+    #[error("every candidate failed: {0}")]
+    Exhausted(Attempts),
+    #[error("retry budget spent: {0}")]
+    BudgetSpent(Attempts),
+    /// A stream failed after tokens were delivered and no node could continue it.
+    #[error("stream cut and not continued: {0}")]
+    StreamCut(Attempts),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// Which side failed.
+    pub fn side(&self) -> Side {
+        match self {
+            ClientError::Api { .. }
+            | ClientError::Invalid(_)
+            | ClientError::NoCandidates { .. } => Side::Caller,
+            ClientError::Discovery(_) => Side::Network,
+            ClientError::Exhausted(_) | ClientError::BudgetSpent(_) | ClientError::StreamCut(_) => {
+                Side::Fleet
+            }
+        }
+    }
+
+    /// Whether the same request may succeed if the caller sends it again later (the fleet or
+    /// the path failed, not the request).
+    pub fn retryable(&self) -> bool {
+        !matches!(self.side(), Side::Caller)
+    }
+
+    /// Every attempt the SDK made for this request (empty when none was made).
+    pub fn attempts(&self) -> &[AttemptReport] {
+        match self {
+            ClientError::Exhausted(a) | ClientError::BudgetSpent(a) | ClientError::StreamCut(a) => {
+                &a.0
+            }
+            _ => &[],
+        }
+    }
+
+    /// The HTTP status a proxy answers with for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ClientError::Api { status, .. } => *status,
+            ClientError::Invalid(_) => 400,
+            ClientError::NoCandidates { .. } => 404,
+            ClientError::Discovery(_) | ClientError::BudgetSpent(_) => 503,
+            ClientError::Exhausted(_) | ClientError::StreamCut(_) => 502,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_which_side_failed_and_whether_to_retry() {
+        let api = ClientError::Api { node: "n".into(), status: 400, body: "{}".into() };
+        assert_eq!((api.side(), api.retryable(), api.status()), (Side::Caller, false, 400));
+        let attempts = Attempts(vec![AttemptReport {
+            node: "tor-1".into(),
+            side: Side::Network,
+            what: "connect refused".into(),
+            after: Duration::from_millis(3),
+            hedge: false,
+        }]);
+        let e = ClientError::Exhausted(attempts);
+        assert_eq!((e.side(), e.retryable(), e.status()), (Side::Fleet, true, 502));
+        assert_eq!(e.attempts().len(), 1);
+        assert_eq!(e.to_string(), "every candidate failed: tor-1: connect refused [network, 3 ms]");
+        let none = ClientError::NoCandidates { model: "m".into(), reason: "r".into() };
+        assert_eq!((none.status(), none.retryable()), (404, false));
+    }
+}

@@ -1,0 +1,323 @@
+//! The driver: sessions and the loop that performs a [`Turn`]'s steps.
+//!
+//! Everything decided here is decided by the machine; this module sends requests, reads
+//! answers, classifies them into [`Outcome`]s, sleeps until deadlines and starts background
+//! probes. The client's one lock is taken for each machine call and never held across an
+//! `.await`.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use edgeroute_proto::discovery::Candidate;
+use edgeroute_proto::{ChatCompletion, ChatCompletionRequest};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use http_body_util::{BodyExt, Limited};
+use tokio::time::Instant;
+
+use crate::cache::Freshness;
+use crate::error::{Attempts, ClientError, Side};
+use crate::machine::{Delivery, Kind, Outcome, Plan, Step, Turn};
+use crate::stream::{ChatStream, Forward};
+use crate::{Client, Query, classify, retry_after};
+
+/// A conversation pinned to one node, with the others ranked behind it. Its methods take
+/// `&self`: turns of one session may run concurrently (each on the order as it stood when it
+/// started); moves are applied between turns.
+#[derive(Debug)]
+pub struct Session {
+    client: Client,
+    /// Sent as `x-edgeroute-session`: a draining node keeps serving known sessions until its
+    /// deadline, with a migrate hint.
+    id: String,
+    q: Query,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.client.with(|st, _| st.plans.remove(&self.id));
+    }
+}
+
+impl Session {
+    pub(crate) fn new(
+        client: Client,
+        id: String,
+        q: Query,
+        order: Vec<Candidate>,
+        stamp: u64,
+    ) -> Session {
+        client.with(|st, now| {
+            st.plans.insert(id.clone(), Plan::new(&q.model, order, stamp, now));
+        });
+        Session { client, id, q }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn model(&self) -> &str {
+        &self.q.model
+    }
+
+    /// The pipeline this session holds, if it is a pipeline session.
+    pub fn pipeline(&self) -> Option<&str> {
+        self.q.pipeline.as_deref()
+    }
+
+    fn order(&self) -> Vec<Candidate> {
+        self.client
+            .with(|st, _| st.plans.get(&self.id).map(|p| p.order().to_vec()))
+            .unwrap_or_default()
+    }
+
+    /// The node the session is pinned to.
+    pub fn pinned(&self) -> Candidate {
+        self.order().into_iter().next().unwrap_or_else(|| unreachable_candidate(&self.q.model))
+    }
+
+    pub fn standby(&self) -> Option<Candidate> {
+        self.order().into_iter().nth(1)
+    }
+
+    /// Before a turn: a newer candidate list is taken in, a stale one revalidated behind;
+    /// pending moves are made; a re-probe is started when one is due. The order to try.
+    fn begin_turn(&self) -> Vec<Candidate> {
+        let key = self.client.key(&self.q);
+        let now_ms = self.client.wall_ms();
+        let revalidate = self.client.inner.cfg.discovery_revalidate.as_millis() as u64;
+        let (order, reprobe, stale) = self.client.with(|st, now| {
+            let crate::State { m, plans, cache, .. } = st;
+            let Some(plan) = plans.get_mut(&self.id) else { return (vec![], None, false) };
+            let cached = cache.get_revalidating(&key, now_ms, revalidate);
+            let stale = cached.is_none_or(|(_, f)| f != Freshness::Fresh);
+            if let (Some((answer, _)), Some(at)) = (cached, cache.fetched_at(&key))
+                && at > plan.stamp()
+            {
+                plan.refresh(m, &answer.candidates, at, now);
+            }
+            let b = plan.before_turn(m, now);
+            (plan.order().to_vec(), b.reprobe, stale)
+        });
+        if stale {
+            self.client.revalidate(&self.q);
+        }
+        if let Some((a, b)) = reprobe {
+            let (client, id, q) = (self.client.clone(), self.id.clone(), self.q.clone());
+            tokio::spawn(async move {
+                let (pa, pb) =
+                    tokio::join!(client.probe_recorded(&a, &q), client.probe_recorded(&b, &q));
+                client.with(|st, _| {
+                    if let Some(plan) = st.plans.get_mut(&id) {
+                        plan.reprobed(pa, pb);
+                    }
+                });
+            });
+        }
+        order
+    }
+
+    /// After a turn: moves and hints are applied, nodes that lost the model leave the order,
+    /// the list is revalidated after a placement miss or when every node failed, and a node
+    /// that lost a hedge is probed.
+    fn end_turn(&self, turn: &Turn, d: Option<&Delivery>, failed: bool) {
+        self.client.with(|st, now| {
+            if let Some(plan) = st.plans.get_mut(&self.id) {
+                plan.after_turn(&mut st.m, d, turn.misses(), now);
+            }
+        });
+        if !turn.misses().is_empty() || failed {
+            self.client.expire(&self.q);
+        }
+        if let Some(s) = d.and_then(|d| d.suspect.clone()) {
+            self.client.suspect(s, self.q.clone());
+        }
+    }
+
+    /// One chat completion (JSON), with the failover ladder.
+    pub async fn chat(&self, req: &ChatCompletionRequest) -> Result<ChatCompletion, ClientError> {
+        if req.stream {
+            return Err(ClientError::Invalid("use Session::chat_stream for streaming".into()));
+        }
+        let body =
+            Bytes::from(serde_json::to_vec(req).map_err(|e| ClientError::Invalid(e.to_string()))?);
+        let mut turn = Turn::new(&req.model, Kind::Json, self.begin_turn());
+        let (client, id) = (&self.client, self.id.as_str());
+        let r = client
+            .drive(&self.q, &mut turn, |node| {
+                let body = body.clone();
+                async move { client.attempt_json(&node, &body, id).await }
+            })
+            .await;
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, d)| &**d), exhausted(&r));
+        r.map(|(c, _)| c)
+    }
+
+    /// A streamed chat completion. Before the first token it fails over (and hedges) like
+    /// [`Session::chat`]; after it, a cut or stalled stream is continued on the next node and
+    /// the caller sees one seamless stream.
+    pub async fn chat_stream(
+        &self,
+        req: &ChatCompletionRequest,
+    ) -> Result<ChatStream, ClientError> {
+        let mut req = req.clone();
+        req.stream = true;
+        let body =
+            Bytes::from(serde_json::to_vec(&req).map_err(|e| ClientError::Invalid(e.to_string()))?);
+        let mut turn = Turn::new(&req.model, Kind::Stream, self.begin_turn());
+        let first_token = self.client.inner.cfg.first_token_timeout;
+        let (client, id) = (&self.client, self.id.as_str());
+        let r = client
+            .drive(&self.q, &mut turn, |node| {
+                let body = body.clone();
+                async move { client.start_stream(&node, &body, id, first_token).await }
+            })
+            .await;
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, d)| &**d), exhausted(&r));
+        let (committed, d) = r?;
+        let node = d.node.id.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(
+            Forward {
+                client: self.client.clone(),
+                session: self.id.clone(),
+                q: self.q.clone(),
+                req,
+                current: d.node,
+                committed: *committed,
+                tx,
+            }
+            .run(),
+        );
+        Ok(ChatStream::new(rx, node))
+    }
+}
+
+/// Every candidate failed: the list behind the session is revalidated.
+fn exhausted<T>(r: &Result<T, ClientError>) -> bool {
+    matches!(r, Err(ClientError::Exhausted(_)))
+}
+
+/// A placeholder for a session whose plan is gone (never seen by a caller that holds it).
+fn unreachable_candidate(model: &str) -> Candidate {
+    Candidate {
+        id: String::new(),
+        region: String::new(),
+        url: String::new(),
+        health: "unknown".into(),
+        models: vec![model.into()],
+        queue_depth: 0,
+        in_flight: 0,
+        capacity: 0,
+        ttft_p50_ms: 0.0,
+        ttft_p99_ms: 0.0,
+        error_rate: 0.0,
+        cost_per_1k: 0.0,
+        score_ms: 0.0,
+    }
+}
+
+impl Client {
+    /// Performs a turn's steps until it delivers or fails. `attempt` sends the request to one
+    /// node and classifies how it ended (with the answer when it committed). Attempts run
+    /// concurrently (a hedge races the first); dropping the losers cancels their work.
+    pub(crate) async fn drive<T, F, Fut>(
+        &self,
+        q: &Query,
+        turn: &mut Turn,
+        mut attempt: F,
+    ) -> Result<(T, Box<Delivery>), ClientError>
+    where
+        F: FnMut(Candidate) -> Fut,
+        Fut: Future<Output = (Outcome, Option<T>)>,
+    {
+        let mut running = FuturesUnordered::new();
+        let mut answers: Vec<(usize, T)> = Vec::new();
+        let mut step = self.with(|st, now| turn.start(&mut st.m, now));
+        loop {
+            let until = match step {
+                Step::Send { attempt: a, node, hedge_at } => {
+                    let work = attempt(node);
+                    running.push(async move { (a, work.await) });
+                    hedge_at
+                }
+                Step::Wait { until } => until,
+                Step::Rediscover => {
+                    let list = self.query_discovery(q).await;
+                    step = self.with(|st, now| turn.on_rediscovered(&mut st.m, list, now));
+                    continue;
+                }
+                Step::Deliver(d) => {
+                    let Some(i) = answers.iter().position(|(a, _)| *a == d.attempt) else {
+                        return Err(ClientError::Exhausted(Attempts(turn.reports().to_vec())));
+                    };
+                    return Ok((answers.swap_remove(i).1, d));
+                }
+                Step::Fail(e) => return Err(e),
+            };
+            if running.is_empty() && until.is_none() {
+                // The machine waits on nothing: never expected, never a hang.
+                return Err(ClientError::Exhausted(Attempts(turn.reports().to_vec())));
+            }
+            let timer = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some((a, (outcome, answer))) = running.next(), if !running.is_empty() => {
+                    if let Some(x) = answer {
+                        answers.push((a, x));
+                    }
+                    step = self.with(|st, now| turn.on_outcome(&mut st.m, a, outcome, now));
+                }
+                () = timer => step = self.with(|st, now| turn.on_timer(&mut st.m, now)),
+            }
+        }
+    }
+
+    /// One JSON attempt on `node`, classified.
+    async fn attempt_json(
+        &self,
+        node: &Candidate,
+        body: &Bytes,
+        session: &str,
+    ) -> (Outcome, Option<ChatCompletion>) {
+        let t = Instant::now();
+        let work = async {
+            let (res, hint) = match self.send_chat(node, body, session).await {
+                Ok(r) => r,
+                Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
+            };
+            let status = res.status();
+            let retry = retry_after(res.headers());
+            let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let what = format!("reading the answer: {e}");
+                    return (Outcome::Failed { side: Side::Network, what }, None);
+                }
+            };
+            if !status.is_success() {
+                let text = String::from_utf8_lossy(&body).into_owned();
+                return (classify(status, text, hint, retry), None);
+            }
+            match serde_json::from_slice::<ChatCompletion>(&body) {
+                Ok(c) => (Outcome::Committed { after: t.elapsed(), hint }, Some(c)),
+                Err(e) => {
+                    let what = format!("malformed answer: {e}");
+                    (Outcome::Failed { side: Side::Backend, what }, None)
+                }
+            }
+        };
+        tokio::time::timeout(self.inner.cfg.request_timeout, work).await.unwrap_or_else(|_| {
+            let what = "no answer within the request timeout".to_owned();
+            (Outcome::Failed { side: Side::Network, what }, None)
+        })
+    }
+}
