@@ -69,6 +69,11 @@ pub struct ModelsConfig {
     pub resolve_timeout_ms: u64,
     /// Free disk space to keep after a download, on top of the model's size. Default 1024.
     pub disk_margin_mb: u64,
+    /// Longest an unload drains: `POST /v1/models/unload` marks the model `draining` (routing
+    /// stops sending new sessions; what is in flight and pinned sessions are still served,
+    /// with a migrate hint), and the backend unload starts when the model's last request in
+    /// flight ends or after this long, whichever is first. `0` unloads at once. Default 30000.
+    pub unload_drain_ms: u64,
     /// The Hugging Face hub to download from. `HF_ENDPOINT` and `HF_TOKEN` override
     /// `endpoint` and `token`. Only the endpoint's host is contacted unless more hosts (the
     /// hub's CDN) are listed in `allowed_hosts`.
@@ -83,6 +88,7 @@ impl Default for ModelsConfig {
             sim_load_time_ms: 1000,
             resolve_timeout_ms: 30_000,
             disk_margin_mb: 1024,
+            unload_drain_ms: 30_000,
             hub: edgeroute_hub::HubConfig::default(),
         }
     }

@@ -5,17 +5,27 @@
 //! then apply to the backend (the simulator after its configured load time; Triton through
 //! its repository API; any other OpenAI-compatible upstream by waiting for the model to appear
 //! in its `GET /v1/models`). Every state change is published to the topology bus so routing
-//! learns of it within milliseconds. The table is the routing truth: only `ready` models are
-//! served.
+//! learns of it within milliseconds. The table is the routing truth: `ready` models are served,
+//! and so are `draining` ones (an unload waiting for the model's requests in flight, or its
+//! deadline, while routing already sends new sessions elsewhere); nothing else is.
+//!
+//! An unload is a drain for one model: `ready → draining → unloading → gone`. While draining,
+//! every answer for the model carries a migrate hint (`reason=unload; model=<id>`) so pinned
+//! sessions move between turns; the backend unload starts when the model's last request in
+//! flight ends or at the drain deadline, whichever comes first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use edgeroute_proto::MigrateHint;
 use edgeroute_proto::models::ModelState;
 use edgeroute_proto::topology::EventKind;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -53,6 +63,45 @@ pub struct Record {
     pub path: Option<PathBuf>,
     /// Unix seconds of the last state change.
     pub updated: u64,
+    /// While `draining`: when the backend unload starts even if requests are still in flight.
+    #[serde(skip)]
+    pub drain_until: Option<Instant>,
+}
+
+/// Requests in flight for one model, and a wake-up for a drain waiting for the last to end.
+#[derive(Debug, Default)]
+struct Usage {
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+/// A request's hold on a model, taken by [`ModelTable::acquire`] before it is served and
+/// released (dropped) when its answer has ended: a drain waits for every hold.
+#[derive(Debug)]
+pub struct ModelUse {
+    usage: Arc<Usage>,
+}
+
+impl Drop for ModelUse {
+    fn drop(&mut self) {
+        if self.usage.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.usage.idle.notify_waiters();
+        }
+    }
+}
+
+/// What `POST /v1/models/unload` started.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unload {
+    /// The model is served to what is in flight until it ends or `until`; the caller waits
+    /// with [`ModelTable::wait_drained`], then finishes the unload. `started` is false when a
+    /// drain was already running.
+    Draining { record: Record, until: Instant, in_flight: usize, started: bool },
+    /// Nothing to wait for (idle, not served, or no drain time): the model is `unloading`
+    /// now and the caller finishes the unload at once.
+    Now(Record),
+    /// Another unload is already unloading it.
+    InProgress(Record),
 }
 
 /// Publishes a topology change (the bus publisher, or nothing).
@@ -62,9 +111,13 @@ pub fn no_events() -> EventSink {
     Arc::new(|_| {})
 }
 
-/// The table. Reads (every request checks `is_ready`) take a read lock on a small map.
+/// The table. Every request takes a hold on its model ([`ModelTable::acquire`]): a read lock
+/// on a small map and a counter.
 pub struct ModelTable {
     records: RwLock<BTreeMap<String, Record>>,
+    /// Requests in flight per model. Taken under the records' read lock and checked under
+    /// their write lock, so a drain never ends while a request is being admitted.
+    usage: Mutex<HashMap<String, Arc<Usage>>>,
     tasks: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     sink: RwLock<EventSink>,
     clock: crate::UnixClock,
@@ -80,6 +133,7 @@ impl ModelTable {
     pub fn new(clock: crate::UnixClock) -> Self {
         ModelTable {
             records: RwLock::default(),
+            usage: Mutex::default(),
             tasks: Mutex::default(),
             sink: RwLock::new(no_events()),
             clock,
@@ -102,6 +156,50 @@ impl ModelTable {
 
     pub fn is_ready(&self, id: &str) -> bool {
         self.records.read().is_ok_and(|m| m.get(id).is_some_and(|r| r.state == ModelState::Ready))
+    }
+
+    fn usage(&self, id: &str) -> Arc<Usage> {
+        match self.usage.lock() {
+            Ok(mut u) => u.entry(id.to_owned()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    fn in_flight(&self, id: &str) -> usize {
+        self.usage
+            .lock()
+            .ok()
+            .and_then(|u| u.get(id).map(|u| u.in_flight.load(Ordering::Acquire)))
+            .unwrap_or(0)
+    }
+
+    /// Admits a request for `id` when the model is served (`ready`, or `draining`: what is in
+    /// flight and the turns of pinned sessions are still answered). Hold the result until the
+    /// answer has ended.
+    pub fn acquire(&self, id: &str) -> Option<ModelUse> {
+        let m = self.records.read().ok()?;
+        let r = m.get(id)?;
+        if !matches!(r.state, ModelState::Ready | ModelState::Draining) {
+            return None;
+        }
+        let usage = self.usage(id);
+        usage.in_flight.fetch_add(1, Ordering::AcqRel);
+        drop(m);
+        Some(ModelUse { usage })
+    }
+
+    /// The hint every answer for a draining model carries: move this model's session, by
+    /// `deadline_ms` (what is left of the drain at `now`).
+    pub fn drain_hint(&self, id: &str, now: Instant) -> Option<MigrateHint> {
+        let m = self.records.read().ok()?;
+        let r = m.get(id).filter(|r| r.state == ModelState::Draining)?;
+        let until = r.drain_until?;
+        Some(MigrateHint {
+            reason: "unload".into(),
+            deadline_ms: until.saturating_duration_since(now).as_millis() as u64,
+            to: None,
+            model: Some(id.to_owned()),
+        })
     }
 
     pub fn get(&self, id: &str) -> Option<Record> {
@@ -138,6 +236,7 @@ impl ModelTable {
             progress: None,
             path: None,
             updated: (self.clock)(),
+            drain_until: None,
         };
         if let Ok(mut m) = self.records.write() {
             m.insert(id.to_owned(), r);
@@ -190,6 +289,7 @@ impl ModelTable {
             progress: Some(Progress::default()),
             path: None,
             updated: (self.clock)(),
+            drain_until: None,
         }
     }
 
@@ -245,18 +345,108 @@ impl ModelTable {
         }
     }
 
-    /// Marks a model `unloading` (no longer routed) and cancels its load if one is running.
-    pub fn begin_unload(&self, id: &str) -> Option<Record> {
-        if let Ok(mut t) = self.tasks.lock()
+    /// Starts unloading `id` (`None`: no such model). A `ready` model with requests in flight
+    /// starts draining until they end or `until` (published as `ModelDraining`); an idle one,
+    /// one that is not served (loading: its load is cancelled; failed), or any model when
+    /// `until` is now, goes straight to `unloading` (published as `ModelUnloading`).
+    pub fn begin_unload(&self, id: &str, now: Instant, until: Instant) -> Option<Unload> {
+        let mut m = self.records.write().ok()?;
+        let r = m.get_mut(id)?;
+        let event;
+        let out = match r.state {
+            ModelState::Draining => {
+                let until = r.drain_until.unwrap_or(now);
+                return Some(Unload::Draining {
+                    record: r.clone(),
+                    until,
+                    in_flight: self.in_flight(id),
+                    started: false,
+                });
+            }
+            ModelState::Unloading => return Some(Unload::InProgress(r.clone())),
+            ModelState::Ready if until > now && self.in_flight(id) > 0 => {
+                r.state = ModelState::Draining;
+                r.drain_until = Some(until);
+                r.updated = (self.clock)();
+                event = EventKind::ModelDraining {
+                    model: id.to_owned(),
+                    gpu: r.gpu.clone(),
+                    deadline_ms: until.saturating_duration_since(now).as_millis() as u64,
+                };
+                Unload::Draining {
+                    record: r.clone(),
+                    until,
+                    in_flight: self.in_flight(id),
+                    started: true,
+                }
+            }
+            ModelState::Ready | ModelState::Loading | ModelState::Failed => {
+                r.state = ModelState::Unloading;
+                r.drain_until = None;
+                r.updated = (self.clock)();
+                event = EventKind::ModelUnloading { model: id.to_owned(), gpu: r.gpu.clone() };
+                Unload::Now(r.clone())
+            }
+        };
+        drop(m);
+        if matches!(out, Unload::Now(_))
+            && let Ok(mut t) = self.tasks.lock()
             && let Some(task) = t.remove(id)
         {
             task.abort();
         }
-        self.update(id, |r| r.state = ModelState::Unloading)
+        self.emit(event);
+        Some(out)
+    }
+
+    /// Waits until the drain of `id` is over — its last request in flight has ended, or
+    /// `until` has passed — and marks it `unloading` (published as `ModelUnloading`). False
+    /// when the model is no longer draining (another unload finished it).
+    pub async fn wait_drained(&self, id: &str, until: Instant) -> bool {
+        let usage = self.usage(id);
+        loop {
+            let idle = usage.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            let forced = Instant::now() >= until;
+            match self.end_drain(id, forced) {
+                Some(true) => return true,
+                None => return false,
+                Some(false) => {}
+            }
+            tokio::select! {
+                () = &mut idle => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// Ends a drain when nothing is in flight, or regardless when `force`: `Some(true)` when
+    /// it ended, `Some(false)` while requests remain, `None` when `id` is not draining.
+    fn end_drain(&self, id: &str, force: bool) -> Option<bool> {
+        let mut m = self.records.write().ok()?;
+        let r = m.get_mut(id).filter(|r| r.state == ModelState::Draining)?;
+        let left = self.in_flight(id);
+        if left > 0 && !force {
+            return Some(false);
+        }
+        if left > 0 {
+            tracing::warn!(model = %id, in_flight = left, "unload drain deadline passed; unloading with requests in flight");
+        }
+        r.state = ModelState::Unloading;
+        r.drain_until = None;
+        r.updated = (self.clock)();
+        let gpu = r.gpu.clone();
+        drop(m);
+        self.emit(EventKind::ModelUnloading { model: id.to_owned(), gpu });
+        Some(true)
     }
 
     pub fn remove(&self, id: &str) -> Option<Record> {
         let r = self.records.write().ok()?.remove(id)?;
+        if let Ok(mut u) = self.usage.lock() {
+            u.remove(id);
+        }
         self.emit(EventKind::ModelUnloaded { model: id.to_owned(), gpu: r.gpu.clone() });
         Some(r)
     }
@@ -346,22 +536,103 @@ mod tests {
         t.mark_ready("b");
         assert!(t.is_ready("b"));
         assert_eq!(t.ready_placement().get("b").map(String::as_str), Some("gpu0"));
-        t.begin_unload("b");
+        // Nothing in flight: no drain to wait for.
+        let now = Instant::now();
+        let started = t.begin_unload("b", now, now + Duration::from_secs(30));
+        assert!(matches!(started, Some(Unload::Now(_))), "{started:?}");
         assert!(!t.is_ready("b"), "an unloading model is not routed");
+        assert!(t.acquire("b").is_none(), "an unloading model is not served");
         t.remove("b");
         assert!(t.get("b").is_none());
-        let kinds: Vec<&'static str> = seen
-            .lock()
+        assert_eq!(kinds(&seen), vec!["loading", "ready", "unloading", "unloaded"]);
+    }
+
+    fn kinds(seen: &StdMutex<Vec<EventKind>>) -> Vec<&'static str> {
+        seen.lock()
             .unwrap()
             .iter()
             .map(|k| match k {
                 EventKind::ModelLoading { .. } => "loading",
                 EventKind::ModelReady { .. } => "ready",
+                EventKind::ModelDraining { .. } => "draining",
+                EventKind::ModelUnloading { .. } => "unloading",
                 EventKind::ModelUnloaded { .. } => "unloaded",
                 _ => "other",
             })
-            .collect();
-        assert_eq!(kinds, vec!["loading", "ready", "unloaded"]);
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unload_drains_until_the_last_request_in_flight_ends() {
+        let (t, seen) = table();
+        t.insert_ready("m", Some("gpu0".into()), 10);
+        let first = t.acquire("m").unwrap();
+        let now = Instant::now();
+        let until = now + Duration::from_secs(30);
+        let Some(Unload::Draining { until: u, in_flight: 1, started: true, .. }) =
+            t.begin_unload("m", now, until)
+        else {
+            panic!("no drain started")
+        };
+        assert_eq!(u, until);
+        assert_eq!(t.get("m").unwrap().state, ModelState::Draining);
+        assert!(!t.is_ready("m"), "a draining model takes no new sessions");
+        // Still served (a pinned session's turn), with the hint.
+        let second = t.acquire("m").expect("a draining model is served");
+        let hint = t.drain_hint("m", now + Duration::from_secs(10)).unwrap();
+        assert_eq!(hint.to_string(), "reason=unload; deadline_ms=20000; model=m");
+        // A second unload call joins the drain.
+        assert!(matches!(
+            t.begin_unload("m", now, now + Duration::from_secs(99)),
+            Some(Unload::Draining { started: false, in_flight: 2, .. })
+        ));
+        let waiter = {
+            let t = Arc::new(t);
+            let t2 = t.clone();
+            (t, tokio::spawn(async move { t2.wait_drained("m", until).await }))
+        };
+        let (t, waiter) = waiter;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "ended with a request still in flight");
+        drop(second);
+        assert!(waiter.await.unwrap());
+        assert_eq!(Instant::now() - now, Duration::from_secs(2), "not waiting for the deadline");
+        assert_eq!(t.get("m").unwrap().state, ModelState::Unloading);
+        assert!(t.acquire("m").is_none() && t.drain_hint("m", Instant::now()).is_none());
+        assert_eq!(kinds(&seen), vec!["draining", "unloading"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_at_its_deadline_when_a_request_hangs() {
+        let (t, seen) = table();
+        t.insert_ready("m", None, 0);
+        let _hung = t.acquire("m").unwrap();
+        let now = Instant::now();
+        let until = now + Duration::from_secs(30);
+        assert!(matches!(t.begin_unload("m", now, until), Some(Unload::Draining { .. })));
+        assert!(t.wait_drained("m", until).await);
+        assert_eq!(Instant::now(), until);
+        assert_eq!(t.get("m").unwrap().state, ModelState::Unloading);
+        assert_eq!(kinds(&seen), vec!["draining", "unloading"]);
+        // Later waiters learn the drain is over.
+        assert!(!t.wait_drained("m", until).await);
+    }
+
+    #[test]
+    fn no_drain_time_or_a_model_not_served_unloads_at_once() {
+        let (t, _) = table();
+        t.insert_ready("m", None, 0);
+        let _busy = t.acquire("m").unwrap();
+        let now = Instant::now();
+        assert!(matches!(t.begin_unload("m", now, now), Some(Unload::Now(_))));
+        assert!(matches!(t.begin_unload("m", now, now), Some(Unload::InProgress(_))));
+        t.begin_load("f", None, 0, Source::Config).unwrap();
+        t.mark_failed("f", "oom".into());
+        let later = now + Duration::from_secs(5);
+        assert!(matches!(t.begin_unload("f", now, later), Some(Unload::Now(_))));
+        assert!(t.begin_unload("nope", now, later).is_none());
     }
 
     #[test]

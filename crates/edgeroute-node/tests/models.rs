@@ -1,5 +1,6 @@
-//! Models loaded and unloaded at run time: load → ready → routed-to and unload → gone, with the
-//! simulator and with (a fake) Triton, plus every bad input the load endpoint must refuse.
+//! Models loaded and unloaded at run time: load → ready → routed-to and unload → drained → gone,
+//! with the simulator and with (a fake) Triton, plus every bad input the load endpoint must
+//! refuse.
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
 use std::sync::{Arc, Mutex};
@@ -83,8 +84,10 @@ async fn sim_load_ready_routed_then_unload_gone() {
     assert_eq!(gpu1["memory_used_mb"], 500);
     assert!(gpu1["models"].as_array().unwrap().iter().any(|m| m == "qwen-tiny"));
 
+    // Nothing in flight: nothing to drain, the model is gone when the answer comes.
     let r = node.admin_post("/v1/models/unload", json!({"model": "qwen-tiny"}).to_string()).await;
     assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "unloaded");
     assert_eq!(node.chat(chat("qwen-tiny")).await.status, 404);
     assert_eq!(get(node.addr, "/v1/models/qwen-tiny", Some(&node.token())).await.status, 404);
     assert_eq!(
@@ -100,8 +103,140 @@ async fn sim_load_ready_routed_then_unload_gone() {
         .iter()
         .map(|k| format!("{k:?}").split(' ').next().unwrap().to_owned())
         .collect();
-    assert_eq!(kinds, vec!["ModelLoading", "ModelReady", "ModelUnloaded"]);
+    assert_eq!(kinds, vec!["ModelLoading", "ModelReady", "ModelUnloading", "ModelUnloaded"]);
     std::fs::remove_dir_all(root).ok();
+}
+
+fn event_names(events: &Mutex<Vec<EventKind>>) -> Vec<String> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|k| format!("{k:?}").split(' ').next().unwrap().to_owned())
+        .collect()
+}
+
+/// A simulator whose answers stream for about two seconds (40 tokens at 20/s).
+fn slow_node_cfg(unload_drain_ms: u64) -> String {
+    format!(
+        "[models]\nunload_drain_ms = {unload_drain_ms}\n[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 2\ntokens_per_s = 20.0\n\
+         min_answer_tokens = 40\nmax_answer_tokens = 40\n[[backend.sim.gpus]]\nid = \"gpu0\"\nslots = 4\n\
+         [[backend.sim.models]]\nid = \"sim-llama\"\ngpu = \"gpu0\"\n[[backend.sim.models]]\nid = \"other\"\ngpu = \"gpu0\"\n"
+    )
+}
+
+/// Starts a streamed answer and returns it once its head has arrived (the request is in flight).
+async fn open_stream(node: &TestNode, model: &str) -> hyper::Response<hyper::body::Incoming> {
+    let body =
+        json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", node.addr))
+        .header("authorization", format!("Bearer {}", node.token()))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let res = edgeroute_test_util::client::send(node.addr, req).await;
+    assert_eq!(res.status(), 200);
+    res
+}
+
+fn model_state(health: &serde_json::Value, id: &str) -> Option<String> {
+    health["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .map(|m| m["state"].as_str().unwrap().to_owned())
+}
+
+/// Polls `GET /v1/models/{id}` until it is gone; returns how long that took.
+async fn until_gone(node: &TestNode, id: &str, limit: Duration) -> Duration {
+    let t = std::time::Instant::now();
+    while get(node.addr, &format!("/v1/models/{id}"), Some(&node.token())).await.status != 404 {
+        assert!(t.elapsed() < limit, "`{id}` still there after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn unload_drains_the_model_until_its_last_request_in_flight_ends() {
+    let node = TestNode::start(&slow_node_cfg(30_000)).await;
+    let events = capture(&node);
+    // A request in flight (a session's turn) when the unload arrives.
+    let in_flight = open_stream(&node, "sim-llama").await;
+    assert!(in_flight.headers().get("x-edgeroute-migrate").is_none());
+    let t = std::time::Instant::now();
+
+    let r = node.admin_post("/v1/models/unload", json!({"model": "sim-llama"}).to_string()).await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let answer = r.json();
+    assert_eq!(
+        (answer["id"].as_str(), answer["state"].as_str()),
+        (Some("sim-llama"), Some("draining"))
+    );
+    let deadline = answer["deadline_ms"].as_u64().unwrap();
+    assert!((29_000..=30_000).contains(&deadline), "{answer}");
+    assert_eq!(answer["in_flight"], 1);
+    assert_eq!(answer["status_url"], "/v1/models/sim-llama");
+
+    // Draining is visible at once: in /health (discovery's probe) and the model's status.
+    let h = get(node.addr, "/health", None).await.json();
+    assert_eq!(model_state(&h, "sim-llama").as_deref(), Some("draining"));
+    assert_eq!(model_state(&h, "other").as_deref(), Some("ready"));
+    let status = get(node.addr, "/v1/models/sim-llama", Some(&node.token())).await.json();
+    assert_eq!(status["state"], "draining");
+    assert!(status["deadline_ms"].as_u64().unwrap() <= deadline);
+
+    // A pinned session's next turn is still served, and told to move this model's session.
+    let turn = node
+        .chat(json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string())
+        .await;
+    assert_eq!(turn.status, 200, "{}", String::from_utf8_lossy(&turn.body));
+    let hint: edgeroute_proto::MigrateHint =
+        turn.header("x-edgeroute-migrate").unwrap().parse().unwrap();
+    assert_eq!((hint.reason.as_str(), hint.model.as_deref()), ("unload", Some("sim-llama")));
+    assert!(hint.deadline_ms > 25_000 && hint.deadline_ms <= deadline, "{hint}");
+    assert!(turn.header("x-edgeroute-migrate").unwrap().starts_with("reason=unload; deadline_ms="));
+    // Other models on the node are untouched.
+    let other = node.chat(chat("other")).await;
+    assert_eq!(other.status, 200);
+    assert!(other.header("x-edgeroute-migrate").is_none());
+
+    // The request in flight finishes normally.
+    let answer = edgeroute_test_util::client::read_stream(in_flight).await;
+    assert!(answer.done() && answer.error().is_none(), "{}", String::from_utf8_lossy(&answer.raw));
+    // Then the unload completes, long before the 30 s deadline.
+    until_gone(&node, "sim-llama", Duration::from_secs(5)).await;
+    assert!(t.elapsed() < Duration::from_secs(10), "waited for the deadline: {:?}", t.elapsed());
+    let gone = node.chat(chat("sim-llama")).await;
+    assert_eq!((gone.status.as_u16(), gone.error_code().as_str()), (404, "model_not_found"));
+    assert_eq!(event_names(&events), vec!["ModelDraining", "ModelUnloading", "ModelUnloaded"]);
+}
+
+#[tokio::test]
+async fn an_unload_drain_ends_at_its_deadline_when_a_request_hangs() {
+    let node = TestNode::start(&slow_node_cfg(400)).await;
+    let events = capture(&node);
+    // Two seconds of streaming: far past the 400 ms drain.
+    let hanging = open_stream(&node, "sim-llama").await;
+    let r = node.admin_post("/v1/models/unload", json!({"model": "sim-llama"}).to_string()).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.json()["state"], "draining");
+    let took = until_gone(&node, "sim-llama", Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(300), "unloaded before the deadline: {took:?}");
+    assert!(took < Duration::from_millis(1500), "unload waited for the stream: {took:?}");
+    assert_eq!(node.chat(chat("sim-llama")).await.status, 404);
+    assert_eq!(event_names(&events), vec!["ModelDraining", "ModelUnloading", "ModelUnloaded"]);
+    drop(hanging);
+}
+
+#[tokio::test]
+async fn unload_drain_ms_zero_unloads_at_once() {
+    let node = TestNode::start(&slow_node_cfg(0)).await;
+    let _in_flight = open_stream(&node, "sim-llama").await;
+    let r = node.admin_post("/v1/models/unload", json!({"model": "sim-llama"}).to_string()).await;
+    assert_eq!((r.status.as_u16(), r.json()["state"].as_str()), (200, Some("unloaded")));
+    assert_eq!(node.chat(chat("sim-llama")).await.status, 404);
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@ use super::AppState;
 use crate::backend::{BackendError, CallContext, EventStream, Reply, StreamEvent};
 use crate::config::ms;
 use crate::lifecycle::Admission;
+use crate::models::ModelUse;
 use crate::telemetry::{InFlight, Outcome};
 
 const ROUTE: &str = "chat";
@@ -34,22 +35,39 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let res = match handle(&st, &headers, body).await {
+    let mut model = None;
+    let mut res = match handle(&st, &headers, body, &mut model).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     };
+    // Every answer for a model being unloaded says so, unless the whole node already asks the
+    // session to move.
+    if let Some(model) = model
+        && !res.headers().contains_key(MIGRATE_HEADER)
+        && let Some(hint) = st.models.drain_hint(&model, Instant::now())
+        && let Ok(v) = HeaderValue::from_str(&hint.to_string())
+    {
+        res.headers_mut().insert(MIGRATE_HEADER, v);
+    }
     st.metrics.request(ROUTE, res.status().as_u16());
     res
 }
 
-async fn handle(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn handle(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    model: &mut Option<String>,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let raw_body = edgeroute_http::json::read_body(body, st.limits.max_body_bytes).await?;
     let req: ChatCompletionRequest = edgeroute_http::json::parse_json(&raw_body)?;
     req.validate().map_err(|e| ApiError::invalid_request(Some(&e.param), e.message))?;
-    if !st.models.is_ready(&req.model) {
+    *model = Some(req.model.clone());
+    // Held until the answer ends: an unload drains until every hold is released.
+    let Some(model_use) = st.models.acquire(&req.model) else {
         return Err(ApiError::model_not_found(&req.model));
-    }
+    };
 
     let now = st.telemetry.now();
     let session = headers
@@ -116,10 +134,18 @@ async fn handle(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Respon
             st.telemetry.record(Some(ttft), ttft, Outcome::Ok);
             st.metrics.duration.observe(ttft.as_secs_f64());
             drop(slot);
+            drop(model_use);
             ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
         Reply::Stream(events) => {
-            let recorder = Recorder { st: st.clone(), _slot: slot, started, ttft, outcome: None };
+            let recorder = Recorder {
+                st: st.clone(),
+                _slot: slot,
+                _model: model_use,
+                started,
+                ttft,
+                outcome: None,
+            };
             let body = Body::from_stream(sse(events, recorder, idle));
             (
                 [
@@ -152,6 +178,7 @@ fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {
 struct Recorder {
     st: AppState,
     _slot: InFlight,
+    _model: ModelUse,
     started: Instant,
     ttft: Duration,
     outcome: Option<Outcome>,

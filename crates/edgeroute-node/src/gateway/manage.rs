@@ -19,11 +19,12 @@ use edgeroute_proto::headers::is_hint_token;
 use edgeroute_proto::models::ModelState;
 use http::StatusCode;
 use serde_json::json;
+use tokio::time::Instant;
 
 use super::AppState;
 use crate::backend::Activation;
 use crate::config::ms;
-use crate::models::{LoadRequest, Record, Source, UnloadRequest};
+use crate::models::{LoadRequest, Record, Source, Unload, UnloadRequest};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -33,6 +34,10 @@ fn conflict(code: &str, message: impl Into<String>) -> ApiError {
 
 fn record_response(status: StatusCode, r: &Record) -> Response {
     let mut v = serde_json::to_value(r).unwrap_or_else(|_| json!({}));
+    if let Some(until) = r.drain_until {
+        v["deadline_ms"] =
+            json!(until.saturating_duration_since(Instant::now()).as_millis() as u64);
+    }
     v["status_url"] = json!(format!("/v1/models/{}", r.id));
     (status, Json(v)).into_response()
 }
@@ -141,6 +146,12 @@ pub async fn load(State(st): State<AppState>, body: Body) -> Result<Response, Ap
     let (record, started) =
         match st.models.begin_load(&id, Some(gpu.clone()), memory_hint, source.clone()) {
             Ok(x) => x,
+            Err(cur) if matches!(cur.state, ModelState::Draining | ModelState::Unloading) => {
+                return Err(conflict(
+                    "model_unloading",
+                    format!("`{id}` is being unloaded; load it again once it is gone"),
+                ));
+            }
             Err(cur) => {
                 return Err(conflict(
                     "model_id_in_use",
@@ -204,23 +215,62 @@ async fn run_load(
     }
 }
 
+/// Unload is a drain for one model. A model with requests in flight is marked `draining` at
+/// once (on the bus and in `/health`, so routing sends no new session here) and still serves
+/// what is in flight and the turns of pinned sessions, every answer carrying
+/// `x-edgeroute-migrate: reason=unload; deadline_ms=…; model=…`; the backend unload starts when
+/// its last request ends or at `models.unload_drain_ms`, and the answer is `202` with
+/// `state: "draining"`, `deadline_ms` and `in_flight`. An idle model (or any, with no drain
+/// time) is unloaded before the answer, which is `200` with `state: "unloaded"`, as before.
 pub async fn unload(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
     let req: UnloadRequest = edgeroute_http::json::read_json(body, MAX_BODY).await?;
-    let Some(cur) = st.models.begin_unload(&req.model) else {
+    let now = Instant::now();
+    let until = now + ms(st.models_cfg.unload_drain_ms);
+    let Some(started) = st.models.begin_unload(&req.model, now, until) else {
         return Err(ApiError::model_not_found(&req.model));
     };
-    let was = cur.clone();
-    // Requests admitted before this point finish; new ones no longer see the model.
+    match started {
+        Unload::Now(cur) => {
+            finish_unload(&st, &cur, req.purge).await;
+            Ok((StatusCode::OK, Json(json!({"id": cur.id, "state": "unloaded"}))).into_response())
+        }
+        Unload::InProgress(cur) => Ok(record_response(StatusCode::ACCEPTED, &cur)),
+        Unload::Draining { record, until, in_flight, started } => {
+            if started {
+                tracing::info!(model = %record.id, in_flight, deadline_ms = st.models_cfg.unload_drain_ms, "model draining before unload");
+                let task_st = st.clone();
+                let id = record.id.clone();
+                let purge = req.purge;
+                tokio::spawn(async move {
+                    if task_st.models.wait_drained(&id, until).await
+                        && let Some(cur) = task_st.models.get(&id)
+                    {
+                        finish_unload(&task_st, &cur, purge).await;
+                    }
+                });
+            }
+            let mut v = serde_json::to_value(&record).unwrap_or_else(|_| json!({}));
+            v["state"] = json!("draining");
+            v["deadline_ms"] = json!(until.saturating_duration_since(now).as_millis() as u64);
+            v["in_flight"] = json!(in_flight);
+            v["status_url"] = json!(format!("/v1/models/{}", record.id));
+            Ok((StatusCode::ACCEPTED, Json(v)).into_response())
+        }
+    }
+}
+
+/// The backend unload of a model already marked `unloading`, then its removal from the table
+/// (published as `ModelUnloaded`): requests for it now get `404 model_not_found`.
+async fn finish_unload(st: &AppState, cur: &Record, purge: bool) {
     if let Err(e) = st.backend.deactivate(&cur.id, None).await {
         tracing::warn!(model = %cur.id, error = %e, "backend unload failed; the model is unrouted anyway");
     }
-    if req.purge
-        && let Some(path) = &was.path
-        && let Err(e) = crate::fetch::purge(&st, path).await
+    if purge
+        && let Some(path) = &cur.path
+        && let Err(e) = crate::fetch::purge(st, path).await
     {
         tracing::warn!(model = %cur.id, error = %e, "could not delete the model's files");
     }
     st.models.remove(&cur.id);
     tracing::info!(model = %cur.id, "model unloaded");
-    Ok((StatusCode::OK, Json(json!({"id": cur.id, "state": "unloaded"}))).into_response())
 }
