@@ -78,8 +78,14 @@ enum Command {
         /// A longer gap between two tokens is a stall: the answer continues on another node.
         #[arg(long, default_value_t = 2000)]
         stall_timeout_ms: u64,
-        /// Hedge to the standby when the first token is this late, until enough first tokens
-        /// were seen to derive the deadline from them.
+        /// Sessions kept at once (least recently used dropped first).
+        #[arg(long, default_value_t = 10_000)]
+        max_sessions: usize,
+        /// A session unused this long is dropped, seconds.
+        #[arg(long, default_value_t = 600)]
+        session_idle_s: u64,
+        /// Hedge to the standby when the first token is this late on a node nothing is known
+        /// of yet; afterwards the deadline is a multiple of that node's own first token.
         #[arg(long, default_value_t = 1000)]
         hedge_after_ms: u64,
     },
@@ -408,6 +414,8 @@ async fn run(cli: Cli) -> Result<()> {
             first_token_timeout_ms,
             stall_timeout_ms,
             hedge_after_ms,
+            max_sessions,
+            session_idle_s,
         } => {
             let cfg = edgeroute_client::ClientConfig {
                 discovery,
@@ -427,7 +435,14 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("edgeroute proxy listening on {}", listener.local_addr()?);
             edgeroute_http::serve(
                 listener,
-                edgeroute_proxy::router(client, edgeroute_proxy::DEFAULT_MAX_BODY),
+                edgeroute_proxy::router_with(
+                    client,
+                    edgeroute_proxy::ProxyConfig {
+                        max_sessions,
+                        session_idle: std::time::Duration::from_secs(session_idle_s),
+                        ..Default::default()
+                    },
+                ),
                 edgeroute_http::ServerLimits::default(),
                 None,
                 shutdown_signal(),
