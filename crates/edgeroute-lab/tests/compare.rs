@@ -42,6 +42,22 @@ async fn a_node_death_costs_edgeroute_no_request_and_dns_some() {
     assert!(row.longest_silence_ms >= 1000.0, "{row:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_model_unloaded_on_the_busiest_node_costs_edgeroute_no_turn() {
+    let opts = opts();
+    let at = opts.death_at(Scenario::ModelUnload).unwrap();
+    let e = run_one(&opts, Scenario::ModelUnload, Strategy::Edgeroute).await.unwrap();
+    let row = Row::new(Scenario::ModelUnload, Strategy::Edgeroute, &e);
+    assert_eq!((row.failed_requests, row.lost_turns), (0, 0), "{row:?}");
+    let victim = e.victim.expect("a node unloaded the model");
+    let later = e
+        .records
+        .iter()
+        .filter(|r| r.node == Some(victim) && r.start >= at + Duration::from_secs(1))
+        .count();
+    assert_eq!(later, 0, "no turn starts on the node without the model a second after");
+}
+
 fn share_on(run: &Run, site: &str, node: &str) -> f64 {
     let of_site: Vec<&TurnRecord> = run.records.iter().filter(|r| r.site == site && r.ok).collect();
     let on = of_site.iter().filter(|r| r.node == node_index(node)).count();

@@ -42,16 +42,21 @@ pub enum Scenario {
     NodeDeath,
     /// Half the Toronto callers are on a congested ISP (Toronto 53 ms away, Montreal 9 ms).
     CongestedIsp,
+    /// As steady; 40 % into the run, the node that has served the strategy the most requests
+    /// unloads the LLM (an operator frees its memory): the node stays up, the model is gone.
+    ModelUnload,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::Steady, Scenario::NodeDeath, Scenario::CongestedIsp];
+    pub const ALL: [Scenario; 4] =
+        [Scenario::Steady, Scenario::NodeDeath, Scenario::CongestedIsp, Scenario::ModelUnload];
 
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Steady => "steady",
             Scenario::NodeDeath => "node death",
             Scenario::CongestedIsp => "congested ISP",
+            Scenario::ModelUnload => "model unload",
         }
     }
 
@@ -60,13 +65,14 @@ impl Scenario {
             "steady" => Some(Scenario::Steady),
             "death" | "node-death" => Some(Scenario::NodeDeath),
             "congested" | "congested-isp" => Some(Scenario::CongestedIsp),
+            "unload" | "model-unload" => Some(Scenario::ModelUnload),
             _ => None,
         }
     }
 
     fn sites(self) -> Vec<(&'static str, f64)> {
         match self {
-            Scenario::Steady | Scenario::NodeDeath => {
+            Scenario::Steady | Scenario::NodeDeath | Scenario::ModelUnload => {
                 vec![("vancouver", 0.3), ("toronto", 0.4), ("montreal", 0.3)]
             }
             Scenario::CongestedIsp => vec![
@@ -122,7 +128,8 @@ impl Default for CompareOpts {
             duration: Duration::from_secs(30),
             sessions_per_s: 4.0,
             turns: 6,
-            think: (Duration::from_millis(500), Duration::from_millis(1500)),
+            // As people speak: 2-12 s between a caller's turns.
+            think: (Duration::from_secs(2), Duration::from_secs(12)),
             max_tokens: 24,
             scenarios: Scenario::ALL.to_vec(),
             strategies: Strategy::ALL.to_vec(),
@@ -142,9 +149,10 @@ impl CompareOpts {
         }
     }
 
-    /// When the victim dies, since the run started.
+    /// When the victim dies (or unloads the model), since the run started.
     pub fn death_at(&self, scenario: Scenario) -> Option<Duration> {
-        (scenario == Scenario::NodeDeath).then(|| self.duration.mul_f64(0.4))
+        matches!(scenario, Scenario::NodeDeath | Scenario::ModelUnload)
+            .then(|| self.duration.mul_f64(0.4))
     }
 }
 
@@ -245,7 +253,13 @@ pub async fn run_one(opts: &CompareOpts, scenario: Scenario, strategy: Strategy)
             let busiest = (0..NODES.len()).max_by_key(|i| (now[*i] - before[*i], usize::MAX - i));
             if let Some(i) = busiest {
                 let _ = v.set(i);
-                w.kill(i);
+                if scenario == Scenario::ModelUnload {
+                    if let Err(e) = w.unload(i).await {
+                        eprintln!("unloading the model failed: {e}");
+                    }
+                } else {
+                    w.kill(i);
+                }
             }
         });
     }
@@ -417,7 +431,7 @@ async fn baseline_target(
             let answer = dns.as_ref().map(|(_, a)| a.as_slice()).unwrap_or_default();
             answer.iter().find(|i| !tried.contains(i)).or(answer.first()).copied()?
         }
-        Route::Oracle => oracle_pick(site, &|i| world.alive(i), &world.tap, max_tokens, tried)?,
+        Route::Oracle => oracle_pick(site, &|i| world.serves(i), &world.tap, max_tokens, tried)?,
     };
     tried.push(i);
     Some(NODES[i].id.to_owned())

@@ -221,11 +221,18 @@ pub fn targets(rows: &[Row]) -> Vec<(String, bool)> {
                 ));
             }
         }
-        if s == Scenario::NodeDeath {
+        if matches!(s, Scenario::NodeDeath | Scenario::ModelUnload) {
             out.push((
-                format!("node death: edgeroute failed requests {} (target 0)", e.failed_requests),
+                format!(
+                    "{}: edgeroute failed requests {}, lost turns {} (target 0)",
+                    s.name(),
+                    e.failed_requests,
+                    e.lost_turns
+                ),
                 e.failed_requests == 0 && e.lost_turns == 0,
             ));
+        }
+        if s == Scenario::NodeDeath {
             out.push((
                 format!(
                     "node death: edgeroute longest silence {:.0} ms (target < 1 s)",

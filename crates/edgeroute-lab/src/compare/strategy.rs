@@ -383,7 +383,9 @@ async fn forward(
         .await
         .map_err(|_| AttemptError::FirstToken)?
         .map_err(|e| AttemptError::Cut(e.to_string()))?;
-    if resp.status().is_server_error() {
+    // A well-configured proxy also moves on when the node no longer has the model (as nginx's
+    // `proxy_next_upstream http_404`).
+    if resp.status().is_server_error() || resp.status() == http::StatusCode::NOT_FOUND {
         return Err(AttemptError::Status(resp.status().as_u16()));
     }
     Ok(resp)

@@ -117,6 +117,8 @@ pub struct World {
     pub net: MemNet,
     pub tap: Arc<Tap>,
     alive: Arc<[AtomicBool; NODES.len()]>,
+    /// The LLM is loaded on each node.
+    loaded: [AtomicBool; NODES.len()],
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -202,11 +204,41 @@ impl World {
             }));
         }
         let alive = Arc::new(std::array::from_fn(|_| AtomicBool::new(true)));
-        Ok(World { net, tap, alive, stop })
+        let loaded = std::array::from_fn(|_| AtomicBool::new(true));
+        Ok(World { net, tap, alive, loaded, stop })
     }
 
     pub fn alive(&self, node: usize) -> bool {
         self.alive[node].load(Ordering::SeqCst)
+    }
+
+    /// The node is up and has the model.
+    pub fn serves(&self, node: usize) -> bool {
+        self.alive(node) && self.loaded[node].load(Ordering::SeqCst)
+    }
+
+    /// An operator unloads the LLM on the node (`POST /v1/models/unload`): the node stays up.
+    pub async fn unload(&self, node: usize) -> Result<()> {
+        self.loaded[node].store(false, Ordering::SeqCst);
+        let net = self.net.from("region:toronto");
+        let host = NODES[node].id;
+        let (uri, mut send) =
+            super::strategy::open(&net, host, "/v1/models/unload", Duration::from_secs(1))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let req = http::Request::post(uri.path())
+            .header(http::header::HOST, host)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"model": "sim-llama"}"#)))?;
+        let res = send.send_request(req).await?;
+        let status = res.status();
+        let body = res.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(
+            status.is_success(),
+            "unload on {host}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+        Ok(())
     }
 
     /// The node dies as a remote machine does: black-holed, open streams go silent.
