@@ -860,3 +860,38 @@ async fn a_node_that_lost_a_hedge_and_misses_a_probe_is_ejected_for_every_sessio
     assert!(t.elapsed() < Duration::from_millis(100), "no hedge wait: {:?}", t.elapsed());
     assert_eq!(lab.chats("tor-1"), tor_before, "nothing else reached the black hole");
 }
+
+/// Counts the connections the SDK opens, per host.
+struct Counting {
+    net: MemNet,
+    opened: Mutex<HashMap<String, usize>>,
+}
+
+impl edgeroute_client::Transport for Counting {
+    fn connect(&self, uri: &http::Uri) -> edgeroute_client::ConnectFuture {
+        let host = uri.host().unwrap_or_default().to_owned();
+        *self.opened.lock().unwrap().entry(host).or_default() += 1;
+        edgeroute_client::Transport::connect(&self.net, uri)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_turns_ten_seconds_apart_reuse_one_warm_connection() {
+    let lab = Lab::start().await;
+    let counting = Arc::new(Counting { net: lab.net.clone(), opened: Mutex::new(HashMap::new()) });
+    // No re-probe between these turns: only the turns' own connections are counted.
+    let cfg = ClientConfig { reprobe_interval: Duration::from_secs(60), ..lab.config() };
+    let client = Client::with_transport(cfg, None, counting.clone()).unwrap();
+    let s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    s.chat_stream(&request(PROMPT, 4)).await.unwrap().text().await.unwrap();
+    let after_first = counting.opened.lock().unwrap()["tor-1"];
+    // A voice turn later: the node kept the idle connection (its header-read deadline only
+    // starts with a request's first byte), and so did the client.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let t = Instant::now();
+    s.chat_stream(&request(PROMPT, 4)).await.unwrap().text().await.unwrap();
+    assert_eq!(counting.opened.lock().unwrap()["tor-1"], after_first, "no new connection");
+    // No handshake in the turn: the first token costs one round trip plus the node's own time.
+    assert_eq!(t.elapsed(), Duration::from_millis(RTT_TOR + 5) + 3 * TOKEN);
+}

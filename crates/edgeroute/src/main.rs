@@ -195,7 +195,8 @@ enum BenchCommand {
         server_threads: usize,
     },
     /// Routing architectures side by side on one emulated network, workload and seed:
-    /// DNS-style, central proxy, edgeroute, oracle; steady, a node dying, a congested ISP.
+    /// DNS-style, central proxy, edgeroute, oracle; steady, a node dying, a congested ISP, a
+    /// model unloaded.
     Fleet {
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -208,8 +209,8 @@ enum BenchCommand {
         /// Turns per session.
         #[arg(long, default_value_t = 6)]
         turns: usize,
-        /// Scenarios: steady, death, congested.
-        #[arg(long, value_delimiter = ',', default_value = "steady,death,congested")]
+        /// Scenarios: steady, death, congested, unload.
+        #[arg(long, value_delimiter = ',', default_value = "steady,death,congested,unload")]
         scenarios: Vec<String>,
         /// Also write the report (fleet.md, a TTFT chart per scenario) into this folder.
         #[arg(long)]
@@ -475,7 +476,9 @@ async fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|s| {
                     Scenario::parse(s).with_context(|| {
-                        format!("unknown scenario `{s}` (expected steady, death, congested)")
+                        format!(
+                            "unknown scenario `{s}` (expected steady, death, congested, unload)"
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
