@@ -484,11 +484,24 @@ impl Machine {
                 order.push(c.clone());
             }
         }
+        diversify(&mut order);
         if let Some(first) = order.first() {
             let id = first.id.clone();
             self.note_pin(&id, now);
         }
         order
+    }
+}
+
+/// The standby (second) sits outside the pinned node's region when any candidate does, so a
+/// whole region going dark is a failover to a warm node, not a walk through dead ones.
+pub fn diversify(order: &mut [Candidate]) {
+    let Some(pin) = order.first().map(|c| c.region.clone()) else { return };
+    if order.get(1).is_none_or(|c| c.region != pin) {
+        return;
+    }
+    if let Some(j) = (2..order.len()).find(|j| order[*j].region != pin) {
+        order[1..=j].rotate_right(1);
     }
 }
 
@@ -850,6 +863,7 @@ impl Plan {
         let from = self.order[0].id.clone();
         let node = self.order.remove(i);
         self.order.insert(0, node);
+        diversify(&mut self.order);
         self.watch = None;
         self.better_streak = 0;
         m.note_pin(to, now);

@@ -142,10 +142,15 @@ const DISCOVERY: &str = "discovery";
 
 impl Lab {
     async fn start() -> Lab {
+        Lab::with_fleet(&FLEET).await
+    }
+
+    /// Nodes (id, region, first token ms, one-way delay ms), listed by discovery in this order.
+    async fn with_fleet(fleet: &[(&'static str, &'static str, u64, u64)]) -> Lab {
         let net = MemNet::new();
         let mut nodes = HashMap::new();
         let mut candidates = Vec::new();
-        for (i, (id, region, ttft, one_way_ms)) in FLEET.into_iter().enumerate() {
+        for (i, &(id, region, ttft, one_way_ms)) in fleet.iter().enumerate() {
             let text = format!(
                 "[node]\nid = \"{id}\"\nregion = \"{region}\"\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n\
                  [backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = {ttft}\nprefill_us_per_token = 0\ntokens_per_s = 100.0\n"
@@ -894,4 +899,42 @@ async fn two_turns_ten_seconds_apart_reuse_one_warm_connection() {
     assert_eq!(counting.opened.lock().unwrap()["tor-1"], after_first, "no new connection");
     // No handshake in the turn: the first token costs one round trip plus the node's own time.
     assert_eq!(t.elapsed(), Duration::from_millis(RTT_TOR + 5) + 3 * TOKEN);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_whole_region_going_dark_costs_no_turn_and_the_slowest_under_a_second() {
+    // Toronto holds the two best nodes; discovery lists them first.
+    let fleet = [
+        ("tor-1", "toronto", 5, 2),
+        ("tor-2", "toronto", 6, 2),
+        ("mtl-1", "montreal", 40, 5),
+        ("van-1", "vancouver", 30, 30),
+    ];
+    let lab = Lab::with_fleet(&fleet).await;
+    let client = lab.client();
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        let s = client.session("sim-llama").await.unwrap();
+        assert_eq!(s.pinned().region, "toronto");
+        assert_ne!(s.standby().unwrap().region, "toronto", "the standby is out of region");
+        s.chat_stream(&request(PROMPT, 4)).await.unwrap().text().await.unwrap();
+        sessions.push(s);
+    }
+    // Every Toronto node goes silent at once (a region's network is gone).
+    lab.net.set_fault("tor-1", Fault::Blackhole);
+    lab.net.set_fault("tor-2", Fault::Blackhole);
+    let mut slowest = Duration::ZERO;
+    for round in 0..3 {
+        for s in &sessions {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let t = Instant::now();
+            let text = s.chat_stream(&request(PROMPT, 4)).await.unwrap().text().await.unwrap();
+            assert!(!text.is_empty(), "round {round}");
+            slowest = slowest.max(t.elapsed());
+        }
+    }
+    assert!(slowest < Duration::from_secs(1), "the slowest turn took {slowest:?}");
+    for s in &sessions {
+        assert_ne!(s.pinned().region, "toronto");
+    }
 }

@@ -450,3 +450,20 @@ proptest! {
         prop_assert!(m.retries <= allowed, "{} retries for {} requests", m.retries, requests);
     }
 }
+
+#[test]
+fn the_standby_sits_outside_the_pinned_nodes_region() {
+    let mut order = vec![
+        cand("tor-1", "toronto"),
+        cand("tor-2", "toronto"),
+        cand("tor-3", "toronto"),
+        cand("mtl-1", "montreal"),
+        cand("van-1", "vancouver"),
+    ];
+    diversify(&mut order);
+    let ids: Vec<&str> = order.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["tor-1", "mtl-1", "tor-2", "tor-3", "van-1"], "the rest keep their order");
+    let mut one_region = vec![cand("tor-1", "toronto"), cand("tor-2", "toronto")];
+    diversify(&mut one_region);
+    assert_eq!(one_region[1].id, "tor-2", "no other region: unchanged");
+}
