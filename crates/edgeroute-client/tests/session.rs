@@ -469,3 +469,48 @@ async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
 fn saw(events: &Mutex<Vec<Event>>, pred: impl Fn(&Event) -> bool) -> bool {
     events.lock().unwrap().iter().any(pred)
 }
+
+#[tokio::test]
+async fn a_pipeline_session_pins_every_model_of_the_pipeline_to_one_node() {
+    // tor-1 is fast but holds only the LLM; van-1 holds STT, LLM and TTS, each on its own GPU.
+    let llm_only = "[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 5\nprefill_us_per_token = 0\ntokens_per_s = 2000.0\n";
+    let voice = "[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 40\nprefill_us_per_token = 0\ntokens_per_s = 2000.0\n\
+        [[backend.sim.gpus]]\nid = \"gpu0\"\n[[backend.sim.gpus]]\nid = \"gpu1\"\n[[backend.sim.gpus]]\nid = \"gpu2\"\n\
+        [[backend.sim.models]]\nid = \"sim-whisper\"\ngpu = \"gpu0\"\n[[backend.sim.models]]\nid = \"sim-llama\"\ngpu = \"gpu1\"\n\
+        [[backend.sim.models]]\nid = \"sim-tts\"\ngpu = \"gpu2\"\n\
+        [[pipelines]]\nid = \"voice\"\nmodels = [\"sim-whisper\", \"sim-llama\", \"sim-tts\"]\n";
+    let tor = TestNode::start_as("tor-1", "toronto", llm_only, None).await;
+    let van = TestNode::start_as("van-1", "vancouver", voice, None).await;
+    let toml = format!(
+        "[probe]\ninterval_ms = 200\ntimeout_ms = 150\n\
+         [[nodes]]\nid = \"tor-1\"\nurl = \"http://{}\"\nregion = \"toronto\"\n\
+         [[nodes]]\nid = \"van-1\"\nurl = \"http://{}\"\nregion = \"vancouver\"\n",
+        tor.addr, van.addr
+    );
+    let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
+    let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+    let cfg = ClientConfig {
+        discovery: vec![format!("http://{}", running.addr())],
+        token: Some(tor.token()),
+        seed: Some(3),
+        ..ClientConfig::default()
+    };
+    let client = Client::new(cfg).unwrap();
+    // Until discovery verified both nodes.
+    let t = std::time::Instant::now();
+    while client.discover("sim-llama").await.map_or(0, |c| c.len()) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(5), "discovery never listed both nodes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let plain = client.session("sim-llama").await.unwrap();
+    assert_eq!(plain.pinned().id, "tor-1", "for the LLM alone, the faster node");
+    let voice = client.pipeline_session("voice", "sim-llama").await.unwrap();
+    assert_eq!(voice.pipeline(), Some("voice"));
+    assert_eq!(voice.pinned().id, "van-1", "only van-1 holds the whole pipeline");
+    let before = van.state.telemetry.figures().requests;
+    for model in ["sim-whisper", "sim-llama", "sim-tts"] {
+        voice.chat(&request(model, "one turn")).await.unwrap();
+    }
+    assert_eq!(van.state.telemetry.figures().requests - before, 3, "STT, LLM and TTS on van-1");
+    drop(running);
+}
