@@ -371,8 +371,8 @@ fn empty_reason(snap: &Snapshot, p: &DiscoverParams) -> Reason {
         (
             "model_not_ready",
             format!(
-                "model `{}` is ready on no node ({} loading, {} failed)",
-                q.model, stats.loading, stats.failed
+                "model `{}` is ready on no node ({} loading, {} failed, {} unloading)",
+                q.model, stats.loading, stats.failed, stats.unloading
             ),
         )
     } else if stats.eligible == 0 {
@@ -439,6 +439,10 @@ async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Res
                     Exclusion::ModelNotReady => match info.detail.model_states.get(&q.model) {
                         Some(ModelState::Loading) => "model loading".to_owned(),
                         Some(ModelState::Failed) => "model failed to load".to_owned(),
+                        Some(ModelState::Draining) => {
+                            "model draining before an unload: no new sessions".to_owned()
+                        }
+                        Some(ModelState::Unloading) => "model unloading".to_owned(),
                         _ => "model not on the node".to_owned(),
                     },
                     Exclusion::PipelineNotServable => {

@@ -650,6 +650,33 @@ mod tests {
     }
 
     #[test]
+    fn draining_unloading_and_failed_models_are_not_candidates_for_that_model() {
+        let mut f = fleet_with("a");
+        let mut r = report("a", &["llm", "tts", "stt", "asr"]);
+        for m in &mut r.models {
+            m.state = match m.id.as_str() {
+                "tts" => ModelState::Draining,
+                "stt" => ModelState::Unloading,
+                "asr" => ModelState::Failed,
+                _ => ModelState::Ready,
+            };
+        }
+        f.probe_ok("a", s(900), s(1000), r);
+        let e = &f.entries(s(1000), P)[0];
+        assert_eq!(e.view.models, BTreeSet::from(["llm".to_owned()]));
+        assert_eq!(e.info.models, ["llm"]);
+        assert_eq!(e.info.detail.model_states.get("tts"), Some(&ModelState::Draining));
+        assert_eq!(e.view.health, Health::Ready, "the node still serves its other models");
+        // The bus says `llm` started draining after that probe was sent: it leaves at once,
+        // and a probe sent before the change does not bring it back.
+        let draining = [("llm", ModelState::Draining)];
+        assert_eq!(f.apply_bus(&snap("a", &draining, NodeLiveness::Up), s(1100)), Change::Changed);
+        assert!(f.entries(s(1100), P)[0].view.models.is_empty());
+        f.probe_ok("a", s(1050), s(1200), report("a", &["llm"]));
+        assert!(f.entries(s(1200), P)[0].view.models.is_empty());
+    }
+
+    #[test]
     fn drain_and_stop_from_the_bus_apply_at_once() {
         let mut f = fleet_with("a");
         f.probe_ok("a", s(900), s(1000), report("a", &["llm"]));

@@ -62,6 +62,8 @@ pub struct ModelStats {
     pub ready: u32,
     pub loading: u32,
     pub failed: u32,
+    /// Nodes unloading the model (draining what is in flight, or unloading it): not listed.
+    pub unloading: u32,
 }
 
 /// Names interned to dense ids.
@@ -161,7 +163,7 @@ impl Snapshot {
                     }
                     ModelState::Loading => s.loading += 1,
                     ModelState::Failed => s.failed += 1,
-                    _ => {}
+                    ModelState::Draining | ModelState::Unloading => s.unloading += 1,
                 }
             }
             debug_assert_eq!(flat_models.len() - m0, v.models.len(), "view.models mirrors states");

@@ -227,6 +227,64 @@ async fn a_three_region_fleet_is_discovered_scored_and_served() {
 }
 
 #[tokio::test]
+async fn a_model_being_unloaded_leaves_discovery_at_once_while_its_drain_runs() {
+    let root = tempdir("unload");
+    let bus = Bus::embedded(&BusConfig::embedded()).unwrap();
+    // Answers stream for about two seconds; the drain may last 30.
+    let slow = "[backend.sim]\nttft_base_ms = 2\ntokens_per_s = 20.0\nmin_answer_tokens = 40\nmax_answer_tokens = 40\n";
+    let tor_cfg = format!(
+        "[models]\nunload_drain_ms = 30000\n[backend]\nkind = \"sim\"\n{slow}[[backend.sim.models]]\nid = \"sim-llama\"\n[[backend.sim.models]]\nid = \"tts\"\n"
+    );
+    let tor = TestNode::start_as("tor-1", "toronto", &tor_cfg, Some(bus.clone())).await;
+    let mtl =
+        TestNode::start_as("mtl-1", "montreal", &node_cfg(&root, 30, ""), Some(bus.clone())).await;
+    let d = Replica::start(&format!("[discovery]\nid = \"disc\"\n{FAST}"), Some(bus)).await;
+    let q = "model=sim-llama&k=3";
+    d.until(q, Duration::from_secs(5), |ids| ids.len() == 2).await;
+    d.until("model=tts", Duration::from_secs(5), |ids| ids == ["tor-1"]).await;
+
+    // A turn in flight on tor-1 when its operator unloads the model.
+    let body = json!({"model": "sim-llama", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let req = http::Request::post(format!("http://{}/v1/chat/completions", tor.addr))
+        .header("authorization", format!("Bearer {}", tor.token()))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let in_flight = edgeroute_test_util::client::send(tor.addr, req).await;
+    assert_eq!(in_flight.status(), 200);
+    let r = tor.admin_post("/v1/models/unload", json!({"model": "sim-llama"}).to_string()).await;
+    assert_eq!((r.status.as_u16(), r.json()["state"].as_str()), (202, Some("draining")));
+
+    // Discovery stops listing tor-1 for that model while the drain still runs...
+    let took = d.until(q, Duration::from_secs(1), |ids| ids == ["mtl-1"]).await;
+    println!("a draining model left discovery after {took:?}");
+    let status = get(tor.addr, "/v1/models/sim-llama", Some(&tor.token())).await;
+    assert_eq!(status.json()["state"], "draining", "the drain was over before discovery noticed");
+    let e = d.discover("model=sim-llama&explain=true").await.json();
+    let excluded = e["excluded"].as_array().unwrap();
+    assert_eq!(
+        (excluded[0]["id"].as_str(), excluded[0]["reason"].as_str()),
+        (Some("tor-1"), Some("model_not_ready"))
+    );
+    assert!(excluded[0]["detail"].as_str().unwrap().contains("draining"), "{e}");
+    // ...and keeps listing it for its other models.
+    assert_eq!(d.ids("model=tts").await, ["tor-1"]);
+
+    // The drain ends with the turn: the model is gone and stays unlisted.
+    let answer = edgeroute_test_util::client::read_stream(in_flight).await;
+    assert!(answer.done());
+    let t = Instant::now();
+    while get(tor.addr, "/v1/models/sim-llama", Some(&tor.token())).await.status != 404 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the unload never completed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(d.ids(q).await, ["mtl-1"]);
+    drop(mtl);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[tokio::test]
 async fn a_killed_node_is_ejected_in_detector_time_and_readmitted_after_verified_recovery() {
     let root = tempdir("kill");
     let a = TestNode::start_as("tor-1", "toronto", &node_cfg(&root, 5, ""), None).await;
