@@ -8,6 +8,10 @@
 //! Hard constraints (model ready, pipeline servable, health, data residency) exclude nodes and
 //! say why. Ties are broken by node id, so a ranking is deterministic for a given snapshot;
 //! near-tie randomisation belongs to the client, which knows its own seed.
+//!
+//! A list of `k ≥ 2` candidates spans two regions whenever the eligible nodes do: if the best
+//! `k` all sit in one region, the last is replaced by the best node outside it, so the
+//! client's standby survives a whole-region outage (see [`diversify`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -221,7 +225,8 @@ pub fn score(n: &NodeView, w: &Weights, pipeline: Option<&str>) -> Factors {
     }
 }
 
-/// Ranks `nodes` for `q`: eligible nodes by score (then id), at most `q.k`.
+/// Ranks `nodes` for `q`: eligible nodes by score (then id), at most `q.k`, spanning two
+/// regions when the eligible nodes do and `k ≥ 2` ([`diversify`]).
 pub fn rank<'a>(nodes: impl IntoIterator<Item = &'a NodeView>, q: &Query, w: &Weights) -> Ranking {
     let mut out = Ranking::default();
     let mut scored = Vec::new();
@@ -230,22 +235,48 @@ pub fn rank<'a>(nodes: impl IntoIterator<Item = &'a NodeView>, q: &Query, w: &We
             Some(why) => out.excluded.push((n.id.clone(), why)),
             None => {
                 let factors = score(n, w, q.pipeline.as_deref());
-                scored.push(Scored { node: n.id.clone(), score_ms: factors.total(), factors });
+                let s = Scored { node: n.id.clone(), score_ms: factors.total(), factors };
+                scored.push((s, n.region.as_str()));
             }
         }
     }
-    scored.sort_by(|a, b| a.score_ms.total_cmp(&b.score_ms).then_with(|| a.node.cmp(&b.node)));
+    scored.sort_by(|(a, _), (b, _)| {
+        a.score_ms.total_cmp(&b.score_ms).then_with(|| a.node.cmp(&b.node))
+    });
+    let regions: Vec<&str> = scored.iter().map(|(_, r)| *r).collect();
+    if let Some((slot, from)) = diversify(&regions, q.k) {
+        let moved = scored.remove(from);
+        scored.insert(slot, moved);
+    }
     scored.truncate(q.k);
-    out.candidates = scored;
+    out.candidates = scored.into_iter().map(|(s, _)| s).collect();
     out.excluded.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Regional diversity of a top-`k` cut. `regions` are the eligible candidates' regions, best
+/// first. When `k ≥ 2` and the best `k` all share the best node's region while some
+/// candidate beyond them does not, returns `(k - 1, j)`: the candidate at `j` (the best node
+/// of the second-best region) takes the last place of the cut, which stays in score order
+/// since that node ranks below every other entry. `None` when the cut already spans two
+/// regions, holds every candidate, or the candidates span one region.
+pub fn diversify(regions: &[&str], k: usize) -> Option<(usize, usize)> {
+    if k < 2 || regions.len() <= k {
+        return None;
+    }
+    let first = regions[0];
+    if regions[..k].iter().any(|r| *r != first) {
+        return None;
+    }
+    let j = regions[k..].iter().position(|r| *r != first)? + k;
+    Some((k - 1, j))
 }
 
 #[cfg(test)]
 mod tests {
     use super::{Exclusion, Health, NodeView, Query, Ranking, Strategy as Preset, Weights, rank};
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     fn node(id: &str, region: &str, p50: f64, q: u32) -> NodeView {
         NodeView {
@@ -309,6 +340,42 @@ mod tests {
         assert_eq!((lat.candidates[0].node.as_str(), cost.candidates[0].node.as_str()), ("b", "a"));
     }
 
+    #[test]
+    fn a_top_k_keeps_the_best_node_of_a_second_region() {
+        let w = Weights::for_strategy(Preset::LatencyFirst);
+        let fleet = [
+            node("tor-1", "tor", 10.0, 0),
+            node("tor-2", "tor", 20.0, 0),
+            node("tor-3", "tor", 30.0, 0),
+            node("mtl-1", "mtl", 50.0, 0),
+            node("van-1", "van", 40.0, 0),
+        ];
+        let ids = |r: &Ranking| r.candidates.iter().map(|c| c.node.clone()).collect::<Vec<_>>();
+        // The best three are all in Toronto: the third place goes to the best node elsewhere
+        // (Vancouver's, at 40 ms, not Montreal's at 50), and the list stays in score order.
+        assert_eq!(ids(&rank(&fleet, &query(3), &w)), ["tor-1", "tor-2", "van-1"]);
+        assert_eq!(ids(&rank(&fleet, &query(2), &w)), ["tor-1", "van-1"]);
+        // k = 1 has no room for a standby; a list holding every candidate needs no change.
+        assert_eq!(ids(&rank(&fleet, &query(1), &w)), ["tor-1"]);
+        assert_eq!(ids(&rank(&fleet, &query(9), &w)).len(), 5);
+        // Residency: within Toronto alone there is no second region.
+        let mut q = query(2);
+        q.allowed_regions = vec!["tor".into()];
+        assert_eq!(ids(&rank(&fleet, &q, &w)), ["tor-1", "tor-2"]);
+        q.allowed_regions = vec!["tor".into(), "mtl".into()];
+        assert_eq!(ids(&rank(&fleet, &q, &w)), ["tor-1", "mtl-1"]);
+        // A cut that already spans two regions is left as scored.
+        let mixed = [
+            node("tor-1", "tor", 10.0, 0),
+            node("mtl-1", "mtl", 15.0, 0),
+            node("tor-2", "tor", 20.0, 0),
+        ];
+        assert_eq!(ids(&rank(&mixed, &query(2), &w)), ["tor-1", "mtl-1"]);
+        assert_eq!(super::diversify(&["a", "a", "b"], 2), Some((1, 2)));
+        assert_eq!(super::diversify(&["a", "b", "a"], 2), None);
+        assert_eq!(super::diversify(&["a", "a", "a"], 2), None);
+    }
+
     fn arb_node() -> impl Strategy<Value = NodeView> {
         (
             "[a-e][0-9]",
@@ -368,6 +435,18 @@ mod tests {
                 prop_assert!(c.score_ms.is_finite() && c.score_ms >= 0.0);
             }
             prop_assert!(r.candidates.windows(2).all(|p| p[0].score_ms <= p[1].score_ms));
+            // Two regions whenever the eligible nodes span two and k leaves room.
+            let region = |id: &str| nodes.iter().find(|n| n.id == id).unwrap().region.clone();
+            let eligible: BTreeSet<String> = nodes
+                .iter()
+                .filter(|n| n.models.contains("llm") && (regions.is_empty() || regions.contains(&n.region)))
+                .filter(|n| !matches!(n.health, Health::Draining | Health::Unhealthy))
+                .map(|n| n.region.clone())
+                .collect();
+            let listed: BTreeSet<String> = r.candidates.iter().map(|c| region(&c.node)).collect();
+            if k >= 2 && eligible.len() >= 2 {
+                prop_assert!(listed.len() >= 2, "one region listed of {:?}", eligible);
+            }
             // Deterministic: the same snapshot, in any order, ranks the same.
             let mut reversed = nodes.clone();
             reversed.reverse();

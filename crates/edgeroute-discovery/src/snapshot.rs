@@ -3,8 +3,10 @@
 //! most `k` entries per allowed region, whatever the fleet's size.
 //!
 //! The lists are exactly what [`edgeroute_core::score::rank`] would return for the same
-//! snapshot and query (a property test pins it); `explain=true` runs `rank` itself, because it
-//! must say why every other node was left out, and that costs a pass over the fleet.
+//! snapshot and query (a property test pins it), regional diversity included: `k ≥ 2`
+//! candidates span two regions whenever the eligible nodes do. `explain=true` runs `rank`
+//! itself, because it must say why every other node was left out, and that costs a pass over
+//! the fleet.
 //!
 //! Building is the cost of every change, so it avoids per-node allocation: model, pipeline and
 //! region names are interned to small integers once, lists are vectors indexed by them, and
@@ -103,6 +105,8 @@ pub struct Snapshot {
     models: Names,
     pipelines: Names,
     regions: Names,
+    /// Each node's region id, indexed like `nodes`.
+    node_regions: Vec<u32>,
     /// Indexed by model id.
     model_stats: Vec<ModelStats>,
     weights: Vec<Weights>,
@@ -194,6 +198,7 @@ impl Snapshot {
             });
         }
         model_stats.resize(models.len(), ModelStats::default());
+        let node_regions: Vec<u32> = facts.iter().map(|f| f.region).collect();
         let n_regions = regions.len();
         let lists = (0..weights.len())
             .map(|s| {
@@ -243,6 +248,7 @@ impl Snapshot {
             models,
             pipelines,
             regions,
+            node_regions,
             model_stats,
             weights: weights.to_vec(),
         }
@@ -287,8 +293,10 @@ impl Snapshot {
         self.weights.get(s.index()).copied().unwrap_or_else(|| Weights::for_strategy(s))
     }
 
-    /// The best `q.k` candidates, best first. Cost: O(k × allowed regions), plus, when both a
-    /// pipeline and a model are given, the pipeline's nodes skipped for lacking the model.
+    /// The best `q.k` candidates, best first, spanning two regions when the eligible nodes do
+    /// and `k ≥ 2` (the last place goes to the best node outside the first one's region, as
+    /// [`score::diversify`] decides for `rank`). Cost: O(k × allowed regions), plus, when both
+    /// a pipeline and a model are given, the pipeline's nodes skipped for lacking the model.
     pub fn top_k(&self, q: &Query, s: Strategy) -> Vec<Cand> {
         let Some(lists) = self.lists.get(s.index()) else { return vec![] };
         let (ranked, need_model) = match &q.pipeline {
@@ -298,32 +306,55 @@ impl Snapshot {
         let Some(ranked) = ranked else { return vec![] };
         let keep =
             |c: &Cand| !need_model || self.nodes[c.idx as usize].view.models.contains(&q.model);
-        if q.allowed_regions.is_empty() {
-            return ranked.all.iter().filter(|c| keep(c)).take(q.k).copied().collect();
-        }
-        let mut heads: Vec<std::iter::Peekable<_>> = Vec::with_capacity(q.allowed_regions.len());
-        for (i, r) in q.allowed_regions.iter().enumerate() {
-            if q.allowed_regions[..i].contains(r) {
-                continue;
+        // Region ids the query allows, each once (all when unconstrained).
+        let allowed: Vec<u32> = if q.allowed_regions.is_empty() {
+            (0..self.regions.len() as u32).collect()
+        } else {
+            let mut ids: Vec<u32> =
+                q.allowed_regions.iter().filter_map(|r| self.regions.get(r)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let mut out = if q.allowed_regions.is_empty() {
+            ranked.all.iter().filter(|c| keep(c)).take(q.k).copied().collect()
+        } else {
+            let mut heads: Vec<std::iter::Peekable<_>> = allowed
+                .iter()
+                .filter_map(|&id| ranked.by_region.get(id as usize))
+                .map(|list| list.iter().filter(|c| keep(c)).peekable())
+                .collect();
+            let mut out = Vec::with_capacity(q.k.min(64));
+            while out.len() < q.k {
+                let mut best: Option<(usize, Cand)> = None;
+                for (i, h) in heads.iter_mut().enumerate() {
+                    if let Some(c) = h.peek()
+                        && best.is_none_or(|(_, b)| order(c, &b).is_lt())
+                    {
+                        best = Some((i, **c));
+                    }
+                }
+                let Some((i, c)) = best else { break };
+                heads[i].next();
+                out.push(c);
             }
-            if let Some(list) = self.regions.get(r).and_then(|id| ranked.by_region.get(id as usize))
-            {
-                heads.push(list.iter().filter(|c| keep(c)).peekable());
-            }
-        }
-        let mut out = Vec::with_capacity(q.k.min(64));
-        while out.len() < q.k {
-            let mut best: Option<(usize, Cand)> = None;
-            for (i, h) in heads.iter_mut().enumerate() {
-                if let Some(c) = h.peek()
-                    && best.is_none_or(|(_, b)| order(c, &b).is_lt())
-                {
-                    best = Some((i, **c));
+            out
+        };
+        // Regional diversity: a full cut from one region gives its last place to the best
+        // node of the allowed regions outside it, if there is one.
+        if q.k >= 2 && out.len() == q.k {
+            let region = |c: &Cand| self.node_regions[c.idx as usize];
+            let first = region(&out[0]);
+            if out.iter().all(|c| region(c) == first) {
+                let other = allowed
+                    .iter()
+                    .filter(|&&r| r != first)
+                    .filter_map(|&r| ranked.by_region.get(r as usize)?.iter().find(|c| keep(c)))
+                    .min_by(|a, b| order(a, b));
+                if let Some(c) = other {
+                    out[q.k - 1] = *c;
                 }
             }
-            let Some((i, c)) = best else { break };
-            heads[i].next();
-            out.push(c);
         }
         out
     }
@@ -510,6 +541,65 @@ mod tests {
             let b = snapshot(&shuffled);
             prop_assert_eq!(a.top_k(&q, s), b.top_k(&q, s));
         }
+    }
+
+    #[test]
+    fn a_full_cut_from_one_region_keeps_the_best_node_of_another() {
+        let mk = |id: &str, region: &str, p50: f64| NodeView {
+            id: id.into(),
+            region: region.into(),
+            health: Health::Ready,
+            models: BTreeSet::from(["llm".to_owned()]),
+            pipelines: BTreeMap::new(),
+            queue_depth: 0,
+            in_flight: 0,
+            capacity: 4,
+            ttft_p50_ms: p50,
+            ttft_p99_ms: p50,
+            error_rate: 0.0,
+            cost_per_1k: 0.0,
+        };
+        let mut down = mk("e", "van", 1.0);
+        down.health = Health::Unhealthy;
+        let views = vec![
+            mk("a", "tor", 10.0),
+            mk("b", "tor", 20.0),
+            mk("c", "tor", 30.0),
+            mk("d", "mtl", 50.0),
+            down,
+            mk("f", "van", 40.0),
+        ];
+        let snap = snapshot(&views);
+        let ids = |regions: &[&str], k: usize| -> Vec<String> {
+            let q = Query {
+                model: "llm".into(),
+                pipeline: None,
+                allowed_regions: regions.iter().map(|r| (*r).to_owned()).collect(),
+                k,
+            };
+            let fast: Vec<String> = snap
+                .top_k(&q, Strategy::LatencyFirst)
+                .iter()
+                .map(|c| snap.info(*c).id.clone())
+                .collect();
+            let full: Vec<String> = snap
+                .explain(&q, Strategy::LatencyFirst)
+                .candidates
+                .iter()
+                .map(|c| c.node.clone())
+                .collect();
+            assert_eq!(fast, full, "top_k and rank disagree for {regions:?}, k={k}");
+            fast
+        };
+        // The best eligible node outside Toronto is Vancouver's f (e is unhealthy).
+        assert_eq!(ids(&[], 3), ["a", "b", "f"]);
+        assert_eq!(ids(&[], 2), ["a", "f"]);
+        assert_eq!(ids(&[], 1), ["a"]);
+        assert_eq!(ids(&[], 9), ["a", "b", "c", "f", "d"]);
+        // Residency is respected: the second region comes from the allowed ones only.
+        assert_eq!(ids(&["tor", "mtl"], 2), ["a", "d"]);
+        assert_eq!(ids(&["tor"], 2), ["a", "b"]);
+        assert_eq!(ids(&["mtl", "van", "mtl"], 2), ["f", "d"]);
     }
 
     #[test]

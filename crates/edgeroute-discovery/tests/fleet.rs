@@ -227,6 +227,31 @@ async fn a_three_region_fleet_is_discovered_scored_and_served() {
 }
 
 #[tokio::test]
+async fn an_answer_of_k_nodes_keeps_the_best_node_of_a_second_region() {
+    let root = tempdir("standby");
+    let bus = Bus::embedded(&BusConfig::embedded()).unwrap();
+    let tor1 =
+        TestNode::start_as("tor-1", "toronto", &node_cfg(&root, 10, ""), Some(bus.clone())).await;
+    let tor2 =
+        TestNode::start_as("tor-2", "toronto", &node_cfg(&root, 40, ""), Some(bus.clone())).await;
+    let van =
+        TestNode::start_as("van-1", "vancouver", &node_cfg(&root, 120, ""), Some(bus.clone()))
+            .await;
+    for n in [&tor1, &tor2, &van] {
+        warm(n, 6).await;
+    }
+    let d = Replica::start(&format!("[discovery]\nid = \"disc\"\n{FAST}"), Some(bus)).await;
+    d.until("model=sim-llama&k=3", Duration::from_secs(5), |ids| ids.len() == 3).await;
+    // By score alone the two best are both in Toronto: the standby would share the pinned
+    // node's region. The second place goes to Vancouver's best instead.
+    assert_eq!(d.ids("model=sim-llama&k=2").await, ["tor-1", "van-1"]);
+    assert_eq!(d.ids("model=sim-llama&k=3").await, ["tor-1", "tor-2", "van-1"]);
+    // Residency still binds: within Toronto there is no second region to keep.
+    assert_eq!(d.ids("model=sim-llama&region=toronto&k=2").await, ["tor-1", "tor-2"]);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[tokio::test]
 async fn a_model_being_unloaded_leaves_discovery_at_once_while_its_drain_runs() {
     let root = tempdir("unload");
     let bus = Bus::embedded(&BusConfig::embedded()).unwrap();
