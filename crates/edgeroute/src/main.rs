@@ -324,6 +324,8 @@ fn main() -> Result<()> {
                 }),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: log files (node.log) stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // The node's config picks its runtime shape, so it is read before the runtime exists.
     let threads = match &cli.command {
