@@ -782,50 +782,59 @@ fn write_report(
         }
         md.push('\n');
     }
-    // The same distribution as a chart: groups are the buckets, bars the phases.
-    let series: Vec<Vec<f64>> = phases
+    // The distributions as percentile curves, a line per phase.
+    let series: Vec<edgeroute_lab::chart::Series> = phases
         .iter()
-        .map(|(_, r)| {
-            BUCKETS
-                .iter()
-                .map(|(lo, hi)| r.ttft_ms.iter().filter(|t| **t >= *lo && **t < *hi).count() as f64)
-                .collect()
+        .map(|(name, r)| edgeroute_lab::chart::Series {
+            name: name.clone(),
+            ttft_ms: r.ttft_ms.clone(),
         })
         .collect();
-    edgeroute_lab::chart::grouped_bars(&series).save(&dir.join("ttft.png"))?;
-    let legend: Vec<String> = phases
-        .iter()
-        .zip(edgeroute_lab::chart::PALETTE)
-        .map(|((name, _), (colour, _))| format!("{colour} = {name}"))
-        .collect();
-    md.push_str(&format!(
-        "\n![TTFT per phase](ttft.png)\n\n*Turns per TTFT bucket (1 = 0–25 ms … 6 = ≥ 400 ms); {}.*\n",
-        legend.join(", ")
-    ));
-    // The timeline as a chart: one lane per kind of event.
-    let lanes: [(&str, &str, usize); 6] = [
-        ("phase", "grey", 5),
-        ("killed", "red", 3),
-        ("failover", "orange", 1),
-        ("move", "blue", 0),
-        ("hedge", "purple", 4),
-        ("ejected", "green", 2),
-    ];
-    let marks: Vec<(f64, usize, edgeroute_lab::chart::Rgb)> = timeline
-        .iter()
-        .filter_map(|(t, what)| {
-            let lane = lanes.iter().position(|(key, _, _)| what.contains(key))?;
-            Some((*t, lane, edgeroute_lab::chart::PALETTE[lanes[lane].2].1))
-        })
-        .collect();
-    let end = timeline.iter().map(|(t, _)| *t).fold(0.0, f64::max) + 0.5;
-    edgeroute_lab::chart::timeline(end, lanes.len(), &marks).save(&dir.join("timeline.png"))?;
-    let lane_names: Vec<String> =
-        lanes.iter().enumerate().map(|(i, (k, c, _))| format!("{} {k} ({c})", i + 1)).collect();
-    md.push_str(&format!(
-        "\n## Timeline (seconds since the fleet started)\n\n![timeline](timeline.png)\n\n*Lanes, top to bottom: {}.*\n\n| t (s) | what |\n|---:|---|\n",
-        lane_names.join(", ")
-    ));
+    edgeroute_lab::chart::ttft_percentiles("Time to first token, per phase", &series)?
+        .save(&dir.join("ttft.png"))?;
+    md.push_str(
+        "\n![TTFT per phase](ttft.png)\n\n*Share of turns (y, as a percentile, the tail \
+         stretched) whose LLM answer began within a time to first token (x, ms, log scale), a \
+         line per phase.*\n",
+    );
+    // The timeline as a chart: phases as bands, faults as red lines, a lane per kind of
+    // client decision.
+    let mut chart = edgeroute_lab::chart::Timeline {
+        title: "What happened when: phases, faults and the clients' decisions".into(),
+        end_s: timeline.iter().map(|(t, _)| *t).fold(0.0, f64::max) + 0.5,
+        ..Default::default()
+    };
+    // A lane per kind of decision, known by the client listener's wording.
+    let lane_of = |what: &str| match what {
+        w if w.starts_with("failover ") => Some(0),
+        w if w.starts_with("move ") => Some(1),
+        w if w.starts_with("hedge ") => Some(2),
+        w if w.contains(" ejected for ") => Some(3),
+        _ => None,
+    };
+    chart.lanes = ["failover", "session moved", "hedged", "node ejected"]
+        .map(|name| edgeroute_lab::chart::Lane { name: name.into(), times_s: Vec::new() })
+        .into();
+    for (t, what) in timeline {
+        if let Some(rest) = what.strip_prefix("phase ") {
+            let name = rest.split_once(": ").map_or(rest, |(_, name)| name);
+            chart.phases.push((*t, name.to_owned()));
+            if name.contains("discovery replica stopped") {
+                chart.faults.push((*t, "discovery stopped".into()));
+            }
+        } else if what.ends_with(" killed") {
+            chart.faults.push((*t, what.clone()));
+        } else if let Some(k) = lane_of(what) {
+            chart.lanes[k].times_s.push(*t);
+        }
+    }
+    edgeroute_lab::chart::timeline(&chart)?.save(&dir.join("timeline.png"))?;
+    md.push_str(
+        "\n## Timeline (seconds since the fleet started)\n\n![timeline](timeline.png)\n\n*Phases \
+         as shaded bands (numbered, named under the chart), faults as red lines, and a lane per \
+         kind of client decision (failovers, session moves, hedges, ejections), a tick each.*\n\n\
+         | t (s) | what |\n|---:|---|\n",
+    );
     for (t, what) in timeline {
         md.push_str(&format!("| {t:.2} | {} |\n", what.replace('|', "/")));
     }

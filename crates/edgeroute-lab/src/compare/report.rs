@@ -7,7 +7,7 @@ use super::{Run, Scenario, Strategy, TurnRecord};
 /// conversation is heard as one.
 pub const DEAD_AIR_MS: f64 = 300.0;
 
-/// TTFT buckets of the distribution charts, ms.
+/// TTFT buckets of the distribution tables, ms.
 pub const BUCKETS: [(f64, f64); 6] = [
     (0.0, 25.0),
     (25.0, 50.0),
@@ -41,8 +41,8 @@ pub struct Row {
     pub load_max_over_mean: f64,
     /// Turns served per node.
     pub per_node: [usize; NODES.len()],
-    /// Turns per TTFT bucket ([`BUCKETS`]).
-    pub ttft_buckets: [usize; BUCKETS.len()],
+    /// Every answered turn's TTFT, ms, sorted: the distribution the charts draw.
+    pub ttft_ms: Vec<f64>,
 }
 
 /// The `q` quantile of `v` (nearest rank); 0 for none.
@@ -55,7 +55,8 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 impl Row {
     pub fn new(scenario: Scenario, strategy: Strategy, run: &Run) -> Row {
         let records = &run.records;
-        let ttft: Vec<f64> = records.iter().filter_map(|r| r.ttft_ms).collect();
+        let mut ttft: Vec<f64> = records.iter().filter_map(|r| r.ttft_ms).collect();
+        ttft.sort_by(f64::total_cmp);
         let overhead: Vec<f64> = records.iter().filter_map(|r| r.overhead_ms).collect();
         let answered: Vec<&TurnRecord> = records.iter().filter(|r| r.ok).collect();
         let on_best = answered.iter().filter(|r| r.node.is_some() && r.node == r.best).count();
@@ -94,8 +95,7 @@ impl Row {
             longest_silence_ms: records.iter().map(|r| r.longest_silence_ms).fold(0.0, f64::max),
             load_max_over_mean: if mean > 0.0 { max / mean } else { 0.0 },
             per_node,
-            ttft_buckets: BUCKETS
-                .map(|(lo, hi)| ttft.iter().filter(|t| **t >= lo && **t < hi).count()),
+            ttft_ms: ttft,
         }
     }
 }
@@ -143,45 +143,35 @@ pub fn to_markdown(rows: &[Row]) -> String {
     out
 }
 
-/// Writes `dir/ttft-<scenario>.png` per scenario (turns per TTFT bucket, a bar per strategy)
-/// and `dir/fleet.md` (the tables, the targets, and the charts with their legends).
+/// Writes `dir/ttft-<scenario>.png` per scenario (TTFT percentile curves, a line per
+/// strategy) and `dir/fleet.md` (the tables, the targets, and the charts).
 pub fn write(dir: &std::path::Path, header: &str, rows: &[Row]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut md = format!("{header}\n\n{}", to_markdown(rows));
     for (what, met) in targets(rows) {
         md.push_str(&format!("- {} {what}\n", if met { "met:" } else { "MISSED:" }));
     }
-    let buckets: Vec<String> = BUCKETS
-        .iter()
-        .enumerate()
-        .map(|(i, (lo, hi))| {
-            if hi.is_finite() {
-                format!("{} = {lo:.0}–{hi:.0} ms", i + 1)
-            } else {
-                format!("{} = ≥ {lo:.0} ms", i + 1)
-            }
-        })
-        .collect();
     for s in Scenario::ALL {
         let these: Vec<&Row> = rows.iter().filter(|r| r.scenario == s).collect();
         if these.is_empty() {
             continue;
         }
-        let series: Vec<Vec<f64>> =
-            these.iter().map(|r| r.ttft_buckets.iter().map(|n| *n as f64).collect()).collect();
-        let file = format!("ttft-{}.png", s.name().replace(' ', "-").to_lowercase());
-        crate::chart::grouped_bars(&series).save(&dir.join(&file))?;
-        let legend: Vec<String> = these
+        let series: Vec<crate::chart::Series> = these
             .iter()
-            .zip(crate::chart::PALETTE)
-            .map(|(r, (colour, _))| format!("{colour} = {}", r.strategy.name()))
+            .map(|r| crate::chart::Series {
+                name: r.strategy.name().to_owned(),
+                ttft_ms: r.ttft_ms.clone(),
+            })
             .collect();
+        let file = format!("ttft-{}.png", s.name().replace(' ', "-").to_lowercase());
+        crate::chart::ttft_percentiles(&format!("Time to first token, {}", s.name()), &series)?
+            .save(&dir.join(&file))?;
         md.push_str(&format!(
-            "\n### TTFT distribution, {}\n\n![TTFT, {}]({file})\n\n*Turns per TTFT bucket ({}); {}.*\n",
+            "\n### TTFT distribution, {}\n\n![TTFT, {}]({file})\n\n*Share of turns (y, as a \
+             percentile, the tail stretched) answered within a time to first token (x, ms, log \
+             scale), a line per strategy; further left is faster.*\n",
             s.name(),
             s.name(),
-            buckets.join(", "),
-            legend.join(", ")
         ));
     }
     std::fs::write(dir.join("fleet.md"), md)
@@ -298,13 +288,13 @@ mod tests {
             Row::new(Scenario::Steady, Strategy::Edgeroute, &run),
             Row::new(Scenario::Steady, Strategy::Oracle, &run),
         ];
-        assert_eq!(rows[0].ttft_buckets, [1, 0, 0, 0, 0, 1]);
+        assert_eq!(rows[0].ttft_ms, [20.0, 420.0]);
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         write(dir.path(), "# fleet", &rows).unwrap_or_else(|e| panic!("{e}"));
         let md = std::fs::read_to_string(dir.path().join("fleet.md")).unwrap_or_default();
         assert!(md.starts_with("# fleet\n"), "{md}");
         assert!(md.contains("![TTFT, steady](ttft-steady.png)"), "{md}");
-        assert!(md.contains("blue = edgeroute, orange = oracle"), "{md}");
+        assert!(md.contains("a line per strategy"), "{md}");
         assert!(
             md.contains(
                 "- MISSED: steady: edgeroute p99 420.0 ms within 10 % of the oracle's 420.0 ms"
@@ -313,6 +303,8 @@ mod tests {
         );
         let png = std::fs::read(dir.path().join("ttft-steady.png")).unwrap_or_default();
         assert_eq!(&png[..4], b"\x89PNG");
+        let info = png::Decoder::new(png.as_slice()).read_info().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(info.info().width, crate::chart::WIDTH);
     }
 
     #[test]
