@@ -178,6 +178,16 @@ impl Shared {
     }
 }
 
+/// Builds a replica from `cfg` and serves it on `listener` until `shutdown` resolves (probes,
+/// bus follower and rebuilder included): all that `edgeroute discovery` runs.
+pub async fn serve<L: Listener>(
+    cfg: DiscoveryConfig,
+    listener: L,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DiscoveryError> {
+    Discovery::build(cfg)?.serve(listener, shutdown).await
+}
+
 /// A discovery replica, built and ready to start.
 #[derive(Debug, Clone)]
 pub struct Discovery {

@@ -60,6 +60,16 @@ pub enum NodeError {
     Bus(#[from] edgeroute_bus::BusError),
 }
 
+/// Builds a node from `cfg` and serves it on `listener` until `shutdown` resolves (then drains
+/// as [`Node::serve`] does): all that `edgeroute node` runs.
+pub async fn serve<L: Listener>(
+    cfg: NodeConfig,
+    listener: L,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    Node::build(cfg)?.serve(listener, shutdown).await
+}
+
 /// A built node: its shared state and config, ready to serve.
 #[derive(Clone)]
 pub struct Node {

@@ -110,6 +110,20 @@ impl State_ {
     }
 }
 
+/// Builds the SDK client from `client` and serves the proxy on `listener` until `shutdown`
+/// resolves: all that `edgeroute proxy` runs.
+pub async fn serve<L: edgeroute_http::Listener>(
+    client: edgeroute_client::ClientConfig,
+    cfg: ProxyConfig,
+    listener: L,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ClientError> {
+    let app = router_with(Client::new(client)?, cfg);
+    edgeroute_http::serve(listener, app, edgeroute_http::ServerLimits::default(), None, shutdown)
+        .await;
+    Ok(())
+}
+
 /// The proxy's routes over `client`, with the default limits.
 pub fn router(client: Client, max_body: usize) -> Router {
     router_with(client, ProxyConfig { max_body, ..ProxyConfig::default() })

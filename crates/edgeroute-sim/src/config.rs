@@ -36,6 +36,22 @@ pub struct SimConfig {
     pub faults: Faults,
 }
 
+impl SimConfig {
+    /// This config with every delay at zero and room for any load: the "direct backend"
+    /// reference of the gateway-overhead benchmark (`edgeroute sim --zero-latency`). It must
+    /// never queue, so it gets as many slots and queue places as the gateway admits.
+    pub fn into_overhead_reference(mut self) -> Self {
+        self.ttft_base_ms = 0;
+        self.prefill_us_per_token = 0;
+        self.tokens_per_s = 0.0;
+        for g in &mut self.gpus {
+            g.slots = g.slots.max(100_000);
+        }
+        self.max_queue = self.max_queue.max(100_000);
+        self
+    }
+}
+
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {

@@ -14,9 +14,10 @@
 //!   a stream must carry, and a stream cut on one node can be continued token-exactly on
 //!   another (`continue_final_message`).
 //! - [`server::router`] serves it all as an OpenAI-compatible HTTP API, lean enough to be
-//!   the reference in a latency benchmark.
+//!   the reference in a latency benchmark; [`serve`] runs it on a listener (`edgeroute sim`)
+//!   in `edgeroute-http`'s accept loop.
 //!
-//! What this crate does not do: accept TCP connections or parse a command line (the
+//! What this crate does not do: accept TCP connections itself or parse a command line (the
 //! `edgeroute-http` crate and the `edgeroute` binary do), read files or the environment, or
 //! read the wall clock anywhere but the `created` timestamp of HTTP responses.
 
@@ -24,9 +25,11 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod server;
+mod standalone;
 pub mod text;
 
 pub use config::{ConfigError, Faults, GpuConfig, SimConfig, SimModel};
 pub use engine::{Completion, Generation, GpuStatus, SimEvent, Simulator};
 pub use error::SimError;
+pub use standalone::serve;
 pub use text::{ExpectedCompletion, expected_answer, expected_completion, prompt_tokens};
