@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the gateway-overhead benchmark (BENCHMARKS.md, "Gateway overhead") on a fresh machine:
 # installs what its reference rows need — nginx (Debian) and LiteLLM's proxy (a pinned PyPI
-# release in its own venv, scripts/setup-litellm.sh) — builds the release binary, and runs
-# `edgeroute bench gateway` with this script's arguments passed through, e.g.
+# release in its own venv, scripts/setup-litellm.sh) — builds the release binaries (`edgeroute`,
+# the gateway measured, and `edgeroute-lab`, the benchmark), and runs
+# `edgeroute-lab bench gateway` with this script's arguments passed through, e.g.
 #   scripts/bench.sh                                   # the published configuration
 #   scripts/bench.sh --rates 50 --duration-s 4 --rounds 1
 # Loopback only; the run stops by itself. The report (Markdown) goes to stdout.
@@ -30,8 +31,8 @@ fi
 step "LiteLLM proxy (venv under ${EDGEROUTE_CACHE:-$HOME/.cache/edgeroute})"
 bash scripts/setup-litellm.sh
 
-step "cargo build --release -p edgeroute"
-cargo build --release -p edgeroute --locked >&2
+step "cargo build --release -p edgeroute -p edgeroute-lab"
+cargo build --release -p edgeroute -p edgeroute-lab --locked >&2
 
-step "edgeroute bench gateway $*"
-exec "$TARGET/release/edgeroute" bench gateway "$@"
+step "edgeroute-lab bench gateway $*"
+exec "$TARGET/release/edgeroute-lab" bench gateway "$@"   # measures the edgeroute built next to it

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs LiteLLM's proxy (a pinned `litellm[proxy]` from PyPI) into its own venv, for the
-# gateway-overhead benchmark's LiteLLM row (`edgeroute bench gateway`):
+# gateway-overhead benchmark's LiteLLM row (`edgeroute-lab bench gateway`):
 #   ${EDGEROUTE_CACHE:-~/.cache/edgeroute}/litellm-venv/bin/litellm
 # Idempotent: a marker records the installed pin, so a later run returns at once.
 #

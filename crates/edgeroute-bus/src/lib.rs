@@ -17,7 +17,6 @@
 //!
 //! [`NodeSnapshot`]: edgeroute_proto::topology::NodeSnapshot
 
-mod bench;
 mod bus;
 mod config;
 mod error;
@@ -28,7 +27,6 @@ mod subscription;
 mod view;
 pub mod wire;
 
-pub use bench::{PropagationReport, propagation};
 pub use bus::{Bus, Transport};
 pub use config::{BusConfig, BusKind};
 pub use error::BusError;

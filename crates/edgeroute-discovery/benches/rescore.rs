@@ -5,7 +5,7 @@
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use edgeroute_core::score::{Query, Strategy, Weights};
 use edgeroute_discovery::Snapshot;
-use edgeroute_discovery::synthetic;
+use edgeroute_lab::synthetic;
 
 fn rescore(c: &mut Criterion) {
     let weights = Strategy::ALL.map(Weights::for_strategy);

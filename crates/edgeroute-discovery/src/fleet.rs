@@ -580,7 +580,7 @@ fn entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgeroute_proto::health::PipelineHealth;
+    use edgeroute_proto::health::{ModelHealth, Percentiles, PipelineHealth};
     use edgeroute_proto::topology::ModelPlacement;
 
     const P: ViewParams = ViewParams { unknown_ttft_ms: 250.0, min_ttft_samples: 5 };
@@ -589,13 +589,47 @@ mod tests {
         Duration::from_millis(ms)
     }
 
+    /// A healthy node's `/health` report with `models` ready.
     fn report(id: &str, models: &[&str]) -> NodeHealth {
-        crate::synthetic::health(id, "tor", models)
+        NodeHealth {
+            status: NodeStatus::Ready,
+            ready: true,
+            node_id: id.into(),
+            region: "tor".into(),
+            version: "test".into(),
+            uptime_s: 1,
+            models: models
+                .iter()
+                .map(|m| ModelHealth { id: (*m).into(), state: ModelState::Ready, gpu: None })
+                .collect(),
+            gpus: vec![],
+            pipelines: vec![],
+            queue_depth: 0,
+            in_flight: 0,
+            capacity: 8,
+            window_s: 60,
+            ttft_ms: Percentiles { p50: 40.0, p99: 90.0, samples: 100 },
+            latency_ms: Percentiles::default(),
+            error_rate: 0.0,
+            requests_in_window: 100,
+            drain: None,
+            cost_per_1k: None,
+        }
+    }
+
+    /// A node from configuration at a placeholder URL.
+    fn static_node(id: &str) -> StaticNode {
+        StaticNode {
+            id: id.into(),
+            url: "http://127.0.0.1:1".into(),
+            region: "tor".into(),
+            cost_per_1k: None,
+        }
     }
 
     fn fleet_with(id: &str) -> Fleet {
         let mut f = Fleet::new(HealthParams::default(), s(600_000));
-        f.add_static(&crate::synthetic::static_node(id, "tor"), s(0));
+        f.add_static(&static_node(id), s(0));
         f
     }
 
@@ -698,7 +732,7 @@ mod tests {
     fn ttft_prior_is_the_fleet_median_and_pipelines_follow_placement() {
         let mut f = fleet_with("a");
         for (id, p50) in [("b", 30.0), ("c", 50.0), ("d", 70.0)] {
-            f.add_static(&crate::synthetic::static_node(id, "tor"), s(0));
+            f.add_static(&static_node(id), s(0));
             let mut r = report(id, &["llm"]);
             r.ttft_ms.p50 = p50;
             f.probe_ok(id, s(0), s(10), r);
@@ -740,13 +774,13 @@ mod tests {
     #[test]
     fn a_configured_price_overrides_the_one_the_node_reports() {
         let mut f = fleet_with("a");
-        f.add_static(&crate::synthetic::static_node("b", "tor"), s(0));
+        f.add_static(&static_node("b"), s(0));
         for id in ["a", "b"] {
             let mut r = report(id, &["llm"]);
             r.cost_per_1k = Some(0.3);
             f.probe_ok(id, s(0), s(10), r);
         }
-        let mut priced = crate::synthetic::static_node("b", "tor");
+        let mut priced = static_node("b");
         priced.cost_per_1k = Some(0.1);
         f.add_static(&priced, s(20));
         let e = f.entries(s(20), P);

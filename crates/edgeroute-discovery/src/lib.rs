@@ -25,7 +25,6 @@ pub mod fleet;
 pub mod metrics;
 pub mod probe;
 pub mod snapshot;
-pub mod synthetic;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

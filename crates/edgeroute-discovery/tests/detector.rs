@@ -34,7 +34,7 @@ impl Probe for FakeNode {
             if !alive {
                 return Err(ProbeError::Connect("connection refused".into()));
             }
-            Ok(edgeroute_discovery::synthetic::health("a", "toronto", &["llm"]))
+            Ok(edgeroute_lab::synthetic::health("a", "toronto", &["llm"]))
         })
     }
 }

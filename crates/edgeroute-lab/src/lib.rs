@@ -1,22 +1,34 @@
-//! edgeroute-lab: measurement tools that nothing in production depends on.
+//! edgeroute-lab: measurement tools that nothing in production depends on, and the
+//! `edgeroute-lab` binary that runs them (`demo`, `bench …`; the shipped `edgeroute` binary
+//! carries none of this).
 //!
+//! - [`demo`]: a three-region fleet on loopback and a short story (`edgeroute-lab demo`).
 //! - [`loadgen`]: an open-loop, coordinated-omission-safe load generator for the
 //!   OpenAI-compatible chat endpoint (JSON and SSE), loopback targets only.
 //! - [`gateway_bench`]: the published gateway-overhead benchmark, which starts the simulator,
-//!   the gateway and nginx as child processes and loads them all in one run.
+//!   the gateway (the `edgeroute` binary) and nginx as child processes and loads them all in
+//!   one run.
+//! - [`sdk_bench`], [`discovery_bench`], [`bus_bench`]: the SDK's costs, discovery under load
+//!   and topology freshness, topology propagation over the bus.
+//! - [`synthetic`]: deterministic synthetic fleets for discovery's benchmarks.
 //! - [`process`]: child-process supervision (kill on drop) and RSS sampling from `/proc`.
 //! - [`memnet`], [`wan`], [`relay`]: emulated networks — an in-memory one for deterministic
 //!   runs, delayed TCP links, a TCP relay that can be cut.
 //! - [`compare`]: DNS-style, central proxy, edgeroute and an oracle on one emulated network
-//!   (`edgeroute bench fleet`).
+//!   (`edgeroute-lab bench fleet`).
 //! - [`chart`]: PNG charts for reports.
 
+pub mod bus_bench;
 pub mod chart;
 pub mod compare;
+pub mod demo;
+pub mod discovery_bench;
 pub mod gateway_bench;
 pub mod loadgen;
 pub mod memnet;
 mod pipe;
 pub mod process;
 pub mod relay;
+pub mod sdk_bench;
+pub mod synthetic;
 pub mod wan;

@@ -1,4 +1,4 @@
-//! Propagation benchmark: how long a topology change takes to reach a subscriber.
+//! `edgeroute-lab bench bus`: how long a topology change takes to reach a subscriber.
 //!
 //! One publisher and one subscriber on the given bus; each change (a model becoming ready) is
 //! published through the real [`Publisher`] path (queue, background sender, bus) and timed
@@ -13,9 +13,10 @@ use edgeroute_proto::topology::EventKind;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use crate::publisher::{NodeIdentity, Publisher, PublisherOptions, system_clock};
-use crate::subscription::{FleetUpdate, Subscription};
-use crate::{Bus, BusError};
+use edgeroute_bus::{
+    Bus, BusConfig, BusError, FleetUpdate, NodeIdentity, Publisher, PublisherOptions, Subscription,
+    system_clock,
+};
 
 /// How long one change may take before it counts as lost.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -118,6 +119,26 @@ pub async fn propagation(bus: &Bus, changes: usize) -> Result<PropagationReport,
         p99_us: percentile(&samples, 99.0),
         max_us: samples.last().copied().unwrap_or(0),
     })
+}
+
+/// The bus a benchmark's `--bus` (`embedded` or `nats`) and `--nats-url` name.
+pub fn config(bus: &str, nats_url: &str) -> anyhow::Result<BusConfig> {
+    Ok(match bus {
+        "embedded" => BusConfig::embedded(),
+        "nats" => BusConfig::nats(nats_url.to_owned()),
+        other => anyhow::bail!("--bus: `{other}` is not embedded or nats"),
+    })
+}
+
+/// The benchmark's line for BENCHMARKS.md: `changes` changes timed over the embedded bus
+/// (`bus = "embedded"`) or the NATS server at `nats_url` (`bus = "nats"`).
+pub async fn run(bus: &str, nats_url: &str, changes: usize) -> anyhow::Result<String> {
+    let r = propagation(&Bus::connect(&config(bus, nats_url)?).await?, changes).await?;
+    let via = if bus == "nats" { format!(" ({nats_url})") } else { String::new() };
+    Ok(format!(
+        "topology propagation over {bus}{via}: {} changes delivered, {} lost, p50 {} µs, p99 {} µs, max {} µs",
+        r.n, r.lost, r.p50_us, r.p99_us, r.max_us
+    ))
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
-//! `edgeroute demo`: a three-region fleet on loopback, in this process, and a short story.
+//! `edgeroute-lab demo`: a three-region fleet on loopback, in this process, and a short story.
 //!
 //! Six nodes (two each in Vancouver, Toronto and Montreal, with different speeds and different
 //! models: every node serves the LLM, speech-to-text and text-to-speech sit on some, and
 //! `van-1` holds the three-GPU voice pipeline), one discovery replica per region on the
 //! embedded bus (or NATS), and voice-agent clients in every region using the SDK over emulated
-//! WAN links (`edgeroute_lab::wan`, real-geography RTTs). Each turn is STT → LLM stream → TTS,
+//! WAN links ([`crate::wan`], real-geography RTTs). Each turn is STT → LLM stream → TTS,
 //! each model on the session its client pinned for it: discovery once, probes, pin, then
 //! straight to the node.
 //! The story, phase by phase: steady traffic; a model loaded on a node at run time and
@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use edgeroute_client::{Client, ClientConfig, Stats};
-use edgeroute_lab::compare::report::BUCKETS;
-use edgeroute_lab::relay::Relay;
-use edgeroute_lab::wan::{LinkSpec, Wan, geo_rtt_ms};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
+
+use crate::compare::report::BUCKETS;
+use crate::relay::Relay;
+use crate::wan::{LinkSpec, Wan, geo_rtt_ms};
 
 /// A demo node: id, region, the simulator's base time to first token (ms), its models (one
 /// GPU each), and whether it declares the voice pipeline.
@@ -78,6 +79,31 @@ pub enum DemoBackend {
     /// upstream's. Turns are then LLM only (no speech models), and nothing is loaded at run
     /// time.
     OpenAi { upstream: String, model: String },
+}
+
+impl DemoBackend {
+    /// The backend the command line names: `--backend sim` (no `--upstream`), or `--backend
+    /// openai --upstream URL [--model NAME]` (default model: the first the upstream lists).
+    pub async fn from_flags(
+        backend: &str,
+        upstream: Option<String>,
+        model: Option<String>,
+    ) -> Result<DemoBackend> {
+        match (backend, upstream) {
+            ("sim", None) => Ok(DemoBackend::Sim),
+            ("sim", Some(_)) => anyhow::bail!("--upstream needs --backend openai"),
+            ("openai", Some(upstream)) => {
+                let upstream = upstream.trim_end_matches('/').to_owned();
+                let model = match model {
+                    Some(m) => m,
+                    None => upstream_model(&upstream).await?,
+                };
+                Ok(DemoBackend::OpenAi { upstream, model })
+            }
+            ("openai", None) => anyhow::bail!("--backend openai needs --upstream URL"),
+            (other, _) => anyhow::bail!("--backend: `{other}` is not sim or openai"),
+        }
+    }
 }
 
 /// The demo's size.
@@ -783,14 +809,11 @@ fn write_report(
         md.push('\n');
     }
     // The distributions as percentile curves, a line per phase.
-    let series: Vec<edgeroute_lab::chart::Series> = phases
+    let series: Vec<crate::chart::Series> = phases
         .iter()
-        .map(|(name, r)| edgeroute_lab::chart::Series {
-            name: name.clone(),
-            ttft_ms: r.ttft_ms.clone(),
-        })
+        .map(|(name, r)| crate::chart::Series { name: name.clone(), ttft_ms: r.ttft_ms.clone() })
         .collect();
-    edgeroute_lab::chart::ttft_percentiles("Time to first token, per phase", &series)?
+    crate::chart::ttft_percentiles("Time to first token, per phase", &series)?
         .save(&dir.join("ttft.png"))?;
     md.push_str(
         "\n![TTFT per phase](ttft.png)\n\n*Share of turns (y, as a percentile, the tail \
@@ -799,7 +822,7 @@ fn write_report(
     );
     // The timeline as a chart: phases as bands, faults as red lines, a lane per kind of
     // client decision.
-    let mut chart = edgeroute_lab::chart::Timeline {
+    let mut chart = crate::chart::Timeline {
         title: "What happened when: phases, faults and the clients' decisions".into(),
         end_s: timeline.iter().map(|(t, _)| *t).fold(0.0, f64::max) + 0.5,
         ..Default::default()
@@ -813,7 +836,7 @@ fn write_report(
         _ => None,
     };
     chart.lanes = ["failover", "session moved", "hedged", "node ejected"]
-        .map(|name| edgeroute_lab::chart::Lane { name: name.into(), times_s: Vec::new() })
+        .map(|name| crate::chart::Lane { name: name.into(), times_s: Vec::new() })
         .into();
     for (t, what) in timeline {
         if let Some(rest) = what.strip_prefix("phase ") {
@@ -828,7 +851,7 @@ fn write_report(
             chart.lanes[k].times_s.push(*t);
         }
     }
-    edgeroute_lab::chart::timeline(&chart)?.save(&dir.join("timeline.png"))?;
+    crate::chart::timeline(&chart)?.save(&dir.join("timeline.png"))?;
     md.push_str(
         "\n## Timeline (seconds since the fleet started)\n\n![timeline](timeline.png)\n\n*Phases \
          as shaded bands (numbered, named under the chart), faults as red lines, and a lane per \

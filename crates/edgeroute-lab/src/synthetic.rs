@@ -1,6 +1,7 @@
-//! Synthetic fleets for benchmarks and load tests: deterministic, realistic in shape (three
-//! regions, a handful of models per node, a voice pipeline on some, a few nodes degraded,
-//! saturated, draining or down).
+//! Synthetic fleets for discovery's benchmarks and load tests (`edgeroute-lab bench discover`,
+//! the `rescore` criterion bench): deterministic, realistic in shape (three regions, a handful
+//! of models per node, a voice pipeline on some, a few nodes degraded, saturated, draining or
+//! down).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -8,11 +9,12 @@ use std::time::Duration;
 
 use edgeroute_core::health::HealthParams;
 use edgeroute_core::score::{Health, NodeView};
+use edgeroute_discovery::config::StaticNode;
+use edgeroute_discovery::fleet::{
+    Fleet, NodeDetail, NodeEntry, NodeInfo, Source, ViewParams, health_name,
+};
 use edgeroute_proto::health::{ModelHealth, NodeHealth, NodeStatus, Percentiles, PipelineHealth};
 use edgeroute_proto::models::ModelState;
-
-use crate::config::StaticNode;
-use crate::fleet::{Fleet, NodeDetail, NodeEntry, NodeInfo, Source, ViewParams, health_name};
 
 pub const REGIONS: [&str; 3] = ["vancouver", "toronto", "montreal"];
 pub const MODELS: [&str; 6] =
@@ -124,16 +126,6 @@ pub fn health(id: &str, region: &str, models: &[&str]) -> NodeHealth {
         error_rate: 0.0,
         requests_in_window: 100,
         drain: None,
-        cost_per_1k: None,
-    }
-}
-
-/// A node from configuration at a placeholder URL.
-pub fn static_node(id: &str, region: &str) -> StaticNode {
-    StaticNode {
-        id: id.into(),
-        url: "http://127.0.0.1:1".into(),
-        region: region.into(),
         cost_per_1k: None,
     }
 }

@@ -3,11 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use edgeroute_bus::{Bus, BusConfig, PropagationReport, propagation};
+use edgeroute_bus::{Bus, BusConfig, BusKind};
+use edgeroute_lab::bus_bench::{PropagationReport, propagation};
+use edgeroute_test_util::nats::NatsServer;
 
 /// A loose ceiling: these tests share 2 cores with the rest of the suite, so they guard
 /// against a broken path (polling, a missed wake-up), not against noise. The figures printed
@@ -33,8 +33,19 @@ async fn embedded_propagation() {
 
 #[tokio::test]
 async fn nats_propagation() {
-    let server = common::NatsServer::start().await;
-    let bus = Bus::connect(&common::nats_config(&server.url())).await.unwrap();
+    let server = NatsServer::start();
+    // Test-sized timings: fast reconnects, short timeouts.
+    let cfg = BusConfig {
+        kind: BusKind::Nats,
+        nats_url: server.url(),
+        heartbeat_ms: 500,
+        expire_ms: 5_000,
+        connect_timeout_ms: 500,
+        op_timeout_ms: 1_000,
+        reconnect_max_ms: 200,
+        ..BusConfig::default()
+    };
+    let bus = Bus::connect(&cfg).await.unwrap();
     let report = tokio::time::timeout(Duration::from_secs(20), propagation(&bus, 50))
         .await
         .unwrap()

@@ -1,4 +1,4 @@
-//! `edgeroute bench sdk`: the client SDK's own costs, in one process on loopback.
+//! `edgeroute-lab bench sdk`: the client SDK's own costs, in one process on loopback.
 //!
 //! - **Session start** with K = 3 probes: cold (a new client: discovery request + three probes
 //!   on new connections) and warm (the same client again: cached list, pooled connections).
@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use edgeroute_client::{Client, ClientConfig, Stats};
-use edgeroute_lab::relay::Relay;
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
+
+use crate::relay::Relay;
 
 fn pct(v: &mut [u64], q: f64) -> u64 {
     v.sort_unstable();

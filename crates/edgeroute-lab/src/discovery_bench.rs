@@ -1,7 +1,8 @@
-//! `edgeroute bench discover` and `edgeroute bench freshness`: the discovery service's figures
-//! for BENCHMARKS.md.
+//! `edgeroute-lab bench discover` and `edgeroute-lab bench freshness`: the discovery service's
+//! figures for BENCHMARKS.md.
 //!
-//! - **Load**: a discovery process serving a synthetic fleet (its own process and threads),
+//! - **Load**: a discovery process serving a synthetic fleet (its own process and threads:
+//!   this binary again, as `bench discover --synthetic-nodes N`, see [`serve_synthetic`]),
 //!   driven by the open-loop load generator on loopback. The reference row in each run is
 //!   the same server answering for a model no node holds (parse, one hash lookup, a short
 //!   JSON answer): the floor of the HTTP path, against which the real lookups are compared.
@@ -20,14 +21,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use edgeroute_core::score::{Query, Strategy};
-use edgeroute_lab::loadgen::{self, LoadSpec, Mode};
-use edgeroute_lab::process::ProcessGuard;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::loadgen::{self, LoadSpec, Mode};
+use crate::process::ProcessGuard;
+
 #[derive(Debug, Clone)]
 pub struct LoadOpts {
+    /// This binary: started again as the discovery server (`bench discover --synthetic-nodes`).
     pub bin: PathBuf,
     pub nodes: Vec<usize>,
     pub rates: Vec<f64>,
@@ -51,12 +54,11 @@ async fn start(guard: &mut ProcessGuard, opts: &LoadOpts, n: usize) -> Result<So
     let dir = std::env::temp_dir();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let mut c = Command::new(&opts.bin);
-    c.arg("discovery")
-        .arg("--synthetic-nodes")
+    c.args(["bench", "discover", "--synthetic-nodes"])
         .arg(n.to_string())
         .arg("--listen")
         .arg(addr.to_string())
-        .arg("--threads")
+        .arg("--server-threads")
         .arg(opts.server_threads.to_string());
     let name = format!("discovery-{n}");
     guard.spawn(
@@ -79,6 +81,30 @@ async fn start(guard: &mut ProcessGuard, opts: &LoadOpts, n: usize) -> Result<So
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Serves a synthetic fleet of `nodes` nodes (`crate::synthetic::fleet`, seed 7) on `listener`
+/// until `shutdown` resolves: `/v1/discover` and the rest of discovery's API over a snapshot
+/// built once, with no probes and no bus. The load benchmark's server process.
+pub async fn serve_synthetic(
+    nodes: usize,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let cfg = edgeroute_discovery::DiscoveryConfig::from_toml("", |_| None)?;
+    let limits = cfg.limits.server_limits();
+    let d = edgeroute_discovery::Discovery::build(cfg)?;
+    d.replace_snapshot(edgeroute_discovery::Snapshot::build(
+        crate::synthetic::fleet(nodes, 7),
+        d.weights(),
+        1,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    ));
+    edgeroute_http::serve(listener, d.router(), limits, None, shutdown).await;
+    Ok(())
 }
 
 pub async fn load(opts: LoadOpts) -> Result<String> {

@@ -1,0 +1,197 @@
+//! The command line, and the only place that reads config files and the environment: each
+//! command's arguments become the plain config structs its crate's `serve` takes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgeroute",
+    version,
+    about = "Route real-time AI inference across GPU edge nodes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an edge node gateway.
+    Node {
+        /// The node's TOML config (see ARCHITECTURE.md and crates/edgeroute-node/src/config.rs).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a discovery replica.
+    Discovery(DiscoveryArgs),
+    /// Run the local proxy: the client SDK behind an OpenAI-compatible endpoint on this machine.
+    Proxy(ProxyArgs),
+    /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
+    Sim(SimArgs),
+    /// Watcher mode for split deployments: install model directories that appear on a shared
+    /// volume into the backend's model repository and ask the backend (Triton) to load them.
+    Watch(WatchArgs),
+    /// Mint tokens and build JWKS entries.
+    Token {
+        #[command(subcommand)]
+        command: crate::token::TokenCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct DiscoveryArgs {
+    /// The replica's TOML config (crates/edgeroute-discovery/src/config.rs); defaults
+    /// otherwise.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Overrides `discovery.listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Overrides `discovery.worker_threads` (1: a single event loop).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: SocketAddr,
+    /// Discovery base URLs, tried in order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    discovery: Vec<String>,
+    /// Bearer token sent to discovery and nodes.
+    #[arg(long, env = "EDGEROUTE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data residency: only nodes in these regions.
+    #[arg(long, value_delimiter = ',')]
+    region: Vec<String>,
+    /// Persist discovery answers here (used when discovery is down at start).
+    #[arg(long)]
+    cache_file: Option<PathBuf>,
+    /// Where this machine is: that region's best node is always among the probes.
+    #[arg(long)]
+    home_region: Option<String>,
+    /// A stream's first token must arrive within this, or the request moves to another
+    /// node. Raise it for slow (CPU) backends.
+    #[arg(long, default_value_t = 3000)]
+    first_token_timeout_ms: u64,
+    /// A longer gap between two tokens is a stall: the answer continues on another node.
+    #[arg(long, default_value_t = 2000)]
+    stall_timeout_ms: u64,
+    /// Sessions kept at once (least recently used dropped first).
+    #[arg(long, default_value_t = 10_000)]
+    max_sessions: usize,
+    /// A session unused this long is dropped, seconds.
+    #[arg(long, default_value_t = 600)]
+    session_idle_s: u64,
+    /// Hedge to the standby when the first token is this late on a node nothing is known
+    /// of yet; afterwards the deadline is a multiple of that node's own first token.
+    #[arg(long, default_value_t = 1000)]
+    hedge_after_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    pub listen: SocketAddr,
+    /// Simulator TOML config; defaults otherwise.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Every delay at zero: the reference backend for overhead benchmarks.
+    #[arg(long)]
+    zero_latency: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// The shared volume the gateway writes models to.
+    #[arg(long)]
+    shared: PathBuf,
+    /// The backend's model repository.
+    #[arg(long)]
+    repository: PathBuf,
+    /// Triton's HTTP endpoint (repository API); without it models are only copied.
+    #[arg(long)]
+    triton: Option<String>,
+    /// Quiet time before a new directory is taken, ms.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+}
+
+pub fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+pub fn node_config(path: &Path) -> Result<edgeroute_node::NodeConfig> {
+    Ok(edgeroute_node::NodeConfig::parse(&read(path)?, env)?)
+}
+
+impl DiscoveryArgs {
+    pub fn config(&self) -> Result<edgeroute_discovery::DiscoveryConfig> {
+        let text = match &self.config {
+            Some(path) => read(path)?,
+            None => String::new(),
+        };
+        let mut cfg = edgeroute_discovery::DiscoveryConfig::from_toml(&text, env)?;
+        if let Some(l) = self.listen {
+            cfg.discovery.listen = l;
+        }
+        if let Some(t) = self.threads {
+            cfg.discovery.worker_threads = t;
+        }
+        Ok(cfg)
+    }
+}
+
+impl ProxyArgs {
+    pub fn config(self) -> (edgeroute_client::ClientConfig, edgeroute_proxy::ProxyConfig) {
+        let client = edgeroute_client::ClientConfig {
+            discovery: self.discovery,
+            token: self.token,
+            regions: self.region,
+            cache_file: self.cache_file,
+            home_region: self.home_region,
+            first_token_timeout: Duration::from_millis(self.first_token_timeout_ms),
+            stall_timeout: Duration::from_millis(self.stall_timeout_ms),
+            hedge_initial: Duration::from_millis(self.hedge_after_ms),
+            ..Default::default()
+        };
+        let proxy = edgeroute_proxy::ProxyConfig {
+            max_sessions: self.max_sessions,
+            session_idle: Duration::from_secs(self.session_idle_s),
+            ..Default::default()
+        };
+        (client, proxy)
+    }
+}
+
+impl SimArgs {
+    pub fn config(&self) -> Result<edgeroute_sim::SimConfig> {
+        let cfg = match &self.config {
+            Some(path) => toml::from_str(&read(path)?)
+                .with_context(|| format!("parsing {}", path.display()))?,
+            None => edgeroute_sim::SimConfig::default(),
+        };
+        Ok(if self.zero_latency { cfg.into_overhead_reference() } else { cfg })
+    }
+}
+
+impl WatchArgs {
+    pub fn config(self) -> edgeroute_node::watcher::WatchConfig {
+        edgeroute_node::watcher::WatchConfig {
+            shared: self.shared,
+            repository: self.repository,
+            triton_url: self.triton,
+            settle: Duration::from_millis(self.settle_ms),
+        }
+    }
+}
