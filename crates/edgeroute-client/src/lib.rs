@@ -73,13 +73,12 @@ mod error;
 pub mod machine;
 mod session;
 mod stream;
-mod tls;
 pub mod transport;
 
+pub use edgeroute_http::client::tls_config;
 pub use error::{AttemptReport, Attempts, ClientError, Side};
 pub use session::Session;
 pub use stream::{ChatStream, StreamItem};
-pub use tls::tls_config;
 pub use transport::{BoxIo, ConnectFuture, Transport};
 
 use std::collections::HashSet;
@@ -100,8 +99,6 @@ use edgeroute_proto::{ErrorBody, LoadReport};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::cache::{Freshness, ListCache};
 use crate::machine::{Machine, Outcome, Policy};
@@ -228,6 +225,14 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
+    fn http_options(&self) -> edgeroute_http::client::ClientOptions {
+        edgeroute_http::client::ClientOptions {
+            connect_timeout: self.connect_timeout,
+            pool_idle_timeout: self.pool_idle_timeout,
+            ..Default::default()
+        }
+    }
+
     fn policy(&self) -> Policy {
         Policy {
             hedge_initial: self.hedge_initial,
@@ -447,12 +452,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// What a session asks discovery for: a model, or a model within a pipeline (every node in
 /// the answer holds the whole pipeline).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -530,16 +529,8 @@ impl Client {
         cfg: ClientConfig,
         listener: Option<Listener>,
     ) -> Result<Client, ClientError> {
-        let mut tcp = HttpConnector::new();
-        tcp.set_connect_timeout(Some(cfg.connect_timeout));
-        tcp.set_nodelay(true);
-        tcp.enforce_http(false);
-        let tls = tls::tls_config(cfg.ca_file.as_deref()).map_err(ClientError::Invalid)?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(tcp);
+        let tls = tls_config(cfg.ca_file.as_deref()).map_err(ClientError::Invalid)?;
+        let connector = edgeroute_http::client::https_connector(&cfg.http_options(), tls);
         Self::build(cfg, listener, transport::Connector::Net(connector))
     }
 
@@ -566,9 +557,7 @@ impl Client {
         if !(cfg.hedge_multiple.is_finite() && cfg.hedge_multiple >= 1.0) {
             return Err(ClientError::Invalid("hedge_multiple must be at least 1".into()));
         }
-        let http = HttpClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .build(connector);
+        let http = edgeroute_http::client::builder(&cfg.http_options()).build(connector);
         let cache = cfg.cache_file.as_deref().map(ListCache::load).unwrap_or_default();
         let origin = Instant::now();
         let m = Machine::new(cfg.policy(), cfg.seed, origin.into_std());
@@ -587,7 +576,7 @@ impl Client {
                 stats: Counters::default(),
                 listener,
                 origin,
-                origin_unix_ms: unix_ms(),
+                origin_unix_ms: edgeroute_core::clock::unix_ms(),
             }),
         })
     }

@@ -17,7 +17,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -73,7 +72,7 @@ pub fn health_uri(base: &str) -> Option<http::Uri> {
     format!("{scheme}://{}{path}/health", uri.authority()?).parse().ok()
 }
 
-pub use edgeroute_client::tls_config;
+pub use edgeroute_http::client::tls_config;
 
 /// Probes over HTTP/1.1 with pooled keep-alive connections, a deadline per probe and a cap on
 /// the body.
@@ -93,19 +92,12 @@ impl std::fmt::Debug for HttpProbe {
 impl HttpProbe {
     /// A prober; `tls` verifies `https://` nodes (see [`tls_config`]).
     pub fn new(timeout: Duration, max_body: usize, tls: rustls::ClientConfig) -> Self {
-        let mut tcp = HttpConnector::new();
-        tcp.set_connect_timeout(Some(timeout));
-        tcp.set_nodelay(true);
-        tcp.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(tcp);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1)
-            .build(connector);
+        let opts = edgeroute_http::client::ClientOptions {
+            connect_timeout: timeout,
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_host: 1,
+        };
+        let client = edgeroute_http::client::https_client(&opts, tls);
         HttpProbe { client, timeout, max_body }
     }
 }

@@ -12,13 +12,25 @@
 //!
 //! The loop is generic over [`Listener`], so the same code runs on tokio sockets in production
 //! and on a simulated network in tests. It knows nothing of routes or auth.
+//!
+//! [`client`] is the other direction: the one builder of outbound HTTP clients. It is all the
+//! SDK uses of this crate (the `server` feature, on by default, brings the rest).
 
+pub mod client;
+#[cfg(feature = "server")]
 pub mod error;
+#[cfg(feature = "server")]
 pub mod json;
+#[cfg(feature = "server")]
 mod listener;
+#[cfg(feature = "server")]
 mod serve;
+#[cfg(feature = "server")]
 pub mod tls;
 
+#[cfg(feature = "server")]
 pub use error::ApiError;
+#[cfg(feature = "server")]
 pub use listener::Listener;
+#[cfg(feature = "server")]
 pub use serve::{ServerLimits, serve};

@@ -19,6 +19,23 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+/// A server's `[tls]` section (the node's and discovery's): absent means plain HTTP.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
+}
+
+impl TlsSection {
+    /// The acceptor for these files ([`acceptor_from_pem_files`]).
+    pub fn acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+        acceptor_from_pem_files(&self.cert_file, &self.key_file)
+    }
+}
+
 /// Builds an acceptor offering HTTP/2 and HTTP/1.1 by ALPN, with rustls' safe defaults
 /// (TLS 1.2 and 1.3) on the ring provider.
 pub fn acceptor_from_pem_files(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {

@@ -31,7 +31,6 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
@@ -222,21 +221,15 @@ impl HubClient {
         }
 
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
-        let mut tcp = HttpConnector::new();
         // The TLS layer decides the scheme; policy on http is enforced before each request.
-        tcp.enforce_http(false);
-        tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(connect_timeout));
-        let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| HubError::Config { reason: format!("TLS setup: {e}") })?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(tcp);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(4)
-            .build(tls);
+        let tls = edgeroute_http::client::tls_config(None)
+            .map_err(|reason| HubError::Config { reason })?;
+        let opts = edgeroute_http::client::ClientOptions {
+            connect_timeout,
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 4,
+        };
+        let http = edgeroute_http::client::https_client(&opts, tls);
 
         Ok(HubClient {
             inner: Arc::new(Inner {

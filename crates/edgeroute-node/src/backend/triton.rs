@@ -10,7 +10,6 @@ use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 /// One entry of `POST /v2/repository/index`.
@@ -61,11 +60,12 @@ impl TritonRepository {
     /// `base` is Triton's HTTP endpoint (`http://127.0.0.1:8000`); `timeout` bounds each call,
     /// including a load (which can take minutes for large models).
     pub fn new(base: &str, timeout: Duration) -> Self {
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        c.set_connect_timeout(Some(Duration::from_secs(2)));
+        let opts = edgeroute_http::client::ClientOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
         TritonRepository {
-            client: Client::builder(TokioExecutor::new()).build(c),
+            client: edgeroute_http::client::plain_client(&opts),
             base: base.trim_end_matches('/').to_owned(),
             timeout,
         }
