@@ -27,17 +27,9 @@ use crate::wire::check_node;
 const MAX_BATCH: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(50);
 
-/// Unix milliseconds, for the informative `at_ms` of events. Injected so tests control it.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// The system clock as a [`Clock`].
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    })
-}
+/// Unix milliseconds, for the informative `at_ms` of events: the one wall-clock seam
+/// (`edgeroute_core::clock`), injected so tests control it.
+pub use edgeroute_core::clock::{WallClock as Clock, system as system_clock};
 
 /// Who the node is on the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -53,9 +53,7 @@ async fn require(
 ) -> Response {
     let Some(store) = &sh.auth else { return next.run(req).await };
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = edgeroute_core::clock::unix_ms() / 1000;
     let verified = edgeroute_auth::parse_bearer(header)
         .and_then(|token| store.verify(token, now))
         .and_then(|claims| claims.require_scope(scope));
@@ -150,7 +148,8 @@ pub fn parse_params(
                         return Err(bad(
                             "region",
                             format!(
-                                "`{r}` is not a region name (1-64 characters of [A-Za-z0-9._-])"
+                                "`{r}` is not a region name ({})",
+                                edgeroute_proto::names::NAME_RULE
                             ),
                         ));
                     }
@@ -189,7 +188,8 @@ pub fn parse_params(
                     return Err(bad(
                         "near",
                         format!(
-                            "`{value}` is not a region name (1-64 characters of [A-Za-z0-9._-])"
+                            "`{value}` is not a region name ({})",
+                            edgeroute_proto::names::NAME_RULE
                         ),
                     ));
                 }

@@ -63,12 +63,7 @@ pub enum DiscoveryError {
     Auth(#[from] edgeroute_auth::AuthError),
 }
 
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use edgeroute_core::clock::unix_ms;
 
 /// The bus as the replica last saw it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -397,9 +392,7 @@ impl Discovery {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DiscoveryError> {
         let tls = match &self.shared.cfg.tls {
-            Some(t) => {
-                Some(edgeroute_http::tls::acceptor_from_pem_files(&t.cert_file, &t.key_file)?)
-            }
+            Some(t) => Some(t.acceptor()?),
             None => None,
         };
         let running = self.start().await?;

@@ -320,9 +320,7 @@ impl Fleet {
                 aud: None,
                 iss: None,
                 ttl_s: 3600,
-                now_unix_s: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_secs(),
+                now_unix_s: edgeroute_core::clock::unix_ms() / 1000,
                 kid: None,
                 nbf: None,
             },

@@ -98,10 +98,7 @@ pub async fn serve_synthetic(
         crate::synthetic::fleet(nodes, 7),
         d.weights(),
         1,
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        edgeroute_core::clock::unix_ms(),
     ));
     edgeroute_http::serve(listener, d.router(), limits, None, shutdown).await;
     Ok(())

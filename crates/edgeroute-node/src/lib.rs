@@ -32,7 +32,7 @@ use edgeroute_http::Listener;
 use http::HeaderValue;
 
 pub use config::NodeConfig;
-pub use gateway::{AppState, NodeState, UnixClock, system_clock};
+pub use gateway::{AppState, NodeState, WallClock};
 
 use crate::backend::Backend;
 use crate::config::ms;
@@ -96,11 +96,11 @@ pub type RouterWrap = Arc<dyn Fn(axum::Router) -> axum::Router + Send + Sync>;
 
 impl Node {
     pub fn build(cfg: NodeConfig) -> Result<Node, NodeError> {
-        Node::build_with_clock(cfg, system_clock())
+        Node::build_with_clock(cfg, edgeroute_core::clock::system())
     }
 
     /// As [`Node::build`], with the Unix clock used for token expiry and `created` fields.
-    pub fn build_with_clock(cfg: NodeConfig, clock: UnixClock) -> Result<Node, NodeError> {
+    pub fn build_with_clock(cfg: NodeConfig, clock: WallClock) -> Result<Node, NodeError> {
         cfg.validate()?;
         let auth = match &cfg.auth {
             Some(a) => Some(Arc::new(KeyStore::from_config(a)?)),
@@ -180,10 +180,7 @@ impl Node {
             (None, None) => return Ok(None),
         };
         let options = edgeroute_bus::PublisherOptions::from_config(bus.config());
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let epoch = edgeroute_core::clock::unix_ms();
         let identity = edgeroute_bus::NodeIdentity {
             node_id: self.cfg.node.id.clone(),
             region: self.cfg.node.region.clone(),
@@ -233,9 +230,7 @@ impl Node {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
         let tls = match &self.cfg.tls {
-            Some(t) => {
-                Some(edgeroute_http::tls::acceptor_from_pem_files(&t.cert_file, &t.key_file)?)
-            }
+            Some(t) => Some(t.acceptor()?),
             None => None,
         };
         let publisher = self.start_publisher(listener.local_addr()).await?;

@@ -120,7 +120,7 @@ pub struct ModelTable {
     usage: Mutex<HashMap<String, Arc<Usage>>>,
     tasks: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     sink: RwLock<EventSink>,
-    clock: crate::UnixClock,
+    clock: crate::WallClock,
 }
 
 impl std::fmt::Debug for ModelTable {
@@ -130,7 +130,7 @@ impl std::fmt::Debug for ModelTable {
 }
 
 impl ModelTable {
-    pub fn new(clock: crate::UnixClock) -> Self {
+    pub fn new(clock: crate::WallClock) -> Self {
         ModelTable {
             records: RwLock::default(),
             usage: Mutex::default(),
@@ -235,7 +235,7 @@ impl ModelTable {
             memory_mb,
             progress: None,
             path: None,
-            updated: (self.clock)(),
+            updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
         };
         if let Ok(mut m) = self.records.write() {
@@ -288,7 +288,7 @@ impl ModelTable {
             memory_mb,
             progress: Some(Progress::default()),
             path: None,
-            updated: (self.clock)(),
+            updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
         }
     }
@@ -303,7 +303,7 @@ impl ModelTable {
         let mut m = self.records.write().ok()?;
         let r = m.get_mut(id)?;
         f(r);
-        r.updated = (self.clock)();
+        r.updated = edgeroute_core::clock::unix_s(&self.clock);
         Some(r.clone())
     }
 
@@ -367,7 +367,7 @@ impl ModelTable {
             ModelState::Ready if until > now && self.in_flight(id) > 0 => {
                 r.state = ModelState::Draining;
                 r.drain_until = Some(until);
-                r.updated = (self.clock)();
+                r.updated = edgeroute_core::clock::unix_s(&self.clock);
                 event = EventKind::ModelDraining {
                     model: id.to_owned(),
                     gpu: r.gpu.clone(),
@@ -383,7 +383,7 @@ impl ModelTable {
             ModelState::Ready | ModelState::Loading | ModelState::Failed => {
                 r.state = ModelState::Unloading;
                 r.drain_until = None;
-                r.updated = (self.clock)();
+                r.updated = edgeroute_core::clock::unix_s(&self.clock);
                 event = EventKind::ModelUnloading { model: id.to_owned(), gpu: r.gpu.clone() };
                 Unload::Now(r.clone())
             }
@@ -435,7 +435,7 @@ impl ModelTable {
         }
         r.state = ModelState::Unloading;
         r.drain_until = None;
-        r.updated = (self.clock)();
+        r.updated = edgeroute_core::clock::unix_s(&self.clock);
         let gpu = r.gpu.clone();
         drop(m);
         self.emit(EventKind::ModelUnloading { model: id.to_owned(), gpu });
@@ -514,7 +514,7 @@ mod tests {
     use std::sync::Mutex as StdMutex;
 
     fn table() -> (ModelTable, Arc<StdMutex<Vec<EventKind>>>) {
-        let t = ModelTable::new(Arc::new(|| 7));
+        let t = ModelTable::new(edgeroute_core::clock::fixed(7_000));
         let seen = Arc::new(StdMutex::new(Vec::new()));
         let s2 = seen.clone();
         t.set_sink(Arc::new(move |k| s2.lock().unwrap().push(k)));

@@ -15,7 +15,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn token(private: &str, kid: &str) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = edgeroute_core::clock::unix_ms() / 1000;
     mint(
         &SigningKey::EdDsa { pem: fixture(private) },
         &MintOptions {

@@ -212,12 +212,12 @@ async fn streams_are_forwarded_byte_for_byte() {
     // Two identical simulators with a fixed clock: one answers directly, one behind the gateway.
     let direct = spawn_router(edgeroute_sim::server::router_with_clock(
         Arc::new(Simulator::new(sim_cfg()).unwrap()),
-        || 1_700_000_000,
+        edgeroute_core::clock::fixed(1_700_000_000_000),
     ))
     .await;
     let behind = spawn_router(edgeroute_sim::server::router_with_clock(
         Arc::new(Simulator::new(sim_cfg()).unwrap()),
-        || 1_700_000_000,
+        edgeroute_core::clock::fixed(1_700_000_000_000),
     ))
     .await;
     let node = TestNode::start(&format!(

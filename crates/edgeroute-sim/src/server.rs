@@ -46,28 +46,22 @@ use crate::config::{ConfigError, Faults};
 use crate::engine::{Generation, SimEvent, Simulator};
 use crate::error::SimError;
 
-/// Seconds since the Unix epoch, for the `created` field of responses.
-pub type UnixClock = fn() -> u64;
-
-/// The wall clock. The crate's only wall-clock read, and only for a display timestamp;
-/// tests pass a fixed clock to [`router_with_clock`] instead.
-pub fn system_clock() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+use edgeroute_core::clock::{self, WallClock};
 
 #[derive(Clone)]
 struct AppState {
     sim: Arc<Simulator>,
-    clock: UnixClock,
+    /// For the `created` field of responses (display only); tests pass a fixed one.
+    clock: WallClock,
 }
 
 /// The full API over `sim`, stamping responses with the wall clock.
 pub fn router(sim: Arc<Simulator>) -> Router {
-    router_with_clock(sim, system_clock)
+    router_with_clock(sim, clock::system())
 }
 
 /// The full API over `sim`, stamping responses with `clock`.
-pub fn router_with_clock(sim: Arc<Simulator>, clock: UnixClock) -> Router {
+pub fn router_with_clock(sim: Arc<Simulator>, clock: WallClock) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
@@ -188,7 +182,7 @@ async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
     };
     let builder = ChunkBuilder {
         id: format!("chatcmpl-sim-{}", generation.request_id()),
-        created: (st.clock)(),
+        created: clock::unix_s(&st.clock),
         include_usage: req.include_usage(),
         model: req.model,
     };
@@ -324,7 +318,7 @@ impl Stream for SseBody {
 }
 
 async fn list_models(State(st): State<AppState>) -> Response {
-    let created = (st.clock)();
+    let created = clock::unix_s(&st.clock);
     let data = st
         .sim
         .models()

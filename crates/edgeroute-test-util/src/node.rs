@@ -19,10 +19,7 @@ pub struct TestNode {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    edgeroute_core::clock::unix_ms() / 1000
 }
 
 impl TestNode {

@@ -76,7 +76,7 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
                     })?,
                 );
             }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let now = edgeroute_core::clock::unix_ms() / 1000;
             let options =
                 MintOptions { sub, scopes, aud, iss, ttl_s: ttl, now_unix_s: now, kid, nbf: None };
             println!("{}", edgeroute_auth::mint(&key, &options)?);

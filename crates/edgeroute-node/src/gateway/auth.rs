@@ -22,7 +22,7 @@ pub async fn require(
     };
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let verified = parse_bearer(header)
-        .and_then(|token| store.verify(token, (st.clock)()))
+        .and_then(|token| store.verify(token, edgeroute_core::clock::unix_s(&st.clock)))
         .and_then(|claims| claims.require_scope(scope).map(|()| claims));
     match verified {
         Ok(claims) => {

@@ -112,7 +112,7 @@ async fn handle(
     let seq = st.seq.fetch_add(1, Ordering::Relaxed);
     let ctx = CallContext {
         response_id: format!("chatcmpl-{}-{seq}", st.id),
-        created: (st.clock)(),
+        created: edgeroute_core::clock::unix_s(&st.clock),
         idle_timeout: ms(st.limits.stream_idle_timeout_ms),
         raw_body,
     };

@@ -128,7 +128,7 @@ fn pipelines(st: &AppState, gpus: &[edgeroute_proto::health::GpuHealth]) -> Vec<
 
 pub async fn models(State(st): State<AppState>) -> Json<ModelList> {
     st.metrics.request("models", 200);
-    let created = (st.clock)();
+    let created = edgeroute_core::clock::unix_s(&st.clock);
     Json(ModelList {
         object: "list".into(),
         data: st

@@ -35,17 +35,9 @@ use crate::telemetry::Telemetry;
 
 pub use ratelimit::TenantLimiter;
 
-/// Unix time in seconds; a seam so tests can move the clock (token expiry).
-pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-pub fn system_clock() -> UnixClock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    })
-}
+/// The wall clock (Unix ms; `edgeroute_core::clock`), a seam so tests can move it (token
+/// expiry, `created`, model timestamps).
+pub use edgeroute_core::clock::WallClock;
 
 /// Everything a request handler may touch. Shared behind an `Arc`.
 pub struct NodeState {
@@ -70,7 +62,7 @@ pub struct NodeState {
     pub auth: Option<Arc<KeyStore>>,
     pub limiter: TenantLimiter,
     pub metrics: Metrics,
-    pub clock: UnixClock,
+    pub clock: WallClock,
     pub seq: AtomicU64,
 }
 

@@ -9,7 +9,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use edgeroute_http::ApiError;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
@@ -17,12 +17,21 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::{AppState, Tenant};
 
-type Keyed = RateLimiter<
-    Arc<str>,
-    DefaultKeyedStateStore<Arc<str>>,
-    DefaultClock,
-    StateInformationMiddleware,
->;
+type Keyed =
+    RateLimiter<Arc<str>, DefaultKeyedStateStore<Arc<str>>, TokioClock, StateInformationMiddleware>;
+
+/// governor's clock on tokio's time, so the limiter follows a paused clock in tests (and the
+/// node's one monotonic time source in production).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
 
 pub struct TenantLimiter {
     limiter: Keyed,
@@ -37,7 +46,8 @@ impl TenantLimiter {
         let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::per_second(per_s).allow_burst(burst_nz);
         TenantLimiter {
-            limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            limiter: RateLimiter::dashmap_with_clock(quota, TokioClock)
+                .with_middleware::<StateInformationMiddleware>(),
             burst: burst_nz.get(),
             period: Duration::from_secs(1) / per_s.get(),
         }
@@ -78,7 +88,7 @@ pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Resp
             res
         }
         Err(not_until) => {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let wait = not_until.wait_time_from(TokioClock.now());
             st.metrics.reject("rate_limited");
             st.metrics.request("chat", 429);
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

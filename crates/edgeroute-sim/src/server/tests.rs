@@ -13,7 +13,7 @@ const CREATED: u64 = 1_700_000_000;
 
 fn app(cfg: SimConfig) -> (Arc<Simulator>, Router) {
     let sim = Arc::new(Simulator::new(cfg).unwrap());
-    (Arc::clone(&sim), router_with_clock(sim, || CREATED))
+    (Arc::clone(&sim), router_with_clock(sim, edgeroute_core::clock::fixed(CREATED * 1000)))
 }
 
 fn post(uri: &str, body: impl Into<Body>) -> Request<Body> {
