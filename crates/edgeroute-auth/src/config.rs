@@ -32,9 +32,12 @@ pub struct AuthConfig {
     /// File holding the HS256 shared secret as raw bytes; one trailing newline (`\n` or
     /// `\r\n`) is trimmed. Re-read on reload. Default: none.
     pub hs256_secret_file: Option<PathBuf>,
-    /// Name of an environment variable holding the HS256 secret (UTF-8). Read once, when the
-    /// key store is built. Default: none.
+    /// Name of an environment variable holding the HS256 secret (UTF-8). Read once, by the
+    /// config loader's environment lookup ([`AuthConfig::resolve_env`]). Default: none.
     pub hs256_secret_env: Option<String>,
+    /// The value of `hs256_secret_env`, as the loader's lookup found it (never from the file).
+    #[serde(skip)]
+    pub hs256_secret_from_env: Secret,
     /// JWKS file with RS256/PS*/EdDSA public keys, selected by `kid`. Re-read on reload.
     /// Default: none.
     pub jwks_file: Option<PathBuf>,
@@ -56,6 +59,7 @@ impl Default for AuthConfig {
         AuthConfig {
             hs256_secret_file: None,
             hs256_secret_env: None,
+            hs256_secret_from_env: Secret::default(),
             jwks_file: None,
             audience: None,
             issuer: None,
@@ -66,7 +70,33 @@ impl Default for AuthConfig {
     }
 }
 
+/// A secret read from the environment: compared, cloned, never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(Option<String>);
+
+impl Secret {
+    pub fn new(value: Option<String>) -> Secret {
+        Secret(value)
+    }
+
+    pub fn get(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Secret(<redacted>)" } else { "Secret(None)" })
+    }
+}
+
 impl AuthConfig {
+    /// Reads `hs256_secret_env` through the caller's environment lookup (the config loader's
+    /// seam: libraries never read the process environment themselves).
+    pub fn resolve_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        self.hs256_secret_from_env = Secret(self.hs256_secret_env.as_deref().and_then(env));
+    }
+
     /// The reload polling interval.
     pub fn reload_interval(&self) -> Duration {
         Duration::from_millis(self.reload_interval_ms)

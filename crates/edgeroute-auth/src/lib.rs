@@ -28,7 +28,7 @@ mod verify;
 pub use claims::Claims;
 pub use config::{
     AuthConfig, DEFAULT_LEEWAY_S, DEFAULT_MIN_SECRET_BYTES, DEFAULT_RELOAD_INTERVAL_MS,
-    MAX_LEEWAY_S,
+    MAX_LEEWAY_S, Secret,
 };
 pub use error::{AuthError, KeyLoadError, MintError};
 pub use keys::KeySet;

@@ -81,9 +81,11 @@ impl KeyStore {
         let secret = match (&config.hs256_secret_file, &config.hs256_secret_env) {
             (Some(path), _) => SecretSource::File(path.clone()),
             (None, Some(var)) => {
-                let value =
-                    std::env::var(var).map_err(|_| KeyLoadError::Env { var: var.clone() })?;
-                SecretSource::Fixed(value.into_bytes())
+                let value = config
+                    .hs256_secret_from_env
+                    .get()
+                    .ok_or_else(|| KeyLoadError::Env { var: var.clone() })?;
+                SecretSource::Fixed(value.as_bytes().to_vec())
             }
             (None, None) => SecretSource::None,
         };

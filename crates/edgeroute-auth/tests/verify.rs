@@ -56,22 +56,26 @@ fn short_secret_is_refused_at_load() {
 
 #[test]
 fn secret_from_environment() {
-    // Tests cannot set variables (edition 2024 makes that unsafe, and unsafe is forbidden),
-    // so use one cargo sets for every test process.
-    let config = AuthConfig {
-        hs256_secret_env: Some("CARGO_MANIFEST_DIR".into()),
+    // The environment is the config loader's lookup, injected: no process environment here.
+    let env =
+        |k: &str| (k == "EDGEROUTE_HS256").then(|| "a-secret-from-the-environment".to_owned());
+    let mut config = AuthConfig {
+        hs256_secret_env: Some("EDGEROUTE_HS256".into()),
         min_secret_bytes: 8,
         ..AuthConfig::default()
     };
+    config.resolve_env(env);
+    assert_eq!(format!("{:?}", config.hs256_secret_from_env), "Secret(<redacted>)");
     let store = KeyStore::from_config(&config).unwrap();
-    let secret = std::env::var("CARGO_MANIFEST_DIR").unwrap().into_bytes();
+    let secret = b"a-secret-from-the-environment".to_vec();
     let token = mint(&edgeroute_auth::SigningKey::Hs256(secret), &opts(None)).unwrap();
     assert!(store.verify(&token, NOW).is_ok());
 
-    let missing = AuthConfig {
+    let mut missing = AuthConfig {
         hs256_secret_env: Some("EDGEROUTE_AUTH_TEST_SURELY_UNSET".into()),
         ..AuthConfig::default()
     };
+    missing.resolve_env(env);
     assert!(matches!(
         KeyStore::from_config(&missing),
         Err(AuthError::KeyLoad(KeyLoadError::Env { .. }))

@@ -16,15 +16,18 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Checks one subject token (node id, region, bucket, prefix part). NATS gives `.`, `*`, `>` and
 /// whitespace meaning in subjects, so only a conservative alphabet is allowed.
 pub fn check_token(what: &'static str, value: &str) -> Result<(), BusError> {
-    let ok = !value.is_empty()
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let ok = edgeroute_proto::names::is_token(value);
     if ok { Ok(()) } else { Err(BusError::InvalidToken { what, value: value.to_owned() }) }
 }
 
 /// Checks the tokens of an event and the snapshot it comes with.
 pub(crate) fn check_node(node_id: &str, region: &str) -> Result<(), BusError> {
-    check_token("node id", node_id)?;
-    check_token("region", region)
+    for (what, v) in [("node id", node_id), ("region", region)] {
+        if !edgeroute_proto::names::is_name(v) {
+            return Err(BusError::InvalidToken { what, value: v.to_owned() });
+        }
+    }
+    Ok(())
 }
 
 /// The subject of a node's events: `<prefix>.<region>.<node_id>`.

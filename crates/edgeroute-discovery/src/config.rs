@@ -82,14 +82,7 @@ impl Default for Section {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    /// PEM certificate chain.
-    pub cert_file: std::path::PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: std::path::PathBuf,
-}
+pub use edgeroute_http::tls::TlsSection;
 
 /// Server limits. Durations in milliseconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -349,12 +342,8 @@ pub struct StaticNode {
     pub cost_per_1k: Option<f64>,
 }
 
-/// A node or region name: short, lowercase-friendly, safe in URLs, headers and NATS subjects.
-pub fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+/// A node or region name: the fleet's one rule (`edgeroute_proto::names`).
+pub use edgeroute_proto::names::is_name;
 
 impl DiscoveryConfig {
     /// Parses `text`, applies environment overrides from `env`, validates.
@@ -363,6 +352,9 @@ impl DiscoveryConfig {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<DiscoveryConfig, ConfigError> {
         let mut cfg: DiscoveryConfig = toml::from_str(text)?;
+        if let Some(a) = &mut cfg.auth {
+            a.resolve_env(&env);
+        }
         if let Some(v) = env("EDGEROUTE_LISTEN") {
             cfg.discovery.listen =
                 v.parse().map_err(|_| invalid("EDGEROUTE_LISTEN", "not an ip:port"))?;
@@ -376,10 +368,10 @@ impl DiscoveryConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !is_name(&self.discovery.id) {
-            return Err(invalid("discovery.id", "1-64 characters of [A-Za-z0-9._-]"));
+            return Err(invalid("discovery.id", edgeroute_proto::names::NAME_RULE));
         }
         if !is_name(&self.discovery.region) {
-            return Err(invalid("discovery.region", "1-64 characters of [A-Za-z0-9._-]"));
+            return Err(invalid("discovery.region", edgeroute_proto::names::NAME_RULE));
         }
         let p = &self.probe;
         if p.interval_ms == 0 || p.timeout_ms == 0 || p.timeout_ms >= p.interval_ms {
@@ -438,13 +430,13 @@ impl DiscoveryConfig {
         for (i, n) in self.nodes.iter().enumerate() {
             let key = |f: &str| format!("nodes[{i}].{f}");
             if !is_name(&n.id) {
-                return Err(invalid(&key("id"), "1-64 characters of [A-Za-z0-9._-]"));
+                return Err(invalid(&key("id"), edgeroute_proto::names::NAME_RULE));
             }
             if !seen.insert(n.id.as_str()) {
                 return Err(invalid(&key("id"), format!("`{}` is listed twice", n.id)));
             }
             if !is_name(&n.region) {
-                return Err(invalid(&key("region"), "1-64 characters of [A-Za-z0-9._-]"));
+                return Err(invalid(&key("region"), edgeroute_proto::names::NAME_RULE));
             }
             if crate::probe::health_uri(&n.url).is_none() {
                 return Err(invalid(&key("url"), "an http:// or https:// URL with a host"));

@@ -670,6 +670,7 @@ mod samples {
     /// renders one chart of each kind into DIR, to look at.
     #[test]
     #[ignore = "writes sample charts for a person to look at"]
+    #[allow(clippy::disallowed_methods)] // A hand-run test asking where to write.
     fn render_samples() {
         let dir = std::env::var("EDGEROUTE_CHART_SAMPLES").unwrap_or_else(|_| "/tmp".into());
         let dir = Path::new(&dir);

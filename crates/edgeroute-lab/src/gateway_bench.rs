@@ -145,6 +145,7 @@ impl GatewayBenchOpts {
 
 /// Where `scripts/setup-litellm.sh` installs LiteLLM's proxy:
 /// `${EDGEROUTE_CACHE:-$HOME/.cache/edgeroute}/litellm-venv/bin/litellm`.
+#[allow(clippy::disallowed_methods)] // A bench tool finding this machine's cache.
 pub fn litellm_venv_bin() -> Option<PathBuf> {
     let cache = match std::env::var_os("EDGEROUTE_CACHE") {
         Some(c) if !c.is_empty() => PathBuf::from(c),

@@ -136,14 +136,7 @@ fn default_listen() -> SocketAddr {
 }
 
 /// TLS termination. Absent: plain HTTP (for loopback development).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    /// PEM certificate chain.
-    pub cert_file: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-}
+pub use edgeroute_http::tls::TlsSection;
 
 /// Every limit, explicit. Durations are in milliseconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -276,6 +269,9 @@ pub struct OpenAiConfig {
     /// Environment variable holding the upstream's API key, sent as a bearer token.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// Its value, as the config loader's environment lookup found it (never from the file).
+    #[serde(skip)]
+    pub api_key: edgeroute_auth::Secret,
     /// Default 1000.
     #[serde(default = "d_connect")]
     pub connect_timeout_ms: u64,
@@ -386,6 +382,12 @@ impl NodeConfig {
     }
 
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(a) = &mut self.auth {
+            a.resolve_env(&env);
+        }
+        if let BackendConfig::Openai(o) = &mut self.backend {
+            o.api_key = edgeroute_auth::Secret::new(o.api_key_env.as_deref().and_then(&env));
+        }
         if let Some(v) = env("EDGEROUTE_NODE_ID") {
             self.node.id = v;
         }
@@ -421,11 +423,12 @@ impl NodeConfig {
         if self.node.cost_per_1k.is_some_and(|c| !c.is_finite() || c < 0.0) {
             return Err(invalid("node.cost_per_1k", "a finite number ≥ 0"));
         }
-        if !edgeroute_proto::headers::is_hint_token(&self.node.id) {
-            return Err(invalid("node.id", "must be 1-128 characters of [A-Za-z0-9._:-]"));
+        use edgeroute_proto::names::{NAME_RULE, is_name};
+        if !is_name(&self.node.id) {
+            return Err(invalid("node.id", NAME_RULE));
         }
-        if self.node.region.is_empty() {
-            return Err(invalid("node.region", "must not be empty"));
+        if !is_name(&self.node.region) {
+            return Err(invalid("node.region", NAME_RULE));
         }
         match (&self.auth, self.node.allow_unauthenticated) {
             (None, false) => {

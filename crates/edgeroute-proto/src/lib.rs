@@ -11,6 +11,7 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod models;
+pub mod names;
 pub mod sse;
 pub mod topology;
 

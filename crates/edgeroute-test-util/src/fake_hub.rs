@@ -41,6 +41,7 @@ pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Where `scripts/setup-python.sh` puts the SmolLM2 GGUF:
 /// `${EDGEROUTE_CACHE:-$HOME/.cache/edgeroute}/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+#[allow(clippy::disallowed_methods)] // A test harness finding the test machine's cache.
 pub fn smollm2_gguf_path() -> PathBuf {
     let cache = std::env::var_os("EDGEROUTE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();

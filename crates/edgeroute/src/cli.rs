@@ -127,6 +127,8 @@ pub fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// The process environment: the one lookup every config loader is handed.
+#[allow(clippy::disallowed_methods)] // The binary is the edge where the environment is read.
 fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }

@@ -1,3 +1,5 @@
+//! The bus view's tests: snapshots, gaps and resyncs, model states.
+
 use edgeroute_proto::models::ModelState;
 use edgeroute_proto::topology::EventKind;
 use proptest::prelude::*;

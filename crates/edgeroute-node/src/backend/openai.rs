@@ -22,7 +22,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use super::completions::{self, ChunkTranslator, Label};
 use super::template::ChatTemplate;
@@ -74,20 +73,18 @@ impl OpenAiBackend {
                 templates.insert(m.id.clone(), Arc::new(t));
             }
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
-        let api_key = match &cfg.api_key_env {
-            Some(var) => Some(
-                std::env::var(var)
-                    .map_err(|_| BuildError::Upstream(format!("api_key_env `{var}` is not set")))?,
-            ),
-            None => None,
-        };
+        let client = edgeroute_http::client::plain_client(&edgeroute_http::client::ClientOptions {
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: cfg.pool_max_idle,
+        });
+        let api_key =
+            match &cfg.api_key_env {
+                Some(var) => Some(cfg.api_key.get().map(str::to_owned).ok_or_else(|| {
+                    BuildError::Upstream(format!("api_key_env `{var}` is not set"))
+                })?),
+                None => None,
+            };
         let gpus = if cfg.gpus.is_empty() {
             vec![GpuSpec { id: "gpu0".into(), slots: max_concurrency, memory_total_mb: 0 }]
         } else {
