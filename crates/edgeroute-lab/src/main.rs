@@ -263,7 +263,8 @@ async fn run(command: Command) -> Result<()> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             eprintln!("edgeroute-lab: synthetic fleet of {n} nodes on {}", listener.local_addr()?);
-            discovery_bench::serve_synthetic(n, listener, shutdown_signal()).await?;
+            discovery_bench::serve_synthetic(n, listener, edgeroute_http::shutdown_signal())
+                .await?;
         }
         BenchCommand::Discover {
             nodes, rates, duration_s, connections, server_threads, ..
@@ -401,23 +402,4 @@ fn edgeroute_next_to_this_binary() -> Result<PathBuf> {
         bin.display()
     );
     Ok(bin)
-}
-
-/// Ctrl-C or SIGTERM (how the benchmark stops its server process).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = term => {},
-    }
 }

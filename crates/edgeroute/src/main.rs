@@ -38,30 +38,32 @@ fn main() -> Result<()> {
             let cfg = cli::node_config(&config)?;
             let name = format!("edgeroute node `{}`", cfg.node.id);
             serve(cfg.node.worker_threads, cfg.node.listen, &name, |listener| {
-                edgeroute_node::serve(cfg, listener, shutdown_signal())
+                edgeroute_node::serve(cfg, listener, edgeroute_http::shutdown_signal())
             })
         }
         Command::Discovery(args) => {
             let cfg = args.config()?;
             serve(cfg.discovery.worker_threads, cfg.discovery.listen, "edgeroute discovery", |l| {
-                edgeroute_discovery::serve(cfg, l, shutdown_signal())
+                edgeroute_discovery::serve(cfg, l, edgeroute_http::shutdown_signal())
             })
         }
         Command::Proxy(args) => {
             let listen = args.listen;
             let (client, proxy) = args.config();
             serve(0, listen, "edgeroute proxy", |listener| {
-                edgeroute_proxy::serve(client, proxy, listener, shutdown_signal())
+                edgeroute_proxy::serve(client, proxy, listener, edgeroute_http::shutdown_signal())
             })
         }
         Command::Sim(args) => {
             let cfg = args.config()?;
             serve(0, args.listen, "edgeroute sim", |listener| {
-                edgeroute_sim::serve(cfg, listener, shutdown_signal())
+                edgeroute_sim::serve(cfg, listener, edgeroute_http::shutdown_signal())
             })
         }
         Command::Watch(args) => runtime(0)?.block_on(async {
-            let installed = edgeroute_node::watcher::run(args.config(), shutdown_signal()).await?;
+            let installed =
+                edgeroute_node::watcher::run(args.config(), edgeroute_http::shutdown_signal())
+                    .await?;
             eprintln!("edgeroute watch: installed {} model(s)", installed.len());
             Ok(())
         }),
@@ -70,7 +72,7 @@ fn main() -> Result<()> {
 }
 
 /// Builds a runtime of `threads` workers, binds `addr`, says so on stderr, and runs `serve` on
-/// the listener until it returns (its shutdown is [`shutdown_signal`]).
+/// the listener until it returns (its shutdown is [`edgeroute_http::shutdown_signal`]).
 fn serve<F, E>(
     threads: usize,
     addr: SocketAddr,
@@ -99,26 +101,4 @@ fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
         }
         b.enable_all().build()?
     })
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }
