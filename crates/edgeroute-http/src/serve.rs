@@ -487,3 +487,16 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
 }
+
+/// The runtime a server command runs on: one worker thread gives a single event loop (like an
+/// nginx worker), 0 one thread per core, N that many.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads == 1 {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 1 {
+        b.worker_threads(worker_threads);
+    }
+    b.enable_all().build()
+}

@@ -217,20 +217,7 @@ fn main() -> Result<()> {
         } => *server_threads,
         _ => 0,
     };
-    runtime(threads)?.block_on(run(cli.command))
-}
-
-/// One worker thread gives a single event loop; 0 means one per core.
-fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
-    Ok(if worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if worker_threads > 1 {
-            b.worker_threads(worker_threads);
-        }
-        b.enable_all().build()?
-    })
+    edgeroute_http::runtime(threads)?.block_on(run(cli.command))
 }
 
 async fn run(command: Command) -> Result<()> {

@@ -60,7 +60,7 @@ fn main() -> Result<()> {
                 edgeroute_sim::serve(cfg, listener, edgeroute_http::shutdown_signal())
             })
         }
-        Command::Watch(args) => runtime(0)?.block_on(async {
+        Command::Watch(args) => edgeroute_http::runtime(0)?.block_on(async {
             let installed =
                 edgeroute_node::watcher::run(args.config(), edgeroute_http::shutdown_signal())
                     .await?;
@@ -83,22 +83,9 @@ where
     F: Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    runtime(threads)?.block_on(async {
+    edgeroute_http::runtime(threads)?.block_on(async {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
         eprintln!("{name} listening on {}", listener.local_addr()?);
         Ok(serve(listener).await?)
-    })
-}
-
-/// One worker thread gives a single event loop (like an nginx worker); 0 means one per core.
-fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
-    Ok(if worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if worker_threads > 1 {
-            b.worker_threads(worker_threads);
-        }
-        b.enable_all().build()?
     })
 }
