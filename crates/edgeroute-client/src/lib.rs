@@ -1036,23 +1036,7 @@ mod tests {
         assert_eq!(queue_wait(&report(0, 2), 30.0), 45.0);
     }
 
-    fn cand(id: &str, region: &str) -> Candidate {
-        Candidate {
-            id: id.into(),
-            region: region.into(),
-            url: format!("http://{id}"),
-            health: "ready".into(),
-            models: vec![],
-            queue_depth: 0,
-            in_flight: 0,
-            capacity: 1,
-            ttft_p50_ms: 0.0,
-            ttft_p99_ms: 0.0,
-            error_rate: 0.0,
-            cost_per_1k: 0.0,
-            score_ms: 0.0,
-        }
-    }
+    use crate::machine::tests::cand;
 
     #[test]
     fn the_home_regions_best_is_always_probed() {

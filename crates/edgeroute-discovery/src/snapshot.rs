@@ -543,9 +543,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_cut_from_one_region_keeps_the_best_node_of_another() {
-        let mk = |id: &str, region: &str, p50: f64| NodeView {
+    /// A ready node serving `llm` with first tokens of `p50` ms.
+    fn ready_llm_node(id: &str, region: &str, p50: f64) -> NodeView {
+        NodeView {
             id: id.into(),
             region: region.into(),
             health: Health::Ready,
@@ -558,7 +558,12 @@ mod tests {
             ttft_p99_ms: p50,
             error_rate: 0.0,
             cost_per_1k: 0.0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_full_cut_from_one_region_keeps_the_best_node_of_another() {
+        let mk = ready_llm_node;
         let mut down = mk("e", "van", 1.0);
         down.health = Health::Unhealthy;
         let views = vec![
@@ -604,20 +609,7 @@ mod tests {
 
     #[test]
     fn regions_merge_in_score_order() {
-        let mk = |id: &str, region: &str, p50: f64| NodeView {
-            id: id.into(),
-            region: region.into(),
-            health: Health::Ready,
-            models: BTreeSet::from(["llm".to_owned()]),
-            pipelines: BTreeMap::new(),
-            queue_depth: 0,
-            in_flight: 0,
-            capacity: 4,
-            ttft_p50_ms: p50,
-            ttft_p99_ms: p50,
-            error_rate: 0.0,
-            cost_per_1k: 0.0,
-        };
+        let mk = ready_llm_node;
         let views = vec![
             mk("a", "tor", 30.0),
             mk("b", "mtl", 20.0),

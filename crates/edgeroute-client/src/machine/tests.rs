@@ -5,7 +5,7 @@
 use super::*;
 use proptest::prelude::*;
 
-fn cand(id: &str, region: &str) -> Candidate {
+pub(crate) fn cand(id: &str, region: &str) -> Candidate {
     Candidate {
         id: id.into(),
         region: region.into(),
