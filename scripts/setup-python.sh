@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # A marker per requirement set, so a cached venv is reused only when it is complete.
-REQS="pytest==8.3.5 openai==3.54.0 httpx"
+REQS="pytest==8.3.5 openai==3.54.0 httpx schemathesis==4.10.2 hypothesis==6.170.5"
 if [ ! -f "$VENV/.edgeroute-base-ok" ] || [ "$(cat "$VENV/.edgeroute-base-ok")" != "$REQS" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check $REQS
   echo "$REQS" > "$VENV/.edgeroute-base-ok"
