@@ -20,6 +20,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use edgeroute_client::{Client, ClientConfig, ClientError, Event, Listener};
+use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
 use edgeroute_lab::memnet::{Fault, MemNet};
 use edgeroute_proto::discovery::{Candidate, DiscoverResponse};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
@@ -150,13 +151,20 @@ impl Lab {
         let net = MemNet::new();
         let mut nodes = HashMap::new();
         let mut candidates = Vec::new();
+        let spec = FleetSpec {
+            nodes: fleet
+                .iter()
+                .map(|&(id, region, ttft, _)| NodeSpec::new(id, region, ttft))
+                .collect(),
+            backend: FleetBackend::Sim {
+                tokens_per_s: 100.0,
+                prefill_us_per_token: 0,
+                spare_gpu: false,
+            },
+            ..FleetSpec::open()
+        };
         for (i, &(id, region, ttft, one_way_ms)) in fleet.iter().enumerate() {
-            let text = format!(
-                "[node]\nid = \"{id}\"\nregion = \"{region}\"\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n\
-                 [backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = {ttft}\nprefill_us_per_token = 0\ntokens_per_s = 100.0\n"
-            );
-            let cfg = edgeroute_node::NodeConfig::parse(&text, |_| None).unwrap();
-            let node = edgeroute_node::Node::build(cfg).unwrap();
+            let node = edgeroute_node::Node::build(spec.node_config(i, None)).unwrap();
             let router = node.router();
             for _ in 0..6 {
                 call(&router, "POST", "/v1/chat/completions", &body("warm up", 2, false)).await;

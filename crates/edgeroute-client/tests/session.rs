@@ -7,10 +7,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgeroute_client::{Client, ClientConfig, ClientError, Event, Listener};
+use edgeroute_discovery::config::ServingConfig;
 use edgeroute_discovery::{Discovery, DiscoveryConfig};
+use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
 use edgeroute_lab::relay::Relay;
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 use edgeroute_test_util::TestNode;
+
+/// Three nodes (`tor-1` fast, `mtl-1` medium, `van-1` slow TTFT) at 2,000 tokens/s.
+fn fleet() -> FleetSpec {
+    let mut f = FleetSpec {
+        nodes: vec![
+            NodeSpec::new("tor-1", "toronto", 5),
+            NodeSpec::new("mtl-1", "montreal", 40),
+            NodeSpec::new("van-1", "vancouver", 90),
+        ],
+        backend: FleetBackend::Sim {
+            tokens_per_s: 2000.0,
+            prefill_us_per_token: 0,
+            spare_gpu: false,
+        },
+        ..FleetSpec::open()
+    };
+    f.probe_ms = (200, 150);
+    f
+}
 
 struct Fleet {
     nodes: Vec<TestNode>,
@@ -22,34 +43,28 @@ struct Fleet {
 impl Fleet {
     /// Three nodes (`tor-1` fast, `mtl-1` medium, `van-1` slow TTFT), each warmed so it reports
     /// its own TTFT, behind relays, and a discovery replica that knows them.
-    async fn start(tag: &str, serving: &str) -> Fleet {
+    async fn start(tag: &str, serving: impl FnOnce(&mut ServingConfig)) -> Fleet {
         let dir = std::env::temp_dir().join(format!("edgeroute-sdk-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
         let mut relays = Vec::new();
-        let mut static_nodes = String::new();
-        for (id, region, ttft) in
-            [("tor-1", "toronto", 5), ("mtl-1", "montreal", 40), ("van-1", "vancouver", 90)]
-        {
-            let cfg = format!(
-                "[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = {ttft}\nprefill_us_per_token = 0\ntokens_per_s = 2000.0\n"
-            );
-            let node = TestNode::start_as(id, region, &cfg, None).await;
+        let mut urls = Vec::new();
+        let fleet = fleet();
+        for i in 0..fleet.nodes.len() {
+            let node = TestNode::start_config(fleet.node_config(i, None), None).await;
             let chat = serde_json::json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
             for _ in 0..6 {
                 assert_eq!(node.chat(chat.clone()).await.status, 200);
             }
             let relay = Relay::start(node.addr).await.unwrap();
-            static_nodes.push_str(&format!(
-                "[[nodes]]\nid = \"{id}\"\nurl = \"http://{}\"\nregion = \"{region}\"\n",
-                relay.addr()
-            ));
+            urls.push(format!("http://{}", relay.addr()));
             nodes.push(node);
             relays.push(relay);
         }
-        let toml = format!("[probe]\ninterval_ms = 200\ntimeout_ms = 150\n{serving}{static_nodes}");
-        let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
+        let mut cfg = fleet.static_discovery_config("toronto", &urls);
+        serving(&mut cfg.serving);
+        let d = Discovery::build(cfg).unwrap();
         let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let addr = running.addr();
         let f = Fleet { nodes, relays, discovery: Some(running), dir };
@@ -120,7 +135,7 @@ fn recorder() -> (Arc<Mutex<Vec<Event>>>, Listener) {
 
 #[tokio::test]
 async fn a_session_pins_the_fastest_node_and_talks_to_it_directly() {
-    let fleet = Fleet::start("pin", "").await;
+    let fleet = Fleet::start("pin", |_| {}).await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
     let s = client.session("sim-llama").await.unwrap();
@@ -140,7 +155,7 @@ async fn a_session_pins_the_fastest_node_and_talks_to_it_directly() {
 
 #[tokio::test]
 async fn a_dead_pinned_node_fails_over_to_the_standby_within_the_same_request() {
-    let mut fleet = Fleet::start("dead", "").await;
+    let mut fleet = Fleet::start("dead", |_| {}).await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
     let s = client.session("sim-llama").await.unwrap();
@@ -166,7 +181,7 @@ async fn a_dead_pinned_node_fails_over_to_the_standby_within_the_same_request() 
 
 #[tokio::test]
 async fn a_client_error_is_returned_as_is_and_never_retried_elsewhere() {
-    let fleet = Fleet::start("4xx", "").await;
+    let fleet = Fleet::start("4xx", |_| {}).await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
     let s = client.session("sim-llama").await.unwrap();
@@ -188,7 +203,7 @@ async fn a_client_error_is_returned_as_is_and_never_retried_elsewhere() {
 
 #[tokio::test]
 async fn a_model_no_node_serves_is_a_404_after_one_rediscovery_and_blames_no_node() {
-    let fleet = Fleet::start("nomodel", "").await;
+    let fleet = Fleet::start("nomodel", |_| {}).await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
     let s = client.session("sim-llama").await.unwrap();
@@ -203,7 +218,7 @@ async fn a_model_no_node_serves_is_a_404_after_one_rediscovery_and_blames_no_nod
 
 #[tokio::test]
 async fn a_model_unloaded_under_a_pinned_session_costs_no_turn_and_new_sessions_avoid_the_node() {
-    let fleet = Fleet::start("unload", "").await;
+    let fleet = Fleet::start("unload", |_| {}).await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
     let s = client.session("sim-llama").await.unwrap();
@@ -226,7 +241,7 @@ async fn a_model_unloaded_under_a_pinned_session_costs_no_turn_and_new_sessions_
 
 #[tokio::test]
 async fn a_draining_node_moves_the_session_between_turns() {
-    let fleet = Fleet::start("drain", "").await;
+    let fleet = Fleet::start("drain", |_| {}).await;
     let (events, listener) = recorder();
     let client = Client::with_listener(fleet.config(), Some(listener)).unwrap();
     let s = client.session("sim-llama").await.unwrap();
@@ -251,7 +266,11 @@ async fn a_draining_node_moves_the_session_between_turns() {
 #[tokio::test]
 async fn with_discovery_down_a_new_client_starts_from_the_persisted_list() {
     // Short ttl so the persisted answer is stale (but within stale_ok) when reused.
-    let mut fleet = Fleet::start("cache", "[serving]\nttl_ms = 100\nstale_ok_ms = 60000\n").await;
+    let mut fleet = Fleet::start("cache", |s| {
+        s.ttl_ms = 100;
+        s.stale_ok_ms = 60_000;
+    })
+    .await;
     let cache_file = fleet.dir.join("lists.json");
     // (No revalidation window: past its ttl the list is used only when discovery is down.)
     let cfg = ClientConfig {
@@ -283,7 +302,7 @@ async fn with_discovery_down_a_new_client_starts_from_the_persisted_list() {
 
 #[tokio::test]
 async fn every_node_down_is_a_clear_error_within_the_retry_budget() {
-    let mut fleet = Fleet::start("alldown", "").await;
+    let mut fleet = Fleet::start("alldown", |_| {}).await;
     let client = Client::new(fleet.config()).unwrap();
     let s = client.session("sim-llama").await.unwrap();
     for id in ["tor-1", "mtl-1", "van-1"] {
@@ -336,7 +355,7 @@ fn long_request(text: &str) -> ChatCompletionRequest {
 
 #[tokio::test]
 async fn a_stream_cut_mid_answer_is_continued_on_the_standby_without_losing_or_repeating_a_token() {
-    let fleet = Fleet::start("cut", "").await;
+    let fleet = Fleet::start("cut", |_| {}).await;
     let prompt = "tell me about the weather in Toronto";
     let want = reference(fleet.node("mtl-1"), prompt, 40).await;
     assert!(want.split(' ').count() > 10, "a long enough answer to cut: {want:?}");
@@ -358,7 +377,7 @@ async fn a_stream_cut_mid_answer_is_continued_on_the_standby_without_losing_or_r
 
 #[tokio::test]
 async fn a_stalled_stream_is_continued_after_the_stall_deadline() {
-    let fleet = Fleet::start("stall", "").await;
+    let fleet = Fleet::start("stall", |_| {}).await;
     let prompt = "book a table for two";
     let want = reference(fleet.node("mtl-1"), prompt, 40).await;
     let cfg = ClientConfig { stall_timeout: Duration::from_millis(300), ..fleet.config() };
@@ -373,7 +392,7 @@ async fn a_stalled_stream_is_continued_after_the_stall_deadline() {
 
 #[tokio::test]
 async fn a_first_token_that_never_comes_moves_the_request_before_the_caller_sees_anything() {
-    let fleet = Fleet::start("ttft", "").await;
+    let fleet = Fleet::start("ttft", |_| {}).await;
     let prompt = "translate good morning";
     let want = reference(fleet.node("mtl-1"), prompt, 40).await;
     let cfg = ClientConfig { first_token_timeout: Duration::from_millis(300), ..fleet.config() };
@@ -389,7 +408,7 @@ async fn a_first_token_that_never_comes_moves_the_request_before_the_caller_sees
 
 #[tokio::test]
 async fn a_late_first_token_is_hedged_on_the_standby_and_the_loser_is_cancelled() {
-    let fleet = Fleet::start("hedge", "").await;
+    let fleet = Fleet::start("hedge", |_| {}).await;
     let prompt = "what is on my calendar";
     let want = reference(fleet.node("mtl-1"), prompt, 40).await;
     let cfg = ClientConfig {

@@ -22,47 +22,14 @@ use edgeroute_client::{Client, ClientConfig, Stats};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 
 use crate::compare::report::BUCKETS;
+use crate::fleet::{FleetAuth, FleetBackend, FleetSpec, LLM, STT, TTS};
 use crate::relay::Relay;
 use crate::wan::{LinkSpec, Wan, geo_rtt_ms};
 
-/// A demo node: id, region, the simulator's base time to first token (ms), its models (one
-/// GPU each), and whether it declares the voice pipeline.
-struct DemoNode {
-    id: &'static str,
-    region: &'static str,
-    ttft_ms: u64,
-    models: &'static [&'static str],
-    pipeline: bool,
-}
-
-const LLM: &str = "sim-llama";
-const STT: &str = "sim-whisper";
-const TTS: &str = "sim-tts";
 /// The model loaded at run time, and where.
 const LOADED: &str = "sim-qwen";
 const LOAD_ON: usize = 5;
 
-const NODES: [DemoNode; 6] = [
-    DemoNode {
-        id: "van-1",
-        region: "vancouver",
-        ttft_ms: 45,
-        models: &[STT, LLM, TTS],
-        pipeline: true,
-    },
-    DemoNode { id: "van-2", region: "vancouver", ttft_ms: 60, models: &[LLM], pipeline: false },
-    DemoNode { id: "tor-1", region: "toronto", ttft_ms: 15, models: &[LLM], pipeline: false },
-    DemoNode { id: "tor-2", region: "toronto", ttft_ms: 30, models: &[LLM, STT], pipeline: false },
-    DemoNode { id: "mtl-1", region: "montreal", ttft_ms: 25, models: &[LLM, TTS], pipeline: false },
-    DemoNode {
-        id: "mtl-2",
-        region: "montreal",
-        ttft_ms: 40,
-        models: &[LLM, STT, TTS],
-        pipeline: false,
-    },
-];
-const REGIONS: [&str; 3] = ["vancouver", "toronto", "montreal"];
 const PROMPTS: [&str; 4] = [
     "What's the weather like in Vancouver this afternoon?",
     "Book me a table for two in Toronto tomorrow at seven.",
@@ -152,6 +119,7 @@ impl DemoOpts {
 }
 
 struct Fleet {
+    spec: FleetSpec,
     relays: Arc<std::sync::Mutex<Vec<Relay>>>,
     /// Every client region's delayed links to every node (real geography).
     wan: Wan,
@@ -181,51 +149,24 @@ struct PhaseResult {
     nodes: std::collections::BTreeMap<String, usize>,
 }
 
-/// A node's configuration in the demo.
-fn node_toml(
-    node: &DemoNode,
-    seed: usize,
-    relay: SocketAddr,
-    secret_file: &std::path::Path,
-    models_root: &std::path::Path,
-    backend: &DemoBackend,
-) -> String {
-    let mut t = format!(
-        "[node]\nid = \"{id}\"\nregion = \"{region}\"\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://{relay}\"\n\
-         [auth]\nhs256_secret_file = \"{secret}\"\n\
-         [limits]\nrate_limit_per_s = 100000\nrate_limit_burst = 100000\n\
-         [models]\nallowed_local_roots = [\"{root}\"]\nsim_load_time_ms = 800\n",
-        id = node.id,
-        region = node.region,
-        secret = secret_file.display(),
-        root = models_root.display(),
-    );
-    match backend {
-        DemoBackend::Sim => {
-            t.push_str(&format!(
-                "[backend]\nkind = \"sim\"\n[backend.sim]\nseed = {seed}\nttft_base_ms = {}\ntokens_per_s = 400.0\n",
-                node.ttft_ms
-            ));
-            for (g, m) in node.models.iter().enumerate() {
-                t.push_str(&format!(
-                    "[[backend.sim.gpus]]\nid = \"gpu{g}\"\n[[backend.sim.models]]\nid = \"{m}\"\ngpu = \"gpu{g}\"\n"
-                ));
+/// The demo's fleet ([`FleetSpec::canada`]) with the demo's secret and backend.
+fn fleet_spec(secret_file: &std::path::Path, backend: &DemoBackend) -> FleetSpec {
+    FleetSpec {
+        auth: FleetAuth::Hs256File(secret_file.to_owned()),
+        seed_per_node: true,
+        backend: match backend {
+            // A spare GPU per node, for the model loaded at run time.
+            DemoBackend::Sim => FleetBackend::Sim {
+                tokens_per_s: 400.0,
+                prefill_us_per_token: 200,
+                spare_gpu: true,
+            },
+            DemoBackend::OpenAi { upstream, model } => {
+                FleetBackend::OpenAi { upstream: upstream.clone(), model: model.clone() }
             }
-            // Room for the model loaded at run time.
-            t.push_str(&format!("[[backend.sim.gpus]]\nid = \"gpu{}\"\n", node.models.len()));
-            if node.pipeline {
-                t.push_str(&format!(
-                    "[[pipelines]]\nid = \"voice\"\nmodels = [\"{STT}\", \"{LLM}\", \"{TTS}\"]\n"
-                ));
-            }
-        }
-        DemoBackend::OpenAi { upstream, model } => {
-            t.push_str(&format!(
-                "[backend]\nkind = \"openai\"\nurl = \"{upstream}\"\n[[backend.models]]\nid = \"{model}\"\n"
-            ));
-        }
+        },
+        ..FleetSpec::canada()
     }
-    t
 }
 
 async fn start_fleet(
@@ -257,14 +198,15 @@ async fn start_fleet(
     let mut node_stops = Vec::new();
     let models_root = dir.join("models");
     std::fs::create_dir_all(models_root.join(LOADED))?;
-    for (i, node) in NODES.iter().enumerate() {
+    let spec = fleet_spec(&secret_file, backend);
+    for i in 0..spec.nodes.len() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         // Clients reach the node through a relay the demo can cut (a node dying).
         let relay = Relay::start(listener.local_addr()?).await?;
-        let toml = node_toml(node, i, relay.addr(), &secret_file, &models_root, backend);
-        let node =
-            edgeroute_node::Node::build(edgeroute_node::NodeConfig::parse(&toml, |_| None)?)?
-                .with_bus(bus().await?);
+        let mut cfg = spec.node_config(i, Some(format!("http://{}", relay.addr())));
+        cfg.models.allowed_local_roots = vec![models_root.clone()];
+        cfg.models.sim_load_time_ms = 800;
+        let node = edgeroute_node::Node::build(cfg)?.with_bus(bus().await?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(node.serve(listener, async {
             let _ = rx.await;
@@ -275,24 +217,18 @@ async fn start_fleet(
     // Clients in each region reach each node over a link with that pair's real RTT and 1 ms
     // of jitter: nearest is not always fastest (a Montreal client's best is Toronto's fast node).
     let targets: Vec<(SocketAddr, &str)> =
-        relays.iter().zip(&NODES).map(|(r, n)| (r.addr(), n.region)).collect();
+        relays.iter().zip(&spec.nodes).map(|(r, n)| (r.addr(), n.region.as_str())).collect();
+    let regions: Vec<&str> = spec.regions.iter().map(String::as_str).collect();
     let wan =
-        Wan::build(&REGIONS, &targets, |c, n| LinkSpec::rtt_ms(geo_rtt_ms(c, n), 1.0), 7).await?;
+        Wan::build(&regions, &targets, |c, n| LinkSpec::rtt_ms(geo_rtt_ms(c, n), 1.0), 7).await?;
     let mut discovery = Vec::new();
-    for region in REGIONS {
-        let toml = format!(
-            "[discovery]\nid = \"disc-{}\"\nregion = \"{region}\"\n[auth]\nhs256_secret_file = \"{}\"\n\
-             [probe]\ninterval_ms = 250\ntimeout_ms = 200\n",
-            &region[..3],
-            secret_file.display()
-        );
-        let d = edgeroute_discovery::Discovery::build(
-            edgeroute_discovery::DiscoveryConfig::from_toml(&toml, |_| None)?,
-        )?
-        .with_bus(bus().await?);
+    for region in &spec.regions {
+        let d = edgeroute_discovery::Discovery::build(spec.discovery_config(region))?
+            .with_bus(bus().await?);
         discovery.push(d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await?);
     }
     Ok(Fleet {
+        spec,
         relays: Arc::new(std::sync::Mutex::new(relays)),
         wan,
         node_stops,
@@ -335,17 +271,19 @@ impl Fleet {
     /// candidate list persisted per region.
     fn client(&self, region: usize, seed: u64) -> Result<Client> {
         let mut discovery: Vec<String> = Vec::new();
-        for k in 0..REGIONS.len() {
-            discovery
-                .push(format!("http://{}", self.discovery[(region + k) % REGIONS.len()].addr()));
+        for k in 0..self.discovery.len() {
+            discovery.push(format!(
+                "http://{}",
+                self.discovery[(region + k) % self.discovery.len()].addr()
+            ));
         }
         let cfg = ClientConfig {
             discovery,
             token: Some(self.token()?),
-            cache_file: Some(self.dir.join(format!("lists-{}.json", REGIONS[region]))),
+            cache_file: Some(self.dir.join(format!("lists-{}.json", self.spec.regions[region]))),
             seed: Some(seed),
             stall_timeout: Duration::from_millis(500),
-            home_region: Some(REGIONS[region].to_owned()),
+            home_region: Some(self.spec.regions[region].to_owned()),
             ..ClientConfig::default()
         };
         let (timeline, started) = (self.timeline.clone(), self.started);
@@ -364,7 +302,11 @@ impl Fleet {
                 t.push((started.elapsed().as_secs_f64(), what));
             }
         });
-        Ok(Client::with_transport(cfg, Some(listener), self.wan.transport(REGIONS[region]))?)
+        Ok(Client::with_transport(
+            cfg,
+            Some(listener),
+            self.wan.transport(&self.spec.regions[region]),
+        )?)
     }
 
     /// Serves a few answers on every node and model, as a fleet in service would have: the
@@ -378,9 +320,9 @@ impl Fleet {
             .iter()
             .map(Relay::addr)
             .collect();
-        for (node, addr) in NODES.iter().zip(addrs) {
+        for (node, addr) in self.spec.nodes.iter().zip(addrs) {
             let models: Vec<&str> = match backend {
-                DemoBackend::Sim => node.models.to_vec(),
+                DemoBackend::Sim => node.models.iter().map(String::as_str).collect(),
                 DemoBackend::OpenAi { model, .. } => vec![model.as_str()],
             };
             for model in models {
@@ -624,7 +566,7 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
 
     let mut n = 2;
     if opts.backend == DemoBackend::Sim {
-        let node = NODES[LOAD_ON].id;
+        let node = fleet.spec.nodes[LOAD_ON].id.clone();
         println!(
             "{n}. {LOADED} is loaded on {node} at run time: new sessions for it find it there"
         );
@@ -664,12 +606,12 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     let victim = Arc::new(std::sync::Mutex::new(String::new()));
     let kill = {
         let (relays, victim) = (fleet.relays.clone(), victim.clone());
+        let ids: Vec<String> = fleet.spec.nodes.iter().map(|n| n.id.clone()).collect();
         let (timeline, started) = (fleet.timeline.clone(), fleet.started);
         Box::new(move |so_far: &PhaseResult| {
             // The node serving the most turns so far.
             let Some((name, _)) = so_far.nodes.iter().max_by_key(|(_, c)| **c) else { return };
-            if let (Some(i), Ok(mut relays)) =
-                (NODES.iter().position(|n| n.id == name), relays.lock())
+            if let (Some(i), Ok(mut relays)) = (ids.iter().position(|id| id == name), relays.lock())
             {
                 relays[i].cut();
                 if let Ok(mut v) = victim.lock() {
@@ -896,10 +838,14 @@ mod tests {
         );
         let written = std::fs::read_to_string(report.join("report.md")).expect("report.md");
         assert!(written.contains("## Time to first token, per phase"), "{written}");
-        let victim = NODES.iter().find(|n| md.contains(&format!("| {} killed mid-stream", n.id)));
+        let victim = FleetSpec::canada()
+            .nodes
+            .into_iter()
+            .find(|n| md.contains(&format!("| {} killed mid-stream", n.id)));
         assert!(victim.is_some(), "a node was killed: {md}");
         assert!(
-            written.contains(&format!("| {} killed |", victim.map_or("", |n| n.id))),
+            written
+                .contains(&format!("| {} killed |", victim.as_ref().map_or("", |n| n.id.as_str()))),
             "on the timeline: {written}"
         );
         assert!(written.contains("failover "), "the failovers are on the timeline: {written}");

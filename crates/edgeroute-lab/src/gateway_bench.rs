@@ -268,42 +268,43 @@ pub struct LiteLlmInfo {
     pub config: Option<String>,
 }
 
-/// The gateway's configuration, in the format of `edgeroute-node`'s `NodeConfig` (which
-/// rejects unknown keys). Kept in one place so that it can follow that format as it evolves.
-/// Limits are set far above the offered load (the whole load comes from one tenant, `bench`):
-/// the benchmark measures the request path, not the limiter rejecting requests.
+/// The gateway's configuration: a typed [`edgeroute_node::NodeConfig`], written as the
+/// TOML file the `edgeroute node` process reads. Limits are set far above the offered load
+/// (the whole load comes from one tenant, `bench`): the benchmark measures the request path,
+/// not the limiter rejecting requests.
+pub fn gateway_config(
+    listen: SocketAddr,
+    upstream_url: &str,
+    secret_file: &Path,
+    worker_threads: usize,
+) -> edgeroute_node::NodeConfig {
+    use edgeroute_node::config::{BackendConfig, OpenAiConfig, UpstreamModel};
+    let mut cfg = edgeroute_node::NodeConfig::new("bench-gw", "local");
+    cfg.node.listen = listen;
+    cfg.node.worker_threads = worker_threads;
+    cfg.backend = BackendConfig::Openai(OpenAiConfig {
+        models: vec![UpstreamModel::new("sim-llama")],
+        ..OpenAiConfig::new(upstream_url)
+    });
+    cfg.auth = Some(edgeroute_auth::AuthConfig {
+        hs256_secret_file: Some(secret_file.to_owned()),
+        ..Default::default()
+    });
+    cfg.limits.rate_limit_per_s = 1_000_000;
+    cfg.limits.rate_limit_burst = 1_000_000;
+    cfg.limits.max_concurrency = 100_000;
+    cfg
+}
+
+/// [`gateway_config`] as the text of its file.
 pub fn gateway_config_toml(
     listen: SocketAddr,
     upstream_url: &str,
     secret_file: &Path,
     worker_threads: usize,
-) -> String {
-    let q = |s: &str| toml_string(s);
-    format!(
-        r#"[node]
-id = "bench-gw"
-region = "local"
-listen = {listen}
-worker_threads = {worker_threads}
-
-[backend]
-kind = "openai"
-url = {upstream}
-models = [{{ id = "sim-llama" }}]
-
-[auth]
-hs256_secret_file = {secret}
-
-[limits]
-rate_limit_per_s = 1000000
-rate_limit_burst = 1000000
-max_concurrency = 100000
-"#,
-        listen = q(&listen.to_string()),
-        upstream = q(upstream_url),
-        worker_threads = worker_threads,
-        secret = q(&secret_file.display().to_string()),
-    )
+) -> anyhow::Result<String> {
+    toml::to_string(&gateway_config(listen, upstream_url, secret_file, worker_threads))
+        .context("writing the gateway's config")
 }
 
 /// A TOML basic string with quotes and backslashes escaped.
@@ -725,7 +726,7 @@ async fn run_with(
         opts.startup_timeout,
         |addr| {
             gateway_config =
-                gateway_config_toml(addr, &upstream, &secret, opts.gateway_worker_threads);
+                gateway_config_toml(addr, &upstream, &secret, opts.gateway_worker_threads)?;
             std::fs::write(&config_path, &gateway_config)?;
             let mut c = Command::new(bin);
             c.arg("node").arg("--config").arg(&config_path);
@@ -1380,7 +1381,10 @@ mod tests {
             "http://127.0.0.1:4200",
             Path::new("/tmp/x \"y\"/secret"),
             1,
-        );
+        )
+        .unwrap();
+        let parsed = edgeroute_node::NodeConfig::parse(&text, |_| None).unwrap();
+        assert_eq!(parsed.limits.max_concurrency, 100_000);
         let v: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(v["node"]["listen"].as_str(), Some("127.0.0.1:4100"));
         assert_eq!(v["node"]["id"].as_str(), Some("bench-gw"));

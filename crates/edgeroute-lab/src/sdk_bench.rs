@@ -22,6 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 
+use crate::fleet::FleetSpec;
 use crate::relay::Relay;
 
 fn pct(v: &mut [u64], q: f64) -> u64 {
@@ -39,15 +40,11 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
     let mut nodes = Vec::new();
     let mut relays = Vec::new();
     let mut stops = Vec::new();
-    let mut static_nodes = String::new();
-    for (id, region) in [("tor-1", "toronto"), ("mtl-1", "montreal"), ("van-1", "vancouver")] {
-        let toml = format!(
-            "[node]\nid = \"{id}\"\nregion = \"{region}\"\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n\
-             [limits]\nrate_limit_per_s = 1000000\nrate_limit_burst = 1000000\n\
-             [backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 0\nprefill_us_per_token = 0\ntokens_per_s = 0.0\n"
-        );
-        let node =
-            edgeroute_node::Node::build(edgeroute_node::NodeConfig::parse(&toml, |_| None)?)?;
+    let mut urls = Vec::new();
+    let mut fleet = FleetSpec::zero_latency_trio();
+    fleet.probe_ms = (200, 150);
+    for i in 0..fleet.nodes.len() {
+        let node = edgeroute_node::Node::build(fleet.node_config(i, None))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -56,17 +53,11 @@ pub async fn run(rounds: usize, command: String) -> Result<String> {
         }));
         stops.push(tx);
         let relay = Relay::start(addr).await?;
-        static_nodes.push_str(&format!(
-            "[[nodes]]\nid = \"{id}\"\nurl = \"http://{}\"\nregion = \"{region}\"\n",
-            relay.addr()
-        ));
+        urls.push(format!("http://{}", relay.addr()));
         nodes.push(addr);
         relays.push(relay);
     }
-    let toml = format!("[probe]\ninterval_ms = 200\ntimeout_ms = 150\n{static_nodes}");
-    let d = edgeroute_discovery::Discovery::build(
-        edgeroute_discovery::DiscoveryConfig::from_toml(&toml, |_| None)?,
-    )?;
+    let d = edgeroute_discovery::Discovery::build(fleet.static_discovery_config("toronto", &urls))?;
     let running = d.spawn(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let disc = running.addr();
     let cfg = ClientConfig { discovery: vec![format!("http://{disc}")], ..Default::default() };

@@ -305,6 +305,26 @@ pub struct OpenAiConfig {
     pub gpus: Vec<GpuSpec>,
 }
 
+impl OpenAiConfig {
+    /// An upstream at `url` with every other setting at its default and no models yet.
+    pub fn new(url: impl Into<String>) -> OpenAiConfig {
+        OpenAiConfig {
+            url: url.into(),
+            api_key_env: None,
+            api_key: edgeroute_auth::Secret::default(),
+            connect_timeout_ms: d_connect(),
+            first_byte_timeout_ms: d_first_byte(),
+            request_timeout_ms: d_request(),
+            pool_max_idle: d_pool(),
+            max_response_bytes: d_max_response(),
+            models: vec![],
+            triton_url: None,
+            load_timeout_ms: d_load_timeout(),
+            gpus: vec![],
+        }
+    }
+}
+
 fn d_connect() -> u64 {
     1_000
 }
@@ -351,6 +371,20 @@ pub struct UpstreamModel {
     pub chat_template: Option<std::path::PathBuf>,
 }
 
+impl UpstreamModel {
+    /// A model the upstream knows by the same id, continued natively.
+    pub fn new(id: impl Into<String>) -> UpstreamModel {
+        UpstreamModel {
+            id: id.into(),
+            upstream_name: None,
+            gpu: None,
+            memory_mb: 0,
+            continuation: Continuation::Native,
+            chat_template: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Continuation {
@@ -370,6 +404,31 @@ pub struct GpuSpec {
 }
 
 impl NodeConfig {
+    /// A node named `id` in `region` with every other setting at its default, listening on
+    /// `127.0.0.1:0`, and no `[auth]` (set `auth` or `node.allow_unauthenticated` before
+    /// building): the typed counterpart of a config file, for fleets built in code.
+    pub fn new(id: impl Into<String>, region: impl Into<String>) -> NodeConfig {
+        NodeConfig {
+            node: NodeSection {
+                id: id.into(),
+                region: region.into(),
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                worker_threads: 0,
+                public_url: None,
+                allow_unauthenticated: false,
+                cost_per_1k: None,
+            },
+            tls: None,
+            limits: Limits::default(),
+            telemetry: Telemetry::default(),
+            auth: None,
+            backend: BackendConfig::default(),
+            models: ModelsConfig::default(),
+            bus: None,
+            pipelines: vec![],
+        }
+    }
+
     /// Parses a config file's text and applies environment overrides through `env`.
     pub fn parse(
         text: &str,

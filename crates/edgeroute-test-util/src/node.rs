@@ -22,6 +22,16 @@ fn now() -> u64 {
     edgeroute_core::clock::unix_ms() / 1000
 }
 
+/// A fresh directory holding the test secret: (the directory, the secret's file).
+fn secret_dir() -> (PathBuf, PathBuf) {
+    let dir =
+        std::env::temp_dir().join(format!("edgeroute-test-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).expect("write secret");
+    (dir, secret)
+}
+
 impl TestNode {
     /// Starts a node whose config is `[node]` (id `test-1`, region `local`) and `[auth]` (the
     /// test secret) followed by `extra` (more sections, e.g. `[limits]`, `[backend]`).
@@ -65,20 +75,29 @@ impl TestNode {
         env: impl Fn(&str) -> Option<String>,
         bus: Option<edgeroute_bus::Bus>,
     ) -> TestNode {
-        let dir = std::env::temp_dir().join(format!(
-            "edgeroute-test-{}-{}",
-            std::process::id(),
-            unique()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let secret = dir.join("secret");
-        std::fs::write(&secret, SECRET).expect("write secret");
+        let (dir, secret) = secret_dir();
         let text = format!(
             "[node]\nid = \"test-1\"\nregion = \"local\"\nlisten = \"127.0.0.1:0\"\n[auth]\nhs256_secret_file = \"{}\"\n{auth_extra}\n{extra}",
             secret.display()
         );
         let cfg =
             NodeConfig::parse(&text, env).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        Self::serve(cfg, dir, bus).await
+    }
+
+    /// Starts a node from a typed config (e.g. one of a `FleetSpec`'s), trusting the test
+    /// secret whatever `cfg.auth` says.
+    pub async fn start_config(mut cfg: NodeConfig, bus: Option<edgeroute_bus::Bus>) -> TestNode {
+        let (dir, secret) = secret_dir();
+        cfg.node.allow_unauthenticated = false;
+        cfg.auth = Some(edgeroute_auth::AuthConfig {
+            hs256_secret_file: Some(secret),
+            ..Default::default()
+        });
+        Self::serve(cfg, dir, bus).await
+    }
+
+    async fn serve(cfg: NodeConfig, dir: PathBuf, bus: Option<edgeroute_bus::Bus>) -> TestNode {
         let mut node = Node::build(cfg).expect("build node");
         if let Some(bus) = bus {
             node = node.with_bus(bus);

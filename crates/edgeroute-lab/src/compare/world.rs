@@ -21,29 +21,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
 use tokio::time::Instant;
 
+use crate::fleet::{FleetBackend, FleetSpec};
 use crate::memnet::{Fault, MemNet, PathSpec};
 use crate::wan::geo_rtt_ms;
 
-/// A node of the world: id (also its host name), region, the simulator's base time to first
-/// token (ms).
-#[derive(Debug, Clone, Copy)]
-pub struct NodeSpec {
-    pub id: &'static str,
-    pub region: &'static str,
-    pub ttft_ms: u64,
-}
-
-/// The fleet, as in `edgeroute demo`: the fastest node is in Toronto.
-pub const NODES: [NodeSpec; 6] = [
-    NodeSpec { id: "van-1", region: "vancouver", ttft_ms: 45 },
-    NodeSpec { id: "van-2", region: "vancouver", ttft_ms: 60 },
-    NodeSpec { id: "tor-1", region: "toronto", ttft_ms: 15 },
-    NodeSpec { id: "tor-2", region: "toronto", ttft_ms: 30 },
-    NodeSpec { id: "mtl-1", region: "montreal", ttft_ms: 25 },
-    NodeSpec { id: "mtl-2", region: "montreal", ttft_ms: 40 },
-];
-
-pub const REGIONS: [&str; 3] = ["vancouver", "toronto", "montreal"];
+/// The fleet, as in `edgeroute-lab demo` ([`crate::fleet::CANADA`]): the fastest node is in
+/// Toronto. Each node's id is also its host name.
+pub use crate::fleet::{CANADA as NODES, CANADA_REGIONS as REGIONS};
 
 /// Decode speed of every node, tokens per second.
 pub const TOKENS_PER_S: f64 = 400.0;
@@ -86,9 +70,7 @@ impl Site {
 pub const JITTER_MS: f64 = 0.5;
 
 /// The discovery replicas' host names, per region.
-pub fn discovery_host(region: &str) -> String {
-    format!("disc-{}", &region[..3])
-}
+pub use crate::fleet::discovery_id as discovery_host;
 
 /// One request as the node saw it.
 #[derive(Debug, Clone)]
@@ -157,20 +139,18 @@ impl World {
                 net.set_path(&format!("region:{from}"), host, PathSpec::rtt_ms(rtt, JITTER_MS));
             }
         }
+        let fleet = FleetSpec {
+            seed,
+            seed_per_node: true,
+            backend: FleetBackend::Sim {
+                tokens_per_s: TOKENS_PER_S,
+                prefill_us_per_token: 0,
+                spare_gpu: false,
+            },
+            ..FleetSpec::canada().llm_only()
+        };
         for (i, spec) in NODES.iter().enumerate() {
-            let text = format!(
-                "[node]\nid = \"{id}\"\nregion = \"{region}\"\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://{id}\"\n\
-                 allow_unauthenticated = true\n\
-                 [limits]\nrate_limit_per_s = 1000000\nrate_limit_burst = 1000000\n\
-                 [backend]\nkind = \"sim\"\n[backend.sim]\nseed = {seed_i}\nttft_base_ms = {ttft}\n\
-                 tokens_per_s = {TOKENS_PER_S}\nprefill_us_per_token = 0\n",
-                id = spec.id,
-                region = spec.region,
-                ttft = spec.ttft_ms,
-                seed_i = seed.wrapping_add(i as u64),
-            );
-            let cfg = edgeroute_node::NodeConfig::parse(&text, |_| None)
-                .with_context(|| format!("node {}", spec.id))?;
+            let cfg = fleet.node_config(i, Some(format!("http://{}", spec.id)));
             let t = tap.clone();
             let node = edgeroute_node::Node::build(cfg)?.with_bus(bus.clone()).wrap_router(
                 Arc::new(move |r: axum::Router| {
@@ -184,19 +164,13 @@ impl World {
             }));
         }
         for region in REGIONS {
-            let text = format!(
-                "[discovery]\nid = \"{host}\"\nregion = \"{region}\"\n[probe]\ninterval_ms = 250\ntimeout_ms = 200\n",
-                host = discovery_host(region),
-            );
             let probe = MemProbe {
                 net: net.from(&format!("region:{region}")),
                 timeout: Duration::from_millis(200),
             };
-            let d = edgeroute_discovery::Discovery::build(
-                edgeroute_discovery::DiscoveryConfig::from_toml(&text, |_| None)?,
-            )?
-            .with_bus(bus.clone())
-            .with_probe(Arc::new(probe));
+            let d = edgeroute_discovery::Discovery::build(fleet.discovery_config(region))?
+                .with_bus(bus.clone())
+                .with_probe(Arc::new(probe));
             let listener = net.bind(&discovery_host(region));
             let mut stopped = stopped.clone();
             tokio::spawn(d.serve(listener, async move {
