@@ -4,33 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-/// Where a failure came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The request itself (a 4xx, an invalid body): retrying elsewhere cannot help.
-    Caller,
-    /// The node's gateway: a 5xx it produced, or "full / leaving" (429, 503).
-    Node,
-    /// The inference backend behind a node: a malformed answer, an error event, a 502/504.
-    Backend,
-    /// The path to the node: refused, reset, timed out, silent.
-    Network,
-    /// The fleet as a whole: no node serves the model, every candidate failed, the retry
-    /// budget is spent, discovery is unreachable.
-    Fleet,
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Side::Caller => "caller",
-            Side::Node => "node",
-            Side::Backend => "backend",
-            Side::Network => "network",
-            Side::Fleet => "fleet",
-        })
-    }
-}
+/// Where a failure came from: the fleet's one classification ([`edgeroute_proto::Fault`]).
+pub use edgeroute_proto::Side;
 
 /// One attempt of a request on one node, as the ladder saw it end.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,6 +78,12 @@ impl ClientError {
     /// the path failed, not the request).
     pub fn retryable(&self) -> bool {
         !matches!(self.side(), Side::Caller)
+    }
+
+    /// [`ClientError::side`] and [`ClientError::retryable`] as the fleet's one classification,
+    /// as a proxy in front of the SDK reports it in `x-edgeroute-error`.
+    pub fn fault(&self) -> edgeroute_proto::Fault {
+        edgeroute_proto::Fault::new(self.side(), self.retryable())
     }
 
     /// Every attempt the SDK made for this request (empty when none was made).

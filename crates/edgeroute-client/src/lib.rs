@@ -95,7 +95,7 @@ use edgeroute_proto::discovery::{Candidate, DiscoverResponse};
 use edgeroute_proto::headers::{LOAD_HEADER, MIGRATE_HEADER, MigrateHint, SESSION_HEADER};
 use edgeroute_proto::health::NodeHealth;
 use edgeroute_proto::models::ModelState;
-use edgeroute_proto::{ErrorBody, LoadReport};
+use edgeroute_proto::{ErrorBody, Fault, LoadReport};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client as HttpClient;
@@ -482,9 +482,12 @@ fn queue_wait(l: &LoadReport, prior_ms: f64) -> f64 {
     p50 + f64::from(l.queue_depth) * p50 / f64::from(l.capacity).max(1.0)
 }
 
-/// What a non-2xx answer means for the ladder.
+/// What a non-2xx answer means for the ladder, given the node's classification of it
+/// ([`Fault`], from its `x-edgeroute-error` header, or its status's for a peer that does not
+/// say). 429 and 503 are "busy" whatever the side: `Retry-After` is honoured as a cool-down.
 pub(crate) fn classify(
     status: StatusCode,
+    fault: Fault,
     text: String,
     hint: Option<MigrateHint>,
     retry: Option<Duration>,
@@ -493,10 +496,15 @@ pub(crate) fn classify(
     match status.as_u16() {
         429 | 503 => Outcome::Busy { what: what(), retry_after: retry, hint },
         404 if is_model_not_found(&text) => Outcome::Missing { what: what() },
-        400..=499 => Outcome::Refused { status: status.as_u16(), body: text },
-        502 | 504 => Outcome::Failed { side: Side::Backend, what: what() },
-        _ => Outcome::Failed { side: Side::Node, what: what() },
+        _ if !fault.retry => Outcome::Refused { status: status.as_u16(), body: text },
+        _ => Outcome::Failed { side: fault.side, what: what() },
     }
+}
+
+/// The answer's classification: the server's own word, else its status's.
+pub(crate) fn fault_of(status: StatusCode, headers: &http::HeaderMap) -> Fault {
+    let said = headers.get(edgeroute_proto::ERROR_HEADER).and_then(|v| v.to_str().ok());
+    Fault::of_answer(status.as_u16(), said)
 }
 
 fn is_model_not_found(body: &str) -> bool {
@@ -1056,22 +1064,43 @@ mod tests {
 
     #[test]
     fn a_404_is_a_placement_miss_only_when_the_node_says_model_not_found() {
+        let c = |s: StatusCode, body: &str| {
+            classify(s, Fault::of_status(s.as_u16()), body.into(), None, None)
+        };
         let nf = r#"{"error":{"message":"no model x","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#;
+        assert!(matches!(c(StatusCode::NOT_FOUND, nf), Outcome::Missing { .. }));
+        assert!(matches!(c(StatusCode::NOT_FOUND, "{}"), Outcome::Refused { status: 404, .. }));
         assert!(matches!(
-            classify(StatusCode::NOT_FOUND, nf.into(), None, None),
-            Outcome::Missing { .. }
-        ));
-        assert!(matches!(
-            classify(StatusCode::NOT_FOUND, "{}".into(), None, None),
-            Outcome::Refused { status: 404, .. }
-        ));
-        assert!(matches!(
-            classify(StatusCode::BAD_GATEWAY, String::new(), None, None),
+            c(StatusCode::BAD_GATEWAY, ""),
             Outcome::Failed { side: Side::Backend, .. }
         ));
+        assert!(matches!(c(StatusCode::TOO_MANY_REQUESTS, ""), Outcome::Busy { .. }));
+    }
+
+    #[test]
+    fn the_nodes_own_classification_wins_over_its_status() {
+        let headers = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(edgeroute_proto::ERROR_HEADER, http::HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let c = |s: StatusCode, h: &http::HeaderMap| {
+            classify(s, fault_of(s, h), String::new(), None, None)
+        };
+        // A 502 the node's gateway produced itself is the node's, not its backend's.
         assert!(matches!(
-            classify(StatusCode::TOO_MANY_REQUESTS, String::new(), None, None),
-            Outcome::Busy { .. }
+            c(StatusCode::BAD_GATEWAY, &headers("side=node; retry=yes")),
+            Outcome::Failed { side: Side::Node, .. }
+        ));
+        // A 500 the node says no other node can help with is returned, not retried.
+        assert!(matches!(
+            c(StatusCode::INTERNAL_SERVER_ERROR, &headers("side=caller; retry=no")),
+            Outcome::Refused { status: 500, .. }
+        ));
+        // A header this version cannot read leaves the status's reading.
+        assert!(matches!(
+            c(StatusCode::GATEWAY_TIMEOUT, &headers("side=moon; retry=yes")),
+            Outcome::Failed { side: Side::Backend, .. }
         ));
     }
 }

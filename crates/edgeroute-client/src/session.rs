@@ -19,7 +19,7 @@ use crate::cache::Freshness;
 use crate::error::{Attempts, ClientError, Side};
 use crate::machine::{Delivery, Kind, Outcome, Plan, Step, Turn};
 use crate::stream::{ChatStream, Forward};
-use crate::{Client, Query, classify, retry_after};
+use crate::{Client, Query, classify, fault_of, retry_after};
 
 /// A conversation pinned to one node, with the others ranked behind it. Its methods take
 /// `&self`: turns of one session may run concurrently (each on the order as it stood when it
@@ -293,6 +293,7 @@ impl Client {
             };
             let status = res.status();
             let retry = retry_after(res.headers());
+            let fault = fault_of(status, res.headers());
             let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
                 .collect()
                 .await
@@ -305,7 +306,7 @@ impl Client {
             };
             if !status.is_success() {
                 let text = String::from_utf8_lossy(&body).into_owned();
-                return (classify(status, text, hint, retry), None);
+                return (classify(status, fault, text, hint, retry), None);
             }
             match serde_json::from_slice::<ChatCompletion>(&body) {
                 Ok(c) => (Outcome::Committed { after: t.elapsed(), hint }, Some(c)),

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Attempts, ClientError, Side};
 use crate::machine::{Kind, Outcome, Turn};
-use crate::{Client, Event, Query, classify, retry_after};
+use crate::{Client, Event, Query, classify, fault_of, retry_after};
 
 /// What a stream yields: the answer's chunks and, where it happened, the point at which the
 /// answer moved to another node.
@@ -167,12 +167,13 @@ impl Client {
             let status = res.status();
             if !status.is_success() {
                 let retry = retry_after(res.headers());
+                let fault = fault_of(status, res.headers());
                 let text = Limited::new(res.into_body(), 1 << 20)
                     .collect()
                     .await
                     .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                     .unwrap_or_default();
-                return (classify(status, text, hint, retry), None);
+                return (classify(status, fault, text, hint, retry), None);
             }
             let mut body = res.into_body();
             let mut dec = SseDecoder::new(MAX_EVENT);

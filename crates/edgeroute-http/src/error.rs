@@ -1,8 +1,11 @@
-//! The one error shape every edgeroute HTTP server returns: OpenAI's
-//! `{"error":{"message","type","param","code"}}` with a precise status.
+//! The one error every edgeroute HTTP server returns: OpenAI's
+//! `{"error":{"message","type","param","code"}}` with a precise status, classified
+//! ([`Fault`]: which side failed, whether another attempt may succeed) in the
+//! `x-edgeroute-error` header, so clients, proxies and the lab read the server's own word
+//! instead of re-deriving it from the status.
 
 use axum::response::{IntoResponse, Response};
-use edgeroute_proto::ErrorBody;
+use edgeroute_proto::{ERROR_HEADER, ErrorBody, Fault, Side};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 
 /// An error ready to become a response. Constructors name the OpenAI error type and code so
@@ -12,6 +15,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
     pub headers: HeaderMap,
+    /// Which side failed and whether to retry: the status's reading unless a constructor or
+    /// [`ApiError::fault`] says otherwise.
+    pub fault: Fault,
 }
 
 impl ApiError {
@@ -25,7 +31,19 @@ impl ApiError {
             status,
             body: ErrorBody::new(message, kind, None, code),
             headers: HeaderMap::new(),
+            fault: Fault::of_status(status.as_u16()),
         }
+    }
+
+    /// An error body as received from elsewhere (a backend's own refusal), passed on.
+    pub fn from_body(status: StatusCode, body: ErrorBody, fault: Fault) -> Self {
+        ApiError { status, body, headers: HeaderMap::new(), fault }
+    }
+
+    /// Reclassifies: `side` failed, and another attempt `retry`-ably may succeed.
+    pub fn fault(mut self, side: Side, retry: bool) -> Self {
+        self.fault = Fault::new(side, retry);
+        self
     }
 
     pub fn with_code(mut self, code: &str) -> Self {
@@ -63,6 +81,8 @@ impl ApiError {
             format!("The model `{model}` does not exist or is not loaded on this node."),
         )
         .with_param("model")
+        // The caller asked the wrong node: another may have the model.
+        .fault(Side::Caller, true)
     }
 
     pub fn payload_too_large(limit: usize) -> Self {
@@ -134,6 +154,32 @@ impl IntoResponse for ApiError {
         let mut res =
             (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
         res.headers_mut().extend(self.headers);
+        if let Ok(v) = HeaderValue::from_str(&self.fault.to_string()) {
+            res.headers_mut().insert(HeaderName::from_static(ERROR_HEADER), v);
+        }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
+
+    use super::*;
+
+    fn header(e: ApiError) -> String {
+        let res = e.into_response();
+        res.headers()[ERROR_HEADER].to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn every_answer_says_which_side_failed_and_whether_another_node_may_succeed() {
+        assert_eq!(header(ApiError::invalid_request(None, "x")), "side=caller; retry=no");
+        assert_eq!(header(ApiError::model_not_found("m")), "side=caller; retry=yes");
+        assert_eq!(header(ApiError::unavailable("draining", "x", 1)), "side=node; retry=yes");
+        assert_eq!(header(ApiError::internal("x")), "side=node; retry=yes");
+        let bad_gateway = ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", None, "x");
+        assert_eq!(header(bad_gateway.clone()), "side=backend; retry=yes");
+        assert_eq!(header(bad_gateway.fault(Side::Fleet, false)), "side=fleet; retry=no");
     }
 }

@@ -112,6 +112,7 @@ async fn client_errors_pass_through_and_never_count_against_the_node() {
     assert_eq!(r.status, 400);
     assert_eq!(r.error_code(), "context_length_exceeded");
     assert_eq!(r.json()["error"]["param"], "messages");
+    assert_eq!(r.header("x-edgeroute-error"), Some("side=caller; retry=no"), "the request's fault");
     let h = get(node.addr, "/health", None).await.json();
     assert_eq!(h["error_rate"], 0.0, "a client error is not the node's fault");
 
@@ -120,6 +121,11 @@ async fn client_errors_pass_through_and_never_count_against_the_node() {
     assert_eq!(r.status, 429);
     assert_eq!(r.header("retry-after"), Some("3"));
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        r.header("x-edgeroute-error"),
+        Some("side=backend; retry=yes"),
+        "the backend is full"
+    );
 }
 
 #[tokio::test]
@@ -132,12 +138,14 @@ async fn upstream_server_errors_become_502_and_503() {
     let r = node.chat(body(&request(false))).await;
     assert_eq!((r.status.as_u16(), r.error_code()), (502, "backend_error".to_owned()));
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("CUDA out of memory"));
+    assert_eq!(r.header("x-edgeroute-error"), Some("side=backend; retry=yes"));
     assert_eq!(get(node.addr, "/health", None).await.json()["error_rate"], 1.0);
 
     let (node, _f, _u) = node_before(Behaviour::Status(503, "busy", None), "").await;
     let r = node.chat(body(&request(true))).await;
     assert_eq!((r.status.as_u16(), r.error_code()), (503, "backend_overloaded".to_owned()));
     assert!(r.header("retry-after").is_some());
+    assert_eq!(r.header("x-edgeroute-error"), Some("side=backend; retry=yes"));
 }
 
 #[tokio::test]

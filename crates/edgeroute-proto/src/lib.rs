@@ -16,5 +16,5 @@ pub mod sse;
 pub mod topology;
 
 pub use chat::*;
-pub use error::{ErrorBody, ErrorDetail};
+pub use error::{ERROR_HEADER, ErrorBody, ErrorDetail, Fault, Side};
 pub use headers::{LoadReport, MigrateHint, ParseHeaderError};

@@ -29,8 +29,8 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use edgeroute_client::{Client, ClientError, Session, StreamItem};
 use edgeroute_http::ApiError;
-use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::headers::SESSION_HEADER;
+use edgeroute_proto::{ChatCompletionRequest, ErrorBody};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
@@ -141,33 +141,35 @@ pub fn router_with(client: Client, cfg: ProxyConfig) -> Router {
         .with_state(st)
 }
 
+/// The SDK's error as the proxy's answer: the SDK's classification ([`ClientError::fault`])
+/// in `x-edgeroute-error` whatever the status, and the node's own body for a refusal.
 fn error_response(e: ClientError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    match e {
+    let fault = e.fault();
+    let api = match e {
         // The node's own refusal, as the node sent it.
         ClientError::Api { body, .. } => {
-            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+            let parsed = serde_json::from_str::<ErrorBody>(&body)
+                .unwrap_or_else(|_| ErrorBody::new(body, "invalid_request_error", None, None));
+            ApiError::from_body(status, parsed, fault)
         }
-        ClientError::Discovery(m) => {
-            ApiError::unavailable("discovery_unavailable", m, 1).into_response()
-        }
+        ClientError::Discovery(m) => ApiError::unavailable("discovery_unavailable", m, 1),
         ClientError::NoCandidates { model, reason } => ApiError::new(
             status,
             "invalid_request_error",
             Some("model_not_found"),
             format!("no node serves model `{model}`: {reason}"),
         )
-        .with_param("model")
-        .into_response(),
-        ClientError::Invalid(m) => ApiError::invalid_request(None, m).into_response(),
+        .with_param("model"),
+        ClientError::Invalid(m) => ApiError::invalid_request(None, m),
         e @ ClientError::BudgetSpent(_) => {
-            ApiError::unavailable("retry_budget_spent", e.to_string(), 1).into_response()
+            ApiError::unavailable("retry_budget_spent", e.to_string(), 1)
         }
         e @ (ClientError::Exhausted(_) | ClientError::StreamCut(_)) => {
             ApiError::new(status, "api_error", Some("no_node_available"), e.to_string())
-                .into_response()
         }
-    }
+    };
+    api.fault(fault.side, fault.retry).into_response()
 }
 
 /// The SDK's decision counters, in the Prometheus text format.

@@ -22,6 +22,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use edgeroute_http::ApiError;
+use edgeroute_proto::{Fault, Side};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -85,10 +87,19 @@ pub enum AttemptError {
     FirstToken,
     #[error("stalled")]
     Stalled,
-    #[error("HTTP {0}")]
-    Status(u16),
+    /// A non-2xx answer and its classification (the node's `x-edgeroute-error`, else its
+    /// status's).
+    #[error("HTTP {status} ({fault})")]
+    Status { status: u16, fault: Fault },
     #[error("cut: {0}")]
     Cut(String),
+}
+
+/// A non-2xx answer as an attempt's error, classified.
+fn status_error<B>(resp: &http::Response<B>) -> AttemptError {
+    let said = resp.headers().get(edgeroute_proto::ERROR_HEADER).and_then(|v| v.to_str().ok());
+    let status = resp.status().as_u16();
+    AttemptError::Status { status, fault: Fault::of_answer(status, said) }
 }
 
 /// A new HTTP/1 connection to `host` on `net` (connect bounded by `connect`), for `path`.
@@ -135,7 +146,7 @@ pub async fn attempt(
         .map_err(|_| AttemptError::FirstToken)?
         .map_err(|e| AttemptError::Cut(e.to_string()))?;
     if !resp.status().is_success() {
-        return Err(AttemptError::Status(resp.status().as_u16()));
+        return Err(status_error(&resp));
     }
     let node = resp
         .headers()
@@ -340,7 +351,7 @@ impl Drop for Outstanding {
 async fn route(State(c): State<Arc<Central>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
-        return (http::StatusCode::BAD_REQUEST, "unreadable body").into_response();
+        return ApiError::invalid_request(None, "unreadable body").into_response();
     };
     let mut tried = Vec::new();
     while tried.len() < 3 {
@@ -360,7 +371,14 @@ async fn route(State(c): State<Arc<Central>>, req: Request) -> Response {
             Err(_) => c.bench(i),
         }
     }
-    (http::StatusCode::BAD_GATEWAY, "no node answered").into_response()
+    ApiError::new(
+        http::StatusCode::BAD_GATEWAY,
+        "api_error",
+        Some("no_node_available"),
+        "no node answered",
+    )
+    .fault(Side::Fleet, true)
+    .into_response()
 }
 
 /// Forwards to node `i`: connect and answer-head timeouts, as a proxy's upstream settings.
@@ -383,10 +401,14 @@ async fn forward(
         .await
         .map_err(|_| AttemptError::FirstToken)?
         .map_err(|e| AttemptError::Cut(e.to_string()))?;
-    // A well-configured proxy also moves on when the node no longer has the model (as nginx's
-    // `proxy_next_upstream http_404`).
-    if resp.status().is_server_error() || resp.status() == http::StatusCode::NOT_FOUND {
-        return Err(AttemptError::Status(resp.status().as_u16()));
+    // A well-configured proxy moves on when the node says another may answer: a 5xx, full,
+    // or no longer holding the model (as nginx's `proxy_next_upstream error http_5xx
+    // http_404`); the request's own refusal goes back to the caller.
+    if !resp.status().is_success() {
+        let e = status_error(&resp);
+        if matches!(e, AttemptError::Status { fault, .. } if fault.retry) {
+            return Err(e);
+        }
     }
     Ok(resp)
 }

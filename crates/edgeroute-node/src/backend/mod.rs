@@ -21,7 +21,7 @@ use bytes::Bytes;
 use edgeroute_http::ApiError;
 use edgeroute_proto::health::GpuHealth;
 use edgeroute_proto::models::ModelState;
-use edgeroute_proto::{ChatCompletionRequest, ErrorBody};
+use edgeroute_proto::{ChatCompletionRequest, ErrorBody, Fault, Side};
 use futures_util::Stream;
 use http::StatusCode;
 
@@ -103,16 +103,32 @@ impl BackendError {
         }
     }
 
-    pub fn to_api(&self) -> ApiError {
+    /// Which side failed and whether another node may succeed: the backend's own refusal of
+    /// the request is the caller's (a 429 from it is the backend being full); anything else
+    /// is the backend's, and another node may answer.
+    pub fn fault(&self) -> Fault {
         match self {
+            BackendError::ModelNotFound(_) => Fault::new(Side::Caller, true),
+            BackendError::Rejected { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                Fault::new(Side::Backend, true)
+            }
+            BackendError::Rejected { .. } => Fault::new(Side::Caller, false),
+            BackendError::Overloaded(_)
+            | BackendError::Unavailable(_)
+            | BackendError::Timeout(_)
+            | BackendError::Failed(_) => Fault::new(Side::Backend, true),
+        }
+    }
+
+    pub fn to_api(&self) -> ApiError {
+        let e = match self {
             BackendError::ModelNotFound(m) => ApiError::model_not_found(m),
             BackendError::Rejected { status, body, retry_after } => {
-                let mut e =
-                    ApiError { status: *status, body: body.clone(), headers: Default::default() };
-                if let Some(r) = retry_after {
-                    e = e.with_header(http::header::RETRY_AFTER, r);
+                let e = ApiError::from_body(*status, body.clone(), self.fault());
+                match retry_after {
+                    Some(r) => e.with_header(http::header::RETRY_AFTER, r),
+                    None => e,
                 }
-                e
             }
             BackendError::Overloaded(m) => {
                 ApiError::unavailable("backend_overloaded", m.clone(), 1)
@@ -135,7 +151,9 @@ impl BackendError {
                 Some("backend_error"),
                 m.clone(),
             ),
-        }
+        };
+        let f = self.fault();
+        e.fault(f.side, f.retry)
     }
 }
 
