@@ -147,11 +147,6 @@ def test_node_state_changing_operations_answer_as_documented(fleet):
     assert call("/admin/drain", "DELETE", 200).json()["status"] == "ready"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GET /v1/models/{id} with an id that is not UTF-8 once percent-decoded (/v1/models/%FF) "
-    "answers axum's Path rejection, 400 text/plain 'Invalid URL: Invalid UTF-8 in `id`', not "
-    "an OpenAI error body (nor a documented status): crates/edgeroute-node/src/gateway/"
-    "manage.rs get_model takes `UrlPath<String>` and its rejection is not mapped to ApiError"))
 def test_a_model_id_that_is_not_utf8_is_an_openai_error(fleet):
     case = NODE["/v1/models/{id}"]["GET"].Case(path_parameters={"id": "x"})
     res = httpx.get(f"{fleet.node}/v1/models/%FF", headers=fleet.headers(case), timeout=TIMEOUT_S)

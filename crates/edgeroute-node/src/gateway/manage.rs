@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::response::{IntoResponse, Response};
 use edgeroute_core::capacity::{GpuLoad, PlacementError, check_fit};
@@ -44,8 +45,10 @@ fn record_response(status: StatusCode, r: &Record) -> Response {
 
 pub async fn get_model(
     State(st): State<AppState>,
-    UrlPath(id): UrlPath<String>,
+    id: Result<UrlPath<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    // An id that is not UTF-8 once percent-decoded is the caller's mistake, in OpenAI's shape.
+    let UrlPath(id) = id.map_err(|e| ApiError::invalid_request(Some("id"), e.body_text()))?;
     st.models
         .get(&id)
         .map(|r| record_response(StatusCode::OK, &r))
