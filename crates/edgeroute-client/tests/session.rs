@@ -492,21 +492,14 @@ fn saw(events: &Mutex<Vec<Event>>, pred: impl Fn(&Event) -> bool) -> bool {
 #[tokio::test]
 async fn a_pipeline_session_pins_every_model_of_the_pipeline_to_one_node() {
     // tor-1 is fast but holds only the LLM; van-1 holds STT, LLM and TTS, each on its own GPU.
-    let llm_only = "[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 5\nprefill_us_per_token = 0\ntokens_per_s = 2000.0\n";
-    let voice = "[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 40\nprefill_us_per_token = 0\ntokens_per_s = 2000.0\n\
-        [[backend.sim.gpus]]\nid = \"gpu0\"\n[[backend.sim.gpus]]\nid = \"gpu1\"\n[[backend.sim.gpus]]\nid = \"gpu2\"\n\
-        [[backend.sim.models]]\nid = \"sim-whisper\"\ngpu = \"gpu0\"\n[[backend.sim.models]]\nid = \"sim-llama\"\ngpu = \"gpu1\"\n\
-        [[backend.sim.models]]\nid = \"sim-tts\"\ngpu = \"gpu2\"\n\
-        [[pipelines]]\nid = \"voice\"\nmodels = [\"sim-whisper\", \"sim-llama\", \"sim-tts\"]\n";
-    let tor = TestNode::start_as("tor-1", "toronto", llm_only, None).await;
-    let van = TestNode::start_as("van-1", "vancouver", voice, None).await;
-    let toml = format!(
-        "[probe]\ninterval_ms = 200\ntimeout_ms = 150\n\
-         [[nodes]]\nid = \"tor-1\"\nurl = \"http://{}\"\nregion = \"toronto\"\n\
-         [[nodes]]\nid = \"van-1\"\nurl = \"http://{}\"\nregion = \"vancouver\"\n",
-        tor.addr, van.addr
-    );
-    let d = Discovery::build(DiscoveryConfig::from_toml(&toml, |_| None).unwrap()).unwrap();
+    let mut van = NodeSpec::new("van-1", "vancouver", 40);
+    van.models = vec!["sim-whisper".into(), "sim-llama".into(), "sim-tts".into()];
+    van.pipeline = true;
+    let fleet = FleetSpec { nodes: vec![NodeSpec::new("tor-1", "toronto", 5), van], ..fleet() };
+    let tor = TestNode::start_config(fleet.node_config(0, None), None).await;
+    let van = TestNode::start_config(fleet.node_config(1, None), None).await;
+    let urls = [format!("http://{}", tor.addr), format!("http://{}", van.addr)];
+    let d = Discovery::build(fleet.static_discovery_config("toronto", &urls)).unwrap();
     let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
     let cfg = ClientConfig {
         discovery: vec![format!("http://{}", running.addr())],

@@ -168,20 +168,18 @@ async fn load_with(opts: &LoadOpts, guard: &mut ProcessGuard) -> Result<String> 
 pub async fn freshness(bus_cfg: edgeroute_bus::BusConfig, changes: usize) -> Result<String> {
     let dir = std::env::temp_dir().join(format!("edgeroute-freshness-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("model"))?;
-    let node_toml = format!(
-        "[node]\nid = \"fresh-1\"\nregion = \"local\"\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n\
-         [models]\nallowed_local_roots = [\"{}\"]\nsim_load_time_ms = 0\n[backend]\nkind = \"sim\"\n",
-        dir.display()
-    );
+    let mut fleet = crate::fleet::FleetSpec::open();
+    fleet.nodes.push(crate::fleet::NodeSpec::new("fresh-1", "local", 40));
+    let mut node_cfg = fleet.node_config(0, None);
+    node_cfg.models.allowed_local_roots = vec![dir.clone()];
+    node_cfg.models.sim_load_time_ms = 0;
     let node_bus = edgeroute_bus::Bus::connect(&bus_cfg).await?;
     // Over NATS, discovery has its own connection, as it would on another machine.
     let disc_bus = match bus_cfg.kind {
         edgeroute_bus::BusKind::Nats => edgeroute_bus::Bus::connect(&bus_cfg).await?,
         edgeroute_bus::BusKind::Embedded => node_bus.clone(),
     };
-    let node =
-        edgeroute_node::Node::build(edgeroute_node::NodeConfig::parse(&node_toml, |_| None)?)?
-            .with_bus(node_bus);
+    let node = edgeroute_node::Node::build(node_cfg)?.with_bus(node_bus);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let node_addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -189,10 +187,9 @@ pub async fn freshness(bus_cfg: edgeroute_bus::BusConfig, changes: usize) -> Res
         let _ = stop_rx.await;
     }));
 
-    let disc = edgeroute_discovery::Discovery::build(
-        edgeroute_discovery::DiscoveryConfig::from_toml("", |_| None)?,
-    )?
-    .with_bus(disc_bus);
+    let disc =
+        edgeroute_discovery::Discovery::build(edgeroute_discovery::DiscoveryConfig::default())?
+            .with_bus(disc_bus);
     let running = disc.start().await?;
     let mut generations = disc.generations();
     let listed = |model: &str| {
