@@ -24,6 +24,11 @@ pub struct SimConfig {
     pub min_answer_tokens: u32,
     /// Longest answer, in tokens. Default `64`.
     pub max_answer_tokens: u32,
+    /// Every model's context window, in tokens, unless the model sets its own: the prompt
+    /// (as [`crate::prompt_tokens`] counts it) plus the requested completion budget
+    /// (`max_completion_tokens`, else `max_tokens`, else nothing) must fit, or the request
+    /// fails at once with `ContextLengthExceeded`. Must be above 0. Default `8192`.
+    pub context_window: u32,
     /// The GPUs and their concurrency slots. Default: one `gpu0` with 4 slots and 24 GiB.
     pub gpus: Vec<GpuConfig>,
     /// Models loaded at start. Default: `sim-llama` on `gpu0`.
@@ -61,6 +66,7 @@ impl Default for SimConfig {
             tokens_per_s: 50.0,
             min_answer_tokens: 16,
             max_answer_tokens: 64,
+            context_window: DEFAULT_CONTEXT_WINDOW,
             gpus: vec![GpuConfig::new("gpu0")],
             models: vec![SimModel::new("sim-llama", "gpu0")],
             max_queue: 64,
@@ -80,6 +86,7 @@ impl SimConfig {
         check_timing("tokens_per_s", Some(self.tokens_per_s))?;
         check_delay("ttft_base_ms", self.ttft_base_ms, MAX_DELAY_MS)?;
         check_delay("prefill_us_per_token", self.prefill_us_per_token, MAX_PREFILL_US)?;
+        check_window("context_window", Some(self.context_window))?;
         if self.max_answer_tokens == 0 || self.min_answer_tokens > self.max_answer_tokens {
             return Err(ConfigError::AnswerBounds {
                 min: self.min_answer_tokens,
@@ -124,6 +131,16 @@ impl SimConfig {
 /// deadline computation far from overflow.
 const MAX_DELAY_MS: u64 = 3_600_000;
 const MAX_PREFILL_US: u64 = 1_000_000;
+
+/// `SimConfig::context_window`'s default: a common size for small chat models.
+const DEFAULT_CONTEXT_WINDOW: u32 = 8192;
+
+fn check_window(key: &'static str, window: Option<u32>) -> Result<(), ConfigError> {
+    match window {
+        Some(0) => Err(ConfigError::OutOfRange { key, value: "0".into() }),
+        _ => Ok(()),
+    }
+}
 
 fn check_delay(key: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
     if value > max {
@@ -191,6 +208,9 @@ pub struct SimModel {
     /// Overrides the global `tokens_per_s` for this model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+    /// Overrides the global `context_window` for this model. Must be above 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<u32>,
 }
 
 fn default_gpu() -> String {
@@ -202,7 +222,7 @@ fn default_model_memory() -> u64 {
 }
 
 impl SimModel {
-    /// A model with the default memory and the global timing.
+    /// A model with the default memory and the global timing and context window.
     pub fn new(id: impl Into<String>, gpu: impl Into<String>) -> Self {
         SimModel {
             id: id.into(),
@@ -211,6 +231,7 @@ impl SimModel {
             ttft_base_ms: None,
             prefill_us_per_token: None,
             tokens_per_s: None,
+            context_window: None,
         }
     }
 
@@ -224,6 +245,7 @@ impl SimModel {
             return Err(ConfigError::UnknownGpu { model: self.id.clone(), gpu: self.gpu.clone() });
         }
         check_timing("models.tokens_per_s", self.tokens_per_s)?;
+        check_window("models.context_window", self.context_window)?;
         check_delay("models.ttft_base_ms", self.ttft_base_ms.unwrap_or(0), MAX_DELAY_MS)?;
         check_delay(
             "models.prefill_us_per_token",
@@ -308,6 +330,7 @@ mod tests {
             vec![GpuConfig { id: "gpu0".into(), slots: 4, memory_total_mb: 24_576 }]
         );
         assert_eq!(c.models[0].id, "sim-llama");
+        assert_eq!((c.context_window, c.models[0].context_window), (8192, None));
         c.validate().unwrap();
     }
 
@@ -318,6 +341,8 @@ mod tests {
             r#"{"gpus":[{"id":"g","slot":2}]}"#,
             r#"{"models":[{"id":"m","gpu_id":"g"}]}"#,
             r#"{"faults":{"eror_rate":0.5}}"#,
+            r#"{"context_windw":512}"#,
+            r#"{"models":[{"id":"m","context":512}]}"#,
         ] {
             assert!(serde_json::from_str::<SimConfig>(raw).is_err(), "{raw}");
         }
@@ -338,6 +363,20 @@ mod tests {
     }
 
     #[test]
+    fn context_windows_parse_globally_and_per_model() {
+        let c: SimConfig = serde_json::from_str(
+            r#"{"context_window":512,"models":[{"id":"a"},{"id":"b","context_window":100}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.context_window, 512);
+        assert_eq!((c.models[0].context_window, c.models[1].context_window), (None, Some(100)));
+        c.validate().unwrap();
+        // An unset override is not written back out, so configs round-trip unchanged.
+        let json = serde_json::to_string(&c.models[0]).unwrap();
+        assert!(!json.contains("context_window"), "{json}");
+    }
+
+    #[test]
     fn validation_catches_bad_references_and_ranges() {
         let bad = |f: fn(&mut SimConfig)| {
             let mut c = SimConfig::default();
@@ -351,6 +390,14 @@ mod tests {
         assert!(matches!(bad(|c| c.min_answer_tokens = 100), ConfigError::AnswerBounds { .. }));
         assert!(matches!(bad(|c| c.tokens_per_s = -1.0), ConfigError::OutOfRange { .. }));
         assert!(matches!(bad(|c| c.faults.error_rate = 1.5), ConfigError::OutOfRange { .. }));
+        assert_eq!(
+            bad(|c| c.context_window = 0),
+            ConfigError::OutOfRange { key: "context_window", value: "0".into() }
+        );
+        assert_eq!(
+            bad(|c| c.models[0].context_window = Some(0)),
+            ConfigError::OutOfRange { key: "models.context_window", value: "0".into() }
+        );
         assert!(matches!(
             bad(|c| c.models.push(SimModel::new("sim-llama", "gpu0"))),
             ConfigError::DuplicateModel(_)

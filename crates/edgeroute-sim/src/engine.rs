@@ -1,10 +1,12 @@
 //! The simulator engine: GPU slots, FIFO queues, timing and faults, with no sockets.
 //!
-//! A request's life: it checks the crash/refuse faults, finds its model, then waits in its
-//! GPU's FIFO queue for a slot (a fair semaphore; a full queue is `Overloaded`). Holding the
-//! slot it waits out the time to first token (`ttft_base + prefill × prompt tokens`), and
-//! [`Simulator::generate`] returns at that **commit point** with the first token in hand, or
-//! with the error that ended the request before it. The returned [`Generation`] streams the
+//! A request's life: it checks the crash/refuse faults, finds its model, checks that its
+//! prompt and completion budget fit the model's context window (`ContextLengthExceeded` at
+//! once if not: no slot, no prefill time), then waits in its GPU's FIFO queue for a slot (a
+//! fair semaphore; a full queue is `Overloaded`). Holding the slot it waits out the time to
+//! first token (`ttft_base + prefill × prompt tokens`), and [`Simulator::generate`] returns
+//! at that **commit point** with the first token in hand, or with the error that ended the
+//! request before it. The returned [`Generation`] streams the
 //! rest on schedule: token `i` is due `i × (1/tokens_per_s + slow_token_ms)` after the first,
 //! then a `Finish` event. The slot is released when the finish or an error is yielded, or the
 //! moment the `Generation` is dropped.
@@ -30,7 +32,7 @@ use tokio::time::{Duration, Instant, sleep_until};
 
 use crate::config::{ConfigError, Faults, GpuConfig, SimConfig, SimModel};
 use crate::error::SimError;
-use crate::text::{Answer, Plan, splitmix64};
+use crate::text::{Answer, Plan, prompt_tokens, splitmix64};
 
 /// One item of a [`Generation`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +83,24 @@ struct LoadedModel {
     /// Index into `Simulator::gpus`.
     gpu: usize,
     timing: Timing,
+    /// The model's own window, else the global one.
+    context_window: u32,
+}
+
+impl LoadedModel {
+    /// Fails when the prompt plus the requested completion budget exceeds the window.
+    fn check_context(&self, prompt: u32, requested: Option<u32>) -> Result<(), SimError> {
+        let needed = u64::from(prompt) + u64::from(requested.unwrap_or(0));
+        if needed <= u64::from(self.context_window) {
+            return Ok(());
+        }
+        Err(SimError::ContextLengthExceeded {
+            model: self.config.id.clone(),
+            window: self.context_window,
+            prompt_tokens: prompt,
+            requested,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -230,7 +250,12 @@ impl Simulator {
             config.gpus.iter().position(|g| g.id == m.gpu).ok_or_else(|| {
                 ConfigError::UnknownGpu { model: m.id.clone(), gpu: m.gpu.clone() }
             })?;
-        Ok(Arc::new(LoadedModel { config: m.clone(), gpu, timing: Timing::resolve(config, m) }))
+        Ok(Arc::new(LoadedModel {
+            config: m.clone(),
+            gpu,
+            timing: Timing::resolve(config, m),
+            context_window: m.context_window.unwrap_or(config.context_window),
+        }))
     }
 
     /// The configuration the simulator started with (models may have changed since; see
@@ -243,10 +268,12 @@ impl Simulator {
     /// continuation with nothing left to say) is ready, or the request failed before it.
     ///
     /// Fails with `Refused` or `Crashed` at once under those faults, `UnknownModel` at once,
-    /// `Overloaded` at once when the GPU's queue is full, `Crashed` if a crash hits while
-    /// queued or in prefill, `Injected` after the time to first token (as a backend failing
-    /// during prefill would), and `Cut { after: 0 }` with `cut_after_tokens = 0`. With
-    /// `stall_after_tokens = 0` it never resolves (until crashed or dropped).
+    /// `ContextLengthExceeded` at once when the prompt (plus `max_completion_tokens` or
+    /// `max_tokens`, if set) exceeds the model's context window, `Overloaded` at once when
+    /// the GPU's queue is full, `Crashed` if a crash hits while queued or in prefill,
+    /// `Injected` after the time to first token (as a backend failing during prefill would),
+    /// and `Cut { after: 0 }` with `cut_after_tokens = 0`. With `stall_after_tokens = 0` it
+    /// never resolves (until crashed or dropped).
     /// Cancel-safe: dropping the future gives back its queue place or slot at once.
     pub async fn generate(&self, req: &ChatCompletionRequest) -> Result<Generation, SimError> {
         let arrived = Instant::now();
@@ -263,13 +290,18 @@ impl Simulator {
         }
         let model =
             self.model(&req.model).ok_or_else(|| SimError::UnknownModel(req.model.clone()))?;
+        // One linear pass over the prompt; a refused request takes no request number, so it
+        // does not shift the fault rolls of the requests that follow.
+        let prompt = prompt_tokens(&req.messages);
+        model.check_context(prompt, req.token_limit())?;
         let request_id = self.requests.fetch_add(1, Ordering::Relaxed);
         let injected = fault_roll(self.config.seed, request_id) < faults.error_rate;
-        let plan = Plan::new(
+        let plan = Plan::counted(
             self.config.seed,
             self.config.min_answer_tokens,
             self.config.max_answer_tokens,
             req,
+            prompt,
         );
 
         let gpu = &self.gpus[model.gpu];

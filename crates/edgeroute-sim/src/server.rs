@@ -10,8 +10,15 @@
 //! request (byte-identical to serializing the whole `ChatCompletionChunk`, which a test
 //! checks).
 //!
+//! Request bodies may be up to 32 MiB (a gateway in front enforces its own, smaller limit;
+//! the node's default is 4 MiB), so a prompt too long for the model reaches the context check
+//! and gets its 400 rather than axum's 2 MiB default refusing it first. A larger body is a 413
+//! `request_too_large`.
+//!
 //! Error mapping (OpenAI's error JSON shape): bad JSON or a shape rule → 400 with `param`;
-//! unknown model → 404 `model_not_found`; overloaded → 503 `overloaded` with `Retry-After`;
+//! unknown model → 404 `model_not_found`; a prompt (plus completion budget) beyond the
+//! model's context window → 400 `context_length_exceeded` with `param` `messages`, at once;
+//! overloaded → 503 `overloaded` with `Retry-After`;
 //! refused or crashed → 503; injected error or a cut before the answer was sent → 500. Once
 //! an SSE stream has started, a failure is a final `data: {"error":{...}}` event and there
 //! is no `data: [DONE]`; a stall just goes silent.
@@ -29,7 +36,8 @@ use std::task::{Context, Poll, ready};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -68,8 +76,12 @@ pub fn router_with_clock(sim: Arc<Simulator>, clock: WallClock) -> Router {
         .route("/health", get(health))
         .route("/admin/faults", get(get_faults).put(put_faults))
         .fallback(unknown_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState { sim, clock })
 }
+
+/// The largest request body read: 32 MiB, far above any gateway's limit in front of it.
+const MAX_BODY_BYTES: usize = 32 << 20;
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -90,10 +102,30 @@ impl ApiError {
         }
     }
 
+    /// A body that could not be read: 413 beyond [`MAX_BODY_BYTES`], else axum's status.
+    fn from_body(e: &BytesRejection) -> Self {
+        let (message, code) = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            (
+                format!("Request body exceeds the limit of {MAX_BODY_BYTES} bytes."),
+                "request_too_large",
+            )
+        } else {
+            (e.body_text(), "invalid_body")
+        };
+        ApiError {
+            status: e.status(),
+            body: ErrorBody::new(message, "invalid_request_error", None, Some(code)),
+            retry_after_s: None,
+        }
+    }
+
     fn from_sim(e: &SimError) -> Self {
         let (status, kind, param) = match e {
             SimError::UnknownModel(_) => {
                 (StatusCode::NOT_FOUND, "invalid_request_error", Some("model".to_owned()))
+            }
+            SimError::ContextLengthExceeded { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", Some("messages".to_owned()))
             }
             SimError::Overloaded { .. } | SimError::Refused | SimError::Crashed => {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", None)
@@ -168,7 +200,14 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     }
 }
 
-async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return ApiError::from_body(&e).into_response(),
+    };
     let req: ChatCompletionRequest = match parse_json(&body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -371,7 +410,11 @@ async fn get_faults(State(st): State<AppState>) -> Response {
     json_response(StatusCode::OK, &st.sim.faults())
 }
 
-async fn put_faults(State(st): State<AppState>, body: Bytes) -> Response {
+async fn put_faults(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return ApiError::from_body(&e).into_response(),
+    };
     let faults: Faults = match parse_json(&body) {
         Ok(f) => f,
         Err(e) => return e.into_response(),

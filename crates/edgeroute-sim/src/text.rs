@@ -26,9 +26,11 @@
 //!   finishes with `length`, otherwise `stop`.
 //! - **Prompt tokens.** An approximation, documented rather than exact: 4 per message (role
 //!   and framing, as chat templates add) plus the whitespace-separated words of every
-//!   message's text, including a continued assistant prefix (it is prefilled too).
+//!   message's text, including a continued assistant prefix (it is prefilled too). Counting
+//!   is one linear pass over the text, without copying it, so a multi-megabyte prompt is
+//!   counted (and refused, if beyond the context window) in milliseconds.
 
-use edgeroute_proto::{ChatCompletionRequest, ChatMessage, FinishReason, Role, Usage};
+use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Content, FinishReason, Role, Usage};
 
 use crate::config::SimConfig;
 
@@ -228,7 +230,10 @@ impl Answer {
         for m in messages {
             // 0xFF never occurs in UTF-8, so it separates fields unambiguously.
             h.write(&[0xFF, role_tag(m.role)]);
-            h.write(m.text().as_bytes());
+            // FNV is a streaming hash: the pieces hash as their concatenation, `m.text()`.
+            for piece in text_pieces(m) {
+                h.write(piece.as_bytes());
+            }
         }
         let key = splitmix64(h.0);
         let (lo, hi) = (min.min(max), max.max(min));
@@ -271,9 +276,38 @@ fn words(text: &str) -> u32 {
     u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX)
 }
 
+/// A message's text in the pieces it is stored in: concatenated, they are `m.text()`.
+fn text_pieces(m: &ChatMessage) -> impl Iterator<Item = &str> {
+    let (whole, parts) = match &m.content {
+        None => (None, &[][..]),
+        Some(Content::Text(t)) => (Some(t.as_str()), &[][..]),
+        Some(Content::Parts(parts)) => (None, &parts[..]),
+    };
+    whole.into_iter().chain(parts.iter().filter_map(|p| p.text.as_deref()))
+}
+
+/// `words(&m.text())` without building the text: one pass, carrying a word across pieces
+/// (`"ab"` then `"cd"` is one word, as in the joined text).
+fn message_words(m: &ChatMessage) -> u32 {
+    let mut count = 0u32;
+    let mut in_word = false;
+    for piece in text_pieces(m) {
+        for c in piece.chars() {
+            if c.is_whitespace() {
+                in_word = false;
+            } else if !in_word {
+                in_word = true;
+                count = count.saturating_add(1);
+            }
+        }
+    }
+    count
+}
+
 /// The approximate prompt size in tokens: 4 per message plus its whitespace-separated words.
+/// Linear in the text and allocation-free.
 pub fn prompt_tokens(messages: &[ChatMessage]) -> u32 {
-    messages.iter().fold(0u32, |acc, m| acc.saturating_add(4).saturating_add(words(&m.text())))
+    messages.iter().fold(0u32, |acc, m| acc.saturating_add(4).saturating_add(message_words(m)))
 }
 
 /// Everything about one request's output that does not depend on time or faults.
@@ -290,6 +324,17 @@ pub(crate) struct Plan {
 
 impl Plan {
     pub(crate) fn new(seed: u64, min: u32, max: u32, req: &ChatCompletionRequest) -> Self {
+        Self::counted(seed, min, max, req, prompt_tokens(&req.messages))
+    }
+
+    /// As [`Plan::new`], for a caller that already counted `prompt_tokens(&req.messages)`.
+    pub(crate) fn counted(
+        seed: u64,
+        min: u32,
+        max: u32,
+        req: &ChatCompletionRequest,
+        prompt_tokens: u32,
+    ) -> Self {
         let seed = effective_seed(seed, req.seed);
         let prefix = match req.messages.split_last() {
             Some((last, _))
@@ -311,7 +356,7 @@ impl Plan {
             Some(cap) if cap < remaining => (start + cap, FinishReason::Length),
             _ => (answer.len, FinishReason::Stop),
         };
-        Plan { answer, start, end, finish, prompt_tokens: prompt_tokens(&req.messages) }
+        Plan { answer, start, end, finish, prompt_tokens }
     }
 
     /// Tokens this request generates.
@@ -500,7 +545,52 @@ mod tests {
         assert_eq!(prompt_tokens(&[]), 0);
     }
 
+    fn parts_message(pieces: &[&str]) -> ChatMessage {
+        let parts = pieces
+            .iter()
+            .map(|t| serde_json::json!({"type": "text", "text": t}))
+            .chain(std::iter::once(serde_json::json!({"type": "image_url"})))
+            .collect::<Vec<_>>();
+        serde_json::from_value(serde_json::json!({"role": "user", "content": parts})).unwrap()
+    }
+
+    #[test]
+    fn prompt_tokens_join_text_parts_as_text_does() {
+        // "ab" + "cd" is one word; a space at a part boundary separates.
+        let m = parts_message(&["hello ab", "cd there", " x"]);
+        assert_eq!(m.text(), "hello abcd there x");
+        assert_eq!(prompt_tokens(&[m]), 4 + 4);
+        assert_eq!(
+            prompt_tokens(&[ChatMessage { content: None, ..ChatMessage::new(Role::User, "") }]),
+            4
+        );
+    }
+
+    #[test]
+    fn counting_a_multi_megabyte_prompt_is_linear() {
+        let big = "lorem ipsum ".repeat(300_000); // 3.6 MB, 600k words
+        let msgs = vec![ChatMessage::new(Role::User, big)];
+        let t = std::time::Instant::now();
+        assert_eq!(prompt_tokens(&msgs), 4 + 600_000);
+        // Generous for an unoptimised build on a busy machine; quadratic work takes minutes.
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
     proptest! {
+        #[test]
+        fn parts_count_and_hash_as_their_joined_text(
+            pieces in proptest::collection::vec("[a-c \n]{0,6}", 0..5),
+        ) {
+            let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            let m = parts_message(&refs);
+            let joined = ChatMessage::new(Role::User, m.text());
+            prop_assert_eq!(prompt_tokens(std::slice::from_ref(&m)), 4 + words(&m.text()));
+            prop_assert_eq!(
+                Answer::new(1, "m", std::slice::from_ref(&m), 1, 64),
+                Answer::new(1, "m", &[joined], 1, 64)
+            );
+        }
+
         #[test]
         fn any_cut_point_continues_seamlessly(seed: u64, text in "[a-z ]{0,30}", cut in 0usize..80) {
             let c = SimConfig { seed, ..cfg() };

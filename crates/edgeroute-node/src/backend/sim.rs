@@ -5,9 +5,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use edgeroute_proto::health::GpuHealth;
 use edgeroute_proto::models::ModelState;
-use edgeroute_proto::{ChatCompletionRequest, ChunkBuilder};
+use edgeroute_proto::{ChatCompletionRequest, ChunkBuilder, ErrorBody};
 use edgeroute_sim::{Generation, SimError, SimEvent, Simulator};
 use futures_util::StreamExt;
+use http::StatusCode;
 
 use super::{BackendError, CallContext, EventStream, ModelInfo, Reply, StreamEvent};
 
@@ -124,9 +125,22 @@ fn stream(generation: Generation, b: ChunkBuilder) -> EventStream {
     Box::pin(role.chain(body))
 }
 
+/// A prompt beyond the context window is the caller's request, refused as vLLM or OpenAI
+/// refuse it (400 `context_length_exceeded`), so it never counts against the node; the rest
+/// are the backend's trouble.
 fn map_err(e: SimError) -> BackendError {
     match e {
         SimError::UnknownModel(m) => BackendError::ModelNotFound(m),
+        SimError::ContextLengthExceeded { .. } => BackendError::Rejected {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorBody::new(
+                e.to_string(),
+                "invalid_request_error",
+                Some("messages".into()),
+                Some(e.code()),
+            ),
+            retry_after: None,
+        },
         SimError::Overloaded { .. } => BackendError::Overloaded(e.to_string()),
         SimError::Refused | SimError::Crashed => BackendError::Unavailable(e.to_string()),
         SimError::Injected | SimError::Cut { .. } => BackendError::Failed(e.to_string()),

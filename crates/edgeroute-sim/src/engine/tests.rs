@@ -263,6 +263,98 @@ async fn unknown_model_fails_at_once() {
     assert_eq!(s.generate(&r).await.unwrap_err(), SimError::UnknownModel("gpt-nope".into()));
 }
 
+/// A one-message request of exactly `tokens` prompt tokens (4 framing + words).
+fn sized(tokens: u32) -> ChatCompletionRequest {
+    req(&"w ".repeat(tokens as usize - 4))
+}
+
+fn too_long(window: u32, prompt_tokens: u32, requested: Option<u32>) -> SimError {
+    SimError::ContextLengthExceeded { model: "sim-llama".into(), window, prompt_tokens, requested }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_just_under_or_at_the_window_is_served_one_over_is_refused() {
+    let s = sim(SimConfig { context_window: 100, ..cfg(1, 3) });
+    assert_eq!(crate::prompt_tokens(&sized(100).messages), 100);
+    s.generate(&sized(99)).await.unwrap();
+    s.generate(&sized(100)).await.unwrap();
+    assert_eq!(s.generate(&sized(101)).await.unwrap_err(), too_long(100, 101, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_completion_budget_counts_against_the_window() {
+    let s = sim(SimConfig { context_window: 100, ..cfg(4, 3) });
+    let mut r = sized(90);
+    r.max_tokens = Some(10);
+    s.generate(&r).await.unwrap();
+    r.max_tokens = Some(11);
+    assert_eq!(s.generate(&r).await.unwrap_err(), too_long(100, 90, Some(11)));
+    // max_completion_tokens wins over max_tokens, both ways.
+    r.max_completion_tokens = Some(10);
+    s.generate(&r).await.unwrap();
+    r.max_tokens = Some(1);
+    r.max_completion_tokens = Some(11);
+    assert_eq!(s.generate(&r).await.unwrap_err(), too_long(100, 90, Some(11)));
+    // The largest budget the wire allows does not overflow the sum.
+    r.max_completion_tokens = Some(u32::MAX);
+    assert_eq!(s.generate(&r).await.unwrap_err(), too_long(100, 90, Some(u32::MAX)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_s_own_window_overrides_the_global_one() {
+    let mut c = SimConfig { context_window: 100, ..cfg(4, 3) };
+    c.models[0].context_window = Some(50);
+    c.models.push(SimModel { context_window: Some(1000), ..SimModel::new("wide", "gpu0") });
+    c.models.push(SimModel::new("plain", "gpu0"));
+    let s = sim(c);
+    assert_eq!(s.generate(&sized(51)).await.unwrap_err(), too_long(50, 51, None));
+    let at = |model: &str, tokens| {
+        let mut r = sized(tokens);
+        r.model = model.into();
+        r
+    };
+    s.generate(&at("wide", 1000)).await.unwrap();
+    assert!(matches!(
+        s.generate(&at("wide", 1001)).await,
+        Err(SimError::ContextLengthExceeded { window: 1000, .. })
+    ));
+    s.generate(&at("plain", 100)).await.unwrap();
+    assert!(matches!(
+        s.generate(&at("plain", 101)).await,
+        Err(SimError::ContextLengthExceeded { window: 100, .. })
+    ));
+    // Loaded at run time: the override applies, else the global window.
+    s.load_model(SimModel {
+        context_window: Some(10),
+        memory_mb: 0,
+        ..SimModel::new("tiny", "gpu0")
+    })
+    .unwrap();
+    assert!(matches!(
+        s.generate(&at("tiny", 11)).await,
+        Err(SimError::ContextLengthExceeded { window: 10, .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_prompt_fails_at_once_without_a_slot_a_queue_place_or_a_request_number() {
+    // One slot, busy, and no queue: anything admitted would be Overloaded. Prefill at the
+    // default 200 µs a token would take minutes for this prompt.
+    let s = sim(SimConfig { context_window: 512, max_queue: 0, ..cfg(1, 3) });
+    let held = s.generate(&req("hold")).await.unwrap();
+    let big = req(&"word ".repeat(680_000)); // 3.4 MB
+    let t0 = Instant::now();
+    assert_eq!(s.generate(&big).await.unwrap_err(), too_long(512, 680_004, None));
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!((s.in_flight(), s.queue_depth()), (1, 0));
+    drop(held);
+    // The refusal took no request number: the next request is number 1, as if it never was.
+    assert_eq!(s.generate(&req("next")).await.unwrap().request_id(), 1);
+    // A crash or refusal still wins: a dead backend does not read the prompt.
+    s.set_faults(Faults { crash: true, ..Faults::default() }).unwrap();
+    assert_eq!(s.generate(&big).await.unwrap_err(), SimError::Crashed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn error_rate_one_fails_every_request_after_its_ttft() {
     let mut c = cfg(1, 5);

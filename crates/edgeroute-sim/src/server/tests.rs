@@ -287,6 +287,72 @@ async fn overload_is_503_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_prompt_beyond_the_context_window_is_a_400_at_once() {
+    // Realistic prefill (200 µs a token): had the 3.4 MB prompt been prefilled, it would take
+    // two minutes. The only slot is busy and nothing may queue, so the 400 also shows the
+    // check comes before the queue.
+    let (sim, app) = app(SimConfig {
+        context_window: 512,
+        max_queue: 0,
+        gpus: vec![crate::GpuConfig { slots: 1, ..crate::GpuConfig::new("gpu0") }],
+        ..SimConfig::default()
+    });
+    let _held = sim.generate(&user("hold")).await.unwrap();
+    let big = "word ".repeat(680_000);
+    for stream in [false, true] {
+        let started = std::time::Instant::now();
+        let (status, headers, e) = error_of(
+            &app,
+            chat(&json!({"model":"sim-llama","messages":[{"role":"user","content":big}],
+                "stream":stream})),
+        )
+        .await;
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(headers.get(RETRY_AFTER).is_none());
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["code"], "context_length_exceeded");
+        assert_eq!(e["param"], "messages");
+        assert_eq!(
+            e["message"],
+            "This model's maximum context length is 512 tokens. However, your messages \
+             resulted in 680004 tokens. Please reduce the length of the messages."
+        );
+    }
+    // The completion budget counts too: 6 prompt tokens + 507 > 512.
+    let (status, _, e) = error_of(
+        &app,
+        chat(&json!({"model":"sim-llama","messages":[{"role":"user","content":"a b"}],
+            "max_tokens":507})),
+    )
+    .await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("context_length_exceeded"))
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("you requested 513 tokens (6 in the messages, 507 in the completion)"),
+        "{e}"
+    );
+    assert_eq!((sim.in_flight(), sim.queue_depth()), (1, 0));
+}
+
+#[tokio::test]
+async fn a_body_beyond_32_mib_is_an_openai_413() {
+    let (_, app) = app(SimConfig::zero_latency());
+    let (status, _, e) =
+        error_of(&app, post("/v1/chat/completions", vec![b' '; (32 << 20) + 1])).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("invalid_request_error"), Some("request_too_large"))
+    );
+}
+
+#[tokio::test]
 async fn models_lists_the_loaded_models() {
     let (_, app) = app(SimConfig::default());
     let req = Request::builder().uri("/v1/models").body(Body::empty()).unwrap();
