@@ -12,6 +12,12 @@ pub trait Listener: Send + 'static {
 
     fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send;
 
+    /// The source address of a connection, for the per-source connection cap; `None` (the
+    /// default) exempts the listener's connections from it.
+    fn source(_addr: &Self::Addr) -> Option<std::net::IpAddr> {
+        None
+    }
+
     /// The address clients reach, when the listener knows it.
     fn local_addr(&self) -> Option<std::net::SocketAddr> {
         None
@@ -27,6 +33,10 @@ impl Listener for tokio::net::TcpListener {
         // Token streams are many small writes: Nagle would add up to 40 ms per chunk.
         stream.set_nodelay(true)?;
         Ok((stream, addr))
+    }
+
+    fn source(addr: &Self::Addr) -> Option<std::net::IpAddr> {
+        Some(addr.ip())
     }
 
     fn local_addr(&self) -> Option<std::net::SocketAddr> {

@@ -36,12 +36,18 @@ pub struct ServerLimits {
     pub tls_handshake_timeout: Duration,
     /// Open connections beyond this wait in the kernel's backlog (accept pauses).
     pub max_connections: usize,
+    /// Open connections from one source address (as the listener reports it); more are
+    /// closed at accept, so one host cannot hold every connection. `0`: no cap.
+    pub max_connections_per_source: usize,
     /// Largest request head (HTTP/1.1 read buffer; HTTP/2 header list), bytes. At least 8 KiB.
     pub max_header_bytes: usize,
     /// Most headers in one HTTP/1.1 request.
     pub max_headers: usize,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows, bytes: per stream and per connection.
+    pub http2_stream_window_bytes: u32,
+    pub http2_connection_window_bytes: u32,
     /// After shutdown starts, in-flight responses get this long to finish.
     pub shutdown_grace: Duration,
 }
@@ -53,9 +59,12 @@ impl Default for ServerLimits {
             idle_timeout: Duration::from_secs(60),
             tls_handshake_timeout: Duration::from_secs(5),
             max_connections: 4096,
+            max_connections_per_source: 512,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
-            http2_max_concurrent_streams: 256,
+            http2_max_concurrent_streams: 100,
+            http2_stream_window_bytes: 65_536,
+            http2_connection_window_bytes: 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -73,6 +82,7 @@ pub async fn serve<L: Listener>(
 ) {
     let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let sources = Sources::new(limits.max_connections_per_source);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     let mut accept_backoff = Duration::from_millis(5);
@@ -110,12 +120,18 @@ pub async fn serve<L: Listener>(
                 continue;
             }
         };
+        let Some(source) = sources.enter(L::source(&addr)) else {
+            tracing::debug!(?addr, "too many connections from this source; closing");
+            drop(io);
+            continue;
+        };
         let app = app.clone();
         let limits = limits.clone();
         let tls = tls.clone();
         let stop = stop_rx.clone();
         conns.spawn(async move {
             let _permit = permit;
+            let _source = source;
             match tls {
                 None => serve_connection(io, app, &limits, stop).await,
                 Some(acceptor) => {
@@ -317,6 +333,53 @@ impl<I: tokio::io::AsyncWrite> tokio::io::AsyncWrite for HeadWatched<I> {
     }
 }
 
+/// Open connections per source address, capped.
+#[derive(Clone)]
+struct Sources {
+    cap: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One open connection from a source; leaving forgets the source at zero (the table holds
+/// only sources with open connections, so it is bounded by `max_connections`).
+struct SourceGuard {
+    sources: Sources,
+    ip: Option<std::net::IpAddr>,
+}
+
+impl Sources {
+    fn new(cap: usize) -> Sources {
+        Sources { cap, open: Arc::default() }
+    }
+
+    /// Counts a connection from `ip`; `None` when that source is at its cap.
+    fn enter(&self, ip: Option<std::net::IpAddr>) -> Option<SourceGuard> {
+        let ip = ip.filter(|_| self.cap > 0);
+        if let Some(ip) = ip {
+            let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = open.entry(ip).or_default();
+            if *n >= self.cap {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(SourceGuard { sources: self.clone(), ip })
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
+        let mut open = self.sources.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
 async fn serve_connection<I>(
     io: I,
     app: Router,
@@ -347,6 +410,8 @@ async fn serve_connection<I>(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .initial_stream_window_size(limits.http2_stream_window_bytes)
+        .initial_connection_window_size(limits.http2_connection_window_bytes)
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
 

@@ -332,3 +332,35 @@ async fn tls_serves_http1_and_h2_by_alpn() {
     assert!(!String::from_utf8_lossy(&out).contains("200"));
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test]
+async fn one_source_cannot_hold_more_than_its_share_of_connections() {
+    let limits = ServerLimits { max_connections_per_source: 2, ..Default::default() };
+    let srv = start(limits).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 512];
+        assert!(s.read(&mut buf).await.unwrap() > 0, "served within the cap");
+        held.push(s);
+    }
+    // A third from the same address is closed at accept, at once.
+    let mut third = TcpStream::connect(srv.addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(time_to_close(&mut third, Duration::from_secs(2)).await < Duration::from_secs(1));
+    // A slot freed is a slot for the next connection (the table forgets closed ones).
+    drop(held.pop());
+    let t = Instant::now();
+    loop {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        if out.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "the freed slot was never reused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
