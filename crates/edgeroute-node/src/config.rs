@@ -144,6 +144,25 @@ pub use edgeroute_http::tls::TlsSection;
 pub struct Limits {
     /// Largest request body; larger gets 413. Default 4 MiB.
     pub max_body_bytes: usize,
+    /// Time to receive a whole request body, from the end of its head (nginx's
+    /// `client_body_timeout`, but total: a body trickled in a byte at a time is cut). Later
+    /// gets 408. Default 15000 (4 MiB then needs about 2.2 Mbit/s).
+    pub body_read_timeout_ms: u64,
+    /// Request bodies being received or waiting for the backend, all tenants together, bytes.
+    /// A request reserves its `Content-Length` (or `max_body_bytes` when chunked) before its
+    /// body is read; beyond the budget it is shed with 503 and a `Retry-After`. Default 64 MiB.
+    pub max_buffered_body_bytes: usize,
+    /// Share of `max_concurrency` one tenant may hold in flight; beyond it 429 with a
+    /// `Retry-After`, and other tenants keep their slots. Default 0.5.
+    pub tenant_max_share: f64,
+    /// Largest `n` (choices per request). Default 8.
+    pub max_n: u32,
+    /// Largest `max_tokens` / `max_completion_tokens`. Default 32768.
+    pub max_output_tokens: u32,
+    /// Most messages in one request. Default 2048.
+    pub max_messages: usize,
+    /// Largest prompt: the bytes of every message's text together. Default 4 MiB.
+    pub max_prompt_bytes: usize,
     /// Largest request head; larger gets 431. Default 16 KiB (at least 8 KiB).
     pub max_header_bytes: usize,
     /// Most headers in one request. Default 100.
@@ -156,8 +175,15 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Open connections; beyond it accepting pauses. Default 4096.
     pub max_connections: usize,
-    /// Concurrent streams per HTTP/2 connection. Default 256.
+    /// Open connections from one source address; more are closed at accept. `0`: no cap.
+    /// Default 512.
+    pub max_connections_per_source: usize,
+    /// Concurrent streams per HTTP/2 connection. Default 100 (Envoy's edge value).
     pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window per stream, bytes. Default 65536 (Envoy's edge value).
+    pub http2_stream_window_bytes: u32,
+    /// HTTP/2 flow-control window per connection, bytes. Default 1 MiB (Envoy's edge value).
+    pub http2_connection_window_bytes: u32,
     /// Requests in flight on this node; beyond it requests are shed with 503, a
     /// `Retry-After` and a migrate hint, never queued without bound. Default 256.
     pub max_concurrency: u32,
@@ -185,12 +211,22 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 4 * 1024 * 1024,
+            body_read_timeout_ms: 15_000,
+            max_buffered_body_bytes: 64 * 1024 * 1024,
+            tenant_max_share: 0.5,
+            max_n: 8,
+            max_output_tokens: 32_768,
+            max_messages: 2048,
+            max_prompt_bytes: 4 * 1024 * 1024,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             header_read_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
             max_connections: 4096,
-            http2_max_concurrent_streams: 256,
+            max_connections_per_source: 512,
+            http2_max_concurrent_streams: 100,
+            http2_stream_window_bytes: 65_536,
+            http2_connection_window_bytes: 1024 * 1024,
             max_concurrency: 256,
             rate_limit_per_s: 50,
             rate_limit_burst: 100,
@@ -205,12 +241,22 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// In-flight requests one tenant may hold: `tenant_max_share` of `max_concurrency`, at
+    /// least one.
+    pub fn tenant_concurrency(&self) -> u32 {
+        let share = (f64::from(self.max_concurrency) * self.tenant_max_share).ceil();
+        (share as u32).clamp(1, self.max_concurrency.max(1))
+    }
+
     pub fn server_limits(&self) -> edgeroute_http::ServerLimits {
         edgeroute_http::ServerLimits {
             header_read_timeout: ms(self.header_read_timeout_ms),
             idle_timeout: ms(self.idle_timeout_ms),
             tls_handshake_timeout: ms(self.header_read_timeout_ms),
             max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            http2_stream_window_bytes: self.http2_stream_window_bytes,
+            http2_connection_window_bytes: self.http2_connection_window_bytes,
             max_header_bytes: self.max_header_bytes,
             max_headers: self.max_headers,
             http2_max_concurrent_streams: self.http2_max_concurrent_streams,
@@ -303,6 +349,11 @@ pub struct OpenAiConfig {
     /// `max_concurrency` slots.
     #[serde(default)]
     pub gpus: Vec<GpuSpec>,
+    /// Request fields forwarded to this upstream beyond OpenAI's chat API (e.g. vLLM's
+    /// `top_k`, `min_p`, `repetition_penalty`). Others are dropped (and counted in
+    /// `edgeroute_request_fields_dropped_total`). Default: none.
+    #[serde(default)]
+    pub extra_fields: Vec<String>,
 }
 
 impl OpenAiConfig {
@@ -321,6 +372,7 @@ impl OpenAiConfig {
             triton_url: None,
             load_timeout_ms: d_load_timeout(),
             gpus: vec![],
+            extra_fields: vec![],
         }
     }
 }
@@ -509,6 +561,13 @@ impl NodeConfig {
             ("limits.idle_timeout_ms", l.idle_timeout_ms),
             ("limits.stream_idle_timeout_ms", l.stream_idle_timeout_ms),
             ("limits.max_body_bytes", l.max_body_bytes as u64),
+            ("limits.body_read_timeout_ms", l.body_read_timeout_ms),
+            ("limits.max_buffered_body_bytes", l.max_buffered_body_bytes as u64),
+            ("limits.max_n", u64::from(l.max_n)),
+            ("limits.max_output_tokens", u64::from(l.max_output_tokens)),
+            ("limits.max_messages", l.max_messages as u64),
+            ("limits.max_prompt_bytes", l.max_prompt_bytes as u64),
+            ("limits.http2_max_concurrent_streams", u64::from(l.http2_max_concurrent_streams)),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));
@@ -516,6 +575,25 @@ impl NodeConfig {
         }
         if l.max_header_bytes < 8192 {
             return Err(invalid("limits.max_header_bytes", "must be at least 8192"));
+        }
+        if !(l.tenant_max_share > 0.0 && l.tenant_max_share <= 1.0) {
+            return Err(invalid("limits.tenant_max_share", "a share in (0, 1]"));
+        }
+        if l.max_buffered_body_bytes < l.max_body_bytes {
+            return Err(invalid(
+                "limits.max_buffered_body_bytes",
+                "must be at least limits.max_body_bytes (one largest body must fit)",
+            ));
+        }
+        // HTTP/2 windows: RFC 9113 bounds (65,535 is the protocol's initial value; 2^31 - 1
+        // its largest).
+        for (key, v) in [
+            ("limits.http2_stream_window_bytes", l.http2_stream_window_bytes),
+            ("limits.http2_connection_window_bytes", l.http2_connection_window_bytes),
+        ] {
+            if !(65_535..=(1 << 31) - 1).contains(&v) {
+                return Err(invalid(key, "between 65535 and 2147483647"));
+            }
         }
         for (i, p) in self.pipelines.iter().enumerate() {
             if p.id.is_empty()

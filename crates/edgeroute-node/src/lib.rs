@@ -139,6 +139,12 @@ impl Node {
             backend,
             auth,
             limiter: TenantLimiter::new(l.rate_limit_per_s, l.rate_limit_burst),
+            tenants: gateway::admission::TenantSlots::new(l.tenant_concurrency()),
+            bodies: gateway::admission::BodyBudget::new(l.max_buffered_body_bytes),
+            forward_fields: match &cfg.backend {
+                config::BackendConfig::Openai(o) => o.extra_fields.clone(),
+                config::BackendConfig::Sim { .. } => vec![],
+            },
             metrics: Metrics::default(),
             clock,
             seq: AtomicU64::new(0),

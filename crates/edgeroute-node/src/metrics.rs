@@ -28,6 +28,7 @@ pub struct Metrics {
     pub duration: Histogram,
     pub stream_chunks: Counter,
     pub streams_cancelled: Counter,
+    pub fields_dropped: Counter,
     pub in_flight: Gauge,
     pub queue_depth: Gauge,
     pub auth_reload_failures: Gauge,
@@ -58,6 +59,7 @@ impl Default for Metrics {
             duration: Histogram::new(latency_buckets()),
             stream_chunks: Counter::default(),
             streams_cancelled: Counter::default(),
+            fields_dropped: Counter::default(),
             in_flight: Gauge::default(),
             queue_depth: Gauge::default(),
             auth_reload_failures: Gauge::default(),
@@ -89,6 +91,11 @@ impl Default for Metrics {
             "streams_cancelled",
             "Streams ended by the client going away",
             m.streams_cancelled.clone(),
+        );
+        registry.register(
+            "request_fields_dropped",
+            "Request fields neither OpenAI's chat API nor backend.extra_fields allows, dropped before the backend",
+            m.fields_dropped.clone(),
         );
         registry.register("in_flight", "Requests admitted and not finished", m.in_flight.clone());
         registry.register(

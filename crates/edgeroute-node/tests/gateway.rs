@@ -252,8 +252,8 @@ async fn rate_limit_per_tenant_with_retry_after() {
 
 #[tokio::test]
 async fn concurrency_limit_sheds_with_503_and_migrate_hint() {
-    // One slot; a slow answer occupies it.
-    let slow = "[limits]\nmax_concurrency = 1\n[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 5\ntokens_per_s = 20.0\nmin_answer_tokens = 10\nmax_answer_tokens = 10\n";
+    // One slot, all of it for one tenant; a slow answer occupies it.
+    let slow = "[limits]\nmax_concurrency = 1\ntenant_max_share = 1.0\n[backend]\nkind = \"sim\"\n[backend.sim]\nttft_base_ms = 5\ntokens_per_s = 20.0\nmin_answer_tokens = 10\nmax_answer_tokens = 10\n";
     let node = TestNode::start(slow).await;
     let t = node.token();
     let addr = node.addr;

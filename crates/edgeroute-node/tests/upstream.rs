@@ -246,7 +246,7 @@ async fn request_bodies_pass_untouched_unless_the_model_is_renamed() {
     let fake = FakeUpstream::new(Behaviour::Echo);
     let up = spawn_router(fake.router()).await;
     let cfg = format!(
-        "[backend]\nkind = \"openai\"\nurl = \"{}\"\n[[backend.models]]\nid = \"same\"\n[[backend.models]]\nid = \"alias\"\nupstream_name = \"real-name\"\n",
+        "[backend]\nkind = \"openai\"\nurl = \"{}\"\nextra_fields = [\"vendor_knob\"]\n[[backend.models]]\nid = \"same\"\n[[backend.models]]\nid = \"alias\"\nupstream_name = \"real-name\"\n",
         up.url()
     );
     let node = TestNode::start(&cfg).await;

@@ -5,9 +5,11 @@
 //! no `[DONE]`, so a truncated answer is never mistaken for a complete one.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -21,7 +23,8 @@ use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, HeaderValue, header};
 use tokio::time::Instant;
 
-use super::AppState;
+use super::admission::{self, TenantSlot};
+use super::{AppState, Tenant};
 use crate::backend::{BackendError, CallContext, EventStream, Reply, StreamEvent};
 use crate::config::ms;
 use crate::lifecycle::Admission;
@@ -32,11 +35,13 @@ const ROUTE: &str = "chat";
 
 pub async fn chat_completions(
     State(st): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let mut model = None;
-    let mut res = match handle(&st, &headers, body, &mut model).await {
+    let tenant = tenant.map_or_else(|| Arc::from("anonymous"), |Extension(Tenant(t))| t);
+    let mut res = match handle(&st, &tenant, &headers, body, &mut model).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     };
@@ -53,22 +58,25 @@ pub async fn chat_completions(
     res
 }
 
+/// Counts a refusal by `reason` and passes it on.
+fn refused<'a>(st: &'a AppState, reason: &'static str) -> impl FnOnce(ApiError) -> ApiError + 'a {
+    move |e| {
+        st.metrics.reject(reason);
+        e
+    }
+}
+
 async fn handle(
     st: &AppState,
+    tenant: &Arc<str>,
     headers: &HeaderMap,
     body: Body,
     model: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let raw_body = edgeroute_http::json::read_body(body, st.limits.max_body_bytes).await?;
-    let req: ChatCompletionRequest = edgeroute_http::json::parse_json(&raw_body)?;
-    req.validate().map_err(|e| ApiError::invalid_request(Some(&e.param), e.message))?;
-    *model = Some(req.model.clone());
-    // Held until the answer ends: an unload drains until every hold is released.
-    let Some(model_use) = st.models.acquire(&req.model) else {
-        return Err(ApiError::model_not_found(&req.model));
-    };
-
+    let l = &st.limits;
+    // Admission first, from the head alone: a request the node will not serve costs it no
+    // body bytes.
     let now = st.telemetry.now();
     let session = headers
         .get(SESSION_HEADER)
@@ -83,7 +91,8 @@ async fn handle(
                 )
             })
         })
-        .transpose()?;
+        .transpose()
+        .map_err(refused(st, "invalid_request"))?;
     let known = session.is_some_and(|s| st.sessions.is_known(s, now));
     let hint = match st.phase.load().admit(now, known) {
         Admission::Admit(hint) => hint,
@@ -96,7 +105,7 @@ async fn handle(
             ));
         }
     };
-    let Some(slot) = st.telemetry.try_admit(st.limits.max_concurrency) else {
+    let Some(slot) = st.telemetry.try_admit(l.max_concurrency) else {
         st.metrics.reject("overloaded");
         let hint = MigrateHint { reason: "overload".into(), deadline_ms: 0, to: None, model: None };
         return Err(refusal(
@@ -104,6 +113,59 @@ async fn handle(
             "This node is at its concurrency limit; retry on another node.",
             hint,
         ));
+    };
+    let Some(tenant_slot) = st.tenants.try_acquire(tenant) else {
+        st.metrics.reject("tenant_concurrency");
+        return Err(ApiError::new(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("tenant_concurrency_exceeded"),
+            format!(
+                "This tenant has {} requests in flight on this node, its limit; retry on another node or when one ends.",
+                l.tenant_concurrency()
+            ),
+        )
+        .with_header(header::RETRY_AFTER, "1"));
+    };
+    let size = admission::declared_body(headers, l.max_body_bytes)
+        .map_err(refused(st, "body_too_large"))?;
+    let Some(body_room) = st.bodies.try_reserve(size) else {
+        st.metrics.reject("body_budget");
+        return Err(ApiError::unavailable(
+            "body_budget_exhausted",
+            "This node is receiving as many request bodies as it holds; retry on another node.",
+            1,
+        ));
+    };
+    let raw_body = admission::read_body(body, l.max_body_bytes, ms(l.body_read_timeout_ms))
+        .await
+        .inspect_err(|e| {
+        st.metrics.reject(match e.status.as_u16() {
+            408 => "body_timeout",
+            413 => "body_too_large",
+            _ => "invalid_request",
+        });
+    })?;
+    let mut req: ChatCompletionRequest =
+        edgeroute_http::json::parse_json(&raw_body).map_err(refused(st, "invalid_request"))?;
+    req.validate()
+        .map_err(|e| ApiError::invalid_request(Some(&e.param), e.message))
+        .map_err(refused(st, "invalid_request"))?;
+    admission::check_ceilings(&req, l).map_err(refused(st, "over_ceiling"))?;
+    // Only fields the backend is meant to see reach it; the client's bytes are forwarded
+    // untouched when nothing was dropped.
+    let dropped = admission::drop_unknown_fields(&mut req, &st.forward_fields);
+    let raw_body = if dropped == 0 {
+        raw_body
+    } else {
+        st.metrics.fields_dropped.inc_by(dropped as u64);
+        Bytes::from(serde_json::to_vec(&req).map_err(|e| ApiError::internal(e.to_string()))?)
+    };
+    *model = Some(req.model.clone());
+    // Held until the answer ends: an unload drains until every hold is released.
+    let Some(model_use) = st.models.acquire(&req.model) else {
+        st.metrics.reject("model_not_found");
+        return Err(ApiError::model_not_found(&req.model));
     };
     if let Some(s) = session {
         st.sessions.touch(s, now);
@@ -117,7 +179,10 @@ async fn handle(
         raw_body,
     };
     let idle = ctx.idle_timeout;
-    let reply = match st.backend.chat(req, ctx).await {
+    let reply = st.backend.chat(req, ctx).await;
+    // The body has reached the backend: its room is free for the next one.
+    drop(body_room);
+    let reply = match reply {
         Ok(r) => r,
         Err(e) => {
             if e.is_node_fault() {
@@ -134,6 +199,7 @@ async fn handle(
             st.telemetry.record(Some(ttft), ttft, Outcome::Ok);
             st.metrics.duration.observe(ttft.as_secs_f64());
             drop(slot);
+            drop(tenant_slot);
             drop(model_use);
             ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
@@ -141,6 +207,7 @@ async fn handle(
             let recorder = Recorder {
                 st: st.clone(),
                 _slot: slot,
+                _tenant: tenant_slot,
                 _model: model_use,
                 started,
                 ttft,
@@ -178,6 +245,7 @@ fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {
 struct Recorder {
     st: AppState,
     _slot: InFlight,
+    _tenant: TenantSlot,
     _model: ModelUse,
     started: Instant,
     ttft: Duration,

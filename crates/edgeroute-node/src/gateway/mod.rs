@@ -6,6 +6,7 @@
 //! chat handler itself because the slot it takes must live as long as the response stream.
 
 mod admin;
+pub mod admission;
 mod auth;
 mod chat;
 mod info;
@@ -61,6 +62,12 @@ pub struct NodeState {
     /// `None` only when the config waives authentication.
     pub auth: Option<Arc<KeyStore>>,
     pub limiter: TenantLimiter,
+    /// In-flight requests per tenant (a share of `max_concurrency`).
+    pub tenants: Arc<admission::TenantSlots>,
+    /// Room for request bodies, node-wide.
+    pub bodies: admission::BodyBudget,
+    /// Request fields the backend takes beyond OpenAI's (`backend.extra_fields`).
+    pub forward_fields: Vec<String>,
     pub metrics: Metrics,
     pub clock: WallClock,
     pub seq: AtomicU64,
