@@ -487,7 +487,7 @@ async fn get_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<S
 /// Starts a server on a free port and waits until `GET health` answers 200. A server that
 /// exits during start-up (most likely: the port was taken meanwhile) is retried on another
 /// port, twice.
-async fn start_server(
+pub(crate) async fn start_server(
     guard: &mut ProcessGuard,
     name: &str,
     log: &Path,
@@ -527,7 +527,7 @@ async fn start_server(
 }
 
 /// Runs `edgeroute token mint` and returns the JWT it prints.
-async fn mint_token(bin: &Path, secret_file: &Path) -> anyhow::Result<String> {
+pub(crate) async fn mint_token(bin: &Path, secret_file: &Path) -> anyhow::Result<String> {
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(["token", "mint", "--secret-file"])
         .arg(secret_file)

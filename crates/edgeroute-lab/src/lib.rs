@@ -31,5 +31,6 @@ mod pipe;
 pub mod process;
 pub mod relay;
 pub mod sdk_bench;
+pub mod soak;
 pub mod synthetic;
 pub mod wan;

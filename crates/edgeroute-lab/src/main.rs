@@ -153,6 +153,23 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
+    /// Soak: a real node under well-behaved JSON and SSE traffic beside hostile requests (slow
+    /// bodies, oversize, beyond-context prompts, bad tokens, abandoned streams); RSS and open
+    /// descriptors sampled every second.
+    Soak {
+        /// Measured seconds.
+        #[arg(long, default_value_t = 120)]
+        duration_s: u64,
+        /// Well-behaved requests per second (half JSON, half SSE).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Hostile requests per second, over five kinds.
+        #[arg(long, default_value_t = 50.0)]
+        hostile_rate: f64,
+        /// The `edgeroute` binary. Default: next to this one.
+        #[arg(long)]
+        edgeroute: Option<PathBuf>,
+    },
     /// Gateway overhead: the same load direct to the simulator, through the gateway, through
     /// nginx and through LiteLLM's proxy, on loopback, in one run.
     Gateway {
@@ -298,6 +315,22 @@ async fn run(command: Command) -> Result<()> {
         BenchCommand::Freshness { bus, nats_url, changes } => {
             let cfg = bus_bench::config(&bus, &nats_url)?;
             println!("{}", discovery_bench::freshness(cfg, changes).await?);
+        }
+        BenchCommand::Soak { duration_s, rate, hostile_rate, edgeroute } => {
+            let mut opts = edgeroute_lab::soak::SoakOpts::new(match edgeroute {
+                Some(path) => path,
+                None => edgeroute_next_to_this_binary()?,
+            });
+            opts.duration = Duration::from_secs(duration_s);
+            opts.rate = rate;
+            opts.hostile_rate = hostile_rate;
+            opts.command = command_line;
+            let report = edgeroute_lab::soak::run(opts).await?;
+            println!("{}", report.to_markdown());
+            anyhow::ensure!(
+                report.legit_errors() == 0 && report.hostile_unexpected() == 0 && report.flat(),
+                "the soak failed its targets (see above)"
+            );
         }
         BenchCommand::Gateway {
             rates,

@@ -188,6 +188,9 @@ async fn handle(
             if e.is_node_fault() {
                 st.telemetry.record(None, started.elapsed(), Outcome::Failed);
                 st.metrics.backend_error(e.kind());
+            } else {
+                // The backend refused the request itself (a prompt beyond the context...).
+                st.metrics.reject("backend_rejected");
             }
             return Err(e.to_api());
         }
