@@ -528,10 +528,19 @@ pub(crate) async fn start_server(
 
 /// Runs `edgeroute token mint` and returns the JWT it prints.
 pub(crate) async fn mint_token(bin: &Path, secret_file: &Path) -> anyhow::Result<String> {
+    mint_token_for(bin, secret_file, "bench").await
+}
+
+/// Runs `edgeroute token mint` for tenant `sub` and returns the JWT it prints.
+pub(crate) async fn mint_token_for(
+    bin: &Path,
+    secret_file: &Path,
+    sub: &str,
+) -> anyhow::Result<String> {
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(["token", "mint", "--secret-file"])
         .arg(secret_file)
-        .args(["--sub", "bench", "--scope", "inference"])
+        .args(["--sub", sub, "--scope", "inference"])
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
         .await

@@ -150,10 +150,12 @@ pub struct Limits {
     pub body_read_timeout_ms: u64,
     /// Request bodies being received or waiting for the backend, all tenants together, bytes.
     /// A request reserves its `Content-Length` (or `max_body_bytes` when chunked) before its
-    /// body is read; beyond the budget it is shed with 503 and a `Retry-After`. Default 64 MiB.
+    /// body is read; beyond the budget, or beyond its tenant's `tenant_max_share` of it, it is
+    /// shed with 503 and a `Retry-After`. Default 64 MiB.
     pub max_buffered_body_bytes: usize,
-    /// Share of `max_concurrency` one tenant may hold in flight; beyond it 429 with a
-    /// `Retry-After`, and other tenants keep their slots. Default 0.5.
+    /// Share of `max_concurrency` (and of `max_buffered_body_bytes`) one tenant may hold;
+    /// beyond it 429 (503 for body room) with a `Retry-After`, and other tenants keep theirs.
+    /// Default 0.5.
     pub tenant_max_share: f64,
     /// Largest `n` (choices per request). Default 8.
     pub max_n: u32,
@@ -579,10 +581,10 @@ impl NodeConfig {
         if !(l.tenant_max_share > 0.0 && l.tenant_max_share <= 1.0) {
             return Err(invalid("limits.tenant_max_share", "a share in (0, 1]"));
         }
-        if l.max_buffered_body_bytes < l.max_body_bytes {
+        if (l.max_buffered_body_bytes as f64 * l.tenant_max_share) < l.max_body_bytes as f64 {
             return Err(invalid(
                 "limits.max_buffered_body_bytes",
-                "must be at least limits.max_body_bytes (one largest body must fit)",
+                "times limits.tenant_max_share must be at least limits.max_body_bytes (one tenant's largest body must fit)",
             ));
         }
         // HTTP/2 windows: RFC 9113 bounds (65,535 is the protocol's initial value; 2^31 - 1

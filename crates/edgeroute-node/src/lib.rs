@@ -140,7 +140,10 @@ impl Node {
             auth,
             limiter: TenantLimiter::new(l.rate_limit_per_s, l.rate_limit_burst),
             tenants: gateway::admission::TenantSlots::new(l.tenant_concurrency()),
-            bodies: gateway::admission::BodyBudget::new(l.max_buffered_body_bytes),
+            bodies: gateway::admission::BodyBudget::new(
+                l.max_buffered_body_bytes,
+                l.tenant_max_share,
+            ),
             forward_fields: match &cfg.backend {
                 config::BackendConfig::Openai(o) => o.extra_fields.clone(),
                 config::BackendConfig::Sim { .. } => vec![],

@@ -65,12 +65,13 @@ async fn a_trickled_body_is_cut_at_its_deadline_with_a_408_and_others_are_served
 }
 
 #[tokio::test]
-async fn bodies_wait_for_room_in_the_node_budget_and_a_declared_oversize_is_413_unread() {
+async fn bodies_need_room_in_their_tenants_share_of_the_budget_and_a_declared_oversize_is_413_unread()
+ {
     let node = TestNode::start(
-        "[limits]\nmax_body_bytes = 65536\nmax_buffered_body_bytes = 100000\nbody_read_timeout_ms = 600\n",
+        "[limits]\nmax_body_bytes = 65536\nmax_buffered_body_bytes = 200000\nbody_read_timeout_ms = 600\n",
     )
     .await;
-    // One slow 60 kB body holds 60 kB of the 100 kB budget while it trickles.
+    // The test tenant's slow 60 kB body holds 60 kB of its 100 kB share while it trickles.
     let mut slow = slow_body(&node, 60_000, b"{").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let big = format!(
@@ -80,8 +81,11 @@ async fn bodies_wait_for_room_in_the_node_budget_and_a_declared_oversize_is_413_
     let r = node.chat(big.clone()).await;
     assert_eq!((r.status.as_u16(), r.error_code()), (503, "body_budget_exhausted".to_owned()));
     assert_eq!(r.header("retry-after"), Some("1"));
-    // A small body still fits.
+    // A small body of the same tenant still fits, and another tenant's large one too.
     assert_eq!(node.chat(CHAT).await.status, 200);
+    let other = node.token_for("other", &[Scope::Inference], 600);
+    let r = post_json(node.addr, "/v1/chat/completions", Some(&other), &[], big.clone()).await;
+    assert_eq!(r.status, 200);
     // When the slow one is cut, its room comes back.
     assert!(read_head(&mut slow, Duration::from_secs(3)).await.starts_with("HTTP/1.1 408"));
     assert_eq!(node.chat(big).await.status, 200);

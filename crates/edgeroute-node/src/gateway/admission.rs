@@ -65,22 +65,56 @@ impl Drop for TenantSlot {
     }
 }
 
-/// The node's budget for request bodies being received or held, in KiB.
+/// The node's budget for request bodies being received or held, in KiB, of which one tenant
+/// may hold at most its share: a tenant trickling large bodies cannot take the room every
+/// other tenant's bodies need.
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
     kib: Arc<Semaphore>,
+    tenant_cap_kib: usize,
+    held: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+}
+
+/// Room reserved for one body; given back on drop.
+#[derive(Debug)]
+pub struct BodyRoom {
+    _permit: OwnedSemaphorePermit,
+    kib: usize,
+    tenant: Arc<str>,
+    held: Arc<Mutex<HashMap<Arc<str>, usize>>>,
 }
 
 impl BodyBudget {
-    pub fn new(bytes: usize) -> BodyBudget {
+    /// `bytes` node-wide, `share` of it per tenant.
+    pub fn new(bytes: usize, share: f64) -> BodyBudget {
         let kib = bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS);
-        BodyBudget { kib: Arc::new(Semaphore::new(kib)) }
+        let tenant_cap_kib = ((kib as f64 * share).ceil() as usize).clamp(1, kib.max(1));
+        BodyBudget { kib: Arc::new(Semaphore::new(kib)), tenant_cap_kib, held: Arc::default() }
     }
 
-    /// Reserves room for a body of `bytes`, at once or not at all.
-    pub fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).ok()?;
-        self.kib.clone().try_acquire_many_owned(kib).ok()
+    /// Reserves room for `tenant`'s body of `bytes`, at once or not at all.
+    pub fn try_reserve(&self, tenant: &Arc<str>, bytes: usize) -> Option<BodyRoom> {
+        let kib = bytes.div_ceil(1024).max(1);
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = held.get(tenant).copied().unwrap_or(0);
+        if mine + kib > self.tenant_cap_kib {
+            return None;
+        }
+        let permit = self.kib.clone().try_acquire_many_owned(u32::try_from(kib).ok()?).ok()?;
+        held.insert(tenant.clone(), mine + kib);
+        Some(BodyRoom { _permit: permit, kib, tenant: tenant.clone(), held: self.held.clone() })
+    }
+}
+
+impl Drop for BodyRoom {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.tenant) {
+            *n = n.saturating_sub(self.kib);
+            if *n == 0 {
+                held.remove(&self.tenant);
+            }
+        }
     }
 }
 
@@ -233,12 +267,17 @@ mod tests {
     }
 
     #[test]
-    fn the_body_budget_is_shared_and_given_back() {
-        let budget = BodyBudget::new(8 * 1024);
-        let p = budget.try_reserve(6 * 1024).unwrap();
-        assert!(budget.try_reserve(4 * 1024).is_none());
+    fn the_body_budget_is_shared_each_tenant_holds_its_share_and_room_is_given_back() {
+        let budget = BodyBudget::new(8 * 1024, 0.5);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        let p = budget.try_reserve(&a, 3 * 1024).unwrap();
+        assert!(budget.try_reserve(&a, 2 * 1024).is_none(), "a is at its share");
+        let q = budget.try_reserve(&b, 4 * 1024).unwrap();
+        assert!(budget.try_reserve(&c, 2 * 1024).is_none(), "the node's budget is spent");
         drop(p);
-        assert!(budget.try_reserve(8 * 1024).is_some());
+        drop(q);
+        assert!(budget.try_reserve(&c, 4 * 1024).is_some());
+        assert!(budget.held.lock().unwrap().len() <= 1, "released tenants leave the table");
         let mut h = HeaderMap::new();
         assert_eq!(declared_body(&h, 100).unwrap(), 100, "chunked: the limit");
         h.insert(header::CONTENT_LENGTH, "40".parse().unwrap());

@@ -129,7 +129,7 @@ async fn handle(
     };
     let size = admission::declared_body(headers, l.max_body_bytes)
         .map_err(refused(st, "body_too_large"))?;
-    let Some(body_room) = st.bodies.try_reserve(size) else {
+    let Some(body_room) = st.bodies.try_reserve(tenant, size) else {
         st.metrics.reject("body_budget");
         return Err(ApiError::unavailable(
             "body_budget_exhausted",
