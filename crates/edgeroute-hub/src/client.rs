@@ -37,7 +37,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use crate::config::HubConfig;
 use crate::error::{HubError, shown};
 use crate::filter::FileFilter;
-use crate::manifest::{self, FileEntry, Manifest, RepoInfo};
+use crate::manifest::{FileEntry, Manifest};
 use crate::model_ref::{Commit, HubId, HubModel};
 
 const USER_AGENT_VALUE: &str = concat!("edgeroute-hub/", env!("CARGO_PKG_VERSION"));
@@ -294,10 +294,13 @@ impl HubClient {
             ));
         }
         let body = self.read_limited(resp.into_body(), &host).await?;
-        let info: RepoInfo = serde_json::from_slice(&body).map_err(|e| HubError::BadResponse {
-            what: shown(&format!("repository info is not the expected JSON: {e}")),
-        })?;
-        manifest::build(&model.id, &model.revision, info, filter, self.inner.max_file_bytes)
+        Manifest::from_repo_info(
+            &model.id,
+            &model.revision,
+            &body,
+            filter,
+            self.inner.max_file_bytes,
+        )
     }
 
     /// Downloads one file of `id` at `commit` into `partial`, resuming from its current length,

@@ -114,6 +114,22 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Parses and validates the hub's answer to
+    /// `GET /api/models/{id}/revision/{rev}?blobs=true` (the raw body, as received) and selects
+    /// the files `filter` asks for, refusing any file over `max_file_bytes`.
+    pub fn from_repo_info(
+        id: &HubId,
+        revision: &Revision,
+        body: &[u8],
+        filter: &FileFilter,
+        max_file_bytes: u64,
+    ) -> Result<Manifest, HubError> {
+        let info: RepoInfo = serde_json::from_slice(body).map_err(|e| HubError::BadResponse {
+            what: shown(&format!("repository info is not the expected JSON: {e}")),
+        })?;
+        build(id, revision, info, filter, max_file_bytes)
+    }
+
     /// Sum of the file sizes.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()

@@ -7,10 +7,12 @@
 //! with an explicit SSE error event, never a clean `[DONE]`.
 
 mod completions;
-mod gguf;
+/// Public for the fuzz targets (`fuzz/`): the GGUF metadata reader sees untrusted bytes.
+pub mod gguf;
 mod openai;
 mod sim;
-mod template;
+/// Public for the fuzz targets (`fuzz/`): templates render caller-supplied messages.
+pub mod template;
 pub mod triton;
 
 use std::pin::Pin;
