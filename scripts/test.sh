@@ -36,6 +36,9 @@ cargo nextest run --workspace --locked --no-fail-fast
 step "rust doc tests"
 cargo test --workspace --doc --locked --quiet
 
+step "fuzz smoke (${FUZZ_SECONDS:-10} s per target)"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
+
 step "python suites against the real binary"
 cargo build -p edgeroute --locked --quiet
 EDGEROUTE_BIN="$TARGET/debug/edgeroute" "$CACHE/venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
