@@ -463,29 +463,26 @@ async fn one(kind: Hostile, addr: SocketAddr, token: &str) -> u16 {
                 return 0;
             }
             // Up to the first token, then gone.
-            let mut answer = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !answer.windows(5).any(|w| w == b"data:") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => answer.extend_from_slice(&buf[..n]),
-                }
-            }
-            return status_of(&answer);
+            return status_of(&read_until(&mut s, b"data:").await);
         }
     };
     if sent.is_err() {
         return 0;
     }
+    status_of(&read_until(&mut s, b"\r\n").await)
+}
+
+/// Reads until `marker` has arrived or the connection ends.
+async fn read_until(s: &mut TcpStream, marker: &[u8]) -> Vec<u8> {
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
-    while !answer.windows(2).any(|w| w == b"\r\n") {
+    while !answer.windows(marker.len()).any(|w| w == marker) {
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => answer.extend_from_slice(&buf[..n]),
         }
     }
-    status_of(&answer)
+    answer
 }
 
 /// The status of `HTTP/1.1 NNN ...`, or 0.

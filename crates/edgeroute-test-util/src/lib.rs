@@ -9,6 +9,7 @@ pub mod fake_triton;
 pub mod fake_upstream;
 pub mod nats;
 pub mod node;
+pub mod source;
 
 pub use client::{Reply, StreamReply, get, post_json, stream};
 pub use node::{SECRET, TestNode};

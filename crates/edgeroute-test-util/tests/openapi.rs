@@ -10,11 +10,9 @@
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
+use edgeroute_test_util::source::{rust_files, workspace};
 
 const METHODS: [&str; 8] = ["get", "post", "put", "delete", "patch", "head", "options", "trace"];
 
@@ -45,17 +43,6 @@ fn production_source(path: &Path) -> String {
     match text.find("#[cfg(test)]") {
         Some(i) => text[..i].to_owned(),
         None => text,
-    }
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
     }
 }
 

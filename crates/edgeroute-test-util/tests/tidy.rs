@@ -2,22 +2,7 @@
 //! what it is, and the dependency direction ARCHITECTURE.md states holds.
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
-use std::path::{Path, PathBuf};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
+use edgeroute_test_util::source::{rust_files, workspace};
 
 fn crates() -> Vec<(String, toml::Table)> {
     let mut out = Vec::new();
@@ -52,6 +37,11 @@ fn every_source_file_opens_with_a_module_doc() {
         if src.is_dir() {
             rust_files(&src, &mut files);
         }
+    }
+    // The fuzz targets live outside the workspace and follow the same rule.
+    let fuzz = workspace().join("fuzz/fuzz_targets");
+    if fuzz.is_dir() {
+        rust_files(&fuzz, &mut files);
     }
     assert!(files.len() > 50, "found only {} files", files.len());
     let undocumented: Vec<String> = files
