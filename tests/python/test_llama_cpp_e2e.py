@@ -80,7 +80,9 @@ EXACT = {"repeat_penalty": 1.0}
 
 
 def template_backend(url):
-    return backend(url) + f'continuation = "template"\nchat_template = "{GGUF}"\n'
+    # `repeat_penalty` is llama.cpp's own knob: the node forwards it only because it is listed.
+    return (backend(url).replace("[[backend.models]]", 'extra_fields = ["repeat_penalty"]\n[[backend.models]]')
+            + f'continuation = "template"\nchat_template = "{GGUF}"\n')
 
 
 def stream_text(client, **kw):

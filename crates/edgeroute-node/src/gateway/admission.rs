@@ -206,11 +206,13 @@ fn text_len(c: Option<&Content>) -> usize {
     }
 }
 
-/// Top-level request fields beyond the typed ones that OpenAI's chat API defines: forwarded
-/// to OpenAI-compatible backends. Anything else is dropped unless the backend's config lists
-/// it (`backend.extra_fields`), so a caller cannot reach backend knobs the operator did not
-/// open.
+/// Top-level request fields beyond the typed ones that OpenAI's chat API defines, plus
+/// `add_generation_prompt`, which the SDK sends with `continue_final_message` when it continues
+/// a cut answer (vLLM and SGLang read it): forwarded to OpenAI-compatible backends. Anything
+/// else is dropped unless the backend's config lists it (`backend.extra_fields`), so a caller
+/// cannot reach backend knobs the operator did not open.
 pub const OPENAI_CHAT_FIELDS: &[&str] = &[
+    "add_generation_prompt",
     "audio",
     "frequency_penalty",
     "function_call",
