@@ -50,6 +50,42 @@ pub struct ServerLimits {
     pub http2_connection_window_bytes: u32,
     /// After shutdown starts, in-flight responses get this long to finish.
     pub shutdown_grace: Duration,
+    /// Where the transport counts what it refuses before any route runs (shared with the
+    /// server's metrics).
+    pub counters: Arc<EdgeCounters>,
+}
+
+/// Requests and connections the transport refuses before any route runs, by reason: a head
+/// over `max_header_bytes` (hyper answers 431), a malformed head (hyper answers 400), a head
+/// not received in time (closed), a source over its connection cap (closed at accept).
+#[derive(Debug, Default)]
+pub struct EdgeCounters {
+    pub head_too_large: AtomicU64,
+    pub malformed_head: AtomicU64,
+    pub head_timeout: AtomicU64,
+    pub source_cap: AtomicU64,
+}
+
+impl EdgeCounters {
+    /// (reason, count) for each reason, as metrics label them.
+    pub fn snapshot(&self) -> [(&'static str, u64); 4] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("head_too_large", get(&self.head_too_large)),
+            ("malformed_head", get(&self.malformed_head)),
+            ("head_timeout", get(&self.head_timeout)),
+            ("source_cap", get(&self.source_cap)),
+        ]
+    }
+
+    fn connection_error(&self, e: &(dyn std::error::Error + 'static)) {
+        let Some(h) = e.downcast_ref::<hyper::Error>() else { return };
+        if h.is_parse_too_large() {
+            self.head_too_large.fetch_add(1, Ordering::Relaxed);
+        } else if h.is_parse() {
+            self.malformed_head.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Default for ServerLimits {
@@ -65,6 +101,7 @@ impl Default for ServerLimits {
             http2_max_concurrent_streams: 100,
             http2_stream_window_bytes: 65_536,
             http2_connection_window_bytes: 1024 * 1024,
+            counters: Arc::default(),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -122,6 +159,7 @@ pub async fn serve<L: Listener>(
         };
         let Some(source) = sources.enter(L::source(&addr)) else {
             tracing::debug!(?addr, "too many connections from this source; closing");
+            limits.counters.source_cap.fetch_add(1, Ordering::Relaxed);
             drop(io);
             continue;
         };
@@ -428,11 +466,13 @@ async fn serve_connection<I>(
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with error");
+                    limits.counters.connection_error(e.as_ref());
                 }
                 return;
             }
             () = &mut head => {
                 tracing::debug!("request head not received in time; closing the connection");
+                limits.counters.head_timeout.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             changed = stop.changed(), if !closing => {

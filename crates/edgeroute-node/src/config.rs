@@ -263,6 +263,7 @@ impl Limits {
             max_headers: self.max_headers,
             http2_max_concurrent_streams: self.http2_max_concurrent_streams,
             shutdown_grace: ms(self.shutdown_grace_ms),
+            counters: Default::default(),
         }
     }
 }

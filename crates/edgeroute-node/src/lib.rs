@@ -144,6 +144,7 @@ impl Node {
                 l.max_buffered_body_bytes,
                 l.tenant_max_share,
             ),
+            edge: Arc::default(),
             forward_fields: match &cfg.backend {
                 config::BackendConfig::Openai(o) => o.extra_fields.clone(),
                 config::BackendConfig::Sim { .. } => vec![],
@@ -297,14 +298,11 @@ impl Node {
             Some(wrap) => wrap(self.router()),
             None => self.router(),
         };
-        edgeroute_http::serve(
-            listener,
-            router,
-            self.cfg.limits.server_limits(),
-            tls,
-            drain_then_stop,
-        )
-        .await;
+        let limits = edgeroute_http::ServerLimits {
+            counters: self.state.edge.clone(),
+            ..self.cfg.limits.server_limits()
+        };
+        edgeroute_http::serve(listener, router, limits, tls, drain_then_stop).await;
         if let Some(p) = publisher {
             let taken = p.lock().ok().and_then(|mut g| g.take());
             if let Some(p) = taken

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub queue_depth: Gauge,
     pub auth_reload_failures: Gauge,
+    /// The transport's refusals already added to `rejected`, per reason of
+    /// [`edgeroute_http::EdgeCounters::snapshot`].
+    edge_shown: [std::sync::atomic::AtomicU64; 4],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -63,6 +66,7 @@ impl Default for Metrics {
             in_flight: Gauge::default(),
             queue_depth: Gauge::default(),
             auth_reload_failures: Gauge::default(),
+            edge_shown: Default::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests answered, by route and status", m.requests.clone());
@@ -115,6 +119,17 @@ impl Default for Metrics {
 impl Metrics {
     pub fn request(&self, route: &'static str, status: u16) {
         self.requests.get_or_create(&RequestLabels { route, status }).inc();
+    }
+
+    /// Brings the transport's refusals into `rejected`, by reason. Each count is raised by
+    /// the one caller that moves its high-water mark, so concurrent scrapes never count twice.
+    pub fn sync_edge(&self, snapshot: &[(&'static str, u64); 4]) {
+        for ((reason, n), shown) in snapshot.iter().zip(&self.edge_shown) {
+            let before = shown.fetch_max(*n, std::sync::atomic::Ordering::Relaxed);
+            if *n > before {
+                self.rejected.get_or_create(&ReasonLabels { reason }).inc_by(*n - before);
+            }
+        }
     }
 
     pub fn reject(&self, reason: &'static str) {

@@ -184,3 +184,45 @@ async fn only_openai_fields_and_the_operators_extras_reach_an_upstream() {
     let clean = r#"{"model":"my-llama",   "messages":[{"role":"user","content":"hi"}]}"#;
     assert_eq!(node.chat(clean).await.body, clean.as_bytes());
 }
+
+#[tokio::test]
+async fn the_transports_refusals_count_too() {
+    let node =
+        TestNode::start("[limits]\nheader_read_timeout_ms = 300\nmax_connections_per_source = 3\n")
+            .await;
+    // A head over 16 KiB: hyper's 431.
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    let big = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(20_000));
+    let _ = s.write_all(big.as_bytes()).await;
+    assert!(read_head(&mut s, Duration::from_secs(2)).await.starts_with("HTTP/1.1 431"));
+    // A head that is not HTTP: hyper's 400.
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    assert!(read_head(&mut s, Duration::from_secs(2)).await.starts_with("HTTP/1.1 400"));
+    // Silence: closed at the head deadline.
+    let mut silent = TcpStream::connect(node.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), silent.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered");
+    // Over the per-source cap: closed at accept.
+    let held: Vec<TcpStream> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let mut c = TcpStream::connect(node.addr).await.unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+            assert!(read_head(&mut c, Duration::from_secs(2)).await.starts_with("HTTP/1.1 200"));
+            v.push(c);
+        }
+        v
+    };
+    let mut over = TcpStream::connect(node.addr).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), over.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for reason in ["head_too_large", "malformed_head", "head_timeout", "source_cap"] {
+        assert!(rejected(&node, reason).await >= 1, "{reason}");
+    }
+    // A second scrape does not count again.
+    assert_eq!(rejected(&node, "head_too_large").await, 1);
+}

@@ -155,6 +155,7 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
     if let Some(a) = &st.auth {
         m.auth_reload_failures.set(a.reload_failures() as i64);
     }
+    m.sync_edge(&st.edge.snapshot());
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         m.render(),

@@ -66,6 +66,9 @@ pub struct NodeState {
     pub tenants: Arc<admission::TenantSlots>,
     /// Room for request bodies, node-wide.
     pub bodies: admission::BodyBudget,
+    /// What the transport refused before any route ran (431, malformed heads, silent
+    /// connections, the per-source cap), reported in `/metrics` with the gateway's refusals.
+    pub edge: Arc<edgeroute_http::EdgeCounters>,
     /// Request fields the backend takes beyond OpenAI's (`backend.extra_fields`).
     pub forward_fields: Vec<String>,
     pub metrics: Metrics,
