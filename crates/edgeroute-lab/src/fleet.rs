@@ -5,7 +5,7 @@
 //! Where the fleet runs (loopback, relays, the in-memory network) is the caller's business:
 //! it passes each node's public URL in and gets each node's config out.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use edgeroute_discovery::DiscoveryConfig;
 use edgeroute_discovery::config::StaticNode;
@@ -182,6 +182,18 @@ impl FleetSpec {
             seed_per_node: false,
             rate_limit_per_s: 1_000_000,
             probe_ms: (250, 200),
+        }
+    }
+
+    /// One node, `id` in region `local`, trusting HS256 tokens signed with the secret in
+    /// `secret_file`, serving with `backend`: the fleet of a single-node benchmark.
+    pub fn single(id: &str, ttft_ms: u64, secret_file: &Path, backend: FleetBackend) -> FleetSpec {
+        FleetSpec {
+            nodes: vec![NodeSpec::new(id, "local", ttft_ms)],
+            regions: vec!["local".into()],
+            auth: FleetAuth::Hs256File(secret_file.to_owned()),
+            backend,
+            ..FleetSpec::open()
         }
     }
 

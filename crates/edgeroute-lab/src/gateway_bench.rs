@@ -33,6 +33,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::fleet::{FleetBackend, FleetSpec};
 use crate::loadgen::{self, LoadReport, LoadSpec, Mode, Percentiles};
 use crate::process::{ProcessGuard, tree_rss};
 
@@ -278,20 +279,11 @@ pub fn gateway_config(
     secret_file: &Path,
     worker_threads: usize,
 ) -> edgeroute_node::NodeConfig {
-    use edgeroute_node::config::{BackendConfig, OpenAiConfig, UpstreamModel};
-    let mut cfg = edgeroute_node::NodeConfig::new("bench-gw", "local");
+    let backend =
+        FleetBackend::OpenAi { upstream: upstream_url.to_owned(), model: "sim-llama".into() };
+    let mut cfg = FleetSpec::single("bench-gw", 0, secret_file, backend).node_config(0, None);
     cfg.node.listen = listen;
     cfg.node.worker_threads = worker_threads;
-    cfg.backend = BackendConfig::Openai(OpenAiConfig {
-        models: vec![UpstreamModel::new("sim-llama")],
-        ..OpenAiConfig::new(upstream_url)
-    });
-    cfg.auth = Some(edgeroute_auth::AuthConfig {
-        hs256_secret_file: Some(secret_file.to_owned()),
-        ..Default::default()
-    });
-    cfg.limits.rate_limit_per_s = 1_000_000;
-    cfg.limits.rate_limit_burst = 1_000_000;
     cfg.limits.max_concurrency = 100_000;
     cfg
 }

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::fleet::{FleetBackend, FleetSpec};
 use crate::gateway_bench::{mint_token, mint_token_for, start_server};
 use crate::loadgen::{self, LoadReport, LoadSpec, Mode};
 use crate::process::{ProcessGuard, rss};
@@ -264,29 +265,18 @@ impl SoakReport {
 /// The node's config: the simulator quick (5 ms to first token, 16-token answers) with room
 /// for the load, limits out of the well-behaved tenant's way, the body deadline short.
 fn node_config(listen: SocketAddr, secret: &Path, body_timeout: Duration) -> Result<String> {
-    let mut cfg = edgeroute_node::NodeConfig::new("soak-1", "local");
+    let backend =
+        FleetBackend::Sim { tokens_per_s: 2000.0, prefill_us_per_token: 0, spare_gpu: false };
+    let mut cfg = FleetSpec::single("soak-1", 5, secret, backend).node_config(0, None);
     cfg.node.listen = listen;
-    cfg.auth = Some(edgeroute_auth::AuthConfig {
-        hs256_secret_file: Some(secret.to_owned()),
-        ..Default::default()
-    });
-    cfg.limits.rate_limit_per_s = 1_000_000;
-    cfg.limits.rate_limit_burst = 1_000_000;
     cfg.limits.max_concurrency = 1024;
     cfg.limits.body_read_timeout_ms = u64::try_from(body_timeout.as_millis()).unwrap_or(u64::MAX);
-    let mut sim = edgeroute_sim::SimConfig {
-        ttft_base_ms: 5,
-        prefill_us_per_token: 0,
-        tokens_per_s: 2000.0,
-        min_answer_tokens: 8,
-        max_answer_tokens: 16,
-        max_queue: 1024,
-        ..Default::default()
-    };
-    for g in &mut sim.gpus {
-        g.slots = 256;
+    if let edgeroute_node::config::BackendConfig::Sim { sim } = &mut cfg.backend {
+        (sim.min_answer_tokens, sim.max_answer_tokens, sim.max_queue) = (8, 16, 1024);
+        for g in &mut sim.gpus {
+            g.slots = 256;
+        }
     }
-    cfg.backend = edgeroute_node::config::BackendConfig::Sim { sim };
     toml::to_string(&cfg).context("writing the node's config")
 }
 
