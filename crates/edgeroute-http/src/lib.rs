@@ -14,7 +14,9 @@
 //! and on a simulated network in tests. It knows nothing of routes or auth.
 //!
 //! [`client`] is the other direction: the one builder of outbound HTTP clients. It is all the
-//! SDK uses of this crate (the `server` feature, on by default, brings the rest).
+//! SDK uses of this crate (the `server` feature, on by default, brings the rest). [`upstream`]
+//! is the node's own client for its inference backend: one origin, connections driven inline
+//! by the request that uses them.
 
 pub mod client;
 #[cfg(feature = "server")]
@@ -27,6 +29,8 @@ mod listener;
 mod serve;
 #[cfg(feature = "server")]
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod upstream;
 
 #[cfg(feature = "server")]
 pub use error::ApiError;

@@ -1,5 +1,6 @@
 //! Any OpenAI-compatible upstream (vLLM, SGLang, llama.cpp, TGI, Ollama, Triton's OpenAI
-//! frontend) over pooled HTTP/1.1 connections.
+//! frontend) over pooled HTTP/1.1 connections that the request drives itself
+//! ([`edgeroute_http::upstream`]: no task hop between the upstream's socket and the caller's).
 //!
 //! Streams pass through frame by frame: each upstream SSE `data:` payload is re-framed and
 //! forwarded as soon as it is complete, never buffered into a whole answer. The request is
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use edgeroute_http::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamOptions};
 use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::ErrorBody;
 use edgeroute_proto::health::GpuHealth;
@@ -19,9 +21,6 @@ use edgeroute_proto::sse::{Ending, SseDecoder};
 use futures_util::{FutureExt, StreamExt};
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::completions::{self, ChunkTranslator, Label};
 use super::template::ChatTemplate;
@@ -36,7 +35,7 @@ const MAX_GATHER: usize = 64;
 const MAX_ERROR_BYTES: usize = 64 * 1024;
 
 pub struct OpenAiBackend {
-    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: Upstream,
     endpoint: http::Uri,
     /// `/v1/completions`, for continuing answers of `continuation = "template"` models.
     completions: http::Uri,
@@ -73,11 +72,15 @@ impl OpenAiBackend {
                 templates.insert(m.id.clone(), Arc::new(t));
             }
         }
-        let client = edgeroute_http::client::plain_client(&edgeroute_http::client::ClientOptions {
-            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: cfg.pool_max_idle,
-        });
+        let upstream = Upstream::new(
+            &endpoint,
+            UpstreamOptions {
+                connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+                idle_timeout: Duration::from_secs(90),
+                max_idle: cfg.pool_max_idle,
+            },
+        )
+        .map_err(|e| BuildError::Upstream(format!("url {e}")))?;
         let api_key =
             match &cfg.api_key_env {
                 Some(var) => Some(cfg.api_key.get().map(str::to_owned).ok_or_else(|| {
@@ -92,7 +95,7 @@ impl OpenAiBackend {
         };
         let in_flight = Arc::new((0..gpus.len()).map(|_| AtomicU32::new(0)).collect());
         Ok(OpenAiBackend {
-            client,
+            upstream,
             endpoint,
             completions,
             templates,
@@ -203,7 +206,7 @@ impl OpenAiBackend {
         let req = Request::get(format!("{}/v1/models", self.base))
             .body(Full::new(Bytes::new()))
             .map_err(|e| BackendError::Failed(e.to_string()))?;
-        let res = tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
+        let res = tokio::time::timeout(Duration::from_secs(5), self.upstream.send(req))
             .await
             .map_err(|_| BackendError::Timeout("upstream /v1/models did not answer".into()))?
             .map_err(|e| {
@@ -328,7 +331,7 @@ impl OpenAiBackend {
 
         let deadline = if stream { self.first_byte_timeout } else { self.request_timeout };
         let started = tokio::time::Instant::now();
-        let response = match tokio::time::timeout(deadline, self.client.request(request)).await {
+        let response = match tokio::time::timeout(deadline, self.upstream.send(request)).await {
             Err(_) => {
                 return Err(BackendError::Timeout(format!(
                     "upstream sent no response within {} ms",
@@ -438,7 +441,7 @@ impl Drop for GpuGuard {
 }
 
 struct UpstreamStream {
-    body: Incoming,
+    body: UpstreamBody,
     decoder: SseDecoder,
     /// An ending read together with the last batch, delivered on the next call.
     pending: Option<Result<StreamEvent, BackendError>>,
@@ -499,14 +502,12 @@ impl UpstreamStream {
         }
     }
 
-    /// hyper's client hands body chunks over one at a time through its connection task, so
-    /// events the upstream sent in one packet arrive here one hop apart. Collect the ones
-    /// already received before forwarding, so they leave in one write (as a byte-forwarding
-    /// proxy would) rather than one syscall and one client wake-up per event. Costs a task
-    /// switch when nothing more is there; never waits for the network.
+    /// Collects the chunks the socket already holds before forwarding, so events the upstream
+    /// sent together leave in one write (as a byte-forwarding proxy would) rather than one
+    /// syscall and one client wake-up per event. Polling the body reads the connection
+    /// directly, so this never waits for the network.
     async fn gather(&mut self) {
         for _ in 0..MAX_GATHER {
-            tokio::task::yield_now().await;
             match self.body.frame().now_or_never() {
                 None => return,
                 Some(None) => {
@@ -527,7 +528,7 @@ impl UpstreamStream {
     }
 }
 
-fn source_text(e: &hyper_util::client::legacy::Error) -> String {
+fn source_text(e: &UpstreamError) -> String {
     use std::error::Error;
     let mut s = e.to_string();
     let mut src = e.source();
@@ -541,7 +542,7 @@ fn source_text(e: &hyper_util::client::legacy::Error) -> String {
 
 /// Maps a non-2xx upstream answer: client errors pass through (never the node's fault),
 /// server errors become a 502 the client can fail over on.
-async fn upstream_error(response: http::Response<Incoming>) -> BackendError {
+async fn upstream_error(response: http::Response<UpstreamBody>) -> BackendError {
     let status = response.status();
     let retry_after = response
         .headers()
