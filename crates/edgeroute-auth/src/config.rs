@@ -21,6 +21,8 @@ pub const MAX_LEEWAY_S: u64 = 300;
 pub const DEFAULT_MIN_SECRET_BYTES: usize = 32;
 /// Default key-file polling interval in milliseconds.
 pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 1000;
+/// Default number of verified tokens remembered.
+pub const DEFAULT_VERIFIED_CACHE_ENTRIES: usize = 1024;
 
 /// Authentication settings for the gateway.
 ///
@@ -52,6 +54,10 @@ pub struct AuthConfig {
     /// How often key files are checked for changes, in milliseconds; 0 disables polling.
     /// Default: 1000.
     pub reload_interval_ms: u64,
+    /// Tokens whose verification is remembered (tenant, scopes, validity window), so a
+    /// session's repeated token skips the signature check; a key reload forgets them all.
+    /// Rounded up to a power of two; 0 disables the cache. Default: 1024.
+    pub verified_cache_entries: usize,
 }
 
 impl Default for AuthConfig {
@@ -66,6 +72,7 @@ impl Default for AuthConfig {
             leeway_s: DEFAULT_LEEWAY_S,
             min_secret_bytes: DEFAULT_MIN_SECRET_BYTES,
             reload_interval_ms: DEFAULT_RELOAD_INTERVAL_MS,
+            verified_cache_entries: DEFAULT_VERIFIED_CACHE_ENTRIES,
         }
     }
 }

@@ -16,6 +16,7 @@
 //! [`AuthError`] to a response with [`AuthError::http_status`] and
 //! [`AuthError::bearer_error_code`].
 
+pub mod cache;
 mod claims;
 mod config;
 mod error;
@@ -25,10 +26,11 @@ mod scope;
 mod store;
 mod verify;
 
+pub use cache::Verified;
 pub use claims::Claims;
 pub use config::{
     AuthConfig, DEFAULT_LEEWAY_S, DEFAULT_MIN_SECRET_BYTES, DEFAULT_RELOAD_INTERVAL_MS,
-    MAX_LEEWAY_S, Secret,
+    DEFAULT_VERIFIED_CACHE_ENTRIES, MAX_LEEWAY_S, Secret,
 };
 pub use error::{AuthError, KeyLoadError, MintError};
 pub use keys::KeySet;

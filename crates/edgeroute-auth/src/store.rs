@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
+use crate::cache::{TokenCache, Verified};
 use crate::claims::Claims;
 use crate::config::AuthConfig;
 use crate::error::{AuthError, KeyLoadError};
@@ -33,6 +34,7 @@ pub struct KeyStore {
     current: ArcSwap<Loaded>,
     generation: AtomicU64,
     reload_failures: AtomicU64,
+    verified: TokenCache,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -105,6 +107,7 @@ impl KeyStore {
             sources,
             generation: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            verified: TokenCache::new(config.verified_cache_entries),
         })
     }
 
@@ -118,12 +121,33 @@ impl KeyStore {
             sources,
             generation: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            verified: TokenCache::new(crate::config::DEFAULT_VERIFIED_CACHE_ENTRIES),
         }
     }
 
     /// Verifies `token` at time `now_unix_s` against the current keys. Lock-free, no I/O.
     pub fn verify(&self, token: &str, now_unix_s: u64) -> Result<Claims, AuthError> {
         self.current.load().keys.verify(token, &self.policy, now_unix_s)
+    }
+
+    /// Verifies `token` at `now_unix_s` as [`KeyStore::verify`] does, remembering the result:
+    /// the same token again (under the same keys, still within its validity window) costs a
+    /// hash and a comparison instead of a signature check. See [`crate::cache`].
+    pub fn authenticate(&self, token: &str, now_unix_s: u64) -> Result<Arc<Verified>, AuthError> {
+        // The generation is read before the keys: a reload in between files this result
+        // under the older generation, where the next lookup misses.
+        let generation = self.generation.load(Ordering::Acquire);
+        // An entry out of its validity window falls through: the full check says precisely
+        // why (expired, not yet valid).
+        if let Some(v) = self.verified.get(token, generation)
+            && v.valid_at(now_unix_s, self.policy.leeway_s)
+        {
+            return Ok(v);
+        }
+        let claims = self.verify(token, now_unix_s)?;
+        let v = Arc::new(Verified::from(&claims));
+        self.verified.put(token, generation, Arc::clone(&v));
+        Ok(v)
     }
 
     /// The key set in force right now.
@@ -165,7 +189,7 @@ impl KeyStore {
         }
         let keys = material.build(self.sources.min_secret_bytes)?;
         self.current.store(Arc::new(Loaded { keys: Arc::new(keys), digest }));
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(true)
     }
 

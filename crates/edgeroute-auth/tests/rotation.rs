@@ -42,6 +42,37 @@ fn rewriting_the_jwks_swaps_keys_on_reload() {
 }
 
 #[test]
+fn a_remembered_token_stops_working_when_its_key_is_rotated_out() {
+    let scratch = Scratch::new("rotate_cached");
+    let store = jwks_store(&scratch, &jwks(&[("ed25519_a_public.pem", "key-a")]));
+    let token_a = mint(&ed_a(), &opts(Some("key-a"))).unwrap();
+    let first = store.authenticate(&token_a, NOW).unwrap();
+    let again = store.authenticate(&token_a, NOW).unwrap();
+    assert!(Arc::ptr_eq(&first, &again), "the second check is the remembered one");
+    assert_eq!(first.tenant.as_ref(), store.verify(&token_a, NOW).unwrap().tenant());
+
+    scratch.write("jwks.json", jwks(&[("ed25519_b_public.pem", "key-b")]));
+    assert!(store.reload().unwrap());
+    assert!(matches!(store.authenticate(&token_a, NOW), Err(AuthError::UnknownKey)));
+}
+
+#[test]
+fn a_remembered_token_still_expires() {
+    let scratch = Scratch::new("cached_expiry");
+    let store = jwks_store(&scratch, &jwks(&[("ed25519_a_public.pem", "key-a")]));
+    let token = mint(&ed_a(), &opts(Some("key-a"))).unwrap();
+    let v = store.authenticate(&token, NOW).unwrap();
+    let after = v.exp + store.policy().leeway_s;
+    assert!(store.authenticate(&token, after - 1).is_ok());
+    assert!(matches!(store.authenticate(&token, after), Err(AuthError::Expired)));
+    // A forged token that shares the remembered one's header and claims is still checked.
+    let i = token.len() - 10;
+    let flipped = if &token[i..=i] == "A" { "B" } else { "A" };
+    let forged = format!("{}{flipped}{}", &token[..i], &token[i + 1..]);
+    assert!(store.authenticate(&forged, NOW).is_err());
+}
+
+#[test]
 fn same_kid_new_key_invalidates_old_signatures() {
     let scratch = Scratch::new("rotate_same_kid");
     let store = jwks_store(&scratch, &jwks(&[("ed25519_a_public.pem", "current")]));

@@ -21,12 +21,19 @@ pub async fn require(
         return next.run(req).await;
     };
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    // Remembered verifications: a session's repeated token costs a lookup, not a signature.
     let verified = parse_bearer(header)
-        .and_then(|token| store.verify(token, edgeroute_core::clock::unix_s(&st.clock)))
-        .and_then(|claims| claims.require_scope(scope).map(|()| claims));
+        .and_then(|token| store.authenticate(token, edgeroute_core::clock::unix_s(&st.clock)))
+        .and_then(|v| {
+            if v.scope.contains(scope) {
+                Ok(v)
+            } else {
+                Err(AuthError::InsufficientScope { required: scope })
+            }
+        });
     match verified {
-        Ok(claims) => {
-            req.extensions_mut().insert(Tenant(Arc::from(claims.tenant())));
+        Ok(v) => {
+            req.extensions_mut().insert(Tenant(Arc::clone(&v.tenant)));
             next.run(req).await
         }
         Err(e) => {

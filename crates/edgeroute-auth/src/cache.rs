@@ -1,0 +1,177 @@
+//! Tokens already verified, so a session's every request does not pay for the signature again.
+//!
+//! A voice agent sends the same bearer token on every turn; verifying it (two base64 decodes,
+//! an HMAC or a public-key check, a JSON parse, the tenant copied into a fresh string) is the
+//! same work each time. The cache keeps what verification concluded — the tenant, the scopes,
+//! the validity window — keyed by the exact token bytes:
+//!
+//! - only tokens that passed every check get in; a failure is never cached (so a bad token
+//!   costs the full check each time, and cannot evict good ones faster than real traffic);
+//! - each entry remembers the key generation it was verified under: a key rotation makes every
+//!   older entry a miss, so a removed key stops working at once;
+//! - `exp` and `nbf` are checked against the caller's `now` on every hit, with the same leeway;
+//! - the presented token is compared to the cached one in constant time (a timing difference
+//!   must not reveal how much of a valid token an attacker has guessed), in a slot chosen by a
+//!   randomly keyed hash (collisions cannot be engineered to evict a tenant);
+//! - the size is fixed at start (`auth.verified_cache_entries`, a direct-mapped table) and
+//!   tokens over [`MAX_CACHED_TOKEN_BYTES`] are never kept.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
+
+use crate::claims::Claims;
+use crate::scope::Scopes;
+
+/// Longest token the cache keeps; longer ones are verified every time.
+pub const MAX_CACHED_TOKEN_BYTES: usize = 2048;
+
+/// What verifying a token established: who it is, what it may do, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The tenant (`sub`), shared: handing it to a request copies a pointer, not the string.
+    pub tenant: Arc<str>,
+    pub scope: Scopes,
+    /// Audiences, for checks that depend on the route (an admin token's node or region).
+    pub aud: Arc<[String]>,
+    pub exp: u64,
+    pub nbf: Option<u64>,
+}
+
+impl From<&Claims> for Verified {
+    fn from(c: &Claims) -> Self {
+        Verified {
+            tenant: Arc::from(c.sub.as_str()),
+            scope: c.scope,
+            aud: Arc::from(c.aud.as_slice()),
+            exp: c.exp,
+            nbf: c.nbf,
+        }
+    }
+}
+
+impl Verified {
+    /// Whether the validity window holds at `now` (the verifier's rule: valid strictly before
+    /// `exp`, not before `nbf`, both widened by `leeway_s`).
+    pub fn valid_at(&self, now: u64, leeway_s: u64) -> bool {
+        now < self.exp.saturating_add(leeway_s)
+            && self.nbf.is_none_or(|nbf| nbf <= now.saturating_add(leeway_s))
+    }
+}
+
+struct Slot {
+    token: Box<[u8]>,
+    generation: u64,
+    verified: Arc<Verified>,
+}
+
+pub(crate) struct TokenCache {
+    slots: Box<[Mutex<Option<Slot>>]>,
+    hasher: RandomState,
+}
+
+impl TokenCache {
+    /// A table of `entries` slots, rounded up to a power of two; 0 disables caching.
+    pub(crate) fn new(entries: usize) -> Self {
+        let n = if entries == 0 { 0 } else { entries.next_power_of_two() };
+        TokenCache { slots: (0..n).map(|_| Mutex::new(None)).collect(), hasher: RandomState::new() }
+    }
+
+    fn slot(&self, token: &[u8]) -> Option<&Mutex<Option<Slot>>> {
+        if self.slots.is_empty() || token.len() > MAX_CACHED_TOKEN_BYTES {
+            return None;
+        }
+        let i = self.hasher.hash_one(token) as usize & (self.slots.len() - 1);
+        self.slots.get(i)
+    }
+
+    /// The cached verification of `token` under key `generation`, if any.
+    pub(crate) fn get(&self, token: &str, generation: u64) -> Option<Arc<Verified>> {
+        let slot = self.slot(token.as_bytes())?.lock().ok()?;
+        let s = slot.as_ref()?;
+        (s.generation == generation && constant_time_eq(&s.token, token.as_bytes()))
+            .then(|| Arc::clone(&s.verified))
+    }
+
+    pub(crate) fn put(&self, token: &str, generation: u64, verified: Arc<Verified>) {
+        if let Some(slot) = self.slot(token.as_bytes())
+            && let Ok(mut slot) = slot.lock()
+        {
+            *slot = Some(Slot { token: token.as_bytes().into(), generation, verified });
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slots.iter().filter(|s| s.lock().is_ok_and(|s| s.is_some())).count()
+    }
+}
+
+/// Equal-length inputs are compared in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| std::hint::black_box(acc | (x ^ y)));
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verified(tenant: &str, exp: u64) -> Arc<Verified> {
+        Arc::new(Verified {
+            tenant: Arc::from(tenant),
+            scope: Scopes::EMPTY,
+            aud: Arc::from(Vec::new()),
+            exp,
+            nbf: None,
+        })
+    }
+
+    #[test]
+    fn a_hit_needs_the_same_token_and_generation() {
+        let c = TokenCache::new(8);
+        c.put("aaa.bbb.ccc", 0, verified("t1", 100));
+        assert_eq!(c.get("aaa.bbb.ccc", 0).map(|v| v.tenant.to_string()), Some("t1".into()));
+        assert!(c.get("aaa.bbb.ccd", 0).is_none(), "one byte differs");
+        assert!(c.get("aaa.bbb.cc", 0).is_none(), "a prefix");
+        assert!(c.get("aaa.bbb.ccc", 1).is_none(), "keys rotated since");
+    }
+
+    #[test]
+    fn size_is_fixed_and_long_tokens_are_not_kept() {
+        let c = TokenCache::new(5);
+        for i in 0..1000 {
+            c.put(&format!("token-{i}"), 0, verified("t", 100));
+        }
+        assert!(c.len() <= 8, "{}", c.len());
+        let long = "x".repeat(MAX_CACHED_TOKEN_BYTES + 1);
+        let c = TokenCache::new(8);
+        c.put(&long, 0, verified("t", 100));
+        assert!(c.get(&long, 0).is_none());
+        let off = TokenCache::new(0);
+        off.put("a", 0, verified("t", 100));
+        assert!(off.get("a", 0).is_none());
+    }
+
+    #[test]
+    fn the_validity_window_is_the_verifiers() {
+        let mut v = (*verified("t", 100)).clone();
+        assert!(v.valid_at(99, 0));
+        assert!(!v.valid_at(100, 0));
+        assert!(v.valid_at(129, 30));
+        assert!(!v.valid_at(130, 30));
+        v.nbf = Some(50);
+        assert!(!v.valid_at(49, 0));
+        assert!(v.valid_at(20, 30));
+    }
+
+    #[test]
+    fn comparison_is_exact() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}
