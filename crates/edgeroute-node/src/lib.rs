@@ -152,6 +152,7 @@ impl Node {
             metrics: Metrics::default(),
             clock,
             seq: AtomicU64::new(0),
+            load_header: gateway::LoadHeader::default(),
         });
         Ok(Node { state, cfg: Arc::new(cfg), bus: None, wrap: None })
     }

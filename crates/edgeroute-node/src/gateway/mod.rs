@@ -74,6 +74,36 @@ pub struct NodeState {
     pub metrics: Metrics,
     pub clock: WallClock,
     pub seq: AtomicU64,
+    /// The load-report header values recently sent, so an unchanged load is not formatted
+    /// (and allocated) again for every response.
+    pub load_header: LoadHeader,
+}
+
+/// The last few load-report header values, by the figures they encode. The figures take few
+/// distinct values at a time (in-flight moves by one, TTFT is refreshed every 250 ms), so a
+/// handful of entries answers nearly every response without formatting.
+#[derive(Default)]
+pub struct LoadHeader {
+    recent: std::sync::Mutex<Recent>,
+}
+
+/// Entries, and the one the next new value replaces.
+type Recent = ([Option<(LoadReport, HeaderValue)>; 8], usize);
+
+impl LoadHeader {
+    pub fn value(&self, report: LoadReport) -> Option<HeaderValue> {
+        let Ok(mut g) = self.recent.lock() else {
+            return HeaderValue::from_str(&report.to_string()).ok();
+        };
+        let (entries, next) = &mut *g;
+        if let Some((_, v)) = entries.iter().flatten().find(|(r, _)| *r == report) {
+            return Some(v.clone());
+        }
+        let v = HeaderValue::from_str(&report.to_string()).ok()?;
+        entries[*next] = Some((report, v.clone()));
+        *next = (*next + 1) % entries.len();
+        Some(v)
+    }
 }
 
 impl std::fmt::Debug for NodeState {
@@ -131,7 +161,7 @@ async fn response_headers(State(st): State<AppState>, req: Request, next: Next) 
     let mut res = next.run(req).await;
     let h = res.headers_mut();
     h.insert(NODE_HEADER, st.node_header.clone());
-    if let Ok(v) = HeaderValue::from_str(&st.load_report().to_string()) {
+    if let Some(v) = st.load_header.value(st.load_report()) {
         h.insert(LOAD_HEADER, v);
     }
     if !h.contains_key(MIGRATE_HEADER)
@@ -146,3 +176,25 @@ async fn response_headers(State(st): State<AppState>, req: Request, next: Next) 
 /// A tenant as authenticated by the auth layer (the JWT `sub`).
 #[derive(Debug, Clone)]
 pub struct Tenant(pub Arc<str>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_header_always_says_the_current_figures() {
+        let h = LoadHeader::default();
+        let report = |f| LoadReport { queue_depth: 0, in_flight: f, capacity: 64, ttft_ms: 120 };
+        // More distinct figures than entries, then back again: each answer is exact.
+        for round in 0..3 {
+            for f in 0..20 {
+                let v = h.value(report(f)).and_then(|v| v.to_str().ok().map(str::to_owned));
+                assert_eq!(
+                    v,
+                    Some(format!("q=0;f={f};c=64;t=120")),
+                    "round {round}, in-flight {f}"
+                );
+            }
+        }
+    }
+}

@@ -38,6 +38,34 @@ pub struct TenantLimiter {
     burst: u32,
     /// Time for one request's worth of quota to replenish.
     period: Duration,
+    /// The `x-ratelimit-*` values an admitted request can carry, by remaining capacity:
+    /// made once, so an answer's headers cost reference-count increments, not formatting.
+    headers: RateHeaders,
+}
+
+/// Most distinct remaining-capacity values given prebuilt headers; beyond, they are formatted.
+const MAX_PREBUILT: u32 = 4096;
+
+struct RateHeaders {
+    limit: HeaderValue,
+    /// `(remaining, reset)` for remaining = 0..=burst.
+    by_remaining: Vec<(HeaderValue, HeaderValue)>,
+}
+
+impl RateHeaders {
+    fn new(burst: u32, period: Duration) -> Self {
+        let by_remaining = (0..=burst.min(MAX_PREBUILT))
+            .map(|remaining| Self::format(burst, period, remaining))
+            .collect();
+        RateHeaders { limit: HeaderValue::from(burst), by_remaining }
+    }
+
+    fn format(burst: u32, period: Duration, remaining: u32) -> (HeaderValue, HeaderValue) {
+        let reset = period * burst.saturating_sub(remaining);
+        let reset = HeaderValue::from_str(&format!("{}ms", reset.as_millis()))
+            .unwrap_or(HeaderValue::from_static("0ms"));
+        (HeaderValue::from(remaining), reset)
+    }
 }
 
 impl TenantLimiter {
@@ -45,11 +73,13 @@ impl TenantLimiter {
         let per_s = NonZeroU32::new(per_s).unwrap_or(NonZeroU32::MIN);
         let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::per_second(per_s).allow_burst(burst_nz);
+        let period = Duration::from_secs(1) / per_s.get();
         TenantLimiter {
             limiter: RateLimiter::dashmap_with_clock(quota, TokioClock)
                 .with_middleware::<StateInformationMiddleware>(),
             burst: burst_nz.get(),
-            period: Duration::from_secs(1) / per_s.get(),
+            period,
+            headers: RateHeaders::new(burst_nz.get(), period),
         }
     }
 
@@ -78,13 +108,14 @@ pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Resp
         Ok(snapshot) => {
             let remaining = snapshot.remaining_burst_capacity();
             let mut res = next.run(req).await;
-            let reset = l.period * (l.burst.saturating_sub(remaining));
+            let (rem, reset) = match l.headers.by_remaining.get(remaining as usize) {
+                Some((rem, reset)) => (rem.clone(), reset.clone()),
+                None => RateHeaders::format(l.burst, l.period, remaining),
+            };
             let h = res.headers_mut();
-            h.insert(LIMIT, HeaderValue::from(l.burst));
-            h.insert(REMAINING, HeaderValue::from(remaining));
-            if let Ok(v) = HeaderValue::from_str(&format!("{}ms", reset.as_millis())) {
-                h.insert(RESET, v);
-            }
+            h.insert(LIMIT, l.headers.limit.clone());
+            h.insert(REMAINING, rem);
+            h.insert(RESET, reset);
             res
         }
         Err(not_until) => {
@@ -105,5 +136,27 @@ pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Resp
             .with_header(RESET, format!("{}ms", wait.as_millis()))
             .into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prebuilt_headers_match_the_formatted_ones() {
+        let h = RateHeaders::new(3, Duration::from_millis(500));
+        assert_eq!(h.limit, "3");
+        let want = [("0", "1500ms"), ("1", "1000ms"), ("2", "500ms"), ("3", "0ms")];
+        for (remaining, (rem, reset)) in want.iter().enumerate() {
+            assert_eq!(h.by_remaining[remaining].0, *rem);
+            assert_eq!(h.by_remaining[remaining].1, *reset);
+            assert_eq!(
+                RateHeaders::format(3, Duration::from_millis(500), remaining as u32),
+                h.by_remaining[remaining]
+            );
+        }
+        let big = RateHeaders::new(u32::MAX, Duration::from_nanos(1));
+        assert_eq!(big.by_remaining.len(), MAX_PREBUILT as usize + 1, "bounded");
     }
 }
