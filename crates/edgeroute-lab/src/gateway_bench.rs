@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 
 use crate::fleet::{FleetBackend, FleetSpec};
 use crate::loadgen::{self, LoadReport, LoadSpec, Mode, Percentiles};
-use crate::process::{ProcessGuard, tree_rss};
+use crate::process::{ProcessGuard, tree_cpu_ns, tree_rss};
 
 /// Which server a row measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -208,6 +208,8 @@ pub struct Row {
     /// RSS of the target's process tree before the phase's first round and after its last.
     pub rss_start: Option<u64>,
     pub rss_end: Option<u64>,
+    /// CPU time of the target's process tree per request sent (warm-up included), in ns.
+    pub cpu_per_request_ns: Option<u64>,
 }
 
 /// One mode at one rate, all targets loaded at that rate.
@@ -841,6 +843,8 @@ async fn run_with(
             let rss_start: Vec<Option<u64>> =
                 targets.list.iter().map(|t| tree_rss(t.pid)).collect();
             let mut acc: Vec<Option<LoadReport>> = vec![None; targets.list.len()];
+            // (CPU ns, requests sent) per target over the phase's rounds.
+            let mut cpu: Vec<Option<(u64, u64)>> = vec![None; targets.list.len()];
             let loaded: Vec<usize> = (0..targets.list.len())
                 .filter(|&i| targets.loaded_at(&targets.list[i], opts, rate))
                 .collect();
@@ -851,9 +855,16 @@ async fn run_with(
                     let t = &targets.list[i];
                     let mut spec = targets.spec(t, opts, *mode, rate, body);
                     spec.duration = slice;
+                    let warm = (spec.warmup.as_secs_f64() * rate).ceil() as u64;
+                    let cpu_before = tree_cpu_ns(t.pid);
                     let rep = loadgen::run(&spec).await.with_context(|| {
                         format!("loading {} ({mode}, {rate} req/s)", t.kind.label())
                     })?;
+                    if let (Some(a), Some(b)) = (cpu_before, tree_cpu_ns(t.pid)) {
+                        let (ns, n) = cpu[i].get_or_insert((0, 0));
+                        *ns += b.saturating_sub(a);
+                        *n += rep.scheduled + warm;
+                    }
                     check_alive(guard)?;
                     match &mut acc[i] {
                         Some(a) => a.merge(&rep)?,
@@ -866,8 +877,15 @@ async fn run_with(
                 .iter()
                 .zip(acc)
                 .zip(rss_start)
-                .filter_map(|((t, load), rss_start)| {
-                    Some(Row { target: t.kind, load: load?, rss_start, rss_end: tree_rss(t.pid) })
+                .zip(cpu)
+                .filter_map(|(((t, load), rss_start), cpu)| {
+                    Some(Row {
+                        target: t.kind,
+                        load: load?,
+                        rss_start,
+                        rss_end: tree_rss(t.pid),
+                        cpu_per_request_ns: cpu.and_then(|(ns, n)| ns.checked_div(n)),
+                    })
                 })
                 .collect();
             phases.push(Phase { mode: *mode, rate, rows });
@@ -1110,6 +1128,21 @@ impl GatewayBenchReport {
                 "Load generator start delay (intended → sent), p50 / p99: {}.\n",
                 delays.join("; ")
             );
+            let cpu: Vec<String> = phase
+                .rows
+                .iter()
+                .filter_map(|r| {
+                    let ns = r.cpu_per_request_ns?;
+                    Some(format!("{} {:.1} µs", r.target.label(), ns as f64 / 1e3))
+                })
+                .collect();
+            if !cpu.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "CPU per request (user + kernel, the process tree's threads from `/proc/PID/task/*/schedstat`, warm-up requests included; the direct target is the simulator alone, the others exclude it): {}.\n",
+                    cpu.join("; ")
+                );
+            }
         }
 
         if !self.memory.is_empty() {
@@ -1232,9 +1265,10 @@ impl GatewayBenchReport {
         if full {
             let _ = writeln!(
                 md,
-                "| target | achieved req/s | p50 | p99 | p99.9 | max | added p50 | added p99 | p99 ÷ direct | errors | late starts | RSS start → end |"
+                "| target | achieved req/s | p50 | p99 | p99.9 | max | added p50 | added p99 | p99 ÷ direct | CPU / request | errors | late starts | RSS start → end |"
             );
-            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let _ =
+                writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         } else {
             let _ = writeln!(
                 md,
@@ -1280,13 +1314,14 @@ impl GatewayBenchReport {
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} of {} | {} → {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} of {} | {} → {} |",
                     row.target.label(),
                     achieved,
                     latencies,
                     added50,
                     added99,
                     ratio,
+                    row.cpu_per_request_ns.map_or("—".into(), |ns| fmt_us(ns / 1000)),
                     errors,
                     load.late_starts,
                     load.scheduled,
@@ -1568,7 +1603,13 @@ mod tests {
     }
 
     fn row(target: TargetKind, load: LoadReport) -> Row {
-        Row { target, load, rss_start: Some(8 << 20), rss_end: Some(9 << 20) }
+        Row {
+            target,
+            load,
+            rss_start: Some(8 << 20),
+            rss_end: Some(9 << 20),
+            cpu_per_request_ns: Some(61_000),
+        }
     }
 
     #[test]

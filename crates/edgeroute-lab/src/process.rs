@@ -149,28 +149,57 @@ pub fn rss(pid: u32) -> Option<u64> {
     parse_vm_rss(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
-/// Summed RSS of `pid` and all its descendants (nginx: master plus workers).
-/// Shared pages are counted once per process, as `ps` does.
-pub fn tree_rss(pid: u32) -> Option<u64> {
-    let mut total = rss(pid)?;
-    let mut frontier = vec![pid];
+/// `pid` and all its descendants (nginx: master plus workers), `pid` first.
+pub fn tree(pid: u32) -> Vec<u32> {
     let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| {
-            let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-            Some((child, parse_stat_ppid(&stat)?))
+        .map(|d| {
+            d.filter_map(|e| {
+                let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+                Some((child, parse_stat_ppid(&stat)?))
+            })
+            .collect()
         })
-        .collect();
+        .unwrap_or_default();
+    let mut out = vec![pid];
+    let mut frontier = vec![pid];
     while let Some(parent) = frontier.pop() {
         for &(child, ppid) in &all {
             if ppid == parent && child != pid {
-                total += rss(child).unwrap_or(0);
+                out.push(child);
                 frontier.push(child);
             }
         }
     }
-    Some(total)
+    out
+}
+
+/// Summed RSS of `pid` and all its descendants (nginx: master plus workers).
+/// Shared pages are counted once per process, as `ps` does.
+pub fn tree_rss(pid: u32) -> Option<u64> {
+    let first = rss(pid)?;
+    Some(first + tree(pid).iter().skip(1).map(|&p| rss(p).unwrap_or(0)).sum::<u64>())
+}
+
+/// CPU time `pid` and all its descendants have used, in nanoseconds: the sum over their
+/// threads of `/proc/PID/task/TID/schedstat`'s first field (time on a CPU, user and kernel,
+/// nanosecond resolution — `/proc/PID/stat`'s ticks are too coarse for a 10 s phase).
+pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = None;
+    for p in tree(pid) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            if let Some(ns) = parse_schedstat_runtime(&stat) {
+                *total.get_or_insert(0) += ns;
+            }
+        }
+    }
+    total
+}
+
+pub fn parse_schedstat_runtime(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -183,6 +212,24 @@ mod tests {
         assert_eq!(parse_vm_rss(status), Some(4321 * 1024));
         assert_eq!(parse_vm_rss("Name:\tzombie\nState:\tZ (zombie)\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
+    }
+
+    #[test]
+    fn schedstat_runtime_is_the_first_field() {
+        assert_eq!(parse_schedstat_runtime("104325 346505 2\n"), Some(104_325));
+        assert_eq!(parse_schedstat_runtime(""), None);
+    }
+
+    #[test]
+    fn this_process_uses_cpu() {
+        let me = std::process::id();
+        let before = tree_cpu_ns(me).unwrap_or(0);
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        assert!(tree_cpu_ns(me).unwrap_or(0) > before, "{x}");
+        assert_eq!(tree(me)[0], me);
     }
 
     #[test]
