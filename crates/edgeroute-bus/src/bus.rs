@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use edgeroute_core::clock::WallClock;
 use edgeroute_proto::topology::{NodeSnapshot, TopologyEvent};
 use tokio::sync::watch;
 
@@ -90,11 +91,19 @@ impl Bus {
         }
     }
 
-    /// Follows the whole fleet: every node's stored state first, then ordered events.
+    /// Follows the whole fleet: every node's stored state first, then ordered events. Epochs
+    /// are checked against the system's wall clock.
     pub async fn subscribe(&self) -> Result<Subscription, BusError> {
+        self.subscribe_with_clock(edgeroute_core::clock::system()).await
+    }
+
+    /// [`Bus::subscribe`] with the wall clock (Unix ms) that caps epochs given.
+    pub async fn subscribe_with_clock(&self, clock: WallClock) -> Result<Subscription, BusError> {
         match &self.transport {
-            Transport::InProcess(bus) => Ok(Subscription::in_process(bus.clone(), &self.config)),
-            Transport::Nats(bus) => Subscription::nats(bus.clone(), &self.config).await,
+            Transport::InProcess(bus) => {
+                Ok(Subscription::in_process(bus.clone(), &self.config, clock))
+            }
+            Transport::Nats(bus) => Subscription::nats(bus.clone(), &self.config, clock).await,
         }
     }
 

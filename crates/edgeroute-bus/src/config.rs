@@ -1,9 +1,13 @@
-//! Bus configuration: which transport, where it is, and the timing of liveness.
+//! Bus configuration: which transport, where it is, who we are on it, and the limits of what a
+//! subscriber holds.
 //!
 //! A plain serde struct: the binary reads it (e.g. the `[bus]` table of a node's or discovery's
-//! TOML) and hands it in; nothing here reads files or the environment. Unknown keys are errors
-//! so a typo is caught at start-up instead of silently falling back to a default.
+//! TOML) and hands it in. Unknown keys are errors so a typo is caught at start-up instead of
+//! silently falling back to a default. Credentials are given as file paths (read by
+//! [`crate::NatsBus::connect`]), never inline, so neither the config nor its `Debug` carries a
+//! secret.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +57,42 @@ pub struct BusConfig {
     /// Events an embedded subscriber may fall behind before it resyncs from the snapshots
     /// (default: 4096).
     pub channel_capacity: usize,
+    /// NATS: an NKey user seed file (`SU…`, one line; keep it mode 0600), as written by
+    /// `edgeroute bus credentials` (default: none).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// NATS: a `.creds` file (user JWT + seed, for decentralised auth) instead of
+    /// `nkey_seed_file` (default: none). At most one of the two.
+    pub creds_file: Option<PathBuf>,
+    /// NATS: a PEM file of the CA(s) that sign the server's certificate (default: none: the
+    /// system roots, and only if the server offers TLS or `require_tls` is set).
+    pub tls_ca_file: Option<PathBuf>,
+    /// NATS: client certificate (PEM) for mutual TLS; needs `tls_key_file` (default: none).
+    pub tls_cert_file: Option<PathBuf>,
+    /// NATS: the client certificate's private key (PEM) (default: none).
+    pub tls_key_file: Option<PathBuf>,
+    /// NATS: refuse to talk to the server without TLS (default: false; set it whenever the bus
+    /// leaves the host).
+    pub require_tls: bool,
+    /// NATS: messages the client buffers per subscription before it drops them as a slow
+    /// consumer (async-nats default: 65,536). A dropped event costs a resync, never a wrong
+    /// state (default: 1024; at most 64 MiB at the 64 KiB message cap).
+    pub subscription_capacity: usize,
+    /// NATS: commands (publishes, subscriptions) the client queues for the connection
+    /// (async-nats default: 2048) (default: 256).
+    pub client_capacity: usize,
+    /// Subscriber: most nodes one view holds. An announced node id beyond it is refused and
+    /// counted, however many ids the bus carries (default: 4096).
+    pub max_nodes: usize,
+    /// Subscriber: most models in one node's snapshot. A bigger snapshot (or an event that
+    /// would grow one past it) is refused and counted (default: 256).
+    pub max_models_per_node: usize,
+    /// Subscriber: how far ahead of its own wall clock an epoch (a node's start time, Unix ms)
+    /// may be. A later one is refused and counted: it would pin the node's state until every
+    /// subscriber restarts (default: 300000, five minutes of clock skew).
+    pub max_epoch_skew_ms: u64,
+    /// Subscriber: a node silent for `expire_ms` plus this long is dropped from the view; it
+    /// comes back through its stored snapshot when it speaks again (default: 600000).
+    pub forget_ms: u64,
 }
 
 impl Default for BusConfig {
@@ -69,6 +109,18 @@ impl Default for BusConfig {
             op_timeout_ms: 2000,
             reconnect_max_ms: 2000,
             channel_capacity: 4096,
+            nkey_seed_file: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
+            subscription_capacity: 1024,
+            client_capacity: 256,
+            max_nodes: 4096,
+            max_models_per_node: 256,
+            max_epoch_skew_ms: 300_000,
+            forget_ms: 600_000,
         }
     }
 }
@@ -108,12 +160,38 @@ impl BusConfig {
                 self.expire_ms, self.heartbeat_ms
             )));
         }
-        if self.max_buffered_events == 0 || self.channel_capacity == 0 {
+        let sizes = [
+            ("max_buffered_events", self.max_buffered_events),
+            ("channel_capacity", self.channel_capacity),
+            ("subscription_capacity", self.subscription_capacity),
+            ("client_capacity", self.client_capacity),
+            ("max_nodes", self.max_nodes),
+            ("max_models_per_node", self.max_models_per_node),
+        ];
+        for (name, value) in sizes {
+            if value == 0 {
+                return Err(BusError::Config(format!("{name} must be positive")));
+            }
+        }
+        if self.nkey_seed_file.is_some() && self.creds_file.is_some() {
+            return Err(BusError::Config("set nkey_seed_file or creds_file, not both".to_owned()));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(BusError::Config(
-                "max_buffered_events and channel_capacity must be positive".to_owned(),
+                "tls_cert_file and tls_key_file go together (mutual TLS)".to_owned(),
             ));
         }
         Ok(())
+    }
+
+    /// The limits a subscriber's [`crate::FleetView`] keeps.
+    pub fn view_limits(&self) -> crate::ViewLimits {
+        crate::ViewLimits {
+            max_nodes: self.max_nodes,
+            max_models_per_node: self.max_models_per_node,
+            max_epoch_skew_ms: self.max_epoch_skew_ms,
+            forget_ms: self.forget_ms,
+        }
     }
 
     pub(crate) fn heartbeat(&self) -> Duration {
@@ -163,5 +241,28 @@ mod tests {
         assert!(bad(|c| c.expire_ms = c.heartbeat_ms));
         assert!(bad(|c| c.heartbeat_ms = 0));
         assert!(bad(|c| c.max_buffered_events = 0));
+        assert!(bad(|c| c.subscription_capacity = 0));
+        assert!(bad(|c| c.max_nodes = 0));
+        assert!(bad(|c| {
+            c.nkey_seed_file = Some("a".into());
+            c.creds_file = Some("b".into());
+        }));
+        assert!(bad(|c| c.tls_cert_file = Some("cert.pem".into())));
+    }
+
+    #[test]
+    fn credentials_and_tls_parse_from_toml() {
+        let cfg: BusConfig = toml::from_str(
+            "kind = \"nats\"\nnkey_seed_file = \"/etc/edgeroute/bus.nk\"\n\
+             tls_ca_file = \"/etc/edgeroute/ca.pem\"\nrequire_tls = true",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.nkey_seed_file.as_deref(),
+            Some(std::path::Path::new("/etc/edgeroute/bus.nk"))
+        );
+        assert!(cfg.require_tls);
+        cfg.validate().unwrap();
+        assert_eq!((cfg.subscription_capacity, cfg.client_capacity), (1024, 256));
     }
 }

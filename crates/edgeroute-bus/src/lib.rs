@@ -11,6 +11,12 @@
 //! - NATS: core subjects `<prefix>.<region>.<node_id>` for events, a JetStream KV bucket
 //!   (key = node id) for snapshots. See [`nats`] for the layout.
 //!
+//! Who may speak: on NATS each node connects as its own NKey user (`nkey_seed_file` or
+//! `creds_file` in [`BusConfig`], TLS optional or required) whose server-side permissions
+//! allow only its own subject and KV key ([`credentials`]; `deploy/nats/` ships the server
+//! configuration). What the bus announces is held bounded by each subscriber's [`FleetView`]
+//! ([`ViewLimits`]: node and model caps, an epoch cap from the wall clock, forgetting).
+//!
 //! What this crate deliberately does not do: it is never on the request path. A dead bus stops
 //! routing refreshes only: [`Bus::connect`] succeeds with the server down, and
 //! [`Publisher::publish`] never blocks. [`FleetView`] is pure (no I/O, `now` passed in).
@@ -19,6 +25,7 @@
 
 mod bus;
 mod config;
+pub mod credentials;
 mod error;
 mod inprocess;
 pub mod nats;
@@ -36,5 +43,5 @@ pub use publisher::{
     Clock, NodeIdentity, Publisher, PublisherOptions, PublisherStats, system_clock,
 };
 pub use subscription::{FleetUpdate, Subscription};
-pub use view::{Applied, FleetCounters, FleetView, SnapshotApplied};
+pub use view::{Applied, FleetCounters, FleetView, Refusal, SnapshotApplied, ViewLimits};
 pub use wire::{MAX_MESSAGE_BYTES, Rejected};

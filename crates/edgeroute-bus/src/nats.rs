@@ -13,6 +13,11 @@
 //! [`NatsBus::connect`] never fails because the server is down, only for a bad URL, so a node
 //! with a dead bus still starts and serves. Operations fail fast with
 //! [`BusError::Unavailable`] while disconnected instead of waiting out their timeouts.
+//!
+//! Identity and transport security come from [`BusConfig`]: an NKey seed file or a `.creds`
+//! file (read here, once, at connect; a missing or malformed file is a configuration error, not
+//! a background retry), a CA file, a client certificate for mutual TLS, and `require_tls`.
+//! The client's buffers are bounded by `subscription_capacity` and `client_capacity`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +63,48 @@ struct Inner {
     connections: watch::Receiver<u64>,
 }
 
+/// The connect options `cfg`'s credentials and TLS settings give.
+async fn identity(cfg: &BusConfig) -> Result<ConnectOptions, BusError> {
+    let mut options = ConnectOptions::new().require_tls(cfg.require_tls);
+    if let Some(path) = &cfg.nkey_seed_file {
+        let seed = read_secret("nkey_seed_file", path)?;
+        crate::credentials::check_user_seed(&seed)
+            .map_err(|e| BusError::Config(format!("nkey_seed_file {}: {e}", path.display())))?;
+        options = options.nkey(seed);
+    }
+    if let Some(path) = &cfg.creds_file {
+        // Read (and checked) now, so a wrong path fails at start-up.
+        read_secret("creds_file", path)?;
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| BusError::Config(format!("creds_file {}: {e}", path.display())))?;
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
+}
+
+/// Reads a secret file (trimmed), warning when others may read it too.
+fn read_secret(what: &str, path: &std::path::Path) -> Result<String, BusError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BusError::Config(format!("{what} {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(file = %path.display(), "{what} is readable by others: chmod 600 it");
+        }
+    }
+    Ok(text.trim().to_owned())
+}
+
 /// The delay before reconnection attempt `attempts`: quick at first, then capped, so a fleet
 /// does not hammer a restarting server yet finds it again within `max`.
 pub(crate) fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
@@ -66,13 +113,17 @@ pub(crate) fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
 }
 
 impl NatsBus {
-    /// Starts connecting to `cfg.nats_url` and returns at once, connected or not.
+    /// Starts connecting to `cfg.nats_url` and returns at once, connected or not. Fails for an
+    /// unreadable or invalid credentials file.
     pub async fn connect(cfg: &BusConfig) -> Result<NatsBus, BusError> {
         let (connections_tx, connections) = watch::channel(0u64);
         let connections_tx = Arc::new(connections_tx);
         let max = cfg.reconnect_max();
-        let client = ConnectOptions::new()
+        let client = identity(cfg)
+            .await?
             .name("edgeroute-bus")
+            .subscription_capacity(cfg.subscription_capacity)
+            .client_capacity(cfg.client_capacity)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
@@ -107,6 +158,11 @@ impl NatsBus {
                 connections,
             }),
         })
+    }
+
+    /// Opens (creating it if missing) the KV bucket now rather than on first use.
+    pub async fn ensure_bucket(&self) -> Result<(), BusError> {
+        self.store().await.map(|_| ())
     }
 
     pub fn is_connected(&self) -> bool {

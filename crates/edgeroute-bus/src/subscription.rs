@@ -10,7 +10,11 @@
 //! 3. a lagged in-process receiver, or a NATS reconnection, rereads every snapshot, since
 //!    any node may have changed unseen;
 //! 4. a timer expires nodes that fell silent (no heartbeat for `expire_ms`), except while the
-//!    subscriber's own connection is down: then the silence is its own, not the nodes'.
+//!    subscriber's own connection is down: then the silence is its own, not the nodes'; nodes
+//!    silent for `forget_ms` more are dropped;
+//! 5. the view's limits ([`crate::ViewLimits`], from [`BusConfig`]) apply to every message:
+//!    epochs are checked against the wall clock the subscription is given, and a node the view
+//!    does not hold gets in only through its stored snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
@@ -18,6 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use edgeroute_core::clock::WallClock;
 use edgeroute_proto::topology::{NodeSnapshot, TopologyEvent};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -73,6 +78,8 @@ struct Core {
     /// Events of nodes whose snapshot is being fetched, replayed once it arrives.
     held: BTreeMap<String, Vec<TopologyEvent>>,
     started: Instant,
+    /// Unix ms, for the epoch cap only (liveness runs on `started`'s monotonic clock).
+    clock: WallClock,
     expire_ms: u64,
     synced: bool,
 }
@@ -102,15 +109,20 @@ struct NatsSource {
 }
 
 impl Core {
-    fn new(cfg: &BusConfig) -> Self {
+    fn new(cfg: &BusConfig, clock: WallClock) -> Self {
         Core {
-            view: FleetView::new(),
+            view: FleetView::with_limits(cfg.view_limits()),
             ready: VecDeque::new(),
             held: BTreeMap::new(),
             started: Instant::now(),
+            clock,
             expire_ms: cfg.expire_ms,
             synced: false,
         }
+    }
+
+    fn wall_ms(&self) -> u64 {
+        (self.clock)()
     }
 
     fn now_ms(&self) -> u64 {
@@ -127,12 +139,14 @@ impl Core {
             held.push(ev);
             return None;
         }
-        match self.view.apply_event(&ev, self.now_ms()) {
+        match self.view.apply_event(&ev, self.now_ms(), self.wall_ms()) {
             Applied::Folded => {
                 self.ready.push_back(FleetUpdate::Event(ev));
                 None
             }
-            Applied::Stale => None,
+            Applied::Stale | Applied::Refused(_) => None,
+            // Fetches in flight are bounded like the view: at most one per node it may hold.
+            Applied::NeedsResync(_) if self.held.len() >= self.view.limits().max_nodes => None,
             Applied::NeedsResync(node) => {
                 self.held.insert(node.clone(), vec![ev]);
                 Some(node)
@@ -150,12 +164,12 @@ impl Core {
         }
         let mut held = self.held.remove(node).unwrap_or_default();
         held.sort_by_key(|e| (e.epoch, e.seq));
-        let now = self.now_ms();
+        let (now, wall) = (self.now_ms(), self.wall_ms());
         for ev in held {
             // Whatever still does not fit is dropped: the store is always at least as new as
             // any event sent, so a remaining gap is a lost fetch, and the node's next event
             // (a heartbeat at the latest) asks again.
-            if self.view.apply_event(&ev, now) == Applied::Folded {
+            if self.view.apply_event(&ev, now, wall) == Applied::Folded {
                 self.ready.push_back(FleetUpdate::Event(ev));
             }
         }
@@ -163,7 +177,8 @@ impl Core {
 
     fn on_snapshot(&mut self, snap: NodeSnapshot) {
         let node = snap.node_id.clone();
-        if self.view.apply_snapshot(snap, self.now_ms()) == SnapshotApplied::Replaced
+        if self.view.apply_snapshot(snap, self.now_ms(), self.wall_ms())
+            == SnapshotApplied::Replaced
             && let Some(current) = self.view.node(&node)
         {
             self.ready.push_back(FleetUpdate::Snapshot(current.clone()));
@@ -205,8 +220,8 @@ impl Subscription {
         Subscription { core, source, expiry }
     }
 
-    pub(crate) fn in_process(bus: InProcessBus, cfg: &BusConfig) -> Self {
-        let mut core = Core::new(cfg);
+    pub(crate) fn in_process(bus: InProcessBus, cfg: &BusConfig, clock: WallClock) -> Self {
+        let mut core = Core::new(cfg, clock);
         // Receiver first, then the map: an event sent in between is both in the map and in
         // the receiver, and comes out stale; never missing.
         let events = BroadcastStream::new(bus.receiver());
@@ -214,7 +229,11 @@ impl Subscription {
         Self::with_source(cfg, core, Source::InProcess { bus, events })
     }
 
-    pub(crate) async fn nats(bus: NatsBus, cfg: &BusConfig) -> Result<Self, BusError> {
+    pub(crate) async fn nats(
+        bus: NatsBus,
+        cfg: &BusConfig,
+        clock: WallClock,
+    ) -> Result<Self, BusError> {
         // Subscribe first: the KV reads that follow travel on the same connection, so the
         // server registers the subscription before it answers them.
         let events = bus.subscribe_events().await?;
@@ -232,7 +251,7 @@ impl Subscription {
             fetching: BTreeSet::new(),
         };
         source.start_full_sync();
-        Ok(Self::with_source(cfg, Core::new(cfg), Source::Nats(Box::new(source))))
+        Ok(Self::with_source(cfg, Core::new(cfg, clock), Source::Nats(Box::new(source))))
     }
 
     /// The fleet as of the updates processed so far (it may run ahead of the stream by the

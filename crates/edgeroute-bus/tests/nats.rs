@@ -171,7 +171,8 @@ async fn a_skipped_sequence_resyncs_from_the_kv_store() {
     };
     let e1 = event(1, EventKind::NodeUp { url: "http://n1.test".into() }, &mut snap);
     node_bus.publish(&e1, &snap).await.unwrap();
-    assert_eq!(next(&mut sub, WITHIN).await, FleetUpdate::Event(e1));
+    // A node enters the view by its stored snapshot, fetched when its first event arrives.
+    assert_eq!(next(&mut sub, WITHIN).await, FleetUpdate::Snapshot(snap.clone()));
 
     // Events 2 and 3 reach the store but not the subject; event 3 is injected raw.
     let _e2 = event(2, ready("a"), &mut snap);

@@ -40,12 +40,49 @@ pub struct NatsServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The shipped configuration (`deploy/nats/nats-server.conf`) with these users, if any.
+    config: Option<PathBuf>,
+}
+
+/// The JetStream store directory the shipped configuration names.
+const SHIPPED_STORE: &str = "/var/lib/nats/jetstream";
+
+/// The server configuration shipped in `deploy/nats/`.
+pub fn shipped_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/nats-server.conf")
 }
 
 impl NatsServer {
     /// Picks a port and a store directory without starting the server.
     pub fn reserve() -> Self {
-        NatsServer { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None }
+        NatsServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            config: None,
+        }
+    }
+
+    /// Starts the shipped configuration with `users` (the text of its `users.conf`), its
+    /// JetStream store moved to this server's directory (the only change), and the listen
+    /// address given on the command line.
+    pub async fn start_shipped(users: &str) -> Self {
+        let mut server = NatsServer::reserve();
+        let config = server.dir.path().join("nats-server.conf");
+        let shipped = std::fs::read_to_string(shipped_config()).unwrap();
+        let store = server.dir.path().join("store");
+        let text = shipped.replace(SHIPPED_STORE, &store.display().to_string());
+        assert_ne!(text, shipped, "the shipped config no longer names {SHIPPED_STORE}");
+        std::fs::write(&config, text).unwrap();
+        std::fs::write(server.dir.path().join("users.conf"), users).unwrap();
+        server.config = Some(config);
+        server.spawn().await;
+        server
+    }
+
+    /// A directory of this server's, for credentials files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Starts a server and waits until it accepts connections.
@@ -64,18 +101,22 @@ impl NatsServer {
         assert!(self.child.is_none(), "already running");
         let store = self.dir.path().join("store");
         let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
-        let child = Command::new(binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(binary());
+        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command.args(["-js", "-sd"]).arg(&store),
+        };
+        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {}: {}",
+                self.port,
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -1,0 +1,176 @@
+//! Bus identities: NKey users and the NATS permissions each role gets.
+//!
+//! Every node connects as its own NATS user (an NKey: the server holds the public key, the node
+//! the seed) whose permissions allow publishing only its own event subject
+//! (`<prefix>.<region>.<node_id>`) and its own KV key (`$KV.<bucket>.<node_id>`), plus the few
+//! JetStream API requests a publisher makes. A discovery replica's user may read the topology
+//! (subscribe to every event, read the bucket) and publish nothing on it. The server, not the
+//! subscriber, enforces this: a node holding its own credentials cannot speak for another.
+//!
+//! [`permissions`] is the one place those subject lists are written; `deploy/nats/` ships the
+//! server configuration they are pasted into and `edgeroute bus credentials` prints them.
+//! The sets were found against nats-server 2.9 (the tests in `tests/auth.rs` start one): each
+//! entry is needed by a call the bus makes, and nothing else is allowed.
+
+use crate::BusError;
+use crate::config::BusConfig;
+use crate::wire::{self, check_token};
+
+/// Who a bus user is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// One edge node: publishes its own events and snapshot only.
+    Node { node_id: String, region: String },
+    /// A discovery replica (or any observer): reads the topology, publishes none of it.
+    Discovery,
+}
+
+/// The subjects a user may publish to and subscribe to (NATS wildcards allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// The permissions of `role` on the bus `cfg` describes (its `subject_prefix` and `bucket`).
+pub fn permissions(cfg: &BusConfig, role: &Role) -> Result<Permissions, BusError> {
+    check_token("bucket", &cfg.bucket)?;
+    let bucket = &cfg.bucket;
+    // Every JetStream request answers on the requester's inbox.
+    let inbox = "_INBOX.>".to_owned();
+    // Opening the bucket (`get_key_value`) reads its stream's info; a node's first start creates
+    // the stream if missing (an identical stream already there makes this a no-op, a different
+    // one an error, so a node cannot reconfigure the bucket once it exists).
+    let stream_info = format!("$JS.API.STREAM.INFO.KV_{bucket}");
+    Ok(match role {
+        Role::Node { node_id, region } => {
+            wire::check_node(node_id, region)?;
+            Permissions {
+                publish: vec![
+                    wire::event_subject(&cfg.subject_prefix, region, node_id),
+                    format!("$KV.{bucket}.{node_id}"),
+                    stream_info,
+                    format!("$JS.API.STREAM.CREATE.KV_{bucket}"),
+                ],
+                subscribe: vec![inbox],
+            }
+        }
+        Role::Discovery => Permissions {
+            publish: vec![
+                stream_info,
+                // One key's latest entry (the bucket allows direct gets).
+                format!("$JS.API.DIRECT.GET.KV_{bucket}.>"),
+                // Listing the keys: an ephemeral ordered consumer, its flow control, its end.
+                format!("$JS.API.CONSUMER.CREATE.KV_{bucket}"),
+                format!("$JS.API.CONSUMER.CREATE.KV_{bucket}.>"),
+                format!("$JS.API.CONSUMER.DELETE.KV_{bucket}.>"),
+                format!("$JS.API.CONSUMER.INFO.KV_{bucket}.>"),
+                format!("$JS.FC.KV_{bucket}.>"),
+            ],
+            subscribe: vec![wire::all_events_subject(&cfg.subject_prefix), inbox],
+        },
+    })
+}
+
+/// A new NKey user: its public key (`U…`, for the server) and seed (`SU…`, the secret).
+pub struct UserKey {
+    pub public_key: String,
+    seed: String,
+}
+
+impl UserKey {
+    /// A fresh random user key pair.
+    pub fn generate() -> Result<UserKey, BusError> {
+        let pair = nkeys::KeyPair::new_user();
+        let seed = pair.seed().map_err(|e| BusError::Config(format!("nkey seed: {e}")))?;
+        Ok(UserKey { public_key: pair.public_key(), seed })
+    }
+
+    /// The seed: the secret to write to the user's `nkey_seed_file` (and nowhere else).
+    pub fn seed(&self) -> &str {
+        &self.seed
+    }
+}
+
+impl std::fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserKey")
+            .field("public_key", &self.public_key)
+            .field("seed", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Checks that `seed` is an NKey user seed (so a mistyped file fails at start-up, by name).
+pub fn check_user_seed(seed: &str) -> Result<(), BusError> {
+    match nkeys::KeyPair::from_seed(seed) {
+        Ok(pair) if pair.key_pair_type() == nkeys::KeyPairType::User => Ok(()),
+        Ok(_) => Err(BusError::Config("the nkey seed is not a user seed (SU…)".to_owned())),
+        Err(_) => Err(BusError::Config("the nkey seed file does not hold a valid seed".to_owned())),
+    }
+}
+
+fn quoted(list: &[String]) -> String {
+    list.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+}
+
+/// One entry of the `users` list of `deploy/nats/nats-server.conf`'s account, for the user
+/// `public_key` with `perms` (`label` becomes a comment line).
+pub fn user_block(label: &str, public_key: &str, perms: &Permissions) -> String {
+    format!(
+        "  # {label}\n  {{ nkey: {public_key}, permissions: {{\n      publish: {{ allow: [{}] }},\n      subscribe: {{ allow: [{}] }} }} }}\n",
+        quoted(&perms.publish),
+        quoted(&perms.subscribe)
+    )
+}
+
+/// A whole `users.conf` (the file `deploy/nats/nats-server.conf` includes) for `blocks`.
+pub fn users_file(blocks: &[String]) -> String {
+    format!("users: [\n{}]\n", blocks.concat())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_may_publish_only_its_own_subject_and_key() {
+        let role = Role::Node { node_id: "tor-1".into(), region: "ca_east".into() };
+        let p = permissions(&BusConfig::default(), &role).unwrap();
+        assert!(p.publish.contains(&"edgeroute.topology.ca_east.tor-1".to_owned()));
+        assert!(p.publish.contains(&"$KV.edgeroute_nodes.tor-1".to_owned()));
+        assert!(p.publish.iter().all(|s| !s.ends_with(".>") && !s.contains('*')), "{p:?}");
+        assert_eq!(p.subscribe, ["_INBOX.>"]);
+    }
+
+    #[test]
+    fn discovery_publishes_nothing_of_the_topology() {
+        let p = permissions(&BusConfig::default(), &Role::Discovery).unwrap();
+        assert!(p.publish.iter().all(|s| s.starts_with("$JS.")), "{p:?}");
+        assert!(p.subscribe.contains(&"edgeroute.topology.>".to_owned()));
+    }
+
+    #[test]
+    fn names_that_would_widen_a_subject_are_refused() {
+        for (node_id, region) in [("*", "r"), ("a.b", "r"), ("n", ">"), ("", "r")] {
+            let role = Role::Node { node_id: node_id.into(), region: region.into() };
+            assert!(permissions(&BusConfig::default(), &role).is_err(), "{node_id} {region}");
+        }
+    }
+
+    #[test]
+    fn keys_are_user_keys_and_the_seed_is_never_debug_printed() {
+        let key = UserKey::generate().unwrap();
+        assert!(key.public_key.starts_with('U'));
+        assert!(key.seed().starts_with("SU"));
+        check_user_seed(key.seed()).unwrap();
+        assert!(check_user_seed("SUnot-a-seed").is_err());
+        assert!(!format!("{key:?}").contains(key.seed()));
+        let block = user_block(
+            "node tor-1",
+            &key.public_key,
+            &Permissions { publish: vec!["a.b".into()], subscribe: vec![] },
+        );
+        assert!(block.contains(&key.public_key) && !block.contains(key.seed()), "{block}");
+    }
+}
