@@ -83,6 +83,10 @@ enum BenchCommand {
         /// Changes to publish and time.
         #[arg(long, default_value_t = 1000)]
         changes: usize,
+        /// With `--bus nats`: start a nats-server of its own from deploy/nats/nats-server.conf
+        /// and time a node user's changes to a discovery user (`--nats-url` is unused).
+        #[arg(long)]
+        auth: bool,
     },
     /// Discovery under load: `/v1/discover` against synthetic fleets of several sizes, served by
     /// its own process, from an open-loop load generator.
@@ -259,8 +263,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench { command } => command,
     };
     match bench {
-        BenchCommand::Bus { bus, nats_url, changes } => {
-            println!("{}", bus_bench::run(&bus, &nats_url, changes).await?);
+        BenchCommand::Bus { bus, nats_url, changes, auth } => {
+            println!("{}", bus_bench::run(&bus, &nats_url, changes, auth).await?);
         }
         BenchCommand::Discover { synthetic_nodes: Some(n), listen: Some(listen), .. } => {
             let listener = tokio::net::TcpListener::bind(listen)

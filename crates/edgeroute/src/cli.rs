@@ -41,6 +41,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::token::TokenCommand,
     },
+    /// Topology bus identities: generate a node's or discovery replica's NATS credentials.
+    Bus {
+        #[command(subcommand)]
+        command: crate::bus::BusCommand,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -3,6 +3,7 @@
 //! its crate's `serve` until Ctrl-C or SIGTERM; no logic lives here. The demo and the
 //! benchmarks are the lab's binary (`edgeroute-lab`), which this one does not link.
 
+mod bus;
 mod cli;
 mod token;
 
@@ -68,6 +69,7 @@ fn main() -> Result<()> {
             Ok(())
         }),
         Command::Token { command } => token::run(command),
+        Command::Bus { command } => bus::run(command),
     }
 }
 
