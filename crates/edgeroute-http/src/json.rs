@@ -32,20 +32,31 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "The request body is empty; a JSON object was expected.",
         ));
     }
+    // The common case pays for no path tracking; only a failure is parsed again, with
+    // serde_path_to_error, to name the field at fault.
+    let first = match serde_json::from_slice(bytes) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::invalid_request(
-                None,
-                format!("We could not parse the JSON body of your request: {inner}"),
-            )
-        } else if path == "." {
-            ApiError::invalid_request(None, format!("Invalid request body: {inner}"))
-        } else {
-            ApiError::invalid_request(Some(&path), format!("Invalid value for '{path}': {inner}"))
-        }
+    let Err(e) = serde_path_to_error::deserialize::<_, T>(de) else {
+        // The value itself is fine: something follows it.
+        return Err(ApiError::invalid_request(
+            None,
+            format!("We could not parse the JSON body of your request: {first}"),
+        ));
+    };
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    Err(if inner.is_syntax() || inner.is_eof() {
+        ApiError::invalid_request(
+            None,
+            format!("We could not parse the JSON body of your request: {inner}"),
+        )
+    } else if path == "." {
+        ApiError::invalid_request(None, format!("Invalid request body: {inner}"))
+    } else {
+        ApiError::invalid_request(Some(&path), format!("Invalid value for '{path}': {inner}"))
     })
 }
 
@@ -77,5 +88,14 @@ mod tests {
         let e = read_json::<T>(Body::empty(), 100).await.unwrap_err();
         assert!(e.body.error.message.contains("empty"));
         assert!(read_json::<T>(Body::from("{\"a\":[]}"), 100).await.is_ok());
+        assert!(read_json::<T>(Body::from(" {\"a\":[]}\n "), 100).await.is_ok());
+    }
+
+    #[test]
+    fn nothing_may_follow_the_value() {
+        let e = parse_json::<T>(b"{\"a\":[]} {\"a\":[]}").unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.body.error.message.contains("trailing"), "{e}");
+        assert!(parse_json::<T>(b"{\"a\":[]}garbage").is_err());
     }
 }
