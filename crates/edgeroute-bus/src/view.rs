@@ -323,7 +323,13 @@ impl FleetView {
     pub fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<String> {
         let forget_after = timeout_ms.saturating_add(self.limits.forget_ms);
         let before = self.nodes.len();
-        self.nodes.retain(|_, entry| now_ms.saturating_sub(entry.last_seen_ms) <= forget_after);
+        // Only nodes already reported down (expired, or said goodbye) go: a consumer always
+        // hears `Expired` before the view lets a node go.
+        self.nodes.retain(|_, entry| {
+            let reported =
+                entry.expired_from.is_some() || entry.snapshot.liveness == NodeLiveness::Down;
+            !reported || now_ms.saturating_sub(entry.last_seen_ms) <= forget_after
+        });
         self.counters.forgotten += (before - self.nodes.len()) as u64;
         let mut expired = Vec::new();
         for (id, entry) in &mut self.nodes {

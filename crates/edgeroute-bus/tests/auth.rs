@@ -277,3 +277,50 @@ async fn without_auth_the_same_forgery_succeeds() {
     assert!(acked);
     assert_eq!(url, "http://evil.test");
 }
+
+/// With TLS on the server (a `tls` block added to the shipped config), a node that trusts the
+/// server's CA (`tls_ca_file`, `require_tls`) connects and writes; one that does not trust it
+/// never connects, and nobody gets in over plaintext.
+#[tokio::test]
+async fn tls_with_the_fleet_ca_connects_and_without_it_does_not() {
+    let keys = tempfile::tempdir().unwrap();
+    let users = users(keys.path(), &[node("n1")]);
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let ca_file = keys.path().join("ca.pem");
+    std::fs::write(&ca_file, cert.cert.pem()).unwrap();
+    let server = NatsServer::start_shipped_with(&users, |dir| {
+        std::fs::write(dir.join("server.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), cert.signing_key.serialize_pem()).unwrap();
+        format!(
+            "\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  timeout: 2\n}}\n",
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        )
+    })
+    .await;
+    let url = format!("nats://localhost:{}", server.port);
+    let seed = keys.path().join("n1.nk");
+    let trusted = BusConfig {
+        nkey_seed_file: Some(seed.clone()),
+        tls_ca_file: Some(ca_file),
+        require_tls: true,
+        ..nats_config(&url)
+    };
+    let bus = connected(&trusted).await;
+    match bus.transport() {
+        Transport::Nats(nats) => nats.ensure_bucket().await.unwrap(),
+        Transport::InProcess(_) => unreachable!(),
+    }
+    // The same user without the CA: the server's certificate is not trusted.
+    let untrusted =
+        BusConfig { nkey_seed_file: Some(seed), require_tls: true, ..nats_config(&url) };
+    let bus = Bus::connect(&untrusted).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!bus.is_connected());
+    // The server demands TLS of every client before anything else.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let mut info = vec![0u8; 4096];
+    let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut info).await.unwrap();
+    let info = String::from_utf8_lossy(&info[..n]);
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+}

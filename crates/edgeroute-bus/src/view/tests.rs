@@ -391,6 +391,17 @@ fn long_silent_nodes_are_pruned() {
     assert_eq!(view.counters().forgotten, 2);
 }
 
+/// Even with no time to forget in, a node is reported expired before it is dropped.
+#[test]
+fn a_node_is_reported_expired_before_it_is_forgotten() {
+    let mut view = FleetView::with_limits(ViewLimits { forget_ms: 0, ..limits() });
+    view.apply_snapshot(NodeSnapshot::new("n1", "r", "http://n1", 1), 0, WALL);
+    assert_eq!(view.expire(100_000, 6_000), vec!["n1".to_owned()]);
+    assert!(view.is_expired("n1"));
+    assert!(view.expire(100_001, 6_000).is_empty());
+    assert!(view.is_empty());
+}
+
 /// 10,000 announced fake node ids: the view stays within its cap, and the nodes it already
 /// held are still served.
 #[test]

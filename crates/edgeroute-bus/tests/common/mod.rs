@@ -67,12 +67,19 @@ impl NatsServer {
     /// JetStream store moved to this server's directory (the only change), and the listen
     /// address given on the command line.
     pub async fn start_shipped(users: &str) -> Self {
+        Self::start_shipped_with(users, |_| String::new()).await
+    }
+
+    /// [`NatsServer::start_shipped`] with `extra(dir)` appended to the configuration (e.g. a
+    /// `tls` block naming files the caller writes into `dir`, this server's directory).
+    pub async fn start_shipped_with(users: &str, extra: impl FnOnce(&Path) -> String) -> Self {
         let mut server = NatsServer::reserve();
         let config = server.dir.path().join("nats-server.conf");
         let shipped = std::fs::read_to_string(shipped_config()).unwrap();
         let store = server.dir.path().join("store");
-        let text = shipped.replace(SHIPPED_STORE, &store.display().to_string());
+        let mut text = shipped.replace(SHIPPED_STORE, &store.display().to_string());
         assert_ne!(text, shipped, "the shipped config no longer names {SHIPPED_STORE}");
+        text.push_str(&extra(server.dir.path()));
         std::fs::write(&config, text).unwrap();
         std::fs::write(server.dir.path().join("users.conf"), users).unwrap();
         server.config = Some(config);
