@@ -35,27 +35,52 @@ impl Default for ClientOptions {
 /// The TLS client configuration for `https://` peers: the roots in `ca_file` (PEM) when given
 /// (a private fleet CA), else the Mozilla roots compiled in. ring as the provider.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::CertificateDer;
+    tls_config_with_identity(ca_file, None)
+}
+
+/// As [`tls_config`], presenting `identity` (a PEM certificate chain and its PEM key) when the
+/// peer asks for a client certificate (mutual TLS).
+pub fn tls_config_with_identity(
+    ca_file: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, String> {
     use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("TLS setup: {e}"))?;
-    let Some(path) = ca_file else {
-        return Ok(hyper_rustls::ConfigBuilderExt::with_webpki_roots(builder).with_no_client_auth());
+    let builder = match ca_file {
+        None => hyper_rustls::ConfigBuilderExt::with_webpki_roots(builder),
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("CA file {}: no certificate in it", path.display()));
+            }
+            let mut roots = rustls::RootCertStore::empty();
+            for c in certs {
+                roots.add(c).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            }
+            builder.with_root_certificates(roots)
+        }
     };
-    let certs = CertificateDer::pem_file_iter(path)
+    let Some((cert, key)) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("CA file {}: no certificate in it", path.display()));
+        .map_err(|e| format!("certificate file {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("certificate file {}: no certificate in it", cert.display()));
     }
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs {
-        roots.add(c).map_err(|e| format!("CA file {}: {e}", path.display()))?;
-    }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("key file {}: {e}", key.display()))?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("client certificate {}: {e}", cert.display()))
 }
 
 /// A TCP connector: the connect timeout, TCP_NODELAY, and any scheme (the TLS layer, when

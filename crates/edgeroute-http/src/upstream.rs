@@ -10,6 +10,10 @@
 //! caller in the same poll, with no task, channel hop or timer per request — as nginx's
 //! upstream module reads its upstream socket in the worker's one event loop.
 //!
+//! `https://` origins are verified against a CA file (a private fleet CA) or the compiled-in
+//! roots, and the node can present a client certificate (mutual TLS): the backend then needs
+//! to trust nothing but the gateway's certificate ([`UpstreamTls`]).
+//!
 //! What it keeps from a pool: idle connections reused last-in first-out, an idle timeout and
 //! a cap on idle connections, a request that was never written retried once on a fresh
 //! connection (the upstream may close an idle connection at any moment — hyper hands such a
@@ -18,6 +22,7 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,10 +36,106 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
-type Conn = Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>;
+type Conn = Pin<Box<http1::Connection<TokioIo<Io>, Full<Bytes>>>>;
+
+/// TLS to an `https://` upstream, from a config file's `[backend.openai.tls]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM bundle of the CA(s) the upstream's certificate must chain to (a private CA).
+    /// Default: the Mozilla roots compiled in.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain the node presents when the upstream asks (mutual TLS); with
+    /// `key_file`. Default: none.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl UpstreamTls {
+    /// The rustls client configuration these files describe.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => return Err("tls: cert_file and key_file go together".into()),
+        };
+        let mut cfg = crate::client::tls_config_with_identity(self.ca_file.as_deref(), identity)?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// A connection's byte stream: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// How the client connects and keeps connections. Every field has a default.
 #[derive(Debug, Clone)]
@@ -45,6 +146,9 @@ pub struct UpstreamOptions {
     pub idle_timeout: Duration,
     /// Idle connections kept; more are closed when their answer ends. Default 256.
     pub max_idle: usize,
+    /// For `https://` origins: how the upstream is verified and what the node presents.
+    /// Default (`None`): the compiled-in roots, no client certificate.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for UpstreamOptions {
@@ -53,6 +157,7 @@ impl Default for UpstreamOptions {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(90),
             max_idle: 256,
+            tls: None,
         }
     }
 }
@@ -65,6 +170,9 @@ pub enum UpstreamError {
     Connect { authority: String, source: io::Error },
     #[error("connecting to {authority} took over {ms} ms")]
     ConnectTimeout { authority: String, ms: u128 },
+    /// The TLS handshake failed (an untrusted certificate, a refused client certificate).
+    #[error("TLS with {authority} failed")]
+    Tls { authority: String, source: io::Error },
     #[error(transparent)]
     Http(#[from] hyper::Error),
     #[error("the request cannot be sent: {0}")]
@@ -74,11 +182,16 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// No connection could be made: nothing reached the upstream.
     pub fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::Tls { .. }
+        )
     }
 }
 
-/// A pooled HTTP/1.1 client for one `http://host:port` origin. Cheap to clone.
+/// A pooled HTTP/1.1 client for one `http://` or `https://` origin. Cheap to clone.
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
@@ -89,6 +202,8 @@ struct Inner {
     port: u16,
     authority: String,
     host_header: HeaderValue,
+    /// `Some` for `https://`: the connector and the name the certificate must hold.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     opts: UpstreamOptions,
     idle: Mutex<Vec<Idle>>,
     opened: AtomicU64,
@@ -123,17 +238,36 @@ impl Idle {
 }
 
 impl Upstream {
-    /// A client for the origin of `base` (`http://host[:port]`; any path is ignored).
+    /// A client for the origin of `base` (`http[s]://host[:port]`; any path is ignored).
     pub fn new(base: &Uri, opts: UpstreamOptions) -> Result<Upstream, String> {
-        match base.scheme_str() {
-            Some("http") => {}
+        let https = match base.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
             Some(other) => {
-                return Err(format!("`{base}`: scheme `{other}` is not supported (use http://)"));
+                return Err(format!(
+                    "`{base}`: scheme `{other}` is not supported (use http:// or https://)"
+                ));
             }
             None => return Err(format!("`{base}`: no scheme (use http://host:port)")),
-        }
+        };
         let host = base.host().ok_or_else(|| format!("`{base}`: no host"))?;
-        let port = base.port_u16().unwrap_or(80);
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let port = base.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            let cfg = match &opts.tls {
+                Some(c) => Arc::clone(c),
+                None => {
+                    let mut c = crate::client::tls_config(None)?;
+                    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    Arc::new(c)
+                }
+            };
+            let name = ServerName::try_from(bare.to_owned())
+                .map_err(|e| format!("`{base}`: `{bare}` is not a TLS server name: {e}"))?;
+            Some((TlsConnector::from(cfg), name))
+        } else {
+            None
+        };
         let authority = base
             .authority()
             .map(|a| a.as_str().to_owned())
@@ -142,10 +276,11 @@ impl Upstream {
             HeaderValue::from_str(&authority).map_err(|e| format!("`{base}`: {e}"))?;
         Ok(Upstream {
             inner: Arc::new(Inner {
-                host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                host: bare.to_owned(),
                 port,
                 authority,
                 host_header,
+                tls,
                 opts,
                 idle: Mutex::new(Vec::new()),
                 opened: AtomicU64::new(0),
@@ -236,7 +371,25 @@ impl Upstream {
             Ok(Ok(s)) => s,
         };
         stream.set_nodelay(true).ok();
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+        let io = match &i.tls {
+            None => Io::Plain(stream),
+            Some((connector, name)) => {
+                let handshake = connector.connect(name.clone(), stream);
+                match tokio::time::timeout(timeout, handshake).await {
+                    Ok(Ok(s)) => Io::Tls(Box::new(s)),
+                    Ok(Err(source)) => {
+                        return Err(UpstreamError::Tls { authority: i.authority.clone(), source });
+                    }
+                    Err(_) => {
+                        return Err(UpstreamError::ConnectTimeout {
+                            authority: i.authority.clone(),
+                            ms: timeout.as_millis(),
+                        });
+                    }
+                }
+            }
+        };
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         i.opened.fetch_add(1, Ordering::Relaxed);
         Ok(Idle { sender, conn: Box::pin(conn), since: Instant::now() })
     }

@@ -185,9 +185,171 @@ async fn a_refused_connection_is_a_connect_error() {
 }
 
 #[test]
-fn only_plain_http_origins_are_taken() {
+fn only_http_and_https_origins_are_taken() {
     let opts = UpstreamOptions::default;
-    assert!(Upstream::new(&"https://x:1".parse().unwrap(), opts()).is_err());
+    assert!(Upstream::new(&"ftp://x:1".parse().unwrap(), opts()).is_err());
+    assert!(Upstream::new(&"https://x:1".parse().unwrap(), opts()).is_ok());
     assert!(Upstream::new(&"/v1".parse().unwrap(), opts()).is_err());
     assert!(Upstream::new(&"http://[::1]:8000/v1".parse().unwrap(), opts()).is_ok());
+}
+
+/// A private CA, and certificates it signs, written as PEM files under a scratch directory.
+struct Pki {
+    dir: std::path::PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir =
+            std::env::temp_dir().join(format!("edgeroute-upstream-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{tag} CA"));
+        std::fs::write(dir.join("ca.pem"), params.self_signed(&key).unwrap().pem()).unwrap();
+        Pki { dir, issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// (certificate, key) paths of a leaf for `names`.
+    fn leaf(&self, name: &str, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &self.issuer);
+        let (c, k) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.unwrap().pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// An https upstream whose certificate `pki` signed for `localhost`; with `client_ca`, it
+/// requires a client certificate from that CA (mutual TLS). Answers every request.
+async fn tls_upstream(pki: &Pki, client_ca: Option<&Pki>) -> String {
+    use rustls_pki_types::pem::PemObject;
+    let (cert, key) = pki.leaf("server", &["localhost"]);
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pki_types::CertificateDer::pem_file_iter(ca.dir.join("ca.pem")).unwrap()
+            {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let cfg = builder.with_single_cert(chain, key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://localhost:{}", l.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(s).await else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut byte).await, Ok(1)) {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = s.write_all(ANSWER).await;
+                let _ = s.flush().await;
+                let mut rest = [0u8; 64];
+                let _ = s.read(&mut rest).await;
+            });
+        }
+    });
+    url
+}
+
+fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("{url}/v1/models")).body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_configured_ca() {
+    let pki = Pki::new("tls");
+    let url = tls_upstream(&pki, None).await;
+    let tls = edgeroute_http::upstream::UpstreamTls {
+        ca_file: Some(pki.dir.join("ca.pem")),
+        ..Default::default()
+    };
+    let opts = UpstreamOptions { tls: Some(tls.client_config().unwrap()), ..Default::default() };
+    let client = Upstream::new(&url.parse().unwrap(), opts).unwrap();
+    let res = client.send(get(&url)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(&res.into_body().collect().await.unwrap().to_bytes()[..], b"{\"ok\":true}");
+
+    // Another CA's roots (or the public ones) do not trust it: nothing is sent.
+    let stranger = Pki::new("tls-stranger");
+    let tls = edgeroute_http::upstream::UpstreamTls {
+        ca_file: Some(stranger.dir.join("ca.pem")),
+        ..Default::default()
+    };
+    let opts = UpstreamOptions { tls: Some(tls.client_config().unwrap()), ..Default::default() };
+    let untrusting = Upstream::new(&url.parse().unwrap(), opts).unwrap();
+    let err = untrusting.send(get(&url)).await.unwrap_err();
+    assert!(matches!(err, edgeroute_http::upstream::UpstreamError::Tls { .. }), "{err:?}");
+    let public = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    assert!(public.send(get(&url)).await.is_err());
+}
+
+#[tokio::test]
+async fn a_mutual_tls_upstream_serves_only_the_gateway_holding_its_certificate() {
+    let pki = Pki::new("mtls");
+    let url = tls_upstream(&pki, Some(&pki)).await;
+    let ca = Some(pki.dir.join("ca.pem"));
+    let (cert, key) = pki.leaf("gateway", &["gateway.edgeroute"]);
+    let with_cert = edgeroute_http::upstream::UpstreamTls {
+        ca_file: ca.clone(),
+        cert_file: Some(cert),
+        key_file: Some(key),
+    };
+    let opts =
+        UpstreamOptions { tls: Some(with_cert.client_config().unwrap()), ..Default::default() };
+    let client = Upstream::new(&url.parse().unwrap(), opts).unwrap();
+    assert_eq!(client.send(get(&url)).await.unwrap().status(), 200);
+
+    // Without a client certificate, or with one from another CA, the upstream answers nothing.
+    let bare = edgeroute_http::upstream::UpstreamTls { ca_file: ca.clone(), ..Default::default() };
+    let opts = UpstreamOptions { tls: Some(bare.client_config().unwrap()), ..Default::default() };
+    let anonymous = Upstream::new(&url.parse().unwrap(), opts).unwrap();
+    assert!(anonymous.send(get(&url)).await.is_err());
+    let stranger = Pki::new("mtls-stranger");
+    let (cert, key) = stranger.leaf("intruder", &["gateway.edgeroute"]);
+    let forged = edgeroute_http::upstream::UpstreamTls {
+        ca_file: ca,
+        cert_file: Some(cert),
+        key_file: Some(key),
+    };
+    let opts = UpstreamOptions { tls: Some(forged.client_config().unwrap()), ..Default::default() };
+    let intruder = Upstream::new(&url.parse().unwrap(), opts).unwrap();
+    assert!(intruder.send(get(&url)).await.is_err());
+
+    let half = edgeroute_http::upstream::UpstreamTls {
+        cert_file: Some(pki.dir.join("gateway.pem")),
+        ..Default::default()
+    };
+    assert!(half.client_config().is_err(), "a certificate without its key is a config error");
 }

@@ -357,6 +357,11 @@ pub struct OpenAiConfig {
     /// `edgeroute_request_fields_dropped_total`). Default: none.
     #[serde(default)]
     pub extra_fields: Vec<String>,
+    /// For an `https://` upstream: the CA its certificate must chain to and the client
+    /// certificate the node presents (mutual TLS), so the GPU side serves the gateway only.
+    /// Default: the compiled-in roots, no client certificate.
+    #[serde(default)]
+    pub tls: Option<edgeroute_http::upstream::UpstreamTls>,
 }
 
 impl OpenAiConfig {
@@ -376,6 +381,7 @@ impl OpenAiConfig {
             load_timeout_ms: d_load_timeout(),
             gpus: vec![],
             extra_fields: vec![],
+            tls: None,
         }
     }
 }
@@ -624,10 +630,10 @@ impl NodeConfig {
                         format!("`{}` is not an http(s) URL", o.url),
                     ));
                 }
-                if o.url.starts_with("https://") {
+                if o.tls.is_some() && !o.url.starts_with("https://") {
                     return Err(invalid(
-                        "backend.url",
-                        "https upstreams are not supported yet; the backend is on a private network, use http",
+                        "backend.tls",
+                        format!("TLS settings need an https:// url, not `{}`", o.url),
                     ));
                 }
                 for (i, m) in o.models.iter().enumerate() {
@@ -741,5 +747,21 @@ mod tests {
         assert!(parse(&bad_id).unwrap_err().to_string().contains("node.id"));
         let zero = format!("{MIN}[limits]\nmax_concurrency = 0\n");
         assert!(parse(&zero).unwrap_err().to_string().contains("max_concurrency"));
+    }
+
+    #[test]
+    fn an_https_upstream_takes_its_tls_settings() {
+        let tls = "[backend.tls]\nca_file = \"/etc/edgeroute/gpu-ca.pem\"\ncert_file = \"/etc/edgeroute/gw.pem\"\nkey_file = \"/etc/edgeroute/gw.key\"\n";
+        let https = format!(
+            "{MIN}[backend]\nkind = \"openai\"\nurl = \"https://gpu.internal:8443\"\n{tls}"
+        );
+        let c = parse(&https).unwrap();
+        let BackendConfig::Openai(o) = &c.backend else { panic!("openai") };
+        let t = o.tls.as_ref().unwrap();
+        assert_eq!(t.ca_file.as_deref(), Some(std::path::Path::new("/etc/edgeroute/gpu-ca.pem")));
+        let plain = https.replace("https://", "http://");
+        assert!(parse(&plain).unwrap_err().to_string().contains("backend.tls"));
+        let typo = https.replace("ca_file", "ca_fiel");
+        assert!(parse(&typo).is_err(), "unknown keys are errors");
     }
 }

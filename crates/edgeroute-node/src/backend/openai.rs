@@ -72,12 +72,17 @@ impl OpenAiBackend {
                 templates.insert(m.id.clone(), Arc::new(t));
             }
         }
+        let tls = match &cfg.tls {
+            Some(t) => Some(t.client_config().map_err(BuildError::Upstream)?),
+            None => None,
+        };
         let upstream = Upstream::new(
             &endpoint,
             UpstreamOptions {
                 connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
                 idle_timeout: Duration::from_secs(90),
                 max_idle: cfg.pool_max_idle,
+                tls,
             },
         )
         .map_err(|e| BuildError::Upstream(format!("url {e}")))?;
