@@ -454,7 +454,7 @@ async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
     );
     let node = TestNode::start_as("tls-1", "toronto", &tls, None).await;
     let toml = format!(
-        "[probe]\ninterval_ms = 200\ntimeout_ms = 150\nca_file = \"{}\"\n[[nodes]]\nid = \"tls-1\"\nurl = \"https://localhost:{}\"\nregion = \"toronto\"\n",
+        "[discovery]\nallow_unauthenticated = true\n[probe]\ninterval_ms = 200\ntimeout_ms = 150\nca_file = \"{}\"\n[[nodes]]\nid = \"tls-1\"\nurl = \"https://localhost:{}\"\nregion = \"toronto\"\n",
         dir.join("c.pem").display(),
         node.addr.port()
     );

@@ -1,5 +1,11 @@
 //! HTTP API: `/v1/discover`, `/v1/nodes`, `/v1/topology`, `/health`, `/metrics`.
 //!
+//! Who may call what (with `[auth]`; without it, which needs `discovery.allow_unauthenticated`,
+//! everything is open): `/v1/discover` a token with scope `inference`, and `explain=true`
+//! on it a token with `admin` too (otherwise 403 `insufficient_scope`, `param: explain`: the
+//! excluded nodes, their regions and why are the fleet's map, not a client's business);
+//! `/v1/nodes` and `/v1/topology` scope `admin`; `/health` and `/metrics` anyone.
+//!
 //! Every handler reads the current [`Snapshot`] through one atomic load and never takes a lock:
 //! a discover request costs a query parse, a lookup, a merge of at most `k` entries per allowed
 //! region, and serialising the answer.
@@ -7,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{RawQuery, Request, State};
 use axum::middleware::{self, Next};
@@ -45,20 +52,33 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// What the caller's token allows beyond the route's own scope.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    /// May see the fleet's map (`explain`): an admin token, or a replica without `[auth]`.
+    admin: bool,
+}
+
 /// Checks the bearer token against the replica's keys, when it has any.
 async fn require(
     State((sh, scope)): State<(Arc<Shared>, Scope)>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    let Some(store) = &sh.auth else { return next.run(req).await };
+    let Some(store) = &sh.auth else {
+        req.extensions_mut().insert(Caller { admin: true });
+        return next.run(req).await;
+    };
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let now = edgeroute_core::clock::unix_ms() / 1000;
     let verified = edgeroute_auth::parse_bearer(header)
         .and_then(|token| store.verify(token, now))
-        .and_then(|claims| claims.require_scope(scope));
+        .and_then(|claims| claims.require_scope(scope).map(|()| claims.has_scope(Scope::Admin)));
     match verified {
-        Ok(()) => next.run(req).await,
+        Ok(admin) => {
+            req.extensions_mut().insert(Caller { admin });
+            next.run(req).await
+        }
         Err(e) if e.http_status() == 403 => {
             ApiError::forbidden(e.api_code(), e.to_string()).into_response()
         }
@@ -398,7 +418,11 @@ fn empty_reason(snap: &Snapshot, p: &DiscoverParams) -> Reason {
     Reason { code, message, model_nodes: Some(stats) }
 }
 
-async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Response {
+async fn discover(
+    State(sh): State<Arc<Shared>>,
+    caller: Option<Extension<Caller>>,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let cfg = &sh.cfg;
     let params = match parse_params(
         raw.as_deref(),
@@ -413,6 +437,15 @@ async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Res
             return e.into_response();
         }
     };
+    if params.explain && !caller.is_some_and(|Extension(c)| c.admin) {
+        sh.metrics.discover.get_or_create(&OutcomeLabels { outcome: "forbidden" }).inc();
+        return ApiError::forbidden(
+            "insufficient_scope",
+            "explain=true shows the fleet's map: it needs a token with scope `admin`",
+        )
+        .with_param("explain")
+        .into_response();
+    }
     let snap = sh.snapshot.load();
     let q = &params.query;
     let (candidates, excluded) = if params.explain {
@@ -436,15 +469,22 @@ async fn discover(State(sh): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Res
                     Exclusion::Unhealthy | Exclusion::Draining => {
                         info.health_reason.clone().unwrap_or_default()
                     }
-                    Exclusion::ModelNotReady => match info.detail.model_states.get(&q.model) {
-                        Some(ModelState::Loading) => "model loading".to_owned(),
-                        Some(ModelState::Failed) => "model failed to load".to_owned(),
-                        Some(ModelState::Draining) => {
-                            "model draining before an unload: no new sessions".to_owned()
+                    Exclusion::ModelNotReady => {
+                        let model = match info.detail.model_states.get(&q.model) {
+                            Some(ModelState::Loading) => "model loading",
+                            Some(ModelState::Failed) => "model failed to load",
+                            Some(ModelState::Draining) => {
+                                "model draining before an unload: no new sessions"
+                            }
+                            Some(ModelState::Unloading) => "model unloading",
+                            _ => "model not on the node",
+                        };
+                        // An unverified node has no models to show: say why.
+                        match (&info.health_reason, info.health) {
+                            (Some(why), "unhealthy") => format!("{model} (node unhealthy: {why})"),
+                            _ => model.to_owned(),
                         }
-                        Some(ModelState::Unloading) => "model unloading".to_owned(),
-                        _ => "model not on the node".to_owned(),
-                    },
+                    }
                     Exclusion::PipelineNotServable => {
                         "a model of the pipeline is not ready on the node".to_owned()
                     }

@@ -35,15 +35,19 @@ pub struct DiscoveryConfig {
     /// TLS termination. Absent: plain HTTP.
     #[serde(default)]
     pub tls: Option<TlsSection>,
-    /// JWT verification keys (as the node's `[auth]`). With them, `/v1/discover` needs an
-    /// inference-scoped token and `/v1/nodes` and `/v1/topology` an admin-scoped one; without
-    /// them every route is open (a warning is logged). `/health` and `/metrics` are open.
+    /// JWT verification keys (as the node's `[auth]`). Required unless
+    /// `discovery.allow_unauthenticated = true`. With them, `/v1/discover` needs an
+    /// inference-scoped token, and `explain=true`, `/v1/nodes` and `/v1/topology` an
+    /// admin-scoped one. `/health` and `/metrics` are open.
     #[serde(default)]
     pub auth: Option<edgeroute_auth::AuthConfig>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub probe: ProbeConfig,
+    /// What a node only the topology bus knows must prove before it is probed and served.
+    #[serde(default)]
+    pub announced: AnnouncedConfig,
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
@@ -69,6 +73,10 @@ pub struct Section {
     pub listen: SocketAddr,
     /// Runtime threads: `0` = one per core. Default `0`.
     pub worker_threads: usize,
+    /// Serve without `[auth]`: every route open to anyone, `explain` and the fleet views
+    /// included. For a loopback lab only. Default `false`: a replica without `[auth]` refuses
+    /// to start.
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for Section {
@@ -78,6 +86,7 @@ impl Default for Section {
             region: "local".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             worker_threads: 0,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -151,6 +160,60 @@ impl Default for ProbeConfig {
             max_body_bytes: 256 * 1024,
             ca_file: None,
         }
+    }
+}
+
+/// Nodes that announce themselves on the topology bus (not in `[[nodes]]`). The bus
+/// authenticates nobody, so an announced node is trusted only as far as it proves itself:
+/// its URL must be `https://`, its certificate must chain to the fleet CA (`probe.ca_file`,
+/// required for announced nodes) and be valid both for the URL's host and for the DNS name
+/// `<node id>.<identity_suffix>`, and its `/health` must name the id it was announced as.
+/// A configured node's URL is never taken from the bus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnnouncedConfig {
+    /// Accept `http://` announced URLs and probe them without any certificate check (the
+    /// reported `node_id` is still compared). For a loopback or in-memory lab only. Default
+    /// `false`: such announcements are refused and counted
+    /// (`edgeroute_discovery_bus_refused_total{reason="plaintext"}`).
+    pub allow_plaintext: bool,
+    /// The DNS name an announced node's certificate must also be valid for is
+    /// `<node id>.<identity_suffix>`. Default `node.edgeroute`.
+    pub identity_suffix: String,
+    /// Announced nodes held at once; an announcement of a new id beyond it is refused and
+    /// counted (`reason="over_cap"`) until one is forgotten (`health.forget_after_ms`).
+    /// Default 1024.
+    pub max_nodes: usize,
+    /// Probes of announced nodes sent per second, all of them together (a token bucket with
+    /// a burst of the same size); a probe over the budget is skipped, not failed. Bounds what
+    /// announcements can make the replica fetch, whatever the churn. Default 1024.
+    pub max_probes_per_s: u32,
+}
+
+impl Default for AnnouncedConfig {
+    fn default() -> Self {
+        AnnouncedConfig {
+            allow_plaintext: false,
+            identity_suffix: "node.edgeroute".into(),
+            max_nodes: 1024,
+            max_probes_per_s: 1024,
+        }
+    }
+}
+
+impl AnnouncedConfig {
+    /// The pure registry's rules, given whether a fleet CA is configured.
+    pub fn policy(&self, fleet_ca: bool) -> crate::fleet::AnnouncePolicy {
+        crate::fleet::AnnouncePolicy {
+            allow_plaintext: self.allow_plaintext,
+            fleet_ca,
+            max_nodes: self.max_nodes,
+        }
+    }
+
+    /// The DNS name `id`'s certificate must be valid for.
+    pub fn identity_name(&self, id: &str) -> String {
+        format!("{id}.{}", self.identity_suffix)
     }
 }
 
@@ -383,6 +446,24 @@ impl DiscoveryConfig {
         if p.max_body_bytes < 1024 {
             return Err(invalid("probe.max_body_bytes", "at least 1024"));
         }
+        if self.auth.is_none() && !self.discovery.allow_unauthenticated {
+            return Err(invalid(
+                "auth",
+                "no [auth] section: configure JWT keys, or set discovery.allow_unauthenticated = true (loopback labs only)",
+            ));
+        }
+        let a = &self.announced;
+        let suffix_ok = !a.identity_suffix.is_empty()
+            && a.identity_suffix.len() <= 180
+            && rustls_pki_types::ServerName::try_from(format!("x.{}", a.identity_suffix)).is_ok()
+            && !a.identity_suffix.starts_with('.')
+            && !a.identity_suffix.ends_with('.');
+        if !suffix_ok {
+            return Err(invalid("announced.identity_suffix", "a DNS name such as node.edgeroute"));
+        }
+        if a.max_probes_per_s == 0 {
+            return Err(invalid("announced.max_probes_per_s", "at least 1"));
+        }
         let h = &self.health;
         let checks: [(&str, bool); 6] = [
             ("health.phi_eject", h.phi_eject.is_finite() && h.phi_eject > 0.0),
@@ -456,8 +537,39 @@ impl DiscoveryConfig {
 mod tests {
     use super::*;
 
+    /// An open replica (these tests are not about auth) with `s`.
     fn parse(s: &str) -> Result<DiscoveryConfig, ConfigError> {
-        DiscoveryConfig::from_toml(s, |_| None)
+        DiscoveryConfig::from_toml(
+            &format!("[discovery]\nallow_unauthenticated = true\n{s}"),
+            |_| None,
+        )
+    }
+
+    #[test]
+    fn a_replica_without_auth_refuses_to_start_unless_it_opts_out_explicitly() {
+        let err = DiscoveryConfig::from_toml("", |_| None).unwrap_err().to_string();
+        assert!(err.contains("auth") && err.contains("allow_unauthenticated"), "{err}");
+        assert!(DiscoveryConfig::default().validate().is_err(), "the default is closed");
+        let open = parse("").unwrap();
+        assert!(open.auth.is_none() && open.discovery.allow_unauthenticated);
+        let keyed = DiscoveryConfig::from_toml(
+            "[auth]\nhs256_secret_file = \"/etc/edgeroute/secret\"\n",
+            |_| None,
+        );
+        assert!(keyed.is_ok(), "{keyed:?}");
+    }
+
+    #[test]
+    fn announced_nodes_default_to_strict_and_bounded() {
+        let c = parse("").unwrap();
+        let a = &c.announced;
+        assert!(!a.allow_plaintext);
+        assert_eq!((a.max_nodes, a.max_probes_per_s), (1024, 1024));
+        assert_eq!(a.identity_name("tor-1"), "tor-1.node.edgeroute");
+        let err = |s: &str| parse(s).unwrap_err().to_string();
+        assert!(err("[announced]\nidentity_suffix = \"\"").contains("identity_suffix"));
+        assert!(err("[announced]\nidentity_suffix = \"a b\"").contains("identity_suffix"));
+        assert!(err("[announced]\nmax_probes_per_s = 0").contains("max_probes_per_s"));
     }
 
     #[test]
@@ -481,7 +593,7 @@ mod tests {
         assert_eq!(w[0].degraded_ms, 500.0);
         assert_eq!(w[1], Weights::for_strategy(Strategy::AvailabilityFirst));
         assert_eq!(c.probe.interval_ms, 1000);
-        let c = DiscoveryConfig::from_toml("", |k| {
+        let c = DiscoveryConfig::from_toml("[discovery]\nallow_unauthenticated = true", |k| {
             (k == "EDGEROUTE_LISTEN").then(|| "127.0.0.1:9999".to_owned())
         })
         .unwrap();

@@ -11,6 +11,17 @@
 //! For placement, the newer wins: the bus state if it changed after the last answered probe was
 //! *sent*, else the probe's report. A probe sent before a bus change can never undo it, and a
 //! bus that went quiet is overruled by the next probe. Telemetry always comes from the probe.
+//!
+//! The bus authenticates nobody, so what it says is checked before it is believed
+//! ([`AnnouncePolicy`], counted in [`Refusals`]):
+//! - a configured node's URL is the truth: a bus snapshot naming another URL for its id (an
+//!   empty one included, as after a lone `Heartbeat`) is ignored whole, URL and state;
+//! - a node only the bus knows is taken only at an `https://` URL when a fleet CA is
+//!   configured (or `http://` under the lab's explicit `allow_plaintext`), and only up to
+//!   `max_nodes` of them;
+//! - a node is served only once a probe of its current URL answered with its own `node_id`:
+//!   an answer naming another id is a failed probe that unverifies it, and an announced node
+//!   whose URL changes is unverified until the new URL answers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -50,6 +61,92 @@ struct Reported {
     sent: Duration,
 }
 
+/// What the bus may make the registry believe about nodes it does not configure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnouncePolicy {
+    /// `http://` announced URLs are accepted (a lab on loopback or an in-memory network).
+    pub allow_plaintext: bool,
+    /// A fleet CA is configured, so an `https://` announced node can be verified (its
+    /// certificate chains to it and names the node id); without one they are refused.
+    pub fleet_ca: bool,
+    /// Announced nodes held at once.
+    pub max_nodes: usize,
+}
+
+impl Default for AnnouncePolicy {
+    /// Strict: no plaintext, no fleet CA (so no announced node at all), 1024 at most.
+    fn default() -> Self {
+        AnnouncePolicy { allow_plaintext: false, fleet_ca: false, max_nodes: 1024 }
+    }
+}
+
+/// Why a bus snapshot was not believed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A configured node's snapshot named another URL: ignored, URL and state.
+    UrlMismatch,
+    /// An announced node at an `http://` URL without `allow_plaintext`.
+    Plaintext,
+    /// An announced `https://` node with no fleet CA to verify it under.
+    NoFleetCa,
+    /// An announced node with no probeable URL (empty, as after a lone heartbeat, or not
+    /// `http(s)://`).
+    BadUrl,
+    /// A new announced node beyond `max_nodes`.
+    OverCap,
+}
+
+impl Refusal {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::UrlMismatch => "url_mismatch",
+            Refusal::Plaintext => "plaintext",
+            Refusal::NoFleetCa => "no_fleet_ca",
+            Refusal::BadUrl => "bad_url",
+            Refusal::OverCap => "over_cap",
+        }
+    }
+
+    pub const ALL: [Refusal; 5] = [
+        Refusal::UrlMismatch,
+        Refusal::Plaintext,
+        Refusal::NoFleetCa,
+        Refusal::BadUrl,
+        Refusal::OverCap,
+    ];
+}
+
+/// Bus snapshots not believed, by reason, since the registry started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refusals([u64; 5]);
+
+impl Refusals {
+    pub fn get(&self, r: Refusal) -> u64 {
+        self.0[r as usize]
+    }
+
+    fn note(&mut self, r: Refusal) {
+        self.0[r as usize] += 1;
+    }
+}
+
+/// The same URL, give or take a trailing `/`.
+fn same_url(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// Whether an announced node at `url` may be probed under `policy`.
+fn check_announced(url: &str, policy: &AnnouncePolicy) -> Result<(), Refusal> {
+    let Some(uri) = crate::probe::health_uri(url) else { return Err(Refusal::BadUrl) };
+    match uri.scheme_str() {
+        Some("https") if policy.fleet_ca => Ok(()),
+        Some("https") => Err(Refusal::NoFleetCa),
+        Some("http") if policy.allow_plaintext => Ok(()),
+        _ => Err(Refusal::Plaintext),
+    }
+}
+
 /// Probe bookkeeping, shown in `/v1/nodes`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProbeStats {
@@ -83,6 +180,8 @@ struct NodeRecord {
     /// samples): a node whose window emptied (no traffic lately) is predicted by what it last
     /// showed, not by the fleet's median — an idle slow node is still slow.
     last_ttft: Option<(f64, f64, u64)>,
+    /// The last probe was answered by another node (its `/health` named another id).
+    identity_error: Option<String>,
 }
 
 impl NodeRecord {
@@ -100,11 +199,28 @@ impl NodeRecord {
             last_alive: now,
             cached: None,
             dirty: true,
+            identity_error: None,
         }
     }
 
+    /// Where the node is probed and served: the configured URL when there is one (the bus
+    /// never overrides it), else the announced one.
     fn url(&self) -> Option<&str> {
-        self.bus.as_ref().map(|b| b.snapshot.url.as_str()).or(self.configured_url.as_deref())
+        match &self.configured_url {
+            Some(u) => Some(u.as_str()),
+            None => self.bus.as_ref().map(|b| b.snapshot.url.as_str()).filter(|u| !u.is_empty()),
+        }
+    }
+
+    /// Forgets every verification: the node is served again only after a probe of its
+    /// current URL answers as it.
+    fn unverify(&mut self, params: HealthParams) {
+        self.report = None;
+        self.tracker = HealthTracker::new(params);
+        self.probes = ProbeStats::default();
+        self.last_ttft = None;
+        self.identity_error = None;
+        self.dirty = true;
     }
 
     /// Whether the bus state is newer than the last report.
@@ -195,8 +311,9 @@ pub enum Change {
     Changed,
     /// Only telemetry (queue, TTFT, error rate) moved: a rebuild may wait to fold in more.
     Telemetry,
-    /// A node appeared or its URL changed: (re)start probing it.
-    Target { id: String, url: String },
+    /// A node appeared or its URL changed: (re)start probing it. `announced`: known only
+    /// from the bus (its probes are rate-bounded and its certificate must name it).
+    Target { id: String, url: String, announced: bool },
 }
 
 /// Every node discovery knows.
@@ -205,11 +322,36 @@ pub struct Fleet {
     nodes: BTreeMap<String, NodeRecord>,
     params: HealthParams,
     forget_after: Duration,
+    policy: AnnouncePolicy,
+    refusals: Refusals,
 }
 
 impl Fleet {
+    /// A registry with the strict [`AnnouncePolicy::default`].
     pub fn new(params: HealthParams, forget_after: Duration) -> Self {
-        Fleet { nodes: BTreeMap::new(), params, forget_after }
+        Fleet {
+            nodes: BTreeMap::new(),
+            params,
+            forget_after,
+            policy: AnnouncePolicy::default(),
+            refusals: Refusals::default(),
+        }
+    }
+
+    /// What the bus may announce.
+    pub fn with_policy(mut self, policy: AnnouncePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Bus snapshots not believed so far.
+    pub fn refusals(&self) -> Refusals {
+        self.refusals
+    }
+
+    /// Nodes known only from the bus.
+    pub fn announced(&self) -> usize {
+        self.nodes.values().filter(|r| !r.configured).count()
     }
 
     pub fn len(&self) -> usize {
@@ -227,18 +369,47 @@ impl Fleet {
             .nodes
             .entry(n.id.clone())
             .or_insert_with(|| NodeRecord::new(n.region.clone(), params, now));
+        let old_url = rec.url().map(str::to_owned);
         rec.configured = true;
         rec.configured_url = Some(n.url.clone());
         rec.cost_per_1k = n.cost_per_1k;
         rec.dirty = true;
-        match rec.url() {
-            Some(url) => Change::Target { id: n.id.clone(), url: url.to_owned() },
-            None => Change::Changed,
+        if old_url.as_deref().is_some_and(|u| !same_url(u, &n.url)) {
+            rec.unverify(params);
+        }
+        Change::Target { id: n.id.clone(), url: n.url.clone(), announced: false }
+    }
+
+    /// Folds in a node's state as the bus holds it (after any snapshot or event), unless the
+    /// registry's rules refuse it (see the module's doc): then nothing changes and the refusal
+    /// is counted.
+    pub fn apply_bus(&mut self, snap: &NodeSnapshot, now: Duration) -> Change {
+        match self.check_bus(snap) {
+            Ok(()) => self.fold_bus(snap, now),
+            Err(r) => {
+                self.refusals.note(r);
+                Change::None
+            }
         }
     }
 
-    /// Folds in a node's state as the bus holds it (after any snapshot or event).
-    pub fn apply_bus(&mut self, snap: &NodeSnapshot, now: Duration) -> Change {
+    fn check_bus(&self, snap: &NodeSnapshot) -> Result<(), Refusal> {
+        match self.nodes.get(&snap.node_id) {
+            Some(rec) if rec.configured => match &rec.configured_url {
+                Some(url) if same_url(url, &snap.url) => Ok(()),
+                _ => Err(Refusal::UrlMismatch),
+            },
+            held => {
+                check_announced(&snap.url, &self.policy)?;
+                if held.is_none() && self.announced() >= self.policy.max_nodes {
+                    return Err(Refusal::OverCap);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn fold_bus(&mut self, snap: &NodeSnapshot, now: Duration) -> Change {
         let params = self.params;
         let rec = self
             .nodes
@@ -268,9 +439,13 @@ impl Fleet {
         }
         rec.dirty = true;
         rec.bus = Some(BusState { snapshot: snap.clone(), changed: now, expired: false });
-        match rec.url() {
-            Some(url) if old_url.as_deref() != Some(url) => {
-                Change::Target { id: snap.node_id.clone(), url: url.to_owned() }
+        match rec.url().map(str::to_owned) {
+            Some(url) if old_url.as_deref() != Some(url.as_str()) => {
+                if old_url.is_some() {
+                    // Moved: what was verified at the old URL says nothing about the new one.
+                    rec.unverify(params);
+                }
+                Change::Target { id: snap.node_id.clone(), url, announced: !rec.configured }
             }
             _ => Change::Changed,
         }
@@ -291,7 +466,30 @@ impl Fleet {
         }
     }
 
-    /// A probe sent at `sent` was answered at `now` with `health`.
+    /// A probe of `url`, sent at `sent`, ended at `now` with `outcome`. A probe of a URL the
+    /// node no longer has is ignored.
+    pub fn probe_result(
+        &mut self,
+        id: &str,
+        url: &str,
+        sent: Duration,
+        now: Duration,
+        outcome: Result<NodeHealth, String>,
+    ) -> Change {
+        if self.nodes.get(id).and_then(NodeRecord::url) != Some(url) {
+            return Change::None;
+        }
+        match outcome {
+            Ok(h) => self.probe_ok(id, sent, now, h),
+            Err(e) => {
+                self.probe_failed(id, now, e);
+                Change::Telemetry
+            }
+        }
+    }
+
+    /// A probe sent at `sent` was answered at `now` with `health`. An answer naming another
+    /// node id is a failed probe, and the node is unverified until its own answer comes back.
     pub fn probe_ok(
         &mut self,
         id: &str,
@@ -300,6 +498,19 @@ impl Fleet {
         health: NodeHealth,
     ) -> Change {
         let Some(rec) = self.nodes.get_mut(id) else { return Change::None };
+        if health.node_id != id {
+            let named: String = health.node_id.chars().take(64).collect();
+            let error = format!("identity: the node at this URL answered as {named:?}, not {id:?}");
+            rec.report = None;
+            rec.tracker.probe_failed(now);
+            rec.probes.failed += 1;
+            rec.probes.consecutive_failures = rec.probes.consecutive_failures.saturating_add(1);
+            rec.probes.last_error = Some(error.clone());
+            rec.identity_error = Some(error);
+            rec.dirty = true;
+            return Change::Changed;
+        }
+        rec.identity_error = None;
         let change = match &rec.report {
             Some(old)
                 if placement(&old.health) == placement(&health)
@@ -346,9 +557,12 @@ impl Fleet {
         rec.dirty = true;
     }
 
-    /// Nodes to probe: id and URL.
-    pub fn targets(&self) -> Vec<(String, String)> {
-        self.nodes.iter().filter_map(|(id, r)| Some((id.clone(), r.url()?.to_owned()))).collect()
+    /// Nodes to probe: id, URL, and whether the node is known only from the bus.
+    pub fn targets(&self) -> Vec<(String, String, bool)> {
+        self.nodes
+            .iter()
+            .filter_map(|(id, r)| Some((id.clone(), r.url()?.to_owned(), !r.configured)))
+            .collect()
     }
 
     /// Forgets nodes known only from the bus that have been down or silent for
@@ -449,6 +663,8 @@ fn judge(rec: &mut NodeRecord, now: Duration) -> (Health, Option<String>) {
     let (_, liveness) = liveness(rec);
     if rec.url().is_none() {
         (Health::Unhealthy, Some("no URL known for the node".to_owned()))
+    } else if let (None, Some(e)) = (&rec.report, &rec.identity_error) {
+        (Health::Unhealthy, Some(format!("not verified: {e}")))
     } else if rec.report.is_none() {
         (Health::Unhealthy, Some("not yet verified: no probe answered".to_owned()))
     } else if liveness == NodeLiveness::Down {
@@ -787,9 +1003,127 @@ mod tests {
         assert_eq!((e[0].view.cost_per_1k, e[1].view.cost_per_1k), (0.3, 0.1));
     }
 
+    const LAB: AnnouncePolicy =
+        AnnouncePolicy { allow_plaintext: true, fleet_ca: false, max_nodes: 1024 };
+    const FLEET_CA: AnnouncePolicy =
+        AnnouncePolicy { allow_plaintext: false, fleet_ca: true, max_nodes: 1024 };
+
+    fn at(mut snap: NodeSnapshot, url: &str) -> NodeSnapshot {
+        snap.url = url.into();
+        snap
+    }
+
+    fn ready_llm() -> [(&'static str, ModelState); 1] {
+        [("llm", ModelState::Ready)]
+    }
+
+    #[test]
+    fn a_bus_snapshot_never_overrides_a_configured_url() {
+        let mut f = fleet_with("a");
+        f.probe_ok("a", s(900), s(1000), report("a", &["llm"]));
+        // A rogue announces `a` at its own URL, with a newer state (epoch u64::MAX, no models,
+        // draining): ignored whole, and counted.
+        let mut rogue = at(snap("a", &[], NodeLiveness::Draining), "https://evil.example:443");
+        rogue.epoch = u64::MAX;
+        assert_eq!(f.apply_bus(&rogue, s(1100)), Change::None);
+        assert_eq!(f.refusals().get(Refusal::UrlMismatch), 1);
+        let e = &f.entries(s(1100), P)[0];
+        assert_eq!(e.info.url, "http://127.0.0.1:1");
+        assert_eq!((e.view.health, e.view.models.contains("llm")), (Health::Ready, true));
+        assert_eq!(f.targets(), [("a".to_owned(), "http://127.0.0.1:1".to_owned(), false)]);
+        // The node itself, naming its configured URL, is believed.
+        let own = snap("a", &ready_llm(), NodeLiveness::Draining);
+        assert_eq!(f.apply_bus(&own, s(1200)), Change::Changed);
+        assert_eq!(f.entries(s(1200), P)[0].view.health, Health::Draining);
+    }
+
+    #[test]
+    fn a_lone_heartbeat_neither_empties_a_configured_url_nor_creates_a_node() {
+        let mut f = fleet_with("a");
+        f.probe_ok("a", s(900), s(1000), report("a", &["llm"]));
+        // What the bus view makes of a first event that is a `Heartbeat`: no URL, no models.
+        assert_eq!(f.apply_bus(&at(snap("a", &[], NodeLiveness::Up), ""), s(1100)), Change::None);
+        let e = &f.entries(s(1100), P)[0];
+        assert_eq!((e.info.url.as_str(), e.view.models.len()), ("http://127.0.0.1:1", 1));
+        let mut lab = Fleet::new(HealthParams::default(), s(600_000)).with_policy(LAB);
+        assert_eq!(
+            lab.apply_bus(&at(snap("ghost", &[], NodeLiveness::Up), ""), s(0)),
+            Change::None
+        );
+        assert!(lab.is_empty());
+        assert_eq!(lab.refusals().get(Refusal::BadUrl), 1);
+    }
+
+    #[test]
+    fn a_probe_answered_by_another_node_id_fails_and_unverifies() {
+        let mut f = fleet_with("a");
+        assert_eq!(f.probe_ok("a", s(900), s(1000), report("rogue", &["llm"])), Change::Changed);
+        let e = &f.entries(s(1000), P)[0];
+        assert_eq!(e.view.health, Health::Unhealthy);
+        let why = e.info.health_reason.clone().unwrap();
+        assert!(why.contains("identity") && why.contains("rogue"), "{why}");
+        assert_eq!(e.info.detail.probes.failed, 1);
+        // Verified, then the URL answers as someone else: out at once, not after φ.
+        f.probe_ok("a", s(1900), s(2000), report("a", &["llm"]));
+        assert_eq!(f.entries(s(2000), P)[0].view.health, Health::Ready);
+        f.probe_ok("a", s(2900), s(3000), report("rogue", &["llm"]));
+        assert_eq!(f.entries(s(3000), P)[0].view.health, Health::Unhealthy);
+    }
+
+    #[test]
+    fn announced_nodes_need_https_under_a_fleet_ca_unless_the_lab_says_so() {
+        let plain = at(snap("x", &ready_llm(), NodeLiveness::Up), "http://10.0.0.9:8080");
+        let tls = at(snap("y", &ready_llm(), NodeLiveness::Up), "https://10.0.0.9:8443");
+        let mut strict = Fleet::new(HealthParams::default(), s(600_000));
+        assert_eq!(strict.apply_bus(&plain, s(0)), Change::None);
+        assert_eq!(strict.apply_bus(&tls, s(0)), Change::None);
+        assert!(strict.is_empty());
+        assert_eq!(strict.refusals().get(Refusal::Plaintext), 1);
+        assert_eq!(strict.refusals().get(Refusal::NoFleetCa), 1);
+        let mut ca = Fleet::new(HealthParams::default(), s(600_000)).with_policy(FLEET_CA);
+        assert_eq!(ca.apply_bus(&plain, s(0)), Change::None);
+        assert!(matches!(ca.apply_bus(&tls, s(0)), Change::Target { announced: true, .. }));
+        let mut lab = Fleet::new(HealthParams::default(), s(600_000)).with_policy(LAB);
+        assert!(matches!(lab.apply_bus(&plain, s(0)), Change::Target { announced: true, .. }));
+    }
+
+    #[test]
+    fn an_announced_node_that_moves_is_unverified_until_its_new_url_answers() {
+        let mut f = Fleet::new(HealthParams::default(), s(600_000)).with_policy(FLEET_CA);
+        let first = at(snap("x", &ready_llm(), NodeLiveness::Up), "https://10.0.0.9:8443");
+        f.apply_bus(&first, s(0));
+        let c =
+            f.probe_result("x", "https://10.0.0.9:8443", s(0), s(10), Ok(report("x", &["llm"])));
+        assert_eq!(c, Change::Changed);
+        assert_eq!(f.entries(s(10), P)[0].view.health, Health::Ready);
+        let moved = at(first.clone(), "https://203.0.113.7:443");
+        assert!(matches!(f.apply_bus(&moved, s(20)), Change::Target { .. }));
+        let e = &f.entries(s(20), P)[0];
+        assert_eq!(e.view.health, Health::Unhealthy, "served at a URL nobody verified");
+        // A late answer from the old URL does not verify the new one.
+        let late = f.probe_result("x", "https://10.0.0.9:8443", s(5), s(30), Ok(report("x", &[])));
+        assert_eq!(late, Change::None);
+        assert_eq!(f.entries(s(30), P)[0].view.health, Health::Unhealthy);
+    }
+
+    #[test]
+    fn announced_nodes_are_capped() {
+        let policy = AnnouncePolicy { max_nodes: 3, ..LAB };
+        let mut f = fleet_with("a").with_policy(policy);
+        for i in 0..10 {
+            let n = at(snap(&format!("n{i}"), &[], NodeLiveness::Up), "http://10.0.0.1:1");
+            f.apply_bus(&n, s(i));
+        }
+        assert_eq!((f.len(), f.announced()), (4, 3), "the configured node and three announced");
+        assert_eq!(f.refusals().get(Refusal::OverCap), 7);
+        // A held one still updates.
+        let n0 = at(snap("n0", &ready_llm(), NodeLiveness::Up), "http://10.0.0.1:1");
+        assert_eq!(f.apply_bus(&n0, s(20)), Change::Changed);
+    }
+
     #[test]
     fn bus_only_nodes_are_forgotten_after_long_silence() {
-        let mut f = Fleet::new(HealthParams::default(), s(60_000));
+        let mut f = Fleet::new(HealthParams::default(), s(60_000)).with_policy(LAB);
         let c = f.apply_bus(&snap("x", &[], NodeLiveness::Up), s(0));
         assert!(matches!(c, Change::Target { .. }));
         f.apply_bus(&snap("x", &[], NodeLiveness::Down), s(1000));

@@ -18,6 +18,13 @@
 //! Background tasks (started by [`Discovery::start`]): the bus follower, the probe tasks, and
 //! the rebuilder, which folds bursts of changes into one new snapshot every
 //! `scoring.rebuild_interval_ms` at most.
+//!
+//! What it trusts: its own configuration (`[[nodes]]` URLs are never overridden by the bus)
+//! and what a probe verified (a `/health` answer naming the node's own id, from the node's
+//! current URL; for a node only the bus announced, an `https://` URL whose certificate chains
+//! to the fleet CA and names the node id). The bus's word alone never puts a URL in an answer.
+//! Callers: `[auth]` is required unless `discovery.allow_unauthenticated` says otherwise;
+//! `explain`, `/v1/nodes` and `/v1/topology` need the admin scope (see [`api`]).
 
 pub mod api;
 pub mod config;
@@ -46,7 +53,7 @@ pub use snapshot::Snapshot;
 
 use crate::config::ms;
 use crate::fleet::{Change, Fleet, ViewParams};
-use crate::metrics::{HealthLabels, Metrics, OutcomeLabels};
+use crate::metrics::{HealthLabels, Metrics, OutcomeLabels, ReasonLabels};
 use crate::probe::{HttpProbe, Probe, Scheduler};
 
 #[derive(Debug, thiserror::Error)]
@@ -134,11 +141,11 @@ impl Shared {
             Change::None => {}
             Change::Changed => self.dirty.notify_one(),
             Change::Telemetry => self.telemetry.notify_one(),
-            Change::Target { id, url } => {
+            Change::Target { id, url, announced } => {
                 if let Ok(mut s) = self.scheduler.lock()
                     && let Some(s) = s.as_mut()
                 {
-                    s.ensure(&id, &url);
+                    s.ensure(&id, &url, announced);
                 }
                 self.dirty.notify_one();
             }
@@ -215,7 +222,9 @@ impl Discovery {
     pub fn build(cfg: DiscoveryConfig) -> Result<Discovery, DiscoveryError> {
         cfg.validate()?;
         let started = Instant::now();
-        let mut fleet = Fleet::new(cfg.health.params(), ms(cfg.health.forget_after_ms));
+        let policy = cfg.announced.policy(cfg.probe.ca_file.is_some());
+        let mut fleet =
+            Fleet::new(cfg.health.params(), ms(cfg.health.forget_after_ms)).with_policy(policy);
         for n in &cfg.nodes {
             fleet.add_static(n, Duration::ZERO);
         }
@@ -233,10 +242,14 @@ impl Discovery {
         let auth = match &cfg.auth {
             Some(a) => Some(Arc::new(edgeroute_auth::KeyStore::from_config(a)?)),
             None => {
-                tracing::warn!(replica = %cfg.discovery.id, "discovery has no [auth]: every route is open");
+                // validate() refused this unless the operator opted out explicitly.
+                tracing::warn!(replica = %cfg.discovery.id, "discovery.allow_unauthenticated: every route is open, fleet views included (loopback labs only)");
                 None
             }
         };
+        if cfg.announced.allow_plaintext {
+            tracing::warn!(replica = %cfg.discovery.id, "announced.allow_plaintext: http:// nodes announced on the bus are probed and served unverified by any certificate (labs only)");
+        }
         let (generations, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             default_strategy: cfg.scoring.default_strategy(),
@@ -321,39 +334,49 @@ impl Discovery {
             None => {
                 let tls = probe::tls_config(sh.cfg.probe.ca_file.as_deref())
                     .map_err(DiscoveryError::Tls)?;
-                Arc::new(HttpProbe::new(
-                    ms(sh.cfg.probe.timeout_ms),
-                    sh.cfg.probe.max_body_bytes,
-                    tls,
-                ))
+                let mut p =
+                    HttpProbe::new(ms(sh.cfg.probe.timeout_ms), sh.cfg.probe.max_body_bytes, tls);
+                if let Some(ca) = &sh.cfg.probe.ca_file {
+                    p = p.with_announced(probe::AnnouncedTls {
+                        fleet: probe::fleet_verifier(ca).map_err(DiscoveryError::Tls)?,
+                        identity_suffix: sh.cfg.announced.identity_suffix.clone(),
+                        max_clients: sh.cfg.announced.max_nodes,
+                    });
+                }
+                Arc::new(p)
             }
         };
         let sink_shared = Arc::downgrade(&sh);
-        let sink: probe::Sink = Arc::new(move |id, sent, now, outcome| {
+        let sink: probe::Sink = Arc::new(move |id, url, sent, now, outcome| {
             let Some(sh) = sink_shared.upgrade() else { return };
             let label = match &outcome {
+                Ok(h) if h.node_id != id => "identity",
                 Ok(_) => "ok",
                 Err(e) => e.kind(),
             };
             sh.metrics.probes.get_or_create(&OutcomeLabels { outcome: label }).inc();
+            if label == "identity" {
+                tracing::warn!(node = %id, url = %url, "probe answered by another node id: not served");
+            }
             if let Ok(mut fleet) = sh.fleet.lock() {
-                let change = match outcome {
-                    Ok(h) => fleet.probe_ok(id, sent, now, h),
-                    Err(e) => {
-                        fleet.probe_failed(id, now, e.to_string());
-                        Change::Telemetry
-                    }
-                };
+                let change =
+                    fleet.probe_result(id, url, sent, now, outcome.map_err(|e| e.to_string()));
                 drop(fleet);
                 sh.apply(change);
             }
         });
         let targets = sh.fleet.lock().map(|f| f.targets()).unwrap_or_default();
         {
-            let mut scheduler =
-                Scheduler::new(probe, ms(sh.cfg.probe.interval_ms), sh.started, sink);
-            for (id, url) in targets {
-                scheduler.ensure(&id, &url);
+            let mut scheduler = Scheduler::new(
+                probe,
+                ms(sh.cfg.probe.interval_ms),
+                sh.started,
+                sink,
+                sh.cfg.announced.max_probes_per_s,
+            );
+            sh.metrics.watch_probe_counts(scheduler.counts());
+            for (id, url, announced) in targets {
+                scheduler.ensure(&id, &url, announced);
             }
             if let Ok(mut s) = sh.scheduler.lock() {
                 *s = Some(scheduler);
@@ -511,17 +534,38 @@ async fn follow_bus(sh: Arc<Shared>, bus: Bus, mut stop: watch::Receiver<bool>) 
                 sh.bus_updates.fetch_add(1, Ordering::Relaxed);
                 sh.metrics.bus_updates.inc();
                 let now = sh.now();
-                let change = match sh.fleet.lock() {
-                    Ok(mut fleet) => match &update {
-                        FleetUpdate::Snapshot(s) => fleet.apply_bus(s, now),
-                        FleetUpdate::Event(ev) => match sub.view().node(&ev.node_id) {
-                            Some(s) => fleet.apply_bus(s, now),
-                            None => Change::None,
-                        },
-                        FleetUpdate::Expired(id) => fleet.bus_expired(id, now),
-                    },
-                    Err(_) => Change::None,
+                let (change, refused) = match sh.fleet.lock() {
+                    Ok(mut fleet) => {
+                        let before = fleet.refusals();
+                        let change = match &update {
+                            FleetUpdate::Snapshot(s) => fleet.apply_bus(s, now),
+                            FleetUpdate::Event(ev) => match sub.view().node(&ev.node_id) {
+                                Some(s) => fleet.apply_bus(s, now),
+                                None => Change::None,
+                            },
+                            FleetUpdate::Expired(id) => fleet.bus_expired(id, now),
+                        };
+                        let after = fleet.refusals();
+                        let refused = fleet::Refusal::ALL
+                            .into_iter()
+                            .find(|r| after.get(*r) > before.get(*r))
+                            .map(|r| (r, after.get(r)));
+                        (change, refused)
+                    }
+                    Err(_) => (Change::None, None),
                 };
+                if let Some((why, total)) = refused {
+                    sh.metrics.bus_refused.get_or_create(&ReasonLabels { reason: why.label() }).inc();
+                    // Logged at the 1st, 2nd, 4th, 8th... of a kind: a flood cannot flood the log.
+                    if total.is_power_of_two() {
+                        let node = match &update {
+                            FleetUpdate::Snapshot(s) => s.node_id.as_str(),
+                            FleetUpdate::Event(ev) => ev.node_id.as_str(),
+                            FleetUpdate::Expired(id) => id.as_str(),
+                        };
+                        tracing::warn!(node = %node, reason = why.label(), total, "topology bus: announcement not believed");
+                    }
+                }
                 sh.apply(change);
                 sh.bus_synced.store(sub.is_synced(), Ordering::Relaxed);
             }

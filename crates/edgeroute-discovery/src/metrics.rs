@@ -13,6 +13,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HealthLabels {
     pub health: &'static str,
 }
@@ -29,6 +34,11 @@ pub struct Metrics {
     pub generation: Gauge,
     pub nodes: Family<HealthLabels, Gauge>,
     pub bus_connected: Gauge,
+    /// Bus snapshots not believed, by reason (`crate::fleet::Refusal::label`).
+    pub bus_refused: Family<ReasonLabels, Counter>,
+    /// Probes of announced nodes skipped over `announced.max_probes_per_s`.
+    pub probes_skipped: Counter,
+    probe_counts: std::sync::Mutex<Option<std::sync::Arc<crate::probe::ProbeCounts>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -51,6 +61,9 @@ impl Default for Metrics {
             generation: Gauge::default(),
             nodes: Family::default(),
             bus_connected: Gauge::default(),
+            bus_refused: Family::default(),
+            probes_skipped: Counter::default(),
+            probe_counts: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register("discover_requests", "Discover answers by outcome", m.discover.clone());
@@ -69,12 +82,38 @@ impl Default for Metrics {
             "1 when the topology bus is reachable",
             m.bus_connected.clone(),
         );
+        registry.register(
+            "bus_refused",
+            "Topology bus snapshots not believed, by reason",
+            m.bus_refused.clone(),
+        );
+        registry.register(
+            "announced_probes_skipped",
+            "Probes of announced nodes skipped over announced.max_probes_per_s",
+            m.probes_skipped.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Mirrors the scheduler's skipped-probe count into `probes_skipped` at each render.
+    pub fn watch_probe_counts(&self, counts: std::sync::Arc<crate::probe::ProbeCounts>) {
+        if let Ok(mut c) = self.probe_counts.lock() {
+            *c = Some(counts);
+        }
+    }
+
     pub fn render(&self) -> String {
+        if let Ok(c) = self.probe_counts.lock()
+            && let Some(c) = c.as_ref()
+        {
+            let skipped = c.skipped.load(std::sync::atomic::Ordering::Relaxed);
+            let shown = self.probes_skipped.get();
+            if skipped > shown {
+                self.probes_skipped.inc_by(skipped - shown);
+            }
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -4,11 +4,18 @@
 //! served until a probe verifies it), then one per interval at a phase derived from the node's
 //! id, so a thousand nodes are probed evenly across the second instead of in one burst. A probe
 //! never overlaps the next: a slow node costs its own task a timeout, nothing else.
+//!
+//! Nodes known only from the bus (announced) are probed within one shared budget
+//! ([`ProbeBudget`], `announced.max_probes_per_s`): a probe over it is skipped, so no amount of
+//! announcing or URL churn makes the replica fetch more than that many URLs a second. Over
+//! `https://` their certificate must chain to the fleet CA and be valid for the URL's host and
+//! for `<node id>.<announced.identity_suffix>` ([`NodeIdentityVerifier`]).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,10 +58,158 @@ impl ProbeError {
 
 pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<NodeHealth, ProbeError>> + Send>>;
 
+/// One probe to send: the node it is for, its `/health` URI, and whether it is known only
+/// from the bus.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    pub node_id: String,
+    pub health: http::Uri,
+    pub announced: bool,
+}
+
 /// Fetches one node's health report. The seam between the schedule and the network: tests
-/// and simulations provide their own.
+/// and simulations provide their own. (The reported `node_id` is compared with the target's
+/// by the registry, whatever the probe.)
 pub trait Probe: Send + Sync + std::fmt::Debug + 'static {
     fn probe(&self, health_uri: http::Uri) -> ProbeFuture;
+
+    /// Probes `target`. The default ignores everything but the URI; [`HttpProbe`] checks an
+    /// announced node's certificate identity.
+    fn probe_target(&self, target: &ProbeTarget) -> ProbeFuture {
+        self.probe(target.health.clone())
+    }
+}
+
+/// The budget every probe of an announced node draws from: a token bucket of `rate` tokens a
+/// second holding at most `rate`. Pure: time comes in.
+#[derive(Debug, Clone)]
+pub struct ProbeBudget {
+    rate: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl ProbeBudget {
+    /// Full at the start.
+    pub fn new(rate_per_s: u32) -> Self {
+        let rate = f64::from(rate_per_s.max(1));
+        ProbeBudget { rate, tokens: rate, last: Duration::ZERO }
+    }
+
+    /// Takes one probe's token at `now`, if there is one.
+    pub fn try_take(&mut self, now: Duration) -> bool {
+        let elapsed = now.saturating_sub(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The fleet CA's verifier plus one more check: the certificate is valid for the DNS name
+/// `<node id>.<suffix>` as well as for the URL's host. Only the node holding a certificate
+/// issued for its id can then answer as it, whatever URL the bus announced.
+#[derive(Debug)]
+pub struct NodeIdentityVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    identity: rustls_pki_types::ServerName<'static>,
+}
+
+impl NodeIdentityVerifier {
+    pub fn new(
+        inner: Arc<rustls::client::WebPkiServerVerifier>,
+        identity_name: &str,
+    ) -> Result<Self, String> {
+        let identity = rustls_pki_types::ServerName::try_from(identity_name.to_owned())
+            .map_err(|e| format!("`{identity_name}`: {e}"))?;
+        Ok(NodeIdentityVerifier { inner, identity })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for NodeIdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&cert, &self.identity).map_err(|_| {
+            rustls::Error::General(format!(
+                "certificate identity: not valid for {}",
+                self.identity.to_str()
+            ))
+        })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The fleet CA as a verifier, from a PEM file.
+pub fn fleet_verifier(
+    ca_file: &std::path::Path,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("CA file {}: {e}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| format!("CA file {}: {e}", ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("CA file {}: no certificate in it", ca_file.display()));
+    }
+    rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| format!("CA file {}: {e}", ca_file.display()))
+}
+
+/// How announced `https://` nodes are verified: the fleet CA and the identity suffix.
+#[derive(Debug, Clone)]
+pub struct AnnouncedTls {
+    pub fleet: Arc<rustls::client::WebPkiServerVerifier>,
+    pub identity_suffix: String,
+    /// Clients (one per announced node: each checks its own identity) kept at once.
+    pub max_clients: usize,
 }
 
 /// `<base>/health` for a node's base URL, if it is an `http://` or `https://` URL with a
@@ -74,13 +229,18 @@ pub fn health_uri(base: &str) -> Option<http::Uri> {
 
 pub use edgeroute_http::client::tls_config;
 
+type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
 /// Probes over HTTP/1.1 with pooled keep-alive connections, a deadline per probe and a cap on
 /// the body.
 #[derive(Clone)]
 pub struct HttpProbe {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: HttpClient,
     timeout: Duration,
     max_body: usize,
+    announced: Option<AnnouncedTls>,
+    /// Announced nodes' clients, by node id.
+    identified: Arc<Mutex<HashMap<String, HttpClient>>>,
 }
 
 impl std::fmt::Debug for HttpProbe {
@@ -98,12 +258,62 @@ impl HttpProbe {
             pool_max_idle_per_host: 1,
         };
         let client = edgeroute_http::client::https_client(&opts, tls);
-        HttpProbe { client, timeout, max_body }
+        HttpProbe {
+            client,
+            timeout,
+            max_body,
+            announced: None,
+            identified: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
-}
 
-impl Probe for HttpProbe {
-    fn probe(&self, uri: http::Uri) -> ProbeFuture {
+    /// Verifies announced `https://` nodes as `tls` says (without it they cannot be probed
+    /// over https).
+    pub fn with_announced(mut self, tls: AnnouncedTls) -> Self {
+        self.announced = Some(tls);
+        self
+    }
+
+    fn opts(&self) -> edgeroute_http::client::ClientOptions {
+        edgeroute_http::client::ClientOptions {
+            connect_timeout: self.timeout,
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_host: 1,
+        }
+    }
+
+    /// The client that verifies `node_id`'s certificate identity (built once per node).
+    fn identified_client(&self, node_id: &str) -> Result<HttpClient, ProbeError> {
+        let Some(a) = &self.announced else {
+            return Err(ProbeError::Connect(
+                "an announced https:// node needs a fleet CA (probe.ca_file)".into(),
+            ));
+        };
+        let mut map = self.identified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = map.get(node_id) {
+            return Ok(c.clone());
+        }
+        let name = format!("{node_id}.{}", a.identity_suffix);
+        let verifier =
+            NodeIdentityVerifier::new(a.fleet.clone(), &name).map_err(ProbeError::Connect)?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ProbeError::Connect(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+        let client = edgeroute_http::client::https_client(&self.opts(), tls);
+        if map.len() >= a.max_clients.max(1) {
+            // Bounded: the registry holds at most that many announced nodes anyway.
+            map.clear();
+        }
+        map.insert(node_id.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn fetch(&self, client: HttpClient, uri: http::Uri) -> ProbeFuture {
         let this = self.clone();
         Box::pin(async move {
             let timeout_ms = this.timeout.as_millis() as u64;
@@ -113,7 +323,7 @@ impl Probe for HttpProbe {
                     .body(Empty::new())
                     .map_err(|e| ProbeError::Connect(e.to_string()))?;
                 let resp =
-                    this.client.request(req).await.map_err(|e| ProbeError::Connect(source(&e)))?;
+                    client.request(req).await.map_err(|e| ProbeError::Connect(source(&e)))?;
                 let status = resp.status();
                 // A node shutting down answers 503 with its report: still an answer.
                 if status != http::StatusCode::OK && status != http::StatusCode::SERVICE_UNAVAILABLE
@@ -140,6 +350,22 @@ impl Probe for HttpProbe {
     }
 }
 
+impl Probe for HttpProbe {
+    fn probe(&self, uri: http::Uri) -> ProbeFuture {
+        self.fetch(self.client.clone(), uri)
+    }
+
+    fn probe_target(&self, target: &ProbeTarget) -> ProbeFuture {
+        if target.announced && target.health.scheme_str() == Some("https") {
+            return match self.identified_client(&target.node_id) {
+                Ok(c) => self.fetch(c, target.health.clone()),
+                Err(e) => Box::pin(async move { Err(e) }),
+            };
+        }
+        self.fetch(self.client.clone(), target.health.clone())
+    }
+}
+
 fn source(e: &hyper_util::client::legacy::Error) -> String {
     let mut s = e.to_string();
     let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
@@ -151,8 +377,17 @@ fn source(e: &hyper_util::client::legacy::Error) -> String {
     s
 }
 
-/// What a finished probe reports: node id, when it was sent, when it ended, the outcome.
-pub type Sink = Arc<dyn Fn(&str, Duration, Duration, Result<NodeHealth, ProbeError>) + Send + Sync>;
+/// What a finished probe reports: node id, the URL probed, when it was sent, when it ended,
+/// the outcome.
+pub type Sink =
+    Arc<dyn Fn(&str, &str, Duration, Duration, Result<NodeHealth, ProbeError>) + Send + Sync>;
+
+/// Probes started and skipped (over the announced nodes' budget), since the scheduler began.
+#[derive(Debug, Default)]
+pub struct ProbeCounts {
+    pub started: AtomicU64,
+    pub skipped: AtomicU64,
+}
 
 struct Task {
     url: String,
@@ -167,6 +402,8 @@ pub struct Scheduler {
     sink: Sink,
     started: Instant,
     tasks: HashMap<String, Task>,
+    budget: Arc<Mutex<ProbeBudget>>,
+    counts: Arc<ProbeCounts>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -185,13 +422,33 @@ fn phase(id: &str, interval: Duration) -> Duration {
 }
 
 impl Scheduler {
-    pub fn new(probe: Arc<dyn Probe>, interval: Duration, started: Instant, sink: Sink) -> Self {
-        Scheduler { probe, interval, sink, started, tasks: HashMap::new() }
+    /// A scheduler whose announced nodes share `announced_per_s` probes a second.
+    pub fn new(
+        probe: Arc<dyn Probe>,
+        interval: Duration,
+        started: Instant,
+        sink: Sink,
+        announced_per_s: u32,
+    ) -> Self {
+        Scheduler {
+            probe,
+            interval,
+            sink,
+            started,
+            tasks: HashMap::new(),
+            budget: Arc::new(Mutex::new(ProbeBudget::new(announced_per_s))),
+            counts: Arc::default(),
+        }
+    }
+
+    pub fn counts(&self) -> Arc<ProbeCounts> {
+        self.counts.clone()
     }
 
     /// Probes `id` at `url` from now on (at once, then on its schedule). A changed URL
-    /// restarts the task; an unchanged one only asks for an immediate probe.
-    pub fn ensure(&mut self, id: &str, url: &str) {
+    /// restarts the task; an unchanged one only asks for an immediate probe. `announced`
+    /// probes draw from the shared budget.
+    pub fn ensure(&mut self, id: &str, url: &str, announced: bool) {
         if let Some(t) = self.tasks.get(id) {
             if t.url == url && !t.handle.is_finished() {
                 t.kick.notify_one();
@@ -203,6 +460,7 @@ impl Scheduler {
             // Not probeable: remembered, so the failure is reported once, not per tick.
             (self.sink)(
                 id,
+                url,
                 self.started.elapsed(),
                 self.started.elapsed(),
                 Err(ProbeError::Connect(format!("cannot probe `{url}`: not an http(s):// URL"))),
@@ -210,14 +468,17 @@ impl Scheduler {
             return;
         };
         let kick = Arc::new(Notify::new());
+        let target = ProbeTarget { node_id: id.to_owned(), health: uri, announced };
         let handle = tokio::spawn(run(
-            id.to_owned(),
-            uri,
+            target,
+            url.to_owned(),
             self.probe.clone(),
             self.interval,
             self.started,
             self.sink.clone(),
             kick.clone(),
+            announced.then(|| (self.budget.clone(), self.counts.clone())),
+            self.counts.clone(),
         ));
         self.tasks.insert(id.to_owned(), Task { url: url.to_owned(), kick, handle });
     }
@@ -246,21 +507,40 @@ impl Drop for Scheduler {
     }
 }
 
+type Budget = (Arc<Mutex<ProbeBudget>>, Arc<ProbeCounts>);
+
+#[allow(clippy::too_many_arguments)] // One task's whole context, passed once.
 async fn run(
-    id: String,
-    uri: http::Uri,
+    target: ProbeTarget,
+    url: String,
     probe: Arc<dyn Probe>,
     interval: Duration,
     started: Instant,
     sink: Sink,
     kick: Arc<Notify>,
+    budget: Option<Budget>,
+    counts: Arc<ProbeCounts>,
 ) {
+    let id = target.node_id.clone();
     let mut ticks = tokio::time::interval_at(Instant::now() + phase(&id, interval), interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let sent = started.elapsed();
-        let outcome = probe.probe(uri.clone()).await;
-        sink(&id, sent, started.elapsed(), outcome);
+        let allowed = match &budget {
+            None => true,
+            Some((b, c)) => {
+                let ok = b.lock().map(|mut b| b.try_take(sent)).unwrap_or(false);
+                if !ok {
+                    c.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                ok
+            }
+        };
+        if allowed {
+            counts.started.fetch_add(1, Ordering::Relaxed);
+            let outcome = probe.probe_target(&target).await;
+            sink(&id, &url, sent, started.elapsed(), outcome);
+        }
         tokio::select! {
             _ = ticks.tick() => {}
             () = kick.notified() => {}
@@ -281,6 +561,21 @@ mod tests {
         assert_eq!(u("ftp://h:1"), None);
         assert_eq!(u("h:1"), None);
         assert_eq!(u("http://h/?x=1"), None);
+    }
+
+    #[test]
+    fn the_announced_budget_refills_at_its_rate_and_never_holds_more_than_a_second() {
+        let s = Duration::from_secs;
+        let mut b = ProbeBudget::new(10);
+        let taken = (0..100).filter(|_| b.try_take(s(0))).count();
+        assert_eq!(taken, 10, "a full bucket, then nothing");
+        assert!(!b.try_take(Duration::from_millis(50)));
+        assert!(b.try_take(Duration::from_millis(100)), "one token per 100 ms");
+        // A long quiet spell refills one second's worth, no more.
+        let taken = (0..100).filter(|_| b.try_take(s(3600))).count();
+        assert_eq!(taken, 10);
+        // Time going backwards (it never does) grants nothing.
+        assert!(!b.try_take(s(10)));
     }
 
     #[test]

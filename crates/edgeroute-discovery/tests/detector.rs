@@ -57,7 +57,7 @@ async fn when(d: &Discovery, want: bool, limit: Duration) -> Instant {
 #[tokio::test(start_paused = true)]
 async fn defaults_eject_a_silent_node_in_about_one_and_a_half_seconds_and_readmit_after_three_probes()
  {
-    let toml = "[[nodes]]\nid = \"a\"\nurl = \"http://10.0.0.1:8080\"\nregion = \"toronto\"\n";
+    let toml = "[discovery]\nallow_unauthenticated = true\n[[nodes]]\nid = \"a\"\nurl = \"http://10.0.0.1:8080\"\nregion = \"toronto\"\n";
     let node = Arc::new(FakeNode::default());
     node.alive.store(true, Ordering::SeqCst);
     let d = Discovery::build(DiscoveryConfig::from_toml(toml, |_| None).unwrap())

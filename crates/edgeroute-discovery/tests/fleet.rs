@@ -86,6 +86,10 @@ fn node_cfg(root: &std::path::Path, ttft_ms: u64, extra: &str) -> String {
 
 const FAST: &str = "[probe]\ninterval_ms = 200\ntimeout_ms = 150\n[health]\nmin_std_ms = 50\n";
 
+/// A loopback lab replica: no `[auth]`, and nodes announced on the bus at `http://` URLs
+/// (both explicit opt-ins).
+const LAB: &str = "allow_unauthenticated = true\n[announced]\nallow_plaintext = true\n";
+
 async fn warm(node: &TestNode, n: usize) {
     let chat = json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
     for _ in 0..n {
@@ -108,7 +112,8 @@ async fn a_three_region_fleet_is_discovered_scored_and_served() {
         warm(n, 6).await;
     }
     let d =
-        Replica::start(&format!("[discovery]\nid = \"disc-tor\"\n{FAST}"), Some(bus.clone())).await;
+        Replica::start(&format!("[discovery]\nid = \"disc-tor\"\n{LAB}{FAST}"), Some(bus.clone()))
+            .await;
     let q = "model=sim-llama&k=3";
     d.until(q, Duration::from_secs(5), |ids| ids == ["tor-1", "mtl-1", "van-1"]).await;
 
@@ -240,7 +245,7 @@ async fn an_answer_of_k_nodes_keeps_the_best_node_of_a_second_region() {
     for n in [&tor1, &tor2, &van] {
         warm(n, 6).await;
     }
-    let d = Replica::start(&format!("[discovery]\nid = \"disc\"\n{FAST}"), Some(bus)).await;
+    let d = Replica::start(&format!("[discovery]\nid = \"disc\"\n{LAB}{FAST}"), Some(bus)).await;
     d.until("model=sim-llama&k=3", Duration::from_secs(5), |ids| ids.len() == 3).await;
     // By score alone the two best are both in Toronto: the standby would share the pinned
     // node's region. The second place goes to Vancouver's best instead.
@@ -263,7 +268,7 @@ async fn a_model_being_unloaded_leaves_discovery_at_once_while_its_drain_runs() 
     let tor = TestNode::start_as("tor-1", "toronto", &tor_cfg, Some(bus.clone())).await;
     let mtl =
         TestNode::start_as("mtl-1", "montreal", &node_cfg(&root, 30, ""), Some(bus.clone())).await;
-    let d = Replica::start(&format!("[discovery]\nid = \"disc\"\n{FAST}"), Some(bus)).await;
+    let d = Replica::start(&format!("[discovery]\nid = \"disc\"\n{LAB}{FAST}"), Some(bus)).await;
     let q = "model=sim-llama&k=3";
     d.until(q, Duration::from_secs(5), |ids| ids.len() == 2).await;
     d.until("model=tts", Duration::from_secs(5), |ids| ids == ["tor-1"]).await;
@@ -318,7 +323,8 @@ async fn a_killed_node_is_ejected_in_detector_time_and_readmitted_after_verified
     // Probes every 100 ms, deviation floor 20 ms: φ crosses 8 about 100 + 5.2 × 20 ≈ 205 ms
     // after the last answered probe.
     let toml = format!(
-        "[probe]\ninterval_ms = 100\ntimeout_ms = 80\n[health]\nmin_std_ms = 20\n\
+        "[discovery]\nallow_unauthenticated = true\n\
+         [probe]\ninterval_ms = 100\ntimeout_ms = 80\n[health]\nmin_std_ms = 20\n\
          [[nodes]]\nid = \"tor-1\"\nurl = \"http://{}\"\nregion = \"toronto\"\n\
          [[nodes]]\nid = \"tor-2\"\nurl = \"http://{}\"\nregion = \"toronto\"\n",
         switch.addr(),
@@ -363,7 +369,7 @@ async fn two_replicas_over_nats_agree_and_survive_nats_going_away() {
     );
     let van = TestNode::start_as("van-1", "vancouver", &node_cfg(&root, 20, &bus), None).await;
     let tor = TestNode::start_as("tor-1", "toronto", &node_cfg(&root, 20, &bus), None).await;
-    let replica = |id: &str| format!("[discovery]\nid = \"{id}\"\n{FAST}{bus}");
+    let replica = |id: &str| format!("[discovery]\nid = \"{id}\"\n{LAB}{FAST}{bus}");
     let a = Replica::start(&replica("disc-van"), None).await;
     let b = Replica::start(&replica("disc-tor"), None).await;
     let q = "model=sim-llama&k=5";
@@ -442,7 +448,8 @@ async fn tls_nodes_are_probed_over_https_and_an_untrusted_certificate_is_refused
         nodes.push(TestNode::start_as(id, "toronto", &node_cfg(&root, 5, &tls), None).await);
     }
     let toml = format!(
-        "[probe]\ninterval_ms = 200\ntimeout_ms = 150\nca_file = \"{}\"\n\
+        "[discovery]\nallow_unauthenticated = true\n\
+         [probe]\ninterval_ms = 200\ntimeout_ms = 150\nca_file = \"{}\"\n\
          [[nodes]]\nid = \"tls-ok\"\nurl = \"https://localhost:{}\"\nregion = \"toronto\"\n\
          [[nodes]]\nid = \"tls-bad\"\nurl = \"https://localhost:{}\"\nregion = \"toronto\"\n",
         root.join("tls-ok.pem").display(),

@@ -91,7 +91,11 @@ pub async fn serve_synthetic(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    let cfg = edgeroute_discovery::DiscoveryConfig::from_toml("", |_| None)?;
+    // A load benchmark's private server: no [auth] (an explicit opt-out).
+    let cfg = edgeroute_discovery::DiscoveryConfig::from_toml(
+        "[discovery]\nallow_unauthenticated = true\n",
+        |_| None,
+    )?;
     let limits = cfg.limits.server_limits();
     let d = edgeroute_discovery::Discovery::build(cfg)?;
     d.replace_snapshot(edgeroute_discovery::Snapshot::build(
@@ -187,9 +191,11 @@ pub async fn freshness(bus_cfg: edgeroute_bus::BusConfig, changes: usize) -> Res
         let _ = stop_rx.await;
     }));
 
-    let disc =
-        edgeroute_discovery::Discovery::build(edgeroute_discovery::DiscoveryConfig::default())?
-            .with_bus(disc_bus);
+    // A loopback lab: no [auth], and the node announces an http:// URL (explicit opt-ins).
+    let mut disc_cfg = edgeroute_discovery::DiscoveryConfig::default();
+    disc_cfg.discovery.allow_unauthenticated = true;
+    disc_cfg.announced.allow_plaintext = true;
+    let disc = edgeroute_discovery::Discovery::build(disc_cfg)?.with_bus(disc_bus);
     let running = disc.start().await?;
     let mut generations = disc.generations();
     let listed = |model: &str| {

@@ -265,12 +265,18 @@ impl FleetSpec {
         cfg.discovery.id = discovery_id(region);
         cfg.discovery.region = region.into();
         cfg.discovery.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        if let FleetAuth::Hs256File(path) = &self.auth {
-            cfg.auth = Some(edgeroute_auth::AuthConfig {
-                hs256_secret_file: Some(path.clone()),
-                ..Default::default()
-            });
+        match &self.auth {
+            FleetAuth::Open => cfg.discovery.allow_unauthenticated = true,
+            FleetAuth::Hs256File(path) => {
+                cfg.auth = Some(edgeroute_auth::AuthConfig {
+                    hs256_secret_file: Some(path.clone()),
+                    ..Default::default()
+                });
+            }
         }
+        // The lab's nodes announce `http://` URLs on loopback or the in-memory network: an
+        // explicit opt-in, as a real fleet's `https://` nodes under a fleet CA need none.
+        cfg.announced.allow_plaintext = true;
         (cfg.probe.interval_ms, cfg.probe.timeout_ms) = self.probe_ms;
         cfg
     }
@@ -321,8 +327,12 @@ mod tests {
         for r in &fleet.regions {
             let d = fleet.discovery_config(r);
             d.validate().unwrap();
-            assert!(d.auth.is_some());
+            assert!(d.auth.is_some() && !d.discovery.allow_unauthenticated);
+            assert!(d.announced.allow_plaintext, "the lab's nodes announce http:// URLs");
         }
+        let open = FleetSpec::canada().discovery_config("toronto");
+        assert!(open.auth.is_none() && open.discovery.allow_unauthenticated);
+        open.validate().unwrap();
         assert_eq!(discovery_id("toronto"), "disc-tor");
     }
 
