@@ -167,7 +167,8 @@ def start_discovery_and_proxy(start_proc, workdir):
         dport = free_port()
         cfg = workdir / "discovery.toml"
         cfg.write_text(
-            f'[discovery]\nlisten = "127.0.0.1:{dport}"\n[probe]\ninterval_ms = 200\ntimeout_ms = 150\n'
+            f'[discovery]\nlisten = "127.0.0.1:{dport}"\nallow_unauthenticated = true\n'
+            '[probe]\ninterval_ms = 200\ntimeout_ms = 150\n'
             + "".join(f'[[nodes]]\nid = "{i}"\nurl = "{u}"\nregion = "{r}"\n' for i, u, r in nodes))
         start_proc(["discovery", "--config", str(cfg)], f"http://127.0.0.1:{dport}/health", "discovery")
         deadline = time.time() + 10
