@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use edgeroute_proto::discovery::DiscoverResponse;
+use edgeroute_proto::discovery::{Candidate, DiscoverResponse};
 use serde::{Deserialize, Serialize};
 
 /// How usable a cached answer is at a given time.
@@ -44,6 +44,15 @@ pub fn key(model: &str, pipeline: Option<&str>, regions: &[String]) -> String {
 }
 
 impl ListCache {
+    /// Applies `f` to every cached answer's candidates (to drop some); an answer left with
+    /// none is forgotten.
+    pub fn retain_candidates(&mut self, mut f: impl FnMut(&mut Vec<Candidate>)) {
+        for e in self.entries.values_mut() {
+            f(&mut e.answer.candidates);
+        }
+        self.entries.retain(|_, e| !e.answer.candidates.is_empty());
+    }
+
     pub fn put(&mut self, key: String, answer: DiscoverResponse, now_ms: u64) {
         self.entries.insert(key, Entry { fetched_at_ms: now_ms, answer, expired: false });
     }

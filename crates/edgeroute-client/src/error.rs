@@ -58,6 +58,13 @@ pub enum ClientError {
     StreamCut(Attempts),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The bearer token would travel in clear text: `url` is not `https://` and its host is not
+    /// loopback. Serve it over https, or set `allow_plaintext` for a private network.
+    #[error(
+        "refusing to send the bearer token over plaintext to `{url}`: use https:// (or a loopback \
+         address), or set allow_plaintext (edgeroute proxy --allow-plaintext) for a private network"
+    )]
+    PlaintextToken { url: String },
 }
 
 impl ClientError {
@@ -66,6 +73,7 @@ impl ClientError {
         match self {
             ClientError::Api { .. }
             | ClientError::Invalid(_)
+            | ClientError::PlaintextToken { .. }
             | ClientError::NoCandidates { .. } => Side::Caller,
             ClientError::Discovery(_) => Side::Network,
             ClientError::Exhausted(_) | ClientError::BudgetSpent(_) | ClientError::StreamCut(_) => {
@@ -100,7 +108,7 @@ impl ClientError {
     pub fn status(&self) -> u16 {
         match self {
             ClientError::Api { status, .. } => *status,
-            ClientError::Invalid(_) => 400,
+            ClientError::Invalid(_) | ClientError::PlaintextToken { .. } => 400,
             ClientError::NoCandidates { .. } => 404,
             ClientError::Discovery(_) | ClientError::BudgetSpent(_) => 503,
             ClientError::Exhausted(_) | ClientError::StreamCut(_) => 502,

@@ -74,6 +74,7 @@ pub mod machine;
 mod session;
 mod stream;
 pub mod transport;
+pub mod trust;
 
 pub use edgeroute_http::client::tls_config;
 pub use error::{AttemptReport, Attempts, ClientError, Side};
@@ -103,13 +104,19 @@ use hyper_util::client::legacy::Client as HttpClient;
 use crate::cache::{Freshness, ListCache};
 use crate::machine::{Machine, Outcome, Policy};
 
-/// Everything a client is told; every field has a default.
-#[derive(Debug, Clone)]
+/// Everything a client is told; every field has a default. `Debug` shows the token redacted.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Discovery base URLs, tried in order.
     pub discovery: Vec<String>,
-    /// Bearer token for discovery and nodes.
+    /// Bearer token for discovery and nodes. It is sent only over TLS (`https://`) or to a
+    /// loopback host (127.0.0.0/8, `::1`, `localhost`), never on `/health` probes, and shown
+    /// redacted by `Debug`.
     pub token: Option<String>,
+    /// Also send the token over plaintext `http://` to hosts that are not loopback: for a
+    /// private network you trust end to end. Default false: such a discovery URL is refused
+    /// ([`ClientError::PlaintextToken`]) and such a node is no candidate.
+    pub allow_plaintext: bool,
     /// Data residency: only nodes in these regions (empty = any).
     pub regions: Vec<String>,
     /// Where this client is. Discovery ranks nodes by what it sees of them, not by this
@@ -191,6 +198,7 @@ impl Default for ClientConfig {
         ClientConfig {
             discovery: vec![],
             token: None,
+            allow_plaintext: false,
             regions: vec![],
             home_region: None,
             probe_k: 3,
@@ -224,7 +232,87 @@ impl Default for ClientConfig {
     }
 }
 
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every field by name, so a new one cannot be forgotten (or print a secret unseen).
+        let ClientConfig {
+            discovery,
+            token,
+            allow_plaintext,
+            regions,
+            home_region,
+            probe_k,
+            probe_deadline,
+            probe_ttl,
+            path_ttl,
+            discovery_revalidate,
+            discovery_timeout,
+            connect_timeout,
+            request_timeout,
+            first_token_timeout,
+            stall_timeout,
+            hedge_initial,
+            hedge_min,
+            hedge_multiple,
+            json_hedge_initial,
+            miss_ttl,
+            reprobe_interval,
+            move_margin,
+            move_after,
+            max_response_bytes,
+            pool_idle_timeout,
+            cache_file,
+            ca_file,
+            seed,
+            retry_ratio,
+            retry_floor_per_s,
+            eject_after,
+            eject_backoff,
+        } = self;
+        f.debug_struct("ClientConfig")
+            .field("discovery", discovery)
+            .field("token", &token.as_ref().map(|_| "<redacted>"))
+            .field("allow_plaintext", allow_plaintext)
+            .field("regions", regions)
+            .field("home_region", home_region)
+            .field("probe_k", probe_k)
+            .field("probe_deadline", probe_deadline)
+            .field("probe_ttl", probe_ttl)
+            .field("path_ttl", path_ttl)
+            .field("discovery_revalidate", discovery_revalidate)
+            .field("discovery_timeout", discovery_timeout)
+            .field("connect_timeout", connect_timeout)
+            .field("request_timeout", request_timeout)
+            .field("first_token_timeout", first_token_timeout)
+            .field("stall_timeout", stall_timeout)
+            .field("hedge_initial", hedge_initial)
+            .field("hedge_min", hedge_min)
+            .field("hedge_multiple", hedge_multiple)
+            .field("json_hedge_initial", json_hedge_initial)
+            .field("miss_ttl", miss_ttl)
+            .field("reprobe_interval", reprobe_interval)
+            .field("move_margin", move_margin)
+            .field("move_after", move_after)
+            .field("max_response_bytes", max_response_bytes)
+            .field("pool_idle_timeout", pool_idle_timeout)
+            .field("cache_file", cache_file)
+            .field("ca_file", ca_file)
+            .field("seed", seed)
+            .field("retry_ratio", retry_ratio)
+            .field("retry_floor_per_s", retry_floor_per_s)
+            .field("eject_after", eject_after)
+            .field("eject_backoff", eject_backoff)
+            .finish()
+    }
+}
+
 impl ClientConfig {
+    /// Whether a request to `url` may carry this client's token ([`trust::token_may_go`]);
+    /// always, when there is no token.
+    fn token_may_go(&self, url: &str) -> bool {
+        self.token.is_none() || trust::token_may_go(url, self.allow_plaintext)
+    }
+
     fn http_options(&self) -> edgeroute_http::client::ClientOptions {
         edgeroute_http::client::ClientOptions {
             connect_timeout: self.connect_timeout,
@@ -565,8 +653,19 @@ impl Client {
         if !(cfg.hedge_multiple.is_finite() && cfg.hedge_multiple >= 1.0) {
             return Err(ClientError::Invalid("hedge_multiple must be at least 1".into()));
         }
+        // Refused as it is built, before any connection: discovery would receive the token.
+        if let Some(url) = cfg.discovery.iter().find(|u| !cfg.token_may_go(u)) {
+            return Err(ClientError::PlaintextToken { url: url.clone() });
+        }
         let http = edgeroute_http::client::builder(&cfg.http_options()).build(connector);
-        let cache = cfg.cache_file.as_deref().map(ListCache::load).unwrap_or_default();
+        let mut cache = cfg.cache_file.as_deref().map(ListCache::load).unwrap_or_default();
+        // A persisted list (written without a token, or by an older version) is held to the
+        // same rule as discovery's answers.
+        if cfg.token.is_some() {
+            cache.retain_candidates(|c| {
+                trust::retain(c, cfg.allow_plaintext);
+            });
+        }
         let origin = Instant::now();
         let m = Machine::new(cfg.policy(), cfg.seed, origin.into_std());
         let state = State {
@@ -623,14 +722,20 @@ impl Client {
         self.inner.stats.snapshot(r, d)
     }
 
+    /// A request to `url`, carrying the token when `authenticated` (never over plaintext to a
+    /// host that is not loopback: refused here, before anything is sent).
     fn request(
         &self,
         method: Method,
         url: &str,
         body: Bytes,
+        authenticated: bool,
     ) -> Result<Request<Full<Bytes>>, String> {
         let mut b = Request::builder().method(method).uri(url);
-        if let Some(t) = &self.inner.cfg.token {
+        if authenticated && let Some(t) = &self.inner.cfg.token {
+            if !self.inner.cfg.token_may_go(url) {
+                return Err(ClientError::PlaintextToken { url: url.to_owned() }.to_string());
+            }
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
         if !body.is_empty() {
@@ -726,13 +831,25 @@ impl Client {
         for endpoint in &cfg.discovery {
             let url = format!("{}/v1/discover?{query}", endpoint.trim_end_matches('/'));
             match self.fetch_json::<DiscoverResponse>(&url, cfg.discovery_timeout).await {
-                Ok(answer) => {
+                Ok(mut answer) => {
+                    // Nodes the token may not go to are no candidates: the next one serves.
+                    let refused = if cfg.token.is_some() {
+                        trust::retain(&mut answer.candidates, cfg.allow_plaintext)
+                    } else {
+                        0
+                    };
                     let candidates = answer.candidates.clone();
                     if candidates.is_empty() {
-                        let reason = answer
-                            .reason
-                            .as_ref()
-                            .map_or("no candidates".to_owned(), |r| r.message.clone());
+                        let reason = match &answer.reason {
+                            _ if refused > 0 => format!(
+                                "discovery listed only nodes on plaintext http:// at hosts that \
+                                 are not loopback ({refused}); the token is not sent there: \
+                                 serve them over https, or set allow_plaintext for a private \
+                                 network"
+                            ),
+                            Some(r) => r.message.clone(),
+                            None => "no candidates".to_owned(),
+                        };
                         return Err(ClientError::NoCandidates { model: q.model.clone(), reason });
                     }
                     let (key, now) = (self.key(q), self.wall_ms());
@@ -770,7 +887,7 @@ impl Client {
         url: &str,
         timeout: Duration,
     ) -> Result<T, String> {
-        let req = self.request(Method::GET, url, Bytes::new())?;
+        let req = self.request(Method::GET, url, Bytes::new(), true)?;
         let work = async {
             let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
             let status = res.status();
@@ -790,8 +907,9 @@ impl Client {
     /// One probe: a small request on a (new or pooled) connection, which then stays warm. A
     /// node that no longer serves the query's model (or pipeline) fails it.
     async fn probe(&self, c: &Candidate, q: &Query) -> Result<Probed, String> {
+        // Probes are unauthenticated: the token goes only where a request needs it.
         let url = format!("{}/health", c.url.trim_end_matches('/'));
-        let req = self.request(Method::GET, &url, Bytes::new())?;
+        let req = self.request(Method::GET, &url, Bytes::new(), false)?;
         let t = Instant::now();
         let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
         let load: Option<LoadReport> = res
@@ -989,7 +1107,7 @@ impl Client {
         session: &str,
     ) -> Result<(http::Response<hyper::body::Incoming>, Option<MigrateHint>), String> {
         let url = format!("{}/v1/chat/completions", node.url.trim_end_matches('/'));
-        let mut req = self.request(Method::POST, &url, body.clone())?;
+        let mut req = self.request(Method::POST, &url, body.clone(), true)?;
         if let Ok(v) = http::HeaderValue::from_str(session) {
             req.headers_mut().insert(SESSION_HEADER, v);
         }

@@ -2,8 +2,23 @@
 //! machine, so any OpenAI client in any language gets edgeroute's routing and failover without
 //! a code change — point its base URL at `http://127.0.0.1:PORT/v1`.
 //!
-//! Who may call it: whoever reaches its listener (it binds to loopback by default and holds the
-//! user's token for the fleet); the fleet's nodes check that token on every request.
+//! Who may call it: a program on this machine. It binds to loopback by default and holds the
+//! user's token for the fleet (read from `--token-file` or `EDGEROUTE_TOKEN`, never from the
+//! command line, where every local user sees it), so a web page the user visits must not be
+//! able to use it. Before any route ([`check_caller`]):
+//!
+//! - `Host` must name loopback (`127.0.0.0/8`, `[::1]`, `localhost`, any port) or one of
+//!   [`ProxyConfig::allowed_hosts`], else 421 `host_not_allowed`: a DNS-rebinding page (its own
+//!   name resolved to 127.0.0.1, so same-origin with the proxy) is refused;
+//! - a request with an `Origin` header not in [`ProxyConfig::allowed_origins`] (none by default;
+//!   `null` included), or marked by the browser as `Sec-Fetch-Site: cross-site | same-site`, is
+//!   refused, 403 `origin_not_allowed`: browsers send these, programs do not, and a refused CORS
+//!   preflight stops every non-simple request;
+//! - a `POST` must say `Content-Type: application/json`, else 415 `unsupported_media_type`: the
+//!   CORS "simple" form post (`text/plain`) a page can send without a preflight is refused.
+//!
+//! The fleet's nodes then check the token on every request, and the SDK sends it only over TLS
+//! or to loopback.
 //!
 //! A session (one pinned node plus standby) is kept per `x-edgeroute-session` header value and
 //! model (or pipeline, with `x-edgeroute-pipeline`: every model of a voice pipeline on one
@@ -24,14 +39,15 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use edgeroute_client::{Client, ClientError, Session, StreamItem};
 use edgeroute_http::ApiError;
 use edgeroute_proto::headers::SESSION_HEADER;
-use edgeroute_proto::{ChatCompletionRequest, ErrorBody};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use edgeroute_proto::{ChatCompletionRequest, ErrorBody, Side};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -54,6 +70,14 @@ pub struct ProxyConfig {
     pub session_idle: Duration,
     /// Longest `x-edgeroute-session` / `x-edgeroute-pipeline` value, bytes. Default 128.
     pub max_key_len: usize,
+    /// Host names (or addresses) besides loopback that callers may name in `Host`, any port,
+    /// compared without case: `127.0.0.0/8`, `[::1]` and `localhost` are always allowed.
+    /// Default: none (a DNS-rebinding guard: a request naming any other host is refused, 421).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`, exact) allowed to call the proxy. Default:
+    /// none, so any request with an `Origin` header (`null` included) is refused (403): web
+    /// pages may not drive the proxy with the user's token.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ProxyConfig {
@@ -63,8 +87,76 @@ impl Default for ProxyConfig {
             max_sessions: 10_000,
             session_idle: Duration::from_secs(600),
             max_key_len: 128,
+            allowed_hosts: vec![],
+            allowed_origins: vec![],
         }
     }
+}
+
+/// Why a token file could not be used. Never quotes the file's content.
+#[derive(Debug)]
+pub enum TokenFileError {
+    /// The file could not be read.
+    Read { path: std::path::PathBuf, error: std::io::Error },
+    /// The file holds nothing but whitespace.
+    Empty { path: std::path::PathBuf },
+    /// The token holds whitespace or a character a header cannot carry (two tokens, a
+    /// stray line): refused rather than guessed at.
+    Malformed { path: std::path::PathBuf },
+}
+
+impl std::fmt::Display for TokenFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenFileError::Read { path, error } => {
+                write!(f, "reading the token file {}: {error}", path.display())
+            }
+            TokenFileError::Empty { path } => {
+                write!(f, "the token file {} is empty", path.display())
+            }
+            TokenFileError::Malformed { path } => write!(
+                f,
+                "the token file {} must hold one token: visible ASCII, no spaces, one line",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TokenFileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TokenFileError::Read { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// The bearer token in `path` (surrounding whitespace, such as the trailing newline `echo`
+/// writes, is trimmed). A token is read from a file or the environment, never taken from the
+/// command line, where every local user sees it (`ps`, `/proc/<pid>/cmdline`). A file that
+/// other users may read is used, with a warning.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, TokenFileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| TokenFileError::Read { path: path.to_owned(), error })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenFileError::Empty { path: path.to_owned() });
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenFileError::Malformed { path: path.to_owned() });
+    }
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt as _;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "the token file is readable by other users: chmod 600 it"
+            );
+        }
+    }
+    Ok(token.to_owned())
 }
 
 /// (session header, pipeline or "", model or "").
@@ -129,7 +221,7 @@ pub fn router(client: Client, max_body: usize) -> Router {
     router_with(client, ProxyConfig { max_body, ..ProxyConfig::default() })
 }
 
-/// The proxy's routes over `client`.
+/// The proxy's routes over `client`, every one behind [`check_caller`].
 pub fn router_with(client: Client, cfg: ProxyConfig) -> Router {
     let st = Arc::new(State_ { client, cfg, sessions: Mutex::new(HashMap::new()) });
     Router::new()
@@ -138,7 +230,132 @@ pub fn router_with(client: Client, cfg: ProxyConfig) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
         .with_state(st)
+}
+
+async fn guard(State(st): State<Arc<State_>>, req: Request, next: Next) -> Response {
+    match check_caller(&st.cfg, req.method(), req.uri(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            tracing::warn!(
+                method = %req.method(),
+                path = req.uri().path(),
+                refused = %e,
+                "edgeroute proxy: caller refused"
+            );
+            e.into_response()
+        }
+    }
+}
+
+/// Whether this request may use the proxy (and so the user's token): a program on this machine,
+/// not a web page. Checked, in order, before any route: the `Host` it names (loopback or
+/// configured: 421), the browser's cross-site signals (`Origin` not allowed, `Sec-Fetch-Site`
+/// cross-site or same-site: 403), and a `POST`'s content type (`application/json`: 415).
+pub fn check_caller(
+    cfg: &ProxyConfig,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    // HTTP/1.1 names the host in `Host`; HTTP/2 in the `:authority` (the URI's).
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    if !host.is_some_and(|h| host_allowed(h, &cfg.allowed_hosts)) {
+        let named = host.map_or("no host".to_owned(), |h| format!("`{}`", h.escape_default()));
+        return Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "invalid_request_error",
+            Some("host_not_allowed"),
+            format!(
+                "this proxy answers only to loopback (127.0.0.1, [::1], localhost) and its \
+                 configured host names (--allow-host), not {named}"
+            ),
+        )
+        .fault(Side::Caller, false));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let allowed = origin.to_str().is_ok_and(|o| cfg.allowed_origins.iter().any(|a| a == o));
+        if !allowed {
+            return Err(ApiError::forbidden(
+                "origin_not_allowed",
+                "requests from web pages are refused: this proxy holds your token (allow an \
+                 origin with --allow-origin)",
+            )
+            .fault(Side::Caller, false));
+        }
+    } else if let Some(site) = headers.get("sec-fetch-site")
+        && matches!(site.as_bytes(), b"cross-site" | b"same-site")
+    {
+        return Err(ApiError::forbidden(
+            "origin_not_allowed",
+            "cross-site requests from web pages are refused: this proxy holds your token",
+        )
+        .fault(Side::Caller, false));
+    }
+    if *method == Method::POST && !is_json(headers) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            Some("unsupported_media_type"),
+            "the request body must be JSON, sent with `Content-Type: application/json`",
+        )
+        .fault(Side::Caller, false));
+    }
+    Ok(())
+}
+
+/// `Content-Type` is `application/json`, parameters (`; charset=utf-8`) allowed.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A `Host` value (`name`, `name:port`, `[v6]:port`) names loopback or one of `allowed` (any
+/// port, without case, a trailing dot ignored).
+fn host_allowed(value: &str, allowed: &[String]) -> bool {
+    let value = value.trim();
+    let name = if let Some(rest) = value.strip_prefix('[') {
+        // `[::1]` or `[::1]:8089`.
+        match rest.split_once(']') {
+            Some((v6, tail)) if tail.is_empty() || tail.strip_prefix(':').is_some_and(is_port) => {
+                v6
+            }
+            _ => return false,
+        }
+    } else {
+        match value.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => value,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() {
+        return false;
+    }
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+        return true;
+    }
+    allowed.iter().any(|a| {
+        let a = a.trim().trim_start_matches('[').trim_end_matches(']');
+        let a = a.strip_suffix('.').unwrap_or(a);
+        a.eq_ignore_ascii_case(name)
+    })
+}
+
+/// A port: 1-5 digits.
+fn is_port(p: &str) -> bool {
+    (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The SDK's error as the proxy's answer: the SDK's classification ([`ClientError::fault`])
@@ -162,6 +379,9 @@ fn error_response(e: ClientError) -> Response {
         )
         .with_param("model"),
         ClientError::Invalid(m) => ApiError::invalid_request(None, m),
+        e @ ClientError::PlaintextToken { .. } => {
+            ApiError::invalid_request(None, e.to_string()).with_code("plaintext_token")
+        }
         e @ ClientError::BudgetSpent(_) => {
             ApiError::unavailable("retry_budget_spent", e.to_string(), 1)
         }
@@ -345,6 +565,60 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         st.slot(key("d"));
         assert_eq!(st.len(), 1, "idle sessions expired");
+    }
+
+    #[test]
+    fn hosts_are_loopback_or_configured() {
+        let allowed = ["proxy.internal".to_owned(), "[fd00::5]".to_owned()];
+        for ok in [
+            "127.0.0.1:8089",
+            "127.0.0.1",
+            "127.200.0.1:1",
+            "[::1]:8089",
+            "[::1]",
+            "localhost",
+            "LocalHost.:8089",
+            "proxy.internal:80",
+            "PROXY.INTERNAL",
+            "[fd00::5]:8089",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for refused in [
+            "",
+            ":8089",
+            "evil.example",
+            "evil.example:8089",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:8089",
+            "0.0.0.0:8089",
+            "128.0.0.1",
+            "[::2]:8089",
+            "[::1]x",
+            "::1",
+            "localhost:80:80",
+            "localhost:abc",
+            "proxy.internal.evil.example",
+            "user@localhost",
+        ] {
+            assert!(!host_allowed(refused, &allowed), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_host_is_refused() {
+        let cfg = ProxyConfig::default();
+        let uri: Uri = "/v1/chat/completions".parse().unwrap_or_default();
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let e = check_caller(&cfg, &Method::POST, &uri, &h).err().map(|e| e.status);
+        assert_eq!(e, Some(StatusCode::MISDIRECTED_REQUEST));
+        // HTTP/2 names it in the URI's authority.
+        let uri: Uri = "http://127.0.0.1:8089/v1/chat/completions".parse().unwrap_or_default();
+        assert!(check_caller(&cfg, &Method::POST, &uri, &h).is_ok());
+        // A GET needs no content type.
+        h.remove(header::CONTENT_TYPE);
+        assert!(check_caller(&cfg, &Method::GET, &uri, &h).is_ok());
     }
 
     #[test]
