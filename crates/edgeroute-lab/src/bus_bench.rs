@@ -193,7 +193,9 @@ impl AuthServer {
         for (label, role) in [("node", node_role), ("discovery", Role::Discovery)] {
             let key = UserKey::generate()?;
             let seed_file = dir.path().join(format!("{label}.nk"));
-            std::fs::write(&seed_file, key.seed())?;
+            let mut file = std::fs::OpenOptions::new();
+            std::os::unix::fs::OpenOptionsExt::mode(file.write(true).create_new(true), 0o600);
+            std::io::Write::write_all(&mut file.open(&seed_file)?, key.seed().as_bytes())?;
             let perms = credentials::permissions(&base, &role)?;
             blocks.push(credentials::user_block(label, &key.public_key, &perms));
             seed_files.push(seed_file);
