@@ -100,7 +100,8 @@ def start_node(edgeroute_bin, workdir):
         def mint(sub="py-tenant", scope="inference", ttl=600):
             out = subprocess.run(
                 [edgeroute_bin, "token", "mint", "--secret-file", str(secret), "--sub", sub,
-                 "--scope", scope, "--ttl", str(ttl)],
+                 "--scope", scope, "--ttl", str(ttl)]
+                + (["--fleet"] if "admin" in scope.split() else []),
                 check=True, capture_output=True, text=True,
             )
             return out.stdout.strip()

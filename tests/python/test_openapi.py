@@ -96,7 +96,7 @@ def fleet(edgeroute_bin, tmp_path_factory):
         def mint(scope):
             return subprocess.run(
                 [edgeroute_bin, "token", "mint", "--secret-file", str(secret), "--sub", "spec",
-                 "--scope", scope, "--ttl", "3600"],
+                 "--scope", scope, "--ttl", "3600"] + (["--fleet"] if "admin" in scope else []),
                 check=True, capture_output=True, text=True).stdout.strip()
 
         tokens = {"inference": mint("inference"), "admin": mint("admin")}

@@ -49,7 +49,8 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds; at most 300. Default: 30.
     pub leeway_s: u64,
-    /// Shortest HS256 secret accepted, in bytes; shorter secrets fail the load. Default: 32.
+    /// Shortest HS256 secret accepted, in bytes; shorter secrets fail the load. At least 32
+    /// (256 bits, RFC 7518 §3.2): a lower value is a config error. Default: 32.
     pub min_secret_bytes: usize,
     /// How often key files are checked for changes, in milliseconds; 0 disables polling.
     /// Default: 1000.
@@ -140,6 +141,12 @@ impl AuthConfig {
                 self.leeway_s
             )));
         }
+        if self.min_secret_bytes < DEFAULT_MIN_SECRET_BYTES {
+            return Err(KeyLoadError::Config(format!(
+                "min_secret_bytes is {}; HS256 secrets need at least {DEFAULT_MIN_SECRET_BYTES} bytes (256 bits)",
+                self.min_secret_bytes
+            )));
+        }
         if matches!(&self.audience, Some(a) if a.is_empty()) {
             return Err(KeyLoadError::Config("audience must not be empty".into()));
         }
@@ -175,5 +182,12 @@ mod tests {
         let wide =
             AuthConfig { jwks_file: Some("/k".into()), leeway_s: 3600, ..AuthConfig::default() };
         assert!(wide.validate().unwrap_err().to_string().contains("leeway_s"));
+        let weak = AuthConfig {
+            hs256_secret_file: Some("/s".into()),
+            min_secret_bytes: 16,
+            ..AuthConfig::default()
+        };
+        let e = weak.validate().unwrap_err().to_string();
+        assert!(e.contains("min_secret_bytes") && e.contains("32"), "{e}");
     }
 }

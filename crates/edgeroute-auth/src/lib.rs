@@ -16,6 +16,7 @@
 //! [`AuthError`] to a response with [`AuthError::http_status`] and
 //! [`AuthError::bearer_error_code`].
 
+pub mod admin;
 pub mod cache;
 mod claims;
 mod config;

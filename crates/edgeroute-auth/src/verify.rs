@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::claims::Claims;
 use crate::error::AuthError;
 use crate::keys::KeySet;
+use crate::scope::{Scope, Scopes};
 
 /// Largest token accepted, in bytes. Real tokens are well under 2 KiB; the bound keeps the work
 /// done on hostile input small and fixed.
@@ -100,8 +101,8 @@ impl KeySet {
         let payload = URL_SAFE_NO_PAD
             .decode(payload_b64)
             .map_err(|_| AuthError::Malformed("payload is not base64url"))?;
-        let claims = Claims::from_json(&payload)?;
-        check_claims(&claims, policy, now_unix_s)?;
+        let mut claims = Claims::from_json(&payload)?;
+        check_claims(&mut claims, policy, now_unix_s)?;
         Ok(claims)
     }
 }
@@ -122,7 +123,10 @@ fn parse_alg(alg: &str) -> Result<Algorithm, AuthError> {
     })
 }
 
-fn check_claims(claims: &Claims, policy: &Policy, now: u64) -> Result<(), AuthError> {
+/// Time, issuer and audience rules. The audience rule is the configured one, or, for a token
+/// holding the `admin` scope, an admin audience (see [`crate::admin`]); a token accepted only
+/// through its admin audience loses its `inference` scope.
+fn check_claims(claims: &mut Claims, policy: &Policy, now: u64) -> Result<(), AuthError> {
     // A token is valid strictly before `exp` (RFC 7519 §4.1.4), widened by the leeway.
     if now >= claims.exp.saturating_add(policy.leeway_s) {
         return Err(AuthError::Expired);
@@ -137,13 +141,20 @@ fn check_claims(claims: &Claims, policy: &Policy, now: u64) -> Result<(), AuthEr
     {
         return Err(AuthError::WrongIssuer);
     }
-    match &policy.audience {
-        Some(audience) if !claims.aud.iter().any(|a| a == audience) => {
-            Err(AuthError::WrongAudience)
-        }
-        None if !claims.aud.is_empty() => Err(AuthError::WrongAudience),
-        _ => Ok(()),
+    let configured = match &policy.audience {
+        Some(audience) => claims.aud.iter().any(|a| a == audience),
+        None => claims.aud.is_empty(),
+    };
+    if configured {
+        return Ok(());
     }
+    if claims.scope.contains(Scope::Admin)
+        && claims.aud.iter().any(|a| crate::admin::is_admin_audience(a))
+    {
+        claims.scope = Scopes::from(Scope::Admin);
+        return Ok(());
+    }
+    Err(AuthError::WrongAudience)
 }
 
 /// Extracts the token from an `Authorization` header value (`Bearer <token>`; the scheme is
@@ -190,22 +201,55 @@ mod tests {
     #[test]
     fn expiry_boundaries_with_leeway() {
         let p = Policy { leeway_s: 30, ..Policy::default() };
-        assert!(check_claims(&claims(100, None), &p, 129).is_ok());
-        assert!(matches!(check_claims(&claims(100, None), &p, 130), Err(AuthError::Expired)));
+        assert!(check_claims(&mut claims(100, None), &p, 129).is_ok());
+        assert!(matches!(check_claims(&mut claims(100, None), &p, 130), Err(AuthError::Expired)));
         let strict = Policy::default();
-        assert!(check_claims(&claims(100, None), &strict, 99).is_ok());
-        assert!(matches!(check_claims(&claims(100, None), &strict, 100), Err(AuthError::Expired)));
-        assert!(check_claims(&claims(u64::MAX, None), &p, u64::MAX - 1).is_ok());
+        assert!(check_claims(&mut claims(100, None), &strict, 99).is_ok());
+        assert!(matches!(
+            check_claims(&mut claims(100, None), &strict, 100),
+            Err(AuthError::Expired)
+        ));
+        assert!(check_claims(&mut claims(u64::MAX, None), &p, u64::MAX - 1).is_ok());
     }
 
     #[test]
     fn nbf_boundaries_with_leeway() {
         let p = Policy { leeway_s: 30, ..Policy::default() };
-        assert!(check_claims(&claims(1000, Some(130)), &p, 100).is_ok());
+        assert!(check_claims(&mut claims(1000, Some(130)), &p, 100).is_ok());
         assert!(matches!(
-            check_claims(&claims(1000, Some(131)), &p, 100),
+            check_claims(&mut claims(1000, Some(131)), &p, 100),
             Err(AuthError::NotYetValid)
         ));
+    }
+
+    fn with(aud: &[&str], scope: &str) -> Claims {
+        Claims {
+            aud: aud.iter().map(|a| (*a).to_owned()).collect(),
+            scope: crate::Scopes::parse(scope),
+            ..claims(1000, None)
+        }
+    }
+
+    #[test]
+    fn an_admin_audience_admits_admin_tokens_only() {
+        let open = Policy::default();
+        let api = Policy { audience: Some("api".into()), ..Policy::default() };
+        for p in [&open, &api] {
+            let mut c = with(&["edgeroute:node:a"], "admin inference");
+            assert!(check_claims(&mut c, p, 1).is_ok());
+            assert_eq!(c.scope, Scopes::from(Scope::Admin), "inference dropped");
+            let mut c = with(&["edgeroute:fleet"], "inference");
+            assert!(matches!(check_claims(&mut c, p, 1), Err(AuthError::WrongAudience)));
+            let mut c = with(&["elsewhere"], "admin");
+            assert!(matches!(check_claims(&mut c, p, 1), Err(AuthError::WrongAudience)));
+        }
+        // The configured audience keeps every scope.
+        let mut c = with(&["api", "edgeroute:fleet"], "admin inference");
+        assert!(check_claims(&mut c, &api, 1).is_ok());
+        assert_eq!(c.scope.to_string(), "inference admin");
+        let mut c = with(&[], "admin inference");
+        assert!(check_claims(&mut c, &open, 1).is_ok());
+        assert_eq!(c.scope.to_string(), "inference admin");
     }
 
     #[test]

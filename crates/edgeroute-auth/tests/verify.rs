@@ -57,17 +57,15 @@ fn short_secret_is_refused_at_load() {
 #[test]
 fn secret_from_environment() {
     // The environment is the config loader's lookup, injected: no process environment here.
-    let env =
-        |k: &str| (k == "EDGEROUTE_HS256").then(|| "a-secret-from-the-environment".to_owned());
-    let mut config = AuthConfig {
-        hs256_secret_env: Some("EDGEROUTE_HS256".into()),
-        min_secret_bytes: 8,
-        ..AuthConfig::default()
+    let env = |k: &str| {
+        (k == "EDGEROUTE_HS256").then(|| "a-secret-from-the-environment-0123456789".to_owned())
     };
+    let mut config =
+        AuthConfig { hs256_secret_env: Some("EDGEROUTE_HS256".into()), ..AuthConfig::default() };
     config.resolve_env(env);
     assert_eq!(format!("{:?}", config.hs256_secret_from_env), "Secret(<redacted>)");
     let store = KeyStore::from_config(&config).unwrap();
-    let secret = b"a-secret-from-the-environment".to_vec();
+    let secret = b"a-secret-from-the-environment-0123456789".to_vec();
     let token = mint(&edgeroute_auth::SigningKey::Hs256(secret), &opts(None)).unwrap();
     assert!(store.verify(&token, NOW).is_ok());
 

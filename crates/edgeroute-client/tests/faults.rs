@@ -123,6 +123,8 @@ fn misbehave(
 
 struct LabNode {
     router: axum::Router,
+    /// The admin plane (an unauthenticated node serves no admin route on its public router).
+    admin: axum::Router,
     front: Arc<Front>,
     _node: edgeroute_node::Node,
     server: tokio::task::JoinHandle<()>,
@@ -195,7 +197,8 @@ impl Lab {
                 cost_per_1k: 0.0,
                 score_ms: ttft as f64 + i as f64,
             });
-            nodes.insert(id, LabNode { router, front: f, _node: node, server });
+            let admin = node.admin_router();
+            nodes.insert(id, LabNode { router, admin, front: f, _node: node, server });
         }
         let answer = DiscoverResponse {
             model: "sim-llama".into(),
@@ -256,7 +259,7 @@ impl Lab {
 
     /// Sets simulator faults on a node (its admin API, in process).
     async fn sim_faults(&self, id: &str, json: &str) {
-        let (status, b) = call(&self.nodes[id].router, "PUT", "/admin/faults", json).await;
+        let (status, b) = call(&self.nodes[id].admin, "PUT", "/admin/faults", json).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
     }
 
@@ -646,7 +649,7 @@ async fn a_drained_node_moves_the_session_between_turns_with_its_migrate_hint() 
     let s = client.session("sim-llama").await.unwrap();
     s.chat(&request("turn 1", 4)).await.unwrap();
     let (status, b) = call(
-        &lab.nodes["tor-1"].router,
+        &lab.nodes["tor-1"].admin,
         "POST",
         "/admin/drain",
         r#"{"deadline_ms": 30000, "to": "mtl-1"}"#,

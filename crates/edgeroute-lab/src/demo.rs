@@ -253,7 +253,9 @@ impl Fleet {
             &edgeroute_auth::MintOptions {
                 sub: sub.into(),
                 scopes: scope.into(),
-                aud: None,
+                // An admin token names where it is valid: the demo's operator runs the fleet.
+                aud: (scope == edgeroute_auth::Scope::Admin)
+                    .then(|| edgeroute_auth::admin::FLEET_AUDIENCE.to_owned()),
                 iss: None,
                 ttl_s: 3600,
                 now_unix_s: edgeroute_core::clock::unix_ms() / 1000,

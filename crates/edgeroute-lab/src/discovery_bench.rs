@@ -183,11 +183,15 @@ pub async fn freshness(bus_cfg: edgeroute_bus::BusConfig, changes: usize) -> Res
         edgeroute_bus::BusKind::Nats => edgeroute_bus::Bus::connect(&bus_cfg).await?,
         edgeroute_bus::BusKind::Embedded => node_bus.clone(),
     };
+    // No [auth]: the loads go to the node's loopback admin listener (the public one serves no
+    // admin route without auth).
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let node_addr = admin.local_addr()?;
+    node_cfg.admin.listen = Some(node_addr);
     let node = edgeroute_node::Node::build(node_cfg)?.with_bus(node_bus);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let node_addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(node.serve(listener, async {
+    let server = tokio::spawn(node.serve_planes(listener, Some(admin), async {
         let _ = stop_rx.await;
     }));
 

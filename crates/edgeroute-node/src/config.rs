@@ -50,6 +50,26 @@ pub struct NodeConfig {
     /// Multi-model pipelines reported in `/health` (e.g. a voice pipeline STT → LLM → TTS).
     #[serde(default)]
     pub pipelines: Vec<PipelineSpec>,
+    /// Where the admin plane (`/admin/*`, `/v1/models/load|unload`) is served.
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+/// The admin plane's listener.
+///
+/// - `listen` set: admin routes are served there only (loopback addresses only: mTLS for a
+///   remote admin listener is not implemented, so a non-loopback address is a config error);
+///   the public listener answers them `404`. Without `[auth]`, the admin listener serves the
+///   operator on this machine without a token; with `[auth]`, it needs an admin token naming
+///   this node, its region or the fleet.
+/// - `listen` unset (default): admin routes share the public listener and need an admin token
+///   (`[auth]`). A node without `[auth]` (`node.allow_unauthenticated`) then serves no admin
+///   route at all (`403 admin_needs_auth`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// The admin listener's address (loopback only). Default: unset.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Loading models at run time (`POST /v1/models/load`).
@@ -122,9 +142,15 @@ pub struct NodeSection {
     #[serde(default)]
     pub public_url: Option<String>,
     /// Serve without authentication (every caller is tenant `anonymous`). Only for loopback
-    /// development; the node logs a warning at start. Default `false`.
+    /// development; the node logs a warning at start. Never opens the admin routes on the
+    /// public listener (see [`AdminSection`]). Default `false`.
     #[serde(default)]
     pub allow_unauthenticated: bool,
+    /// Accept a non-loopback `listen` address in plaintext (no `[tls]`) or without `[auth]`:
+    /// the second, explicit flag a private network behind its own TLS terminator needs.
+    /// Without it such a config is refused at start-up. Default `false`.
+    #[serde(default)]
+    pub insecure_public: bool,
     /// Price per 1,000 tokens on this node, reported in `/health` for discovery's
     /// cost-optimized strategy. Default: unset.
     #[serde(default)]
@@ -477,6 +503,7 @@ impl NodeConfig {
                 worker_threads: 0,
                 public_url: None,
                 allow_unauthenticated: false,
+                insecure_public: false,
                 cost_per_1k: None,
             },
             tls: None,
@@ -487,6 +514,7 @@ impl NodeConfig {
             models: ModelsConfig::default(),
             bus: None,
             pipelines: vec![],
+            admin: AdminSection::default(),
         }
     }
 
@@ -538,6 +566,57 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// Whether admin routes are served on a listener of their own (`admin.listen`).
+    pub fn admin_listener(&self) -> bool {
+        self.admin.listen.is_some()
+    }
+
+    /// A public listener off loopback needs TLS and auth unless `node.insecure_public` says
+    /// otherwise; an admin listener must be on loopback and apart from the public one.
+    fn validate_exposure(&self) -> Result<(), ConfigError> {
+        let listen = self.node.listen;
+        if !listen.ip().is_loopback() && !self.node.insecure_public {
+            let mut missing = Vec::new();
+            if self.tls.is_none() {
+                missing.push("[tls] (it would serve plaintext)");
+            }
+            if self.auth.is_none() {
+                missing.push("[auth] (it would serve without authentication)");
+            }
+            if !missing.is_empty() {
+                return Err(invalid(
+                    "node.listen",
+                    format!(
+                        "{listen} is not a loopback address and the node has no {}: configure them, \
+                         listen on 127.0.0.1, or set node.insecure_public = true if a trusted \
+                         network or a TLS terminator in front makes this safe",
+                        missing.join(" and no ")
+                    ),
+                ));
+            }
+        }
+        if let Some(admin) = self.admin.listen {
+            if !admin.ip().is_loopback() {
+                return Err(invalid(
+                    "admin.listen",
+                    format!(
+                        "{admin} is not a loopback address: the admin listener is served on \
+                         loopback only (mTLS for a remote admin listener is not supported); \
+                         reach it through an SSH tunnel, or leave admin.listen unset and use \
+                         admin tokens on the public listener"
+                    ),
+                ));
+            }
+            if admin.port() != 0 && admin == listen {
+                return Err(invalid(
+                    "admin.listen",
+                    format!("{admin} is also node.listen: give the admin plane its own address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what serde cannot: ids, ranges and references between sections.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.cost_per_1k.is_some_and(|c| !c.is_finite() || c < 0.0) {
@@ -560,6 +639,7 @@ impl NodeConfig {
             (Some(a), _) => a.validate().map_err(|e| invalid("auth", e.to_string()))?,
             (None, true) => {}
         }
+        self.validate_exposure()?;
         let l = &self.limits;
         for (key, v) in [
             ("limits.max_concurrency", u64::from(l.max_concurrency)),

@@ -228,16 +228,48 @@ impl Node {
         &self.cfg
     }
 
+    /// The public listener's router: inference, `/health`, `/metrics`, and the admin routes
+    /// only when no admin listener is configured and `[auth]` is.
     pub fn router(&self) -> axum::Router {
-        gateway::router(self.state.clone())
+        gateway::router(self.state.clone(), gateway::Plane::Public, self.cfg.admin_listener())
+    }
+
+    /// The admin listener's router (`admin.listen`): the admin routes, `/health`, `/metrics`.
+    pub fn admin_router(&self) -> axum::Router {
+        gateway::router(self.state.clone(), gateway::Plane::Admin, true)
     }
 
     /// Serves on `listener` until `shutdown` resolves, then: health turns not-ready, new
     /// requests are refused with a migrate hint, and after `not_ready_delay_ms` the listener
     /// closes while in-flight streams get `shutdown_grace_ms` to finish.
+    ///
+    /// With `admin.listen` configured, the admin plane is served on that address too (bound
+    /// here); see [`Node::serve_planes`] to hand in both listeners.
     pub async fn serve<L: Listener>(
         self,
         listener: L,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let admin = match self.cfg.admin.listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                config::ConfigError::Invalid {
+                    key: "admin.listen".into(),
+                    message: format!("cannot listen on {addr}: {e}"),
+                }
+            })?),
+            None => None,
+        };
+        self.serve_planes(listener, admin, shutdown).await
+    }
+
+    /// As [`Node::serve`], with the admin plane on `admin` (when given; it must be given when
+    /// `admin.listen` is configured, or the admin routes are served nowhere). The admin
+    /// listener is plaintext on loopback (config validation refuses anything else) and stops
+    /// with the public one.
+    pub async fn serve_planes<L: Listener, A: Listener>(
+        self,
+        listener: L,
+        admin: Option<A>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
         let tls = match &self.cfg.tls {
@@ -303,6 +335,16 @@ impl Node {
             counters: self.state.edge.clone(),
             ..self.cfg.limits.server_limits()
         };
+        let admin_plane = match admin {
+            Some(admin) => {
+                tracing::info!(node = %self.cfg.node.id, addr = ?admin.local_addr(), "admin plane serving");
+                let app = self.admin_router();
+                let admin_limits = self.cfg.limits.server_limits();
+                let stop = stopped();
+                Some(tokio::spawn(edgeroute_http::serve(admin, app, admin_limits, None, stop)))
+            }
+            None => None,
+        };
         edgeroute_http::serve(listener, router, limits, tls, drain_then_stop).await;
         if let Some(p) = publisher {
             let taken = p.lock().ok().and_then(|mut g| g.take());
@@ -313,6 +355,9 @@ impl Node {
             }
         }
         let _ = stop_tx.send(true);
+        if let Some(a) = admin_plane {
+            let _ = a.await;
+        }
         for b in background {
             let _ = b.await;
         }

@@ -162,8 +162,11 @@ impl TestNode {
         mint_hs256("tenant-a", &[Scope::Inference], 600)
     }
 
+    /// An admin-scoped token for this node (`aud` = `edgeroute:node:<id>`).
     pub fn admin_token(&self) -> String {
-        mint_hs256("operator", &[Scope::Admin], 600)
+        let mut o = options("operator", &[Scope::Admin], 600);
+        o.aud = Some(edgeroute_auth::admin::node_audience(&self.state.id));
+        edgeroute_auth::mint(&SigningKey::Hs256(SECRET.as_bytes().to_vec()), &o).expect("mint")
     }
 
     /// Begins shutdown and returns the server task so the test can await it.
@@ -177,23 +180,27 @@ impl TestNode {
 
 /// Mints an HS256 token with the test secret; a negative `ttl_s` gives an expired token.
 pub fn mint_hs256(sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
+    edgeroute_auth::mint(
+        &SigningKey::Hs256(SECRET.as_bytes().to_vec()),
+        &options(sub, scopes, ttl_s),
+    )
+    .expect("mint")
+}
+
+fn options(sub: &str, scopes: &[Scope], ttl_s: i64) -> MintOptions {
     let scopes: Scopes = scopes.iter().copied().collect();
     let (now_unix_s, ttl) =
         if ttl_s >= 0 { (now(), ttl_s as u64) } else { (now() - 3600, (3600 + ttl_s) as u64) };
-    edgeroute_auth::mint(
-        &SigningKey::Hs256(SECRET.as_bytes().to_vec()),
-        &MintOptions {
-            sub: sub.into(),
-            scopes,
-            aud: None,
-            iss: None,
-            ttl_s: ttl,
-            now_unix_s,
-            kid: None,
-            nbf: None,
-        },
-    )
-    .expect("mint")
+    MintOptions {
+        sub: sub.into(),
+        scopes,
+        aud: None,
+        iss: None,
+        ttl_s: ttl,
+        now_unix_s,
+        kid: None,
+        nbf: None,
+    }
 }
 
 fn unique() -> u64 {

@@ -10,6 +10,7 @@ use edgeroute_auth::{MintOptions, Scope, Scopes, SigningKey};
 use crate::cli::read;
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // Parsed once per process.
 pub enum TokenCommand {
     /// Print a signed JWT on stdout.
     Mint {
@@ -34,8 +35,18 @@ pub enum TokenCommand {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
-        #[arg(long)]
+        /// Audience (`aud`). For an admin token, prefer --node, --region or --fleet.
+        #[arg(long, conflicts_with_all = ["node", "region", "fleet"])]
         aud: Option<String>,
+        /// Admin token valid on this node only (`aud` = `edgeroute:node:ID`).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["region", "fleet"])]
+        node: Option<String>,
+        /// Admin token valid on every node of this region (`aud` = `edgeroute:region:R`).
+        #[arg(long, value_name = "R", conflicts_with = "fleet")]
+        region: Option<String>,
+        /// Admin token valid on every node (`aud` = `edgeroute:fleet`).
+        #[arg(long)]
+        fleet: bool,
         #[arg(long)]
         iss: Option<String>,
     },
@@ -50,7 +61,20 @@ pub enum TokenCommand {
 
 pub fn run(cmd: TokenCommand) -> Result<()> {
     match cmd {
-        TokenCommand::Mint { secret_file, key_file, alg, kid, sub, scope, ttl, aud, iss } => {
+        TokenCommand::Mint {
+            secret_file,
+            key_file,
+            alg,
+            kid,
+            sub,
+            scope,
+            ttl,
+            aud,
+            node,
+            region,
+            fleet,
+            iss,
+        } => {
             let key = match (secret_file, key_file) {
                 (Some(f), None) => {
                     let mut secret =
@@ -76,6 +100,7 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
                     })?,
                 );
             }
+            let aud = admin_audience(scopes, aud, node, region, fleet)?;
             let now = edgeroute_core::clock::unix_ms() / 1000;
             let options =
                 MintOptions { sub, scopes, aud, iss, ttl_s: ttl, now_unix_s: now, kid, nbf: None };
@@ -87,4 +112,71 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `aud` of a minted token. An admin token must name where it is valid (`--node`,
+/// `--region`, `--fleet`, or an `edgeroute:` audience given with `--aud`): nodes refuse any
+/// other. Those flags are for admin tokens only.
+fn admin_audience(
+    scopes: Scopes,
+    aud: Option<String>,
+    node: Option<String>,
+    region: Option<String>,
+    fleet: bool,
+) -> Result<Option<String>> {
+    use edgeroute_auth::admin;
+    let place = match (node, region, fleet) {
+        (Some(n), _, _) => Some(admin::node_audience(&n)),
+        (_, Some(r), _) => Some(admin::region_audience(&r)),
+        (_, _, true) => Some(admin::FLEET_AUDIENCE.to_owned()),
+        _ => None,
+    };
+    let admin_scope = scopes.contains(Scope::Admin);
+    match (place, aud) {
+        (Some(_), _) if !admin_scope => {
+            bail!("--node, --region and --fleet scope admin tokens: add `admin` to --scope")
+        }
+        (Some(p), _) => Ok(Some(p)),
+        (None, Some(a)) if admin_scope && !admin::is_admin_audience(&a) => bail!(
+            "an admin token must name where it is valid: --node ID, --region R or --fleet \
+             (`{a}` is not an edgeroute:node|region|fleet audience)"
+        ),
+        (None, a) if admin_scope && a.is_none() => {
+            bail!("an admin token must name where it is valid: --node ID, --region R or --fleet")
+        }
+        (None, a) => Ok(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_tokens_name_where_they_are_valid() {
+        let admin = Scopes::from(Scope::Admin);
+        let inference = Scopes::from(Scope::Inference);
+        let aud = |s, a: Option<&str>, n: Option<&str>, r: Option<&str>, f| {
+            admin_audience(s, a.map(Into::into), n.map(Into::into), r.map(Into::into), f)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            aud(admin, None, Some("tor-1"), None, false).unwrap().unwrap(),
+            "edgeroute:node:tor-1"
+        );
+        assert_eq!(
+            aud(admin, None, None, Some("toronto"), false).unwrap().unwrap(),
+            "edgeroute:region:toronto"
+        );
+        assert_eq!(aud(admin, None, None, None, true).unwrap().unwrap(), "edgeroute:fleet");
+        assert_eq!(
+            aud(admin, Some("edgeroute:fleet"), None, None, false).unwrap().unwrap(),
+            "edgeroute:fleet"
+        );
+        assert!(aud(admin, None, None, None, false).unwrap_err().contains("--fleet"));
+        assert!(aud(admin, Some("api"), None, None, false).is_err());
+        assert!(aud(inference, None, None, None, true).unwrap_err().contains("admin"));
+        assert_eq!(aud(inference, Some("api"), None, None, false).unwrap().as_deref(), Some("api"));
+        assert_eq!(aud(inference, None, None, None, false).unwrap(), None);
+    }
 }

@@ -1,4 +1,11 @@
 //! Bearer-token authentication against locally stored keys: no network call on the hot path.
+//!
+//! Who may call what: inference routes need a token with the `inference` scope; admin routes
+//! need the `admin` scope and an audience naming this node (`edgeroute:node:<id>`), its region
+//! (`edgeroute:region:<region>`) or the fleet (`edgeroute:fleet`) — any other admin token is
+//! refused with `403 admin_token_not_for_this_node` ([`edgeroute_auth::admin`]). Without
+//! `[auth]` every caller is `anonymous`; the router then serves admin routes only on a
+//! loopback admin listener.
 
 use std::sync::Arc;
 
@@ -32,6 +39,22 @@ pub async fn require(
             }
         });
     match verified {
+        Ok(v)
+            if scope == Scope::Admin
+                && !edgeroute_auth::admin::admin_audience_covers(&v.aud, &st.id, &st.region) =>
+        {
+            st.metrics.reject("forbidden");
+            tracing::warn!(node = %st.id, subject = %v.tenant, aud = ?v.aud, "admin token refused: not for this node");
+            ApiError::forbidden(
+                "admin_token_not_for_this_node",
+                format!(
+                    "This admin token is not valid on node `{}`: its `aud` must name \
+                     `edgeroute:node:{}`, `edgeroute:region:{}` or `edgeroute:fleet`.",
+                    st.id, st.id, st.region
+                ),
+            )
+            .into_response()
+        }
         Ok(v) => {
             req.extensions_mut().insert(Tenant(Arc::clone(&v.tenant)));
             next.run(req).await

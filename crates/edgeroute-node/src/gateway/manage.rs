@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use edgeroute_core::capacity::{GpuLoad, PlacementError, check_fit};
 use edgeroute_http::ApiError;
 use edgeroute_proto::headers::is_hint_token;
@@ -22,7 +22,8 @@ use http::StatusCode;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::AppState;
+use super::admin::{Action, log_action};
+use super::{AppState, Tenant};
 use crate::backend::Activation;
 use crate::config::ms;
 use crate::models::{LoadRequest, Record, Source, Unload, UnloadRequest};
@@ -89,7 +90,11 @@ fn check_local_path(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, ApiError>
     Ok(real)
 }
 
-pub async fn load(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
+pub async fn load(
+    State(st): State<AppState>,
+    Extension(who): Extension<Tenant>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req: LoadRequest = edgeroute_http::json::read_json(body, MAX_BODY).await?;
     let source = match (&req.model, &req.path) {
         (Some(repo), None) => {
@@ -188,6 +193,7 @@ pub async fn load(State(st): State<AppState>, body: Body) -> Result<Response, Ap
         tokio::spawn(async move { run_load(task_st, plan, activation, memory_hint == 0).await });
     st.models.set_task(&id, task.abort_handle());
     tracing::info!(model = %id, ?source, "model load started");
+    log_action(&st.id, &who, Action::ModelLoad, &id);
     Ok(record_response(StatusCode::ACCEPTED, &record))
 }
 
@@ -225,13 +231,18 @@ async fn run_load(
 /// its last request ends or at `models.unload_drain_ms`, and the answer is `202` with
 /// `state: "draining"`, `deadline_ms` and `in_flight`. An idle model (or any, with no drain
 /// time) is unloaded before the answer, which is `200` with `state: "unloaded"`, as before.
-pub async fn unload(State(st): State<AppState>, body: Body) -> Result<Response, ApiError> {
+pub async fn unload(
+    State(st): State<AppState>,
+    Extension(who): Extension<Tenant>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req: UnloadRequest = edgeroute_http::json::read_json(body, MAX_BODY).await?;
     let now = Instant::now();
     let until = now + ms(st.models_cfg.unload_drain_ms);
     let Some(started) = st.models.begin_unload(&req.model, now, until) else {
         return Err(ApiError::model_not_found(&req.model));
     };
+    log_action(&st.id, &who, Action::ModelUnload, &req.model);
     match started {
         Unload::Now(cur) => {
             finish_unload(&st, &cur, req.purge).await;

@@ -128,29 +128,80 @@ impl NodeState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    let inference = Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/models", get(info::models))
-        .route("/v1/models/{id}", get(manage::get_model))
-        .route_layer(middleware::from_fn_with_state(state.clone(), ratelimit::limit))
-        .route_layer(middleware::from_fn_with_state(
-            (state.clone(), Scope::Inference),
-            auth::require,
-        ));
+/// Which listener a router is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// The public listener: inference, `/health`, `/metrics`, and the admin routes only when
+    /// no admin listener is configured and `[auth]` is (see [`crate::config::AdminSection`]).
+    Public,
+    /// The admin listener (`admin.listen`): the admin routes, `/health` and `/metrics`.
+    Admin,
+}
+
+/// Whether `path` is an admin route's (for the public listener's refusals).
+fn is_admin_path(path: &str) -> bool {
+    path.starts_with("/admin/")
+        || path == "/admin"
+        || path == "/v1/models/load"
+        || path == "/v1/models/unload"
+}
+
+/// The router of one listener. The inference routes (public plane) are layered exactly as
+/// before: the admin plane adds nothing to an inference request's path.
+pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
+    // The admin routes, guarded by the admin scope and the token's audience (this node, its
+    // region, or the fleet). Served on the admin listener, or on the public one when there is
+    // none and tokens are checked; never on a public listener without `[auth]`.
     let admin = Router::new()
         .route("/admin/drain", post(admin::start_drain).delete(admin::stop_drain))
         .route("/admin/faults", get(admin::get_faults).put(admin::set_faults))
         .route("/v1/models/load", post(manage::load))
         .route("/v1/models/unload", post(manage::unload))
         .route_layer(middleware::from_fn_with_state((state.clone(), Scope::Admin), auth::require));
-    Router::new()
-        .merge(inference)
-        .merge(admin)
-        .route("/health", get(info::health))
+    let base = match plane {
+        Plane::Admin => Router::new().merge(admin),
+        Plane::Public => {
+            let inference = Router::new()
+                .route("/v1/chat/completions", post(chat::chat_completions))
+                .route("/v1/models", get(info::models))
+                .route("/v1/models/{id}", get(manage::get_model))
+                .route_layer(middleware::from_fn_with_state(state.clone(), ratelimit::limit))
+                .route_layer(middleware::from_fn_with_state(
+                    (state.clone(), Scope::Inference),
+                    auth::require,
+                ));
+            let r = Router::new().merge(inference);
+            if !admin_listener && state.auth.is_some() { r.merge(admin) } else { r }
+        }
+    };
+    // Admin paths the public listener does not serve: without `[auth]` (and no admin
+    // listener) it says why; with an admin listener they do not exist here (404), whatever
+    // the method (`POST /v1/models/load` would otherwise meet `GET /v1/models/{id}`: 405).
+    let elsewhere = match plane {
+        Plane::Public if state.auth.is_none() && !admin_listener => Some(true),
+        Plane::Public if admin_listener => Some(false),
+        _ => None,
+    };
+    let refused = move |path: &str| match elsewhere {
+        Some(needs_auth) if is_admin_path(path) => Some(if needs_auth {
+            ApiError::forbidden(
+                "admin_needs_auth",
+                "Admin routes are not served on this listener without [auth]: configure [auth] \
+                 and use an admin token, or set admin.listen to a loopback address.",
+            )
+        } else {
+            ApiError::not_found(path)
+        }),
+        _ => None,
+    };
+    base.route("/health", get(info::health))
         .route("/metrics", get(info::metrics))
-        .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .fallback(move |req: Request| async move {
+            refused(req.uri().path()).unwrap_or_else(|| ApiError::not_found(req.uri().path()))
+        })
+        .method_not_allowed_fallback(move |req: Request| async move {
+            refused(req.uri().path()).unwrap_or_else(ApiError::method_not_allowed)
+        })
         .layer(middleware::from_fn_with_state(state.clone(), response_headers))
         .with_state(state)
 }
