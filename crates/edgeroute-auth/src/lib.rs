@@ -11,6 +11,13 @@
 //! token whose header names another is rejected, which rules out `alg: none` and algorithm
 //! confusion.
 //!
+//! Admin tokens: the `admin` scope plus an audience naming where the token is valid (a node, a
+//! region or the fleet; see [`admin`]). Mint them with EdDSA, the default: a node then holds
+//! only public keys (its JWKS file), so only the operator's private key can mint admin tokens.
+//! An HS256 secret lets every node that verifies also mint; keep it for inference tokens and
+//! labs. HS256 secrets are at least 32 bytes ([`DEFAULT_MIN_SECRET_BYTES`] is also the floor of
+//! `min_secret_bytes`).
+//!
 //! This crate does not know about HTTP: the gateway extracts the header with [`parse_bearer`],
 //! calls [`KeyStore::verify`], checks scopes with [`Claims::require_scope`], and maps
 //! [`AuthError`] to a response with [`AuthError::http_status`] and
