@@ -57,19 +57,43 @@ pub struct NodeConfig {
 
 /// The admin plane's listener.
 ///
-/// - `listen` set: admin routes are served there only (loopback addresses only: mTLS for a
-///   remote admin listener is not implemented, so a non-loopback address is a config error);
-///   the public listener answers them `404`. Without `[auth]`, the admin listener serves the
-///   operator on this machine without a token; with `[auth]`, it needs an admin token naming
-///   this node, its region or the fleet.
+/// - `listen` set: admin routes are served there only; the public listener answers them
+///   `404`. On loopback, plaintext is accepted, and without `[auth]` the operator on this
+///   machine needs no token. Any other address needs `[admin.tls]` (mTLS: a client
+///   certificate chaining to `client_ca_file`) and `[auth]`. With `[auth]`, every admin call
+///   needs an admin token naming this node, its region or the fleet.
 /// - `listen` unset (default): admin routes share the public listener and need an admin token
-///   (`[auth]`). A node without `[auth]` (`node.allow_unauthenticated`) then serves no admin
+///   (`[auth]`).
+///
+/// ```toml
+/// [admin]
+/// listen = "10.0.0.5:9443"
+/// [admin.tls]
+/// cert_file = "/etc/edgeroute/admin.pem"
+/// key_file = "/etc/edgeroute/admin.key"
+/// client_ca_file = "/etc/edgeroute/operators-ca.pem"
+/// ``` A node without `[auth]` (`node.allow_unauthenticated`) then serves no admin
 ///   route at all (`403 admin_needs_auth`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
-    /// The admin listener's address (loopback only). Default: unset.
+    /// The admin listener's address. Default: unset.
     pub listen: Option<SocketAddr>,
+    /// mTLS on the admin listener (required off loopback). Default: unset.
+    pub tls: Option<AdminTls>,
+}
+
+/// The admin listener's TLS: its certificate, and the CA every client certificate must chain
+/// to (a client without one is refused in the handshake).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    /// PEM certificate chain of the admin listener.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificate(s) the operators' client certificates chain to.
+    pub client_ca_file: PathBuf,
 }
 
 /// Loading models at run time (`POST /v1/models/load`).
@@ -595,15 +619,17 @@ impl NodeConfig {
                 ));
             }
         }
+        if self.admin.tls.is_some() && self.admin.listen.is_none() {
+            return Err(invalid("admin.tls", "set admin.listen: [admin.tls] is for its listener"));
+        }
         if let Some(admin) = self.admin.listen {
-            if !admin.ip().is_loopback() {
+            if !admin.ip().is_loopback() && (self.admin.tls.is_none() || self.auth.is_none()) {
                 return Err(invalid(
                     "admin.listen",
                     format!(
-                        "{admin} is not a loopback address: the admin listener is served on \
-                         loopback only (mTLS for a remote admin listener is not supported); \
-                         reach it through an SSH tunnel, or leave admin.listen unset and use \
-                         admin tokens on the public listener"
+                        "{admin} is not a loopback address: an admin listener off loopback needs \
+                         [admin.tls] (mTLS: cert_file, key_file, client_ca_file) and [auth] \
+                         (admin tokens); or listen on 127.0.0.1 and reach it through an SSH tunnel"
                     ),
                 ));
             }

@@ -54,6 +54,8 @@ pub enum NodeError {
     Auth(#[from] edgeroute_auth::AuthError),
     #[error("TLS: {0}")]
     Tls(#[from] edgeroute_http::tls::TlsError),
+    #[error("admin.tls: {0}")]
+    AdminTls(String),
     #[error("model repository: {0}")]
     Hub(#[from] edgeroute_hub::HubError),
     #[error("topology bus: {0}")]
@@ -337,11 +339,12 @@ impl Node {
         };
         let admin_plane = match admin {
             Some(admin) => {
-                tracing::info!(node = %self.cfg.node.id, addr = ?admin.local_addr(), "admin plane serving");
+                let tls = self.cfg.admin.tls.as_ref().map(admin_acceptor).transpose()?;
+                tracing::info!(node = %self.cfg.node.id, addr = ?admin.local_addr(), mtls = tls.is_some(), "admin plane serving");
                 let app = self.admin_router();
                 let admin_limits = self.cfg.limits.server_limits();
                 let stop = stopped();
-                Some(tokio::spawn(edgeroute_http::serve(admin, app, admin_limits, None, stop)))
+                Some(tokio::spawn(edgeroute_http::serve(admin, app, admin_limits, tls, stop)))
             }
             None => None,
         };
@@ -363,4 +366,46 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// The admin listener's acceptor: its certificate, and client certificates required, verified
+/// against `client_ca_file` (rustls' WebPKI verifier on the ring provider, as the public
+/// listener's TLS).
+fn admin_acceptor(t: &config::AdminTls) -> Result<edgeroute_http::tls::TlsAcceptor, NodeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        NodeError::AdminTls(format!("{what} {}: {e}", path.display()))
+    };
+    let certs = |path: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, NodeError> {
+        let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|e| err("cannot read certificates from", path, &e))?;
+        if certs.is_empty() {
+            return Err(err("no certificate in", path, &"empty"));
+        }
+        Ok(certs)
+    };
+    let chain = certs(&t.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&t.key_file)
+        .map_err(|e| err("cannot read the private key", &t.key_file, &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certs(&t.client_ca_file)? {
+        roots.add(ca).map_err(|e| err("bad CA certificate in", &t.client_ca_file, &e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| err("client CA", &t.client_ca_file, &e))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| NodeError::AdminTls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| err("certificate and key", &t.cert_file, &e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(edgeroute_http::tls::TlsAcceptor::from(Arc::new(cfg)))
 }

@@ -6,7 +6,8 @@
 //! - admin routes on the public listener when an admin listener is configured;
 //! - an `allow_unauthenticated` node's admin routes on the public listener;
 //! - a non-loopback listener in plaintext or without auth, without `node.insecure_public`;
-//! - a non-loopback admin listener (mTLS is not implemented: refused);
+//! - a non-loopback admin listener without mTLS and auth, and a client without a certificate
+//!   from the operators' CA on an mTLS admin listener;
 //! - an HS256 secret floor below 32 bytes.
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
@@ -261,15 +262,137 @@ fn a_non_loopback_listener_in_plaintext_or_without_auth_is_refused_without_the_f
 }
 
 #[test]
-fn a_non_loopback_admin_listener_is_refused() {
+fn a_non_loopback_admin_listener_needs_mtls_and_auth() {
+    let mtls = "[admin.tls]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\nclient_ca_file = \"/ca.pem\"\n";
     for addr in ["0.0.0.0:9090", "10.1.2.3:9090", "[::]:9090"] {
         let e = parse(&authed(&format!("[admin]\nlisten = \"{addr}\"\n"))).unwrap_err();
-        assert!(e.contains("admin.listen") && e.contains("loopback"), "{addr}: {e}");
+        assert!(e.contains("admin.listen") && e.contains("mTLS"), "{addr}: {e}");
+        // mTLS without [auth] is still refused: a remote admin call needs an admin token.
+        let e = parse(&format!("{OPEN}[admin]\nlisten = \"{addr}\"\n{mtls}")).unwrap_err();
+        assert!(e.contains("admin.listen") && e.contains("[auth]"), "{addr}: {e}");
+        assert!(parse(&authed(&format!("[admin]\nlisten = \"{addr}\"\n{mtls}"))).is_ok(), "{addr}");
     }
     assert!(parse(&authed("[admin]\nlisten = \"[::1]:9090\"\n")).is_ok());
     // Sharing the public listener's address is a mistake, not two planes.
     let e = parse(&authed("[admin]\nlisten = \"127.0.0.1:8080\"\n")).unwrap_err();
     assert!(e.contains("admin.listen"), "{e}");
+    let e = parse(&authed(&format!("[admin]\n{mtls}"))).unwrap_err();
+    assert!(e.contains("admin.tls"), "{e}");
+}
+
+/// A CA, and certificates it signs, written as PEM files under `dir`.
+struct Ca {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { issuer: rcgen::Issuer::new(params, key), pem }
+    }
+
+    /// (certificate PEM, key PEM) for `names`.
+    fn leaf(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &self.issuer);
+        (cert.unwrap().pem(), key.serialize_pem())
+    }
+}
+
+/// `GET /admin/faults` over TLS to `addr`, trusting `server_ca`, presenting `client` (cert,
+/// key) if given: the status, or `None` when the handshake or the request failed.
+async fn admin_over_tls(
+    addr: std::net::SocketAddr,
+    server_ca: &str,
+    client: Option<&(String, String)>,
+    token: &str,
+) -> Option<u16> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(server_ca.as_bytes()).unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .ok()?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.ok()?;
+    tokio::spawn(conn);
+    let res = send
+        .send_request(
+            Request::get("https://localhost/admin/faults")
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .ok()?;
+    Some(res.status().as_u16())
+}
+
+#[tokio::test]
+async fn a_remote_admin_listener_needs_a_client_certificate_from_the_operators_ca() {
+    let dir = secret_file().parent().unwrap().to_owned();
+    let (server_ca, operators, stranger) = (Ca::new("server"), Ca::new("operators"), Ca::new("x"));
+    let (cert, key) = server_ca.leaf(&["localhost"]);
+    for (name, text) in
+        [("admin.pem", &cert), ("admin.key", &key), ("operators.pem", &operators.pem)]
+    {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    // Bound on loopback for the test; the config names a routable address as production would.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = parse(&authed(&format!(
+        "[admin]\nlisten = \"0.0.0.0:{}\"\n[admin.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+        addr.port(),
+        dir.join("admin.pem").display(),
+        dir.join("admin.key").display(),
+        dir.join("operators.pem").display(),
+    )))
+    .unwrap();
+    let node = Node::build(cfg).unwrap();
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(node.serve_planes(public, Some(listener), async {
+        let _ = rx.await;
+    }));
+    let admin = token("operator", &[Scope::Admin], Some("edgeroute:node:node-b"));
+    // An operator's certificate and an admin token: served.
+    let operator = operators.leaf(&["alice"]);
+    assert_eq!(admin_over_tls(addr, &server_ca.pem, Some(&operator), &admin).await, Some(200));
+    // The certificate alone is not enough: the token is still checked.
+    let other = token("operator", &[Scope::Admin], Some("edgeroute:node:node-a"));
+    assert_eq!(admin_over_tls(addr, &server_ca.pem, Some(&operator), &other).await, Some(403));
+    // No client certificate, or one from another CA: refused in the handshake.
+    assert_eq!(admin_over_tls(addr, &server_ca.pem, None, &admin).await, None);
+    let outsider = stranger.leaf(&["mallory"]);
+    assert_eq!(admin_over_tls(addr, &server_ca.pem, Some(&outsider), &admin).await, None);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! (`edgeroute:region:<region>`) or the fleet (`edgeroute:fleet`) — any other admin token is
 //! refused with `403 admin_token_not_for_this_node` ([`edgeroute_auth::admin`]). Without
 //! `[auth]` every caller is `anonymous`; the router then serves admin routes only on a
-//! loopback admin listener.
+//! loopback admin listener (an admin listener off loopback needs mTLS and `[auth]`).
 
 use std::sync::Arc;
 
