@@ -178,8 +178,11 @@ def start_discovery_and_proxy(start_proc, workdir):
             assert time.time() < deadline, "discovery never verified every node"
             time.sleep(0.05)
         pport = free_port()
+        token_file = workdir / "proxy-token"  # never on the command line: `ps` shows it
+        token_file.write_text(token)
+        token_file.chmod(0o600)
         start_proc(["proxy", "--listen", f"127.0.0.1:{pport}", "--discovery", f"http://127.0.0.1:{dport}",
-                    "--token", token, *proxy_args], f"http://127.0.0.1:{pport}/health", "proxy")
+                    "--token-file", str(token_file), *proxy_args], f"http://127.0.0.1:{pport}/health", "proxy")
         return f"http://127.0.0.1:{pport}"
 
     return start

@@ -69,9 +69,23 @@ pub struct ProxyArgs {
     /// Discovery base URLs, tried in order.
     #[arg(long, value_delimiter = ',', required = true)]
     discovery: Vec<String>,
-    /// Bearer token sent to discovery and nodes.
-    #[arg(long, env = "EDGEROUTE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    /// A file holding the bearer token for discovery and nodes (else `EDGEROUTE_TOKEN`). Never
+    /// on the command line: every local user can read it there (`ps`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Refused (a token on the command line is visible in `ps`): use --token-file or
+    /// EDGEROUTE_TOKEN. The value is dropped unread.
+    #[arg(long, hide = true, value_parser = |_: &str| Ok::<_, String>(TokenOnCommandLine))]
+    token: Option<TokenOnCommandLine>,
+    /// Host names besides loopback that callers may use to reach the proxy (DNS-rebinding guard).
+    #[arg(long, value_delimiter = ',')]
+    allow_host: Vec<String>,
+    /// Browser origins allowed to call the proxy; by default any request with `Origin` is refused.
+    #[arg(long, value_delimiter = ',')]
+    allow_origin: Vec<String>,
+    /// Send the token over plaintext http:// to hosts that are not loopback (a private network).
+    #[arg(long)]
+    allow_plaintext: bool,
     /// Data residency: only nodes in these regions.
     #[arg(long, value_delimiter = ',')]
     region: Vec<String>,
@@ -159,11 +173,27 @@ impl DiscoveryArgs {
     }
 }
 
+/// `--token` was given: refused, its value never kept.
+#[derive(Debug, Clone)]
+pub struct TokenOnCommandLine;
+
 impl ProxyArgs {
-    pub fn config(self) -> (edgeroute_client::ClientConfig, edgeroute_proxy::ProxyConfig) {
+    pub fn config(self) -> Result<(edgeroute_client::ClientConfig, edgeroute_proxy::ProxyConfig)> {
+        if self.token.is_some() {
+            anyhow::bail!(
+                "--token is refused: a token on the command line is visible to every user (ps); \
+                 put it in a file readable only by you and pass --token-file PATH, or set \
+                 EDGEROUTE_TOKEN"
+            );
+        }
+        let token = match &self.token_file {
+            Some(path) => Some(edgeroute_proxy::read_token_file(path)?),
+            None => env("EDGEROUTE_TOKEN").filter(|t| !t.trim().is_empty()),
+        };
         let client = edgeroute_client::ClientConfig {
             discovery: self.discovery,
-            token: self.token,
+            token,
+            allow_plaintext: self.allow_plaintext,
             regions: self.region,
             cache_file: self.cache_file,
             home_region: self.home_region,
@@ -175,9 +205,11 @@ impl ProxyArgs {
         let proxy = edgeroute_proxy::ProxyConfig {
             max_sessions: self.max_sessions,
             session_idle: Duration::from_secs(self.session_idle_s),
+            allowed_hosts: self.allow_host,
+            allowed_origins: self.allow_origin,
             ..Default::default()
         };
-        (client, proxy)
+        Ok((client, proxy))
     }
 }
 

@@ -50,7 +50,7 @@ fn main() -> Result<()> {
         }
         Command::Proxy(args) => {
             let listen = args.listen;
-            let (client, proxy) = args.config();
+            let (client, proxy) = args.config()?;
             serve(0, listen, "edgeroute proxy", |listener| {
                 edgeroute_proxy::serve(client, proxy, listener, edgeroute_http::shutdown_signal())
             })
