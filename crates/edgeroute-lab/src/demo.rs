@@ -523,7 +523,11 @@ fn record(name: &str, r: &PhaseResult, clients: &[Client], before: &mut Stats, m
 }
 
 pub async fn run(opts: DemoOpts) -> Result<String> {
-    let dir = std::env::temp_dir().join(format!("edgeroute-demo-{}", std::process::id()));
+    // One directory per run: two demos in one process (the tests) must not share (and remove)
+    // each other's secret and persisted lists.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("edgeroute-demo-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut fleet = start_fleet(&dir, opts.nats.as_deref(), &opts.backend)
         .await
