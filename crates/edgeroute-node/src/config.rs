@@ -341,6 +341,8 @@ impl Default for Telemetry {
 }
 
 /// The inference backend behind the gateway. Default: the simulator with its defaults.
+// A config value, built once at start: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendConfig {
@@ -395,6 +397,17 @@ pub struct OpenAiConfig {
     /// model to appear in the upstream's `GET /v1/models`.
     #[serde(default)]
     pub triton_url: Option<String>,
+    /// The header Triton's restricted repository API requires
+    /// (`--http-restricted-api=model-repository:<name>=<value>`), sent on every load and
+    /// unload; with `triton_restricted_key_env`. Default: none.
+    #[serde(default)]
+    pub triton_restricted_header: Option<String>,
+    /// Environment variable holding that header's value. Default: none.
+    #[serde(default)]
+    pub triton_restricted_key_env: Option<String>,
+    /// Its value, as the config loader's environment lookup found it (never from the file).
+    #[serde(skip)]
+    pub triton_restricted_key: edgeroute_auth::Secret,
     /// Longest a backend load may take. Default 600000.
     #[serde(default = "d_load_timeout")]
     pub load_timeout_ms: u64,
@@ -428,6 +441,9 @@ impl OpenAiConfig {
             max_response_bytes: d_max_response(),
             models: vec![],
             triton_url: None,
+            triton_restricted_header: None,
+            triton_restricted_key_env: None,
+            triton_restricted_key: edgeroute_auth::Secret::default(),
             load_timeout_ms: d_load_timeout(),
             gpus: vec![],
             extra_fields: vec![],
@@ -559,6 +575,8 @@ impl NodeConfig {
         }
         if let BackendConfig::Openai(o) = &mut self.backend {
             o.api_key = edgeroute_auth::Secret::new(o.api_key_env.as_deref().and_then(&env));
+            o.triton_restricted_key =
+                edgeroute_auth::Secret::new(o.triton_restricted_key_env.as_deref().and_then(&env));
         }
         if let Some(v) = env("EDGEROUTE_NODE_ID") {
             self.node.id = v;
@@ -734,6 +752,12 @@ impl NodeConfig {
                     return Err(invalid(
                         "backend.url",
                         format!("`{}` is not an http(s) URL", o.url),
+                    ));
+                }
+                if o.triton_restricted_header.is_some() != o.triton_restricted_key_env.is_some() {
+                    return Err(invalid(
+                        "backend.triton_restricted_header",
+                        "triton_restricted_header and triton_restricted_key_env go together",
                     ));
                 }
                 if o.tls.is_some() && !o.url.starts_with("https://") {

@@ -34,6 +34,9 @@ struct Inner {
     sim: Arc<Simulator>,
     load_delay: Duration,
     pub loads: AtomicUsize,
+    /// `--http-restricted-api=model-repository:<name>=<value>`: the header repository calls
+    /// must carry.
+    restricted: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for FakeTriton {
@@ -62,8 +65,24 @@ impl FakeTriton {
                 sim,
                 load_delay,
                 loads: AtomicUsize::new(0),
+                restricted: None,
             }),
         }
+    }
+
+    /// As [`FakeTriton::new`], started with `--http-restricted-api=model-repository:name=value`:
+    /// repository calls without that header are refused (403, as Triton does).
+    pub fn restricted(
+        repository: impl Into<PathBuf>,
+        load_delay: Duration,
+        name: &str,
+        value: &str,
+    ) -> Self {
+        let mut t = Self::new(repository, load_delay);
+        if let Some(inner) = Arc::get_mut(&mut t.inner) {
+            inner.restricted = Some((name.to_ascii_lowercase(), value.to_owned()));
+        }
+        t
     }
 
     /// How many load requests Triton received.
@@ -77,15 +96,34 @@ impl FakeTriton {
 
     pub fn router(&self) -> Router {
         let chat = edgeroute_sim::server::router(self.inner.sim.clone());
-        Router::new()
-            .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+        let repository = Router::new()
             .route("/v2/repository/index", post(index))
             .route("/v2/repository/models/{name}/load", post(load))
             .route("/v2/repository/models/{name}/unload", post(unload))
+            .route_layer(axum::middleware::from_fn_with_state(self.clone(), restricted_api));
+        Router::new()
+            .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+            .merge(repository)
             .route("/v2/models/{name}/ready", get(ready))
             .with_state(self.clone())
             .merge(chat)
     }
+}
+
+async fn restricted_api(
+    State(t): State<FakeTriton>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some((name, value)) = &t.inner.restricted
+        && req.headers().get(name.as_str()).and_then(|v| v.to_str().ok()) != Some(value.as_str())
+    {
+        return triton_error(
+            StatusCode::FORBIDDEN,
+            format!("This API is restricted, expecting header '{name}'"),
+        );
+    }
+    next.run(req).await
 }
 
 fn triton_error(status: StatusCode, msg: String) -> Response {

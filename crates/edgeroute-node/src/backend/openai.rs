@@ -99,6 +99,26 @@ impl OpenAiBackend {
             cfg.gpus.clone()
         };
         let in_flight = Arc::new((0..gpus.len()).map(|_| AtomicU32::new(0)).collect());
+        let triton = match cfg.triton_url.as_deref() {
+            None => None,
+            Some(u) => {
+                let repo = super::triton::TritonRepository::new(
+                    u,
+                    Duration::from_millis(cfg.load_timeout_ms),
+                );
+                Some(match (&cfg.triton_restricted_header, &cfg.triton_restricted_key_env) {
+                    (Some(name), Some(var)) => {
+                        let value = cfg.triton_restricted_key.get().ok_or_else(|| {
+                            BuildError::Upstream(format!(
+                                "triton_restricted_key_env `{var}` is not set"
+                            ))
+                        })?;
+                        repo.with_restricted_header(name, value).map_err(BuildError::Upstream)?
+                    }
+                    _ => repo,
+                })
+            }
+        };
         Ok(OpenAiBackend {
             upstream,
             endpoint,
@@ -106,9 +126,7 @@ impl OpenAiBackend {
             templates,
             api_key,
             models: arc_swap::ArcSwap::from_pointee(cfg.models.clone()),
-            triton: cfg.triton_url.as_deref().map(|u| {
-                super::triton::TritonRepository::new(u, Duration::from_millis(cfg.load_timeout_ms))
-            }),
+            triton,
             base: base.to_owned(),
             gpus,
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode, header};
+use http::{HeaderName, HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -40,6 +40,9 @@ pub struct TritonRepository {
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
     timeout: Duration,
+    /// The header Triton's `--http-restricted-api=model-repository:<name>=<value>` requires on
+    /// every repository call (its value never printed).
+    restricted: Option<(HeaderName, HeaderValue)>,
 }
 
 impl std::fmt::Debug for TritonRepository {
@@ -68,7 +71,21 @@ impl TritonRepository {
             client: edgeroute_http::client::plain_client(&opts),
             base: base.trim_end_matches('/').to_owned(),
             timeout,
+            restricted: None,
         }
+    }
+
+    /// Sends `name: value` on every repository call: Triton started with
+    /// `--http-restricted-api=model-repository:<name>=<value>` refuses calls without it, so a
+    /// process that reaches Triton's port cannot load or unload models.
+    pub fn with_restricted_header(mut self, name: &str, value: &str) -> Result<Self, String> {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("`{name}` is not a valid header name"))?;
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| format!("the value for header `{name}` is not a valid header value"))?;
+        value.set_sensitive(true);
+        self.restricted = Some((name, value));
+        Ok(self)
     }
 
     async fn post(
@@ -76,10 +93,13 @@ impl TritonRepository {
         path: &str,
         body: &'static str,
     ) -> Result<(StatusCode, Bytes), TritonError> {
-        let req = Request::post(format!("{}{path}", self.base))
+        let mut req = Request::post(format!("{}{path}", self.base))
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .map_err(|e| TritonError::Refused(e.to_string()))?;
+        if let Some((name, value)) = &self.restricted {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
         let call = async {
             let res = self
                 .client
