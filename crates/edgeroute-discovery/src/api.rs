@@ -4,7 +4,10 @@
 //! everything is open): `/v1/discover` a token with scope `inference`, and `explain=true`
 //! on it a token with `admin` too (otherwise 403 `insufficient_scope`, `param: explain`: the
 //! excluded nodes, their regions and why are the fleet's map, not a client's business);
-//! `/v1/nodes` and `/v1/topology` scope `admin`; `/health` and `/metrics` anyone.
+//! `/v1/nodes` and `/v1/topology` scope `admin`; `/health` and `/metrics` anyone. An admin
+//! token sees the fleet's map only when its audience names the fleet (`edgeroute:fleet`): one
+//! minted for a node or a region administers that, not the map (403
+//! `admin_token_not_for_the_fleet`).
 //!
 //! Every handler reads the current [`Snapshot`] through one atomic load and never takes a lock:
 //! a discover request costs a query parse, a lookup, a merge of at most `k` entries per allowed
@@ -71,11 +74,29 @@ async fn require(
     };
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let now = edgeroute_core::clock::unix_ms() / 1000;
-    let verified = edgeroute_auth::parse_bearer(header)
-        .and_then(|token| store.verify(token, now))
-        .and_then(|claims| claims.require_scope(scope).map(|()| claims.has_scope(Scope::Admin)));
+    let verified = edgeroute_auth::parse_bearer(header).and_then(|token| store.verify(token, now));
+    let verified = verified.and_then(|claims| {
+        // The fleet's map is the whole fleet's: an admin token sees it only when it names the
+        // fleet (`edgeroute:fleet`), not a node or a region of it. Such a token may also ask
+        // `/v1/discover` (with `explain`): the verifier keeps an admin audience's token admin
+        // only, so it carries no `inference` scope of its own.
+        let fleet = claims.aud.iter().any(|a| a == edgeroute_auth::admin::FLEET_AUDIENCE);
+        let admin = claims.has_scope(Scope::Admin) && fleet;
+        if admin && scope == Scope::Inference {
+            return Ok((claims, admin));
+        }
+        claims.require_scope(scope).map(|()| (claims, admin))
+    });
     match verified {
-        Ok(admin) => {
+        Ok((_, admin)) => {
+            if scope == Scope::Admin && !admin {
+                return ApiError::forbidden(
+                    "admin_token_not_for_the_fleet",
+                    "the fleet's views need an admin token whose audience is `edgeroute:fleet` \
+                     (mint it with `edgeroute token mint --scope admin --fleet`)",
+                )
+                .into_response();
+            }
             req.extensions_mut().insert(Caller { admin });
             next.run(req).await
         }

@@ -471,13 +471,13 @@ async fn tls_nodes_are_probed_over_https_and_an_untrusted_certificate_is_refused
 #[tokio::test]
 async fn with_auth_keys_clients_need_an_inference_token_and_fleet_views_an_admin_token() {
     use edgeroute_auth::Scope;
-    use edgeroute_test_util::node::{SECRET, mint_hs256};
+    use edgeroute_test_util::node::{SECRET, mint_hs256, mint_hs256_fleet};
     let root = tempdir("auth");
     std::fs::write(root.join("secret"), SECRET).unwrap();
     let toml = format!("[auth]\nhs256_secret_file = \"{}\"\n{FAST}", root.join("secret").display());
     let d = Replica::start(&toml, None).await;
     let inference = mint_hs256("tenant-a", &[Scope::Inference], 600);
-    let admin = mint_hs256("operator", &[Scope::Admin], 600);
+    let admin = mint_hs256_fleet("operator", &[Scope::Admin], 600);
     let expired = mint_hs256("tenant-a", &[Scope::Inference], -60);
     let status = |path: &'static str, token: Option<String>| {
         let addr = d.addr;

@@ -301,7 +301,7 @@ async fn an_announced_https_node_is_served_only_with_a_fleet_certificate_naming_
 #[tokio::test]
 async fn an_inference_token_gets_the_ranking_but_not_the_fleets_map() {
     use edgeroute_auth::Scope;
-    use edgeroute_test_util::node::{SECRET, mint_hs256};
+    use edgeroute_test_util::node::{SECRET, mint_hs256, mint_hs256_fleet};
     let dir = std::env::temp_dir().join(format!("edgeroute-trust-auth-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("secret"), SECRET).unwrap();
@@ -313,8 +313,24 @@ async fn an_inference_token_gets_the_ranking_but_not_the_fleets_map() {
     );
     let d = Replica::start(&toml, None).await;
     let inference = mint_hs256("tenant-a", &[Scope::Inference], 600);
-    let admin = mint_hs256("operator", &[Scope::Admin], 600);
-    let both = mint_hs256("operator", &[Scope::Inference, Scope::Admin], 600);
+    let admin = mint_hs256_fleet("operator", &[Scope::Admin], 600);
+    let both = mint_hs256_fleet("operator", &[Scope::Inference, Scope::Admin], 600);
+    // An admin token for one node (or none named) administers that node, not the fleet's map.
+    let node_admin = edgeroute_auth::mint(
+        &edgeroute_auth::SigningKey::Hs256(SECRET.as_bytes().to_vec()),
+        &edgeroute_auth::MintOptions {
+            sub: "operator".into(),
+            scopes: [Scope::Admin].into_iter().collect(),
+            aud: Some(edgeroute_auth::admin::node_audience("tor-1")),
+            iss: None,
+            ttl_s: 600,
+            now_unix_s: edgeroute_core::clock::unix_ms() / 1000,
+            kid: None,
+            nbf: None,
+        },
+    )
+    .unwrap();
+    let unscoped = mint_hs256("operator", &[Scope::Admin], 600);
     let call = |path: &'static str, token: &String| {
         let (addr, token) = (d.addr, token.clone());
         async move {
@@ -344,13 +360,20 @@ async fn an_inference_token_gets_the_ranking_but_not_the_fleets_map() {
     for path in ["/v1/nodes", "/v1/topology"] {
         assert_eq!(call(path, &inference).await.0, 403, "{path}");
     }
-    // The operator: the map (an admin-only token is no client: discover needs inference).
-    let (status, _, body) = call(explain, &both).await;
-    assert_eq!(status, 200);
-    assert!(body["excluded"].is_array() && body["candidates"][0]["factors"].is_object());
-    assert_eq!(call(explain, &admin).await.0, 403);
+    // The operator, with a token naming the fleet: the map.
+    for operator in [&both, &admin] {
+        let (status, _, body) = call(explain, operator).await;
+        assert_eq!(status, 200);
+        assert!(body["excluded"].is_array() && body["candidates"][0]["factors"].is_object());
+    }
+    // An admin token for one node is neither a client nor the fleet's operator.
+    assert_eq!(call(explain, &node_admin).await.0, 403);
     for path in ["/v1/nodes", "/v1/topology"] {
         assert_eq!(call(path, &admin).await.0, 200, "{path}");
+        for partial in [&node_admin, &unscoped] {
+            let (status, code, _) = call(path, partial).await;
+            assert_eq!((status, code.as_deref()), (403, Some("admin_token_not_for_the_fleet")));
+        }
     }
     std::fs::remove_dir_all(dir).ok();
 }

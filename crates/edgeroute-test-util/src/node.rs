@@ -187,6 +187,13 @@ pub fn mint_hs256(sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
     .expect("mint")
 }
 
+/// As [`mint_hs256`], with the admin audience of the whole fleet (`edgeroute:fleet`).
+pub fn mint_hs256_fleet(sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
+    let mut o = options(sub, scopes, ttl_s);
+    o.aud = Some(edgeroute_auth::admin::FLEET_AUDIENCE.into());
+    edgeroute_auth::mint(&SigningKey::Hs256(SECRET.as_bytes().to_vec()), &o).expect("mint")
+}
+
 fn options(sub: &str, scopes: &[Scope], ttl_s: i64) -> MintOptions {
     let scopes: Scopes = scopes.iter().copied().collect();
     let (now_unix_s, ttl) =
