@@ -4,6 +4,12 @@
 //!
 //! A directory is taken once it is valid and has been quiet for `settle` (writers may still be
 //! copying files into it). Validity for Triton: a safe directory name and a `config.pbtxt`.
+//!
+//! Whoever can write to the shared volume must not gain code execution on the GPU side: a
+//! model that carries code — Triton's `python` backend, a custom `execution_env_path`, any
+//! `.py` file — is refused unless its backend is allow-listed (`--allow-backend`). Weights-only
+//! backends (ONNX Runtime, TensorRT, OpenVINO...) pass. Loads and unloads carry the header of
+//! Triton's restricted repository API when configured.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +30,79 @@ pub struct WatchConfig {
     pub triton_url: Option<String>,
     /// Quiet time before a directory is taken.
     pub settle: Duration,
+    /// Backends whose models may carry code (e.g. `python`); none by default.
+    pub allow_backends: Vec<String>,
+    /// Header (name, value) of Triton's restricted repository API, when it is restricted.
+    pub triton_restricted: Option<(String, String)>,
+}
+
+/// Largest `config.pbtxt` read.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Why a model directory carries code the backend would run, if it does and its backend is
+/// not in `allow`. Reads `config.pbtxt` (`backend`, `platform`, `execution_env_path`) and
+/// looks for `.py` files anywhere in the directory (symlinks are not followed).
+pub fn check_code(dir: &Path, allow: &[String]) -> Result<(), String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(dir.join("config.pbtxt"))
+        .and_then(|f| f.take(MAX_CONFIG_BYTES).read_to_string(&mut text))
+        .map_err(|e| format!("reading config.pbtxt: {e}"))?;
+    let backends: Vec<String> =
+        ["backend", "platform"].iter().flat_map(|k| field_values(&text, k)).collect();
+    let allowed = |b: &str| allow.iter().any(|a| a == b);
+    if let Some(b) = backends.iter().find(|b| b.as_str() == "python" && !allowed(b)) {
+        return Err(format!("backend `{b}` runs code from the model directory"));
+    }
+    if !field_values(&text, "execution_env_path").is_empty() && !allowed("python") {
+        return Err("`execution_env_path` brings a Python environment".into());
+    }
+    if let Some(py) = find_python(dir) {
+        let named = backends.first().map_or("none", String::as_str);
+        if !backends.iter().any(|b| allowed(b)) {
+            return Err(format!(
+                "`{}` is code, and backend `{named}` is not allowed to carry code",
+                py.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The quoted values of `key: "value"` in a protobuf text file (any line layout).
+fn field_values(text: &str, key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(key) {
+        let before = rest[..i].chars().next_back();
+        let after = &rest[i + key.len()..];
+        rest = after;
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let Some(value) = after.trim_start().strip_prefix(':') else { continue };
+        let Some(value) = value.trim_start().strip_prefix('"') else { continue };
+        if let Some(end) = value.find('"') {
+            out.push(value[..end].to_owned());
+        }
+    }
+    out
+}
+
+/// The first `.py` file under `dir`, if any.
+fn find_python(dir: &Path) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        let p = e.path();
+        if t.is_dir() {
+            if let Some(found) = find_python(&p) {
+                return Some(found);
+            }
+        } else if t.is_file() && p.extension().is_some_and(|x| x == "py") {
+            return Some(p);
+        }
+    }
+    None
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,12 +171,26 @@ pub async fn run(
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    let triton =
-        cfg.triton_url.as_deref().map(|u| TritonRepository::new(u, Duration::from_secs(600)));
+    let triton = match cfg.triton_url.as_deref() {
+        None => None,
+        Some(u) => {
+            let repo = TritonRepository::new(u, Duration::from_secs(600));
+            Some(match &cfg.triton_restricted {
+                None => repo,
+                Some((name, value)) => repo
+                    .with_restricted_header(name, value)
+                    .map_err(|e| WatchError::Io(std::io::Error::other(e)))?,
+            })
+        }
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let shared = cfg.shared.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
+        // Reads are not changes: the watcher's own reads (checking, copying) would otherwise
+        // make every model look changed again, and be installed again, forever.
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
             for p in ev.paths {
                 // The model directory is the path's first component under the shared root.
                 if let Ok(rel) = p.strip_prefix(&shared)
@@ -137,6 +230,10 @@ pub async fn run(
                     if !dir.is_dir() || check_model_dir(&dir).is_err() {
                         continue;
                     }
+                    if let Err(e) = check_code(&dir, &cfg.allow_backends) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "refused: a model that carries code needs its backend in --allow-backend");
+                        continue;
+                    }
                     let (d, repo) = (dir.clone(), cfg.repository.clone());
                     match tokio::task::spawn_blocking(move || install(&d, &repo)).await {
                         Ok(Ok(name)) => {
@@ -157,4 +254,18 @@ pub async fn run(
         }
     }
     Ok(installed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protobuf_text_fields_are_found_in_any_layout() {
+        let t = "name: \"m\"\nbackend: \"python\"\nplatform:\"onnxruntime_onnx\" max_batch_size: 8";
+        assert_eq!(field_values(t, "backend"), vec!["python"]);
+        assert_eq!(field_values(t, "platform"), vec!["onnxruntime_onnx"]);
+        assert!(field_values("my_backend: \"python\"", "backend").is_empty(), "whole words");
+        assert!(field_values("backend python", "backend").is_empty());
+    }
 }

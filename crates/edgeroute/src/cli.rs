@@ -140,6 +140,17 @@ pub struct WatchArgs {
     /// Quiet time before a new directory is taken, ms.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
+    /// A backend whose models may carry code (e.g. `python`); repeat for more. Default: none,
+    /// so a model with a Python backend, an execution environment or a `.py` file is refused.
+    #[arg(long = "allow-backend")]
+    allow_backends: Vec<String>,
+    /// The header of Triton's restricted repository API
+    /// (`--http-restricted-api=model-repository:<name>=<value>`), with --triton-restricted-key-env.
+    #[arg(long, requires = "triton_restricted_key_env")]
+    triton_restricted_header: Option<String>,
+    /// The environment variable holding that header's value.
+    #[arg(long, requires = "triton_restricted_header")]
+    triton_restricted_key_env: Option<String>,
 }
 
 pub fn read(path: &Path) -> Result<String> {
@@ -225,12 +236,24 @@ impl SimArgs {
 }
 
 impl WatchArgs {
-    pub fn config(self) -> edgeroute_node::watcher::WatchConfig {
-        edgeroute_node::watcher::WatchConfig {
+    pub fn config(self) -> Result<edgeroute_node::watcher::WatchConfig> {
+        let triton_restricted =
+            match (self.triton_restricted_header, self.triton_restricted_key_env) {
+                (Some(name), Some(var)) => {
+                    let value = env(&var).with_context(|| {
+                        format!("--triton-restricted-key-env: `{var}` is not set")
+                    })?;
+                    Some((name, value))
+                }
+                _ => None,
+            };
+        Ok(edgeroute_node::watcher::WatchConfig {
             shared: self.shared,
             repository: self.repository,
             triton_url: self.triton,
             settle: Duration::from_millis(self.settle_ms),
-        }
+            allow_backends: self.allow_backends,
+            triton_restricted,
+        })
     }
 }

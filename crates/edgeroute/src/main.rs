@@ -63,7 +63,7 @@ fn main() -> Result<()> {
         }
         Command::Watch(args) => edgeroute_http::runtime(0)?.block_on(async {
             let installed =
-                edgeroute_node::watcher::run(args.config(), edgeroute_http::shutdown_signal())
+                edgeroute_node::watcher::run(args.config()?, edgeroute_http::shutdown_signal())
                     .await?;
             eprintln!("edgeroute watch: installed {} model(s)", installed.len());
             Ok(())
