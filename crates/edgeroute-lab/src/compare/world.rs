@@ -158,8 +158,11 @@ impl World {
                 }),
             );
             let listener = net.bind(spec.id);
+            // The operator's plane: the fleet runs without [auth], so admin routes are served
+            // only on a listener of their own (a loopback one, on a real machine).
+            let admin = net.bind(&admin_host(spec.id));
             let mut stopped = stopped.clone();
-            tokio::spawn(node.serve(listener, async move {
+            tokio::spawn(node.serve_planes(listener, Some(admin), async move {
                 let _ = stopped.wait_for(|s| *s).await;
             }));
         }
@@ -191,11 +194,12 @@ impl World {
         self.alive(node) && self.loaded[node].load(Ordering::SeqCst)
     }
 
-    /// An operator unloads the LLM on the node (`POST /v1/models/unload`): the node stays up.
+    /// An operator unloads the LLM on the node (`POST /v1/models/unload` on its admin plane):
+    /// the node stays up.
     pub async fn unload(&self, node: usize) -> Result<()> {
         self.loaded[node].store(false, Ordering::SeqCst);
         let net = self.net.from("region:toronto");
-        let host = NODES[node].id;
+        let host = &admin_host(NODES[node].id);
         let (uri, mut send) =
             super::strategy::open(&net, host, "/v1/models/unload", Duration::from_secs(1))
                 .await
@@ -432,4 +436,9 @@ mod tests {
         assert!(!has_token(br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#));
         assert!(!has_token(b"data: [DONE]"));
     }
+}
+
+/// Where node `id` serves its admin plane on the lab's network.
+fn admin_host(id: &str) -> String {
+    format!("{id}-admin")
 }
