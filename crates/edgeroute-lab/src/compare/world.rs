@@ -415,6 +415,11 @@ pub fn has_token(chunk: &[u8]) -> bool {
         .any(|(i, w)| w == KEY && chunk.get(i + KEY.len()).is_some_and(|b| *b != b'"'))
 }
 
+/// Where node `id` serves its admin plane on the lab's network.
+fn admin_host(id: &str) -> String {
+    format!("{id}-admin")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,9 +441,4 @@ mod tests {
         assert!(!has_token(br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#));
         assert!(!has_token(b"data: [DONE]"));
     }
-}
-
-/// Where node `id` serves its admin plane on the lab's network.
-fn admin_host(id: &str) -> String {
-    format!("{id}-admin")
 }
