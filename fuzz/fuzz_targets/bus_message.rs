@@ -20,6 +20,8 @@ use edgeroute_proto::names::is_name;
 use libfuzzer_sys::fuzz_target;
 
 const PREFIX: &str = "edgeroute.topology";
+/// The wall clock the view is handed (Unix ms): epochs beyond it plus the skew are refused.
+const WALL_MS: u64 = 1_800_000_000_000;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -36,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(is_name(&ev.node_id) && is_name(&ev.region));
                         assert_eq!(subject, event_subject(PREFIX, &ev.region, &ev.node_id));
                         let before = view.node(&ev.node_id).cloned();
-                        match view.apply_event(&ev, now) {
+                        match view.apply_event(&ev, now, WALL_MS) {
                             Applied::Folded => {
                                 let n = view.node(&ev.node_id).expect("folded into a node");
                                 assert_eq!((n.epoch, n.seq), (ev.epoch, ev.seq));
@@ -51,6 +53,9 @@ fuzz_target!(|data: &[u8]| {
                                     assert!(view.needs_resync(&id));
                                 }
                             }
+                            Applied::Refused(_) => {
+                                assert_eq!(view.node(&ev.node_id), before.as_ref());
+                            }
                         }
                     }
                     Err(why) => view.note_rejected(why),
@@ -63,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(snap.node_id, key);
                         assert!(is_name(&snap.node_id) && is_name(&snap.region));
                         let before = view.node(key).cloned();
-                        match view.apply_snapshot(snap.clone(), now) {
+                        match view.apply_snapshot(snap.clone(), now, WALL_MS) {
                             SnapshotApplied::Replaced => {
                                 assert_eq!(view.node(key), Some(&snap));
                                 assert!(!view.needs_resync(key));
@@ -73,6 +78,9 @@ fuzz_target!(|data: &[u8]| {
                             }
                             SnapshotApplied::Unchanged => {
                                 assert!(!view.needs_resync(key));
+                            }
+                            SnapshotApplied::Refused(_) => {
+                                assert_eq!(view.node(key), before.as_ref());
                             }
                         }
                     }
