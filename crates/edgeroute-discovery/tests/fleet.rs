@@ -4,32 +4,19 @@
 //! agree on the fleet and survive NATS going away.
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use edgeroute_bus::{Bus, BusConfig};
-use edgeroute_discovery::{Discovery, DiscoveryConfig};
 use edgeroute_lab::relay::Relay;
 use edgeroute_test_util::nats::NatsServer;
 use edgeroute_test_util::{Reply, TestNode, get};
 use serde_json::{Value, json};
 
-struct Replica {
-    addr: SocketAddr,
-    _running: edgeroute_discovery::Spawned,
-}
+mod common;
+
+use common::Replica;
 
 impl Replica {
-    async fn start(toml: &str, bus: Option<Bus>) -> Replica {
-        let cfg = DiscoveryConfig::from_toml(toml, |_| None).unwrap();
-        let mut d = Discovery::build(cfg).unwrap();
-        if let Some(b) = bus {
-            d = d.with_bus(b);
-        }
-        let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
-        Replica { addr: running.addr(), _running: running }
-    }
-
     async fn discover(&self, query: &str) -> Reply {
         get(self.addr, &format!("/v1/discover?{query}"), None).await
     }

@@ -28,22 +28,11 @@ const OPEN: &str = "[discovery]\nallow_unauthenticated = true\n";
 const FAST: &str = "[probe]\ninterval_ms = 200\ntimeout_ms = 150\n[health]\nmin_std_ms = 50\n";
 const SIM: &str = "[backend]\nkind = \"sim\"\n";
 
-struct Replica {
-    addr: SocketAddr,
-    _running: edgeroute_discovery::Spawned,
-}
+mod common;
+
+use common::Replica;
 
 impl Replica {
-    async fn start(toml: &str, bus: Option<Bus>) -> Replica {
-        let cfg = DiscoveryConfig::from_toml(toml, |_| None).unwrap();
-        let mut d = Discovery::build(cfg).unwrap();
-        if let Some(b) = bus {
-            d = d.with_bus(b);
-        }
-        let running = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
-        Replica { addr: running.addr(), _running: running }
-    }
-
     async fn get(&self, path: &str, token: Option<&str>) -> Reply {
         get(self.addr, path, token).await
     }
