@@ -20,6 +20,12 @@
 //! at any point leaves the installed models as they were; leftovers are hidden under `.partial`
 //! and `.staging`, and the next [`Installer::open`] clears `.staging`.
 //!
+//! With a seal signer ([`Installer::open_with`]), the staged tree is sealed (see
+//! [`crate::seal`]: a signed list of every file and its SHA-256, `.edgeroute-seal`) before the
+//! rename, so an installed directory is always sealed; the seal names the model by its top
+//! directory (`<org>--<name>`). A model installed before sealing was configured is sealed in
+//! place the next time it is installed.
+//!
 //! One `Installer` owns a repository root at a time (an exclusive `flock` on `.lock`): cleaning
 //! `.staging` at start-up would otherwise break another process's install.
 
@@ -37,6 +43,7 @@ use crate::filter::{FileFilter, layout_problem};
 use crate::manifest::{FileEntry, Manifest, RepoPath};
 use crate::model_ref::{Commit, HubId, HubModel, LocalModel};
 use crate::progress::{FileProgress, Phase, Progress};
+use crate::seal::{SEAL_FILE, SealError, SealSigner, seal_dir};
 
 const STAGING: &str = ".staging";
 const PARTIAL: &str = ".partial";
@@ -165,6 +172,8 @@ struct Inner {
     client: HubClient,
     probe: Arc<dyn DiskProbe>,
     margin: u64,
+    /// Seals every install when set.
+    seal: Option<SealSigner>,
     slots: Mutex<HashMap<Key, Slot>>,
     next: AtomicU64,
     /// Held for the installer's lifetime; released on drop.
@@ -229,6 +238,18 @@ impl Installer {
         client: HubClient,
         probe: Arc<dyn DiskProbe>,
     ) -> Result<Self, HubError> {
+        Self::open_with(config, client, probe, None).await
+    }
+
+    /// [`Installer::open_with_probe`] that also seals every install with `seal` (see
+    /// [`crate::seal`]), so the sidecar copying models to the backend installs only what this
+    /// installer wrote.
+    pub async fn open_with(
+        config: InstallerConfig,
+        client: HubClient,
+        probe: Arc<dyn DiskProbe>,
+        seal: Option<SealSigner>,
+    ) -> Result<Self, HubError> {
         let InstallerConfig { repo_root, disk_margin_bytes } = config;
         let (root, lock) = blocking(move || open_root(&repo_root)).await?;
         Ok(Installer {
@@ -237,6 +258,7 @@ impl Installer {
                 client,
                 probe,
                 margin: disk_margin_bytes,
+                seal,
                 slots: Mutex::new(HashMap::new()),
                 next: AtomicU64::new(0),
                 _lock: lock,
@@ -528,6 +550,13 @@ async fn prepare(
         blocking(move || Ok(survey(&m.files, &installed, &partial))).await?
     };
     if present.len() == manifest.files.len() {
+        // Installed before sealing was configured: sealed in place (one atomic rename of
+        // the seal file; the model's files are untouched).
+        if inner.seal.is_some() && !dirs.installed.join(SEAL_FILE).is_file() {
+            let (inner, dirs) =
+                (inner.clone(), Dirs::new(&inner.root, &manifest.id, &manifest.commit));
+            blocking(move || seal_tree(&inner, &dirs, &dirs.installed)).await?;
+        }
         return Ok(Prepared::Present(installed(manifest, &dirs, true)));
     }
 
@@ -598,7 +627,7 @@ fn finalize(inner: &Inner, manifest: &Manifest, plan: &Plan) -> Result<Installed
     let dirs = &plan.dirs;
     let staging = inner.root.join(STAGING).join(inner.unique());
     std::fs::create_dir(&staging).map_err(|e| HubError::io("creating", &staging, e))?;
-    let assembled = assemble(manifest, plan, &staging);
+    let assembled = assemble(inner, manifest, plan, &staging);
     if let Err(e) = assembled {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
@@ -611,7 +640,12 @@ fn finalize(inner: &Inner, manifest: &Manifest, plan: &Plan) -> Result<Installed
     Ok(installed(manifest, dirs, false))
 }
 
-fn assemble(manifest: &Manifest, plan: &Plan, staging: &Path) -> Result<(), HubError> {
+fn assemble(
+    inner: &Inner,
+    manifest: &Manifest,
+    plan: &Plan,
+    staging: &Path,
+) -> Result<(), HubError> {
     let dirs = &plan.dirs;
     // Files of an earlier selection of this commit are carried over, so the new tree is a
     // superset of the old one.
@@ -654,6 +688,10 @@ fn assemble(manifest: &Manifest, plan: &Plan, staging: &Path) -> Result<(), HubE
     if let Some(reason) = layout_problem(manifest.files.iter().map(|f| f.path.as_str())) {
         return Err(HubError::NoLoadableWeights { id: manifest.id.to_string(), reason });
     }
+    // Sealed in staging, before the rename: an installed directory is never unsealed. A
+    // seal carried over from the earlier selection is replaced (renamed over, so its
+    // hard-linked original is untouched).
+    seal_tree(inner, dirs, staging)?;
     sync_tree(staging)?;
 
     let root = dirs.model.parent().unwrap_or(&dirs.model);
@@ -869,6 +907,21 @@ where
             std::io::Error::other(e.to_string()),
         )
     })?
+}
+
+/// Seals `tree` (the staged or installed directory of `dirs`) when a signer is configured; the
+/// model is named by its top directory (`<org>--<name>`, or `<name>`). Blocking.
+fn seal_tree(inner: &Inner, dirs: &Dirs, tree: &Path) -> Result<(), HubError> {
+    let Some(signer) = &inner.seal else { return Ok(()) };
+    let model = dirs.model.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let now = edgeroute_core::clock::unix_ms() / 1000;
+    match seal_dir(tree, model, signer, now) {
+        Ok(_) => Ok(()),
+        Err(SealError::Io { op, path, source }) => Err(HubError::io(op, path, source)),
+        // Not reachable for a staged hub tree (its paths are validated, it has no links),
+        // but reported, never ignored: the install fails rather than going in unsealed.
+        Err(e) => Err(HubError::io("sealing", tree, std::io::Error::other(e.to_string()))),
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 //!   hosts.
 //! - [`Installer`] checks free disk space, downloads into a hidden partial area, stages,
 //!   fsyncs and renames into place, so a model is either fully installed or absent; concurrent
-//!   loads of one model and commit share one download.
+//!   loads of one model and commit share one download. With a [`seal::SealSigner`], every
+//!   install is sealed (a signed list of its files and their SHA-256) before it is renamed
+//!   into place, so the sidecar that copies models to the backend (`edgeroute watch`) can
+//!   install only what this installer wrote.
 //!
 //! This crate does not serve HTTP, keep model state (loaded, serving), or read the
 //! environment: the node does. It never loads pickle-based formats.
@@ -22,6 +25,7 @@ mod install;
 mod manifest;
 mod model_ref;
 mod progress;
+pub mod seal;
 
 pub use client::HubClient;
 pub use config::{DEFAULT_ENDPOINT, HubConfig};
@@ -34,3 +38,4 @@ pub use install::{
 pub use manifest::{FileEntry, Manifest, RepoPath};
 pub use model_ref::{Commit, DEFAULT_REVISION, HubId, HubModel, LocalModel, ModelRef, Revision};
 pub use progress::{FileProgress, Phase, Progress};
+pub use seal::{Seal, SealError, SealSigner, SealVerifier, SealedFile, seal_dir, verify_dir};

@@ -122,6 +122,40 @@ pub struct ModelsConfig {
     /// `endpoint` and `token`. Only the endpoint's host is contacted unless more hosts (the
     /// hub's CDN) are listed in `allowed_hosts`.
     pub hub: edgeroute_hub::HubConfig,
+    /// An Ed25519 private key (PKCS#8 PEM) that seals every model installed into
+    /// `repository` (`.edgeroute-seal`: a signed list of its files and their SHA-256), so
+    /// that `edgeroute watch --seal-public-key` on the backend's side installs only what this
+    /// node wrote. Needs `seal_kid` and `repository`. Default: unset (installs unsealed).
+    pub seal_key_file: Option<PathBuf>,
+    /// The key id recorded in seals, as given to `edgeroute watch --seal-public-key KID=FILE`.
+    pub seal_kid: Option<String>,
+}
+
+impl ModelsConfig {
+    /// The seal settings come together, and only with a repository to seal.
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.seal_key_file, &self.seal_kid) {
+            (None, None) => Ok(()),
+            (Some(_), None) => {
+                Err(invalid("models.seal_kid", "required with models.seal_key_file"))
+            }
+            (None, Some(_)) => {
+                Err(invalid("models.seal_key_file", "required with models.seal_kid"))
+            }
+            (Some(_), Some(kid)) => {
+                if self.repository.is_none() {
+                    return Err(invalid("models.seal_key_file", "needs models.repository"));
+                }
+                if kid.is_empty() || kid.len() > 128 || !kid.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(invalid(
+                        "models.seal_kid",
+                        "1 to 128 printable ASCII characters without spaces",
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Default for ModelsConfig {
@@ -134,6 +168,8 @@ impl Default for ModelsConfig {
             disk_margin_mb: 1024,
             unload_drain_ms: 30_000,
             hub: edgeroute_hub::HubConfig::default(),
+            seal_key_file: None,
+            seal_kid: None,
         }
     }
 }
@@ -684,6 +720,7 @@ impl NodeConfig {
             (None, true) => {}
         }
         self.validate_exposure()?;
+        self.models.validate()?;
         let l = &self.limits;
         for (key, v) in [
             ("limits.max_concurrency", u64::from(l.max_concurrency)),

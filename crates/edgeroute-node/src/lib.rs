@@ -285,7 +285,23 @@ impl Node {
                 repo_root: root.clone(),
                 disk_margin_bytes: self.cfg.models.disk_margin_mb * 1024 * 1024,
             };
-            let installer = edgeroute_hub::Installer::open(icfg, client).await?;
+            // Every install is sealed for `edgeroute watch` when a seal key is configured; a
+            // key that cannot sign stops the node here, not at its first install.
+            let seal = match (&self.cfg.models.seal_key_file, &self.cfg.models.seal_kid) {
+                (Some(file), Some(kid)) => {
+                    let bad = |e: String| edgeroute_hub::HubError::Config {
+                        reason: format!("models.seal_key_file {}: {e}", file.display()),
+                    };
+                    let pem = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+                    Some(
+                        edgeroute_hub::SealSigner::from_pem(&pem, kid, &self.cfg.node.id)
+                            .map_err(|e| bad(e.to_string()))?,
+                    )
+                }
+                _ => None,
+            };
+            let probe = std::sync::Arc::new(edgeroute_hub::StatvfsProbe);
+            let installer = edgeroute_hub::Installer::open_with(icfg, client, probe, seal).await?;
             let _ = self.state.hub.set(installer);
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -10,6 +10,21 @@
 //! `.py` file — is refused unless its backend is allow-listed (`--allow-backend`). Weights-only
 //! backends (ONNX Runtime, TensorRT, OpenVINO...) pass. Loads and unloads carry the header of
 //! Triton's restricted repository API when configured.
+//!
+//! Nor may it choose what the GPU side runs: by default only **sealed** directories are
+//! installed (see [`edgeroute_hub::seal`]): the node's installer, or an operator's pipeline
+//! (`edgeroute model seal`), signs the list of every file with its size and SHA-256, and this
+//! watcher trusts only the public keys it is given (`--seal-public-key`). A candidate is
+//! `<shared>/<top>/` holding a seal (a flat Triton directory) or, in the installer's layout,
+//! `<shared>/<top>/<commit>/` (the newest seal, by `iat`, wins); the seal must name `<top>` as
+//! its model, so a sealed directory copied under another name is refused. The order closes
+//! the race with a writer still holding the shared volume: the candidate is copied into a
+//! staging directory inside the repository first (symlinks and special files refused, at most
+//! the sealed number of files and bytes), and the seal and the code check run on that copy,
+//! which only this process writes; then it is renamed into place. The seal file is kept in
+//! the installed directory (Triton ignores it), so the installed copy can be re-verified.
+//! Without keys the watcher refuses to start unless unsealed models are explicitly allowed
+//! (`--allow-unsealed`), which restores the old trust-the-volume behaviour.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +33,12 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use edgeroute_hub::seal::{MAX_SEAL_BYTES, SEAL_FILE, SealError, SealVerifier, verify_dir};
+
 use crate::backend::triton::{TritonRepository, valid_model_name};
+
+// For `edgeroute model seal` and the tests: the binary reaches the hub crate through here.
+pub use edgeroute_hub::seal::{self, Seal, SealSigner, seal_dir};
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
@@ -34,7 +54,16 @@ pub struct WatchConfig {
     pub allow_backends: Vec<String>,
     /// Header (name, value) of Triton's restricted repository API, when it is restricted.
     pub triton_restricted: Option<(String, String)>,
+    /// The keys seals are trusted under. With none, [`run`] refuses to start unless
+    /// `allow_unsealed` is set.
+    pub seal_keys: Option<SealVerifier>,
+    /// Install directories without a seal (as before seals existed). A directory that has a
+    /// seal must still verify. Off by default.
+    pub allow_unsealed: bool,
 }
+
+/// Most entries of `<shared>/<top>/` looked at for sealed commit directories.
+const MAX_COMMIT_DIRS: usize = 256;
 
 /// Largest `config.pbtxt` read.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -111,6 +140,31 @@ pub enum WatchError {
     Notify { path: String, source: notify::Error },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "no trusted seal key: give --seal-public-key KID=FILE (the public key of the node's \
+         `models.seal_key_file`, or of `edgeroute model seal`), or --allow-unsealed to install \
+         whatever appears on the shared volume"
+    )]
+    NoSealKeys,
+}
+
+/// Why a candidate directory was not installed. Each names what was refused and why.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("not a model: {0}")]
+    NotAModel(String),
+    #[error("seal refused: {0}")]
+    Seal(#[from] SealError),
+    #[error(
+        "sealed for model `{sealed}`, found as `{top}` (a sealed directory copied under another name)"
+    )]
+    WrongModel { sealed: String, top: String },
+    #[error("carries code: {0} (a model that carries code needs its backend in --allow-backend)")]
+    Code(String),
+    #[error("copy refused: {0}")]
+    Copy(String),
+    #[error("{op}: {source}")]
+    Io { op: String, source: std::io::Error },
 }
 
 /// Why a directory is not (yet) a model.
@@ -125,38 +179,177 @@ pub fn check_model_dir(dir: &Path) -> Result<String, String> {
     Ok(name)
 }
 
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let t = e.file_type()?;
-        let dest = to.join(e.file_name());
-        if t.is_dir() {
-            copy_tree(&e.path(), &dest)?;
-        } else if t.is_file() {
-            std::fs::copy(e.path(), &dest)?;
-            std::fs::File::open(&dest)?.sync_all()?;
-        }
-        // Symlinks are not followed: a model directory must hold its own files.
-    }
-    std::fs::File::open(to)?.sync_all()
+/// What one copy may bring: a sealed candidate brings at most what its seal lists.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    files: usize,
+    bytes: u64,
 }
 
-/// Copies `dir` into `repository/<name>` atomically: staged beside it, synced, renamed.
-pub fn install(dir: &Path, repository: &Path) -> Result<String, String> {
-    let name = check_model_dir(dir)?;
+/// Copies `from` into `to`, refusing symlinks and special files (a model directory holds its
+/// own files) and stopping once `budget` is spent (a hostile writer cannot fill the
+/// repository's disk before the seal is checked).
+fn copy_tree(from: &Path, to: &Path, budget: &mut Budget) -> Result<(), Refusal> {
+    let ioe = |op: &str, p: &Path| {
+        let op = format!("{op} {}", p.display());
+        move |source| Refusal::Io { op, source }
+    };
+    std::fs::create_dir_all(to).map_err(ioe("creating", to))?;
+    for e in std::fs::read_dir(from).map_err(ioe("listing", from))? {
+        let e = e.map_err(ioe("listing", from))?;
+        let t = e.file_type().map_err(ioe("checking", &e.path()))?;
+        let dest = to.join(e.file_name());
+        if t.is_dir() {
+            copy_tree(&e.path(), &dest, budget)?;
+        } else if t.is_file() {
+            budget.files = budget
+                .files
+                .checked_sub(1)
+                .ok_or_else(|| Refusal::Copy("more files than the seal lists".into()))?;
+            let n = std::fs::copy(e.path(), &dest).map_err(ioe("copying", &e.path()))?;
+            budget.bytes = budget
+                .bytes
+                .checked_sub(n)
+                .ok_or_else(|| Refusal::Copy("more bytes than the seal lists".into()))?;
+            std::fs::File::open(&dest).and_then(|f| f.sync_all()).map_err(ioe("syncing", &dest))?;
+        } else {
+            return Err(Refusal::Seal(SealError::NotARegularFile {
+                path: e.path().display().to_string(),
+            }));
+        }
+    }
+    std::fs::File::open(to).and_then(|f| f.sync_all()).map_err(ioe("syncing", to))
+}
+
+/// The seal of `dir`, if it has one, checked (signature and claims only, no hashing).
+fn read_seal(dir: &Path, keys: &SealVerifier) -> Option<Result<Seal, SealError>> {
+    use std::io::Read;
+    let path = dir.join(SEAL_FILE);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() {
+        return Some(Err(SealError::NotARegularFile { path: path.display().to_string() }));
+    }
+    let mut token = String::new();
+    let read = std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_SEAL_BYTES + 1).read_to_string(&mut token));
+    Some(match read {
+        Err(source) => Err(SealError::Io { op: "reading", path, source }),
+        Ok(_) if token.len() as u64 > MAX_SEAL_BYTES => {
+            Err(SealError::TooLarge { what: "the seal".into(), limit: MAX_SEAL_BYTES })
+        }
+        Ok(_) => keys.verify_token(token.trim()),
+    })
+}
+
+/// Which directory under `<shared>/<top>` to install, and its seal (checked for signature
+/// only) when it has one: `top` itself when sealed, else the sealed `top/<commit>` with the
+/// newest `iat` (ties: the greatest name), else `top` unsealed. A seal that does not verify
+/// is a refusal, never a fallback to an unsealed install.
+pub fn pick_candidate(
+    top: &Path,
+    keys: Option<&SealVerifier>,
+) -> Result<(PathBuf, Option<Seal>), Refusal> {
+    let Some(keys) = keys else { return Ok((top.to_owned(), None)) };
+    if let Some(seal) = read_seal(top, keys) {
+        return Ok((top.to_owned(), Some(seal?)));
+    }
+    let mut best: Option<(u64, PathBuf, Seal)> = None;
+    let entries = std::fs::read_dir(top)
+        .map_err(|source| Refusal::Io { op: format!("listing {}", top.display()), source })?;
+    for e in entries.flatten().take(MAX_COMMIT_DIRS) {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Some(seal) = read_seal(&e.path(), keys) else { continue };
+        let seal = seal?;
+        let newer =
+            best.as_ref().is_none_or(|(iat, p, _)| (seal.iat, e.path()) > (*iat, p.clone()));
+        if newer {
+            best = Some((seal.iat, e.path(), seal));
+        }
+    }
+    Ok(match best {
+        Some((_, dir, seal)) => (dir, Some(seal)),
+        None => (top.to_owned(), None),
+    })
+}
+
+/// Installs the model found under `<shared>/<top>` as `repository/<top>`: picks the candidate
+/// ([`pick_candidate`]), copies it into a staging directory inside the repository, and only
+/// then verifies the copy — its seal (all files, sizes, SHA-256; the model named `<top>`),
+/// its `config.pbtxt`, its code ([`check_code`]) — and renames it into place. A refusal
+/// removes the staging copy. Without `keys`, unsealed candidates are installed only if
+/// `allow_unsealed`.
+pub fn install_checked(
+    top: &Path,
+    repository: &Path,
+    keys: Option<&SealVerifier>,
+    allow_unsealed: bool,
+    allow_backends: &[String],
+) -> Result<String, Refusal> {
+    let name = top
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Refusal::NotAModel("not a UTF-8 name".into()))?
+        .to_owned();
+    if !valid_model_name(&name) {
+        return Err(Refusal::NotAModel(format!("`{name}` is not a valid model name")));
+    }
+    let (dir, seal) = pick_candidate(top, keys)?;
+    let mut budget = match &seal {
+        Some(s) if s.model != name => {
+            return Err(Refusal::WrongModel { sealed: s.model.clone(), top: name });
+        }
+        Some(s) => Budget {
+            files: s.files.len() + 1,
+            bytes: s.files.iter().map(|f| f.bytes).fold(MAX_SEAL_BYTES, u64::saturating_add),
+        },
+        None if !allow_unsealed => {
+            return Err(Refusal::Seal(SealError::NoSeal { dir: top.to_owned() }));
+        }
+        None => Budget { files: usize::MAX, bytes: u64::MAX },
+    };
+    if !dir.join("config.pbtxt").is_file() {
+        return Err(Refusal::NotAModel(format!("`{name}` has no config.pbtxt yet")));
+    }
     let staging = repository.join(format!(".staging-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
-    copy_tree(dir, &staging).map_err(|e| format!("copying `{name}`: {e}"))?;
+    let checked = copy_tree(&dir, &staging, &mut budget).and_then(|()| {
+        // From here on only the staged copy is read: the shared volume can change under us.
+        if let Some(keys) = keys.filter(|_| seal.is_some()) {
+            let staged = verify_dir(&staging, keys)?;
+            if staged.model != name {
+                return Err(Refusal::WrongModel { sealed: staged.model, top: name.clone() });
+            }
+        }
+        check_model_dir_named(&staging, &name)?;
+        check_code(&staging, allow_backends).map_err(Refusal::Code)
+    });
+    if let Err(e) = checked {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    let io = |op: &str| {
+        let op = format!("{op} `{name}`");
+        move |source| Refusal::Io { op, source }
+    };
     let dest = repository.join(&name);
     if dest.exists() {
         let old = repository.join(format!(".old-{name}-{}", std::process::id()));
-        std::fs::rename(&dest, &old).map_err(|e| format!("replacing `{name}`: {e}"))?;
+        std::fs::rename(&dest, &old).map_err(io("replacing"))?;
         let _ = std::fs::remove_dir_all(&old);
     }
-    std::fs::rename(&staging, &dest).map_err(|e| format!("installing `{name}`: {e}"))?;
-    std::fs::File::open(repository).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
+    std::fs::rename(&staging, &dest).map_err(io("installing"))?;
+    std::fs::File::open(repository).and_then(|f| f.sync_all()).map_err(io("syncing"))?;
     Ok(name)
+}
+
+/// The staged copy holds a `config.pbtxt` (a regular file).
+fn check_model_dir_named(dir: &Path, name: &str) -> Result<(), Refusal> {
+    match std::fs::symlink_metadata(dir.join("config.pbtxt")) {
+        Ok(m) if m.is_file() => Ok(()),
+        _ => Err(Refusal::NotAModel(format!("`{name}` has no config.pbtxt"))),
+    }
 }
 
 /// Runs until `shutdown` resolves. Returns the names installed, in order (for tests and logs).
@@ -164,6 +357,15 @@ pub async fn run(
     cfg: WatchConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Vec<String>, WatchError> {
+    if cfg.seal_keys.is_none() {
+        if !cfg.allow_unsealed {
+            return Err(WatchError::NoSealKeys);
+        }
+        tracing::warn!(
+            "no seal key: installing UNSEALED model directories (--allow-unsealed); whoever can \
+             write to the shared volume chooses what the backend loads"
+        );
+    }
     std::fs::create_dir_all(&cfg.repository)?;
     // Leftovers of an interrupted copy are never loaded.
     for e in std::fs::read_dir(&cfg.repository)?.flatten() {
@@ -227,15 +429,12 @@ pub async fn run(
                 let due: Vec<PathBuf> = pending.iter().filter(|(_, t)| **t + cfg.settle <= now).map(|(p, _)| p.clone()).collect();
                 for dir in due {
                     pending.remove(&dir);
-                    if !dir.is_dir() || check_model_dir(&dir).is_err() {
+                    if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
                         continue;
                     }
-                    if let Err(e) = check_code(&dir, &cfg.allow_backends) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "refused: a model that carries code needs its backend in --allow-backend");
-                        continue;
-                    }
-                    let (d, repo) = (dir.clone(), cfg.repository.clone());
-                    match tokio::task::spawn_blocking(move || install(&d, &repo)).await {
+                    let (d, repo, keys, allow) = (dir.clone(), cfg.repository.clone(), cfg.seal_keys.clone(), cfg.allow_backends.clone());
+                    let unsealed = cfg.allow_unsealed;
+                    match tokio::task::spawn_blocking(move || install_checked(&d, &repo, keys.as_ref(), unsealed, &allow)).await {
                         Ok(Ok(name)) => {
                             tracing::info!(model = %name, "installed into the backend repository");
                             if let Some(t) = &triton
@@ -246,7 +445,9 @@ pub async fn run(
                             }
                             installed.push(name);
                         }
-                        Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "not installed"),
+                        // Still being written: quietly retried on the next change.
+                        Ok(Err(Refusal::NotAModel(e))) => tracing::debug!(dir = %dir.display(), error = %e, "not a model (yet)"),
+                        Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "refused, not installed"),
                         Err(e) => tracing::warn!(error = %e, "install task failed"),
                     }
                 }

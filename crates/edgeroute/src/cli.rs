@@ -36,6 +36,11 @@ pub enum Command {
     /// Watcher mode for split deployments: install model directories that appear on a shared
     /// volume into the backend's model repository and ask the backend (Triton) to load them.
     Watch(WatchArgs),
+    /// Model directories: seal one for `edgeroute watch`.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Mint tokens and build JWKS entries.
     Token {
         #[command(subcommand)]
@@ -151,6 +156,66 @@ pub struct WatchArgs {
     /// The environment variable holding that header's value.
     #[arg(long, requires = "triton_restricted_header")]
     triton_restricted_key_env: Option<String>,
+    /// A key seals are trusted under, `KID=FILE` (an Ed25519 public key PEM: the node's
+    /// `models.seal_key_file`'s, or `edgeroute model seal`'s); repeat for rotation. Only
+    /// directories sealed by one of these keys are installed.
+    #[arg(long = "seal-public-key", value_name = "KID=FILE")]
+    seal_public_keys: Vec<String>,
+    /// Install directories that carry no seal (a sealed one must still verify). Without any
+    /// --seal-public-key this flag is required: whoever can write to the shared volume then
+    /// chooses what the backend loads.
+    #[arg(long)]
+    allow_unsealed: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Seal a Triton model directory (`.edgeroute-seal`: a signed list of every file with its
+    /// size and SHA-256) so that `edgeroute watch --seal-public-key` installs it. Seal last,
+    /// after every file is written; the directory must then be copied as a whole.
+    Seal {
+        /// The model directory (holding `config.pbtxt`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The backend model name; the directory must appear on the shared volume under it.
+        #[arg(long)]
+        model: String,
+        /// PKCS#8 PEM Ed25519 private key.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Key id, as given to `edgeroute watch --seal-public-key KID=FILE`.
+        #[arg(long)]
+        kid: String,
+        /// Who sealed it (recorded in the seal).
+        #[arg(long, default_value = "edgeroute-model-seal")]
+        issuer: String,
+    },
+}
+
+impl ModelCommand {
+    pub fn run(self) -> Result<()> {
+        match self {
+            ModelCommand::Seal { dir, model, key_file, kid, issuer } => {
+                use edgeroute_node::watcher::{SealSigner, seal_dir};
+                if !edgeroute_node::backend::triton::valid_model_name(&model) {
+                    anyhow::bail!(
+                        "--model `{model}` is not a valid model name ([A-Za-z0-9._-], ≤ 128, not starting with `.`)"
+                    );
+                }
+                let signer = SealSigner::from_pem(&read(&key_file)?, &kid, &issuer)
+                    .with_context(|| format!("--key-file {}", key_file.display()))?;
+                let now = edgeroute_core::clock::unix_ms() / 1000;
+                let seal = seal_dir(&dir, &model, &signer, now)
+                    .with_context(|| format!("sealing {}", dir.display()))?;
+                let bytes: u64 = seal.files.iter().map(|f| f.bytes).sum();
+                eprintln!(
+                    "sealed `{model}` ({} files, {bytes} bytes) with key `{kid}`",
+                    seal.files.len()
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 pub fn read(path: &Path) -> Result<String> {
@@ -247,7 +312,24 @@ impl WatchArgs {
                 }
                 _ => None,
             };
+        let mut keys = Vec::new();
+        for spec in &self.seal_public_keys {
+            let (kid, file) = spec
+                .split_once('=')
+                .with_context(|| format!("--seal-public-key `{spec}`: expected KID=FILE"))?;
+            keys.push((kid.to_owned(), read(Path::new(file))?));
+        }
+        let seal_keys = if keys.is_empty() {
+            None
+        } else {
+            Some(
+                edgeroute_node::watcher::seal::SealVerifier::from_public_pems(&keys)
+                    .context("--seal-public-key")?,
+            )
+        };
         Ok(edgeroute_node::watcher::WatchConfig {
+            seal_keys,
+            allow_unsealed: self.allow_unsealed,
             shared: self.shared,
             repository: self.repository,
             triton_url: self.triton,

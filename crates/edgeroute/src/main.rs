@@ -68,6 +68,7 @@ fn main() -> Result<()> {
             eprintln!("edgeroute watch: installed {} model(s)", installed.len());
             Ok(())
         }),
+        Command::Model { command } => command.run(),
         Command::Token { command } => token::run(command),
         Command::Bus { command } => bus::run(command),
     }
