@@ -155,6 +155,7 @@ impl Node {
             clock,
             seq: AtomicU64::new(0),
             load_header: gateway::LoadHeader::default(),
+            anonymous: std::sync::Arc::from("anonymous"),
         });
         Ok(Node { state, cfg: Arc::new(cfg), bus: None, wrap: None })
     }

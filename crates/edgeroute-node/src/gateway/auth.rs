@@ -14,6 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use edgeroute_auth::{AuthError, Scope, parse_bearer};
 use edgeroute_http::ApiError;
+use http::HeaderMap;
 use http::header::AUTHORIZATION;
 
 use super::{AppState, Tenant};
@@ -23,11 +24,27 @@ pub async fn require(
     mut req: Request,
     next: Next,
 ) -> Response {
+    match authenticate(&st, req.headers(), scope) {
+        Ok(tenant) => {
+            req.extensions_mut().insert(Tenant(tenant));
+            next.run(req).await
+        }
+        Err(refusal) => refusal,
+    }
+}
+
+/// The caller's tenant (the token's `sub`; `anonymous` when the config waives
+/// authentication), or the refusal to send: a plain call, so the chat route's own service
+/// authenticates without a middleware layer.
+pub fn authenticate(
+    st: &AppState,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Arc<str>, Response> {
     let Some(store) = &st.auth else {
-        req.extensions_mut().insert(Tenant(Arc::from("anonymous")));
-        return next.run(req).await;
+        return Ok(Arc::clone(&st.anonymous));
     };
-    let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     // Remembered verifications: a session's repeated token costs a lookup, not a signature.
     let verified = parse_bearer(header)
         .and_then(|token| store.authenticate(token, edgeroute_core::clock::unix_s(&st.clock)))
@@ -45,7 +62,7 @@ pub async fn require(
         {
             st.metrics.reject("forbidden");
             tracing::warn!(node = %st.id, subject = %v.tenant, aud = ?v.aud, "admin token refused: not for this node");
-            ApiError::forbidden(
+            Err(ApiError::forbidden(
                 "admin_token_not_for_this_node",
                 format!(
                     "This admin token is not valid on node `{}`: its `aud` must name \
@@ -53,15 +70,12 @@ pub async fn require(
                     st.id, st.id, st.region
                 ),
             )
-            .into_response()
+            .into_response())
         }
-        Ok(v) => {
-            req.extensions_mut().insert(Tenant(Arc::clone(&v.tenant)));
-            next.run(req).await
-        }
+        Ok(v) => Ok(Arc::clone(&v.tenant)),
         Err(e) => {
             st.metrics.reject(reject_reason(&e));
-            auth_error(&e).into_response()
+            Err(auth_error(&e).into_response())
         }
     }
 }

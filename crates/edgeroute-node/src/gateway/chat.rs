@@ -9,11 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Extension;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
+use edgeroute_auth::Scope;
 use edgeroute_http::ApiError;
 use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::MigrateHint;
@@ -24,7 +28,7 @@ use http::{HeaderMap, HeaderValue, header};
 use tokio::time::Instant;
 
 use super::admission::{self, TenantSlot};
-use super::{AppState, Tenant};
+use super::{AppState, auth, ratelimit};
 use crate::backend::{BackendError, CallContext, EventStream, Reply, StreamEvent};
 use crate::config::ms;
 use crate::lifecycle::Admission;
@@ -33,15 +37,51 @@ use crate::telemetry::{InFlight, Outcome};
 
 const ROUTE: &str = "chat";
 
-pub async fn chat_completions(
-    State(st): State<AppState>,
-    tenant: Option<Extension<Tenant>>,
-    headers: HeaderMap,
+/// The chat route as one service: authentication, the tenant's rate limit and the handler are
+/// plain calls inside one future. The generic middleware layers cost this route, the one
+/// every token goes through, a boxed future each and a copy of the header map; here the
+/// request's own headers are borrowed and the whole path is one allocation.
+#[derive(Clone)]
+pub struct ChatService(pub AppState);
+
+impl tower::Service<Request> for ChatService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let st = self.0.clone();
+        Box::pin(async move { Ok(serve(st, req).await) })
+    }
+}
+
+async fn serve(st: AppState, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let tenant = match auth::authenticate(&st, &parts.headers, Scope::Inference) {
+        Ok(t) => t,
+        Err(refusal) => return refusal,
+    };
+    let admitted = match ratelimit::check(&st, &tenant) {
+        Ok(a) => a,
+        Err(refusal) => return refusal,
+    };
+    let mut res = chat_completions(&st, &tenant, &parts.headers, body).await;
+    admitted.apply(res.headers_mut());
+    res
+}
+
+async fn chat_completions(
+    st: &AppState,
+    tenant: &Arc<str>,
+    headers: &HeaderMap,
     body: Body,
 ) -> Response {
     let mut model = None;
-    let tenant = tenant.map_or_else(|| Arc::from("anonymous"), |Extension(Tenant(t))| t);
-    let mut res = match handle(&st, &tenant, &headers, body, &mut model).await {
+    let mut res = match handle(st, tenant, headers, body, &mut model).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     };

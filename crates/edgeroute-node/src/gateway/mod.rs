@@ -2,8 +2,11 @@
 //! limits, admission (concurrency cap, drain) and the headers every response carries.
 //!
 //! Layering, outermost first: response headers (node id, load report, migrate hint) → auth
-//! (scope per route group) → rate limit (inference only) → handler. Admission happens in the
-//! chat handler itself because the slot it takes must live as long as the response stream.
+//! (scope per route group) → rate limit (inference only) → handler. The chat route runs auth
+//! and the rate limit as plain calls in its own service ([`chat::ChatService`]): it is the
+//! route every token goes through, and the middleware layers cost it boxed futures.
+//! Admission happens in the chat handler itself because the slot it takes must live as long as
+//! the response stream.
 
 mod admin;
 pub mod admission;
@@ -18,15 +21,16 @@ use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::Request;
+use axum::middleware;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, post_service};
 use edgeroute_auth::{KeyStore, Scope};
 use edgeroute_http::ApiError;
 use edgeroute_proto::LoadReport;
 use edgeroute_proto::headers::{LOAD_HEADER, MIGRATE_HEADER, NODE_HEADER};
 use http::HeaderValue;
+use tower::util::MapResponseLayer;
 
 use crate::backend::Backend;
 use crate::config::{Limits, Telemetry as TelemetryConfig};
@@ -77,6 +81,8 @@ pub struct NodeState {
     /// The load-report header values recently sent, so an unchanged load is not formatted
     /// (and allocated) again for every response.
     pub load_header: LoadHeader,
+    /// The tenant of every caller when the config waives authentication.
+    pub anonymous: Arc<str>,
 }
 
 /// The last few load-report header values, by the figures they encode. The figures take few
@@ -162,7 +168,6 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
         Plane::Admin => Router::new().merge(admin),
         Plane::Public => {
             let inference = Router::new()
-                .route("/v1/chat/completions", post(chat::chat_completions))
                 .route("/v1/models", get(info::models))
                 .route("/v1/models/{id}", get(manage::get_model))
                 .route_layer(middleware::from_fn_with_state(state.clone(), ratelimit::limit))
@@ -170,7 +175,14 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
                     (state.clone(), Scope::Inference),
                     auth::require,
                 ));
-            let r = Router::new().merge(inference);
+            // The chat route authenticates and limits inside its own service (same checks,
+            // same order), without the middleware layers.
+            let r = Router::new()
+                .route_service(
+                    "/v1/chat/completions",
+                    post_service(chat::ChatService(state.clone())),
+                )
+                .merge(inference);
             if !admin_listener && state.auth.is_some() { r.merge(admin) } else { r }
         }
     };
@@ -202,14 +214,17 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
         .method_not_allowed_fallback(move |req: Request| async move {
             refused(req.uri().path()).unwrap_or_else(ApiError::method_not_allowed)
         })
-        .layer(middleware::from_fn_with_state(state.clone(), response_headers))
+        .layer(MapResponseLayer::new({
+            let st = state.clone();
+            move |res| response_headers(&st, res)
+        }))
         .with_state(state)
 }
 
 /// Every response names the node and reports its load, so clients learn load without probing;
-/// while draining or shutting down it also carries the migrate hint.
-async fn response_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let mut res = next.run(req).await;
+/// while draining or shutting down it also carries the migrate hint. A plain mapping of the
+/// response (no boxed middleware future).
+fn response_headers(st: &AppState, mut res: Response) -> Response {
     let h = res.headers_mut();
     h.insert(NODE_HEADER, st.node_header.clone());
     if let Some(v) = st.load_header.value(st.load_report()) {

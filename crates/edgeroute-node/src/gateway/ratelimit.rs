@@ -103,27 +103,50 @@ pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Resp
     let Some(Tenant(tenant)) = req.extensions().get::<Tenant>().cloned() else {
         return next.run(req).await;
     };
+    match check(&st, &tenant) {
+        Ok(admitted) => {
+            let mut res = next.run(req).await;
+            admitted.apply(res.headers_mut());
+            res
+        }
+        Err(refusal) => refusal,
+    }
+}
+
+/// A request the limiter let through, and the `x-ratelimit-*` values its answer carries.
+pub struct Admitted {
+    limit: HeaderValue,
+    remaining: HeaderValue,
+    reset: HeaderValue,
+}
+
+impl Admitted {
+    pub fn apply(self, h: &mut http::HeaderMap) {
+        h.insert(LIMIT, self.limit);
+        h.insert(REMAINING, self.remaining);
+        h.insert(RESET, self.reset);
+    }
+}
+
+/// Takes one request from `tenant`'s quota, or answers 429 with `Retry-After`: a plain call,
+/// so the chat route's own service limits without a middleware layer.
+pub fn check(st: &AppState, tenant: &Arc<str>) -> Result<Admitted, Response> {
     let l = &st.limiter;
-    match l.limiter.check_key(&tenant) {
+    match l.limiter.check_key(tenant) {
         Ok(snapshot) => {
             let remaining = snapshot.remaining_burst_capacity();
-            let mut res = next.run(req).await;
-            let (rem, reset) = match l.headers.by_remaining.get(remaining as usize) {
+            let (remaining, reset) = match l.headers.by_remaining.get(remaining as usize) {
                 Some((rem, reset)) => (rem.clone(), reset.clone()),
                 None => RateHeaders::format(l.burst, l.period, remaining),
             };
-            let h = res.headers_mut();
-            h.insert(LIMIT, l.headers.limit.clone());
-            h.insert(REMAINING, rem);
-            h.insert(RESET, reset);
-            res
+            Ok(Admitted { limit: l.headers.limit.clone(), remaining, reset })
         }
         Err(not_until) => {
             let wait = not_until.wait_time_from(TokioClock.now());
             st.metrics.reject("rate_limited");
             st.metrics.request("chat", 429);
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            ApiError::new(
+            Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
@@ -134,7 +157,7 @@ pub async fn limit(State(st): State<AppState>, req: Request, next: Next) -> Resp
             .with_header(LIMIT, l.burst.to_string())
             .with_header(REMAINING, "0")
             .with_header(RESET, format!("{}ms", wait.as_millis()))
-            .into_response()
+            .into_response())
         }
     }
 }
