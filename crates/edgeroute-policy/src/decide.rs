@@ -134,7 +134,7 @@ pub enum Reason {
 }
 
 /// A candidate of an attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Candidate {
     /// Index into [`Fleet::nodes`].
     Node(u32),
@@ -387,6 +387,8 @@ impl Policy {
         explain: bool,
     ) -> Decision {
         let mut d = Decision::new(self.version.clone());
+        // Asked for, an explanation is there even when no attempt ran.
+        d.explain = explain.then(Explain::default);
         if fleet.fingerprint != self.fingerprint {
             d.outcome = Outcome::StaleFleet;
             return d;
@@ -551,7 +553,8 @@ impl Policy {
         for (i, (n, c)) in fleet.nodes().iter().zip(&fleet.compiled).enumerate() {
             let cand = Candidate::Node(i as u32);
             let j = c.jurisdiction.as_deref();
-            let rtt = cx.req.rtt_to(&n.region);
+            // Looked up only for a node that gets as far as needing it.
+            let rtt = || cx.req.rtt_to(&n.region);
             let verdict = (|| {
                 if !c.served.contains(&vid) {
                     return Err((Filter::Serves, Reason::NotServed));
@@ -570,14 +573,14 @@ impl Policy {
                 th(Figure::GpuUtil, n.gpu_util, b.gpu_util)?;
                 th(Figure::ErrorRate, n.error_rate, b.error_rate)?;
                 if b.rtt_ms.is_some() {
-                    let Some(ms) = rtt else {
+                    let Some(ms) = rtt() else {
                         return Err((Filter::Thresholds, Reason::Unknown(Figure::RttMs)));
                     };
                     th(Figure::RttMs, ms, b.rtt_ms)?;
                 }
                 price_ok(b, n.price, cx.req).map_err(|r| (Filter::Price, r))?;
                 if let Some(e) = rule.and_then(|r| r.expr.as_ref()) {
-                    let input = ExprInput { node: n, rtt_ms: rtt, request: cx.req };
+                    let input = ExprInput { node: n, rtt_ms: rtt(), request: cx.req };
                     match e.eval(&input) {
                         Ok(true) => {}
                         Ok(false) => return Err((Filter::Expr, Reason::ExprFalse)),
@@ -589,7 +592,7 @@ impl Policy {
             match verdict {
                 Err((f, r)) => cx.drop(cand, f, r),
                 Ok(()) => {
-                    let s = score(n, rtt, &weights, cx.req.tokens);
+                    let s = score(n, rtt(), &weights, cx.req.tokens);
                     let strategy = rule.map_or(StrategyKind::LatencyFirst, |r| r.strategy);
                     let key = match strategy {
                         StrategyKind::CostOptimized => {
