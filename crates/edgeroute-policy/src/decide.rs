@@ -415,7 +415,8 @@ impl Policy {
             tenant: self.tenants.get(&req.claims.sub),
             explain: explain.then(Explain::default),
             attempts: 0,
-            survivors: Vec::new(),
+            // One buffer for every attempt: no reallocation as nodes pass.
+            survivors: Vec::with_capacity(fleet.len()),
         };
         let cascade: &[u32] = first.map_or(&[], |i| &self.rules[usize::from(i)].cascade);
         for step in 0..=cascade.len() {
@@ -441,7 +442,7 @@ impl Policy {
                             .filter(|&v| v != chosen);
                         let mut hit = None;
                         for v in std::iter::once(chosen).chain(others) {
-                            if self.attempt_edge(&mut cx, fleet, state, slot, step, m, v, rule) {
+                            if self.attempt_edge(&mut cx, fleet, step, m, v, rule) {
                                 hit = Some(v);
                                 break;
                             }
@@ -529,13 +530,10 @@ impl Policy {
 
     /// Runs the edge chain for version `v` of model `m`; leaves the eligible nodes in
     /// `cx.survivors`.
-    #[allow(clippy::too_many_arguments)]
     fn attempt_edge(
         &self,
         cx: &mut Ctx<'_>,
         fleet: &Fleet,
-        _state: &mut RoutingState,
-        _slot: usize,
         step: usize,
         m: u32,
         v: usize,

@@ -295,6 +295,11 @@ fn invalid(
     }
 }
 
+/// Whether a name may travel in the decision header (`v=..;rule=..;tier=..;ver=..`).
+fn header_safe(s: &str) -> bool {
+    !s.is_empty() && !s.contains([';', '=', ',', ' ']) && !s.chars().any(|c| c.is_control())
+}
+
 fn finite_nonneg(x: f64) -> bool {
     x.is_finite() && x >= 0.0
 }
@@ -405,14 +410,11 @@ fn compile(
     engine: &dyn ExpressionEngine,
     fingerprint: u64,
 ) -> Result<Policy, PolicyError> {
-    if raw.version.trim().is_empty() {
-        return Err(invalid(None, "version", "must not be empty"));
-    }
-    if raw.version.contains([';', '=', ',']) || raw.version.chars().any(|c| c.is_control()) {
+    if !header_safe(&raw.version) {
         return Err(invalid(
             None,
             "version",
-            "may not hold `;`, `=`, `,` or control characters (it travels in a header)",
+            "non-empty, without `;`, `=`, `,`, spaces or control characters (it travels in a header)",
         ));
     }
     // Jurisdictions.
@@ -468,8 +470,12 @@ fn compile(
                 hardware: v.hardware.clone(),
             })
             .collect();
-        if versions.iter().any(|v| v.id.is_empty()) {
-            return Err(invalid(None, at("versions"), "a version id must not be empty"));
+        if versions.iter().any(|v| !header_safe(&v.id)) {
+            return Err(invalid(
+                None,
+                at("versions"),
+                "a version id is non-empty, without `;`, `=`, `,`, spaces or control characters (it travels in a header)",
+            ));
         }
         let default_version = match &m.default_version {
             None => 0,
@@ -520,7 +526,7 @@ fn compile(
     let mut pools = Vec::new();
     for (pi, p) in raw.pools.iter().enumerate() {
         let at = |f: &str| format!("pools[{pi}].{f}");
-        if p.name.is_empty() || p.name == "edge" {
+        if !header_safe(&p.name) || p.name == "edge" {
             return Err(invalid(None, at("name"), "must be non-empty and not `edge`"));
         }
         if pools.iter().any(|q: &Arc<Pool>| *q.name == *p.name) {
@@ -624,11 +630,11 @@ fn compile_rule(
 ) -> Result<Rule, PolicyError> {
     let id = Some(r.id.as_str());
     let at = |f: &str| format!("rules[{ri}].{f}");
-    if r.id.is_empty() || r.id.contains([';', '=', ',']) || r.id.chars().any(|c| c.is_control()) {
+    if !header_safe(&r.id) {
         return Err(invalid(
             id,
             at("id"),
-            "a non-empty id without `;`, `=`, `,` or control characters",
+            "non-empty, without `;`, `=`, `,`, spaces or control characters (it travels in a header)",
         ));
     }
     let model_index = |name: &str, field: &str| {

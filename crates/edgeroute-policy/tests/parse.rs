@@ -68,8 +68,11 @@ fn errors_name_the_rule_and_the_field() {
     assert_eq!(invalid_at(&e), (Some("r"), "rules[1].id"));
     let e = refused("[[rules]]\nid = \"r\"\nversions = { v1 = 1 }\n");
     assert_eq!(invalid_at(&e), (Some("r"), "rules[0].versions"), "a split needs one model");
-    let e = refused("[[rules]]\nid = \"r\"\nconstraints.expr = \"node.gpu_util < 0.5\"\n");
-    assert_eq!(invalid_at(&e).1, "rules[0].constraints.expr");
+    // Without the `cel` feature no engine compiles expressions: the policy is refused.
+    if !cfg!(feature = "cel") {
+        let e = refused("[[rules]]\nid = \"r\"\nconstraints.expr = \"node.gpu_util < 0.5\"\n");
+        assert_eq!(invalid_at(&e).1, "rules[0].constraints.expr");
+    }
     let e = refused(
         "[[pools]]\nname = \"c\"\ntier = \"edge\"\nendpoint = \"https://x\"\nregion = \"fra\"\nserves = {}\n",
     );
@@ -263,4 +266,42 @@ fn weighted_and_least_connections() {
     assert!((2800..3200).contains(&counts["a"]), "{counts:?}");
     let d = p.decide(&Request::new(&c, "n"), &fleet, &mut st, false);
     assert_eq!(fleet.node(d.nodes[0].node).unwrap().id, "z");
+}
+
+#[test]
+fn sticky_per_tenant_keeps_a_tenants_sessions_together() {
+    let p = Policy::parse(&format!(
+        "{BASE}\n[[rules]]\nid = \"split\"\nmatch.models = [\"m\"]\nversions = {{ v1 = 50, v2 = 50 }}\nsticky = \"tenant\"\n"
+    ))
+    .unwrap();
+    let fleet = Fleet::new(&p, vec![node("a", "fra", "m", "v1"), node("b", "fra", "m", "v2")]);
+    let mut per_tenant = std::collections::BTreeSet::new();
+    for t in 0..40 {
+        let c = Claims { sub: format!("tenant-{t}"), ..Claims::default() };
+        let versions: std::collections::BTreeSet<_> = (0..20)
+            .map(|s| {
+                let s = format!("s{s}");
+                let mut r = Request::new(&c, "m");
+                r.session = Some(&s);
+                p.decide(&r, &fleet, &mut p.new_state(), false).version.unwrap()
+            })
+            .collect();
+        assert_eq!(versions.len(), 1, "tenant-{t}: {versions:?}");
+        per_tenant.extend(versions);
+    }
+    assert_eq!(per_tenant.len(), 2, "40 tenants on a 50/50 split land on both versions");
+}
+
+#[test]
+fn names_that_travel_in_the_header_cannot_forge_it() {
+    let e = Policy::parse(&BASE.replace("2026-12-03.1", "1;rule=x")).unwrap_err();
+    assert_eq!(invalid_at(&e), (None, "version"));
+    let e = refused("[[rules]]\nid = \"a;tier=edge\"\n");
+    assert_eq!(invalid_at(&e).1, "rules[0].id");
+    let e = refused(
+        "[[pools]]\nname = \"c;ver=v9\"\ntier = \"cloud\"\nendpoint = \"https://x\"\nregion = \"fra\"\nserves = {}\n",
+    );
+    assert_eq!(invalid_at(&e), (None, "pools[0].name"));
+    let e = Policy::parse(&BASE.replace("id = \"v2\"", "id = \"v2 \"")).unwrap_err();
+    assert_eq!(invalid_at(&e), (None, "models[0].versions"));
 }
