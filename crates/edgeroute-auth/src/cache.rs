@@ -35,21 +35,55 @@ pub struct Verified {
     pub aud: Arc<[String]>,
     pub exp: u64,
     pub nbf: Option<u64>,
+    /// Where the tenant's requests may be processed (the token's residency claims; `None`:
+    /// unrestricted by the token).
+    pub residency: Option<Arc<Residency>>,
+}
+
+/// A token's residency claims ([`Claims::jurisdictions`], [`Claims::regions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Residency {
+    pub jurisdictions: Option<Vec<String>>,
+    pub regions: Option<Vec<String>>,
+}
+
+impl Residency {
+    /// Whether a node of `region` and `jurisdiction` may process the request: every list the
+    /// token carries must name it. A node of unknown jurisdiction fails a jurisdiction list
+    /// (fail closed).
+    pub fn allows(&self, region: &str, jurisdiction: Option<&str>) -> bool {
+        self.jurisdictions
+            .as_ref()
+            .is_none_or(|js| jurisdiction.is_some_and(|nj| js.iter().any(|j| j == nj)))
+            && self.regions.as_ref().is_none_or(|rs| rs.iter().any(|r| r == region))
+    }
 }
 
 impl From<&Claims> for Verified {
     fn from(c: &Claims) -> Self {
+        let residency = (c.jurisdictions.is_some() || c.regions.is_some()).then(|| {
+            Arc::new(Residency {
+                jurisdictions: c.jurisdictions.clone(),
+                regions: c.regions.clone(),
+            })
+        });
         Verified {
             tenant: Arc::from(c.sub.as_str()),
             scope: c.scope,
             aud: Arc::from(c.aud.as_slice()),
             exp: c.exp,
             nbf: c.nbf,
+            residency,
         }
     }
 }
 
 impl Verified {
+    /// [`Residency::allows`]; true for a token without residency claims.
+    pub fn may_process_in(&self, region: &str, jurisdiction: Option<&str>) -> bool {
+        self.residency.as_ref().is_none_or(|r| r.allows(region, jurisdiction))
+    }
+
     /// Whether the validity window holds at `now` (the verifier's rule: valid strictly before
     /// `exp`, not before `nbf`, both widened by `leeway_s`).
     pub fn valid_at(&self, now: u64, leeway_s: u64) -> bool {
@@ -126,7 +160,22 @@ mod tests {
             aud: Arc::from(Vec::new()),
             exp,
             nbf: None,
+            residency: None,
         })
+    }
+
+    #[test]
+    fn residency_lists_must_all_name_the_node_and_unknown_jurisdictions_fail_closed() {
+        let eu = Residency { jurisdictions: Some(vec!["eu".into()]), regions: None };
+        assert!(eu.allows("fra", Some("eu")));
+        assert!(!eu.allows("tor", Some("ca")));
+        assert!(!eu.allows("fra", None), "a node that does not say its jurisdiction");
+        let fra = Residency { regions: Some(vec!["fra".into()]), ..eu.clone() };
+        assert!(fra.allows("fra", Some("eu")) && !fra.allows("ams", Some("eu")));
+        let nothing = Residency { jurisdictions: Some(vec![]), regions: None };
+        assert!(!nothing.allows("fra", Some("eu")));
+        let free = verified("t", 10);
+        assert!(free.may_process_in("anywhere", None));
     }
 
     #[test]

@@ -28,7 +28,16 @@ pub struct Claims {
     pub iss: Option<String>,
     /// Known scopes from `scope` and `scp`, merged.
     pub scope: Scopes,
+    /// Data residency: the jurisdictions (`jurisdictions`, e.g. `["eu"]`) the tenant's
+    /// requests may be processed in. `None`: the token does not restrict; `Some(empty)`
+    /// allows nothing. A node outside them refuses the request, whatever the client asked.
+    pub jurisdictions: Option<Vec<String>>,
+    /// Data residency by region (`regions`), as above.
+    pub regions: Option<Vec<String>>,
 }
+
+/// Most entries a residency claim may list.
+pub const MAX_RESIDENCY_ENTRIES: usize = 64;
 
 impl Claims {
     /// The tenant this token authenticates (the `sub` claim).
@@ -110,7 +119,9 @@ impl Claims {
             Some(_) => return Err(AuthError::InvalidClaim("scp")),
         }
 
-        Ok(Claims { sub, exp, nbf, iat, aud, iss, scope })
+        let jurisdictions = string_list(raw.jurisdictions, "jurisdictions")?;
+        let regions = string_list(raw.regions, "regions")?;
+        Ok(Claims { sub, exp, nbf, iat, aud, iss, scope, jurisdictions, regions })
     }
 }
 
@@ -126,6 +137,27 @@ struct RawClaims {
     iss: Option<Value>,
     scope: Option<Value>,
     scp: Option<Value>,
+    jurisdictions: Option<Value>,
+    regions: Option<Value>,
+}
+
+/// A residency claim: an array of 0–64 non-empty strings. Anything else (a bare string, a
+/// number, a nested array) is an error, never "no restriction": a token meant to confine a
+/// tenant must not be read as freeing it.
+fn string_list(v: Option<Value>, name: &'static str) -> Result<Option<Vec<String>>, AuthError> {
+    let Some(v) = v else { return Ok(None) };
+    let Value::Array(items) = v else { return Err(AuthError::InvalidClaim(name)) };
+    if items.len() > MAX_RESIDENCY_ENTRIES {
+        return Err(AuthError::InvalidClaim(name));
+    }
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::String(s) if !s.is_empty() => Ok(s),
+            _ => Err(AuthError::InvalidClaim(name)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// A NumericDate restricted to non-negative integers. RFC 7519 allows fractions, but no issuer
@@ -164,6 +196,25 @@ mod tests {
         assert_eq!(c.nbf, Some(1));
         assert_eq!(c.aud, vec!["a".to_owned(), "b".to_owned()]);
         assert!(c.has_scope(Scope::Inference) && c.has_scope(Scope::Admin));
+    }
+
+    #[test]
+    fn residency_claims_are_string_arrays_or_an_error() {
+        let c = parse(r#"{"sub":"t","exp":1,"jurisdictions":["eu"],"regions":[]}"#).unwrap();
+        assert_eq!(c.jurisdictions, Some(vec!["eu".to_owned()]));
+        assert_eq!(c.regions, Some(vec![]), "an empty list allows nothing; it is kept");
+        assert_eq!(parse(r#"{"sub":"t","exp":1}"#).unwrap().jurisdictions, None);
+        for bad in [r#""eu""#, "null", "[1]", r#"[""]"#, r#"[["eu"]]"#, "{}"] {
+            let json = format!(r#"{{"sub":"t","exp":1,"jurisdictions":{bad}}}"#);
+            // `null` is absent for serde: no restriction, like a token without the claim.
+            if bad == "null" {
+                assert_eq!(parse(&json).unwrap().jurisdictions, None);
+                continue;
+            }
+            assert!(matches!(parse(&json), Err(AuthError::InvalidClaim("jurisdictions"))), "{bad}");
+        }
+        let many = format!(r#"{{"sub":"t","exp":1,"regions":[{}]}}"#, vec![r#""r""#; 65].join(","));
+        assert!(matches!(parse(&many), Err(AuthError::InvalidClaim("regions"))));
     }
 
     #[test]

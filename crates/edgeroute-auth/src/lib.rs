@@ -34,7 +34,7 @@ mod scope;
 mod store;
 mod verify;
 
-pub use cache::Verified;
+pub use cache::{Residency, Verified};
 pub use claims::Claims;
 pub use config::{
     AuthConfig, DEFAULT_LEEWAY_S, DEFAULT_MIN_SECRET_BYTES, DEFAULT_RELOAD_INTERVAL_MS,

@@ -100,6 +100,8 @@ pub struct MintOptions {
     pub kid: Option<String>,
     /// `nbf`, seconds since the Unix epoch.
     pub nbf: Option<u64>,
+    /// Residency claims (`jurisdictions`, `regions`), when the tenant is confined.
+    pub residency: Option<crate::Residency>,
 }
 
 /// Signs a compact JWT with `key`.
@@ -127,6 +129,19 @@ pub fn mint(key: &SigningKey, opts: &MintOptions) -> Result<String, MintError> {
     }
     if !opts.scopes.is_empty() {
         claims.insert("scope".into(), Value::from(opts.scopes.to_string()));
+    }
+    if let Some(r) = &opts.residency {
+        for (name, list) in [("jurisdictions", &r.jurisdictions), ("regions", &r.regions)] {
+            if let Some(list) = list {
+                if list.is_empty() || list.len() > crate::claims::MAX_RESIDENCY_ENTRIES {
+                    return Err(MintError::InvalidClaims("a residency list holds 1-64 names"));
+                }
+                if list.iter().any(String::is_empty) {
+                    return Err(MintError::InvalidClaims("a residency name must not be empty"));
+                }
+                claims.insert(name.into(), Value::from(list.clone()));
+            }
+        }
     }
 
     let mut header = Header::new(key.algorithm());

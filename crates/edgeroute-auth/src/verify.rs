@@ -195,6 +195,8 @@ mod tests {
             aud: vec![],
             iss: None,
             scope: crate::Scopes::EMPTY,
+            jurisdictions: None,
+            regions: None,
         }
     }
 

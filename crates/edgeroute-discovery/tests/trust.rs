@@ -316,6 +316,7 @@ async fn an_inference_token_gets_the_ranking_but_not_the_fleets_map() {
             now_unix_s: edgeroute_core::clock::unix_ms() / 1000,
             kid: None,
             nbf: None,
+            residency: None,
         },
     )
     .unwrap();

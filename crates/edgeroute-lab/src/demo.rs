@@ -261,6 +261,7 @@ impl Fleet {
                 now_unix_s: edgeroute_core::clock::unix_ms() / 1000,
                 kid: None,
                 nbf: None,
+                residency: None,
             },
         )?)
     }

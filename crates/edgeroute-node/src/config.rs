@@ -215,6 +215,12 @@ pub struct NodeSection {
     /// cost-optimized strategy. Default: unset.
     #[serde(default)]
     pub cost_per_1k: Option<f64>,
+    /// The jurisdiction the node processes data in (`eu`, `ca`...), for data residency: a
+    /// token whose `jurisdictions` claim does not name it is refused here (403
+    /// `residency_violation`), whatever route the client took. A node without one refuses
+    /// every token that carries the claim (fail closed). Default: unset.
+    #[serde(default)]
+    pub jurisdiction: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -581,6 +587,7 @@ impl NodeConfig {
                 allow_unauthenticated: false,
                 insecure_public: false,
                 cost_per_1k: None,
+                jurisdiction: None,
             },
             tls: None,
             limits: Limits::default(),

@@ -122,6 +122,7 @@ impl Node {
             id: cfg.node.id.clone(),
             region: cfg.node.region.clone(),
             cost_per_1k: cfg.node.cost_per_1k,
+            jurisdiction: cfg.node.jurisdiction.clone(),
             node_header,
             limits: l.clone(),
             telemetry_cfg: cfg.telemetry.clone(),

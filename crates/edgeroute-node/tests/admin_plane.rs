@@ -37,6 +37,7 @@ fn token(sub: &str, scopes: &[Scope], aud: Option<&str>) -> String {
             now_unix_s: now(),
             kid: None,
             nbf: None,
+            residency: None,
         },
     )
     .unwrap()

@@ -27,6 +27,7 @@ fn token(private: &str, kid: &str) -> String {
             now_unix_s: now,
             kid: Some(kid.into()),
             nbf: None,
+            residency: None,
         },
     )
     .unwrap()

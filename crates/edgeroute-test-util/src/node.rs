@@ -194,6 +194,22 @@ pub fn mint_hs256_fleet(sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
     edgeroute_auth::mint(&SigningKey::Hs256(SECRET.as_bytes().to_vec()), &o).expect("mint")
 }
 
+/// An inference token whose tenant is confined by residency claims (`jurisdictions`,
+/// `regions`; `None` leaves a claim out).
+pub fn mint_hs256_resident(
+    sub: &str,
+    jurisdictions: Option<&[&str]>,
+    regions: Option<&[&str]>,
+) -> String {
+    let list = |l: Option<&[&str]>| l.map(|l| l.iter().map(|s| (*s).to_owned()).collect());
+    let mut o = options(sub, &[Scope::Inference], 600);
+    o.residency = Some(edgeroute_auth::Residency {
+        jurisdictions: list(jurisdictions),
+        regions: list(regions),
+    });
+    edgeroute_auth::mint(&SigningKey::Hs256(SECRET.as_bytes().to_vec()), &o).expect("mint")
+}
+
 fn options(sub: &str, scopes: &[Scope], ttl_s: i64) -> MintOptions {
     let scopes: Scopes = scopes.iter().copied().collect();
     let (now_unix_s, ttl) =
@@ -207,6 +223,7 @@ fn options(sub: &str, scopes: &[Scope], ttl_s: i64) -> MintOptions {
         now_unix_s,
         kid: None,
         nbf: None,
+        residency: None,
     }
 }
 

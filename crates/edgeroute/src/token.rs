@@ -49,6 +49,13 @@ pub enum TokenCommand {
         fleet: bool,
         #[arg(long)]
         iss: Option<String>,
+        /// Data residency: the jurisdictions this tenant's requests may be processed in
+        /// (`jurisdictions` claim; nodes of any other jurisdiction refuse them), comma-separated.
+        #[arg(long, value_name = "J,...", value_delimiter = ',')]
+        jurisdictions: Option<Vec<String>>,
+        /// Data residency by region (`regions` claim), comma-separated.
+        #[arg(long = "allowed-regions", value_name = "R,...", value_delimiter = ',')]
+        allowed_regions: Option<Vec<String>>,
     },
     /// Print a JWKS entry for a public key PEM.
     Jwk {
@@ -74,6 +81,8 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
             region,
             fleet,
             iss,
+            jurisdictions,
+            allowed_regions,
         } => {
             let key = match (secret_file, key_file) {
                 (Some(f), None) => {
@@ -102,8 +111,19 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
             }
             let aud = admin_audience(scopes, aud, node, region, fleet)?;
             let now = edgeroute_core::clock::unix_ms() / 1000;
-            let options =
-                MintOptions { sub, scopes, aud, iss, ttl_s: ttl, now_unix_s: now, kid, nbf: None };
+            let residency = (jurisdictions.is_some() || allowed_regions.is_some())
+                .then_some(edgeroute_auth::Residency { jurisdictions, regions: allowed_regions });
+            let options = MintOptions {
+                sub,
+                scopes,
+                aud,
+                iss,
+                ttl_s: ttl,
+                now_unix_s: now,
+                kid,
+                nbf: None,
+                residency,
+            };
             println!("{}", edgeroute_auth::mint(&key, &options)?);
         }
         TokenCommand::Jwk { public_key, kid } => {

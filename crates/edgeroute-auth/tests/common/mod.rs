@@ -53,6 +53,7 @@ pub fn opts(kid: Option<&str>) -> MintOptions {
         now_unix_s: NOW,
         kid: kid.map(str::to_owned),
         nbf: None,
+        residency: None,
     }
 }
 

@@ -72,6 +72,26 @@ pub fn authenticate(
             )
             .into_response())
         }
+        // Data residency, from the token alone (no central call): a tenant confined to other
+        // jurisdictions or regions is refused here whatever route its request took.
+        Ok(v)
+            if scope == Scope::Inference
+                && !v.may_process_in(&st.region, st.jurisdiction.as_deref()) =>
+        {
+            st.metrics.reject("residency");
+            Err(ApiError::forbidden(
+                "residency_violation",
+                format!(
+                    "This tenant's data may not be processed on node `{}` (region `{}`, \
+                     jurisdiction `{}`): its token's residency claims exclude it. Route to a \
+                     node its `jurisdictions`/`regions` claims name.",
+                    st.id,
+                    st.region,
+                    st.jurisdiction.as_deref().unwrap_or("unset")
+                ),
+            )
+            .into_response())
+        }
         Ok(v) => Ok(Arc::clone(&v.tenant)),
         Err(e) => {
             st.metrics.reject(reject_reason(&e));

@@ -48,6 +48,8 @@ pub use edgeroute_core::clock::WallClock;
 pub struct NodeState {
     pub id: String,
     pub region: String,
+    /// The jurisdiction data is processed in (`node.jurisdiction`), for residency checks.
+    pub jurisdiction: Option<String>,
     pub cost_per_1k: Option<f64>,
     pub node_header: HeaderValue,
     pub limits: Limits,
