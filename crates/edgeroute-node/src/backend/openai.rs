@@ -280,7 +280,7 @@ impl OpenAiBackend {
             }
             _ => ctx.raw_body.clone(),
         };
-        self.send(self.endpoint.clone(), body, req.stream, guard, ctx.idle_timeout).await
+        self.send(self.endpoint.clone(), body, req.stream, guard).await
     }
 
     /// Continues the final (assistant) message through `/v1/completions`: the node renders the
@@ -309,8 +309,7 @@ impl OpenAiBackend {
             })?;
         let name = model.upstream_name.as_deref().unwrap_or(&model.id);
         let body = completions::request(&req, name, prompt);
-        let reply =
-            self.send(self.completions.clone(), body, req.stream, guard, ctx.idle_timeout).await?;
+        let reply = self.send(self.completions.clone(), body, req.stream, guard).await?;
         let (id, created, model) = (ctx.response_id, ctx.created, req.model);
         match reply {
             Reply::Json(b) => {
@@ -340,7 +339,6 @@ impl OpenAiBackend {
         body: Bytes,
         stream: bool,
         guard: GpuGuard,
-        idle: Duration,
     ) -> Result<Reply, BackendError> {
         let mut builder = Request::post(uri)
             .header(header::CONTENT_TYPE, "application/json")
@@ -421,26 +419,23 @@ impl OpenAiBackend {
             Ok(Some(Err(e))) => return Err(e),
             Ok(Some(Ok(ev))) => ev,
         };
-        let rest =
-            futures_util::stream::unfold((upstream, guard), move |(mut up, guard)| async move {
-                if up.ended {
-                    return None;
+        let rest = futures_util::stream::unfold((upstream, guard), |(mut up, guard)| async move {
+            if up.ended {
+                return None;
+            }
+            // No timer per event: the gateway's one idle deadline per stream (chat.rs)
+            // ends a stalled stream, and dropping this stream closes the upstream.
+            let item = match up.next_event().await {
+                None => {
+                    Some(Err(BackendError::Failed("upstream stream ended before [DONE]".into())))
                 }
-                let item = match tokio::time::timeout(idle, up.next_event()).await {
-                    Err(_) => Some(Err(BackendError::Failed(format!(
-                        "upstream stream stalled for {} ms",
-                        idle.as_millis()
-                    )))),
-                    Ok(None) => Some(Err(BackendError::Failed(
-                        "upstream stream ended before [DONE]".into(),
-                    ))),
-                    Ok(Some(item)) => Some(item),
-                };
-                if matches!(item, Some(Err(_)) | Some(Ok(StreamEvent::Done))) {
-                    up.ended = true;
-                }
-                item.map(|i| (i, (up, guard)))
-            });
+                Some(item) => Some(item),
+            };
+            if matches!(item, Some(Err(_)) | Some(Ok(StreamEvent::Done))) {
+                up.ended = true;
+            }
+            item.map(|i| (i, (up, guard)))
+        });
         Ok(Reply::Stream(Box::pin(
             futures_util::stream::once(std::future::ready(Ok(first))).chain(rest),
         )))

@@ -23,7 +23,7 @@ use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::MigrateHint;
 use edgeroute_proto::headers::{MIGRATE_HEADER, SESSION_HEADER, is_hint_token};
 use edgeroute_proto::sse::{DONE_FRAME, data_frame};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, header};
 use tokio::time::Instant;
 
@@ -319,36 +319,70 @@ fn error_frame(e: &BackendError) -> Bytes {
 /// Frames backend events as SSE, enforcing the idle deadline between events. Items that are
 /// already available are coalesced into one body frame (one write), as a byte-forwarding proxy
 /// would; nothing is ever held back waiting for more.
-fn sse(
+fn sse(events: EventStream, recorder: Recorder, idle: Duration) -> Sse {
+    Sse {
+        events,
+        rec: Some(recorder),
+        idle,
+        last: Instant::now(),
+        deadline: Box::pin(tokio::time::sleep(idle)),
+    }
+}
+
+/// The answer's SSE body. The idle deadline is one timer per stream that moves lazily: an
+/// event only records the time (no timer-wheel update per token); when the timer fires early
+/// it is re-armed from the last event, and fires for real only after `idle` of silence.
+struct Sse {
     events: EventStream,
-    recorder: Recorder,
+    /// `None` once the stream is over.
+    rec: Option<Recorder>,
     idle: Duration,
-) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
-    futures_util::stream::unfold(Some((events, recorder)), move |state| async move {
-        let (mut events, mut rec) = state?;
-        let first = match tokio::time::timeout(idle, events.next()).await {
-            Ok(item) => item,
-            Err(_) => {
+    last: Instant,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl futures_util::Stream for Sse {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let Some(rec) = this.rec.as_mut() else { return Poll::Ready(None) };
+        match this.events.poll_next_unpin(cx) {
+            Poll::Ready(first) => {
+                this.last = Instant::now();
+                let mut out = Out::default();
+                let mut done = rec.absorb(first, &mut out);
+                while !done {
+                    match this.events.poll_next_unpin(cx) {
+                        Poll::Ready(item) => done = rec.absorb(item, &mut out),
+                        Poll::Pending => break,
+                    }
+                }
+                if done {
+                    this.rec = None;
+                }
+                Poll::Ready(Some(Ok(out.finish())))
+            }
+            Poll::Pending => loop {
+                if this.deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = this.last + this.idle;
+                if Instant::now() < due {
+                    this.deadline.as_mut().reset(due);
+                    continue;
+                }
                 rec.st.metrics.backend_error("timeout");
                 rec.outcome = Some(Outcome::Failed);
+                this.rec = None;
                 let e = BackendError::Timeout(format!(
                     "backend produced nothing for {} ms",
-                    idle.as_millis()
+                    this.idle.as_millis()
                 ));
-                return Some((Ok(error_frame(&e)), None));
-            }
-        };
-        let mut out = Out::default();
-        let mut done = rec.absorb(first, &mut out);
-        while !done {
-            match events.next().now_or_never() {
-                Some(item) => done = rec.absorb(item, &mut out),
-                None => break,
-            }
+                return Poll::Ready(Some(Ok(error_frame(&e))));
+            },
         }
-        let state = if done { None } else { Some((events, rec)) };
-        Some((Ok(out.finish()), state))
-    })
+    }
 }
 
 /// Frames gathered for one write: a single batch is passed on without copying.
