@@ -53,6 +53,21 @@ pub struct NodeConfig {
     /// Where the admin plane (`/admin/*`, `/v1/models/load|unload`) is served.
     #[serde(default)]
     pub admin: AdminSection,
+    /// The fleet's routing policy document (`docs/policy.md`), for its model registry: a load
+    /// of a registered model is checked against the model's placement constraints.
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+/// Where the node finds the fleet's policy document.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The policy file (the same document discovery applies). Read at each load, so a new
+    /// version needs no restart; loads are refused while it cannot be read or parsed (fail
+    /// closed). Absent: loads are not checked against a registry.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 /// The admin plane's listener.
@@ -221,6 +236,14 @@ pub struct NodeSection {
     /// every token that carries the claim (fail closed). Default: unset.
     #[serde(default)]
     pub jurisdiction: Option<String>,
+    /// The node's hardware class (`gpu`, `npu`, `cpu`), for the model registry's placement
+    /// constraints. Default `gpu`.
+    #[serde(default = "default_hardware")]
+    pub hardware: edgeroute_policy::Hardware,
+}
+
+fn default_hardware() -> edgeroute_policy::Hardware {
+    edgeroute_policy::Hardware::Gpu
 }
 
 fn default_listen() -> SocketAddr {
@@ -588,6 +611,7 @@ impl NodeConfig {
                 insecure_public: false,
                 cost_per_1k: None,
                 jurisdiction: None,
+                hardware: default_hardware(),
             },
             tls: None,
             limits: Limits::default(),
@@ -598,6 +622,7 @@ impl NodeConfig {
             bus: None,
             pipelines: vec![],
             admin: AdminSection::default(),
+            policy: PolicySection::default(),
         }
     }
 
@@ -626,6 +651,9 @@ impl NodeConfig {
         }
         if let Some(v) = env("EDGEROUTE_REGION") {
             self.node.region = v;
+        }
+        if let Some(v) = env("EDGEROUTE_JURISDICTION") {
+            self.node.jurisdiction = Some(v);
         }
         if let Some(v) = env("EDGEROUTE_LISTEN") {
             self.node.listen =

@@ -123,6 +123,8 @@ impl Node {
             region: cfg.node.region.clone(),
             cost_per_1k: cfg.node.cost_per_1k,
             jurisdiction: cfg.node.jurisdiction.clone(),
+            hardware: cfg.node.hardware,
+            policy_file: cfg.policy.file.clone(),
             node_header,
             limits: l.clone(),
             telemetry_cfg: cfg.telemetry.clone(),

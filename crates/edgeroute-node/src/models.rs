@@ -470,6 +470,10 @@ pub struct LoadRequest {
     /// directory's name.
     #[serde(default)]
     pub id: Option<String>,
+    /// The registry version this load provides, when `id` is a model of the fleet's policy
+    /// registry (`[policy] file`). Default: the registry's default version.
+    #[serde(default)]
+    pub version: Option<String>,
     /// The GPU to pin the model to. Default: the first GPU.
     #[serde(default)]
     pub gpu: Option<String>,

@@ -30,6 +30,52 @@ use crate::models::{LoadRequest, Record, Source, Unload, UnloadRequest};
 
 const MAX_BODY: usize = 64 * 1024;
 
+/// Checks a load of `id` against the model registry of the policy file (`[policy] file`), read
+/// now so a new policy needs no restart. A model the registry does not name is not governed;
+/// an unreadable or invalid policy refuses every load (fail closed: the constraints it may
+/// hold are data-sovereignty rules).
+async fn check_registry(st: &AppState, id: &str, version: Option<&str>) -> Result<(), ApiError> {
+    let Some(file) = &st.policy_file else { return Ok(()) };
+    let unusable = |why: String| {
+        ApiError::unavailable(
+            "policy_unavailable",
+            format!(
+                "This node cannot check the load against the fleet's model registry ({}: {why}); \
+                 fix the policy file and retry.",
+                file.display()
+            ),
+            5,
+        )
+    };
+    let text = tokio::fs::read_to_string(file).await.map_err(|e| unusable(e.to_string()))?;
+    let policy = edgeroute_policy::Policy::parse(&text).map_err(|e| unusable(e.to_string()))?;
+    let Some(model) = policy.registry().model(id) else { return Ok(()) };
+    let version = match version {
+        Some(v) => v,
+        None => &model.versions[model.default_version].id,
+    };
+    policy
+        .check_placement(id, version, &st.region, st.jurisdiction.as_deref(), st.hardware)
+        .map_err(|e| match e {
+            edgeroute_policy::PlacementError::UnknownVersion { .. } => {
+                ApiError::invalid_request(Some("version"), e.to_string())
+                    .with_code("unknown_version")
+            }
+            _ => ApiError::forbidden(
+                "placement_violation",
+                format!(
+                    "{e} (node `{}`: region `{}`, jurisdiction `{}`, hardware `{}`), by the \
+                     registry of policy `{}`.",
+                    st.id,
+                    st.region,
+                    st.jurisdiction.as_deref().unwrap_or("unset"),
+                    st.hardware.name(),
+                    policy.version()
+                ),
+            ),
+        })
+}
+
 fn conflict(code: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, "invalid_request_error", Some(code), message)
 }
@@ -119,6 +165,9 @@ pub async fn load(
             format!("`{id}` is not a valid model id: 1-128 characters of [A-Za-z0-9._:-]"),
         ));
     }
+
+    // The fleet's registry: a registered model may be placed only where it is allowed.
+    check_registry(&st, &id, req.version.as_deref()).await?;
 
     // Placement: the GPU must exist and have room.
     let gpus: Vec<GpuLoad> = super::info::gpu_loads(&st.backend.gpus());

@@ -50,6 +50,10 @@ pub struct NodeState {
     pub region: String,
     /// The jurisdiction data is processed in (`node.jurisdiction`), for residency checks.
     pub jurisdiction: Option<String>,
+    /// The hardware class (`node.hardware`), for placement constraints.
+    pub hardware: edgeroute_policy::Hardware,
+    /// The fleet's policy document (`[policy] file`), read at each load for its registry.
+    pub policy_file: Option<std::path::PathBuf>,
     pub cost_per_1k: Option<f64>,
     pub node_header: HeaderValue,
     pub limits: Limits,
