@@ -138,22 +138,9 @@ pub(crate) struct RawConstraints {
     #[serde(default)]
     pub hardware: Vec<Hardware>,
     #[serde(default)]
-    pub below: RawBelow,
+    pub below: crate::policy::Below,
     #[serde(default)]
     pub expr: Option<String>,
-}
-
-/// Strict upper bounds: a node passes when its figure is below the bound.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawBelow {
-    pub ttft_p99_ms: Option<f64>,
-    pub queue: Option<u32>,
-    pub gpu_util: Option<f64>,
-    pub error_rate: Option<f64>,
-    pub rtt_ms: Option<f64>,
-    pub price_per_1k: Option<f64>,
-    pub request_price: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::doc::{RawBelow, RawPolicy, RawRule};
+use crate::doc::{RawPolicy, RawRule};
 use crate::expr::{Expression, ExpressionEngine};
 use crate::hash::stable_hash;
 use crate::types::{Claims, Class, Hardware, Price, Sticky, StrategyKind};
@@ -200,8 +200,10 @@ impl ScoreWeights {
     }
 }
 
-/// Strict upper bounds on node figures.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// Strict upper bounds on node figures: a node passes when its figure is below the bound. As
+/// written in a rule's `below` table, then checked (finite, non-negative) by `compile_below`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct Below {
     pub ttft_p99_ms: Option<f64>,
     pub queue: Option<u32>,
@@ -782,20 +784,19 @@ fn compile_rule(
     })
 }
 
-fn compile_below(b: &RawBelow) -> Result<Below, &'static str> {
-    let check = |name: &'static str, v: Option<f64>| match v {
-        Some(x) if !finite_nonneg(x) => Err(name),
-        _ => Ok(v),
-    };
-    Ok(Below {
-        ttft_p99_ms: check("ttft_p99_ms", b.ttft_p99_ms)?,
-        queue: b.queue,
-        gpu_util: check("gpu_util", b.gpu_util)?,
-        error_rate: check("error_rate", b.error_rate)?,
-        rtt_ms: check("rtt_ms", b.rtt_ms)?,
-        price_per_1k: check("price_per_1k", b.price_per_1k)?,
-        request_price: check("request_price", b.request_price)?,
-    })
+fn compile_below(b: &Below) -> Result<Below, &'static str> {
+    let figures = [
+        ("ttft_p99_ms", b.ttft_p99_ms),
+        ("gpu_util", b.gpu_util),
+        ("error_rate", b.error_rate),
+        ("rtt_ms", b.rtt_ms),
+        ("price_per_1k", b.price_per_1k),
+        ("request_price", b.request_price),
+    ];
+    match figures.into_iter().find(|(_, v)| v.is_some_and(|x| !finite_nonneg(x))) {
+        Some((name, _)) => Err(name),
+        None => Ok(*b),
+    }
 }
 
 /// Refuses a policy whose cascades could loop: an edge `m → c` for every rule that may match
