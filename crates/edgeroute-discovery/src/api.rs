@@ -9,6 +9,15 @@
 //! minted for a node or a region administers that, not the map (403
 //! `admin_token_not_for_the_fleet`).
 //!
+//! Residency holds on every `/v1/discover` answer, policy or not: a node the token's residency
+//! claims refuse (`Verified::may_process_in`, the node's jurisdiction from
+//! [`crate::routing::Jurisdictions`]; unknown fails a `jurisdictions` claim) is never a
+//! candidate, whatever `region` the client sends. With a routing policy loaded (`[policy]`) and
+//! a model its registry knows, `Policy::decide` orders the answer, which carries a `policy`
+//! object (version, rule, version id, tier, pool) and the `x-edgeroute-decision` header, and
+//! with `explain` a `policy_explain` object (rule, attempts, drops); a model it does not know is
+//! scored as without a policy. `session=` keeps a canary split's client on one version.
+//!
 //! Every handler reads the current [`Snapshot`] through one atomic load and never takes a lock:
 //! a discover request costs a query parse, a lookup, a merge of at most `k` entries per allowed
 //! region, and serialising the answer.
@@ -25,6 +34,7 @@ use axum::routing::get;
 use edgeroute_auth::Scope;
 use edgeroute_core::score::{Exclusion, Factors, Query, Strategy};
 use edgeroute_http::ApiError;
+use edgeroute_policy::Outcome;
 use edgeroute_proto::models::ModelState;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
@@ -56,10 +66,24 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// What the caller's token allows beyond the route's own scope.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Caller {
     /// May see the fleet's map (`explain`): an admin token, or a replica without `[auth]`.
     admin: bool,
+    /// The verified token (`None`: a replica without `[auth]`): its tenant and residency.
+    token: Option<Arc<edgeroute_auth::Verified>>,
+}
+
+impl Caller {
+    /// Whether the token's residency claims allow a node of `region` and `jurisdiction`
+    /// (unknown jurisdiction: fails any `jurisdictions` claim).
+    fn may_process_in(&self, region: &str, jurisdiction: Option<&str>) -> bool {
+        self.token.as_ref().is_none_or(|t| t.may_process_in(region, jurisdiction))
+    }
+
+    fn confined(&self) -> bool {
+        self.token.as_ref().is_some_and(|t| t.residency.is_some())
+    }
 }
 
 /// Checks the bearer token against the replica's keys, when it has any.
@@ -69,7 +93,7 @@ async fn require(
     next: Next,
 ) -> Response {
     let Some(store) = &sh.auth else {
-        req.extensions_mut().insert(Caller { admin: true });
+        req.extensions_mut().insert(Caller { admin: true, token: None });
         return next.run(req).await;
     };
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -88,7 +112,7 @@ async fn require(
         claims.require_scope(scope).map(|()| (claims, admin))
     });
     match verified {
-        Ok((_, admin)) => {
+        Ok((claims, admin)) => {
             if scope == Scope::Admin && !admin {
                 return ApiError::forbidden(
                     "admin_token_not_for_the_fleet",
@@ -97,7 +121,8 @@ async fn require(
                 )
                 .into_response();
             }
-            req.extensions_mut().insert(Caller { admin });
+            let token = Some(Arc::new(edgeroute_auth::Verified::from(&claims)));
+            req.extensions_mut().insert(Caller { admin, token });
             next.run(req).await
         }
         Err(e) if e.http_status() == 403 => {
@@ -117,6 +142,11 @@ pub struct DiscoverParams {
     /// not by the client's network path: the best node of this region is added to the answer
     /// when it is not already in the top k, so the client's probes can weigh it.
     pub near: Option<String>,
+    /// The client's session id (`session=`), which a routing policy's canary split keeps on
+    /// one version (`sticky = "session"`).
+    pub session: Option<String>,
+    /// The client gave `k` (with a routing policy, a rule's own `k` applies otherwise).
+    pub k_given: bool,
 }
 
 fn once<T>(slot: &Option<T>, key: &str) -> Result<(), ApiError> {
@@ -162,6 +192,7 @@ pub fn parse_params(
     let mut strategy = None;
     let mut explain = None;
     let mut near = None;
+    let mut session = None;
     for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
         match &*key {
             "model" => {
@@ -236,6 +267,21 @@ pub fn parse_params(
                 }
                 near = Some(value.into_owned());
             }
+            "session" => {
+                once(&session, &key)?;
+                let ok = !value.is_empty()
+                    && value.len() <= 128
+                    && value.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
+                    });
+                if !ok {
+                    return Err(bad(
+                        "session",
+                        "a session id: 1-128 characters of [A-Za-z0-9._:-]",
+                    ));
+                }
+                session = Some(value.into_owned());
+            }
             "explain" => {
                 once(&explain, &key)?;
                 explain = Some(match &*value {
@@ -248,7 +294,7 @@ pub fn parse_params(
                 return Err(bad(
                     &key,
                     format!(
-                        "unknown parameter `{key}` (expected model, region, near, k, pipeline, strategy, explain)"
+                        "unknown parameter `{key}` (expected model, region, near, k, pipeline, strategy, session, explain)"
                     ),
                 ));
             }
@@ -260,6 +306,8 @@ pub fn parse_params(
         strategy: strategy.unwrap_or(default_strategy),
         explain: explain.unwrap_or(false),
         near,
+        session,
+        k_given: k.is_some(),
     })
 }
 
@@ -381,9 +429,15 @@ struct DiscoverResponse<'a> {
     reason: Option<Reason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     excluded: Option<Vec<Excluded<'a>>>,
+    /// What the routing policy decided, when one is loaded and knows the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<PolicyJson>,
+    /// Why (`explain=true`): the matched rule, every attempt, every drop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy_explain: Option<ExplainJson>,
 }
 
-fn empty_reason(snap: &Snapshot, p: &DiscoverParams) -> Reason {
+fn empty_reason(snap: &Snapshot, p: &DiscoverParams, confined: bool) -> Reason {
     let q = &p.query;
     let Some(stats) = snap.model_stats(&q.model) else {
         let known = snap.models();
@@ -414,6 +468,15 @@ fn empty_reason(snap: &Snapshot, p: &DiscoverParams) -> Reason {
             format!(
                 "model `{}` is ready on no node ({} loading, {} failed, {} unloading)",
                 q.model, stats.loading, stats.failed, stats.unloading
+            ),
+        )
+    } else if confined && stats.eligible > 0 {
+        (
+            "residency_unsatisfied",
+            format!(
+                "no eligible node holding model `{}` is where the token's residency claims allow{}",
+                q.model,
+                if q.allowed_regions.is_empty() { "" } else { " among the regions asked for" }
             ),
         )
     } else if stats.eligible == 0 {
@@ -458,7 +521,9 @@ async fn discover(
             return e.into_response();
         }
     };
-    if params.explain && !caller.is_some_and(|Extension(c)| c.admin) {
+    // Without the extension (a route outside `require`) the caller is nobody: no map.
+    let caller = caller.map_or(Caller { admin: false, token: None }, |Extension(c)| c);
+    if params.explain && !caller.admin {
         sh.metrics.discover.get_or_create(&OutcomeLabels { outcome: "forbidden" }).inc();
         return ApiError::forbidden(
             "insufficient_scope",
@@ -467,68 +532,81 @@ async fn discover(
         .with_param("explain")
         .into_response();
     }
+    let compiled = sh.routing.as_ref().map(|r| r.compiled());
+    if let Some(c) = &compiled
+        && params.query.pipeline.is_none()
+        && let Some(res) = decide(&sh, &caller, &params, c)
+    {
+        return res;
+    }
+    let policy = compiled.as_ref().map(|c| &c.loaded.policy);
     let snap = sh.snapshot.load();
     let q = &params.query;
+    // Residency holds whatever the client asks: a node the token's claims refuse is no
+    // candidate (a node of unknown jurisdiction fails a `jurisdictions` claim).
+    let allowed = |n: &NodeInfo| {
+        caller.may_process_in(&n.region, sh.jurisdictions.of(&n.id, &n.region, policy))
+    };
     let (candidates, excluded) = if params.explain {
         let ranking = snap.explain(q, params.strategy);
-        let cands: Vec<Candidate> = ranking
-            .candidates
-            .iter()
-            .filter_map(|c| {
-                let info = &snap.nodes()[snap.index_of(&c.node)?].info;
-                let mut cand = Candidate::new(info, c.score_ms);
-                cand.factors = Some(FactorsJson::from(&c.factors));
-                Some(cand)
-            })
-            .collect();
-        let excluded = ranking
-            .excluded
-            .iter()
-            .filter_map(|(id, why)| {
-                let info = &snap.nodes()[snap.index_of(id)?].info;
-                let detail = match why {
-                    Exclusion::Unhealthy | Exclusion::Draining => {
-                        info.health_reason.clone().unwrap_or_default()
-                    }
-                    Exclusion::ModelNotReady => {
-                        let model = match info.detail.model_states.get(&q.model) {
-                            Some(ModelState::Loading) => "model loading",
-                            Some(ModelState::Failed) => "model failed to load",
-                            Some(ModelState::Draining) => {
-                                "model draining before an unload: no new sessions"
-                            }
-                            Some(ModelState::Unloading) => "model unloading",
-                            _ => "model not on the node",
-                        };
-                        // An unverified node has no models to show: say why.
-                        match (&info.health_reason, info.health) {
-                            (Some(why), "unhealthy") => format!("{model} (node unhealthy: {why})"),
-                            _ => model.to_owned(),
+        let mut excluded = Vec::new();
+        let mut cands: Vec<Candidate> = Vec::new();
+        for c in &ranking.candidates {
+            let Some(i) = snap.index_of(&c.node) else { continue };
+            let info = &snap.nodes()[i].info;
+            if !allowed(info) {
+                excluded.push(residency_excluded(info));
+                continue;
+            }
+            let mut cand = Candidate::new(info, c.score_ms);
+            cand.factors = Some(FactorsJson::from(&c.factors));
+            cands.push(cand);
+        }
+        excluded.extend(ranking.excluded.iter().filter_map(|(id, why)| {
+            let info = &snap.nodes()[snap.index_of(id)?].info;
+            let detail = match why {
+                Exclusion::Unhealthy | Exclusion::Draining => {
+                    info.health_reason.clone().unwrap_or_default()
+                }
+                Exclusion::ModelNotReady => {
+                    let model = match info.detail.model_states.get(&q.model) {
+                        Some(ModelState::Loading) => "model loading",
+                        Some(ModelState::Failed) => "model failed to load",
+                        Some(ModelState::Draining) => {
+                            "model draining before an unload: no new sessions"
                         }
+                        Some(ModelState::Unloading) => "model unloading",
+                        _ => "model not on the node",
+                    };
+                    // An unverified node has no models to show: say why.
+                    match (&info.health_reason, info.health) {
+                        (Some(why), "unhealthy") => format!("{model} (node unhealthy: {why})"),
+                        _ => model.to_owned(),
                     }
-                    Exclusion::PipelineNotServable => {
-                        "a model of the pipeline is not ready on the node".to_owned()
-                    }
-                    Exclusion::RegionNotAllowed => {
-                        format!("region `{}` is not in the allowed regions", info.region)
-                    }
-                };
-                Some(Excluded {
-                    id: &info.id,
-                    region: &info.region,
-                    reason: exclusion_code(*why),
-                    detail,
-                })
+                }
+                Exclusion::PipelineNotServable => {
+                    "a model of the pipeline is not ready on the node".to_owned()
+                }
+                Exclusion::RegionNotAllowed => {
+                    format!("region `{}` is not in the allowed regions", info.region)
+                }
+            };
+            Some(Excluded {
+                id: &info.id,
+                region: &info.region,
+                reason: exclusion_code(*why),
+                detail,
             })
-            .collect();
+        }));
         (cands, Some(excluded))
     } else {
-        let mut top = snap.top_k(q, params.strategy);
+        let allow = |e: &crate::fleet::NodeEntry| allowed(&e.info);
+        let mut top = snap.top_k_where(q, params.strategy, allow);
         if let Some(near) = &params.near
             && (q.allowed_regions.is_empty() || q.allowed_regions.contains(near))
         {
             let local = Query { allowed_regions: vec![near.clone()], k: 1, ..q.clone() };
-            if let Some(best) = snap.top_k(&local, params.strategy).into_iter().next()
+            if let Some(best) = snap.top_k_where(&local, params.strategy, allow).into_iter().next()
                 && !top.iter().any(|c| c.idx == best.idx)
             {
                 top.push(best);
@@ -537,8 +615,11 @@ async fn discover(
         let cands = top.into_iter().map(|c| Candidate::new(snap.info(c), c.score_ms)).collect();
         (cands, None)
     };
-    let reason: Option<Reason> =
-        if candidates.is_empty() { Some(empty_reason(&snap, &params)) } else { None };
+    let reason: Option<Reason> = if candidates.is_empty() {
+        Some(empty_reason(&snap, &params, caller.confined()))
+    } else {
+        None
+    };
     sh.metrics
         .discover
         .get_or_create(&OutcomeLabels { outcome: if reason.is_some() { "empty" } else { "ok" } })
@@ -557,8 +638,242 @@ async fn discover(
         candidates,
         reason,
         excluded,
+        policy: None,
+        policy_explain: None,
     };
     json_response(&sh, &body, Some(&sh.cache_control))
+}
+
+fn residency_excluded(info: &NodeInfo) -> Excluded<'_> {
+    Excluded {
+        id: &info.id,
+        region: &info.region,
+        reason: "residency",
+        detail: "outside the token's residency claims (jurisdictions, regions)".to_owned(),
+    }
+}
+
+/// The header carrying [`edgeroute_policy::Decision::header`] on answers a policy decided.
+pub const DECISION_HEADER: &str = "x-edgeroute-decision";
+
+/// What the policy chose, beside the candidates.
+#[derive(Serialize)]
+struct PolicyJson {
+    version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<String>,
+    /// The model served (differs from the one asked for after a cascade).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tier: Option<String>,
+    #[serde(skip_serializing_if = "is_zero")]
+    cascade_step: u8,
+    /// A cloud tier answered: where to send the request instead of a node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<PoolJson>,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+#[derive(Serialize)]
+struct PoolJson {
+    name: String,
+    endpoint: String,
+    region: String,
+}
+
+#[derive(Serialize)]
+struct ExplainJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<String>,
+    attempts: Vec<AttemptJson>,
+    drops: Vec<DropJson>,
+}
+
+#[derive(Serialize)]
+struct AttemptJson {
+    step: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<String>,
+    model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    tier: String,
+    filters: Vec<&'static str>,
+    candidates: u32,
+}
+
+#[derive(Serialize)]
+struct DropJson {
+    attempt: u16,
+    /// A node id or a pool name.
+    candidate: String,
+    filter: &'static str,
+    reason: String,
+}
+
+fn reason_text(r: &edgeroute_policy::Reason) -> String {
+    use edgeroute_policy::Reason as R;
+    match r {
+        R::NotServed => "not_served".into(),
+        R::Unavailable => "unavailable".into(),
+        R::Residency => "residency".into(),
+        R::RequestedRegions => "requested_regions".into(),
+        R::PlacementRegion => "placement_region".into(),
+        R::PlacementJurisdiction => "placement_jurisdiction".into(),
+        R::PlacementHardware => "placement_hardware".into(),
+        R::Region => "region".into(),
+        R::Jurisdiction => "jurisdiction".into(),
+        R::Hardware(h) => format!("hardware {}", h.name()),
+        R::NotBelow { figure, value, bound } => format!("{figure:?} {value} not below {bound}"),
+        R::Unknown(figure) => format!("{figure:?} unknown"),
+        R::ExprFalse => "expr_false".into(),
+        R::ExprError(e) => format!("expr_error: {e}"),
+        R::BeyondK { rank } => format!("beyond_k (rank {rank})"),
+    }
+}
+
+fn explain_json(
+    d: &edgeroute_policy::Decision,
+    c: &crate::routing::Compiled,
+) -> Option<ExplainJson> {
+    let ex = d.explain.as_ref()?;
+    let s = |a: &Option<Arc<str>>| a.as_deref().map(str::to_owned);
+    let pools = c.loaded.policy.pools();
+    Some(ExplainJson {
+        rule: s(&d.rule),
+        attempts: ex
+            .attempts
+            .iter()
+            .map(|a| AttemptJson {
+                step: a.step,
+                rule: s(&a.rule),
+                model: a.model.to_string(),
+                version: s(&a.version),
+                tier: a.tier.to_string(),
+                filters: a.filters.iter().map(|f| f.name()).collect(),
+                candidates: a.candidates,
+            })
+            .collect(),
+        drops: ex
+            .drops
+            .iter()
+            .map(|dr| DropJson {
+                attempt: dr.attempt,
+                candidate: match dr.candidate {
+                    edgeroute_policy::Candidate::Node(i) => {
+                        c.fleet.node(i).map_or_else(String::new, |n| n.id.clone())
+                    }
+                    edgeroute_policy::Candidate::Pool(i) => {
+                        pools.get(usize::from(i)).map_or_else(String::new, |p| p.name.to_string())
+                    }
+                },
+                filter: dr.filter.name(),
+                reason: reason_text(&dr.reason),
+            })
+            .collect(),
+    })
+}
+
+/// Answers `/v1/discover` by the routing policy. `None`: the policy does not know the model
+/// (or its fleet is stale), and today's scoring answers instead.
+fn decide(
+    sh: &Shared,
+    caller: &Caller,
+    params: &DiscoverParams,
+    c: &crate::routing::Compiled,
+) -> Option<Response> {
+    let q = &params.query;
+    let residency = caller.token.as_ref().and_then(|t| t.residency.as_deref());
+    let claims = edgeroute_policy::Claims {
+        sub: caller.token.as_ref().map(|t| t.tenant.to_string()).unwrap_or_default(),
+        jurisdictions: residency.and_then(|r| r.jurisdictions.clone()),
+        regions: residency.and_then(|r| r.regions.clone()),
+        attrs: BTreeMap::new(),
+    };
+    let mut req = edgeroute_policy::Request::new(&claims, &q.model);
+    req.regions = &q.allowed_regions;
+    req.session = params.session.as_deref();
+    req.client_region = params.near.as_deref();
+    req.k = if params.k_given { q.k } else { 0 };
+    let d = c.decide(&req, params.explain);
+    match d.outcome {
+        Outcome::UnknownModel => return None,
+        Outcome::StaleFleet | Outcome::UnknownVersion => {
+            tracing::warn!(outcome = ?d.outcome, model = %q.model, "routing policy could not decide; scoring instead");
+            return None;
+        }
+        Outcome::Routed | Outcome::NoEligible => {}
+    }
+    let snap = &c.snapshot;
+    let candidates: Vec<Candidate> = d
+        .nodes
+        .iter()
+        .filter_map(|p| {
+            let n = c.fleet.node(p.node)?;
+            // The policy applied residency; checked again from the token alone, so no
+            // policy text can widen it.
+            if !caller.may_process_in(&n.region, c.fleet.jurisdiction(p.node)) {
+                return None;
+            }
+            Some(Candidate::new(&snap.nodes()[snap.index_of(&n.id)?].info, p.score))
+        })
+        .collect();
+    let s = |a: &Option<Arc<str>>| a.as_deref().map(str::to_owned);
+    let pool = d.pool.as_ref().map(|p| PoolJson {
+        name: p.name.to_string(),
+        endpoint: p.endpoint.clone(),
+        region: p.region.clone(),
+    });
+    let reason = (candidates.is_empty() && pool.is_none()).then(|| Reason {
+        code: "policy_no_eligible",
+        message: format!(
+            "routing policy `{}`{}: no node or pool passed for model `{}` (an admin token with explain=true shows each drop)",
+            d.policy_version,
+            d.rule.as_deref().map(|r| format!(", rule `{r}`")).unwrap_or_default(),
+            q.model
+        ),
+        model_nodes: snap.model_stats(&q.model),
+    });
+    sh.metrics
+        .discover
+        .get_or_create(&OutcomeLabels { outcome: if reason.is_some() { "empty" } else { "ok" } })
+        .inc();
+    let body = DiscoverResponse {
+        object: "edgeroute.discovery",
+        model: &q.model,
+        pipeline: None,
+        strategy: params.strategy.name(),
+        regions: &q.allowed_regions,
+        ttl_ms: sh.cfg.serving.ttl_ms,
+        stale_ok_ms: sh.cfg.serving.stale_ok_ms,
+        generation: snap.generation,
+        generated_at_ms: snap.built_at_unix_ms,
+        replica: &sh.cfg.discovery.id,
+        candidates,
+        reason,
+        excluded: None,
+        policy: Some(PolicyJson {
+            version: d.policy_version.to_string(),
+            rule: s(&d.rule),
+            model: s(&d.model),
+            version_id: s(&d.version),
+            tier: s(&d.tier),
+            cascade_step: d.cascade_step,
+            pool,
+        }),
+        policy_explain: explain_json(&d, c),
+    };
+    let mut res = json_response(sh, &body, Some(&sh.cache_control));
+    if let Ok(v) = HeaderValue::from_str(&d.header()) {
+        res.headers_mut().insert(DECISION_HEADER, v);
+    }
+    Some(res)
 }
 
 fn json_response<T: Serialize>(sh: &Shared, body: &T, cache: Option<&HeaderValue>) -> Response {
@@ -649,6 +964,23 @@ struct HealthResponse<'a> {
     nodes: usize,
     nodes_by_health: BTreeMap<&'static str, usize>,
     bus: BusHealth,
+    /// The routing policy, when `[policy]` names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<PolicyHealth>,
+}
+
+#[derive(Serialize)]
+struct PolicyHealth {
+    file: String,
+    /// The version in force.
+    version: String,
+    applied_at_ms: u64,
+    /// Why the last text was refused (the version above stays in force), until a newer text
+    /// is applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_refusal: Option<String>,
+    applied: u64,
+    refused: u64,
 }
 
 #[derive(Serialize)]
@@ -686,6 +1018,17 @@ async fn health(State(sh): State<Arc<Shared>>) -> Response {
             synced: bus.synced,
             updates: bus.updates,
         },
+        policy: sh.routing.as_ref().map(|r| {
+            let st = r.status();
+            PolicyHealth {
+                file: r.file.display().to_string(),
+                version: st.version,
+                applied_at_ms: st.applied_at_ms,
+                last_refusal: st.last_refusal,
+                applied: st.applied,
+                refused: st.refused,
+            }
+        }),
     };
     json_response(&sh, &body, None)
 }
@@ -718,6 +1061,8 @@ mod tests {
         assert_eq!(p.strategy, Strategy::CostOptimized);
         assert_eq!(p.query.pipeline.as_deref(), Some("voice"));
         assert_eq!(parse("model=a&near=vancouver").unwrap().near.as_deref(), Some("vancouver"));
+        let p = parse("model=a&session=s-1").unwrap();
+        assert_eq!((p.session.as_deref(), p.k_given), (Some("s-1"), false));
     }
 
     #[test]
@@ -735,6 +1080,8 @@ mod tests {
         assert_eq!(param("model=a&near=tor&near=mtl"), "near");
         assert_eq!(param("model=a&strategy=fast"), "strategy");
         assert_eq!(param("model=a&explain=maybe"), "explain");
+        assert_eq!(param("model=a&session=a%20b"), "session");
+        assert_eq!(param("model=a&session=a&session=b"), "session");
         assert_eq!(param("model=a%20b"), "model");
         let long = format!("model={}", "a".repeat(3000));
         assert_eq!(parse(&long).unwrap_err().status, StatusCode::BAD_REQUEST);

@@ -60,6 +60,36 @@ pub struct DiscoveryConfig {
     /// The topology bus to follow. Absent: only `[[nodes]]` and their `/health`.
     #[serde(default)]
     pub bus: Option<edgeroute_bus::BusConfig>,
+    /// Region → jurisdiction (`toronto = "ca"`). A node's jurisdiction is its entry in
+    /// `[node_jurisdictions]`, else its region's here, else its region's in the routing
+    /// policy's `[jurisdictions]`. Neither a node's `/health` nor the bus carries one yet. A node
+    /// of no known jurisdiction is never answered to a token with a `jurisdictions` claim.
+    #[serde(default)]
+    pub jurisdictions: std::collections::BTreeMap<String, String>,
+    /// Node id → jurisdiction, overriding its region's (a node whose jurisdiction is not its
+    /// region's, such as a border site).
+    #[serde(default)]
+    pub node_jurisdictions: std::collections::BTreeMap<String, String>,
+    /// The routing policy (`docs/policy.md`). Absent: discovery ranks by its own scoring.
+    #[serde(default)]
+    pub policy: Option<PolicySection>,
+}
+
+/// Where the routing policy lives and how often it is checked for a new text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The policy document. Read at start (a bad one refuses to start), then polled: a new
+    /// text (mtime or length changed) is parsed, checked against the fleet and swapped in
+    /// whole; a refused text leaves the last good policy in force.
+    pub file: std::path::PathBuf,
+    /// How often the file's mtime and length are checked, ms. Default 1000; 50 to 3,600,000.
+    #[serde(default = "default_reload_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_reload_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -529,6 +559,24 @@ impl DiscoveryConfig {
         if let Some(b) = &self.bus {
             b.validate().map_err(|e| invalid("bus", e.to_string()))?;
         }
+        for (table, map) in [
+            ("jurisdictions", &self.jurisdictions),
+            ("node_jurisdictions", &self.node_jurisdictions),
+        ] {
+            for (key, j) in map {
+                if !is_name(key) || !is_name(j) {
+                    return Err(invalid(
+                        &format!("{table}.{key}"),
+                        edgeroute_proto::names::NAME_RULE,
+                    ));
+                }
+            }
+        }
+        if let Some(p) = &self.policy
+            && !(50..=3_600_000).contains(&p.reload_interval_ms)
+        {
+            return Err(invalid("policy.reload_interval_ms", "between 50 and 3600000"));
+        }
         Ok(())
     }
 }
@@ -598,6 +646,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.discovery.listen.port(), 9999);
+    }
+
+    #[test]
+    fn policy_and_jurisdictions_are_optional_and_checked() {
+        let c = parse("").unwrap();
+        assert!(c.policy.is_none() && c.jurisdictions.is_empty());
+        let c = parse(
+            "[policy]\nfile = \"p.toml\"\n[jurisdictions]\ntoronto = \"ca\"\n[node_jurisdictions]\nfra-1 = \"eu\"",
+        )
+        .unwrap();
+        assert_eq!(c.policy.unwrap().reload_interval_ms, 1000);
+        assert_eq!(c.jurisdictions["toronto"], "ca");
+        assert_eq!(c.node_jurisdictions["fra-1"], "eu");
+        let err = |s: &str| parse(s).unwrap_err().to_string();
+        assert!(
+            err("[policy]\nfile = \"p\"\nreload_interval_ms = 1").contains("reload_interval_ms")
+        );
+        assert!(err("[policy]\nfil = \"p\"").contains("fil"));
+        assert!(err("[jurisdictions]\ntoronto = \"c a\"").contains("jurisdictions.toronto"));
     }
 
     #[test]

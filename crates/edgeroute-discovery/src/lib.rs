@@ -14,6 +14,8 @@
 //!   region by `edgeroute_core::score`, held immutable behind an `ArcSwap`.
 //! - [`probe`]: the `/health` puller (the network seam is the [`probe::Probe`] trait).
 //! - [`api`]: `/v1/discover`, `/v1/nodes`, `/v1/topology`, `/health`, `/metrics`.
+//! - [`routing`]: the routing policy (`[policy] file`), hot reloaded and compiled against each
+//!   snapshot; node jurisdictions for residency.
 //!
 //! Background tasks (started by [`Discovery::start`]): the bus follower, the probe tasks, and
 //! the rebuilder, which folds bursts of changes into one new snapshot every
@@ -31,6 +33,7 @@ pub mod config;
 pub mod fleet;
 pub mod metrics;
 pub mod probe;
+pub mod routing;
 pub mod snapshot;
 
 use std::future::Future;
@@ -68,6 +71,8 @@ pub enum DiscoveryError {
     ServerTls(#[from] edgeroute_http::tls::TlsError),
     #[error("auth keys: {0}")]
     Auth(#[from] edgeroute_auth::AuthError),
+    #[error(transparent)]
+    Policy(#[from] routing::LoadError),
 }
 
 pub(crate) use edgeroute_core::clock::unix_ms;
@@ -105,6 +110,10 @@ pub struct Shared {
     pub(crate) replica_header: HeaderValue,
     pub(crate) auth: Option<Arc<edgeroute_auth::KeyStore>>,
     pub(crate) cache_control: HeaderValue,
+    /// Where each node's data is processed: residency holds on every answer, policy or not.
+    pub(crate) jurisdictions: routing::Jurisdictions,
+    /// The routing policy, when `[policy]` names one.
+    pub(crate) routing: Option<routing::Routing>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -172,6 +181,9 @@ impl Shared {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let snap = Snapshot::build(entries, self.weights, generation, unix_ms());
         self.snapshot.store(Arc::new(snap));
+        if let Some(r) = &self.routing {
+            r.recompile(&self.snapshot, &self.jurisdictions);
+        }
         self.generations.send_replace(generation);
         self.metrics.rebuilds.inc();
         self.metrics.generation.set(generation as i64);
@@ -251,6 +263,26 @@ impl Discovery {
             tracing::warn!(replica = %cfg.discovery.id, "announced.allow_plaintext: http:// nodes announced on the bus are probed and served unverified by any certificate (labs only)");
         }
         let (generations, _) = watch::channel(0);
+        let jurisdictions = routing::Jurisdictions {
+            regions: cfg.jurisdictions.clone(),
+            nodes: cfg.node_jurisdictions.clone(),
+        };
+        let routing = match &cfg.policy {
+            Some(p) => {
+                let (policy, stamp) = routing::read(&p.file)?;
+                tracing::info!(file = %p.file.display(), version = policy.version(), "routing policy loaded");
+                Some(routing::Routing::new(
+                    p.file.clone(),
+                    p.reload_interval_ms,
+                    policy,
+                    stamp,
+                    Arc::new(Snapshot::default()),
+                    &jurisdictions,
+                    unix_ms(),
+                ))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             default_strategy: cfg.scoring.default_strategy(),
             weights: cfg.scoring.weights(),
@@ -274,8 +306,13 @@ impl Discovery {
             replica_header,
             auth,
             cache_control,
+            jurisdictions,
+            routing,
             cfg,
         });
+        if let Some(r) = &shared.routing {
+            shared.metrics.policy_applied(None, &r.status().version);
+        }
         shared.rebuild();
         Ok(Discovery { shared, bus: None, probe: None })
     }
@@ -311,6 +348,9 @@ impl Discovery {
     /// rebuilder would overwrite it).
     pub fn replace_snapshot(&self, snapshot: Snapshot) {
         self.shared.snapshot.store(Arc::new(snapshot));
+        if let Some(r) = &self.shared.routing {
+            r.recompile(&self.shared.snapshot, &self.shared.jurisdictions);
+        }
     }
 
     /// Each strategy's weights, in [`Strategy::ALL`] order.
@@ -403,6 +443,9 @@ impl Discovery {
                     let _ = stopped.wait_for(|s| *s).await;
                 },
             ));
+        }
+        if sh.routing.is_some() {
+            tasks.push(tokio::spawn(reload_policy_loop(sh.clone(), stop_rx.clone())));
         }
         tasks.push(tokio::spawn(rebuild_loop(sh.clone(), stop_rx)));
         Ok(Running { stop, tasks, shared: sh })
@@ -502,6 +545,47 @@ async fn rebuild_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             () = tokio::time::sleep(min_gap) => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Polls the policy file every `policy.reload_interval_ms`: a new text (mtime or length) is
+/// offered to the runtime, applied or refused, logged and counted. An unreadable or missing
+/// file is a refusal too; the policy in force stays until a good text replaces it.
+async fn reload_policy_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let Some(rt) = &sh.routing else { return };
+    let every = ms(rt.reload_interval_ms);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let meta = tokio::fs::metadata(&rt.file).await;
+        let stamp = meta.as_ref().ok().map(routing::Stamp::of);
+        if !rt.is_new(stamp) {
+            continue;
+        }
+        let text = match meta {
+            Err(e) => Err(format!("cannot read: {e}")),
+            Ok(m) if m.len() > routing::MAX_POLICY_BYTES => {
+                Err(format!("{} bytes, over the {}-byte limit", m.len(), routing::MAX_POLICY_BYTES))
+            }
+            Ok(_) => {
+                tokio::fs::read_to_string(&rt.file).await.map_err(|e| format!("cannot read: {e}"))
+            }
+        };
+        match rt.offer(text, stamp, &sh.snapshot, &sh.jurisdictions, unix_ms()) {
+            routing::Offer::Applied { version, previous, warnings } => {
+                for w in &warnings {
+                    tracing::warn!(version = %version, warning = ?w, "routing policy: check against the fleet");
+                }
+                tracing::info!(version = %version, previous = %previous, warnings = warnings.len(), "routing policy applied");
+                sh.metrics.policy_applied(Some(&previous), &version);
+            }
+            routing::Offer::Refused(why) => {
+                tracing::warn!(reason = %why, "routing policy refused; the last good one stays in force");
+                sh.metrics.policy_refused();
+            }
         }
     }
 }

@@ -22,6 +22,16 @@ pub struct HealthLabels {
     pub health: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// `/v1/discover` answers by outcome: `ok`, `empty`, `bad_request`.
@@ -38,6 +48,10 @@ pub struct Metrics {
     pub bus_refused: Family<ReasonLabels, Counter>,
     /// Probes of announced nodes skipped over `announced.max_probes_per_s`.
     pub probes_skipped: Counter,
+    /// 1 for the routing policy version in force (no series without `[policy]`).
+    pub policy_info: Family<VersionLabels, Gauge>,
+    /// Policy texts considered after start, by result: `applied` or `refused`.
+    pub policy_reloads: Family<ResultLabels, Counter>,
     probe_counts: std::sync::Mutex<Option<std::sync::Arc<crate::probe::ProbeCounts>>>,
 }
 
@@ -63,6 +77,8 @@ impl Default for Metrics {
             bus_connected: Gauge::default(),
             bus_refused: Family::default(),
             probes_skipped: Counter::default(),
+            policy_info: Family::default(),
+            policy_reloads: Family::default(),
             probe_counts: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
@@ -92,11 +108,34 @@ impl Default for Metrics {
             "Probes of announced nodes skipped over announced.max_probes_per_s",
             m.probes_skipped.clone(),
         );
+        registry.register(
+            "policy_info",
+            "The routing policy version in force",
+            m.policy_info.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Routing policy texts considered, by result",
+            m.policy_reloads.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// `version` is in force (replacing `previous`, after start).
+    pub fn policy_applied(&self, previous: Option<&str>, version: &str) {
+        if let Some(p) = previous {
+            self.policy_info.remove(&VersionLabels { version: p.to_owned() });
+            self.policy_reloads.get_or_create(&ResultLabels { result: "applied" }).inc();
+        }
+        self.policy_info.get_or_create(&VersionLabels { version: version.to_owned() }).set(1);
+    }
+
+    pub fn policy_refused(&self) {
+        self.policy_reloads.get_or_create(&ResultLabels { result: "refused" }).inc();
+    }
+
     /// Mirrors the scheduler's skipped-probe count into `probes_skipped` at each render.
     pub fn watch_probe_counts(&self, counts: std::sync::Arc<crate::probe::ProbeCounts>) {
         if let Ok(mut c) = self.probe_counts.lock() {

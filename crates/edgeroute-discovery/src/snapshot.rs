@@ -298,14 +298,28 @@ impl Snapshot {
     /// [`score::diversify`] decides for `rank`). Cost: O(k × allowed regions), plus, when both
     /// a pipeline and a model are given, the pipeline's nodes skipped for lacking the model.
     pub fn top_k(&self, q: &Query, s: Strategy) -> Vec<Cand> {
+        self.top_k_where(q, s, |_| true)
+    }
+
+    /// [`Snapshot::top_k`] among the nodes `allow` accepts (the caller's residency): a node it
+    /// refuses is skipped as if absent, so the answer is still the best `k` of what remains,
+    /// diversity included. `allow` runs on the nodes the merge walks past, not on the fleet.
+    pub fn top_k_where(
+        &self,
+        q: &Query,
+        s: Strategy,
+        allow: impl Fn(&NodeEntry) -> bool,
+    ) -> Vec<Cand> {
         let Some(lists) = self.lists.get(s.index()) else { return vec![] };
         let (ranked, need_model) = match &q.pipeline {
             Some(p) => (self.pipelines.get(p).map(|id| &lists.by_pipeline[id as usize]), true),
             None => (self.models.get(&q.model).map(|id| &lists.by_model[id as usize]), false),
         };
         let Some(ranked) = ranked else { return vec![] };
-        let keep =
-            |c: &Cand| !need_model || self.nodes[c.idx as usize].view.models.contains(&q.model);
+        let keep = |c: &Cand| {
+            let n = &self.nodes[c.idx as usize];
+            (!need_model || n.view.models.contains(&q.model)) && allow(n)
+        };
         // Region ids the query allows, each once (all when unconstrained).
         let allowed: Vec<u32> = if q.allowed_regions.is_empty() {
             (0..self.regions.len() as u32).collect()
