@@ -339,3 +339,41 @@ async fn a_bad_policy_file_at_start_refuses_to_start_naming_the_line() {
     let cfg = DiscoveryConfig::from_toml(&config(&dir, &extra), |_| None).unwrap();
     assert!(Discovery::build(cfg).is_err(), "a missing file refuses to start too");
 }
+
+#[tokio::test]
+async fn without_a_policy_explain_lists_nodes_outside_the_admins_residency_as_excluded() {
+    let lab =
+        Lab::start("explain-residency", "[jurisdictions]\nfra = \"eu\"\nams = \"eu\"\n", None)
+            .await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let opts = edgeroute_auth::MintOptions {
+        sub: "operator-eu".into(),
+        scopes: [Scope::Admin].into_iter().collect(),
+        aud: Some(edgeroute_auth::admin::FLEET_AUDIENCE.into()),
+        iss: None,
+        ttl_s: 600,
+        now_unix_s: now.as_secs(),
+        kid: None,
+        nbf: None,
+        residency: Some(edgeroute_auth::Residency {
+            jurisdictions: Some(vec!["eu".into()]),
+            regions: None,
+        }),
+    };
+    let key = edgeroute_auth::SigningKey::Hs256(SECRET.as_bytes().to_vec());
+    let admin_eu = edgeroute_auth::mint(&key, &opts).unwrap();
+    let body = lab.get("/v1/discover?model=other&k=10&explain=true", &admin_eu).await.json();
+    let ids = |key: &str, reason: Option<&str>| -> Vec<String> {
+        let mut v: Vec<String> = body[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| reason.is_none_or(|r| c["reason"] == r))
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids("candidates", None), ["ams-1", "fra-1"], "{body}");
+    assert_eq!(ids("excluded", Some("residency")), ["nyc-1", "par-1"], "{body}");
+}
