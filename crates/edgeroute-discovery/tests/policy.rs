@@ -345,14 +345,13 @@ async fn without_a_policy_explain_lists_nodes_outside_the_admins_residency_as_ex
     let lab =
         Lab::start("explain-residency", "[jurisdictions]\nfra = \"eu\"\nams = \"eu\"\n", None)
             .await;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     let opts = edgeroute_auth::MintOptions {
         sub: "operator-eu".into(),
         scopes: [Scope::Admin].into_iter().collect(),
         aud: Some(edgeroute_auth::admin::FLEET_AUDIENCE.into()),
         iss: None,
         ttl_s: 600,
-        now_unix_s: now.as_secs(),
+        now_unix_s: edgeroute_core::clock::unix_ms() / 1000,
         kid: None,
         nbf: None,
         residency: Some(edgeroute_auth::Residency {
