@@ -98,21 +98,24 @@ async fn require(
     };
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let now = edgeroute_core::clock::unix_ms() / 1000;
-    let verified = edgeroute_auth::parse_bearer(header).and_then(|token| store.verify(token, now));
-    let verified = verified.and_then(|claims| {
+    // Remembered verifications (the node's cache): a client's repeated token costs a lookup.
+    let verified =
+        edgeroute_auth::parse_bearer(header).and_then(|token| store.authenticate(token, now));
+    let verified = verified.and_then(|v| {
         // The fleet's map is the whole fleet's: an admin token sees it only when it names the
         // fleet (`edgeroute:fleet`), not a node or a region of it. Such a token may also ask
         // `/v1/discover` (with `explain`): the verifier keeps an admin audience's token admin
         // only, so it carries no `inference` scope of its own.
-        let fleet = claims.aud.iter().any(|a| a == edgeroute_auth::admin::FLEET_AUDIENCE);
-        let admin = claims.has_scope(Scope::Admin) && fleet;
-        if admin && scope == Scope::Inference {
-            return Ok((claims, admin));
+        let fleet = v.aud.iter().any(|a| a == edgeroute_auth::admin::FLEET_AUDIENCE);
+        let admin = v.scope.contains(Scope::Admin) && fleet;
+        if (admin && scope == Scope::Inference) || v.scope.contains(scope) {
+            Ok((v, admin))
+        } else {
+            Err(edgeroute_auth::AuthError::InsufficientScope { required: scope })
         }
-        claims.require_scope(scope).map(|()| (claims, admin))
     });
     match verified {
-        Ok((claims, admin)) => {
+        Ok((v, admin)) => {
             if scope == Scope::Admin && !admin {
                 return ApiError::forbidden(
                     "admin_token_not_for_the_fleet",
@@ -121,8 +124,7 @@ async fn require(
                 )
                 .into_response();
             }
-            let token = Some(Arc::new(edgeroute_auth::Verified::from(&claims)));
-            req.extensions_mut().insert(Caller { admin, token });
+            req.extensions_mut().insert(Caller { admin, token: Some(v) });
             next.run(req).await
         }
         Err(e) if e.http_status() == 403 => {
