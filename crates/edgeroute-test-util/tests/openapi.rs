@@ -52,6 +52,9 @@ enum Token {
     Route {
         path: String,
         methods: Vec<String>,
+        /// A `.route_service(...)` authenticates itself: the `Scope::` its arguments name
+        /// (public when none), whatever layers follow.
+        own_access: Option<Access>,
     },
     /// A `.route_layer(...)`, with the scope it names if any.
     RouteLayer(Option<String>),
@@ -114,7 +117,7 @@ fn method_chain(s: &str, file: &Path, path: &str) -> Vec<String> {
 
 fn tokens(file: &Path) -> Vec<Token> {
     let src = production_source(file);
-    for unsupported in [".nest(", ".route_service(", ".nest_service("] {
+    for unsupported in [".nest(", ".nest_service("] {
         assert!(
             !src.contains(unsupported),
             "{}: `{unsupported}` is not understood by this scanner: teach it before using it",
@@ -122,7 +125,7 @@ fn tokens(file: &Path) -> Vec<Token> {
         );
     }
     let mut marks: Vec<(usize, &str)> = Vec::new();
-    for pat in [".route(", ".route_layer(", "Router::new()"] {
+    for pat in [".route(", ".route_service(", ".route_layer(", "Router::new()"] {
         marks.extend(src.match_indices(pat));
     }
     marks.sort();
@@ -141,7 +144,39 @@ fn tokens(file: &Path) -> Vec<Token> {
                     panic!("{}: route `{path}`: expected `,` after the path", file.display())
                 });
                 let methods = method_chain(after, file, &path);
-                out.push(Token::Route { path, methods });
+                out.push(Token::Route { path, methods, own_access: None });
+            }
+            ".route_service(" => {
+                // `.route_service("/p", post_service(Svc::new(.., Scope::X)))`: one method
+                // router of `*_service` calls, and the scope the service checks itself.
+                let open = at + pat.len() - 1;
+                let inner = &src[open + 1..close_paren(&src, open) - 1];
+                let lit = inner.trim_start().strip_prefix('"').unwrap_or_else(|| {
+                    panic!("{}: a `.route_service(` whose path is not a literal", file.display())
+                });
+                let end = lit.find('"').unwrap();
+                let path = lit[..end].to_owned();
+                let after = lit[end + 1..].trim_start().strip_prefix(',').unwrap_or_else(|| {
+                    panic!("{}: route `{path}`: expected `,` after the path", file.display())
+                });
+                let call = after.trim_start();
+                let name_len = call.find('(').unwrap_or(0);
+                let method = call[..name_len].strip_suffix("_service").unwrap_or("");
+                assert!(
+                    METHODS.contains(&method),
+                    "{}: route `{path}`: expected `<method>_service(` in `.route_service(`",
+                    file.display()
+                );
+                let own_access = Some(match call.find("Scope::") {
+                    Some(i) => {
+                        let rest = &call[i + "Scope::".len()..];
+                        let n =
+                            rest.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(rest.len());
+                        Access::Scope(rest[..n].to_lowercase())
+                    }
+                    None => Access::Public,
+                });
+                out.push(Token::Route { path, methods: vec![method.to_uppercase()], own_access });
             }
             ".route_layer(" => {
                 let open = at + pat.len() - 1;
@@ -159,8 +194,9 @@ fn tokens(file: &Path) -> Vec<Token> {
     out
 }
 
-/// Every route a crate's production source declares, with who may call it: the scope of the
-/// first scoped `route_layer` after it in the same `Router::new()` chain, or public.
+/// Every route a crate's production source declares, with who may call it: the scope its own
+/// service checks (`.route_service`), else the scope of the first scoped `route_layer` after
+/// it in the same `Router::new()` chain, or public.
 fn routes(src_dir: &Path) -> Routes {
     let mut files = Vec::new();
     rust_files(src_dir, &mut files);
@@ -169,15 +205,17 @@ fn routes(src_dir: &Path) -> Routes {
     for file in &files {
         let toks = tokens(file);
         for (i, tok) in toks.iter().enumerate() {
-            let Token::Route { path, methods } = tok else { continue };
-            let access = toks[i + 1..]
-                .iter()
-                .take_while(|t| !matches!(t, Token::NewChain))
-                .find_map(|t| match t {
-                    Token::RouteLayer(Some(scope)) => Some(Access::Scope(scope.clone())),
-                    _ => None,
-                })
-                .unwrap_or(Access::Public);
+            let Token::Route { path, methods, own_access } = tok else { continue };
+            let access = own_access.clone().unwrap_or_else(|| {
+                toks[i + 1..]
+                    .iter()
+                    .take_while(|t| !matches!(t, Token::NewChain))
+                    .find_map(|t| match t {
+                        Token::RouteLayer(Some(scope)) => Some(Access::Scope(scope.clone())),
+                        _ => None,
+                    })
+                    .unwrap_or(Access::Public)
+            });
             for m in methods {
                 let prev = out.insert((path.clone(), m.clone()), access.clone());
                 assert!(prev.is_none(), "{m} {path} is routed twice");
@@ -369,6 +407,12 @@ fn router() {
         .route_layer(middleware::from_fn_with_state((s.clone(), Scope::Admin), require));
     Router::new().merge(a).route("/open", post(h::c)).with_state(s)
 }
+fn own() {
+    Router::new()
+        .route_service("/svc", post_service(chat::Svc::new(s.clone(), Scope::Inference)))
+        .route_service("/svc-open", get_service(Open))
+        .route_layer(middleware::from_fn_with_state((s.clone(), Scope::Admin), require));
+}
 #[cfg(test)]
 mod tests { fn t() { Router::new().route("/test-only", get(x)); } }
 "#,
@@ -381,6 +425,8 @@ mod tests { fn t() { Router::new().route("/test-only", get(x)); } }
         (("/a/{id}".to_owned(), "GET".to_owned()), admin.clone()),
         (("/a/{id}".to_owned(), "DELETE".to_owned()), admin),
         (("/open".to_owned(), "POST".to_owned()), Access::Public),
+        (("/svc".to_owned(), "POST".to_owned()), Access::Scope("inference".into())),
+        (("/svc-open".to_owned(), "GET".to_owned()), Access::Public),
     ]
     .into_iter()
     .collect();

@@ -42,7 +42,18 @@ const ROUTE: &str = "chat";
 /// every token goes through, a boxed future each and a copy of the header map; here the
 /// request's own headers are borrowed and the whole path is one allocation.
 #[derive(Clone)]
-pub struct ChatService(pub AppState);
+pub struct ChatService {
+    st: AppState,
+    /// The scope a caller's token must grant (named at the router, where a reader, and the
+    /// OpenAPI check, look for who may call a route).
+    scope: Scope,
+}
+
+impl ChatService {
+    pub fn new(st: AppState, scope: Scope) -> ChatService {
+        ChatService { st, scope }
+    }
+}
 
 impl tower::Service<Request> for ChatService {
     type Response = Response;
@@ -54,14 +65,14 @@ impl tower::Service<Request> for ChatService {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let st = self.0.clone();
-        Box::pin(async move { Ok(serve(st, req).await) })
+        let (st, scope) = (self.st.clone(), self.scope);
+        Box::pin(async move { Ok(serve(st, scope, req).await) })
     }
 }
 
-async fn serve(st: AppState, req: Request) -> Response {
+async fn serve(st: AppState, scope: Scope, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let tenant = match auth::authenticate(&st, &parts.headers, Scope::Inference) {
+    let tenant = match auth::authenticate(&st, &parts.headers, scope) {
         Ok(t) => t,
         Err(refusal) => return refusal,
     };

@@ -186,7 +186,7 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
             let r = Router::new()
                 .route_service(
                     "/v1/chat/completions",
-                    post_service(chat::ChatService(state.clone())),
+                    post_service(chat::ChatService::new(state.clone(), Scope::Inference)),
                 )
                 .merge(inference);
             if !admin_listener && state.auth.is_some() { r.merge(admin) } else { r }
