@@ -433,6 +433,10 @@ pub struct StaticNode {
     /// reports in `/health` (`[node] cost_per_1k`), else 0.
     #[serde(default)]
     pub cost_per_1k: Option<f64>,
+    /// The jurisdiction the node processes data in (`eu`, `ca`), for residency; the same as
+    /// an entry in `[node_jurisdictions]` (which wins when both name the node).
+    #[serde(default)]
+    pub jurisdiction: Option<String>,
 }
 
 /// A node or region name: the fleet's one rule (`edgeroute_proto::names`).

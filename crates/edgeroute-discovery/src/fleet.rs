@@ -840,6 +840,7 @@ mod tests {
             url: "http://127.0.0.1:1".into(),
             region: "tor".into(),
             cost_per_1k: None,
+            jurisdiction: None,
         }
     }
 

@@ -263,10 +263,13 @@ impl Discovery {
             tracing::warn!(replica = %cfg.discovery.id, "announced.allow_plaintext: http:// nodes announced on the bus are probed and served unverified by any certificate (labs only)");
         }
         let (generations, _) = watch::channel(0);
-        let jurisdictions = routing::Jurisdictions {
-            regions: cfg.jurisdictions.clone(),
-            nodes: cfg.node_jurisdictions.clone(),
-        };
+        let mut nodes = cfg.node_jurisdictions.clone();
+        for n in &cfg.nodes {
+            if let Some(j) = &n.jurisdiction {
+                nodes.entry(n.id.clone()).or_insert_with(|| j.clone());
+            }
+        }
+        let jurisdictions = routing::Jurisdictions { regions: cfg.jurisdictions.clone(), nodes };
         let routing = match &cfg.policy {
             Some(p) => {
                 let (policy, stamp) = routing::read(&p.file)?;

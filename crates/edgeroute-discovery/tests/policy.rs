@@ -100,6 +100,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn config(dir: &Path, extra: &str) -> String {
+    config_with(dir, extra, &[])
+}
+
+/// As [`config`], with `jurisdiction = J` on the `[[nodes]]` entries `node_j` names.
+fn config_with(dir: &Path, extra: &str, node_j: &[(&str, &str)]) -> String {
     let mut toml = format!(
         "[auth]\nhs256_secret_file = \"{}\"\n\
          [probe]\ninterval_ms = 100\ntimeout_ms = 50\n[health]\nmin_std_ms = 50\n{extra}\n",
@@ -109,6 +114,9 @@ fn config(dir: &Path, extra: &str) -> String {
         toml.push_str(&format!(
             "[[nodes]]\nid = \"{id}\"\nurl = \"http://{id}.test:8080\"\nregion = \"{region}\"\n"
         ));
+        if let Some((_, j)) = node_j.iter().find(|(n, _)| n == id) {
+            toml.push_str(&format!("jurisdiction = \"{j}\"\n"));
+        }
     }
     toml
 }
@@ -125,7 +133,13 @@ impl Lab {
                 dir.join("policy.toml").display()
             ));
         }
-        let cfg = DiscoveryConfig::from_toml(&config(&dir, &extra), |_| None).unwrap();
+        let text = config(&dir, &extra);
+        Lab::start_text(dir, &text).await
+    }
+
+    /// A replica from a whole config text, once every node is ready.
+    async fn start_text(dir: PathBuf, text: &str) -> Lab {
+        let cfg = DiscoveryConfig::from_toml(text, |_| None).unwrap();
         let d = Discovery::build(cfg).unwrap().with_probe(Arc::new(FakeFleet(NODES.to_vec())));
         let served = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let lab = Lab { addr: served.addr(), dir, _served: served };
@@ -180,6 +194,15 @@ fn inference() -> String {
 
 fn eu() -> String {
     mint_hs256_resident("acme-eu", Some(&["eu"]), None)
+}
+
+#[tokio::test]
+async fn a_static_nodes_jurisdiction_comes_from_its_own_entry() {
+    let dir = scratch("static-jurisdiction");
+    let text = config_with(&dir, "", &[("fra-1", "eu"), ("nyc-1", "us")]);
+    let lab = Lab::start_text(dir, &text).await;
+    assert_eq!(lab.ids("model=other&k=10", &eu()).await, ["fra-1"], "ams-1 and par-1: unknown");
+    assert_eq!(lab.ids("model=other&k=10", &inference()).await.len(), 4);
 }
 
 #[tokio::test]

@@ -293,6 +293,7 @@ impl FleetSpec {
                 url: url.clone(),
                 region: n.region.clone(),
                 cost_per_1k: None,
+                jurisdiction: None,
             })
             .collect();
         cfg
