@@ -37,6 +37,8 @@ pub struct LoadOpts {
     pub duration: Duration,
     pub connections: usize,
     pub server_threads: usize,
+    /// Rules of the routing policy the server applies (0: none).
+    pub policy_rules: usize,
     pub command: String,
 }
 
@@ -59,7 +61,9 @@ async fn start(guard: &mut ProcessGuard, opts: &LoadOpts, n: usize) -> Result<So
         .arg("--listen")
         .arg(addr.to_string())
         .arg("--server-threads")
-        .arg(opts.server_threads.to_string());
+        .arg(opts.server_threads.to_string())
+        .arg("--policy-rules")
+        .arg(opts.policy_rules.to_string());
     let name = format!("discovery-{n}");
     guard.spawn(
         &name,
@@ -85,17 +89,24 @@ async fn start(guard: &mut ProcessGuard, opts: &LoadOpts, n: usize) -> Result<So
 
 /// Serves a synthetic fleet of `nodes` nodes (`crate::synthetic::fleet`, seed 7) on `listener`
 /// until `shutdown` resolves: `/v1/discover` and the rest of discovery's API over a snapshot
-/// built once, with no probes and no bus. The load benchmark's server process.
+/// built once, with no probes and no bus; with a routing policy of `policy_rules` rules
+/// (`crate::synthetic::policy`) when not 0. The load benchmark's server process.
 pub async fn serve_synthetic(
     nodes: usize,
+    policy_rules: usize,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
     // A load benchmark's private server: no [auth] (an explicit opt-out).
-    let cfg = edgeroute_discovery::DiscoveryConfig::from_toml(
-        "[discovery]\nallow_unauthenticated = true\n",
-        |_| None,
-    )?;
+    let mut text = String::from("[discovery]\nallow_unauthenticated = true\n");
+    if policy_rules > 0 {
+        let file = std::env::temp_dir()
+            .join(format!("edgeroute-bench-policy-{}.toml", std::process::id()));
+        std::fs::write(&file, crate::synthetic::policy(policy_rules))
+            .with_context(|| format!("writing {}", file.display()))?;
+        text.push_str(&format!("[policy]\nfile = \"{}\"\n", file.display()));
+    }
+    let cfg = edgeroute_discovery::DiscoveryConfig::from_toml(&text, |_| None)?;
     let limits = cfg.limits.server_limits();
     let d = edgeroute_discovery::Discovery::build(cfg)?;
     d.replace_snapshot(edgeroute_discovery::Snapshot::build(
@@ -124,8 +135,15 @@ async fn load_with(opts: &LoadOpts, guard: &mut ProcessGuard) -> Result<String> 
         "Command: `{}`. {nproc} cores shared by the server ({} worker thread(s)) and the load \
          generator; open loop at a fixed rate, latency from each request's intended send time \
          (coordinated-omission safe), {} keep-alive connections, {:?} measured after 2 s of \
-         warm-up.\n",
-        opts.command, opts.server_threads, opts.connections, opts.duration
+         warm-up. Routing policy: {}.\n",
+        opts.command,
+        opts.server_threads,
+        opts.connections,
+        opts.duration,
+        match opts.policy_rules {
+            0 => "none".to_owned(),
+            n => format!("{n} rules (`synthetic::policy`; the last matches the llama queries)"),
+        }
     );
     let _ = writeln!(
         md,

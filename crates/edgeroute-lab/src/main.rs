@@ -106,6 +106,10 @@ enum BenchCommand {
         /// The discovery server's worker threads.
         #[arg(long, default_value_t = 1)]
         server_threads: usize,
+        /// Serve with a routing policy of this many rules (`synthetic::policy`: the last one
+        /// matches, with a canary, thresholds and a cascade); 0: no policy.
+        #[arg(long, default_value_t = 0)]
+        policy_rules: usize,
         /// Instead of benchmarking, serve a synthetic fleet of this many nodes on `--listen`
         /// (the benchmark's server process: it starts this binary again this way).
         #[arg(long, requires = "listen")]
@@ -266,16 +270,32 @@ async fn run(command: Command) -> Result<()> {
         BenchCommand::Bus { bus, nats_url, changes, auth } => {
             println!("{}", bus_bench::run(&bus, &nats_url, changes, auth).await?);
         }
-        BenchCommand::Discover { synthetic_nodes: Some(n), listen: Some(listen), .. } => {
+        BenchCommand::Discover {
+            synthetic_nodes: Some(n),
+            listen: Some(listen),
+            policy_rules,
+            ..
+        } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             eprintln!("edgeroute-lab: synthetic fleet of {n} nodes on {}", listener.local_addr()?);
-            discovery_bench::serve_synthetic(n, listener, edgeroute_http::shutdown_signal())
-                .await?;
+            discovery_bench::serve_synthetic(
+                n,
+                policy_rules,
+                listener,
+                edgeroute_http::shutdown_signal(),
+            )
+            .await?;
         }
         BenchCommand::Discover {
-            nodes, rates, duration_s, connections, server_threads, ..
+            nodes,
+            rates,
+            duration_s,
+            connections,
+            server_threads,
+            policy_rules,
+            ..
         } => {
             let opts = discovery_bench::LoadOpts {
                 bin: std::env::current_exe()?,
@@ -284,6 +304,7 @@ async fn run(command: Command) -> Result<()> {
                 duration: Duration::from_secs(duration_s),
                 connections,
                 server_threads,
+                policy_rules,
                 command: command_line,
             };
             println!("{}", discovery_bench::load(opts).await?);

@@ -186,6 +186,7 @@ pub fn registry(n: usize, seed: u64) -> (Fleet, Duration) {
             url: e.info.url.clone(),
             region: e.view.region.clone(),
             cost_per_1k: None,
+            jurisdiction: None,
         };
         f.add_static(&node, Duration::ZERO);
         for t in [1000, 2000] {
@@ -198,3 +199,51 @@ pub fn registry(n: usize, seed: u64) -> (Fleet, Duration) {
 
 /// The view parameters discovery uses by default.
 pub const VIEW_PARAMS: ViewParams = ViewParams { unknown_ttft_ms: 250.0, min_ttft_samples: 5 };
+
+/// A routing policy of `rules` rules for the synthetic fleet, the shape an operator's would
+/// have: the regions in one jurisdiction, every model registered (two versions of the first),
+/// `rules - 1` per-tenant rules that an anonymous benchmark request passes over (each is
+/// matched and skipped: the cost of a long policy), and a last rule for every tenant with a
+/// 95/5 canary, thresholds on TTFT, queue and error rate, and a cascade to the second model.
+pub fn policy(rules: usize) -> String {
+    use std::fmt::Write as _;
+    let rules = rules.max(1);
+    let mut p = String::from("version = \"bench-1\"\n\n[jurisdictions]\nca = [");
+    p.push_str(&REGIONS.map(|r| format!("\"{r}\"")).join(", "));
+    p.push_str("]\n");
+    for (i, m) in MODELS.iter().enumerate() {
+        let _ = write!(p, "\n[[models]]\nname = \"{m}\"\n[[models.versions]]\nid = \"v1\"\n");
+        if i == 0 {
+            p.push_str("[[models.versions]]\nid = \"v2\"\n");
+        }
+    }
+    for t in 0..rules - 1 {
+        let _ = write!(
+            p,
+            "\n[[rules]]\nid = \"tenant-{t}\"\nmatch.tenants = [\"tenant-{t}\"]\n\
+             match.models = [\"{}\"]\nconstraints.regions = [\"{}\"]\n",
+            MODELS[t % MODELS.len()],
+            REGIONS[t % REGIONS.len()]
+        );
+    }
+    let _ = write!(
+        p,
+        "\n[[rules]]\nid = \"canary\"\nmatch.models = [\"{}\"]\nversions = {{ v1 = 95, v2 = 5 }}\n\
+         cascade = [\"{}\"]\nconstraints.below = {{ ttft_p99_ms = 600.0, queue = 10, error_rate = 0.05 }}\n",
+        MODELS[0], MODELS[1]
+    );
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_bench_policy_is_valid_at_every_size() {
+        for n in [1, 2, 50, 200] {
+            let text = super::policy(n);
+            let p = edgeroute_policy::Policy::parse(&text)
+                .unwrap_or_else(|e| panic!("{n} rules: {e}\n{text}"));
+            assert_eq!(p.rule_ids().len(), n);
+        }
+    }
+}
