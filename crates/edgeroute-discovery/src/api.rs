@@ -439,6 +439,39 @@ struct DiscoverResponse<'a> {
     policy_explain: Option<ExplainJson>,
 }
 
+impl<'a> DiscoverResponse<'a> {
+    /// What every answer carries (no exclusions, no policy), its outcome counted in
+    /// `/metrics`.
+    fn new(
+        sh: &'a Shared,
+        snap: &Snapshot,
+        params: &'a DiscoverParams,
+        candidates: Vec<Candidate<'a>>,
+        reason: Option<Reason>,
+    ) -> DiscoverResponse<'a> {
+        let outcome = if reason.is_some() { "empty" } else { "ok" };
+        sh.metrics.discover.get_or_create(&OutcomeLabels { outcome }).inc();
+        let q = &params.query;
+        DiscoverResponse {
+            object: "edgeroute.discovery",
+            model: &q.model,
+            pipeline: q.pipeline.as_deref(),
+            strategy: params.strategy.name(),
+            regions: &q.allowed_regions,
+            ttl_ms: sh.cfg.serving.ttl_ms,
+            stale_ok_ms: sh.cfg.serving.stale_ok_ms,
+            generation: snap.generation,
+            generated_at_ms: snap.built_at_unix_ms,
+            replica: &sh.cfg.discovery.id,
+            candidates,
+            reason,
+            excluded: None,
+            policy: None,
+            policy_explain: None,
+        }
+    }
+}
+
 fn empty_reason(snap: &Snapshot, p: &DiscoverParams, confined: bool) -> Reason {
     let q = &p.query;
     let Some(stats) = snap.model_stats(&q.model) else {
@@ -622,26 +655,9 @@ async fn discover(
     } else {
         None
     };
-    sh.metrics
-        .discover
-        .get_or_create(&OutcomeLabels { outcome: if reason.is_some() { "empty" } else { "ok" } })
-        .inc();
     let body = DiscoverResponse {
-        object: "edgeroute.discovery",
-        model: &q.model,
-        pipeline: q.pipeline.as_deref(),
-        strategy: params.strategy.name(),
-        regions: &q.allowed_regions,
-        ttl_ms: cfg.serving.ttl_ms,
-        stale_ok_ms: cfg.serving.stale_ok_ms,
-        generation: snap.generation,
-        generated_at_ms: snap.built_at_unix_ms,
-        replica: &cfg.discovery.id,
-        candidates,
-        reason,
         excluded,
-        policy: None,
-        policy_explain: None,
+        ..DiscoverResponse::new(&sh, &snap, &params, candidates, reason)
     };
     json_response(&sh, &body, Some(&sh.cache_control))
 }
@@ -842,24 +858,7 @@ fn decide(
         ),
         model_nodes: snap.model_stats(&q.model),
     });
-    sh.metrics
-        .discover
-        .get_or_create(&OutcomeLabels { outcome: if reason.is_some() { "empty" } else { "ok" } })
-        .inc();
     let body = DiscoverResponse {
-        object: "edgeroute.discovery",
-        model: &q.model,
-        pipeline: None,
-        strategy: params.strategy.name(),
-        regions: &q.allowed_regions,
-        ttl_ms: sh.cfg.serving.ttl_ms,
-        stale_ok_ms: sh.cfg.serving.stale_ok_ms,
-        generation: snap.generation,
-        generated_at_ms: snap.built_at_unix_ms,
-        replica: &sh.cfg.discovery.id,
-        candidates,
-        reason,
-        excluded: None,
         policy: Some(PolicyJson {
             version: d.policy_version.to_string(),
             rule: s(&d.rule),
@@ -870,6 +869,7 @@ fn decide(
             pool,
         }),
         policy_explain: explain_json(&d, c),
+        ..DiscoverResponse::new(sh, snap, params, candidates, reason)
     };
     let mut res = json_response(sh, &body, Some(&sh.cache_control));
     if let Ok(v) = HeaderValue::from_str(&d.header()) {
