@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         url: "http://127.0.0.1:9".into(),
         region: "r1".into(),
         cost_per_1k: None,
+        jurisdiction: None,
     };
     fleet.add_static(&node, Duration::ZERO);
     let params = ViewParams { unknown_ttft_ms: 250.0, min_ttft_samples: 5 };
