@@ -30,7 +30,7 @@ use axum::Router;
 use axum::extract::{RawQuery, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use edgeroute_auth::Scope;
 use edgeroute_core::score::{Exclusion, Factors, Query, Strategy};
 use edgeroute_http::ApiError;
@@ -54,6 +54,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let operators = Router::new()
         .route("/v1/nodes", get(nodes))
         .route("/v1/topology", get(topology))
+        .route("/v1/policy/check", post(policy_check))
         .route_layer(middleware::from_fn_with_state((shared.clone(), Scope::Admin), require));
     Router::new()
         .merge(clients)
@@ -901,6 +902,41 @@ struct NodesResponse<'a> {
     generated_at_ms: u64,
     replica: &'a str,
     nodes: Vec<&'a NodeInfo>,
+}
+
+/// A dry run of the candidate policy in the body (TOML, at most 1 MiB) against this replica's
+/// fleet and the policy in force: never applied (`crate::policy_check`).
+async fn policy_check(State(sh): State<Arc<Shared>>, body: axum::body::Body) -> Response {
+    let max = crate::policy_check::MAX_TEXT_BYTES;
+    let bytes = match axum::body::to_bytes(body, max).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("policy_too_large"),
+                format!("A policy text is at most {max} bytes."),
+            )
+            .into_response();
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return ApiError::invalid_request(None, "The policy text is not UTF-8.").into_response();
+    };
+    let snap = sh.snapshot.load_full();
+    let live = sh.routing.as_ref().map(|r| r.compiled());
+    let report = match &live {
+        Some(c) => crate::policy_check::check(text, Some(&c.loaded.policy), c.fleet.nodes()),
+        None => {
+            // No policy in force: the nodes as the candidate would see them.
+            let nodes = match edgeroute_policy::Policy::parse(text) {
+                Ok(p) => crate::routing::facts(&snap, &p, &sh.jurisdictions),
+                Err(_) => Vec::new(),
+            };
+            crate::policy_check::check(text, None, &nodes)
+        }
+    };
+    json_response(&sh, &report, None)
 }
 
 async fn nodes(State(sh): State<Arc<Shared>>) -> Response {

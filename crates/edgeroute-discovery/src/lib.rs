@@ -32,6 +32,7 @@ pub mod api;
 pub mod config;
 pub mod fleet;
 pub mod metrics;
+pub mod policy_check;
 pub mod probe;
 pub mod routing;
 pub mod snapshot;

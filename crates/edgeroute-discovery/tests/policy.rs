@@ -399,3 +399,38 @@ async fn without_a_policy_explain_lists_nodes_outside_the_admins_residency_as_ex
     assert_eq!(ids("candidates", None), ["ams-1", "fra-1"], "{body}");
     assert_eq!(ids("excluded", Some("residency")), ["nyc-1", "par-1"], "{body}");
 }
+
+#[tokio::test]
+async fn a_candidate_policy_is_dry_run_for_the_fleets_admin_only() {
+    let lab = Lab::start("check", "", Some(CANARY)).await;
+    let admin = mint_hs256_fleet("operator", &[Scope::Admin], 600);
+    let check = |token: Option<String>, body: String| {
+        let addr = lab.addr;
+        async move {
+            edgeroute_test_util::post_json(addr, "/v1/policy/check", token.as_deref(), &[], body)
+                .await
+        }
+    };
+    // The canary widened to 50 %: sessions move to v2, and nothing is applied.
+    let wider = CANARY.replace("v1 = 95, v2 = 5", "v1 = 50, v2 = 50").replace("\"p1\"", "\"p2\"");
+    let r = check(Some(admin.clone()), wider).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let report = r.json();
+    assert_eq!((report["valid"].as_bool(), report["version"].as_str()), (Some(true), Some("p2")));
+    assert_eq!(report["live_version"], "p1");
+    let moved = report["differences"].as_array().unwrap();
+    assert!(!moved.is_empty(), "{report}");
+    assert!(moved.iter().all(|d| d["candidate"]["version"] == "v2"), "{report}");
+    assert_eq!(lab.health().await["policy"]["version"], "p1", "a check applies nothing");
+
+    // A broken text is reported, not applied.
+    let r = check(Some(admin.clone()), "version = ".into()).await;
+    assert_eq!(r.json()["valid"], false);
+    assert!(r.json()["error"].as_str().unwrap().contains("line"));
+
+    // Who may not: an inference token, nobody.
+    assert_eq!(check(Some(inference()), CANARY.into()).await.status, 403);
+    assert_eq!(check(None, CANARY.into()).await.status, 401);
+    let too_big = "#".repeat(2 << 20);
+    assert_eq!(check(Some(admin), too_big).await.status, 413);
+}

@@ -46,6 +46,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::token::TokenCommand,
     },
+    /// Routing policies: check a document, and dry-run it against a running discovery.
+    Policy {
+        #[command(subcommand)]
+        command: crate::policy::PolicyCommand,
+    },
     /// Topology bus identities: generate a node's or discovery replica's NATS credentials.
     Bus {
         #[command(subcommand)]
@@ -224,7 +229,7 @@ pub fn read(path: &Path) -> Result<String> {
 
 /// The process environment: the one lookup every config loader is handed.
 #[allow(clippy::disallowed_methods)] // The binary is the edge where the environment is read.
-fn env(key: &str) -> Option<String> {
+pub fn env(key: &str) -> Option<String> {
     std::env::var(key).ok()
 }
 

@@ -5,6 +5,7 @@
 
 mod bus;
 mod cli;
+mod policy;
 mod token;
 
 /// Request handling allocates many small, short-lived buffers; mimalloc serves them with less
@@ -70,6 +71,7 @@ fn main() -> Result<()> {
         }),
         Command::Model { command } => command.run(),
         Command::Token { command } => token::run(command),
+        Command::Policy { command } => policy::run(command, cli::env),
         Command::Bus { command } => bus::run(command),
     }
 }
