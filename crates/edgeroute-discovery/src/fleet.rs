@@ -816,7 +816,12 @@ mod tests {
             uptime_s: 1,
             models: models
                 .iter()
-                .map(|m| ModelHealth { id: (*m).into(), state: ModelState::Ready, gpu: None })
+                .map(|m| ModelHealth {
+                    id: (*m).into(),
+                    state: ModelState::Ready,
+                    gpu: None,
+                    version: None,
+                })
                 .collect(),
             gpus: vec![],
             pipelines: vec![],

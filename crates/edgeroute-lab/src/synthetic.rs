@@ -113,7 +113,12 @@ pub fn health(id: &str, region: &str, models: &[&str]) -> NodeHealth {
         uptime_s: 1,
         models: models
             .iter()
-            .map(|m| ModelHealth { id: (*m).into(), state: ModelState::Ready, gpu: None })
+            .map(|m| ModelHealth {
+                id: (*m).into(),
+                state: ModelState::Ready,
+                gpu: None,
+                version: None,
+            })
             .collect(),
         gpus: vec![],
         pipelines: vec![],
@@ -147,7 +152,12 @@ pub fn report(e: &NodeEntry) -> NodeHealth {
         models: v
             .models
             .iter()
-            .map(|m| ModelHealth { id: m.clone(), state: ModelState::Ready, gpu: None })
+            .map(|m| ModelHealth {
+                id: m.clone(),
+                state: ModelState::Ready,
+                gpu: None,
+                version: None,
+            })
             .collect(),
         gpus: vec![],
         pipelines: v

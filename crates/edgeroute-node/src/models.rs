@@ -66,6 +66,21 @@ pub struct Record {
     /// While `draining`: when the backend unload starts even if requests are still in flight.
     #[serde(skip)]
     pub drain_until: Option<Instant>,
+    /// The registry version loaded under this id (the load's `version`), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `version` as the header value every answer of this model carries, made once.
+    #[serde(skip)]
+    pub version_header: Option<http::HeaderValue>,
+}
+
+impl Record {
+    /// This record, serving `version` (a registry version; its header made once here).
+    fn with_version(mut self, version: Option<String>) -> Record {
+        self.version_header = version.as_deref().and_then(|v| http::HeaderValue::from_str(v).ok());
+        self.version = version;
+        self
+    }
 }
 
 /// Requests in flight for one model, and a wake-up for a drain waiting for the last to end.
@@ -80,6 +95,8 @@ struct Usage {
 #[derive(Debug)]
 pub struct ModelUse {
     usage: Arc<Usage>,
+    /// The version serving this request, for the answer's `x-edgeroute-model-version`.
+    pub version: Option<http::HeaderValue>,
 }
 
 impl Drop for ModelUse {
@@ -184,8 +201,9 @@ impl ModelTable {
         }
         let usage = self.usage(id);
         usage.in_flight.fetch_add(1, Ordering::AcqRel);
+        let version = r.version_header.clone();
         drop(m);
-        Some(ModelUse { usage })
+        Some(ModelUse { usage, version })
     }
 
     /// The hint every answer for a draining model carries: move this model's session, by
@@ -237,6 +255,8 @@ impl ModelTable {
             path: None,
             updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
+            version: None,
+            version_header: None,
         };
         if let Ok(mut m) = self.records.write() {
             m.insert(id.to_owned(), r);
@@ -251,6 +271,7 @@ impl ModelTable {
         gpu: Option<String>,
         memory_mb: u64,
         source: Source,
+        version: Option<String>,
     ) -> Result<(Record, bool), Record> {
         let Ok(mut m) = self.records.write() else { return Err(self.placeholder(id)) };
         if let Some(cur) = m.get(id) {
@@ -258,7 +279,7 @@ impl ModelTable {
             return match cur.state {
                 ModelState::Loading | ModelState::Ready if same => Ok((cur.clone(), false)),
                 ModelState::Failed => {
-                    let r = self.fresh(id, gpu, memory_mb, source);
+                    let r = self.fresh(id, gpu, memory_mb, source).with_version(version);
                     m.insert(id.to_owned(), r.clone());
                     drop(m);
                     self.emit(EventKind::ModelLoading { model: id.to_owned(), gpu: r.gpu.clone() });
@@ -267,7 +288,7 @@ impl ModelTable {
                 _ => Err(cur.clone()),
             };
         }
-        let r = self.fresh(id, gpu, memory_mb, source);
+        let r = self.fresh(id, gpu, memory_mb, source).with_version(version);
         m.insert(id.to_owned(), r.clone());
         drop(m);
         self.emit(EventKind::ModelLoading { model: id.to_owned(), gpu: r.gpu.clone() });
@@ -290,6 +311,8 @@ impl ModelTable {
             path: None,
             updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
+            version: None,
+            version_header: None,
         }
     }
 
@@ -529,14 +552,14 @@ mod tests {
     fn load_lifecycle_publishes_every_change() {
         let (t, seen) = table();
         let src = Source::Hub { repo: "a/b".into(), revision: "main".into() };
-        let (r, started) = t.begin_load("b", Some("gpu0".into()), 10, src.clone()).unwrap();
+        let (r, started) = t.begin_load("b", Some("gpu0".into()), 10, src.clone(), None).unwrap();
         assert!(started && r.state == ModelState::Loading);
         assert!(!t.is_ready("b"));
         // Same source again: shares the running load.
-        let (_, started) = t.begin_load("b", None, 10, src.clone()).unwrap();
+        let (_, started) = t.begin_load("b", None, 10, src.clone(), None).unwrap();
         assert!(!started);
         // Another source under the same id: conflict.
-        assert!(t.begin_load("b", None, 10, Source::Path { path: "/x".into() }).is_err());
+        assert!(t.begin_load("b", None, 10, Source::Path { path: "/x".into() }, None).is_err());
         t.mark_ready("b");
         assert!(t.is_ready("b"));
         assert_eq!(t.ready_placement().get("b").map(String::as_str), Some("gpu0"));
@@ -632,7 +655,7 @@ mod tests {
         let now = Instant::now();
         assert!(matches!(t.begin_unload("m", now, now), Some(Unload::Now(_))));
         assert!(matches!(t.begin_unload("m", now, now), Some(Unload::InProgress(_))));
-        t.begin_load("f", None, 0, Source::Config).unwrap();
+        t.begin_load("f", None, 0, Source::Config, None).unwrap();
         t.mark_failed("f", "oom".into());
         let later = now + Duration::from_secs(5);
         assert!(matches!(t.begin_unload("f", now, later), Some(Unload::Now(_))));
@@ -642,10 +665,11 @@ mod tests {
     #[test]
     fn a_failed_load_can_be_retried() {
         let (t, seen) = table();
-        t.begin_load("m", None, 0, Source::Config).unwrap();
+        t.begin_load("m", None, 0, Source::Config, None).unwrap();
         t.mark_failed("m", "disk full".into());
         assert_eq!(t.get("m").unwrap().reason.as_deref(), Some("disk full"));
-        let (_, started) = t.begin_load("m", None, 0, Source::Path { path: "/p".into() }).unwrap();
+        let (_, started) =
+            t.begin_load("m", None, 0, Source::Path { path: "/p".into() }, None).unwrap();
         assert!(started);
         assert_eq!(seen.lock().unwrap().len(), 3);
     }

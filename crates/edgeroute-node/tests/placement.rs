@@ -95,6 +95,20 @@ async fn a_load_the_registry_forbids_here_is_refused_and_others_pass() {
     assert_eq!(load(&node, &d, "llama", Some("v1")).await.0, 202);
     assert_eq!(load(&node, &d, "free-model", None).await.0, 202);
     node.wait_model("llama", "ready", std::time::Duration::from_secs(10)).await;
+
+    // The node reports the version it loaded, and every answer says which version served it.
+    let health = edgeroute_test_util::get(node.addr, "/health", None).await.json();
+    let llama = health["models"].as_array().unwrap().iter().find(|m| m["id"] == "llama").cloned();
+    assert_eq!(llama.unwrap()["version"], "v1", "{health}");
+    let chat =
+        json!({"model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let r = node.chat(chat.to_string()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("x-edgeroute-model-version"), Some("v1"));
+    node.wait_model("free-model", "ready", std::time::Duration::from_secs(10)).await;
+    let chat = json!({"model": "free-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let r = node.chat(chat.to_string()).await;
+    assert_eq!(r.header("x-edgeroute-model-version"), None, "no version was named");
 }
 
 #[tokio::test]

@@ -42,6 +42,10 @@ pub struct ModelHealth {
     pub state: ModelState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<String>,
+    /// The model registry's version of what is loaded under `id` (the load's `version`), when
+    /// known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -37,6 +37,10 @@ use crate::telemetry::{InFlight, Outcome};
 
 const ROUTE: &str = "chat";
 
+/// The registry version of the model that answered, when the load named one.
+pub const MODEL_VERSION_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-edgeroute-model-version");
+
 /// The chat route as one service: authentication, the tenant's rate limit and the handler are
 /// plain calls inside one future. The generic middleware layers cost this route, the one
 /// every token goes through, a boxed future each and a copy of the header map; here the
@@ -221,6 +225,7 @@ async fn handle(
     if let Some(s) = session {
         st.sessions.touch(s, now);
     }
+    let version = model_use.version.clone();
 
     let seq = st.seq.fetch_add(1, Ordering::Relaxed);
     let ctx = CallContext {
@@ -283,6 +288,10 @@ async fn handle(
         && let Ok(v) = HeaderValue::from_str(&h.to_string())
     {
         res.headers_mut().insert(MIGRATE_HEADER, v);
+    }
+    // Which registry version answered (the model id names the logical model).
+    if let Some(v) = version {
+        res.headers_mut().insert(MODEL_VERSION_HEADER, v);
     }
     Ok(res)
 }

@@ -73,7 +73,7 @@ pub fn node_health(st: &AppState) -> NodeHealth {
             .models
             .list()
             .into_iter()
-            .map(|m| ModelHealth { id: m.id, state: m.state, gpu: m.gpu })
+            .map(|m| ModelHealth { id: m.id, state: m.state, gpu: m.gpu, version: m.version })
             .collect(),
         pipelines: pipelines(st, &gpus),
         gpus,

@@ -33,9 +33,15 @@ const MAX_BODY: usize = 64 * 1024;
 /// Checks a load of `id` against the model registry of the policy file (`[policy] file`), read
 /// now so a new policy needs no restart. A model the registry does not name is not governed;
 /// an unreadable or invalid policy refuses every load (fail closed: the constraints it may
-/// hold are data-sovereignty rules).
-async fn check_registry(st: &AppState, id: &str, version: Option<&str>) -> Result<(), ApiError> {
-    let Some(file) = &st.policy_file else { return Ok(()) };
+/// hold are data-sovereignty rules). The version the load provides: the registry's (the
+/// given one, else the model's default) or, for a model it does not name, the given one.
+async fn check_registry(
+    st: &AppState,
+    id: &str,
+    version: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let given = version.map(str::to_owned);
+    let Some(file) = &st.policy_file else { return Ok(given) };
     let unusable = |why: String| {
         ApiError::unavailable(
             "policy_unavailable",
@@ -49,13 +55,14 @@ async fn check_registry(st: &AppState, id: &str, version: Option<&str>) -> Resul
     };
     let text = tokio::fs::read_to_string(file).await.map_err(|e| unusable(e.to_string()))?;
     let policy = edgeroute_policy::Policy::parse(&text).map_err(|e| unusable(e.to_string()))?;
-    let Some(model) = policy.registry().model(id) else { return Ok(()) };
+    let Some(model) = policy.registry().model(id) else { return Ok(given) };
     let version = match version {
         Some(v) => v,
         None => &model.versions[model.default_version].id,
     };
     policy
         .check_placement(id, version, &st.region, st.jurisdiction.as_deref(), st.hardware)
+        .map(|()| Some(version.to_owned()))
         .map_err(|e| match e {
             edgeroute_policy::PlacementError::UnknownVersion { .. } => {
                 ApiError::invalid_request(Some("version"), e.to_string())
@@ -167,7 +174,7 @@ pub async fn load(
     }
 
     // The fleet's registry: a registered model may be placed only where it is allowed.
-    check_registry(&st, &id, req.version.as_deref()).await?;
+    let version = check_registry(&st, &id, req.version.as_deref()).await?;
 
     // Placement: the GPU must exist and have room.
     let gpus: Vec<GpuLoad> = super::info::gpu_loads(&st.backend.gpus());
@@ -201,7 +208,7 @@ pub async fn load(
     let plan = crate::fetch::plan(&st, &source, &req).await?;
 
     let (record, started) =
-        match st.models.begin_load(&id, Some(gpu.clone()), memory_hint, source.clone()) {
+        match st.models.begin_load(&id, Some(gpu.clone()), memory_hint, source.clone(), version) {
             Ok(x) => x,
             Err(cur) if matches!(cur.state, ModelState::Draining | ModelState::Unloading) => {
                 return Err(conflict(
