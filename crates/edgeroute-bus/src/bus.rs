@@ -14,6 +14,7 @@ use crate::BusError;
 use crate::config::{BusConfig, BusKind};
 use crate::inprocess::InProcessBus;
 use crate::nats::NatsBus;
+use crate::policy::{PolicyStatus, PolicyStatuses, PolicyWatch};
 use crate::subscription::Subscription;
 
 /// The topology bus. Cheap to clone; clones share the transport.
@@ -104,6 +105,41 @@ impl Bus {
                 Ok(Subscription::in_process(bus.clone(), &self.config, clock))
             }
             Transport::Nats(bus) => Subscription::nats(bus.clone(), &self.config, clock).await,
+        }
+    }
+
+    /// Puts a routing policy text (an admin's act: on NATS only the admin role may) and
+    /// returns its revision. Nothing is parsed here; a text over `max_policy_bytes` is refused.
+    pub async fn put_policy(&self, text: &str) -> Result<u64, BusError> {
+        match &self.transport {
+            Transport::InProcess(bus) => bus.policy().put(text, self.config.max_policy_bytes),
+            Transport::Nats(bus) => bus.put_policy(text, &self.config).await,
+        }
+    }
+
+    /// Follows the policy texts: the current one first (a replica that starts late gets it at
+    /// once), then each new one. On NATS the bucket must exist (the first push creates it):
+    /// until then this fails and the caller retries.
+    pub async fn watch_policy(&self) -> Result<PolicyWatch, BusError> {
+        match &self.transport {
+            Transport::InProcess(bus) => Ok(bus.policy().watch()),
+            Transport::Nats(bus) => bus.watch_policy(&self.config).await,
+        }
+    }
+
+    /// Acknowledges a policy text on `<policy_status_prefix>.<replica>`.
+    pub async fn publish_policy_status(&self, status: &PolicyStatus) -> Result<(), BusError> {
+        match &self.transport {
+            Transport::InProcess(bus) => bus.policy().publish_status(status),
+            Transport::Nats(bus) => bus.publish_policy_status(status, &self.config).await,
+        }
+    }
+
+    /// Every replica's acknowledgements from now on (subscribe before putting).
+    pub async fn policy_statuses(&self) -> Result<PolicyStatuses, BusError> {
+        match &self.transport {
+            Transport::InProcess(bus) => Ok(bus.policy().statuses()),
+            Transport::Nats(bus) => bus.policy_statuses(&self.config).await,
         }
     }
 

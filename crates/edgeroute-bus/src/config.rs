@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::BusError;
 use crate::wire::check_token;
 
+/// The ceiling of `max_policy_bytes` (NATS warns above an 8 MiB `max_payload`).
+pub const MAX_POLICY_LIMIT: usize = 8 << 20;
+
 /// Which transport carries the topology.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,6 +96,17 @@ pub struct BusConfig {
     /// Subscriber: a node silent for `expire_ms` plus this long is dropped from the view; it
     /// comes back through its stored snapshot when it speaks again (default: 600000).
     pub forget_ms: u64,
+    /// JetStream KV bucket holding the routing policy pushed by an admin (`edgeroute policy
+    /// push`), key `current` (default: `edgeroute_policy`). See [`crate::policy`].
+    pub policy_bucket: String,
+    /// Replicas acknowledge each policy text on `<policy_status_prefix>.<replica>`
+    /// (default: `edgeroute.policy.status`).
+    pub policy_status_prefix: String,
+    /// Largest policy text put or accepted, bytes (default: 1048576, 1 MiB; at most 8 MiB,
+    /// and the NATS server's `max_payload` must exceed it).
+    pub max_policy_bytes: usize,
+    /// Policy texts the bucket keeps per key, the current one included (default: 5; 1-64).
+    pub policy_history: u8,
 }
 
 impl Default for BusConfig {
@@ -121,6 +135,10 @@ impl Default for BusConfig {
             max_models_per_node: 256,
             max_epoch_skew_ms: 300_000,
             forget_ms: 600_000,
+            policy_bucket: "edgeroute_policy".to_owned(),
+            policy_status_prefix: "edgeroute.policy.status".to_owned(),
+            max_policy_bytes: 1 << 20,
+            policy_history: 5,
         }
     }
 }
@@ -141,6 +159,23 @@ impl BusConfig {
         check_token("bucket", &self.bucket)?;
         for token in self.subject_prefix.split('.') {
             check_token("subject_prefix token", token)?;
+        }
+        check_token("policy_bucket", &self.policy_bucket)?;
+        if self.policy_bucket == self.bucket {
+            return Err(BusError::Config(
+                "policy_bucket must differ from bucket (the topology's)".to_owned(),
+            ));
+        }
+        for token in self.policy_status_prefix.split('.') {
+            check_token("policy_status_prefix token", token)?;
+        }
+        if !(1..=MAX_POLICY_LIMIT).contains(&self.max_policy_bytes) {
+            return Err(BusError::Config(format!(
+                "max_policy_bytes must be between 1 and {MAX_POLICY_LIMIT}"
+            )));
+        }
+        if !(1..=64).contains(&self.policy_history) {
+            return Err(BusError::Config("policy_history must be between 1 and 64".to_owned()));
         }
         let positive = [
             ("heartbeat_ms", self.heartbeat_ms),
@@ -248,6 +283,13 @@ mod tests {
             c.creds_file = Some("b".into());
         }));
         assert!(bad(|c| c.tls_cert_file = Some("cert.pem".into())));
+        assert!(bad(|c| c.policy_bucket = "a.b".into()));
+        assert!(bad(|c| c.policy_bucket = c.bucket.clone()));
+        assert!(bad(|c| c.policy_status_prefix = "edgeroute.>".into()));
+        assert!(bad(|c| c.max_policy_bytes = 0));
+        assert!(bad(|c| c.max_policy_bytes = MAX_POLICY_LIMIT + 1));
+        assert!(bad(|c| c.policy_history = 0));
+        assert!(bad(|c| c.policy_history = 65));
     }
 
     #[test]

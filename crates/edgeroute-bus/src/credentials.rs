@@ -7,6 +7,12 @@
 //! (subscribe to every event, read the bucket) and publish nothing on it. The server, not the
 //! subscriber, enforces this: a node holding its own credentials cannot speak for another.
 //!
+//! The routing policy ([`crate::policy`]): only an [`Role::Admin`] user may put it (and create
+//! its bucket); a discovery replica may read and watch it and publish acknowledgements under
+//! the status prefix (any replica's subject: a replica could speak for another's
+//! acknowledgement, which informs the pusher only; each replica's `/health` is the record); a
+//! node may do neither.
+//!
 //! [`permissions`] is the one place those subject lists are written; `deploy/nats/` ships the
 //! server configuration they are pasted into and `edgeroute bus credentials` prints them.
 //! The sets were found against nats-server 2.9 (the tests in `tests/auth.rs` start one): each
@@ -21,8 +27,13 @@ use crate::wire::{self, check_token};
 pub enum Role {
     /// One edge node: publishes its own events and snapshot only.
     Node { node_id: String, region: String },
-    /// A discovery replica (or any observer): reads the topology, publishes none of it.
+    /// A discovery replica (or any observer): reads the topology, publishes none of it; reads
+    /// and watches the routing policy, publishes its acknowledgements.
     Discovery,
+    /// An operator pushing the routing policy (`edgeroute policy push`): puts the policy
+    /// text (creating its bucket) and reads the replicas' acknowledgements; nothing of the
+    /// topology.
+    Admin,
 }
 
 /// The subjects a user may publish to and subscribe to (NATS wildcards allowed).
@@ -42,6 +53,10 @@ pub fn permissions(cfg: &BusConfig, role: &Role) -> Result<Permissions, BusError
     // the stream if missing (an identical stream already there makes this a no-op, a different
     // one an error, so a node cannot reconfigure the bucket once it exists).
     let stream_info = format!("$JS.API.STREAM.INFO.KV_{bucket}");
+    check_token("policy_bucket", &cfg.policy_bucket)?;
+    let policy = &cfg.policy_bucket;
+    let policy_info = format!("$JS.API.STREAM.INFO.KV_{policy}");
+    let statuses = &cfg.policy_status_prefix;
     Ok(match role {
         Role::Node { node_id, region } => {
             wire::check_node(node_id, region)?;
@@ -66,8 +81,25 @@ pub fn permissions(cfg: &BusConfig, role: &Role) -> Result<Permissions, BusError
                 format!("$JS.API.CONSUMER.DELETE.KV_{bucket}.>"),
                 format!("$JS.API.CONSUMER.INFO.KV_{bucket}.>"),
                 format!("$JS.FC.KV_{bucket}.>"),
+                // The policy: its bucket's info and a watch of its one key (an ordered
+                // consumer, as above), and acknowledgements under the status prefix.
+                policy_info,
+                format!("$JS.API.CONSUMER.CREATE.KV_{policy}"),
+                format!("$JS.API.CONSUMER.CREATE.KV_{policy}.>"),
+                format!("$JS.API.CONSUMER.DELETE.KV_{policy}.>"),
+                format!("$JS.API.CONSUMER.INFO.KV_{policy}.>"),
+                format!("$JS.FC.KV_{policy}.>"),
+                format!("{statuses}.*"),
             ],
             subscribe: vec![wire::all_events_subject(&cfg.subject_prefix), inbox],
+        },
+        Role::Admin => Permissions {
+            publish: vec![
+                format!("$KV.{policy}.{}", crate::policy::POLICY_KEY),
+                policy_info,
+                format!("$JS.API.STREAM.CREATE.KV_{policy}"),
+            ],
+            subscribe: vec![format!("{statuses}.*"), inbox],
         },
     })
 }
@@ -146,8 +178,27 @@ mod tests {
     #[test]
     fn discovery_publishes_nothing_of_the_topology() {
         let p = permissions(&BusConfig::default(), &Role::Discovery).unwrap();
-        assert!(p.publish.iter().all(|s| s.starts_with("$JS.")), "{p:?}");
+        // JetStream reads, and its policy acknowledgements: nothing under the topology.
+        let status = "edgeroute.policy.status.*";
+        assert!(p.publish.iter().all(|s| s.starts_with("$JS.") || s == status), "{p:?}");
         assert!(p.subscribe.contains(&"edgeroute.topology.>".to_owned()));
+    }
+
+    #[test]
+    fn only_the_admin_may_put_the_policy_and_a_node_may_not_touch_it() {
+        let cfg = BusConfig::default();
+        let put = "$KV.edgeroute_policy.current".to_owned();
+        let admin = permissions(&cfg, &Role::Admin).unwrap();
+        assert!(admin.publish.contains(&put), "{admin:?}");
+        assert!(admin.subscribe.contains(&"edgeroute.policy.status.*".to_owned()));
+        assert!(admin.publish.iter().all(|s| !s.contains("topology") && !s.contains("nodes")));
+        let disc = permissions(&cfg, &Role::Discovery).unwrap();
+        assert!(!disc.publish.iter().any(|s| s.starts_with("$KV.")), "{disc:?}");
+        assert!(disc.publish.contains(&"edgeroute.policy.status.*".to_owned()));
+        assert!(!disc.publish.iter().any(|s| s.contains("STREAM.CREATE")));
+        let node = Role::Node { node_id: "tor-1".into(), region: "ca_east".into() };
+        let node = permissions(&cfg, &node).unwrap();
+        assert!(node.publish.iter().chain(&node.subscribe).all(|s| !s.contains("policy")));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use edgeroute_proto::topology::{NodeSnapshot, TopologyEvent};
 use tokio::sync::broadcast;
 
 use crate::BusError;
+use crate::policy::InProcessPolicy;
 use crate::wire::check_node;
 
 /// A cheap handle (clone it) to one in-process bus. Every handle of one bus sees the same
@@ -30,13 +31,25 @@ impl std::fmt::Debug for InProcessBus {
 struct Shared {
     events: broadcast::Sender<Arc<TopologyEvent>>,
     snapshots: Mutex<BTreeMap<String, NodeSnapshot>>,
+    /// The routing policy pushed on this bus and the replicas' acknowledgements.
+    policy: InProcessPolicy,
 }
 
 impl InProcessBus {
     /// A bus whose subscribers may fall `capacity` events behind before they resync.
     pub fn new(capacity: usize) -> Self {
         let (events, _) = broadcast::channel(capacity.max(1));
-        InProcessBus { shared: Arc::new(Shared { events, snapshots: Mutex::new(BTreeMap::new()) }) }
+        InProcessBus {
+            shared: Arc::new(Shared {
+                events,
+                snapshots: Mutex::new(BTreeMap::new()),
+                policy: InProcessPolicy::new(capacity),
+            }),
+        }
+    }
+
+    pub(crate) fn policy(&self) -> &InProcessPolicy {
+        &self.shared.policy
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, NodeSnapshot>> {

@@ -11,6 +11,10 @@
 //! - NATS: core subjects `<prefix>.<region>.<node_id>` for events, a JetStream KV bucket
 //!   (key = node id) for snapshots. See [`nats`] for the layout.
 //!
+//! The routing policy travels on the same bus ([`policy`]): an admin puts a text once, every
+//! discovery replica watches it (the current text first, then each new one) and acknowledges
+//! what it did with it.
+//!
 //! Who may speak: on NATS each node connects as its own NKey user (`nkey_seed_file` or
 //! `creds_file` in [`BusConfig`], TLS optional or required) whose server-side permissions
 //! allow only its own subject and KV key ([`credentials`]; `deploy/nats/` ships the server
@@ -29,16 +33,18 @@ pub mod credentials;
 mod error;
 mod inprocess;
 pub mod nats;
+pub mod policy;
 mod publisher;
 mod subscription;
 mod view;
 pub mod wire;
 
 pub use bus::{Bus, Transport};
-pub use config::{BusConfig, BusKind};
+pub use config::{BusConfig, BusKind, MAX_POLICY_LIMIT};
 pub use error::BusError;
 pub use inprocess::InProcessBus;
 pub use nats::NatsBus;
+pub use policy::{PolicyResult, PolicyStatus, PolicyStatuses, PolicyUpdate, PolicyWatch};
 pub use publisher::{
     Clock, NodeIdentity, Publisher, PublisherOptions, PublisherStats, system_clock,
 };

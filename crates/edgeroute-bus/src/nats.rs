@@ -31,6 +31,7 @@ use tokio::sync::{OnceCell, watch};
 use crate::BusError;
 use crate::config::BusConfig;
 use crate::inprocess::check_batch;
+use crate::policy::{PolicyStatus, PolicyStatuses, PolicyWatch};
 use crate::wire::{self, MAX_MESSAGE_BYTES, Rejected};
 
 /// How many snapshots a full sync reads at once.
@@ -56,6 +57,8 @@ struct Inner {
     js: jetstream::Context,
     /// Opened (or created) on first use, since the server may be down at start-up.
     store: OnceCell<kv::Store>,
+    /// The routing policy's bucket, opened (or, by an admin's push, created) on first use.
+    policy_store: OnceCell<kv::Store>,
     bucket: String,
     prefix: String,
     op_timeout: Duration,
@@ -152,6 +155,7 @@ impl NatsBus {
                 client,
                 js,
                 store: OnceCell::new(),
+                policy_store: OnceCell::new(),
                 bucket: cfg.bucket.clone(),
                 prefix: cfg.subject_prefix.clone(),
                 op_timeout: cfg.op_timeout(),
@@ -233,6 +237,86 @@ impl NatsBus {
         // Creating an identical stream is idempotent, so racing creators both succeed.
         self.timed("kv create", js.create_stream(config)).await?;
         self.timed("kv open", js.get_key_value(bucket.as_str())).await
+    }
+
+    /// The policy bucket: opened, or created when `create` (the pusher; a replica may not
+    /// create it and waits for the first push instead).
+    async fn policy_store(&self, cfg: &BusConfig, create: bool) -> Result<&kv::Store, BusError> {
+        self.ensure_connected()?;
+        self.inner.policy_store.get_or_try_init(|| self.open_policy(cfg, create)).await
+    }
+
+    async fn open_policy(&self, cfg: &BusConfig, create: bool) -> Result<kv::Store, BusError> {
+        let js = &self.inner.js;
+        let bucket = cfg.policy_bucket.as_str();
+        match self.timed("policy kv open", js.get_key_value(bucket)).await {
+            Ok(store) => return Ok(store),
+            Err(e) if !create => return Err(e),
+            Err(_) => {}
+        }
+        // Created directly, as the topology's bucket is (see `open_or_create`). A value holds
+        // one whole text: the stream's message limit is the text's plus room for headers.
+        let max_message = cfg.max_policy_bytes.saturating_add(4096);
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("edgeroute: the routing policy in force (key current)".to_owned()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: i64::from(cfg.policy_history),
+            max_message_size: i32::try_from(max_message).unwrap_or(i32::MAX),
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: 1,
+            ..stream::Config::default()
+        };
+        self.timed("policy kv create", js.create_stream(config)).await?;
+        self.timed("policy kv open", js.get_key_value(bucket)).await
+    }
+
+    /// Puts a policy text (creating the bucket if it is missing) and returns its revision.
+    pub async fn put_policy(&self, text: &str, cfg: &BusConfig) -> Result<u64, BusError> {
+        crate::policy::check_size(text, cfg.max_policy_bytes)?;
+        let store = self.policy_store(cfg, true).await?;
+        let value = bytes::Bytes::copy_from_slice(text.as_bytes());
+        self.timed("policy kv put", store.put(crate::policy::POLICY_KEY, value)).await
+    }
+
+    /// Watches the policy key with history: the current text first, then each update.
+    pub async fn watch_policy(&self, cfg: &BusConfig) -> Result<PolicyWatch, BusError> {
+        let store = self.policy_store(cfg, false).await?;
+        let watch = self
+            .timed("policy kv watch", store.watch_with_history(crate::policy::POLICY_KEY))
+            .await?;
+        Ok(PolicyWatch::nats(watch, cfg.max_policy_bytes))
+    }
+
+    /// Publishes a replica's acknowledgement (core, at most once) and flushes it.
+    pub async fn publish_policy_status(
+        &self,
+        status: &PolicyStatus,
+        cfg: &BusConfig,
+    ) -> Result<(), BusError> {
+        let payload = status.encode()?;
+        self.ensure_connected()?;
+        let subject = format!("{}.{}", cfg.policy_status_prefix, status.replica);
+        let client = &self.inner.client;
+        self.timed("publish policy status", client.publish(subject, payload.into())).await?;
+        self.timed("flush", client.flush()).await
+    }
+
+    /// Subscribes to every replica's acknowledgements.
+    pub async fn policy_statuses(&self, cfg: &BusConfig) -> Result<PolicyStatuses, BusError> {
+        self.ensure_connected()?;
+        let sub = self
+            .inner
+            .client
+            .subscribe(format!("{}.*", cfg.policy_status_prefix))
+            .await
+            .map_err(|e| BusError::nats("subscribe", e))?;
+        // The subscription is registered with the server before anything is pushed.
+        self.timed("flush", self.inner.client.flush()).await?;
+        Ok(PolicyStatuses::nats(sub, &cfg.policy_status_prefix))
     }
 
     /// Stores `snapshot` in the bucket, then publishes `events` (all of the snapshot's node).

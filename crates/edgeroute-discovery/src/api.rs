@@ -1009,9 +1009,18 @@ struct HealthResponse<'a> {
 
 #[derive(Serialize)]
 struct PolicyHealth {
-    file: String,
-    /// The version in force.
-    version: String,
+    /// Where texts come from (`[policy] source`): `file` or `bus`.
+    source: &'static str,
+    /// The polled file (`source = "file"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    /// The version in force; null while a replica following the bus has received none.
+    version: Option<String>,
+    /// Where the text in force came from: `file` or `bus` (null: none yet).
+    applied_from: Option<&'static str>,
+    /// The bus revision of the text in force, when it came from the bus.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revision: Option<u64>,
     applied_at_ms: u64,
     /// Why the last text was refused (the version above stays in force), until a newer text
     /// is applied.
@@ -1059,8 +1068,11 @@ async fn health(State(sh): State<Arc<Shared>>) -> Response {
         policy: sh.routing.as_ref().map(|r| {
             let st = r.status();
             PolicyHealth {
-                file: r.file.display().to_string(),
-                version: st.version,
+                source: r.source.as_str(),
+                file: r.file.as_ref().map(|f| f.display().to_string()),
+                version: st.applied_from.map(|_| st.version.clone()),
+                applied_from: st.applied_from.map(crate::routing::Source::as_str),
+                revision: st.revision,
                 applied_at_ms: st.applied_at_ms,
                 last_refusal: st.last_refusal,
                 applied: st.applied,
@@ -1075,6 +1087,10 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
     sh.refresh_gauges();
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+    /// The shadow policy (`[policy] shadow_file`): its version, decisions compared and
+    /// differing since it was loaded, and the latest differing requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<crate::routing::ShadowReport>,
         sh.metrics.render(),
     )
         .into_response()
@@ -1121,6 +1137,7 @@ mod tests {
         assert_eq!(param("model=a&session=a%20b"), "session");
         assert_eq!(param("model=a&session=a&session=b"), "session");
         assert_eq!(param("model=a%20b"), "model");
+                shadow: r.shadow_report(),
         let long = format!("model={}", "a".repeat(3000));
         assert_eq!(parse(&long).unwrap_err().status, StatusCode::BAD_REQUEST);
     }

@@ -75,17 +75,41 @@ pub struct DiscoveryConfig {
     pub policy: Option<PolicySection>,
 }
 
-/// Where the routing policy lives and how often it is checked for a new text.
+/// Where the routing policy comes from (a file, or the topology bus), how often a file is
+/// checked for a new text, and an optional shadow policy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySection {
-    /// The policy document. Read at start (a bad one refuses to start), then polled: a new
-    /// text (mtime or length changed) is parsed, checked against the fleet and swapped in
-    /// whole; a refused text leaves the last good policy in force.
-    pub file: std::path::PathBuf,
-    /// How often the file's mtime and length are checked, ms. Default 1000; 50 to 3,600,000.
+    /// `file` (default): `file` is read at start (a bad one refuses to start), then polled.
+    /// `bus`: the policy an admin pushes on the topology bus (`edgeroute policy push`); the
+    /// current text arrives at start (until then requests are scored as without a policy)
+    /// and each new one after; needs `[bus]` and refuses `file`. Either way a new text is
+    /// parsed, checked against the fleet and swapped in whole; a refused text leaves the last
+    /// good policy in force.
+    #[serde(default)]
+    pub source: crate::routing::Source,
+    /// The policy document (`source = "file"`; required then). A new text is one whose mtime
+    /// or length changed.
+    #[serde(default)]
+    pub file: Option<std::path::PathBuf>,
+    /// How often the file's (and the shadow file's) mtime and length are checked, ms.
+    /// Default 1000; 50 to 3,600,000.
     #[serde(default = "default_reload_ms")]
     pub reload_interval_ms: u64,
+    /// A candidate policy evaluated beside the live one: every request the live policy
+    /// decides, the shadow decides too, and the two are compared (model, version, tier or
+    /// pool, first node) and counted (`/health` `policy.shadow`, `/metrics`
+    /// `edgeroute_discovery_policy_shadow_total{result}`); it never changes an answer. Polled
+    /// like `file`; a bad text is refused (the previous shadow stays). Default: none.
+    #[serde(default)]
+    pub shadow_file: Option<std::path::PathBuf>,
+    /// Differing requests `/health` keeps as examples (the latest). Default 8; at most 64.
+    #[serde(default = "default_shadow_examples")]
+    pub shadow_max_examples: usize,
+}
+
+fn default_shadow_examples() -> usize {
+    8
 }
 
 fn default_reload_ms() -> u64 {
@@ -576,10 +600,34 @@ impl DiscoveryConfig {
                 }
             }
         }
-        if let Some(p) = &self.policy
-            && !(50..=3_600_000).contains(&p.reload_interval_ms)
-        {
-            return Err(invalid("policy.reload_interval_ms", "between 50 and 3600000"));
+        if let Some(p) = &self.policy {
+            if !(50..=3_600_000).contains(&p.reload_interval_ms) {
+                return Err(invalid("policy.reload_interval_ms", "between 50 and 3600000"));
+            }
+            if p.shadow_max_examples > 64 {
+                return Err(invalid("policy.shadow_max_examples", "at most 64"));
+            }
+            match (p.source, &p.file) {
+                (crate::routing::Source::File, None) => {
+                    return Err(invalid(
+                        "policy.file",
+                        "required with source = \"file\" (the default); or set source = \"bus\"",
+                    ));
+                }
+                (crate::routing::Source::Bus, Some(_)) => {
+                    return Err(invalid(
+                        "policy.file",
+                        "not with source = \"bus\": the policy comes from the bus only (push a file with `edgeroute policy push`)",
+                    ));
+                }
+                (crate::routing::Source::Bus, None) if self.bus.is_none() => {
+                    return Err(invalid(
+                        "policy.source",
+                        "\"bus\" needs a [bus] table (the bus the policy is pushed on)",
+                    ));
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -668,6 +716,22 @@ mod tests {
             err("[policy]\nfile = \"p\"\nreload_interval_ms = 1").contains("reload_interval_ms")
         );
         assert!(err("[policy]\nfil = \"p\"").contains("fil"));
+        // Where the policy comes from.
+        let c = parse("[policy]\nsource = \"bus\"\n[bus]\nkind = \"embedded\"").unwrap();
+        let p = c.policy.unwrap();
+        assert_eq!(
+            (p.source, p.file, p.shadow_max_examples),
+            (crate::routing::Source::Bus, None, 8)
+        );
+        assert!(err("[policy]\nsource = \"bus\"").contains("policy.source"));
+        assert!(err("[policy]\nsource = \"bus\"\nfile = \"p\"\n[bus]\n").contains("policy.file"));
+        assert!(err("[policy]\nreload_interval_ms = 100").contains("policy.file"));
+        assert!(err("[policy]\nsource = \"kafka\"\nfile = \"p\"").contains("source"));
+        let c = parse("[policy]\nfile = \"p\"\nshadow_file = \"c.toml\"").unwrap();
+        assert_eq!(c.policy.unwrap().shadow_file.unwrap().to_str(), Some("c.toml"));
+        assert!(
+            err("[policy]\nfile = \"p\"\nshadow_max_examples = 65").contains("shadow_max_examples")
+        );
         assert!(err("[jurisdictions]\ntoronto = \"c a\"").contains("jurisdictions.toronto"));
     }
 

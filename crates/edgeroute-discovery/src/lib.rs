@@ -17,7 +17,8 @@
 //! - [`routing`]: the routing policy (`[policy] file`), hot reloaded and compiled against each
 //!   snapshot; node jurisdictions for residency.
 //!
-//! Background tasks (started by [`Discovery::start`]): the bus follower, the probe tasks, and
+//! Background tasks (started by [`Discovery::start`]): the bus follower, the policy's (file
+//! poller or bus watcher, which acknowledges each text on the bus), the probe tasks, and
 //! the rebuilder, which folds bursts of changes into one new snapshot every
 //! `scoring.rebuild_interval_ms` at most.
 //!
@@ -273,17 +274,36 @@ impl Discovery {
         let jurisdictions = routing::Jurisdictions { regions: cfg.jurisdictions.clone(), nodes };
         let routing = match &cfg.policy {
             Some(p) => {
-                let (policy, stamp) = routing::read(&p.file)?;
-                tracing::info!(file = %p.file.display(), version = policy.version(), "routing policy loaded");
-                Some(routing::Routing::new(
+                let initial = match (&p.source, &p.file) {
+                    (routing::Source::File, Some(file)) => {
+                        let (policy, stamp) = routing::read(file)?;
+                        tracing::info!(file = %file.display(), version = policy.version(), "routing policy loaded");
+                        Some((policy, stamp))
+                    }
+                    _ => {
+                        tracing::info!(
+                            "routing policy: following the bus; scoring without a policy until the first text arrives"
+                        );
+                        None
+                    }
+                };
+                let r = routing::Routing::new(
+                    p.source,
                     p.file.clone(),
                     p.reload_interval_ms,
-                    policy,
-                    stamp,
+                    initial,
                     Arc::new(Snapshot::default()),
                     &jurisdictions,
                     unix_ms(),
-                ))
+                )
+                .map_err(|source| routing::LoadError::Parse {
+                    path: "(no policy yet)".into(),
+                    source,
+                })?;
+                Some(match &p.shadow_file {
+                    Some(f) => r.with_shadow(f.clone(), p.shadow_max_examples),
+                    None => r,
+                })
             }
             None => None,
         };
@@ -315,7 +335,12 @@ impl Discovery {
             cfg,
         });
         if let Some(r) = &shared.routing {
-            shared.metrics.policy_applied(None, &r.status().version);
+            if r.has_policy() {
+                shared.metrics.policy_applied(None, &r.status().version);
+            }
+            if let Some(totals) = r.shadow_totals() {
+                shared.metrics.watch_shadow(totals);
+            }
         }
         shared.rebuild();
         Ok(Discovery { shared, bus: None, probe: None })
@@ -432,9 +457,20 @@ impl Discovery {
             (None, Some(cfg)) => Some(Bus::connect(cfg).await?),
             (None, None) => None,
         };
+        let policy_from_bus = sh.routing.as_ref().is_some_and(|r| r.source == routing::Source::Bus);
         if let Some(bus) = bus {
             sh.bus_connected.store(bus.is_connected(), Ordering::Relaxed);
+            if policy_from_bus {
+                tasks.push(tokio::spawn(follow_policy(sh.clone(), bus.clone(), stop_rx.clone())));
+            }
             tasks.push(tokio::spawn(follow_bus(sh.clone(), bus, stop_rx.clone())));
+        } else if policy_from_bus {
+            // validate() requires [bus] with source = "bus"; a replica built without one and
+            // given none (with_bus) has nowhere to hear a policy from.
+            return Err(DiscoveryError::Config(config::ConfigError::Invalid {
+                key: "policy.source".into(),
+                message: "\"bus\" needs a bus to follow".into(),
+            }));
         }
         if let (Some(store), Some(a)) = (&sh.auth, &sh.cfg.auth)
             && a.reload_interval_ms > 0
@@ -448,7 +484,7 @@ impl Discovery {
                 },
             ));
         }
-        if sh.routing.is_some() {
+        if sh.routing.as_ref().is_some_and(|r| r.file.is_some() || r.shadow_file().is_some()) {
             tasks.push(tokio::spawn(reload_policy_loop(sh.clone(), stop_rx.clone())));
         }
         tasks.push(tokio::spawn(rebuild_loop(sh.clone(), stop_rx)));
@@ -553,44 +589,141 @@ async fn rebuild_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Polls the policy file every `policy.reload_interval_ms`: a new text (mtime or length) is
-/// offered to the runtime, applied or refused, logged and counted. An unreadable or missing
-/// file is a refusal too; the policy in force stays until a good text replaces it.
+/// Reads a policy file for the reload loop: its stamp and text (or why it cannot be read).
+async fn read_text(file: &std::path::Path) -> (Option<routing::Stamp>, Result<String, String>) {
+    let meta = tokio::fs::metadata(file).await;
+    let stamp = meta.as_ref().ok().map(routing::Stamp::of);
+    let text = match meta {
+        Err(e) => Err(format!("cannot read: {e}")),
+        Ok(m) if m.len() > routing::MAX_POLICY_BYTES => {
+            Err(format!("{} bytes, over the {}-byte limit", m.len(), routing::MAX_POLICY_BYTES))
+        }
+        Ok(_) => tokio::fs::read_to_string(file).await.map_err(|e| format!("cannot read: {e}")),
+    };
+    (stamp, text)
+}
+
+/// Logs and counts what became of a text offered to the runtime (from the file or the bus).
+fn report_offer(sh: &Shared, offer: &routing::Offer, from: routing::Source) {
+    match offer {
+        routing::Offer::Applied { version, previous, warnings } => {
+            for w in warnings {
+                tracing::warn!(version = %version, warning = ?w, "routing policy: check against the fleet");
+            }
+            tracing::info!(version = %version, previous = %previous, from = from.as_str(), warnings = warnings.len(), "routing policy applied");
+            sh.metrics.policy_applied(Some(previous), version);
+        }
+        routing::Offer::Refused(why) => {
+            tracing::warn!(reason = %why, from = from.as_str(), "routing policy refused; the last good one stays in force");
+            sh.metrics.policy_refused();
+        }
+        routing::Offer::Seen => {}
+    }
+}
+
+/// Polls the policy file (with `source = "file"`) and the shadow file, if any, every
+/// `policy.reload_interval_ms`: a new text (mtime or length) is offered to the runtime,
+/// applied or refused, logged and counted. An unreadable or missing file is a refusal too;
+/// the policy in force stays until a good text replaces it. The shadow file is read at once.
 async fn reload_policy_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let Some(rt) = &sh.routing else { return };
     let every = ms(rt.reload_interval_ms);
     loop {
+        if let Some(file) = rt.file.as_deref().filter(|_| rt.source == routing::Source::File) {
+            let stamp = tokio::fs::metadata(file).await.ok().map(|m| routing::Stamp::of(&m));
+            if rt.is_new(stamp) {
+                let (stamp, text) = read_text(file).await;
+                let offer = rt.offer(
+                    text,
+                    routing::Origin::File(stamp),
+                    &sh.snapshot,
+                    &sh.jurisdictions,
+                    unix_ms(),
+                );
+                report_offer(&sh, &offer, routing::Source::File);
+            }
+        }
+        if let Some(file) = rt.shadow_file() {
+            let stamp = tokio::fs::metadata(file).await.ok().map(|m| routing::Stamp::of(&m));
+            if rt.is_new_shadow(stamp) {
+                let (stamp, text) = read_text(file).await;
+                match rt.offer_shadow(text, stamp, &sh.snapshot, &sh.jurisdictions) {
+                    routing::Offer::Applied { version, .. } => {
+                        tracing::info!(version = %version, "shadow routing policy loaded: compared beside the live one")
+                    }
+                    routing::Offer::Refused(why) => {
+                        tracing::warn!(reason = %why, "shadow routing policy refused")
+                    }
+                    routing::Offer::Seen => {}
+                }
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        let meta = tokio::fs::metadata(&rt.file).await;
-        let stamp = meta.as_ref().ok().map(routing::Stamp::of);
-        if !rt.is_new(stamp) {
-            continue;
-        }
-        let text = match meta {
-            Err(e) => Err(format!("cannot read: {e}")),
-            Ok(m) if m.len() > routing::MAX_POLICY_BYTES => {
-                Err(format!("{} bytes, over the {}-byte limit", m.len(), routing::MAX_POLICY_BYTES))
-            }
-            Ok(_) => {
-                tokio::fs::read_to_string(&rt.file).await.map_err(|e| format!("cannot read: {e}"))
-            }
-        };
-        match rt.offer(text, stamp, &sh.snapshot, &sh.jurisdictions, unix_ms()) {
-            routing::Offer::Applied { version, previous, warnings } => {
-                for w in &warnings {
-                    tracing::warn!(version = %version, warning = ?w, "routing policy: check against the fleet");
+    }
+}
+
+/// Follows the policy on the bus (`[policy] source = "bus"`): the current text first (a
+/// replica that starts late or reconnects gets it at once), then each new one, through the
+/// same [`routing::Routing::offer`] as a file's; each text considered is acknowledged on the
+/// bus (`edgeroute.policy.status.<replica>`) with the version in force after it. Until the
+/// first push creates the policy's bucket, and whenever the watch breaks, it retries with a
+/// capped backoff.
+async fn follow_policy(sh: Arc<Shared>, bus: Bus, mut stop: watch::Receiver<bool>) {
+    let Some(rt) = &sh.routing else { return };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match bus.watch_policy().await {
+            Ok(mut w) => {
+                delay = Duration::from_millis(100);
+                loop {
+                    let update = tokio::select! {
+                        u = w.next() => u,
+                        _ = stop.changed() => return,
+                    };
+                    let Some(update) = update else { break };
+                    let revision = update.revision;
+                    let offer = rt.offer(
+                        update.text,
+                        routing::Origin::Bus(revision),
+                        &sh.snapshot,
+                        &sh.jurisdictions,
+                        unix_ms(),
+                    );
+                    report_offer(&sh, &offer, routing::Source::Bus);
+                    let (result, reason) = match offer {
+                        routing::Offer::Applied { .. } => {
+                            (edgeroute_bus::PolicyResult::Applied, None)
+                        }
+                        routing::Offer::Refused(why) => {
+                            (edgeroute_bus::PolicyResult::Refused, Some(why))
+                        }
+                        routing::Offer::Seen => continue,
+                    };
+                    let status = edgeroute_bus::PolicyStatus {
+                        replica: sh.cfg.discovery.id.clone(),
+                        revision,
+                        version: rt.status().version,
+                        result,
+                        reason,
+                    };
+                    if let Err(e) = bus.publish_policy_status(&status).await {
+                        tracing::warn!(error = %e, revision, "routing policy: acknowledgement not sent (/health still reports it)");
+                    }
                 }
-                tracing::info!(version = %version, previous = %previous, warnings = warnings.len(), "routing policy applied");
-                sh.metrics.policy_applied(Some(&previous), &version);
+                tracing::warn!("routing policy: the bus watch ended; watching again");
             }
-            routing::Offer::Refused(why) => {
-                tracing::warn!(reason = %why, "routing policy refused; the last good one stays in force");
-                sh.metrics.policy_refused();
+            Err(e) => {
+                tracing::debug!(error = %e, "routing policy: cannot watch the bus yet (no push so far, or the bus is down); retrying");
             }
         }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -52,6 +52,10 @@ pub struct Metrics {
     pub policy_info: Family<VersionLabels, Gauge>,
     /// Policy texts considered after start, by result: `applied` or `refused`.
     pub policy_reloads: Family<ResultLabels, Counter>,
+    /// Decisions the shadow policy (`[policy] shadow_file`) made alike (`same`) or not
+    /// (`differs`), mirrored from the runtime's totals at each render.
+    pub policy_shadow: Family<ResultLabels, Counter>,
+    shadow_totals: std::sync::Mutex<Option<std::sync::Arc<crate::routing::ShadowTotals>>>,
     probe_counts: std::sync::Mutex<Option<std::sync::Arc<crate::probe::ProbeCounts>>>,
 }
 
@@ -79,6 +83,8 @@ impl Default for Metrics {
             probes_skipped: Counter::default(),
             policy_info: Family::default(),
             policy_reloads: Family::default(),
+            policy_shadow: Family::default(),
+            shadow_totals: std::sync::Mutex::new(None),
             probe_counts: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
@@ -118,6 +124,11 @@ impl Default for Metrics {
             "Routing policy texts considered, by result",
             m.policy_reloads.clone(),
         );
+        registry.register(
+            "policy_shadow",
+            "Decisions of the shadow policy compared with the live one, by result: same or differs",
+            m.policy_shadow.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -143,7 +154,31 @@ impl Metrics {
         }
     }
 
+    /// Mirrors the shadow policy's comparison totals into `policy_shadow` at each render.
+    pub fn watch_shadow(&self, totals: std::sync::Arc<crate::routing::ShadowTotals>) {
+        for result in ["same", "differs"] {
+            let _ = self.policy_shadow.get_or_create(&ResultLabels { result });
+        }
+        if let Ok(mut t) = self.shadow_totals.lock() {
+            *t = Some(totals);
+        }
+    }
+
     pub fn render(&self) -> String {
+        if let Ok(t) = self.shadow_totals.lock()
+            && let Some(t) = t.as_ref()
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            for (result, total) in
+                [("same", t.same.load(Relaxed)), ("differs", t.differs.load(Relaxed))]
+            {
+                let c = self.policy_shadow.get_or_create(&ResultLabels { result });
+                let shown = c.get();
+                if total > shown {
+                    c.inc_by(total - shown);
+                }
+            }
+        }
         if let Ok(c) = self.probe_counts.lock()
             && let Some(c) = c.as_ref()
         {

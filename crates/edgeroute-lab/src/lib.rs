@@ -10,6 +10,8 @@
 //!   one run.
 //! - [`sdk_bench`], [`discovery_bench`], [`bus_bench`]: the SDK's costs, discovery under load
 //!   and topology freshness, topology propagation over the bus.
+//! - [`policy_bench`]: a routing policy pushed over NATS to three discovery replicas, timed
+//!   until all three have it in force (`edgeroute-lab bench policy-push`).
 //! - [`synthetic`]: deterministic synthetic fleets for discovery's benchmarks.
 //! - [`process`]: child-process supervision (kill on drop) and RSS sampling from `/proc`.
 //! - [`memnet`], [`wan`], [`relay`]: emulated networks — an in-memory one for deterministic
@@ -28,6 +30,7 @@ pub mod gateway_bench;
 pub mod loadgen;
 pub mod memnet;
 mod pipe;
+pub mod policy_bench;
 pub mod process;
 pub mod relay;
 pub mod sdk_bench;

@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use edgeroute_lab::compare::{self, CompareOpts, Scenario};
 use edgeroute_lab::demo::{self, DemoBackend, DemoOpts};
 use edgeroute_lab::gateway_bench::{self, GatewayBenchOpts};
-use edgeroute_lab::{bus_bench, discovery_bench, sdk_bench, wan};
+use edgeroute_lab::{bus_bench, discovery_bench, policy_bench, sdk_bench, wan};
 
 #[derive(Parser, Debug)]
 #[command(name = "edgeroute-lab", version, about = "edgeroute's demo and benchmarks")]
@@ -87,6 +87,20 @@ enum BenchCommand {
         /// and time a node user's changes to a discovery user (`--nats-url` is unused).
         #[arg(long)]
         auth: bool,
+    },
+    /// A routing policy pushed over NATS (its own nats-server, the shipped configuration, an
+    /// admin user) to three discovery replicas following the bus: time from the put to all
+    /// three having it in force (their acknowledgements, cross-checked against /health).
+    PolicyPush {
+        /// Policies pushed, one after another.
+        #[arg(long, default_value_t = 200)]
+        pushes: usize,
+        /// Rules per policy (`synthetic::policy`).
+        #[arg(long, default_value_t = 50)]
+        rules: usize,
+        /// Synthetic nodes each replica knows (the fleet each text is checked against).
+        #[arg(long, default_value_t = 60)]
+        nodes: usize,
     },
     /// Discovery under load: `/v1/discover` against synthetic fleets of several sizes, served by
     /// its own process, from an open-loop load generator.
@@ -269,6 +283,9 @@ async fn run(command: Command) -> Result<()> {
     match bench {
         BenchCommand::Bus { bus, nats_url, changes, auth } => {
             println!("{}", bus_bench::run(&bus, &nats_url, changes, auth).await?);
+        }
+        BenchCommand::PolicyPush { pushes, rules, nodes } => {
+            println!("{}", policy_bench::run(pushes, rules, nodes).await?);
         }
         BenchCommand::Discover {
             synthetic_nodes: Some(n),

@@ -1,4 +1,5 @@
-//! `edgeroute bus credentials`: a NATS identity for one node or discovery replica.
+//! `edgeroute bus credentials`: a NATS identity for one node, discovery replica or policy
+//! admin.
 //!
 //! Writes the user's NKey seed to `<out>/<name>.nk` (mode 0600, never overwritten: the `[bus]`
 //! table's `nkey_seed_file`) and its `users` entry for `deploy/nats/nats-server.conf` to
@@ -28,9 +29,14 @@ pub struct CredentialsArgs {
     /// The node's region (its subject is `<prefix>.<region>.<node>`).
     #[arg(long)]
     region: Option<String>,
-    /// A discovery replica's name (a read-only user).
-    #[arg(long, required_unless_present = "node")]
+    /// A discovery replica's name (a read-only user, which may also watch the routing policy
+    /// and acknowledge it).
+    #[arg(long, required_unless_present_any = ["node", "admin"], conflicts_with = "admin")]
     discovery: Option<String>,
+    /// A policy admin's name: may put the routing policy (`edgeroute policy push`) and read
+    /// the replicas' acknowledgements; nothing of the topology.
+    #[arg(long, conflicts_with = "node")]
+    admin: Option<String>,
     /// Directory for `<name>.nk` (the seed) and `<name>.user.conf` (the server's entry).
     #[arg(long)]
     out: PathBuf,
@@ -73,6 +79,11 @@ pub fn credentials_files(args: &CredentialsArgs) -> Result<Written> {
     };
     cfg.validate()?;
     let (name, role, label) = match (&args.node, &args.region, &args.discovery) {
+        (None, _, None) if args.admin.is_some() => {
+            let name = args.admin.clone().unwrap_or_default();
+            edgeroute_bus::wire::check_token("admin name", &name)?;
+            (name.clone(), Role::Admin, format!("policy admin {name}"))
+        }
         (Some(node), Some(region), None) => (
             node.clone(),
             Role::Node { node_id: node.clone(), region: region.clone() },
@@ -82,7 +93,7 @@ pub fn credentials_files(args: &CredentialsArgs) -> Result<Written> {
             edgeroute_bus::wire::check_token("discovery name", name)?;
             (name.clone(), Role::Discovery, format!("discovery replica {name}"))
         }
-        _ => anyhow::bail!("give --node ID --region R, or --discovery NAME"),
+        _ => anyhow::bail!("give --node ID --region R, --discovery NAME or --admin NAME"),
     };
     let perms = credentials::permissions(&cfg, &role)?;
     let key = UserKey::generate()?;
@@ -127,6 +138,7 @@ mod tests {
             node: Some("tor-1".into()),
             region: Some("ca_east".into()),
             discovery: None,
+            admin: None,
             out: out.to_owned(),
             subject_prefix: "edgeroute.topology".into(),
             bucket: "edgeroute_nodes".into(),
@@ -172,6 +184,11 @@ mod tests {
         assert!(written.block.contains("\"edgeroute.topology.>\""));
         let bad = CredentialsArgs { node: Some("a.*".into()), ..args(&out) };
         assert!(credentials_files(&bad).is_err());
+        let admin =
+            CredentialsArgs { node: None, region: None, admin: Some("ops".into()), ..args(&out) };
+        let written = credentials_files(&admin).unwrap();
+        assert!(written.block.contains("\"$KV.edgeroute_policy.current\""), "{}", written.block);
+        assert!(!written.block.contains("topology"), "{}", written.block);
         std::fs::remove_dir_all(out).unwrap();
     }
 }

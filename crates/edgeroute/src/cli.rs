@@ -46,12 +46,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::token::TokenCommand,
     },
-    /// Routing policies: check a document, and dry-run it against a running discovery.
+    /// Routing policies: check a document, dry-run it against a running discovery, push it to
+    /// every replica over the bus.
     Policy {
         #[command(subcommand)]
         command: crate::policy::PolicyCommand,
     },
-    /// Topology bus identities: generate a node's or discovery replica's NATS credentials.
+    /// Topology bus identities: generate a node's, discovery replica's or policy admin's NATS
+    /// credentials.
     Bus {
         #[command(subcommand)]
         command: crate::bus::BusCommand,
