@@ -371,7 +371,7 @@ mod tests {
     fn events_are_numbered_and_folded() {
         let mut s = state(8);
         let a = s.push(EventKind::NodeUp { url: "http://n".into() }, 1);
-        let b = s.push(EventKind::ModelReady { model: "m".into(), gpu: None }, 2);
+        let b = s.push(EventKind::ModelReady { model: "m".into(), gpu: None, version: None }, 2);
         assert_eq!((a.seq, b.seq, b.epoch, b.at_ms), (1, 2, 7, 2));
         assert_eq!(s.snapshot.seq, 2);
         assert_eq!(s.snapshot.ready_models().collect::<Vec<_>>(), ["m"]);

@@ -125,7 +125,7 @@ async fn hijack(
         system_clock(),
     )
     .unwrap();
-    p.publish(EventKind::ModelReady { model: "m".into(), gpu: None });
+    p.publish(EventKind::ModelReady { model: "m".into(), gpu: None, version: None });
     flushed(&p, WITHIN).await;
     let mut sub = connected(&observer).await.subscribe().await.unwrap();
     drive_until(&mut sub, WITHIN, "n1 with its model", |v| {
@@ -249,7 +249,7 @@ async fn a_node_with_its_own_credentials_propagates() {
         system_clock(),
     )
     .unwrap();
-    let ev = p.publish(EventKind::ModelReady { model: "m".into(), gpu: None });
+    let ev = p.publish(EventKind::ModelReady { model: "m".into(), gpu: None, version: None });
     drive_until(&mut sub, WITHIN, "n1's model", |v| v.node("n1").is_some_and(|n| n.seq >= ev.seq))
         .await;
     let seen = sub.view().node("n1").unwrap();

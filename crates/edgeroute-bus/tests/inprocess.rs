@@ -43,7 +43,7 @@ fn spawn(bus: &Bus, node: &str, epoch: u64) -> Publisher {
 }
 
 fn ready(model: &str) -> EventKind {
-    EventKind::ModelReady { model: model.into(), gpu: Some("gpu1".into()) }
+    EventKind::ModelReady { model: model.into(), gpu: Some("gpu1".into()), version: None }
 }
 
 #[tokio::test(start_paused = true)]
@@ -52,7 +52,7 @@ async fn a_late_subscriber_gets_the_whole_fleet_at_once() {
     let a = spawn(&bus, "a", 1);
     let b = spawn(&bus, "b", 1);
     a.publish(ready("llama"));
-    b.publish(EventKind::ModelLoading { model: "whisper".into(), gpu: None });
+    b.publish(EventKind::ModelLoading { model: "whisper".into(), gpu: None, version: None });
     b.publish(EventKind::NodeDraining { deadline_ms: 30_000, to: Some("a".into()) });
     flushed(&a, WITHIN).await;
     flushed(&b, WITHIN).await;

@@ -32,7 +32,7 @@ fn spawn(bus: &Bus, node: &str) -> Publisher {
 }
 
 fn ready(model: &str) -> EventKind {
-    EventKind::ModelReady { model: model.into(), gpu: Some("gpu0".into()) }
+    EventKind::ModelReady { model: model.into(), gpu: Some("gpu0".into()), version: None }
 }
 
 fn raw_client(bus: &Bus) -> async_nats::Client {
@@ -58,7 +58,7 @@ async fn a_subscriber_started_after_the_events_gets_the_snapshot() {
     let cfg = nats_config(&server.url());
     let node_bus = Bus::connect(&cfg).await.unwrap();
     let p = spawn(&node_bus, "n1");
-    p.publish(EventKind::ModelLoading { model: "llama".into(), gpu: None });
+    p.publish(EventKind::ModelLoading { model: "llama".into(), gpu: None, version: None });
     p.publish(ready("llama"));
     flushed(&p, WITHIN).await;
 
@@ -176,7 +176,11 @@ async fn a_skipped_sequence_resyncs_from_the_kv_store() {
 
     // Events 2 and 3 reach the store but not the subject; event 3 is injected raw.
     let _e2 = event(2, ready("a"), &mut snap);
-    let e3 = event(3, EventKind::ModelLoading { model: "b".into(), gpu: None }, &mut snap);
+    let e3 = event(
+        3,
+        EventKind::ModelLoading { model: "b".into(), gpu: None, version: None },
+        &mut snap,
+    );
     node_bus.publish_batch(&[], &snap).await.unwrap();
     let client = raw_client(&node_bus);
     client

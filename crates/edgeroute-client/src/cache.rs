@@ -137,6 +137,7 @@ mod tests {
             replica: "d".into(),
             candidates: vec![],
             reason: None,
+            policy: None,
         }
     }
 

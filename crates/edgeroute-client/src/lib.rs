@@ -82,7 +82,7 @@ pub use session::Session;
 pub use stream::{ChatStream, StreamItem};
 pub use transport::{BoxIo, ConnectFuture, Transport};
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -165,6 +165,9 @@ pub struct ClientConfig {
     /// How long a node that answered `model_not_found` for a model it was listed for stays
     /// out of that model's candidates in this client. Default 30 s.
     pub miss_ttl: Duration,
+    /// After placement misses, how long a turn keeps asking discovery again for a node that
+    /// serves the model (or a policy's cascade) before it fails. Default 2 s.
+    pub miss_wait: Duration,
     /// Between turns, the pinned node and the standby are re-probed at most this often, to
     /// notice a persistently better standby. Default 5 s.
     pub reprobe_interval: Duration,
@@ -190,6 +193,14 @@ pub struct ClientConfig {
     /// Consecutive hard failures before a node is ejected. Default 2.
     pub eject_after: u32,
     pub eject_backoff: Backoff,
+    /// API keys for a routing policy's cloud pools, by pool name. A pool is sent its own key
+    /// (or nothing); the fleet's `token` never goes to a pool. Shown redacted by `Debug`.
+    pub pool_keys: BTreeMap<String, String>,
+    /// What a routing policy's canary split keeps on one version (`session=` on discovery
+    /// requests). Default: a random id per client, so each client process stays on the
+    /// version it was given and the split spreads clients; set it (a tenant's user, a device)
+    /// to split by that instead.
+    pub routing_key: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -216,6 +227,7 @@ impl Default for ClientConfig {
             hedge_multiple: p.hedge_multiple,
             json_hedge_initial: p.json_hedge_initial,
             miss_ttl: p.miss_ttl,
+            miss_wait: p.miss_wait,
             reprobe_interval: p.reprobe_interval,
             move_margin: p.move_margin,
             move_after: p.move_after,
@@ -228,6 +240,8 @@ impl Default for ClientConfig {
             retry_floor_per_s: p.retry_floor_per_s,
             eject_after: p.eject_after,
             eject_backoff: p.eject_backoff,
+            pool_keys: BTreeMap::new(),
+            routing_key: None,
         }
     }
 }
@@ -256,6 +270,7 @@ impl std::fmt::Debug for ClientConfig {
             hedge_multiple,
             json_hedge_initial,
             miss_ttl,
+            miss_wait,
             reprobe_interval,
             move_margin,
             move_after,
@@ -268,6 +283,8 @@ impl std::fmt::Debug for ClientConfig {
             retry_floor_per_s,
             eject_after,
             eject_backoff,
+            pool_keys,
+            routing_key,
         } = self;
         f.debug_struct("ClientConfig")
             .field("discovery", discovery)
@@ -290,6 +307,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("hedge_multiple", hedge_multiple)
             .field("json_hedge_initial", json_hedge_initial)
             .field("miss_ttl", miss_ttl)
+            .field("miss_wait", miss_wait)
             .field("reprobe_interval", reprobe_interval)
             .field("move_margin", move_margin)
             .field("move_after", move_after)
@@ -302,6 +320,8 @@ impl std::fmt::Debug for ClientConfig {
             .field("retry_floor_per_s", retry_floor_per_s)
             .field("eject_after", eject_after)
             .field("eject_backoff", eject_backoff)
+            .field("pool_keys", &pool_keys.keys().map(|k| (k, "<redacted>")).collect::<Vec<_>>())
+            .field("routing_key", routing_key)
             .finish()
     }
 }
@@ -334,6 +354,7 @@ impl ClientConfig {
             eject_after: self.eject_after,
             eject_backoff: self.eject_backoff,
             miss_ttl: self.miss_ttl,
+            miss_wait: self.miss_wait,
             move_margin: self.move_margin,
             move_after: self.move_after,
             reprobe_interval: self.reprobe_interval,
@@ -526,6 +547,8 @@ struct Inner {
     /// Wall-clock ms at `origin`: list ages are measured on the monotonic clock from there
     /// (so they follow tokio's clock, paused in simulations) and persisted as wall time.
     origin_unix_ms: u64,
+    /// `cfg.routing_key`, or this client's random one.
+    routing_key: String,
 }
 
 /// The SDK handle; cheap to clone, shared by every session.
@@ -600,12 +623,13 @@ fn is_model_not_found(body: &str) -> bool {
         .is_ok_and(|b| b.error.code.as_deref() == Some("model_not_found"))
 }
 
-/// Whether a node's `/health` says it serves `q` now (the model ready; the pipeline servable).
-/// A body that is not a node's health report says nothing against it.
-fn serves(body: &[u8], q: &Query) -> Result<(), String> {
+/// Whether a node's `/health` says it serves `q` now (`model`, what the node is asked for,
+/// ready; the pipeline servable). A body that is not a node's health report says nothing
+/// against it.
+fn serves(body: &[u8], q: &Query, model: &str) -> Result<(), String> {
     let Ok(h) = serde_json::from_slice::<NodeHealth>(body) else { return Ok(()) };
-    if !h.models.iter().any(|m| m.id == q.model && m.state == ModelState::Ready) {
-        return Err(format!("{} is not ready there", q.model));
+    if !h.models.iter().any(|m| m.id == model && m.state == ModelState::Ready) {
+        return Err(format!("{model} is not ready there"));
     }
     if let Some(p) = &q.pipeline
         && !h.pipelines.iter().any(|x| x.id == *p && x.servable)
@@ -667,7 +691,8 @@ impl Client {
             });
         }
         let origin = Instant::now();
-        let m = Machine::new(cfg.policy(), cfg.seed, origin.into_std());
+        let mut m = Machine::new(cfg.policy(), cfg.seed, origin.into_std());
+        let routing_key = cfg.routing_key.clone().unwrap_or_else(|| m.session_id());
         let state = State {
             m,
             cache,
@@ -684,6 +709,7 @@ impl Client {
                 listener,
                 origin,
                 origin_unix_ms: edgeroute_core::clock::unix_ms(),
+                routing_key,
             }),
         })
     }
@@ -729,11 +755,17 @@ impl Client {
         method: Method,
         url: &str,
         body: Bytes,
-        authenticated: bool,
+        auth: Auth<'_>,
     ) -> Result<Request<Full<Bytes>>, String> {
         let mut b = Request::builder().method(method).uri(url);
-        if authenticated && let Some(t) = &self.inner.cfg.token {
-            if !self.inner.cfg.token_may_go(url) {
+        let cfg = &self.inner.cfg;
+        let bearer = match auth {
+            Auth::Fleet => cfg.token.as_deref(),
+            Auth::Pool(name) => cfg.pool_keys.get(name).map(String::as_str),
+            Auth::None => None,
+        };
+        if let Some(t) = bearer {
+            if !trust::token_may_go(url, cfg.allow_plaintext) {
                 return Err(ClientError::PlaintextToken { url: url.to_owned() }.to_string());
             }
             b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
@@ -827,6 +859,7 @@ impl Client {
         if let Some(home) = &cfg.home_region {
             query.push_str(&format!("&near={}", encode(home)));
         }
+        query.push_str(&format!("&session={}", encode(&self.inner.routing_key)));
         let mut last_error = String::from("no discovery endpoint configured");
         for endpoint in &cfg.discovery {
             let url = format!("{}/v1/discover?{query}", endpoint.trim_end_matches('/'));
@@ -887,7 +920,7 @@ impl Client {
         url: &str,
         timeout: Duration,
     ) -> Result<T, String> {
-        let req = self.request(Method::GET, url, Bytes::new(), true)?;
+        let req = self.request(Method::GET, url, Bytes::new(), Auth::Fleet)?;
         let work = async {
             let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
             let status = res.status();
@@ -907,9 +940,12 @@ impl Client {
     /// One probe: a small request on a (new or pooled) connection, which then stays warm. A
     /// node that no longer serves the query's model (or pipeline) fails it.
     async fn probe(&self, c: &Candidate, q: &Query) -> Result<Probed, String> {
+        if let Some(pool) = &c.pool {
+            return self.probe_pool(c, pool).await;
+        }
         // Probes are unauthenticated: the token goes only where a request needs it.
         let url = format!("{}/health", c.url.trim_end_matches('/'));
-        let req = self.request(Method::GET, &url, Bytes::new(), false)?;
+        let req = self.request(Method::GET, &url, Bytes::new(), Auth::None)?;
         let t = Instant::now();
         let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
         let load: Option<LoadReport> = res
@@ -929,7 +965,7 @@ impl Client {
             return Err(format!("HTTP {status}"));
         }
         if let Ok(body) = &body
-            && let Err(e) = serves(body, q)
+            && let Err(e) = serves(body, q, c.model_for(&q.model))
         {
             self.with(|st, now| st.m.note_miss(&q.model, &c.id, now));
             return Err(e);
@@ -939,6 +975,21 @@ impl Client {
             None => machine::discovery_wait(c),
         };
         Ok(Probed { id: c.id.clone(), rtt, queue_wait_ms: wait })
+    }
+
+    /// A cloud pool's probe: its OpenAI model list (`GET {base}/models`), with the pool's own
+    /// key. It measures the round trip; a pool has no queue figure to read.
+    async fn probe_pool(&self, c: &Candidate, pool: &str) -> Result<Probed, String> {
+        let url = format!("{}/models", c.url.trim_end_matches('/'));
+        let req = self.request(Method::GET, &url, Bytes::new(), Auth::Pool(pool))?;
+        let t = Instant::now();
+        let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
+        let status = res.status();
+        let _ = Limited::new(res.into_body(), 1 << 20).collect().await;
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        Ok(Probed { id: c.id.clone(), rtt: t.elapsed(), queue_wait_ms: 0.0 })
     }
 
     /// A probe bounded by the probe deadline, its result recorded.
@@ -1106,8 +1157,14 @@ impl Client {
         body: &Bytes,
         session: &str,
     ) -> Result<(http::Response<hyper::body::Incoming>, Option<MigrateHint>), String> {
-        let url = format!("{}/v1/chat/completions", node.url.trim_end_matches('/'));
-        let mut req = self.request(Method::POST, &url, body.clone(), true)?;
+        let url = node.chat_url();
+        let auth = node.pool.as_deref().map_or(Auth::Fleet, Auth::Pool);
+        // A cascade's node (or a pool) serves another model id: the request names it.
+        let body = match &node.serve_as {
+            Some(m) => rename_model(body, m)?,
+            None => body.clone(),
+        };
+        let mut req = self.request(Method::POST, &url, body, auth)?;
         if let Ok(v) = http::HeaderValue::from_str(session) {
             req.headers_mut().insert(SESSION_HEADER, v);
         }
@@ -1137,6 +1194,27 @@ impl Client {
     }
 }
 
+/// Who a request authenticates as.
+#[derive(Debug, Clone, Copy)]
+enum Auth<'a> {
+    /// The fleet's token (discovery, nodes).
+    Fleet,
+    /// A cloud pool's own key, if this client has one.
+    Pool(&'a str),
+    None,
+}
+
+/// `body` (a chat request) naming `model` instead.
+fn rename_model(body: &Bytes, model: &str) -> Result<Bytes, String> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("request body: {e}"))?;
+    match v.get_mut("model") {
+        Some(m) => *m = serde_json::Value::String(model.to_owned()),
+        None => return Err("request body has no model".into()),
+    }
+    serde_json::to_vec(&v).map(Bytes::from).map_err(|e| e.to_string())
+}
+
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -1163,6 +1241,52 @@ mod tests {
     }
 
     use crate::machine::tests::cand;
+
+    #[test]
+    fn a_cascade_candidate_is_asked_for_the_model_it_serves_and_nothing_else_changes() {
+        let body = Bytes::from(
+            r#"{"model":"nemotron","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        );
+        let out: serde_json::Value =
+            serde_json::from_slice(&rename_model(&body, "llama").unwrap()).unwrap();
+        assert_eq!(out["model"], "llama");
+        assert_eq!(out["stream"], true);
+        assert_eq!(out["messages"][0]["content"], "hi");
+        assert!(rename_model(&Bytes::from_static(b"{}"), "llama").is_err());
+        let mut c = cand("tor-1", "toronto");
+        assert_eq!(c.model_for("nemotron"), "nemotron");
+        c.serve_as = Some("llama".into());
+        assert_eq!(c.model_for("nemotron"), "llama");
+    }
+
+    #[test]
+    fn a_pool_gets_its_own_key_or_none_never_the_fleets_token() {
+        let cfg = ClientConfig {
+            token: Some("fleet-token".into()),
+            pool_keys: BTreeMap::from([("eu-cloud".to_owned(), "pool-key".to_owned())]),
+            ..ClientConfig::default()
+        };
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("pool-key") && !debug.contains("fleet-token"), "{debug}");
+        let client = Client::new(cfg).unwrap();
+        let bearer = |auth| {
+            let r =
+                client.request(Method::GET, "https://pool.example/v1/models", Bytes::new(), auth);
+            r.unwrap().headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(bearer(Auth::Pool("eu-cloud")).as_deref(), Some("Bearer pool-key"));
+        assert_eq!(bearer(Auth::Pool("us-cloud")), None, "no key: nothing, not the token");
+        assert_eq!(bearer(Auth::Fleet).as_deref(), Some("Bearer fleet-token"));
+        assert_eq!(bearer(Auth::None), None);
+        // A key is held to the token's rule: never over plaintext to a remote host.
+        let plain = client.request(
+            Method::GET,
+            "http://pool.example/v1",
+            Bytes::new(),
+            Auth::Pool("eu-cloud"),
+        );
+        assert!(plain.is_err());
+    }
 
     #[test]
     fn the_home_regions_best_is_always_probed() {

@@ -58,6 +58,10 @@ pub struct Policy {
     /// How long a node that answered `model_not_found` for a model it was listed for is left
     /// out of that model's candidates in this client.
     pub miss_ttl: Duration,
+    /// After placement misses, how long a turn keeps asking discovery again for a node that
+    /// serves the model before it fails: discovery learns of an unload at once over the bus,
+    /// within a probe interval without it.
+    pub miss_wait: Duration,
     pub move_margin: TieMargin,
     pub move_after: u32,
     pub reprobe_interval: Duration,
@@ -81,6 +85,7 @@ impl Default for Policy {
                 jitter: 0.5,
             },
             miss_ttl: Duration::from_secs(30),
+            miss_wait: Duration::from_secs(2),
             move_margin: TieMargin { abs_ms: 10.0, rel: 0.2 },
             move_after: 3,
             reprobe_interval: Duration::from_secs(5),
@@ -271,6 +276,12 @@ impl Machine {
 
     /// `id` no longer serves `model` (a `model_not_found`, an unload hint, a probe that found
     /// it gone): left out of that model's candidates for `miss_ttl`, and its probe forgotten.
+    /// Whether `c` answered `model_not_found` for what a request for `model` asks of it (the
+    /// model itself, or the one a cascade serves in its place).
+    pub fn is_missing_at(&self, model: &str, c: &Candidate, now: Instant) -> bool {
+        self.is_missing(c.model_for(model), &c.id, now)
+    }
+
     pub fn note_miss(&mut self, model: &str, id: &str, now: Instant) {
         let until = now + self.policy.miss_ttl;
         self.misses.retain(|_, t| *t > now);
@@ -441,8 +452,10 @@ impl Machine {
     /// missed: discovery still lists them, so they are tried again), then ejected nodes out
     /// (unless every one is ejected: fail open to discovery's order).
     pub fn usable(&self, model: &str, candidates: &[Candidate], now: Instant) -> Vec<Candidate> {
-        let present: Vec<&Candidate> =
-            candidates.iter().filter(|c| !self.is_missing(model, &c.id, now)).collect();
+        let present: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| !self.is_missing(c.model_for(model), &c.id, now))
+            .collect();
         let present = if present.is_empty() { candidates.iter().collect() } else { present };
         let fine: Vec<Candidate> =
             present.iter().filter(|c| !self.is_ejected(&c.id, now)).map(|c| (*c).clone()).collect();
@@ -519,6 +532,9 @@ struct Slot {
     done: bool,
 }
 
+/// The first pause between questions to discovery after placement misses (then doubling).
+const MISS_PAUSE: Duration = Duration::from_millis(50);
+
 /// One request's failover ladder.
 #[derive(Debug)]
 pub struct Turn {
@@ -532,7 +548,11 @@ pub struct Turn {
     /// Why the pinned node (order[0]) cannot keep the session, and whether that is planned.
     pinned_broken: Option<(String, bool)>,
     missed: Vec<String>,
-    rediscovered: bool,
+    /// When the turn started, and how often it asked discovery again.
+    started: Option<Instant>,
+    rediscoveries: u32,
+    /// A new question to discovery is due then (after misses, while discovery catches up).
+    rediscover_at: Option<Instant>,
     over: bool,
 }
 
@@ -550,7 +570,9 @@ impl Turn {
             hedged: false,
             pinned_broken: None,
             missed: Vec::new(),
-            rediscovered: false,
+            started: None,
+            rediscoveries: 0,
+            rediscover_at: None,
             over: false,
         }
     }
@@ -566,6 +588,7 @@ impl Turn {
     }
 
     pub fn start(&mut self, m: &mut Machine, now: Instant) -> Step {
+        self.started = Some(now);
         if self.kind != Kind::Continuation {
             m.record_request(now);
         }
@@ -584,7 +607,7 @@ impl Turn {
     /// ejected; an ejected or cooling node only when nothing else is left.
     fn next_index(&self, m: &Machine, now: Instant) -> Option<usize> {
         let open =
-            |i: &usize| !self.tried(*i) && !m.is_missing(&self.model, &self.order[*i].id, now);
+            |i: &usize| !self.tried(*i) && !m.is_missing_at(&self.model, &self.order[*i], now);
         let all = 0..self.order.len();
         let ok = |i: &usize| {
             let id = &self.order[*i].id;
@@ -618,7 +641,7 @@ impl Turn {
         if self.outstanding() > 0 {
             return Step::Wait { until: self.hedge_at };
         }
-        let Some(i) = self.next_index(m, now) else { return self.give_up() };
+        let Some(i) = self.next_index(m, now) else { return self.give_up(m, now) };
         let retry = !self.slots.is_empty() || self.kind == Kind::Continuation;
         if retry && !m.try_retry(now) {
             self.over = true;
@@ -627,9 +650,21 @@ impl Turn {
         self.send(i, false, m, now)
     }
 
-    fn give_up(&mut self) -> Step {
-        if !self.missed.is_empty() && !self.rediscovered {
-            return Step::Rediscover;
+    /// No node left to try. After placement misses (or when no listed node could be tried
+    /// at all) discovery is asked again at once, then again with a doubling pause while
+    /// `miss_wait` lasts: its list lags an unload by up to a probe interval.
+    fn give_up(&mut self, m: &Machine, now: Instant) -> Step {
+        if !self.missed.is_empty() || self.slots.is_empty() {
+            if self.rediscoveries == 0 {
+                return Step::Rediscover;
+            }
+            let waited = now.saturating_duration_since(self.started.unwrap_or(now));
+            if let Some(left) = m.policy.miss_wait.checked_sub(waited).filter(|d| !d.is_zero()) {
+                let pause = MISS_PAUSE.saturating_mul(1 << (self.rediscoveries - 1).min(6));
+                let at = now + pause.min(left);
+                self.rediscover_at = Some(at);
+                return Step::Wait { until: Some(at) };
+            }
         }
         self.over = true;
         let attempts = Attempts(self.reports.clone());
@@ -650,6 +685,13 @@ impl Turn {
     /// The step's deadline passed: the first attempt's first token (or answer) is late, so
     /// the next node is raced against it, budget permitting.
     pub fn on_timer(&mut self, m: &mut Machine, now: Instant) -> Step {
+        if let Some(at) = self.rediscover_at {
+            if at <= now && !self.over && self.outstanding() == 0 {
+                self.rediscover_at = None;
+                return Step::Rediscover;
+            }
+            return Step::Wait { until: Some(at) };
+        }
         let due = self.hedge_at.is_some_and(|t| t <= now);
         if !due || self.over || self.outstanding() == 0 {
             return Step::Wait { until: self.hedge_at.filter(|_| !self.over) };
@@ -736,7 +778,7 @@ impl Turn {
                 Step::Fail(ClientError::Api { node: node.id, status, body })
             }
             Outcome::Missing { what } => {
-                m.note_miss(&self.model, &node.id, now);
+                m.note_miss(node.model_for(&self.model), &node.id, now);
                 self.missed.push(node.id.clone());
                 report(Side::Fleet, what);
                 if pinned {
@@ -774,24 +816,31 @@ impl Turn {
         list: Result<Vec<Candidate>, ClientError>,
         now: Instant,
     ) -> Step {
-        self.rediscovered = true;
+        self.rediscoveries += 1;
         match list {
             Ok(list) => {
                 for c in list {
-                    if !self.order.iter().any(|o| o.id == c.id) {
-                        self.order.push(c);
+                    match self.order.iter().position(|o| o.id == c.id) {
+                        // A cascade may now send another model to a node already listed:
+                        // it is a new rung unless it was already asked for that model.
+                        Some(i) if self.order[i].serve_as != c.serve_as && !self.tried(i) => {
+                            self.order[i] = c;
+                        }
+                        Some(i) if self.order[i].serve_as != c.serve_as => self.order.push(c),
+                        Some(_) => {}
+                        None => self.order.push(c),
                     }
                 }
                 self.advance(m, now)
             }
-            Err(ClientError::NoCandidates { model, reason }) => {
-                self.over = true;
-                Step::Fail(ClientError::NoCandidates {
+            Err(ClientError::NoCandidates { model, reason }) => match self.give_up(m, now) {
+                Step::Fail(_) => Step::Fail(ClientError::NoCandidates {
                     model,
                     reason: format!("{reason} (asked again after placement misses)"),
-                })
-            }
-            Err(_) => self.give_up(),
+                }),
+                wait => wait,
+            },
+            Err(_) => self.give_up(m, now),
         }
     }
 }
@@ -921,7 +970,7 @@ impl Plan {
     /// Nodes that no longer serve the model leave the order (one always stays).
     fn drop_missing(&mut self, m: &Machine, now: Instant) {
         let keep: Vec<Candidate> =
-            self.order.iter().filter(|c| !m.is_missing(&self.model, &c.id, now)).cloned().collect();
+            self.order.iter().filter(|c| !m.is_missing_at(&self.model, c, now)).cloned().collect();
         if !keep.is_empty() {
             self.order = keep;
         }
@@ -942,7 +991,7 @@ impl Plan {
             .filter_map(|c| fresh.iter().find(|f| f.id == c.id).cloned())
             .collect();
         for f in fresh {
-            if !order.iter().any(|o| o.id == f.id) && !m.is_missing(&self.model, &f.id, now) {
+            if !order.iter().any(|o| o.id == f.id) && !m.is_missing_at(&self.model, f, now) {
                 order.push(f.clone());
             }
         }

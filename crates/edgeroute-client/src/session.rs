@@ -215,6 +215,8 @@ fn unreachable_candidate(model: &str) -> Candidate {
         error_rate: 0.0,
         cost_per_1k: 0.0,
         score_ms: 0.0,
+        serve_as: None,
+        pool: None,
     }
 }
 

@@ -196,6 +196,8 @@ impl Lab {
                 error_rate: 0.0,
                 cost_per_1k: 0.0,
                 score_ms: ttft as f64 + i as f64,
+                serve_as: None,
+                pool: None,
             });
             let admin = node.admin_router();
             nodes.insert(id, LabNode { router, admin, front: f, _node: node, server });
@@ -212,6 +214,7 @@ impl Lab {
             replica: "stub".into(),
             candidates,
             reason: None,
+            policy: None,
         };
         let discovery = axum::Router::new().route(
             "/v1/discover",

@@ -82,6 +82,8 @@ fn cand(id: &str, url: &str, ttft: f64) -> Candidate {
         error_rate: 0.0,
         cost_per_1k: 0.0,
         score_ms: ttft,
+        serve_as: None,
+        pool: None,
     }
 }
 
@@ -134,6 +136,7 @@ fn world(candidates: Vec<Candidate>) -> World {
         replica: "stub".into(),
         candidates,
         reason: None,
+        policy: None,
     };
     let discovery = axum::Router::new()
         .route(

@@ -275,6 +275,16 @@ pub struct NodeDetail {
     pub configured: bool,
     /// Every model the node holds, in any state.
     pub model_states: BTreeMap<String, ModelState>,
+    /// The model registry's version of each model held, when the node named one (its load's
+    /// `version`, reported on the bus and in `/health`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_versions: BTreeMap<String, String>,
+    /// The node's hardware class (`gpu`, `npu`, `cpu`) as it reports it; unknown before its
+    /// first answered probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<String>,
+    /// The busiest GPU's utilisation (busy slots / slots) at the last probe, in [0, 1].
+    pub gpu_util: f64,
     pub phi: f64,
     /// Milliseconds since the last answered probe.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -725,6 +735,25 @@ fn entry(
         .filter(|(_, s)| **s == ModelState::Ready)
         .map(|(m, _)| m.clone())
         .collect();
+    // The registry version of each model held: the bus's word when it is the placement source
+    // and names one, else the last report's.
+    let mut model_versions: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(r) = &rec.report {
+        for m in &r.health.models {
+            if let Some(v) = &m.version
+                && model_states.contains_key(&m.id)
+            {
+                model_versions.insert(m.id.clone(), v.clone());
+            }
+        }
+    }
+    if let Some(b) = rec.bus.as_ref().filter(|_| source == Source::Bus) {
+        for m in &b.snapshot.models {
+            if let Some(v) = &m.version {
+                model_versions.insert(m.model.clone(), v.clone());
+            }
+        }
+    }
 
     let report = rec.report.as_ref().map(|r| &r.health);
     let samples = report.map_or(0, |h| h.ttft_ms.samples);
@@ -784,6 +813,10 @@ fn entry(
             placement_source: source,
             configured: rec.configured,
             model_states,
+            model_versions,
+            hardware: report.and_then(|h| h.hardware.clone()),
+            gpu_util: report
+                .map_or(0.0, |h| h.gpus.iter().map(|g| g.utilization).fold(0.0, f64::max)),
             phi: if phi.is_finite() { phi } else { f64::MAX },
             last_probe_age_ms: rec.probes.last_ok.map(|t| now.saturating_sub(t).as_millis() as u64),
             probes: rec.probes.clone(),
@@ -835,6 +868,7 @@ mod tests {
             requests_in_window: 100,
             drain: None,
             cost_per_1k: None,
+            hardware: None,
         }
     }
 
@@ -865,6 +899,7 @@ mod tests {
                 gpu: None,
                 state: *st,
                 reason: None,
+                version: None,
             })
             .collect();
         s

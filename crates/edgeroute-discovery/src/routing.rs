@@ -92,9 +92,14 @@ impl Jurisdictions {
     }
 }
 
-/// A ready model id as the registry names it. A node reports plain ids: `name:version` is
-/// that version of a registered model; a registered `name` alone is its default version.
-pub fn served(registry: &Registry, id: &str) -> Served {
+/// A ready model id as the registry names it. The version the node reported for it (its
+/// load's `version`, on the bus or in `/health`) wins; without one, `name:version` is that
+/// version of a registered model and a registered `name` alone is its default version.
+pub fn served(registry: &Registry, id: &str, reported: Option<&str>) -> Served {
+    if let Some(v) = reported {
+        // A version the registry does not list is kept as reported: no decision picks it.
+        return Served::new(id, v);
+    }
     if let Some(m) = registry.model(id) {
         let v = m.versions.get(m.default_version).map_or("", |v| &*v.id);
         return Served::new(id, v);
@@ -108,25 +113,41 @@ pub fn served(registry: &Registry, id: &str) -> Served {
     }
 }
 
-/// What the policy knows of each node, from the snapshot. Discovery does not see a node's
-/// hardware class, its GPU utilisation or whether its price is configured: hardware is taken
-/// as `gpu` (the fleet's class), utilisation as 0, and a price of 0 as unknown (a price bound
-/// then drops the node, as the policy does for any unknown figure).
+/// A reported hardware class; a node that has not said (an older node, or not yet probed) is
+/// taken as `gpu`, the fleet's class.
+pub fn hardware(reported: Option<&str>) -> Hardware {
+    match reported {
+        Some("npu") => Hardware::Npu,
+        Some("cpu") => Hardware::Cpu,
+        _ => Hardware::Gpu,
+    }
+}
+
+/// What the policy knows of each node, from the snapshot: the versions and hardware class the
+/// node reported, its busiest GPU's utilisation at the last probe. Whether a price is
+/// configured is not known: a price of 0 is taken as unknown (a price bound then drops the
+/// node, as the policy does for any unknown figure).
 pub fn facts(snap: &Snapshot, policy: &Policy, j: &Jurisdictions) -> Vec<NodeFacts> {
     snap.infos()
         .map(|n| NodeFacts {
             id: n.id.clone(),
             region: n.region.clone(),
             jurisdiction: j.of(&n.id, &n.region, None).map(str::to_owned),
-            hardware: Hardware::Gpu,
+            hardware: hardware(n.detail.hardware.as_deref()),
             available: !matches!(n.health, "unhealthy" | "draining"),
-            models: n.models.iter().map(|m| served(policy.registry(), m)).collect(),
+            models: n
+                .models
+                .iter()
+                .map(|m| {
+                    served(policy.registry(), m, n.detail.model_versions.get(m).map(String::as_str))
+                })
+                .collect(),
             ttft_p50_ms: n.ttft_p50_ms,
             ttft_p99_ms: n.ttft_p99_ms,
             queue: n.queue_depth,
             in_flight: n.in_flight,
             capacity: n.capacity,
-            gpu_util: 0.0,
+            gpu_util: n.detail.gpu_util,
             error_rate: n.error_rate,
             price: (n.cost_per_1k > 0.0)
                 .then_some(Price { input_per_1k: n.cost_per_1k, output_per_1k: n.cost_per_1k }),
@@ -148,6 +169,13 @@ impl Loaded {
     }
 }
 
+/// The placeholder in force while a replica following the bus waits for its first policy: it
+/// registers no model, so every request is scored as without a policy, and its version is not
+/// reported (`Status::version` stays empty).
+fn placeholder() -> Result<Policy, PolicyError> {
+    Policy::parse("version = \"none\"")
+}
+
 /// The policy compiled against one snapshot: what a request reads (one atomic load).
 #[derive(Debug)]
 pub struct Compiled {
@@ -155,9 +183,15 @@ pub struct Compiled {
     pub fleet: Fleet,
     /// The snapshot `fleet` was built from: a decision's nodes are looked up here.
     pub snapshot: Arc<Snapshot>,
+    /// The shadow policy compiled against the same snapshot, when one is loaded.
+    shadow: Option<ShadowCompiled>,
 }
 
 impl Compiled {
+    /// The live policy's decision, which is the answer. With a shadow policy loaded, the
+    /// shadow decides the same request too (its own counters, no explain) and the two are
+    /// compared and counted; nothing of the shadow's reaches the answer, and a shadow that
+    /// panics is counted and never fails it.
     pub fn decide(&self, req: &Request<'_>, explain: bool) -> Decision {
         let d = {
             // The counters are plain integers: a panic elsewhere cannot leave them inconsistent.
@@ -227,44 +261,6 @@ impl DecisionKey {
     }
 }
 
-/// What `/health` reports of the policy.
-#[derive(Debug, Clone, Default)]
-pub struct Status {
-    pub version: String,
-/// The placeholder in force while a replica following the bus waits for its first policy: it
-/// registers no model, so every request is scored as without a policy, and its version is not
-/// reported (`Status::version` stays empty).
-fn placeholder() -> Result<Policy, PolicyError> {
-    Policy::parse("version = \"none\"")
-}
-
-    pub applied_at_ms: u64,
-    /// Why the last text was refused, until a newer text is applied.
-    pub last_refusal: Option<String>,
-    pub applied: u64,
-    pub refused: u64,
-    /// The file text last considered (applied or refused): it is not considered again.
-    pub stamp: Option<Stamp>,
-    /// The shadow policy compiled against the same snapshot, when one is loaded.
-    shadow: Option<ShadowCompiled>,
-}
-
-/// What became of a new text.
-    /// The live policy's decision, which is the answer. With a shadow policy loaded, the
-    /// shadow decides the same request too (its own counters, no explain) and the two are
-    /// compared and counted; nothing of the shadow's reaches the answer, and a shadow that
-    /// panics is counted and never fails it.
-#[derive(Debug)]
-pub enum Offer {
-    Applied {
-        version: String,
-        previous: String,
-        warnings: Vec<Warning>,
-    },
-    Refused(String),
-}
-
-/// The policy runtime: the loaded policy, its compilation against the current snapshot.
 /// One request the shadow decided differently, as `/health` shows it: the policy-level
 /// route of each side (no tenant, session or node id: `/health` is open).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -407,34 +403,35 @@ pub enum Origin {
     Bus(u64),
 }
 
-#[derive(Debug)]
-pub struct Routing {
-    /// Where texts come from (`[policy] source`).
-    pub source: Source,
-    /// The polled file (`source = "file"`).
-    pub file: Option<PathBuf>,
+/// What `/health` reports of the policy.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
     /// The version in force; empty while a replica following the bus has none yet.
-    pub reload_interval_ms: u64,
+    pub version: String,
     /// Where the text in force came from (`None`: no policy yet).
     pub applied_from: Option<Source>,
     /// The bus revision of the text in force, when it came from the bus.
     pub revision: Option<u64>,
-    loaded: ArcSwap<Loaded>,
-    compiled: ArcSwap<Compiled>,
-    /// Serialises compilations, so the last one stored saw the latest policy and snapshot.
-    compile: Mutex<()>,
-    status: Mutex<Status>,
-}
-
+    pub applied_at_ms: u64,
+    /// Why the last text was refused, until a newer text is applied.
+    pub last_refusal: Option<String>,
+    pub applied: u64,
+    pub refused: u64,
+    /// The file text last considered (applied or refused): it is not considered again.
+    pub stamp: Option<Stamp>,
     /// The last bus revision considered: older or equal ones are not considered again.
     pub bus_revision: u64,
-impl Routing {
-    pub fn new(
-        source: Source,
-        file: Option<PathBuf>,
-        reload_interval_ms: u64,
-        initial: Option<(Policy, Stamp)>,
-        snapshot: Arc<Snapshot>,
+}
+
+/// What became of a new text.
+#[derive(Debug)]
+pub enum Offer {
+    Applied {
+        version: String,
+        previous: String,
+        warnings: Vec<Warning>,
+    },
+    Refused(String),
     /// The text was considered already (a watch resuming with the current revision).
     Seen,
 }
@@ -449,6 +446,33 @@ struct ShadowSlot {
     totals: Arc<ShadowTotals>,
     stamp: Mutex<Option<Option<Stamp>>>,
     last_refusal: Mutex<Option<String>>,
+}
+
+/// The policy runtime: the loaded policy, its compilation against the current snapshot.
+#[derive(Debug)]
+pub struct Routing {
+    /// Where texts come from (`[policy] source`).
+    pub source: Source,
+    /// The polled file (`source = "file"`).
+    pub file: Option<PathBuf>,
+    pub reload_interval_ms: u64,
+    loaded: ArcSwap<Loaded>,
+    compiled: ArcSwap<Compiled>,
+    /// Serialises compilations, so the last one stored saw the latest policy and snapshot.
+    compile: Mutex<()>,
+    status: Mutex<Status>,
+    shadow: Option<ShadowSlot>,
+}
+
+impl Routing {
+    /// The runtime with `initial` in force (a file read at start), or none yet (a replica
+    /// following the bus: requests are scored as without a policy until the first text).
+    pub fn new(
+        source: Source,
+        file: Option<PathBuf>,
+        reload_interval_ms: u64,
+        initial: Option<(Policy, Stamp)>,
+        snapshot: Arc<Snapshot>,
         j: &Jurisdictions,
         now_ms: u64,
     ) -> Result<Routing, PolicyError> {
@@ -468,13 +492,10 @@ struct ShadowSlot {
         };
         let loaded = Arc::new(Loaded::new(policy));
         let fleet = Fleet::new(&loaded.policy, facts(&snapshot, &loaded.policy, j));
-    shadow: Option<ShadowSlot>,
         let compiled = Compiled { loaded: loaded.clone(), fleet, snapshot, shadow: None };
         Ok(Routing {
             source,
             file,
-    /// The runtime with `initial` in force (a file read at start), or none yet (a replica
-    /// following the bus: requests are scored as without a policy until the first text).
             reload_interval_ms,
             loaded: ArcSwap::new(loaded),
             compiled: ArcSwap::from_pointee(compiled),
@@ -618,41 +639,20 @@ struct ShadowSlot {
         let previous = std::mem::replace(&mut status.version, policy.version().to_owned());
         status.applied += 1;
         status.applied_at_ms = now_ms;
+        status.applied_from = Some(from);
+        status.revision = match origin {
+            Origin::Bus(r) => Some(r),
+            Origin::File(_) => None,
+        };
         status.last_refusal = None;
         let version = status.version.clone();
         // Swapped and compiled before the status is released: whoever reads the status after
         // this sees the new policy answer.
         self.loaded.store(Arc::new(Loaded::new(policy)));
         self.recompile(current, j);
+        drop(status);
         Offer::Applied { version, previous, warnings }
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CANARY: &str = r#"
-version = "p1"
-[jurisdictions]
-eu = ["fra"]
-[[models]]
-name = "llama"
-default_version = "v1"
-[[models.versions]]
-        status.applied_from = Some(from);
-        status.revision = match origin {
-            Origin::Bus(r) => Some(r),
-            Origin::File(_) => None,
-        };
-id = "v1"
-[[models.versions]]
-id = "v2"
-"#;
-
-        drop(status);
-    #[test]
-    fn node_model_ids_map_to_registry_versions() {
 
     /// Considers a new text of the shadow file: parsed and loaded beside the live policy (its
     /// comparisons start from zero), or refused, the previous shadow kept.
@@ -694,12 +694,38 @@ id = "v2"
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CANARY: &str = r#"
+version = "p1"
+[jurisdictions]
+eu = ["fra"]
+[[models]]
+name = "llama"
+default_version = "v1"
+[[models.versions]]
+id = "v1"
+[[models.versions]]
+id = "v2"
+"#;
+
+    #[test]
+    fn node_model_ids_map_to_registry_versions() {
         let p = Policy::parse(CANARY).unwrap();
         let r = p.registry();
-        assert_eq!(served(r, "llama"), Served::new("llama", "v1"));
-        assert_eq!(served(r, "llama:v2"), Served::new("llama", "v2"));
-        assert_eq!(served(r, "llama:v9"), Served::new("llama:v9", ""));
-        assert_eq!(served(r, "other"), Served::new("other", ""));
+        assert_eq!(served(r, "llama", None), Served::new("llama", "v1"));
+        assert_eq!(served(r, "llama:v2", None), Served::new("llama", "v2"));
+        assert_eq!(served(r, "llama:v9", None), Served::new("llama:v9", ""));
+        assert_eq!(served(r, "other", None), Served::new("other", ""));
+        // What the node reported wins over the default.
+        assert_eq!(served(r, "llama", Some("v2")), Served::new("llama", "v2"));
+        assert_eq!(served(r, "llama", Some("v9")), Served::new("llama", "v9"));
+        assert_eq!(hardware(Some("cpu")), Hardware::Cpu);
+        assert_eq!(hardware(None), Hardware::Gpu);
     }
 
     #[test]
@@ -732,8 +758,6 @@ id = "v2"
         assert_eq!(r.compiled().loaded.policy.version(), "p2");
         let s = r.status();
         assert_eq!((s.applied, s.last_refusal, s.applied_at_ms), (2, None, 9));
-    }
-}
         assert_eq!((s.applied_from, s.revision), (Some(Source::File), None));
     }
 
@@ -834,3 +858,5 @@ tiers = ["edge", "cloud"]
         r.compiled().decide(&req, false);
         let rep = r.shadow_report().unwrap();
         assert_eq!((rep.version.as_str(), rep.compared, rep.differed), ("p1", 1, 0));
+    }
+}

@@ -418,6 +418,9 @@ mod tests {
                     .iter()
                     .map(|m| (m.clone(), edgeroute_proto::models::ModelState::Ready))
                     .collect(),
+                model_versions: Default::default(),
+                hardware: None,
+                gpu_util: 0.0,
                 phi: 0.0,
                 last_probe_age_ms: None,
                 probes: Default::default(),

@@ -25,21 +25,33 @@ use edgeroute_test_util::node::{SECRET, mint_hs256, mint_hs256_fleet, mint_hs256
 use edgeroute_test_util::{Reply, get};
 use serde_json::{Value, json};
 
-/// Answers each node's `/health` from a table: `(id, region, ready models)`.
+/// `(id, region, ready models)`.
+type Node = (&'static str, &'static str, &'static [&'static str]);
+
+/// Answers each node's `/health` from a table of [`Node`]s.
 #[derive(Debug)]
-struct FakeFleet(Vec<(&'static str, &'static str, &'static [&'static str])>);
+struct FakeFleet(Vec<Node>);
 
 impl FakeFleet {
     fn health(&self, host: &str) -> Option<NodeHealth> {
         let (id, region, models) = self.0.iter().find(|(id, _, _)| host == format!("{id}.test"))?;
-        let models: Vec<Value> =
-            models.iter().map(|m| json!({ "id": m, "state": "ready" })).collect();
+        // `name@version`: the node reports that registry version for `name`.
+        let models: Vec<Value> = models
+            .iter()
+            .map(|m| match m.split_once('@') {
+                Some((m, v)) => json!({ "id": m, "state": "ready", "version": v }),
+                None => json!({ "id": m, "state": "ready" }),
+            })
+            .collect();
         let p = json!({ "p50": 40.0, "p99": 80.0, "samples": 100 });
+        // `cpu-*` nodes say they are CPU nodes; the others say nothing (taken as GPU).
+        let hardware = id.starts_with("cpu-").then_some("cpu");
         serde_json::from_value(json!({
             "status": "ready", "ready": true, "node_id": id, "region": region,
             "version": "test", "uptime_s": 1, "models": models, "gpus": [],
             "queue_depth": 0, "in_flight": 0, "capacity": 4, "window_s": 60,
-            "ttft_ms": p, "latency_ms": p, "error_rate": 0.0, "requests_in_window": 100
+            "ttft_ms": p, "latency_ms": p, "error_rate": 0.0, "requests_in_window": 100,
+            "hardware": hardware
         }))
         .ok()
     }
@@ -53,7 +65,7 @@ impl Probe for FakeFleet {
 }
 
 /// fra and ams are the EU, nyc the US; par has no jurisdiction anywhere.
-const NODES: &[(&str, &str, &[&str])] = &[
+const NODES: &[Node] = &[
     ("fra-1", "fra", &["llama:v1", "other"]),
     ("ams-1", "ams", &["llama:v2", "other"]),
     ("nyc-1", "nyc", &["llama:v1", "other"]),
@@ -105,12 +117,16 @@ fn config(dir: &Path, extra: &str) -> String {
 
 /// As [`config`], with `jurisdiction = J` on the `[[nodes]]` entries `node_j` names.
 fn config_with(dir: &Path, extra: &str, node_j: &[(&str, &str)]) -> String {
+    config_of(NODES, dir, extra, node_j)
+}
+
+fn config_of(nodes: &[Node], dir: &Path, extra: &str, node_j: &[(&str, &str)]) -> String {
     let mut toml = format!(
         "[auth]\nhs256_secret_file = \"{}\"\n\
          [probe]\ninterval_ms = 100\ntimeout_ms = 50\n[health]\nmin_std_ms = 50\n{extra}\n",
         dir.join("secret").display()
     );
-    for (id, region, _) in NODES {
+    for (id, region, _) in nodes {
         toml.push_str(&format!(
             "[[nodes]]\nid = \"{id}\"\nurl = \"http://{id}.test:8080\"\nregion = \"{region}\"\n"
         ));
@@ -139,20 +155,24 @@ impl Lab {
 
     /// A replica from a whole config text, once every node is ready.
     async fn start_text(dir: PathBuf, text: &str) -> Lab {
+        Lab::start_fleet(NODES, dir, text).await
+    }
+
+    /// As [`Lab::start_text`], over `nodes`.
+    async fn start_fleet(nodes: &'static [Node], dir: PathBuf, text: &str) -> Lab {
         let cfg = DiscoveryConfig::from_toml(text, |_| None).unwrap();
-        let d = Discovery::build(cfg).unwrap().with_probe(Arc::new(FakeFleet(NODES.to_vec())));
+        let d = Discovery::build(cfg).unwrap().with_probe(Arc::new(FakeFleet(nodes.to_vec())));
         let served = d.spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let lab = Lab { addr: served.addr(), dir, _served: served };
         let admin = mint_hs256_fleet("operator", &[Scope::Admin], 600);
         let t = Instant::now();
         loop {
-            let nodes = lab.get("/v1/nodes", &admin).await.json();
-            let ready =
-                nodes["nodes"].as_array().unwrap().iter().filter(|n| n["health"] == "ready");
-            if ready.count() == NODES.len() {
+            let seen = lab.get("/v1/nodes", &admin).await.json();
+            let ready = seen["nodes"].as_array().unwrap().iter().filter(|n| n["health"] == "ready");
+            if ready.count() == nodes.len() {
                 return lab;
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "nodes not ready: {nodes}");
+            assert!(t.elapsed() < Duration::from_secs(10), "nodes not ready: {seen}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -433,4 +453,53 @@ async fn a_candidate_policy_is_dry_run_for_the_fleets_admin_only() {
     assert_eq!(check(None, CANARY.into()).await.status, 401);
     let too_big = "#".repeat(2 << 20);
     assert_eq!(check(Some(admin), too_big).await.status, 413);
+}
+
+/// Each node loaded `llama` under its plain name; the versions come from what they report.
+const VERSIONED: &[Node] = &[
+    ("gpu-1", "fra", &["llama@v1"]),
+    ("gpu-2", "fra", &["llama@v2"]),
+    ("cpu-1", "fra", &["llama@v2"]),
+];
+
+const GPU_V2: &str = r#"
+version = "p-gpu"
+[[models]]
+name = "llama"
+default_version = "v1"
+[[models.versions]]
+id = "v1"
+[[models.versions]]
+id = "v2"
+
+[[rules]]
+id = "v2-on-gpus"
+match.models = ["llama"]
+versions = { v2 = 100 }
+constraints.hardware = ["gpu"]
+strategy = "least_connections"
+"#;
+
+#[tokio::test]
+async fn the_policy_routes_on_the_versions_and_hardware_nodes_report_and_names_its_strategy() {
+    let dir = scratch("reported-versions");
+    std::fs::write(dir.join("policy.toml"), GPU_V2).unwrap();
+    let extra = format!("[policy]\nfile = \"{}\"\n", dir.join("policy.toml").display());
+    let text = config_of(VERSIONED, &dir, &extra, &[]);
+    let lab = Lab::start_fleet(VERSIONED, dir, &text).await;
+    let r = lab.get("/v1/discover?model=llama&k=10&strategy=cost_optimized", &inference()).await;
+    let body = r.json();
+    assert_eq!(lab.ids("model=llama&k=10", &inference()).await, ["gpu-2"], "{body}");
+    assert_eq!(body["policy"]["version_id"], "v2");
+    assert_eq!(body["strategy"], "least_connections", "the rule's strategy, not the client's");
+    // The topology shows name x version x node, and each node's hardware class.
+    let admin = mint_hs256_fleet("operator", &[Scope::Admin], 600);
+    let t = lab.get("/v1/topology", &admin).await.json();
+    assert_eq!(t["versions"]["llama"], json!({ "v1": ["gpu-1"], "v2": ["cpu-1", "gpu-2"] }));
+    let hw: Vec<&str> =
+        t["nodes"].as_array().unwrap().iter().filter_map(|n| n["hardware"].as_str()).collect();
+    assert_eq!(hw, ["cpu"], "only cpu-1 said");
+    let explain = lab.get("/v1/discover?model=llama&k=10&explain=true", &admin).await.json();
+    let drops = explain["policy_explain"]["drops"].to_string();
+    assert!(drops.contains("cpu-1") && drops.contains("gpu-1"), "{drops}");
 }

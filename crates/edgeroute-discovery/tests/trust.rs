@@ -95,7 +95,7 @@ async fn announce(bus: &Bus, id: &str, url: &str, epoch: u64) {
     };
     let events = [
         ev(1, EventKind::NodeUp { url: url.into() }),
-        ev(2, EventKind::ModelReady { model: "sim-llama".into(), gpu: None }),
+        ev(2, EventKind::ModelReady { model: "sim-llama".into(), gpu: None, version: None }),
     ];
     let mut snap = NodeSnapshot::new(id, "toronto", url, epoch);
     snap.seq = 2;
@@ -104,6 +104,7 @@ async fn announce(bus: &Bus, id: &str, url: &str, epoch: u64) {
         gpu: None,
         state: edgeroute_proto::models::ModelState::Ready,
         reason: None,
+        version: None,
     }];
     bus.publish_batch(&events, &snap).await.unwrap();
 }

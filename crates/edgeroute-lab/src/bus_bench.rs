@@ -137,7 +137,7 @@ pub async fn propagation_between(
         // limit) however many changes are timed.
         let model = format!("bench-{}", i % 16);
         let kind = if (i / 16) % 2 == 0 {
-            EventKind::ModelReady { model, gpu: None }
+            EventKind::ModelReady { model, gpu: None, version: None }
         } else {
             EventKind::ModelUnloaded { model, gpu: None }
         };

@@ -89,6 +89,9 @@ pub fn fleet(n: usize, seed: u64) -> Vec<Arc<NodeEntry>> {
                     placement_source: Source::Bus,
                     configured: false,
                     model_states: models.iter().map(|m| (m.clone(), ModelState::Ready)).collect(),
+                    model_versions: Default::default(),
+                    hardware: None,
+                    gpu_util: 0.0,
                     phi: 0.5,
                     last_probe_age_ms: Some(400),
                     probes: Default::default(),
@@ -132,6 +135,7 @@ pub fn health(id: &str, region: &str, models: &[&str]) -> NodeHealth {
         requests_in_window: 100,
         drain: None,
         cost_per_1k: None,
+        hardware: None,
     }
 }
 
@@ -182,6 +186,7 @@ pub fn report(e: &NodeEntry) -> NodeHealth {
         requests_in_window: 1000,
         drain: None,
         cost_per_1k: Some(v.cost_per_1k),
+        hardware: None,
     }
 }
 

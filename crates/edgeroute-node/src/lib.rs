@@ -211,6 +211,7 @@ impl Node {
                 publisher.publish(edgeroute_proto::topology::EventKind::ModelReady {
                     model: m.id,
                     gpu: m.gpu,
+                    version: m.version,
                 });
             }
         }

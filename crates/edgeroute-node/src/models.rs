@@ -282,7 +282,11 @@ impl ModelTable {
                     let r = self.fresh(id, gpu, memory_mb, source).with_version(version);
                     m.insert(id.to_owned(), r.clone());
                     drop(m);
-                    self.emit(EventKind::ModelLoading { model: id.to_owned(), gpu: r.gpu.clone() });
+                    self.emit(EventKind::ModelLoading {
+                        model: id.to_owned(),
+                        gpu: r.gpu.clone(),
+                        version: r.version.clone(),
+                    });
                     Ok((r, true))
                 }
                 _ => Err(cur.clone()),
@@ -291,7 +295,11 @@ impl ModelTable {
         let r = self.fresh(id, gpu, memory_mb, source).with_version(version);
         m.insert(id.to_owned(), r.clone());
         drop(m);
-        self.emit(EventKind::ModelLoading { model: id.to_owned(), gpu: r.gpu.clone() });
+        self.emit(EventKind::ModelLoading {
+            model: id.to_owned(),
+            gpu: r.gpu.clone(),
+            version: r.version.clone(),
+        });
         Ok((r, true))
     }
 
@@ -347,7 +355,11 @@ impl ModelTable {
             r.reason = None;
         }) {
             self.finish_task(id);
-            self.emit(EventKind::ModelReady { model: id.to_owned(), gpu: r.gpu });
+            self.emit(EventKind::ModelReady {
+                model: id.to_owned(),
+                gpu: r.gpu,
+                version: r.version,
+            });
         }
     }
 
@@ -572,6 +584,23 @@ mod tests {
         t.remove("b");
         assert!(t.get("b").is_none());
         assert_eq!(kinds(&seen), vec!["loading", "ready", "unloading", "unloaded"]);
+    }
+
+    #[test]
+    fn the_bus_hears_the_registry_version_of_a_load() {
+        let (t, seen) = table();
+        let src = Source::Path { path: "/m/llama".into() };
+        t.begin_load("llama", None, 10, src, Some("v2".into())).unwrap();
+        t.mark_ready("llama");
+        let v2 = Some("v2".to_owned());
+        let seen = seen.lock().unwrap();
+        assert!(
+            matches!(&seen[..], [
+                EventKind::ModelLoading { version: a, .. },
+                EventKind::ModelReady { version: b, .. },
+            ] if *a == v2 && *b == v2),
+            "{seen:?}"
+        );
     }
 
     fn kinds(seen: &StdMutex<Vec<EventKind>>) -> Vec<&'static str> {

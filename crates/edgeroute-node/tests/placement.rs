@@ -100,6 +100,7 @@ async fn a_load_the_registry_forbids_here_is_refused_and_others_pass() {
     let health = edgeroute_test_util::get(node.addr, "/health", None).await.json();
     let llama = health["models"].as_array().unwrap().iter().find(|m| m["id"] == "llama").cloned();
     assert_eq!(llama.unwrap()["version"], "v1", "{health}");
+    assert_eq!(health["hardware"], "gpu", "node.hardware's default");
     let chat =
         json!({"model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
     let r = node.chat(chat.to_string()).await;

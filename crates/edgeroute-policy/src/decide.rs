@@ -197,6 +197,9 @@ pub struct Decision {
     /// `edge` or the pool's name.
     pub tier: Option<Arc<str>>,
     pub cascade_step: u8,
+    /// How the nodes were ordered: the strategy of the rule in force for the step that
+    /// answered (latency first without one).
+    pub strategy: StrategyKind,
     pub nodes: Vec<Pick>,
     pub pool: Option<Arc<crate::Pool>>,
     /// How many attempts ran.
@@ -215,6 +218,7 @@ impl Decision {
             version: None,
             tier: None,
             cascade_step: 0,
+            strategy: StrategyKind::LatencyFirst,
             nodes: Vec::new(),
             pool: None,
             attempts: 0,
@@ -462,6 +466,7 @@ impl Policy {
                     d.tier =
                         Some(pool.as_ref().map_or_else(|| self.edge.clone(), |p| p.name.clone()));
                     d.cascade_step = step as u8;
+                    d.strategy = rule.map_or(StrategyKind::LatencyFirst, |r| r.strategy);
                     if pool.is_none() {
                         let k = self.k(req, rule);
                         d.nodes = self.rank(&mut cx, fleet, state, slot, rule, k);

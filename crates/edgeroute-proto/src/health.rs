@@ -126,4 +126,8 @@ pub struct NodeHealth {
     /// The operator's price per 1,000 tokens on this node, for cost-aware routing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_per_1k: Option<f64>,
+    /// The node's hardware class (`gpu`, `npu`, `cpu`: `node.hardware`), for the model
+    /// registry's placement and the routing policy's hardware constraints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<String>,
 }

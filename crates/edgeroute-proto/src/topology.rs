@@ -46,10 +46,16 @@ pub enum EventKind {
     ModelLoading {
         model: String,
         gpu: Option<String>,
+        /// The model registry's version of what loads under `model` (the load's `version`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
     },
     ModelReady {
         model: String,
         gpu: Option<String>,
+        /// The model registry's version now served under `model`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
     },
     ModelFailed {
         model: String,
@@ -90,6 +96,9 @@ pub struct ModelPlacement {
     pub state: ModelState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The registry version served under `model`, as the node's load named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// The latest full state of one node: what a late subscriber starts from.
@@ -133,22 +142,31 @@ impl NodeSnapshot {
         self.seq = ev.seq;
         self.epoch = ev.epoch;
         self.at_ms = ev.at_ms;
-        let mut set =
-            |model: &str, gpu: &Option<String>, state: ModelState, reason: Option<String>| {
-                match self.models.iter_mut().find(|m| m.model == model) {
-                    Some(m) => {
-                        m.gpu = gpu.clone();
-                        m.state = state;
-                        m.reason = reason;
+        // `version`: `Some` from the events that name one (loading, ready); the others keep
+        // what the placement holds.
+        let mut set = |model: &str,
+                       gpu: &Option<String>,
+                       state: ModelState,
+                       reason: Option<String>,
+                       version: Option<&Option<String>>| {
+            match self.models.iter_mut().find(|m| m.model == model) {
+                Some(m) => {
+                    m.gpu = gpu.clone();
+                    m.state = state;
+                    m.reason = reason;
+                    if let Some(v) = version {
+                        m.version = v.clone();
                     }
-                    None => self.models.push(ModelPlacement {
-                        model: model.to_owned(),
-                        gpu: gpu.clone(),
-                        state,
-                        reason,
-                    }),
                 }
-            };
+                None => self.models.push(ModelPlacement {
+                    model: model.to_owned(),
+                    gpu: gpu.clone(),
+                    state,
+                    reason,
+                    version: version.cloned().flatten(),
+                }),
+            }
+        };
         match &ev.kind {
             EventKind::NodeUp { url } => {
                 self.url = url.clone();
@@ -165,16 +183,20 @@ impl NodeSnapshot {
                 self.drain_deadline_ms = None;
             }
             EventKind::Heartbeat => {}
-            EventKind::ModelLoading { model, gpu } => set(model, gpu, ModelState::Loading, None),
-            EventKind::ModelReady { model, gpu } => set(model, gpu, ModelState::Ready, None),
+            EventKind::ModelLoading { model, gpu, version } => {
+                set(model, gpu, ModelState::Loading, None, Some(version))
+            }
+            EventKind::ModelReady { model, gpu, version } => {
+                set(model, gpu, ModelState::Ready, None, Some(version))
+            }
             EventKind::ModelFailed { model, gpu, reason } => {
-                set(model, gpu, ModelState::Failed, Some(reason.clone()))
+                set(model, gpu, ModelState::Failed, Some(reason.clone()), None)
             }
             EventKind::ModelDraining { model, gpu, .. } => {
-                set(model, gpu, ModelState::Draining, None)
+                set(model, gpu, ModelState::Draining, None, None)
             }
             EventKind::ModelUnloading { model, gpu } => {
-                set(model, gpu, ModelState::Unloading, None)
+                set(model, gpu, ModelState::Unloading, None, None)
             }
             EventKind::ModelUnloaded { model, .. } => self.models.retain(|m| &m.model != model),
         }
@@ -238,16 +260,27 @@ mod tests {
     fn snapshot_folds_model_and_drain_events() {
         let mut s = NodeSnapshot::new("n", "r", "http://n", 5);
         let gpu = Some("gpu0".to_owned());
-        s.apply(&ev(1, 5, EventKind::ModelLoading { model: "m".into(), gpu: gpu.clone() }));
+        s.apply(&ev(
+            1,
+            5,
+            EventKind::ModelLoading { model: "m".into(), gpu: gpu.clone(), version: None },
+        ));
         assert_eq!(s.models[0].state, ModelState::Loading);
-        s.apply(&ev(2, 5, EventKind::ModelReady { model: "m".into(), gpu: gpu.clone() }));
+        let v2 = Some("v2".to_owned());
+        s.apply(&ev(
+            2,
+            5,
+            EventKind::ModelReady { model: "m".into(), gpu: gpu.clone(), version: v2.clone() },
+        ));
         assert_eq!(s.ready_models().collect::<Vec<_>>(), vec!["m"]);
+        assert_eq!(s.models[0].version, v2, "the version served is kept with the placement");
         s.apply(&ev(3, 5, EventKind::NodeDraining { deadline_ms: 100, to: None }));
         assert_eq!((s.liveness, s.drain_deadline_ms), (NodeLiveness::Draining, Some(100)));
         let draining =
             EventKind::ModelDraining { model: "m".into(), gpu: gpu.clone(), deadline_ms: 9 };
         s.apply(&ev(4, 5, draining));
         assert_eq!(s.models[0].state, ModelState::Draining);
+        assert_eq!(s.models[0].version, v2, "a drain keeps it");
         assert_eq!(s.ready_models().count(), 0, "a draining model is not ready");
         s.apply(&ev(5, 5, EventKind::ModelUnloading { model: "m".into(), gpu: gpu.clone() }));
         assert_eq!(s.models[0].state, ModelState::Unloading);
@@ -257,9 +290,14 @@ mod tests {
         let json = serde_json::to_string(&ev(
             1,
             5,
-            EventKind::ModelReady { model: "m".into(), gpu: None },
+            EventKind::ModelReady { model: "m".into(), gpu: None, version: None },
         ))
         .unwrap();
         assert!(json.contains("\"type\":\"model_ready\""), "{json}");
+        assert!(!json.contains("version"), "an absent version is not sent: {json}");
+        // An older node's event (no version) still parses.
+        let old = r#"{"type":"model_ready","model":"m","gpu":null}"#;
+        let kind: EventKind = serde_json::from_str(old).unwrap();
+        assert_eq!(kind, EventKind::ModelReady { model: "m".into(), gpu: None, version: None });
     }
 }

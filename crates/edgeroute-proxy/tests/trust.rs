@@ -95,8 +95,11 @@ async fn fleet() -> (SocketAddr, Arc<AtomicUsize>) {
             error_rate: 0.0,
             cost_per_1k: 0.0,
             score_ms: 5.0,
+            serve_as: None,
+            pool: None,
         }],
         reason: None,
+        policy: None,
     };
     let discovery = axum::Router::new().route(
         "/v1/discover",

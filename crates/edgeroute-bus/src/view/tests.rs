@@ -19,7 +19,7 @@ fn up(seq: u64, epoch: u64) -> TopologyEvent {
 }
 
 fn ready(seq: u64, model: &str) -> TopologyEvent {
-    ev(seq, 1, EventKind::ModelReady { model: model.into(), gpu: None })
+    ev(seq, 1, EventKind::ModelReady { model: model.into(), gpu: None, version: None })
 }
 
 /// A view that holds n1 as its publisher starts (`NodeSnapshot::new`, seq 0), heard at
@@ -58,7 +58,7 @@ fn next_events_fold_and_the_first_event_reproduces_the_publisher_state() {
 #[test]
 fn duplicates_and_old_events_are_stale() {
     let mut view = announced(2, 0);
-    let model = ev(2, 2, EventKind::ModelReady { model: "m".into(), gpu: None });
+    let model = ev(2, 2, EventKind::ModelReady { model: "m".into(), gpu: None, version: None });
     assert_eq!(view.apply_event(&up(1, 2), 0, WALL), Applied::Folded);
     assert_eq!(view.apply_event(&model, 0, WALL), Applied::Folded);
     let before = view.node("n1").cloned();
@@ -212,8 +212,12 @@ fn kind() -> impl Strategy<Value = EventKind> {
         Just(EventKind::Heartbeat),
         Just(EventKind::NodeReady),
         (0u64..100).prop_map(|d| EventKind::NodeDraining { deadline_ms: d, to: None }),
-        model.clone().prop_map(|m| EventKind::ModelLoading { model: m, gpu: None }),
-        model.clone().prop_map(|m| EventKind::ModelReady { model: m, gpu: Some("gpu0".into()) }),
+        model.clone().prop_map(|m| EventKind::ModelLoading { model: m, gpu: None, version: None }),
+        model.clone().prop_map(|m| EventKind::ModelReady {
+            model: m,
+            gpu: Some("gpu0".into()),
+            version: None
+        }),
         model.clone().prop_map(|m| EventKind::ModelFailed {
             model: m,
             gpu: None,
@@ -353,7 +357,7 @@ fn a_first_event_of_an_unknown_node_creates_no_entry() {
     for first in [
         ev(1, 1, EventKind::Heartbeat),
         ev(1, 1, EventKind::NodeUp { url: "http://n1".into() }),
-        ev(1, 1, EventKind::ModelReady { model: "m".into(), gpu: None }),
+        ev(1, 1, EventKind::ModelReady { model: "m".into(), gpu: None, version: None }),
     ] {
         assert_eq!(view.apply_event(&first, 0, WALL), Applied::NeedsResync("n1".into()));
         assert!(view.node("n1").is_none() && view.is_empty());
@@ -434,7 +438,11 @@ fn models_per_node_are_capped() {
     let mut view = FleetView::with_limits(limits());
     let mut snap = NodeSnapshot::new("n1", "r", "http://n1", 1);
     for m in ["a", "b", "c", "d"] {
-        snap.apply(&ev(snap.seq + 1, 1, EventKind::ModelReady { model: m.into(), gpu: None }));
+        snap.apply(&ev(
+            snap.seq + 1,
+            1,
+            EventKind::ModelReady { model: m.into(), gpu: None, version: None },
+        ));
     }
     assert_eq!(
         view.apply_snapshot(snap, 0, WALL),
@@ -443,10 +451,10 @@ fn models_per_node_are_capped() {
     assert!(view.is_empty());
     view.apply_snapshot(NodeSnapshot::new("n1", "r", "http://n1", 1), 0, WALL);
     for (seq, m) in [(1, "a"), (2, "b"), (3, "c")] {
-        let e = ev(seq, 1, EventKind::ModelReady { model: m.into(), gpu: None });
+        let e = ev(seq, 1, EventKind::ModelReady { model: m.into(), gpu: None, version: None });
         assert_eq!(view.apply_event(&e, 0, WALL), Applied::Folded);
     }
-    let fourth = ev(4, 1, EventKind::ModelLoading { model: "d".into(), gpu: None });
+    let fourth = ev(4, 1, EventKind::ModelLoading { model: "d".into(), gpu: None, version: None });
     assert_eq!(view.apply_event(&fourth, 0, WALL), Applied::Refused(Refusal::TooManyModels));
     let known = ev(4, 1, EventKind::ModelUnloading { model: "a".into(), gpu: None });
     assert_eq!(view.apply_event(&known, 0, WALL), Applied::Folded);

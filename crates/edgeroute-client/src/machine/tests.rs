@@ -20,6 +20,8 @@ pub(crate) fn cand(id: &str, region: &str) -> Candidate {
         error_rate: 0.0,
         cost_per_1k: 0.0,
         score_ms: 20.0,
+        serve_as: None,
+        pool: None,
     }
 }
 
@@ -217,14 +219,47 @@ fn misses_everywhere_ask_discovery_again_before_any_404() {
     let step = turn.on_rediscovered(&mut m, Ok(fleet()), t0 + ms(5));
     assert_eq!(sent_to(step).0, "van-1");
     assert!(matches!(turn.on_outcome(&mut m, 2, ok(9), t0 + ms(20)), Step::Deliver(_)));
-    // Discovery knows none: only now a 404 reaches the caller.
+    // Discovery knows none: it is asked again, pausing longer each time, and only once
+    // `miss_wait` has passed does a 404 reach the caller.
     let mut turn = Turn::new("m", Kind::Json, vec![cand("van-1", "vancouver")]);
     let mut m = machine(t0);
     turn.start(&mut m, t0);
     assert_eq!(turn.on_outcome(&mut m, 0, missing(), t0 + ms(1)), Step::Rediscover);
-    let none = Err(ClientError::NoCandidates { model: "m".into(), reason: "model_unknown".into() });
-    let step = turn.on_rediscovered(&mut m, none, t0 + ms(2));
+    let none =
+        || Err(ClientError::NoCandidates { model: "m".into(), reason: "model_unknown".into() });
+    let (mut now, mut asked, mut pauses) = (t0 + ms(2), 1, Vec::new());
+    let mut step = turn.on_rediscovered(&mut m, none(), now);
+    while let Step::Wait { until: Some(at) } = step {
+        pauses.push(at.saturating_duration_since(now).as_millis());
+        now = at;
+        assert_eq!(turn.on_timer(&mut m, now), Step::Rediscover);
+        asked += 1;
+        step = turn.on_rediscovered(&mut m, none(), now);
+    }
     assert!(matches!(&step, Step::Fail(ClientError::NoCandidates { .. })), "{step:?}");
+    assert_eq!(&pauses[..5], [50, 100, 200, 400, 800], "{pauses:?}");
+    assert!(now >= t0 + m.policy().miss_wait, "gave up after {:?}", now - t0);
+    assert!(asked <= 8, "{asked} questions to discovery");
+}
+
+#[test]
+fn a_lagging_discovery_is_asked_again_until_the_cascade_shows_up() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let mut turn = Turn::new("nemotron", Kind::Json, vec![cand("tor-1", "toronto")]);
+    turn.start(&mut m, t0);
+    assert_eq!(turn.on_outcome(&mut m, 0, missing(), t0 + ms(1)), Step::Rediscover);
+    // Discovery has not noticed yet: it still lists only the node that just missed.
+    let step = turn.on_rediscovered(&mut m, Ok(vec![cand("tor-1", "toronto")]), t0 + ms(3));
+    let Step::Wait { until: Some(at) } = step else { panic!("{step:?}") };
+    assert_eq!(turn.on_timer(&mut m, at), Step::Rediscover);
+    // Now the policy's cascade: the same node and another, both serving `llama` instead.
+    let cascade = |id: &str, r: &str| Candidate { serve_as: Some("llama".into()), ..cand(id, r) };
+    let list = vec![cascade("tor-1", "toronto"), cascade("mtl-1", "montreal")];
+    let Step::Send { node, .. } = turn.on_rediscovered(&mut m, Ok(list), at) else { panic!() };
+    assert_eq!((node.id.as_str(), node.serve_as.as_deref()), ("tor-1", Some("llama")));
+    assert!(!m.is_missing("llama", "tor-1", at), "it missed nemotron, not llama");
+    assert!(matches!(turn.on_outcome(&mut m, 1, ok(9), at + ms(10)), Step::Deliver(_)));
 }
 
 #[test]
@@ -382,6 +417,10 @@ fn run(
                     Step::Wait { until: None }
                 }
             }
+            Step::Wait { until: Some(at) } if outstanding.is_empty() => {
+                *now = at.max(*now);
+                turn.on_timer(m, *now)
+            }
             Step::Wait { .. } => match outstanding.pop() {
                 Some(a) => turn.on_outcome(m, a, outcomes.next().unwrap_or_else(failed), *now),
                 None => return (step, sent),
@@ -435,6 +474,8 @@ proptest! {
     fn the_retry_budget_is_never_exceeded(outcomes in proptest::collection::vec(arb_outcome(), 1..200)) {
         let t0 = Instant::now();
         let mut m = machine(t0);
+        // Turns that wait for discovery after misses would spread them over many windows.
+        m.policy.miss_wait = Duration::ZERO;
         let mut now = t0;
         let mut it = outcomes.into_iter().cycle().take(400);
         let mut requests = 0u64;

@@ -87,6 +87,7 @@ pub fn node_health(st: &AppState) -> NodeHealth {
         requests_in_window: figures.requests,
         drain,
         cost_per_1k: st.cost_per_1k,
+        hardware: Some(st.hardware.name().to_owned()),
     }
 }
 
