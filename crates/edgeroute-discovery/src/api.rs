@@ -335,6 +335,12 @@ struct Candidate<'a> {
     score_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     factors: Option<FactorsJson>,
+    /// The model to name in requests sent here (a policy cascade answered with another).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    serve_as: Option<&'a str>,
+    /// A policy's cloud pool, not a node: `url` is its OpenAI-compatible base URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<&'a str>,
 }
 
 impl<'a> Candidate<'a> {
@@ -356,6 +362,8 @@ impl<'a> Candidate<'a> {
             cost_per_1k: n.cost_per_1k,
             score_ms,
             factors: None,
+            serve_as: None,
+            pool: None,
         }
     }
 }
@@ -830,7 +838,9 @@ fn decide(
         Outcome::Routed | Outcome::NoEligible => {}
     }
     let snap = &c.snapshot;
-    let candidates: Vec<Candidate> = d
+    // After a cascade the nodes serve another model: clients name it in their requests.
+    let serve_as = d.model.as_deref().filter(|m| *m != q.model);
+    let mut candidates: Vec<Candidate> = d
         .nodes
         .iter()
         .filter_map(|p| {
@@ -840,7 +850,9 @@ fn decide(
             if !caller.may_process_in(&n.region, c.fleet.jurisdiction(p.node)) {
                 return None;
             }
-            Some(Candidate::new(&snap.nodes()[snap.index_of(&n.id)?].info, p.score))
+            let mut cand = Candidate::new(&snap.nodes()[snap.index_of(&n.id)?].info, p.score);
+            cand.serve_as = serve_as;
+            Some(cand)
         })
         .collect();
     let s = |a: &Option<Arc<str>>| a.as_deref().map(str::to_owned);
@@ -849,6 +861,33 @@ fn decide(
         endpoint: p.endpoint.clone(),
         region: p.region.clone(),
     });
+    // A cloud tier answered: the pool is the one candidate, so a client follows the decision
+    // as it follows any list (the policy checked the pool's residency; checked again here).
+    let pool_models: Vec<String> = d.model.iter().map(|m| m.to_string()).collect();
+    if let Some(p) = &d.pool
+        && caller.may_process_in(&p.region, p.jurisdiction.as_deref())
+    {
+        candidates.push(Candidate {
+            id: &p.name,
+            region: &p.region,
+            url: &p.endpoint,
+            health: "ready",
+            health_reason: None,
+            models: &pool_models,
+            queue_depth: 0,
+            in_flight: 0,
+            capacity: 0,
+            ttft_p50_ms: 0.0,
+            ttft_p99_ms: 0.0,
+            ttft_estimated: true,
+            error_rate: 0.0,
+            cost_per_1k: (p.price.input_per_1k + p.price.output_per_1k) / 2.0,
+            score_ms: 0.0,
+            factors: None,
+            serve_as: d.model.as_deref(),
+            pool: Some(&p.name),
+        });
+    }
     let reason = (candidates.is_empty() && pool.is_none()).then(|| Reason {
         code: "policy_no_eligible",
         message: format!(
@@ -870,6 +909,8 @@ fn decide(
             pool,
         }),
         policy_explain: explain_json(&d, c),
+        // The policy's rule orders the nodes, whatever strategy the client asked for.
+        strategy: d.strategy.name(),
         ..DiscoverResponse::new(sh, snap, params, candidates, reason)
     };
     let mut res = json_response(sh, &body, Some(&sh.cache_control));
@@ -959,6 +1000,9 @@ struct TopologyResponse<'a> {
     nodes: Vec<TopologyNode<'a>>,
     /// model → node → state, for every model a node holds in any state.
     matrix: BTreeMap<&'a str, BTreeMap<&'a str, ModelState>>,
+    /// model → registry version → nodes holding that version (in any state), for the models
+    /// whose nodes reported a version.
+    versions: BTreeMap<&'a str, BTreeMap<&'a str, Vec<&'a str>>>,
 }
 
 #[derive(Serialize)]
@@ -966,14 +1010,20 @@ struct TopologyNode<'a> {
     id: &'a str,
     region: &'a str,
     health: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hardware: Option<&'a str>,
 }
 
 async fn topology(State(sh): State<Arc<Shared>>) -> Response {
     let snap = sh.snapshot.load();
     let mut matrix: BTreeMap<&str, BTreeMap<&str, ModelState>> = BTreeMap::new();
+    let mut versions: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
     for n in snap.infos() {
         for (m, s) in &n.detail.model_states {
             matrix.entry(m.as_str()).or_default().insert(n.id.as_str(), *s);
+        }
+        for (m, v) in &n.detail.model_versions {
+            versions.entry(m).or_default().entry(v).or_default().push(&n.id);
         }
     }
     let body = TopologyResponse {
@@ -982,9 +1032,15 @@ async fn topology(State(sh): State<Arc<Shared>>) -> Response {
         models: matrix.keys().copied().collect(),
         nodes: snap
             .infos()
-            .map(|n| TopologyNode { id: &n.id, region: &n.region, health: n.health })
+            .map(|n| TopologyNode {
+                id: &n.id,
+                region: &n.region,
+                health: n.health,
+                hardware: n.detail.hardware.as_deref(),
+            })
             .collect(),
         matrix,
+        versions,
     };
     json_response(&sh, &body, None)
 }

@@ -92,9 +92,14 @@ impl Jurisdictions {
     }
 }
 
-/// A ready model id as the registry names it. A node reports plain ids: `name:version` is
-/// that version of a registered model; a registered `name` alone is its default version.
-pub fn served(registry: &Registry, id: &str) -> Served {
+/// A ready model id as the registry names it. The version the node reported for it (its
+/// load's `version`, on the bus or in `/health`) wins; without one, `name:version` is that
+/// version of a registered model and a registered `name` alone is its default version.
+pub fn served(registry: &Registry, id: &str, reported: Option<&str>) -> Served {
+    if let Some(v) = reported {
+        // A version the registry does not list is kept as reported: no decision picks it.
+        return Served::new(id, v);
+    }
     if let Some(m) = registry.model(id) {
         let v = m.versions.get(m.default_version).map_or("", |v| &*v.id);
         return Served::new(id, v);
@@ -108,25 +113,41 @@ pub fn served(registry: &Registry, id: &str) -> Served {
     }
 }
 
-/// What the policy knows of each node, from the snapshot. Discovery does not see a node's
-/// hardware class, its GPU utilisation or whether its price is configured: hardware is taken
-/// as `gpu` (the fleet's class), utilisation as 0, and a price of 0 as unknown (a price bound
-/// then drops the node, as the policy does for any unknown figure).
+/// A reported hardware class; a node that has not said (an older node, or not yet probed) is
+/// taken as `gpu`, the fleet's class.
+pub fn hardware(reported: Option<&str>) -> Hardware {
+    match reported {
+        Some("npu") => Hardware::Npu,
+        Some("cpu") => Hardware::Cpu,
+        _ => Hardware::Gpu,
+    }
+}
+
+/// What the policy knows of each node, from the snapshot: the versions and hardware class the
+/// node reported, its busiest GPU's utilisation at the last probe. Whether a price is
+/// configured is not known: a price of 0 is taken as unknown (a price bound then drops the
+/// node, as the policy does for any unknown figure).
 pub fn facts(snap: &Snapshot, policy: &Policy, j: &Jurisdictions) -> Vec<NodeFacts> {
     snap.infos()
         .map(|n| NodeFacts {
             id: n.id.clone(),
             region: n.region.clone(),
             jurisdiction: j.of(&n.id, &n.region, None).map(str::to_owned),
-            hardware: Hardware::Gpu,
+            hardware: hardware(n.detail.hardware.as_deref()),
             available: !matches!(n.health, "unhealthy" | "draining"),
-            models: n.models.iter().map(|m| served(policy.registry(), m)).collect(),
+            models: n
+                .models
+                .iter()
+                .map(|m| {
+                    served(policy.registry(), m, n.detail.model_versions.get(m).map(String::as_str))
+                })
+                .collect(),
             ttft_p50_ms: n.ttft_p50_ms,
             ttft_p99_ms: n.ttft_p99_ms,
             queue: n.queue_depth,
             in_flight: n.in_flight,
             capacity: n.capacity,
-            gpu_util: 0.0,
+            gpu_util: n.detail.gpu_util,
             error_rate: n.error_rate,
             price: (n.cost_per_1k > 0.0)
                 .then_some(Price { input_per_1k: n.cost_per_1k, output_per_1k: n.cost_per_1k }),
@@ -696,10 +717,15 @@ id = "v2"
     fn node_model_ids_map_to_registry_versions() {
         let p = Policy::parse(CANARY).unwrap();
         let r = p.registry();
-        assert_eq!(served(r, "llama"), Served::new("llama", "v1"));
-        assert_eq!(served(r, "llama:v2"), Served::new("llama", "v2"));
-        assert_eq!(served(r, "llama:v9"), Served::new("llama:v9", ""));
-        assert_eq!(served(r, "other"), Served::new("other", ""));
+        assert_eq!(served(r, "llama", None), Served::new("llama", "v1"));
+        assert_eq!(served(r, "llama:v2", None), Served::new("llama", "v2"));
+        assert_eq!(served(r, "llama:v9", None), Served::new("llama:v9", ""));
+        assert_eq!(served(r, "other", None), Served::new("other", ""));
+        // What the node reported wins over the default.
+        assert_eq!(served(r, "llama", Some("v2")), Served::new("llama", "v2"));
+        assert_eq!(served(r, "llama", Some("v9")), Served::new("llama", "v9"));
+        assert_eq!(hardware(Some("cpu")), Hardware::Cpu);
+        assert_eq!(hardware(None), Hardware::Gpu);
     }
 
     #[test]
