@@ -38,6 +38,9 @@ pub struct Verified {
     /// Where the tenant's requests may be processed (the token's residency claims; `None`:
     /// unrestricted by the token).
     pub residency: Option<Arc<Residency>>,
+    /// The token's other scalar claims ([`Claims::attrs`]), for routing rules; `None` when
+    /// it has none.
+    pub attrs: Option<Arc<std::collections::BTreeMap<String, String>>>,
 }
 
 /// A token's residency claims ([`Claims::jurisdictions`], [`Claims::regions`]).
@@ -74,6 +77,7 @@ impl From<&Claims> for Verified {
             exp: c.exp,
             nbf: c.nbf,
             residency,
+            attrs: (!c.attrs.is_empty()).then(|| Arc::new(c.attrs.clone())),
         }
     }
 }
@@ -161,6 +165,7 @@ mod tests {
             exp,
             nbf: None,
             residency: None,
+            attrs: None,
         })
     }
 

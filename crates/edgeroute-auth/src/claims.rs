@@ -34,10 +34,26 @@ pub struct Claims {
     pub jurisdictions: Option<Vec<String>>,
     /// Data residency by region (`regions`), as above.
     pub regions: Option<Vec<String>>,
+    /// The other claims with a scalar value (a string, a boolean, an integer), as strings:
+    /// what a routing policy's rules match on (`match.claims`, e.g. `plan = "premium"`). At
+    /// most [`MAX_ATTRS`], each key at most [`MAX_ATTR_KEY`] bytes and value at most
+    /// [`MAX_ATTR_VALUE`]; claims beyond those bounds, and arrays or objects, are left out
+    /// (a rule then does not match), never an error.
+    pub attrs: std::collections::BTreeMap<String, String>,
 }
 
 /// Most entries a residency claim may list.
 pub const MAX_RESIDENCY_ENTRIES: usize = 64;
+/// Most other claims kept in [`Claims::attrs`].
+pub const MAX_ATTRS: usize = 32;
+/// Longest claim name kept in [`Claims::attrs`], bytes.
+pub const MAX_ATTR_KEY: usize = 64;
+/// Longest claim value kept in [`Claims::attrs`], bytes.
+pub const MAX_ATTR_VALUE: usize = 256;
+
+/// The claims `Claims` reads for itself: never attributes.
+const NAMED: &[&str] =
+    &["sub", "exp", "nbf", "iat", "aud", "iss", "scope", "scp", "jurisdictions", "regions", "jti"];
 
 impl Claims {
     /// The tenant this token authenticates (the `sub` claim).
@@ -121,8 +137,62 @@ impl Claims {
 
         let jurisdictions = string_list(raw.jurisdictions, "jurisdictions")?;
         let regions = string_list(raw.regions, "regions")?;
-        Ok(Claims { sub, exp, nbf, iat, aud, iss, scope, jurisdictions, regions })
+        let attrs = attrs(payload)?;
+        Ok(Claims { sub, exp, nbf, iat, aud, iss, scope, jurisdictions, regions, attrs })
     }
+}
+
+/// Whether `Claims` reads claim `name` for itself (it is never an attribute).
+pub(crate) fn is_named(name: &str) -> bool {
+    NAMED.contains(&name)
+}
+
+/// The payload's other scalar claims (see [`Claims::attrs`]). A claim named twice makes the
+/// token malformed: a rule must not match on a value another parser would not have read.
+fn attrs(payload: &[u8]) -> Result<std::collections::BTreeMap<String, String>, AuthError> {
+    struct Pairs(Vec<(String, Value)>);
+    impl<'de> Deserialize<'de> for Pairs {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Pairs;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Pairs, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = m.next_entry::<String, Value>()? {
+                        out.push((k, v));
+                    }
+                    Ok(Pairs(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let Pairs(mut pairs) = serde_json::from_slice(payload)
+        .map_err(|_| AuthError::Malformed("claims are not a valid JSON object"))?;
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
+        return Err(AuthError::Malformed("a claim appears twice"));
+    }
+    Ok(pairs
+        .into_iter()
+        .filter(|(k, _)| !NAMED.contains(&k.as_str()) && !k.is_empty() && k.len() <= MAX_ATTR_KEY)
+        .filter_map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s,
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+                _ => return None,
+            };
+            (v.len() <= MAX_ATTR_VALUE).then_some((k, v))
+        })
+        .take(MAX_ATTRS)
+        .collect())
 }
 
 /// The claims we read, each kept as raw JSON so that type errors can name the claim. `null`
@@ -196,6 +266,24 @@ mod tests {
         assert_eq!(c.nbf, Some(1));
         assert_eq!(c.aud, vec!["a".to_owned(), "b".to_owned()]);
         assert!(c.has_scope(Scope::Inference) && c.has_scope(Scope::Admin));
+    }
+
+    #[test]
+    fn other_scalar_claims_are_kept_for_routing_rules_within_bounds() {
+        let long = "x".repeat(MAX_ATTR_VALUE + 1);
+        let c = parse(&format!(
+            r#"{{"sub":"t","exp":1,"plan":"premium","beta":true,"seats":12,"ratio":0.5,
+                "groups":["a"],"org":{{"id":1}},"big":"{long}","iss":"i","jti":"j"}}"#
+        ))
+        .unwrap();
+        let kept: Vec<(&str, &str)> = c.attrs.iter().map(|(k, v)| (&**k, &**v)).collect();
+        assert_eq!(kept, [("beta", "true"), ("plan", "premium"), ("seats", "12")]);
+        // A claim named twice is refused, whichever parser would have won.
+        let dup = r#"{"sub":"t","exp":1,"plan":"basic","plan":"premium"}"#;
+        assert!(matches!(parse(dup), Err(AuthError::Malformed(_))));
+        let many: Vec<String> = (0..40).map(|i| format!(r#""c{i:02}":"v""#)).collect();
+        let c = parse(&format!(r#"{{"sub":"t","exp":1,{}}}"#, many.join(","))).unwrap();
+        assert_eq!(c.attrs.len(), MAX_ATTRS);
     }
 
     #[test]

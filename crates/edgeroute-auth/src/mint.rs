@@ -102,6 +102,10 @@ pub struct MintOptions {
     pub nbf: Option<u64>,
     /// Residency claims (`jurisdictions`, `regions`), when the tenant is confined.
     pub residency: Option<crate::Residency>,
+    /// Other string claims (`plan = "premium"`), which routing rules may match on: at most
+    /// [`crate::claims::MAX_ATTRS`], within the verifier's key and value bounds, none of the
+    /// claims above.
+    pub claims: std::collections::BTreeMap<String, String>,
 }
 
 /// Signs a compact JWT with `key`.
@@ -142,6 +146,26 @@ pub fn mint(key: &SigningKey, opts: &MintOptions) -> Result<String, MintError> {
                 claims.insert(name.into(), Value::from(list.clone()));
             }
         }
+    }
+
+    if opts.claims.len() > crate::claims::MAX_ATTRS {
+        return Err(MintError::InvalidClaims("at most 32 other claims"));
+    }
+    for (k, v) in &opts.claims {
+        if crate::claims::is_named(k) || claims.contains_key(k) {
+            return Err(MintError::InvalidClaims(
+                "a claim of its own flag cannot be given as --claim",
+            ));
+        }
+        if k.is_empty()
+            || k.len() > crate::claims::MAX_ATTR_KEY
+            || v.len() > crate::claims::MAX_ATTR_VALUE
+        {
+            return Err(MintError::InvalidClaims(
+                "a claim's name is 1-64 bytes, its value at most 256",
+            ));
+        }
+        claims.insert(k.clone(), Value::from(v.as_str()));
     }
 
     let mut header = Header::new(key.algorithm());

@@ -197,6 +197,7 @@ mod tests {
             scope: crate::Scopes::EMPTY,
             jurisdictions: None,
             regions: None,
+            attrs: Default::default(),
         }
     }
 

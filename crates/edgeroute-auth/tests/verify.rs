@@ -470,3 +470,22 @@ fn verifying_with_an_in_memory_key_set() {
     assert!(store.verify(&token, NOW).is_ok());
     assert!(!store.reload().unwrap(), "no files: nothing to reload");
 }
+
+#[test]
+fn minted_claims_reach_the_verified_token_and_cannot_shadow_named_ones() {
+    let scratch = Scratch::new("attrs");
+    let store = store_with(&scratch, |_| {});
+    let mut o = opts(None);
+    o.claims.insert("plan".into(), "premium".into());
+    let token = mint(&hs(), &o).unwrap();
+    let claims = store.verify(&token, NOW).unwrap();
+    assert_eq!(claims.attrs.get("plan").map(String::as_str), Some("premium"));
+    for named in ["sub", "exp", "jurisdictions", "scope"] {
+        let mut o = opts(None);
+        o.claims.insert(named.into(), "x".into());
+        assert!(mint(&hs(), &o).is_err(), "--claim {named} must be refused");
+    }
+    let mut o = opts(None);
+    o.claims.insert("k".into(), "v".repeat(257));
+    assert!(mint(&hs(), &o).is_err(), "a value over 256 bytes");
+}

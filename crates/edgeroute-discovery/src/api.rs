@@ -821,7 +821,8 @@ fn decide(
         sub: caller.token.as_ref().map(|t| t.tenant.to_string()).unwrap_or_default(),
         jurisdictions: residency.and_then(|r| r.jurisdictions.clone()),
         regions: residency.and_then(|r| r.regions.clone()),
-        attrs: BTreeMap::new(),
+        // The token's other claims: rules may match on them (`match.claims`).
+        attrs: caller.token.as_ref().and_then(|t| t.attrs.as_deref().cloned()).unwrap_or_default(),
     };
     let mut req = edgeroute_policy::Request::new(&claims, &q.model);
     req.regions = &q.allowed_regions;

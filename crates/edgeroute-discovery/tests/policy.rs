@@ -401,6 +401,7 @@ async fn without_a_policy_explain_lists_nodes_outside_the_admins_residency_as_ex
             jurisdictions: Some(vec!["eu".into()]),
             regions: None,
         }),
+        claims: Default::default(),
     };
     let key = edgeroute_auth::SigningKey::Hs256(SECRET.as_bytes().to_vec());
     let admin_eu = edgeroute_auth::mint(&key, &opts).unwrap();
@@ -502,4 +503,55 @@ async fn the_policy_routes_on_the_versions_and_hardware_nodes_report_and_names_i
     let explain = lab.get("/v1/discover?model=llama&k=10&explain=true", &admin).await.json();
     let drops = explain["policy_explain"]["drops"].to_string();
     assert!(drops.contains("cpu-1") && drops.contains("gpu-1"), "{drops}");
+}
+
+const BY_PLAN: &str = r#"
+version = "plans-1"
+[[models]]
+name = "llama"
+default_version = "v1"
+[[models.versions]]
+id = "v1"
+[[models.versions]]
+id = "v2"
+
+[[rules]]
+id = "premium-on-v2"
+match.models = ["llama"]
+match.claims = { plan = "premium" }
+versions = { v2 = 100 }
+
+[[rules]]
+id = "everyone-on-v1"
+match.models = ["llama"]
+versions = { v1 = 100 }
+"#;
+
+#[tokio::test]
+async fn rules_match_on_the_tokens_other_claims() {
+    let lab = Lab::start("claims", "", Some(BY_PLAN)).await;
+    let mut opts = edgeroute_auth::MintOptions {
+        sub: "acme".into(),
+        scopes: [Scope::Inference].into_iter().collect(),
+        aud: None,
+        iss: None,
+        ttl_s: 600,
+        now_unix_s: edgeroute_core::clock::unix_ms() / 1000,
+        kid: None,
+        nbf: None,
+        residency: None,
+        claims: Default::default(),
+    };
+    let key = edgeroute_auth::SigningKey::Hs256(SECRET.as_bytes().to_vec());
+    let basic = edgeroute_auth::mint(&key, &opts).unwrap();
+    opts.claims.insert("plan".into(), "premium".into());
+    let premium = edgeroute_auth::mint(&key, &opts).unwrap();
+    opts.claims.insert("plan".into(), "basic".into());
+    let other = edgeroute_auth::mint(&key, &opts).unwrap();
+    assert_eq!(lab.ids("model=llama&k=10", &premium).await, ["ams-1"]);
+    for t in [&basic, &other] {
+        assert_eq!(lab.ids("model=llama&k=10", t).await, ["fra-1", "nyc-1"]);
+    }
+    let r = lab.get("/v1/discover?model=llama", &premium).await;
+    assert!(r.header("x-edgeroute-decision").unwrap().contains("rule=premium-on-v2"));
 }

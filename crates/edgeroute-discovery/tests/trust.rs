@@ -318,6 +318,7 @@ async fn an_inference_token_gets_the_ranking_but_not_the_fleets_map() {
             kid: None,
             nbf: None,
             residency: None,
+            claims: Default::default(),
         },
     )
     .unwrap();

@@ -262,6 +262,7 @@ impl Fleet {
                 kid: None,
                 nbf: None,
                 residency: None,
+                claims: Default::default(),
             },
         )?)
     }

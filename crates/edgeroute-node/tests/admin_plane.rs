@@ -38,6 +38,7 @@ fn token(sub: &str, scopes: &[Scope], aud: Option<&str>) -> String {
             kid: None,
             nbf: None,
             residency: None,
+            claims: Default::default(),
         },
     )
     .unwrap()

@@ -28,6 +28,7 @@ fn token(private: &str, kid: &str) -> String {
             kid: Some(kid.into()),
             nbf: None,
             residency: None,
+            claims: Default::default(),
         },
     )
     .unwrap()

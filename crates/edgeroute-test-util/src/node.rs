@@ -224,6 +224,7 @@ fn options(sub: &str, scopes: &[Scope], ttl_s: i64) -> MintOptions {
         kid: None,
         nbf: None,
         residency: None,
+        claims: Default::default(),
     }
 }
 

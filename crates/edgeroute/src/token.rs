@@ -56,6 +56,10 @@ pub enum TokenCommand {
         /// Data residency by region (`regions` claim), comma-separated.
         #[arg(long = "allowed-regions", value_name = "R,...", value_delimiter = ',')]
         allowed_regions: Option<Vec<String>>,
+        /// Another claim, which routing rules may match on (`match.claims`), e.g.
+        /// `--claim plan=premium`; repeatable.
+        #[arg(long = "claim", value_name = "KEY=VALUE", value_parser = parse_claim)]
+        claims: Vec<(String, String)>,
     },
     /// Print a JWKS entry for a public key PEM.
     Jwk {
@@ -83,6 +87,7 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
             iss,
             jurisdictions,
             allowed_regions,
+            claims,
         } => {
             let key = match (secret_file, key_file) {
                 (Some(f), None) => {
@@ -123,6 +128,7 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
                 kid,
                 nbf: None,
                 residency,
+                claims: claims.into_iter().collect(),
             };
             println!("{}", edgeroute_auth::mint(&key, &options)?);
         }
@@ -132,6 +138,14 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `KEY=VALUE` of `--claim`.
+fn parse_claim(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}`: give KEY=VALUE")),
+    }
 }
 
 /// The `aud` of a minted token. An admin token must name where it is valid (`--node`,
@@ -171,6 +185,13 @@ fn admin_audience(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_is_key_equals_value() {
+        assert_eq!(parse_claim("plan=premium").unwrap(), ("plan".into(), "premium".into()));
+        assert_eq!(parse_claim("note=a=b").unwrap(), ("note".into(), "a=b".into()));
+        assert!(parse_claim("=x").is_err() && parse_claim("plan").is_err());
+    }
 
     #[test]
     fn admin_tokens_name_where_they_are_valid() {

@@ -54,6 +54,7 @@ pub fn opts(kid: Option<&str>) -> MintOptions {
         kid: kid.map(str::to_owned),
         nbf: None,
         residency: None,
+        claims: Default::default(),
     }
 }
 
