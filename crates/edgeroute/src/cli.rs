@@ -124,6 +124,23 @@ pub struct ProxyArgs {
     /// of yet; afterwards the deadline is a multiple of that node's own first token.
     #[arg(long, default_value_t = 1000)]
     hedge_after_ms: u64,
+    /// A routing policy's cloud pool and the file holding its API key (`NAME=PATH`,
+    /// repeatable): requests the policy sends to that pool carry this key, never the fleet
+    /// token. A pool without one is sent no key.
+    #[arg(long = "pool-key-file", value_name = "NAME=PATH", value_parser = parse_pool_key)]
+    pool_key_files: Vec<(String, PathBuf)>,
+    /// What a policy's canary split keeps on one version (default: random per start).
+    #[arg(long)]
+    routing_key: Option<String>,
+}
+
+fn parse_pool_key(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err(format!("`{s}`: give NAME=PATH (the pool's name in the policy, a key file)")),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -273,8 +290,16 @@ impl ProxyArgs {
             Some(path) => Some(edgeroute_proxy::read_token_file(path)?),
             None => env("EDGEROUTE_TOKEN").filter(|t| !t.trim().is_empty()),
         };
+        let mut pool_keys = std::collections::BTreeMap::new();
+        for (name, path) in &self.pool_key_files {
+            let key = edgeroute_proxy::read_token_file(path)
+                .with_context(|| format!("--pool-key-file {name}"))?;
+            pool_keys.insert(name.clone(), key);
+        }
         let client = edgeroute_client::ClientConfig {
             discovery: self.discovery,
+            pool_keys,
+            routing_key: self.routing_key,
             token,
             allow_plaintext: self.allow_plaintext,
             regions: self.region,
@@ -344,5 +369,17 @@ impl WatchArgs {
             allow_backends: self.allow_backends,
             triton_restricted,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_key_is_a_name_and_a_file() {
+        assert_eq!(parse_pool_key("ca-cloud=/k").unwrap(), ("ca-cloud".into(), "/k".into()));
+        assert!(parse_pool_key("ca-cloud").is_err());
+        assert!(parse_pool_key("=/k").is_err() && parse_pool_key("ca-cloud=").is_err());
     }
 }
