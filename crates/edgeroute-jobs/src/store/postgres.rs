@@ -1,0 +1,858 @@
+//! The distributed store: PostgreSQL shared by the router replicas of a region.
+//!
+//! Tables live in a schema of their own (`PostgresConfig::schema`, set as each connection's
+//! `search_path`), created on `connect` under an advisory lock so replicas starting together
+//! do not race on the DDL. Connections come from a small pool (`pool_size`), each with its
+//! own connection task.
+//!
+//! Locking, in one order everywhere (job row, then its items), so no two calls deadlock:
+//! - `claim` takes `FOR KEY SHARE SKIP LOCKED` on in-progress jobs with claimable items, then
+//!   `FOR UPDATE SKIP LOCKED` on their items: concurrent claimers skip each other's rows and
+//!   never get the same item; the job lock makes a claim and a cancel (or an expiry) of that
+//!   job exclude each other, so the cancel sees every lease the claim made.
+//! - `complete` takes `FOR NO KEY UPDATE` on the job (completions of one job serialize; the
+//!   last one sees every other and moves the job to finalizing), then the fenced item update:
+//!   `… WHERE state = 'leased' AND fence = $token` — a stale token changes nothing.
+//! - `cancel`, expiry in `tick` and `finalize` take `FOR UPDATE` on the job.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_postgres::{Client, GenericClient, NoTls, Row, Transaction};
+
+use super::{
+    Abort, CancelReport, Completion, Created, FileBuilder, FileMeta, Job, JobKind, JobStore, Lease,
+    Limits, NewFile, NewJob, StoreError, TickReport, check_lease, check_new_job, new_id,
+    rule_error, to_i64, to_u64, write_outcome,
+};
+use crate::lifecycle::{self, BatchStatus, ItemEnd, Lapse, Outcome, RequestCounts, Settle, UnixMs};
+
+/// Where and how the distributed store runs.
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// A libpq-style URL or key=value string (`postgres://user@host:5432/db`).
+    pub url: String,
+    /// The schema holding the tables: `[a-z_][a-z0-9_]{0,62}`.
+    pub schema: String,
+    /// Connections kept open (and the most calls in flight at once).
+    pub pool_size: usize,
+    /// The store's limits.
+    pub limits: Limits,
+}
+
+impl PostgresConfig {
+    /// A URL and schema with the default limits and four connections.
+    pub fn new(url: impl Into<String>, schema: impl Into<String>) -> Self {
+        PostgresConfig {
+            url: url.into(),
+            schema: schema.into(),
+            pool_size: 4,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The PostgreSQL job store.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Arc<Pool>,
+    limits: Arc<Limits>,
+}
+
+struct Pool {
+    url: String,
+    schema: String,
+    idle: std::sync::Mutex<Vec<Client>>,
+    permits: Semaphore,
+}
+
+/// A pooled connection, given back on drop unless it broke.
+struct Conn<'a> {
+    client: Option<Client>,
+    pool: &'a Pool,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take().filter(|c| !c.is_closed()) {
+            self.pool.idle.lock().unwrap_or_else(|p| p.into_inner()).push(client);
+        }
+    }
+}
+
+impl Conn<'_> {
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        self.client.as_mut().ok_or_else(|| StoreError::Task("pooled connection taken".into()))
+    }
+}
+
+impl Pool {
+    async fn get(&self) -> Result<Conn<'_>, StoreError> {
+        let permit = self.permits.acquire().await.map_err(|e| StoreError::Task(e.to_string()))?;
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let client = match idle.filter(|c| !c.is_closed()) {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        Ok(Conn { client: Some(client), pool: self, _permit: permit })
+    }
+
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "postgres job store connection ended");
+            }
+        });
+        client.batch_execute(&format!("SET search_path TO \"{}\"", self.schema)).await?;
+        Ok(client)
+    }
+}
+
+fn valid_schema(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    first_ok
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    bytes BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    content BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq BIGSERIAL NOT NULL,
+    tenant TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    cancelling_at BIGINT,
+    finished_at BIGINT,
+    total BIGINT NOT NULL,
+    completed BIGINT NOT NULL DEFAULT 0,
+    failed BIGINT NOT NULL DEFAULT 0,
+    input_file_id TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    idempotency_key TEXT,
+    fingerprint TEXT NOT NULL,
+    metadata TEXT,
+    UNIQUE (tenant, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, expires_at);
+CREATE TABLE IF NOT EXISTS items (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    idx BIGINT NOT NULL,
+    custom_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL,
+    worker TEXT,
+    fence BIGINT NOT NULL DEFAULT 0,
+    lease_expires_at BIGINT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    response TEXT,
+    error TEXT,
+    ended_at BIGINT,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX IF NOT EXISTS items_open ON items (job_id, idx)
+    WHERE state IN ('queued', 'leased');
+";
+
+const JOB_COLUMNS: &str = "id, tenant, kind, endpoint, status, created_at, expires_at, \
+    cancelling_at, finished_at, total, completed, failed, input_file_id, output_file_id, \
+    error_file_id, idempotency_key, metadata";
+
+fn job_from_row(row: &Row) -> Result<Job, StoreError> {
+    let kind: String = row.try_get(2)?;
+    let status: String = row.try_get(4)?;
+    let opt = |v: Option<i64>| v.map(to_u64);
+    Ok(Job {
+        id: row.try_get(0)?,
+        tenant: row.try_get(1)?,
+        kind: JobKind::parse(&kind)?,
+        endpoint: row.try_get(3)?,
+        status: status.parse()?,
+        created_at: to_u64(row.try_get(5)?),
+        expires_at: to_u64(row.try_get(6)?),
+        cancelling_at: opt(row.try_get(7)?),
+        finished_at: opt(row.try_get(8)?),
+        counts: RequestCounts {
+            total: to_u64(row.try_get(9)?),
+            completed: to_u64(row.try_get(10)?),
+            failed: to_u64(row.try_get(11)?),
+        },
+        input_file_id: row.try_get(12)?,
+        output_file_id: row.try_get(13)?,
+        error_file_id: row.try_get(14)?,
+        idempotency_key: row.try_get(15)?,
+        metadata: row.try_get(16)?,
+    })
+}
+
+/// Reads a job, taking `lock` (`FOR UPDATE`, `FOR NO KEY UPDATE`, or nothing).
+async fn load_job(c: &impl GenericClient, id: &str, lock: &str) -> Result<Option<Job>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 {lock}");
+    c.query_opt(&sql, &[&id]).await?.map(|r| job_from_row(&r)).transpose()
+}
+
+async fn need_job(c: &impl GenericClient, id: &str, lock: &str) -> Result<Job, StoreError> {
+    load_job(c, id, lock)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { what: "job", id: id.to_owned() })
+}
+
+async fn add_counts(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    end: ItemEnd,
+    n: u64,
+) -> Result<(), StoreError> {
+    let column = match end.file() {
+        lifecycle::FileKind::Output => "completed",
+        lifecycle::FileKind::Error => "failed",
+    };
+    let sql = format!("UPDATE jobs SET {column} = {column} + $2 WHERE id = $1");
+    tx.execute(&sql, &[&job_id, &to_i64(n)]).await?;
+    Ok(())
+}
+
+async fn follow_item_end(tx: &Transaction<'_>, job_id: &str) -> Result<Job, StoreError> {
+    let job = need_job(tx, job_id, "").await?;
+    if let Some(next) = lifecycle::after_item_end(job.status, &job.counts) {
+        job.status.become_(next)?;
+        tx.execute("UPDATE jobs SET status = $2 WHERE id = $1", &[&job_id, &next.as_str()]).await?;
+        return need_job(tx, job_id, "").await;
+    }
+    Ok(job)
+}
+
+async fn in_flight(tx: &Transaction<'_>, job_id: &str) -> Result<Vec<Abort>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT idx, worker, fence FROM items WHERE job_id = $1 AND state = 'leased'
+             ORDER BY idx",
+            &[&job_id],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Abort {
+                job_id: job_id.to_owned(),
+                item: to_u64(r.try_get(0)?),
+                worker: r.try_get::<_, Option<String>>(1)?.unwrap_or_default(),
+                fence: to_u64(r.try_get(2)?),
+            })
+        })
+        .collect()
+}
+
+async fn insert_file(
+    c: &impl GenericClient,
+    file: &NewFile,
+    now: UnixMs,
+) -> Result<FileMeta, StoreError> {
+    let id = new_id("file_")?;
+    let size = file.bytes.len() as i64;
+    c.execute(
+        "INSERT INTO files (id, tenant, purpose, filename, bytes, created_at, content)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&id, &file.tenant, &file.purpose, &file.filename, &size, &to_i64(now), &file.bytes],
+    )
+    .await?;
+    Ok(FileMeta {
+        id,
+        tenant: file.tenant.clone(),
+        purpose: file.purpose.clone(),
+        filename: file.filename.clone(),
+        bytes: file.bytes.len() as u64,
+        created_at: now,
+    })
+}
+
+async fn write_files(
+    tx: &Transaction<'_>,
+    job: &Job,
+    status: BatchStatus,
+    now: UnixMs,
+) -> Result<(), StoreError> {
+    let rows = tx
+        .query(
+            "SELECT idx, custom_id, state, response, error FROM items WHERE job_id = $1
+             ORDER BY idx",
+            &[&job.id],
+        )
+        .await?;
+    let mut files = FileBuilder::default();
+    for r in &rows {
+        let state: String = r.try_get(2)?;
+        let response: Option<String> = r.try_get(3)?;
+        let error: Option<String> = r.try_get(4)?;
+        let custom_id: String = r.try_get(1)?;
+        let idx = to_u64(r.try_get(0)?);
+        files.add(&job.id, idx, &custom_id, &state, response.as_deref(), error.as_deref())?;
+    }
+    let mut ids = [None, None];
+    for (slot, (bytes, what)) in
+        ids.iter_mut().zip([(files.output, "output"), (files.error, "error")])
+    {
+        if bytes.is_empty() {
+            continue;
+        }
+        let file = NewFile {
+            tenant: job.tenant.clone(),
+            purpose: "batch_output".into(),
+            filename: format!("{}_{what}.jsonl", job.id),
+            bytes,
+        };
+        *slot = Some(insert_file(tx, &file, now).await?.id);
+    }
+    let [output, error] = ids;
+    tx.execute(
+        "UPDATE jobs SET status = $2, output_file_id = $3, error_file_id = $4, finished_at = $5
+         WHERE id = $1",
+        &[&job.id, &status.as_str(), &output, &error, &to_i64(now)],
+    )
+    .await?;
+    Ok(())
+}
+
+impl PostgresStore {
+    /// Connects, creates the schema and tables if missing, and keeps `pool_size` connections.
+    pub async fn connect(config: PostgresConfig) -> Result<Self, StoreError> {
+        let PostgresConfig { url, schema, pool_size, limits } = config;
+        if !valid_schema(&schema) {
+            return Err(StoreError::Config(format!(
+                "schema name {schema:?} must match [a-z_][a-z0-9_]{{0,62}}"
+            )));
+        }
+        if pool_size == 0 {
+            return Err(StoreError::Config("pool_size must be at least 1".into()));
+        }
+        let pool = Pool {
+            url,
+            schema: schema.clone(),
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: Semaphore::new(pool_size),
+        };
+        {
+            let mut conn = pool.get().await?;
+            let tx = conn.client()?.transaction().await?;
+            // One replica at a time creates the schema; the others find it made.
+            tx.batch_execute(&format!(
+                "SELECT pg_advisory_xact_lock(hashtext('edgeroute-jobs:{schema}'));
+                 CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+                 SET LOCAL search_path TO \"{schema}\";
+                 {SCHEMA}"
+            ))
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(PostgresStore { pool: Arc::new(pool), limits: Arc::new(limits) })
+    }
+
+    /// The store's limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Drops the store's schema and everything in it (tests; decommissioning a region).
+    pub async fn drop_schema(&self) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.pool.schema))
+            .await?;
+        Ok(())
+    }
+
+    async fn create(&self, job: NewJob, now: UnixMs) -> Result<Created, StoreError> {
+        check_new_job(&job, &self.limits)?;
+        let fingerprint = job.fingerprint();
+        let mut conn = self.pool.get().await?;
+        let tx = conn.client()?.transaction().await?;
+        let id = new_id("batch_")?;
+        let status = BatchStatus::Validating.become_(BatchStatus::InProgress)?;
+        // ON CONFLICT waits for a concurrent create with the same key to commit, then does
+        // nothing: exactly one of them creates the job.
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO jobs (id, tenant, kind, endpoint, status, created_at, expires_at,
+                                   total, input_file_id, idempotency_key, fingerprint, metadata)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                 RETURNING id",
+                &[
+                    &id,
+                    &job.tenant,
+                    &job.kind.as_str(),
+                    &job.endpoint,
+                    &status.as_str(),
+                    &to_i64(now),
+                    &to_i64(now.saturating_add(job.completion_window_ms)),
+                    &(job.items.len() as i64),
+                    &job.input_file_id,
+                    &job.idempotency_key,
+                    &fingerprint,
+                    &job.metadata,
+                ],
+            )
+            .await?;
+        if inserted.is_none() {
+            let key = job.idempotency_key.clone().unwrap_or_default();
+            let row = tx
+                .query_one(
+                    "SELECT id, fingerprint FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+                    &[&job.tenant, &key],
+                )
+                .await?;
+            let (id, print): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            if print != fingerprint {
+                return Err(StoreError::IdempotencyConflict { key, job_id: id });
+            }
+            let job = need_job(&tx, &id, "").await?;
+            tx.commit().await?;
+            return Ok(Created { job, existing: true });
+        }
+        let idx: Vec<i64> = (0..job.items.len() as i64).collect();
+        let custom_ids: Vec<&str> = job.items.iter().map(|i| i.custom_id.as_str()).collect();
+        let bodies: Vec<&str> = job.items.iter().map(|i| i.body.as_str()).collect();
+        tx.execute(
+            "INSERT INTO items (job_id, idx, custom_id, body, state)
+             SELECT $1, u.idx, u.custom_id, u.body, 'queued'
+             FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u (idx, custom_id, body)",
+            &[&id, &idx, &custom_ids, &bodies],
+        )
+        .await?;
+        let created = need_job(&tx, &id, "").await?;
+        tx.commit().await?;
+        Ok(Created { job: created, existing: false })
+    }
+
+    async fn claim_items(
+        &self,
+        worker: &str,
+        max: usize,
+        lease_ms: u64,
+        now: UnixMs,
+    ) -> Result<Vec<Lease>, StoreError> {
+        check_lease(lease_ms, &self.limits)?;
+        let max = max.min(self.limits.max_claim) as i64;
+        let max_attempts = i32::try_from(self.limits.max_attempts).unwrap_or(i32::MAX);
+        let (now_i, expires_at) = (to_i64(now), now.saturating_add(lease_ms));
+        let mut conn = self.pool.get().await?;
+        let tx = conn.client()?.transaction().await?;
+        let jobs: Vec<String> = tx
+            .query(
+                "SELECT j.id FROM jobs j
+                 WHERE j.status = 'in_progress' AND EXISTS (
+                     SELECT 1 FROM items i WHERE i.job_id = j.id
+                       AND (i.state = 'queued' OR (i.state = 'leased'
+                            AND i.lease_expires_at <= $1 AND i.attempts < $2)))
+                 ORDER BY j.seq
+                 LIMIT $3
+                 FOR KEY SHARE SKIP LOCKED",
+                &[&now_i, &max_attempts, &max],
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        if jobs.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let rows = tx
+            .query(
+                "WITH picked AS (
+                     SELECT i.job_id, i.idx, j.endpoint, j.seq FROM items i
+                     JOIN jobs j ON j.id = i.job_id
+                     WHERE i.job_id = ANY($1)
+                       AND (i.state = 'queued' OR (i.state = 'leased'
+                            AND i.lease_expires_at <= $2 AND i.attempts < $3))
+                     ORDER BY j.seq, i.idx
+                     LIMIT $4
+                     FOR UPDATE OF i SKIP LOCKED)
+                 UPDATE items SET state = 'leased', worker = $5, fence = items.fence + 1,
+                                  attempts = items.attempts + 1, lease_expires_at = $6
+                 FROM picked
+                 WHERE items.job_id = picked.job_id AND items.idx = picked.idx
+                 RETURNING items.job_id, items.idx, items.custom_id, items.body, items.fence,
+                           items.attempts, picked.endpoint, picked.seq",
+                &[&jobs, &now_i, &max_attempts, &max, &worker, &to_i64(expires_at)],
+            )
+            .await?;
+        tx.commit().await?;
+        let mut leases = Vec::with_capacity(rows.len());
+        let mut order = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let attempts: i32 = r.try_get(5)?;
+            let seq: i64 = r.try_get(7)?;
+            let lease = Lease {
+                job_id: r.try_get(0)?,
+                item: to_u64(r.try_get(1)?),
+                custom_id: r.try_get(2)?,
+                body: r.try_get(3)?,
+                fence: to_u64(r.try_get(4)?),
+                attempt: u32::try_from(attempts).unwrap_or(0),
+                endpoint: r.try_get(6)?,
+                worker: worker.to_owned(),
+                expires_at,
+            };
+            order.push((seq, lease.item));
+            leases.push(lease);
+        }
+        // RETURNING has no order: give the oldest job's first items first.
+        let mut paired: Vec<_> = order.into_iter().zip(leases).collect();
+        paired.sort_by_key(|(k, _)| *k);
+        Ok(paired.into_iter().map(|(_, l)| l).collect())
+    }
+
+    async fn complete_item(
+        &self,
+        lease: &Lease,
+        outcome: &Outcome,
+        now: UnixMs,
+    ) -> Result<Completion, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.client()?.transaction().await?;
+        let job = need_job(&tx, &lease.job_id, "FOR NO KEY UPDATE").await?;
+        let written = write_outcome(job.status, outcome, &self.limits)?;
+        let (item, fence) = (to_i64(lease.item), to_i64(lease.fence));
+        let changed = match written.settle {
+            Settle::Requeue => {
+                tx.execute(
+                    "UPDATE items SET state = 'queued', worker = NULL, lease_expires_at = NULL
+                     WHERE job_id = $1 AND idx = $2 AND state = 'leased' AND fence = $3",
+                    &[&lease.job_id, &item, &fence],
+                )
+                .await?
+            }
+            Settle::End(end) => {
+                tx.execute(
+                    "UPDATE items SET state = $4, worker = NULL, lease_expires_at = NULL,
+                                      response = $5, error = $6, ended_at = $7
+                     WHERE job_id = $1 AND idx = $2 AND state = 'leased' AND fence = $3",
+                    &[
+                        &lease.job_id,
+                        &item,
+                        &fence,
+                        &end.as_str(),
+                        &written.response,
+                        &written.error,
+                        &to_i64(now),
+                    ],
+                )
+                .await?
+            }
+        };
+        if changed == 0 {
+            return Err(StoreError::StaleLease {
+                job_id: lease.job_id.clone(),
+                item: lease.item,
+                fence: lease.fence,
+            });
+        }
+        let job = match written.settle {
+            Settle::End(end) => {
+                add_counts(&tx, &lease.job_id, end, 1).await?;
+                follow_item_end(&tx, &lease.job_id).await?
+            }
+            Settle::Requeue => job,
+        };
+        tx.commit().await?;
+        Ok(Completion {
+            settle: written.settle,
+            status: job.status,
+            ready_to_finalize: lifecycle::ready_to_finalize(job.status, &job.counts),
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        lease: &Lease,
+        lease_ms: u64,
+        now: UnixMs,
+    ) -> Result<Lease, StoreError> {
+        check_lease(lease_ms, &self.limits)?;
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        let expires_at = now.saturating_add(lease_ms);
+        // One statement: the lease is extended only if it is current and its job is not
+        // cancelling; the answer says which.
+        let row = client
+            .query_opt(
+                "WITH cur AS (
+                     SELECT i.job_id, i.idx, j.status FROM items i JOIN jobs j ON j.id = i.job_id
+                     WHERE i.job_id = $1 AND i.idx = $2 AND i.state = 'leased' AND i.fence = $3),
+                 upd AS (
+                     UPDATE items SET lease_expires_at = $4 FROM cur
+                     WHERE items.job_id = cur.job_id AND items.idx = cur.idx
+                       AND items.state = 'leased' AND items.fence = $3
+                       AND cur.status <> 'cancelling'
+                     RETURNING items.idx)
+                 SELECT cur.status, (SELECT count(*) FROM upd) FROM cur",
+                &[&lease.job_id, &to_i64(lease.item), &to_i64(lease.fence), &to_i64(expires_at)],
+            )
+            .await?;
+        let stale = || StoreError::StaleLease {
+            job_id: lease.job_id.clone(),
+            item: lease.item,
+            fence: lease.fence,
+        };
+        let row = row.ok_or_else(stale)?;
+        let (status, updated): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if updated == 0 {
+            if status == BatchStatus::Cancelling.as_str() {
+                let (job_id, item) = (lease.job_id.clone(), lease.item);
+                return Err(StoreError::Cancelling { job_id, item });
+            }
+            // Re-claimed between the read and the write.
+            return Err(stale());
+        }
+        Ok(Lease { expires_at, ..lease.clone() })
+    }
+
+    async fn cancel_job(&self, job_id: &str, now: UnixMs) -> Result<CancelReport, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.client()?.transaction().await?;
+        let job = need_job(&tx, job_id, "FOR UPDATE").await?;
+        let (next, new) = lifecycle::cancel(job.status)?;
+        if new {
+            tx.execute(
+                "UPDATE jobs SET status = $2, cancelling_at = $3 WHERE id = $1",
+                &[&job_id, &next.as_str(), &to_i64(now)],
+            )
+            .await?;
+            let n = tx
+                .execute(
+                    "UPDATE items SET state = 'cancelled', error = $2, ended_at = $3
+                     WHERE job_id = $1 AND state = 'queued'",
+                    &[&job_id, &rule_error(ItemEnd::Cancelled, 0), &to_i64(now)],
+                )
+                .await?;
+            add_counts(&tx, job_id, ItemEnd::Cancelled, n).await?;
+        }
+        let job = need_job(&tx, job_id, "").await?;
+        let aborts = in_flight(&tx, job_id).await?;
+        tx.commit().await?;
+        Ok(CancelReport {
+            ready_to_finalize: lifecycle::ready_to_finalize(job.status, &job.counts),
+            job,
+            aborts,
+        })
+    }
+
+    async fn tick_once(&self, now: UnixMs) -> Result<TickReport, StoreError> {
+        let mut report = TickReport::default();
+        let mut conn = self.pool.get().await?;
+        let tx = conn.client()?.transaction().await?;
+        let now_i = to_i64(now);
+        // Another replica's tick holds its jobs: skip them, it is doing the same work.
+        let due = tx
+            .query(
+                "SELECT id FROM jobs WHERE status IN ('validating', 'in_progress')
+                   AND expires_at <= $1 ORDER BY seq FOR UPDATE SKIP LOCKED",
+                &[&now_i],
+            )
+            .await?;
+        for row in &due {
+            let id: String = row.try_get(0)?;
+            let job = need_job(&tx, &id, "").await?;
+            let window = job.expires_at.saturating_sub(job.created_at);
+            if !lifecycle::is_expired(job.status, job.created_at, window, now) {
+                continue;
+            }
+            let status = job.status.become_(BatchStatus::Expired)?;
+            report.aborts.extend(in_flight(&tx, &id).await?);
+            let n = tx
+                .execute(
+                    "UPDATE items SET state = 'expired', worker = NULL, lease_expires_at = NULL,
+                                      error = $2, ended_at = $3
+                     WHERE job_id = $1 AND state IN ('queued', 'leased')",
+                    &[&id, &rule_error(ItemEnd::Expired, 0), &now_i],
+                )
+                .await?;
+            add_counts(&tx, &id, ItemEnd::Expired, n).await?;
+            let job = need_job(&tx, &id, "").await?;
+            write_files(&tx, &job, status, now).await?;
+            report.expired.push(id);
+        }
+        let max_attempts = i32::try_from(self.limits.max_attempts).unwrap_or(i32::MAX);
+        let lapsed_jobs = tx
+            .query(
+                "SELECT j.id FROM jobs j
+                 WHERE j.status IN ('in_progress', 'cancelling') AND EXISTS (
+                     SELECT 1 FROM items i WHERE i.job_id = j.id AND i.state = 'leased'
+                       AND i.lease_expires_at <= $1
+                       AND (j.status = 'cancelling' OR i.attempts >= $2))
+                 ORDER BY j.seq FOR NO KEY UPDATE SKIP LOCKED",
+                &[&now_i, &max_attempts],
+            )
+            .await?;
+        for row in &lapsed_jobs {
+            let job_id: String = row.try_get(0)?;
+            let status = need_job(&tx, &job_id, "").await?.status;
+            let items = tx
+                .query(
+                    "SELECT idx, fence, attempts FROM items
+                     WHERE job_id = $1 AND state = 'leased' AND lease_expires_at <= $2
+                     ORDER BY idx FOR UPDATE",
+                    &[&job_id, &now_i],
+                )
+                .await?;
+            for it in &items {
+                let (idx, fence): (i64, i64) = (it.try_get(0)?, it.try_get(1)?);
+                let attempts = u32::try_from(it.try_get::<_, i32>(2)?).unwrap_or(0);
+                let Lapse::End(end) = lifecycle::lapse(status, attempts, self.limits.max_attempts)
+                else {
+                    continue;
+                };
+                tx.execute(
+                    "UPDATE items SET state = $4, worker = NULL, lease_expires_at = NULL,
+                                      error = $5, ended_at = $6
+                     WHERE job_id = $1 AND idx = $2 AND state = 'leased' AND fence = $3",
+                    &[&job_id, &idx, &fence, &end.as_str(), &rule_error(end, attempts), &now_i],
+                )
+                .await?;
+                add_counts(&tx, &job_id, end, 1).await?;
+                follow_item_end(&tx, &job_id).await?;
+                report.lapsed += 1;
+            }
+        }
+        let ready = tx
+            .query(
+                "SELECT id FROM jobs WHERE status IN ('finalizing', 'cancelling')
+                   AND completed + failed >= total ORDER BY seq",
+                &[],
+            )
+            .await?;
+        report.ready = ready.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn finalize_job(&self, job_id: &str, now: UnixMs) -> Result<Job, StoreError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.client()?.transaction().await?;
+        let job = need_job(&tx, job_id, "FOR UPDATE").await?;
+        if job.status.is_terminal() {
+            return Ok(job);
+        }
+        if !lifecycle::ready_to_finalize(job.status, &job.counts) {
+            let e = lifecycle::IllegalTransition { from: job.status, to: BatchStatus::Completed };
+            return Err(e.into());
+        }
+        let status = lifecycle::final_status(job.status)?;
+        write_files(&tx, &job, status, now).await?;
+        let job = need_job(&tx, job_id, "").await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+}
+
+impl JobStore for PostgresStore {
+    async fn put_file(&self, file: NewFile, now: UnixMs) -> Result<FileMeta, StoreError> {
+        if file.bytes.len() > self.limits.max_file_bytes {
+            let (bytes, max) = (file.bytes.len(), self.limits.max_file_bytes);
+            return Err(StoreError::FileTooLarge { bytes, max });
+        }
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        insert_file(client, &file, now).await
+    }
+
+    async fn file(&self, id: &str) -> Result<Option<(FileMeta, Vec<u8>)>, StoreError> {
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        let row = client
+            .query_opt(
+                "SELECT id, tenant, purpose, filename, bytes, created_at, content
+                 FROM files WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        row.map(|r| {
+            let meta = FileMeta {
+                id: r.try_get(0)?,
+                tenant: r.try_get(1)?,
+                purpose: r.try_get(2)?,
+                filename: r.try_get(3)?,
+                bytes: to_u64(r.try_get(4)?),
+                created_at: to_u64(r.try_get(5)?),
+            };
+            Ok((meta, r.try_get(6)?))
+        })
+        .transpose()
+    }
+
+    async fn create_job(&self, job: NewJob, now: UnixMs) -> Result<Created, StoreError> {
+        self.create(job, now).await
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        load_job(client, id, "").await
+    }
+
+    async fn claim(
+        &self,
+        worker: &str,
+        max: usize,
+        lease_ms: u64,
+        now: UnixMs,
+    ) -> Result<Vec<Lease>, StoreError> {
+        self.claim_items(worker, max, lease_ms, now).await
+    }
+
+    async fn renew(&self, lease: &Lease, lease_ms: u64, now: UnixMs) -> Result<Lease, StoreError> {
+        self.renew_lease(lease, lease_ms, now).await
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        now: UnixMs,
+    ) -> Result<Completion, StoreError> {
+        self.complete_item(lease, &outcome, now).await
+    }
+
+    async fn cancel(&self, job_id: &str, now: UnixMs) -> Result<CancelReport, StoreError> {
+        self.cancel_job(job_id, now).await
+    }
+
+    async fn tick(&self, now: UnixMs) -> Result<TickReport, StoreError> {
+        self.tick_once(now).await
+    }
+
+    async fn finalize(&self, job_id: &str, now: UnixMs) -> Result<Job, StoreError> {
+        self.finalize_job(job_id, now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_schema;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(valid_schema("jobs_test_1"));
+        assert!(valid_schema("_x"));
+        for bad in ["", "1abc", "Jobs", "a-b", "a\"; drop", &"a".repeat(64)] {
+            assert!(!valid_schema(bad), "{bad:?}");
+        }
+    }
+}
