@@ -216,7 +216,9 @@ impl ItemState {
     /// Reads back an ended state from its column spelling.
     pub fn parse_end(s: &str) -> Result<Option<ItemEnd>, UnknownState> {
         Ok(Some(match s {
-            "queued" | "leased" => return Ok(None),
+            // `aborting`: the stores' spelling of an item leased when its batch's cancel was
+            // persisted (the machine's `Leased` in a cancelling batch).
+            "queued" | "leased" | "aborting" => return Ok(None),
             "succeeded" => ItemEnd::Succeeded,
             "failed" => ItemEnd::Failed,
             "cancelled" => ItemEnd::Cancelled,

@@ -154,6 +154,7 @@ conformance!(
     an_expired_lease_is_reclaimed_with_a_higher_fence_and_the_old_holder_is_refused,
     reopening_after_a_crash_loses_nothing,
     cancel_while_items_are_leased_aborts_them_and_ends_cancelled,
+    a_cancel_racing_claims_and_completions_leaves_no_lease_unaborted,
     idempotency_keys_return_the_same_job,
     spent_attempts_fail_an_item_and_expiry_ends_the_rest,
     limits_and_illegal_calls_are_refused_with_typed_errors,
@@ -420,6 +421,72 @@ async fn cancel_while_items_are_leased_aborts_them_and_ends_cancelled(fx: &impl 
     assert_eq!(error.keys().collect::<Vec<_>>(), ["req-1", "req-3", "req-4"]);
     assert!(error.values().all(|(_, code)| code.as_deref() == Some("batch_cancelled")));
     assert!(matches!(store.cancel(&id, 60).await, Err(StoreError::Illegal(_))));
+}
+
+async fn a_cancel_racing_claims_and_completions_leaves_no_lease_unaborted(fx: &impl Fixture) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    const N: usize = 500;
+    let store = fx.open(Limits::default()).await;
+    let id = store.create_job(job("acme", N, None), 0).await.unwrap().job.id;
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        // Each worker on its own store: replicas racing through the database.
+        let store = fx.open(Limits::default()).await;
+        let (claimed, cancelled) = (Arc::clone(&claimed), Arc::clone(&cancelled));
+        workers.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let after_cancel = cancelled.load(Ordering::SeqCst);
+                let leases = store.claim(&format!("w{w}"), 2, 60_000, 10).await.unwrap();
+                if leases.is_empty() && after_cancel {
+                    return held;
+                }
+                claimed.fetch_add(leases.len(), Ordering::SeqCst);
+                for (k, lease) in leases.into_iter().enumerate() {
+                    // Half are answered at once (before or after the cancel); half stay in
+                    // flight.
+                    if k % 2 == 0 {
+                        store.complete(&lease, ok(lease.item), 20).await.unwrap();
+                    } else {
+                        held.push(lease);
+                    }
+                }
+                // Room for the cancel to land between claims (SQLite's writers take turns).
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    while claimed.load(Ordering::SeqCst) < 40 {
+        tokio::task::yield_now().await;
+    }
+    let first = store.cancel(&id, 30).await.unwrap();
+    cancelled.store(true, Ordering::SeqCst);
+    let mut held = Vec::new();
+    for w in workers {
+        held.extend(w.await.unwrap());
+    }
+    // Every lease still in flight is one the store asks to abort — with its current token.
+    let again = store.cancel(&id, 40).await.unwrap();
+    let in_flight: BTreeSet<(u64, u64)> = held.iter().map(|l| (l.item, l.fence)).collect();
+    let aborts: BTreeSet<(u64, u64)> = again.aborts.iter().map(|a| (a.item, a.fence)).collect();
+    assert_eq!(aborts, in_flight);
+    // Nothing was claimed after the cancel was persisted: the items in flight now are among
+    // those the cancel named (some of which were answered since).
+    let named: BTreeSet<(u64, u64)> = first.aborts.iter().map(|a| (a.item, a.fence)).collect();
+    assert!(aborts.is_subset(&named), "leased after the cancel: {:?}", aborts.difference(&named));
+    for lease in &held {
+        store.complete(lease, Outcome::Aborted, 50).await.unwrap();
+    }
+    let done = store.finalize(&id, 60).await.unwrap();
+    assert_eq!(done.status, BatchStatus::Cancelled);
+    assert_eq!(done.counts.completed + done.counts.failed, N as u64);
+    let output = lines(&store, done.output_file_id.as_deref()).await;
+    let error = lines(&store, done.error_file_id.as_deref()).await;
+    assert_eq!(output.len() + error.len(), N);
+    assert!(output.keys().all(|k| !error.contains_key(k)), "an item in both files");
+    assert_eq!(output.len() as u64, done.counts.completed);
 }
 
 async fn idempotency_keys_return_the_same_job(fx: &impl Fixture) {

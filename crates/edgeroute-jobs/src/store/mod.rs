@@ -492,6 +492,13 @@ fn check_lease(lease_ms: u64, limits: &Limits) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The batch status an item's own state stands for in the lifecycle's rules: an `aborting`
+/// item (leased when its job's cancel was persisted) is in a cancelling batch; a `leased` one
+/// in a running batch.
+fn rule_status(item_state: &str) -> BatchStatus {
+    if item_state == "aborting" { BatchStatus::Cancelling } else { BatchStatus::InProgress }
+}
+
 /// What an outcome writes into an item: its settle, and the `response` / `error` columns.
 struct Written {
     settle: Settle,

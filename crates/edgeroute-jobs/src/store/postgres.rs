@@ -5,15 +5,25 @@
 //! do not race on the DDL. Connections come from a small pool (`pool_size`), each with its
 //! own connection task.
 //!
-//! Locking, in one order everywhere (job row, then its items), so no two calls deadlock:
-//! - `claim` takes `FOR KEY SHARE SKIP LOCKED` on in-progress jobs with claimable items, then
-//!   `FOR UPDATE SKIP LOCKED` on their items: concurrent claimers skip each other's rows and
-//!   never get the same item; the job lock makes a claim and a cancel (or an expiry) of that
-//!   job exclude each other, so the cancel sees every lease the claim made.
-//! - `complete` takes `FOR NO KEY UPDATE` on the job (completions of one job serialize; the
-//!   last one sees every other and moves the job to finalizing), then the fenced item update:
-//!   `… WHERE state = 'leased' AND fence = $token` — a stale token changes nothing.
-//! - `cancel`, expiry in `tick` and `finalize` take `FOR UPDATE` on the job.
+//! Whether an item may be claimed, completed or renewed is decided on the item row alone,
+//! under its lock: a claim needs `queued` (or `leased` with a lapsed lease and attempts left),
+//! a completion the item's current fencing token in `leased` or `aborting` — the state a
+//! cancel gives the items in flight, so nothing can claim them again and their abort ends
+//! them `cancelled`. No call locks a job row for a claim, which keeps claims off the job row
+//! that every completion's counters update.
+//!
+//! Locks are taken in one order everywhere — items (in index order when many), then the job
+//! row — so calls wait for each other and never deadlock:
+//! - `claim`: `FOR UPDATE SKIP LOCKED` on the items; concurrent claimers skip each other's
+//!   rows and never get the same item; a row a cancel or an expiry changed meanwhile is
+//!   re-checked against its new state (PostgreSQL's read-committed recheck) and left alone.
+//! - `complete`: the item (`FOR UPDATE`, token checked), then the job's counters in one
+//!   `UPDATE … RETURNING`; those updates serialize, so exactly one completion sees the last
+//!   item end and moves the job to finalizing.
+//! - `cancel` and expiry: every unfinished item of the job in index order, then the job's
+//!   status, guarded by the status read (a job that finished meanwhile makes the cancel
+//!   illegal and it rolls back).
+//! - `finalize`: the job row (`FOR UPDATE`) only; its items have all ended.
 
 use std::sync::Arc;
 
@@ -23,7 +33,7 @@ use tokio_postgres::{Client, GenericClient, NoTls, Row, Transaction};
 use super::{
     Abort, CancelReport, Completion, Created, FileBuilder, FileMeta, Job, JobKind, JobStore, Lease,
     Limits, NewFile, NewJob, StoreError, TickReport, check_lease, check_new_job, new_id,
-    rule_error, to_i64, to_u64, write_outcome,
+    rule_error, rule_status, to_i64, to_u64, write_outcome,
 };
 use crate::lifecycle::{self, BatchStatus, ItemEnd, Lapse, Outcome, RequestCounts, Settle, UnixMs};
 
@@ -118,6 +128,8 @@ fn valid_schema(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+const SCHEMA_VERSION: i32 = 1;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY,
@@ -167,7 +179,10 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (job_id, idx)
 );
 CREATE INDEX IF NOT EXISTS items_open ON items (job_id, idx)
-    WHERE state IN ('queued', 'leased');
+    WHERE state IN ('queued', 'leased', 'aborting');
+CREATE INDEX IF NOT EXISTS items_leases ON items (lease_expires_at)
+    WHERE state IN ('leased', 'aborting');
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 ";
 
 const JOB_COLUMNS: &str = "id, tenant, kind, endpoint, status, created_at, expires_at, \
@@ -201,7 +216,7 @@ fn job_from_row(row: &Row) -> Result<Job, StoreError> {
     })
 }
 
-/// Reads a job, taking `lock` (`FOR UPDATE`, `FOR NO KEY UPDATE`, or nothing).
+/// Reads a job, taking `lock` (`FOR UPDATE`, or nothing).
 async fn load_job(c: &impl GenericClient, id: &str, lock: &str) -> Result<Option<Job>, StoreError> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 {lock}");
     c.query_opt(&sql, &[&id]).await?.map(|r| job_from_row(&r)).transpose()
@@ -213,37 +228,54 @@ async fn need_job(c: &impl GenericClient, id: &str, lock: &str) -> Result<Job, S
         .ok_or_else(|| StoreError::NotFound { what: "job", id: id.to_owned() })
 }
 
-async fn add_counts(
+/// Counts ended items into the job (taking the job row's lock, after the items': the order
+/// every call keeps) and applies the lifecycle's rule (the last item of a running job moves it
+/// to finalizing). The counters' update serializes completions of one job, so exactly one of
+/// them sees the last item end.
+async fn count_ends(
     tx: &Transaction<'_>,
     job_id: &str,
-    end: ItemEnd,
-    n: u64,
-) -> Result<(), StoreError> {
-    let column = match end.file() {
-        lifecycle::FileKind::Output => "completed",
-        lifecycle::FileKind::Error => "failed",
-    };
-    let sql = format!("UPDATE jobs SET {column} = {column} + $2 WHERE id = $1");
-    tx.execute(&sql, &[&job_id, &to_i64(n)]).await?;
-    Ok(())
-}
-
-async fn follow_item_end(tx: &Transaction<'_>, job_id: &str) -> Result<Job, StoreError> {
-    let job = need_job(tx, job_id, "").await?;
+    ends: &[ItemEnd],
+) -> Result<Job, StoreError> {
+    let output = ends.iter().filter(|e| e.file() == lifecycle::FileKind::Output).count();
+    let (completed, failed) = (output as i64, (ends.len() - output) as i64);
+    let sql = format!(
+        "UPDATE jobs SET completed = completed + $2, failed = failed + $3 WHERE id = $1
+         RETURNING {JOB_COLUMNS}"
+    );
+    let row = tx.query_opt(&sql, &[&job_id, &completed, &failed]).await?;
+    let mut job = job_from_row(
+        &row.ok_or_else(|| StoreError::NotFound { what: "job", id: job_id.to_owned() })?,
+    )?;
     if let Some(next) = lifecycle::after_item_end(job.status, &job.counts) {
-        job.status.become_(next)?;
+        job.status = job.status.become_(next)?;
         tx.execute("UPDATE jobs SET status = $2 WHERE id = $1", &[&job_id, &next.as_str()]).await?;
-        return need_job(tx, job_id, "").await;
     }
     Ok(job)
 }
 
-async fn in_flight(tx: &Transaction<'_>, job_id: &str) -> Result<Vec<Abort>, StoreError> {
+/// Locks a job's unfinished items in index order, so that two calls ending many items of one
+/// job (cancel, expiry) queue behind each other instead of deadlocking.
+async fn lock_open_items(tx: &Transaction<'_>, job_id: &str) -> Result<(), StoreError> {
+    tx.query(
+        "SELECT idx FROM items WHERE job_id = $1 AND state IN ('queued', 'leased', 'aborting')
+         ORDER BY idx FOR UPDATE",
+        &[&job_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A job's items in `state` (`leased`, `aborting`), as aborts.
+async fn open_items(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    state: &str,
+) -> Result<Vec<Abort>, StoreError> {
     let rows = tx
         .query(
-            "SELECT idx, worker, fence FROM items WHERE job_id = $1 AND state = 'leased'
-             ORDER BY idx",
-            &[&job_id],
+            "SELECT idx, worker, fence FROM items WHERE job_id = $1 AND state = $2 ORDER BY idx",
+            &[&job_id, &state],
         )
         .await?;
     rows.iter()
@@ -349,14 +381,33 @@ impl PostgresStore {
         {
             let mut conn = pool.get().await?;
             let tx = conn.client()?.transaction().await?;
-            // One replica at a time creates the schema; the others find it made.
+            // One replica at a time creates the schema; the others find it made. The DDL runs
+            // only when the version table is missing: `CREATE INDEX IF NOT EXISTS` takes a
+            // share lock on its table even when the index exists, which would block (or
+            // deadlock with) the replicas already working.
             tx.batch_execute(&format!(
                 "SELECT pg_advisory_xact_lock(hashtext('edgeroute-jobs:{schema}'));
                  CREATE SCHEMA IF NOT EXISTS \"{schema}\";
-                 SET LOCAL search_path TO \"{schema}\";
-                 {SCHEMA}"
+                 SET LOCAL search_path TO \"{schema}\";"
             ))
             .await?;
+            let made =
+                tx.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[]).await?;
+            if made.try_get::<_, bool>(0)? {
+                let version: i32 = tx
+                    .query_one("SELECT max(version) FROM schema_version", &[])
+                    .await?
+                    .try_get(0)?;
+                if version > SCHEMA_VERSION {
+                    return Err(StoreError::Config(format!(
+                        "schema {schema} has version {version}, newer than this build's \
+                         {SCHEMA_VERSION}"
+                    )));
+                }
+            } else {
+                tx.batch_execute(SCHEMA).await?;
+                tx.execute("INSERT INTO schema_version VALUES ($1)", &[&SCHEMA_VERSION]).await?;
+            }
             tx.commit().await?;
         }
         Ok(PostgresStore { pool: Arc::new(pool), limits: Arc::new(limits) })
@@ -448,75 +499,80 @@ impl PostgresStore {
         now: UnixMs,
     ) -> Result<Vec<Lease>, StoreError> {
         check_lease(lease_ms, &self.limits)?;
-        let max = max.min(self.limits.max_claim) as i64;
+        let max = max.min(self.limits.max_claim);
         let max_attempts = i32::try_from(self.limits.max_attempts).unwrap_or(i32::MAX);
         let (now_i, expires_at) = (to_i64(now), now.saturating_add(lease_ms));
-        let mut conn = self.pool.get().await?;
-        let tx = conn.client()?.transaction().await?;
-        let jobs: Vec<String> = tx
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        // The oldest jobs with something claimable; no lock: whether an item may be claimed is
+        // decided on the item row itself, under its lock (below).
+        let jobs = client
             .query(
-                "SELECT j.id FROM jobs j
+                "SELECT j.id, j.endpoint FROM jobs j
                  WHERE j.status = 'in_progress' AND EXISTS (
                      SELECT 1 FROM items i WHERE i.job_id = j.id
                        AND (i.state = 'queued' OR (i.state = 'leased'
                             AND i.lease_expires_at <= $1 AND i.attempts < $2)))
                  ORDER BY j.seq
-                 LIMIT $3
-                 FOR KEY SHARE SKIP LOCKED",
-                &[&now_i, &max_attempts, &max],
-            )
-            .await?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()?;
-        if jobs.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        let rows = tx
-            .query(
-                "WITH picked AS (
-                     SELECT i.job_id, i.idx, j.endpoint, j.seq FROM items i
-                     JOIN jobs j ON j.id = i.job_id
-                     WHERE i.job_id = ANY($1)
-                       AND (i.state = 'queued' OR (i.state = 'leased'
-                            AND i.lease_expires_at <= $2 AND i.attempts < $3))
-                     ORDER BY j.seq, i.idx
-                     LIMIT $4
-                     FOR UPDATE OF i SKIP LOCKED)
-                 UPDATE items SET state = 'leased', worker = $5, fence = items.fence + 1,
-                                  attempts = items.attempts + 1, lease_expires_at = $6
-                 FROM picked
-                 WHERE items.job_id = picked.job_id AND items.idx = picked.idx
-                 RETURNING items.job_id, items.idx, items.custom_id, items.body, items.fence,
-                           items.attempts, picked.endpoint, picked.seq",
-                &[&jobs, &now_i, &max_attempts, &max, &worker, &to_i64(expires_at)],
+                 LIMIT $3",
+                &[&now_i, &max_attempts, &(max as i64)],
             )
             .await?;
-        tx.commit().await?;
-        let mut leases = Vec::with_capacity(rows.len());
-        let mut order = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let attempts: i32 = r.try_get(5)?;
-            let seq: i64 = r.try_get(7)?;
-            let lease = Lease {
-                job_id: r.try_get(0)?,
-                item: to_u64(r.try_get(1)?),
-                custom_id: r.try_get(2)?,
-                body: r.try_get(3)?,
-                fence: to_u64(r.try_get(4)?),
-                attempt: u32::try_from(attempts).unwrap_or(0),
-                endpoint: r.try_get(6)?,
-                worker: worker.to_owned(),
-                expires_at,
-            };
-            order.push((seq, lease.item));
-            leases.push(lease);
+        let mut leases = Vec::with_capacity(max);
+        for job in &jobs {
+            let remaining = max - leases.len();
+            if remaining == 0 {
+                break;
+            }
+            let (job_id, endpoint): (String, String) = (job.try_get(0)?, job.try_get(1)?);
+            // One statement: rows another claimer holds are skipped; a row a cancel or an
+            // expiry changed meanwhile is re-checked against the new state and left alone.
+            let rows = client
+                .query(
+                    "WITH picked AS (
+                         SELECT idx FROM items
+                         WHERE job_id = $1
+                           AND (state = 'queued' OR (state = 'leased'
+                                AND lease_expires_at <= $2 AND attempts < $3))
+                         ORDER BY idx
+                         LIMIT $4
+                         FOR UPDATE SKIP LOCKED)
+                     UPDATE items SET state = 'leased', worker = $5, fence = items.fence + 1,
+                                      attempts = items.attempts + 1, lease_expires_at = $6
+                     FROM picked
+                     WHERE items.job_id = $1 AND items.idx = picked.idx
+                     RETURNING items.idx, items.custom_id, items.body, items.fence,
+                               items.attempts",
+                    &[
+                        &job_id,
+                        &now_i,
+                        &max_attempts,
+                        &(remaining as i64),
+                        &worker,
+                        &to_i64(expires_at),
+                    ],
+                )
+                .await?;
+            let mut got = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let attempts: i32 = r.try_get(4)?;
+                got.push(Lease {
+                    job_id: job_id.clone(),
+                    item: to_u64(r.try_get(0)?),
+                    custom_id: r.try_get(1)?,
+                    body: r.try_get(2)?,
+                    fence: to_u64(r.try_get(3)?),
+                    attempt: u32::try_from(attempts).unwrap_or(0),
+                    endpoint: endpoint.clone(),
+                    worker: worker.to_owned(),
+                    expires_at,
+                });
+            }
+            // RETURNING has no order: the job's first items first.
+            got.sort_by_key(|l| l.item);
+            leases.extend(got);
         }
-        // RETURNING has no order: give the oldest job's first items first.
-        let mut paired: Vec<_> = order.into_iter().zip(leases).collect();
-        paired.sort_by_key(|(k, _)| *k);
-        Ok(paired.into_iter().map(|(_, l)| l).collect())
+        Ok(leases)
     }
 
     async fn complete_item(
@@ -527,49 +583,59 @@ impl PostgresStore {
     ) -> Result<Completion, StoreError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.client()?.transaction().await?;
-        let job = need_job(&tx, &lease.job_id, "FOR NO KEY UPDATE").await?;
-        let written = write_outcome(job.status, outcome, &self.limits)?;
         let (item, fence) = (to_i64(lease.item), to_i64(lease.fence));
-        let changed = match written.settle {
+        // The item first (its lock), then the job's counters: the order every call keeps.
+        let current = tx
+            .query_opt(
+                "SELECT state FROM items
+                 WHERE job_id = $1 AND idx = $2 AND fence = $3 AND state IN ('leased', 'aborting')
+                 FOR UPDATE",
+                &[&lease.job_id, &item, &fence],
+            )
+            .await?;
+        let Some(current) = current else {
+            if load_job(&tx, &lease.job_id, "").await?.is_none() {
+                return Err(StoreError::NotFound { what: "job", id: lease.job_id.clone() });
+            }
+            return Err(StoreError::StaleLease {
+                job_id: lease.job_id.clone(),
+                item: lease.item,
+                fence: lease.fence,
+            });
+        };
+        let state: String = current.try_get(0)?;
+        let written = write_outcome(rule_status(&state), outcome, &self.limits)?;
+        let end = match written.settle {
             Settle::Requeue => {
                 tx.execute(
                     "UPDATE items SET state = 'queued', worker = NULL, lease_expires_at = NULL
-                     WHERE job_id = $1 AND idx = $2 AND state = 'leased' AND fence = $3",
-                    &[&lease.job_id, &item, &fence],
+                     WHERE job_id = $1 AND idx = $2",
+                    &[&lease.job_id, &item],
                 )
-                .await?
+                .await?;
+                None
             }
             Settle::End(end) => {
                 tx.execute(
-                    "UPDATE items SET state = $4, worker = NULL, lease_expires_at = NULL,
-                                      response = $5, error = $6, ended_at = $7
-                     WHERE job_id = $1 AND idx = $2 AND state = 'leased' AND fence = $3",
+                    "UPDATE items SET state = $3, worker = NULL, lease_expires_at = NULL,
+                                      response = $4, error = $5, ended_at = $6
+                     WHERE job_id = $1 AND idx = $2",
                     &[
                         &lease.job_id,
                         &item,
-                        &fence,
                         &end.as_str(),
                         &written.response,
                         &written.error,
                         &to_i64(now),
                     ],
                 )
-                .await?
+                .await?;
+                Some(end)
             }
         };
-        if changed == 0 {
-            return Err(StoreError::StaleLease {
-                job_id: lease.job_id.clone(),
-                item: lease.item,
-                fence: lease.fence,
-            });
-        }
-        let job = match written.settle {
-            Settle::End(end) => {
-                add_counts(&tx, &lease.job_id, end, 1).await?;
-                follow_item_end(&tx, &lease.job_id).await?
-            }
-            Settle::Requeue => job,
+        let job = match end {
+            Some(end) => count_ends(&tx, &lease.job_id, &[end]).await?,
+            None => need_job(&tx, &lease.job_id, "").await?,
         };
         tx.commit().await?;
         Ok(Completion {
@@ -589,52 +655,41 @@ impl PostgresStore {
         let conn = self.pool.get().await?;
         let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
         let expires_at = now.saturating_add(lease_ms);
-        // One statement: the lease is extended only if it is current and its job is not
-        // cancelling; the answer says which.
-        let row = client
-            .query_opt(
-                "WITH cur AS (
-                     SELECT i.job_id, i.idx, j.status FROM items i JOIN jobs j ON j.id = i.job_id
-                     WHERE i.job_id = $1 AND i.idx = $2 AND i.state = 'leased' AND i.fence = $3),
-                 upd AS (
-                     UPDATE items SET lease_expires_at = $4 FROM cur
-                     WHERE items.job_id = cur.job_id AND items.idx = cur.idx
-                       AND items.state = 'leased' AND items.fence = $3
-                       AND cur.status <> 'cancelling'
-                     RETURNING items.idx)
-                 SELECT cur.status, (SELECT count(*) FROM upd) FROM cur",
-                &[&lease.job_id, &to_i64(lease.item), &to_i64(lease.fence), &to_i64(expires_at)],
+        let (item, fence) = (to_i64(lease.item), to_i64(lease.fence));
+        let renewed = client
+            .execute(
+                "UPDATE items SET lease_expires_at = $4
+                 WHERE job_id = $1 AND idx = $2 AND fence = $3 AND state = 'leased'",
+                &[&lease.job_id, &item, &fence, &to_i64(expires_at)],
             )
             .await?;
-        let stale = || StoreError::StaleLease {
+        if renewed == 1 {
+            return Ok(Lease { expires_at, ..lease.clone() });
+        }
+        let aborting = client
+            .query_opt(
+                "SELECT 1 FROM items
+                 WHERE job_id = $1 AND idx = $2 AND fence = $3 AND state = 'aborting'",
+                &[&lease.job_id, &item, &fence],
+            )
+            .await?;
+        if aborting.is_some() {
+            return Err(StoreError::Cancelling { job_id: lease.job_id.clone(), item: lease.item });
+        }
+        Err(StoreError::StaleLease {
             job_id: lease.job_id.clone(),
             item: lease.item,
             fence: lease.fence,
-        };
-        let row = row.ok_or_else(stale)?;
-        let (status, updated): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-        if updated == 0 {
-            if status == BatchStatus::Cancelling.as_str() {
-                let (job_id, item) = (lease.job_id.clone(), lease.item);
-                return Err(StoreError::Cancelling { job_id, item });
-            }
-            // Re-claimed between the read and the write.
-            return Err(stale());
-        }
-        Ok(Lease { expires_at, ..lease.clone() })
+        })
     }
 
     async fn cancel_job(&self, job_id: &str, now: UnixMs) -> Result<CancelReport, StoreError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.client()?.transaction().await?;
-        let job = need_job(&tx, job_id, "FOR UPDATE").await?;
+        let job = need_job(&tx, job_id, "").await?;
         let (next, new) = lifecycle::cancel(job.status)?;
         if new {
-            tx.execute(
-                "UPDATE jobs SET status = $2, cancelling_at = $3 WHERE id = $1",
-                &[&job_id, &next.as_str(), &to_i64(now)],
-            )
-            .await?;
+            lock_open_items(&tx, job_id).await?;
             let n = tx
                 .execute(
                     "UPDATE items SET state = 'cancelled', error = $2, ended_at = $3
@@ -642,10 +697,27 @@ impl PostgresStore {
                     &[&job_id, &rule_error(ItemEnd::Cancelled, 0), &to_i64(now)],
                 )
                 .await?;
-            add_counts(&tx, job_id, ItemEnd::Cancelled, n).await?;
+            tx.execute(
+                "UPDATE items SET state = 'aborting' WHERE job_id = $1 AND state = 'leased'",
+                &[&job_id],
+            )
+            .await?;
+            // The status moves only from the one it was read in: a completion that finished
+            // the job meanwhile (finalizing) makes this cancel illegal, and it rolls back.
+            let moved = tx
+                .execute(
+                    "UPDATE jobs SET status = $2, cancelling_at = $3, failed = failed + $4
+                     WHERE id = $1 AND status = $5",
+                    &[&job_id, &next.as_str(), &to_i64(now), &to_i64(n), &job.status.as_str()],
+                )
+                .await?;
+            if moved == 0 {
+                let current = need_job(&tx, job_id, "").await?.status;
+                lifecycle::cancel(current)?;
+            }
         }
         let job = need_job(&tx, job_id, "").await?;
-        let aborts = in_flight(&tx, job_id).await?;
+        let aborts = open_items(&tx, job_id, "aborting").await?;
         tx.commit().await?;
         Ok(CancelReport {
             ready_to_finalize: lifecycle::ready_to_finalize(job.status, &job.counts),
@@ -657,81 +729,86 @@ impl PostgresStore {
     async fn tick_once(&self, now: UnixMs) -> Result<TickReport, StoreError> {
         let mut report = TickReport::default();
         let mut conn = self.pool.get().await?;
-        let tx = conn.client()?.transaction().await?;
         let now_i = to_i64(now);
-        // Another replica's tick holds its jobs: skip them, it is doing the same work.
-        let due = tx
+        let due = conn
+            .client()?
             .query(
                 "SELECT id FROM jobs WHERE status IN ('validating', 'in_progress')
-                   AND expires_at <= $1 ORDER BY seq FOR UPDATE SKIP LOCKED",
+                   AND expires_at <= $1 ORDER BY seq",
                 &[&now_i],
             )
             .await?;
         for row in &due {
             let id: String = row.try_get(0)?;
+            // One transaction per job; another replica's tick doing the same loses the race
+            // on the status guard and rolls back.
+            let tx = conn.client()?.transaction().await?;
             let job = need_job(&tx, &id, "").await?;
             let window = job.expires_at.saturating_sub(job.created_at);
             if !lifecycle::is_expired(job.status, job.created_at, window, now) {
                 continue;
             }
             let status = job.status.become_(BatchStatus::Expired)?;
-            report.aborts.extend(in_flight(&tx, &id).await?);
+            lock_open_items(&tx, &id).await?;
+            let aborts = open_items(&tx, &id, "leased").await?;
             let n = tx
                 .execute(
                     "UPDATE items SET state = 'expired', worker = NULL, lease_expires_at = NULL,
                                       error = $2, ended_at = $3
-                     WHERE job_id = $1 AND state IN ('queued', 'leased')",
+                     WHERE job_id = $1 AND state IN ('queued', 'leased', 'aborting')",
                     &[&id, &rule_error(ItemEnd::Expired, 0), &now_i],
                 )
                 .await?;
-            add_counts(&tx, &id, ItemEnd::Expired, n).await?;
+            let moved = tx
+                .execute(
+                    "UPDATE jobs SET status = $2, failed = failed + $3 WHERE id = $1 AND status = $4",
+                    &[&id, &status.as_str(), &to_i64(n), &job.status.as_str()],
+                )
+                .await?;
+            if moved == 0 {
+                continue; // Dropping the transaction rolls it back.
+            }
             let job = need_job(&tx, &id, "").await?;
             write_files(&tx, &job, status, now).await?;
+            tx.commit().await?;
             report.expired.push(id);
+            report.aborts.extend(aborts);
         }
         let max_attempts = i32::try_from(self.limits.max_attempts).unwrap_or(i32::MAX);
-        let lapsed_jobs = tx
+        let tx = conn.client()?.transaction().await?;
+        let lapsed = tx
             .query(
-                "SELECT j.id FROM jobs j
-                 WHERE j.status IN ('in_progress', 'cancelling') AND EXISTS (
-                     SELECT 1 FROM items i WHERE i.job_id = j.id AND i.state = 'leased'
-                       AND i.lease_expires_at <= $1
-                       AND (j.status = 'cancelling' OR i.attempts >= $2))
-                 ORDER BY j.seq FOR NO KEY UPDATE SKIP LOCKED",
+                "SELECT job_id, idx, attempts, state FROM items
+                 WHERE state IN ('leased', 'aborting') AND lease_expires_at <= $1
+                   AND (state = 'aborting' OR attempts >= $2)
+                 ORDER BY job_id, idx
+                 FOR UPDATE SKIP LOCKED",
                 &[&now_i, &max_attempts],
             )
             .await?;
-        for row in &lapsed_jobs {
-            let job_id: String = row.try_get(0)?;
-            let status = need_job(&tx, &job_id, "").await?.status;
-            let items = tx
-                .query(
-                    "SELECT idx, fence, attempts FROM items
-                     WHERE job_id = $1 AND state = 'leased' AND lease_expires_at <= $2
-                     ORDER BY idx FOR UPDATE",
-                    &[&job_id, &now_i],
-                )
-                .await?;
-            for it in &items {
-                let (idx, fence): (i64, i64) = (it.try_get(0)?, it.try_get(1)?);
-                let attempts = u32::try_from(it.try_get::<_, i32>(2)?).unwrap_or(0);
-                let Lapse::End(end) = lifecycle::lapse(status, attempts, self.limits.max_attempts)
-                else {
-                    continue;
-                };
-                tx.execute(
-                    "UPDATE items SET state = $4, worker = NULL, lease_expires_at = NULL,
-                                      error = $5, ended_at = $6
-                     WHERE job_id = $1 AND idx = $2 AND state = 'leased' AND fence = $3",
-                    &[&job_id, &idx, &fence, &end.as_str(), &rule_error(end, attempts), &now_i],
-                )
-                .await?;
-                add_counts(&tx, &job_id, end, 1).await?;
-                follow_item_end(&tx, &job_id).await?;
-                report.lapsed += 1;
-            }
+        let mut ends: std::collections::BTreeMap<String, Vec<ItemEnd>> = Default::default();
+        for it in &lapsed {
+            let (job_id, idx): (String, i64) = (it.try_get(0)?, it.try_get(1)?);
+            let attempts = u32::try_from(it.try_get::<_, i32>(2)?).unwrap_or(0);
+            let state: String = it.try_get(3)?;
+            let lapse = lifecycle::lapse(rule_status(&state), attempts, self.limits.max_attempts);
+            let Lapse::End(end) = lapse else { continue };
+            tx.execute(
+                "UPDATE items SET state = $3, worker = NULL, lease_expires_at = NULL,
+                                  error = $4, ended_at = $5
+                 WHERE job_id = $1 AND idx = $2",
+                &[&job_id, &idx, &end.as_str(), &rule_error(end, attempts), &now_i],
+            )
+            .await?;
+            ends.entry(job_id).or_default().push(end);
+            report.lapsed += 1;
         }
-        let ready = tx
+        for (job_id, ends) in &ends {
+            count_ends(&tx, job_id, ends).await?;
+        }
+        tx.commit().await?;
+        let ready = conn
+            .client()?
             .query(
                 "SELECT id FROM jobs WHERE status IN ('finalizing', 'cancelling')
                    AND completed + failed >= total ORDER BY seq",
@@ -739,7 +816,6 @@ impl PostgresStore {
             )
             .await?;
         report.ready = ready.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
-        tx.commit().await?;
         Ok(report)
     }
 

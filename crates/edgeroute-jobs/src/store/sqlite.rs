@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use super::{
     Abort, CancelReport, Completion, Created, FileBuilder, FileMeta, Job, JobKind, JobStore, Lease,
     Limits, NewFile, NewJob, StoreError, TickReport, check_lease, check_new_job, new_id,
-    rule_error, to_i64, to_u64, write_outcome,
+    rule_error, rule_status, to_i64, to_u64, write_outcome,
 };
 use crate::lifecycle::{self, BatchStatus, ItemEnd, Lapse, Outcome, RequestCounts, Settle, UnixMs};
 
@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (job_id, idx)
 );
 CREATE INDEX IF NOT EXISTS items_open ON items (state, job_id, idx)
-    WHERE state IN ('queued', 'leased');
+    WHERE state IN ('queued', 'leased', 'aborting');
 ";
 
 const JOB_COLUMNS: &str = "id, tenant, kind, endpoint, status, created_at, expires_at, \
@@ -234,11 +234,12 @@ fn follow_item_end(tx: &Connection, job_id: &str) -> Result<Job, StoreError> {
     Ok(job)
 }
 
-fn in_flight(tx: &Connection, job_id: &str) -> Result<Vec<Abort>, StoreError> {
+/// A job's items in `state` (`leased`, `aborting`), as aborts.
+fn in_flight(tx: &Connection, job_id: &str, state: &str) -> Result<Vec<Abort>, StoreError> {
     let mut stmt = tx.prepare(
-        "SELECT idx, worker, fence FROM items WHERE job_id = ?1 AND state = 'leased' ORDER BY idx",
+        "SELECT idx, worker, fence FROM items WHERE job_id = ?1 AND state = ?2 ORDER BY idx",
     )?;
-    let rows = stmt.query_map([job_id], |r| {
+    let rows = stmt.query_map([job_id, state], |r| {
         Ok(Abort {
             job_id: job_id.to_owned(),
             item: to_u64(r.get(0)?),
@@ -432,8 +433,23 @@ fn complete(
     limits: &Limits,
 ) -> Result<Completion, StoreError> {
     let job = need_job(tx, &lease.job_id)?;
-    let written = write_outcome(job.status, outcome, limits)?;
     let key = params![lease.job_id, to_i64(lease.item), to_i64(lease.fence)];
+    let state: Option<String> = tx
+        .query_row(
+            "SELECT state FROM items WHERE job_id = ?1 AND idx = ?2 AND fence = ?3
+               AND state IN ('leased', 'aborting')",
+            key,
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(state) = state else {
+        return Err(StoreError::StaleLease {
+            job_id: lease.job_id.clone(),
+            item: lease.item,
+            fence: lease.fence,
+        });
+    };
+    let written = write_outcome(rule_status(&state), outcome, limits)?;
     let changed = match written.settle {
         Settle::Requeue => tx.execute(
             "UPDATE items SET state = 'queued', worker = NULL, lease_expires_at = NULL
@@ -443,7 +459,8 @@ fn complete(
         Settle::End(end) => tx.execute(
             "UPDATE items SET state = ?4, worker = NULL, lease_expires_at = NULL,
                               response = ?5, error = ?6, ended_at = ?7
-             WHERE job_id = ?1 AND idx = ?2 AND state = 'leased' AND fence = ?3",
+             WHERE job_id = ?1 AND idx = ?2 AND state IN ('leased', 'aborting')
+               AND fence = ?3",
             params![
                 lease.job_id,
                 to_i64(lease.item),
@@ -484,25 +501,31 @@ fn renew(
     limits: &Limits,
 ) -> Result<Lease, StoreError> {
     check_lease(lease_ms, limits)?;
-    let job = need_job(tx, &lease.job_id)?;
     let expires_at = now.saturating_add(lease_ms);
     let changed = tx.execute(
         "UPDATE items SET lease_expires_at = ?4
          WHERE job_id = ?1 AND idx = ?2 AND state = 'leased' AND fence = ?3",
         params![lease.job_id, to_i64(lease.item), to_i64(lease.fence), to_i64(expires_at)],
     )?;
-    if changed == 0 {
-        return Err(StoreError::StaleLease {
-            job_id: lease.job_id.clone(),
-            item: lease.item,
-            fence: lease.fence,
-        });
+    if changed == 1 {
+        return Ok(Lease { expires_at, ..lease.clone() });
     }
-    if job.status == BatchStatus::Cancelling {
-        // Nothing is written: the transaction rolls back with this error.
+    let aborting = tx
+        .query_row(
+            "SELECT 1 FROM items WHERE job_id = ?1 AND idx = ?2 AND fence = ?3
+               AND state = 'aborting'",
+            params![lease.job_id, to_i64(lease.item), to_i64(lease.fence)],
+            |_| Ok(()),
+        )
+        .optional()?;
+    if aborting.is_some() {
         return Err(StoreError::Cancelling { job_id: lease.job_id.clone(), item: lease.item });
     }
-    Ok(Lease { expires_at, ..lease.clone() })
+    Err(StoreError::StaleLease {
+        job_id: lease.job_id.clone(),
+        item: lease.item,
+        fence: lease.fence,
+    })
 }
 
 fn cancel(tx: &Transaction<'_>, job_id: &str, now: UnixMs) -> Result<CancelReport, StoreError> {
@@ -519,10 +542,14 @@ fn cancel(tx: &Transaction<'_>, job_id: &str, now: UnixMs) -> Result<CancelRepor
             params![job_id, rule_error(ItemEnd::Cancelled, 0), to_i64(now)],
         )?;
         add_counts(tx, job_id, ItemEnd::Cancelled, n as u64)?;
+        tx.execute(
+            "UPDATE items SET state = 'aborting' WHERE job_id = ?1 AND state = 'leased'",
+            [job_id],
+        )?;
     }
     let job = need_job(tx, job_id)?;
     Ok(CancelReport {
-        aborts: in_flight(tx, job_id)?,
+        aborts: in_flight(tx, job_id, "aborting")?,
         ready_to_finalize: lifecycle::ready_to_finalize(job.status, &job.counts),
         job,
     })
@@ -546,11 +573,11 @@ fn tick(tx: &Transaction<'_>, now: UnixMs, limits: &Limits) -> Result<TickReport
             continue;
         }
         let status = job.status.become_(BatchStatus::Expired)?;
-        report.aborts.extend(in_flight(tx, &id)?);
+        report.aborts.extend(in_flight(tx, &id, "leased")?);
         let n = tx.execute(
             "UPDATE items SET state = 'expired', worker = NULL, lease_expires_at = NULL,
                               error = ?2, ended_at = ?3
-             WHERE job_id = ?1 AND state IN ('queued', 'leased')",
+             WHERE job_id = ?1 AND state IN ('queued', 'leased', 'aborting')",
             params![id, rule_error(ItemEnd::Expired, 0), to_i64(now)],
         )?;
         add_counts(tx, &id, ItemEnd::Expired, n as u64)?;
@@ -559,27 +586,26 @@ fn tick(tx: &Transaction<'_>, now: UnixMs, limits: &Limits) -> Result<TickReport
     }
     let lapsed: Vec<(String, i64, i64, i64, String)> = {
         let mut stmt = tx.prepare(
-            "SELECT i.job_id, i.idx, i.fence, i.attempts, j.status
-             FROM items i JOIN jobs j ON j.id = i.job_id
-             WHERE i.state = 'leased' AND i.lease_expires_at <= ?1
-               AND (j.status = 'cancelling' OR i.attempts >= ?2)
-             ORDER BY i.job_id, i.idx",
+            "SELECT job_id, idx, fence, attempts, state FROM items
+             WHERE state IN ('leased', 'aborting') AND lease_expires_at <= ?1
+               AND (state = 'aborting' OR attempts >= ?2)
+             ORDER BY job_id, idx",
         )?;
         let rows = stmt.query_map(params![to_i64(now), limits.max_attempts], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })?;
         rows.collect::<Result<_, _>>()?
     };
-    for (job_id, idx, fence, attempts, status) in lapsed {
+    for (job_id, idx, fence, attempts, state) in lapsed {
         let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-        let Lapse::End(end) = lifecycle::lapse(status.parse()?, attempts, limits.max_attempts)
+        let Lapse::End(end) = lifecycle::lapse(rule_status(&state), attempts, limits.max_attempts)
         else {
             continue;
         };
         tx.execute(
             "UPDATE items SET state = ?4, worker = NULL, lease_expires_at = NULL, error = ?5,
                               ended_at = ?6
-             WHERE job_id = ?1 AND idx = ?2 AND state = 'leased' AND fence = ?3",
+             WHERE job_id = ?1 AND idx = ?2 AND state IN ('leased', 'aborting') AND fence = ?3",
             params![job_id, idx, fence, end.as_str(), rule_error(end, attempts), to_i64(now)],
         )?;
         add_counts(tx, &job_id, end, 1)?;
