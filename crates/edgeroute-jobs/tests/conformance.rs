@@ -720,3 +720,34 @@ async fn the_store_follows_the_reference_machine(fx: &impl Fixture) {
         }
     }
 }
+
+#[tokio::test]
+async fn a_busy_sqlite_file_and_an_unreachable_postgres_are_retryable_a_stale_lease_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.db");
+    let store = SqliteStore::open(SqliteConfig::new(&path)).await.unwrap();
+    store.create_job(job("acme", 1, None), 0).await.unwrap();
+    // Another process holds the write lock; this store does not wait for it.
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let impatient =
+        SqliteStore::open(SqliteConfig { busy_timeout_ms: 0, ..SqliteConfig::new(&path) }).await;
+    let busy = match impatient {
+        Ok(s) => s.claim("w", 1, 1_000, 0).await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(busy.is_retryable(), "{busy}");
+    holder.execute_batch("ROLLBACK").unwrap();
+    let lease = store.claim("w", 1, 1_000, 0).await.unwrap().remove(0);
+    store.complete(&lease, ok(0), 1).await.unwrap();
+    let stale = store.complete(&lease, ok(0), 2).await.unwrap_err();
+    assert!(!stale.is_retryable(), "{stale}");
+
+    let nowhere = PostgresStore::connect(PostgresConfig::new(
+        "postgres://postgres@127.0.0.1:1/test?connect_timeout=2",
+        "unreachable",
+    ))
+    .await;
+    let e = nowhere.err().expect("nothing listens on port 1");
+    assert!(e.is_retryable(), "{e}");
+}

@@ -377,6 +377,36 @@ pub enum StoreError {
     Entropy(String),
 }
 
+impl StoreError {
+    /// Whether the same call may succeed if made again (after a short backoff): the database
+    /// was busy (SQLite's write lock past `busy_timeout_ms`), a transaction lost a deadlock or
+    /// serialization race, or the connection broke. Everything else — a stale lease, an
+    /// illegal transition, a limit — will fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            StoreError::Postgres(e) => {
+                use std::error::Error as _;
+                let code = e.code();
+                // A broken or refused connection carries the socket's I/O error.
+                let io = e.source().is_some_and(|s| s.is::<std::io::Error>());
+                e.is_closed()
+                    || io
+                    || code == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+                    || code == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+                    || code == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
+                    || code == Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW)
+                    || code == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
+            }
+            StoreError::Task(_) => true,
+            _ => false,
+        }
+    }
+}
+
 impl From<crate::lifecycle::UnknownState> for StoreError {
     fn from(e: crate::lifecycle::UnknownState) -> Self {
         StoreError::Corrupt(e.to_string())

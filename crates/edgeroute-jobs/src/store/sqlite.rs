@@ -162,8 +162,13 @@ impl SqliteStore {
                     path.display()
                 )));
             }
-            conn.execute_batch(SCHEMA)?;
-            conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+            // A file already at this version is opened without a write (another process may
+            // be holding the write lock).
+            if version < SCHEMA_VERSION {
+                conn.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))?;
+            }
             Ok(conn)
         })
         .await
