@@ -569,6 +569,22 @@ impl std::fmt::Debug for Client {
 pub(crate) struct Query {
     pub model: String,
     pub pipeline: Option<String>,
+    /// A caller's own token, sent instead of the client's to discovery and the nodes (a
+    /// shared router acting for many tenants: each tenant's residency and limits hold).
+    pub bearer: Option<Arc<str>>,
+}
+
+impl Query {
+    pub(crate) fn new(model: &str, pipeline: Option<&str>) -> Query {
+        Query { model: model.into(), pipeline: pipeline.map(Into::into), bearer: None }
+    }
+
+    fn auth(&self) -> Auth<'_> {
+        match &self.bearer {
+            Some(t) => Auth::Caller(t),
+            None => Auth::Fleet,
+        }
+    }
 }
 
 /// The candidates probed at session start: discovery's first `k`, except that the best of
@@ -761,6 +777,7 @@ impl Client {
         let cfg = &self.inner.cfg;
         let bearer = match auth {
             Auth::Fleet => cfg.token.as_deref(),
+            Auth::Caller(t) => Some(t),
             Auth::Pool(name) => cfg.pool_keys.get(name).map(String::as_str),
             Auth::None => None,
         };
@@ -777,13 +794,24 @@ impl Client {
     }
 
     fn key(&self, q: &Query) -> String {
-        cache::key(&q.model, q.pipeline.as_deref(), &self.inner.cfg.regions)
+        let key = cache::key(&q.model, q.pipeline.as_deref(), &self.inner.cfg.regions);
+        match &q.bearer {
+            // Another caller's answer may differ (residency, rules): cached apart, under a
+            // digest rather than the token itself.
+            Some(t) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::hash::DefaultHasher::new();
+                t.hash(&mut h);
+                format!("{key}|caller={:016x}", h.finish())
+            }
+            None => key,
+        }
     }
 
     /// Candidates for `model`: a fresh cached answer, else discovery (endpoints in order), else
     /// a stale cached answer within `stale_ok`.
     pub async fn discover(&self, model: &str) -> Result<Vec<Candidate>, ClientError> {
-        self.discover_query(&Query { model: model.into(), pipeline: None }).await
+        self.discover_query(&Query::new(model, None)).await
     }
 
     pub(crate) async fn discover_query(&self, q: &Query) -> Result<Vec<Candidate>, ClientError> {
@@ -863,10 +891,10 @@ impl Client {
         let mut last_error = String::from("no discovery endpoint configured");
         for endpoint in &cfg.discovery {
             let url = format!("{}/v1/discover?{query}", endpoint.trim_end_matches('/'));
-            match self.fetch_json::<DiscoverResponse>(&url, cfg.discovery_timeout).await {
+            match self.fetch_json::<DiscoverResponse>(&url, cfg.discovery_timeout, q.auth()).await {
                 Ok(mut answer) => {
                     // Nodes the token may not go to are no candidates: the next one serves.
-                    let refused = if cfg.token.is_some() {
+                    let refused = if cfg.token.is_some() || q.bearer.is_some() {
                         trust::retain(&mut answer.candidates, cfg.allow_plaintext)
                     } else {
                         0
@@ -919,8 +947,9 @@ impl Client {
         &self,
         url: &str,
         timeout: Duration,
+        auth: Auth<'_>,
     ) -> Result<T, String> {
-        let req = self.request(Method::GET, url, Bytes::new(), Auth::Fleet)?;
+        let req = self.request(Method::GET, url, Bytes::new(), auth)?;
         let work = async {
             let res = self.inner.http.request(req).await.map_err(|e| e.to_string())?;
             let status = res.status();
@@ -1006,7 +1035,7 @@ impl Client {
     /// before calls arrive), so the first sessions start warm instead of waiting for probes.
     /// Returns how many candidates answered.
     pub async fn prepare(&self, model: &str) -> Result<usize, ClientError> {
-        let q = Query { model: model.into(), pipeline: None };
+        let q = Query::new(model, None);
         let candidates = self.discover_query(&q).await?;
         let set =
             probe_set(&candidates, self.inner.cfg.probe_k, self.inner.cfg.home_region.as_deref());
@@ -1016,7 +1045,7 @@ impl Client {
     /// Starts a session for `model`: discover, probe the top candidates in parallel, pin the
     /// best, keep the runner-up as standby.
     pub async fn session(&self, model: &str) -> Result<Session, ClientError> {
-        self.start_session(Query { model: model.into(), pipeline: None }).await
+        self.start_session(Query::new(model, None)).await
     }
 
     /// Starts a session for a voice pipeline (e.g. STT → LLM → TTS): every candidate holds the
@@ -1027,7 +1056,17 @@ impl Client {
         pipeline: &str,
         model: &str,
     ) -> Result<Session, ClientError> {
-        self.start_session(Query { model: model.into(), pipeline: Some(pipeline.into()) }).await
+        self.start_session(Query::new(model, Some(pipeline))).await
+    }
+
+    /// As [`Client::session`], acting for a caller with its own token (`bearer`): discovery
+    /// answers for that token (its residency, its policy rules), the nodes see it (its limits,
+    /// its residency), and the list is cached apart from other callers'. What the client
+    /// learns of the nodes (failures, ejections, first-token times) is shared. For a service
+    /// acting for many tenants, as the regional router does.
+    pub async fn session_as(&self, model: &str, bearer: &str) -> Result<Session, ClientError> {
+        let q = Query { bearer: Some(Arc::from(bearer)), ..Query::new(model, None) };
+        self.start_session(q).await
     }
 
     async fn start_session(&self, q: Query) -> Result<Session, ClientError> {
@@ -1156,9 +1195,14 @@ impl Client {
         node: &Candidate,
         body: &Bytes,
         session: &str,
+        bearer: Option<&str>,
     ) -> Result<(http::Response<hyper::body::Incoming>, Option<MigrateHint>), String> {
         let url = node.chat_url();
-        let auth = node.pool.as_deref().map_or(Auth::Fleet, Auth::Pool);
+        let auth = match (&node.pool, bearer) {
+            (Some(p), _) => Auth::Pool(p),
+            (None, Some(t)) => Auth::Caller(t),
+            (None, None) => Auth::Fleet,
+        };
         // A cascade's node (or a pool) serves another model id: the request names it.
         let body = match &node.serve_as {
             Some(m) => rename_model(body, m)?,
@@ -1199,6 +1243,8 @@ impl Client {
 enum Auth<'a> {
     /// The fleet's token (discovery, nodes).
     Fleet,
+    /// A caller's own token, in place of the fleet's ([`Client::session_as`]).
+    Caller(&'a str),
     /// A cloud pool's own key, if this client has one.
     Pool(&'a str),
     None,

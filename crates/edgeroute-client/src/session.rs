@@ -143,11 +143,11 @@ impl Session {
         let body =
             Bytes::from(serde_json::to_vec(req).map_err(|e| ClientError::Invalid(e.to_string()))?);
         let mut turn = Turn::new(&req.model, Kind::Json, self.begin_turn());
-        let (client, id) = (&self.client, self.id.as_str());
+        let (client, id, bearer) = (&self.client, self.id.as_str(), self.q.bearer.as_deref());
         let r = client
             .drive(&self.q, &mut turn, |node| {
                 let body = body.clone();
-                async move { client.attempt_json(&node, &body, id).await }
+                async move { client.attempt_json(&node, &body, id, bearer).await }
             })
             .await;
         self.end_turn(&turn, r.as_ref().ok().map(|(_, d)| &**d), exhausted(&r));
@@ -167,11 +167,11 @@ impl Session {
             Bytes::from(serde_json::to_vec(&req).map_err(|e| ClientError::Invalid(e.to_string()))?);
         let mut turn = Turn::new(&req.model, Kind::Stream, self.begin_turn());
         let first_token = self.client.inner.cfg.first_token_timeout;
-        let (client, id) = (&self.client, self.id.as_str());
+        let (client, id, bearer) = (&self.client, self.id.as_str(), self.q.bearer.as_deref());
         let r = client
             .drive(&self.q, &mut turn, |node| {
                 let body = body.clone();
-                async move { client.start_stream(&node, &body, id, first_token).await }
+                async move { client.start_stream(&node, &body, id, bearer, first_token).await }
             })
             .await;
         self.end_turn(&turn, r.as_ref().ok().map(|(_, d)| &**d), exhausted(&r));
@@ -286,10 +286,11 @@ impl Client {
         node: &Candidate,
         body: &Bytes,
         session: &str,
+        bearer: Option<&str>,
     ) -> (Outcome, Option<ChatCompletion>) {
         let t = Instant::now();
         let work = async {
-            let (res, hint) = match self.send_chat(node, body, session).await {
+            let (res, hint) = match self.send_chat(node, body, session, bearer).await {
                 Ok(r) => r,
                 Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
             };

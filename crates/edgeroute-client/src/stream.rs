@@ -155,12 +155,13 @@ impl Client {
         node: &Candidate,
         body: &Bytes,
         session: &str,
+        bearer: Option<&str>,
         first_token: Duration,
     ) -> Start {
         let stall = self.inner.cfg.stall_timeout;
         let sent = tokio::time::Instant::now();
         let work = async {
-            let (res, hint) = match self.send_chat(node, body, session).await {
+            let (res, hint) = match self.send_chat(node, body, session, bearer).await {
                 Ok(r) => r,
                 Err(e) => return failed(Side::Network, e),
             };
@@ -302,11 +303,11 @@ impl Forward {
         };
         let first_token = client.inner.cfg.first_token_timeout;
         let mut turn = Turn::new(&self.req.model, Kind::Continuation, order);
-        let session = self.session.as_str();
+        let (session, bearer) = (self.session.as_str(), self.q.bearer.as_deref());
         let r = client
             .drive(&self.q, &mut turn, |node| {
                 let (client, body) = (&client, body.clone());
-                async move { client.start_stream(&node, &body, session, first_token).await }
+                async move { client.start_stream(&node, &body, session, bearer, first_token).await }
             })
             .await;
         tried.extend(turn.reports().iter().map(|a| a.node.clone()));

@@ -297,3 +297,26 @@ fn the_token_is_redacted_in_debug() {
     let client = Client::new(cfg).unwrap();
     assert!(!format!("{client:?}").contains(TOKEN));
 }
+
+/// A service acting for many tenants (the regional router) sends each caller's own token to
+/// discovery and the nodes, never its own, and never a caller's over plaintext to a remote
+/// host; each caller's list is asked for and cached apart.
+#[tokio::test(start_paused = true)]
+async fn a_session_as_a_caller_carries_that_callers_token_everywhere_it_goes() {
+    let w = world(rogue_and_good());
+    let client = w.client(ClientConfig { token: None, ..config() }).unwrap();
+    for tenant in ["tenant-a-token", "tenant-b-token"] {
+        let s = client.session_as("m", tenant).await.unwrap();
+        assert_eq!(s.pinned().id, GOOD, "a caller's token is held to the plaintext rule too");
+        s.chat(&request()).await.unwrap();
+    }
+    let bearer = |t: &str| Some(format!("Bearer {t}"));
+    let chats: Vec<_> =
+        w.seen_by(GOOD).into_iter().filter(|(p, _)| p == "/v1/chat/completions").collect();
+    assert_eq!(chats.len(), 2);
+    assert_eq!(chats[0].1, bearer("tenant-a-token"));
+    assert_eq!(chats[1].1, bearer("tenant-b-token"));
+    let asked: Vec<_> = w.seen_by(DISCOVERY).into_iter().map(|(_, a)| a).collect();
+    assert_eq!(asked, [bearer("tenant-a-token"), bearer("tenant-b-token")], "one list per caller");
+    assert!(!w.connects().iter().any(|h| h == ROGUE));
+}
