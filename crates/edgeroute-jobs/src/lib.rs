@@ -45,5 +45,5 @@ pub use store::postgres::{PostgresConfig, PostgresStore};
 pub use store::sqlite::{SqliteConfig, SqliteStore};
 pub use store::{
     Abort, CancelReport, Completion, Created, FileMeta, Job, JobKind, JobStore, Lease, Limits,
-    NewFile, NewItem, NewJob, StoreError, TickReport,
+    NewFile, NewItem, NewJob, NewWebhook, StoreError, TickReport, WebhookDelivery, WebhookState,
 };

@@ -159,6 +159,7 @@ conformance!(
     spent_attempts_fail_an_item_and_expiry_ends_the_rest,
     limits_and_illegal_calls_are_refused_with_typed_errors,
     the_store_follows_the_reference_machine,
+    webhooks_wait_in_the_outbox_until_delivered_once_per_id,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -750,4 +751,75 @@ async fn a_busy_sqlite_file_and_an_unreachable_postgres_are_retryable_a_stale_le
     .await;
     let e = nowhere.err().expect("nothing listens on port 1");
     assert!(e.is_retryable(), "{e}");
+}
+
+async fn webhooks_wait_in_the_outbox_until_delivered_once_per_id(fx: &impl Fixture) {
+    use edgeroute_jobs::webhook::schedule::{Attempt, Next, RetryPolicy};
+    use edgeroute_jobs::{NewWebhook, WebhookState};
+    let store = fx.open(Limits { max_webhook_body_bytes: 64, ..Limits::default() }).await;
+    let replica = fx.open(Limits::default()).await;
+    let hook = |id: &str| NewWebhook {
+        id: id.into(),
+        job_id: "batch_1".into(),
+        url: "https://hooks.example.com/h".into(),
+        body: r#"{"type":"batch.completed"}"#.into(),
+    };
+    assert!(store.enqueue_webhook(hook("msg_1"), 0).await.unwrap());
+    assert!(!replica.enqueue_webhook(hook("msg_1"), 1).await.unwrap(), "deduped by id");
+    assert!(store.enqueue_webhook(hook("msg_2"), 0).await.unwrap());
+    let big = NewWebhook { body: "x".repeat(65), ..hook("msg_3") };
+    assert!(matches!(
+        store.enqueue_webhook(big, 0).await,
+        Err(StoreError::WebhookTooLarge { bytes: 65, max: 64 })
+    ));
+    // Two replicas take the due messages: each once.
+    let (a, b) = tokio::join!(store.due_webhooks(1, 1_000, 10), replica.due_webhooks(1, 1_000, 10));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.len() + b.len(), 2);
+    let mut ids: Vec<&str> = a.iter().chain(&b).map(|d| d.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["msg_1", "msg_2"]);
+    assert!(store.due_webhooks(10, 1_000, 10).await.unwrap().is_empty(), "leased");
+    let first = a.iter().chain(&b).find(|d| d.id == "msg_1").unwrap().clone();
+    let other = a.iter().chain(&b).find(|d| d.id == "msg_2").unwrap().clone();
+    assert_eq!((first.attempt, first.lease_until), (1, 1_010));
+    // A failure: the pure policy decides when to try again; the outbox keeps it.
+    let policy = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let next = policy.next(first.attempt, Attempt::from_status(Some(503), None), 20, &mut rng);
+    assert_eq!(next, Next::RetryAt(5_020));
+    store.record_webhook(&first, next, 20).await.unwrap();
+    assert_eq!(
+        replica.webhook("msg_1").await.unwrap(),
+        Some(WebhookState::Pending { attempts: 1, next_at: 5_020 })
+    );
+    assert!(matches!(
+        store.record_webhook(&first, Next::Done, 21).await,
+        Err(StoreError::StaleDelivery { attempt: 1, .. })
+    ));
+    // The worker holding msg_2 died: once its lease ends msg_2 is due again; msg_1 waits for
+    // its retry time.
+    assert!(store.due_webhooks(10, 1_000, 1_009).await.unwrap().is_empty());
+    let retaken = store.due_webhooks(10, 1_000, 5_019).await.unwrap();
+    let attempts: Vec<(&str, u32)> = retaken.iter().map(|d| (d.id.as_str(), d.attempt)).collect();
+    assert_eq!(attempts, [("msg_2", 2)]);
+    assert!(matches!(
+        store.record_webhook(&other, Next::Done, 5_019).await,
+        Err(StoreError::StaleDelivery { .. })
+    ));
+    let retried = store.due_webhooks(10, 1_000, 5_020).await.unwrap();
+    let attempts: Vec<(&str, u32)> = retried.iter().map(|d| (d.id.as_str(), d.attempt)).collect();
+    assert_eq!(attempts, [("msg_1", 2)]);
+    for d in retaken.iter().chain(&retried) {
+        store.record_webhook(d, Next::Done, 5_030).await.unwrap();
+    }
+    // Reopened, nothing is due and the states stand.
+    let reopened = fx.open(Limits::default()).await;
+    assert!(reopened.due_webhooks(10, 1_000, 99_999).await.unwrap().is_empty());
+    assert_eq!(
+        reopened.webhook("msg_2").await.unwrap(),
+        Some(WebhookState::Delivered { attempts: 2 })
+    );
+    assert!(!reopened.enqueue_webhook(hook("msg_2"), 6_000).await.unwrap(), "still deduped");
+    assert_eq!(reopened.webhook("msg_9").await.unwrap(), None);
 }

@@ -13,6 +13,11 @@
 //! `cancel` persists `cancelling` and returns the in-flight items to abort (over NATS);
 //! `tick(now)` runs every second or so on each replica (lapsed leases, expiry) and lists the
 //! batches ready for `finalize`, which writes the files and takes the terminal status.
+//! Webhooks go through an outbox: `enqueue_webhook` (deduped by `webhook-id`) → `due_webhooks`
+//! (one attempt each, leased; a worker that dies mid-attempt leaves the message due again
+//! when the lease ends) → `record_webhook` with what
+//! [`RetryPolicy::next`](crate::webhook::schedule::RetryPolicy::next) decided (once per
+//! attempt: a stale attempt is refused).
 //! Every method takes `now` (Unix ms); the store never reads a clock.
 
 use std::future::Future;
@@ -41,6 +46,8 @@ pub struct Limits {
     pub max_claim: usize,
     /// Longest lease a worker may ask for (ms).
     pub max_lease_ms: u64,
+    /// Largest webhook body kept in the outbox.
+    pub max_webhook_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +60,7 @@ impl Default for Limits {
             max_attempts: 3,
             max_claim: 256,
             max_lease_ms: 15 * 60 * 1000,
+            max_webhook_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -282,6 +290,81 @@ pub struct TickReport {
     pub aborts: Vec<Abort>,
 }
 
+/// A webhook message for the outbox: built (and its `id` chosen) by the router; signed at each
+/// attempt, since the signature covers the attempt's timestamp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewWebhook {
+    /// The `webhook-id`: the same across retries, and the outbox's dedupe key.
+    pub id: String,
+    /// The job it reports on.
+    pub job_id: String,
+    /// The target, already checked against the allow-list ([`crate::webhook::target`]).
+    pub url: String,
+    /// The JSON body.
+    pub body: String,
+}
+
+/// A webhook handed to a worker for one attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookDelivery {
+    /// The `webhook-id`.
+    pub id: String,
+    /// The job.
+    pub job_id: String,
+    /// The target.
+    pub url: String,
+    /// The body.
+    pub body: String,
+    /// Which attempt this is (1 for the first); `record_webhook` must name it.
+    pub attempt: u32,
+    /// Until when this attempt is the worker's; after it the message is due again (a worker
+    /// that died mid-attempt; receivers dedupe by id).
+    pub lease_until: UnixMs,
+}
+
+/// Where a webhook stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookState {
+    /// Waiting for its next attempt (`next_at`), or being attempted.
+    Pending {
+        /// Attempts so far.
+        attempts: u32,
+        /// When it is due (or its attempt's lease ends).
+        next_at: UnixMs,
+    },
+    /// A 2xx answer.
+    Delivered {
+        /// Attempts it took.
+        attempts: u32,
+    },
+    /// No more attempts (spent, or 410 Gone).
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+impl WebhookState {
+    fn from_columns(state: &str, attempts: u32, next_at: UnixMs) -> Result<Self, StoreError> {
+        Ok(match state {
+            "pending" => WebhookState::Pending { attempts, next_at },
+            "delivered" => WebhookState::Delivered { attempts },
+            "gave_up" => WebhookState::GaveUp { attempts },
+            other => return Err(StoreError::Corrupt(format!("webhook state {other:?}"))),
+        })
+    }
+}
+
+/// The columns `record_webhook` writes for a schedule decision.
+fn webhook_columns(next: crate::webhook::schedule::Next) -> (&'static str, Option<UnixMs>) {
+    use crate::webhook::schedule::Next;
+    match next {
+        Next::Done => ("delivered", None),
+        Next::GaveUp { .. } => ("gave_up", None),
+        Next::RetryAt(at) => ("pending", Some(at)),
+    }
+}
+
 /// A store error: what failed and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -339,6 +422,23 @@ pub enum StoreError {
         ms: u64,
         /// The limit.
         max: u64,
+    },
+    /// The webhook attempt is not the current one (its lease ran out and another worker took
+    /// the message, or it was already recorded).
+    #[error("webhook {id}: attempt {attempt} is not the current one")]
+    StaleDelivery {
+        /// The webhook id.
+        id: String,
+        /// The attempt presented.
+        attempt: u32,
+    },
+    /// A webhook body larger than `max_webhook_body_bytes`.
+    #[error("a webhook body of {bytes} bytes exceeds the limit of {max} (max_webhook_body_bytes)")]
+    WebhookTooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
     },
     /// The job is cancelling: the worker must stop the request and complete it with
     /// [`Outcome::Aborted`] (a lease is not renewed past a cancel).
@@ -491,6 +591,39 @@ pub trait JobStore: Send + Sync + 'static {
         job_id: &str,
         now: UnixMs,
     ) -> impl Future<Output = Result<Job, StoreError>> + Send;
+
+    /// Puts a webhook in the outbox, due now. `false`: a webhook with this id is already there
+    /// (pending or done) and nothing changed.
+    fn enqueue_webhook(
+        &self,
+        hook: NewWebhook,
+        now: UnixMs,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Takes up to `max` due webhooks for one attempt each, leased for `lease_ms`; concurrent
+    /// callers never get the same one.
+    fn due_webhooks(
+        &self,
+        max: usize,
+        lease_ms: u64,
+        now: UnixMs,
+    ) -> impl Future<Output = Result<Vec<WebhookDelivery>, StoreError>> + Send;
+
+    /// Records what the attempt led to (decided by
+    /// [`RetryPolicy::next`](crate::webhook::schedule::RetryPolicy::next)); refused as
+    /// [`StoreError::StaleDelivery`] unless it is the message's current attempt.
+    fn record_webhook(
+        &self,
+        delivery: &WebhookDelivery,
+        next: crate::webhook::schedule::Next,
+        now: UnixMs,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Where a webhook stands.
+    fn webhook(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<WebhookState>, StoreError>> + Send;
 }
 
 /// Lowercase hex.

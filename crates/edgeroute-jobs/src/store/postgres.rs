@@ -32,10 +32,12 @@ use tokio_postgres::{Client, GenericClient, NoTls, Row, Transaction};
 
 use super::{
     Abort, CancelReport, Completion, Created, FileBuilder, FileMeta, Job, JobKind, JobStore, Lease,
-    Limits, NewFile, NewJob, StoreError, TickReport, check_lease, check_new_job, new_id,
-    rule_error, rule_status, to_i64, to_u64, write_outcome,
+    Limits, NewFile, NewJob, NewWebhook, StoreError, TickReport, WebhookDelivery, WebhookState,
+    check_lease, check_new_job, new_id, rule_error, rule_status, to_i64, to_u64, webhook_columns,
+    write_outcome,
 };
 use crate::lifecycle::{self, BatchStatus, ItemEnd, Lapse, Outcome, RequestCounts, Settle, UnixMs};
+use crate::webhook::schedule::Next;
 
 /// Where and how the distributed store runs.
 #[derive(Clone, Debug)]
@@ -128,7 +130,8 @@ fn valid_schema(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-const SCHEMA_VERSION: i32 = 1;
+/// 1: files, jobs, items; 2: the webhook outbox.
+const SCHEMA_VERSION: i32 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
@@ -182,6 +185,19 @@ CREATE INDEX IF NOT EXISTS items_open ON items (job_id, idx)
     WHERE state IN ('queued', 'leased', 'aborting');
 CREATE INDEX IF NOT EXISTS items_leases ON items (lease_expires_at)
     WHERE state IN ('leased', 'aborting');
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    recorded INTEGER NOT NULL DEFAULT 0,
+    next_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    finished_at BIGINT
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (next_at) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 ";
 
@@ -393,19 +409,22 @@ impl PostgresStore {
             .await?;
             let made =
                 tx.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[]).await?;
-            if made.try_get::<_, bool>(0)? {
-                let version: i32 = tx
-                    .query_one("SELECT max(version) FROM schema_version", &[])
-                    .await?
-                    .try_get(0)?;
-                if version > SCHEMA_VERSION {
-                    return Err(StoreError::Config(format!(
-                        "schema {schema} has version {version}, newer than this build's \
-                         {SCHEMA_VERSION}"
-                    )));
-                }
+            let version: i32 = if made.try_get::<_, bool>(0)? {
+                let row = tx.query_one("SELECT max(version) FROM schema_version", &[]).await?;
+                row.try_get::<_, Option<i32>>(0)?.unwrap_or(0)
             } else {
+                0
+            };
+            if version > SCHEMA_VERSION {
+                return Err(StoreError::Config(format!(
+                    "schema {schema} has version {version}, newer than this build's \
+                     {SCHEMA_VERSION}"
+                )));
+            }
+            if version < SCHEMA_VERSION {
+                // Every statement is `IF NOT EXISTS`: an older schema gains what it lacks.
                 tx.batch_execute(SCHEMA).await?;
+                tx.execute("DELETE FROM schema_version", &[]).await?;
                 tx.execute("INSERT INTO schema_version VALUES ($1)", &[&SCHEMA_VERSION]).await?;
             }
             tx.commit().await?;
@@ -916,6 +935,108 @@ impl JobStore for PostgresStore {
 
     async fn finalize(&self, job_id: &str, now: UnixMs) -> Result<Job, StoreError> {
         self.finalize_job(job_id, now).await
+    }
+
+    async fn enqueue_webhook(&self, hook: NewWebhook, now: UnixMs) -> Result<bool, StoreError> {
+        let max = self.limits.max_webhook_body_bytes;
+        if hook.body.len() > max {
+            return Err(StoreError::WebhookTooLarge { bytes: hook.body.len(), max });
+        }
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        let n = client
+            .execute(
+                "INSERT INTO webhooks (id, job_id, url, body, state, next_at, created_at)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5) ON CONFLICT (id) DO NOTHING",
+                &[&hook.id, &hook.job_id, &hook.url, &hook.body, &to_i64(now)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn due_webhooks(
+        &self,
+        max: usize,
+        lease_ms: u64,
+        now: UnixMs,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        check_lease(lease_ms, &self.limits)?;
+        let max = max.min(self.limits.max_claim) as i64;
+        let lease_until = now.saturating_add(lease_ms);
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        let rows = client
+            .query(
+                "WITH picked AS (
+                     SELECT id FROM webhooks WHERE state = 'pending' AND next_at <= $1
+                     ORDER BY next_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 UPDATE webhooks w SET attempts = w.attempts + 1, next_at = $3
+                 FROM picked WHERE w.id = picked.id
+                 RETURNING w.id, w.job_id, w.url, w.body, w.attempts",
+                &[&to_i64(now), &max, &to_i64(lease_until)],
+            )
+            .await?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok(WebhookDelivery {
+                    id: r.try_get(0)?,
+                    job_id: r.try_get(1)?,
+                    url: r.try_get(2)?,
+                    body: r.try_get(3)?,
+                    attempt: u32::try_from(r.try_get::<_, i32>(4)?).unwrap_or(0),
+                    lease_until,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn record_webhook(
+        &self,
+        delivery: &WebhookDelivery,
+        next: Next,
+        now: UnixMs,
+    ) -> Result<(), StoreError> {
+        let (state, next_at) = webhook_columns(next);
+        let finished_at = next_at.is_none().then_some(to_i64(now));
+        let attempt = i32::try_from(delivery.attempt).unwrap_or(i32::MAX);
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        let n = client
+            .execute(
+                "UPDATE webhooks SET state = $3, next_at = coalesce($4, next_at),
+                                     finished_at = $5, recorded = attempts
+                 WHERE id = $1 AND attempts = $2 AND recorded < attempts AND state = 'pending'",
+                &[&delivery.id, &attempt, &state, &next_at.map(to_i64), &finished_at],
+            )
+            .await?;
+        if n == 0 {
+            return Err(StoreError::StaleDelivery {
+                id: delivery.id.clone(),
+                attempt: delivery.attempt,
+            });
+        }
+        Ok(())
+    }
+
+    async fn webhook(&self, id: &str) -> Result<Option<WebhookState>, StoreError> {
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        let row = client
+            .query_opt("SELECT state, attempts, next_at FROM webhooks WHERE id = $1", &[&id])
+            .await?;
+        row.map(|r| {
+            let (state, attempts, next_at): (String, i32, i64) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            WebhookState::from_columns(
+                &state,
+                u32::try_from(attempts).unwrap_or(0),
+                to_u64(next_at),
+            )
+        })
+        .transpose()
     }
 }
 

@@ -14,10 +14,12 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 
 use super::{
     Abort, CancelReport, Completion, Created, FileBuilder, FileMeta, Job, JobKind, JobStore, Lease,
-    Limits, NewFile, NewJob, StoreError, TickReport, check_lease, check_new_job, new_id,
-    rule_error, rule_status, to_i64, to_u64, write_outcome,
+    Limits, NewFile, NewJob, NewWebhook, StoreError, TickReport, WebhookDelivery, WebhookState,
+    check_lease, check_new_job, new_id, rule_error, rule_status, to_i64, to_u64, webhook_columns,
+    write_outcome,
 };
 use crate::lifecycle::{self, BatchStatus, ItemEnd, Lapse, Outcome, RequestCounts, Settle, UnixMs};
+use crate::webhook::schedule::Next;
 
 /// Where and how the embedded store runs.
 #[derive(Clone, Debug)]
@@ -44,7 +46,9 @@ pub struct SqliteStore {
     limits: Arc<Limits>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// 1: files, jobs, items; 2: the webhook outbox (every statement `IF NOT EXISTS`, so an older
+/// file gains what it lacks).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
@@ -95,6 +99,19 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_open ON items (state, job_id, idx)
     WHERE state IN ('queued', 'leased', 'aborting');
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    recorded INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (next_at) WHERE state = 'pending';
 ";
 
 const JOB_COLUMNS: &str = "id, tenant, kind, endpoint, status, created_at, expires_at, \
@@ -641,6 +658,34 @@ fn finalize(tx: &Transaction<'_>, job_id: &str, now: UnixMs) -> Result<Job, Stor
     need_job(tx, job_id)
 }
 
+fn due_webhooks(
+    tx: &Transaction<'_>,
+    max: usize,
+    lease_ms: u64,
+    now: UnixMs,
+) -> Result<Vec<WebhookDelivery>, StoreError> {
+    let lease_until = now.saturating_add(lease_ms);
+    let mut stmt = tx.prepare(
+        "UPDATE webhooks SET attempts = attempts + 1, next_at = ?3
+         WHERE id IN (SELECT id FROM webhooks WHERE state = 'pending' AND next_at <= ?1
+                      ORDER BY next_at, id LIMIT ?2)
+         RETURNING id, job_id, url, body, attempts",
+    )?;
+    let rows = stmt.query_map(params![to_i64(now), max as i64, to_i64(lease_until)], |r| {
+        Ok(WebhookDelivery {
+            id: r.get(0)?,
+            job_id: r.get(1)?,
+            url: r.get(2)?,
+            body: r.get(3)?,
+            attempt: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+            lease_until,
+        })
+    })?;
+    let mut out: Vec<WebhookDelivery> = rows.collect::<Result<_, _>>()?;
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
 impl JobStore for SqliteStore {
     async fn put_file(&self, file: NewFile, now: UnixMs) -> Result<FileMeta, StoreError> {
         if file.bytes.len() > self.limits.max_file_bytes {
@@ -723,5 +768,77 @@ impl JobStore for SqliteStore {
     async fn finalize(&self, job_id: &str, now: UnixMs) -> Result<Job, StoreError> {
         let job_id = job_id.to_owned();
         self.write(move |tx, _| finalize(tx, &job_id, now)).await
+    }
+
+    async fn enqueue_webhook(&self, hook: NewWebhook, now: UnixMs) -> Result<bool, StoreError> {
+        let max = self.limits.max_webhook_body_bytes;
+        if hook.body.len() > max {
+            return Err(StoreError::WebhookTooLarge { bytes: hook.body.len(), max });
+        }
+        self.write(move |tx, _| {
+            let n = tx.execute(
+                "INSERT INTO webhooks (id, job_id, url, body, state, next_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5) ON CONFLICT (id) DO NOTHING",
+                params![hook.id, hook.job_id, hook.url, hook.body, to_i64(now)],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn due_webhooks(
+        &self,
+        max: usize,
+        lease_ms: u64,
+        now: UnixMs,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        self.write(move |tx, limits| {
+            check_lease(lease_ms, limits)?;
+            due_webhooks(tx, max.min(limits.max_claim), lease_ms, now)
+        })
+        .await
+    }
+
+    async fn record_webhook(
+        &self,
+        delivery: &WebhookDelivery,
+        next: Next,
+        now: UnixMs,
+    ) -> Result<(), StoreError> {
+        let (id, attempt) = (delivery.id.clone(), delivery.attempt);
+        self.write(move |tx, _| {
+            let (state, next_at) = webhook_columns(next);
+            let finished_at = next_at.is_none().then_some(to_i64(now));
+            let n = tx.execute(
+                "UPDATE webhooks SET state = ?3, next_at = coalesce(?4, next_at),
+                                     finished_at = ?5, recorded = attempts
+                 WHERE id = ?1 AND attempts = ?2 AND recorded < attempts AND state = 'pending'",
+                params![id, attempt, state, next_at.map(to_i64), finished_at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::StaleDelivery { id, attempt });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn webhook(&self, id: &str) -> Result<Option<WebhookState>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            let row: Option<(String, i64, i64)> = c
+                .query_row(
+                    "SELECT state, attempts, next_at FROM webhooks WHERE id = ?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            row.map(|(state, attempts, next_at)| {
+                let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                WebhookState::from_columns(&state, attempts, to_u64(next_at))
+            })
+            .transpose()
+        })
+        .await
     }
 }

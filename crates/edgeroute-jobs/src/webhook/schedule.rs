@@ -62,6 +62,29 @@ impl RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// What follows the `attempts`-th attempt (1-based) of a message: the one rule that both
+    /// [`Deliveries`] (in memory) and the job store's webhook outbox follow.
+    pub fn next(
+        &self,
+        attempts: u32,
+        attempt: Attempt,
+        now: UnixMs,
+        rng: &mut impl rand::RngCore,
+    ) -> Next {
+        match attempt {
+            Attempt::Delivered => Next::Done,
+            Attempt::Gone => Next::GaveUp { attempts },
+            Attempt::Failed { .. } if attempts >= self.max_attempts => Next::GaveUp { attempts },
+            Attempt::Failed { retry_after_ms } => {
+                let backoff = self.delay_ms(attempts, rng);
+                let asked = retry_after_ms.unwrap_or(0).min(self.max_delay_ms);
+                Next::RetryAt(now.saturating_add(backoff.max(asked)))
+            }
+        }
+    }
+}
+
 /// How an attempt went, as the router saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attempt {
@@ -185,25 +208,16 @@ impl Deliveries {
         let mut p = self.pending.remove(id).ok_or_else(|| EnqueueError::Unknown(id.to_owned()))?;
         self.by_time.remove(&(p.next_at, id.to_owned()));
         p.attempts += 1;
-        let next = match attempt {
-            Attempt::Delivered => {
-                self.remember(id);
-                Next::Done
-            }
-            Attempt::Gone => Next::GaveUp { attempts: p.attempts },
-            Attempt::Failed { .. } if p.attempts >= self.policy.max_attempts => {
-                Next::GaveUp { attempts: p.attempts }
-            }
-            Attempt::Failed { retry_after_ms } => {
-                let backoff = self.policy.delay_ms(p.attempts, rng);
-                let asked = retry_after_ms.unwrap_or(0).min(self.policy.max_delay_ms);
-                let at = now.saturating_add(backoff.max(asked));
+        let next = self.policy.next(p.attempts, attempt, now, rng);
+        match next {
+            Next::Done => self.remember(id),
+            Next::RetryAt(at) => {
                 p.next_at = at;
                 self.by_time.insert((at, id.to_owned()));
                 self.pending.insert(id.to_owned(), p);
-                Next::RetryAt(at)
             }
-        };
+            Next::GaveUp { .. } => {}
+        }
         Ok(next)
     }
 
