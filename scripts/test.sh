@@ -78,4 +78,6 @@ bash scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 
 step "python suites against the real binary"
 cargo build -p edgeroute --locked --quiet
+cargo build -p edgeroute-jobs --example webhook_sign --locked --quiet
+EDGEROUTE_WEBHOOK_SIGN_BIN="$TARGET/debug/examples/webhook_sign" \
 EDGEROUTE_BIN="$TARGET/debug/edgeroute" "$CACHE/venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
