@@ -1069,6 +1069,18 @@ impl Client {
         self.start_session(q).await
     }
 
+    /// As [`Client::pipeline_session`], acting for a caller with its own token (see
+    /// [`Client::session_as`]).
+    pub async fn pipeline_session_as(
+        &self,
+        pipeline: &str,
+        model: &str,
+        bearer: &str,
+    ) -> Result<Session, ClientError> {
+        let q = Query { bearer: Some(Arc::from(bearer)), ..Query::new(model, Some(pipeline)) };
+        self.start_session(q).await
+    }
+
     async fn start_session(&self, q: Query) -> Result<Session, ClientError> {
         let candidates = self.discover_query(&q).await?;
         let stamp = self.with(|st, _| st.cache.fetched_at(&self.key(&q)).unwrap_or(0));

@@ -159,21 +159,59 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, TokenFileError>
     Ok(token.to_owned())
 }
 
-/// (session header, pipeline or "", model or "").
-type SessionKey = (String, String, String);
+/// (caller's tenant or "", session header, pipeline or "", model or "").
+type SessionKey = (String, String, String, String);
+
+/// Who a request is for, when the front serves many callers (the regional router): its tenant
+/// keys its sessions apart from others', and its own token goes to discovery and the nodes.
+#[derive(Clone)]
+pub struct Caller {
+    pub tenant: String,
+    pub bearer: Arc<str>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("tenant", &self.tenant)
+            .field("bearer", &"<redacted>")
+            .finish()
+    }
+}
 
 struct Slot {
     session: Arc<OnceCell<Arc<Session>>>,
     last_used: Instant,
 }
 
-struct State_ {
+/// The OpenAI-compatible front over the SDK: its session table and the chat route, shared by
+/// the local proxy (one caller, the machine's) and the regional router (many tenants).
+pub struct Front {
     client: Client,
     cfg: ProxyConfig,
     sessions: Mutex<HashMap<SessionKey, Slot>>,
 }
 
-impl State_ {
+type State_ = Front;
+
+impl Front {
+    pub fn new(client: Client, cfg: ProxyConfig) -> Front {
+        Front { client, cfg, sessions: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
+    /// Sessions in the table.
+    pub fn sessions(&self) -> usize {
+        self.len()
+    }
+
     /// The slot for `key`, created if new; expired and excess sessions are dropped first.
     fn slot(&self, key: SessionKey) -> Arc<OnceCell<Arc<Session>>> {
         let now = Instant::now();
@@ -223,7 +261,7 @@ pub fn router(client: Client, max_body: usize) -> Router {
 
 /// The proxy's routes over `client`, every one behind [`check_caller`].
 pub fn router_with(client: Client, cfg: ProxyConfig) -> Router {
-    let st = Arc::new(State_ { client, cfg, sessions: Mutex::new(HashMap::new()) });
+    let st = Arc::new(Front::new(client, cfg));
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ready"})) }))
@@ -360,7 +398,7 @@ fn is_port(p: &str) -> bool {
 
 /// The SDK's error as the proxy's answer: the SDK's classification ([`ClientError::fault`])
 /// in `x-edgeroute-error` whatever the status, and the node's own body for a refusal.
-fn error_response(e: ClientError) -> Response {
+pub fn error_response(e: ClientError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
     let fault = e.fault();
     let api = match e {
@@ -443,6 +481,12 @@ fn key_header(h: &HeaderMap, name: &str, max: usize) -> Result<Option<String>, R
 }
 
 async fn chat(State(st): State<Arc<State_>>, req: Request) -> Response {
+    chat_for(&st, None, req).await
+}
+
+/// The chat route for `caller` (`None`: the client's own token): a session per (caller,
+/// `x-edgeroute-session`, pipeline or model), its turn, the answer or the stream.
+pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Response {
     let max = st.cfg.max_key_len;
     let (session_key, pipeline) = match (
         key_header(req.headers(), SESSION_HEADER, max),
@@ -457,16 +501,21 @@ async fn chat(State(st): State<Arc<State_>>, req: Request) -> Response {
             Err(e) => return e.into_response(),
         };
     // A pipeline session serves every model of the pipeline from one node.
+    let tenant = caller.map(|c| c.tenant.clone()).unwrap_or_default();
     let key = match &pipeline {
-        Some(p) => (session_key, p.clone(), String::new()),
-        None => (session_key, String::new(), body.model.clone()),
+        Some(p) => (tenant, session_key, p.clone(), String::new()),
+        None => (tenant, session_key, String::new(), body.model.clone()),
     };
     let cell = st.slot(key);
     let session = cell
         .get_or_try_init(|| async {
-            let s = match &pipeline {
-                Some(p) => st.client.pipeline_session(p, &body.model).await,
-                None => st.client.session(&body.model).await,
+            let s = match (&pipeline, caller) {
+                (Some(p), None) => st.client.pipeline_session(p, &body.model).await,
+                (None, None) => st.client.session(&body.model).await,
+                (Some(p), Some(c)) => {
+                    st.client.pipeline_session_as(p, &body.model, &c.bearer).await
+                }
+                (None, Some(c)) => st.client.session_as(&body.model, &c.bearer).await,
             };
             s.map(Arc::new)
         })
@@ -534,7 +583,7 @@ mod tests {
     use super::*;
 
     fn key(s: &str) -> SessionKey {
-        (s.to_owned(), String::new(), "m".to_owned())
+        (String::new(), s.to_owned(), String::new(), "m".to_owned())
     }
 
     #[tokio::test(start_paused = true)]
@@ -546,7 +595,7 @@ mod tests {
             session_idle: Duration::from_secs(10),
             ..ProxyConfig::default()
         };
-        let st = State_ { client, cfg, sessions: Mutex::new(HashMap::new()) };
+        let st = Front::new(client, cfg);
         let a = st.slot(key("a"));
         tokio::time::advance(Duration::from_secs(1)).await;
         st.slot(key("b"));
@@ -558,7 +607,7 @@ mod tests {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .keys()
-            .map(|k| k.0.clone())
+            .map(|k| k.1.clone())
             .collect();
         keys.sort();
         assert_eq!(keys, ["a", "c"], "the least recently used went first");

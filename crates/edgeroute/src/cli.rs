@@ -31,6 +31,13 @@ pub enum Command {
     Discovery(DiscoveryArgs),
     /// Run the local proxy: the client SDK behind an OpenAI-compatible endpoint on this machine.
     Proxy(ProxyArgs),
+    /// Run a regional router: the SDK's decisions as a shared, multi-tenant, OpenAI-compatible
+    /// service for clients that cannot embed the SDK.
+    Router {
+        /// The router's TOML config (crates/edgeroute-router/src/config.rs).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
     Sim(SimArgs),
     /// Watcher mode for split deployments: install model directories that appear on a shared
@@ -370,6 +377,13 @@ impl WatchArgs {
             triton_restricted,
         })
     }
+}
+
+/// Reads and checks a router config.
+pub fn router_config(path: &std::path::Path) -> Result<edgeroute_router::RouterConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(edgeroute_router::RouterConfig::from_toml(&text)?)
 }
 
 #[cfg(test)]

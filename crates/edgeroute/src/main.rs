@@ -56,6 +56,13 @@ fn main() -> Result<()> {
                 edgeroute_proxy::serve(client, proxy, listener, edgeroute_http::shutdown_signal())
             })
         }
+        Command::Router { config } => {
+            let cfg = cli::router_config(&config)?;
+            let listen = cfg.router.listen;
+            serve(0, listen, "edgeroute router", |listener| {
+                edgeroute_router::serve(cfg, listener, edgeroute_http::shutdown_signal())
+            })
+        }
         Command::Sim(args) => {
             let cfg = args.config()?;
             serve(0, args.listen, "edgeroute sim", |listener| {
