@@ -84,9 +84,18 @@ impl SseDecoder {
         let mut events = 0u32;
         let mut stop = None;
         let mut scan = 0usize;
-        while let Some((ev_end, sep)) = boundary_from(&self.buf, scan) {
+        // The first boundary is searched for from where the last call stopped looking (less
+        // the 3 bytes a separator split across pushes may have started in); events are still
+        // classified from their start.
+        let mut from = self.scanned.saturating_sub(3);
+        while let Some((ev_end, sep, single)) = boundary(&self.buf, scan.max(from)) {
+            // A search from the event's start that met no line end before the boundary saw
+            // a one-line event (the usual `data: {...}`): classified without a second scan.
+            let one_line = single && from <= scan;
+            from = 0;
             let next = ev_end + sep;
-            match classify(&self.buf[scan..ev_end]) {
+            let ev = &self.buf[scan..ev_end];
+            match if one_line { classify_line(ev) } else { classify(ev) } {
                 Kind::Empty => {}
                 Kind::Done => {
                     stop = Some((Stop::Done, scan, next));
@@ -107,7 +116,7 @@ impl SseDecoder {
             scan = next;
         }
         if end == 0 && stop.is_none() {
-            self.scanned = self.buf.len().saturating_sub(3);
+            self.scanned = self.buf.len();
             if self.buf.len() > self.max_event {
                 return Err(SseError::TooLarge(self.max_event));
             }
@@ -130,25 +139,11 @@ impl SseDecoder {
 
     /// Finds the end of the first event (`\n\n`, `\r\n\r\n` or `\r\r`), as (end, separator length).
     fn find_boundary(&mut self) -> Option<(usize, usize)> {
-        let b = &self.buf[..];
-        let start = self.scanned.saturating_sub(3);
-        for i in start..b.len() {
-            if b[i] == b'\n' && b.get(i + 1) == Some(&b'\n') {
-                return Some((i, 2));
-            }
-            if b[i] == b'\r'
-                && b.get(i + 1) == Some(&b'\n')
-                && b.get(i + 2) == Some(&b'\r')
-                && b.get(i + 3) == Some(&b'\n')
-            {
-                return Some((i, 4));
-            }
-            if b[i] == b'\r' && b.get(i + 1) == Some(&b'\r') {
-                return Some((i, 2));
-            }
+        let found = boundary_from(&self.buf, self.scanned.saturating_sub(3));
+        if found.is_none() {
+            self.scanned = self.buf.len();
         }
-        self.scanned = b.len();
-        None
+        found
     }
 }
 
@@ -195,35 +190,91 @@ enum Kind {
 fn classify(ev: &[u8]) -> Kind {
     let mut first: Option<&[u8]> = None;
     let mut lines = 0;
-    for line in ev.split(|&c| c == b'\n' || c == b'\r') {
+    // The lines between `\n`s and `\r`s (empty ones included), as `split` on either gives.
+    let mut start = 0;
+    loop {
+        let eol = find_eol(ev, start);
+        let line = &ev[start..eol.unwrap_or(ev.len())];
         if let Some(v) = line.strip_prefix(b"data:") {
             lines += 1;
             first.get_or_insert(v.strip_prefix(b" ").unwrap_or(v));
         }
+        match eol {
+            Some(i) => start = i + 1,
+            None => break,
+        }
     }
+    kind(first, lines)
+}
+
+/// [`classify`] for an event known to hold no `\n` or `\r`: one line.
+fn classify_line(ev: &[u8]) -> Kind {
+    let first = ev.strip_prefix(b"data:").map(|v| v.strip_prefix(b" ").unwrap_or(v));
+    kind(first, usize::from(first.is_some()))
+}
+
+fn kind(first: Option<&[u8]>, data_lines: usize) -> Kind {
     match first {
         None => Kind::Empty,
-        Some(b"[DONE]") if lines == 1 => Kind::Done,
+        Some(b"[DONE]") if data_lines == 1 => Kind::Done,
         Some(v) if is_error_payload(v) => Kind::Error,
         Some(_) => Kind::Data,
     }
 }
 
+/// The first `\n` or `\r` in `b` at or after `from`, eight bytes at a time.
+///
+/// Each 8-byte word is XORed with the byte repeated, so a matching byte becomes zero, and
+/// `(x - 0x01..) & !x & 0x80..` flags zero bytes. A borrow can flag a byte *after* a true zero
+/// byte but never one before it, so the lowest flag (the first byte, little-endian) is always
+/// a real match.
+fn find_eol(b: &[u8], from: usize) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    const LF: u64 = LO * b'\n' as u64;
+    const CR: u64 = LO * b'\r' as u64;
+    let mut i = from;
+    let mut words = b.get(from..)?.chunks_exact(8);
+    for w in &mut words {
+        let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        // First a cheaper test, exact as a yes/no: does any byte fall below 0x0e? Text and
+        // JSON hold almost none (`\n` is 0x0a, `\r` 0x0d), so most words stop here.
+        if w.wrapping_sub(LO * 0x0e) & !w & HI != 0 {
+            let (x, y) = (w ^ LF, w ^ CR);
+            let zero = (x.wrapping_sub(LO) & !x | y.wrapping_sub(LO) & !y) & HI;
+            if zero != 0 {
+                return Some(i + (zero.trailing_zeros() / 8) as usize);
+            }
+        }
+        i += 8;
+    }
+    words.remainder().iter().position(|&c| c == b'\n' || c == b'\r').map(|p| i + p)
+}
+
 fn boundary_from(b: &[u8], start: usize) -> Option<(usize, usize)> {
+    boundary(b, start).map(|(end, sep, _)| (end, sep))
+}
+
+/// The first event boundary at or after `start`, as (end, separator length, whether no line
+/// end came before it).
+fn boundary(b: &[u8], start: usize) -> Option<(usize, usize, bool)> {
     let mut i = start;
-    while i < b.len() {
+    let mut single = true;
+    while let Some(at) = find_eol(b, i) {
+        i = at;
         match b[i] {
-            b'\n' if b.get(i + 1) == Some(&b'\n') => return Some((i, 2)),
+            b'\n' if b.get(i + 1) == Some(&b'\n') => return Some((i, 2, single)),
             b'\r'
                 if b.get(i + 1) == Some(&b'\n')
                     && b.get(i + 2) == Some(&b'\r')
                     && b.get(i + 3) == Some(&b'\n') =>
             {
-                return Some((i, 4));
+                return Some((i, 4, single));
             }
-            b'\r' if b.get(i + 1) == Some(&b'\r') => return Some((i, 2)),
+            b'\r' if b.get(i + 1) == Some(&b'\r') => return Some((i, 2, single)),
             _ => {}
         }
+        single = false;
         i += 1;
     }
     None
@@ -235,7 +286,7 @@ fn parse_event(raw: Bytes) -> Option<SseEvent> {
     let mut pos = 0;
     while pos < raw.len() {
         let rest = &raw[pos..];
-        let len = rest.iter().position(|&c| c == b'\n' || c == b'\r').unwrap_or(rest.len());
+        let len = find_eol(rest, 0).unwrap_or(rest.len());
         let line_start = pos;
         pos += len;
         // Skip the line terminator (\n, \r or \r\n).
@@ -346,6 +397,238 @@ mod tests {
         let b = d.next_batch().unwrap().unwrap();
         assert_eq!(b.events, 1);
         assert!(matches!(b.ending, Some(Ending::Error(ref e)) if e.starts_with(b"{ \"error\"")));
+    }
+
+    /// The decoder as it was before its scans went eight bytes at a time (issue 13): a byte
+    /// loop for boundaries and `split` for lines. The differential tests below hold the fast
+    /// scans to it.
+    mod reference {
+        use super::super::{Kind, is_error_payload};
+
+        pub fn boundary_from(b: &[u8], start: usize) -> Option<(usize, usize)> {
+            let mut i = start;
+            while i < b.len() {
+                match b[i] {
+                    b'\n' if b.get(i + 1) == Some(&b'\n') => return Some((i, 2)),
+                    b'\r'
+                        if b.get(i + 1) == Some(&b'\n')
+                            && b.get(i + 2) == Some(&b'\r')
+                            && b.get(i + 3) == Some(&b'\n') =>
+                    {
+                        return Some((i, 4));
+                    }
+                    b'\r' if b.get(i + 1) == Some(&b'\r') => return Some((i, 2)),
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+
+        pub fn classify(ev: &[u8]) -> Kind {
+            let mut first: Option<&[u8]> = None;
+            let mut lines = 0;
+            for line in ev.split(|&c| c == b'\n' || c == b'\r') {
+                if let Some(v) = line.strip_prefix(b"data:") {
+                    lines += 1;
+                    first.get_or_insert(v.strip_prefix(b" ").unwrap_or(v));
+                }
+            }
+            match first {
+                None => Kind::Empty,
+                Some(b"[DONE]") if lines == 1 => Kind::Done,
+                Some(v) if is_error_payload(v) => Kind::Error,
+                Some(_) => Kind::Data,
+            }
+        }
+    }
+
+    /// The old `next_batch` on a plain buffer, minus the remembered scan position.
+    fn reference_next_batch(
+        buf: &mut BytesMut,
+        max_event: usize,
+    ) -> Result<Option<Batch>, SseError> {
+        let mut end = 0usize;
+        let mut events = 0u32;
+        let mut stop = None;
+        let mut scan = 0usize;
+        while let Some((ev_end, sep)) = reference::boundary_from(buf, scan) {
+            let next = ev_end + sep;
+            match reference::classify(&buf[scan..ev_end]) {
+                Kind::Empty => {}
+                Kind::Done => {
+                    stop = Some((Stop::Done, scan, next));
+                    break;
+                }
+                Kind::Error => {
+                    let d = match parse_event(Bytes::copy_from_slice(&buf[scan..ev_end])) {
+                        Some(SseEvent::Data(d)) => d,
+                        _ => Bytes::new(),
+                    };
+                    stop = Some((Stop::Error(d), scan, next));
+                    break;
+                }
+                Kind::Data => events += 1,
+            }
+            end = next;
+            scan = next;
+        }
+        if end == 0 && stop.is_none() {
+            if buf.len() > max_event {
+                return Err(SseError::TooLarge(max_event));
+            }
+            return Ok(None);
+        }
+        let raw = buf.split_to(end).freeze();
+        let ending = match stop {
+            None => None,
+            Some((kind, start, next)) => {
+                buf.advance(next - start);
+                Some(match kind {
+                    Stop::Done => Ending::Done,
+                    Stop::Error(d) => Ending::Error(d),
+                })
+            }
+        };
+        Ok(Some(Batch { raw, events, ending }))
+    }
+
+    fn kind_name(k: Kind) -> &'static str {
+        match k {
+            Kind::Empty => "empty",
+            Kind::Done => "done",
+            Kind::Error => "error",
+            Kind::Data => "data",
+        }
+    }
+
+    #[test]
+    fn find_eol_finds_the_first_line_end_from_every_offset() {
+        let text = b"data: {\"a\":1}\r\n\r\nxx\n\rdata:\r\r0123456789abcdef\n";
+        for len in 0..=text.len() {
+            let b = &text[..len];
+            for from in 0..=len + 1 {
+                let naive = b
+                    .get(from..)
+                    .and_then(|r| r.iter().position(|&c| c == b'\n' || c == b'\r'))
+                    .map(|p| from + p);
+                assert_eq!(find_eol(b, from), naive, "len {len}, from {from}");
+            }
+        }
+        // A match in every lane of a word, and bytes one off from `\n` and `\r` (a borrow
+        // from a neighbouring byte must not be taken for a match).
+        for lane in 0..16 {
+            let mut b = [0x0bu8; 16];
+            b[..lane].fill(0x0c);
+            b[lane] = if lane % 2 == 0 { b'\n' } else { b'\r' };
+            assert_eq!(find_eol(&b, 0), Some(lane), "lane {lane}");
+        }
+        assert_eq!(find_eol(&[0x09, 0x0b, 0x0c, 0x0e, 0x8a, 0x8d, 0x00, 0xff, 0x0b], 0), None);
+    }
+
+    proptest! {
+        #[test]
+        fn find_eol_agrees_with_a_byte_loop(
+            b in proptest::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b'\r'), 0u8..0x10, 0x70u8..0x90, any::<u8>()],
+                0..64,
+            ),
+            from in 0usize..70,
+        ) {
+            let naive = b
+                .get(from..)
+                .and_then(|r| r.iter().position(|&c| c == b'\n' || c == b'\r'))
+                .map(|p| from + p);
+            prop_assert_eq!(find_eol(&b, from), naive);
+        }
+
+        /// The fast scans find the same boundaries and classify events the same as the byte
+        /// loops, on input dense in separators and SSE fields.
+        #[test]
+        fn fast_scans_agree_with_the_byte_loops(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    Just("\n"), Just("\r"), Just("\r\n"), Just("\n\n"), Just("\r\r"),
+                    Just("data:"), Just("data: "), Just("[DONE]"), Just("{\"error\":1}"),
+                    Just(": ping"), Just("event: x"), Just("abcdefghijklmnopq"), Just("{\"p\":7}"),
+                ],
+                0..40,
+            ),
+            start in 0usize..64,
+        ) {
+            let b: Vec<u8> = parts.concat().into_bytes();
+            prop_assert_eq!(boundary_from(&b, start), reference::boundary_from(&b, start));
+            let mut scan = 0;
+            while let Some((end, sep)) = boundary_from(&b, scan) {
+                let ev = &b[scan..end];
+                prop_assert_eq!(kind_name(classify(ev)), kind_name(reference::classify(ev)));
+                scan = end + sep;
+            }
+            let rest = &b[scan..];
+            prop_assert_eq!(kind_name(classify(rest)), kind_name(reference::classify(rest)));
+        }
+
+        /// Batches are the same whether a stream arrives at once or in pieces (the remembered
+        /// scan position must not skip a separator split across pushes).
+        #[test]
+        fn batches_do_not_depend_on_how_the_input_is_split(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    Just("\n"), Just("\r"), Just("\r\n"), Just("\n\n"),
+                    Just("data: "), Just("[DONE]"), Just("{\"error\":1}"), Just("xyz"),
+                ],
+                0..40,
+            ),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let wire: Vec<u8> = parts.concat().into_bytes();
+            let run = |pieces: Vec<&[u8]>| {
+                let mut d = SseDecoder::new(1 << 16);
+                let mut out = Vec::new();
+                for p in pieces {
+                    d.push(p);
+                    while let Some(b) = d.next_batch().unwrap() {
+                        let end = b.ending.is_some();
+                        out.push(b);
+                        if end {
+                            return out;
+                        }
+                    }
+                }
+                out
+            };
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(wire.len())).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                pieces.push(&wire[at..c]);
+                at = c;
+            }
+            pieces.push(&wire[at..]);
+            // Batch by batch, the decoder answers as the old one did (a decoder goes on after
+            // an ending, so keep feeding both to the end).
+            let mut d = SseDecoder::new(64);
+            let mut old = BytesMut::new();
+            for p in &pieces {
+                d.push(p);
+                old.extend_from_slice(p);
+                loop {
+                    let (new, reference) = (d.next_batch(), reference_next_batch(&mut old, 64));
+                    prop_assert_eq!(&new, &reference);
+                    if !matches!(new, Ok(Some(_))) {
+                        break;
+                    }
+                }
+            }
+            // Compare the concatenation of what was forwarded, the event count and the ending.
+            let flat = |bs: Vec<Batch>| {
+                let raw: Vec<u8> = bs.iter().flat_map(|b| b.raw.to_vec()).collect();
+                let events: u32 = bs.iter().map(|b| b.events).sum();
+                (raw, events, bs.last().and_then(|b| b.ending.clone()))
+            };
+            prop_assert_eq!(flat(run(pieces)), flat(run(vec![&wire[..]])));
+        }
     }
 
     proptest! {
