@@ -50,6 +50,10 @@ struct RateHeaders {
     limit: HeaderValue,
     /// `(remaining, reset)` for remaining = 0..=burst.
     by_remaining: Vec<(HeaderValue, HeaderValue)>,
+    /// Beyond the prebuilt values (a burst above [`MAX_PREBUILT`]), the last one formatted:
+    /// under steady load the remaining capacity sits at one value, so it is not formatted
+    /// (and allocated) again for every response.
+    last: std::sync::Mutex<Option<(u32, HeaderValue, HeaderValue)>>,
 }
 
 impl RateHeaders {
@@ -57,7 +61,23 @@ impl RateHeaders {
         let by_remaining = (0..=burst.min(MAX_PREBUILT))
             .map(|remaining| Self::format(burst, period, remaining))
             .collect();
-        RateHeaders { limit: HeaderValue::from(burst), by_remaining }
+        RateHeaders { limit: HeaderValue::from(burst), by_remaining, last: Default::default() }
+    }
+
+    /// The `remaining` and `reset` values for `remaining` requests left of the burst.
+    fn get(&self, burst: u32, period: Duration, remaining: u32) -> (HeaderValue, HeaderValue) {
+        if let Some((rem, reset)) = self.by_remaining.get(remaining as usize) {
+            return (rem.clone(), reset.clone());
+        }
+        let Ok(mut last) = self.last.lock() else { return Self::format(burst, period, remaining) };
+        if let Some((r, rem, reset)) = &*last
+            && *r == remaining
+        {
+            return (rem.clone(), reset.clone());
+        }
+        let (rem, reset) = Self::format(burst, period, remaining);
+        *last = Some((remaining, rem.clone(), reset.clone()));
+        (rem, reset)
     }
 
     fn format(burst: u32, period: Duration, remaining: u32) -> (HeaderValue, HeaderValue) {
@@ -135,10 +155,7 @@ pub fn check(st: &AppState, tenant: &Arc<str>) -> Result<Admitted, Response> {
     match l.limiter.check_key(tenant) {
         Ok(snapshot) => {
             let remaining = snapshot.remaining_burst_capacity();
-            let (remaining, reset) = match l.headers.by_remaining.get(remaining as usize) {
-                Some((rem, reset)) => (rem.clone(), reset.clone()),
-                None => RateHeaders::format(l.burst, l.period, remaining),
-            };
+            let (remaining, reset) = l.headers.get(l.burst, l.period, remaining);
             Ok(Admitted { limit: l.headers.limit.clone(), remaining, reset })
         }
         Err(not_until) => {
@@ -181,5 +198,20 @@ mod tests {
         }
         let big = RateHeaders::new(u32::MAX, Duration::from_nanos(1));
         assert_eq!(big.by_remaining.len(), MAX_PREBUILT as usize + 1, "bounded");
+    }
+
+    #[test]
+    fn values_beyond_the_prebuilt_ones_are_exact_whether_remembered_or_not() {
+        let (burst, period) = (1_000_000, Duration::from_micros(1));
+        let h = RateHeaders::new(burst, period);
+        // The same value twice (remembered), then others and back: always the formatted one.
+        for remaining in [999_999, 999_999, 5000, 999_999, 4097, 4096, 0, 4097] {
+            assert_eq!(
+                h.get(burst, period, remaining),
+                RateHeaders::format(burst, period, remaining),
+                "remaining {remaining}"
+            );
+        }
+        assert_eq!(h.get(burst, period, 999_000).1, "1ms");
     }
 }
