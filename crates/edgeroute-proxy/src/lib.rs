@@ -28,7 +28,8 @@
 //! expire. Answers are what the SDK produced: a node's client error (4xx) is passed through as
 //! is; a failure the SDK could not route around becomes a 502/503/404 in OpenAI's error shape;
 //! a stream that fails after its first token ends with an SSE error event and no `[DONE]` (it
-//! is never reported as complete). Every answer names its node in `x-edgeroute-node`; a stream
+//! is never reported as complete). Every answer names its node in `x-edgeroute-node` and its
+//! tier in `x-edgeroute-tier` (`edge`, or a policy's cloud pool); a stream
 //! continued on another node says so in an SSE comment (`: edgeroute continued …`) at the
 //! point where it moved.
 
@@ -58,6 +59,18 @@ pub const DEFAULT_MAX_BODY: usize = 4 << 20;
 pub const PIPELINE_HEADER: &str = "x-edgeroute-pipeline";
 /// The header naming the node that served (or started) an answer.
 pub const NODE_HEADER: &str = "x-edgeroute-node";
+/// The header naming the tier that served: `edge`, or a routing policy's cloud pool.
+pub const TIER_HEADER: &str = "x-edgeroute-tier";
+
+/// The tier of `session`'s candidate `node`: its pool's name, else `edge`.
+fn tier(session: &Session, node: &str) -> HeaderValue {
+    let pool = [Some(session.pinned()), session.standby()]
+        .into_iter()
+        .flatten()
+        .find(|c| c.id == node)
+        .and_then(|c| c.pool);
+    pool.and_then(|p| HeaderValue::from_str(&p).ok()).unwrap_or(HeaderValue::from_static("edge"))
+}
 
 /// The proxy's limits; every one explicit.
 #[derive(Debug, Clone)]
@@ -526,7 +539,9 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
     };
     if !body.stream {
         let answer = session.chat(&body).await;
-        let node = HeaderValue::from_str(&session.pinned().id).ok();
+        let pinned = session.pinned().id;
+        let node = HeaderValue::from_str(&pinned).ok();
+        let tier = tier(&session, &pinned);
         let mut res = match answer {
             Ok(c) => axum::Json(c).into_response(),
             Err(e) => return error_response(e),
@@ -534,6 +549,7 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
         if let Some(n) = node {
             res.headers_mut().insert(NODE_HEADER, n);
         }
+        res.headers_mut().insert(TIER_HEADER, tier);
         return res;
     }
     let stream = match session.chat_stream(&body).await {
@@ -541,6 +557,7 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
         Err(e) => return error_response(e),
     };
     let node = HeaderValue::from_str(stream.node()).ok();
+    let tier = tier(&session, stream.node());
     let frames = futures_util::stream::unfold(Some(stream), |state| async move {
         let mut s = state?;
         let frame = match s.next_item().await {
@@ -575,6 +592,7 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
     if let Some(n) = node {
         h.insert(NODE_HEADER, n);
     }
+    h.insert(TIER_HEADER, tier);
     res
 }
 

@@ -94,9 +94,11 @@ async fn a_tenant_is_served_with_its_own_token_and_the_callers_who_may_not_are_r
     // The nodes require a token and the router has none: the tenant's own reached them.
     assert!(["tor-1", "mtl-1"].contains(&r.header("x-edgeroute-node").unwrap()));
     assert_eq!(r.header("x-edgeroute-router"), Some("router-tor"));
+    assert_eq!(r.header("x-edgeroute-tier"), Some("edge"), "no policy: the edge served");
     let s = stream(lab.addr, Some(&acme), &[], chat(8, true)).await;
     assert_eq!(s.status, 200);
     assert!(s.done() && !s.text().is_empty(), "a whole stream, [DONE] included");
+    assert_eq!(s.headers.get("x-edgeroute-tier").map(|v| v.to_str().unwrap()), Some("edge"));
 
     // No token, a bad one, a token without the inference scope.
     let none = post_json(lab.addr, "/v1/chat/completions", None, &[], chat(4, false)).await;
