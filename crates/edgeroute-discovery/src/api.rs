@@ -822,7 +822,7 @@ fn decide(
         jurisdictions: residency.and_then(|r| r.jurisdictions.clone()),
         regions: residency.and_then(|r| r.regions.clone()),
         // The token's other claims: rules may match on them (`match.claims`).
-        attrs: caller.token.as_ref().and_then(|t| t.attrs.as_deref().cloned()).unwrap_or_default(),
+        attrs: caller.token.as_ref().and_then(|t| t.attrs.clone()).unwrap_or_default(),
     };
     let mut req = edgeroute_policy::Request::new(&claims, &q.model);
     req.regions = &q.allowed_regions;

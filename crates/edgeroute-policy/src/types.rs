@@ -87,8 +87,9 @@ pub struct Claims {
     pub jurisdictions: Option<Vec<String>>,
     /// Regions the tenant's data may be processed in, as above.
     pub regions: Option<Vec<String>>,
-    /// Other claims, for rules' `match.claims`.
-    pub attrs: BTreeMap<String, String>,
+    /// Other claims, for rules' `match.claims` (shared with the verified token: a decision
+    /// copies a pointer, not the map).
+    pub attrs: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 /// A price per 1,000 tokens, in the deployment's currency.

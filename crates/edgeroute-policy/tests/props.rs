@@ -256,7 +256,7 @@ fn gen_sample() -> impl Strategy<Value = Sample> {
                 sub: sub.into(),
                 jurisdictions: jurs.map(|j| j.into_iter().map(str::to_owned).collect()),
                 regions: regions.map(|r| r.into_iter().map(str::to_owned).collect()),
-                attrs: BTreeMap::new(),
+                attrs: Default::default(),
             },
             model: model.into(),
             version: version.map(str::to_owned),
