@@ -527,8 +527,17 @@ fn empty_reason(snap: &Snapshot, p: &DiscoverParams, confined: bool) -> Reason {
         (
             "no_healthy_node",
             format!(
-                "model `{}` is ready on {} node(s), none of them healthy and accepting sessions",
-                q.model, stats.ready
+                "model `{}` is ready on {} node(s), none of them healthy and accepting sessions{}",
+                q.model,
+                stats.ready,
+                if stats.ejected > 0 {
+                    format!(
+                        " ({} ejected for wrong answers to the correctness probe)",
+                        stats.ejected
+                    )
+                } else {
+                    String::new()
+                }
             ),
         )
     } else {
@@ -612,6 +621,9 @@ async fn discover(
                 Exclusion::Unhealthy | Exclusion::Draining => {
                     info.health_reason.clone().unwrap_or_default()
                 }
+                Exclusion::ModelNotReady if info.wrong_answers(&q.model).is_some() => {
+                    info.wrong_answers(&q.model).unwrap_or_default().to_owned()
+                }
                 Exclusion::ModelNotReady => {
                     let model = match info.detail.model_states.get(&q.model) {
                         Some(ModelState::Loading) => "model loading",
@@ -638,7 +650,12 @@ async fn discover(
             Some(Excluded {
                 id: &info.id,
                 region: &info.region,
-                reason: exclusion_code(*why),
+                reason: match why {
+                    Exclusion::ModelNotReady if info.wrong_answers(&q.model).is_some() => {
+                        "wrong_answers"
+                    }
+                    _ => exclusion_code(*why),
+                },
                 detail,
             })
         }));

@@ -50,6 +50,9 @@ pub struct DiscoveryConfig {
     pub announced: AnnouncedConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// Correctness probes: a fixed prompt's answer checked, not only `/health` (issue 16).
+    #[serde(default)]
+    pub correctness: CorrectnessConfig,
     #[serde(default)]
     pub scoring: ScoringConfig,
     #[serde(default)]
@@ -323,6 +326,148 @@ impl HealthConfig {
     }
 }
 
+/// Correctness probes (see `crate::correctness` and `crate::answer_probe`): each node is
+/// asked a short fixed prompt at temperature 0 for each model it serves, and the fingerprint of
+/// its answer compared with the one expected for the model's version; a node whose answers
+/// are wrong is no candidate for that model until a run of correct answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorrectnessConfig {
+    /// The off switch. Default `true`.
+    pub enabled: bool,
+    /// The one user message asked. Default `Reply with the single word: ready`.
+    pub prompt: String,
+    /// The answer's cap, tokens. Default 16; 1 to 256.
+    pub max_tokens: u32,
+    /// Time between two probes of a node (each of its ready models, in sequence), ms; each
+    /// node at its own phase, the first round one interval after the node is first seen.
+    /// Default 10000; at least 50.
+    pub interval_ms: u64,
+    /// A probe not answered within this is a bad answer. Default 5000; below `interval_ms`.
+    pub timeout_ms: u64,
+    /// Probes sent per second, all nodes together (a token bucket); a probe over it is
+    /// skipped, not failed. Default 50.
+    pub max_probes_per_s: u32,
+    /// Results kept per node and model. Default 20; 2 to 1000.
+    pub window: usize,
+    /// z of the Wilson interval on the bad-answer rate. Default 1.96.
+    pub z: f64,
+    /// Eject a node for a model when the Wilson lower bound of its bad-answer rate exceeds
+    /// this. Default 0.3. Must exceed what one bad answer alone can show (0.21 at z = 1.96),
+    /// so a single wrong answer never ejects; below 1.
+    pub eject_above: f64,
+    /// Consecutive correct answers before an ejected node rejoins. Default 3.
+    pub recover_after: u32,
+    /// Agreeing answers (a strict majority of those seen) that make a version's expected
+    /// fingerprint learnt. Default 3.
+    pub learn_quorum: u32,
+    /// Answers after which a version without a majority is not judged (`no_consensus`).
+    /// Default 30; at least `learn_quorum`.
+    pub learn_max_answers: u32,
+    /// A file holding the fleet's inference-scoped JWT, sent to nodes over `https://` or to
+    /// loopback only. Default: none (nodes with `[auth]` then refuse the probe: counted as
+    /// `unavailable`, never judged).
+    pub token_file: Option<std::path::PathBuf>,
+    /// Expected answers pinned by the operator (instead of learnt).
+    pub expected: Vec<ExpectedAnswer>,
+}
+
+/// A pinned expected answer: `[[correctness.expected]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedAnswer {
+    pub model: String,
+    /// The model's registry version; absent: as served by nodes that name none.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The answer text (normalised before hashing: spacing and case do not matter).
+    pub answer: String,
+}
+
+impl Default for CorrectnessConfig {
+    fn default() -> Self {
+        let p = crate::correctness::Params::default();
+        CorrectnessConfig {
+            enabled: true,
+            prompt: "Reply with the single word: ready".into(),
+            max_tokens: 16,
+            interval_ms: 10_000,
+            timeout_ms: 5000,
+            max_probes_per_s: 50,
+            window: p.window,
+            z: p.z,
+            eject_above: p.eject_above,
+            recover_after: p.recover_after,
+            learn_quorum: p.learn_quorum,
+            learn_max_answers: p.learn_max_answers,
+            token_file: None,
+            expected: Vec::new(),
+        }
+    }
+}
+
+impl CorrectnessConfig {
+    pub fn params(&self) -> crate::correctness::Params {
+        crate::correctness::Params {
+            window: self.window,
+            z: self.z,
+            eject_above: self.eject_above,
+            recover_after: self.recover_after,
+            learn_quorum: self.learn_quorum,
+            learn_max_answers: self.learn_max_answers,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = self;
+        let checks: [(&str, bool, &str); 9] = [
+            (
+                "correctness.prompt",
+                !c.prompt.trim().is_empty() && c.prompt.len() <= 4096,
+                "1 to 4096 bytes",
+            ),
+            ("correctness.max_tokens", (1..=256).contains(&c.max_tokens), "1 to 256"),
+            ("correctness.interval_ms", c.interval_ms >= 50, "at least 50"),
+            (
+                "correctness.timeout_ms",
+                c.timeout_ms > 0 && c.timeout_ms < c.interval_ms,
+                "positive and below correctness.interval_ms",
+            ),
+            ("correctness.max_probes_per_s", c.max_probes_per_s >= 1, "at least 1"),
+            ("correctness.window", (2..=1000).contains(&c.window), "2 to 1000"),
+            ("correctness.z", c.z.is_finite() && c.z > 0.0, "a finite number > 0"),
+            ("correctness.recover_after", c.recover_after >= 1, "at least 1"),
+            (
+                "correctness.learn_max_answers",
+                c.learn_quorum >= 1 && c.learn_max_answers >= c.learn_quorum,
+                "learn_quorum ≥ 1 and learn_max_answers ≥ learn_quorum",
+            ),
+        ];
+        if let Some((key, _, why)) = checks.iter().find(|(_, ok, _)| !ok) {
+            return Err(invalid(key, *why));
+        }
+        let single = self.params().single_sample_bound();
+        if !(c.eject_above.is_finite() && c.eject_above > single && c.eject_above < 1.0) {
+            return Err(invalid(
+                "correctness.eject_above",
+                format!(
+                    "above {single:.3} (what one bad answer alone shows at z = {}) and below 1",
+                    c.z
+                ),
+            ));
+        }
+        for (i, e) in c.expected.iter().enumerate() {
+            if e.model.is_empty() || e.answer.trim().is_empty() {
+                return Err(invalid(
+                    &format!("correctness.expected[{i}]"),
+                    "a model and a non-empty answer",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Overrides of one strategy's weights (see `edgeroute_core::score::Weights`); unset keys keep
 /// the preset's value.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -538,6 +683,7 @@ impl DiscoveryConfig {
         if let Some((key, _)) = checks.iter().find(|(_, ok)| !ok) {
             return Err(invalid(key, "out of range (see the documented default)"));
         }
+        self.correctness.validate()?;
         let s = &self.scoring;
         if Strategy::from_name(&s.strategy).is_none() {
             return Err(invalid(
@@ -733,6 +879,34 @@ mod tests {
             err("[policy]\nfile = \"p\"\nshadow_max_examples = 65").contains("shadow_max_examples")
         );
         assert!(err("[jurisdictions]\ntoronto = \"c a\"").contains("jurisdictions.toronto"));
+    }
+
+    #[test]
+    fn correctness_defaults_and_bounds() {
+        let c = parse("").unwrap().correctness;
+        assert!(c.enabled);
+        assert_eq!((c.max_tokens, c.interval_ms, c.timeout_ms), (16, 10_000, 5000));
+        assert_eq!((c.window, c.recover_after, c.learn_quorum), (20, 3, 3));
+        assert!(c.eject_above > c.params().single_sample_bound());
+        let c = parse(
+            "[correctness]\nenabled = false\n[[correctness.expected]]\nmodel = \"m\"\nanswer = \"ok\"",
+        )
+        .unwrap()
+        .correctness;
+        assert!(!c.enabled && c.expected[0].version.is_none());
+        let err = |s: &str| parse(s).unwrap_err().to_string();
+        // A threshold one bad sample could cross is refused.
+        assert!(err("[correctness]\neject_above = 0.2").contains("correctness.eject_above"));
+        assert!(err("[correctness]\neject_above = 1.0").contains("correctness.eject_above"));
+        assert!(err("[correctness]\ntimeout_ms = 20000").contains("correctness.timeout_ms"));
+        assert!(err("[correctness]\nmax_tokens = 0").contains("correctness.max_tokens"));
+        assert!(err("[correctness]\nprompt = \" \"").contains("correctness.prompt"));
+        assert!(err("[correctness]\nrecover_after = 0").contains("recover_after"));
+        assert!(err("[correctness]\npromt = \"x\"").contains("promt"));
+        assert!(
+            err("[[correctness.expected]]\nmodel = \"m\"\nanswer = \"\"")
+                .contains("correctness.expected[0]")
+        );
     }
 
     #[test]

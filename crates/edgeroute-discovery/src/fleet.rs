@@ -157,6 +157,10 @@ pub struct ProbeStats {
     pub last_error: Option<String>,
     #[serde(skip)]
     last_ok: Option<Duration>,
+    /// The correctness probes' state per model (issue 16, `crate::correctness`); a model
+    /// `ejected` or `recovering` here is left out of the node's `models`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub correctness: BTreeMap<String, crate::correctness::Status>,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +186,9 @@ struct NodeRecord {
     last_ttft: Option<(f64, f64, u64)>,
     /// The last probe was answered by another node (its `/health` named another id).
     identity_error: Option<String>,
+    /// What the correctness probes decided, per model (`crate::correctness`): a model the
+    /// node is ejected for is no placement of it.
+    correctness: BTreeMap<String, crate::correctness::Status>,
 }
 
 impl NodeRecord {
@@ -200,6 +207,7 @@ impl NodeRecord {
             cached: None,
             dirty: true,
             identity_error: None,
+            correctness: BTreeMap::new(),
         }
     }
 
@@ -292,6 +300,18 @@ pub struct NodeDetail {
     pub probes: ProbeStats,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bus_liveness: Option<NodeLiveness>,
+}
+
+impl NodeInfo {
+    /// Why the node is no candidate for `model` by its answers, when it is ejected for it.
+    pub fn wrong_answers(&self, model: &str) -> Option<&str> {
+        self.detail
+            .probes
+            .correctness
+            .get(model)
+            .filter(|s| s.ejected())
+            .map(|s| s.reason.as_deref().unwrap_or("ejected by correctness probes"))
+    }
 }
 
 pub fn health_name(h: Health) -> &'static str {
@@ -567,6 +587,21 @@ impl Fleet {
         rec.dirty = true;
     }
 
+    /// Replaces what the correctness probes decided of node `id`; true when it changed.
+    pub fn set_correctness(
+        &mut self,
+        id: &str,
+        statuses: BTreeMap<String, crate::correctness::Status>,
+    ) -> bool {
+        let Some(rec) = self.nodes.get_mut(id) else { return false };
+        if rec.correctness == statuses {
+            return false;
+        }
+        rec.correctness = statuses;
+        rec.dirty = true;
+        true
+    }
+
     /// Nodes to probe: id, URL, and whether the node is known only from the bus.
     pub fn targets(&self) -> Vec<(String, String, bool)> {
         self.nodes
@@ -730,9 +765,12 @@ fn entry(
         (_, Some(r)) => r.health.models.iter().map(|m| (m.id.clone(), m.state)).collect(),
         _ => BTreeMap::new(),
     };
+    // A model the correctness probes ejected the node for is no placement of it.
     let models: BTreeSet<String> = model_states
         .iter()
-        .filter(|(_, s)| **s == ModelState::Ready)
+        .filter(|(m, s)| {
+            **s == ModelState::Ready && !rec.correctness.get(*m).is_some_and(|c| c.ejected())
+        })
         .map(|(m, _)| m.clone())
         .collect();
     // The registry version of each model held: the bus's word when it is the placement source
@@ -819,7 +857,7 @@ fn entry(
                 .map_or(0.0, |h| h.gpus.iter().map(|g| g.utilization).fold(0.0, f64::max)),
             phi: if phi.is_finite() { phi } else { f64::MAX },
             last_probe_age_ms: rec.probes.last_ok.map(|t| now.saturating_sub(t).as_millis() as u64),
-            probes: rec.probes.clone(),
+            probes: ProbeStats { correctness: rec.correctness.clone(), ..rec.probes.clone() },
             bus_liveness: rec.bus.as_ref().map(|b| b.snapshot.liveness),
         },
     };

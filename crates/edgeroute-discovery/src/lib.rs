@@ -13,6 +13,15 @@
 //! - [`snapshot`] (pure): every node's view, ranked for every model, pipeline, strategy and
 //!   region by `edgeroute_core::score`, held immutable behind an `ArcSwap`.
 //! - [`probe`]: the `/health` puller (the network seam is the [`probe::Probe`] trait).
+//! - [`correctness`] (pure) and [`answer_probe`]: health that checks answers, not only status
+//!   (`[correctness]`, on by default). Each node is asked a short fixed prompt at temperature 0
+//!   for each ready model every `correctness.interval_ms`; the fingerprint of its answer is
+//!   compared with the one learnt for that model version (a strict majority of the fleet's
+//!   first answers) or pinned in configuration. A node is ejected for the model when the
+//!   Wilson lower bound of its bad-answer rate crosses `eject_above` (never on one sample),
+//!   is then no candidate for it (`explain`: `wrong_answers`), and rejoins only after
+//!   `recover_after` consecutive correct answers. `/v1/nodes` shows each model's state and
+//!   probe latency p50; `/metrics` counts probes by judgement and the pairs ejected.
 //! - [`api`]: `/v1/discover`, `/v1/nodes`, `/v1/topology`, `/health`, `/metrics`.
 //! - [`routing`]: the routing policy (`[policy] file`), hot reloaded and compiled against each
 //!   snapshot; node jurisdictions for residency.
@@ -29,8 +38,10 @@
 //! Callers: `[auth]` is required unless `discovery.allow_unauthenticated` says otherwise;
 //! `explain`, `/v1/nodes` and `/v1/topology` need the admin scope (see [`api`]).
 
+pub mod answer_probe;
 pub mod api;
 pub mod config;
+pub mod correctness;
 pub mod fleet;
 pub mod metrics;
 pub mod policy_check;
@@ -116,6 +127,8 @@ pub struct Shared {
     pub(crate) jurisdictions: routing::Jurisdictions,
     /// The routing policy, when `[policy]` names one.
     pub(crate) routing: Option<routing::Routing>,
+    /// What the correctness probes decided (`[correctness]`).
+    pub(crate) correctness: Mutex<correctness::Machine>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -209,6 +222,7 @@ pub struct Discovery {
     shared: Arc<Shared>,
     bus: Option<Bus>,
     probe: Option<Arc<dyn Probe>>,
+    answer_probe: Option<Arc<dyn answer_probe::AnswerProbe>>,
 }
 
 /// The running background tasks; dropping it does not stop them, [`Running::stop`] does.
@@ -332,6 +346,7 @@ impl Discovery {
             cache_control,
             jurisdictions,
             routing,
+            correctness: Mutex::new(correctness_machine(&cfg.correctness)),
             cfg,
         });
         if let Some(r) = &shared.routing {
@@ -343,7 +358,7 @@ impl Discovery {
             }
         }
         shared.rebuild();
-        Ok(Discovery { shared, bus: None, probe: None })
+        Ok(Discovery { shared, bus: None, probe: None, answer_probe: None })
     }
 
     /// Follows `bus` (instead of the one `[bus]` configures): the embedded bus shared with
@@ -354,9 +369,17 @@ impl Discovery {
         self
     }
 
-    /// Probes through `probe` instead of HTTP.
+    /// Probes through `probe` instead of HTTP. (Correctness probes then run only through
+    /// [`Discovery::with_answer_probe`]: a replica on a network of its own is not asked over
+    /// HTTP.)
     pub fn with_probe(mut self, probe: Arc<dyn Probe>) -> Self {
         self.probe = Some(probe);
+        self
+    }
+
+    /// Sends correctness probes through `probe` instead of HTTP.
+    pub fn with_answer_probe(mut self, probe: Arc<dyn answer_probe::AnswerProbe>) -> Self {
+        self.answer_probe = Some(probe);
         self
     }
 
@@ -400,19 +423,34 @@ impl Discovery {
 
         let probe: Arc<dyn Probe> = match &self.probe {
             Some(p) => p.clone(),
+            None => Arc::new(http_probe(&sh)?),
+        };
+        let c = &sh.cfg.correctness;
+        let answers: Option<Arc<dyn answer_probe::AnswerProbe>> = match &self.answer_probe {
+            _ if !c.enabled => None,
+            Some(p) => Some(p.clone()),
+            // A replica given a network of its own for /health is not asked over HTTP.
+            None if self.probe.is_some() => None,
             None => {
-                let tls = probe::tls_config(sh.cfg.probe.ca_file.as_deref())
-                    .map_err(DiscoveryError::Tls)?;
-                let mut p =
-                    HttpProbe::new(ms(sh.cfg.probe.timeout_ms), sh.cfg.probe.max_body_bytes, tls);
-                if let Some(ca) = &sh.cfg.probe.ca_file {
-                    p = p.with_announced(probe::AnnouncedTls {
-                        fleet: probe::fleet_verifier(ca).map_err(DiscoveryError::Tls)?,
-                        identity_suffix: sh.cfg.announced.identity_suffix.clone(),
-                        max_clients: sh.cfg.announced.max_nodes,
-                    });
-                }
-                Arc::new(p)
+                let token = match &c.token_file {
+                    Some(f) => {
+                        Some(std::fs::read_to_string(f).map(|t| t.trim().to_owned()).map_err(
+                            |e| config::ConfigError::Invalid {
+                                key: "correctness.token_file".into(),
+                                message: format!("{}: {e}", f.display()),
+                            },
+                        )?)
+                    }
+                    None => None,
+                };
+                let mut h = http_probe(&sh)?;
+                h.answers = Some(Arc::new(answer_probe::AnswerSpec {
+                    prompt: c.prompt.clone(),
+                    max_tokens: c.max_tokens,
+                    timeout: ms(c.timeout_ms),
+                    token: token.filter(|t| !t.is_empty()),
+                }));
+                Some(Arc::new(h))
             }
         };
         let sink_shared = Arc::downgrade(&sh);
@@ -487,6 +525,9 @@ impl Discovery {
         if sh.routing.as_ref().is_some_and(|r| r.file.is_some() || r.shadow_file().is_some()) {
             tasks.push(tokio::spawn(reload_policy_loop(sh.clone(), stop_rx.clone())));
         }
+        if let Some(a) = answers {
+            tasks.push(tokio::spawn(answer_probe::run(sh.clone(), a, stop_rx.clone())));
+        }
         tasks.push(tokio::spawn(rebuild_loop(sh.clone(), stop_rx)));
         Ok(Running { stop, tasks, shared: sh })
     }
@@ -558,6 +599,29 @@ impl Discovery {
         });
         Ok(Spawned { addr, stop: Some(tx) })
     }
+}
+
+/// The correctness machine of `[correctness]`, its pinned answers in.
+fn correctness_machine(c: &config::CorrectnessConfig) -> correctness::Machine {
+    let mut m = correctness::Machine::new(c.params());
+    for e in &c.expected {
+        m.expect(&e.model, e.version.as_deref().unwrap_or(""), correctness::fingerprint(&e.answer));
+    }
+    m
+}
+
+/// The HTTP prober of `[probe]` (the fleet CA, announced nodes' identities).
+fn http_probe(sh: &Shared) -> Result<HttpProbe, DiscoveryError> {
+    let tls = probe::tls_config(sh.cfg.probe.ca_file.as_deref()).map_err(DiscoveryError::Tls)?;
+    let mut p = HttpProbe::new(ms(sh.cfg.probe.timeout_ms), sh.cfg.probe.max_body_bytes, tls);
+    if let Some(ca) = &sh.cfg.probe.ca_file {
+        p = p.with_announced(probe::AnnouncedTls {
+            fleet: probe::fleet_verifier(ca).map_err(DiscoveryError::Tls)?,
+            identity_suffix: sh.cfg.announced.identity_suffix.clone(),
+            max_clients: sh.cfg.announced.max_nodes,
+        });
+    }
+    Ok(p)
 }
 
 async fn rebuild_loop(sh: Arc<Shared>, mut stop: watch::Receiver<bool>) {

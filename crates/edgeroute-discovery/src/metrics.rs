@@ -55,6 +55,15 @@ pub struct Metrics {
     /// Decisions the shadow policy (`[policy] shadow_file`) made alike (`same`) or not
     /// (`differs`), mirrored from the runtime's totals at each render.
     pub policy_shadow: Family<ResultLabels, Counter>,
+    /// Correctness probes by judgement (`crate::correctness::Judgement::label`): `correct`,
+    /// `wrong`, `error`, `unjudged`, `unavailable`.
+    pub correctness_probes: Family<OutcomeLabels, Counter>,
+    /// (node, model) pairs ejected by correctness probes now.
+    pub correctness_ejected: Gauge,
+    /// Round trip of answered correctness probes.
+    pub correctness_seconds: Histogram,
+    /// Correctness probes skipped over `correctness.max_probes_per_s`.
+    pub correctness_skipped: Counter,
     shadow_totals: std::sync::Mutex<Option<std::sync::Arc<crate::routing::ShadowTotals>>>,
     probe_counts: std::sync::Mutex<Option<std::sync::Arc<crate::probe::ProbeCounts>>>,
 }
@@ -84,6 +93,12 @@ impl Default for Metrics {
             policy_info: Family::default(),
             policy_reloads: Family::default(),
             policy_shadow: Family::default(),
+            correctness_probes: Family::default(),
+            correctness_ejected: Gauge::default(),
+            correctness_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            correctness_skipped: Counter::default(),
             shadow_totals: std::sync::Mutex::new(None),
             probe_counts: std::sync::Mutex::new(None),
             registry: Registry::default(),
@@ -128,6 +143,29 @@ impl Default for Metrics {
             "policy_shadow",
             "Decisions of the shadow policy compared with the live one, by result: same or differs",
             m.policy_shadow.clone(),
+        );
+        for j in crate::correctness::Judgement::ALL {
+            let _ = m.correctness_probes.get_or_create(&OutcomeLabels { outcome: j.label() });
+        }
+        registry.register(
+            "correctness_probes",
+            "Correctness probes (a fixed prompt's answer checked) by judgement",
+            m.correctness_probes.clone(),
+        );
+        registry.register(
+            "correctness_ejected",
+            "Node and model pairs ejected for wrong answers",
+            m.correctness_ejected.clone(),
+        );
+        registry.register(
+            "correctness_probe_seconds",
+            "Round trip of answered correctness probes",
+            m.correctness_seconds.clone(),
+        );
+        registry.register(
+            "correctness_probes_skipped",
+            "Correctness probes skipped over correctness.max_probes_per_s",
+            m.correctness_skipped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgeroute_proto::health::NodeHealth;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -229,7 +229,7 @@ pub fn health_uri(base: &str) -> Option<http::Uri> {
 
 pub use edgeroute_http::client::tls_config;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Probes over HTTP/1.1 with pooled keep-alive connections, a deadline per probe and a cap on
 /// the body.
@@ -241,6 +241,8 @@ pub struct HttpProbe {
     announced: Option<AnnouncedTls>,
     /// Announced nodes' clients, by node id.
     identified: Arc<Mutex<HashMap<String, HttpClient>>>,
+    /// What a correctness probe asks (see [`crate::answer_probe`]); none: it asks nothing.
+    pub(crate) answers: Option<Arc<crate::answer_probe::AnswerSpec>>,
 }
 
 impl std::fmt::Debug for HttpProbe {
@@ -264,6 +266,7 @@ impl HttpProbe {
             max_body,
             announced: None,
             identified: Arc::new(Mutex::new(HashMap::new())),
+            answers: None,
         }
     }
 
@@ -283,7 +286,7 @@ impl HttpProbe {
     }
 
     /// The client that verifies `node_id`'s certificate identity (built once per node).
-    fn identified_client(&self, node_id: &str) -> Result<HttpClient, ProbeError> {
+    pub(crate) fn identified_client(&self, node_id: &str) -> Result<HttpClient, ProbeError> {
         let Some(a) = &self.announced else {
             return Err(ProbeError::Connect(
                 "an announced https:// node needs a fleet CA (probe.ca_file)".into(),
@@ -320,7 +323,7 @@ impl HttpProbe {
             let work = async {
                 let req = http::Request::get(uri)
                     .header(http::header::USER_AGENT, "edgeroute-discovery")
-                    .body(Empty::new())
+                    .body(Full::new(Bytes::new()))
                     .map_err(|e| ProbeError::Connect(e.to_string()))?;
                 let resp =
                     client.request(req).await.map_err(|e| ProbeError::Connect(source(&e)))?;
@@ -366,7 +369,27 @@ impl Probe for HttpProbe {
     }
 }
 
-fn source(e: &hyper_util::client::legacy::Error) -> String {
+impl HttpProbe {
+    /// The client for a request to `node_id` at `uri` (an announced `https://` node's checks
+    /// its certificate identity).
+    pub(crate) fn client_for(
+        &self,
+        node_id: &str,
+        announced: bool,
+        uri: &http::Uri,
+    ) -> Result<HttpClient, ProbeError> {
+        if announced && uri.scheme_str() == Some("https") {
+            return self.identified_client(node_id);
+        }
+        Ok(self.client.clone())
+    }
+
+    pub(crate) fn max_body(&self) -> usize {
+        self.max_body
+    }
+}
+
+pub(crate) fn source(e: &hyper_util::client::legacy::Error) -> String {
     let mut s = e.to_string();
     let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
     while let Some(c) = cur {
@@ -413,7 +436,7 @@ impl std::fmt::Debug for Scheduler {
 }
 
 /// A stable phase in `[0, interval)` for `id` (FNV-1a), spreading probes over the interval.
-fn phase(id: &str, interval: Duration) -> Duration {
+pub(crate) fn phase(id: &str, interval: Duration) -> Duration {
     let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });

@@ -66,6 +66,13 @@ pub struct ModelStats {
     pub failed: u32,
     /// Nodes unloading the model (draining what is in flight, or unloading it): not listed.
     pub unloading: u32,
+    /// Nodes with the model ready but ejected for it by correctness probes (wrong answers).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ejected: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Names interned to dense ids.
@@ -132,7 +139,7 @@ impl Snapshot {
     /// Ranks `nodes` (sorted by id) under each strategy's `weights` ([`Strategy::ALL`] order).
     ///
     /// A node's ready models are the `Ready` entries of `info.detail.model_states` (which
-    /// `view.models` mirrors).
+    /// `view.models` mirrors, less those the node is ejected for by correctness probes).
     pub fn build(
         nodes: Vec<Arc<NodeEntry>>,
         weights: [Weights; 3],
@@ -160,6 +167,11 @@ impl Snapshot {
                 }
                 let s = &mut model_stats[id as usize];
                 match state {
+                    // Ejected by correctness probes (wrong answers): held, no candidate.
+                    ModelState::Ready if n.info.wrong_answers(m).is_some() => {
+                        s.ready += 1;
+                        s.ejected += 1;
+                    }
                     ModelState::Ready => {
                         s.ready += 1;
                         s.eligible += u32::from(ok);

@@ -280,6 +280,16 @@ pub struct Faults {
     /// The backend is down: every in-flight or queued request fails at once with `Crashed`,
     /// and new ones fail with `Crashed` until this is cleared.
     pub crash: bool,
+    /// Probability in [0, 1] that a request is answered with garbage: the same length and
+    /// timing, words drawn from another key (one per request), as a corrupted model would
+    /// answer while the node's `/health` stays fine. Rolled like `error_rate` (seed and
+    /// request number, never OS randomness). Left out of the JSON when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub garbage_rate: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Faults {
@@ -288,6 +298,12 @@ impl Faults {
             return Err(ConfigError::OutOfRange {
                 key: "faults.error_rate",
                 value: self.error_rate.to_string(),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.garbage_rate) {
+            return Err(ConfigError::OutOfRange {
+                key: "faults.garbage_rate",
+                value: self.garbage_rate.to_string(),
             });
         }
         check_delay("faults.slow_token_ms", self.slow_token_ms, MAX_DELAY_MS)

@@ -199,6 +199,8 @@ pub struct Simulator {
 }
 
 const FAULT_SALT: u64 = 0x6661_756C_7473_2121;
+/// Salts the garbage roll apart from the error roll.
+const GARBAGE_SALT: u64 = 0x6761_7262_6167_6521;
 
 /// A uniform draw in [0, 1) for request number `n`: the same seed and arrival order give the
 /// same faults on every run.
@@ -296,13 +298,18 @@ impl Simulator {
         model.check_context(prompt, req.token_limit())?;
         let request_id = self.requests.fetch_add(1, Ordering::Relaxed);
         let injected = fault_roll(self.config.seed, request_id) < faults.error_rate;
-        let plan = Plan::counted(
+        let garbage = faults.garbage_rate > 0.0
+            && fault_roll(self.config.seed ^ GARBAGE_SALT, request_id) < faults.garbage_rate;
+        let mut plan = Plan::counted(
             self.config.seed,
             self.config.min_answer_tokens,
             self.config.max_answer_tokens,
             req,
             prompt,
         );
+        if garbage {
+            plan.answer = plan.answer.garbled(request_id);
+        }
 
         let gpu = &self.gpus[model.gpu];
         let permit = match Arc::clone(&gpu.slots).try_acquire_owned() {

@@ -6,7 +6,8 @@
 //!
 //! - [`Simulator`] (module `engine`) models GPUs with concurrency slots and FIFO queues, the
 //!   time to first token (queue wait + base + prefill per prompt token), decode speed, and
-//!   run-time fault knobs ([`Faults`]: errors, stalls, cuts, slow tokens, refusals, crashes).
+//!   run-time fault knobs ([`Faults`]: errors, stalls, cuts, slow tokens, refusals, crashes,
+//!   garbage answers behind a healthy `/health`).
 //!   [`Simulator::generate`] resolves at the stream's commit point: the first token is ready,
 //!   or the request failed before it.
 //! - Answers (module `text`) are a pure function of the seed, the model and the

@@ -178,6 +178,7 @@ pub(crate) const fn splitmix64(mut x: u64) -> u64 {
 
 /// Distinct salts keep the length draw, the token draws and the fault rolls independent.
 const LEN_SALT: u64 = 0x6C65_6E67_7468_5F5F;
+const GARBAGE_SALT: u64 = 0x6761_7262_6167_6521;
 const REQ_SEED_SALT: u64 = 0x7265_7173_6565_6421;
 
 /// The seed answers are drawn from: the config seed, mixed with the request's own `seed`.
@@ -245,6 +246,12 @@ impl Answer {
 
     pub(crate) fn len(&self) -> u32 {
         self.len
+    }
+
+    /// Garbage of the same length: words drawn from a key derived from this one and `n` (the
+    /// request number), so each garbage answer differs from the true one and from the others.
+    pub(crate) fn garbled(self, n: u64) -> Answer {
+        Answer { key: splitmix64(self.key ^ GARBAGE_SALT ^ splitmix64(n)), len: self.len }
     }
 
     /// Token `i`; the first has no leading space.

@@ -390,6 +390,37 @@ async fn error_rate_zero_never_fails_and_partial_rates_are_seeded() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn garbage_answers_are_well_formed_but_wrong_and_clear_at_run_time() {
+    let s = sim(cfg(1, 8));
+    let right = expected_answer(s.config(), &req("a"));
+    s.set_faults(Faults { garbage_rate: 1.0, ..Faults::default() }).unwrap();
+    let (g1, end) = drain(s.generate(&req("a")).await.unwrap()).await;
+    let (g2, _) = drain(s.generate(&req("a")).await.unwrap()).await;
+    assert!(matches!(end, Some(Ok(SimEvent::Finish { reason: FinishReason::Stop, .. }))));
+    assert_eq!(g1.len(), right.len(), "same length, same timing");
+    assert_ne!(g1, right);
+    assert_ne!(g1, g2, "each garbage answer differs");
+    s.set_faults(Faults::default()).unwrap();
+    assert_eq!(drain(s.generate(&req("a")).await.unwrap()).await.0, right);
+    // Partial rates are seeded like error_rate; out of range is refused.
+    let pattern = |seed| async move {
+        let s =
+            sim(SimConfig { seed, ..faults(Faults { garbage_rate: 0.5, ..Faults::default() }) });
+        let right = expected_answer(s.config(), &req("a"));
+        let mut out = Vec::new();
+        for _ in 0..40 {
+            out.push(drain(s.generate(&req("a")).await.unwrap()).await.0 == right);
+        }
+        out
+    };
+    let a = pattern(1).await;
+    assert_eq!(a, pattern(1).await);
+    let ok = a.iter().filter(|x| **x).count();
+    assert!((10..=30).contains(&ok), "{ok} of 40 right at garbage_rate 0.5");
+    assert!(s.set_faults(Faults { garbage_rate: 1.5, ..Faults::default() }).is_err());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_stall_goes_silent_until_dropped() {
     let mut c = cfg(1, 10);
     c.faults.stall_after_tokens = Some(3);
