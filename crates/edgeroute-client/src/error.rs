@@ -58,6 +58,17 @@ pub enum ClientError {
     StreamCut(Attempts),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Every node that could serve the request is at its capacity (its slots, all taken by
+    /// this client's requests: `respect_node_capacity`) and none freed one in time. Not the
+    /// nodes' fault: a proxy answers 503 with `Retry-After`.
+    #[error("every node for model `{model}` is full: {reason} ({attempts})")]
+    FleetSaturated {
+        model: String,
+        /// When a slot is expected free: the soonest expected answer of the full nodes.
+        retry_after_ms: u64,
+        reason: String,
+        attempts: Attempts,
+    },
     /// The bearer token would travel in clear text: `url` is not `https://` and its host is not
     /// loopback. Serve it over https, or set `allow_plaintext` for a private network.
     #[error(
@@ -76,9 +87,10 @@ impl ClientError {
             | ClientError::PlaintextToken { .. }
             | ClientError::NoCandidates { .. } => Side::Caller,
             ClientError::Discovery(_) => Side::Network,
-            ClientError::Exhausted(_) | ClientError::BudgetSpent(_) | ClientError::StreamCut(_) => {
-                Side::Fleet
-            }
+            ClientError::Exhausted(_)
+            | ClientError::BudgetSpent(_)
+            | ClientError::StreamCut(_)
+            | ClientError::FleetSaturated { .. } => Side::Fleet,
         }
     }
 
@@ -97,10 +109,22 @@ impl ClientError {
     /// Every attempt the SDK made for this request (empty when none was made).
     pub fn attempts(&self) -> &[AttemptReport] {
         match self {
-            ClientError::Exhausted(a) | ClientError::BudgetSpent(a) | ClientError::StreamCut(a) => {
-                &a.0
-            }
+            ClientError::Exhausted(a)
+            | ClientError::BudgetSpent(a)
+            | ClientError::StreamCut(a)
+            | ClientError::FleetSaturated { attempts: a, .. } => &a.0,
             _ => &[],
+        }
+    }
+
+    /// How long the caller should wait before sending again, when this error says (for a
+    /// proxy's `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::FleetSaturated { retry_after_ms, .. } => {
+                Some(Duration::from_millis(*retry_after_ms))
+            }
+            _ => None,
         }
     }
 
@@ -110,7 +134,9 @@ impl ClientError {
             ClientError::Api { status, .. } => *status,
             ClientError::Invalid(_) | ClientError::PlaintextToken { .. } => 400,
             ClientError::NoCandidates { .. } => 404,
-            ClientError::Discovery(_) | ClientError::BudgetSpent(_) => 503,
+            ClientError::Discovery(_)
+            | ClientError::BudgetSpent(_)
+            | ClientError::FleetSaturated { .. } => 503,
             ClientError::Exhausted(_) | ClientError::StreamCut(_) => 502,
         }
     }
@@ -137,5 +163,14 @@ mod tests {
         assert_eq!(e.to_string(), "every candidate failed: tor-1: connect refused [network, 3 ms]");
         let none = ClientError::NoCandidates { model: "m".into(), reason: "r".into() };
         assert_eq!((none.status(), none.retryable()), (404, false));
+        assert_eq!(none.retry_after(), None);
+        let full = ClientError::FleetSaturated {
+            model: "m".into(),
+            retry_after_ms: 1500,
+            reason: "tor-1 full".into(),
+            attempts: Attempts::default(),
+        };
+        assert_eq!((full.side(), full.retryable(), full.status()), (Side::Fleet, true, 503));
+        assert_eq!(full.retry_after(), Some(Duration::from_millis(1500)));
     }
 }

@@ -201,6 +201,16 @@ pub struct ClientConfig {
     /// version it was given and the split spreads clients; set it (a tenant's user, a device)
     /// to split by that instead.
     pub routing_key: Option<String>,
+    /// Never have more requests in flight from this client to a node than the node's capacity
+    /// (its slots: discovery's `capacity`, updated by each answer's load report): a full node
+    /// is passed over for the next candidate (first try, failover, hedge); when every
+    /// candidate is full a request waits for a slot, up to `first_token_timeout` from its
+    /// start, then fails with [`ClientError::FleetSaturated`] (503 with `Retry-After` through
+    /// a proxy). A slot is held until the answer is read, or the stream ends or is dropped; a
+    /// hedge's loser returns its slot when it is cancelled. Nodes that advertise no capacity
+    /// (0, cloud pools) are not capped. Default false (the SDK on one device); the regional
+    /// router, one client for many tenants, turns it on.
+    pub respect_node_capacity: bool,
 }
 
 impl Default for ClientConfig {
@@ -242,6 +252,7 @@ impl Default for ClientConfig {
             eject_backoff: p.eject_backoff,
             pool_keys: BTreeMap::new(),
             routing_key: None,
+            respect_node_capacity: p.respect_capacity,
         }
     }
 }
@@ -285,6 +296,7 @@ impl std::fmt::Debug for ClientConfig {
             eject_backoff,
             pool_keys,
             routing_key,
+            respect_node_capacity,
         } = self;
         f.debug_struct("ClientConfig")
             .field("discovery", discovery)
@@ -322,6 +334,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("eject_backoff", eject_backoff)
             .field("pool_keys", &pool_keys.keys().map(|k| (k, "<redacted>")).collect::<Vec<_>>())
             .field("routing_key", routing_key)
+            .field("respect_node_capacity", respect_node_capacity)
             .finish()
     }
 }
@@ -358,6 +371,7 @@ impl ClientConfig {
             move_margin: self.move_margin,
             move_after: self.move_after,
             reprobe_interval: self.reprobe_interval,
+            respect_capacity: self.respect_node_capacity,
         }
     }
 }
@@ -515,6 +529,57 @@ pub enum Event {
     },
 }
 
+/// A node this client ejected, for sharing with other clients (router replicas): see
+/// [`Client::ejections`] and [`Client::apply_remote_ejection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ejection {
+    pub node_id: String,
+    /// Until when (Unix ms, this machine's wall clock) the node is ejected.
+    pub until_unix_ms: u64,
+    pub reason: String,
+}
+
+/// What this client itself concluded about a node (never what it was told by another).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EjectionEvent {
+    /// Ejected after failures seen by this client.
+    Ejected(Ejection),
+    /// Served this client again after an ejection (its own, or one it was told of).
+    Rejoined { node_id: String },
+}
+
+/// How many of this client's own ejection events a slow subscriber may fall behind by before
+/// it misses some (it is told how many: `RecvError::Lagged`).
+pub const EJECTION_EVENTS_BUFFER: usize = 256;
+
+/// One of a node's slots, held by an attempt and then by the stream it became: returned to
+/// the machine when dropped (answer read, stream ended or dropped, hedge loser cancelled),
+/// and any request waiting for a slot woken.
+pub(crate) struct SlotPermit {
+    client: Client,
+    node: String,
+}
+
+impl SlotPermit {
+    /// Owns the slot the machine just took for `node` (a `Step::Send`).
+    pub(crate) fn new(client: &Client, node: &str) -> SlotPermit {
+        SlotPermit { client: client.clone(), node: node.to_owned() }
+    }
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        self.client.with(|st, _| st.m.release_slot(&self.node));
+        self.client.inner.slot_freed.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for SlotPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotPermit").field("node", &self.node).finish()
+    }
+}
+
 type Http = HttpClient<transport::Connector, Full<Bytes>>;
 /// Called with every decision the client makes.
 pub type Listener = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -549,6 +614,10 @@ struct Inner {
     origin_unix_ms: u64,
     /// `cfg.routing_key`, or this client's random one.
     routing_key: String,
+    /// Woken whenever a node's slot is returned (requests waiting for one look again).
+    slot_freed: tokio::sync::Notify,
+    /// This client's own ejections and recoveries ([`Client::ejections`]).
+    ejections: tokio::sync::broadcast::Sender<EjectionEvent>,
 }
 
 /// The SDK handle; cheap to clone, shared by every session.
@@ -726,6 +795,8 @@ impl Client {
                 origin,
                 origin_unix_ms: edgeroute_core::clock::unix_ms(),
                 routing_key,
+                slot_freed: tokio::sync::Notify::new(),
+                ejections: tokio::sync::broadcast::channel(EJECTION_EVENTS_BUFFER).0,
             }),
         })
     }
@@ -734,15 +805,73 @@ impl Client {
     /// lock is never held across an `.await`; a panic elsewhere cannot leave it unusable.
     fn with<R>(&self, f: impl FnOnce(&mut State, std::time::Instant) -> R) -> R {
         let now = Instant::now().into_std();
-        let (r, events) = {
+        let (r, events, verdicts) = {
             let mut st = self.inner.state.lock().unwrap_or_else(PoisonError::into_inner);
             let r = f(&mut st, now);
-            (r, st.m.take_events())
+            (r, st.m.take_events(), st.m.take_verdicts())
         };
         for e in events {
             self.emit(e);
         }
+        if !verdicts.is_empty() {
+            let wall = self.wall_ms();
+            for v in verdicts {
+                let e = match v {
+                    machine::Verdict::Ejected { node, for_, reason } => {
+                        EjectionEvent::Ejected(Ejection {
+                            node_id: node,
+                            until_unix_ms: wall.saturating_add(for_.as_millis() as u64),
+                            reason,
+                        })
+                    }
+                    machine::Verdict::Rejoined { node } => {
+                        EjectionEvent::Rejoined { node_id: node }
+                    }
+                };
+                // No subscriber: nobody to tell.
+                let _ = self.inner.ejections.send(e);
+            }
+        }
         r
+    }
+
+    /// This client's own ejections (after failures it saw) and recoveries (a node it or
+    /// another client had ejected served it again) from now on, to share with other clients:
+    /// the regional router's replicas carry them over the bus. What this client is told by
+    /// [`Client::apply_remote_ejection`] is never repeated here.
+    pub fn ejections(&self) -> tokio::sync::broadcast::Receiver<EjectionEvent> {
+        self.inner.ejections.subscribe()
+    }
+
+    /// Another client (a router replica) ejected `node_id` until `until_unix_ms` (Unix ms):
+    /// this client treats it as ejected until then — not tried first unless every candidate
+    /// is ejected (the same fail-open rule as its own ejections), sessions pinned there leave
+    /// before their next turn. Bounded: never longer than this client's own longest backoff
+    /// (`eject_backoff.max`); this client's failure counts and its own ejection are left as
+    /// they are, and a request it sees the node serve ends the remote ejection. False (nothing
+    /// done) when `until_unix_ms` has already passed.
+    pub fn apply_remote_ejection(&self, node_id: &str, until_unix_ms: u64) -> bool {
+        let left = until_unix_ms.saturating_sub(self.wall_ms());
+        if left == 0 {
+            return false;
+        }
+        self.with(|st, now| st.m.apply_remote_ejection(node_id, Duration::from_millis(left), now))
+    }
+
+    /// Another client saw `node_id` serve again: the remote ejection ends (an ejection after
+    /// this client's own failures stays).
+    pub fn clear_remote_ejection(&self, node_id: &str) {
+        self.with(|st, _| st.m.clear_remote_ejection(node_id));
+    }
+
+    /// Whether this client treats `node_id` as ejected now (its own ejection or another's).
+    pub fn is_ejected(&self, node_id: &str) -> bool {
+        self.with(|st, now| st.m.is_ejected(node_id, now))
+    }
+
+    /// Requests (attempts, streams) from this client in flight to `node_id` now.
+    pub fn in_flight(&self, node_id: &str) -> u32 {
+        self.with(|st, _| st.m.in_flight(node_id))
     }
 
     /// Wall-clock now, ms: the wall time at start plus monotonic time since.
@@ -915,6 +1044,9 @@ impl Client {
                     }
                     let (key, now) = (self.key(q), self.wall_ms());
                     let saved = self.with(|st, _| {
+                        for c in &candidates {
+                            st.m.note_capacity(&c.id, c.capacity);
+                        }
                         st.cache.put(key, answer, now);
                         st.cache.prune(now);
                         cfg.cache_file.as_ref().map(|path| (path.clone(), st.cache.clone()))
@@ -1000,7 +1132,10 @@ impl Client {
             return Err(e);
         }
         let wait = match load {
-            Some(l) => queue_wait(&l, c.ttft_p50_ms),
+            Some(l) => {
+                self.with(|st, _| st.m.note_capacity(&c.id, l.capacity));
+                queue_wait(&l, c.ttft_p50_ms)
+            }
             None => machine::discovery_wait(c),
         };
         Ok(Probed { id: c.id.clone(), rtt, queue_wait_ms: wait })
@@ -1243,6 +1378,7 @@ impl Client {
                 }
                 if let Some(l) = &load {
                     st.m.refresh_load(&node.id, queue_wait(l, node.ttft_p50_ms));
+                    st.m.note_capacity(&node.id, l.capacity);
                 }
             });
         }

@@ -65,6 +65,12 @@ pub struct Policy {
     pub move_margin: TieMargin,
     pub move_after: u32,
     pub reprobe_interval: Duration,
+    /// Never more attempts in flight from this client to a node than its capacity (its slots,
+    /// from discovery's list or the node's load report): a full node is passed over for the
+    /// next candidate, and when every candidate is full the turn waits for a slot, up to
+    /// `first_token_timeout` from its start, then fails with
+    /// [`ClientError::FleetSaturated`]. A node whose capacity is unknown (0) is not capped.
+    pub respect_capacity: bool,
 }
 
 impl Default for Policy {
@@ -89,6 +95,7 @@ impl Default for Policy {
             move_margin: TieMargin { abs_ms: 10.0, rel: 0.2 },
             move_after: 3,
             reprobe_interval: Duration::from_secs(5),
+            respect_capacity: false,
         }
     }
 }
@@ -163,13 +170,31 @@ pub enum Step {
     Fail(ClientError),
 }
 
+/// What this client itself concluded about a node, for sharing with other clients (router
+/// replicas): the driver stamps it with wall time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Ejected after failures seen here, for `for_` from now.
+    Ejected { node: String, for_: Duration, reason: String },
+    /// Served again after an ejection (this client's or another's).
+    Rejoined { node: String },
+}
+
 #[derive(Debug)]
 struct NodeState {
     failures: u32,
     ejected_until: Option<Instant>,
+    /// Ejected by another client sharing its findings (a router replica): until then, as if
+    /// ejected here; never counted as a failure here.
+    remote_until: Option<Instant>,
     cooling_until: Option<Instant>,
     first_token: TtftDeadline,
     answer: TtftDeadline,
+    /// The node's slots as last learnt (discovery's answer, its load report); `None` unknown.
+    capacity: Option<u32>,
+    /// Attempts from this client under way there (taken at send, returned by the driver when
+    /// the attempt, or the stream it became, ends).
+    in_flight: u32,
 }
 
 impl NodeState {
@@ -177,7 +202,10 @@ impl NodeState {
         NodeState {
             failures: 0,
             ejected_until: None,
+            remote_until: None,
             cooling_until: None,
+            capacity: None,
+            in_flight: 0,
             first_token: TtftDeadline::new(p.hedge_initial, p.hedge_min, p.first_token_timeout),
             answer: TtftDeadline::new(p.json_hedge_initial, p.hedge_min, p.request_timeout),
         }
@@ -203,6 +231,8 @@ pub struct Machine {
     /// The last answered probe of each node, and when.
     probes: HashMap<String, (Probed, Instant)>,
     events: Vec<Event>,
+    /// This client's own ejections and recoveries, for sharing ([`Machine::take_verdicts`]).
+    verdicts: Vec<Verdict>,
     /// Attempts beyond a request's first that the budget allowed, and refused.
     pub retries: u64,
     pub retries_denied: u64,
@@ -228,6 +258,7 @@ impl Machine {
             pins: HashMap::new(),
             probes: HashMap::new(),
             events: Vec::new(),
+            verdicts: Vec::new(),
             retries: 0,
             retries_denied: 0,
         }
@@ -261,8 +292,85 @@ impl Machine {
         self.nodes.entry(id.to_owned()).or_insert_with(|| NodeState::new(p))
     }
 
+    /// Ejected here, or by another client whose findings this one took in.
     pub fn is_ejected(&self, id: &str, now: Instant) -> bool {
-        self.nodes.get(id).and_then(|s| s.ejected_until).is_some_and(|t| t > now)
+        self.nodes.get(id).is_some_and(|s| {
+            s.ejected_until.is_some_and(|t| t > now) || s.remote_until.is_some_and(|t| t > now)
+        })
+    }
+
+    /// Ejected only because another client said so (not by failures seen here).
+    pub fn is_ejected_remotely(&self, id: &str, now: Instant) -> bool {
+        self.nodes.get(id).is_some_and(|s| {
+            s.ejected_until.is_none_or(|t| t <= now) && s.remote_until.is_some_and(|t| t > now)
+        })
+    }
+
+    /// Another client ejected `id` for `for_` from `now`: it is treated as ejected here until
+    /// then (at most `eject_backoff.max`: a remote word never ejects for longer than this
+    /// client would itself), with the same fail-open rule. Local failure counts and a local
+    /// ejection are left as they are. False (nothing done) for a zero duration.
+    pub fn apply_remote_ejection(&mut self, id: &str, for_: Duration, now: Instant) -> bool {
+        let for_ = for_.min(self.policy.eject_backoff.max);
+        if for_.is_zero() {
+            return false;
+        }
+        let until = now + for_;
+        let s = self.node(id);
+        s.remote_until = Some(s.remote_until.filter(|t| *t > until).unwrap_or(until));
+        true
+    }
+
+    /// Another client saw `id` serve again: its remote ejection ends (a local one stays).
+    pub fn clear_remote_ejection(&mut self, id: &str) {
+        if let Some(s) = self.nodes.get_mut(id) {
+            s.remote_until = None;
+        }
+    }
+
+    /// This client's own ejections and recoveries since the last call, for sharing.
+    pub fn take_verdicts(&mut self) -> Vec<Verdict> {
+        std::mem::take(&mut self.verdicts)
+    }
+
+    /// The node's slots as known: learnt (discovery's fresh answer, its load report), else the
+    /// candidate's figure; `None` (no cap) when neither says (0).
+    fn capacity_of(&self, c: &Candidate) -> Option<u32> {
+        let learnt = self.nodes.get(&c.id).and_then(|s| s.capacity);
+        learnt.or((c.capacity > 0).then_some(c.capacity))
+    }
+
+    /// The node's capacity as it said last (0: unknown, no cap).
+    pub fn note_capacity(&mut self, id: &str, capacity: u32) {
+        self.node(id).capacity = (capacity > 0).then_some(capacity);
+    }
+
+    /// Attempts from this client under way on `id`.
+    pub fn in_flight(&self, id: &str) -> u32 {
+        self.nodes.get(id).map_or(0, |s| s.in_flight)
+    }
+
+    /// Whether one more attempt may go to `c` now (always, unless `respect_capacity`).
+    pub fn has_room(&self, c: &Candidate) -> bool {
+        !self.policy.respect_capacity
+            || self.capacity_of(c).is_none_or(|cap| self.in_flight(&c.id) < cap)
+    }
+
+    /// Takes one of `c`'s slots for an attempt: false (nothing taken) when it has no room.
+    pub fn take_slot(&mut self, c: &Candidate) -> bool {
+        if !self.has_room(c) {
+            return false;
+        }
+        let s = self.node(&c.id);
+        s.in_flight = s.in_flight.saturating_add(1);
+        true
+    }
+
+    /// An attempt on `id` (or the stream it became) ended: its slot is free again.
+    pub fn release_slot(&mut self, id: &str) {
+        if let Some(s) = self.nodes.get_mut(id) {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
     }
 
     pub fn is_cooling(&self, id: &str, now: Instant) -> bool {
@@ -290,11 +398,17 @@ impl Machine {
         self.events.push(Event::PlacementMiss { node: id.into(), model: model.into() });
     }
 
-    /// A node served a request: its failures are forgotten and its time learnt.
+    /// A node served a request: its failures are forgotten (an ejection, this client's or
+    /// another's, ends) and its time learnt.
     pub fn note_ok(&mut self, id: &str, after: Duration, kind: Kind) {
         let s = self.node(id);
         s.failures = 0;
-        s.ejected_until = None;
+        let local = s.ejected_until.take().is_some();
+        let remote = s.remote_until.take().is_some();
+        if local || remote {
+            self.verdicts.push(Verdict::Rejoined { node: id.into() });
+        }
+        let s = self.node(id);
         match kind {
             Kind::Json => s.answer.observe(after),
             Kind::Stream | Kind::Continuation => s.first_token.observe(after),
@@ -310,7 +424,9 @@ impl Machine {
         if s.failures >= after {
             let d = backoff.delay(s.failures - after + 1, draw);
             s.ejected_until = Some(now + d);
+            let reason = format!("{} consecutive failures seen by this client", s.failures);
             self.events.push(Event::Ejected { node: id.into(), for_ms: d.as_millis() as u64 });
+            self.verdicts.push(Verdict::Ejected { node: id.into(), for_: d, reason });
         }
     }
 
@@ -535,6 +651,9 @@ struct Slot {
 /// The first pause between questions to discovery after placement misses (then doubling).
 const MISS_PAUSE: Duration = Duration::from_millis(50);
 
+/// How often a turn waiting for a slot looks again when the driver says nothing sooner.
+pub const ROOM_PAUSE: Duration = Duration::from_millis(25);
+
 /// One request's failover ladder.
 #[derive(Debug)]
 pub struct Turn {
@@ -553,6 +672,9 @@ pub struct Turn {
     rediscoveries: u32,
     /// A new question to discovery is due then (after misses, while discovery catches up).
     rediscover_at: Option<Instant>,
+    /// Every candidate left is full (`respect_capacity`): look again then, or sooner when the
+    /// driver sees a slot freed.
+    room_at: Option<Instant>,
     over: bool,
 }
 
@@ -573,6 +695,7 @@ impl Turn {
             started: None,
             rediscoveries: 0,
             rediscover_at: None,
+            room_at: None,
             over: false,
         }
     }
@@ -603,11 +726,28 @@ impl Turn {
         self.slots.iter().any(|s| s.at == at)
     }
 
-    /// The next node to try: untried, then (in order of preference) not cooling down, not
-    /// ejected; an ejected or cooling node only when nothing else is left.
+    /// Whether the turn is waiting for a slot on a full node (`respect_capacity`): the driver
+    /// calls [`Turn::on_timer`] as soon as one is freed.
+    pub fn waiting_for_room(&self) -> bool {
+        self.room_at.is_some() && !self.over
+    }
+
+    /// Untried candidates that could serve but are full.
+    fn full(&self, m: &Machine, now: Instant) -> Vec<usize> {
+        (0..self.order.len())
+            .filter(|i| !self.tried(*i) && !m.is_missing_at(&self.model, &self.order[*i], now))
+            .filter(|i| !m.has_room(&self.order[*i]))
+            .collect()
+    }
+
+    /// The next node to try: untried with a free slot, then (in order of preference) not
+    /// cooling down, not ejected; an ejected or cooling node only when nothing else is left.
     fn next_index(&self, m: &Machine, now: Instant) -> Option<usize> {
-        let open =
-            |i: &usize| !self.tried(*i) && !m.is_missing_at(&self.model, &self.order[*i], now);
+        let open = |i: &usize| {
+            !self.tried(*i)
+                && !m.is_missing_at(&self.model, &self.order[*i], now)
+                && m.has_room(&self.order[*i])
+        };
         let all = 0..self.order.len();
         let ok = |i: &usize| {
             let id = &self.order[*i].id;
@@ -620,10 +760,14 @@ impl Turn {
             .or_else(|| all.clone().find(open))
     }
 
-    fn send(&mut self, at: usize, hedge: bool, m: &Machine, now: Instant) -> Step {
+    /// Sends attempt to `order[at]`, taking one of its slots (the driver returns it when the
+    /// attempt ends).
+    fn send(&mut self, at: usize, hedge: bool, m: &mut Machine, now: Instant) -> Step {
         let attempt = self.slots.len();
         self.slots.push(Slot { at, started: now, hedge, done: false });
         let node = self.order[at].clone();
+        let taken = m.take_slot(&node);
+        debug_assert!(taken, "a node is chosen only with a free slot");
         // One hedge per turn, and only when another node could take it.
         self.hedge_at = (!self.hedged
             && !hedge
@@ -641,13 +785,50 @@ impl Turn {
         if self.outstanding() > 0 {
             return Step::Wait { until: self.hedge_at };
         }
-        let Some(i) = self.next_index(m, now) else { return self.give_up(m, now) };
+        self.room_at = None;
+        let Some(i) = self.next_index(m, now) else {
+            let full = self.full(m, now);
+            if !full.is_empty() {
+                return self.wait_for_room(m, &full, now);
+            }
+            return self.give_up(m, now);
+        };
         let retry = !self.slots.is_empty() || self.kind == Kind::Continuation;
         if retry && !m.try_retry(now) {
             self.over = true;
             return Step::Fail(ClientError::BudgetSpent(Attempts(self.reports.clone())));
         }
         self.send(i, false, m, now)
+    }
+
+    /// Every candidate left is full: wait for a slot (looking again every [`ROOM_PAUSE`], or
+    /// when the driver sees one freed) until `first_token_timeout` after the turn started,
+    /// then fail with the time the soonest of them is expected to answer as `Retry-After`.
+    fn wait_for_room(&mut self, m: &Machine, full: &[usize], now: Instant) -> Step {
+        let deadline = self.started.unwrap_or(now) + m.policy.first_token_timeout;
+        if now < deadline {
+            let at = (now + ROOM_PAUSE).min(deadline);
+            self.room_at = Some(at);
+            return Step::Wait { until: Some(at) };
+        }
+        self.over = true;
+        let soonest = full
+            .iter()
+            .map(|i| m.hedge_deadline(&self.order[*i], self.kind))
+            .min()
+            .unwrap_or(m.policy.hedge_min);
+        let nodes: Vec<&str> = full.iter().map(|i| self.order[*i].id.as_str()).collect();
+        Step::Fail(ClientError::FleetSaturated {
+            model: self.model.clone(),
+            retry_after_ms: soonest.as_millis().max(1) as u64,
+            reason: format!(
+                "every node that could serve it is at its capacity ({}) and none freed a slot \
+                 within {} ms",
+                nodes.join(", "),
+                m.policy.first_token_timeout.as_millis()
+            ),
+            attempts: Attempts(self.reports.clone()),
+        })
     }
 
     /// No node left to try. After placement misses (or when no listed node could be tried
@@ -685,6 +866,10 @@ impl Turn {
     /// The step's deadline passed: the first attempt's first token (or answer) is late, so
     /// the next node is raced against it, budget permitting.
     pub fn on_timer(&mut self, m: &mut Machine, now: Instant) -> Step {
+        if self.room_at.is_some() && !self.over && self.outstanding() == 0 {
+            // Waiting for a slot: look again (a slot may have been freed before `room_at`).
+            return self.advance(m, now);
+        }
         if let Some(at) = self.rediscover_at {
             if at <= now && !self.over && self.outstanding() == 0 {
                 self.rediscover_at = None;
@@ -1034,7 +1219,12 @@ impl Plan {
         if m.is_ejected(&self.order[0].id, now)
             && let Some(i) = (1..self.order.len()).find(|i| !m.is_ejected(&self.order[*i].id, now))
         {
-            let reason = format!("{} ejected after failures seen by this client", self.order[0].id);
+            let id = &self.order[0].id;
+            let reason = if m.is_ejected_remotely(id, now) {
+                format!("{id} ejected after failures seen by another client")
+            } else {
+                format!("{id} ejected after failures seen by this client")
+            };
             let to = self.order[i].id.clone();
             self.apply(m, Move { to, reason, planned: false }, now);
             self.demote(1);

@@ -19,7 +19,7 @@ use crate::cache::Freshness;
 use crate::error::{Attempts, ClientError, Side};
 use crate::machine::{Delivery, Kind, Outcome, Plan, Step, Turn};
 use crate::stream::{ChatStream, Forward};
-use crate::{Client, Query, classify, fault_of, retry_after};
+use crate::{Client, Query, SlotPermit, classify, fault_of, retry_after};
 
 /// A conversation pinned to one node, with the others ranked behind it. Its methods take
 /// `&self`: turns of one session may run concurrently (each on the order as it stood when it
@@ -150,8 +150,9 @@ impl Session {
                 async move { client.attempt_json(&node, &body, id, bearer).await }
             })
             .await;
-        self.end_turn(&turn, r.as_ref().ok().map(|(_, d)| &**d), exhausted(&r));
-        r.map(|(c, _)| c)
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
+        // The answer is read: its slot (the permit) is returned here.
+        r.map(|(c, _, _)| c)
     }
 
     /// A streamed chat completion. Before the first token it fails over (and hedges) like
@@ -174,8 +175,8 @@ impl Session {
                 async move { client.start_stream(&node, &body, id, bearer, first_token).await }
             })
             .await;
-        self.end_turn(&turn, r.as_ref().ok().map(|(_, d)| &**d), exhausted(&r));
-        let (committed, d) = r?;
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
+        let (committed, permit, d) = r?;
         let node = d.node.id.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(
@@ -186,6 +187,7 @@ impl Session {
                 req,
                 current: d.node,
                 committed: *committed,
+                permit: Some(permit),
                 tx,
             }
             .run(),
@@ -223,25 +225,29 @@ fn unreachable_candidate(model: &str) -> Candidate {
 impl Client {
     /// Performs a turn's steps until it delivers or fails. `attempt` sends the request to one
     /// node and classifies how it ended (with the answer when it committed). Attempts run
-    /// concurrently (a hedge races the first); dropping the losers cancels their work.
+    /// concurrently (a hedge races the first); dropping the losers cancels their work and
+    /// returns their slots. The winner's slot comes with its answer: held until the caller is
+    /// done with it.
     pub(crate) async fn drive<T, F, Fut>(
         &self,
         q: &Query,
         turn: &mut Turn,
         mut attempt: F,
-    ) -> Result<(T, Box<Delivery>), ClientError>
+    ) -> Result<(T, SlotPermit, Box<Delivery>), ClientError>
     where
         F: FnMut(Candidate) -> Fut,
         Fut: Future<Output = (Outcome, Option<T>)>,
     {
         let mut running = FuturesUnordered::new();
-        let mut answers: Vec<(usize, T)> = Vec::new();
+        let mut answers: Vec<(usize, T, SlotPermit)> = Vec::new();
         let mut step = self.with(|st, now| turn.start(&mut st.m, now));
         loop {
             let until = match step {
                 Step::Send { attempt: a, node, hedge_at } => {
+                    // The machine took a slot on `node` for this attempt: owned from here.
+                    let permit = SlotPermit::new(self, &node.id);
                     let work = attempt(node);
-                    running.push(async move { (a, work.await) });
+                    running.push(async move { (a, work.await, permit) });
                     hedge_at
                 }
                 Step::Wait { until } => until,
@@ -251,10 +257,11 @@ impl Client {
                     continue;
                 }
                 Step::Deliver(d) => {
-                    let Some(i) = answers.iter().position(|(a, _)| *a == d.attempt) else {
+                    let Some(i) = answers.iter().position(|(a, _, _)| *a == d.attempt) else {
                         return Err(ClientError::Exhausted(Attempts(turn.reports().to_vec())));
                     };
-                    return Ok((answers.swap_remove(i).1, d));
+                    let (_, answer, permit) = answers.swap_remove(i);
+                    return Ok((answer, permit, d));
                 }
                 Step::Fail(e) => return Err(e),
             };
@@ -268,14 +275,23 @@ impl Client {
                     None => std::future::pending().await,
                 }
             };
+            // Waiting for a node's slot: woken as soon as any is returned (the timer is the
+            // machine's fallback).
+            let waiting = turn.waiting_for_room();
+            let freed = self.inner.slot_freed.notified();
             tokio::select! {
-                Some((a, (outcome, answer))) = running.next(), if !running.is_empty() => {
-                    if let Some(x) = answer {
-                        answers.push((a, x));
+                Some((a, (outcome, answer), permit)) = running.next(), if !running.is_empty() => {
+                    match answer {
+                        Some(x) => answers.push((a, x, permit)),
+                        // Ended without an answer: its slot is free before the next rung.
+                        None => drop(permit),
                     }
                     step = self.with(|st, now| turn.on_outcome(&mut st.m, a, outcome, now));
                 }
                 () = timer => step = self.with(|st, now| turn.on_timer(&mut st.m, now)),
+                () = freed, if waiting => {
+                    step = self.with(|st, now| turn.on_timer(&mut st.m, now));
+                }
             }
         }
     }

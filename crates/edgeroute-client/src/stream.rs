@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Attempts, ClientError, Side};
 use crate::machine::{Kind, Outcome, Turn};
-use crate::{Client, Event, Query, classify, fault_of, retry_after};
+use crate::{Client, Event, Query, SlotPermit, classify, fault_of, retry_after};
 
 /// What a stream yields: the answer's chunks and, where it happened, the point at which the
 /// answer moved to another node.
@@ -214,6 +214,9 @@ pub(crate) struct Forward {
     pub req: ChatCompletionRequest,
     pub current: Candidate,
     pub committed: Committed,
+    /// The slot on `current` this stream holds: returned when the task ends (the stream
+    /// finished, failed, or its caller dropped it) or the stream moves on.
+    pub permit: Option<SlotPermit>,
     pub tx: mpsc::Sender<Result<StreamItem, ClientError>>,
 }
 
@@ -256,12 +259,16 @@ impl Forward {
             if done {
                 return;
             }
-            let next = next_event(&mut self.committed.body, &mut self.committed.dec, stall)
-                .await
-                .and_then(|ev| match ev {
-                    SseEvent::Done => Ok(None),
-                    SseEvent::Data(d) => chunk(&d).map(Some),
-                });
+            let next = tokio::select! {
+                next = next_event(&mut self.committed.body, &mut self.committed.dec, stall) => next,
+                // The caller dropped the stream: stop now (cancelling the node's work and
+                // returning its slot), not at the next chunk.
+                () = self.tx.closed() => return,
+            };
+            let next = next.and_then(|ev| match ev {
+                SseEvent::Done => Ok(None),
+                SseEvent::Data(d) => chunk(&d).map(Some),
+            });
             match next {
                 Ok(None) => done = true,
                 Ok(Some(c)) => pending.push(c),
@@ -288,6 +295,8 @@ impl Forward {
     ) -> bool {
         let client = self.client.clone();
         let cut = self.current.id.clone();
+        // The cut node's slot is returned before the next one is chosen.
+        drop(self.permit.take());
         let order = client.with(|st, now| {
             st.m.note_failure(&cut, 0, now);
             st.plans.get(&self.session).map(|p| p.order().to_vec())
@@ -312,8 +321,9 @@ impl Forward {
             .await;
         tried.extend(turn.reports().iter().map(|a| a.node.clone()));
         match r {
-            Ok((c, d)) => {
+            Ok((c, permit, d)) => {
                 let to = d.node.id.clone();
+                self.permit = Some(permit);
                 client.emit(Event::Failover {
                     from: cut.clone(),
                     to: to.clone(),

@@ -44,6 +44,15 @@ impl Fleet {
     /// Three nodes (`tor-1` fast, `mtl-1` medium, `van-1` slow TTFT), each warmed so it reports
     /// its own TTFT, behind relays, and a discovery replica that knows them.
     async fn start(tag: &str, serving: impl FnOnce(&mut ServingConfig)) -> Fleet {
+        Fleet::start_with(tag, serving, |_| {}).await
+    }
+
+    /// As [`Fleet::start`], each node's configuration changed by `adjust` first.
+    async fn start_with(
+        tag: &str,
+        serving: impl FnOnce(&mut ServingConfig),
+        adjust: impl Fn(&mut edgeroute_node::config::NodeConfig),
+    ) -> Fleet {
         let dir = std::env::temp_dir().join(format!("edgeroute-sdk-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -52,7 +61,9 @@ impl Fleet {
         let mut urls = Vec::new();
         let fleet = fleet();
         for i in 0..fleet.nodes.len() {
-            let node = TestNode::start_config(fleet.node_config(i, None), None).await;
+            let mut cfg = fleet.node_config(i, None);
+            adjust(&mut cfg);
+            let node = TestNode::start_config(cfg, None).await;
             let chat = serde_json::json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}).to_string();
             for _ in 0..6 {
                 assert_eq!(node.chat(chat.clone()).await.status, 200);
@@ -525,4 +536,128 @@ async fn a_pipeline_session_pins_every_model_of_the_pipeline_to_one_node() {
     }
     assert_eq!(van.state.telemetry.figures().requests - before, 3, "STT, LLM and TTS on van-1");
     drop(running);
+}
+
+/// Nodes of a few slots (every one a backend lane: no queue behind them), all for one tenant.
+async fn small_fleet(tag: &str) -> Fleet {
+    Fleet::start_with(
+        tag,
+        |_| {},
+        |n| {
+            n.limits.max_concurrency = 3;
+            n.limits.tenant_max_share = 1.0;
+        },
+    )
+    .await
+}
+
+/// A node's capacity (slots) as discovery lists it.
+async fn capacity(fleet: &Fleet, id: &str) -> u32 {
+    let addr = fleet.discovery.as_ref().unwrap().addr();
+    let r = edgeroute_test_util::get(addr, "/v1/discover?model=sim-llama&k=5", None).await;
+    let list = r.json()["candidates"].as_array().unwrap().clone();
+    let c = list.iter().find(|c| c["id"] == id).unwrap();
+    u32::try_from(c["capacity"].as_u64().unwrap()).unwrap()
+}
+
+/// Every node's streams stop after their first token (until dropped): each stays in flight.
+async fn stall_everywhere(fleet: &Fleet) {
+    for id in ["tor-1", "mtl-1", "van-1"] {
+        faults(fleet.node(id), r#"{"stall_after_tokens": 1}"#).await;
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(2), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_respect_for_capacity_a_full_node_is_passed_over_and_a_dropped_stream_returns_its_slot()
+ {
+    let fleet = small_fleet("slots").await;
+    let cap = capacity(&fleet, "tor-1").await;
+    assert_eq!(cap, 3);
+    let cfg = ClientConfig {
+        respect_node_capacity: true,
+        stall_timeout: Duration::from_secs(30),
+        ..fleet.config()
+    };
+    let client = Client::new(cfg).unwrap();
+    let s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    // JSON answers return their slot once read.
+    s.chat(&request("sim-llama", "hello")).await.unwrap();
+    assert_eq!(client.in_flight("tor-1"), 0);
+    stall_everywhere(&fleet).await;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        let st = s.chat_stream(&request("sim-llama", "a long story")).await.unwrap();
+        assert_eq!(st.node(), "tor-1");
+        held.push(st);
+    }
+    assert_eq!(client.in_flight("tor-1"), cap, "each open stream holds a slot");
+    // The pinned node is full: the next stream goes to the standby, the pin stays.
+    let extra = s.chat_stream(&request("sim-llama", "one more")).await.unwrap();
+    assert_eq!(extra.node(), "mtl-1");
+    assert_eq!(client.in_flight("tor-1"), cap, "never more than its slots");
+    assert_eq!(s.pinned().id, "tor-1", "a full node is no failure: the session stays");
+    // A stream the caller drops (unread, stalled at the node) returns its slot at once.
+    drop(held.pop());
+    eventually("the dropped stream's slot is returned", || client.in_flight("tor-1") == cap - 1)
+        .await;
+    let back = s.chat_stream(&request("sim-llama", "back again")).await.unwrap();
+    assert_eq!(back.node(), "tor-1");
+    drop((held, extra, back));
+    eventually("every slot returned", || {
+        ["tor-1", "mtl-1", "van-1"].iter().all(|n| client.in_flight(n) == 0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_every_node_full_a_request_fails_saturated_with_a_retry_after_then_succeeds() {
+    let fleet = small_fleet("saturated").await;
+    let cfg = ClientConfig {
+        respect_node_capacity: true,
+        first_token_timeout: Duration::from_millis(300),
+        stall_timeout: Duration::from_secs(30),
+        ..fleet.config()
+    };
+    let client = Client::new(cfg).unwrap();
+    let s = client.session("sim-llama").await.unwrap();
+    let mut total = 0;
+    for id in ["tor-1", "mtl-1", "van-1"] {
+        total += capacity(&fleet, id).await;
+    }
+    stall_everywhere(&fleet).await;
+    let mut held = Vec::new();
+    for _ in 0..total {
+        held.push(s.chat_stream(&request("sim-llama", "a long story")).await.unwrap());
+    }
+    let t = std::time::Instant::now();
+    let err = s.chat(&request("sim-llama", "one more")).await.unwrap_err();
+    let waited = t.elapsed();
+    assert!(matches!(err, ClientError::FleetSaturated { .. }), "{err}");
+    assert_eq!((err.status(), err.retryable()), (503, true));
+    assert!(err.retry_after().is_some());
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2), "{waited:?}");
+    assert_eq!(client.in_flight("tor-1"), 3);
+    // A slot freed while a request waits: it is sent at once.
+    faults(fleet.node("tor-1"), "{}").await;
+    let i = held.iter().position(|h| h.node() == "tor-1").unwrap();
+    let waiting = async {
+        let t = std::time::Instant::now();
+        (s.chat(&request("sim-llama", "waiting")).await, t.elapsed())
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held.remove(i));
+    };
+    let ((r, waited), ()) = tokio::join!(waiting, release);
+    r.unwrap();
+    assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(1), "{waited:?}");
 }

@@ -508,3 +508,337 @@ fn the_standby_sits_outside_the_pinned_nodes_region() {
     diversify(&mut one_region);
     assert_eq!(one_region[1].id, "tor-2", "no other region: unchanged");
 }
+
+// ---- Per-node capacity (issue 16: a node is never sent more than its slots can take) ----
+
+fn capped(t0: Instant) -> Machine {
+    Machine::new(Policy { respect_capacity: true, ..Policy::default() }, Some(7), t0)
+}
+
+fn with_capacity(id: &str, region: &str, capacity: u32) -> Candidate {
+    Candidate { capacity, ..cand(id, region) }
+}
+
+#[test]
+fn a_full_node_is_passed_over_for_the_next_candidate() {
+    let t0 = Instant::now();
+    let mut m = capped(t0);
+    let order = vec![with_capacity("tor-1", "toronto", 1), cand("mtl-1", "montreal")];
+    let mut first = Turn::new("m", Kind::Json, order.clone());
+    assert_eq!(sent_to(first.start(&mut m, t0)).0, "tor-1");
+    assert_eq!(m.in_flight("tor-1"), 1);
+    // A second request while the first holds tor-1's only slot goes to mtl-1.
+    let mut second = Turn::new("m", Kind::Json, order.clone());
+    assert_eq!(sent_to(second.start(&mut m, t0)).0, "mtl-1");
+    // The slot returned: tor-1 again.
+    m.release_slot("tor-1");
+    let mut third = Turn::new("m", Kind::Json, order);
+    assert_eq!(sent_to(third.start(&mut m, t0)).0, "tor-1");
+}
+
+#[test]
+fn without_respect_for_capacity_nothing_changes() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let order = vec![with_capacity("tor-1", "toronto", 1), cand("mtl-1", "montreal")];
+    for _ in 0..3 {
+        let mut turn = Turn::new("m", Kind::Json, order.clone());
+        assert_eq!(sent_to(turn.start(&mut m, t0)).0, "tor-1", "the default never skips");
+    }
+    assert_eq!(m.in_flight("tor-1"), 3, "counted all the same");
+}
+
+#[test]
+fn a_hedge_never_goes_to_a_full_node() {
+    let t0 = Instant::now();
+    let mut m = capped(t0);
+    let order = vec![cand("tor-1", "toronto"), with_capacity("mtl-1", "montreal", 1)];
+    let mut other = Turn::new("m", Kind::Stream, vec![order[1].clone()]);
+    assert_eq!(sent_to(other.start(&mut m, t0)).0, "mtl-1");
+    let mut turn = Turn::new("m", Kind::Stream, order);
+    let (node, _, hedge_at) = sent_to(turn.start(&mut m, t0));
+    assert_eq!((node.as_str(), hedge_at), ("tor-1", None), "no hedge: the only other node is full");
+    assert_eq!(turn.on_timer(&mut m, t0 + Duration::from_secs(2)), Step::Wait { until: None });
+    assert_eq!(m.in_flight("mtl-1"), 1);
+}
+
+#[test]
+fn when_every_node_is_full_the_turn_waits_for_a_slot_then_sends() {
+    let t0 = Instant::now();
+    let mut m = capped(t0);
+    let order = vec![with_capacity("tor-1", "toronto", 1), with_capacity("mtl-1", "montreal", 1)];
+    for id in ["tor-1", "mtl-1"] {
+        assert!(m.take_slot(order.iter().find(|c| c.id == id).unwrap()));
+    }
+    let mut turn = Turn::new("m", Kind::Stream, order);
+    let step = turn.start(&mut m, t0);
+    assert_eq!(step, Step::Wait { until: Some(t0 + ROOM_PAUSE) });
+    assert!(turn.waiting_for_room());
+    // Still full at the pause: it waits again.
+    assert_eq!(
+        turn.on_timer(&mut m, t0 + ROOM_PAUSE),
+        Step::Wait { until: Some(t0 + ROOM_PAUSE * 2) }
+    );
+    // A slot freed (the driver wakes the turn before the pause ends): sent at once.
+    m.release_slot("mtl-1");
+    let (node, attempt, _) = sent_to(turn.on_timer(&mut m, t0 + ROOM_PAUSE + ms(3)));
+    assert_eq!((node.as_str(), attempt), ("mtl-1", 0));
+    assert!(!turn.waiting_for_room());
+    assert_eq!(m.retries, 0, "waiting for a slot is not a retry");
+}
+
+#[test]
+fn when_no_slot_frees_within_the_first_token_timeout_the_turn_fails_saturated() {
+    let t0 = Instant::now();
+    let mut m = capped(t0);
+    let order = vec![with_capacity("tor-1", "toronto", 2), with_capacity("mtl-1", "montreal", 1)];
+    for c in [&order[0], &order[0], &order[1]] {
+        assert!(m.take_slot(c));
+    }
+    assert!(!m.take_slot(&order[0]), "a third request on two slots is refused");
+    let mut turn = Turn::new("m", Kind::Json, order);
+    let mut step = turn.start(&mut m, t0);
+    let mut now = t0;
+    let limit = Policy::default().first_token_timeout;
+    while let Step::Wait { until: Some(at) } = step {
+        assert!(at <= t0 + limit, "never waits past the first-token timeout");
+        now = at;
+        step = turn.on_timer(&mut m, now);
+    }
+    assert_eq!(now, t0 + limit);
+    match step {
+        Step::Fail(e @ ClientError::FleetSaturated { .. }) => {
+            assert_eq!(e.status(), 503);
+            let retry = e.retry_after().unwrap();
+            assert!(retry >= Policy::default().hedge_min && retry <= limit * 20, "{retry:?}");
+            let text = e.to_string();
+            assert!(text.contains("tor-1") && text.contains("mtl-1"), "{text}");
+        }
+        other => panic!("expected FleetSaturated, got {other:?}"),
+    }
+    assert_eq!(m.in_flight("tor-1"), 2, "nothing taken by the failed turn");
+}
+
+#[test]
+fn a_failover_skips_full_nodes_and_a_learnt_capacity_overrides_the_lists() {
+    let t0 = Instant::now();
+    let mut m = capped(t0);
+    let order = vec![
+        cand("tor-1", "toronto"),
+        with_capacity("mtl-1", "montreal", 4),
+        cand("van-1", "vancouver"),
+    ];
+    // mtl-1's load report says it has one slot, and this client holds it.
+    m.note_capacity("mtl-1", 1);
+    assert!(m.take_slot(&order[1]));
+    let mut turn = Turn::new("m", Kind::Json, order);
+    assert_eq!(sent_to(turn.start(&mut m, t0)).0, "tor-1");
+    let (next, attempt, _) = sent_to(turn.on_outcome(&mut m, 0, failed(), t0 + ms(5)));
+    assert_eq!((next.as_str(), attempt), ("van-1", 1), "mtl-1 is full");
+    // A capacity of 0 means unknown: no cap.
+    m.note_capacity("mtl-1", 0);
+    assert!(m.has_room(&with_capacity("mtl-1", "montreal", 0)));
+}
+
+#[derive(Debug, Clone)]
+enum CapEvent {
+    /// A new request over the fleet in this order (indices rotated by the value).
+    Start(usize),
+    /// The oldest (or a random) outstanding attempt ends with this outcome.
+    Finish(usize, Outcome),
+    /// A timer fires on a waiting turn.
+    Tick(usize),
+    /// A node reports a new capacity (0: unknown).
+    Capacity(usize, u32),
+}
+
+fn arb_cap_event() -> impl Strategy<Value = CapEvent> {
+    prop_oneof![
+        (0usize..3).prop_map(CapEvent::Start),
+        (any::<usize>(), arb_outcome()).prop_map(|(i, o)| CapEvent::Finish(i, o)),
+        any::<usize>().prop_map(CapEvent::Tick),
+        (0usize..3, 0u32..4).prop_map(|(n, c)| CapEvent::Capacity(n, c)),
+    ]
+}
+
+proptest! {
+    /// Across random sequences of requests starting, attempts ending (the driver returning
+    /// their slots), hedge and wait timers and capacity reports, a send never leaves more
+    /// attempts in flight to a node than its capacity as known at that moment; the machine's
+    /// count is exactly the attempts under way; a capacity lowered below what is in flight
+    /// admits nothing more there until it drains.
+    #[test]
+    fn in_flight_to_a_node_never_exceeds_its_capacity(
+        caps in proptest::collection::vec(0u32..4, 3),
+        events in proptest::collection::vec(arb_cap_event(), 1..120),
+    ) {
+        let t0 = Instant::now();
+        let mut m = capped(t0);
+        let ids = ["tor-1", "mtl-1", "van-1"];
+        let regions = ["toronto", "montreal", "vancouver"];
+        let fleet: Vec<Candidate> =
+            (0..3).map(|i| with_capacity(ids[i], regions[i], caps[i])).collect();
+        // The capacity the test knows for each node (None: no cap).
+        let mut known: Vec<Option<u32>> = caps.iter().map(|c| (*c > 0).then_some(*c)).collect();
+        let mut turns: Vec<Turn> = Vec::new();
+        // (turn, attempt, node) under way.
+        let mut outstanding: Vec<(usize, usize, String)> = Vec::new();
+        let mut now = t0;
+        for ev in events {
+            now += ms(3);
+            let mut steps: Vec<(usize, Step)> = Vec::new();
+            match ev {
+                CapEvent::Start(r) => {
+                    let mut order = fleet.clone();
+                    order.rotate_left(r);
+                    let mut t = Turn::new("m", Kind::Stream, order);
+                    let s = t.start(&mut m, now);
+                    turns.push(t);
+                    steps.push((turns.len() - 1, s));
+                }
+                CapEvent::Finish(i, o) if !outstanding.is_empty() => {
+                    let (t, a, node) = outstanding.remove(i % outstanding.len());
+                    m.release_slot(&node);
+                    steps.push((t, turns[t].on_outcome(&mut m, a, o, now)));
+                }
+                CapEvent::Finish(..) => {}
+                CapEvent::Tick(i) if !turns.is_empty() => {
+                    let t = i % turns.len();
+                    steps.push((t, turns[t].on_timer(&mut m, now)));
+                }
+                CapEvent::Tick(_) => {}
+                CapEvent::Capacity(n, c) => {
+                    m.note_capacity(ids[n], c);
+                    // 0 says nothing: the list's figure stands.
+                    known[n] = if c > 0 { Some(c) } else { (caps[n] > 0).then_some(caps[n]) };
+                }
+            }
+            for (t, s) in steps {
+                match s {
+                    Step::Send { attempt, node, .. } => {
+                        let n = ids.iter().position(|i| *i == node.id).unwrap();
+                        let before = outstanding.iter().filter(|o| o.2 == node.id).count() as u32;
+                        if let Some(cap) = known[n] {
+                            prop_assert!(before < cap, "sent to {} with {before} of {cap} slots taken", node.id);
+                        }
+                        outstanding.push((t, attempt, node.id.clone()));
+                    }
+                    // A delivered or failed turn drops its other attempts: their slots return.
+                    Step::Deliver(_) | Step::Fail(_) => {
+                        outstanding.retain(|o| {
+                            if o.0 == t {
+                                m.release_slot(&o.2);
+                            }
+                            o.0 != t
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            for (n, id) in ids.iter().enumerate() {
+                let held = outstanding.iter().filter(|o| o.2 == *id).count() as u32;
+                prop_assert_eq!(m.in_flight(id), held, "the machine's count of {}", id);
+                if let Some(cap) = known[n] {
+                    prop_assert_eq!(m.has_room(&fleet[n]), held < cap);
+                }
+            }
+        }
+    }
+}
+
+// ---- Ejections shared between clients (router replicas) ----
+
+#[test]
+fn a_remote_ejection_keeps_the_node_from_going_first_until_its_time() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    assert!(m.apply_remote_ejection("tor-1", ms(500), t0));
+    assert!(m.is_ejected("tor-1", t0 + ms(499)) && m.is_ejected_remotely("tor-1", t0));
+    let mut turn = Turn::new("m", Kind::Json, fleet());
+    assert_eq!(sent_to(turn.start(&mut m, t0 + ms(10))).0, "mtl-1");
+    assert!(!m.is_ejected("tor-1", t0 + ms(500)), "never past its until");
+    let mut later = Turn::new("m", Kind::Json, fleet());
+    assert_eq!(sent_to(later.start(&mut m, t0 + ms(500))).0, "tor-1");
+    assert!(m.take_verdicts().is_empty(), "a remote ejection is not this client's to share");
+}
+
+#[test]
+fn every_node_ejected_remotely_fails_open_as_local_ejection_does() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    for c in fleet() {
+        m.apply_remote_ejection(&c.id, Duration::from_secs(5), t0);
+    }
+    let mut turn = Turn::new("m", Kind::Json, fleet());
+    assert_eq!(sent_to(turn.start(&mut m, t0)).0, "tor-1", "discovery's order");
+    assert_eq!(m.usable("m", &fleet(), t0).len(), 3);
+}
+
+#[test]
+fn local_state_wins_over_a_remote_word() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    // One local failure: not ejected yet (eject_after 2).
+    m.note_failure("tor-1", 0, t0);
+    // A remote ejection and its clear leave the local count as it was.
+    m.apply_remote_ejection("tor-1", ms(100), t0);
+    m.clear_remote_ejection("tor-1");
+    assert!(!m.is_ejected("tor-1", t0));
+    assert_eq!(m.nodes["tor-1"].failures, 1, "the local count is untouched");
+    m.note_failure("tor-1", 0, t0);
+    assert!(m.is_ejected("tor-1", t0), "the second local failure ejects, as before");
+    let local_until = m.nodes["tor-1"].ejected_until.unwrap();
+    // A remote clear never ends a local ejection.
+    m.clear_remote_ejection("tor-1");
+    assert!(m.is_ejected("tor-1", t0) && !m.is_ejected_remotely("tor-1", t0));
+    assert_eq!(m.nodes["tor-1"].ejected_until, Some(local_until));
+    // A remote ejection is capped at this client's own longest backoff.
+    assert!(m.apply_remote_ejection("mtl-1", Duration::from_secs(3600), t0));
+    let cap = Policy::default().eject_backoff.max;
+    assert!(m.is_ejected("mtl-1", t0 + cap - ms(1)) && !m.is_ejected("mtl-1", t0 + cap));
+    assert!(!m.apply_remote_ejection("van-1", Duration::ZERO, t0), "nothing to apply");
+    assert!(!m.is_ejected("van-1", t0));
+}
+
+#[test]
+fn this_clients_ejections_and_recoveries_are_offered_for_sharing() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    m.note_failure("tor-1", 0, t0);
+    assert!(m.take_verdicts().is_empty(), "one failure ejects nothing");
+    m.note_failure("tor-1", 0, t0);
+    let v = m.take_verdicts();
+    assert_eq!(v.len(), 1);
+    let Verdict::Ejected { node, for_, reason } = &v[0] else { panic!("{v:?}") };
+    assert_eq!(node, "tor-1");
+    assert!(m.is_ejected("tor-1", t0 + *for_ - ms(1)) && !m.is_ejected("tor-1", t0 + *for_));
+    assert!(reason.contains("2 consecutive failures"), "{reason}");
+    // It served again (fail-open, or after its time): its recovery is shared once.
+    m.note_ok("tor-1", ms(20), Kind::Json);
+    assert_eq!(m.take_verdicts(), vec![Verdict::Rejoined { node: "tor-1".into() }]);
+    m.note_ok("tor-1", ms(20), Kind::Json);
+    assert!(m.take_verdicts().is_empty());
+    // A node only another client ejected that serves here: the remote word ends, and is
+    // answered with a recovery.
+    m.apply_remote_ejection("mtl-1", ms(500), t0);
+    m.note_ok("mtl-1", ms(20), Kind::Json);
+    assert!(!m.is_ejected("mtl-1", t0));
+    assert_eq!(m.take_verdicts(), vec![Verdict::Rejoined { node: "mtl-1".into() }]);
+}
+
+#[test]
+fn a_session_pinned_to_a_remotely_ejected_node_leaves_it_before_its_next_turn() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let mut plan = Plan::new("m", fleet(), 0, t0);
+    m.apply_remote_ejection("tor-1", Duration::from_secs(5), t0);
+    plan.before_turn(&mut m, t0 + ms(1));
+    assert_eq!(plan.order()[0].id, "mtl-1");
+    let events = m.take_events();
+    assert!(
+        events.iter().any(
+            |e| matches!(e, Event::Failover { reason, .. } if reason.contains("another client"))
+        ),
+        "{events:?}"
+    );
+}
