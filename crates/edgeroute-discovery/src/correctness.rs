@@ -323,7 +323,7 @@ impl Status {
             p.eject_above,
             p.recover_after,
             self.recovery_run.unwrap_or(0),
-        )
+        ) + &self.latency_p50_ms.map(|l| format!("; probe p50 {l} ms")).unwrap_or_default()
     }
 }
 

@@ -91,24 +91,8 @@ async fn a_node_answering_garbage_is_ejected_for_the_model_and_rejoins_only_afte
     let b = TestNode::start_as("b-1", "tor", NODE, None).await;
     let c = TestNode::start_as("c-1", "tor", NODE, None).await;
     // The nodes require an inference token: the replica's probes carry the fleet's.
-    let dir = std::env::temp_dir().join(format!("edgeroute-correctness-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let token_file = dir.join("token");
-    let token =
-        edgeroute_test_util::node::mint_hs256("edgeroute-discovery", &[Scope::Inference], 600);
-    std::fs::write(&token_file, token).unwrap();
-    let mut toml = format!(
-        "[discovery]\nallow_unauthenticated = true\n[probe]\ninterval_ms = 200\ntimeout_ms = 150\n\
-         [correctness]\ninterval_ms = 120\ntimeout_ms = 100\nmax_tokens = 8\ntoken_file = \"{}\"\n",
-        token_file.display()
-    );
-    for n in [&a, &b, &c] {
-        toml.push_str(&format!(
-            "[[nodes]]\nid = \"{}\"\nurl = \"http://{}\"\nregion = \"tor\"\n",
-            n.state.id, n.addr
-        ));
-    }
-    let d = Replica::start(&toml, None).await;
+    let token = token_file("garbage");
+    let d = replica(&[&a, &b, &c], &format!("token_file = \"{}\"", token.display())).await;
 
     // The fingerprint is learnt from the fleet's agreeing answers, and every node judged by it.
     for id in ["a-1", "b-1", "c-1"] {
@@ -160,7 +144,8 @@ async fn a_node_answering_garbage_is_ejected_for_the_model_and_rejoins_only_afte
     let excluded = ex["excluded"].as_array().unwrap();
     let why = excluded.iter().find(|e| e["id"] == "c-1").unwrap_or_else(|| panic!("{ex}"));
     assert_eq!(why["reason"], "wrong_answers");
-    assert!(why["detail"].as_str().unwrap().contains("correctness probes"), "{why}");
+    let detail = why["detail"].as_str().unwrap();
+    assert!(detail.contains("correctness probes") && detail.contains("probe p50"), "{why}");
     let m = d.metrics().await;
     assert_eq!(metric(&m, "edgeroute_discovery_correctness_ejected "), 1.0);
     assert!(metric(&m, "edgeroute_discovery_correctness_probes_total{outcome=\"wrong\"} ") >= 3.0);
@@ -190,5 +175,82 @@ async fn a_node_answering_garbage_is_ejected_for_the_model_and_rejoins_only_afte
     let st = d.until("c-1", "correct again", |c| c["state"] == "correct").await;
     assert!(st["recovery_run"].is_null(), "{st}");
     assert_eq!(metric(&d.metrics().await, "edgeroute_discovery_correctness_ejected "), 0.0);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&token);
+}
+
+/// A replica over `nodes`, correctness probes every 120 ms, with `extra` in `[correctness]`.
+async fn replica(nodes: &[&TestNode], extra: &str) -> Replica {
+    let mut toml = format!(
+        "[discovery]\nallow_unauthenticated = true\n[probe]\ninterval_ms = 200\ntimeout_ms = 150\n\
+         [correctness]\ninterval_ms = 120\ntimeout_ms = 100\nmax_tokens = 8\n{extra}\n"
+    );
+    for n in nodes {
+        toml.push_str(&format!(
+            "[[nodes]]\nid = \"{}\"\nurl = \"http://{}\"\nregion = \"tor\"\n",
+            n.state.id, n.addr
+        ));
+    }
+    Replica::start(&toml, None).await
+}
+
+fn token_file(tag: &str) -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("edgeroute-correctness-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    let token =
+        edgeroute_test_util::node::mint_hs256("edgeroute-discovery", &[Scope::Inference], 600);
+    std::fs::write(&file, token).unwrap();
+    file
+}
+
+#[tokio::test]
+async fn a_pinned_answer_ejects_a_node_that_answered_garbage_from_its_first_probe() {
+    let a = TestNode::start_as("a-1", "tor", NODE, None).await;
+    let g = TestNode::start_as("g-1", "tor", NODE, None).await;
+    set_garbage(&g, 1.0).await;
+    // The operator pins the answer a good node gives (spacing and case do not matter).
+    let chat = serde_json::json!({
+        "model": MODEL, "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Reply with the single word: ready"}],
+    });
+    let r = a.chat(chat.to_string()).await;
+    assert_eq!(r.status, 200);
+    let answer = r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_uppercase();
+    let d = replica(
+        &[&a, &g],
+        &format!(
+            "token_file = \"{}\"\n[[correctness.expected]]\nmodel = \"{MODEL}\"\nanswer = \"  {answer} \"\n",
+            token_file("pinned").display()
+        ),
+    )
+    .await;
+    let st = d.until("g-1", "ejected", |c| c["state"] == "ejected").await;
+    assert_eq!(st["basis"], "configured", "{st}");
+    assert_eq!(count(&st, "correct"), 0);
+    let st = d.until("a-1", "judged correct", |c| count(c, "correct") >= 2).await;
+    assert_eq!((st["state"].as_str(), st["basis"].as_str()), (Some("correct"), Some("configured")));
+    assert_eq!(d.candidates().await, ["a-1"]);
+}
+
+#[tokio::test]
+async fn probes_the_nodes_refuse_are_never_judged_and_eject_nobody() {
+    // No token: the nodes (which require one) answer 401 to every probe.
+    let a = TestNode::start_as("a-1", "tor", NODE, None).await;
+    let b = TestNode::start_as("b-1", "tor", NODE, None).await;
+    let d = replica(&[&a, &b], "").await;
+    for id in ["a-1", "b-1"] {
+        let st = d.until(id, "refused 4 times", |c| count(c, "unavailable") >= 4).await;
+        assert_eq!(st["state"], "learning", "{st}");
+        assert!(st["last_error"].as_str().unwrap().contains("401"), "{st}");
+        assert_eq!(count(&st, "wrong") + count(&st, "error") + count(&st, "correct"), 0);
+    }
+    let mut ids = d.candidates().await;
+    ids.sort();
+    assert_eq!(ids, ["a-1", "b-1"]);
+    let m = d.metrics().await;
+    assert!(
+        metric(&m, "edgeroute_discovery_correctness_probes_total{outcome=\"unavailable\"} ") >= 8.0
+    );
+    assert_eq!(metric(&m, "edgeroute_discovery_correctness_ejected "), 0.0);
 }
