@@ -365,8 +365,9 @@ pub struct CorrectnessConfig {
     /// Default 30; at least `learn_quorum`.
     pub learn_max_answers: u32,
     /// A file holding the fleet's inference-scoped JWT, sent to nodes over `https://` or to
-    /// loopback only. Default: none (nodes with `[auth]` then refuse the probe: counted as
-    /// `unavailable`, never judged).
+    /// loopback only; mint it for a tenant of its own (`sub = "edgeroute-discovery"`), so
+    /// probes never count against a customer's rate limit. Default: none (nodes with `[auth]`
+    /// then refuse the probe: counted as `unavailable`, never judged).
     pub token_file: Option<std::path::PathBuf>,
     /// Expected answers pinned by the operator (instead of learnt).
     pub expected: Vec<ExpectedAnswer>,

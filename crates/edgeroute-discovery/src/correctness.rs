@@ -553,7 +553,11 @@ impl Machine {
 
     /// Models tracked for `node`.
     pub fn models_of(&self, node: &str) -> Vec<String> {
-        self.nodes.keys().filter(|(n, _)| n == node).map(|(_, m)| m.clone()).collect()
+        self.nodes
+            .range((node.to_owned(), String::new())..)
+            .take_while(|((n, _), _)| n == node)
+            .map(|((_, m), _)| m.clone())
+            .collect()
     }
 }
 
@@ -722,14 +726,21 @@ mod tests {
     }
 
     #[test]
-    fn latency_p50_is_over_the_window() {
+    fn latency_p50_is_over_the_window_and_nodes_are_forgotten() {
         let mut m = pinned();
         for (t, l) in [10, 30, 20, 1000, 25].into_iter().enumerate() {
             m.observe("a", "m", "v1", Outcome::Answer(GOOD), ms(l), s(t as u64));
         }
         assert_eq!(m.status("a", "m", s(9)).unwrap().latency_p50_ms, Some(25));
+        m.observe("b", "m", "v1", Outcome::Answer(GOOD), ms(1), s(9));
+        m.observe("a", "n", "v1", Outcome::Answer(GOOD), ms(1), s(9));
+        assert_eq!(m.models_of("a"), ["m", "n"]);
+        assert_eq!(m.nodes().collect::<Vec<_>>(), ["a", "b"]);
         m.forget("a", Some("m"));
         assert!(m.status("a", "m", s(9)).is_none());
+        assert_eq!(m.models_of("a"), ["n"]);
+        m.forget("a", None);
+        assert_eq!(m.nodes().collect::<Vec<_>>(), ["b"]);
     }
 
     fn outcome() -> impl Strategy<Value = Outcome> {
