@@ -160,11 +160,11 @@ def start_proc(edgeroute_bin, workdir):
 
 
 @pytest.fixture
-def start_discovery_and_proxy(start_proc, workdir):
-    """A discovery replica over static `nodes` [(id, url, region)], verified, and `edgeroute
-    proxy` in front of it; returns the proxy's base URL."""
+def start_discovery(start_proc, workdir):
+    """A discovery replica over static `nodes` [(id, url, region)], waited for until it has
+    verified every node; returns its base URL."""
 
-    def start(nodes, model: str, token: str, proxy_args=()):
+    def start(nodes, model: str):
         dport = free_port()
         cfg = workdir / "discovery.toml"
         cfg.write_text(
@@ -177,11 +177,23 @@ def start_discovery_and_proxy(start_proc, workdir):
         while len(httpx.get(url).json()["candidates"]) < len(nodes):
             assert time.time() < deadline, "discovery never verified every node"
             time.sleep(0.05)
+        return f"http://127.0.0.1:{dport}"
+
+    return start
+
+
+@pytest.fixture
+def start_discovery_and_proxy(start_proc, start_discovery, workdir):
+    """A discovery replica over static `nodes` [(id, url, region)], verified, and `edgeroute
+    proxy` in front of it; returns the proxy's base URL."""
+
+    def start(nodes, model: str, token: str, proxy_args=()):
+        discovery = start_discovery(nodes, model)
         pport = free_port()
         token_file = workdir / "proxy-token"  # never on the command line: `ps` shows it
         token_file.write_text(token)
         token_file.chmod(0o600)
-        start_proc(["proxy", "--listen", f"127.0.0.1:{pport}", "--discovery", f"http://127.0.0.1:{dport}",
+        start_proc(["proxy", "--listen", f"127.0.0.1:{pport}", "--discovery", discovery,
                     "--token-file", str(token_file), *proxy_args], f"http://127.0.0.1:{pport}/health", "proxy")
         return f"http://127.0.0.1:{pport}"
 

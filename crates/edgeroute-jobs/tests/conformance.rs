@@ -160,6 +160,7 @@ conformance!(
     limits_and_illegal_calls_are_refused_with_typed_errors,
     the_store_follows_the_reference_machine,
     webhooks_wait_in_the_outbox_until_delivered_once_per_id,
+    a_tenant_lists_its_own_jobs_newest_first_page_by_page,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -822,4 +823,39 @@ async fn webhooks_wait_in_the_outbox_until_delivered_once_per_id(fx: &impl Fixtu
     );
     assert!(!reopened.enqueue_webhook(hook("msg_2"), 6_000).await.unwrap(), "still deduped");
     assert_eq!(reopened.webhook("msg_9").await.unwrap(), None);
+}
+
+async fn a_tenant_lists_its_own_jobs_newest_first_page_by_page(fx: &impl Fixture) {
+    let store = fx.open(Limits::default()).await;
+    let mut mine = Vec::new();
+    // Two jobs share a millisecond: the id breaks the tie, so pages neither skip nor repeat.
+    for (i, at) in [10, 20, 20, 30, 40].into_iter().enumerate() {
+        mine.push((at, store.create_job(job("acme", 1, None), at).await.unwrap().job.id));
+        let theirs = store.create_job(job("other", 1, None), at + i as u64).await.unwrap();
+        assert_ne!(theirs.job.tenant, "acme");
+    }
+    let mut single = job("acme", 1, None);
+    single.kind = JobKind::Single;
+    store.create_job(single, 50).await.unwrap();
+    mine.sort_by(|a, b| b.cmp(a));
+    let expected: Vec<String> = mine.into_iter().map(|(_, id)| id).collect();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list_jobs("acme", JobKind::Batch, after.as_deref(), 2).await.unwrap();
+        assert!(page.iter().all(|j| j.tenant == "acme" && j.kind == JobKind::Batch));
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|j| j.id.clone());
+        seen.extend(page.into_iter().map(|j| j.id));
+    }
+    assert_eq!(seen, expected, "newest first, every job once");
+    // Another tenant's id is not a cursor (nor a way to learn it exists).
+    let theirs = store.list_jobs("other", JobKind::Batch, None, 1).await.unwrap();
+    match store.list_jobs("acme", JobKind::Batch, Some(&theirs[0].id), 2).await {
+        Err(StoreError::NotFound { what: "job", .. }) => {}
+        other => panic!("expected not found, got {other:?}"),
+    }
+    assert_eq!(store.list_jobs("acme", JobKind::Single, None, 10).await.unwrap().len(), 1);
 }

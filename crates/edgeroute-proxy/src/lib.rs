@@ -172,7 +172,7 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, TokenFileError>
     Ok(token.to_owned())
 }
 
-/// (caller's tenant or "", session header, pipeline or "", model or "").
+/// (caller's token or "", session header, pipeline or "", model or "").
 type SessionKey = (String, String, String, String);
 
 /// Who a request is for, when the front serves many callers (the regional router): its tenant
@@ -436,6 +436,9 @@ pub fn error_response(e: ClientError) -> Response {
         e @ ClientError::BudgetSpent(_) => {
             ApiError::unavailable("retry_budget_spent", e.to_string(), 1)
         }
+        e @ ClientError::FleetSaturated { retry_after_ms, .. } => {
+            ApiError::unavailable("fleet_saturated", e.to_string(), retry_after_ms.div_ceil(1000))
+        }
         e @ (ClientError::Exhausted(_) | ClientError::StreamCut(_)) => {
             ApiError::new(status, "api_error", Some("no_node_available"), e.to_string())
         }
@@ -513,8 +516,11 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
-    // A pipeline session serves every model of the pipeline from one node.
-    let tenant = caller.map(|c| c.tenant.clone()).unwrap_or_default();
+    // A pipeline session serves every model of the pipeline from one node. A session acts
+    // with the token it was made with, so it is the caller's token (not only its tenant) that
+    // keys it: a renewed token, or another token of the tenant with other claims (residency),
+    // gets a session of its own rather than one holding an older, perhaps expired, token.
+    let tenant = caller.map(|c| c.bearer.to_string()).unwrap_or_default();
     let key = match &pipeline {
         Some(p) => (tenant, session_key, p.clone(), String::new()),
         None => (tenant, session_key, String::new(), body.model.clone()),

@@ -23,6 +23,108 @@ pub struct RouterConfig {
     pub tls: Option<TlsSection>,
     #[serde(default)]
     pub limits: Limits,
+    /// Async jobs: OpenAI's Batch API and single async requests with webhooks. Absent: the
+    /// routes answer 404 saying so.
+    #[serde(default)]
+    pub jobs: Option<JobsSection>,
+}
+
+/// `[jobs]`: where jobs are kept, how this replica works them, who it signs webhooks as.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsSection {
+    /// `sqlite:<path>` (one file, the embedded default) or `postgres://…` (several replicas
+    /// of a region share it). Required.
+    pub store: String,
+    /// The PostgreSQL schema. Default `edgeroute_jobs`.
+    #[serde(default = "default_schema")]
+    pub postgres_schema: String,
+    /// Items this replica runs at once (each also takes a `batch`-class admission place, so
+    /// interactive traffic goes first). Default 16.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// How long a claimed item is this replica's before another may take it (renewed while
+    /// it runs). Default 60000.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// How often leases, expiry and finalizing are checked, and the store polled when no
+    /// wake-up came. Default 1000.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// After the fleet had no capacity for an item, claims pause this long. Default 1000.
+    #[serde(default = "default_backoff_ms")]
+    pub busy_backoff_ms: u64,
+    /// The longest completion window a batch may ask for, s (OpenAI's is `24h`). Default 86400.
+    #[serde(default = "default_max_window_s")]
+    pub max_completion_window_s: u64,
+    /// NATS URL for wake-ups and cancel fan-out between replicas (the store stays the truth:
+    /// without it, replicas poll every `tick_ms`).
+    #[serde(default)]
+    pub nats_url: Option<String>,
+    /// The key the router signs the tenant's short-lived tokens with when it runs a job's
+    /// items later (the submitting token may have expired by then); nodes must trust it (its
+    /// public key in their JWKS, or the shared HS256 secret). Required with `[auth]`.
+    #[serde(default)]
+    pub delegation_key_file: Option<PathBuf>,
+    /// `eddsa` (default), `rs256` or `hs256`.
+    #[serde(default = "default_delegation_alg")]
+    pub delegation_alg: String,
+    /// The `kid` of the delegation key (JWKS keys).
+    #[serde(default)]
+    pub delegation_kid: Option<String>,
+    /// Lifetime of a delegated token, s. Default 300.
+    #[serde(default = "default_delegation_ttl_s")]
+    pub delegation_ttl_s: u64,
+    /// Standard Webhooks secrets (`whsec_…`), newest first: every one signs (rotation).
+    #[serde(default)]
+    pub webhook_secret_files: Vec<PathBuf>,
+    /// Hosts webhooks may reach over `http` or at internal addresses (an operator's own
+    /// receivers); everything else must be public `https`.
+    #[serde(default)]
+    pub webhook_allowed_hosts: Vec<String>,
+    /// One webhook attempt's time limit, ms. Default 10000.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub webhook_timeout_ms: u64,
+    /// Attempts before a webhook is given up (the job stays pollable). Default 8.
+    #[serde(default = "default_webhook_attempts")]
+    pub webhook_max_attempts: u32,
+    /// First retry delay, ms (doubling, jittered, capped at an hour). Default 5000.
+    #[serde(default = "default_webhook_first_delay_ms")]
+    pub webhook_first_delay_ms: u64,
+}
+
+fn default_schema() -> String {
+    "edgeroute_jobs".into()
+}
+fn default_workers() -> usize {
+    16
+}
+fn default_lease_ms() -> u64 {
+    60_000
+}
+fn default_tick_ms() -> u64 {
+    1000
+}
+fn default_backoff_ms() -> u64 {
+    1000
+}
+fn default_max_window_s() -> u64 {
+    86_400
+}
+fn default_delegation_alg() -> String {
+    "eddsa".into()
+}
+fn default_delegation_ttl_s() -> u64 {
+    300
+}
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+fn default_webhook_attempts() -> u32 {
+    8
+}
+fn default_webhook_first_delay_ms() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +292,9 @@ impl RouterConfig {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if let Some(j) = &self.jobs {
+            j.validate(self.auth.is_some())?;
+        }
         if l.queue_timeout_ms > 60_000 {
             return Err(invalid(
                 "limits.queue_timeout_ms",
@@ -207,6 +312,44 @@ impl RouterConfig {
             tenant_queue: l.tenant_queue,
             queue_timeout: Duration::from_millis(l.queue_timeout_ms),
         }
+    }
+}
+
+impl JobsSection {
+    fn validate(&self, auth: bool) -> Result<(), ConfigError> {
+        if !(self.store.starts_with("sqlite:")
+            || self.store.starts_with("postgres://")
+            || self.store.starts_with("postgresql://"))
+        {
+            return Err(invalid("jobs.store", "`sqlite:<path>` or `postgres://…`"));
+        }
+        for (key, v) in [
+            ("jobs.workers", self.workers as u64),
+            ("jobs.lease_ms", self.lease_ms),
+            ("jobs.tick_ms", self.tick_ms),
+            ("jobs.max_completion_window_s", self.max_completion_window_s),
+            ("jobs.delegation_ttl_s", self.delegation_ttl_s),
+            ("jobs.webhook_timeout_ms", self.webhook_timeout_ms),
+            ("jobs.webhook_max_attempts", u64::from(self.webhook_max_attempts)),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.lease_ms < 3000 {
+            return Err(invalid("jobs.lease_ms", "at least 3 s: leases are renewed at a third"));
+        }
+        if auth && self.delegation_key_file.is_none() {
+            return Err(invalid(
+                "jobs.delegation_key_file",
+                "with [auth], a job's items run after the submitting token may have expired: \
+                 name a key the nodes trust to sign the tenant's short-lived tokens",
+            ));
+        }
+        if !["eddsa", "rs256", "hs256"].contains(&self.delegation_alg.as_str()) {
+            return Err(invalid("jobs.delegation_alg", "`eddsa`, `rs256` or `hs256`"));
+        }
+        Ok(())
     }
 }
 
@@ -237,5 +380,14 @@ mod tests {
         assert!(err(&format!("{open}[limits]\ntenant_inflight = 3\n")).contains("tenant_inflight"));
         let auth = format!("{base}listen = \"0.0.0.0:8090\"\n[auth]\nhs256_secret_file = \"/s\"\n");
         assert!(err(&auth).contains("[tls]"), "plaintext on a public address");
+        let jobs = |extra: &str| format!("{open}[jobs]\nstore = \"sqlite:/tmp/j.db\"\n{extra}");
+        assert!(RouterConfig::from_toml(&jobs("")).is_ok());
+        assert!(err(&format!("{open}[jobs]\nstore = \"mysql://x\"\n")).contains("jobs.store"));
+        assert!(err(&jobs("workers = 0\n")).contains("jobs.workers"));
+        assert!(err(&jobs("delegation_alg = \"none\"\n")).contains("jobs.delegation_alg"));
+        let authed = format!(
+            "{base}[auth]\nhs256_secret_file = \"/s\"\n[jobs]\nstore = \"sqlite:/tmp/j.db\"\n"
+        );
+        assert!(err(&authed).contains("jobs.delegation_key_file"));
     }
 }

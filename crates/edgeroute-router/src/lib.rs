@@ -28,6 +28,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod jobs;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -68,6 +69,8 @@ pub enum RouterError {
     Tls(#[from] edgeroute_http::tls::TlsError),
     #[error("client: {0}")]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Jobs(#[from] jobs::JobsError),
 }
 
 type Limiter = RateLimiter<
@@ -95,6 +98,8 @@ struct Shared {
     gate: Arc<Gate>,
     id: HeaderValue,
     counters: Counters,
+    /// `[jobs]`: files, batches, async requests.
+    jobs: Option<Arc<jobs::Jobs>>,
 }
 
 /// A built router: its routes, and the key reloader to run beside them.
@@ -137,15 +142,43 @@ impl RouterService {
             gate,
             id,
             counters: Counters::default(),
+            jobs: None,
             cfg,
         };
         Ok(RouterService { shared: Arc::new(shared) })
+    }
+
+    /// [`RouterService::build`], and the job store of `[jobs]` opened (its schema created).
+    pub async fn open(cfg: RouterConfig) -> Result<RouterService, RouterError> {
+        let jobs = match &cfg.jobs {
+            Some(j) => Some(Arc::new(jobs::Jobs::open(j.clone(), &cfg.router.id).await?)),
+            None => None,
+        };
+        let mut service = RouterService::build(cfg)?;
+        if let Some(shared) = Arc::get_mut(&mut service.shared) {
+            shared.jobs = jobs;
+        }
+        Ok(service)
     }
 
     /// The routes (see the crate docs for who may call each).
     pub fn routes(&self) -> Routes {
         Routes::new()
             .route("/v1/chat/completions", post(chat))
+            .route(
+                "/v1/files",
+                post(jobs::api::upload_file).layer(axum::extract::DefaultBodyLimit::max(
+                    self.shared.jobs.as_ref().map_or(0, |j| j.store.limits().max_file_bytes)
+                        + (1 << 16),
+                )),
+            )
+            .route("/v1/files/{id}", get(jobs::api::get_file))
+            .route("/v1/files/{id}/content", get(jobs::api::file_content))
+            .route("/v1/batches", post(jobs::api::create_batch).get(jobs::api::list_batches))
+            .route("/v1/batches/{id}", get(jobs::api::get_batch))
+            .route("/v1/batches/{id}/cancel", post(jobs::api::cancel_batch))
+            .route("/v1/async/{id}", get(jobs::api::get_async))
+            .route("/v1/async/{id}/cancel", post(jobs::api::cancel_async))
             .route("/health", get(health))
             .route("/metrics", get(metrics))
             .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
@@ -169,11 +202,16 @@ impl RouterService {
             ),
             _ => None,
         };
+        let tasks = jobs::spawn(self.shared.clone(), stop_tx.subscribe());
         let limits = edgeroute_http::ServerLimits::default();
         edgeroute_http::serve(listener, self.routes(), limits, tls, shutdown).await;
         let _ = stop_tx.send(true);
         if let Some(r) = reloader {
             let _ = r.await;
+        }
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
         }
         Ok(())
     }
@@ -185,20 +223,31 @@ pub async fn serve<L: edgeroute_http::Listener>(
     listener: L,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), RouterError> {
-    RouterService::build(cfg)?.serve(listener, shutdown).await
+    RouterService::open(cfg).await?.serve(listener, shutdown).await
 }
 
-/// The verified caller, or the refusal.
-fn authenticate(sh: &Shared, req: &Request, scope: Scope) -> Result<Option<Caller>, Response> {
+/// A verified caller: who, with which token, and what the token says.
+pub(crate) struct Authed {
+    pub caller: Caller,
+    pub verified: Arc<edgeroute_auth::Verified>,
+}
+
+/// The verified caller (`None` without `[auth]`), or the refusal.
+pub(crate) fn verify(
+    sh: &Shared,
+    headers: &http::HeaderMap,
+    scope: Scope,
+) -> Result<Option<Authed>, Response> {
     let Some(store) = &sh.auth else { return Ok(None) };
-    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let now = edgeroute_core::clock::unix_ms() / 1000;
     let token = edgeroute_auth::parse_bearer(header);
     let verified = token.and_then(|t| store.authenticate(t, now).map(|v| (t, v)));
     match verified {
-        Ok((t, v)) if v.scope.contains(scope) => {
-            Ok(Some(Caller { tenant: v.tenant.to_string(), bearer: Arc::from(t) }))
-        }
+        Ok((t, v)) if v.scope.contains(scope) => Ok(Some(Authed {
+            caller: Caller { tenant: v.tenant.to_string(), bearer: Arc::from(t) },
+            verified: v,
+        })),
         Ok(_) => Err(ApiError::forbidden(
             "insufficient_scope",
             format!("this route needs a token with the `{}` scope", scope.as_str()),
@@ -209,6 +258,11 @@ fn authenticate(sh: &Shared, req: &Request, scope: Scope) -> Result<Option<Calle
         }
         Err(e) => Err(ApiError::unauthorized(e.api_code(), e.to_string()).into_response()),
     }
+}
+
+/// The verified caller, or the refusal.
+fn authenticate(sh: &Shared, req: &Request, scope: Scope) -> Result<Option<Caller>, Response> {
+    verify(sh, req.headers(), scope).map(|a| a.map(|a| a.caller))
 }
 
 fn too_many(code: &str, message: String, retry_after: Duration) -> Response {
@@ -255,6 +309,12 @@ async fn chat(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             ),
             wait,
         );
+    }
+    // `Prefer: respond-async`: stored now, run by the job workers, answered by poll or webhook.
+    if jobs::api::wants_async(req.headers()) {
+        let mut res = jobs::api::submit_async(sh.clone(), req).await;
+        res.headers_mut().insert(ROUTER_HEADER, sh.id.clone());
+        return res;
     }
     let permit = match sh.gate.enter(tenant.clone(), class).await {
         Ok((p, waited)) => {
@@ -370,6 +430,24 @@ async fn metrics(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         out.push_str(&format!(
             "# HELP edgeroute_router_{name} {help}.\n# TYPE edgeroute_router_{name} gauge\nedgeroute_router_{name} {v}\n"
         ));
+    }
+    if let Some(j) = &sh.jobs {
+        let c = &j.counters;
+        for (name, help, v) in [
+            ("claimed", "Job items claimed by this replica", &c.claimed),
+            ("succeeded", "Job items answered", &c.succeeded),
+            ("failed", "Job items failed for good", &c.failed),
+            ("requeued", "Job items given back for want of capacity", &c.requeued),
+            ("aborted", "Job items aborted (cancel, expiry)", &c.aborted),
+            ("stale", "Job item results dropped: another replica owned the item", &c.stale),
+            ("webhooks_sent", "Webhook attempts answered 2xx", &c.webhooks_sent),
+            ("webhooks_failed", "Webhook attempts that failed", &c.webhooks_failed),
+        ] {
+            out.push_str(&format!(
+                "# HELP edgeroute_router_jobs_{name} {help}.\n# TYPE edgeroute_router_jobs_{name} counter\nedgeroute_router_jobs_{name}_total {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
     }
     let s = sh.front.client().stats();
     for (name, v) in [

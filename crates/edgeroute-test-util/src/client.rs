@@ -54,7 +54,7 @@ fn request(
         .method(method)
         .uri(format!("http://{addr}{path}"))
         .header("host", addr.to_string());
-    if !body.is_empty() {
+    if !body.is_empty() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
         b = b.header("content-type", "application/json");
     }
     if let Some(t) = token {

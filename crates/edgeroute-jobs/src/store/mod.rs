@@ -541,6 +541,16 @@ pub trait JobStore: Send + Sync + 'static {
     /// A job.
     fn job(&self, id: &str) -> impl Future<Output = Result<Option<Job>, StoreError>> + Send;
 
+    /// A tenant's jobs of one kind, newest first, at most `limit`, after the job `after` (the
+    /// last of the previous page; [`StoreError::NotFound`] unless it is the tenant's).
+    fn list_jobs(
+        &self,
+        tenant: &str,
+        kind: JobKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Job>, StoreError>> + Send;
+
     /// Claims up to `max` claimable items (queued, or leased with a lapsed lease whose
     /// attempts are not spent) of in-progress jobs, oldest job first, for `lease_ms`. Every
     /// claim raises the item's fencing token. Concurrent claimers never get the same item.

@@ -131,7 +131,7 @@ fn valid_schema(name: &str) -> bool {
 }
 
 /// 1: files, jobs, items; 2: the webhook outbox.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
@@ -166,6 +166,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (tenant, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, expires_at);
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, kind, created_at, id);
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     idx BIGINT NOT NULL,
@@ -900,6 +901,34 @@ impl JobStore for PostgresStore {
         let conn = self.pool.get().await?;
         let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
         load_job(client, id, "").await
+    }
+
+    async fn list_jobs(
+        &self,
+        tenant: &str,
+        kind: JobKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let conn = self.pool.get().await?;
+        let client = conn.client.as_ref().ok_or_else(|| StoreError::Task("no client".into()))?;
+        // Newest first; `after` is the last id of the previous page (its owner's only).
+        let (at, id) = match after {
+            Some(id) => match load_job(client, id, "").await? {
+                Some(j) if j.tenant == tenant => (j.created_at as i64, j.id),
+                _ => return Err(StoreError::NotFound { what: "job", id: id.to_owned() }),
+            },
+            None => (i64::MAX, String::new()),
+        };
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND kind = $2
+               AND (created_at < $3 OR (created_at = $3 AND id < $4) OR $5)
+             ORDER BY created_at DESC, id DESC LIMIT $6"
+        );
+        let rows = client
+            .query(&sql, &[&tenant, &kind.as_str(), &at, &id, &after.is_none(), &(limit as i64)])
+            .await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn claim(

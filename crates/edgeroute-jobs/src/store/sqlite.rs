@@ -48,7 +48,7 @@ pub struct SqliteStore {
 
 /// 1: files, jobs, items; 2: the webhook outbox (every statement `IF NOT EXISTS`, so an older
 /// file gains what it lacks).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS files (
@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (tenant, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, expires_at);
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, kind, created_at, id);
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     idx INTEGER NOT NULL,
@@ -728,6 +729,39 @@ impl JobStore for SqliteStore {
     async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
         let id = id.to_owned();
         self.read(move |c| load_job(c, &id)).await
+    }
+
+    async fn list_jobs(
+        &self,
+        tenant: &str,
+        kind: JobKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let (tenant, after) = (tenant.to_owned(), after.map(str::to_owned));
+        self.read(move |c| {
+            // Newest first; `after` is the last id of the previous page (its owner's only).
+            let cursor = match &after {
+                Some(id) => match load_job(c, id)? {
+                    Some(j) if j.tenant == tenant => Some((j.created_at as i64, j.id)),
+                    _ => return Err(StoreError::NotFound { what: "job", id: id.clone() }),
+                },
+                None => None,
+            };
+            let (at, id) = cursor.unwrap_or((i64::MAX, String::new()));
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ?1 AND kind = ?2
+                   AND (created_at < ?3 OR (created_at = ?3 AND id < ?4) OR ?5)
+                 ORDER BY created_at DESC, id DESC LIMIT ?6"
+            );
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt.query_map(
+                rusqlite::params![tenant, kind.as_str(), at, id, after.is_none(), limit as i64],
+                job_from_row,
+            )?;
+            rows.map(|r| r?).collect()
+        })
+        .await
     }
 
     async fn claim(
