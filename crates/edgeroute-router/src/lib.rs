@@ -29,6 +29,7 @@
 pub mod admission;
 pub mod config;
 pub mod jobs;
+pub mod share;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
