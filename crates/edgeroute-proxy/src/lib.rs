@@ -62,14 +62,31 @@ pub const NODE_HEADER: &str = "x-edgeroute-node";
 /// The header naming the tier that served: `edge`, or a routing policy's cloud pool.
 pub const TIER_HEADER: &str = "x-edgeroute-tier";
 
-/// The tier of `session`'s candidate `node`: its pool's name, else `edge`.
-fn tier(session: &Session, node: &str) -> HeaderValue {
-    let pool = [Some(session.pinned()), session.standby()]
-        .into_iter()
-        .flatten()
-        .find(|c| c.id == node)
-        .and_then(|c| c.pool);
-    pool.and_then(|p| HeaderValue::from_str(&p).ok()).unwrap_or(HeaderValue::from_static("edge"))
+/// The header naming the model that served when it is not the one asked for: a routing
+/// policy's cascade answered with a reduced model (degraded mode).
+pub const SERVED_MODEL_HEADER: &str = "x-edgeroute-served-model";
+/// `cascade` when [`SERVED_MODEL_HEADER`] is set: the answer is degraded, and why.
+pub const DEGRADED_HEADER: &str = "x-edgeroute-degraded";
+
+/// What an answer says of who served it: the node, its tier (its pool's name, else `edge`),
+/// and, when a cascade's reduced model served, which model and that it is degraded.
+fn served_by(session: &Session, node: &str, h: &mut http::HeaderMap) {
+    let cand =
+        [Some(session.pinned()), session.standby()].into_iter().flatten().find(|c| c.id == node);
+    if let Ok(n) = HeaderValue::from_str(node) {
+        h.insert(NODE_HEADER, n);
+    }
+    let tier =
+        cand.as_ref().and_then(|c| c.pool.as_deref()).and_then(|p| HeaderValue::from_str(p).ok());
+    h.insert(TIER_HEADER, tier.unwrap_or(HeaderValue::from_static("edge")));
+    if let Some(m) = cand
+        .as_ref()
+        .and_then(|c| c.serve_as.as_deref())
+        .and_then(|m| HeaderValue::from_str(m).ok())
+    {
+        h.insert(SERVED_MODEL_HEADER, m);
+        h.insert(DEGRADED_HEADER, HeaderValue::from_static("cascade"));
+    }
 }
 
 /// The proxy's limits; every one explicit.
@@ -546,24 +563,19 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
     if !body.stream {
         let answer = session.chat(&body).await;
         let pinned = session.pinned().id;
-        let node = HeaderValue::from_str(&pinned).ok();
-        let tier = tier(&session, &pinned);
         let mut res = match answer {
             Ok(c) => axum::Json(c).into_response(),
             Err(e) => return error_response(e),
         };
-        if let Some(n) = node {
-            res.headers_mut().insert(NODE_HEADER, n);
-        }
-        res.headers_mut().insert(TIER_HEADER, tier);
+        served_by(&session, &pinned, res.headers_mut());
         return res;
     }
     let stream = match session.chat_stream(&body).await {
         Ok(s) => s,
         Err(e) => return error_response(e),
     };
-    let node = HeaderValue::from_str(stream.node()).ok();
-    let tier = tier(&session, stream.node());
+    let mut served = http::HeaderMap::new();
+    served_by(&session, stream.node(), &mut served);
     let frames = futures_util::stream::unfold(Some(stream), |state| async move {
         let mut s = state?;
         let frame = match s.next_item().await {
@@ -595,10 +607,7 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Some(n) = node {
-        h.insert(NODE_HEADER, n);
-    }
-    h.insert(TIER_HEADER, tier);
+    h.extend(served);
     res
 }
 

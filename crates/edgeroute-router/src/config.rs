@@ -27,6 +27,11 @@ pub struct RouterConfig {
     /// routes answer 404 saying so.
     #[serde(default)]
     pub jobs: Option<JobsSection>,
+    /// The topology bus the region's router replicas share their node ejections on (NATS in
+    /// production; `embedded` shares only between replicas of one process). Absent: each
+    /// replica learns alone.
+    #[serde(default)]
+    pub bus: Option<edgeroute_bus::BusConfig>,
 }
 
 /// `[jobs]`: where jobs are kept, how this replica works them, who it signs webhooks as.
@@ -157,6 +162,12 @@ pub struct RouterSection {
     /// A stream's first token must arrive within this, else the request moves on. Default 3000.
     #[serde(default = "default_first_token_ms")]
     pub first_token_timeout_ms: u64,
+    /// Never send a node more requests at once than its slots (its capacity, from discovery
+    /// and its load reports): a full node is passed over, and when every eligible node is
+    /// full a request waits (up to `first_token_timeout_ms`) and is then refused 503
+    /// `fleet_saturated` with `Retry-After`. Default true.
+    #[serde(default = "default_true")]
+    pub respect_node_capacity: bool,
 }
 
 impl Default for RouterSection {
@@ -171,6 +182,7 @@ impl Default for RouterSection {
             allow_plaintext: false,
             ca_file: None,
             first_token_timeout_ms: default_first_token_ms(),
+            respect_node_capacity: true,
         }
     }
 }
@@ -185,6 +197,10 @@ fn default_listen() -> SocketAddr {
 
 fn default_first_token_ms() -> u64 {
     3000
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Every limit, explicit.

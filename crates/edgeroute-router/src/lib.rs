@@ -72,6 +72,8 @@ pub enum RouterError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Jobs(#[from] jobs::JobsError),
+    #[error("bus: {0}")]
+    Bus(#[from] edgeroute_bus::BusError),
 }
 
 type Limiter = RateLimiter<
@@ -101,6 +103,9 @@ struct Shared {
     counters: Counters,
     /// `[jobs]`: files, batches, async requests.
     jobs: Option<Arc<jobs::Jobs>>,
+    /// `[bus]`: where the replicas share their ejections.
+    bus: Option<edgeroute_bus::Bus>,
+    share: Arc<share::ShareCounters>,
 }
 
 /// A built router: its routes, and the key reloader to run beside them.
@@ -119,6 +124,7 @@ impl RouterService {
             allow_plaintext: r.allow_plaintext,
             ca_file: r.ca_file.clone(),
             first_token_timeout: Duration::from_millis(r.first_token_timeout_ms),
+            respect_node_capacity: r.respect_node_capacity,
             ..ClientConfig::default()
         })?;
         let l = &cfg.limits;
@@ -144,6 +150,8 @@ impl RouterService {
             id,
             counters: Counters::default(),
             jobs: None,
+            bus: None,
+            share: Arc::default(),
             cfg,
         };
         Ok(RouterService { shared: Arc::new(shared) })
@@ -155,11 +163,25 @@ impl RouterService {
             Some(j) => Some(Arc::new(jobs::Jobs::open(j.clone(), &cfg.router.id).await?)),
             None => None,
         };
+        let bus = match &cfg.bus {
+            Some(b) => Some(edgeroute_bus::Bus::connect(b).await?),
+            None => None,
+        };
         let mut service = RouterService::build(cfg)?;
         if let Some(shared) = Arc::get_mut(&mut service.shared) {
             shared.jobs = jobs;
+            shared.bus = bus;
         }
         Ok(service)
+    }
+
+    /// Shares ejections on `bus` (a handle the caller holds: replicas of one process on one
+    /// embedded bus), in place of `[bus]`.
+    pub fn with_bus(mut self, bus: edgeroute_bus::Bus) -> RouterService {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.bus = Some(bus);
+        }
+        self
     }
 
     /// The routes (see the crate docs for who may call each).
@@ -203,7 +225,18 @@ impl RouterService {
             ),
             _ => None,
         };
-        let tasks = jobs::spawn(self.shared.clone(), stop_tx.subscribe());
+        let mut tasks = jobs::spawn(self.shared.clone(), stop_tx.subscribe());
+        if let Some(bus) = self.shared.bus.clone() {
+            let (client, id) =
+                (self.shared.front.client().clone(), self.shared.cfg.router.id.clone());
+            let counters = self.shared.share.clone();
+            tasks.push(tokio::spawn(async move {
+                let opts = share::ShareOptions::default();
+                if let Err(e) = share::run(bus, client, id, opts, counters).await {
+                    tracing::warn!(error = %e, "router replicas' sharing stopped");
+                }
+            }));
+        }
         let limits = edgeroute_http::ServerLimits::default();
         edgeroute_http::serve(listener, self.routes(), limits, tls, shutdown).await;
         let _ = stop_tx.send(true);
@@ -449,6 +482,22 @@ async fn metrics(State(sh): State<Arc<Shared>>, req: Request) -> Response {
                 v.load(Ordering::Relaxed)
             ));
         }
+    }
+    let c = &sh.share;
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, v) in [
+        ("published", "Ejections and recoveries this replica told the others", n(&c.published)),
+        ("applied_ejections", "Other replicas' ejections applied here", n(&c.applied_ejections)),
+        ("applied_rejoins", "Other replicas' recoveries applied here", n(&c.applied_rejoins)),
+        (
+            "ignored",
+            "Messages ignored (stale, malformed, another version)",
+            n(&c.ignored_stale) + n(&c.ignored_malformed) + n(&c.ignored_other_version),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP edgeroute_router_share_{name} {help}.\n# TYPE edgeroute_router_share_{name} counter\nedgeroute_router_share_{name}_total {v}\n"
+        ));
     }
     let s = sh.front.client().stats();
     for (name, v) in [
