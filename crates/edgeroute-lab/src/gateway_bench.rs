@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -44,6 +44,9 @@ pub enum TargetKind {
     Direct,
     /// `edgeroute node` in front of the same simulator.
     Gateway,
+    /// `edgeroute router` in front of the same gateway (an `edgeroute discovery` process over
+    /// that one node tells it where the node is).
+    Router,
     /// nginx as a plain reverse proxy in front of the same simulator.
     Nginx,
     /// LiteLLM's proxy (`litellm --config`) in front of the same simulator.
@@ -55,6 +58,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct (sim)",
             TargetKind::Gateway => "edgeroute gateway",
+            TargetKind::Router => "edgeroute router",
             TargetKind::Nginx => "nginx",
             TargetKind::LiteLlm => "LiteLLM proxy",
         }
@@ -84,6 +88,9 @@ pub struct GatewayBenchOpts {
     /// The gateway's `node.worker_threads` (1: one event loop, like one nginx worker; 0: one
     /// thread per core).
     pub gateway_worker_threads: usize,
+    /// Also measure `edgeroute router` (and its discovery replica) in front of the gateway:
+    /// the router's added latency is its row minus the gateway's.
+    pub router: bool,
     pub modes: Vec<Mode>,
     /// Intended requests per second, one phase each.
     pub rates: Vec<f64>,
@@ -127,6 +134,7 @@ impl GatewayBenchOpts {
             litellm_max_rate: 20.0,
             litellm_startup_timeout: Duration::from_secs(120),
             gateway_worker_threads: 1,
+            router: false,
             modes: vec![Mode::Json, Mode::Stream],
             rates: vec![20.0, 1000.0, 5000.0],
             duration: Duration::from_secs(10),
@@ -258,6 +266,15 @@ pub struct GatewayBenchReport {
     pub memory: Vec<MemoryRow>,
     pub gateway_config: String,
     pub nginx_config: Option<String>,
+    /// With [`GatewayBenchOpts::router`]: the router's and its discovery replica's configs.
+    pub router_configs: Option<RouterConfigs>,
+}
+
+/// The configs the router row ran with, for the report.
+#[derive(Debug, Clone)]
+pub struct RouterConfigs {
+    pub router: String,
+    pub discovery: String,
 }
 
 /// How LiteLLM ran, for the report.
@@ -281,13 +298,93 @@ pub fn gateway_config(
     secret_file: &Path,
     worker_threads: usize,
 ) -> edgeroute_node::NodeConfig {
-    let backend =
-        FleetBackend::OpenAi { upstream: upstream_url.to_owned(), model: "sim-llama".into() };
-    let mut cfg = FleetSpec::single("bench-gw", 0, secret_file, backend).node_config(0, None);
+    let mut cfg = gateway_fleet(upstream_url, secret_file).node_config(0, None);
     cfg.node.listen = listen;
     cfg.node.worker_threads = worker_threads;
     cfg.limits.max_concurrency = 100_000;
     cfg
+}
+
+/// The one-node fleet of the gateway row: `bench-gw` in region `local`, trusting HS256 tokens
+/// signed with the secret in `secret_file`, in front of the simulator at `upstream_url`.
+pub fn gateway_fleet(upstream_url: &str, secret_file: &Path) -> FleetSpec {
+    let backend =
+        FleetBackend::OpenAi { upstream: upstream_url.to_owned(), model: "sim-llama".into() };
+    FleetSpec::single("bench-gw", 0, secret_file, backend)
+}
+
+/// A discovery replica that knows `fleet`'s nodes from its config (`[[nodes]]` at `urls`, no
+/// bus), verifying callers as the fleet does, on `listen`: the text of its file.
+pub fn static_discovery_toml(
+    fleet: &FleetSpec,
+    listen: SocketAddr,
+    urls: &[String],
+) -> anyhow::Result<String> {
+    let region = fleet.regions.first().map_or("local", String::as_str);
+    let mut cfg = fleet.static_discovery_config(region, urls);
+    cfg.discovery.listen = listen;
+    toml::to_string(&cfg).context("writing the discovery replica's config")
+}
+
+/// The router's `[limits]` in a benchmark. [`RouterLimits::OUT_OF_THE_WAY`] puts every one far
+/// above the offered load (the whole load is one tenant's): a benchmark measures the request
+/// path, not the limiter or the admission queue refusing requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterLimits {
+    pub rate_limit_per_s: u32,
+    pub rate_limit_burst: u32,
+    pub total_in_flight: u32,
+    pub tenant_in_flight: u32,
+    pub tenant_queue: u32,
+}
+
+impl RouterLimits {
+    pub const OUT_OF_THE_WAY: RouterLimits = RouterLimits {
+        rate_limit_per_s: 1_000_000,
+        rate_limit_burst: 1_000_000,
+        total_in_flight: 100_000,
+        tenant_in_flight: 100_000,
+        tenant_queue: 100_000,
+    };
+}
+
+/// `edgeroute router`'s config (crates/edgeroute-router/src/config.rs) as the text of its
+/// file: one replica on `listen` asking the discovery replica at `discovery_url`, tenants'
+/// HS256 tokens verified with the secret in `secret_file` (the nodes' secret: the tenant's
+/// token goes through to them), `limits`, and `jobs` as the body of a `[jobs]` section when
+/// given.
+pub fn router_config_toml(
+    listen: SocketAddr,
+    discovery_url: &str,
+    secret_file: &Path,
+    limits: RouterLimits,
+    jobs: Option<&str>,
+) -> String {
+    let secret = toml_string(&secret_file.display().to_string());
+    let RouterLimits {
+        rate_limit_per_s,
+        rate_limit_burst,
+        total_in_flight,
+        tenant_in_flight,
+        tenant_queue,
+    } = limits;
+    let mut text = format!(
+        "# Generated by edgeroute-lab.\n\
+         [router]\nid = \"bench-router\"\nregion = \"local\"\nlisten = \"{listen}\"\n\
+         discovery = [{discovery}]\n\n\
+         [auth]\nhs256_secret_file = {secret}\n\n\
+         [limits]\nrate_limit_per_s = {rate_limit_per_s}\nrate_limit_burst = {rate_limit_burst}\n\
+         total_in_flight = {total_in_flight}\ntenant_in_flight = {tenant_in_flight}\n\
+         tenant_queue = {tenant_queue}\n",
+        discovery = toml_string(discovery_url),
+    );
+    if let Some(jobs) = jobs {
+        let _ = write!(text, "\n[jobs]\n{jobs}");
+        if !jobs.ends_with('\n') {
+            text.push('\n');
+        }
+    }
+    text
 }
 
 /// [`gateway_config`] as the text of its file.
@@ -302,7 +399,7 @@ pub fn gateway_config_toml(
 }
 
 /// A TOML basic string with quotes and backslashes escaped.
-fn toml_string(s: &str) -> String {
+pub(crate) fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -460,20 +557,54 @@ fn free_port() -> std::io::Result<u16> {
 
 /// `GET path` on a fresh connection; `None` on any failure.
 async fn get_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<StatusCode> {
+    let req = HttpCall::new(http::Method::GET, path);
+    http_call(addr, req, timeout).await.map(|(status, _)| status)
+}
+
+/// One request for [`http_call`].
+#[derive(Debug, Clone)]
+pub(crate) struct HttpCall<'a> {
+    pub method: http::Method,
+    pub path: &'a str,
+    pub bearer: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub body: Bytes,
+}
+
+impl<'a> HttpCall<'a> {
+    pub fn new(method: http::Method, path: &'a str) -> Self {
+        HttpCall { method, path, bearer: None, content_type: None, body: Bytes::new() }
+    }
+}
+
+/// One request on a fresh HTTP/1.1 connection to a loopback server: its status and whole
+/// body, or `None` on any failure (connect, I/O, `timeout`).
+pub(crate) async fn http_call(
+    addr: SocketAddr,
+    call: HttpCall<'_>,
+    timeout: Duration,
+) -> Option<(StatusCode, Bytes)> {
     let attempt = async {
         let stream = TcpStream::connect(addr).await.ok()?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
         let driver = tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(http::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .ok()?;
+        let mut req = Request::builder()
+            .method(call.method)
+            .uri(call.path)
+            .header(http::header::HOST, addr.to_string());
+        if let Some(token) = call.bearer {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some(ct) = call.content_type {
+            req = req.header(http::header::CONTENT_TYPE, ct);
+        }
+        let req = req.body(Full::new(call.body)).ok()?;
         let resp = sender.send_request(req).await.ok()?;
         let status = resp.status();
-        let _ = resp.into_body().collect().await;
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
         driver.abort();
-        Some(status)
+        Some((status, body))
     };
     tokio::time::timeout(timeout, attempt).await.ok().flatten()
 }
@@ -564,7 +695,7 @@ async fn nginx_version(bin: &Path) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("nginx version: ")).map(str::to_owned)
 }
 
-fn write_secret(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_secret(path: &Path) -> anyhow::Result<()> {
     let mut raw = [0u8; 32];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
     // Hex keeps the file printable, whether the reader takes it as text or as bytes.
@@ -619,7 +750,7 @@ impl Targets {
     /// The credential each target requires: the gateway's JWT, LiteLLM's master key.
     fn bearer(&self, kind: TargetKind) -> Option<&str> {
         match kind {
-            TargetKind::Gateway => Some(&self.token),
+            TargetKind::Gateway | TargetKind::Router => Some(&self.token),
             TargetKind::LiteLlm => self.litellm_key.as_deref(),
             TargetKind::Direct | TargetKind::Nginx => None,
         }
@@ -647,6 +778,105 @@ impl Targets {
     }
 }
 
+/// A server this module started: where it listens, its pid, the config it read.
+pub(crate) struct Started {
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub config: String,
+}
+
+/// Starts `edgeroute discovery` (process `discovery` in `guard`, config and log in `dir`) over
+/// `fleet`'s nodes as static `[[nodes]]` at `urls`, and waits until it lists every one of them
+/// for `model` to `token`'s tenant: a router asking before that would find no node.
+#[allow(clippy::too_many_arguments)] // One call per bench, each argument named there.
+pub(crate) async fn start_static_discovery(
+    guard: &mut ProcessGuard,
+    dir: &Path,
+    bin: &Path,
+    fleet: &FleetSpec,
+    urls: &[String],
+    model: &str,
+    token: &str,
+    startup_timeout: Duration,
+) -> anyhow::Result<Started> {
+    let Started { addr, pid, config } =
+        start_configured(guard, dir, bin, "discovery", startup_timeout, |addr| {
+            static_discovery_toml(fleet, addr, urls)
+        })
+        .await?;
+    let query = format!("/v1/discover?model={model}&k={}", urls.len().max(1));
+    let deadline = Instant::now() + startup_timeout;
+    loop {
+        let mut call = HttpCall::new(http::Method::GET, &query);
+        call.bearer = Some(token);
+        let listed =
+            http_call(addr, call, Duration::from_secs(1)).await.and_then(|(status, body)| {
+                let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+                Some((status, v["candidates"].as_array().map_or(0, Vec::len)))
+            });
+        if let Some((StatusCode::OK, n)) = listed
+            && n >= urls.len()
+        {
+            return Ok(Started { addr, pid, config });
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "discovery did not list the {} node(s) within {startup_timeout:?} (last answer: {listed:?}); log:\n{}",
+                urls.len(),
+                guard.log_tail("discovery")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts `edgeroute router` (process `router` in `guard`, config and log in `dir`) asking the
+/// discovery replica at `discovery`, verifying tokens with `secret_file`, with `limits` and
+/// the `[jobs]` body `jobs`.
+#[allow(clippy::too_many_arguments)] // One call per bench, each argument named there.
+pub(crate) async fn start_router(
+    guard: &mut ProcessGuard,
+    dir: &Path,
+    bin: &Path,
+    discovery: SocketAddr,
+    secret_file: &Path,
+    limits: RouterLimits,
+    jobs: Option<&str>,
+    startup_timeout: Duration,
+) -> anyhow::Result<Started> {
+    let discovery_url = format!("http://{discovery}");
+    start_configured(guard, dir, bin, "router", startup_timeout, |addr| {
+        Ok(router_config_toml(addr, &discovery_url, secret_file, limits, jobs))
+    })
+    .await
+}
+
+/// Starts `edgeroute <name> --config <dir>/<name>.toml` (process `name` in `guard`, its log
+/// `<dir>/<name>.log`) with the config `config` writes for the address it is given, and
+/// waits for its `/health`.
+pub(crate) async fn start_configured(
+    guard: &mut ProcessGuard,
+    dir: &Path,
+    bin: &Path,
+    name: &str,
+    startup_timeout: Duration,
+    mut config: impl FnMut(SocketAddr) -> anyhow::Result<String>,
+) -> anyhow::Result<Started> {
+    let path = dir.join(format!("{name}.toml"));
+    let log = dir.join(format!("{name}.log"));
+    let subcommand = name.split('-').next().unwrap_or(name);
+    let mut text = String::new();
+    let (addr, pid) = start_server(guard, name, &log, "/health", startup_timeout, |addr| {
+        text = config(addr)?;
+        std::fs::write(&path, &text)?;
+        let mut c = Command::new(bin);
+        c.arg(subcommand).arg("--config").arg(&path);
+        Ok(c)
+    })
+    .await?;
+    Ok(Started { addr, pid, config: text })
+}
+
 fn check_alive(guard: &mut ProcessGuard) -> anyhow::Result<()> {
     match guard.first_exited() {
         Some((name, status, tail)) => {
@@ -669,29 +899,37 @@ pub async fn run(opts: GatewayBenchOpts) -> anyhow::Result<GatewayBenchReport> {
         bail!("rounds, connections and duration must be positive");
     }
     let machine = MachineInfo::detect().await;
-
-    // Declared before the guard so that it is removed only after the children are gone.
-    let temp = match &opts.work_dir {
-        Some(_) => None,
-        None => Some(tempfile::Builder::new().prefix("edgeroute-gwbench-").tempdir()?),
-    };
-    let dir = match (&opts.work_dir, &temp) {
-        (Some(d), _) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        (None, Some(t)) => {
-            // nginx workers run unprivileged when the master is root: let them reach their
-            // prefix inside this otherwise owner-only directory. The secret stays 0600.
-            std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755))?;
-            t.path().to_owned()
-        }
-        (None, None) => bail!("no work directory"),
-    };
+    let (temp, dir) = work_dir(opts.work_dir.as_deref(), "edgeroute-gwbench-")?;
     let mut guard = ProcessGuard::new();
-
     let result = run_with(&opts, &dir, &mut guard, machine).await;
-    // Stop the servers off the async threads: termination waits up to a few seconds.
+    finish(guard, temp, result).await
+}
+
+/// The run's work directory: `given` (created, kept), or a temporary one named `prefix…`
+/// (removed by dropping the returned guard, after the children are gone: see [`finish`]).
+pub(crate) fn work_dir(
+    given: Option<&Path>,
+    prefix: &str,
+) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    if let Some(d) = given {
+        std::fs::create_dir_all(d)?;
+        return Ok((None, d.to_owned()));
+    }
+    let t = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    // nginx workers run unprivileged when the master is root: let them reach their prefix
+    // inside this otherwise owner-only directory. The secret stays 0600.
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755))?;
+    let path = t.path().to_owned();
+    Ok((Some(t), path))
+}
+
+/// Stops every child (off the async threads: termination waits up to a few seconds), then
+/// removes the temporary work directory, and returns the run's result.
+pub(crate) async fn finish<T>(
+    guard: ProcessGuard,
+    temp: Option<tempfile::TempDir>,
+    result: anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let stopped = tokio::task::spawn_blocking(move || drop(guard)).await;
     let report = result?;
     stopped.context("stopping the servers")?;
@@ -738,6 +976,29 @@ async fn run_with(
     )
     .await?;
     list.push(TargetInfo { kind: TargetKind::Gateway, addr: gw_addr, pid: gw_pid });
+
+    let mut router_configs = None;
+    if opts.router {
+        let fleet = gateway_fleet(&upstream, &secret);
+        let urls = [format!("http://{gw_addr}")];
+        let disc = start_static_discovery(
+            guard,
+            dir,
+            bin,
+            &fleet,
+            &urls,
+            &opts.model,
+            &token,
+            opts.startup_timeout,
+        )
+        .await?;
+        let limits = RouterLimits::OUT_OF_THE_WAY;
+        let router =
+            start_router(guard, dir, bin, disc.addr, &secret, limits, None, opts.startup_timeout)
+                .await?;
+        list.push(TargetInfo { kind: TargetKind::Router, addr: router.addr, pid: router.pid });
+        router_configs = Some(RouterConfigs { router: router.config, discovery: disc.config });
+    }
 
     let mut nginx_config = None;
     let mut nginx_version_text = None;
@@ -917,6 +1178,7 @@ async fn run_with(
         memory,
         gateway_config,
         nginx_config,
+        router_configs,
     })
 }
 
@@ -977,6 +1239,14 @@ enum Metric {
 }
 
 impl Metric {
+    /// The latencies a summary line is given for in each mode, with their names.
+    fn summarized(mode: Mode) -> &'static [(Metric, &'static str)] {
+        match mode {
+            Mode::Json | Mode::Get => &[(Metric::Total, "JSON")],
+            Mode::Stream => &[(Metric::Ttft, "SSE first token"), (Metric::Total, "SSE [DONE]")],
+        }
+    }
+
     fn of(self, load: &LoadReport) -> Percentiles {
         match self {
             Metric::Total => load.latency_percentiles(),
@@ -995,6 +1265,10 @@ impl GatewayBenchReport {
             TargetKind::Gateway => format!(
                 "edgeroute gateway: `edgeroute node --config gateway.toml` on {} (pid {}), `worker_threads = {}`, JWT-authenticated, in front of the same sim",
                 t.addr, t.pid, self.gateway_worker_threads
+            ),
+            TargetKind::Router => format!(
+                "edgeroute router: `edgeroute router --config router.toml` on {} (pid {}), a thread per core, JWT-authenticated (the same HS256 secret: the tenant's token goes through to the node), limits out of the way (below), in front of the same gateway, which it finds through an `edgeroute discovery` process over that one node (static `[[nodes]]`, probes every 250 ms)",
+                t.addr, t.pid
             ),
             TargetKind::Nginx => format!(
                 "nginx: {} on {} (pid {}), `worker_processes {}`, upstream keepalive, `proxy_buffering off`, in front of the same sim",
@@ -1030,10 +1304,16 @@ impl GatewayBenchReport {
             "- **Machine**: {} cores (`nproc`), kernel `{}` (`uname -r`), CPU: {}.",
             m.nproc, m.kernel, m.cpu
         );
-        let servers = if self.has_litellm() {
-            "the simulator, the gateway, nginx and LiteLLM"
-        } else {
-            "the simulator, the gateway and nginx"
+        let router = self.targets.iter().any(|t| t.kind == TargetKind::Router);
+        let servers = match (router, self.has_litellm()) {
+            (false, true) => "the simulator, the gateway, nginx and LiteLLM",
+            (false, false) => "the simulator, the gateway and nginx",
+            (true, true) => {
+                "the simulator, the gateway, the router and its discovery replica, nginx and LiteLLM"
+            }
+            (true, false) => {
+                "the simulator, the gateway, the router and its discovery replica, and nginx"
+            }
         };
         let _ = writeln!(
             md,
@@ -1087,6 +1367,7 @@ impl GatewayBenchReport {
         }
         let _ = writeln!(md);
         self.summary(&mut md);
+        self.router_summary(&mut md);
 
         for phase in &self.phases {
             match phase.mode {
@@ -1178,6 +1459,14 @@ impl GatewayBenchReport {
 
         let _ = writeln!(md, "## Configurations\n");
         let _ = writeln!(md, "Gateway (`gateway.toml`):\n\n```toml\n{}```\n", self.gateway_config);
+        if let Some(r) = &self.router_configs {
+            let _ = writeln!(md, "Router (`router.toml`):\n\n```toml\n{}```\n", r.router);
+            let _ = writeln!(
+                md,
+                "Its discovery replica (`discovery.toml`):\n\n```toml\n{}```\n",
+                r.discovery
+            );
+        }
         if let Some(conf) = &self.nginx_config {
             let _ = writeln!(md, "nginx:\n\n```nginx\n{conf}```\n");
         }
@@ -1204,11 +1493,7 @@ impl GatewayBenchReport {
         );
         let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for phase in &self.phases {
-            let metrics: &[(Metric, &str)] = match phase.mode {
-                Mode::Json | Mode::Get => &[(Metric::Total, "JSON")],
-                Mode::Stream => &[(Metric::Ttft, "SSE first token"), (Metric::Total, "SSE [DONE]")],
-            };
-            for &(metric, what) in metrics {
+            for &(metric, what) in Metric::summarized(phase.mode) {
                 let Some(d) = phase.find(TargetKind::Direct) else { continue };
                 let base = metric.of(&d.load);
                 let added = |k: TargetKind| {
@@ -1257,6 +1542,63 @@ impl GatewayBenchReport {
                 "Rates the direct target itself did not sustain measure queueing more than proxy overhead (see the tables below).\n"
             );
         }
+    }
+
+    /// With a router row: what the router adds over the node it forwards to (router minus
+    /// gateway, p50 and p99), beside what LiteLLM adds over direct in the same phase.
+    fn router_summary(&self, md: &mut String) {
+        if !self.targets.iter().any(|t| t.kind == TargetKind::Router) {
+            return;
+        }
+        let _ = writeln!(md, "## Summary: the router's added latency\n");
+        let _ = writeln!(
+            md,
+            "Router added = the router row minus the gateway row (the router forwards to that same gateway); gateway and LiteLLM added = minus the direct row. Same percentile, same phase.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| phase | router added p50 | router added p99 | router over direct p50 / p99 | gateway added p50 / p99 | LiteLLM added p50 / p99 | LiteLLM added ÷ router added, p50 / p99 |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+        for phase in &self.phases {
+            for &(metric, what) in Metric::summarized(phase.mode) {
+                let pct =
+                    |k: TargetKind| phase.find(k).map(|r| (metric.of(&r.load), r.load.sustained()));
+                let (Some((router, r_ok)), Some((gw, g_ok))) =
+                    (pct(TargetKind::Router), pct(TargetKind::Gateway))
+                else {
+                    continue;
+                };
+                let over = |a: Percentiles, b: Percentiles| {
+                    (i128::from(a.p50) - i128::from(b.p50), i128::from(a.p99) - i128::from(b.p99))
+                };
+                let mark = if r_ok && g_ok { "" } else { " (not sustained)" };
+                let (r50, r99) = over(router, gw);
+                let direct = pct(TargetKind::Direct).map(|(d, _)| d);
+                let pair = |x: Option<(i128, i128)>| match x {
+                    Some((a, b)) => format!("{} / {}", fmt_delta(a), fmt_delta(b)),
+                    None => "—".into(),
+                };
+                let lite = direct.zip(pct(TargetKind::LiteLlm)).map(|(d, (l, _))| over(l, d));
+                let ratio = match lite {
+                    Some((l50, l99)) => {
+                        format!("{} / {}", fmt_ratio(l50, r50), fmt_ratio(l99, r99))
+                    }
+                    None => "—".into(),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {what}, {} req/s | {}{mark} | {}{mark} | {} | {} | {} | {ratio} |",
+                    fmt_rate(phase.rate),
+                    fmt_delta(r50),
+                    fmt_delta(r99),
+                    pair(direct.map(|d| over(router, d))),
+                    pair(direct.map(|d| over(gw, d))),
+                    pair(lite),
+                );
+            }
+        }
+        let _ = writeln!(md);
     }
 
     fn table(&self, md: &mut String, phase: &Phase, metric: Metric, full: bool) {
@@ -1599,6 +1941,7 @@ mod tests {
             }],
             gateway_config: "[node]\n".into(),
             nginx_config: Some("worker_processes 1;\n".into()),
+            router_configs: None,
         }
     }
 
@@ -1747,6 +2090,94 @@ mod tests {
             md.contains("LiteLLM proxy (litellm version unknown): not started, every rate is above its cap of 50 requests/s"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn router_config_has_auth_limits_and_an_optional_jobs_section() {
+        let limits = RouterLimits::OUT_OF_THE_WAY;
+        let text = router_config_toml(
+            "127.0.0.1:4500".parse().unwrap(),
+            "http://127.0.0.1:4600",
+            Path::new("/tmp/x \"y\"/secret"),
+            limits,
+            None,
+        );
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["router"]["listen"].as_str(), Some("127.0.0.1:4500"));
+        assert_eq!(v["router"]["discovery"][0].as_str(), Some("http://127.0.0.1:4600"));
+        assert_eq!(v["auth"]["hs256_secret_file"].as_str(), Some("/tmp/x \"y\"/secret"));
+        let l = &v["limits"];
+        assert_eq!(l["rate_limit_per_s"].as_integer(), Some(1_000_000));
+        assert_eq!(l["rate_limit_burst"].as_integer(), Some(1_000_000));
+        assert_eq!(l["total_in_flight"].as_integer(), Some(100_000));
+        assert_eq!(l["tenant_in_flight"].as_integer(), Some(100_000));
+        assert_eq!(l["tenant_queue"].as_integer(), Some(100_000));
+        assert!(v.get("jobs").is_none());
+        let with_jobs = router_config_toml(
+            "127.0.0.1:4500".parse().unwrap(),
+            "http://127.0.0.1:4600",
+            Path::new("/s"),
+            limits,
+            Some("store = \"sqlite:/tmp/j.db\"\nworkers = 32"),
+        );
+        let v: toml::Value = toml::from_str(&with_jobs).unwrap();
+        assert_eq!(v["jobs"]["store"].as_str(), Some("sqlite:/tmp/j.db"));
+        assert_eq!(v["jobs"]["workers"].as_integer(), Some(32));
+        assert!(with_jobs.ends_with('\n'));
+    }
+
+    #[test]
+    fn the_static_discovery_replica_lists_the_gateway_and_checks_tokens() {
+        let fleet = gateway_fleet("http://127.0.0.1:4200", Path::new("/tmp/secret"));
+        let text = static_discovery_toml(
+            &fleet,
+            "127.0.0.1:4600".parse().unwrap(),
+            &["http://127.0.0.1:4100".to_owned()],
+        )
+        .unwrap();
+        let cfg = edgeroute_discovery::DiscoveryConfig::from_toml(&text, |_| None).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.discovery.listen, "127.0.0.1:4600".parse().unwrap());
+        assert_eq!(cfg.nodes.len(), 1);
+        assert_eq!(
+            (cfg.nodes[0].id.as_str(), cfg.nodes[0].url.as_str()),
+            ("bench-gw", "http://127.0.0.1:4100")
+        );
+        assert!(cfg.auth.is_some() && !cfg.discovery.allow_unauthenticated);
+    }
+
+    #[test]
+    fn markdown_states_the_router_added_over_the_gateway_beside_litellm() {
+        let mut r = report(vec![Phase {
+            mode: Mode::Json,
+            rate: 20.0,
+            rows: vec![
+                row(TargetKind::Direct, load(Mode::Json, 20.0, 100, false)),
+                row(TargetKind::Gateway, load(Mode::Json, 20.0, 300, false)),
+                row(TargetKind::Router, load(Mode::Json, 20.0, 700, false)),
+                row(TargetKind::LiteLlm, load(Mode::Json, 20.0, 10_100, false)),
+            ],
+        }]);
+        r.targets.push(TargetInfo {
+            kind: TargetKind::Router,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4500)),
+            pid: 15,
+        });
+        r.router_configs =
+            Some(RouterConfigs { router: "[router]\n".into(), discovery: "[discovery]\n".into() });
+        let md = r.to_markdown();
+        assert!(md.contains("## Summary: the router's added latency"), "{md}");
+        let line = md.lines().find(|l| l.starts_with("| JSON, 20 req/s | +400")).unwrap();
+        assert_eq!(
+            line,
+            "| JSON, 20 req/s | +400 µs | +400 µs | +600 µs / +600 µs | +200 µs / +200 µs | +10.00 ms / +10.00 ms | 25× / 25× |"
+        );
+        assert!(md.contains("| edgeroute router | "), "{md}");
+        assert!(md.contains(
+            "edgeroute router: `edgeroute router --config router.toml` on 127.0.0.1:4500"
+        ));
+        assert!(md.contains("Router (`router.toml`):\n\n```toml\n[router]\n```"), "{md}");
+        assert!(md.contains("the router and its discovery replica"), "{md}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`gateway_bench`]: the published gateway-overhead benchmark, which starts the simulator,
 //!   the gateway (the `edgeroute` binary) and nginx as child processes and loads them all in
 //!   one run.
+//! - [`batch_bench`]: batch throughput through the router's `[jobs]` against a simulator
+//!   fleet's computed capacity (`edgeroute-lab bench batch`).
 //! - [`sdk_bench`], [`discovery_bench`], [`bus_bench`]: the SDK's costs, discovery under load
 //!   and topology freshness, topology propagation over the bus.
 //! - [`policy_bench`]: a routing policy pushed over NATS to three discovery replicas, timed
@@ -20,6 +22,7 @@
 //!   (`edgeroute-lab bench fleet`).
 //! - [`chart`]: PNG charts for reports.
 
+pub mod batch_bench;
 pub mod bus_bench;
 pub mod chart;
 pub mod compare;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use edgeroute_lab::batch_bench::{self, BatchBenchOpts, Capacity, Store};
 use edgeroute_lab::compare::{self, CompareOpts, Scenario};
 use edgeroute_lab::demo::{self, DemoBackend, DemoOpts};
 use edgeroute_lab::gateway_bench::{self, GatewayBenchOpts};
@@ -192,6 +193,44 @@ enum BenchCommand {
         #[arg(long)]
         edgeroute: Option<PathBuf>,
     },
+    /// Batch throughput: a simulator fleet of known capacity, discovery and `edgeroute router`
+    /// with `[jobs]`; one batch through `/v1/files` + `/v1/batches`, items/s against capacity.
+    Batch {
+        /// Simulator nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Slots per node.
+        #[arg(long, default_value_t = 8)]
+        slots: u32,
+        /// Decode speed per slot.
+        #[arg(long, default_value_t = 100.0)]
+        tokens_per_s: f64,
+        /// Time to first token, ms.
+        #[arg(long, default_value_t = 50)]
+        ttft_ms: u64,
+        /// Tokens per item (every answer exactly this long).
+        #[arg(long, default_value_t = 16)]
+        max_tokens: u32,
+        /// Items in the batch.
+        #[arg(long, default_value_t = 800)]
+        items: usize,
+        /// `[jobs] workers`, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        workers: Vec<usize>,
+        /// Also run on this PostgreSQL (a schema of its own per run, dropped with `psql`), e.g.
+        /// `postgres://postgres@127.0.0.1:5432/test`.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// Leave SQLite out (with --postgres).
+        #[arg(long)]
+        no_sqlite: bool,
+        /// Keep configs and logs here.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// The `edgeroute` binary. Default: the one next to this binary.
+        #[arg(long)]
+        edgeroute: Option<PathBuf>,
+    },
     /// Gateway overhead: the same load direct to the simulator, through the gateway, through
     /// nginx and through LiteLLM's proxy, on loopback, in one run.
     Gateway {
@@ -223,6 +262,10 @@ enum BenchCommand {
         /// The gateway's `node.worker_threads` (1: one event loop, like nginx's one worker).
         #[arg(long, default_value_t = 1)]
         gateway_threads: usize,
+        /// Also measure `edgeroute router` in front of the same gateway (with an `edgeroute
+        /// discovery` process over that one node): the report states router minus gateway.
+        #[arg(long)]
+        router: bool,
         /// Keep configs and logs here.
         #[arg(long)]
         work_dir: Option<PathBuf>,
@@ -374,6 +417,37 @@ async fn run(command: Command) -> Result<()> {
                 "the soak failed its targets (see above)"
             );
         }
+        BenchCommand::Batch {
+            nodes,
+            slots,
+            tokens_per_s,
+            ttft_ms,
+            max_tokens,
+            items,
+            workers,
+            postgres,
+            no_sqlite,
+            work_dir,
+            edgeroute,
+        } => {
+            let mut opts = BatchBenchOpts::new(match edgeroute {
+                Some(path) => path,
+                None => edgeroute_next_to_this_binary()?,
+            });
+            opts.capacity = Capacity { nodes, slots, tokens_per_s, ttft_ms, max_tokens };
+            opts.items = items;
+            opts.workers = workers;
+            opts.stores = (!no_sqlite).then_some(Store::Sqlite).into_iter().collect();
+            opts.stores.extend(postgres.map(Store::Postgres));
+            opts.work_dir = work_dir;
+            opts.command = command_line;
+            let report = batch_bench::run(opts).await?;
+            println!("{}", report.to_markdown());
+            anyhow::ensure!(
+                report.runs.iter().all(|r| r.files.all_answered(r.items)),
+                "not every item was answered once in the output file (see above)"
+            );
+        }
         BenchCommand::Gateway {
             rates,
             modes,
@@ -384,6 +458,7 @@ async fn run(command: Command) -> Result<()> {
             litellm,
             litellm_max_rate,
             gateway_threads,
+            router,
             work_dir,
             edgeroute,
         } => {
@@ -411,6 +486,7 @@ async fn run(command: Command) -> Result<()> {
             }
             opts.work_dir = work_dir;
             opts.gateway_worker_threads = gateway_threads;
+            opts.router = router;
             opts.command = command_line;
             println!("{}", gateway_bench::run(opts).await?.to_markdown());
         }
