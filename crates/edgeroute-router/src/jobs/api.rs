@@ -44,6 +44,12 @@ fn jobs_of(sh: &Shared) -> Result<&Arc<Jobs>, Response> {
 }
 
 /// The caller's tenant and what its token says (residency, claims), or the refusal.
+/// The jobs of this router and the caller's tenant, or the refusal.
+fn caller<'a>(sh: &'a Shared, headers: &HeaderMap) -> Result<(&'a Arc<Jobs>, String), Response> {
+    let jobs = jobs_of(sh)?;
+    Ok((jobs, tenant(sh, headers)?.0))
+}
+
 fn tenant(sh: &Shared, req_headers: &HeaderMap) -> Result<(String, JobMeta), Response> {
     match verify(sh, req_headers, Scope::Inference)? {
         None => Ok(("anonymous".into(), JobMeta::default())),
@@ -338,19 +344,27 @@ fn webhook_target(jobs: &Jobs, headers: &HeaderMap) -> Result<Option<String>, Re
     }
 }
 
+/// What a submit (a batch, an async request) takes from its headers.
+struct Submit<'a> {
+    jobs: &'a Arc<Jobs>,
+    tenant: String,
+    meta: JobMeta,
+    key: Option<String>,
+    webhook: Option<String>,
+}
+
+fn submit<'a>(sh: &'a Shared, headers: &HeaderMap) -> Result<Submit<'a>, Response> {
+    let jobs = jobs_of(sh)?;
+    let (tenant, meta) = tenant(sh, headers)?;
+    let key = idempotency_key(headers)?;
+    let webhook = webhook_target(jobs, headers)?;
+    Ok(Submit { jobs, tenant, meta, key, webhook })
+}
+
 pub(crate) async fn create_batch(State(sh): State<Arc<Shared>>, req: Request) -> Response {
-    let jobs = match jobs_of(&sh) {
-        Ok(j) => j,
+    let Submit { jobs, tenant, mut meta, key, webhook } = match submit(&sh, req.headers()) {
+        Ok(s) => s,
         Err(r) => return r,
-    };
-    let headers = req.headers().clone();
-    let (tenant, mut meta) = match tenant(&sh, &headers) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let (key, webhook) = match (idempotency_key(&headers), webhook_target(jobs, &headers)) {
-        (Ok(k), Ok(w)) => (k, w),
-        (Err(r), _) | (_, Err(r)) => return r,
     };
     let body: CreateBatch = match edgeroute_http::json::read_json(req.into_body(), 64 * 1024).await
     {
@@ -423,12 +437,8 @@ pub(crate) async fn get_batch(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let jobs = match jobs_of(&sh) {
-        Ok(j) => j,
-        Err(r) => return r,
-    };
-    let (tenant, _) = match tenant(&sh, &headers) {
-        Ok(t) => t,
+    let (jobs, tenant) = match caller(&sh, &headers) {
+        Ok(c) => c,
         Err(r) => return r,
     };
     match own_job(jobs, &tenant, &id, JobKind::Batch).await {
@@ -448,12 +458,8 @@ pub(crate) async fn list_batches(
     Query(q): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let jobs = match jobs_of(&sh) {
-        Ok(j) => j,
-        Err(r) => return r,
-    };
-    let (tenant, _) = match tenant(&sh, &headers) {
-        Ok(t) => t,
+    let (jobs, tenant) = match caller(&sh, &headers) {
+        Ok(c) => c,
         Err(r) => return r,
     };
     let limit = q.limit.unwrap_or(20);
@@ -481,12 +487,8 @@ pub(crate) async fn cancel_batch(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let jobs = match jobs_of(&sh) {
-        Ok(j) => j,
-        Err(r) => return r,
-    };
-    let (tenant, _) = match tenant(&sh, &headers) {
-        Ok(t) => t,
+    let (jobs, tenant) = match caller(&sh, &headers) {
+        Ok(c) => c,
         Err(r) => return r,
     };
     if let Err(r) = own_job(jobs, &tenant, &id, JobKind::Batch).await {
@@ -546,18 +548,9 @@ fn async_object(job: &Job, result: Option<Value>) -> Value {
 /// `POST /v1/chat/completions` with `Prefer: respond-async`: stored (durable on return), `202`
 /// with the request's id and where to poll.
 pub(crate) async fn submit_async(sh: Arc<Shared>, req: Request) -> Response {
-    let jobs = match jobs_of(&sh) {
-        Ok(j) => j,
+    let Submit { jobs, tenant, mut meta, key, webhook } = match submit(&sh, req.headers()) {
+        Ok(s) => s,
         Err(r) => return r,
-    };
-    let headers = req.headers().clone();
-    let (tenant, mut meta) = match tenant(&sh, &headers) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let (key, webhook) = match (idempotency_key(&headers), webhook_target(jobs, &headers)) {
-        (Ok(k), Ok(w)) => (k, w),
-        (Err(r), _) | (_, Err(r)) => return r,
     };
     let max = sh.cfg.limits.max_body_bytes.min(jobs.store.limits().max_line_bytes);
     let body: serde_json::Map<String, Value> =
@@ -609,12 +602,8 @@ pub(crate) async fn get_async(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let jobs = match jobs_of(&sh) {
-        Ok(j) => j,
-        Err(r) => return r,
-    };
-    let (tenant, _) = match tenant(&sh, &headers) {
-        Ok(t) => t,
+    let (jobs, tenant) = match caller(&sh, &headers) {
+        Ok(c) => c,
         Err(r) => return r,
     };
     let job = match own_job(jobs, &tenant, &id, JobKind::Single).await {
@@ -642,12 +631,8 @@ pub(crate) async fn cancel_async(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let jobs = match jobs_of(&sh) {
-        Ok(j) => j,
-        Err(r) => return r,
-    };
-    let (tenant, _) = match tenant(&sh, &headers) {
-        Ok(t) => t,
+    let (jobs, tenant) = match caller(&sh, &headers) {
+        Ok(c) => c,
         Err(r) => return r,
     };
     if let Err(r) = own_job(jobs, &tenant, &id, JobKind::Single).await {
