@@ -11,18 +11,15 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeroute_auth::Scope;
-use edgeroute_discovery::Discovery;
-use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
-use edgeroute_lab::relay::Relay;
 use edgeroute_router::{RouterConfig, RouterService};
-use edgeroute_test_util::node::{SECRET, mint_hs256};
-use edgeroute_test_util::{TestNode, get, post_json};
+use edgeroute_test_util::node::mint_hs256;
+use edgeroute_test_util::{get, post_json};
 
 const CONFIG_VAR: &str = "EDGEROUTE_ROUTER_CHILD_CONFIG";
 
@@ -40,66 +37,29 @@ async fn child_router() {
     service.serve(listener, tokio::time::sleep(Duration::from_secs(600))).await.unwrap();
 }
 
-struct Fleet {
-    _nodes: Vec<TestNode>,
-    /// Each node is reached through a relay the test can cut: connections reset and refused,
-    /// the node "dies" mid-answer.
-    relays: Vec<Relay>,
-    discovery: edgeroute_discovery::Spawned,
-    dir: PathBuf,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+mod common;
+use common::Fleet;
 
 async fn fleet(tag: &str, tokens_per_s: f64) -> Fleet {
-    let dir = std::env::temp_dir().join(format!("edgeroute-jobs-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("secret"), SECRET).unwrap();
-    let mut spec = FleetSpec {
-        nodes: vec![NodeSpec::new("tor-1", "toronto", 8), NodeSpec::new("mtl-1", "montreal", 8)],
-        backend: FleetBackend::Sim { tokens_per_s, prefill_us_per_token: 0, spare_gpu: false },
-        ..FleetSpec::open()
-    };
-    spec.probe_ms = (100, 80);
-    let (mut nodes, mut relays, mut urls) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..spec.nodes.len() {
-        let node = TestNode::start_config(spec.node_config(i, None), None).await;
-        let relay = Relay::start(node.addr).await.unwrap();
-        urls.push(format!("http://{}", relay.addr()));
-        nodes.push(node);
-        relays.push(relay);
-    }
-    let cfg = spec.static_discovery_config("toronto", &urls);
-    let discovery =
-        Discovery::build(cfg).unwrap().spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
-    let t = Instant::now();
-    loop {
-        let r = get(discovery.addr(), "/v1/discover?model=sim-llama&k=5", None).await;
-        if r.json()["candidates"].as_array().is_some_and(|c| c.len() == 2) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "discovery never listed the fleet");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Fleet { _nodes: nodes, relays, discovery, dir }
+    Fleet::start(tag, tokens_per_s, (100, 80)).await
 }
 
-impl Fleet {
+trait JobsConfig {
+    fn config(&self, id: &str, store: &str, jobs: &str) -> String;
+    fn sqlite(&self) -> String;
+}
+
+impl JobsConfig for Fleet {
     /// A router config: `store`, and `[jobs]` lines.
     fn config(&self, id: &str, store: &str, jobs: &str) -> String {
         let secret = self.dir.join("secret");
-        format!(
-            "[router]\nid = \"{id}\"\nregion = \"toronto\"\ndiscovery = [\"http://{}\"]\n\
-             [auth]\nhs256_secret_file = \"{s}\"\n\
-             [jobs]\nstore = \"{store}\"\ndelegation_key_file = \"{s}\"\ndelegation_alg = \"hs256\"\n\
-             lease_ms = 3000\ntick_ms = 200\nbusy_backoff_ms = 200\n{jobs}\n",
-            self.discovery.addr(),
-            s = secret.display(),
+        self.router_config(
+            id,
+            &format!(
+                "[jobs]\nstore = \"{store}\"\ndelegation_key_file = \"{}\"\ndelegation_alg = \"hs256\"\n\
+                 lease_ms = 3000\ntick_ms = 200\nbusy_backoff_ms = 200\n{jobs}",
+                secret.display()
+            ),
         )
     }
 

@@ -9,67 +9,27 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use edgeroute_auth::Scope;
-use edgeroute_discovery::Discovery;
-use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
 use edgeroute_router::{RouterConfig, RouterService};
-use edgeroute_test_util::node::{SECRET, mint_hs256, mint_hs256_fleet};
-use edgeroute_test_util::{TestNode, get, post_json, spawn_router, stream};
+use edgeroute_test_util::node::{mint_hs256, mint_hs256_fleet};
+use edgeroute_test_util::{get, post_json, spawn_router, stream};
+
+mod common;
 
 struct Lab {
-    _nodes: Vec<TestNode>,
-    _discovery: edgeroute_discovery::Spawned,
+    _fleet: common::Fleet,
     _router: edgeroute_test_util::ServerGuard,
     addr: SocketAddr,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Two simulator nodes at `tokens_per_s`, discovery over them, and a router with `limits`
 /// (TOML lines of `[limits]`).
 async fn lab(tag: &str, tokens_per_s: f64, limits: &str) -> Lab {
-    let dir = std::env::temp_dir().join(format!("edgeroute-router-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("secret"), SECRET).unwrap();
-    let mut fleet = FleetSpec {
-        nodes: vec![NodeSpec::new("tor-1", "toronto", 5), NodeSpec::new("mtl-1", "montreal", 5)],
-        backend: FleetBackend::Sim { tokens_per_s, prefill_us_per_token: 0, spare_gpu: false },
-        ..FleetSpec::open()
-    };
-    fleet.probe_ms = (100, 80);
-    let mut nodes = Vec::new();
-    let mut urls = Vec::new();
-    for i in 0..fleet.nodes.len() {
-        let node = TestNode::start_config(fleet.node_config(i, None), None).await;
-        urls.push(format!("http://{}", node.addr));
-        nodes.push(node);
-    }
-    let cfg = fleet.static_discovery_config("toronto", &urls);
-    let discovery =
-        Discovery::build(cfg).unwrap().spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
-    let t = Instant::now();
-    loop {
-        let r = get(discovery.addr(), "/v1/discover?model=sim-llama&k=5", None).await;
-        if r.json()["candidates"].as_array().is_some_and(|c| c.len() == 2) {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "discovery never listed the fleet");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let text = format!(
-        "[router]\nid = \"router-tor\"\nregion = \"toronto\"\ndiscovery = [\"http://{}\"]\n\
-         [auth]\nhs256_secret_file = \"{}\"\n[limits]\n{limits}\n",
-        discovery.addr(),
-        dir.join("secret").display()
-    );
+    let fleet = common::Fleet::start(tag, tokens_per_s, (100, 80)).await;
+    let text = fleet.router_config("router-tor", &format!("[limits]\n{limits}"));
     let router = RouterService::build(RouterConfig::from_toml(&text).unwrap()).unwrap();
     let server = spawn_router(router.routes()).await;
     let addr = server.addr;
-    Lab { _nodes: nodes, _discovery: discovery, _router: server, addr, dir }
+    Lab { _fleet: fleet, _router: server, addr }
 }
 
 fn chat(max_tokens: u32, stream: bool) -> String {
