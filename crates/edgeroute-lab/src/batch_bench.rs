@@ -233,6 +233,8 @@ pub struct FileCheck {
     pub duplicates: usize,
     /// `custom_id`s of the input found in neither file.
     pub missing: usize,
+    /// The error file's lines by `error.code` (the code and message of the first of each).
+    pub error_codes: BTreeMap<String, (usize, String)>,
 }
 
 impl FileCheck {
@@ -267,6 +269,9 @@ pub fn check_files(items: usize, output: &str, errors: &str) -> FileCheck {
             *seen.entry(id.to_owned()).or_default() += 1;
         }
         check.errors += 1;
+        let code = v["error"]["code"].as_str().unwrap_or("?").to_owned();
+        let message = v["error"]["message"].as_str().unwrap_or_default().to_owned();
+        check.error_codes.entry(code).or_insert((0, message)).0 += 1;
     }
     check.duplicates = seen.values().filter(|&&n| n > 1).count();
     check.missing = (0..items).filter(|i| !seen.contains_key(&format!("item-{i}"))).count();
@@ -645,9 +650,23 @@ impl BatchBenchReport {
             let files = if f.all_answered(r.items) {
                 format!("yes ({} of {}, once each)", f.answered, r.items)
             } else {
+                let codes: Vec<String> = f
+                    .error_codes
+                    .iter()
+                    .map(|(code, (n, message))| format!("{n}× `{code}`: {message}"))
+                    .collect();
                 format!(
-                    "**no**: {} answered, {} bad, {} in the error file, {} twice, {} missing",
-                    f.answered, f.bad, f.errors, f.duplicates, f.missing
+                    "**no**: {} answered, {} bad, {} in the error file{}, {} twice, {} missing",
+                    f.answered,
+                    f.bad,
+                    f.errors,
+                    if codes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", codes.join("; "))
+                    },
+                    f.duplicates,
+                    f.missing
                 )
             };
             let _ = writeln!(
@@ -774,9 +793,20 @@ mod tests {
             ok(0),
             r#"{"custom_id":"item-1","response":{"status_code":500,"body":{}}}"#
         );
-        let errors = r#"{"custom_id":"item-1","error":{"code":"x"}}"#;
+        let errors = r#"{"custom_id":"item-1","error":{"code":"x","message":"m"}}"#;
         let c = check_files(4, &partial, errors);
-        assert_eq!(c, FileCheck { answered: 2, bad: 1, errors: 1, duplicates: 2, missing: 2 });
+        let codes = BTreeMap::from([("x".to_owned(), (1, "m".to_owned()))]);
+        assert_eq!(
+            c,
+            FileCheck {
+                answered: 2,
+                bad: 1,
+                errors: 1,
+                duplicates: 2,
+                missing: 2,
+                error_codes: codes
+            }
+        );
         assert!(!c.all_answered(4));
     }
 
