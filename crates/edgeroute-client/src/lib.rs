@@ -392,7 +392,8 @@ pub struct Stats {
     /// Requests moved to another node after a failure (before or after the first token).
     pub failovers: u64,
     pub hedges: u64,
-    /// Planned moves: migrate hints, persistently better standbys, models that left a node.
+    /// Planned moves: migrate hints, persistently better standbys, models that left a node,
+    /// nodes another client ejected ([`Client::apply_remote_ejection`]).
     pub migrations: u64,
     pub ejections: u64,
     /// Nodes that answered `model_not_found` for a model they were listed for.
@@ -846,7 +847,8 @@ impl Client {
     /// Another client (a router replica) ejected `node_id` until `until_unix_ms` (Unix ms):
     /// this client treats it as ejected until then — not tried first unless every candidate
     /// is ejected (the same fail-open rule as its own ejections), sessions pinned there leave
-    /// before their next turn. Bounded: never longer than this client's own longest backoff
+    /// before their next turn (a planned move, [`Event::Migrated`]: no failover is counted,
+    /// nothing failed here). Bounded: never longer than this client's own longest backoff
     /// (`eject_backoff.max`); this client's failure counts and its own ejection are left as
     /// they are, and a request it sees the node serve ends the remote ejection. False (nothing
     /// done) when `until_unix_ms` has already passed.

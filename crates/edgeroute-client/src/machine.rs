@@ -1196,9 +1196,10 @@ impl Plan {
         self.order = order;
     }
 
-    /// Between turns: carries out a pending hint, leaves a pinned node that this client ejected
-    /// or that lost the model, and (every `reprobe_interval`) asks for a re-probe of the
-    /// pinned node and the standby.
+    /// Between turns: carries out a pending hint, leaves a pinned node that is ejected (a
+    /// failover when this client ejected it, a planned move when only another client did) or
+    /// that lost the model, and (every `reprobe_interval`) asks for a re-probe of the pinned
+    /// node and the standby.
     pub fn before_turn(&mut self, m: &mut Machine, now: Instant) -> BeforeTurn {
         self.drop_missing(m, now);
         if let Some((reason, to)) = self.pending.take() {
@@ -1220,13 +1221,17 @@ impl Plan {
             && let Some(i) = (1..self.order.len()).find(|i| !m.is_ejected(&self.order[*i].id, now))
         {
             let id = &self.order[0].id;
-            let reason = if m.is_ejected_remotely(id, now) {
+            // On another client's word the move is planned (a migration): nothing failed
+            // here and the node is not tried, so no failover is announced or counted. After
+            // failures this client saw, it is a failover.
+            let remote = m.is_ejected_remotely(id, now);
+            let reason = if remote {
                 format!("{id} ejected after failures seen by another client")
             } else {
                 format!("{id} ejected after failures seen by this client")
             };
             let to = self.order[i].id.clone();
-            self.apply(m, Move { to, reason, planned: false }, now);
+            self.apply(m, Move { to, reason, planned: remote }, now);
             self.demote(1);
             return BeforeTurn::default();
         }

@@ -646,6 +646,31 @@ async fn a_flapping_node_is_ejected_with_backoff_and_sessions_avoid_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_node_another_client_ejected_is_left_before_the_turn_with_no_failover() {
+    // Issue 16: a router replica is told another replica ejected tor-1 (which is dead by now).
+    // Its session pinned there moves before its turn, tor-1 is never tried, and no failover
+    // is counted: nothing failed here.
+    let lab = Lab::start().await;
+    let client = lab.client();
+    let s = client.session("sim-llama").await.unwrap();
+    assert_eq!(s.pinned().id, "tor-1");
+    s.chat(&request("hello", 4)).await.unwrap();
+    lab.kill("tor-1");
+    let until = edgeroute_core::clock::unix_ms() + 10_000;
+    assert!(client.apply_remote_ejection("tor-1", until));
+    let (before, tried) = (client.stats(), lab.chats("tor-1"));
+    s.chat(&request("hello again", 4)).await.unwrap();
+    assert_eq!(s.pinned().id, "mtl-1");
+    assert_eq!(lab.chats("tor-1"), tried, "tor-1 was not tried");
+    let after = client.stats();
+    assert_eq!(after.failovers, before.failovers, "{:#?}", lab.events.lock().unwrap());
+    assert_eq!(after.migrations, before.migrations + 1, "a planned move");
+    assert!(lab.saw(|e| matches!(e, Event::Migrated { from, to, reason }
+        if from == "tor-1" && to == "mtl-1" && reason.contains("another client"))));
+    assert!(client.is_ejected("tor-1"), "mtl-1 serving leaves tor-1's remote ejection as is");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_drained_node_moves_the_session_between_turns_with_its_migrate_hint() {
     let lab = Lab::start().await;
     let client = lab.client();

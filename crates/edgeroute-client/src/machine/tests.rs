@@ -836,9 +836,48 @@ fn a_session_pinned_to_a_remotely_ejected_node_leaves_it_before_its_next_turn() 
     assert_eq!(plan.order()[0].id, "mtl-1");
     let events = m.take_events();
     assert!(
-        events.iter().any(
-            |e| matches!(e, Event::Failover { reason, .. } if reason.contains("another client"))
-        ),
+        events.iter().any(|e| matches!(e, Event::Migrated { from, to, reason }
+            if from == "tor-1" && to == "mtl-1" && reason.contains("another client"))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn leaving_a_remotely_ejected_pin_is_no_failover_nothing_failed_here() {
+    // Issue 16 (router replicas): the session moves on another client's word before its turn;
+    // no request of this client failed, and the node is never tried. A failover announced for
+    // it would count a failure this client never saw (the router's failover count).
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let mut plan = Plan::new("m", fleet(), 0, t0);
+    m.apply_remote_ejection("tor-1", Duration::from_secs(5), t0);
+    let now = t0 + ms(1);
+    plan.before_turn(&mut m, now);
+    let mut turn = Turn::new("m", Kind::Json, plan.order().to_vec());
+    let (node, attempt, _) = sent_to(turn.start(&mut m, now));
+    assert_eq!((node.as_str(), attempt), ("mtl-1", 0), "tor-1 is not tried at all");
+    let d = delivered(&turn.on_outcome(&mut m, 0, ok(30), now + ms(30))).clone();
+    assert_eq!(d.moved, None, "the turn itself moved nothing");
+    plan.after_turn(&mut m, Some(&d), turn.misses(), now + ms(30));
+    let events = m.take_events();
+    assert!(!events.iter().any(|e| matches!(e, Event::Failover { .. })), "{events:?}");
+    assert_eq!(
+        events.iter().filter(|e| matches!(e, Event::Migrated { .. })).count(),
+        1,
+        "one planned move: {events:?}"
+    );
+    assert!(m.is_ejected("tor-1", now), "a success elsewhere leaves the remote word as it was");
+    // A local ejection (failures this client saw) still moves its other sessions as a
+    // failover.
+    let mut m = machine(t0);
+    let mut plan = Plan::new("m", fleet(), 0, t0);
+    m.note_failure("tor-1", 2, t0);
+    plan.before_turn(&mut m, now);
+    let events = m.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Failover { reason, .. } if reason.contains("this client"))),
         "{events:?}"
     );
 }
