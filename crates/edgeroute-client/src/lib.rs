@@ -78,7 +78,7 @@ pub mod trust;
 
 pub use edgeroute_http::client::tls_config;
 pub use error::{AttemptReport, Attempts, ClientError, Side};
-pub use session::Session;
+pub use session::{Served, Session};
 pub use stream::{ChatStream, StreamItem};
 pub use transport::{BoxIo, ConnectFuture, Transport};
 
@@ -93,7 +93,9 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use edgeroute_core::steer::{self, Backoff, Probed, TieMargin};
 use edgeroute_proto::discovery::{Candidate, DiscoverResponse};
-use edgeroute_proto::headers::{LOAD_HEADER, MIGRATE_HEADER, MigrateHint, SESSION_HEADER};
+use edgeroute_proto::headers::{
+    LOAD_HEADER, MIGRATE_HEADER, MODEL_VERSION_HEADER, MigrateHint, SESSION_HEADER,
+};
 use edgeroute_proto::health::NodeHealth;
 use edgeroute_proto::models::ModelState;
 use edgeroute_proto::{ErrorBody, Fault, LoadReport};
@@ -589,6 +591,12 @@ pub type Listener = Arc<dyn Fn(&Event) + Send + Sync>;
 pub(crate) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     let s: u64 = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(s.min(60)))
+}
+
+/// The model version a node's answer names (`x-edgeroute-model-version`), if any.
+pub(crate) fn model_version(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers.get(MODEL_VERSION_HEADER)?.to_str().ok()?.trim();
+    (!v.is_empty() && v.len() <= 128).then(|| v.to_owned())
 }
 
 /// What the driver keeps under its one lock: the machine, the candidate lists, the session

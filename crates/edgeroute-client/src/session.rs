@@ -19,7 +19,17 @@ use crate::cache::Freshness;
 use crate::error::{Attempts, ClientError, Side};
 use crate::machine::{Delivery, Kind, Outcome, Plan, Step, Turn};
 use crate::stream::{ChatStream, Forward};
-use crate::{Client, Query, SlotPermit, classify, fault_of, retry_after};
+use crate::{Client, Query, SlotPermit, classify, fault_of, model_version, retry_after};
+
+/// Who served an answer: the node the turn delivered from (its pool, and under a routing
+/// policy's cascade the reduced model it served as) and the model version the node reported
+/// (`x-edgeroute-model-version`). Taken from the attempt that answered, never from the plan:
+/// after a placement miss or a failover the two differ.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub node: Candidate,
+    pub model_version: Option<String>,
+}
 
 /// A conversation pinned to one node, with the others ranked behind it. Its methods take
 /// `&self`: turns of one session may run concurrently (each on the order as it stood when it
@@ -137,6 +147,14 @@ impl Session {
 
     /// One chat completion (JSON), with the failover ladder.
     pub async fn chat(&self, req: &ChatCompletionRequest) -> Result<ChatCompletion, ClientError> {
+        self.chat_served(req).await.map(|(c, _)| c)
+    }
+
+    /// [`Session::chat`], with who served the answer.
+    pub async fn chat_served(
+        &self,
+        req: &ChatCompletionRequest,
+    ) -> Result<(ChatCompletion, Served), ClientError> {
         if req.stream {
             return Err(ClientError::Invalid("use Session::chat_stream for streaming".into()));
         }
@@ -152,7 +170,7 @@ impl Session {
             .await;
         self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
         // The answer is read: its slot (the permit) is returned here.
-        r.map(|(c, _, _)| c)
+        r.map(|((c, model_version), _, d)| (c, Served { node: d.node, model_version }))
     }
 
     /// A streamed chat completion. Before the first token it fails over (and hedges) like
@@ -177,7 +195,7 @@ impl Session {
             .await;
         self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
         let (committed, permit, d) = r?;
-        let node = d.node.id.clone();
+        let served = Served { node: d.node.clone(), model_version: committed.version.clone() };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(
             Forward {
@@ -192,7 +210,7 @@ impl Session {
             }
             .run(),
         );
-        Ok(ChatStream::new(rx, node))
+        Ok(ChatStream::new(rx, served))
     }
 }
 
@@ -303,7 +321,7 @@ impl Client {
         body: &Bytes,
         session: &str,
         bearer: Option<&str>,
-    ) -> (Outcome, Option<ChatCompletion>) {
+    ) -> (Outcome, Option<(ChatCompletion, Option<String>)>) {
         let t = Instant::now();
         let work = async {
             let (res, hint) = match self.send_chat(node, body, session, bearer).await {
@@ -313,6 +331,7 @@ impl Client {
             let status = res.status();
             let retry = retry_after(res.headers());
             let fault = fault_of(status, res.headers());
+            let version = model_version(res.headers());
             let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
                 .collect()
                 .await
@@ -328,7 +347,7 @@ impl Client {
                 return (classify(status, fault, text, hint, retry), None);
             }
             match serde_json::from_slice::<ChatCompletion>(&body) {
-                Ok(c) => (Outcome::Committed { after: t.elapsed(), hint }, Some(c)),
+                Ok(c) => (Outcome::Committed { after: t.elapsed(), hint }, Some((c, version))),
                 Err(e) => {
                     let what = format!("malformed answer: {e}");
                     (Outcome::Failed { side: Side::Backend, what }, None)

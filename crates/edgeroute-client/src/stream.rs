@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{Attempts, ClientError, Side};
 use crate::machine::{Kind, Outcome, Turn};
-use crate::{Client, Event, Query, SlotPermit, classify, fault_of, retry_after};
+use crate::session::Served;
+use crate::{Client, Event, Query, SlotPermit, classify, fault_of, model_version, retry_after};
 
 /// What a stream yields: the answer's chunks and, where it happened, the point at which the
 /// answer moved to another node.
@@ -39,18 +40,23 @@ pub enum StreamItem {
 #[derive(Debug)]
 pub struct ChatStream {
     rx: mpsc::Receiver<Result<StreamItem, ClientError>>,
-    node: String,
+    served: Served,
     continued_on: Vec<String>,
 }
 
 impl ChatStream {
-    pub(crate) fn new(rx: mpsc::Receiver<Result<StreamItem, ClientError>>, node: String) -> Self {
-        ChatStream { rx, node, continued_on: Vec::new() }
+    pub(crate) fn new(rx: mpsc::Receiver<Result<StreamItem, ClientError>>, served: Served) -> Self {
+        ChatStream { rx, served, continued_on: Vec::new() }
     }
 
     /// The node whose first token started the stream (a continuation may finish elsewhere).
     pub fn node(&self) -> &str {
-        &self.node
+        &self.served.node.id
+    }
+
+    /// Who started the stream: the node, its pool and cascade model, the model version.
+    pub fn served(&self) -> &Served {
+        &self.served
     }
 
     /// The nodes the answer was continued on so far, in order.
@@ -99,6 +105,8 @@ pub(crate) struct Committed {
     /// Chunks read up to and including the first content chunk.
     pub first: Vec<ChatCompletionChunk>,
     pub done: bool,
+    /// The model version the node reported.
+    pub version: Option<String>,
 }
 
 const MAX_EVENT: usize = 1 << 20;
@@ -176,6 +184,7 @@ impl Client {
                     .unwrap_or_default();
                 return (classify(status, fault, text, hint, retry), None);
             }
+            let version = model_version(res.headers());
             let mut body = res.into_body();
             let mut dec = SseDecoder::new(MAX_EVENT);
             let mut first = Vec::new();
@@ -195,7 +204,7 @@ impl Client {
                         }
                     },
                 };
-                let c = Committed { body, dec, first, done };
+                let c = Committed { body, dec, first, done, version };
                 let outcome = Outcome::Committed { after: sent.elapsed(), hint };
                 return (outcome, Some(Box::new(c)));
             }

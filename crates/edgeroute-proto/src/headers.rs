@@ -5,12 +5,15 @@
 //!   capacity, recent TTFT p50 in ms), so clients learn load without probing (like gRPC ORCA).
 //! - `x-edgeroute-migrate: reason=drain; deadline_ms=30000; to=tor-2` asks the client to move
 //!   its session before the node stops serving it.
+//! - `x-edgeroute-model-version: v2` names the registry version of the model that answered.
 
 use std::fmt;
 
 pub const NODE_HEADER: &str = "x-edgeroute-node";
 pub const LOAD_HEADER: &str = "x-edgeroute-load";
 pub const MIGRATE_HEADER: &str = "x-edgeroute-migrate";
+/// The registry version of the model that answered, when the node's load named one.
+pub const MODEL_VERSION_HEADER: &str = "x-edgeroute-model-version";
 /// Optional request header naming the client's session; a draining node keeps serving known
 /// sessions until its deadline while refusing new ones.
 pub const SESSION_HEADER: &str = "x-edgeroute-session";

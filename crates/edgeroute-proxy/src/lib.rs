@@ -44,9 +44,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use edgeroute_client::{Client, ClientError, Session, StreamItem};
+use edgeroute_client::{Client, ClientError, Served, Session, StreamItem};
 use edgeroute_http::ApiError;
-use edgeroute_proto::headers::SESSION_HEADER;
+use edgeroute_proto::headers::{MODEL_VERSION_HEADER, SESSION_HEADER};
 use edgeroute_proto::{ChatCompletionRequest, ErrorBody, Side};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use tokio::sync::OnceCell;
@@ -69,21 +69,19 @@ pub const SERVED_MODEL_HEADER: &str = "x-edgeroute-served-model";
 pub const DEGRADED_HEADER: &str = "x-edgeroute-degraded";
 
 /// What an answer says of who served it: the node, its tier (its pool's name, else `edge`),
-/// and, when a cascade's reduced model served, which model and that it is degraded.
-fn served_by(session: &Session, node: &str, h: &mut http::HeaderMap) {
-    let cand =
-        [Some(session.pinned()), session.standby()].into_iter().flatten().find(|c| c.id == node);
-    if let Ok(n) = HeaderValue::from_str(node) {
+/// the model version the node reported, and, when a cascade's reduced model served, which
+/// model and that it is degraded.
+fn served_by(served: &Served, h: &mut http::HeaderMap) {
+    let node = &served.node;
+    if let Ok(n) = HeaderValue::from_str(&node.id) {
         h.insert(NODE_HEADER, n);
     }
-    let tier =
-        cand.as_ref().and_then(|c| c.pool.as_deref()).and_then(|p| HeaderValue::from_str(p).ok());
+    let tier = node.pool.as_deref().and_then(|p| HeaderValue::from_str(p).ok());
     h.insert(TIER_HEADER, tier.unwrap_or(HeaderValue::from_static("edge")));
-    if let Some(m) = cand
-        .as_ref()
-        .and_then(|c| c.serve_as.as_deref())
-        .and_then(|m| HeaderValue::from_str(m).ok())
-    {
+    if let Some(v) = served.model_version.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+        h.insert(MODEL_VERSION_HEADER, v);
+    }
+    if let Some(m) = node.serve_as.as_deref().and_then(|m| HeaderValue::from_str(m).ok()) {
         h.insert(SERVED_MODEL_HEADER, m);
         h.insert(DEGRADED_HEADER, HeaderValue::from_static("cascade"));
     }
@@ -561,21 +559,21 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
         Err(e) => return error_response(e),
     };
     if !body.stream {
-        let answer = session.chat(&body).await;
-        let pinned = session.pinned().id;
-        let mut res = match answer {
-            Ok(c) => axum::Json(c).into_response(),
-            Err(e) => return error_response(e),
+        return match session.chat_served(&body).await {
+            Ok((c, served)) => {
+                let mut res = axum::Json(c).into_response();
+                served_by(&served, res.headers_mut());
+                res
+            }
+            Err(e) => error_response(e),
         };
-        served_by(&session, &pinned, res.headers_mut());
-        return res;
     }
     let stream = match session.chat_stream(&body).await {
         Ok(s) => s,
         Err(e) => return error_response(e),
     };
     let mut served = http::HeaderMap::new();
-    served_by(&session, stream.node(), &mut served);
+    served_by(stream.served(), &mut served);
     let frames = futures_util::stream::unfold(Some(stream), |state| async move {
         let mut s = state?;
         let frame = match s.next_item().await {

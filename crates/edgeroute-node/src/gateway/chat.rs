@@ -39,7 +39,7 @@ const ROUTE: &str = "chat";
 
 /// The registry version of the model that answered, when the load named one.
 pub const MODEL_VERSION_HEADER: http::HeaderName =
-    http::HeaderName::from_static("x-edgeroute-model-version");
+    http::HeaderName::from_static(edgeroute_proto::headers::MODEL_VERSION_HEADER);
 
 /// The chat route as one service: authentication, the tenant's rate limit and the handler are
 /// plain calls inside one future. The generic middleware layers cost this route, the one
