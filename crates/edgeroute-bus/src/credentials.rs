@@ -13,6 +13,10 @@
 //! acknowledgement, which informs the pusher only; each replica's `/health` is the record); a
 //! node may do neither.
 //!
+//! A regional router ([`Role::Router`]) shares ejections with the other replicas on
+//! [`ROUTER_SHARE_SUBJECT`] and wakes them (new work, cancels) under [`JOBS_SUBJECT_PREFIX`]:
+//! it may publish and subscribe there and nowhere else — nothing of the topology or the policy.
+//!
 //! [`permissions`] is the one place those subject lists are written; `deploy/nats/` ships the
 //! server configuration they are pasted into and `edgeroute bus credentials` prints them.
 //! The sets were found against nats-server 2.9 (the tests in `tests/auth.rs` start one): each
@@ -22,11 +26,20 @@ use crate::BusError;
 use crate::config::BusConfig;
 use crate::wire::{self, check_token};
 
+/// Where regional router replicas announce the ejections and recoveries they decide.
+pub const ROUTER_SHARE_SUBJECT: &str = "edgeroute.router.ejections";
+/// Under this prefix router replicas wake each other for new job items and fan out cancels
+/// (`<prefix>.<store schema>.wake|abort`).
+pub const JOBS_SUBJECT_PREFIX: &str = "edgeroute.jobs";
+
 /// Who a bus user is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     /// One edge node: publishes its own events and snapshot only.
     Node { node_id: String, region: String },
+    /// A regional router replica: shares ejections and job wake-ups with the other replicas;
+    /// reads and publishes nothing of the topology or the policy.
+    Router,
     /// A discovery replica (or any observer): reads the topology, publishes none of it; reads
     /// and watches the routing policy, publishes its acknowledgements.
     Discovery,
@@ -93,6 +106,14 @@ pub fn permissions(cfg: &BusConfig, role: &Role) -> Result<Permissions, BusError
             ],
             subscribe: vec![wire::all_events_subject(&cfg.subject_prefix), inbox],
         },
+        Role::Router => {
+            let share = ROUTER_SHARE_SUBJECT.to_owned();
+            let jobs = format!("{JOBS_SUBJECT_PREFIX}.>");
+            Permissions {
+                publish: vec![share.clone(), jobs.clone()],
+                subscribe: vec![share, jobs, inbox],
+            }
+        }
         Role::Admin => Permissions {
             publish: vec![
                 format!("$KV.{policy}.{}", crate::policy::POLICY_KEY),
@@ -199,6 +220,14 @@ mod tests {
         let node = Role::Node { node_id: "tor-1".into(), region: "ca_east".into() };
         let node = permissions(&cfg, &node).unwrap();
         assert!(node.publish.iter().chain(&node.subscribe).all(|s| !s.contains("policy")));
+    }
+
+    #[test]
+    fn a_router_speaks_only_on_the_router_subjects() {
+        let p = permissions(&BusConfig::default(), &Role::Router).unwrap();
+        assert_eq!(p.publish, [ROUTER_SHARE_SUBJECT, "edgeroute.jobs.>"]);
+        assert!(p.subscribe.iter().all(|s| !s.contains("topology") && !s.contains("policy")));
+        assert!(p.publish.iter().all(|s| !s.starts_with('$')), "no JetStream, no KV: {p:?}");
     }
 
     #[test]

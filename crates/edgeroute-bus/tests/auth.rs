@@ -48,7 +48,10 @@ fn node(id: &str) -> (&str, Role) {
 /// are written to a directory of the test's.
 async fn fleet_server() -> (NatsServer, tempfile::TempDir) {
     let keys = tempfile::tempdir().unwrap();
-    let users = users(keys.path(), &[node("n1"), node("n2"), ("disc", Role::Discovery)]);
+    let users = users(
+        keys.path(),
+        &[node("n1"), node("n2"), ("disc", Role::Discovery), ("router", Role::Router)],
+    );
     (NatsServer::start_shipped(&users).await, keys)
 }
 
@@ -197,6 +200,36 @@ async fn a_discovery_user_cannot_publish_topology() {
     assert!(bus.publish(&ev, &snap).await.is_err());
     assert!(refused(&server, "Publish", "$KV.edgeroute_nodes.rogue"), "{}", server.log());
     assert!(refused(&server, "Publish", "edgeroute.topology.us_east.n1"), "{}", server.log());
+}
+
+#[tokio::test]
+async fn a_router_shares_on_its_subjects_and_touches_nothing_of_the_topology() {
+    let (server, keys) = fleet_server().await;
+    let a = raw(&connected(&as_user(&server, keys.path(), "router")).await);
+    let b = raw(&connected(&as_user(&server, keys.path(), "router")).await);
+    let share = credentials::ROUTER_SHARE_SUBJECT;
+    let mut heard = b.subscribe(share).await.unwrap();
+    let mut woken = b.subscribe("edgeroute.jobs.public.wake").await.unwrap();
+    b.flush().await.unwrap();
+    a.publish(share, "ejected".into()).await.unwrap();
+    a.publish("edgeroute.jobs.public.wake", "".into()).await.unwrap();
+    a.flush().await.unwrap();
+    use futures_util::StreamExt as _;
+    let got = tokio::time::timeout(WITHIN, heard.next()).await.unwrap().unwrap();
+    assert_eq!(&got.payload[..], b"ejected");
+    assert!(tokio::time::timeout(WITHIN, woken.next()).await.unwrap().is_some());
+    // Nothing of the topology: neither announcing a node nor listening to the fleet.
+    a.publish("edgeroute.topology.us_east.n1", "forged".into()).await.unwrap();
+    let _sub = a.subscribe("edgeroute.topology.>").await.unwrap();
+    a.flush().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !(refused(&server, "Publish", "edgeroute.topology.us_east.n1")
+        && refused(&server, "Subscription", "edgeroute.topology.>"))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!refused(&server, "Publish", share), "{}", server.log());
 }
 
 #[tokio::test]

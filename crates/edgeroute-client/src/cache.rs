@@ -102,6 +102,19 @@ impl ListCache {
         }
     }
 
+    /// Expires every answer not decided under routing policy `version` (decided under
+    /// another, or under none); returns how many were fresh and now are not.
+    pub fn expire_unless_policy(&mut self, version: &str) -> usize {
+        let mut n = 0;
+        for e in self.entries.values_mut() {
+            if !e.expired && e.answer.policy.as_ref().is_none_or(|p| p.version != version) {
+                e.expired = true;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Drops answers past `stale_ok`.
     pub fn prune(&mut self, now_ms: u64) {
         self.entries.retain(|_, e| now_ms.saturating_sub(e.fetched_at_ms) < e.answer.stale_ok_ms);
@@ -139,6 +152,26 @@ mod tests {
             reason: None,
             policy: None,
         }
+    }
+
+    #[test]
+    fn a_new_policy_version_expires_the_lists_decided_under_another() {
+        let mut c = ListCache::default();
+        let under = |v: Option<&str>| DiscoverResponse {
+            policy: v.map(|v| edgeroute_proto::discovery::PolicyDecision {
+                version: v.into(),
+                ..Default::default()
+            }),
+            ..answer(5000, 60_000)
+        };
+        c.put("old".into(), under(Some("p1")), 1000);
+        c.put("new".into(), under(Some("p2")), 1000);
+        c.put("none".into(), under(None), 1000);
+        assert_eq!(c.expire_unless_policy("p2"), 2);
+        assert_eq!(c.get("old", 2000).unwrap().1, Freshness::Stale);
+        assert_eq!(c.get("none", 2000).unwrap().1, Freshness::Stale);
+        assert_eq!(c.get("new", 2000).unwrap().1, Freshness::Fresh);
+        assert_eq!(c.expire_unless_policy("p2"), 0, "already marked: counted once");
     }
 
     #[test]

@@ -542,13 +542,17 @@ pub struct Ejection {
     pub reason: String,
 }
 
-/// What this client itself concluded about a node (never what it was told by another).
+/// What this client itself concluded about a node, or learnt of the routing policy (never
+/// what it was told by another client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EjectionEvent {
     /// Ejected after failures seen by this client.
     Ejected(Ejection),
     /// Served this client again after an ejection (its own, or one it was told of).
     Rejoined { node_id: String },
+    /// Discovery's answers now come from routing policy `version` (this client's own answer
+    /// said so first, or said another version before).
+    PolicyVersion { version: String },
 }
 
 /// How many of this client's own ejection events a slow subscriber may fall behind by before
@@ -609,6 +613,8 @@ struct State {
     revalidating: HashSet<String>,
     /// A background refresh of probes is under way.
     refreshing: bool,
+    /// The routing policy version of the newest discovery answer that named one.
+    policy_version: Option<String>,
 }
 
 struct Inner {
@@ -793,6 +799,7 @@ impl Client {
             plans: std::collections::HashMap::new(),
             revalidating: HashSet::new(),
             refreshing: false,
+            policy_version: None,
         };
         Ok(Client {
             inner: Arc::new(Inner {
@@ -860,6 +867,22 @@ impl Client {
     /// (`eject_backoff.max`); this client's failure counts and its own ejection are left as
     /// they are, and a request it sees the node serve ends the remote ejection. False (nothing
     /// done) when `until_unix_ms` has already passed.
+    /// The routing policy version of the newest discovery answer this client took in that
+    /// named one.
+    pub fn policy_version(&self) -> Option<String> {
+        self.with(|st, _| st.policy_version.clone())
+    }
+
+    /// Another client (a router replica) took in discovery answers decided under routing
+    /// policy `version`: every cached list decided under another version, or under none, is
+    /// asked for again at its next use (behind that turn, which goes on with the list it
+    /// has: stale-while-revalidate), so a new policy reaches this client's sessions within a
+    /// request rather than within a list's TTL. The version this client reports is only what
+    /// its own answers say. Returns how many lists were marked.
+    pub fn apply_remote_policy_version(&self, version: &str) -> usize {
+        self.with(|st, _| st.cache.expire_unless_policy(version))
+    }
+
     pub fn apply_remote_ejection(&self, node_id: &str, until_unix_ms: u64) -> bool {
         let left = until_unix_ms.saturating_sub(self.wall_ms());
         if left == 0 {
@@ -1053,14 +1076,25 @@ impl Client {
                         return Err(ClientError::NoCandidates { model: q.model.clone(), reason });
                     }
                     let (key, now) = (self.key(q), self.wall_ms());
-                    let saved = self.with(|st, _| {
+                    let version = answer.policy.as_ref().map(|p| p.version.clone());
+                    let (saved, new_policy) = self.with(|st, _| {
                         for c in &candidates {
                             st.m.note_capacity(&c.id, c.capacity);
                         }
+                        let new_policy = version.filter(|v| st.policy_version.as_ref() != Some(v));
+                        if let Some(v) = &new_policy {
+                            st.policy_version = Some(v.clone());
+                        }
                         st.cache.put(key, answer, now);
                         st.cache.prune(now);
-                        cfg.cache_file.as_ref().map(|path| (path.clone(), st.cache.clone()))
+                        let saved =
+                            cfg.cache_file.as_ref().map(|path| (path.clone(), st.cache.clone()));
+                        (saved, new_policy)
                     });
+                    if let Some(version) = new_policy {
+                        // No subscriber: nobody to tell.
+                        let _ = self.inner.ejections.send(EjectionEvent::PolicyVersion { version });
+                    }
                     if let Some((path, cache)) = saved
                         && let Err(e) = cache.save(&path)
                     {

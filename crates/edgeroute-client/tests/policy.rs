@@ -245,6 +245,22 @@ async fn a_canary_moves_from_5_to_50_to_100_percent_without_a_failed_turn() {
     }
     let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
     let tasks = talk(sessions, tally.clone(), stop.clone());
+    // A client reports the policy version its discovery answers name, and each change once
+    // (what router replicas share so that the others ask discovery again at once).
+    let observer = fleet.client("observer", 99);
+    let mut heard = observer.ejections();
+    let sees = |version: &'static str| {
+        let observer = observer.clone();
+        async move {
+            let t = Instant::now();
+            while observer.policy_version().as_deref() != Some(version) {
+                assert!(t.elapsed() < Duration::from_secs(5), "never saw policy {version}");
+                drop(observer.session("llama").await.unwrap());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    sees("c-5").await;
 
     // The share of turns v2 served over `window`, after `settle` for sessions to move.
     let share = |settle: Duration, window: Duration| {
@@ -264,10 +280,15 @@ async fn a_canary_moves_from_5_to_50_to_100_percent_without_a_failed_turn() {
     assert!(at_5 <= 0.2, "v2 served {at_5:.2} of turns at 5 %");
 
     fleet.apply(&canary((50, 50), "c-50"), "c-50").await;
+    sees("c-50").await;
     let at_50 = share(settle, window).await;
     assert!((0.2..=0.8).contains(&at_50), "v2 served {at_50:.2} of turns at 50 %");
 
     fleet.apply(&canary((0, 100), "c-100"), "c-100").await;
+    sees("c-100").await;
+    let heard: Vec<_> = std::iter::from_fn(|| heard.try_recv().ok()).collect();
+    let version = |v: &str| edgeroute_client::EjectionEvent::PolicyVersion { version: v.into() };
+    assert_eq!(heard, [version("c-5"), version("c-50"), version("c-100")]);
     let at_100 = share(settle, window).await;
     assert_eq!(at_100, 1.0, "every turn on v2 at 100 %");
 

@@ -171,6 +171,10 @@ pub fn batch_node_config(
         }
         sim.min_answer_tokens = capacity.max_tokens.max(1);
         sim.max_answer_tokens = capacity.max_tokens.max(1);
+        // The node admits (and advertises as its capacity) what its GPU slots take, as an
+        // operator sets it; the batch's one tenant may use all of it.
+        cfg.limits.max_concurrency = capacity.slots * sim.gpus.len().max(1) as u32;
+        cfg.limits.tenant_max_share = 1.0;
     }
     cfg
 }

@@ -63,7 +63,8 @@ pub struct JobsSection {
     #[serde(default = "default_max_window_s")]
     pub max_completion_window_s: u64,
     /// NATS URL for wake-ups and cancel fan-out between replicas (the store stays the truth:
-    /// without it, replicas poll every `tick_ms`).
+    /// without it, replicas poll every `tick_ms`). Used only without a NATS `[bus]`: when the
+    /// router has one, its connection (and credentials) carries these too.
     #[serde(default)]
     pub nats_url: Option<String>,
     /// The key the router signs the tenant's short-lived tokens with when it runs a job's

@@ -159,12 +159,16 @@ impl RouterService {
 
     /// [`RouterService::build`], and the job store of `[jobs]` opened (its schema created).
     pub async fn open(cfg: RouterConfig) -> Result<RouterService, RouterError> {
-        let jobs = match &cfg.jobs {
-            Some(j) => Some(Arc::new(jobs::Jobs::open(j.clone(), &cfg.router.id).await?)),
-            None => None,
-        };
         let bus = match &cfg.bus {
             Some(b) => Some(edgeroute_bus::Bus::connect(b).await?),
+            None => None,
+        };
+        let bus_nats = match bus.as_ref().map(edgeroute_bus::Bus::transport) {
+            Some(edgeroute_bus::Transport::Nats(n)) => Some(n.client().clone()),
+            _ => None,
+        };
+        let jobs = match &cfg.jobs {
+            Some(j) => Some(Arc::new(jobs::Jobs::open(j.clone(), &cfg.router.id, bus_nats).await?)),
             None => None,
         };
         let mut service = RouterService::build(cfg)?;
@@ -472,6 +476,7 @@ async fn metrics(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             ("succeeded", "Job items answered", &c.succeeded),
             ("failed", "Job items failed for good", &c.failed),
             ("requeued", "Job items given back for want of capacity", &c.requeued),
+            ("saturated", "Job item tries the fleet had no room for, tried again", &c.saturated),
             ("aborted", "Job items aborted (cancel, expiry)", &c.aborted),
             ("stale", "Job item results dropped: another replica owned the item", &c.stale),
             ("webhooks_sent", "Webhook attempts answered 2xx", &c.webhooks_sent),
@@ -486,9 +491,18 @@ async fn metrics(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     let c = &sh.share;
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     for (name, help, v) in [
-        ("published", "Ejections and recoveries this replica told the others", n(&c.published)),
+        (
+            "published",
+            "Ejections, recoveries and policy versions this replica told the others",
+            n(&c.published),
+        ),
         ("applied_ejections", "Other replicas' ejections applied here", n(&c.applied_ejections)),
         ("applied_rejoins", "Other replicas' recoveries applied here", n(&c.applied_rejoins)),
+        (
+            "applied_policy_versions",
+            "Other replicas' routing policy versions taken in (lists revalidated)",
+            n(&c.applied_policy_versions),
+        ),
         (
             "ignored",
             "Messages ignored (stale, malformed, another version)",

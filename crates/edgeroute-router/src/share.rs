@@ -18,10 +18,14 @@
 //! replicas that hold clones of one embedded `Bus` share an in-process channel, found by
 //! that bus's identity.
 //!
-//! NATS permissions: the router's user must be allowed to publish and subscribe on
-//! [`SUBJECT`].
+//! NATS permissions: the router's user (`edgeroute bus credentials --router NAME`) may
+//! publish and subscribe on [`SUBJECT`] and the job wake-up subjects, nothing else.
 //!
-//! The policy version each replica sees is not shared: the client does not expose one.
+//! The routing policy's version travels the same way: when a replica's discovery answers
+//! name a new version, the others mark every list decided under another for revalidation at
+//! its next use ([`Client::apply_remote_policy_version`]), so a pushed policy reaches every
+//! replica's callers within a request, not within a list's TTL. Replicas converge on what
+//! their own discovery says: a message only prompts the question.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 /// Where replicas announce ejections and recoveries.
-pub const SUBJECT: &str = "edgeroute.router.ejections";
+pub const SUBJECT: &str = edgeroute_bus::credentials::ROUTER_SHARE_SUBJECT;
 
 /// The format of [`ShareMessage`] this version writes and reads.
 pub const WIRE_VERSION: u32 = 1;
@@ -47,6 +51,9 @@ pub const MAX_MESSAGE_BYTES: usize = 2048;
 /// A reason longer than this is cut.
 pub const MAX_REASON_BYTES: usize = 256;
 
+/// A policy version longer than this is not shared (nor taken in).
+pub const MAX_POLICY_VERSION_BYTES: usize = 128;
+
 /// What a replica concluded about a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,6 +62,9 @@ pub enum Verdict {
     Ejected,
     /// Served this replica again after an ejection.
     Rejoined,
+    /// Discovery now answers this replica under routing policy `policy_version` (`node` is
+    /// empty).
+    Policy,
 }
 
 /// One replica's word about one node (JSON on [`SUBJECT`]).
@@ -72,6 +82,9 @@ pub struct ShareMessage {
     pub until_unix_ms: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// With [`Verdict::Policy`]: the routing policy's version.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub policy_version: String,
 }
 
 impl ShareMessage {
@@ -85,6 +98,7 @@ impl ShareMessage {
                 verdict: Verdict::Ejected,
                 until_unix_ms: e.until_unix_ms,
                 reason: cut(&e.reason, MAX_REASON_BYTES),
+                policy_version: String::new(),
             },
             EjectionEvent::Rejoined { node_id } => ShareMessage {
                 v: WIRE_VERSION,
@@ -93,6 +107,16 @@ impl ShareMessage {
                 verdict: Verdict::Rejoined,
                 until_unix_ms: 0,
                 reason: String::new(),
+                policy_version: String::new(),
+            },
+            EjectionEvent::PolicyVersion { version } => ShareMessage {
+                v: WIRE_VERSION,
+                replica: replica.to_owned(),
+                node: String::new(),
+                verdict: Verdict::Policy,
+                until_unix_ms: 0,
+                reason: String::new(),
+                policy_version: cut(version, MAX_POLICY_VERSION_BYTES),
             },
         }
     }
@@ -128,6 +152,9 @@ pub enum Handled {
     Ejected { node: String, until_unix_ms: u64 },
     /// The remote ejection of the node ended here.
     Rejoined { node: String },
+    /// Another replica's discovery answers come from policy `version`: `expired` lists here
+    /// decided under another are asked for again at their next use.
+    Policy { version: String, expired: usize },
     /// This replica's own message, echoed back.
     Own,
     /// An ejection whose time has passed (or lies further ahead than `max_ahead`).
@@ -170,6 +197,9 @@ pub struct ShareCounters {
     pub publish_failures: AtomicU64,
     pub applied_ejections: AtomicU64,
     pub applied_rejoins: AtomicU64,
+    /// Policy versions other replicas announced (each marking the lists decided under
+    /// another for revalidation).
+    pub applied_policy_versions: AtomicU64,
     pub ignored_stale: AtomicU64,
     pub ignored_malformed: AtomicU64,
     pub ignored_other_version: AtomicU64,
@@ -206,13 +236,25 @@ pub fn handle(
         Err(_) => return Handled::Malformed,
     }
     let Ok(m) = serde_json::from_slice::<ShareMessage>(payload) else { return Handled::Malformed };
-    if !is_name(&m.node) || !is_name(&m.replica) {
+    if !is_name(&m.replica) {
+        return Handled::Malformed;
+    }
+    if m.verdict == Verdict::Policy {
+        let v = &m.policy_version;
+        if v.is_empty() || v.len() > MAX_POLICY_VERSION_BYTES || v.chars().any(char::is_control) {
+            return Handled::Malformed;
+        }
+    } else if !is_name(&m.node) {
         return Handled::Malformed;
     }
     if m.replica == replica {
         return Handled::Own;
     }
     match m.verdict {
+        Verdict::Policy => {
+            let expired = client.apply_remote_policy_version(&m.policy_version);
+            Handled::Policy { version: m.policy_version, expired }
+        }
         Verdict::Ejected => {
             let too_far = now_unix_ms.saturating_add(max_ahead.as_millis() as u64);
             if m.until_unix_ms <= now_unix_ms || m.until_unix_ms > too_far {
@@ -325,6 +367,10 @@ async fn pump<S, P, Fut>(
                         tracing::info!(%node, until_unix_ms, "router share: node ejected by another replica");
                     }
                     Handled::Rejoined { .. } => add(&counters.applied_rejoins),
+                    Handled::Policy { version, expired } => {
+                        add(&counters.applied_policy_versions);
+                        tracing::info!(%version, expired, "router share: routing policy version from another replica");
+                    }
                     Handled::Own => {}
                     Handled::Stale => add(&counters.ignored_stale),
                     Handled::OtherVersion(_) => add(&counters.ignored_other_version),
@@ -491,6 +537,7 @@ mod tests {
                 verdict,
                 until_unix_ms: until,
                 reason: "2 consecutive failures".into(),
+                policy_version: String::new(),
             }
             .encode()
         };
@@ -518,6 +565,27 @@ mod tests {
             Handled::Rejoined { node: "tor-1".into() }
         );
         assert!(!client.is_ejected("tor-1"));
+    }
+
+    #[tokio::test]
+    async fn a_policy_version_from_another_replica_marks_the_lists_for_revalidation() {
+        let dir = scratch("policy");
+        let client = client_with_dead_nodes(&dir, "p");
+        let now = edgeroute_core::clock::unix_ms();
+        let ahead = Duration::from_secs(600);
+        let policy = |replica: &str, version: &str| {
+            ShareMessage::of(replica, &EjectionEvent::PolicyVersion { version: version.into() })
+                .encode()
+        };
+        let h = |p: &[u8]| handle(&client, "me", p, now, ahead);
+        assert_eq!(h(&policy("me", "p2")), Handled::Own);
+        assert_eq!(h(&policy("peer", "")), Handled::Malformed);
+        assert_eq!(h(&policy("peer", "a\nb")), Handled::Malformed);
+        // The cached list (decided under no policy) is marked once.
+        assert_eq!(h(&policy("peer", "p2")), Handled::Policy { version: "p2".into(), expired: 1 });
+        assert_eq!(h(&policy("peer", "p2")), Handled::Policy { version: "p2".into(), expired: 0 });
+        // What this replica reports stays what its own discovery said.
+        assert_eq!(client.policy_version(), None);
     }
 
     #[test]

@@ -531,6 +531,43 @@ async fn two_replicas_on_postgres_one_killed_mid_batch_the_other_finishes_it_onc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_the_fleet_waits_for_room_spreads_over_the_nodes_and_loses_nothing() {
+    // Two slots a node, and more workers than the fleet's four slots: items find every node
+    // full (503 fleet_saturated from the SDK), wait and try again without spending attempts.
+    // An item holds its slot 0.3 s; a request waits at most 0.3 s for a slot.
+    let f = Fleet::start_tuned("saturated", 100.0, (100, 80), |cfg| {
+        cfg.limits.max_concurrency = 2;
+        cfg.limits.tenant_max_share = 1.0;
+    })
+    .await;
+    let jobs = "workers = 12\nbusy_backoff_ms = 50\n";
+    let text = f
+        .config("router-tor", &f.sqlite(), "")
+        .replace("busy_backoff_ms = 200\n", jobs)
+        .replace("region = \"toronto\"\n", "region = \"toronto\"\nfirst_token_timeout_ms = 300\n");
+    let router = InProcess::start(&text).await;
+    let acme = token("acme");
+    let id = create_batch(router.addr, &acme, 40, 30).await;
+    let b = wait_terminal(&[router.addr], &acme, &id, Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "completed");
+    assert_eq!(b["request_counts"], serde_json::json!({"total": 40, "completed": 40, "failed": 0}));
+    all_ok(40, &results(router.addr, &acme, &b).await);
+    let (tor, mtl) = (f.answered(0).await, f.answered(1).await);
+    assert!(tor >= 10 && mtl >= 10, "one node took the batch: tor-1 {tor}, mtl-1 {mtl}");
+    let admin = edgeroute_test_util::node::mint_hs256_fleet("op", &[Scope::Admin], 60);
+    let m = String::from_utf8_lossy(&get(router.addr, "/metrics", Some(&admin)).await.body)
+        .into_owned();
+    let saturated: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("edgeroute_router_jobs_saturated_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(saturated > 0, "the fleet was never full: {m}");
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_job_costs_no_item() {
     let mut f = fleet("node-kill", 100.0).await;
     let router = InProcess::start(&f.config("router-tor", &f.sqlite(), "workers = 6\n")).await;

@@ -16,8 +16,9 @@ use edgeroute_bus::credentials::{self, Role, UserKey};
 
 #[derive(Subcommand, Debug)]
 pub enum BusCommand {
-    /// Generate a bus user for a node (publishes only its own subject and KV key) or a
-    /// discovery replica (reads the topology, publishes none of it).
+    /// Generate a bus user for a node (publishes only its own subject and KV key), a
+    /// discovery replica (reads the topology, publishes none of it), a policy admin, or a
+    /// regional router replica (shares ejections and job wake-ups with the other replicas).
     Credentials(CredentialsArgs),
 }
 
@@ -31,12 +32,21 @@ pub struct CredentialsArgs {
     region: Option<String>,
     /// A discovery replica's name (a read-only user, which may also watch the routing policy
     /// and acknowledge it).
-    #[arg(long, required_unless_present_any = ["node", "admin"], conflicts_with = "admin")]
+    #[arg(
+        long,
+        required_unless_present_any = ["node", "admin", "router"],
+        conflicts_with_all = ["admin", "router"]
+    )]
     discovery: Option<String>,
     /// A policy admin's name: may put the routing policy (`edgeroute policy push`) and read
     /// the replicas' acknowledgements; nothing of the topology.
-    #[arg(long, conflicts_with = "node")]
+    #[arg(long, conflicts_with_all = ["node", "router"])]
     admin: Option<String>,
+    /// A regional router replica's name (its `[router] id`): may publish and subscribe on the
+    /// replicas' ejection-sharing subject and the job wake-up subjects; nothing of the
+    /// topology or the policy.
+    #[arg(long, conflicts_with = "node")]
+    router: Option<String>,
     /// Directory for `<name>.nk` (the seed) and `<name>.user.conf` (the server's entry).
     #[arg(long)]
     out: PathBuf,
@@ -79,6 +89,11 @@ pub fn credentials_files(args: &CredentialsArgs) -> Result<Written> {
     };
     cfg.validate()?;
     let (name, role, label) = match (&args.node, &args.region, &args.discovery) {
+        (None, _, None) if args.router.is_some() => {
+            let name = args.router.clone().unwrap_or_default();
+            edgeroute_bus::wire::check_token("router name", &name)?;
+            (name.clone(), Role::Router, format!("router replica {name}"))
+        }
         (None, _, None) if args.admin.is_some() => {
             let name = args.admin.clone().unwrap_or_default();
             edgeroute_bus::wire::check_token("admin name", &name)?;
@@ -93,7 +108,9 @@ pub fn credentials_files(args: &CredentialsArgs) -> Result<Written> {
             edgeroute_bus::wire::check_token("discovery name", name)?;
             (name.clone(), Role::Discovery, format!("discovery replica {name}"))
         }
-        _ => anyhow::bail!("give --node ID --region R, --discovery NAME or --admin NAME"),
+        _ => anyhow::bail!(
+            "give --node ID --region R, --discovery NAME, --admin NAME or --router NAME"
+        ),
     };
     let perms = credentials::permissions(&cfg, &role)?;
     let key = UserKey::generate()?;
@@ -139,6 +156,7 @@ mod tests {
             region: Some("ca_east".into()),
             discovery: None,
             admin: None,
+            router: None,
             out: out.to_owned(),
             subject_prefix: "edgeroute.topology".into(),
             bucket: "edgeroute_nodes".into(),
@@ -189,6 +207,16 @@ mod tests {
         let written = credentials_files(&admin).unwrap();
         assert!(written.block.contains("\"$KV.edgeroute_policy.current\""), "{}", written.block);
         assert!(!written.block.contains("topology"), "{}", written.block);
+        let router = CredentialsArgs {
+            node: None,
+            region: None,
+            router: Some("router-tor".into()),
+            ..args(&out)
+        };
+        let written = credentials_files(&router).unwrap();
+        assert!(written.block.contains("\"edgeroute.router.ejections\""), "{}", written.block);
+        assert!(!written.block.contains("topology"), "{}", written.block);
+        assert!(out.join("router-tor.nk").exists());
         std::fs::remove_dir_all(out).unwrap();
     }
 }

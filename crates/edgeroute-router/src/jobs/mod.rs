@@ -86,6 +86,8 @@ pub struct JobCounters {
     pub succeeded: AtomicU64,
     pub failed: AtomicU64,
     pub requeued: AtomicU64,
+    /// Tries of an item the fleet had no room for (waited and tried again, no attempt spent).
+    pub saturated: AtomicU64,
     pub aborted: AtomicU64,
     pub stale: AtomicU64,
     pub webhooks_sent: AtomicU64,
@@ -141,7 +143,8 @@ fn now_ms() -> UnixMs {
 
 /// NATS subjects (per store schema, so two fleets on one NATS do not cross).
 fn subject(cfg: &JobsSection, what: &str) -> String {
-    format!("edgeroute.jobs.{}.{what}", cfg.postgres_schema)
+    let prefix = edgeroute_bus::credentials::JOBS_SUBJECT_PREFIX;
+    format!("{prefix}.{}.{what}", cfg.postgres_schema)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -151,7 +154,13 @@ struct AbortMsg {
 }
 
 impl Jobs {
-    pub async fn open(cfg: JobsSection, router_id: &str) -> Result<Jobs, JobsError> {
+    /// Opens the store. `bus_nats`: the `[bus]` NATS connection (its identity), used for
+    /// wake-ups and cancel fan-out in preference to `nats_url`.
+    pub async fn open(
+        cfg: JobsSection,
+        router_id: &str,
+        bus_nats: Option<async_nats::Client>,
+    ) -> Result<Jobs, JobsError> {
         let store = AnyStore::open(&cfg.store, &cfg.postgres_schema).await?;
         let delegation = match &cfg.delegation_key_file {
             None => None,
@@ -187,9 +196,10 @@ impl Jobs {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
         };
-        let nats = match &cfg.nats_url {
-            None => None,
-            Some(url) => Some(
+        let nats = match (bus_nats, &cfg.nats_url) {
+            (Some(client), _) => Some(client),
+            (None, None) => None,
+            (None, Some(url)) => Some(
                 async_nats::connect(url.as_str())
                     .await
                     .map_err(|e| JobsError::Nats(e.to_string()))?,
@@ -590,33 +600,62 @@ async fn request_item(sh: &Arc<Shared>, jobs: &Jobs, lease: &Lease) -> Ran {
         Err(e) => return Ran::Done(Outcome::Failed(e)),
     };
     let tenant: Arc<str> = Arc::from(job.tenant.as_str());
-    // Interactive traffic first: an item waits for a batch-class place as long as it takes
-    // (its lease is renewed meanwhile), without spending an attempt.
-    let permit = loop {
-        match sh.gate.enter(tenant.clone(), Class::Batch).await {
-            Ok((p, _)) => break p,
-            Err(Refusal::QueueFull | Refusal::Timeout) => {
-                tokio::time::sleep(Duration::from_millis(jobs.cfg.busy_backoff_ms)).await;
-            }
-        }
-    };
     let caller = bearer.map(|b| edgeroute_proxy::Caller { tenant: job.tenant.clone(), bearer: b });
-    let req = Request::builder()
-        .method(http::Method::POST)
-        .uri(&lease.endpoint)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(PRIORITY_HEADER, "batch")
-        .header(edgeroute_proto::headers::SESSION_HEADER, format!("job-{}", lease.job_id))
-        .body(Body::from(body.to_string()));
-    let Ok(req) = req else { return failed("invalid_request", "unusable request".into()) };
-    let res = edgeroute_proxy::chat_for(&sh.front, caller.as_ref(), req).await;
-    let status = res.status();
+    let body = body.to_string();
     let limit = jobs.store.limits().max_result_bytes;
-    let bytes = match http_body_util::Limited::new(res.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return failed("response_too_large", format!("answer over {limit} bytes: {e}")),
+    let lanes = u64::try_from(jobs.cfg.workers).unwrap_or(1).max(1);
+    let (status, bytes) = loop {
+        // Interactive traffic first: an item waits for a batch-class place as long as it
+        // takes (its lease is renewed meanwhile), without spending an attempt.
+        let permit = loop {
+            match sh.gate.enter(tenant.clone(), Class::Batch).await {
+                Ok((p, _)) => break p,
+                Err(Refusal::QueueFull | Refusal::Timeout) => {
+                    tokio::time::sleep(Duration::from_millis(jobs.cfg.busy_backoff_ms)).await;
+                }
+            }
+        };
+        // Items are independent conversations: a job's items spread over as many sessions as
+        // this replica runs items at once (`job-<id>-<lane>`), so the fleet's nodes share a
+        // batch rather than one pinned node taking it all — and a large batch does not churn
+        // the session table interactive callers live in.
+        let req = Request::builder()
+            .method(http::Method::POST)
+            .uri(&lease.endpoint)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(PRIORITY_HEADER, "batch")
+            .header(
+                edgeroute_proto::headers::SESSION_HEADER,
+                format!("job-{}-{}", lease.job_id, lease.item % lanes),
+            )
+            .body(Body::from(body.clone()));
+        let Ok(req) = req else { return failed("invalid_request", "unusable request".into()) };
+        let res = edgeroute_proxy::chat_for(&sh.front, caller.as_ref(), req).await;
+        let status = res.status();
+        let wait = res
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|s| Duration::from_secs(s.min(60)));
+        let bytes = match http_body_util::Limited::new(res.into_body(), limit).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return failed("response_too_large", format!("answer over {limit} bytes: {e}"));
+            }
+        };
+        drop(permit);
+        // Every node is full (or the tenant is over a rate): buffering, not shedding — the
+        // item waits for room and tries again, spending no attempt; its lease is renewed, and
+        // a cancel or the job's expiry still aborts it.
+        if saturated(status, &bytes) {
+            jobs.counters.saturated.fetch_add(1, Ordering::Relaxed);
+            let pause = Duration::from_millis(jobs.cfg.busy_backoff_ms);
+            tokio::time::sleep(wait.map_or(pause, |w| w.min(pause))).await;
+            continue;
+        }
+        break (status, bytes);
     };
-    drop(permit);
     let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
     if streamed && status.is_success() {
         return match fold_stream(&bytes) {
@@ -646,6 +685,17 @@ async fn request_item(sh: &Arc<Shared>, jobs: &Jobs, lease: &Lease) -> Ran {
     let message =
         value["error"]["message"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned);
     failed(code, format!("HTTP {}: {message}", status.as_u16()))
+}
+
+/// Whether an answer says the fleet had no room now rather than that the item failed: the
+/// SDK's `fleet_saturated` (every eligible node at its capacity) or a 429 (a rate limit).
+fn saturated(status: StatusCode, body: &[u8]) -> bool {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return true;
+    }
+    status == StatusCode::SERVICE_UNAVAILABLE
+        && serde_json::from_slice::<serde_json::Value>(body)
+            .is_ok_and(|v| v["error"]["code"] == "fleet_saturated")
 }
 
 /// A streamed chat completion's SSE body folded into the `chat.completion` it stands for: what

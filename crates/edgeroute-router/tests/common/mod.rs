@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use edgeroute_auth::Scope;
 use edgeroute_discovery::Discovery;
 use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
 use edgeroute_lab::relay::Relay;
-use edgeroute_test_util::node::SECRET;
+use edgeroute_test_util::node::{SECRET, mint_hs256_fleet};
 use edgeroute_test_util::{TestNode, get};
 
 pub struct Fleet {
@@ -30,6 +31,16 @@ impl Drop for Fleet {
 impl Fleet {
     /// Nodes at `tokens_per_s`; discovery probes every `probe_ms.0` ms (timeout `probe_ms.1`).
     pub async fn start(tag: &str, tokens_per_s: f64, probe_ms: (u64, u64)) -> Fleet {
+        Fleet::start_tuned(tag, tokens_per_s, probe_ms, |_| {}).await
+    }
+
+    /// [`Fleet::start`], each node's config passed through `tune` first.
+    pub async fn start_tuned(
+        tag: &str,
+        tokens_per_s: f64,
+        probe_ms: (u64, u64),
+        tune: impl Fn(&mut edgeroute_node::NodeConfig),
+    ) -> Fleet {
         let dir =
             std::env::temp_dir().join(format!("edgeroute-router-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -46,7 +57,9 @@ impl Fleet {
         spec.probe_ms = probe_ms;
         let (mut nodes, mut relays, mut urls) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..spec.nodes.len() {
-            let node = TestNode::start_config(spec.node_config(i, None), None).await;
+            let mut cfg = spec.node_config(i, None);
+            tune(&mut cfg);
+            let node = TestNode::start_config(cfg, None).await;
             let relay = Relay::start(node.addr).await.unwrap();
             urls.push(format!("http://{}", relay.addr()));
             nodes.push(node);
@@ -68,6 +81,18 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Fleet { nodes, relays, discovery, dir }
+    }
+
+    /// Chat completions node `i` answered 200 (its `/metrics`).
+    pub async fn answered(&self, i: usize) -> u64 {
+        let admin = mint_hs256_fleet("op", &[Scope::Admin], 60);
+        let m = get(self.nodes[i].addr, "/metrics", Some(&admin)).await;
+        String::from_utf8_lossy(&m.body)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("edgeroute_node_requests_total{route=\"chat\",status=\"200\"} ")
+            })
+            .map_or(0, |v| v.trim().parse().unwrap())
     }
 
     /// A router's `[router]` and `[auth]` sections (the fleet's secret), then `extra`.
