@@ -202,22 +202,42 @@ async fn a_discovery_user_cannot_publish_topology() {
     assert!(refused(&server, "Publish", "edgeroute.topology.us_east.n1"), "{}", server.log());
 }
 
+/// Publishes `payload` on `subject` from `from` until `sub` hears it; its payload.
+async fn published_until_heard(
+    from: &async_nats::Client,
+    sub: &mut async_nats::Subscriber,
+    subject: &'static str,
+    payload: &'static str,
+) -> Vec<u8> {
+    use futures_util::StreamExt as _;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    loop {
+        from.publish(subject, payload.into()).await.unwrap();
+        from.flush().await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+            Ok(Some(m)) => return m.payload.to_vec(),
+            Ok(None) => panic!("the subscription to {subject} closed"),
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "{subject} never heard"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_router_shares_on_its_subjects_and_touches_nothing_of_the_topology() {
     let (server, keys) = fleet_server().await;
-    let a = raw(&connected(&as_user(&server, keys.path(), "router")).await);
-    let b = raw(&connected(&as_user(&server, keys.path(), "router")).await);
+    // The buses live as long as their raw clients (a dropped bus closes its connection).
+    let bus_a = connected(&as_user(&server, keys.path(), "router")).await;
+    let bus_b = connected(&as_user(&server, keys.path(), "router")).await;
+    let (a, b) = (raw(&bus_a), raw(&bus_b));
     let share = credentials::ROUTER_SHARE_SUBJECT;
     let mut heard = b.subscribe(share).await.unwrap();
     let mut woken = b.subscribe("edgeroute.jobs.public.wake").await.unwrap();
     b.flush().await.unwrap();
-    a.publish(share, "ejected".into()).await.unwrap();
-    a.publish("edgeroute.jobs.public.wake", "".into()).await.unwrap();
-    a.flush().await.unwrap();
-    use futures_util::StreamExt as _;
-    let got = tokio::time::timeout(WITHIN, heard.next()).await.unwrap().unwrap();
-    assert_eq!(&got.payload[..], b"ejected");
-    assert!(tokio::time::timeout(WITHIN, woken.next()).await.unwrap().is_some());
+    // Published until heard: the subscriptions take effect on the server a little after the
+    // subscriber's flush returns.
+    assert_eq!(published_until_heard(&a, &mut heard, share, "ejected").await, b"ejected");
+    let wake = "edgeroute.jobs.public.wake";
+    assert_eq!(published_until_heard(&a, &mut woken, wake, "wake").await, b"wake");
     // Nothing of the topology: neither announcing a node nor listening to the fleet.
     a.publish("edgeroute.topology.us_east.n1", "forged".into()).await.unwrap();
     let _sub = a.subscribe("edgeroute.topology.>").await.unwrap();

@@ -20,6 +20,7 @@ use edgeroute_client::{Client, ClientConfig, Session};
 use edgeroute_discovery::{Discovery, DiscoveryConfig};
 use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
+use edgeroute_test_util::node::CASCADE_POLICY;
 use edgeroute_test_util::{ServerGuard, TestNode, get, spawn_router};
 
 /// A fleet of simulator nodes with a policy-following discovery replica.
@@ -80,15 +81,7 @@ impl PolicyFleet {
 
     /// Loads `model` (version `version`) on node `id` and waits until it is ready.
     async fn load(&self, id: &str, model: &str, version: Option<&str>) {
-        let node = self.node(id);
-        let mut body =
-            serde_json::json!({"path": self.dir.join("models").join(model), "id": model});
-        if let Some(v) = version {
-            body["version"] = v.into();
-        }
-        let r = node.admin_post("/v1/models/load", body.to_string()).await;
-        assert!(r.status.is_success(), "{}", String::from_utf8_lossy(&r.body));
-        node.wait_model(model, "ready", Duration::from_secs(10)).await;
+        self.node(id).load_local(&self.dir.join("models"), model, version).await;
     }
 
     async fn unload(&self, id: &str, model: &str) {
@@ -309,29 +302,10 @@ async fn a_canary_moves_from_5_to_50_to_100_percent_without_a_failed_turn() {
     assert_eq!(failed, 0, "{failed} of {turns} turns failed");
 }
 
-const CASCADE: &str = r#"
-version = "cascade-1"
-
-[[models]]
-name = "nemotron"
-[[models.versions]]
-id = "v1"
-
-[[models]]
-name = "llama"
-[[models.versions]]
-id = "v1"
-
-[[rules]]
-id = "nemotron-else-llama"
-match.models = ["nemotron"]
-cascade = ["llama"]
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_specialised_model_unloaded_everywhere_the_cascade_answers_and_says_so() {
     let specs = vec![NodeSpec::new("tor-1", "toronto", 5), NodeSpec::new("mtl-1", "montreal", 5)];
-    let fleet = PolicyFleet::start("cascade", specs, 2000.0, CASCADE).await;
+    let fleet = PolicyFleet::start("cascade", specs, 2000.0, CASCADE_POLICY).await;
     fleet.load("tor-1", "nemotron", Some("v1")).await;
     fleet.load("tor-1", "llama", Some("v1")).await;
     fleet.load("mtl-1", "llama", Some("v1")).await;

@@ -10,35 +10,8 @@ use edgeroute_auth::Scope;
 use edgeroute_discovery::{Discovery, DiscoveryConfig};
 use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
 use edgeroute_router::{RouterConfig, RouterService};
-use edgeroute_test_util::node::{SECRET, mint_hs256};
+use edgeroute_test_util::node::{CASCADE_POLICY, SECRET, mint_hs256};
 use edgeroute_test_util::{TestNode, get, post_json, spawn_router};
-
-const CASCADE: &str = r#"
-version = "cascade-1"
-
-[[models]]
-name = "nemotron"
-[[models.versions]]
-id = "v1"
-
-[[models]]
-name = "llama"
-[[models.versions]]
-id = "v1"
-
-[[rules]]
-id = "nemotron-else-llama"
-match.models = ["nemotron"]
-cascade = ["llama"]
-"#;
-
-async fn load(node: &TestNode, dir: &std::path::Path, model: &str) {
-    let body =
-        serde_json::json!({"path": dir.join("models").join(model), "id": model, "version": "v1"});
-    let r = node.admin_post("/v1/models/load", body.to_string()).await;
-    assert!(r.status.is_success(), "{}", String::from_utf8_lossy(&r.body));
-    node.wait_model(model, "ready", Duration::from_secs(10)).await;
-}
 
 async fn listed(discovery: SocketAddr, model: &str) -> Vec<(String, Option<String>)> {
     let r = get(discovery, &format!("/v1/discover?model={model}&k=10"), None).await.json();
@@ -66,7 +39,7 @@ async fn the_asked_model_gone_the_cascade_answers_and_the_answer_says_it_is_degr
         std::fs::create_dir_all(dir.join("models").join(m)).unwrap();
         std::fs::write(dir.join("models").join(m).join("model.gguf"), [0u8; 64]).unwrap();
     }
-    std::fs::write(dir.join("policy.toml"), CASCADE).unwrap();
+    std::fs::write(dir.join("policy.toml"), CASCADE_POLICY).unwrap();
     std::fs::write(dir.join("secret"), SECRET).unwrap();
     let mut fleet = FleetSpec {
         nodes: vec![NodeSpec::new("tor-1", "toronto", 5), NodeSpec::new("mtl-1", "montreal", 5)],
@@ -96,9 +69,10 @@ async fn the_asked_model_gone_the_cascade_answers_and_the_answer_says_it_is_degr
     cfg.serving.ttl_ms = 300;
     let discovery =
         Discovery::build(cfg).unwrap().spawn(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
-    load(&nodes[0], &dir, "nemotron").await;
-    load(&nodes[0], &dir, "llama").await;
-    load(&nodes[1], &dir, "llama").await;
+    let models = dir.join("models");
+    nodes[0].load_local(&models, "nemotron", Some("v1")).await;
+    nodes[0].load_local(&models, "llama", Some("v1")).await;
+    nodes[1].load_local(&models, "llama", Some("v1")).await;
     let t = Instant::now();
     while listed(discovery.addr(), "nemotron").await != [("tor-1".to_owned(), None)] {
         assert!(t.elapsed() < Duration::from_secs(10), "nemotron never listed on tor-1");

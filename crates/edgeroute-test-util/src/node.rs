@@ -126,6 +126,18 @@ impl TestNode {
         crate::post_json(self.addr, path, Some(&self.admin_token()), &[], body).await
     }
 
+    /// Loads `root/<model>` (a directory of weights under the node's `allowed_local_roots`)
+    /// as `model`, at registry `version` when given, and waits until it is ready.
+    pub async fn load_local(&self, root: &std::path::Path, model: &str, version: Option<&str>) {
+        let mut body = serde_json::json!({"path": root.join(model), "id": model});
+        if let Some(v) = version {
+            body["version"] = v.into();
+        }
+        let r = self.admin_post("/v1/models/load", body.to_string()).await;
+        assert!(r.status.is_success(), "{}", String::from_utf8_lossy(&r.body));
+        self.wait_model(model, "ready", std::time::Duration::from_secs(10)).await;
+    }
+
     /// Polls `GET /v1/models/{id}` until the model is in `state`; panics after `limit`.
     pub async fn wait_model(
         &self,
@@ -179,6 +191,27 @@ impl TestNode {
 }
 
 /// Mints an HS256 token with the test secret; a negative `ttl_s` gives an expired token.
+/// A routing policy (version `cascade-1`) whose one rule answers `nemotron` with `llama` when
+/// no node serves `nemotron` (both models at registry version `v1`).
+pub const CASCADE_POLICY: &str = r#"
+version = "cascade-1"
+
+[[models]]
+name = "nemotron"
+[[models.versions]]
+id = "v1"
+
+[[models]]
+name = "llama"
+[[models.versions]]
+id = "v1"
+
+[[rules]]
+id = "nemotron-else-llama"
+match.models = ["nemotron"]
+cascade = ["llama"]
+"#;
+
 pub fn mint_hs256(sub: &str, scopes: &[Scope], ttl_s: i64) -> String {
     edgeroute_auth::mint(
         &SigningKey::Hs256(SECRET.as_bytes().to_vec()),
