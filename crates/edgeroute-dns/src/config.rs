@@ -1,0 +1,373 @@
+//! `dns.toml`: the zone, its regions and their targets, where clients are, how far regions
+//! are from each other, the TTLs and the health rules. Unknown keys are errors; every error
+//! names its key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use crate::decide::{RegionView, TargetView, Ttl, View};
+use crate::geo::{Cidr, EcsLimits, Locator};
+use crate::health::HealthRules;
+use crate::names::is_label;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// The zone this server is authoritative for, e.g. `edge.example.net`.
+    pub zone: String,
+    /// The region of a client no table places.
+    pub default_region: String,
+    #[serde(default)]
+    pub ttl: TtlConfig,
+    #[serde(default)]
+    pub answers: AnswerConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Distances between regions (any unit, e.g. RTT ms), one direction is enough:
+    /// `[distance.tor] mtl = 6`. Regions with no distance come after those with one.
+    #[serde(default)]
+    pub distance: BTreeMap<String, BTreeMap<String, u32>>,
+    pub regions: Vec<RegionConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlConfig {
+    /// Default 30.
+    #[serde(default = "d30")]
+    pub calm_s: u32,
+    /// While a target an answer covers changed state recently. Default 10.
+    #[serde(default = "d10")]
+    pub changing_s: u32,
+    /// How long "recently" is. Default 60.
+    #[serde(default = "d60")]
+    pub changing_window_s: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerConfig {
+    /// Targets per answer, 1–8. Default 3.
+    #[serde(default = "d3")]
+    pub count: usize,
+    /// How far into an EDNS Client Subnet the server looks, IPv4 bits. Default 24.
+    #[serde(default = "d24")]
+    pub ecs_max_v4: u8,
+    /// IPv6 bits. Default 56.
+    #[serde(default = "d56")]
+    pub ecs_max_v6: u8,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Probe interval per target, ms. Default 250.
+    #[serde(default = "d250")]
+    pub interval_ms: u64,
+    /// A probe unanswered after this long failed, ms. Default 250.
+    #[serde(default = "d250")]
+    pub timeout_ms: u64,
+    /// Failed probes in a row that withdraw a target. Default 2.
+    #[serde(default = "d2")]
+    pub down_after: u32,
+    /// Good probes in a row before it returns. Default 3.
+    #[serde(default = "d3u")]
+    pub up_probes: u32,
+    /// And unbroken health for this long, ms. Default 10000.
+    #[serde(default = "d10000")]
+    pub up_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// A DNS label: `<name>.discovery.<zone>` pins to it.
+    pub name: String,
+    /// Client subnets placed in this region.
+    #[serde(default)]
+    pub client_cidrs: Vec<String>,
+    #[serde(default)]
+    pub discovery: Vec<TargetConfig>,
+    #[serde(default)]
+    pub api: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A DNS label, unique in the zone: `<id>.<kind>.<zone>` names its address.
+    pub id: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Its health URL (its `/health`).
+    pub health: String,
+}
+
+fn d2() -> u32 {
+    2
+}
+fn d3() -> usize {
+    3
+}
+fn d3u() -> u32 {
+    3
+}
+fn d10() -> u32 {
+    10
+}
+fn d24() -> u8 {
+    24
+}
+fn d30() -> u32 {
+    30
+}
+fn d56() -> u8 {
+    56
+}
+fn d60() -> u32 {
+    60
+}
+fn d250() -> u64 {
+    250
+}
+fn d10000() -> u64 {
+    10_000
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        TtlConfig { calm_s: 30, changing_s: 10, changing_window_s: 60 }
+    }
+}
+
+impl Default for AnswerConfig {
+    fn default() -> Self {
+        AnswerConfig { count: 3, ecs_max_v4: 24, ecs_max_v6: 56 }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_ms: 250,
+            timeout_ms: 250,
+            down_after: 2,
+            up_probes: 3,
+            up_after_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("dns config: {0}")]
+    Parse(String),
+    #[error("dns config: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+impl DnsConfig {
+    /// Parses and validates `dns.toml`.
+    pub fn from_toml(text: &str) -> Result<DnsConfig, ConfigError> {
+        let cfg: DnsConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let zone = self.zone.strip_suffix('.').unwrap_or(&self.zone);
+        if zone.is_empty() || !zone.split('.').all(is_label) {
+            return Err(invalid("zone", "a lowercase domain name, e.g. edge.example.net"));
+        }
+        if self.regions.is_empty() {
+            return Err(invalid("regions", "at least one region"));
+        }
+        let mut regions = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            let key = format!("regions[{i}]");
+            if !is_label(&r.name) || ["discovery", "api"].contains(&r.name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    "a DNS label ([a-z0-9-], at most 63) other than `discovery` and `api`",
+                ));
+            }
+            if !regions.insert(r.name.as_str()) {
+                return Err(invalid(format!("{key}.name"), format!("`{}` twice", r.name)));
+            }
+            for (j, c) in r.client_cidrs.iter().enumerate() {
+                c.parse::<Cidr>()
+                    .map_err(|e| invalid(format!("{key}.client_cidrs[{j}]"), e.to_string()))?;
+            }
+            for (kind, targets) in [("discovery", &r.discovery), ("api", &r.api)] {
+                for (j, t) in targets.iter().enumerate() {
+                    let key = format!("{key}.{kind}[{j}]");
+                    if !is_label(&t.id) {
+                        return Err(invalid(format!("{key}.id"), "a DNS label ([a-z0-9-])"));
+                    }
+                    if !ids.insert(t.id.as_str()) {
+                        return Err(invalid(format!("{key}.id"), format!("`{}` twice", t.id)));
+                    }
+                    if !(t.health.starts_with("http://") || t.health.starts_with("https://")) {
+                        return Err(invalid(format!("{key}.health"), "an http(s) URL"));
+                    }
+                }
+            }
+        }
+        // A target id equal to a region name would make `<label>.<kind>.<zone>` ambiguous.
+        if let Some(clash) = ids.intersection(&regions).next() {
+            return Err(invalid("regions", format!("`{clash}` is both a region and a target id")));
+        }
+        if !regions.contains(self.default_region.as_str()) {
+            return Err(invalid("default_region", "must be one of `regions`"));
+        }
+        for (a, to) in &self.distance {
+            for b in to.keys().chain(std::iter::once(a)) {
+                if !regions.contains(b.as_str()) {
+                    return Err(invalid(format!("distance.{a}"), format!("`{b}` is no region")));
+                }
+            }
+        }
+        if !(1..=8).contains(&self.answers.count) {
+            return Err(invalid("answers.count", "1 to 8"));
+        }
+        if self.answers.ecs_max_v4 > 32 || self.answers.ecs_max_v6 > 128 {
+            return Err(invalid("answers.ecs_max_v4/v6", "at most 32 and 128"));
+        }
+        let h = &self.health;
+        if h.interval_ms == 0 || h.timeout_ms == 0 || h.down_after == 0 || h.up_probes == 0 {
+            return Err(invalid("health", "interval_ms, timeout_ms, down_after, up_probes ≥ 1"));
+        }
+        if self.ttl.changing_s == 0 || self.ttl.changing_s > self.ttl.calm_s {
+            return Err(invalid("ttl.changing_s", "between 1 and ttl.calm_s"));
+        }
+        Ok(())
+    }
+
+    /// Client subnets to regions (indices as in `regions`).
+    pub fn locator(&self) -> Locator {
+        let mut rules = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            rules.extend(r.client_cidrs.iter().filter_map(|c| c.parse().ok()).map(|c| (c, i)));
+        }
+        let default =
+            self.regions.iter().position(|r| r.name == self.default_region).unwrap_or_default();
+        let limits = EcsLimits { v4: self.answers.ecs_max_v4, v6: self.answers.ecs_max_v6 };
+        Locator::new(rules, default, limits)
+    }
+
+    pub fn health_rules(&self) -> HealthRules {
+        HealthRules {
+            down_after: self.health.down_after,
+            up_probes: self.health.up_probes,
+            up_after_ms: self.health.up_after_ms,
+            changing_window_ms: u64::from(self.ttl.changing_window_s) * 1000,
+        }
+    }
+
+    pub fn ttl(&self) -> Ttl {
+        Ttl { calm_s: self.ttl.calm_s, changing_s: self.ttl.changing_s }
+    }
+
+    /// The view with each target's health as `health(id)` says: (up, changing).
+    pub fn view(&self, health: impl Fn(&str) -> (bool, bool)) -> View {
+        let targets = |ts: &[TargetConfig]| {
+            ts.iter()
+                .map(|t| {
+                    let (up, changing) = health(&t.id);
+                    TargetView { id: t.id.clone(), addr: t.addr, port: t.port, up, changing }
+                })
+                .collect()
+        };
+        let regions = self
+            .regions
+            .iter()
+            .map(|r| RegionView {
+                name: r.name.clone(),
+                discovery: targets(&r.discovery),
+                api: targets(&r.api),
+            })
+            .collect();
+        View::new(regions, |a, b| self.distance.get(a).and_then(|m| m.get(b)).copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
+
+    use super::*;
+    use crate::decide::{Kind, select};
+
+    pub(crate) const SAMPLE: &str = r#"
+zone = "edge.example.net."
+default_region = "tor"
+
+[distance.tor]
+mtl = 6
+van = 60
+[distance.mtl]
+van = 65
+
+[[regions]]
+name = "tor"
+client_cidrs = ["192.0.2.0/24", "2001:db8:1::/48"]
+discovery = [{ id = "disc-tor-1", addr = "127.0.1.1", port = 7070, health = "http://127.0.1.1:7070/health" }]
+api = [{ id = "rtr-tor-1", addr = "127.0.1.3", port = 8080, health = "http://127.0.1.3:8080/health" }]
+
+[[regions]]
+name = "mtl"
+client_cidrs = ["198.51.100.0/24"]
+discovery = [{ id = "disc-mtl-1", addr = "127.0.2.1", port = 7070, health = "http://127.0.2.1:7070/health" }]
+
+[[regions]]
+name = "van"
+client_cidrs = ["203.0.113.0/24"]
+discovery = [{ id = "disc-van-1", addr = "127.0.3.1", port = 7070, health = "http://127.0.3.1:7070/health" }]
+"#;
+
+    #[test]
+    fn the_sample_parses_locates_and_answers() {
+        let cfg = DnsConfig::from_toml(SAMPLE).unwrap();
+        let at = cfg.locator().locate("10.0.0.1".parse().unwrap(), None);
+        assert_eq!(cfg.regions[at.region].name, "tor", "unplaced: the default region");
+        let ecs = crate::geo::Ecs { addr: "203.0.113.7".parse().unwrap(), source: 32 };
+        let at = cfg.locator().locate("10.0.0.1".parse().unwrap(), Some(ecs));
+        assert_eq!(cfg.regions[at.region].name, "van");
+        let view = cfg.view(|_| (true, false));
+        let s = select(&view, Kind::Discovery, at.region, None, 0, cfg.answers.count, cfg.ttl());
+        let ids: Vec<&str> = s.targets.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["disc-van-1", "disc-tor-1", "disc-mtl-1"]);
+        assert_eq!(cfg.health_rules().changing_window_ms, 60_000);
+    }
+
+    #[test]
+    fn every_mistake_names_its_key() {
+        let cases = [
+            (
+                SAMPLE.replace("default_region = \"tor\"", "default_region = \"sea\""),
+                "default_region",
+            ),
+            (SAMPLE.replace("\"192.0.2.0/24\"", "\"192.0.2.0/33\""), "regions[0].client_cidrs[0]"),
+            (SAMPLE.replace("disc-mtl-1\"", "disc-tor-1\""), "regions[1].discovery[0].id"),
+            (SAMPLE.replace("name = \"van\"", "name = \"api\""), "regions[2].name"),
+            (SAMPLE.replace("mtl = 6", "sea = 6"), "distance.tor"),
+            (SAMPLE.replace("zone = \"edge.example.net.\"", "zone = \"Edge..net\""), "zone"),
+            (format!("{SAMPLE}\n[answers]\ncount = 0\n"), "answers.count"),
+            (format!("{SAMPLE}\n[ttl]\nchanging_s = 60\n"), "ttl.changing_s"),
+            (SAMPLE.replace("id = \"rtr-tor-1\"", "id = \"mtl\""), "regions"),
+        ];
+        for (text, key) in cases {
+            let e = DnsConfig::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{key}: {e}");
+        }
+        let e = DnsConfig::from_toml(&format!("{SAMPLE}\nbogus = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}
