@@ -25,6 +25,12 @@ pub struct DnsConfig {
     pub answers: AnswerConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// The zone's SOA (negative answers carry it; `minimum` is their TTL).
+    #[serde(default)]
+    pub soa: SoaConfig,
+    /// The zone's name servers (the apex's NS records). Default: `ns1.<zone>`.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
     /// Distances between regions (any unit, e.g. RTT ms), one direction is enough:
     /// `[distance.tor] mtl = 6`. Regions with no distance come after those with one.
     #[serde(default)]
@@ -58,6 +64,46 @@ pub struct AnswerConfig {
     /// IPv6 bits. Default 56.
     #[serde(default = "d56")]
     pub ecs_max_v6: u8,
+    /// Largest UDP answer whatever the query allows, bytes (DNS Flag Day 2020's 1232); a
+    /// larger answer is truncated (TC) and the client asks again over TCP. At least 512.
+    #[serde(default = "d1232")]
+    pub max_udp_payload: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoaConfig {
+    /// The primary name server. Default `ns1.<zone>`.
+    #[serde(default)]
+    pub mname: Option<String>,
+    /// The responsible mailbox as a name. Default `hostmaster.<zone>`.
+    #[serde(default)]
+    pub rname: Option<String>,
+    #[serde(default = "d1u")]
+    pub serial: u32,
+    #[serde(default = "d3600")]
+    pub refresh: u32,
+    #[serde(default = "d600")]
+    pub retry: u32,
+    #[serde(default = "d86400")]
+    pub expire: u32,
+    /// The TTL of negative answers (NXDOMAIN, no data), s. Default 30.
+    #[serde(default = "d30")]
+    pub minimum: u32,
+}
+
+impl Default for SoaConfig {
+    fn default() -> Self {
+        SoaConfig {
+            mname: None,
+            rname: None,
+            serial: 1,
+            refresh: 3600,
+            retry: 600,
+            expire: 86_400,
+            minimum: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +151,21 @@ pub struct TargetConfig {
     pub health: String,
 }
 
+fn d1u() -> u32 {
+    1
+}
+fn d600() -> u32 {
+    600
+}
+fn d1232() -> u16 {
+    1232
+}
+fn d3600() -> u32 {
+    3600
+}
+fn d86400() -> u32 {
+    86_400
+}
 fn d2() -> u32 {
     2
 }
@@ -144,7 +205,7 @@ impl Default for TtlConfig {
 
 impl Default for AnswerConfig {
     fn default() -> Self {
-        AnswerConfig { count: 3, ecs_max_v4: 24, ecs_max_v6: 56 }
+        AnswerConfig { count: 3, ecs_max_v4: 24, ecs_max_v6: 56, max_udp_payload: 1232 }
     }
 }
 
@@ -237,6 +298,20 @@ impl DnsConfig {
         if !(1..=8).contains(&self.answers.count) {
             return Err(invalid("answers.count", "1 to 8"));
         }
+        if self.answers.max_udp_payload < 512 {
+            return Err(invalid("answers.max_udp_payload", "at least 512"));
+        }
+        for (i, n) in
+            self.nameservers.iter().chain(&self.soa.mname).chain(&self.soa.rname).enumerate()
+        {
+            let n = n.strip_suffix('.').unwrap_or(n);
+            if n.is_empty() || !n.split('.').all(is_label) {
+                return Err(invalid(
+                    format!("nameservers/soa ({i})"),
+                    format!("`{n}` is not a domain name"),
+                ));
+            }
+        }
         if self.answers.ecs_max_v4 > 32 || self.answers.ecs_max_v6 > 128 {
             return Err(invalid("answers.ecs_max_v4/v6", "at most 32 and 128"));
         }
@@ -299,7 +374,7 @@ impl DnsConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
     use super::*;

@@ -16,6 +16,8 @@
 //!   `answer_count`, with a standby in another region when one is healthy; a pinned region's
 //!   only; everything when nothing is healthy (fail open) — and the answer's TTL.
 //! - [`config`]: `dns.toml`, validated (every error names its key).
+//! - [`wire`]: one query's bytes to its answer's bytes (hickory-proto's codec): the server
+//!   short of its sockets.
 //!
 //! Invariants: a pinned name never answers another region's target (residency); a region with
 //! no healthy target is never answered while another region has one; an answer is never empty
@@ -26,9 +28,11 @@ pub mod decide;
 pub mod geo;
 pub mod health;
 pub mod names;
+pub mod wire;
 
 pub use config::{ConfigError, DnsConfig};
 pub use decide::{Kind, Selection, TargetView, View, select};
 pub use geo::{Cidr, Ecs, Located, Locator, Why};
 pub use health::{Health, HealthRules};
 pub use names::{Question, parse_name};
+pub use wire::Answerer;
