@@ -16,6 +16,11 @@ if [ ! -x /usr/sbin/nats-server ]; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nats-server; else sudo apt-get update -qq && sudo apt-get install -y -qq nats-server; fi
 fi
 
+if ! command -v dig >/dev/null; then
+  step "installing dig (the GeoDNS tests ask the server with it)"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -qq bind9-dnsutils || { apt-get update -qq && apt-get install -y -qq bind9-dnsutils; }; else sudo apt-get install -y -qq bind9-dnsutils || { sudo apt-get update -qq && sudo apt-get install -y -qq bind9-dnsutils; }; fi
+fi
+
 # PostgreSQL for the job store's conformance tests (crates/edgeroute-jobs): the machine's own
 # on 127.0.0.1:5432 when it answers (trust auth, database `test`), else a private server
 # (initdb + pg_ctl in a temporary directory, a free loopback port), stopped on exit. The tests

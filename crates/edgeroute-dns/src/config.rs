@@ -124,6 +124,10 @@ pub struct HealthConfig {
     /// And unbroken health for this long, ms. Default 10000.
     #[serde(default = "d10000")]
     pub up_after_ms: u64,
+    /// The fleet CA (PEM) the targets' `https://` health URLs are verified against. Default:
+    /// the Mozilla roots compiled in.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +221,7 @@ impl Default for HealthConfig {
             down_after: 2,
             up_probes: 3,
             up_after_ms: 10_000,
+            ca_file: None,
         }
     }
 }

@@ -18,6 +18,8 @@
 //! - [`config`]: `dns.toml`, validated (every error names its key).
 //! - [`wire`]: one query's bytes to its answer's bytes (hickory-proto's codec): the server
 //!   short of its sockets.
+//! - [`serve`] and [`probe`]: the I/O edges — UDP and TCP listeners in front of `wire`, and
+//!   the health probes that keep the view current ([`start`] runs all three).
 //!
 //! Invariants: a pinned name never answers another region's target (residency); a region with
 //! no healthy target is never answered while another region has one; an answer is never empty
@@ -28,6 +30,8 @@ pub mod decide;
 pub mod geo;
 pub mod health;
 pub mod names;
+pub mod probe;
+pub mod serve;
 pub mod wire;
 
 pub use config::{ConfigError, DnsConfig};
@@ -36,3 +40,56 @@ pub use geo::{Cidr, Ecs, Located, Locator, Why};
 pub use health::{Health, HealthRules};
 pub use names::{Question, parse_name};
 pub use wire::Answerer;
+
+/// A running server: its address (UDP and TCP) and what it shares with its tasks.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub shared: std::sync::Arc<serve::Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Binds `addr` (UDP and TCP) and runs the listeners and the probes of `cfg` until the
+/// returned [`Running`] is dropped. Every target counts as up until its probes say otherwise.
+pub async fn start(cfg: DnsConfig, addr: std::net::SocketAddr) -> Result<Running, String> {
+    let answerer = Answerer::new(&cfg).map_err(|e| e.to_string())?;
+    let view = cfg.view(|_| (true, false));
+    let shared = std::sync::Arc::new(serve::Shared {
+        answerer,
+        view: arc_swap::ArcSwap::from_pointee(view),
+        counters: serve::Counters::default(),
+    });
+    let (udp, tcp) = serve::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
+    let addr = udp.local_addr().map_err(|e| e.to_string())?;
+    let cfg = std::sync::Arc::new(cfg);
+    if let Some(ca) = &cfg.health.ca_file {
+        std::fs::metadata(ca).map_err(|e| format!("health.ca_file {}: {e}", ca.display()))?;
+    }
+    let (s1, s2, s3) = (shared.clone(), shared.clone(), shared.clone());
+    let tasks = vec![
+        tokio::spawn(async move {
+            if let Err(e) = serve::serve_udp(udp, s1).await {
+                tracing::error!(error = %e, "dns: UDP listener stopped");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = serve::serve_tcp(tcp, s2, serve::TcpLimits::default()).await {
+                tracing::error!(error = %e, "dns: TCP listener stopped");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = probe::run(cfg, s3).await {
+                tracing::error!(error = %e, "dns: probes stopped");
+            }
+        }),
+    ];
+    Ok(Running { addr, shared, tasks })
+}

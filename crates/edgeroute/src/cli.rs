@@ -38,6 +38,16 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the region layer's authoritative GeoDNS for the fleet's zone: the nearest healthy
+    /// discovery replicas and regional routers per client subnet (UDP and TCP).
+    Dns {
+        /// The server's TOML config (crates/edgeroute-dns/src/config.rs).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to answer, UDP and TCP.
+        #[arg(long, default_value = "127.0.0.1:5353")]
+        listen: std::net::SocketAddr,
+    },
     /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
     Sim(SimArgs),
     /// Watcher mode for split deployments: install model directories that appear on a shared
@@ -377,6 +387,13 @@ impl WatchArgs {
             triton_restricted,
         })
     }
+}
+
+/// Reads and checks a GeoDNS config.
+pub fn dns_config(path: &std::path::Path) -> Result<edgeroute_dns::DnsConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(edgeroute_dns::DnsConfig::from_toml(&text)?)
 }
 
 /// Reads and checks a router config.

@@ -63,6 +63,16 @@ fn main() -> Result<()> {
                 edgeroute_router::serve(cfg, listener, edgeroute_http::shutdown_signal())
             })
         }
+        Command::Dns { config, listen } => {
+            let cfg = cli::dns_config(&config)?;
+            edgeroute_http::runtime(0)?.block_on(async {
+                let running =
+                    edgeroute_dns::start(cfg, listen).await.map_err(anyhow::Error::msg)?;
+                eprintln!("edgeroute dns listening on {} (UDP and TCP)", running.addr);
+                edgeroute_http::shutdown_signal().await;
+                Ok(())
+            })
+        }
         Command::Sim(args) => {
             let cfg = args.config()?;
             serve(0, args.listen, "edgeroute sim", |listener| {
