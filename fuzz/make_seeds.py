@@ -120,3 +120,18 @@ w("chat_template", "smollm2-continue.bin", b"\x11\x00" + msgs((2, "Name one city
 w("chat_template", "llama3-trim.bin", b"\x01\x01" + msgs((0, "sys"), (2, "hi"), (3, "  Toronto \n")))
 w("chat_template", "mistral-parts.bin", b"\x13\x02" + msgs((2, "a\x01b"), (3, "x\x01 y ")))
 w("chat_template", "tool-role.bin", b"\x01\x01" + msgs((4, "42"), (3, "ok")))
+
+# dns_query: 1 byte (bit 0: TCP, bit 1: an IPv6 source), then a DNS message
+def qname(name): return b"".join(bytes([len(l)]) + l.encode() for l in name.split(".") if l) + b"\0"
+def dnsq(name, qtype, opt=b"", qd=1, flags=0x0100):
+    return struct.pack(">HHHHHH", 0x1234, flags, qd, 0, 0, 1 if opt else 0) + qname(name) + struct.pack(">HH", qtype, 1) + opt
+def opt(payload=1232, options=b"", version=0): return b"\0" + struct.pack(">HHBBHH", 41, payload, 0, version, 0, len(options)) + options
+def ecs(family, source, addr): return struct.pack(">HHHBB", 8, 4 + len(addr), family, source, 0) + addr
+w("dns_query", "a.bin", b"\x00" + dnsq("discovery.edge.test", 1))
+w("dns_query", "ecs-v4.bin", b"\x00" + dnsq("api.edge.test", 1, opt(options=ecs(1, 24, bytes([198, 51, 100])))))
+w("dns_query", "ecs-v6-tcp.bin", b"\x03" + dnsq("DisCovery.Edge.Test", 28, opt(options=ecs(2, 56, bytes(7)))))
+w("dns_query", "srv-512.bin", b"\x00" + dnsq("_edgeroute._tcp.discovery.edge.test", 33, opt(payload=512)))
+w("dns_query", "any.bin", b"\x00" + dnsq("edge.test", 255))
+w("dns_query", "badvers.bin", b"\x00" + dnsq("edge.test", 6, opt(version=1)))
+w("dns_query", "two-questions.bin", b"\x00" + dnsq("api.edge.test", 1, qd=2))
+w("dns_query", "pinned-txt.bin", b"\x02" + dnsq("mtl.discovery.edge.test", 16))
