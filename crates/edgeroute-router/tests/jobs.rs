@@ -38,7 +38,7 @@ async fn child_router() {
 }
 
 mod common;
-use common::Fleet;
+use common::{Fleet, router_metric};
 
 async fn fleet(tag: &str, tokens_per_s: f64) -> Fleet {
     Fleet::start(tag, tokens_per_s, (100, 80)).await
@@ -554,16 +554,8 @@ async fn a_batch_larger_than_the_fleet_waits_for_room_spreads_over_the_nodes_and
     all_ok(40, &results(router.addr, &acme, &b).await);
     let (tor, mtl) = (f.answered(0).await, f.answered(1).await);
     assert!(tor >= 10 && mtl >= 10, "one node took the batch: tor-1 {tor}, mtl-1 {mtl}");
-    let admin = edgeroute_test_util::node::mint_hs256_fleet("op", &[Scope::Admin], 60);
-    let m = String::from_utf8_lossy(&get(router.addr, "/metrics", Some(&admin)).await.body)
-        .into_owned();
-    let saturated: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("edgeroute_router_jobs_saturated_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(saturated > 0, "the fleet was never full: {m}");
+    let saturated = router_metric(router.addr, "edgeroute_router_jobs_saturated_total").await;
+    assert!(saturated > 0, "the fleet was never full");
     router.stop().await;
 }
 
@@ -580,15 +572,7 @@ async fn a_node_killed_mid_job_costs_no_item() {
     assert_eq!(b["request_counts"], serde_json::json!({"total": 24, "completed": 24, "failed": 0}));
     all_ok(24, &results(router.addr, &acme, &b).await);
     // The cut landed on items in flight: the SDK moved them (continued or retried elsewhere).
-    let admin = edgeroute_test_util::node::mint_hs256_fleet("op", &[Scope::Admin], 60);
-    let m = String::from_utf8_lossy(&get(router.addr, "/metrics", Some(&admin)).await.body)
-        .into_owned();
-    let failovers: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("edgeroute_router_client_failovers_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(failovers > 0, "no item was in flight on the cut node: {m}");
+    let failovers = router_metric(router.addr, "edgeroute_router_client_failovers_total").await;
+    assert!(failovers > 0, "no item was in flight on the cut node");
     router.stop().await;
 }

@@ -12,24 +12,15 @@ use edgeroute_discovery::Discovery;
 use edgeroute_lab::fleet::{FleetBackend, FleetSpec, NodeSpec};
 use edgeroute_lab::relay::Relay;
 use edgeroute_router::{RouterConfig, RouterService};
-use edgeroute_test_util::node::{SECRET, mint_hs256, mint_hs256_fleet};
+use edgeroute_test_util::node::{SECRET, mint_hs256};
 use edgeroute_test_util::{TestNode, get, post_json};
+
+mod common;
+use common::router_metric;
 
 fn chat() -> String {
     serde_json::json!({"model": "sim-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
         .to_string()
-}
-
-/// A counter of a replica's `/metrics`.
-async fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let admin = mint_hs256_fleet("op", &[Scope::Admin], 60);
-    let m = get(addr, "/metrics", Some(&admin)).await;
-    let text = String::from_utf8_lossy(&m.body).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} not in {text}"))
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +113,7 @@ async fn a_node_one_replica_ejected_is_not_tried_first_by_the_others() {
     let t = Instant::now();
     'eject: loop {
         for k in &pinned[0] {
-            if metric(a, "edgeroute_router_share_published_total").await > 0 {
+            if router_metric(a, "edgeroute_router_share_published_total").await > 0 {
                 break 'eject;
             }
             let res = post_json(
@@ -139,7 +130,7 @@ async fn a_node_one_replica_ejected_is_not_tried_first_by_the_others() {
     }
     for r in [b, c] {
         let t = Instant::now();
-        while metric(r, "edgeroute_router_share_applied_ejections_total").await == 0 {
+        while router_metric(r, "edgeroute_router_share_applied_ejections_total").await == 0 {
             assert!(t.elapsed() < Duration::from_secs(2), "the ejection never reached {r}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -147,7 +138,7 @@ async fn a_node_one_replica_ejected_is_not_tried_first_by_the_others() {
     // B and C move their tor-1 sessions without trying tor-1: no failover, no failure.
     for (r, keys) in [b, c].into_iter().zip(&pinned[1..]) {
         let k = &keys[0];
-        let before = metric(r, "edgeroute_router_client_failovers_total").await;
+        let before = router_metric(r, "edgeroute_router_client_failovers_total").await;
         let res = post_json(
             r,
             "/v1/chat/completions",
@@ -158,7 +149,7 @@ async fn a_node_one_replica_ejected_is_not_tried_first_by_the_others() {
         .await;
         assert_eq!(res.status, 200);
         assert_eq!(res.header("x-edgeroute-node"), Some("mtl-1"));
-        let after = metric(r, "edgeroute_router_client_failovers_total").await;
+        let after = router_metric(r, "edgeroute_router_client_failovers_total").await;
         assert_eq!(after, before, "{r} tried the node replica A had ejected");
     }
     drop(nodes);

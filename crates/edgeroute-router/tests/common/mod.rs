@@ -105,3 +105,16 @@ impl Fleet {
         )
     }
 }
+
+/// A counter of a router's `/metrics` (read with an admin token); panics when it is absent.
+pub async fn router_metric(router: SocketAddr, name: &str) -> u64 {
+    let admin = mint_hs256_fleet("op", &[Scope::Admin], 60);
+    let m = get(router, "/metrics", Some(&admin)).await;
+    let text = String::from_utf8_lossy(&m.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
