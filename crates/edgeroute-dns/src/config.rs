@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::decide::{RegionView, TargetView, Ttl, View};
 use crate::geo::{Cidr, EcsLimits, Locator};
 use crate::health::HealthRules;
+use crate::mmdb::MmdbRegions;
 use crate::names::is_label;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,7 +36,26 @@ pub struct DnsConfig {
     /// `[distance.tor] mtl = 6`. Regions with no distance come after those with one.
     #[serde(default)]
     pub distance: BTreeMap<String, BTreeMap<String, u32>>,
+    /// A MaxMind-format database asked for clients the regions' `client_cidrs` do not place.
+    #[serde(default)]
+    pub geoip: Option<GeoIpConfig>,
+    /// The topology bus to follow (shaped as discovery's `[bus]`): a region whose nodes the
+    /// bus shows, none of them up with a model ready, ranks after the regions that have one.
+    /// The bus never withdraws a region on its own (a partitioned bus must not empty DNS).
+    #[serde(default)]
+    pub bus: Option<edgeroute_bus::BusConfig>,
     pub regions: Vec<RegionConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoIpConfig {
+    /// The `.mmdb` file, read once at start. A record places its range by an
+    /// `edgeroute_region` string, else by `country.iso_code` through `country_to_region`.
+    pub mmdb: std::path::PathBuf,
+    /// ISO 3166-1 alpha-2 country codes to region names, e.g. `{ CA = "tor", US = "van" }`.
+    #[serde(default)]
+    pub country_to_region: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,6 +337,25 @@ impl DnsConfig {
                 ));
             }
         }
+        if let Some(g) = &self.geoip {
+            for (cc, r) in &g.country_to_region {
+                if cc.len() != 2 || !cc.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(invalid(
+                        format!("geoip.country_to_region.{cc}"),
+                        "an ISO 3166-1 alpha-2 code, e.g. CA",
+                    ));
+                }
+                if !regions.contains(r.as_str()) {
+                    return Err(invalid(
+                        format!("geoip.country_to_region.{cc}"),
+                        format!("`{r}` is no region"),
+                    ));
+                }
+            }
+        }
+        if let Some(bus) = &self.bus {
+            bus.validate().map_err(|e| invalid("bus", e.to_string()))?;
+        }
         if self.answers.ecs_max_v4 > 32 || self.answers.ecs_max_v6 > 128 {
             return Err(invalid("answers.ecs_max_v4/v6", "at most 32 and 128"));
         }
@@ -330,8 +369,8 @@ impl DnsConfig {
         Ok(())
     }
 
-    /// Client subnets to regions (indices as in `regions`).
-    pub fn locator(&self) -> Locator {
+    /// Client subnets to regions (indices as in `regions`). Reads `geoip.mmdb` if set.
+    pub fn locator(&self) -> Result<Locator, ConfigError> {
         let mut rules = Vec::new();
         for (i, r) in self.regions.iter().enumerate() {
             rules.extend(r.client_cidrs.iter().filter_map(|c| c.parse().ok()).map(|c| (c, i)));
@@ -339,7 +378,12 @@ impl DnsConfig {
         let default =
             self.regions.iter().position(|r| r.name == self.default_region).unwrap_or_default();
         let limits = EcsLimits { v4: self.answers.ecs_max_v4, v6: self.answers.ecs_max_v6 };
-        Locator::new(rules, default, limits)
+        let locator = Locator::new(rules, default, limits);
+        let Some(g) = &self.geoip else { return Ok(locator) };
+        let names: Vec<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
+        let db = MmdbRegions::open(&g.mmdb, &names, &g.country_to_region)
+            .map_err(|e| invalid("geoip.mmdb", e))?;
+        Ok(locator.with_db(std::sync::Arc::new(db)))
     }
 
     pub fn health_rules(&self) -> HealthRules {
@@ -415,10 +459,10 @@ discovery = [{ id = "disc-van-1", addr = "127.0.3.1", port = 7070, health = "htt
     #[test]
     fn the_sample_parses_locates_and_answers() {
         let cfg = DnsConfig::from_toml(SAMPLE).unwrap();
-        let at = cfg.locator().locate("10.0.0.1".parse().unwrap(), None);
+        let at = cfg.locator().unwrap().locate("10.0.0.1".parse().unwrap(), None);
         assert_eq!(cfg.regions[at.region].name, "tor", "unplaced: the default region");
         let ecs = crate::geo::Ecs { addr: "203.0.113.7".parse().unwrap(), source: 32 };
-        let at = cfg.locator().locate("10.0.0.1".parse().unwrap(), Some(ecs));
+        let at = cfg.locator().unwrap().locate("10.0.0.1".parse().unwrap(), Some(ecs));
         assert_eq!(cfg.regions[at.region].name, "van");
         let view = cfg.view(|_| (true, false));
         let s = select(&view, Kind::Discovery, at.region, None, 0, cfg.answers.count, cfg.ttl());
@@ -442,6 +486,18 @@ discovery = [{ id = "disc-van-1", addr = "127.0.3.1", port = 7070, health = "htt
             (format!("{SAMPLE}\n[answers]\ncount = 0\n"), "answers.count"),
             (format!("{SAMPLE}\n[ttl]\nchanging_s = 60\n"), "ttl.changing_s"),
             (SAMPLE.replace("id = \"rtr-tor-1\"", "id = \"mtl\""), "regions"),
+            (
+                format!(
+                    "{SAMPLE}\n[geoip]\nmmdb = \"x.mmdb\"\ncountry_to_region = {{ CA = \"sea\" }}\n"
+                ),
+                "geoip.country_to_region.CA",
+            ),
+            (
+                format!(
+                    "{SAMPLE}\n[geoip]\nmmdb = \"x.mmdb\"\ncountry_to_region = {{ CAN = \"tor\" }}\n"
+                ),
+                "geoip.country_to_region.CAN",
+            ),
         ];
         for (text, key) in cases {
             let e = DnsConfig::from_toml(&text).unwrap_err().to_string();
@@ -449,5 +505,34 @@ discovery = [{ id = "disc-van-1", addr = "127.0.3.1", port = 7070, health = "htt
         }
         let e = DnsConfig::from_toml(&format!("{SAMPLE}\nbogus = 1\n")).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        // A database that cannot be read is an error at start, naming the file.
+        let cfg =
+            DnsConfig::from_toml(&format!("{SAMPLE}\n[geoip]\nmmdb = \"/nonexistent.mmdb\"\n"))
+                .unwrap();
+        let e = cfg.locator().unwrap_err().to_string();
+        assert!(e.contains("`geoip.mmdb`") && e.contains("/nonexistent.mmdb"), "{e}");
+    }
+
+    #[test]
+    fn the_geo_database_places_clients_the_tables_do_not() {
+        let dir = std::env::temp_dir().join(format!("edgeroute-dns-mmdb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("regions.mmdb");
+        std::fs::write(&path, crate::mmdb::tests::test_mmdb()).unwrap();
+        let text = format!(
+            "{SAMPLE}\n[geoip]\nmmdb = {:?}\ncountry_to_region = {{ CA = \"mtl\" }}\n",
+            path.display().to_string()
+        );
+        let cfg = DnsConfig::from_toml(&text).unwrap();
+        let locator = cfg.locator().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        // 2001:db8:3::/48 is in no table; the database says van.
+        let ecs = crate::geo::Ecs { addr: "2001:db8:3:9::".parse().unwrap(), source: 56 };
+        let at = locator.locate("10.0.0.1".parse().unwrap(), Some(ecs));
+        assert_eq!((cfg.regions[at.region].name.as_str(), at.why), ("van", crate::Why::EcsDb));
+        // 203.0.113.0/24 is in van's table: the table wins over the database's country (CA → mtl).
+        let ecs = crate::geo::Ecs { addr: "203.0.113.1".parse().unwrap(), source: 24 };
+        let at = locator.locate("10.0.0.1".parse().unwrap(), Some(ecs));
+        assert_eq!((cfg.regions[at.region].name.as_str(), at.why), ("van", crate::Why::Ecs));
     }
 }

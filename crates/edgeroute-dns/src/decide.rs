@@ -55,6 +55,8 @@ pub struct View {
     pub regions: Vec<RegionView>,
     /// For each region, every region nearest first (itself first; then by distance, unknown
     /// distances last, ties by name).
+    by_distance: Vec<Vec<usize>>,
+    /// `by_distance` with demoted regions moved last (see [`View::demote`]).
     nearest: Vec<Vec<usize>>,
 }
 
@@ -76,8 +78,19 @@ impl View {
                 });
                 order
             })
-            .collect();
-        View { regions, nearest }
+            .collect::<Vec<_>>();
+        View { regions, by_distance: nearest.clone(), nearest }
+    }
+
+    /// Ranks each `demoted[r]` region after every region that is not, keeping distance order
+    /// within each group (the topology bus shows the region's nodes, none of them serving).
+    /// Demotion only reorders: a demoted region is still answered when it is all there is.
+    pub fn demote(&mut self, demoted: &[bool]) {
+        let is = |r: &usize| demoted.get(*r).copied().unwrap_or(false);
+        self.nearest = self.by_distance.clone();
+        for order in &mut self.nearest {
+            order.sort_by_key(|r| is(r)); // stable: distance order stays within each group
+        }
     }
 
     pub fn region_index(&self, name: &str) -> Option<usize> {
@@ -279,6 +292,36 @@ mod tests {
         // Routers are another kind: their answers stay calm.
         let s = select(&v, Kind::Api, 1, None, 0, 3, Ttl::default());
         assert_eq!((ids(&s)[0].as_str(), s.ttl_s), ("rtr-tor-1", 30));
+    }
+
+    #[test]
+    fn a_demoted_region_ranks_after_serving_ones_but_is_never_withdrawn() {
+        let mut v = fleet();
+        // The bus shows tor's nodes, none serving: tor's clients are sent to mtl first.
+        v.demote(&[false, true, false]);
+        let s = select(&v, Kind::Discovery, 1, None, 0, 3, Ttl::default());
+        assert_eq!(ids(&s), ["disc-mtl-1", "disc-mtl-2", "disc-van-1"]);
+        // Pinned names ignore demotion (residency: the caller asked for that region).
+        let s = select(&v, Kind::Discovery, 2, Some(1), 0, 3, Ttl::default());
+        assert_eq!(ids(&s), ["disc-tor-1", "disc-tor-2"]);
+        // Every region demoted, or none: plain distance order again.
+        for all in [true, false] {
+            v.demote(&[all, all, all]);
+            let names: Vec<&str> =
+                v.nearest(1).iter().map(|i| v.regions[*i].name.as_str()).collect();
+            assert_eq!(names, ["tor", "mtl", "van"]);
+        }
+        // With the only healthy targets in a demoted region, they are still answered.
+        let mut x = fleet();
+        for id in ["disc-tor-1", "disc-tor-2", "disc-van-1", "disc-van-2"] {
+            down(&mut x, id);
+        }
+        x.demote(&[false, false, true]);
+        let s = select(&x, Kind::Discovery, 1, None, 0, 3, Ttl::default());
+        assert_eq!(
+            (ids(&s), s.fail_open),
+            (vec!["disc-mtl-1".to_owned(), "disc-mtl-2".to_owned()], false)
+        );
     }
 
     #[test]

@@ -105,8 +105,12 @@ impl Default for EcsLimits {
 pub enum Why {
     /// The client subnet the resolver sent matched a table entry.
     Ecs,
+    /// The client subnet matched no table entry, but the geo database placed it.
+    EcsDb,
     /// The resolver's own address matched a table entry.
     Resolver,
+    /// The resolver's address matched no table entry, but the geo database placed it.
+    ResolverDb,
     /// Nothing matched: the default region.
     Default,
 }
@@ -115,10 +119,19 @@ impl Why {
     pub fn as_str(self) -> &'static str {
         match self {
             Why::Ecs => "ecs",
+            Why::EcsDb => "ecs+geodb",
             Why::Resolver => "resolver",
+            Why::ResolverDb => "resolver+geodb",
             Why::Default => "default",
         }
     }
+}
+
+/// A database of address ranges to regions (a MaxMind-format file, see [`crate::mmdb`]),
+/// asked when the CIDR tables place nobody. In memory: no I/O per query.
+pub trait RegionDb: std::fmt::Debug + Send + Sync {
+    /// The region index `ip` belongs to, if the database places it.
+    fn region_of(&self, ip: IpAddr) -> Option<usize>;
 }
 
 /// Where a client was placed.
@@ -135,11 +148,13 @@ pub struct Located {
     pub scope: Option<u8>,
 }
 
-/// Subnets to regions: the longest matching prefix wins, else the default region.
+/// Subnets to regions: the longest matching prefix of the tables wins, else the geo
+/// database, else the default region.
 #[derive(Debug, Clone)]
 pub struct Locator {
     /// Longest prefix first.
     rules: Vec<(Cidr, usize)>,
+    db: Option<std::sync::Arc<dyn RegionDb>>,
     default: usize,
     limits: EcsLimits,
 }
@@ -148,11 +163,21 @@ impl Locator {
     /// `rules`: (block, region index); `default`: the region of an unmatched client.
     pub fn new(mut rules: Vec<(Cidr, usize)>, default: usize, limits: EcsLimits) -> Locator {
         rules.sort_by_key(|r| std::cmp::Reverse(r.0.len));
-        Locator { rules, default, limits }
+        Locator { rules, db: None, default, limits }
     }
 
-    fn lookup(&self, ip: IpAddr) -> Option<usize> {
-        self.rules.iter().find(|(c, _)| c.contains(ip)).map(|(_, r)| *r)
+    /// Asks `db` for clients the tables do not place.
+    pub fn with_db(mut self, db: std::sync::Arc<dyn RegionDb>) -> Locator {
+        self.db = Some(db);
+        self
+    }
+
+    /// The region of `ip` and whether the database (not a table) placed it.
+    fn lookup(&self, ip: IpAddr) -> Option<(usize, bool)> {
+        if let Some((_, r)) = self.rules.iter().find(|(c, _)| c.contains(ip)) {
+            return Some((*r, false));
+        }
+        self.db.as_ref().and_then(|db| db.region_of(ip)).map(|r| (r, true))
     }
 
     /// Places a client that asked through `resolver`, with the resolver's ECS option if it
@@ -165,9 +190,12 @@ impl Locator {
                 let cap = if e.addr.is_ipv4() { self.limits.v4 } else { self.limits.v6 };
                 let subnet = Cidr::new(e.addr, e.source.min(cap));
                 match self.lookup(subnet.addr) {
-                    Some(region) => {
-                        Located { region, why: Why::Ecs, subnet, scope: Some(subnet.len) }
-                    }
+                    Some((region, db)) => Located {
+                        region,
+                        why: if db { Why::EcsDb } else { Why::Ecs },
+                        subnet,
+                        scope: Some(subnet.len),
+                    },
                     None => Located {
                         region: self.default,
                         why: Why::Default,
@@ -179,7 +207,10 @@ impl Locator {
             _ => {
                 let scope = ecs.map(|_| 0);
                 match self.lookup(resolver) {
-                    Some(region) => Located { region, why: Why::Resolver, subnet: host, scope },
+                    Some((region, db)) => {
+                        let why = if db { Why::ResolverDb } else { Why::Resolver };
+                        Located { region, why, subnet: host, scope }
+                    }
                     None => {
                         Located { region: self.default, why: Why::Default, subnet: host, scope }
                     }
@@ -254,6 +285,41 @@ mod tests {
         assert_eq!((at.region, at.why, at.scope), (2, Why::Resolver, Some(0)));
         let at = l.locate(ip("127.0.0.9"), None);
         assert_eq!((at.region, at.why, at.scope), (2, Why::Resolver, None));
+    }
+
+    /// A database that places 203.0.113.0/24 in region 1 and everything in 198.51.0.0/16 in
+    /// region 0.
+    #[derive(Debug)]
+    struct FakeDb;
+    impl RegionDb for FakeDb {
+        fn region_of(&self, ip: IpAddr) -> Option<usize> {
+            let c = |s: &str| s.parse::<Cidr>().unwrap().contains(ip);
+            if c("203.0.113.0/24") {
+                Some(1)
+            } else if c("198.51.0.0/16") {
+                Some(0)
+            } else {
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn the_tables_beat_the_database_which_beats_the_default() {
+        let l = locator().with_db(std::sync::Arc::new(FakeDb));
+        let ecs = |a: &str| Some(Ecs { addr: ip(a), source: 24 });
+        // The database alone places it.
+        let at = l.locate(ip("10.0.0.1"), ecs("203.0.113.9"));
+        assert_eq!((at.region, at.why, at.scope), (1, Why::EcsDb, Some(24)));
+        // A table entry (198.51.100.0/24 → 1, inside 198.51.0.0/16 → 2) wins over the database.
+        let at = l.locate(ip("10.0.0.1"), ecs("198.51.100.1"));
+        assert_eq!((at.region, at.why), (1, Why::Ecs));
+        // Neither: the default.
+        let at = l.locate(ip("10.0.0.1"), ecs("100.64.0.1"));
+        assert_eq!((at.region, at.why), (0, Why::Default));
+        // The resolver's address goes through the database too.
+        let at = l.locate(ip("203.0.113.53"), None);
+        assert_eq!((at.region, at.why), (1, Why::ResolverDb));
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //!
 //! - [`geo`]: where the client is — the EDNS Client Subnet (RFC 7871: truncated to /24 and
 //!   /56, echoed with a scope) when the resolver sends one, else the resolver's address —
-//!   mapped to a region by the config's CIDR tables (longest prefix wins), else the default.
+//!   mapped to a region by the config's CIDR tables (longest prefix wins), else a
+//!   MaxMind-format database ([`mmdb`]: an `edgeroute_region` key or the country), else the
+//!   default region.
 //! - [`health`]: one target's health from its probes — withdrawn after `down_after` failed
 //!   probes in a row, back only after `up_probes` good ones *and* `up_after_ms` of unbroken
 //!   health (hysteresis); whether its state changed recently (answers then carry a short TTL).
@@ -18,8 +20,10 @@
 //! - [`config`]: `dns.toml`, validated (every error names its key).
 //! - [`wire`]: one query's bytes to its answer's bytes (hickory-proto's codec): the server
 //!   short of its sockets.
+//! - [`topology`]: the topology bus as an input — a region whose nodes it shows, none of
+//!   them serving, ranks after the regions that serve (never withdrawn on the bus's word).
 //! - [`serve`] and [`probe`]: the I/O edges — UDP and TCP listeners in front of `wire`, and
-//!   the health probes that keep the view current ([`start`] runs all three).
+//!   the health probes (and bus follower) that keep the view current ([`start`] runs them).
 //!
 //! Invariants: a pinned name never answers another region's target (residency); a region with
 //! no healthy target is never answered while another region has one; an answer is never empty
@@ -29,9 +33,11 @@ pub mod config;
 pub mod decide;
 pub mod geo;
 pub mod health;
+pub mod mmdb;
 pub mod names;
 pub mod probe;
 pub mod serve;
+pub mod topology;
 pub mod wire;
 
 pub use config::{ConfigError, DnsConfig};

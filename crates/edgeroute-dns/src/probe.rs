@@ -19,6 +19,17 @@ type ProbeClient = hyper_util::client::legacy::Client<
     Empty<Bytes>,
 >;
 
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// One probe: whether `url` answered 200 within `timeout`.
 async fn probe(client: &ProbeClient, url: &str, timeout: Duration) -> bool {
     let Ok(uri) = url.parse::<http::Uri>() else { return false };
@@ -29,8 +40,15 @@ async fn probe(client: &ProbeClient, url: &str, timeout: Duration) -> bool {
     )
 }
 
-/// Probes every target of `cfg` for ever, keeping `shared.view` current. Spawn it beside
-/// the listeners. Fails only when `health.ca_file` cannot be read.
+/// What changes the view: one probe's result, or the topology bus's demotions.
+enum Input {
+    Probe(usize, bool),
+    Demoted(Vec<bool>),
+}
+
+/// Probes every target of `cfg` for ever (and follows the topology bus when `cfg.bus` is
+/// set), keeping `shared.view` current. Spawn it beside the listeners. Fails only when
+/// `health.ca_file` cannot be read.
 pub async fn run(cfg: Arc<DnsConfig>, shared: Arc<Shared>) -> Result<(), String> {
     let rules = cfg.health_rules();
     let interval = Duration::from_millis(cfg.health.interval_ms);
@@ -46,7 +64,23 @@ pub async fn run(cfg: Arc<DnsConfig>, shared: Arc<Shared>) -> Result<(), String>
         .flat_map(|r| r.discovery.iter().chain(&r.api))
         .map(|t| (t.id.clone(), t.health.clone()))
         .collect();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, bool)>(1024);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(1024);
+    let mut followers = Vec::new();
+    if let Some(bus) = cfg.bus.clone() {
+        let regions = cfg.regions.iter().map(|r| r.name.clone()).collect();
+        let (dtx, mut drx) = tokio::sync::mpsc::channel(8);
+        followers.push(tokio::spawn(crate::topology::follow(bus, regions, dtx)));
+        let tx = tx.clone();
+        followers.push(tokio::spawn(async move {
+            while let Some(d) = drx.recv().await {
+                if tx.send(Input::Demoted(d)).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    // The followers and probers end with this task (it owns their handles or their channel).
+    let _followers = AbortOnDrop(followers);
     for (i, (_, url)) in targets.iter().enumerate() {
         let (tx, client, url) = (tx.clone(), client.clone(), url.clone());
         // Phase-spread: the targets' probes do not all leave at once.
@@ -58,7 +92,7 @@ pub async fn run(cfg: Arc<DnsConfig>, shared: Arc<Shared>) -> Result<(), String>
             loop {
                 tick.tick().await;
                 let ok = probe(&client, &url, timeout).await;
-                if tx.send((i, ok)).await.is_err() {
+                if tx.send(Input::Probe(i, ok)).await.is_err() {
                     return;
                 }
             }
@@ -67,12 +101,22 @@ pub async fn run(cfg: Arc<DnsConfig>, shared: Arc<Shared>) -> Result<(), String>
     drop(tx);
     let mut health: Vec<Health> = vec![Health::new(); targets.len()];
     let mut changing_before: HashMap<usize, bool> = HashMap::new();
-    while let Some((i, ok)) = rx.recv().await {
+    let mut demoted: Vec<bool> = Vec::new();
+    while let Some(input) = rx.recv().await {
         let now = start.elapsed().as_millis() as u64;
-        let changed = health[i].on_probe(ok, now, &rules);
-        // A target whose changing window just ended also needs a rebuild (back to the calm TTL).
-        let changing = health[i].changing(now, &rules);
-        let window_moved = changing_before.insert(i, changing) != Some(changing);
+        let (i, changed, window_moved) = match input {
+            Input::Probe(i, ok) => {
+                let changed = health[i].on_probe(ok, now, &rules);
+                // A target whose changing window just ended also needs a rebuild (back to the
+                // calm TTL).
+                let changing = health[i].changing(now, &rules);
+                (Some(i), changed, changing_before.insert(i, changing) != Some(changing))
+            }
+            Input::Demoted(d) => {
+                demoted = d;
+                (None, false, true)
+            }
+        };
         if changed || window_moved {
             let by_id: HashMap<&str, (bool, bool)> = targets
                 .iter()
@@ -81,9 +125,10 @@ pub async fn run(cfg: Arc<DnsConfig>, shared: Arc<Shared>) -> Result<(), String>
                     (id.as_str(), (health[j].is_up(), health[j].changing(now, &rules)))
                 })
                 .collect();
-            let view = cfg.view(|id| by_id.get(id).copied().unwrap_or((true, false)));
+            let mut view = cfg.view(|id| by_id.get(id).copied().unwrap_or((true, false)));
+            view.demote(&demoted);
             shared.view.store(Arc::new(view));
-            if changed {
+            if let (Some(i), true) = (i, changed) {
                 tracing::info!(target = %targets[i].0, up = health[i].is_up(), "dns: target changed state");
             }
         }

@@ -87,7 +87,7 @@ impl Answerer {
         Ok(Answerer {
             zone,
             zone_name,
-            locator: cfg.locator(),
+            locator: cfg.locator()?,
             ttl: cfg.ttl(),
             count: cfg.answers.count,
             max_udp: cfg.answers.max_udp_payload,
