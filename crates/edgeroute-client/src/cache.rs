@@ -30,10 +30,13 @@ struct Entry {
     expired: bool,
 }
 
-/// Answers by query key (model, pipeline, regions).
+/// Answers by query key (model, pipeline, regions), and what `dns:` discovery entries last
+/// resolved to (by entry).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ListCache {
     entries: BTreeMap<String, Entry>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    resolved: BTreeMap<String, crate::dns::Resolution>,
 }
 
 /// The cache key of a query.
@@ -44,6 +47,20 @@ pub fn key(model: &str, pipeline: Option<&str>, regions: &[String]) -> String {
 }
 
 impl ListCache {
+    /// What the `dns:` entry `entry` last resolved to.
+    pub fn resolution(&self, entry: &str) -> Option<&crate::dns::Resolution> {
+        self.resolved.get(entry)
+    }
+
+    pub fn put_resolution(&mut self, entry: &str, r: crate::dns::Resolution) {
+        self.resolved.insert(entry.to_owned(), r);
+    }
+
+    /// Every held resolution.
+    pub fn resolutions(&self) -> impl Iterator<Item = &crate::dns::Resolution> {
+        self.resolved.values()
+    }
+
     /// Applies `f` to every cached answer's candidates (to drop some); an answer left with
     /// none is forgotten.
     pub fn retain_candidates(&mut self, mut f: impl FnMut(&mut Vec<Candidate>)) {

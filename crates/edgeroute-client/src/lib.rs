@@ -69,6 +69,7 @@
 //! # }
 
 pub mod cache;
+pub mod dns;
 mod error;
 pub mod machine;
 mod session;
@@ -109,8 +110,15 @@ use crate::machine::{Machine, Outcome, Policy};
 /// Everything a client is told; every field has a default. `Debug` shows the token redacted.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// Discovery base URLs, tried in order.
+    /// Discovery base URLs, tried in order. An entry `dns:NAME[:PORT]` (e.g.
+    /// `dns:discovery.example.net`) stands for the replicas the fleet's GeoDNS names for
+    /// this client, nearest first ([`dns`]): SRV `_edgeroute._tcp.NAME`, else NAME's A/AAAA
+    /// on PORT (default 7070), always over `https://`. A resolution is used for its TTL, then
+    /// used while it is resolved again in the background; a failed resolution keeps the last
+    /// one (persisted with `cache_file`).
     pub discovery: Vec<String>,
+    /// Nameservers for `dns:` entries. Default: `/etc/resolv.conf`'s.
+    pub dns_servers: Vec<std::net::SocketAddr>,
     /// Bearer token for discovery and nodes. It is sent only over TLS (`https://`) or to a
     /// loopback host (127.0.0.0/8, `::1`, `localhost`), never on `/health` probes, and shown
     /// redacted by `Debug`.
@@ -220,6 +228,7 @@ impl Default for ClientConfig {
         let p = Policy::default();
         ClientConfig {
             discovery: vec![],
+            dns_servers: vec![],
             token: None,
             allow_plaintext: false,
             regions: vec![],
@@ -264,6 +273,7 @@ impl std::fmt::Debug for ClientConfig {
         // Every field by name, so a new one cannot be forgotten (or print a secret unseen).
         let ClientConfig {
             discovery,
+            dns_servers,
             token,
             allow_plaintext,
             regions,
@@ -302,6 +312,7 @@ impl std::fmt::Debug for ClientConfig {
         } = self;
         f.debug_struct("ClientConfig")
             .field("discovery", discovery)
+            .field("dns_servers", dns_servers)
             .field("token", &token.as_ref().map(|_| "<redacted>"))
             .field("allow_plaintext", allow_plaintext)
             .field("regions", regions)
@@ -633,6 +644,10 @@ struct Inner {
     slot_freed: tokio::sync::Notify,
     /// This client's own ejections and recoveries ([`Client::ejections`]).
     ejections: tokio::sync::broadcast::Sender<EjectionEvent>,
+    /// Addresses `dns:` resolutions named, for the connector.
+    pins: dns::Pins,
+    /// Where `dns:` entries are resolved: `cfg.dns_servers`, else `/etc/resolv.conf`'s.
+    nameservers: Vec<std::net::SocketAddr>,
 }
 
 /// The SDK handle; cheap to clone, shared by every session.
@@ -750,8 +765,14 @@ impl Client {
         listener: Option<Listener>,
     ) -> Result<Client, ClientError> {
         let tls = tls_config(cfg.ca_file.as_deref()).map_err(ClientError::Invalid)?;
-        let connector = edgeroute_http::client::https_connector(&cfg.http_options(), tls);
-        Self::build(cfg, listener, transport::Connector::Net(connector))
+        let pins = dns::Pins::default();
+        let resolver = transport::PinnedResolver {
+            pins: pins.clone(),
+            system: hyper_util::client::legacy::connect::dns::GaiResolver::new(),
+        };
+        let tcp = edgeroute_http::client::tcp_with_resolver(&cfg.http_options(), resolver);
+        let connector = edgeroute_http::client::https_over(tcp, tls);
+        Self::build(cfg, listener, transport::Connector::Net(connector), pins)
     }
 
     /// As [`Client::with_listener`], reaching discovery and nodes through `transport` (plain
@@ -763,13 +784,15 @@ impl Client {
         transport: Arc<dyn Transport>,
     ) -> Result<Client, ClientError> {
         let connect_timeout = cfg.connect_timeout;
-        Self::build(cfg, listener, transport::Connector::Custom { transport, connect_timeout })
+        let connector = transport::Connector::Custom { transport, connect_timeout };
+        Self::build(cfg, listener, connector, dns::Pins::default())
     }
 
     fn build(
         cfg: ClientConfig,
         listener: Option<Listener>,
         connector: transport::Connector,
+        pins: dns::Pins,
     ) -> Result<Client, ClientError> {
         if cfg.probe_k == 0 {
             return Err(ClientError::Invalid("probe_k must be at least 1".into()));
@@ -777,10 +800,27 @@ impl Client {
         if !(cfg.hedge_multiple.is_finite() && cfg.hedge_multiple >= 1.0) {
             return Err(ClientError::Invalid("hedge_multiple must be at least 1".into()));
         }
+        // `dns:` entries resolve to `https://` endpoints; their names must parse.
+        for entry in &cfg.discovery {
+            if let Some(Err(e)) = dns::DnsTarget::parse(entry) {
+                return Err(ClientError::Invalid(format!("discovery {e}")));
+            }
+        }
         // Refused as it is built, before any connection: discovery would receive the token.
-        if let Some(url) = cfg.discovery.iter().find(|u| !cfg.token_may_go(u)) {
+        if let Some(url) = cfg
+            .discovery
+            .iter()
+            .find(|u| dns::DnsTarget::parse(u).is_none() && !cfg.token_may_go(u))
+        {
             return Err(ClientError::PlaintextToken { url: url.clone() });
         }
+        let nameservers = if cfg.dns_servers.is_empty() {
+            std::fs::read_to_string("/etc/resolv.conf")
+                .map(|t| dns::nameservers_from_resolv_conf(&t))
+                .unwrap_or_default()
+        } else {
+            cfg.dns_servers.clone()
+        };
         let http = edgeroute_http::client::builder(&cfg.http_options()).build(connector);
         let mut cache = cfg.cache_file.as_deref().map(ListCache::load).unwrap_or_default();
         // A persisted list (written without a token, or by an older version) is held to the
@@ -789,6 +829,10 @@ impl Client {
             cache.retain_candidates(|c| {
                 trust::retain(c, cfg.allow_plaintext);
             });
+        }
+        // Names resolved by an earlier run: their addresses until they are resolved again.
+        for r in cache.resolutions() {
+            pins.set(&r.endpoints);
         }
         let origin = Instant::now();
         let mut m = Machine::new(cfg.policy(), cfg.seed, origin.into_std());
@@ -813,6 +857,8 @@ impl Client {
                 routing_key,
                 slot_freed: tokio::sync::Notify::new(),
                 ejections: tokio::sync::broadcast::channel(EJECTION_EVENTS_BUFFER).0,
+                pins,
+                nameservers,
             }),
         })
     }
@@ -1050,8 +1096,10 @@ impl Client {
             query.push_str(&format!("&near={}", encode(home)));
         }
         query.push_str(&format!("&session={}", encode(&self.inner.routing_key)));
-        let mut last_error = String::from("no discovery endpoint configured");
-        for endpoint in &cfg.discovery {
+        let (endpoints, dns_error) = self.discovery_endpoints().await;
+        let mut last_error =
+            dns_error.unwrap_or_else(|| String::from("no discovery endpoint configured"));
+        for endpoint in &endpoints {
             let url = format!("{}/v1/discover?{query}", endpoint.trim_end_matches('/'));
             match self.fetch_json::<DiscoverResponse>(&url, cfg.discovery_timeout, q.auth()).await {
                 Ok(mut answer) => {
@@ -1117,6 +1165,83 @@ impl Client {
             }
         }
         Err(ClientError::Discovery(last_error))
+    }
+
+    /// The discovery base URLs to try, in order: configured URLs as they are, `dns:` entries
+    /// as their resolution (see [`ClientConfig::discovery`]).
+    /// The discovery URLs this client asks, in order, with its `dns:` entries resolved (see
+    /// [`ClientConfig::discovery`]): what DNS handed it, for operators and tests.
+    pub async fn discovery_urls(&self) -> Result<Vec<String>, ClientError> {
+        match self.discovery_endpoints().await {
+            (urls, Some(e)) if urls.is_empty() => Err(ClientError::Discovery(e)),
+            (urls, _) => Ok(urls),
+        }
+    }
+
+    /// The error: the last `dns:` entry that resolved to nothing, with nothing held.
+    async fn discovery_endpoints(&self) -> (Vec<String>, Option<String>) {
+        let (mut out, mut error) = (Vec::new(), None);
+        for entry in &self.inner.cfg.discovery {
+            match dns::DnsTarget::parse(entry) {
+                None => out.push(entry.clone()),
+                Some(Err(_)) => {} // refused when the client was built
+                Some(Ok(target)) => match self.resolved(entry, &target).await {
+                    Ok(eps) => out.extend(eps.into_iter().map(|e| e.url)),
+                    Err(e) => error = Some(format!("resolving {entry}: {e}")),
+                },
+            }
+        }
+        (out, error)
+    }
+
+    /// The endpoints `entry` stands for: a fresh resolution as held; a stale one as held while
+    /// it is resolved again in the background; none held, resolved now. A failed resolution
+    /// keeps what is held.
+    async fn resolved(
+        &self,
+        entry: &str,
+        target: &dns::DnsTarget,
+    ) -> Result<Vec<dns::Endpoint>, String> {
+        let now = self.wall_ms();
+        let held = self.with(|st, _| st.cache.resolution(entry).cloned());
+        let held_endpoints =
+            |h: Option<dns::Resolution>| h.map(|r| r.endpoints).unwrap_or_default();
+        match dns::freshness(held.as_ref(), now) {
+            dns::Use::Fresh => Ok(held_endpoints(held)),
+            dns::Use::Stale => {
+                let key = format!("dns|{entry}");
+                if self.with(|st, _| st.revalidating.insert(key.clone())) {
+                    let (this, entry, target) = (self.clone(), entry.to_owned(), target.clone());
+                    tokio::spawn(async move {
+                        let _ = this.resolve_now(&entry, &target).await;
+                        this.with(|st, _| st.revalidating.remove(&key));
+                    });
+                }
+                Ok(held_endpoints(held))
+            }
+            dns::Use::Resolve => self.resolve_now(entry, target).await.map(|r| r.endpoints),
+        }
+    }
+
+    /// Resolves `target` and holds the answer (its addresses pinned for the connector).
+    async fn resolve_now(
+        &self,
+        entry: &str,
+        target: &dns::DnsTarget,
+    ) -> Result<dns::Resolution, String> {
+        let timeout = self.inner.cfg.discovery_timeout;
+        let at = self.wall_ms();
+        match dns::resolve(&self.inner.nameservers, target, timeout, at).await {
+            Ok(r) => {
+                self.inner.pins.set(&r.endpoints);
+                self.with(|st, _| st.cache.put_resolution(entry, r.clone()));
+                Ok(r)
+            }
+            Err(e) => {
+                self.emit(Event::DiscoveryFailed { endpoint: entry.to_owned(), error: e.clone() });
+                Err(e)
+            }
+        }
     }
 
     async fn fetch_json<T: serde::de::DeserializeOwned>(

@@ -13,6 +13,7 @@ use std::time::Duration;
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,9 +32,40 @@ pub trait Transport: Send + Sync + 'static {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Finds a host's addresses: those a `dns:` bootstrap pinned for it (an SRV target's
+/// Additional records, in the answer's order), else the system resolver's.
+#[derive(Clone)]
+pub(crate) struct PinnedResolver {
+    pub(crate) pins: crate::dns::Pins,
+    pub(crate) system: GaiResolver,
+}
+
+type Addrs = std::vec::IntoIter<std::net::SocketAddr>;
+
+impl tower_service::Service<Name> for PinnedResolver {
+    type Response = Addrs;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Addrs>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.system.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        if let Some(ips) = self.pins.get(name.as_str()) {
+            // The connector puts the URL's port on each address.
+            let addrs: Vec<_> =
+                ips.into_iter().map(|ip| std::net::SocketAddr::new(ip, 0)).collect();
+            return Box::pin(std::future::ready(Ok(addrs.into_iter())));
+        }
+        let f = self.system.call(name);
+        Box::pin(async move { Ok(f.await?.collect::<Vec<_>>().into_iter()) })
+    }
+}
+
 #[derive(Clone)]
 pub(crate) enum Connector {
-    Net(HttpsConnector<HttpConnector>),
+    Net(HttpsConnector<HttpConnector<PinnedResolver>>),
     Custom { transport: Arc<dyn Transport>, connect_timeout: Duration },
 }
 

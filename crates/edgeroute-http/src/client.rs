@@ -86,7 +86,12 @@ pub fn tls_config_with_identity(
 /// A TCP connector: the connect timeout, TCP_NODELAY, and any scheme (the TLS layer, when
 /// there is one, decides what it accepts).
 pub fn tcp(opts: &ClientOptions) -> HttpConnector {
-    let mut tcp = HttpConnector::new();
+    tcp_with_resolver(opts, hyper_util::client::legacy::connect::dns::GaiResolver::new())
+}
+
+/// As [`tcp`], finding hosts' addresses with `resolver` instead of the system's.
+pub fn tcp_with_resolver<R>(opts: &ClientOptions, resolver: R) -> HttpConnector<R> {
+    let mut tcp = HttpConnector::new_with_resolver(resolver);
     tcp.set_connect_timeout(Some(opts.connect_timeout));
     tcp.set_nodelay(true);
     tcp.enforce_http(false);
@@ -98,11 +103,19 @@ pub fn https_connector(
     opts: &ClientOptions,
     tls: rustls::ClientConfig,
 ) -> HttpsConnector<HttpConnector> {
+    https_over(tcp(opts), tls)
+}
+
+/// `http://` and `https://` over a TCP connector of the caller's (its own resolver).
+pub fn https_over<R>(
+    tcp: HttpConnector<R>,
+    tls: rustls::ClientConfig,
+) -> HttpsConnector<HttpConnector<R>> {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(tcp(opts))
+        .wrap_connector(tcp)
 }
 
 /// The pool settings, for a client over a connector of the caller's own (a test network).

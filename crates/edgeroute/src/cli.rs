@@ -95,9 +95,19 @@ pub struct DiscoveryArgs {
 pub struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:8089")]
     pub listen: SocketAddr,
-    /// Discovery base URLs, tried in order.
+    /// Discovery base URLs, tried in order; `dns:NAME[:PORT]` (e.g. `dns:discovery.example.net`)
+    /// stands for the replicas the fleet's GeoDNS names for this machine, nearest first
+    /// (SRV, else A/AAAA; always https; the last resolution persisted with --cache-file).
     #[arg(long, value_delimiter = ',', required = true)]
     discovery: Vec<String>,
+    /// Nameservers for `dns:` discovery entries (`IP:PORT`, comma-separated). Default: those
+    /// of /etc/resolv.conf.
+    #[arg(long, value_delimiter = ',')]
+    dns_server: Vec<SocketAddr>,
+    /// PEM roots for https:// discovery and nodes (a private fleet CA). Default: the Mozilla
+    /// roots compiled in.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// A file holding the bearer token for discovery and nodes (else `EDGEROUTE_TOKEN`). Never
     /// on the command line: every local user can read it there (`ps`).
     #[arg(long)]
@@ -315,6 +325,8 @@ impl ProxyArgs {
         }
         let client = edgeroute_client::ClientConfig {
             discovery: self.discovery,
+            dns_servers: self.dns_server,
+            ca_file: self.ca_file,
             pool_keys,
             routing_key: self.routing_key,
             token,
@@ -412,5 +424,29 @@ mod tests {
         assert_eq!(parse_pool_key("ca-cloud=/k").unwrap(), ("ca-cloud".into(), "/k".into()));
         assert!(parse_pool_key("ca-cloud").is_err());
         assert!(parse_pool_key("=/k").is_err() && parse_pool_key("ca-cloud=").is_err());
+    }
+
+    #[test]
+    fn the_proxy_takes_a_dns_discovery_its_nameserver_and_a_ca() {
+        let cli = Cli::try_parse_from([
+            "edgeroute",
+            "proxy",
+            "--discovery",
+            "dns:discovery.edge.test,https://backup.example:7070",
+            "--dns-server",
+            "127.0.0.1:5353",
+            "--ca-file",
+            "/etc/fleet-ca.pem",
+        ])
+        .unwrap();
+        let Command::Proxy(args) = cli.command else { panic!("not the proxy") };
+        let (client, _) = args.config().unwrap();
+        assert_eq!(client.discovery, ["dns:discovery.edge.test", "https://backup.example:7070"]);
+        assert_eq!(client.dns_servers, ["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(client.ca_file.as_deref(), Some(std::path::Path::new("/etc/fleet-ca.pem")));
+        // The client refuses a malformed name when it is built (the proxy's start).
+        let cfg =
+            edgeroute_client::ClientConfig { discovery: vec!["dns:not a name".into()], ..client };
+        assert!(edgeroute_client::Client::new(cfg).is_err());
     }
 }
