@@ -29,18 +29,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// The port of a discovery replica named without one (`dns:discovery.example.net`).
 pub const DEFAULT_PORT: u16 = 7070;
 
-/// A `dns:` discovery entry: the name and the port for A/AAAA answers.
+/// A `dns:` discovery entry: the name, the port for A/AAAA answers, and the scheme of the
+/// endpoints it resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsTarget {
     pub name: String,
     pub port: u16,
+    /// `https`, or `http` for a `dns+http:` entry (a private network, or an in-memory one in
+    /// simulations; the token rules for plaintext still apply to what it resolves to).
+    pub scheme: &'static str,
 }
 
 impl DnsTarget {
-    /// `dns:NAME[:PORT]`; `None` when `entry` is not a `dns:` entry. An invalid name is an
-    /// error naming the entry.
+    /// `dns:NAME[:PORT]` (or `dns+http:NAME[:PORT]`); `None` when `entry` is neither. An
+    /// invalid name is an error naming the entry.
     pub fn parse(entry: &str) -> Option<Result<DnsTarget, String>> {
-        let rest = entry.strip_prefix("dns:")?;
+        let (scheme, rest) = match entry.strip_prefix("dns+http:") {
+            Some(rest) => ("http", rest),
+            None => ("https", entry.strip_prefix("dns:")?),
+        };
         let rest = rest.trim_start_matches("//");
         let (name, port) = match rest.rsplit_once(':') {
             Some((n, p)) => match p.parse::<u16>() {
@@ -60,7 +67,7 @@ impl DnsTarget {
                 "`{entry}`: `dns:` takes a domain name, e.g. dns:discovery.example.net"
             )));
         }
-        Some(Ok(DnsTarget { name, port }))
+        Some(Ok(DnsTarget { name, port, scheme }))
     }
 }
 
@@ -142,7 +149,7 @@ impl Pins {
 
 /// The endpoints an SRV answer names, by priority then weight (heavier first), each
 /// target's addresses from the Additional section. `None`: the answer has no SRV record.
-pub fn endpoints_from_srv(msg: &Message) -> Option<(Vec<Endpoint>, u32)> {
+pub fn endpoints_from_srv(msg: &Message, scheme: &str) -> Option<(Vec<Endpoint>, u32)> {
     let mut srv: Vec<(u16, u16, String, u16, u32)> = msg
         .answers
         .iter()
@@ -173,7 +180,7 @@ pub fn endpoints_from_srv(msg: &Message) -> Option<(Vec<Endpoint>, u32)> {
         .into_iter()
         .filter(|s| !s.2.is_empty()) // "." means "no such service" (RFC 2782)
         .map(|(_, _, host, port, _)| Endpoint {
-            url: format!("https://{}:{port}", url_host(&host)),
+            url: format!("{scheme}://{}:{port}", url_host(&host)),
             addrs: extra.get(&host).cloned().unwrap_or_default(),
             host,
         })
@@ -214,13 +221,14 @@ pub async fn resolve(
     target: &DnsTarget,
     timeout: Duration,
     now_ms: u64,
+    via: Option<&dyn crate::transport::Transport>,
 ) -> Result<Resolution, String> {
     if servers.is_empty() {
         return Err("no nameserver (none configured, none in /etc/resolv.conf)".into());
     }
     let mut last = String::new();
     for server in servers {
-        match resolve_at(*server, target, timeout).await {
+        match resolve_at(*server, target, timeout, via).await {
             Ok((endpoints, ttl)) if !endpoints.is_empty() => {
                 let ttl_ms = u64::from(ttl).max(1) * 1000;
                 return Ok(Resolution { endpoints, resolved_at_ms: now_ms, ttl_ms });
@@ -236,11 +244,12 @@ async fn resolve_at(
     server: SocketAddr,
     target: &DnsTarget,
     timeout: Duration,
+    via: Option<&dyn crate::transport::Transport>,
 ) -> Result<(Vec<Endpoint>, u32), String> {
     let srv_name = format!("_edgeroute._tcp.{}.", target.name);
-    let msg = exchange(server, &srv_name, RecordType::SRV, timeout).await?;
+    let msg = exchange(server, &srv_name, RecordType::SRV, timeout, via).await?;
     if msg.metadata.response_code == ResponseCode::NoError
-        && let Some(found) = endpoints_from_srv(&msg)
+        && let Some(found) = endpoints_from_srv(&msg, target.scheme)
     {
         return Ok(found);
     }
@@ -251,7 +260,7 @@ async fn resolve_at(
     let name = format!("{}.", target.name);
     let (mut addrs, mut ttl) = (Vec::new(), u32::MAX);
     for qtype in [RecordType::A, RecordType::AAAA] {
-        let msg = exchange(server, &name, qtype, timeout).await?;
+        let msg = exchange(server, &name, qtype, timeout, via).await?;
         let (ips, t) = addresses(&msg);
         if !ips.is_empty() {
             ttl = ttl.min(t);
@@ -262,16 +271,18 @@ async fn resolve_at(
         return Ok((vec![], 0));
     }
     let host = target.name.clone();
-    let url = format!("https://{}:{}", url_host(&host), target.port);
+    let url = format!("{}://{}:{}", target.scheme, url_host(&host), target.port);
     Ok((vec![Endpoint { url, host, addrs }], ttl))
 }
 
-/// One question to `server`: UDP (two tries within `timeout`), then TCP if truncated.
+/// One question to `server`: through `via` when it carries DNS, else UDP (two tries within
+/// `timeout`), then TCP if truncated.
 async fn exchange(
     server: SocketAddr,
     name: &str,
     qtype: RecordType,
     timeout: Duration,
+    via: Option<&dyn crate::transport::Transport>,
 ) -> Result<Message, String> {
     let qname = Name::from_str(name).map_err(|e| format!("`{name}`: {e}"))?;
     let mut q = Message::query();
@@ -287,6 +298,13 @@ async fn exchange(
             && m.queries[0].query_type() == qtype;
         if ok { Ok(m) } else { Err("an answer to another question".into()) }
     };
+    if let Some(f) = via.and_then(|t| t.dns(server, bytes.clone())) {
+        let answer = tokio::time::timeout(timeout, f)
+            .await
+            .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+            .map_err(|e| e.to_string())?;
+        return Message::from_vec(&answer).map_err(|e| e.to_string()).and_then(check);
+    }
     let bind: SocketAddr =
         if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
     let sock = tokio::net::UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
@@ -351,9 +369,13 @@ mod tests {
     #[test]
     fn dns_entries_parse_with_and_without_a_port() {
         let t = DnsTarget::parse("dns:Discovery.Edge.Test.").unwrap().unwrap();
-        assert_eq!(t, DnsTarget { name: "discovery.edge.test".into(), port: DEFAULT_PORT });
+        let want =
+            DnsTarget { name: "discovery.edge.test".into(), port: DEFAULT_PORT, scheme: "https" };
+        assert_eq!(t, want);
         let t = DnsTarget::parse("dns://discovery.edge.test:8443").unwrap().unwrap();
         assert_eq!(t.port, 8443);
+        let t = DnsTarget::parse("dns+http:discovery.edge.test").unwrap().unwrap();
+        assert_eq!(t.scheme, "http");
         assert!(DnsTarget::parse("https://discovery.edge.test").is_none());
         for bad in ["dns:", "dns:a..b", "dns:x:0", "dns:x:99999", "dns:sp ace.test"] {
             let e = DnsTarget::parse(bad).unwrap().unwrap_err();
@@ -377,7 +399,7 @@ mod tests {
         let a = Name::from_str("a.discovery.edge.test.").unwrap();
         m.add_additional(Record::from_rdata(a.clone(), 10, RData::A(A::new(127, 0, 1, 1))));
         m.add_additional(Record::from_rdata(a, 10, RData::AAAA(AAAA::new(0, 0, 0, 0, 0, 0, 0, 1))));
-        let (eps, ttl) = endpoints_from_srv(&m).unwrap();
+        let (eps, ttl) = endpoints_from_srv(&m, "https").unwrap();
         let urls: Vec<&str> = eps.iter().map(|e| e.url.as_str()).collect();
         assert_eq!(
             urls,
@@ -392,7 +414,7 @@ mod tests {
         assert_eq!(ttl, 10);
         let mut none = Message::query();
         none.metadata.message_type = MessageType::Response;
-        assert!(endpoints_from_srv(&none).is_none());
+        assert!(endpoints_from_srv(&none, "https").is_none());
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub use edgeroute_http::client::tls_config;
 pub use error::{AttemptReport, Attempts, ClientError, Side};
 pub use session::{Served, Session};
 pub use stream::{ChatStream, StreamItem};
-pub use transport::{BoxIo, ConnectFuture, Transport};
+pub use transport::{BoxIo, ConnectFuture, DnsFuture, Transport};
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -113,7 +113,8 @@ pub struct ClientConfig {
     /// Discovery base URLs, tried in order. An entry `dns:NAME[:PORT]` (e.g.
     /// `dns:discovery.example.net`) stands for the replicas the fleet's GeoDNS names for
     /// this client, nearest first ([`dns`]): SRV `_edgeroute._tcp.NAME`, else NAME's A/AAAA
-    /// on PORT (default 7070), always over `https://`. A resolution is used for its TTL, then
+    /// on PORT (default 7070), over `https://` (`dns+http:` for plaintext, under the same
+    /// token rules as any `http://` URL). A resolution is used for its TTL, then
     /// used while it is resolved again in the background; a failed resolution keeps the last
     /// one (persisted with `cache_file`).
     pub discovery: Vec<String>,
@@ -648,6 +649,8 @@ struct Inner {
     pins: dns::Pins,
     /// Where `dns:` entries are resolved: `cfg.dns_servers`, else `/etc/resolv.conf`'s.
     nameservers: Vec<std::net::SocketAddr>,
+    /// The application's transport, which may carry DNS too ([`Transport::dns`]).
+    dns_via: Option<Arc<dyn Transport>>,
 }
 
 /// The SDK handle; cheap to clone, shared by every session.
@@ -772,7 +775,7 @@ impl Client {
         };
         let tcp = edgeroute_http::client::tcp_with_resolver(&cfg.http_options(), resolver);
         let connector = edgeroute_http::client::https_over(tcp, tls);
-        Self::build(cfg, listener, transport::Connector::Net(connector), pins)
+        Self::build(cfg, listener, transport::Connector::Net(connector), pins, None)
     }
 
     /// As [`Client::with_listener`], reaching discovery and nodes through `transport` (plain
@@ -784,8 +787,9 @@ impl Client {
         transport: Arc<dyn Transport>,
     ) -> Result<Client, ClientError> {
         let connect_timeout = cfg.connect_timeout;
+        let via = Some(transport.clone());
         let connector = transport::Connector::Custom { transport, connect_timeout };
-        Self::build(cfg, listener, connector, dns::Pins::default())
+        Self::build(cfg, listener, connector, dns::Pins::default(), via)
     }
 
     fn build(
@@ -793,6 +797,7 @@ impl Client {
         listener: Option<Listener>,
         connector: transport::Connector,
         pins: dns::Pins,
+        dns_via: Option<Arc<dyn Transport>>,
     ) -> Result<Client, ClientError> {
         if cfg.probe_k == 0 {
             return Err(ClientError::Invalid("probe_k must be at least 1".into()));
@@ -859,6 +864,7 @@ impl Client {
                 ejections: tokio::sync::broadcast::channel(EJECTION_EVENTS_BUFFER).0,
                 pins,
                 nameservers,
+                dns_via,
             }),
         })
     }
@@ -1231,7 +1237,8 @@ impl Client {
     ) -> Result<dns::Resolution, String> {
         let timeout = self.inner.cfg.discovery_timeout;
         let at = self.wall_ms();
-        match dns::resolve(&self.inner.nameservers, target, timeout, at).await {
+        let via = self.inner.dns_via.as_deref();
+        match dns::resolve(&self.inner.nameservers, target, timeout, at, via).await {
             Ok(r) => {
                 self.inner.pins.set(&r.endpoints);
                 self.with(|st, _| st.cache.put_resolution(entry, r.clone()));

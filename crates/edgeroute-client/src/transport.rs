@@ -25,9 +25,18 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 pub type BoxIo = Box<dyn Io>;
 pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send>>;
 
+/// The answer's bytes to one DNS query.
+pub type DnsFuture = Pin<Box<dyn Future<Output = io::Result<Vec<u8>>> + Send>>;
+
 /// Opens a byte stream to a URI's authority (plain HTTP is spoken over it).
 pub trait Transport: Send + Sync + 'static {
     fn connect(&self, uri: &Uri) -> ConnectFuture;
+
+    /// Carries one DNS query (a `dns:` discovery entry's) to `server` and brings its answer
+    /// back. `None` (the default): the SDK asks over UDP and TCP sockets itself.
+    fn dns(&self, _server: std::net::SocketAddr, _query: Vec<u8>) -> Option<DnsFuture> {
+        None
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

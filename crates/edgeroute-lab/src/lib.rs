@@ -28,6 +28,7 @@ pub mod chart;
 pub mod compare;
 pub mod demo;
 pub mod discovery_bench;
+pub mod dns_bench;
 pub mod fleet;
 pub mod gateway_bench;
 pub mod loadgen;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use edgeroute_lab::batch_bench::{self, BatchBenchOpts, Capacity, Store};
-use edgeroute_lab::compare::{self, CompareOpts, Scenario};
+use edgeroute_lab::compare::{self, CompareOpts, Scenario, Strategy};
 use edgeroute_lab::demo::{self, DemoBackend, DemoOpts};
 use edgeroute_lab::gateway_bench::{self, GatewayBenchOpts};
 use edgeroute_lab::{bus_bench, discovery_bench, policy_bench, sdk_bench, wan};
@@ -151,6 +151,14 @@ enum BenchCommand {
         /// Scenarios: steady, death, congested, unload.
         #[arg(long, value_delimiter = ',', default_value = "steady,death,congested,unload")]
         scenarios: Vec<String>,
+        /// Strategies: dns, central, edgeroute, edgeroute-dns (the SDK told only the zone
+        /// name; the fleet's GeoDNS answers), oracle.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "dns,central,edgeroute,edgeroute-dns,oracle"
+        )]
+        strategies: Vec<String>,
         /// Also write the report (fleet.md, a TTFT chart per scenario) into this folder.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -224,6 +232,32 @@ enum BenchCommand {
         /// Leave SQLite out (with --postgres).
         #[arg(long)]
         no_sqlite: bool,
+        /// Keep configs and logs here.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// The `edgeroute` binary. Default: the one next to this binary.
+        #[arg(long)]
+        edgeroute: Option<PathBuf>,
+    },
+    /// The region layer: `edgeroute dns` and PowerDNS (Lua health checks) serving the same
+    /// zone and regions, loaded by dnsperf, then a region's death (scripts/setup-dnsbench.sh
+    /// installs dnsperf and PowerDNS).
+    Dns {
+        /// Fixed offered rates, queries/s.
+        #[arg(long, value_delimiter = ',', default_value = "5000,10000,20000,40000")]
+        rates: Vec<u32>,
+        /// Seconds per dnsperf run.
+        #[arg(long, default_value_t = 5)]
+        duration_s: u64,
+        /// Failover trials.
+        #[arg(long, default_value_t = 5)]
+        trials: u32,
+        /// `edgeroute dns` worker threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// `pdns_server` for the reference ("none" leaves it out).
+        #[arg(long, default_value = "/usr/sbin/pdns_server")]
+        pdns: String,
         /// Keep configs and logs here.
         #[arg(long)]
         work_dir: Option<PathBuf>,
@@ -369,7 +403,25 @@ async fn run(command: Command) -> Result<()> {
             };
             println!("{}", discovery_bench::load(opts).await?);
         }
-        BenchCommand::Fleet { seed, duration_s, sessions_per_s, turns, scenarios, report } => {
+        BenchCommand::Fleet {
+            seed,
+            duration_s,
+            sessions_per_s,
+            turns,
+            scenarios,
+            strategies,
+            report,
+        } => {
+            let strategies = strategies
+                .iter()
+                .map(|s| {
+                    Strategy::parse(s).with_context(|| {
+                        format!(
+                            "unknown strategy `{s}` (expected dns, central, edgeroute, edgeroute-dns, oracle)"
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let scenarios = scenarios
                 .iter()
                 .map(|s| {
@@ -386,6 +438,7 @@ async fn run(command: Command) -> Result<()> {
                 sessions_per_s,
                 turns,
                 scenarios,
+                strategies,
                 ..CompareOpts::default()
             };
             fleet(&opts, &command_line, report).await?;
@@ -447,6 +500,20 @@ async fn run(command: Command) -> Result<()> {
                 report.runs.iter().all(|r| r.files.all_answered(r.items)),
                 "not every item was answered once in the output file (see above)"
             );
+        }
+        BenchCommand::Dns { rates, duration_s, trials, threads, pdns, work_dir, edgeroute } => {
+            let mut opts = edgeroute_lab::dns_bench::DnsBenchOpts::new(match edgeroute {
+                Some(path) => path,
+                None => edgeroute_next_to_this_binary()?,
+            });
+            opts.rates = rates;
+            opts.duration = Duration::from_secs(duration_s);
+            opts.trials = trials;
+            opts.threads = threads;
+            opts.pdns_bin = (pdns != "none").then(|| PathBuf::from(pdns));
+            opts.work_dir = work_dir;
+            opts.command = command_line;
+            println!("{}", edgeroute_lab::dns_bench::run(opts).await?.to_markdown());
         }
         BenchCommand::Gateway {
             rates,

@@ -91,6 +91,26 @@ async fn on_a_congested_isp_edgeroute_finds_the_fast_path_and_dns_does_not() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_client_that_knows_only_the_zone_name_routes_as_well_as_a_hand_configured_one() {
+    let opts = opts();
+    let e = run_one(&opts, Scenario::CongestedIsp, Strategy::Edgeroute).await.unwrap();
+    let d = run_one(&opts, Scenario::CongestedIsp, Strategy::EdgerouteDns).await.unwrap();
+    // GeoDNS places the congested ISP in Toronto; the SDK's probes still find Montreal.
+    assert!(share_on(&d, "toronto-congested", "mtl-1") > 0.8);
+    let (re, rd) = (
+        Row::new(Scenario::CongestedIsp, Strategy::Edgeroute, &e),
+        Row::new(Scenario::CongestedIsp, Strategy::EdgerouteDns, &d),
+    );
+    assert_eq!(rd.failed_requests, 0);
+    assert!(
+        rd.ttft_p99_ms <= re.ttft_p99_ms * 1.05,
+        "DNS bootstrap p99 {:.1} ms, hand-configured {:.1} ms",
+        rd.ttft_p99_ms,
+        re.ttft_p99_ms
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn every_request_through_the_central_proxy_pays_its_detour() {
     let opts = CompareOpts { duration: Duration::from_secs(4), ..opts() };
     let c = run_one(&opts, Scenario::Steady, Strategy::Central).await.unwrap();

@@ -47,6 +47,9 @@ pub enum Command {
         /// Where to answer, UDP and TCP.
         #[arg(long, default_value = "127.0.0.1:5353")]
         listen: std::net::SocketAddr,
+        /// Worker threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Run the simulated inference backend as its own OpenAI-compatible server (no auth).
     Sim(SimArgs),

@@ -63,9 +63,9 @@ fn main() -> Result<()> {
                 edgeroute_router::serve(cfg, listener, edgeroute_http::shutdown_signal())
             })
         }
-        Command::Dns { config, listen } => {
+        Command::Dns { config, listen, threads } => {
             let cfg = cli::dns_config(&config)?;
-            edgeroute_http::runtime(0)?.block_on(async {
+            edgeroute_http::runtime(threads)?.block_on(async {
                 let running =
                     edgeroute_dns::start(cfg, listen).await.map_err(anyhow::Error::msg)?;
                 eprintln!("edgeroute dns listening on {} (UDP and TCP)", running.addr);

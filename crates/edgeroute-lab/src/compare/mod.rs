@@ -13,6 +13,7 @@
 //! The network runs on tokio's clock: tests run it paused (every run of a seed the same run,
 //! in a fraction of the time); the CLI runs it in real time.
 
+pub mod dns_route;
 pub mod report;
 pub mod strategy;
 pub mod workload;
@@ -90,19 +91,38 @@ pub enum Strategy {
     Dns,
     Central,
     Edgeroute,
+    /// edgeroute's SDK told only the zone name: the fleet's GeoDNS says where to ask.
+    EdgerouteDns,
     Oracle,
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 4] =
-        [Strategy::Dns, Strategy::Central, Strategy::Edgeroute, Strategy::Oracle];
+    pub const ALL: [Strategy; 5] = [
+        Strategy::Dns,
+        Strategy::Central,
+        Strategy::Edgeroute,
+        Strategy::EdgerouteDns,
+        Strategy::Oracle,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Dns => "DNS-style (geo map, 30 s TTL)",
             Strategy::Central => "central proxy (Toronto)",
             Strategy::Edgeroute => "edgeroute",
+            Strategy::EdgerouteDns => "edgeroute (DNS bootstrap)",
             Strategy::Oracle => "oracle",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Strategy> {
+        match s {
+            "dns" => Some(Strategy::Dns),
+            "central" => Some(Strategy::Central),
+            "edgeroute" => Some(Strategy::Edgeroute),
+            "edgeroute-dns" => Some(Strategy::EdgerouteDns),
+            "oracle" => Some(Strategy::Oracle),
+            _ => None,
         }
     }
 }
@@ -228,10 +248,14 @@ pub async fn run_one(opts: &CompareOpts, scenario: Scenario, strategy: Strategy)
             Central::start(&world.net, limits, stopped.clone());
             Route::Central
         }
-        Strategy::Edgeroute => {
+        Strategy::Edgeroute | Strategy::EdgerouteDns => {
             let mut clients = Vec::new();
             for (k, site) in SITES.iter().enumerate() {
-                let c = sdk_client(&world, *site, opts.seed + 100 + k as u64)?;
+                let seed = opts.seed + 100 + k as u64;
+                let c = match strategy {
+                    Strategy::EdgerouteDns => sdk_client_dns(&world, k, seed)?,
+                    _ => sdk_client(&world, *site, seed)?,
+                };
                 // As a voice-agent server does at start-up, before calls arrive.
                 c.prepare(MODEL).await?;
                 clients.push((site.name, c));
@@ -329,6 +353,24 @@ fn sdk_client(world: &World, site: Site, seed: u64) -> Result<edgeroute_client::
         ..edgeroute_client::ClientConfig::default()
     };
     Ok(edgeroute_client::Client::with_transport(cfg, None, Arc::new(world.net.from(site.name)))?)
+}
+
+/// Site `k`'s SDK told only the zone name (see [`dns_route`]).
+fn sdk_client_dns(world: &World, k: usize, seed: u64) -> Result<edgeroute_client::Client> {
+    let site = SITES[k];
+    let limits = Limits::default();
+    let cfg = edgeroute_client::ClientConfig {
+        discovery: vec![dns_route::ENTRY.to_owned()],
+        dns_servers: vec![dns_route::NAMESERVER],
+        home_region: Some(site.region.to_owned()),
+        seed: Some(seed),
+        connect_timeout: limits.connect,
+        first_token_timeout: limits.first_token,
+        stall_timeout: limits.stall,
+        ..edgeroute_client::ClientConfig::default()
+    };
+    let transport = dns_route::DnsTransport::new(world.net.from(site.name), k)?;
+    Ok(edgeroute_client::Client::with_transport(cfg, None, Arc::new(transport))?)
 }
 
 /// Plays one session's turns through `route`.
