@@ -338,39 +338,37 @@ fn turn_id(session: usize, turn: usize) -> String {
 /// An SDK client at `site`, configured as a voice agent would be: its region's discovery
 /// replica first, the others as fallbacks, the baselines' limits.
 fn sdk_client(world: &World, site: Site, seed: u64) -> Result<edgeroute_client::Client> {
-    let limits = Limits::default();
     let home = world::REGIONS.iter().position(|r| *r == site.region).unwrap_or(0);
     let discovery = (0..world::REGIONS.len())
         .map(|k| format!("http://{}", discovery_host(world::REGIONS[(home + k) % 3])))
         .collect();
-    let cfg = edgeroute_client::ClientConfig {
-        discovery,
-        home_region: Some(site.region.to_owned()),
-        seed: Some(seed),
-        connect_timeout: limits.connect,
-        first_token_timeout: limits.first_token,
-        stall_timeout: limits.stall,
-        ..edgeroute_client::ClientConfig::default()
-    };
+    let cfg = edgeroute_client::ClientConfig { discovery, ..sdk_config(site, seed) };
     Ok(edgeroute_client::Client::with_transport(cfg, None, Arc::new(world.net.from(site.name)))?)
 }
 
 /// Site `k`'s SDK told only the zone name (see [`dns_route`]).
 fn sdk_client_dns(world: &World, k: usize, seed: u64) -> Result<edgeroute_client::Client> {
     let site = SITES[k];
-    let limits = Limits::default();
     let cfg = edgeroute_client::ClientConfig {
         discovery: vec![dns_route::ENTRY.to_owned()],
         dns_servers: vec![dns_route::NAMESERVER],
+        ..sdk_config(site, seed)
+    };
+    let transport = dns_route::DnsTransport::new(world.net.from(site.name), k)?;
+    Ok(edgeroute_client::Client::with_transport(cfg, None, Arc::new(transport))?)
+}
+
+/// What every site's SDK shares: its home region, the seed, the baselines' limits.
+fn sdk_config(site: Site, seed: u64) -> edgeroute_client::ClientConfig {
+    let limits = Limits::default();
+    edgeroute_client::ClientConfig {
         home_region: Some(site.region.to_owned()),
         seed: Some(seed),
         connect_timeout: limits.connect,
         first_token_timeout: limits.first_token,
         stall_timeout: limits.stall,
         ..edgeroute_client::ClientConfig::default()
-    };
-    let transport = dns_route::DnsTransport::new(world.net.from(site.name), k)?;
-    Ok(edgeroute_client::Client::with_transport(cfg, None, Arc::new(transport))?)
+    }
 }
 
 /// Plays one session's turns through `route`.
