@@ -732,6 +732,29 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// A warning when the backend is reached in plaintext at an address that is not loopback
+    /// or a private network (RFC 1918, RFC 4193, link-local, CGNAT): the GPU side should sit on
+    /// a network only the gateway reaches (the deployment's NetworkPolicy), or be reached over
+    /// `https://` with `[backend.tls]`. A host name is not judged (it is resolved later).
+    pub fn backend_exposure_warning(&self) -> Option<String> {
+        let BackendConfig::Openai(o) = &self.backend else { return None };
+        let uri: http::Uri = o.url.parse().ok()?;
+        if uri.scheme_str() == Some("https") {
+            return None;
+        }
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = host.parse().ok()?;
+        if is_private_or_local(ip) {
+            return None;
+        }
+        Some(format!(
+            "backend.url {} is plaintext to {ip}, which is neither loopback nor a private \
+             network: put the backend where only the gateway reaches it, or use https:// with \
+             [backend.tls]",
+            o.url
+        ))
+    }
+
     /// Checks what serde cannot: ids, ranges and references between sections.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.cost_per_1k.is_some_and(|c| !c.is_finite() || c < 0.0) {
@@ -872,6 +895,26 @@ impl NodeConfig {
     }
 }
 
+/// Loopback, RFC 1918, CGNAT (100.64/10), link-local, and IPv6 unique-local (fc00::/7).
+pub fn is_private_or_local(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        std::net::IpAddr::V6(a) => {
+            let s = a.segments();
+            a.is_loopback()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || a.to_ipv4_mapped().is_some_and(|v4| is_private_or_local(v4.into()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -949,6 +992,35 @@ mod tests {
         assert!(parse(&bad_id).unwrap_err().to_string().contains("node.id"));
         let zero = format!("{MIN}[limits]\nmax_concurrency = 0\n");
         assert!(parse(&zero).unwrap_err().to_string().contains("max_concurrency"));
+    }
+
+    #[test]
+    fn a_plaintext_backend_off_the_private_networks_is_warned_about() {
+        let cfg = |url: &str| {
+            parse(&format!(
+                "{MIN}[backend]\nkind = \"openai\"\nurl = \"{url}\"\n[[backend.models]]\nid = \"m\"\n"
+            ))
+            .unwrap()
+        };
+        for quiet in [
+            "http://127.0.0.1:8000",
+            "http://10.200.1.2:8000",
+            "http://192.168.3.4:8000",
+            "http://172.20.0.9:8000",
+            "http://100.64.1.1:8000",
+            "http://[fd00::5]:8000",
+            "http://[::1]:8000",
+            "http://triton.gpu.svc:8000",
+            "https://203.0.113.9:8000",
+        ] {
+            assert_eq!(cfg(quiet).backend_exposure_warning(), None, "{quiet}");
+        }
+        for loud in ["http://203.0.113.9:8000", "http://[2001:db8::1]:8000", "http://172.32.0.1:80"]
+        {
+            let w = cfg(loud).backend_exposure_warning().unwrap_or_default();
+            assert!(w.contains("neither loopback nor a private network"), "{loud}: {w}");
+        }
+        assert_eq!(parse(MIN).unwrap().backend_exposure_warning(), None, "the simulator");
     }
 
     #[test]

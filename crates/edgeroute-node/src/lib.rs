@@ -104,6 +104,9 @@ impl Node {
     /// As [`Node::build`], with the Unix clock used for token expiry and `created` fields.
     pub fn build_with_clock(cfg: NodeConfig, clock: WallClock) -> Result<Node, NodeError> {
         cfg.validate()?;
+        if let Some(w) = cfg.backend_exposure_warning() {
+            tracing::warn!(node = %cfg.node.id, "{w}");
+        }
         let auth = match &cfg.auth {
             Some(a) => Some(Arc::new(KeyStore::from_config(a)?)),
             None => {
