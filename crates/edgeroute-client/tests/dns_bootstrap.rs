@@ -4,6 +4,8 @@
 //! is 127.0.0.1) in mtl.
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -109,16 +111,7 @@ fn request(text: &str) -> ChatCompletionRequest {
 
 /// A session and one turn, retried while discovery has not verified the node yet.
 async fn one_turn(client: &Client) {
-    let t = std::time::Instant::now();
-    let s = loop {
-        match client.session("sim-llama").await {
-            Ok(s) => break s,
-            Err(_) if t.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("no session: {e}"),
-        }
-    };
+    let s = common::session_when_ready(client, "sim-llama").await;
     s.chat(&request("hello")).await.unwrap();
 }
 

@@ -2,6 +2,8 @@
 //! behind a relay the test can cut (connections refused and reset: the node "dies").
 #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -479,16 +481,7 @@ async fn tls_nodes_are_reached_over_https_with_a_private_ca() {
         ..ClientConfig::default()
     };
     let client = Client::new(cfg).unwrap();
-    let t = std::time::Instant::now();
-    let s = loop {
-        match client.session("sim-llama").await {
-            Ok(s) => break s,
-            Err(_) if t.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("no session: {e}"),
-        }
-    };
+    let s = common::session_when_ready(&client, "sim-llama").await;
     assert!(s.pinned().url.starts_with("https://"));
     s.chat(&request("sim-llama", "over TLS")).await.unwrap();
     drop(running);
