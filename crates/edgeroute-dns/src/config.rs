@@ -88,6 +88,10 @@ pub struct AnswerConfig {
     /// larger answer is truncated (TC) and the client asks again over TCP. At least 512.
     #[serde(default = "d1232")]
     pub max_udp_payload: u16,
+    /// The UDP socket's receive buffer, bytes: room for a burst of queries while the server
+    /// answers (the kernel caps it at `net.core.rmem_max`). Default 4 MiB.
+    #[serde(default = "d4mib")]
+    pub udp_recv_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -184,6 +188,9 @@ fn d600() -> u32 {
 fn d1232() -> u16 {
     1232
 }
+fn d4mib() -> usize {
+    4 << 20
+}
 fn d3600() -> u32 {
     3600
 }
@@ -229,7 +236,13 @@ impl Default for TtlConfig {
 
 impl Default for AnswerConfig {
     fn default() -> Self {
-        AnswerConfig { count: 3, ecs_max_v4: 24, ecs_max_v6: 56, max_udp_payload: 1232 }
+        AnswerConfig {
+            count: 3,
+            ecs_max_v4: 24,
+            ecs_max_v6: 56,
+            max_udp_payload: 1232,
+            udp_recv_buffer_bytes: 4 << 20,
+        }
     }
 }
 
@@ -322,6 +335,9 @@ impl DnsConfig {
         }
         if !(1..=8).contains(&self.answers.count) {
             return Err(invalid("answers.count", "1 to 8"));
+        }
+        if self.answers.udp_recv_buffer_bytes < 65_536 {
+            return Err(invalid("answers.udp_recv_buffer_bytes", "at least 65536"));
         }
         if self.answers.max_udp_payload < 512 {
             return Err(invalid("answers.max_udp_payload", "at least 512"));

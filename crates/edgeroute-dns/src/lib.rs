@@ -74,6 +74,10 @@ pub async fn start(cfg: DnsConfig, addr: std::net::SocketAddr) -> Result<Running
         counters: serve::Counters::default(),
     });
     let (udp, tcp) = serve::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
+    match serve::set_udp_recv_buffer(&udp, cfg.answers.udp_recv_buffer_bytes) {
+        Ok(granted) => tracing::debug!(granted, "dns: UDP receive buffer"),
+        Err(e) => tracing::warn!(error = %e, "dns: could not size the UDP receive buffer"),
+    }
     let addr = udp.local_addr().map_err(|e| e.to_string())?;
     let cfg = std::sync::Arc::new(cfg);
     if let Some(ca) = &cfg.health.ca_file {

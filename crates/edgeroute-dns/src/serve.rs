@@ -131,6 +131,17 @@ async fn connection(
 }
 
 /// Binds UDP and TCP on the same address (port 0: a free port both can take).
+/// Asks the kernel for a UDP receive buffer of `bytes` (it grants at most
+/// `net.core.rmem_max`, and reports double what it keeps for bookkeeping); the size it granted.
+/// A burst of queries larger than the buffer is dropped by the kernel before the server sees
+/// it (`RcvbufErrors` in /proc/net/snmp), as authoritative servers' `so-rcvbuf` settings guard
+/// against.
+pub fn set_udp_recv_buffer(udp: &UdpSocket, bytes: usize) -> std::io::Result<usize> {
+    let sock = socket2::SockRef::from(udp);
+    sock.set_recv_buffer_size(bytes)?;
+    sock.recv_buffer_size()
+}
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
     for _ in 0..20 {
         let udp = UdpSocket::bind(addr).await?;
@@ -142,4 +153,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)>
         }
     }
     Err(std::io::Error::other("no port free for both UDP and TCP"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_udp_receive_buffer_grows_as_far_as_the_kernel_allows() {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let before = socket2::SockRef::from(&udp).recv_buffer_size().unwrap();
+        let granted = set_udp_recv_buffer(&udp, 1 << 20).unwrap();
+        // Linux keeps up to `rmem_max` (and reports double that for its bookkeeping).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        assert!(granted >= (1 << 20).min(cap), "asked 1 MiB, granted {granted} (cap {cap})");
+        assert!(granted >= before);
+    }
 }
