@@ -26,6 +26,11 @@ if ! command -v buildah >/dev/null || ! command -v umoci >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -qq buildah umoci || { apt-get update -qq && apt-get install -y -qq buildah umoci; }; else sudo apt-get install -y -qq buildah umoci || { sudo apt-get update -qq && sudo apt-get install -y -qq buildah umoci; }; fi
 fi
 
+if ! command -v kubectl >/dev/null; then
+  step "installing kubectl (the manifest and deploy tests render deploy/k8s with kubectl kustomize)"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -qq kubectl || { apt-get update -qq && apt-get install -y -qq kubectl; }; else sudo apt-get install -y -qq kubectl || { sudo apt-get update -qq && sudo apt-get install -y -qq kubectl; }; fi
+fi
+
 # PostgreSQL for the job store's conformance tests (crates/edgeroute-jobs): the machine's own
 # on 127.0.0.1:5432 when it answers (trust auth, database `test`), else a private server
 # (initdb + pg_ctl in a temporary directory, a free loopback port), stopped on exit. The tests
