@@ -529,8 +529,9 @@ def material(edgeroute_bin, tmp_path_factory):
 
 def materialize(region, tmpl, container, root: Path, material):
     """The container's mounts under `root`, filled as the cluster would fill them (ConfigMaps
-    from the render, Secrets from test key material), and every absolute path in its config
-    files and arguments moved under `root`. Returns its arguments."""
+    from the render, Secrets from test key material), every absolute path in its config files
+    and arguments moved under `root`, and the hosts its TOML configs name made `localhost` (the
+    tests stay on loopback). Returns its arguments."""
     d, files, binary = material
     volumes = {v["name"]: v for v in tmpl["spec"]["volumes"]}
     mounts = container.get("volumeMounts", [])
@@ -541,13 +542,17 @@ def materialize(region, tmpl, container, root: Path, material):
     def move(text):  # one pass: a moved path is not moved again
         return moving.sub(lambda m: f"{m.group(1)}{root}{m.group(2)}", text) if prefixes else text
 
+    def local(text):  # the fleet's host names (nodes, NATS, Triton) answer on loopback here
+        return re.sub(r"(://)[A-Za-z0-9.-]+(?=:\d)", r"\1localhost", text)
+
     for m in mounts:
         target = root / m["mountPath"].lstrip("/")
         target.mkdir(parents=True, exist_ok=True)
         v = volumes.get(m["name"], {})  # absent: a volumeClaimTemplate (an empty disk)
         if "configMap" in v:
             for k, text in configmap_named(region, v["configMap"]["name"])["data"].items():
-                (target / k).write_text(move(text) if k.endswith((".toml", ".conf")) else text)
+                text = move(text) if k.endswith((".toml", ".conf")) else text
+                (target / k).write_text(local(text) if k.endswith(".toml") else text)
         elif "secret" in v:
             name = v["secret"]["secretName"]
             keys = SECRET_KEYS.get(name) or {f"{x}.nk" for x in [*node_ids(region), "discovery", "dns"]}
