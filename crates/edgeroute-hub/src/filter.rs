@@ -149,28 +149,34 @@ pub fn is_pickle(path: &str) -> bool {
     extension(path).is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.as_str()))
 }
 
-/// True for weights this project loads: `.safetensors` and `.gguf`.
+/// True for weights this project loads: `.safetensors`, `.gguf` and `.onnx` (a protobuf graph:
+/// data an ONNX runtime interprets, never code it imports, unlike a pickle).
 pub fn is_safe_weights(path: &str) -> bool {
-    extension(path).is_some_and(|e| e == "safetensors" || e == "gguf")
+    extension(path).is_some_and(|e| e == "safetensors" || e == "gguf" || e == "onnx")
 }
 
-/// Why a set of repository paths is not a loadable model, if it is not: it needs a `.gguf`,
-/// or a top-level `config.json` plus at least one `.safetensors`.
+/// Why a set of repository paths is not a loadable model, if it is not: it needs a `.gguf`, an
+/// `.onnx` graph (for Triton's ONNX Runtime backend), or a top-level `config.json` plus at
+/// least one `.safetensors`. Which backend can serve the selection is the node's question.
 pub fn layout_problem<'a>(paths: impl IntoIterator<Item = &'a str>) -> Option<String> {
-    let (mut gguf, mut config, mut safetensors) = (false, false, false);
+    let (mut single_file, mut config, mut safetensors) = (false, false, false);
     for p in paths {
         match extension(p).as_deref() {
-            Some("gguf") => gguf = true,
+            Some("gguf" | "onnx") => single_file = true,
             Some("safetensors") => safetensors = true,
             _ => {}
         }
         config |= p == "config.json";
     }
-    match (gguf, config, safetensors) {
+    match (single_file, config, safetensors) {
         (true, _, _) | (false, true, true) => None,
         (false, false, true) => Some("safetensors weights but no config.json".into()),
         (false, true, false) => Some("config.json but no .safetensors weights".into()),
-        (false, false, false) => Some("neither a .gguf file nor config.json + .safetensors".into()),
+        (false, false, false) => Some(
+            "neither a .gguf file, an .onnx file, nor config.json + .safetensors (name the \
+             files to fetch with `files`)"
+                .into(),
+        ),
     }
 }
 
@@ -252,6 +258,8 @@ mod tests {
         assert!(!is_pickle("model.safetensors"));
         assert!(!is_pickle("binary"));
         assert!(layout_problem(["m.gguf"]).is_none());
+        assert!(layout_problem(["onnx/model.onnx"]).is_none());
+        assert!(is_safe_weights("onnx/model.onnx") && !is_safe_weights("model.onnx_data"));
         assert!(layout_problem(["config.json", "model.safetensors"]).is_none());
         assert!(layout_problem(["model.safetensors"]).unwrap().contains("config.json"));
         assert!(layout_problem(["config.json"]).unwrap().contains("safetensors"));

@@ -281,6 +281,23 @@ impl Installer {
         &self.inner.client
     }
 
+    /// A fresh path under the repository's hidden staging area (not created): for work that,
+    /// like an install, is assembled out of sight and renamed into the repository (a Triton
+    /// entry converted from an install). Whatever is left there by a crash is removed the next
+    /// time the repository is opened.
+    pub fn staging_path(&self) -> PathBuf {
+        self.inner.root.join(STAGING).join(self.inner.unique())
+    }
+
+    /// Seals `dir` for the backend model `model` with this installer's key, when it has one
+    /// (see [`crate::seal`]); `Ok(None)` when sealing is not configured. The key itself never
+    /// leaves the installer. Blocking.
+    pub fn seal(&self, dir: &Path, model: &str) -> Result<Option<crate::seal::Seal>, SealError> {
+        let Some(signer) = &self.inner.seal else { return Ok(None) };
+        let now = edgeroute_core::clock::unix_ms() / 1000;
+        seal_dir(dir, model, signer, now).map(Some)
+    }
+
     /// Resolves `model` on the hub (no download): the commit and the files `filter` selects,
     /// validated. Pass the result to [`Installer::install_manifest`]; this split lets a caller
     /// answer "not found" or "pickle refused" before accepting a load.

@@ -473,6 +473,13 @@ pub struct OpenAiConfig {
     /// Its value, as the config loader's environment lookup found it (never from the file).
     #[serde(skip)]
     pub triton_restricted_key: edgeroute_auth::Secret,
+    /// Triton's model repository as Triton itself (and `edgeroute watch --repository`) sees
+    /// it, when that differs from `models.repository`: a hub model converted for Triton's
+    /// vLLM backend names its weights by an absolute path under it (`1/model.json`), and the
+    /// watcher refuses an entry whose paths point anywhere else. Needs `triton_url`. Default:
+    /// `models.repository` (Triton reads the node's repository directly).
+    #[serde(default)]
+    pub triton_repository: Option<PathBuf>,
     /// Longest a backend load may take. Default 600000.
     #[serde(default = "d_load_timeout")]
     pub load_timeout_ms: u64,
@@ -509,6 +516,7 @@ impl OpenAiConfig {
             triton_restricted_header: None,
             triton_restricted_key_env: None,
             triton_restricted_key: edgeroute_auth::Secret::default(),
+            triton_repository: None,
             load_timeout_ms: d_load_timeout(),
             gpus: vec![],
             extra_fields: vec![],
@@ -588,6 +596,9 @@ pub enum Continuation {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpuSpec {
+    /// The GPU's id in placements and loads (`gpu` of `POST /v1/models/load`). The list's
+    /// order is the CUDA device order: a model converted for Triton on the n-th GPU (from 0)
+    /// gets an instance group pinned to device n.
     pub id: String,
     /// Concurrent requests the GPU serves at once (batch lanes).
     pub slots: u32,
@@ -854,6 +865,17 @@ impl NodeConfig {
                         "backend.triton_restricted_header",
                         "triton_restricted_header and triton_restricted_key_env go together",
                     ));
+                }
+                if let Some(repo) = &o.triton_repository {
+                    if o.triton_url.is_none() {
+                        return Err(invalid("backend.triton_repository", "needs triton_url"));
+                    }
+                    if !repo.is_absolute() || repo.to_str().is_none() {
+                        return Err(invalid(
+                            "backend.triton_repository",
+                            format!("`{}` must be an absolute UTF-8 path", repo.display()),
+                        ));
+                    }
                 }
                 if o.tls.is_some() && !o.url.starts_with("https://") {
                     return Err(invalid(

@@ -1,6 +1,9 @@
 //! Getting a model's files onto the node before the backend loads them: nothing to do for a
 //! local directory (validated, used in place); a verified download and atomic install for a
-//! hub model (through `edgeroute-hub`, which treats every server-supplied value as hostile).
+//! hub model (through `edgeroute-hub`, which treats every server-supplied value as hostile);
+//! and, when the backend is Triton, the hub model laid out as a Triton repository entry next
+//! to the install ([`crate::convert`]), for the `edgeroute watch` sidecar (or Triton itself)
+//! to pick up.
 
 use std::path::{Path, PathBuf};
 
@@ -64,6 +67,8 @@ pub struct HubPlan {
 pub struct Installed {
     pub path: PathBuf,
     pub bytes: u64,
+    /// The hub install's files (repository paths), for a hub model.
+    pub files: Option<Vec<String>>,
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -101,21 +106,28 @@ pub async fn plan(st: &AppState, source: &Source, req: &LoadRequest) -> Result<P
             let timeout = crate::config::ms(st.models_cfg.resolve_timeout_ms);
             // Resolving and starting the install (which checks free disk space first) happen
             // before answering, so an unknown, gated, unsafe or too-large model is refused now.
+            let triton = st.backend.triton().is_some();
             let started = async {
-                let manifest = hub.resolve(&model, &filter).await?;
-                hub.install_manifest(manifest).await
+                let manifest = hub.resolve(&model, &filter).await.map_err(|e| hub_error(&e))?;
+                // A selection Triton cannot serve is refused before anything is downloaded;
+                // `config.json`'s contents are checked once it is here.
+                if triton {
+                    let paths = manifest.files.iter().map(|f| f.path.as_str());
+                    crate::convert::classify(paths).map_err(|e| {
+                        ApiError::invalid_request(Some("model"), format!("{repo}: {e}"))
+                            .with_code("unsupported_model_format")
+                    })?;
+                }
+                hub.install_manifest(manifest).await.map_err(|e| hub_error(&e))
             };
-            let installing = tokio::time::timeout(timeout, started)
-                .await
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_error",
-                        Some("hub_timeout"),
-                        "The hub did not answer in time.",
-                    )
-                })?
-                .map_err(|e| hub_error(&e))?;
+            let installing = tokio::time::timeout(timeout, started).await.map_err(|_| {
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_error",
+                    Some("hub_timeout"),
+                    "The hub did not answer in time.",
+                )
+            })??;
             Ok(Plan::Hub(Box::new(HubPlan { installing })))
         }
     }
@@ -131,7 +143,7 @@ pub async fn fetch(st: &AppState, id: &str, plan: Plan) -> Result<Option<Install
             })
             .await
             .unwrap_or(0);
-            Ok(Some(Installed { path, bytes }))
+            Ok(Some(Installed { path, bytes, files: None }))
         }
         Plan::Hub(p) => {
             let handle = p.installing;
@@ -157,9 +169,61 @@ pub async fn fetch(st: &AppState, id: &str, plan: Plan) -> Result<Option<Install
                     bytes_total: Some(installed.bytes),
                 },
             );
-            Ok(Some(Installed { path: installed.path, bytes: installed.bytes }))
+            let files = installed.files.iter().map(|f| f.as_str().to_owned()).collect();
+            Ok(Some(Installed { path: installed.path, bytes: installed.bytes, files: Some(files) }))
         }
     }
+}
+
+/// Lays a hub install out as the Triton entry `name`, pinned to CUDA device `device`, in the
+/// node's model repository (the shared volume), sealed with the node's seal key: the decision
+/// is [`crate::convert::plan_entry`], the write [`crate::convert::write_entry`] (staged, then
+/// renamed; nothing is left behind on failure). Before sealing, the staged entry goes through
+/// the watcher's own code check with nothing allowed, so an entry the sidecar would refuse
+/// fails here, with its reason, rather than never appearing in Triton. Returns the entry's
+/// path, or why there is none.
+pub async fn lay_out_for_triton(
+    st: &AppState,
+    name: &str,
+    device: u32,
+    installed: &Installed,
+) -> Result<PathBuf, String> {
+    let hub = st.hub.get().ok_or("no model repository configured (models.repository)")?.clone();
+    let files = installed.files.clone().ok_or("not a hub install")?;
+    let snapshot = installed.path.clone();
+    let repository = match st.backend.triton_repository() {
+        Some(p) => p.to_owned(),
+        None => hub.repo_root().to_owned(),
+    };
+    let name = name.to_owned();
+    let done = tokio::task::spawn_blocking(move || {
+        let config = crate::convert::read_config_json(&snapshot)?;
+        let target = crate::convert::Target { name: &name, device, repository: &repository };
+        let entry = crate::convert::plan_entry(&files, config.as_deref(), &target)?;
+        let staging = hub.staging_path();
+        crate::convert::write_entry(&entry, &snapshot, hub.repo_root(), &staging, |dir, model| {
+            crate::watcher::check_code(dir, &repository.join(model), &[])?;
+            hub.seal(dir, model).map(drop).map_err(|e| format!("sealing: {e}"))
+        })
+    })
+    .await;
+    match done {
+        Ok(Ok(path)) => Ok(path),
+        Ok(Err(e)) => Err(format!("conversion for Triton failed: {e}")),
+        Err(e) => Err(format!("conversion for Triton failed: {e}")),
+    }
+}
+
+/// Deletes the Triton entry `name` written by [`lay_out_for_triton`], if it is there.
+pub async fn purge_entry(st: &AppState, name: &str) -> Result<bool, String> {
+    let hub = st.hub.get().ok_or("no model repository configured")?.clone();
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        crate::convert::remove_entry(hub.repo_root(), &name, &hub.staging_path())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// Deletes an installed model's files (only a model directory inside the model repository).

@@ -8,11 +8,14 @@
 //! - [`gateway`]: routes and middleware (auth, rate limit, admission, response headers).
 //! - [`backend`]: the simulator and OpenAI-compatible upstreams, behind one commit-point contract.
 //! - [`telemetry`], [`lifecycle`]: sliding-window figures and the serving/draining/shutdown phases.
+//! - [`fetch`], [`convert`]: hub downloads, and their layout as a Triton repository entry.
+//! - [`watcher`]: `edgeroute watch`, the sidecar that installs entries into Triton's repository.
 //!
 //! The binary calls [`serve`]; tests call [`Node::build`] and drive [`Node::router`] directly.
 
 pub mod backend;
 pub mod config;
+pub mod convert;
 pub mod fetch;
 pub mod gateway;
 pub mod lifecycle;

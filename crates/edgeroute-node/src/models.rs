@@ -61,6 +61,10 @@ pub struct Record {
     /// Where the files were installed, for hub and path sources.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// The Triton repository entry written for it (a hub model on a Triton backend), which a
+    /// purge deletes with the install.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triton_entry: Option<PathBuf>,
     /// Unix seconds of the last state change.
     pub updated: u64,
     /// While `draining`: when the backend unload starts even if requests are still in flight.
@@ -253,6 +257,7 @@ impl ModelTable {
             memory_mb,
             progress: None,
             path: None,
+            triton_entry: None,
             updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
             version: None,
@@ -317,6 +322,7 @@ impl ModelTable {
             memory_mb,
             progress: Some(Progress::default()),
             path: None,
+            triton_entry: None,
             updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
             version: None,
@@ -347,6 +353,10 @@ impl ModelTable {
             r.path = Some(path);
             r.memory_mb = memory_mb;
         });
+    }
+
+    pub fn set_triton_entry(&self, id: &str, entry: PathBuf) {
+        self.update(id, |r| r.triton_entry = Some(entry));
     }
 
     pub fn mark_ready(&self, id: &str) {

@@ -8,8 +8,10 @@
 //! Whoever can write to the shared volume must not gain code execution on the GPU side: a
 //! model that carries code — Triton's `python` backend, a custom `execution_env_path`, any
 //! `.py` file — is refused unless its backend is allow-listed (`--allow-backend`). Weights-only
-//! backends (ONNX Runtime, TensorRT, OpenVINO...) pass. Loads and unloads carry the header of
-//! Triton's restricted repository API when configured.
+//! backends (ONNX Runtime, TensorRT, OpenVINO...) pass, and so does Triton's vLLM backend
+//! within limits (see [`check_vllm_args`]): its code is Triton's own, from the image, and
+//! what the volume brings is weights and engine arguments, which are checked. Loads and
+//! unloads carry the header of Triton's restricted repository API when configured.
 //!
 //! Nor may it choose what the GPU side runs: by default only **sealed** directories are
 //! installed (see [`edgeroute_hub::seal`]): the node's installer, or an operator's pipeline
@@ -68,10 +70,101 @@ const MAX_COMMIT_DIRS: usize = 256;
 /// Largest `config.pbtxt` read.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
+/// Largest `model.json` (vLLM's engine arguments) read.
+const MAX_MODEL_JSON_BYTES: u64 = 64 * 1024;
+
+/// The vLLM engine arguments a `model.json` from the shared volume may set: where the weights
+/// are and how much of the GPU to use — data, each of which vLLM reads as a value. Anything
+/// else is refused, because several arguments make vLLM run code or fetch it:
+/// `trust_remote_code` (the model's own Python), a hub id as `model` (a download, code and
+/// all, on the GPU side, bypassing the seal), `worker_cls` and the like (classes imported by
+/// name), `load_format` other than safetensors (unpickling). An operator who needs more
+/// allows the backend outright (`--allow-backend vllm`).
+pub const VLLM_DATA_ARGS: &[&str] = &[
+    "model",
+    "tokenizer",
+    "load_format",
+    "trust_remote_code",
+    "served_model_name",
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "seed",
+    "disable_log_stats",
+    "disable_log_requests",
+];
+
+/// `path` is absolute, plain (no `.` or `..`), and under `within`.
+fn path_within(path: &str, within: &Path) -> bool {
+    let p = Path::new(path);
+    p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
+        && p.starts_with(within)
+}
+
+/// Why a vLLM `model.json` would make vLLM run code or load from outside its own model
+/// directory (`installed_at`, where the watcher installs the entry), if it would: a JSON
+/// object of [`VLLM_DATA_ARGS`] only, `trust_remote_code` false if given, `load_format`
+/// `safetensors` if given, and `model` (required) and `tokenizer` absolute paths inside
+/// `installed_at`. Pure.
+pub fn check_vllm_args(json: &[u8], installed_at: &Path) -> Result<(), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("model.json is not JSON: {e}"))?;
+    let args = v.as_object().ok_or("model.json is not a JSON object")?;
+    if let Some(k) = args.keys().find(|k| !VLLM_DATA_ARGS.contains(&k.as_str())) {
+        return Err(format!(
+            "model.json sets `{k}`, which is not among the data-only vLLM arguments ({})",
+            VLLM_DATA_ARGS.join(", ")
+        ));
+    }
+    if args.get("trust_remote_code").is_some_and(|t| t != &serde_json::Value::Bool(false)) {
+        return Err("model.json sets `trust_remote_code`: the model's own Python would run".into());
+    }
+    if let Some(f) = args.get("load_format")
+        && f.as_str() != Some("safetensors")
+    {
+        return Err(format!(
+            "model.json sets `load_format` {f}: only \"safetensors\" never unpickles"
+        ));
+    }
+    for key in ["model", "tokenizer"] {
+        match args.get(key) {
+            None if key == "tokenizer" => {}
+            Some(serde_json::Value::String(p)) if path_within(p, installed_at) => {}
+            other => {
+                let shown = other.map_or_else(|| "nothing".to_owned(), ToString::to_string);
+                return Err(format!(
+                    "model.json's `{key}` is {shown}, not a path inside `{}`, where this entry \
+                     is installed (a hub id would download on the GPU side; set the node's \
+                     backend.triton_repository to this watcher's --repository)",
+                    installed_at.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `model.json` of every numeric version directory of `dir`.
+fn vllm_arg_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return vec![] };
+    rd.flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .map(|e| e.path().join("model.json"))
+        .collect()
+}
+
 /// Why a model directory carries code the backend would run, if it does and its backend is
 /// not in `allow`. Reads `config.pbtxt` (`backend`, `platform`, `execution_env_path`) and
-/// looks for `.py` files anywhere in the directory (symlinks are not followed).
-pub fn check_code(dir: &Path, allow: &[String]) -> Result<(), String> {
+/// looks for `.py` files anywhere in the directory (symlinks are not followed). The vLLM
+/// backend (Triton's code, from the image) passes when its engine arguments do
+/// ([`check_vllm_args`], with `installed_at` the directory the entry will be installed as)
+/// and no pickled weights sit beside them.
+pub fn check_code(dir: &Path, installed_at: &Path, allow: &[String]) -> Result<(), String> {
     use std::io::Read;
     let mut text = String::new();
     std::fs::File::open(dir.join("config.pbtxt"))
@@ -83,10 +176,30 @@ pub fn check_code(dir: &Path, allow: &[String]) -> Result<(), String> {
     if let Some(b) = backends.iter().find(|b| b.as_str() == "python" && !allowed(b)) {
         return Err(format!("backend `{b}` runs code from the model directory"));
     }
+    if backends.iter().any(|b| b == "vllm") && !allowed("vllm") {
+        for file in vllm_arg_files(dir) {
+            let mut json = Vec::new();
+            match std::fs::File::open(&file) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("reading {}: {e}", file.display())),
+                Ok(f) => f
+                    .take(MAX_MODEL_JSON_BYTES + 1)
+                    .read_to_end(&mut json)
+                    .map_err(|e| format!("reading {}: {e}", file.display()))?,
+            };
+            if json.len() as u64 > MAX_MODEL_JSON_BYTES {
+                return Err(format!("model.json is larger than {MAX_MODEL_JSON_BYTES} bytes"));
+            }
+            check_vllm_args(&json, installed_at)?;
+        }
+        if let Some(p) = find_file(dir, &|p| p.to_str().is_some_and(edgeroute_hub::is_pickle)) {
+            return Err(format!("`{}` is a pickle, which vLLM would unpickle", p.display()));
+        }
+    }
     if !field_values(&text, "execution_env_path").is_empty() && !allowed("python") {
         return Err("`execution_env_path` brings a Python environment".into());
     }
-    if let Some(py) = find_python(dir) {
+    if let Some(py) = find_file(dir, &|p| p.extension().is_some_and(|x| x == "py")) {
         let named = backends.first().map_or("none", String::as_str);
         if !backends.iter().any(|b| allowed(b)) {
             return Err(format!(
@@ -118,16 +231,16 @@ fn field_values(text: &str, key: &str) -> Vec<String> {
     out
 }
 
-/// The first `.py` file under `dir`, if any.
-fn find_python(dir: &Path) -> Option<PathBuf> {
+/// The first regular file under `dir` that `wanted` picks, if any.
+fn find_file(dir: &Path, wanted: &dyn Fn(&Path) -> bool) -> Option<PathBuf> {
     for e in std::fs::read_dir(dir).ok()?.flatten() {
         let Ok(t) = e.file_type() else { continue };
         let p = e.path();
         if t.is_dir() {
-            if let Some(found) = find_python(&p) {
+            if let Some(found) = find_file(&p, wanted) {
                 return Some(found);
             }
-        } else if t.is_file() && p.extension().is_some_and(|x| x == "py") {
+        } else if t.is_file() && wanted(&p) {
             return Some(p);
         }
     }
@@ -323,7 +436,7 @@ pub fn install_checked(
             }
         }
         check_model_dir_named(&staging, &name)?;
-        check_code(&staging, allow_backends).map_err(Refusal::Code)
+        check_code(&staging, &repository.join(&name), allow_backends).map_err(Refusal::Code)
     });
     if let Err(e) = checked {
         let _ = std::fs::remove_dir_all(&staging);
@@ -460,6 +573,32 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vllm_engine_arguments_are_data_pointing_inside_the_entry() {
+        let at = Path::new("/models/llm");
+        let ok = |j: &str| check_vllm_args(j.as_bytes(), at);
+        ok(r#"{"model": "/models/llm/1/weights", "load_format": "safetensors"}"#).unwrap();
+        ok(r#"{"model": "/models/llm/1/weights", "tokenizer": "/models/llm/1/weights",
+               "trust_remote_code": false, "gpu_memory_utilization": 0.5}"#)
+        .unwrap();
+        for (bad, why) in [
+            (r#"{"model": "meta-llama/Llama-3.1-8B"}"#, "not a path inside"),
+            (r#"{"model": "/models/other/1/weights"}"#, "not a path inside"),
+            (r#"{"model": "/models/llm/../other"}"#, "not a path inside"),
+            (r#"{"model": "llm/1/weights"}"#, "not a path inside"),
+            (r#"{"load_format": "safetensors"}"#, "`model` is nothing"),
+            (r#"{"model": "/models/llm/1", "tokenizer": "gpt2"}"#, "`tokenizer`"),
+            (r#"{"model": "/models/llm/1", "trust_remote_code": true}"#, "trust_remote_code"),
+            (r#"{"model": "/models/llm/1", "load_format": "pt"}"#, "load_format"),
+            (r#"{"model": "/models/llm/1", "worker_cls": "x.Y"}"#, "worker_cls"),
+            ("[1]", "not a JSON object"),
+            ("{", "not JSON"),
+        ] {
+            let err = ok(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn protobuf_text_fields_are_found_in_any_layout() {

@@ -178,6 +178,14 @@ pub struct Activation {
     pub upstream_name: Option<String>,
     /// The simulator's load time; for an upstream, how long to wait for it.
     pub load_time: Duration,
+    /// The model's Triton entry was just written to the node's repository (a shared volume
+    /// the `edgeroute watch` sidecar copies into Triton's, or Triton's own): wait until
+    /// Triton's repository lists it (within `load_time`) before asking Triton to load it.
+    /// Triton's load is idempotent, so the sidecar's own load after its install does no harm.
+    /// Known limit: a name Triton already lists (an earlier entry of the same name, since
+    /// the sidecar never deletes) is loaded at once, before the sidecar has copied the new
+    /// entry; the sidecar's load then reloads it.
+    pub await_repository: bool,
 }
 
 /// Everything the gateway passes along with a request.
@@ -293,6 +301,13 @@ impl Backend {
             Backend::OpenAi(b) => {
                 let name = a.upstream_name.clone().unwrap_or_else(|| a.id.clone());
                 if let Some(triton) = b.triton() {
+                    if a.await_repository {
+                        let deadline = tokio::time::Instant::now() + a.load_time;
+                        triton
+                            .wait_listed(&name, deadline, crate::models::UPSTREAM_POLL)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
                     triton.load(&name).await.map_err(|e| e.to_string())?;
                 } else {
                     // A plain OpenAI-compatible server loads on its own (vLLM, llama.cpp are
@@ -341,6 +356,23 @@ impl Backend {
                     None => Ok(()),
                 }
             }
+        }
+    }
+
+    /// Triton's repository API, when the backend is Triton.
+    pub fn triton(&self) -> Option<&triton::TritonRepository> {
+        match self {
+            Backend::Sim(_) => None,
+            Backend::OpenAi(b) => b.triton(),
+        }
+    }
+
+    /// Triton's model repository as Triton sees it, when configured apart from the node's
+    /// (`backend.triton_repository`).
+    pub fn triton_repository(&self) -> Option<&std::path::Path> {
+        match self {
+            Backend::Sim(_) => None,
+            Backend::OpenAi(b) => b.triton_repository(),
         }
     }
 

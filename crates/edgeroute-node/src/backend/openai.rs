@@ -46,6 +46,8 @@ pub struct OpenAiBackend {
     models: arc_swap::ArcSwap<Vec<UpstreamModel>>,
     /// Triton's repository API, when the upstream is Triton.
     triton: Option<super::triton::TritonRepository>,
+    /// Triton's model repository as Triton sees it (`backend.triton_repository`).
+    triton_repository: Option<std::path::PathBuf>,
     base: String,
     gpus: Vec<GpuSpec>,
     first_byte_timeout: Duration,
@@ -127,6 +129,7 @@ impl OpenAiBackend {
             api_key,
             models: arc_swap::ArcSwap::from_pointee(cfg.models.clone()),
             triton,
+            triton_repository: cfg.triton_repository.clone(),
             base: base.to_owned(),
             gpus,
             first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
@@ -222,6 +225,11 @@ impl OpenAiBackend {
 
     pub fn triton(&self) -> Option<&super::triton::TritonRepository> {
         self.triton.as_ref()
+    }
+
+    /// `backend.triton_repository`, when set.
+    pub fn triton_repository(&self) -> Option<&std::path::Path> {
+        self.triton_repository.as_deref()
     }
 
     /// The upstream's `GET /v1/models` ids: how an OpenAI-compatible server says what it serves.

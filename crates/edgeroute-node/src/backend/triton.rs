@@ -137,6 +137,33 @@ impl TritonRepository {
             .map_err(|e| TritonError::Refused(format!("malformed index: {e}")))
     }
 
+    /// Waits until the repository index lists `name` (copied into Triton's repository, by
+    /// the `edgeroute watch` sidecar or by the node itself), polling every `every`, until
+    /// `deadline`. An unreachable Triton is retried until then too: it may be restarting.
+    pub async fn wait_listed(
+        &self,
+        name: &str,
+        deadline: tokio::time::Instant,
+        every: Duration,
+    ) -> Result<(), TritonError> {
+        loop {
+            let last = match self.index().await {
+                Ok(entries) if entries.iter().any(|e| e.name == name) => return Ok(()),
+                Ok(_) => None,
+                Err(e) => Some(e),
+            };
+            if tokio::time::Instant::now() + every > deadline {
+                let why = last.map_or_else(String::new, |e| format!(" (last error: {e})"));
+                return Err(TritonError::Refused(format!(
+                    "`{name}` did not appear in Triton's model repository in time{why}: is the \
+                     `edgeroute watch` sidecar running, and does it trust this node's seal key? \
+                     (its log names every refusal)"
+                )));
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     pub async fn load(&self, name: &str) -> Result<(), TritonError> {
         if !valid_model_name(name) {
             return Err(TritonError::Refused(format!(

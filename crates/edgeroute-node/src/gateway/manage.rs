@@ -232,10 +232,19 @@ pub async fn load(
     if !started {
         return Ok(record_response(StatusCode::ACCEPTED, &record));
     }
+    // A hub model on Triton is converted into a repository entry pinned to this GPU's CUDA
+    // device: the GPU's position in the backend's list (checked above to exist).
+    let triton_device = match (&source, st.backend.triton()) {
+        (Source::Hub { .. }, Some(_)) => {
+            gpus.iter().position(|g| g.id == gpu).and_then(|i| u32::try_from(i).ok())
+        }
+        _ => None,
+    };
     let activation = Activation {
         id: id.clone(),
         gpu: Some(gpu),
         memory_mb: memory_hint,
+        await_repository: triton_device.is_some(),
         upstream_name: req.options.upstream_name.clone(),
         load_time: match &st.backend {
             crate::backend::Backend::Sim(_) => {
@@ -245,19 +254,24 @@ pub async fn load(
         },
     };
     let task_st = st.clone();
-    let task =
-        tokio::spawn(async move { run_load(task_st, plan, activation, memory_hint == 0).await });
+    let task = tokio::spawn(async move {
+        run_load(task_st, plan, activation, memory_hint == 0, triton_device).await
+    });
     st.models.set_task(&id, task.abort_handle());
     tracing::info!(model = %id, ?source, "model load started");
     log_action(&st.id, &who, Action::ModelLoad, &id);
     Ok(record_response(StatusCode::ACCEPTED, &record))
 }
 
+/// Fetch, then (a hub model on Triton, `triton_device` set) convert into a Triton repository
+/// entry on that CUDA device, then activate. Every failure marks the model `failed` with its
+/// reason, which `/health`, `GET /v1/models/{id}` and the bus carry.
 async fn run_load(
     st: AppState,
     plan: crate::fetch::Plan,
     mut a: Activation,
     estimate_memory: bool,
+    triton_device: Option<u32>,
 ) {
     let id = a.id.clone();
     match crate::fetch::fetch(&st, &id, plan).await {
@@ -266,7 +280,14 @@ async fn run_load(
                 // Weights take about their file size in VRAM, plus working memory.
                 a.memory_mb = (installed.bytes as f64 * 1.2 / (1024.0 * 1024.0)).ceil() as u64;
             }
-            st.models.set_path(&id, installed.path, a.memory_mb);
+            st.models.set_path(&id, installed.path.clone(), a.memory_mb);
+            if let Some(device) = triton_device {
+                let name = a.upstream_name.clone().unwrap_or_else(|| id.clone());
+                match crate::fetch::lay_out_for_triton(&st, &name, device, &installed).await {
+                    Ok(entry) => st.models.set_triton_entry(&id, entry),
+                    Err(reason) => return st.models.mark_failed(&id, reason),
+                }
+            }
         }
         Ok(None) => {}
         Err(reason) => return st.models.mark_failed(&id, reason),
@@ -334,6 +355,12 @@ pub async fn unload(
 async fn finish_unload(st: &AppState, cur: &Record, purge: bool) {
     if let Err(e) = st.backend.deactivate(&cur.id, None).await {
         tracing::warn!(model = %cur.id, error = %e, "backend unload failed; the model is unrouted anyway");
+    }
+    if purge
+        && let Some(name) = cur.triton_entry.as_deref().and_then(|p| p.file_name())
+        && let Err(e) = crate::fetch::purge_entry(st, &name.to_string_lossy()).await
+    {
+        tracing::warn!(model = %cur.id, error = %e, "could not delete the model's Triton entry");
     }
     if purge
         && let Some(path) = &cur.path
