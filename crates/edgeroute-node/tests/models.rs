@@ -291,6 +291,7 @@ async fn bad_loads_get_precise_errors_and_change_nothing() {
 async fn triton_load_routes_through_its_repository_api_and_unloads() {
     let repo = tempdir("triton-repo");
     std::fs::create_dir_all(repo.join("whisper-small/1")).unwrap();
+    std::fs::write(repo.join("whisper-small/1/model.onnx"), [7u8; 64]).unwrap();
     std::fs::write(repo.join("whisper-small/config.pbtxt"), "name: \"whisper-small\"\n").unwrap();
     std::fs::create_dir_all(repo.join("broken")).unwrap();
     let triton = FakeTriton::new(&repo, Duration::from_millis(100));

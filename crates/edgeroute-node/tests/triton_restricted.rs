@@ -13,6 +13,7 @@ fn repo(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("edgeroute-triton-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.join("whisper-small/1")).unwrap();
+    std::fs::write(d.join("whisper-small/1/model.onnx"), [7u8; 64]).unwrap();
     std::fs::write(d.join("whisper-small/config.pbtxt"), "name: \"whisper-small\"\n").unwrap();
     d
 }
