@@ -203,7 +203,7 @@ fn instance_group(device: u32) -> String {
 }
 
 /// Generated configs say so, and that hand edits break the seal.
-const HEADER: &str = "# Written by edgeroute from a Hugging Face snapshot; sealed, do not edit.\n";
+const HEADER: &str = "# Written by edgeroute from a Hugging Face snapshot. Regenerate, do not edit: once sealed,\n# an edit is a refusal.\n";
 
 /// `config.pbtxt` for the vLLM backend. Its inputs and output are the backend's own (as its
 /// auto-complete would add them), written out so the entry also loads when Triton runs with
@@ -353,6 +353,47 @@ pub fn read_config_json(snapshot: &Path) -> Result<Option<Vec<u8>>, ConvertError
         .and_then(|f| f.take(MAX_CONFIG_JSON_BYTES + 1).read_to_end(&mut bytes))
         .map_err(io("reading", &path))?;
     Ok(Some(bytes))
+}
+
+/// Most files [`snapshot_files`] lists: as many as a seal may (a model is a handful).
+pub const MAX_SNAPSHOT_FILES: usize = 10_000;
+
+/// The regular files under `dir`, as `/`-separated relative paths, sorted: a snapshot that
+/// is not a hub install (`edgeroute model triton-config --dir`). Symlinks, special files,
+/// names that are not UTF-8 and more than [`MAX_SNAPSHOT_FILES`] files are refused, and
+/// hidden entries (a seal, `.git`) are skipped. Blocking.
+pub fn snapshot_files(dir: &Path) -> Result<Vec<String>, ConvertError> {
+    fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), ConvertError> {
+        for e in std::fs::read_dir(dir).map_err(io("listing", dir))? {
+            let e = e.map_err(io("listing", dir))?;
+            let name = e.file_name();
+            let name = name
+                .to_str()
+                .ok_or_else(|| ConvertError::UnsafePath(name.to_string_lossy().into_owned()))?;
+            if name.starts_with('.') {
+                continue;
+            }
+            let rel = format!("{prefix}{name}");
+            let t = e.file_type().map_err(io("checking", &e.path()))?;
+            if t.is_dir() {
+                walk(&e.path(), &format!("{rel}/"), out)?;
+            } else if t.is_file() {
+                if out.len() >= MAX_SNAPSHOT_FILES {
+                    return Err(ConvertError::Unrecognized(format!(
+                        "more than {MAX_SNAPSHOT_FILES} files"
+                    )));
+                }
+                out.push(rel);
+            } else {
+                return Err(ConvertError::UnsafePath(format!("{rel} (not a regular file)")));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, "", &mut out)?;
+    out.sort();
+    Ok(out)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ConvertError> {

@@ -458,6 +458,7 @@ const MODEL_CONFIG_FIELDS: &[&str] = &[
     "model_transaction_policy",
     "model_repository_agents",
     "response_cache",
+    "model_metrics",
 ];
 
 /// The backends this Triton has, and the file each loads from a version directory.

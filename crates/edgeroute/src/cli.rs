@@ -56,7 +56,7 @@ pub enum Command {
     /// Watcher mode for split deployments: install model directories that appear on a shared
     /// volume into the backend's model repository and ask the backend (Triton) to load them.
     Watch(WatchArgs),
-    /// Model directories: seal one for `edgeroute watch`.
+    /// Model directories: seal one for `edgeroute watch`; make a Triton entry of a snapshot.
     Model {
         #[command(subcommand)]
         command: ModelCommand,
@@ -244,6 +244,28 @@ pub enum ModelCommand {
         #[arg(long, default_value = "edgeroute-model-seal")]
         issuer: String,
     },
+    /// Make the Triton repository entry a node makes of a Hugging Face snapshot on
+    /// `POST /v1/models/load` (config.json + *.safetensors → the vLLM backend, one .onnx →
+    /// ONNX Runtime, pinned to --gpu): prints its config.pbtxt, or with --out writes the whole
+    /// entry as `<out>/<name>/` (unsealed: seal it with `edgeroute model seal`).
+    TritonConfig {
+        /// The snapshot directory (its files under their repository paths).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The Triton model name.
+        #[arg(long)]
+        name: String,
+        /// The CUDA device index the model's instance group is pinned to.
+        #[arg(long, default_value_t = 0)]
+        gpu: u32,
+        /// Triton's model repository as Triton sees it (a vLLM entry names its weights by an
+        /// absolute path under it). Default: --out.
+        #[arg(long)]
+        repository: Option<PathBuf>,
+        /// Write the entry into this repository directory instead of printing its config.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 impl ModelCommand {
@@ -268,8 +290,43 @@ impl ModelCommand {
                 );
                 Ok(())
             }
+            ModelCommand::TritonConfig { dir, name, gpu, repository, out } => {
+                triton_config(&dir, &name, gpu, repository.or_else(|| out.clone()), out)
+            }
         }
     }
+}
+
+/// `edgeroute model triton-config`: the node's own conversion ([`edgeroute_node::convert`])
+/// over a directory instead of a hub install.
+fn triton_config(
+    dir: &Path,
+    name: &str,
+    gpu: u32,
+    repository: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    use edgeroute_node::convert;
+    let repository = repository
+        .context("give --repository (Triton's model repository as Triton sees it) or --out")?;
+    let repository = std::path::absolute(&repository)
+        .with_context(|| format!("--repository {}", repository.display()))?;
+    let files = convert::snapshot_files(dir).with_context(|| format!("--dir {}", dir.display()))?;
+    let config = convert::read_config_json(dir)?;
+    let target = convert::Target { name, device: gpu, repository: &repository };
+    let entry = convert::plan_entry(&files, config.as_deref(), &target)?;
+    let Some(out) = out else {
+        print!("{}", entry.config_pbtxt());
+        return Ok(());
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let staging = out.join(format!(".staging-triton-config-{}", std::process::id()));
+    let path = convert::write_entry(&entry, dir, &out, &staging, |staged, model| {
+        // The same check the node runs before sealing, and the watcher before installing.
+        edgeroute_node::watcher::check_code(staged, &repository.join(model), &[])
+    })?;
+    eprintln!("wrote {} ({} files)", path.display(), entry.files.len());
+    Ok(())
 }
 
 pub fn read(path: &Path) -> Result<String> {
