@@ -127,6 +127,29 @@ impl Bus {
         }
     }
 
+    /// The rollout state stored under `key` (a model) and its revision, if any
+    /// ([`crate::rollout`]).
+    pub async fn rollout_get(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>, BusError> {
+        match &self.transport {
+            Transport::InProcess(bus) => bus.rollouts().get(key),
+            Transport::Nats(bus) => bus.rollout_get(key, &self.config).await,
+        }
+    }
+
+    /// Writes the rollout state under `key` if its revision is still `expected` (`None`: only
+    /// if there is none yet), and returns the new revision; else [`BusError::Conflict`].
+    pub async fn rollout_put(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+    ) -> Result<u64, BusError> {
+        match &self.transport {
+            Transport::InProcess(bus) => bus.rollouts().put(key, value, expected),
+            Transport::Nats(bus) => bus.rollout_put(key, value, expected, &self.config).await,
+        }
+    }
+
     /// Acknowledges a policy text on `<policy_status_prefix>.<replica>`.
     pub async fn publish_policy_status(&self, status: &PolicyStatus) -> Result<(), BusError> {
         match &self.transport {

@@ -107,6 +107,9 @@ pub struct BusConfig {
     pub max_policy_bytes: usize,
     /// Policy texts the bucket keeps per key, the current one included (default: 5; 1-64).
     pub policy_history: u8,
+    /// JetStream KV bucket holding each model rollout's state (`edgeroute rollout`), key = the
+    /// model (default: `edgeroute_rollouts`). See [`crate::rollout`].
+    pub rollout_bucket: String,
 }
 
 impl Default for BusConfig {
@@ -139,6 +142,7 @@ impl Default for BusConfig {
             policy_status_prefix: "edgeroute.policy.status".to_owned(),
             max_policy_bytes: 1 << 20,
             policy_history: 5,
+            rollout_bucket: "edgeroute_rollouts".to_owned(),
         }
     }
 }
@@ -164,6 +168,12 @@ impl BusConfig {
         if self.policy_bucket == self.bucket {
             return Err(BusError::Config(
                 "policy_bucket must differ from bucket (the topology's)".to_owned(),
+            ));
+        }
+        check_token("rollout_bucket", &self.rollout_bucket)?;
+        if [&self.bucket, &self.policy_bucket].contains(&&self.rollout_bucket) {
+            return Err(BusError::Config(
+                "rollout_bucket must differ from bucket and policy_bucket".to_owned(),
             ));
         }
         for token in self.policy_status_prefix.split('.') {

@@ -70,6 +70,8 @@ pub fn permissions(cfg: &BusConfig, role: &Role) -> Result<Permissions, BusError
     let policy = &cfg.policy_bucket;
     let policy_info = format!("$JS.API.STREAM.INFO.KV_{policy}");
     let statuses = &cfg.policy_status_prefix;
+    check_token("rollout_bucket", &cfg.rollout_bucket)?;
+    let rollouts = &cfg.rollout_bucket;
     Ok(match role {
         Role::Node { node_id, region } => {
             wire::check_node(node_id, region)?;
@@ -119,6 +121,12 @@ pub fn permissions(cfg: &BusConfig, role: &Role) -> Result<Permissions, BusError
                 format!("$KV.{policy}.{}", crate::policy::POLICY_KEY),
                 policy_info,
                 format!("$JS.API.STREAM.CREATE.KV_{policy}"),
+                // Rollout states (`crate::rollout`): open or create the bucket, read a key's
+                // latest value, compare-and-set it.
+                format!("$KV.{rollouts}.>"),
+                format!("$JS.API.STREAM.INFO.KV_{rollouts}"),
+                format!("$JS.API.STREAM.CREATE.KV_{rollouts}"),
+                format!("$JS.API.DIRECT.GET.KV_{rollouts}.>"),
             ],
             subscribe: vec![format!("{statuses}.*"), inbox],
         },

@@ -30,6 +30,9 @@ pub enum BusError {
     Unavailable,
     #[error("{op} timed out after {after:?}")]
     Timeout { op: &'static str, after: Duration },
+    /// A compare-and-set lost: the value changed since it was read (another writer).
+    #[error("{what} changed since it was read (revision {expected:?}): another writer holds it")]
+    Conflict { what: &'static str, expected: Option<u64> },
     /// Any other failure reported by the NATS client or server.
     #[error("nats {op} failed: {source}")]
     Nats {

@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 
 use crate::BusError;
 use crate::policy::InProcessPolicy;
+use crate::rollout::InProcessRollouts;
 use crate::wire::check_node;
 
 /// A cheap handle (clone it) to one in-process bus. Every handle of one bus sees the same
@@ -33,6 +34,8 @@ struct Shared {
     snapshots: Mutex<BTreeMap<String, NodeSnapshot>>,
     /// The routing policy pushed on this bus and the replicas' acknowledgements.
     policy: InProcessPolicy,
+    /// Rollout states (`crate::rollout`).
+    rollouts: InProcessRollouts,
 }
 
 impl InProcessBus {
@@ -44,12 +47,17 @@ impl InProcessBus {
                 events,
                 snapshots: Mutex::new(BTreeMap::new()),
                 policy: InProcessPolicy::new(capacity),
+                rollouts: InProcessRollouts::default(),
             }),
         }
     }
 
     pub(crate) fn policy(&self) -> &InProcessPolicy {
         &self.shared.policy
+    }
+
+    pub(crate) fn rollouts(&self) -> &InProcessRollouts {
+        &self.shared.rollouts
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, NodeSnapshot>> {

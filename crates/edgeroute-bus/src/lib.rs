@@ -34,6 +34,7 @@ mod error;
 mod inprocess;
 pub mod nats;
 pub mod policy;
+pub mod rollout;
 mod publisher;
 mod subscription;
 mod view;

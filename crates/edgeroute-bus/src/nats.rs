@@ -59,6 +59,8 @@ struct Inner {
     store: OnceCell<kv::Store>,
     /// The routing policy's bucket, opened (or, by an admin's push, created) on first use.
     policy_store: OnceCell<kv::Store>,
+    /// The rollouts' bucket (`crate::rollout`), opened or created by the admin on first use.
+    rollout_store: OnceCell<kv::Store>,
     bucket: String,
     prefix: String,
     op_timeout: Duration,
@@ -156,6 +158,7 @@ impl NatsBus {
                 js,
                 store: OnceCell::new(),
                 policy_store: OnceCell::new(),
+                rollout_store: OnceCell::new(),
                 bucket: cfg.bucket.clone(),
                 prefix: cfg.subject_prefix.clone(),
                 op_timeout: cfg.op_timeout(),
@@ -289,6 +292,88 @@ impl NatsBus {
             .timed("policy kv watch", store.watch_with_history(crate::policy::POLICY_KEY))
             .await?;
         Ok(PolicyWatch::nats(watch, cfg.max_policy_bytes))
+    }
+
+    /// The rollouts' bucket: opened, or created (only the admin role may use it at all).
+    async fn rollout_store(&self, cfg: &BusConfig) -> Result<&kv::Store, BusError> {
+        self.ensure_connected()?;
+        self.inner.rollout_store.get_or_try_init(|| self.open_rollouts(cfg)).await
+    }
+
+    async fn open_rollouts(&self, cfg: &BusConfig) -> Result<kv::Store, BusError> {
+        let js = &self.inner.js;
+        let bucket = cfg.rollout_bucket.as_str();
+        if let Ok(store) = self.timed("rollout kv open", js.get_key_value(bucket)).await {
+            return Ok(store);
+        }
+        let max_message = crate::rollout::MAX_ROLLOUT_BYTES.saturating_add(4096);
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("edgeroute: model rollouts' state (key: the model)".to_owned()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_message_size: i32::try_from(max_message).unwrap_or(i32::MAX),
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: 1,
+            ..stream::Config::default()
+        };
+        self.timed("rollout kv create", js.create_stream(config)).await?;
+        self.timed("rollout kv open", js.get_key_value(bucket)).await
+    }
+
+    /// The rollout state under `key` and its revision.
+    pub async fn rollout_get(
+        &self,
+        key: &str,
+        cfg: &BusConfig,
+    ) -> Result<Option<(u64, Vec<u8>)>, BusError> {
+        crate::wire::check_token("rollout key", key)?;
+        let store = self.rollout_store(cfg).await?;
+        let entry = self.timed("rollout kv get", store.entry(key)).await?;
+        Ok(entry
+            .filter(|e| matches!(e.operation, kv::Operation::Put))
+            .map(|e| (e.revision, e.value.to_vec())))
+    }
+
+    /// Compare-and-set: writes only if the key's revision is still `expected` (`None`: absent).
+    pub async fn rollout_put(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: Option<u64>,
+        cfg: &BusConfig,
+    ) -> Result<u64, BusError> {
+        crate::rollout::check(key, value)?;
+        let store = self.rollout_store(cfg).await?;
+        let bytes = bytes::Bytes::copy_from_slice(value);
+        let conflict = BusError::Conflict { what: "rollout state", expected };
+        let put = async {
+            match expected {
+                None => store.create(key, bytes).await.map_err(|e| {
+                    if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                        None
+                    } else {
+                        Some(async_nats::Error::from(e))
+                    }
+                }),
+                Some(rev) => store.update(key, bytes, rev).await.map_err(|e| {
+                    if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                        None
+                    } else {
+                        Some(async_nats::Error::from(e))
+                    }
+                }),
+            }
+        };
+        match tokio::time::timeout(self.inner.op_timeout, put).await {
+            Ok(Ok(rev)) => Ok(rev),
+            Ok(Err(None)) => Err(conflict),
+            Ok(Err(Some(e))) => Err(BusError::nats("rollout kv put", e)),
+            Err(_) => Err(BusError::Timeout { op: "rollout kv put", after: self.inner.op_timeout }),
+        }
     }
 
     /// Publishes a replica's acknowledgement (core, at most once) and flushes it.

@@ -179,3 +179,42 @@ async fn on_the_shipped_server_only_the_admin_puts_the_policy() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Rollout states (issue 18): the admin creates, reads and compare-and-sets them on the shipped
+/// server; a stale writer loses; a discovery user or a node can neither read nor write them.
+#[tokio::test]
+async fn only_the_admin_keeps_rollout_state_and_writes_are_compare_and_set() {
+    let keys = tempfile::tempdir().unwrap();
+    let node = Role::Node { node_id: "n1".into(), region: "us_east".into() };
+    let users =
+        users(keys.path(), &[("ops", Role::Admin), ("disc", Role::Discovery), ("n1", node)]);
+    let server = NatsServer::start_shipped(&users).await;
+    let admin = connected(&as_user(&server, keys.path(), "ops")).await;
+    let other = connected(&as_user(&server, keys.path(), "ops")).await;
+    let disc = connected(&as_user(&server, keys.path(), "disc")).await;
+    let node = connected(&as_user(&server, keys.path(), "n1")).await;
+
+    assert_eq!(admin.rollout_get("llama").await.unwrap(), None);
+    let r1 = admin.rollout_put("llama", b"{\"wave\":0}", None).await.unwrap();
+    // A second driver starting the same rollout loses the race to create it.
+    assert!(matches!(
+        other.rollout_put("llama", b"{}", None).await,
+        Err(edgeroute_bus::BusError::Conflict { .. })
+    ));
+    let r2 = admin.rollout_put("llama", b"{\"wave\":1}", Some(r1)).await.unwrap();
+    assert!(matches!(
+        other.rollout_put("llama", b"{\"wave\":9}", Some(r1)).await,
+        Err(edgeroute_bus::BusError::Conflict { .. })
+    ));
+    assert_eq!(other.rollout_get("llama").await.unwrap(), Some((r2, b"{\"wave\":1}".to_vec())));
+    // The largest state allowed fits the shipped server's max_payload.
+    let big = vec![b'x'; edgeroute_bus::rollout::MAX_ROLLOUT_BYTES];
+    admin.rollout_put("big", &big, None).await.unwrap();
+
+    for (who, bus) in [("discovery", &disc), ("node", &node)] {
+        assert!(bus.rollout_get("llama").await.is_err(), "{who} read a rollout");
+        assert!(bus.rollout_put("llama", b"{}", Some(r2)).await.is_err(), "{who} wrote one");
+    }
+    assert!(refused(&server, "$JS.API.STREAM.INFO.KV_edgeroute_rollouts"), "{}", server.log());
+    assert_eq!(admin.rollout_get("llama").await.unwrap(), Some((r2, b"{\"wave\":1}".to_vec())));
+}

@@ -1027,6 +1027,8 @@ struct TopologyResponse<'a> {
 struct TopologyNode<'a> {
     id: &'a str,
     region: &'a str,
+    /// Where the node serves (its admin API for an operator's tools: `edgeroute rollout`).
+    url: &'a str,
     health: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     hardware: Option<&'a str>,
@@ -1053,6 +1055,7 @@ async fn topology(State(sh): State<Arc<Shared>>) -> Response {
             .map(|n| TopologyNode {
                 id: &n.id,
                 region: &n.region,
+                url: &n.url,
                 health: n.health,
                 hardware: n.detail.hardware.as_deref(),
             })

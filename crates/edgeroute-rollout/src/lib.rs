@@ -15,13 +15,20 @@
 //! grows through the plan's steps, never past them; the old version is unloaded only after
 //! every wave has passed.
 //!
-//! What this crate does not do: any I/O. The driver (node admin API, policy pushes and acks,
-//! figures from discovery and the nodes' metrics, the state on the bus) is separate.
+//! - [`driver`]: performs the machine's actions on a [`driver::Fleet`], judges each step on
+//!   the nodes' counters and the plan's correctness probes, keeps its state in a
+//!   [`driver::StateStore`] after every change (resumable).
+//! - [`http`]: the real fleet (discovery's topology, the nodes' admin API and metrics, the
+//!   policy on the bus) and the state on the bus (JetStream KV, compare-and-set).
+//!
+//! The plan, gates and machine do no I/O; the driver's I/O is behind the two traits.
 
+pub mod driver;
 pub mod gate;
+pub mod http;
 pub mod machine;
 pub mod plan;
 
 pub use gate::{Verdict, VersionStats, judge};
 pub use machine::{Action, Event, Input, Phase, Rollout};
-pub use plan::{Gates, Plan, PlanError};
+pub use plan::{Gates, Plan, PlanError, Probe};

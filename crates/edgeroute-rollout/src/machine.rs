@@ -139,6 +139,51 @@ impl Rollout {
         self.plan.waves.get(self.wave).cloned().unwrap_or_default()
     }
 
+    /// The actions the current phase waits on: what a driver that resumes this state (after
+    /// a restart) performs again. Every action is idempotent on the fleet's side.
+    pub fn pending_actions(&self) -> Vec<Action> {
+        let weights = |region: &String, share: u8| {
+            let mut weights = vec![];
+            if share < 100 {
+                weights.push((self.plan.from.clone(), 100 - share));
+            }
+            if share > 0 {
+                weights.push((self.plan.to.clone(), share));
+            }
+            Action::Weights { region: region.clone(), weights }
+        };
+        match &self.phase {
+            Phase::Loading { waiting, .. } => waiting
+                .iter()
+                .map(|region| Action::Load {
+                    region: region.clone(),
+                    version: self.plan.to.clone(),
+                    nodes: self.plan.nodes_per_region,
+                })
+                .collect(),
+            Phase::Applying { step, waiting, .. } => {
+                waiting.iter().map(|r| weights(r, self.plan.steps[*step])).collect()
+            }
+            Phase::RollingBack { weights_waiting, unload_waiting, .. } => {
+                weights_waiting
+                    .iter()
+                    .map(|r| weights(r, 0))
+                    .chain(unload_waiting.difference(weights_waiting).map(|r| Action::Unload {
+                        region: r.clone(),
+                        version: self.plan.to.clone(),
+                    }))
+                    .collect()
+            }
+            Phase::Finishing { waiting } => waiting
+                .iter()
+                .map(|r| Action::Unload { region: r.clone(), version: self.plan.from.clone() })
+                .collect(),
+            Phase::Ready | Phase::Soaking { .. } | Phase::Finished | Phase::RolledBack { .. } => {
+                vec![]
+            }
+        }
+    }
+
     /// Starts the first wave.
     pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
         if self.phase != Phase::Ready {

@@ -14,6 +14,18 @@
 //! min_requests = 200
 //! ttft_p99_ratio = 1.10
 //! error_z = 2.33
+//! [load.v2]                                     # the node load API's body for a version
+//! model = "meta-llama/Llama-3.1-8B-Instruct"    # (`id` and `version` are added)
+//! revision = "0e9e39f"
+//! [load.v1]                                     # needed to restore nodes a rollback converted
+//! model = "meta-llama/Llama-3.1-8B-Instruct"
+//! revision = "5206a32"
+//! [[probes]]                                    # correctness probes, every poll, each new node
+//! prompt = "What is the capital of France? One word."
+//! contains = "Paris"
+//! [[probes]]
+//! prompt = "Repeat: the quick brown fox"
+//! same_as_old = true                            # temperature 0: the old version's answer
 //! ```
 
 use std::collections::BTreeSet;
@@ -46,6 +58,39 @@ pub struct Plan {
     pub hold_regions: usize,
     #[serde(default)]
     pub gates: Gates,
+    /// Per version, the body of the node's `POST /v1/models/load` that loads it (`model` and
+    /// `revision`, or `path`, plus `gpu`, `memory_mb`, `files`, `options`); the driver sets
+    /// `id` (the plan's model) and `version`. `to`'s is required; `from`'s only when a region
+    /// has no spare node, so a node had to give up the old version for the new one and a
+    /// rollback must restore it.
+    #[serde(default)]
+    pub load: std::collections::BTreeMap<String, toml::Table>,
+    /// Correctness probes: sent to every node serving the new version at every poll of a step;
+    /// each answer that does not meet its expectation is a correctness failure.
+    #[serde(default)]
+    pub probes: Vec<Probe>,
+}
+
+/// One correctness probe: a prompt (temperature 0) and what its answer must be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    pub prompt: String,
+    /// The answer must contain this text.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// The answer must equal the old version's to the same prompt, asked of a node of the
+    /// same region (for releases that must not change outputs: a re-quantisation check, a
+    /// serving-stack upgrade).
+    #[serde(default)]
+    pub same_as_old: bool,
+    /// Tokens asked for. Default 16.
+    #[serde(default = "d16")]
+    pub max_tokens: u32,
+}
+
+fn d16() -> u32 {
+    16
 }
 
 /// What every step must show before the next one, and what fails it.
@@ -188,6 +233,51 @@ impl Plan {
         {
             return Err(invalid("steps", "increasing percentages from 1, the last 100"));
         }
+        if !self.load.contains_key(&self.to) {
+            return Err(invalid(
+                format!("load.{}", self.to),
+                "how nodes load the new version (the body of POST /v1/models/load)",
+            ));
+        }
+        for (v, body) in &self.load {
+            if v != &self.from && v != &self.to {
+                return Err(invalid(format!("load.{v}"), "neither `from` nor `to`"));
+            }
+            for key in body.keys() {
+                match key.as_str() {
+                    "id" | "version" => {
+                        return Err(invalid(format!("load.{v}.{key}"), "set by the rollout"));
+                    }
+                    "model" | "revision" | "path" | "gpu" | "memory_mb" | "files" | "options" => {}
+                    _ => {
+                        return Err(invalid(
+                            format!("load.{v}.{key}"),
+                            "unknown (model, revision, path, gpu, memory_mb, files, options)",
+                        ));
+                    }
+                }
+            }
+            if !(body.contains_key("model") || body.contains_key("path")) {
+                return Err(invalid(format!("load.{v}"), "needs `model` or `path`"));
+            }
+        }
+        for (i, p) in self.probes.iter().enumerate() {
+            if p.prompt.trim().is_empty() {
+                return Err(invalid(format!("probes[{i}].prompt"), "must not be empty"));
+            }
+            if p.contains.is_some() == p.same_as_old {
+                return Err(invalid(
+                    format!("probes[{i}]"),
+                    "exactly one expectation: `contains` or `same_as_old = true`",
+                ));
+            }
+            if p.contains.as_deref().is_some_and(str::is_empty) {
+                return Err(invalid(format!("probes[{i}].contains"), "must not be empty"));
+            }
+            if !(1..=4096).contains(&p.max_tokens) {
+                return Err(invalid(format!("probes[{i}].max_tokens"), "1 to 4096"));
+            }
+        }
         if self.nodes_per_region == 0 {
             return Err(invalid("nodes_per_region", "at least 1"));
         }
@@ -227,6 +317,7 @@ model = "llama"
 from = "v1"
 to = "v2"
 waves = [["tor"], ["mtl"], ["van", "sea"]]
+load = { v2 = { path = "/models/llama-v2" } }
 "#;
 
     #[test]
@@ -260,6 +351,20 @@ waves = [["tor"], ["mtl"], ["van", "sea"]]
             (format!("{SAMPLE}nodes_per_region = 0\n"), "nodes_per_region"),
             (format!("{SAMPLE}[gates]\nttft_p99_ratio = 0.9\n"), "gates.ttft_p99_ratio"),
             (format!("{SAMPLE}[gates]\nsoak_s = 2000\n"), "gates"),
+            (SAMPLE.replace("{ v2 = ", "{ v3 = "), "load.v2"),
+            (SAMPLE.replace("llama-v2\" }", "llama-v2\", version = \"v9\" }"), "load.v2.version"),
+            (SAMPLE.replace("path = ", "gpus = "), "load.v2.gpus"),
+            (format!("{SAMPLE}[[probes]]\nprompt = \"hi\"\n"), "probes[0]"),
+            (
+                format!(
+                    "{SAMPLE}[[probes]]\nprompt = \"hi\"\ncontains = \"a\"\nsame_as_old = true\n"
+                ),
+                "probes[0]",
+            ),
+            (
+                format!("{SAMPLE}[[probes]]\nprompt = \" \"\nsame_as_old = true\n"),
+                "probes[0].prompt",
+            ),
         ];
         for (text, key) in cases {
             let e = Plan::from_toml(&text).unwrap_err().to_string();

@@ -15,6 +15,8 @@ waves = [["tor"], ["mtl"], ["van", "sea"]]
 [gates]
 soak_s = 60
 min_requests = 100
+[load.v2]
+path = "/models/llama-v2"
 "#;
 
 /// A fleet that performs every action at once and reports figures every 10 s: the new

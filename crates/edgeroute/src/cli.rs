@@ -72,6 +72,12 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::policy::PolicyCommand,
     },
+    /// Roll a model out from one version to the next, region by region, behind validation
+    /// gates (state on the bus: `start` resumes, `status` shows it, `abort` rolls back).
+    Rollout {
+        #[command(subcommand)]
+        command: crate::rollout::RolloutCommand,
+    },
     /// Topology bus identities: generate a node's, discovery replica's or policy admin's NATS
     /// credentials.
     Bus {

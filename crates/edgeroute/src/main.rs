@@ -6,6 +6,7 @@
 mod bus;
 mod cli;
 mod policy;
+mod rollout;
 mod token;
 
 /// Request handling allocates many small, short-lived buffers; mimalloc serves them with less
@@ -89,6 +90,7 @@ fn main() -> Result<()> {
         Command::Model { command } => command.run(),
         Command::Token { command } => token::run(command),
         Command::Policy { command } => policy::run(command, cli::env),
+        Command::Rollout { command } => rollout::run(command, cli::env),
         Command::Bus { command } => bus::run(command),
     }
 }
