@@ -119,7 +119,7 @@ impl Counters {
         let mut lower = (0.0, 0u64);
         for (le, n) in &self.ttft_buckets {
             if (*n as f64) >= rank {
-                if le.is_infinite() {
+                if *le >= f64::MAX {
                     return Some(lower.0 * 1000.0);
                 }
                 let span = (*n - lower.1) as f64;
@@ -159,10 +159,10 @@ pub fn parse_metrics(text: &str) -> Counters {
                     c.errors += n;
                 }
             }
+            // `+Inf` kept as f64::MAX: the state is JSON, which has no infinity.
             "edgeroute_node_ttft_seconds_bucket" => {
                 if let Some(le) = label("le") {
-                    let le =
-                        if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+                    let le = if le == "+Inf" { f64::MAX } else { le.parse().unwrap_or(f64::NAN) };
                     if !le.is_nan() {
                         c.ttft_buckets.push((le, value as u64));
                     }
@@ -882,6 +882,9 @@ edgeroute_node_ttft_seconds_bucket{le=\"+Inf\"} 100
         assert!(parse_metrics("").ttft_p99_ms().is_none());
         // A restarted node (counters went back): everything it reports is new.
         assert_eq!(before.since(&c).requests, before.requests);
+        // The state is JSON: the +Inf bucket must survive it.
+        let back: Counters = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 
     fn plan() -> Plan {

@@ -32,6 +32,10 @@ use edgeroute_test_util::{TestNode, get};
 
 const REGIONS: [&str; 4] = ["tor", "mtl", "van", "sea"];
 
+/// One lab at a time: each is 8 nodes, a replica and a dozen clients on a 2-core machine, and
+/// the TTFT gate compares timings.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const BASE: &str = r#"
 version = "ops-1"
 [[models]]
@@ -54,7 +58,7 @@ steps = [5, 25, 100]
 [gates]
 soak_s = 1
 min_requests = 4
-ttft_p99_ratio = 1.25  # the default is 1.10; headroom for a loaded CI machine
+ttft_p99_ratio = 2.0  # default 1.10 (unit-tested); a handful of samples on a busy 2-core CI box
 apply_timeout_s = 20
 step_timeout_s = 20
 [load.v1]
@@ -326,6 +330,7 @@ fn v2_shares(text: &str) -> Vec<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_version_goes_out_region_by_region_without_a_failed_turn() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let lab = Lab::start("good").await;
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -371,6 +376,7 @@ async fn a_good_version_goes_out_region_by_region_without_a_failed_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_version_is_rolled_back_after_the_first_region() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let lab = Lab::start("bad").await;
     // A broken v2: whatever node loads it answers garbage (the spare nodes are where it goes).
     for r in REGIONS {
@@ -408,4 +414,56 @@ async fn a_bad_version_is_rolled_back_after_the_first_region() {
     assert_eq!(v2_shares(pushed.last().unwrap()).iter().map(|(_, s)| s).sum::<i64>(), 0);
     let log: Vec<&str> = state.machine.log().iter().map(|e| e.text.as_str()).collect();
     assert!(log.iter().any(|t| t.contains("rolled back: every region on v1")), "{log:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_stopped_mid_rollout_resumes_from_the_bus_and_finishes() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let lab = Lab::start("resume").await;
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let talkers = talk(lab.sessions(1).await, tally.clone(), stop.clone());
+    let plan = Plan::from_toml(&plan(&lab.dir)).unwrap();
+    let opts =
+        DriverOptions { poll: Duration::from_millis(250), node_timeout: Duration::from_secs(20) };
+    let store = || BusStore { bus: lab.bus.clone(), model: "llama".into() };
+
+    // The first driver is killed (its future dropped) a few seconds in, mid-wave.
+    let fresh = State::new(plan, BASE.to_owned());
+    let mut first =
+        Driver::open(lab.driver_fleet(), store(), Some(fresh), opts.clone()).await.unwrap();
+    let mut print = |e: &edgeroute_rollout::Event| eprintln!("first: {}", e.text);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(3500),
+        first.run(edgeroute_core::clock::unix_ms, &mut print),
+    )
+    .await;
+    assert!(cut.is_err(), "the first driver was meant to be cut short");
+    drop(first);
+    let (_, bytes) = lab.bus.rollout_get("llama").await.unwrap().unwrap();
+    let stored: State = serde_json::from_slice(&bytes).unwrap();
+    assert!(!stored.machine.is_over() && stored.machine.phase() != &Phase::Ready);
+    let history = stored.machine.log().len();
+
+    // A second one, given no plan, takes the stored state and finishes it.
+    let mut second = Driver::open(lab.driver_fleet(), store(), None, opts).await.unwrap();
+    let mut print = |e: &edgeroute_rollout::Event| eprintln!("second: {}", e.text);
+    let state = tokio::time::timeout(
+        Duration::from_secs(120),
+        second.run(edgeroute_core::clock::unix_ms, &mut print),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for t in talkers {
+        t.await.unwrap();
+    }
+    assert_eq!(state.machine.phase(), &Phase::Finished, "{}", state.summary());
+    assert!(state.machine.log().len() > history, "the history goes on from where it was");
+    assert_eq!(&state.machine.log()[..history], &stored.machine.log()[..]);
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0);
+    for id in &lab.ids {
+        assert_eq!(lab.version_on(id).await.as_deref(), Some("v2"), "{id}");
+    }
 }
