@@ -461,7 +461,7 @@ async fn a_driver_stopped_mid_rollout_resumes_from_the_bus_and_finishes() {
     }
     assert_eq!(state.machine.phase(), &Phase::Finished, "{}", state.summary());
     assert!(state.machine.log().len() > history, "the history goes on from where it was");
-    assert_eq!(&state.machine.log()[..history], &stored.machine.log()[..]);
+    assert_eq!(&state.machine.log()[..history], stored.machine.log());
     assert_eq!(tally.failed.load(Ordering::Relaxed), 0);
     for id in &lab.ids {
         assert_eq!(lab.version_on(id).await.as_deref(), Some("v2"), "{id}");
