@@ -298,6 +298,16 @@ impl Installer {
         seal_dir(dir, model, signer, now).map(Some)
     }
 
+    /// Signs `claims` typed `typ` with this installer's seal key (see
+    /// [`SealSigner::sign_typed`]); `Ok(None)` when sealing is not configured.
+    pub fn sign_typed<T: Serialize>(
+        &self,
+        typ: &str,
+        claims: &T,
+    ) -> Result<Option<String>, SealError> {
+        self.inner.seal.as_ref().map(|s| s.sign_typed(typ, claims)).transpose()
+    }
+
     /// Resolves `model` on the hub (no download): the commit and the files `filter` selects,
     /// validated. Pass the result to [`Installer::install_manifest`]; this split lets a caller
     /// answer "not found" or "pickle refused" before accepting a load.

@@ -151,6 +151,16 @@ impl SealSigner {
         jsonwebtoken::encode(&header, seal, &self.key)
             .map_err(|e| SealError::Key(format!("signing: {e}")))
     }
+
+    /// Signs other claims with the same key, typed `typ` in the header (a load order for the
+    /// sidecar, say), so a verifier expecting one kind of token never accepts another.
+    pub fn sign_typed<T: Serialize>(&self, typ: &str, claims: &T) -> Result<String, SealError> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.to_owned());
+        jsonwebtoken::encode(&header, claims, &self.key)
+            .map_err(|e| SealError::Key(format!("signing: {e}")))
+    }
 }
 
 /// The public keys seals are trusted under, by `kid` (several, so keys can be rotated).
@@ -193,12 +203,45 @@ impl SealVerifier {
     }
 
     /// Checks the signature and the claims' shape (not the directory): the seal's claims.
+    /// A token typed as anything but a plain JWT (a load order) is not a seal.
     pub fn verify_token(&self, token: &str) -> Result<Seal, SealError> {
+        let seal: Seal = self.verify(None, token)?;
+        check_claims(&seal)?;
+        Ok(seal)
+    }
+
+    /// Checks a token signed by [`SealSigner::sign_typed`] with `typ` and returns its claims
+    /// (their own checks are the caller's).
+    pub fn verify_typed<T: serde::de::DeserializeOwned>(
+        &self,
+        typ: &str,
+        token: &str,
+    ) -> Result<T, SealError> {
+        self.verify(Some(typ), token)
+    }
+
+    fn verify<T: serde::de::DeserializeOwned>(
+        &self,
+        typ: Option<&str>,
+        token: &str,
+    ) -> Result<T, SealError> {
         let malformed = |reason: String| SealError::Malformed { reason };
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| malformed(format!("header: {e}")))?;
         if header.alg != Algorithm::EdDSA {
             return Err(malformed(format!("algorithm {:?}, expected EdDSA", header.alg)));
+        }
+        let typ_ok = match (typ, header.typ.as_deref()) {
+            (None, None | Some("JWT")) => true,
+            (Some(want), Some(got)) => want == got,
+            _ => false,
+        };
+        if !typ_ok {
+            return Err(malformed(format!(
+                "token type {:?}, expected {:?}",
+                header.typ,
+                typ.unwrap_or("JWT")
+            )));
         }
         let kid = header.kid.ok_or_else(|| malformed("no `kid` in the header".into()))?;
         let key = self.keys.get(&kid).ok_or_else(|| SealError::UnknownKey { kid: kid.clone() })?;
@@ -208,14 +251,13 @@ impl SealVerifier {
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.validate_aud = false;
-        let data = jsonwebtoken::decode::<Seal>(token, key, &validation).map_err(|e| {
+        let data = jsonwebtoken::decode::<T>(token, key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidSignature => SealError::BadSignature { kid: kid.clone() },
                 _ => malformed(e.to_string()),
             }
         })?;
-        check_claims(&data.claims)?;
         Ok(data.claims)
     }
 }

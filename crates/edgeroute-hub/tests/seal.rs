@@ -225,3 +225,29 @@ async fn the_installers_hub_installs_carry_a_valid_seal() {
     let paths: Vec<&str> = seal.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["config.json", "model.safetensors", "tokenizer.json"]);
 }
+
+#[test]
+fn typed_tokens_and_seals_are_never_taken_for_one_another() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Order {
+        model: String,
+    }
+    let (a, trusted) = (signer("a", "k1"), verifier(&[("a", "k1")]));
+    let order = Order { model: "llm".into() };
+    let token = a.sign_typed("edgeroute-order+jwt", &order).unwrap();
+    assert_eq!(trusted.verify_typed::<Order>("edgeroute-order+jwt", &token).unwrap(), order);
+    // Another type, a seal's verification, an untrusted key: refused.
+    assert!(trusted.verify_typed::<Order>("other+jwt", &token).is_err());
+    assert!(matches!(trusted.verify_token(&token), Err(SealError::Malformed { .. })));
+    let outsider = signer("b", "k1").sign_typed("edgeroute-order+jwt", &order).unwrap();
+    assert!(matches!(
+        trusted.verify_typed::<Order>("edgeroute-order+jwt", &outsider),
+        Err(SealError::BadSignature { .. })
+    ));
+    // A seal is not an order either.
+    let dir = tempfile::tempdir().unwrap();
+    let m = model_dir(dir.path());
+    seal_dir(&m, "tts-fast", &a, 1).unwrap();
+    let seal = std::fs::read_to_string(m.join(SEAL_FILE)).unwrap();
+    assert!(trusted.verify_typed::<Order>("edgeroute-order+jwt", seal.trim()).is_err());
+}

@@ -144,11 +144,37 @@ pub struct ModelsConfig {
     pub seal_key_file: Option<PathBuf>,
     /// The key id recorded in seals, as given to `edgeroute watch --seal-public-key KID=FILE`.
     pub seal_kid: Option<String>,
+    /// Who talks to the hub for `POST /v1/models/load` of a hub model: this node (`"node"`,
+    /// the default: it downloads into `repository`, converting for Triton when `triton_url`
+    /// is set), or the `edgeroute watch` sidecar on the GPU side (`"sidecar"`): the node then
+    /// holds no Hugging Face token and never contacts the hub; it writes a load order signed
+    /// with `seal_key_file` to `repository` (the shared volume) and follows the sidecar's
+    /// answer (see [`crate::orders`]). `"sidecar"` needs `repository` and `seal_key_file`.
+    pub downloads: Downloads,
+}
+
+/// Who downloads hub models: see [`ModelsConfig::downloads`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Downloads {
+    #[default]
+    Node,
+    Sidecar,
 }
 
 impl ModelsConfig {
-    /// The seal settings come together, and only with a repository to seal.
+    /// The seal settings come together, and only with a repository to seal; orders for the
+    /// sidecar need both.
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.downloads == Downloads::Sidecar
+            && (self.repository.is_none() || self.seal_key_file.is_none())
+        {
+            return Err(invalid(
+                "models.downloads",
+                "\"sidecar\" needs models.repository (the shared volume) and models.seal_key_file \
+                 (orders are signed)",
+            ));
+        }
         match (&self.seal_key_file, &self.seal_kid) {
             (None, None) => Ok(()),
             (Some(_), None) => {
@@ -185,6 +211,7 @@ impl Default for ModelsConfig {
             hub: edgeroute_hub::HubConfig::default(),
             seal_key_file: None,
             seal_kid: None,
+            downloads: Downloads::Node,
         }
     }
 }

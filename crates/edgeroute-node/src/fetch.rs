@@ -54,6 +54,26 @@ pub enum Plan {
     Local { path: PathBuf },
     /// Download and install from the hub.
     Hub(Box<HubPlan>),
+    /// Order the `edgeroute watch` sidecar to download, convert and load it
+    /// (`models.downloads = "sidecar"`).
+    Order(Box<OrderPlan>),
+}
+
+/// A load order, signed and ready to be placed on the shared volume.
+#[derive(Debug)]
+pub struct OrderPlan {
+    pub order: crate::orders::Order,
+    pub token: String,
+    /// How long to follow the sidecar's answer.
+    pub wait: std::time::Duration,
+}
+
+/// Where a hub model goes when this node converts or orders it for Triton: the Triton model
+/// name and the CUDA device.
+#[derive(Debug, Clone, Copy)]
+pub struct TritonTarget<'a> {
+    pub name: &'a str,
+    pub device: u32,
 }
 
 #[derive(Debug)]
@@ -82,10 +102,24 @@ fn dir_size(p: &Path) -> u64 {
         .sum()
 }
 
-pub async fn plan(st: &AppState, source: &Source, req: &LoadRequest) -> Result<Plan, ApiError> {
+/// Decides how `source` gets onto the backend: a local directory in place; a hub model
+/// resolved now (this node downloads) or ordered from the sidecar (`target` is where it goes
+/// in Triton; `wait`, how long to follow the sidecar).
+pub async fn plan(
+    st: &AppState,
+    source: &Source,
+    req: &LoadRequest,
+    target: TritonTarget<'_>,
+    wait: std::time::Duration,
+) -> Result<Plan, ApiError> {
     match source {
         Source::Path { path } => Ok(Plan::Local { path: path.clone() }),
         Source::Config => Err(ApiError::internal("a configured model cannot be loaded again")),
+        Source::Hub { repo, revision }
+            if st.models_cfg.downloads == crate::config::Downloads::Sidecar =>
+        {
+            order_plan(st, repo, revision, req, target, wait)
+        }
         Source::Hub { repo, revision } => {
             let Some(hub) = st.hub.get() else {
                 return Err(ApiError::new(
@@ -133,9 +167,97 @@ pub async fn plan(st: &AppState, source: &Source, req: &LoadRequest) -> Result<P
     }
 }
 
-/// Runs the plan: `None` when there is nothing to install.
+/// A signed load order for the sidecar. Only the request's shape is checked here: this node
+/// cannot reach the hub, so an unknown or unsafe model fails later, with the sidecar's reason.
+fn order_plan(
+    st: &AppState,
+    repo: &str,
+    revision: &str,
+    req: &LoadRequest,
+    target: TritonTarget<'_>,
+    wait: std::time::Duration,
+) -> Result<Plan, ApiError> {
+    use crate::orders::{Action, ORDER_TYP, ORDER_VERSION, Order};
+    let hub = st.hub.get().ok_or_else(|| ApiError::internal("no model repository open"))?;
+    edgeroute_hub::HubModel::parse(repo, Some(revision)).map_err(|e| hub_error(&e))?;
+    if let Some(patterns) = &req.files {
+        edgeroute_hub::FileFilter::new(patterns.iter()).map_err(|e| hub_error(&e))?;
+    }
+    let now_ms = (st.clock)();
+    let order = Order {
+        v: ORDER_VERSION,
+        id: crate::orders::new_id(now_ms),
+        model: target.name.to_owned(),
+        action: Action::Load {
+            repo: repo.to_owned(),
+            revision: revision.to_owned(),
+            files: req.files.clone(),
+            device: target.device,
+        },
+        iat: now_ms / 1000,
+    };
+    crate::orders::check_order(&order).map_err(|e| {
+        ApiError::invalid_request(Some("id"), format!("cannot order `{}` loaded: {e}", target.name))
+    })?;
+    let token = hub
+        .sign_typed(ORDER_TYP, &order)
+        .map_err(|e| ApiError::internal(format!("signing the load order: {e}")))?
+        .ok_or_else(|| ApiError::internal("orders need models.seal_key_file"))?;
+    Ok(Plan::Order(Box::new(OrderPlan { order, token, wait })))
+}
+
+/// Places `token` (a signed order for Triton model `name`) on the shared volume.
+pub async fn place_order(st: &AppState, name: &str, token: String) -> Result<(), String> {
+    let hub = st.hub.get().ok_or("no model repository open")?;
+    let (root, name) = (hub.repo_root().to_owned(), name.to_owned());
+    tokio::task::spawn_blocking(move || crate::orders::place(&root, &name, &token))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Orders the sidecar to unload Triton model `name` (and with `purge` delete its files there).
+pub async fn order_unload(st: &AppState, name: &str, purge: bool) -> Result<(), String> {
+    use crate::orders::{Action, ORDER_TYP, ORDER_VERSION, Order};
+    let hub = st.hub.get().ok_or("no model repository open")?;
+    let now_ms = (st.clock)();
+    let order = Order {
+        v: ORDER_VERSION,
+        id: crate::orders::new_id(now_ms),
+        model: name.to_owned(),
+        action: Action::Unload { purge },
+        iat: now_ms / 1000,
+    };
+    let token = hub
+        .sign_typed(ORDER_TYP, &order)
+        .map_err(|e| e.to_string())?
+        .ok_or("orders need models.seal_key_file")?;
+    place_order(st, name, token).await
+}
+
+/// Runs the plan: `None` when there is nothing to install (here).
 pub async fn fetch(st: &AppState, id: &str, plan: Plan) -> Result<Option<Installed>, String> {
     match plan {
+        Plan::Order(p) => {
+            let OrderPlan { order, token, wait } = *p;
+            place_order(st, &order.model, token).await?;
+            let shared = st.hub.get().ok_or("no model repository open")?.repo_root().to_owned();
+            let deadline = tokio::time::Instant::now() + wait;
+            let progress = |done: u64, total: Option<u64>| {
+                st.models
+                    .progress(id, crate::models::Progress { bytes_done: done, bytes_total: total });
+            };
+            crate::orders::follow(
+                &shared,
+                &order.model,
+                &order.id,
+                deadline,
+                crate::models::UPSTREAM_POLL,
+                progress,
+            )
+            .await
+            .map_err(|e| format!("the watch sidecar could not load `{}`: {e}", order.model))?;
+            Ok(None)
+        }
         Plan::Local { path } => {
             let bytes = tokio::task::spawn_blocking({
                 let p = path.clone();

@@ -8,7 +8,8 @@
 //! - [`gateway`]: routes and middleware (auth, rate limit, admission, response headers).
 //! - [`backend`]: the simulator and OpenAI-compatible upstreams, behind one commit-point contract.
 //! - [`telemetry`], [`lifecycle`]: sliding-window figures and the serving/draining/shutdown phases.
-//! - [`fetch`], [`convert`]: hub downloads, and their layout as a Triton repository entry.
+//! - [`fetch`], [`convert`]: hub downloads, and their layout as a Triton repository entry;
+//!   [`orders`]: the same done by the GPU side's sidecar, for a gateway without the HF token.
 //! - [`watcher`]: `edgeroute watch`, the sidecar that installs entries into Triton's repository.
 //!
 //! The binary calls [`serve`]; tests call [`Node::build`] and drive [`Node::router`] directly.
@@ -21,6 +22,7 @@ pub mod gateway;
 pub mod lifecycle;
 pub mod metrics;
 pub mod models;
+pub mod orders;
 pub mod telemetry;
 pub mod watcher;
 

@@ -65,6 +65,10 @@ pub struct Record {
     /// purge deletes with the install.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub triton_entry: Option<PathBuf>,
+    /// The Triton model name the `edgeroute watch` sidecar was ordered to load it as
+    /// (`models.downloads = "sidecar"`), which an unload orders unloaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordered_as: Option<String>,
     /// Unix seconds of the last state change.
     pub updated: u64,
     /// While `draining`: when the backend unload starts even if requests are still in flight.
@@ -258,6 +262,7 @@ impl ModelTable {
             progress: None,
             path: None,
             triton_entry: None,
+            ordered_as: None,
             updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
             version: None,
@@ -323,6 +328,7 @@ impl ModelTable {
             progress: Some(Progress::default()),
             path: None,
             triton_entry: None,
+            ordered_as: None,
             updated: edgeroute_core::clock::unix_s(&self.clock),
             drain_until: None,
             version: None,
@@ -353,6 +359,10 @@ impl ModelTable {
             r.path = Some(path);
             r.memory_mb = memory_mb;
         });
+    }
+
+    pub fn set_ordered_as(&self, id: &str, name: String) {
+        self.update(id, |r| r.ordered_as = Some(name));
     }
 
     pub fn set_triton_entry(&self, id: &str, entry: PathBuf) {

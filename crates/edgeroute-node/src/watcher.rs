@@ -62,6 +62,13 @@ pub struct WatchConfig {
     /// Install directories without a seal (as before seals existed). A directory that has a
     /// seal must still verify. Off by default.
     pub allow_unsealed: bool,
+    /// Carry out the gateway's signed load orders ([`crate::orders`]): download from the hub
+    /// with this token and these settings, convert, install, load. Needs `seal_keys` (orders
+    /// are signed). Default: none (orders are not read).
+    pub hub: Option<crate::orders::HubSettings>,
+    /// How often `<shared>/.orders/` is read again besides change events, which a shared
+    /// network filesystem does not deliver for another machine's writes.
+    pub order_poll: Duration,
 }
 
 /// Most entries of `<shared>/<top>/` looked at for sealed commit directories.
@@ -259,6 +266,13 @@ pub enum WatchError {
          whatever appears on the shared volume"
     )]
     NoSealKeys,
+    #[error(
+        "--hf-token-file: load orders are signed; give --seal-public-key KID=FILE (the node's \
+         seal key) — --allow-unsealed does not extend to orders"
+    )]
+    OrdersNeedKeys,
+    #[error("the download area: {0}")]
+    Hub(#[from] edgeroute_hub::HubError),
 }
 
 /// Why a candidate directory was not installed. Each names what was refused and why.
@@ -470,6 +484,9 @@ pub async fn run(
     cfg: WatchConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Vec<String>, WatchError> {
+    if cfg.hub.is_some() && cfg.seal_keys.is_none() {
+        return Err(WatchError::OrdersNeedKeys);
+    }
     if cfg.seal_keys.is_none() {
         if !cfg.allow_unsealed {
             return Err(WatchError::NoSealKeys);
@@ -498,6 +515,22 @@ pub async fn run(
             })
         }
     };
+    let mut sidecar = match (&cfg.hub, &cfg.seal_keys) {
+        (Some(hub), Some(keys)) => Some(
+            crate::orders::Sidecar::open(
+                hub,
+                cfg.shared.clone(),
+                cfg.repository.clone(),
+                keys.clone(),
+                triton.clone(),
+                cfg.allow_backends.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let orders_dir = cfg.shared.join(crate::orders::ORDERS_DIR);
+    let status_dir = cfg.shared.join(crate::orders::STATUS_DIR);
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
     let shared = cfg.shared.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -524,18 +557,36 @@ pub async fn run(
     // Directories already present count as just changed.
     let mut pending: BTreeMap<PathBuf, tokio::time::Instant> = BTreeMap::new();
     for e in std::fs::read_dir(&cfg.shared)?.flatten() {
-        if e.path().is_dir() {
+        if e.path().is_dir() && e.path() != orders_dir && e.path() != status_dir {
             pending.insert(e.path(), tokio::time::Instant::now());
         }
     }
+    if let Some(s) = &mut sidecar {
+        s.scan();
+    }
+    let mut order_poll = tokio::time::interval(cfg.order_poll.max(Duration::from_millis(50)));
+    order_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut installed = Vec::new();
     tokio::pin!(shutdown);
     loop {
         let next_due = pending.values().min().map(|t| *t + cfg.settle);
         tokio::select! {
             () = &mut shutdown => break,
+            _ = order_poll.tick(), if sidecar.is_some() => {
+                if let Some(s) = &mut sidecar {
+                    s.scan();
+                }
+            }
             Some(dir) = rx.recv() => {
-                pending.insert(dir, tokio::time::Instant::now());
+                // Orders are read at once (each is acted on once); statuses are this
+                // process's own writes.
+                if dir == orders_dir {
+                    if let Some(s) = &mut sidecar {
+                        s.scan();
+                    }
+                } else if dir != status_dir {
+                    pending.insert(dir, tokio::time::Instant::now());
+                }
             }
             () = async { match next_due { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 let now = tokio::time::Instant::now();

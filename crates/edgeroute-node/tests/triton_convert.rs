@@ -109,6 +109,8 @@ async fn hub_models_are_converted_installed_by_the_watcher_and_served_by_triton(
             triton_restricted: None,
             seal_keys: Some(keys),
             allow_unsealed: false,
+            hub: None,
+            order_poll: Duration::from_secs(2),
         },
         async {
             let _ = stop_rx.await;
@@ -288,4 +290,149 @@ async fn triton_refuses_what_it_could_not_load_with_its_reason() {
         assert!(triton.reason_of(name).unwrap().contains(why), "{name}");
     }
     std::fs::remove_dir_all(repo).ok();
+}
+
+/// Polls `cond` every 20 ms for up to 20 s.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(20), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_downloads_by_the_sidecar_only_the_sidecar_holds_the_hub_token() {
+    use edgeroute_node::orders::{HubConfig, HubSettings, ORDER_TYP, Order};
+    let (shared, triton_repo, downloads) =
+        (tempdir("sc-shared"), tempdir("sc-triton"), tempdir("sc-downloads"));
+    // Private repositories: nothing without the token, which only the sidecar has.
+    let hub = FakeHub::new()
+        .with_repo(
+            FakeRepo::new("org/tiny-llama")
+                .file("config.json", LLAMA_CONFIG)
+                .file("model.safetensors", vec![3u8; 8192])
+                .lfs("model.safetensors", true)
+                .private(),
+        )
+        .with_repo(
+            FakeRepo::new("org/no-arch")
+                .file("config.json", r#"{"model_type": "mystery"}"#)
+                .file("model.safetensors", vec![1u8; 512])
+                .private(),
+        );
+    hub.require_token("hf_sidecar_only");
+    let hub_server = spawn_router(hub.router()).await;
+    let triton = FakeTriton::new(&triton_repo, Duration::from_millis(20)).with_gpus(2);
+    let triton_server = spawn_router(triton.router()).await;
+
+    let pem = std::fs::read_to_string(fixture("ed25519_a_public.pem")).unwrap();
+    let keys = SealVerifier::from_public_pems(&[("node-1".to_owned(), pem)]).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(run(
+        WatchConfig {
+            shared: shared.clone(),
+            repository: triton_repo.clone(),
+            triton_url: Some(triton_server.url()),
+            settle: Duration::from_millis(100),
+            allow_backends: vec![],
+            triton_restricted: None,
+            seal_keys: Some(keys),
+            allow_unsealed: false,
+            hub: Some(HubSettings {
+                hub: HubConfig {
+                    endpoint: hub_server.url(),
+                    token: Some("hf_sidecar_only".into()),
+                    ..HubConfig::default()
+                },
+                downloads: downloads.clone(),
+                disk_margin_bytes: 1 << 20,
+            }),
+            order_poll: Duration::from_millis(200),
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // The gateway as deployed: no token, no Triton repository API (`triton_url`), Triton's
+    // OpenAI frontend as its backend; it orders, the sidecar does.
+    let cfg = format!(
+        "[models]\nrepository = \"{}\"\ndisk_margin_mb = 1\nseal_key_file = \"{}\"\nseal_kid = \"node-1\"\n\
+         downloads = \"sidecar\"\n[models.hub]\nendpoint = \"{}\"\n\
+         [backend]\nkind = \"openai\"\nurl = \"{}\"\n\
+         [[backend.gpus]]\nid = \"gpu0\"\nslots = 4\n[[backend.gpus]]\nid = \"gpu1\"\nslots = 4\n",
+        shared.display(),
+        fixture("ed25519_a_private.pem").display(),
+        hub_server.url(),
+        triton_server.url(),
+    );
+    let node = TestNode::start(&cfg).await;
+    let load = |body: serde_json::Value| node.admin_post("/v1/models/load", body.to_string());
+    let r = load(json!({"model": "org/tiny-llama", "id": "tiny-llama", "gpu": "gpu1"})).await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let ready = node.wait_model("tiny-llama", "ready", Duration::from_secs(30)).await;
+    assert_eq!(ready["ordered_as"], "tiny-llama", "{ready}");
+    assert_eq!(ready["progress"]["bytes_done"], ready["progress"]["bytes_total"], "{ready}");
+    assert_eq!(triton.state_of("tiny-llama"), Some("READY"));
+    assert_eq!(triton.gpus_of("tiny-llama"), Some(vec![1]));
+    let chat = json!({"model": "tiny-llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
+    let r = node.chat(chat.to_string()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Every download carried the token; none of it is on the volume the gateway can write.
+    assert!(!hub.downloads().is_empty() && hub.downloads().iter().all(|d| d.authorized));
+    assert_eq!(visible(&shared), Vec::<String>::new(), "only orders and statuses, hidden");
+    assert_eq!(visible(&downloads), ["org--tiny-llama"]);
+    assert_eq!(visible(&triton_repo), ["tiny-llama"]);
+
+    // Failures come back with the sidecar's reason.
+    let r = load(json!({"model": "org/no-arch"})).await;
+    assert_eq!(r.status, 202);
+    let failed = node.wait_model("no-arch", "failed", Duration::from_secs(30)).await;
+    assert!(failed["reason"].as_str().unwrap().contains("architectures"), "{failed}");
+    let r = load(json!({"model": "org/unknown"})).await;
+    assert_eq!(r.status, 202, "this node cannot ask the hub; the sidecar answers");
+    let failed = node.wait_model("unknown", "failed", Duration::from_secs(30)).await;
+    assert!(failed["reason"].as_str().unwrap().contains("not found"), "{failed}");
+    assert!(!triton_repo.join("no-arch").exists() && !triton_repo.join("unknown").exists());
+
+    // An order signed by anyone else is never carried out.
+    let forger = edgeroute_node::watcher::SealSigner::from_pem(
+        &std::fs::read_to_string(fixture("ed25519_b_private.pem")).unwrap(),
+        "node-1",
+        "forger",
+    )
+    .unwrap();
+    let forged: Order = serde_json::from_value(json!({
+        "v": 1, "id": "1-1-1", "model": "evil", "iat": 1,
+        "action": {"kind": "load", "repo": "org/tiny-llama", "revision": "main", "files": null, "device": 0}
+    }))
+    .unwrap();
+    edgeroute_node::orders::place(&shared, "evil", &forger.sign_typed(ORDER_TYP, &forged).unwrap())
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(edgeroute_node::orders::read_status(&shared, "evil").is_none());
+    assert_eq!(triton.state_of("evil"), None);
+    assert!(!triton_repo.join("evil").exists());
+
+    // Unload with purge is an order as well: Triton unloads, entry and download go.
+    let r = node
+        .admin_post("/v1/models/unload", json!({"model": "tiny-llama", "purge": true}).to_string())
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    eventually("Triton unloaded tiny-llama", || {
+        triton.state_of("tiny-llama") == Some("UNAVAILABLE")
+    })
+    .await;
+    eventually("the entry and the download are gone", || {
+        !triton_repo.join("tiny-llama").exists()
+            && !visible(&downloads).contains(&"org--tiny-llama".to_owned())
+    })
+    .await;
+
+    stop_tx.send(()).unwrap();
+    watcher.await.unwrap().unwrap();
+    for d in [shared, triton_repo, downloads] {
+        std::fs::remove_dir_all(d).ok();
+    }
 }

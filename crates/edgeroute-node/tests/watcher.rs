@@ -59,6 +59,8 @@ async fn new_model_on_shared_volume_is_installed_and_loaded() {
         triton_restricted: None,
         seal_keys: trusted(),
         allow_unsealed: false,
+        hub: None,
+        order_poll: Duration::from_secs(2),
     };
     let task = tokio::spawn(run(cfg, async {
         let _ = stop_rx.await;
@@ -137,6 +139,8 @@ async fn a_model_that_carries_code_is_refused_unless_its_backend_is_allowed() {
                 triton_restricted: Some(("admin-key".into(), "s3cret-key".into())),
                 seal_keys: trusted(),
                 allow_unsealed: false,
+                hub: None,
+                order_poll: Duration::from_secs(2),
             };
             let task = tokio::spawn(run(cfg, async {
                 let _ = stop_rx.await;
@@ -186,6 +190,8 @@ async fn watch_once(
         triton_restricted: None,
         seal_keys,
         allow_unsealed,
+        hub: None,
+        order_poll: Duration::from_secs(2),
     };
     let task = tokio::spawn(run(cfg, async {
         let _ = stop_rx.await;
@@ -291,6 +297,8 @@ async fn watch_refuses_to_start_without_a_seal_key_or_allow_unsealed() {
         triton_restricted: None,
         seal_keys: None,
         allow_unsealed: false,
+        hub: None,
+        order_poll: Duration::from_secs(2),
     };
     let started = tokio::time::timeout(Duration::from_secs(5), run(cfg, std::future::pending()));
     let err = started.await.expect("the watcher started without a key").unwrap_err();

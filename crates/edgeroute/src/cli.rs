@@ -226,6 +226,29 @@ pub struct WatchArgs {
     /// chooses what the backend loads.
     #[arg(long)]
     allow_unsealed: bool,
+    /// Carry out the gateway's signed load orders (`models.downloads = "sidecar"`): download
+    /// from the Hugging Face hub with the token in this file (this process is then its only
+    /// holder), convert for Triton, install, load. Needs --seal-public-key.
+    #[arg(long, value_name = "FILE")]
+    hf_token_file: Option<PathBuf>,
+    /// The hub (or a mirror) orders download from.
+    #[arg(long, default_value = edgeroute_node::orders::DEFAULT_ENDPOINT, requires = "hf_token_file")]
+    hub_endpoint: String,
+    /// A host downloads may be redirected to (the hub's CDN); repeat for more.
+    #[arg(long = "hub-allowed-host", requires = "hf_token_file")]
+    hub_allowed_hosts: Vec<String>,
+    /// Where orders' downloads are kept (never the shared volume, which the gateway can
+    /// write). Default: `.edgeroute-downloads` in --repository (one filesystem, so entries
+    /// hard-link their weights).
+    #[arg(long, requires = "hf_token_file")]
+    downloads: Option<PathBuf>,
+    /// Free disk space kept after a download, MiB.
+    #[arg(long, default_value_t = 1024)]
+    disk_margin_mb: u64,
+    /// How often the orders are read again besides change events (a network filesystem does
+    /// not report another machine's writes), ms.
+    #[arg(long, default_value_t = 2000)]
+    order_poll_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -454,7 +477,31 @@ impl WatchArgs {
                     .context("--seal-public-key")?,
             )
         };
+        let hub = match &self.hf_token_file {
+            None => None,
+            Some(file) => {
+                let token = read(file)?.trim().to_owned();
+                if token.is_empty() {
+                    anyhow::bail!("--hf-token-file {}: the file is empty", file.display());
+                }
+                Some(edgeroute_node::orders::HubSettings {
+                    hub: edgeroute_node::orders::HubConfig {
+                        endpoint: self.hub_endpoint.clone(),
+                        token: Some(token),
+                        allowed_hosts: self.hub_allowed_hosts.clone(),
+                        ..edgeroute_node::orders::HubConfig::default()
+                    },
+                    downloads: self
+                        .downloads
+                        .clone()
+                        .unwrap_or_else(|| self.repository.join(".edgeroute-downloads")),
+                    disk_margin_bytes: self.disk_margin_mb.saturating_mul(1024 * 1024),
+                })
+            }
+        };
         Ok(edgeroute_node::watcher::WatchConfig {
+            hub,
+            order_poll: Duration::from_millis(self.order_poll_ms),
             seal_keys,
             allow_unsealed: self.allow_unsealed,
             shared: self.shared,

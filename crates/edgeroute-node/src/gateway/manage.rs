@@ -204,8 +204,22 @@ pub async fn load(
         ),
     })?;
 
-    // Hub models are resolved now, so an unknown, gated or unsafe model is a 4xx at once.
-    let plan = crate::fetch::plan(&st, &source, &req).await?;
+    // Where a hub model goes in Triton: its name there, and the CUDA device of the GPU (its
+    // position in the backend's list, checked above to exist).
+    let triton_name = req.options.upstream_name.clone().unwrap_or_else(|| id.clone());
+    let device = gpus.iter().position(|g| g.id == gpu).and_then(|i| u32::try_from(i).ok());
+    let target = crate::fetch::TritonTarget { name: &triton_name, device: device.unwrap_or(0) };
+    let sidecar = st.models_cfg.downloads == crate::config::Downloads::Sidecar;
+    let load_time = match &st.backend {
+        crate::backend::Backend::Sim(_) => {
+            ms(req.options.load_time_ms.unwrap_or(st.models_cfg.sim_load_time_ms))
+        }
+        crate::backend::Backend::OpenAi(_) => Duration::from_millis(600_000),
+    };
+
+    // Hub models are resolved now (unless the sidecar downloads), so an unknown, gated or
+    // unsafe model is a 4xx at once.
+    let plan = crate::fetch::plan(&st, &source, &req, target, load_time).await?;
 
     let (record, started) =
         match st.models.begin_load(&id, Some(gpu.clone()), memory_hint, source.clone(), version) {
@@ -232,26 +246,22 @@ pub async fn load(
     if !started {
         return Ok(record_response(StatusCode::ACCEPTED, &record));
     }
-    // A hub model on Triton is converted into a repository entry pinned to this GPU's CUDA
-    // device: the GPU's position in the backend's list (checked above to exist).
+    // A hub model this node downloads for Triton is converted here into a repository entry
+    // on the GPU's device; one the sidecar downloads is converted there.
     let triton_device = match (&source, st.backend.triton()) {
-        (Source::Hub { .. }, Some(_)) => {
-            gpus.iter().position(|g| g.id == gpu).and_then(|i| u32::try_from(i).ok())
-        }
+        (Source::Hub { .. }, Some(_)) if !sidecar => device,
         _ => None,
     };
+    if sidecar && matches!(source, Source::Hub { .. }) {
+        st.models.set_ordered_as(&id, triton_name.clone());
+    }
     let activation = Activation {
         id: id.clone(),
         gpu: Some(gpu),
         memory_mb: memory_hint,
         await_repository: triton_device.is_some(),
         upstream_name: req.options.upstream_name.clone(),
-        load_time: match &st.backend {
-            crate::backend::Backend::Sim(_) => {
-                ms(req.options.load_time_ms.unwrap_or(st.models_cfg.sim_load_time_ms))
-            }
-            crate::backend::Backend::OpenAi(_) => Duration::from_millis(600_000),
-        },
+        load_time,
     };
     let task_st = st.clone();
     let task = tokio::spawn(async move {
@@ -355,6 +365,12 @@ pub async fn unload(
 async fn finish_unload(st: &AppState, cur: &Record, purge: bool) {
     if let Err(e) = st.backend.deactivate(&cur.id, None).await {
         tracing::warn!(model = %cur.id, error = %e, "backend unload failed; the model is unrouted anyway");
+    }
+    // Loaded by the sidecar: Triton's repository API is its, so the unload is an order too.
+    if let Some(name) = &cur.ordered_as
+        && let Err(e) = crate::fetch::order_unload(st, name, purge).await
+    {
+        tracing::warn!(model = %cur.id, error = %e, "could not order the sidecar to unload it");
     }
     if purge
         && let Some(name) = cur.triton_entry.as_deref().and_then(|p| p.file_name())
