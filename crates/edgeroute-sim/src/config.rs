@@ -39,6 +39,26 @@ pub struct SimConfig {
     /// Faults in force at start; change them at run time with `Simulator::set_faults`.
     /// Default: none.
     pub faults: Faults,
+    /// Transcription: fixed latency after the request gets a slot. Default `50`.
+    pub transcribe_base_ms: u64,
+    /// Transcription: latency per second of audio, in milliseconds. Default `30` (a GPU
+    /// Whisper at about 30× real time: a minute of audio in 1.85 s with the base).
+    pub transcribe_ms_per_audio_s: u64,
+    /// The longest audio transcribed, in seconds; longer audio is refused at once
+    /// (`InvalidInput`, param `file`, code `audio_too_long`). Must be above 0. Default `600`.
+    pub max_audio_s: u32,
+    /// Speech: time to first audio after the request gets a slot. Default `80`.
+    pub speech_ttfa_ms: u64,
+    /// Speech: how much faster than real time audio is produced after the first chunk; `0`
+    /// means as fast as possible. Default `10` (a chunk of 100 ms every 10 ms).
+    pub speech_realtime_factor: f64,
+    /// Speech: the audio in each streamed chunk, in milliseconds (1 to 10000). Default `100`.
+    pub speech_chunk_ms: u32,
+    /// Embeddings: fixed latency after the request gets a slot. Default `5`.
+    pub embed_base_ms: u64,
+    /// Embeddings: latency per input token (see [`crate::embedding_tokens`]), in
+    /// microseconds. Default `50`.
+    pub embed_us_per_token: u64,
 }
 
 impl SimConfig {
@@ -49,6 +69,7 @@ impl SimConfig {
         self.ttft_base_ms = 0;
         self.prefill_us_per_token = 0;
         self.tokens_per_s = 0.0;
+        self.zero_voice_delays();
         for g in &mut self.gpus {
             g.slots = g.slots.max(100_000);
         }
@@ -71,6 +92,14 @@ impl Default for SimConfig {
             models: vec![SimModel::new("sim-llama", "gpu0")],
             max_queue: 64,
             faults: Faults::default(),
+            transcribe_base_ms: 50,
+            transcribe_ms_per_audio_s: 30,
+            max_audio_s: 600,
+            speech_ttfa_ms: 80,
+            speech_realtime_factor: 10.0,
+            speech_chunk_ms: 100,
+            embed_base_ms: 5,
+            embed_us_per_token: 50,
         }
     }
 }
@@ -78,7 +107,24 @@ impl Default for SimConfig {
 impl SimConfig {
     /// The defaults with every delay at zero: the reference backend for overhead benchmarks.
     pub fn zero_latency() -> Self {
-        SimConfig { ttft_base_ms: 0, prefill_us_per_token: 0, tokens_per_s: 0.0, ..Self::default() }
+        let mut c = SimConfig {
+            ttft_base_ms: 0,
+            prefill_us_per_token: 0,
+            tokens_per_s: 0.0,
+            ..Self::default()
+        };
+        c.zero_voice_delays();
+        c
+    }
+
+    /// Zeroes the transcription, speech and embedding delays.
+    fn zero_voice_delays(&mut self) {
+        self.transcribe_base_ms = 0;
+        self.transcribe_ms_per_audio_s = 0;
+        self.speech_ttfa_ms = 0;
+        self.speech_realtime_factor = 0.0;
+        self.embed_base_ms = 0;
+        self.embed_us_per_token = 0;
     }
 
     /// Checks what serde cannot: references between sections and value ranges.
@@ -87,6 +133,28 @@ impl SimConfig {
         check_delay("ttft_base_ms", self.ttft_base_ms, MAX_DELAY_MS)?;
         check_delay("prefill_us_per_token", self.prefill_us_per_token, MAX_PREFILL_US)?;
         check_window("context_window", Some(self.context_window))?;
+        check_delay("transcribe_base_ms", self.transcribe_base_ms, MAX_DELAY_MS)?;
+        check_delay(
+            "transcribe_ms_per_audio_s",
+            self.transcribe_ms_per_audio_s,
+            MAX_PER_AUDIO_S_MS,
+        )?;
+        if self.max_audio_s == 0 || self.max_audio_s > MAX_AUDIO_S {
+            return Err(ConfigError::OutOfRange {
+                key: "max_audio_s",
+                value: self.max_audio_s.to_string(),
+            });
+        }
+        check_delay("speech_ttfa_ms", self.speech_ttfa_ms, MAX_DELAY_MS)?;
+        check_timing("speech_realtime_factor", Some(self.speech_realtime_factor))?;
+        if self.speech_chunk_ms == 0 || self.speech_chunk_ms > 10_000 {
+            return Err(ConfigError::OutOfRange {
+                key: "speech_chunk_ms",
+                value: self.speech_chunk_ms.to_string(),
+            });
+        }
+        check_delay("embed_base_ms", self.embed_base_ms, MAX_DELAY_MS)?;
+        check_delay("embed_us_per_token", self.embed_us_per_token, MAX_PREFILL_US)?;
         if self.max_answer_tokens == 0 || self.min_answer_tokens > self.max_answer_tokens {
             return Err(ConfigError::AnswerBounds {
                 min: self.min_answer_tokens,
@@ -131,6 +199,10 @@ impl SimConfig {
 /// deadline computation far from overflow.
 const MAX_DELAY_MS: u64 = 3_600_000;
 const MAX_PREFILL_US: u64 = 1_000_000;
+/// A minute per second of audio is already sixty times slower than real time.
+const MAX_PER_AUDIO_S_MS: u64 = 60_000;
+/// A day of audio: far beyond any real transcription request.
+const MAX_AUDIO_S: u32 = 86_400;
 
 /// `SimConfig::context_window`'s default: a common size for small chat models.
 const DEFAULT_CONTEXT_WINDOW: u32 = 8192;
@@ -390,6 +462,65 @@ mod tests {
         // An unset override is not written back out, so configs round-trip unchanged.
         let json = serde_json::to_string(&c.models[0]).unwrap();
         assert!(!json.contains("context_window"), "{json}");
+    }
+
+    #[test]
+    fn voice_timing_has_defaults_and_parses() {
+        let c = SimConfig::default();
+        assert_eq!(
+            (c.transcribe_base_ms, c.transcribe_ms_per_audio_s, c.max_audio_s),
+            (50, 30, 600)
+        );
+        assert_eq!(
+            (c.speech_ttfa_ms, c.speech_realtime_factor, c.speech_chunk_ms),
+            (80, 10.0, 100)
+        );
+        assert_eq!((c.embed_base_ms, c.embed_us_per_token), (5, 50));
+        let c: SimConfig = serde_json::from_str(
+            r#"{"transcribe_base_ms":1,"transcribe_ms_per_audio_s":2,"max_audio_s":3,
+                "speech_ttfa_ms":4,"speech_realtime_factor":0,"speech_chunk_ms":20,
+                "embed_base_ms":6,"embed_us_per_token":7}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.transcribe_base_ms, c.transcribe_ms_per_audio_s, c.max_audio_s, c.speech_ttfa_ms),
+            (1, 2, 3, 4)
+        );
+        assert_eq!((c.speech_realtime_factor, c.speech_chunk_ms), (0.0, 20));
+        assert_eq!((c.embed_base_ms, c.embed_us_per_token), (6, 7));
+        c.validate().unwrap();
+        // Zero latency means every delay, the voice ones too; the limits stay.
+        let z = SimConfig::zero_latency();
+        assert_eq!(
+            (z.transcribe_base_ms, z.transcribe_ms_per_audio_s, z.speech_ttfa_ms, z.embed_base_ms),
+            (0, 0, 0, 0)
+        );
+        assert_eq!((z.speech_realtime_factor, z.embed_us_per_token, z.max_audio_s), (0.0, 0, 600));
+        let o = SimConfig::default().into_overhead_reference();
+        assert_eq!((o.speech_ttfa_ms, o.transcribe_base_ms, o.embed_base_ms), (0, 0, 0));
+    }
+
+    #[test]
+    fn validation_catches_bad_voice_timing() {
+        let key = |f: fn(&mut SimConfig)| {
+            let mut c = SimConfig::default();
+            f(&mut c);
+            match c.validate().unwrap_err() {
+                ConfigError::OutOfRange { key, .. } => key,
+                e => panic!("{e}"),
+            }
+        };
+        assert_eq!(key(|c| c.max_audio_s = 0), "max_audio_s");
+        assert_eq!(key(|c| c.max_audio_s = 86_401), "max_audio_s");
+        assert_eq!(key(|c| c.speech_chunk_ms = 0), "speech_chunk_ms");
+        assert_eq!(key(|c| c.speech_chunk_ms = 10_001), "speech_chunk_ms");
+        assert_eq!(key(|c| c.speech_realtime_factor = -1.0), "speech_realtime_factor");
+        assert_eq!(key(|c| c.speech_realtime_factor = f64::NAN), "speech_realtime_factor");
+        assert_eq!(key(|c| c.speech_ttfa_ms = 3_600_001), "speech_ttfa_ms");
+        assert_eq!(key(|c| c.transcribe_base_ms = 3_600_001), "transcribe_base_ms");
+        assert_eq!(key(|c| c.transcribe_ms_per_audio_s = 60_001), "transcribe_ms_per_audio_s");
+        assert_eq!(key(|c| c.embed_base_ms = 3_600_001), "embed_base_ms");
+        assert_eq!(key(|c| c.embed_us_per_token = 1_000_001), "embed_us_per_token");
     }
 
     #[test]

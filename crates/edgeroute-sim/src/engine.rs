@@ -14,6 +14,9 @@
 //! Time is `tokio::time` only, so tests on a paused clock are exact. Randomness (the
 //! `error_rate` roll) is a hash of the seed and the request number, never OS randomness.
 //!
+//! Transcription, speech and embeddings (submodule `voice`) share the arrival checks, the
+//! request numbers, the slots and the queues with chat.
+//!
 //! Generation is lazy: it advances only while the consumer polls. A consumer that stops
 //! reading keeps its slot, as a GPU batch lane does behind a full output buffer.
 
@@ -108,7 +111,9 @@ struct Gpu {
     config: GpuConfig,
     /// Tokio's semaphore is fair: waiters are served first come, first served.
     slots: Arc<Semaphore>,
-    queued: AtomicU32,
+    /// Shared with the queue tickets, which may outlive a borrow of the simulator (a speech
+    /// stream waits for its slot inside the stream).
+    queued: Arc<AtomicU32>,
 }
 
 impl Gpu {
@@ -119,17 +124,52 @@ impl Gpu {
 
     /// Takes a place in the queue, or refuses when it is full. The place is given back when
     /// the ticket drops, including when the waiting request is cancelled.
-    fn enqueue(&self, max_queue: u32) -> Result<QueueTicket<'_>, SimError> {
+    fn enqueue(&self, max_queue: u32) -> Result<QueueTicket, SimError> {
         self.queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < max_queue).then_some(q + 1))
-            .map(|_| QueueTicket(&self.queued))
+            .map(|_| QueueTicket(Arc::clone(&self.queued)))
             .map_err(|queued| SimError::Overloaded { gpu: self.config.id.clone(), queued })
+    }
+
+    /// A slot at once if one is free, else a place in the queue to wait for one in
+    /// ([`Slot::wait`]); `Overloaded` if the queue is full.
+    fn slot(&self, max_queue: u32) -> Result<Slot, SimError> {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(p) => Ok(Slot::Held(p)),
+            Err(_) => Ok(Slot::Queued(Arc::clone(&self.slots), self.enqueue(max_queue)?)),
+        }
     }
 }
 
-struct QueueTicket<'a>(&'a AtomicU32);
+/// A request's claim on its GPU: a slot, or a queue place to wait for one.
+enum Slot {
+    Held(OwnedSemaphorePermit),
+    Queued(Arc<Semaphore>, QueueTicket),
+}
 
-impl Drop for QueueTicket<'_> {
+impl Slot {
+    /// The slot, waiting in FIFO order if queued (the queue place is given back when the
+    /// slot comes or the wait is cancelled); `Crashed` if a crash happens since `epoch`.
+    async fn wait(
+        self,
+        faults_rx: &mut watch::Receiver<FaultState>,
+        epoch: u64,
+    ) -> Result<OwnedSemaphorePermit, SimError> {
+        match self {
+            Slot::Held(p) => Ok(p),
+            Slot::Queued(slots, _ticket) => tokio::select! {
+                biased;
+                () = crash_signal(faults_rx, epoch) => Err(SimError::Crashed),
+                // The semaphore is never closed; treat the impossible as a crash.
+                p = slots.acquire_owned() => p.map_err(|_| SimError::Crashed),
+            },
+        }
+    }
+}
+
+struct QueueTicket(Arc<AtomicU32>);
+
+impl Drop for QueueTicket {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -218,6 +258,51 @@ async fn crash_signal(rx: &mut watch::Receiver<FaultState>, epoch: u64) {
     }
 }
 
+/// Waits until `due` (forever if `None`), failing with `Crashed` if a crash happens since
+/// `epoch` first.
+async fn wait_or_crash(
+    rx: &mut watch::Receiver<FaultState>,
+    epoch: u64,
+    due: Option<Instant>,
+) -> Result<(), SimError> {
+    match due {
+        Some(due) if due <= Instant::now() => {
+            // Cheap path for zero-latency runs: no timer, one atomic load.
+            let changed = rx.has_changed().unwrap_or(false);
+            if changed && rx.borrow_and_update().crash_epoch != epoch {
+                return Err(SimError::Crashed);
+            }
+            Ok(())
+        }
+        Some(due) => {
+            tokio::select! {
+                biased;
+                () = crash_signal(rx, epoch) => Err(SimError::Crashed),
+                () = sleep_until(due) => Ok(()),
+            }
+        }
+        None => {
+            crash_signal(rx, epoch).await;
+            Err(SimError::Crashed)
+        }
+    }
+}
+
+/// A request that got past the checks every kind of request makes on arrival.
+struct Arrival {
+    faults_rx: watch::Receiver<FaultState>,
+    epoch: u64,
+    faults: Faults,
+    model: Arc<LoadedModel>,
+}
+
+/// A request's number and its fault rolls.
+struct Rolls {
+    request_id: u64,
+    injected: bool,
+    garbage: bool,
+}
+
 impl Simulator {
     pub fn new(config: SimConfig) -> Result<Self, ConfigError> {
         config.validate()?;
@@ -227,7 +312,7 @@ impl Simulator {
             .map(|g| Gpu {
                 config: g.clone(),
                 slots: Arc::new(Semaphore::new(g.slots as usize)),
-                queued: AtomicU32::new(0),
+                queued: Arc::new(AtomicU32::new(0)),
             })
             .collect();
         let models = config
@@ -279,27 +364,12 @@ impl Simulator {
     /// Cancel-safe: dropping the future gives back its queue place or slot at once.
     pub async fn generate(&self, req: &ChatCompletionRequest) -> Result<Generation, SimError> {
         let arrived = Instant::now();
-        let mut faults_rx = self.faults.subscribe();
-        let (faults, epoch) = {
-            let s = faults_rx.borrow_and_update();
-            (s.faults.clone(), s.crash_epoch)
-        };
-        if faults.crash {
-            return Err(SimError::Crashed);
-        }
-        if faults.refuse_connections {
-            return Err(SimError::Refused);
-        }
-        let model =
-            self.model(&req.model).ok_or_else(|| SimError::UnknownModel(req.model.clone()))?;
+        let Arrival { mut faults_rx, epoch, faults, model } = self.arrive(&req.model)?;
         // One linear pass over the prompt; a refused request takes no request number, so it
         // does not shift the fault rolls of the requests that follow.
         let prompt = prompt_tokens(&req.messages);
         model.check_context(prompt, req.token_limit())?;
-        let request_id = self.requests.fetch_add(1, Ordering::Relaxed);
-        let injected = fault_roll(self.config.seed, request_id) < faults.error_rate;
-        let garbage = faults.garbage_rate > 0.0
-            && fault_roll(self.config.seed ^ GARBAGE_SALT, request_id) < faults.garbage_rate;
+        let Rolls { request_id, injected, garbage } = self.roll(&faults);
         let mut plan = Plan::counted(
             self.config.seed,
             self.config.min_answer_tokens,
@@ -311,21 +381,8 @@ impl Simulator {
             plan.answer = plan.answer.garbled(request_id);
         }
 
-        let gpu = &self.gpus[model.gpu];
-        let permit = match Arc::clone(&gpu.slots).try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let _ticket = gpu.enqueue(self.config.max_queue)?;
-                tokio::select! {
-                    biased;
-                    () = crash_signal(&mut faults_rx, epoch) => return Err(SimError::Crashed),
-                    p = Arc::clone(&gpu.slots).acquire_owned() => {
-                        // The semaphore is never closed; treat the impossible as a crash.
-                        p.map_err(|_| SimError::Crashed)?
-                    }
-                }
-            }
-        };
+        let permit =
+            self.gpus[model.gpu].slot(self.config.max_queue)?.wait(&mut faults_rx, epoch).await?;
         let admitted = Instant::now();
 
         let timing = model.timing;
@@ -375,6 +432,33 @@ impl Simulator {
 
     fn model(&self, id: &str) -> Option<Arc<LoadedModel>> {
         self.models.load().iter().find(|m| m.config.id == id).cloned()
+    }
+
+    /// What every request checks first, at once: `Crashed`, `Refused`, `UnknownModel`.
+    fn arrive(&self, model: &str) -> Result<Arrival, SimError> {
+        let mut faults_rx = self.faults.subscribe();
+        let (faults, epoch) = {
+            let s = faults_rx.borrow_and_update();
+            (s.faults.clone(), s.crash_epoch)
+        };
+        if faults.crash {
+            return Err(SimError::Crashed);
+        }
+        if faults.refuse_connections {
+            return Err(SimError::Refused);
+        }
+        let model = self.model(model).ok_or_else(|| SimError::UnknownModel(model.to_owned()))?;
+        Ok(Arrival { faults_rx, epoch, faults, model })
+    }
+
+    /// Takes the next request number and rolls its faults: the same seed and arrival order
+    /// give the same faults on every run.
+    fn roll(&self, faults: &Faults) -> Rolls {
+        let request_id = self.requests.fetch_add(1, Ordering::Relaxed);
+        let injected = fault_roll(self.config.seed, request_id) < faults.error_rate;
+        let garbage = faults.garbage_rate > 0.0
+            && fault_roll(self.config.seed ^ GARBAGE_SALT, request_id) < faults.garbage_rate;
+        Rolls { request_id, injected, garbage }
     }
 
     /// Replaces the faults. Turning `crash` on fails every queued and in-flight request at
@@ -513,26 +597,9 @@ impl Run {
 
     /// Waits until `due` (forever if `None`), failing if a crash happens first.
     async fn wait_until(&mut self, due: Option<Instant>) -> Result<(), SimError> {
-        match due {
-            Some(due) if due <= Instant::now() => {
-                // Cheap path for zero-latency runs: no timer, one atomic load.
-                let changed = self.faults_rx.has_changed().unwrap_or(false);
-                if changed && self.faults_rx.borrow_and_update().crash_epoch != self.epoch {
-                    return Err(self.fail(SimError::Crashed));
-                }
-                Ok(())
-            }
-            Some(due) => {
-                tokio::select! {
-                    biased;
-                    () = crash_signal(&mut self.faults_rx, self.epoch) => Err(self.fail(SimError::Crashed)),
-                    () = sleep_until(due) => Ok(()),
-                }
-            }
-            None => {
-                crash_signal(&mut self.faults_rx, self.epoch).await;
-                Err(self.fail(SimError::Crashed))
-            }
+        match wait_or_crash(&mut self.faults_rx, self.epoch, due).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(e)),
         }
     }
 
@@ -646,6 +713,9 @@ impl Stream for Generation {
         self.rest.as_mut().poll_next(cx)
     }
 }
+
+mod voice;
+pub use voice::SpeechStream;
 
 #[cfg(test)]
 mod tests;

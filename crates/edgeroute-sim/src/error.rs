@@ -37,9 +37,15 @@ pub enum SimError {
     /// `faults.crash` is set, or was set while this request was in flight.
     #[error("backend crashed")]
     Crashed,
-    /// `faults.cut_after_tokens` ended the stream after `after` tokens.
+    /// `faults.cut_after_tokens` ended the stream after `after` tokens (speech: chunks).
     #[error("stream cut after {after} tokens")]
     Cut { after: u32 },
+    /// The caller's input is one the simulator refuses: audio that is malformed, empty or too
+    /// long, speech text too long, too many or too large embedding inputs, bad dimensions.
+    /// Raised before the request queues, so it costs no slot, no time and no request number.
+    /// A 400: `param` names the request field, `code` says what is wrong with it.
+    #[error("{message}")]
+    InvalidInput { param: &'static str, code: &'static str, message: String },
 }
 
 impl SimError {
@@ -53,7 +59,28 @@ impl SimError {
             SimError::Refused => "backend_refused",
             SimError::Crashed => "backend_crashed",
             SimError::Cut { .. } => "stream_cut",
+            SimError::InvalidInput { code, .. } => code,
         }
+    }
+
+    /// The request field the error is about, when it is the caller's: `model` for an
+    /// unknown model, `messages` for a prompt beyond the context window, the named field of
+    /// an invalid input; `None` for the backend's own failures.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            SimError::UnknownModel(_) => Some("model"),
+            SimError::ContextLengthExceeded { .. } => Some("messages"),
+            SimError::InvalidInput { param, .. } => Some(param),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn invalid(
+        param: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        SimError::InvalidInput { param, code, message: message.into() }
     }
 }
 

@@ -10,6 +10,12 @@
 //!   garbage answers behind a healthy `/health`).
 //!   [`Simulator::generate`] resolves at the stream's commit point: the first token is ready,
 //!   or the request failed before it.
+//! - The rest of a voice agent's surface runs on the same slots, queues and faults (module
+//!   `engine::voice`): [`Simulator::transcribe`] (latency per second of audio),
+//!   [`Simulator::speech`] (a [`SpeechStream`] of WAV or PCM chunks after a time to first
+//!   audio, paced faster than real time) and [`Simulator::embed`]. What they return is pure
+//!   (modules `audio` and `embed`): [`expected_transcript`], [`expected_speech`] and
+//!   [`expected_embedding`] predict it.
 //! - Answers (module `text`) are a pure function of the seed, the model and the
 //!   conversation, so [`expected_answer`] and [`expected_completion`] tell a test every token
 //!   a stream must carry, and a stream cut on one node can be continued token-exactly on
@@ -22,15 +28,21 @@
 //! `edgeroute-http` crate and the `edgeroute` binary do), read files or the environment, or
 //! read the wall clock anywhere but the `created` timestamp of HTTP responses.
 
+pub mod audio;
 pub mod config;
+pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod server;
 mod standalone;
 pub mod text;
 
+pub use audio::{
+    AudioFormat, SPEECH_SAMPLE_RATE, Segment, Transcript, expected_speech, expected_transcript,
+};
 pub use config::{ConfigError, Faults, GpuConfig, SimConfig, SimModel};
-pub use engine::{Completion, Generation, GpuStatus, SimEvent, Simulator};
+pub use embed::{embedding_tokens, expected_embedding};
+pub use engine::{Completion, Generation, GpuStatus, SimEvent, Simulator, SpeechStream};
 pub use error::SimError;
 pub use standalone::serve;
 pub use text::{ExpectedCompletion, expected_answer, expected_completion, prompt_tokens};

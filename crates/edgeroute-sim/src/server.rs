@@ -120,20 +120,19 @@ impl ApiError {
     }
 
     fn from_sim(e: &SimError) -> Self {
-        let (status, kind, param) = match e {
-            SimError::UnknownModel(_) => {
-                (StatusCode::NOT_FOUND, "invalid_request_error", Some("model".to_owned()))
-            }
-            SimError::ContextLengthExceeded { .. } => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", Some("messages".to_owned()))
+        let (status, kind) = match e {
+            SimError::UnknownModel(_) => (StatusCode::NOT_FOUND, "invalid_request_error"),
+            SimError::ContextLengthExceeded { .. } | SimError::InvalidInput { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
             }
             SimError::Overloaded { .. } | SimError::Refused | SimError::Crashed => {
-                (StatusCode::SERVICE_UNAVAILABLE, "server_error", None)
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error")
             }
             SimError::Injected | SimError::Cut { .. } => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None)
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
             }
         };
+        let param = e.param().map(str::to_owned);
         ApiError {
             status,
             body: ErrorBody::new(e.to_string(), kind, param, Some(e.code())),

@@ -176,6 +176,35 @@ pub(crate) const fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Word `i` drawn from `key`, with its leading space.
+fn spaced_word(key: u64, i: u32) -> &'static str {
+    let draw = splitmix64(key.wrapping_add(u64::from(i).wrapping_mul(0xA076_1D64_78BD_642F)));
+    // The remainder is below VOCAB.len(), so it fits in usize.
+    VOCAB[(draw % VOCAB.len() as u64) as usize]
+}
+
+/// Word `i` drawn from `key`, without a leading space: the draw answers use, for other
+/// deterministic text (transcripts).
+pub(crate) fn word(key: u64, i: u32) -> &'static str {
+    &spaced_word(key, i)[1..]
+}
+
+/// Mixes `bytes` and their length into `h`: eight bytes per splitmix64 round, so hashing
+/// megabytes of audio stays cheap, and stable across Rust versions and platforms.
+pub(crate) fn mix_bytes(mut h: u64, bytes: &[u8]) -> u64 {
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        h = splitmix64(h ^ u64::from_le_bytes(b));
+    }
+    let tail = words.remainder();
+    let mut b = [0u8; 8];
+    b[..tail.len()].copy_from_slice(tail);
+    h = splitmix64(h ^ u64::from_le_bytes(b));
+    splitmix64(h ^ bytes.len() as u64)
+}
+
 /// Distinct salts keep the length draw, the token draws and the fault rolls independent.
 const LEN_SALT: u64 = 0x6C65_6E67_7468_5F5F;
 const GARBAGE_SALT: u64 = 0x6761_7262_6167_6521;
@@ -256,10 +285,7 @@ impl Answer {
 
     /// Token `i`; the first has no leading space.
     pub(crate) fn token(&self, i: u32) -> &'static str {
-        let draw =
-            splitmix64(self.key.wrapping_add(u64::from(i).wrapping_mul(0xA076_1D64_78BD_642F)));
-        // The remainder is below VOCAB.len(), so it fits in usize.
-        let word = VOCAB[(draw % VOCAB.len() as u64) as usize];
+        let word = spaced_word(self.key, i);
         if i == 0 { &word[1..] } else { word }
     }
 
