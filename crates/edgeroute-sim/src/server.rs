@@ -1,8 +1,10 @@
 //! The simulator as a standalone OpenAI-compatible HTTP API.
 //!
-//! Routes: `POST /v1/chat/completions` (JSON, or SSE with `stream: true`), `GET /v1/models`,
-//! `GET /health`, `GET`/`PUT /admin/faults`. No auth: this is a backend, reachable only by
-//! the gateway or a benchmark.
+//! Routes: `POST /v1/chat/completions` (JSON, or SSE with `stream: true`),
+//! `POST /v1/audio/transcriptions` and `/v1/audio/translations` (multipart),
+//! `POST /v1/audio/speech` (streamed WAV or PCM), `POST /v1/embeddings` (the voice routes:
+//! module `voice`), `GET /v1/models`, `GET /health`, `GET`/`PUT /admin/faults`. No auth:
+//! this is a backend, reachable only by the gateway or a benchmark.
 //!
 //! It is the "direct backend" reference in the gateway-overhead benchmark, so the hot path
 //! stays lean: the request body is parsed straight from the collected bytes, and each
@@ -18,6 +20,8 @@
 //! Error mapping (OpenAI's error JSON shape): bad JSON or a shape rule → 400 with `param`;
 //! unknown model → 404 `model_not_found`; a prompt (plus completion budget) beyond the
 //! model's context window → 400 `context_length_exceeded` with `param` `messages`, at once;
+//! input the simulator refuses (bad or too long audio, speech text, embedding limits) → 400
+//! with the field as `param` and what is wrong as `code`, at once;
 //! overloaded → 503 `overloaded` with `Retry-After`;
 //! refused or crashed → 503; injected error or a cut before the answer was sent → 500. Once
 //! an SSE stream has started, a failure is a final `data: {"error":{...}}` event and there
@@ -72,6 +76,10 @@ pub fn router(sim: Arc<Simulator>) -> Router {
 pub fn router_with_clock(sim: Arc<Simulator>, clock: WallClock) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/audio/transcriptions", post(voice::transcriptions))
+        .route("/v1/audio/translations", post(voice::translations))
+        .route("/v1/audio/speech", post(voice::speech))
+        .route("/v1/embeddings", post(voice::embeddings))
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/admin/faults", get(get_faults).put(put_faults))
@@ -441,6 +449,8 @@ async fn unknown_route(method: Method, uri: Uri) -> Response {
     );
     json_response(StatusCode::NOT_FOUND, &body)
 }
+
+mod voice;
 
 #[cfg(test)]
 mod tests;
