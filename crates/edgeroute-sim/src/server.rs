@@ -1,6 +1,8 @@
 //! The simulator as a standalone OpenAI-compatible HTTP API.
 //!
 //! Routes: `POST /v1/chat/completions` (JSON, or SSE with `stream: true`),
+//! `POST /v1/completions` (the legacy text completions on the chat engine: module
+//! `completions`),
 //! `POST /v1/audio/transcriptions` and `/v1/audio/translations` (multipart),
 //! `POST /v1/audio/speech` (streamed WAV or PCM), `POST /v1/embeddings` (the voice routes:
 //! module `voice`), `GET /v1/models`, `GET /health`, `GET`/`PUT /admin/faults`. No auth:
@@ -76,6 +78,7 @@ pub fn router(sim: Arc<Simulator>) -> Router {
 pub fn router_with_clock(sim: Arc<Simulator>, clock: WallClock) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/audio/transcriptions", post(voice::transcriptions))
         .route("/v1/audio/translations", post(voice::translations))
         .route("/v1/audio/speech", post(voice::speech))
@@ -450,6 +453,7 @@ async fn unknown_route(method: Method, uri: Uri) -> Response {
     json_response(StatusCode::NOT_FOUND, &body)
 }
 
+mod completions;
 mod voice;
 
 #[cfg(test)]
