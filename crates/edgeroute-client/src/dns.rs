@@ -286,7 +286,9 @@ async fn exchange(
 ) -> Result<Message, String> {
     let qname = Name::from_str(name).map_err(|e| format!("`{name}`: {e}"))?;
     let mut q = Message::query();
-    q.metadata.id = rand::random();
+    // An unpredictable id (off-path spoofing must guess it), without rand's thread_rng feature.
+    q.metadata.id =
+        rand::Rng::random(&mut <rand::rngs::SmallRng as rand::SeedableRng>::from_os_rng());
     q.metadata.recursion_desired = true;
     q.add_query(Query::query(qname.clone(), qtype));
     let bytes = q.to_vec().map_err(|e| e.to_string())?;

@@ -79,7 +79,7 @@ pub mod trust;
 
 pub use edgeroute_http::client::tls_config;
 pub use error::{AttemptReport, Attempts, ClientError, Side};
-pub use session::{Served, Session};
+pub use session::{RawAnswer, RawRequest, Served, Session};
 pub use stream::{ChatStream, StreamItem};
 pub use transport::{BoxIo, ConnectFuture, DnsFuture, Transport};
 
@@ -1520,7 +1520,32 @@ impl Client {
         session: &str,
         bearer: Option<&str>,
     ) -> Result<(http::Response<hyper::body::Incoming>, Option<MigrateHint>), String> {
-        let url = node.chat_url();
+        self.send_to(node, None, body, session, bearer).await
+    }
+
+    /// [`Client::send_chat`] to another endpoint: `raw` is its path (`/v1/embeddings`) and
+    /// its body's content type (a JSON body has its model renamed for a cascade's node; an
+    /// upload goes as it is).
+    pub(crate) async fn send_to(
+        &self,
+        node: &Candidate,
+        raw: Option<(&str, &str)>,
+        body: &Bytes,
+        session: &str,
+        bearer: Option<&str>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Option<MigrateHint>), String> {
+        let url = match raw {
+            None => node.chat_url(),
+            Some((path, _)) => {
+                let base = node.url.trim_end_matches('/');
+                match node.pool {
+                    // A pool's URL is its OpenAI base (`…/v1`).
+                    Some(_) => format!("{base}{}", path.strip_prefix("/v1").unwrap_or(path)),
+                    None => format!("{base}{path}"),
+                }
+            }
+        };
+        let json = raw.is_none_or(|(_, ct)| ct.starts_with("application/json"));
         let auth = match (&node.pool, bearer) {
             (Some(p), _) => Auth::Pool(p),
             (None, Some(t)) => Auth::Caller(t),
@@ -1528,10 +1553,14 @@ impl Client {
         };
         // A cascade's node (or a pool) serves another model id: the request names it.
         let body = match &node.serve_as {
-            Some(m) => rename_model(body, m)?,
-            None => body.clone(),
+            Some(m) if json => rename_model(body, m)?,
+            _ => body.clone(),
         };
         let mut req = self.request(Method::POST, &url, body, auth)?;
+        if let Some((_, ct)) = raw {
+            let ct = http::HeaderValue::from_str(ct).map_err(|e| format!("content type: {e}"))?;
+            req.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
         if let Ok(v) = http::HeaderValue::from_str(session) {
             req.headers_mut().insert(SESSION_HEADER, v);
         }

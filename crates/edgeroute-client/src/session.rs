@@ -21,6 +21,27 @@ use crate::machine::{Delivery, Kind, Outcome, Plan, Step, Turn};
 use crate::stream::{ChatStream, Forward};
 use crate::{Client, Query, SlotPermit, classify, fault_of, model_version, retry_after};
 
+/// A request to one of the node's endpoints beside chat ([`Session::call`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRequest {
+    /// The model it asks for (a pipeline session serves several).
+    pub model: String,
+    /// `/v1/audio/transcriptions`, `/v1/audio/translations`, `/v1/audio/speech`,
+    /// `/v1/embeddings`.
+    pub path: String,
+    /// The body's type (a multipart upload's carries its boundary).
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+/// A node's answer to a [`RawRequest`], read whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
 /// Who served an answer: the node the turn delivered from (its pool, and under a routing
 /// policy's cascade the reduced model it served as) and the model version the node reported
 /// (`x-edgeroute-model-version`). Taken from the attempt that answered, never from the plan:
@@ -173,6 +194,27 @@ impl Session {
         r.map(|((c, model_version), _, d)| (c, Served { node: d.node, model_version }))
     }
 
+    /// One request to another endpoint of the session's model — `/v1/audio/transcriptions`,
+    /// `/v1/audio/translations`, `/v1/audio/speech`, `/v1/embeddings` — with the failover
+    /// ladder of [`Session::chat`]: until a node answers, the whole request (an upload
+    /// included) is sent again to the next node. The answer is read whole (speech too: a
+    /// cut audio stream is a failed attempt, restarted on the standby, never half-delivered).
+    /// A node's refusal of the request itself (4xx) comes back as the answer.
+    pub async fn call(&self, req: &RawRequest) -> Result<(RawAnswer, Served), ClientError> {
+        if !req.path.starts_with("/v1/") || req.path.contains("..") {
+            return Err(ClientError::Invalid(format!("`{}` is not an endpoint path", req.path)));
+        }
+        let mut turn = Turn::new(&req.model, Kind::Json, self.begin_turn());
+        let (client, id, bearer) = (&self.client, self.id.as_str(), self.q.bearer.as_deref());
+        let r = client
+            .drive(&self.q, &mut turn, |node| async move {
+                client.attempt_raw(&node, req, id, bearer).await
+            })
+            .await;
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
+        r.map(|((a, model_version), _, d)| (a, Served { node: d.node, model_version }))
+    }
+
     /// A streamed chat completion. Before the first token it fails over (and hedges) like
     /// [`Session::chat`]; after it, a cut or stalled stream is continued on the next node and
     /// the caller sees one seamless stream.
@@ -312,6 +354,54 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// One attempt of [`Session::call`] on `node`, classified as a JSON chat attempt is: a
+    /// 2xx commits, a node's trouble fails over, the caller's own error is delivered.
+    async fn attempt_raw(
+        &self,
+        node: &Candidate,
+        req: &RawRequest,
+        session: &str,
+        bearer: Option<&str>,
+    ) -> (Outcome, Option<(RawAnswer, Option<String>)>) {
+        let t = Instant::now();
+        let raw = Some((req.path.as_str(), req.content_type.as_str()));
+        let work = async {
+            let (res, hint) = match self.send_to(node, raw, &req.body, session, bearer).await {
+                Ok(r) => r,
+                Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
+            };
+            let status = res.status();
+            let retry = retry_after(res.headers());
+            let fault = fault_of(status, res.headers());
+            let version = model_version(res.headers());
+            let content_type = res
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let what = format!("reading the answer: {e}");
+                    return (Outcome::Failed { side: Side::Network, what }, None);
+                }
+            };
+            if !status.is_success() {
+                let text = String::from_utf8_lossy(&body).into_owned();
+                return (classify(status, fault, text, hint, retry), None);
+            }
+            let answer = RawAnswer { status: status.as_u16(), content_type, body };
+            (Outcome::Committed { after: t.elapsed(), hint }, Some((answer, version)))
+        };
+        tokio::time::timeout(self.inner.cfg.request_timeout, work).await.unwrap_or_else(|_| {
+            let what = "no answer within the request timeout".to_owned();
+            (Outcome::Failed { side: Side::Network, what }, None)
+        })
     }
 
     /// One JSON attempt on `node`, classified.

@@ -286,6 +286,9 @@ pub use edgeroute_http::tls::TlsSection;
 pub struct Limits {
     /// Largest request body; larger gets 413. Default 4 MiB.
     pub max_body_bytes: usize,
+    /// Largest audio upload (`/v1/audio/transcriptions`, `/translations`: the whole form);
+    /// larger gets 413. Default 25 MiB, OpenAI's.
+    pub max_audio_bytes: usize,
     /// Time to receive a whole request body, from the end of its head (nginx's
     /// `client_body_timeout`, but total: a body trickled in a byte at a time is cut). Later
     /// gets 408. Default 15000 (4 MiB then needs about 2.2 Mbit/s).
@@ -355,6 +358,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 4 * 1024 * 1024,
+            max_audio_bytes: 25 * 1024 * 1024,
             body_read_timeout_ms: 15_000,
             max_buffered_body_bytes: 64 * 1024 * 1024,
             tenant_max_share: 0.5,
@@ -827,6 +831,7 @@ impl NodeConfig {
             ("limits.idle_timeout_ms", l.idle_timeout_ms),
             ("limits.stream_idle_timeout_ms", l.stream_idle_timeout_ms),
             ("limits.max_body_bytes", l.max_body_bytes as u64),
+            ("limits.max_audio_bytes", l.max_audio_bytes as u64),
             ("limits.body_read_timeout_ms", l.body_read_timeout_ms),
             ("limits.max_buffered_body_bytes", l.max_buffered_body_bytes as u64),
             ("limits.max_n", u64::from(l.max_n)),

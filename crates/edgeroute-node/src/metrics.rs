@@ -15,6 +15,11 @@ pub struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -25,6 +30,9 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabels, Counter>,
     pub backend_errors: Family<ReasonLabels, Counter>,
     pub ttft: Histogram,
+    /// Time to the first byte of the answer on the endpoints beside chat (first audio for
+    /// speech), by route.
+    pub first_byte: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub duration: Histogram,
     pub stream_chunks: Counter,
     pub streams_cancelled: Counter,
@@ -51,6 +59,10 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
     .into_iter()
 }
 
+fn first_byte_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("edgeroute_node");
@@ -59,6 +71,7 @@ impl Default for Metrics {
             rejected: Family::default(),
             backend_errors: Family::default(),
             ttft: Histogram::new(latency_buckets()),
+            first_byte: Family::new_with_constructor(first_byte_histogram),
             duration: Histogram::new(latency_buckets()),
             stream_chunks: Counter::default(),
             streams_cancelled: Counter::default(),
@@ -80,6 +93,11 @@ impl Default for Metrics {
             "ttft_seconds",
             "Time to first token of chat completions",
             m.ttft.clone(),
+        );
+        registry.register(
+            "first_byte_seconds",
+            "Time to the first byte of transcriptions, speech (first audio) and embeddings, by route",
+            m.first_byte.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -117,6 +135,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn first_byte(&self, route: &'static str, seconds: f64) {
+        self.first_byte.get_or_create(&RouteLabels { route }).observe(seconds);
+    }
+
     pub fn request(&self, route: &'static str, status: u16) {
         self.requests.get_or_create(&RequestLabels { route, status }).inc();
     }

@@ -15,7 +15,10 @@
 //!   refused, 403 `origin_not_allowed`: browsers send these, programs do not, and a refused CORS
 //!   preflight stops every non-simple request;
 //! - a `POST` must say `Content-Type: application/json`, else 415 `unsupported_media_type`: the
-//!   CORS "simple" form post (`text/plain`) a page can send without a preflight is refused.
+//!   CORS "simple" form post (`text/plain`) a page can send without a preflight is refused. The
+//!   audio uploads (`/v1/audio/transcriptions`, `/translations`) may also be
+//!   `multipart/form-data`: a browser sends `Origin` with every POST, so such a form reaching
+//!   this check without one (or with an allowed one) is a program's.
 //!
 //! The fleet's nodes then check the token on every request, and the SDK sends it only over TLS
 //! or to loopback.
@@ -92,6 +95,8 @@ fn served_by(served: &Served, h: &mut http::HeaderMap) {
 pub struct ProxyConfig {
     /// Largest request body, bytes. Default 4 MiB.
     pub max_body: usize,
+    /// Largest body of the other endpoints (an audio upload), bytes. Default 25 MiB.
+    pub max_upload: usize,
     /// Sessions kept at once; past this the least recently used is dropped. Default 10,000.
     pub max_sessions: usize,
     /// A session unused for this long is dropped. Default 10 minutes.
@@ -112,6 +117,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             max_body: DEFAULT_MAX_BODY,
+            max_upload: 25 * 1024 * 1024,
             max_sessions: 10_000,
             session_idle: Duration::from_secs(600),
             max_key_len: 128,
@@ -292,6 +298,10 @@ pub fn router_with(client: Client, cfg: ProxyConfig) -> Router {
     let st = Arc::new(Front::new(client, cfg));
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/audio/transcriptions", post(surface))
+        .route("/v1/audio/translations", post(surface))
+        .route("/v1/audio/speech", post(surface))
+        .route("/v1/embeddings", post(surface))
         .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ready"})) }))
         .route("/metrics", get(metrics))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
@@ -362,7 +372,11 @@ pub fn check_caller(
         )
         .fault(Side::Caller, false));
     }
-    if *method == Method::POST && !is_json(headers) {
+    // An audio upload is a multipart form, which a page could also post without a preflight;
+    // but a browser sends `Origin` with every POST (refused above unless allowed), so a form
+    // without one comes from a program. Only the upload routes take it.
+    let upload = matches!(uri.path(), "/v1/audio/transcriptions" | "/v1/audio/translations");
+    if *method == Method::POST && !is_json(headers) && !(upload && is_form(headers)) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "invalid_request_error",
@@ -372,6 +386,15 @@ pub fn check_caller(
         .fault(Side::Caller, false));
     }
     Ok(())
+}
+
+/// `Content-Type` is `multipart/form-data` (with its boundary).
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("multipart/form-data"))
 }
 
 /// `Content-Type` is `application/json`, parameters (`; charset=utf-8`) allowed.
@@ -515,6 +538,115 @@ async fn chat(State(st): State<Arc<State_>>, req: Request) -> Response {
     chat_for(&st, None, req).await
 }
 
+/// The session for (caller, session key, pipeline or model), made on first use.
+async fn session_for(
+    st: &Front,
+    caller: Option<&Caller>,
+    session_key: String,
+    pipeline: Option<String>,
+    model: &str,
+) -> Result<Arc<Session>, Response> {
+    let tenant = caller.map(|c| c.bearer.to_string()).unwrap_or_default();
+    let key = match &pipeline {
+        Some(p) => (tenant, session_key, p.clone(), String::new()),
+        None => (tenant, session_key, String::new(), model.to_owned()),
+    };
+    let cell = st.slot(key);
+    let session = cell
+        .get_or_try_init(|| async {
+            let s = match (&pipeline, caller) {
+                (Some(p), None) => st.client.pipeline_session(p, model).await,
+                (None, None) => st.client.session(model).await,
+                (Some(p), Some(c)) => st.client.pipeline_session_as(p, model, &c.bearer).await,
+                (None, Some(c)) => st.client.session_as(model, &c.bearer).await,
+            };
+            s.map(Arc::new)
+        })
+        .await;
+    match session {
+        Ok(s) => Ok(s.clone()),
+        Err(e) => Err(error_response(e)),
+    }
+}
+
+/// `/v1/audio/transcriptions`, `/translations`, `/speech` and `/v1/embeddings` through the
+/// SDK ([`Session::call`]): the model from the JSON body or the upload's `model` field, the
+/// session as for chat, the request re-sent whole to the next node until one answers.
+async fn surface(State(st): State<Arc<State_>>, req: Request) -> Response {
+    surface_for(&st, None, req).await
+}
+
+/// [`surface`] for `caller`.
+pub async fn surface_for(st: &Front, caller: Option<&Caller>, req: Request) -> Response {
+    let max = st.cfg.max_key_len;
+    let (session_key, pipeline) = match (
+        key_header(req.headers(), SESSION_HEADER, max),
+        key_header(req.headers(), PIPELINE_HEADER, max),
+    ) {
+        (Ok(s), Ok(p)) => (s.unwrap_or_else(|| "default".into()), p),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let path = req.uri().path().to_owned();
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let body = match edgeroute_http::json::read_body(req.into_body(), st.cfg.max_upload).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let model = match request_model(&content_type, &body).await {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let session = match session_for(st, caller, session_key, pipeline, &model).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    let raw = edgeroute_client::RawRequest { model, path, content_type, body };
+    match session.call(&raw).await {
+        Ok((answer, served)) => {
+            let mut res = Response::new(axum::body::Body::from(answer.body));
+            *res.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+            if let Some(ct) = answer.content_type.and_then(|c| http::HeaderValue::from_str(&c).ok())
+            {
+                res.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+            }
+            served_by(&served, res.headers_mut());
+            res
+        }
+        Err(e) => error_response(e),
+    }
+}
+
+/// The model a request names: its JSON `model`, or its multipart form's `model` field.
+async fn request_model(content_type: &str, body: &Bytes) -> Result<String, ApiError> {
+    let missing = || ApiError::invalid_request(Some("model"), "`model` is required.");
+    if content_type.starts_with("multipart/form-data") {
+        let boundary = multer::parse_boundary(content_type).map_err(|_| {
+            ApiError::invalid_request(Some("file"), "multipart/form-data without a boundary.")
+        })?;
+        let once = futures_util::stream::once(std::future::ready(Ok::<
+            Bytes,
+            std::convert::Infallible,
+        >(body.clone())));
+        let mut form = multer::Multipart::new(once, boundary);
+        while let Some(field) = form.next_field().await.map_err(|e| {
+            ApiError::invalid_request(Some("file"), format!("A malformed multipart form: {e}"))
+        })? {
+            if field.name() == Some("model") {
+                let text = field.text().await.map_err(|_| missing())?;
+                return if text.trim().is_empty() { Err(missing()) } else { Ok(text) };
+            }
+        }
+        return Err(missing());
+    }
+    let v: serde_json::Value = edgeroute_http::json::parse_json(body)?;
+    v["model"].as_str().filter(|m| !m.trim().is_empty()).map(str::to_owned).ok_or_else(missing)
+}
+
 /// The chat route for `caller` (`None`: the client's own token): a session per (caller,
 /// `x-edgeroute-session`, pipeline or model), its turn, the answer or the stream.
 pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Response {
@@ -535,28 +667,9 @@ pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Resp
     // with the token it was made with, so it is the caller's token (not only its tenant) that
     // keys it: a renewed token, or another token of the tenant with other claims (residency),
     // gets a session of its own rather than one holding an older, perhaps expired, token.
-    let tenant = caller.map(|c| c.bearer.to_string()).unwrap_or_default();
-    let key = match &pipeline {
-        Some(p) => (tenant, session_key, p.clone(), String::new()),
-        None => (tenant, session_key, String::new(), body.model.clone()),
-    };
-    let cell = st.slot(key);
-    let session = cell
-        .get_or_try_init(|| async {
-            let s = match (&pipeline, caller) {
-                (Some(p), None) => st.client.pipeline_session(p, &body.model).await,
-                (None, None) => st.client.session(&body.model).await,
-                (Some(p), Some(c)) => {
-                    st.client.pipeline_session_as(p, &body.model, &c.bearer).await
-                }
-                (None, Some(c)) => st.client.session_as(&body.model, &c.bearer).await,
-            };
-            s.map(Arc::new)
-        })
-        .await;
-    let session = match session {
-        Ok(s) => s.clone(),
-        Err(e) => return error_response(e),
+    let session = match session_for(st, caller, session_key, pipeline, &body.model).await {
+        Ok(s) => s,
+        Err(res) => return res,
     };
     if !body.stream {
         return match session.chat_served(&body).await {

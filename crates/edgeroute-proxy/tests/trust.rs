@@ -253,6 +253,31 @@ async fn a_post_without_a_json_content_type_is_refused() {
 }
 
 #[tokio::test]
+async fn an_audio_upload_may_be_a_form_but_never_from_a_page() {
+    let (p, _) = proxy(ProxyConfig::default()).await;
+    let host = p.to_string();
+    let head =
+        |extra: &str| format!("POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\n{extra}");
+    let form = "--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nw\r\n--x--\r\n";
+    // A page's form post carries Origin: refused before the route.
+    let (status, text) = send(
+        p,
+        &head("Content-Type: multipart/form-data; boundary=x\r\nOrigin: https://evil.example"),
+        form,
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    // A simple text post to the upload route: 415, as on chat.
+    let (status, text) = send(p, &head("Content-Type: text/plain"), "x").await;
+    assert_eq!(status, 415, "{text}");
+    // A program's form (no Origin) passes the check and reaches the route (no fleet here:
+    // whatever the SDK answers, it is not a refusal of the caller).
+    let (status, text) =
+        send(p, &head("Content-Type: multipart/form-data; boundary=x"), form).await;
+    assert!(![403, 415, 421].contains(&status), "{text}");
+}
+
+#[tokio::test]
 async fn the_loopback_json_caller_without_origin_is_served() {
     let cfg =
         ProxyConfig { allowed_hosts: vec!["proxy.internal".into()], ..ProxyConfig::default() };

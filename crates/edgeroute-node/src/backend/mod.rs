@@ -11,6 +11,7 @@ mod completions;
 pub mod gguf;
 mod openai;
 mod sim;
+pub mod surface;
 /// Public for the fuzz targets (`fuzz/`): templates render caller-supplied messages.
 pub mod template;
 pub mod triton;
@@ -237,6 +238,18 @@ impl Backend {
                 Backend::OpenAi(Box::new(OpenAiBackend::new(o, max_concurrency)?))
             }
         })
+    }
+
+    /// Runs a speech, transcription or embeddings request up to its first byte.
+    pub async fn surface(
+        &self,
+        call: surface::SurfaceCall,
+        idle: Duration,
+    ) -> Result<surface::SurfaceReply, BackendError> {
+        match self {
+            Backend::Sim(b) => b.surface(call, idle).await,
+            Backend::OpenAi(b) => b.surface(call).await,
+        }
     }
 
     /// Runs a request up to its commit point.

@@ -291,6 +291,111 @@ impl OpenAiBackend {
         self.send(self.endpoint.clone(), body, req.stream, guard).await
     }
 
+    /// Forwards a speech, transcription or embeddings request on its own path with the
+    /// client's bytes untouched, and streams the answer back from its first byte. Client
+    /// errors pass through; the upstream's trouble is the node's (502/504, the client fails
+    /// over). A model the upstream knows by another name has it rewritten in a JSON body; an
+    /// upload goes as it came (name the model alike on both sides for uploads).
+    pub async fn surface(
+        &self,
+        call: super::surface::SurfaceCall,
+    ) -> Result<super::surface::SurfaceReply, BackendError> {
+        use super::surface::SurfaceReply;
+        let models = self.models.load();
+        let requested = call.parsed.model().to_owned();
+        let Some(model) = models.iter().find(|m| m.id == requested) else {
+            return Err(BackendError::ModelNotFound(requested));
+        };
+        let guard = GpuGuard::new(self.in_flight.clone(), self.gpu_index(model));
+        let body = match (&model.upstream_name, call.endpoint.is_upload()) {
+            (Some(name), false) if *name != requested => {
+                let mut v: serde_json::Value = serde_json::from_slice(&call.raw)
+                    .map_err(|e| BackendError::Failed(format!("re-reading the request: {e}")))?;
+                v["model"] = name.clone().into();
+                Bytes::from(v.to_string())
+            }
+            _ => call.raw.clone(),
+        };
+        let uri: http::Uri = format!("{}{}", self.base, call.endpoint.path())
+            .parse()
+            .map_err(|e| BackendError::Failed(format!("upstream path: {e}")))?;
+        let mut builder =
+            Request::post(uri).header(header::CONTENT_TYPE, call.content_type.clone());
+        if let Some(key) = &self.api_key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = builder.body(Full::new(body)).map_err(|e| {
+            BackendError::Failed(format!("could not build the upstream request: {e}"))
+        })?;
+        let deadline = self.first_byte_timeout;
+        let started = tokio::time::Instant::now();
+        let response = match tokio::time::timeout(deadline, self.upstream.send(request)).await {
+            Err(_) => {
+                return Err(BackendError::Timeout(format!(
+                    "upstream sent no response within {} ms",
+                    deadline.as_millis()
+                )));
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(BackendError::Unavailable(format!(
+                    "cannot connect to the upstream: {}",
+                    source_text(&e)
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(BackendError::Failed(format!(
+                    "upstream request failed: {}",
+                    source_text(&e)
+                )));
+            }
+            Ok(Ok(r)) => r,
+        };
+        if !response.status().is_success() {
+            return Err(upstream_error(response).await);
+        }
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or_else(|| http::HeaderValue::from_static("application/octet-stream"));
+        let limit = self.max_response_bytes;
+        let frames = futures_util::stream::unfold(
+            (response.into_body(), guard, 0usize),
+            move |(mut body, guard, seen)| async move {
+                loop {
+                    match body.frame().await? {
+                        Err(e) => {
+                            let e = BackendError::Failed(format!("upstream answer cut: {e}"));
+                            return Some((Err(e), (body, guard, usize::MAX)));
+                        }
+                        Ok(f) => {
+                            let Ok(data) = f.into_data() else { continue };
+                            let seen = seen.saturating_add(data.len());
+                            if seen > limit {
+                                let e = BackendError::Failed(format!(
+                                    "the upstream answer exceeds {limit} bytes (max_response_bytes)"
+                                ));
+                                return Some((Err(e), (body, guard, seen)));
+                            }
+                            return Some((Ok(data), (body, guard, seen)));
+                        }
+                    }
+                }
+            },
+        )
+        // After an error or the limit, nothing more.
+        .take_while({
+            let mut failed = false;
+            move |item| {
+                let go = !failed;
+                failed |= item.is_err();
+                std::future::ready(go)
+            }
+        });
+        let remaining = deadline.saturating_sub(started.elapsed());
+        SurfaceReply::first_of(content_type, Box::pin(frames), remaining).await
+    }
+
     /// Continues the final (assistant) message through `/v1/completions`: the node renders the
     /// model's chat template up to the partial answer, and translates the completion back
     /// into the chat answer (or chunks) the client asked for.

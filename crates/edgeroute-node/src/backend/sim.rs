@@ -141,8 +141,136 @@ fn map_err(e: SimError) -> BackendError {
             ),
             retry_after: None,
         },
+        // The caller's audio, text or inputs: a 400 naming the field, never the node's fault.
+        SimError::InvalidInput { param, code, .. } => BackendError::Rejected {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorBody::new(
+                e.to_string(),
+                "invalid_request_error",
+                Some(param.into()),
+                Some(code),
+            ),
+            retry_after: None,
+        },
         SimError::Overloaded { .. } => BackendError::Overloaded(e.to_string()),
         SimError::Refused | SimError::Crashed => BackendError::Unavailable(e.to_string()),
         SimError::Injected | SimError::Cut { .. } => BackendError::Failed(e.to_string()),
     }
+}
+
+impl SimBackend {
+    /// Speech-to-text, text-to-speech and embeddings from the simulator, in OpenAI's shapes.
+    pub async fn surface(
+        &self,
+        call: super::surface::SurfaceCall,
+        idle: std::time::Duration,
+    ) -> Result<super::surface::SurfaceReply, BackendError> {
+        use super::surface::{Parsed, SurfaceReply, TranscriptFormat, base64_f32};
+        match call.parsed {
+            Parsed::Transcribe { model, audio, language, format, translate } => {
+                let language = if translate { Some("en") } else { language.as_deref() };
+                let t = self.sim.transcribe(&model, &audio, language).await.map_err(map_err)?;
+                let json = |v: serde_json::Value| {
+                    SurfaceReply::whole("application/json", Bytes::from(v.to_string()))
+                };
+                Ok(match format {
+                    TranscriptFormat::Json => json(serde_json::json!({ "text": t.text })),
+                    TranscriptFormat::Text => {
+                        SurfaceReply::whole("text/plain; charset=utf-8", Bytes::from(t.text + "\n"))
+                    }
+                    TranscriptFormat::VerboseJson => json(serde_json::json!({
+                        "task": if translate { "translate" } else { "transcribe" },
+                        "language": t.language,
+                        "duration": t.duration_s,
+                        "text": t.text,
+                        "segments": t.segments,
+                    })),
+                    TranscriptFormat::Srt | TranscriptFormat::Vtt => {
+                        let vtt = format == TranscriptFormat::Vtt;
+                        let text = captions(&t.segments, vtt);
+                        let ct =
+                            if vtt { "text/vtt; charset=utf-8" } else { "application/x-subrip" };
+                        SurfaceReply::whole(ct, Bytes::from(text))
+                    }
+                })
+            }
+            Parsed::Speech { model, input, voice, format } => {
+                // Unnamed: WAV, as the standalone simulator answers (it encodes no mp3).
+                let (fmt, ct) = match format.as_deref().unwrap_or("wav") {
+                    "wav" => (edgeroute_sim::AudioFormat::Wav, "audio/wav"),
+                    "pcm" => (edgeroute_sim::AudioFormat::Pcm, "audio/pcm"),
+                    other => {
+                        return Err(BackendError::Rejected {
+                            status: StatusCode::BAD_REQUEST,
+                            body: ErrorBody::new(
+                                format!(
+                                    "The simulator speaks `wav` or `pcm`, not `{other}`: set \
+                                     response_format."
+                                ),
+                                "invalid_request_error",
+                                Some("response_format".into()),
+                                Some("unsupported_response_format"),
+                            ),
+                            retry_after: None,
+                        });
+                    }
+                };
+                let audio = self.sim.speech(&model, &input, &voice, fmt).map_err(map_err)?;
+                let stream = audio.map(|r| r.map_err(map_err));
+                SurfaceReply::first_of(http::HeaderValue::from_static(ct), Box::pin(stream), idle)
+                    .await
+            }
+            Parsed::Embed { model, inputs, dimensions, base64 } => {
+                let vectors = self.sim.embed(&model, &inputs, dimensions).await.map_err(map_err)?;
+                // Tokens as the simulator counts them: about four characters each.
+                let tokens: usize = inputs.iter().map(|i| i.len().div_ceil(4).max(1)).sum();
+                let data: Vec<serde_json::Value> = vectors
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        let embedding = if base64 {
+                            serde_json::Value::from(base64_f32(v))
+                        } else {
+                            serde_json::json!(v)
+                        };
+                        serde_json::json!({ "object": "embedding", "index": i, "embedding": embedding })
+                    })
+                    .collect();
+                let body = serde_json::json!({
+                    "object": "list",
+                    "data": data,
+                    "model": model,
+                    "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+                });
+                Ok(SurfaceReply::whole("application/json", Bytes::from(body.to_string())))
+            }
+        }
+    }
+}
+
+/// SubRip or WebVTT captions of the transcript's segments.
+fn captions(segments: &[edgeroute_sim::Segment], vtt: bool) -> String {
+    use std::fmt::Write as _;
+    let stamp = |s: f64| {
+        let ms = (s.max(0.0) * 1000.0).round() as u64;
+        let sep = if vtt { '.' } else { ',' };
+        format!(
+            "{:02}:{:02}:{:02}{sep}{:03}",
+            ms / 3_600_000,
+            (ms / 60_000) % 60,
+            (ms / 1000) % 60,
+            ms % 1000
+        )
+    };
+    let mut out = String::new();
+    if vtt {
+        out.push_str("WEBVTT\n\n");
+    }
+    for (i, seg) in segments.iter().enumerate() {
+        if !vtt {
+            let _ = writeln!(out, "{}", i + 1);
+        }
+        let _ = writeln!(out, "{} --> {}\n{}\n", stamp(seg.start), stamp(seg.end), seg.text.trim());
+    }
+    out
 }

@@ -114,7 +114,10 @@ async fn chat_completions(
 }
 
 /// Counts a refusal by `reason` and passes it on.
-fn refused<'a>(st: &'a AppState, reason: &'static str) -> impl FnOnce(ApiError) -> ApiError + 'a {
+pub(super) fn refused<'a>(
+    st: &'a AppState,
+    reason: &'static str,
+) -> impl FnOnce(ApiError) -> ApiError + 'a {
     move |e| {
         st.metrics.reject(reason);
         e
@@ -128,79 +131,9 @@ async fn handle(
     body: Body,
     model: &mut Option<String>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
     let l = &st.limits;
-    // Admission first, from the head alone: a request the node will not serve costs it no
-    // body bytes.
-    let now = st.telemetry.now();
-    let session = headers
-        .get(SESSION_HEADER)
-        .map(|v| v.to_str().ok().filter(|s| is_hint_token(s)))
-        .map(|s| {
-            s.ok_or_else(|| {
-                ApiError::invalid_request(
-                    None,
-                    format!(
-                        "Header `{SESSION_HEADER}` must be 1-128 characters of [A-Za-z0-9._:-]."
-                    ),
-                )
-            })
-        })
-        .transpose()
-        .map_err(refused(st, "invalid_request"))?;
-    let known = session.is_some_and(|s| st.sessions.is_known(s, now));
-    let hint = match st.phase.load().admit(now, known) {
-        Admission::Admit(hint) => hint,
-        Admission::Refuse { code, hint } => {
-            st.metrics.reject(if code == "node_draining" { "draining" } else { "shutting_down" });
-            return Err(refusal(
-                code,
-                "This node is not accepting new sessions; move to another node.",
-                hint,
-            ));
-        }
-    };
-    let Some(slot) = st.telemetry.try_admit(l.max_concurrency) else {
-        st.metrics.reject("overloaded");
-        let hint = MigrateHint { reason: "overload".into(), deadline_ms: 0, to: None, model: None };
-        return Err(refusal(
-            "node_overloaded",
-            "This node is at its concurrency limit; retry on another node.",
-            hint,
-        ));
-    };
-    let Some(tenant_slot) = st.tenants.try_acquire(tenant) else {
-        st.metrics.reject("tenant_concurrency");
-        return Err(ApiError::new(
-            http::StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            Some("tenant_concurrency_exceeded"),
-            format!(
-                "This tenant has {} requests in flight on this node, its limit; retry on another node or when one ends.",
-                l.tenant_concurrency()
-            ),
-        )
-        .with_header(header::RETRY_AFTER, "1"));
-    };
-    let size = admission::declared_body(headers, l.max_body_bytes)
-        .map_err(refused(st, "body_too_large"))?;
-    let Some(body_room) = st.bodies.try_reserve(tenant, size) else {
-        st.metrics.reject("body_budget");
-        return Err(ApiError::unavailable(
-            "body_budget_exhausted",
-            "This node is receiving as many request bodies as it holds; retry on another node.",
-            1,
-        ));
-    };
-    let raw_body = admission::read_body(body, l.max_body_bytes, ms(l.body_read_timeout_ms))
-        .await
-        .inspect_err(|e| {
-        st.metrics.reject(match e.status.as_u16() {
-            408 => "body_timeout",
-            413 => "body_too_large",
-            _ => "invalid_request",
-        });
-    })?;
+    let Admitted { started, now, session, hint, slot, tenant_slot, body_room, body: raw_body } =
+        admit(st, tenant, headers, body, l.max_body_bytes).await?;
     let mut req: ChatCompletionRequest =
         edgeroute_http::json::parse_json(&raw_body).map_err(refused(st, "invalid_request"))?;
     req.validate()
@@ -294,6 +227,105 @@ async fn handle(
         res.headers_mut().insert(MODEL_VERSION_HEADER, v);
     }
     Ok(res)
+}
+
+/// What a request holds once admitted: its slots (released when dropped), its body, and the
+/// migrate hint the node's phase adds.
+pub(super) struct Admitted<'h> {
+    pub started: Instant,
+    pub now: Duration,
+    pub session: Option<&'h str>,
+    pub hint: Option<MigrateHint>,
+    pub slot: InFlight,
+    pub tenant_slot: TenantSlot,
+    pub body_room: admission::BodyRoom,
+    pub body: Bytes,
+}
+
+/// Admission, from the head first (a request the node will not serve costs it no body bytes):
+/// the session header, the node's phase, its concurrency, the tenant's share, the body budget;
+/// then the body within `max_body` bytes and the read deadline. Every refusal is counted.
+pub(super) async fn admit<'h>(
+    st: &AppState,
+    tenant: &Arc<str>,
+    headers: &'h HeaderMap,
+    body: Body,
+    max_body: usize,
+) -> Result<Admitted<'h>, ApiError> {
+    let started = Instant::now();
+    let l = &st.limits;
+    // Admission first, from the head alone: a request the node will not serve costs it no
+    // body bytes.
+    let now = st.telemetry.now();
+    let session = headers
+        .get(SESSION_HEADER)
+        .map(|v| v.to_str().ok().filter(|s| is_hint_token(s)))
+        .map(|s| {
+            s.ok_or_else(|| {
+                ApiError::invalid_request(
+                    None,
+                    format!(
+                        "Header `{SESSION_HEADER}` must be 1-128 characters of [A-Za-z0-9._:-]."
+                    ),
+                )
+            })
+        })
+        .transpose()
+        .map_err(refused(st, "invalid_request"))?;
+    let known = session.is_some_and(|s| st.sessions.is_known(s, now));
+    let hint = match st.phase.load().admit(now, known) {
+        Admission::Admit(hint) => hint,
+        Admission::Refuse { code, hint } => {
+            st.metrics.reject(if code == "node_draining" { "draining" } else { "shutting_down" });
+            return Err(refusal(
+                code,
+                "This node is not accepting new sessions; move to another node.",
+                hint,
+            ));
+        }
+    };
+    let Some(slot) = st.telemetry.try_admit(l.max_concurrency) else {
+        st.metrics.reject("overloaded");
+        let hint = MigrateHint { reason: "overload".into(), deadline_ms: 0, to: None, model: None };
+        return Err(refusal(
+            "node_overloaded",
+            "This node is at its concurrency limit; retry on another node.",
+            hint,
+        ));
+    };
+    let Some(tenant_slot) = st.tenants.try_acquire(tenant) else {
+        st.metrics.reject("tenant_concurrency");
+        return Err(ApiError::new(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            Some("tenant_concurrency_exceeded"),
+            format!(
+                "This tenant has {} requests in flight on this node, its limit; retry on another node or when one ends.",
+                l.tenant_concurrency()
+            ),
+        )
+        .with_header(header::RETRY_AFTER, "1"));
+    };
+    let size =
+        admission::declared_body(headers, max_body).map_err(refused(st, "body_too_large"))?;
+    let Some(body_room) = st.bodies.try_reserve(tenant, size) else {
+        st.metrics.reject("body_budget");
+        return Err(ApiError::unavailable(
+            "body_budget_exhausted",
+            "This node is receiving as many request bodies as it holds; retry on another node.",
+            1,
+        ));
+    };
+    let raw_body = admission::read_body(body, max_body, ms(l.body_read_timeout_ms))
+        .await
+        .inspect_err(|e| {
+            st.metrics.reject(match e.status.as_u16() {
+                408 => "body_timeout",
+                413 => "body_too_large",
+                _ => "invalid_request",
+            });
+        })?;
+    Ok(Admitted { started, now, session, hint, slot, tenant_slot, body_room, body: raw_body })
 }
 
 fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {

@@ -15,6 +15,7 @@ mod chat;
 mod info;
 mod manage;
 mod ratelimit;
+pub mod surface;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -33,6 +34,7 @@ use http::HeaderValue;
 use tower::util::MapResponseLayer;
 
 use crate::backend::Backend;
+use crate::backend::surface::Endpoint;
 use crate::config::{Limits, Telemetry as TelemetryConfig};
 use crate::lifecycle::{Phase, Sessions};
 use crate::metrics::Metrics;
@@ -187,6 +189,38 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
                 .route_service(
                     "/v1/chat/completions",
                     post_service(chat::ChatService::new(state.clone(), Scope::Inference)),
+                )
+                .route_service(
+                    "/v1/audio/transcriptions",
+                    post_service(surface::SurfaceService::new(
+                        state.clone(),
+                        Scope::Inference,
+                        Endpoint::Transcriptions,
+                    )),
+                )
+                .route_service(
+                    "/v1/audio/translations",
+                    post_service(surface::SurfaceService::new(
+                        state.clone(),
+                        Scope::Inference,
+                        Endpoint::Translations,
+                    )),
+                )
+                .route_service(
+                    "/v1/audio/speech",
+                    post_service(surface::SurfaceService::new(
+                        state.clone(),
+                        Scope::Inference,
+                        Endpoint::Speech,
+                    )),
+                )
+                .route_service(
+                    "/v1/embeddings",
+                    post_service(surface::SurfaceService::new(
+                        state.clone(),
+                        Scope::Inference,
+                        Endpoint::Embeddings,
+                    )),
                 )
                 .merge(inference);
             if !admin_listener && state.auth.is_some() { r.merge(admin) } else { r }
