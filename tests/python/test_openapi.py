@@ -52,7 +52,10 @@ NODE = schemathesis.openapi.from_path(ROOT / "api" / "node.openapi.yaml", config
 DISCOVERY = schemathesis.openapi.from_path(ROOT / "api" / "discovery.openapi.yaml", config=config())
 
 SIM = ('[backend]\nkind = "sim"\n[backend.sim]\nseed = 3\nttft_base_ms = 0\n'
-       'prefill_us_per_token = 0\ntokens_per_s = 0.0\n')
+       'prefill_us_per_token = 0\ntokens_per_s = 0.0\n'
+       # The voice surface as fast as it goes: the fuzzer's long inputs stay within its timeout.
+       'speech_ttfa_ms = 0\nspeech_realtime_factor = 0.0\ntranscribe_base_ms = 0\n'
+       'transcribe_ms_per_audio_s = 0\nembed_base_ms = 0\nembed_us_per_token = 0\n')
 # Room for the fuzzer: the per-tenant limit and the admission cap are not what is tested here.
 LIMITS = '[limits]\nrate_limit_per_s = 100000\nrate_limit_burst = 100000\n'
 

@@ -73,6 +73,11 @@ def check_surface(base, token):
     vecs = [d.embedding for d in e.data]
     assert len(vecs) == 3 and vecs[0] == vecs[2] and vecs[0] != vecs[1]
     assert abs(sum(x * x for x in vecs[0]) - 1.0) < 1e-3
+    done = c.completions.create(model="sim-llama", prompt="Once upon a time", max_tokens=8)
+    assert done.object == "text_completion" and done.usage.completion_tokens == 8
+    streamed = list(c.completions.create(model="sim-llama", prompt="Once upon a time",
+                                         max_tokens=8, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == done.choices[0].text
     b64 = c.embeddings.create(model="sim-llama", input="hello", encoding_format="base64")
     raw = base64.b64decode(b64.data[0].embedding)
     floats = struct.unpack(f"<{len(raw) // 4}f", raw)

@@ -68,6 +68,24 @@ struct Inner {
     connections: watch::Receiver<u64>,
 }
 
+/// The stream a KV bucket is made of (what async-nats's `create_key_value` would create):
+/// `history` values per key, each at most `max_message` bytes; deletes refused.
+fn kv_stream(bucket: &str, description: &str, history: i64, max_message: usize) -> stream::Config {
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: history,
+        max_message_size: i32::try_from(max_message).unwrap_or(i32::MAX),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..stream::Config::default()
+    }
+}
+
 /// The connect options `cfg`'s credentials and TLS settings give.
 async fn identity(cfg: &BusConfig) -> Result<ConnectOptions, BusError> {
     let mut options = ConnectOptions::new().require_tls(cfg.require_tls);
@@ -224,19 +242,8 @@ impl NatsBus {
         // `create_key_value` first reads account info in a shape nats-server 2.9 (Debian's)
         // does not send, and fails. This is the same stream config it would create.
         let bucket = &self.inner.bucket;
-        let config = stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("edgeroute: latest topology snapshot per node".to_owned()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_message_size: i32::try_from(MAX_MESSAGE_BYTES).unwrap_or(i32::MAX),
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..stream::Config::default()
-        };
+        let config =
+            kv_stream(bucket, "edgeroute: latest topology snapshot per node", 1, MAX_MESSAGE_BYTES);
         // Creating an identical stream is idempotent, so racing creators both succeed.
         self.timed("kv create", js.create_stream(config)).await?;
         self.timed("kv open", js.get_key_value(bucket.as_str())).await
@@ -260,19 +267,12 @@ impl NatsBus {
         // Created directly, as the topology's bucket is (see `open_or_create`). A value holds
         // one whole text: the stream's message limit is the text's plus room for headers.
         let max_message = cfg.max_policy_bytes.saturating_add(4096);
-        let config = stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("edgeroute: the routing policy in force (key current)".to_owned()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: i64::from(cfg.policy_history),
-            max_message_size: i32::try_from(max_message).unwrap_or(i32::MAX),
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..stream::Config::default()
-        };
+        let config = kv_stream(
+            bucket,
+            "edgeroute: the routing policy in force (key current)",
+            i64::from(cfg.policy_history),
+            max_message,
+        );
         self.timed("policy kv create", js.create_stream(config)).await?;
         self.timed("policy kv open", js.get_key_value(bucket)).await
     }
@@ -307,19 +307,8 @@ impl NatsBus {
             return Ok(store);
         }
         let max_message = crate::rollout::MAX_ROLLOUT_BYTES.saturating_add(4096);
-        let config = stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("edgeroute: model rollouts' state (key: the model)".to_owned()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_message_size: i32::try_from(max_message).unwrap_or(i32::MAX),
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..stream::Config::default()
-        };
+        let config =
+            kv_stream(bucket, "edgeroute: model rollouts' state (key: the model)", 1, max_message);
         self.timed("rollout kv create", js.create_stream(config)).await?;
         self.timed("rollout kv open", js.get_key_value(bucket)).await
     }

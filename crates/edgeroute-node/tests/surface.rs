@@ -60,6 +60,11 @@ fn requests() -> Vec<(&'static str, String, Vec<u8>)> {
             "application/json".into(),
             br#"{"model":"tts","input":["a","b"]}"#.to_vec(),
         ),
+        (
+            "/v1/completions",
+            "application/json".into(),
+            br#"{"model":"whisper","prompt":"Once upon a time","max_tokens":5}"#.to_vec(),
+        ),
     ]
 }
 
@@ -101,12 +106,18 @@ async fn each_endpoint_answers_an_inference_token_and_refuses_the_rest() {
                 assert_eq!(v["data"].as_array().unwrap().len(), 2);
                 assert_eq!(v["object"], "list");
             }
+            "/v1/completions" => {
+                let v = ok.json();
+                assert_eq!(v["object"], "text_completion");
+                assert_eq!(v["usage"]["completion_tokens"], 5);
+                assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty());
+            }
             _ => assert!(!ok.json()["text"].as_str().unwrap().trim().is_empty(), "{path}"),
         }
     }
     // Time to first byte per route.
     let m = String::from_utf8(get(node.addr, "/metrics", None).await.body.to_vec()).unwrap();
-    for route in ["transcriptions", "translations", "speech", "embeddings"] {
+    for route in ["transcriptions", "translations", "speech", "embeddings", "completions"] {
         let series = format!("edgeroute_node_first_byte_seconds_count{{route=\"{route}\"}} 1");
         assert!(m.contains(&series), "{series} in\n{m}");
         let ok = format!("edgeroute_node_requests_total{{route=\"{route}\",status=\"200\"}} 1");

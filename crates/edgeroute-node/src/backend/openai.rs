@@ -329,27 +329,7 @@ impl OpenAiBackend {
         })?;
         let deadline = self.first_byte_timeout;
         let started = tokio::time::Instant::now();
-        let response = match tokio::time::timeout(deadline, self.upstream.send(request)).await {
-            Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "upstream sent no response within {} ms",
-                    deadline.as_millis()
-                )));
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(BackendError::Unavailable(format!(
-                    "cannot connect to the upstream: {}",
-                    source_text(&e)
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(BackendError::Failed(format!(
-                    "upstream request failed: {}",
-                    source_text(&e)
-                )));
-            }
-            Ok(Ok(r)) => r,
-        };
+        let response = self.send_within(request, deadline).await?;
         if !response.status().is_success() {
             return Err(upstream_error(response).await);
         }
@@ -394,6 +374,29 @@ impl OpenAiBackend {
         });
         let remaining = deadline.saturating_sub(started.elapsed());
         SurfaceReply::first_of(content_type, Box::pin(frames), remaining).await
+    }
+
+    /// Sends `request` and waits (at most `deadline`) for the answer's head, classified:
+    /// no answer in time 504, no connection 502 (another node may answer), anything else 502.
+    async fn send_within(
+        &self,
+        request: Request<Full<Bytes>>,
+        deadline: Duration,
+    ) -> Result<http::Response<UpstreamBody>, BackendError> {
+        match tokio::time::timeout(deadline, self.upstream.send(request)).await {
+            Err(_) => Err(BackendError::Timeout(format!(
+                "upstream sent no response within {} ms",
+                deadline.as_millis()
+            ))),
+            Ok(Err(e)) if e.is_connect() => Err(BackendError::Unavailable(format!(
+                "cannot connect to the upstream: {}",
+                source_text(&e)
+            ))),
+            Ok(Err(e)) => {
+                Err(BackendError::Failed(format!("upstream request failed: {}", source_text(&e))))
+            }
+            Ok(Ok(r)) => Ok(r),
+        }
     }
 
     /// Continues the final (assistant) message through `/v1/completions`: the node renders the
@@ -465,27 +468,7 @@ impl OpenAiBackend {
 
         let deadline = if stream { self.first_byte_timeout } else { self.request_timeout };
         let started = tokio::time::Instant::now();
-        let response = match tokio::time::timeout(deadline, self.upstream.send(request)).await {
-            Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "upstream sent no response within {} ms",
-                    deadline.as_millis()
-                )));
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(BackendError::Unavailable(format!(
-                    "cannot connect to the upstream: {}",
-                    source_text(&e)
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(BackendError::Failed(format!(
-                    "upstream request failed: {}",
-                    source_text(&e)
-                )));
-            }
-            Ok(Ok(r)) => r,
-        };
+        let response = self.send_within(request, deadline).await?;
         let status = response.status();
         if !status.is_success() {
             return Err(upstream_error(response).await);

@@ -220,6 +220,45 @@ impl SimBackend {
                 SurfaceReply::first_of(http::HeaderValue::from_static(ct), Box::pin(stream), idle)
                     .await
             }
+            Parsed::Complete { model, prompt, max_tokens, stream, include_usage } => {
+                let mut req = ChatCompletionRequest::new(
+                    model.clone(),
+                    vec![edgeroute_proto::ChatMessage::new(edgeroute_proto::Role::User, prompt)],
+                );
+                req.max_tokens = Some(max_tokens);
+                let generation = self.sim.generate(&req).await.map_err(map_err)?;
+                let head = CompletionHead {
+                    id: format!("cmpl-sim-{}", generation.request_id()),
+                    created: edgeroute_core::clock::unix_ms() / 1000,
+                    model,
+                };
+                if stream {
+                    let frames = completion_frames(generation, head, include_usage);
+                    let ct = http::HeaderValue::from_static("text/event-stream");
+                    return SurfaceReply::first_of(ct, frames, idle).await;
+                }
+                let mut text = String::new();
+                let mut generation = generation;
+                loop {
+                    let next =
+                        tokio::time::timeout(idle, generation.next()).await.map_err(|_| {
+                            BackendError::Timeout("backend stalled while completing".into())
+                        })?;
+                    match next {
+                        None => {
+                            return Err(BackendError::Failed(
+                                "backend ended the completion without finishing it".into(),
+                            ));
+                        }
+                        Some(Err(e)) => return Err(map_err(e)),
+                        Some(Ok(SimEvent::Token(t))) => text.push_str(t),
+                        Some(Ok(SimEvent::Finish { reason, usage })) => {
+                            let body = head.chunk(&text, Some(reason), Some(usage));
+                            return Ok(SurfaceReply::whole("application/json", body));
+                        }
+                    }
+                }
+            }
             Parsed::Embed { model, inputs, dimensions, base64 } => {
                 let vectors = self.sim.embed(&model, &inputs, dimensions).await.map_err(map_err)?;
                 // Tokens as the simulator counts them: about four characters each.
@@ -246,6 +285,71 @@ impl SimBackend {
             }
         }
     }
+}
+
+/// What every text-completion answer or chunk repeats.
+struct CompletionHead {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl CompletionHead {
+    /// An answer (`usage` given) or a stream chunk, in OpenAI's `text_completion` shape.
+    fn chunk(
+        &self,
+        text: &str,
+        finish: Option<edgeroute_proto::FinishReason>,
+        usage: Option<edgeroute_proto::Usage>,
+    ) -> Bytes {
+        let mut v = serde_json::json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{ "text": text, "index": 0, "logprobs": null, "finish_reason": finish }],
+        });
+        if let Some(u) = usage {
+            v["usage"] = serde_json::json!(u);
+        }
+        Bytes::from(v.to_string())
+    }
+}
+
+/// A completion as SSE: a chunk per token, the finish chunk, the usage chunk when asked for,
+/// then `[DONE]`; an error ends the stream without `[DONE]`.
+fn completion_frames(
+    generation: Generation,
+    head: CompletionHead,
+    include_usage: bool,
+) -> super::surface::ByteStream {
+    let sse = |json: Bytes| {
+        let mut b = Vec::with_capacity(json.len() + 8);
+        b.extend_from_slice(b"data: ");
+        b.extend_from_slice(&json);
+        b.extend_from_slice(b"\n\n");
+        Bytes::from(b)
+    };
+    Box::pin(generation.flat_map(move |ev| {
+        let items: Vec<Result<Bytes, BackendError>> = match ev {
+            Ok(SimEvent::Token(t)) => vec![Ok(sse(head.chunk(t, None, None)))],
+            Ok(SimEvent::Finish { reason, usage }) => {
+                let mut v = vec![Ok(sse(head.chunk("", Some(reason), None)))];
+                if include_usage {
+                    let mut u = serde_json::json!({
+                        "id": head.id, "object": "text_completion", "created": head.created,
+                        "model": head.model, "choices": [],
+                    });
+                    u["usage"] = serde_json::json!(usage);
+                    v.push(Ok(sse(Bytes::from(u.to_string()))));
+                }
+                v.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+                v
+            }
+            Err(e) => vec![Err(map_err(e))],
+        };
+        futures_util::stream::iter(items)
+    }))
 }
 
 /// SubRip or WebVTT captions of the transcript's segments.

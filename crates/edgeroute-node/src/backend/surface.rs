@@ -26,6 +26,8 @@ pub enum Endpoint {
     Translations,
     Speech,
     Embeddings,
+    /// OpenAI's text completions (`/v1/completions`).
+    Completions,
 }
 
 impl Endpoint {
@@ -36,16 +38,18 @@ impl Endpoint {
             Endpoint::Translations => "/v1/audio/translations",
             Endpoint::Speech => "/v1/audio/speech",
             Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Completions => "/v1/completions",
         }
     }
 
     /// The metrics' `route` label.
-    pub fn route(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Endpoint::Transcriptions => "transcriptions",
             Endpoint::Translations => "translations",
             Endpoint::Speech => "speech",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Completions => "completions",
         }
     }
 
@@ -71,6 +75,8 @@ pub enum Parsed {
     Speech { model: String, input: String, voice: String, format: Option<String> },
     /// Embeddings of each input.
     Embed { model: String, inputs: Vec<String>, dimensions: Option<u32>, base64: bool },
+    /// A text completion of one prompt (`stream`: SSE, with the usage chunk when asked).
+    Complete { model: String, prompt: String, max_tokens: u32, stream: bool, include_usage: bool },
 }
 
 impl Parsed {
@@ -78,7 +84,8 @@ impl Parsed {
         match self {
             Parsed::Transcribe { model, .. }
             | Parsed::Speech { model, .. }
-            | Parsed::Embed { model, .. } => model,
+            | Parsed::Embed { model, .. }
+            | Parsed::Complete { model, .. } => model,
         }
     }
 }

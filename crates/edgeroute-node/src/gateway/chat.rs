@@ -171,19 +171,7 @@ async fn handle(
     let reply = st.backend.chat(req, ctx).await;
     // The body has reached the backend: its room is free for the next one.
     drop(body_room);
-    let reply = match reply {
-        Ok(r) => r,
-        Err(e) => {
-            if e.is_node_fault() {
-                st.telemetry.record(None, started.elapsed(), Outcome::Failed);
-                st.metrics.backend_error(e.kind());
-            } else {
-                // The backend refused the request itself (a prompt beyond the context...).
-                st.metrics.reject("backend_rejected");
-            }
-            return Err(e.to_api());
-        }
-    };
+    let reply = reply.map_err(|e| backend_failed(st, started, &e))?;
     let ttft = started.elapsed();
     st.metrics.ttft.observe(ttft.as_secs_f64());
     let mut res = match reply {
@@ -326,6 +314,18 @@ pub(super) async fn admit<'h>(
             });
         })?;
     Ok(Admitted { started, now, session, hint, slot, tenant_slot, body_room, body: raw_body })
+}
+
+/// A backend failure before the commit point: counted against the node when it is the node's
+/// (the backend refusing the request itself, a prompt beyond the context, is the caller's).
+pub(super) fn backend_failed(st: &AppState, started: Instant, e: &BackendError) -> ApiError {
+    if e.is_node_fault() {
+        st.telemetry.record(None, started.elapsed(), Outcome::Failed);
+        st.metrics.backend_error(e.kind());
+    } else {
+        st.metrics.reject("backend_rejected");
+    }
+    e.to_api()
 }
 
 fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {

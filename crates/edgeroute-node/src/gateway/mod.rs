@@ -215,6 +215,14 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
                     )),
                 )
                 .route_service(
+                    "/v1/completions",
+                    post_service(surface::SurfaceService::new(
+                        state.clone(),
+                        Scope::Inference,
+                        Endpoint::Completions,
+                    )),
+                )
+                .route_service(
                     "/v1/embeddings",
                     post_service(surface::SurfaceService::new(
                         state.clone(),

@@ -1,5 +1,6 @@
-//! `POST /v1/audio/transcriptions`, `/v1/audio/translations`, `/v1/audio/speech` and
-//! `/v1/embeddings`: the endpoints beside chat a voice agent uses (issue 19).
+//! `POST /v1/audio/transcriptions`, `/v1/audio/translations`, `/v1/audio/speech`,
+//! `/v1/embeddings` and `/v1/completions`: the endpoints beside chat a voice agent uses
+//! (issue 19).
 //!
 //! Each goes the chat route's way: the caller's token (inference scope), the tenant's rate
 //! limit, admission from the head (phase, concurrency, tenant share, body budget), the body
@@ -31,7 +32,7 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 
-use super::chat::{Admitted, MODEL_VERSION_HEADER, admit, refused};
+use super::chat::{Admitted, MODEL_VERSION_HEADER, admit, backend_failed, refused};
 use super::{AppState, auth, ratelimit};
 use crate::backend::surface::{Endpoint, Parsed, SurfaceCall, TranscriptFormat};
 use crate::config::ms;
@@ -42,7 +43,7 @@ pub const MAX_SPEECH_CHARS: usize = 4096;
 /// OpenAI's limit on embedding inputs per request.
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 /// Largest `dimensions` asked of an embedding.
-pub const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;
+pub const MAX_EMBEDDING_DIMENSIONS: u32 = 4096;
 
 /// One endpoint as a service (authentication inside, like the chat route).
 #[derive(Clone)]
@@ -95,7 +96,7 @@ async fn serve(st: AppState, scope: Scope, endpoint: Endpoint, req: Request) -> 
     {
         res.headers_mut().insert(MIGRATE_HEADER, v);
     }
-    st.metrics.request(endpoint.route(), res.status().as_u16());
+    st.metrics.request(endpoint.label(), res.status().as_u16());
     admitted.apply(res.headers_mut());
     res
 }
@@ -133,6 +134,7 @@ async fn handle(
         }
         Endpoint::Speech => parse_speech(&body),
         Endpoint::Embeddings => parse_embeddings(&body),
+        Endpoint::Completions => parse_completions(&body, l.max_output_tokens),
     }
     .map_err(refused(st, "invalid_request"))?;
     *model = Some(parsed.model().to_owned());
@@ -153,20 +155,9 @@ async fn handle(
     let idle = ms(l.stream_idle_timeout_ms);
     let reply = st.backend.surface(call, idle).await;
     drop(body_room);
-    let reply = match reply {
-        Ok(r) => r,
-        Err(e) => {
-            if e.is_node_fault() {
-                st.telemetry.record(None, started.elapsed(), Outcome::Failed);
-                st.metrics.backend_error(e.kind());
-            } else {
-                st.metrics.reject("backend_rejected");
-            }
-            return Err(e.to_api());
-        }
-    };
+    let reply = reply.map_err(|e| backend_failed(st, started, &e))?;
     let first_byte = started.elapsed();
-    st.metrics.first_byte(endpoint.route(), first_byte.as_secs_f64());
+    st.metrics.first_byte(endpoint.label(), first_byte.as_secs_f64());
     // The rest of the body, ending the request's hold on its slots when it ends (or when the
     // client goes away and the body is dropped), each chunk within the idle deadline.
     let st2 = st.clone();
@@ -317,6 +308,46 @@ pub fn parse_embeddings(body: &[u8]) -> Result<Parsed, ApiError> {
     Ok(Parsed::Embed { model, inputs, dimensions: b.dimensions, base64 })
 }
 
+#[derive(Deserialize)]
+struct CompletionsBody {
+    model: Option<String>,
+    prompt: Option<serde_json::Value>,
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<serde_json::Value>,
+}
+
+/// `max_tokens` when a completion sets none: OpenAI's and vLLM's default.
+pub const DEFAULT_COMPLETION_TOKENS: u32 = 16;
+
+/// `/v1/completions`' JSON: one prompt (a string, or an array of one string), `max_tokens`
+/// within the node's `max_output_tokens`.
+pub fn parse_completions(body: &[u8], max_output_tokens: u32) -> Result<Parsed, ApiError> {
+    use serde_json::Value;
+    let b: CompletionsBody = edgeroute_http::json::parse_json(body)?;
+    let model = required("model", b.model)?;
+    let prompt = match b.prompt {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(mut items)) if items.len() == 1 && items[0].is_string() => {
+            items.pop().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        }
+        None => return Err(bad("prompt", "`prompt` is required.")),
+        Some(_) => return Err(bad("prompt", "One prompt: a string, or an array of one string.")),
+    };
+    let max_tokens = b.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS);
+    if !(1..=max_output_tokens).contains(&max_tokens) {
+        return Err(bad("max_tokens", format!("Between 1 and {max_output_tokens}.")));
+    }
+    let include_usage = b
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(Parsed::Complete { model, prompt, max_tokens, stream: b.stream, include_usage })
+}
+
 /// Fields of a transcription form read, at most (a form is a handful).
 const MAX_FORM_FIELDS: usize = 32;
 /// Largest text field of the form, bytes.
@@ -410,6 +441,24 @@ mod tests {
             (format!(r#"{{"model":"t","input":"{}","voice":"a"}}"#, "x".repeat(4097)), "input"),
         ] {
             assert_eq!(param(parse_speech(body.as_bytes()).unwrap_err()), p, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_completion_is_one_prompt_within_the_ceiling() {
+        let ok = parse_completions(br#"{"model":"m","prompt":["hi"],"stream":true,"stream_options":{"include_usage":true}}"#, 100).unwrap();
+        assert!(matches!(
+            ok,
+            Parsed::Complete { max_tokens: 16, stream: true, include_usage: true, .. }
+        ));
+        for (body, p) in [
+            (r#"{"model":"m"}"#, "prompt"),
+            (r#"{"model":"m","prompt":["a","b"]}"#, "prompt"),
+            (r#"{"model":"m","prompt":[1,2]}"#, "prompt"),
+            (r#"{"model":"m","prompt":"a","max_tokens":101}"#, "max_tokens"),
+            (r#"{"prompt":"a"}"#, "model"),
+        ] {
+            assert_eq!(param(parse_completions(body.as_bytes(), 100).unwrap_err()), p, "{body}");
         }
     }
 
