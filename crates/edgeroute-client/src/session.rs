@@ -356,8 +356,7 @@ impl Client {
         }
     }
 
-    /// One attempt of [`Session::call`] on `node`, classified as a JSON chat attempt is: a
-    /// 2xx commits, a node's trouble fails over, the caller's own error is delivered.
+    /// One attempt of [`Session::call`] on `node`.
     async fn attempt_raw(
         &self,
         node: &Candidate,
@@ -365,10 +364,47 @@ impl Client {
         session: &str,
         bearer: Option<&str>,
     ) -> (Outcome, Option<(RawAnswer, Option<String>)>) {
-        let t = Instant::now();
         let raw = Some((req.path.as_str(), req.content_type.as_str()));
+        self.attempt_whole(node, raw, &req.body, session, bearer).await
+    }
+
+    /// One JSON chat attempt on `node`: [`Client::attempt_whole`], the answer parsed (a
+    /// malformed one is the backend's failure).
+    async fn attempt_json(
+        &self,
+        node: &Candidate,
+        body: &Bytes,
+        session: &str,
+        bearer: Option<&str>,
+    ) -> (Outcome, Option<(ChatCompletion, Option<String>)>) {
+        match self.attempt_whole(node, None, body, session, bearer).await {
+            (outcome, Some((answer, version))) => {
+                match serde_json::from_slice::<ChatCompletion>(&answer.body) {
+                    Ok(c) => (outcome, Some((c, version))),
+                    Err(e) => {
+                        let what = format!("malformed answer: {e}");
+                        (Outcome::Failed { side: Side::Backend, what }, None)
+                    }
+                }
+            }
+            (outcome, None) => (outcome, None),
+        }
+    }
+
+    /// One attempt whose answer is read whole (chat when `raw` is `None`, else the endpoint
+    /// and content type it names), classified: a 2xx commits, a node's trouble fails over, the
+    /// caller's own error is delivered; all within the request timeout.
+    async fn attempt_whole(
+        &self,
+        node: &Candidate,
+        raw: Option<(&str, &str)>,
+        body: &Bytes,
+        session: &str,
+        bearer: Option<&str>,
+    ) -> (Outcome, Option<(RawAnswer, Option<String>)>) {
+        let t = Instant::now();
         let work = async {
-            let (res, hint) = match self.send_to(node, raw, &req.body, session, bearer).await {
+            let (res, hint) = match self.send_to(node, raw, body, session, bearer).await {
                 Ok(r) => r,
                 Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
             };
@@ -397,52 +433,6 @@ impl Client {
             }
             let answer = RawAnswer { status: status.as_u16(), content_type, body };
             (Outcome::Committed { after: t.elapsed(), hint }, Some((answer, version)))
-        };
-        tokio::time::timeout(self.inner.cfg.request_timeout, work).await.unwrap_or_else(|_| {
-            let what = "no answer within the request timeout".to_owned();
-            (Outcome::Failed { side: Side::Network, what }, None)
-        })
-    }
-
-    /// One JSON attempt on `node`, classified.
-    async fn attempt_json(
-        &self,
-        node: &Candidate,
-        body: &Bytes,
-        session: &str,
-        bearer: Option<&str>,
-    ) -> (Outcome, Option<(ChatCompletion, Option<String>)>) {
-        let t = Instant::now();
-        let work = async {
-            let (res, hint) = match self.send_chat(node, body, session, bearer).await {
-                Ok(r) => r,
-                Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
-            };
-            let status = res.status();
-            let retry = retry_after(res.headers());
-            let fault = fault_of(status, res.headers());
-            let version = model_version(res.headers());
-            let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    let what = format!("reading the answer: {e}");
-                    return (Outcome::Failed { side: Side::Network, what }, None);
-                }
-            };
-            if !status.is_success() {
-                let text = String::from_utf8_lossy(&body).into_owned();
-                return (classify(status, fault, text, hint, retry), None);
-            }
-            match serde_json::from_slice::<ChatCompletion>(&body) {
-                Ok(c) => (Outcome::Committed { after: t.elapsed(), hint }, Some((c, version))),
-                Err(e) => {
-                    let what = format!("malformed answer: {e}");
-                    (Outcome::Failed { side: Side::Backend, what }, None)
-                }
-            }
         };
         tokio::time::timeout(self.inner.cfg.request_timeout, work).await.unwrap_or_else(|_| {
             let what = "no answer within the request timeout".to_owned();
