@@ -181,6 +181,13 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
 
 /// Parses a JSON body, naming the offending parameter on failure (`messages[0].role`, or the
 /// missing field).
+/// A JSON request body as `T`, or the refusal to answer with: the body's own trouble (too
+/// large, cut) or the JSON's (a 400 naming the field).
+fn read_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+    let body = body.map_err(|e| ApiError::from_body(&e).into_response())?;
+    parse_json(&body).map_err(IntoResponse::into_response)
+}
+
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let bad = |e: serde_json::Error, param: Option<String>| {
@@ -214,13 +221,9 @@ async fn chat_completions(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return ApiError::from_body(&e).into_response(),
-    };
-    let req: ChatCompletionRequest = match parse_json(&body) {
+    let req: ChatCompletionRequest = match read_json(body) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(refusal) => return refusal,
     };
     if let Err(e) = req.validate() {
         return ApiError::invalid(e.message, Some(e.param)).into_response();
@@ -421,13 +424,9 @@ async fn get_faults(State(st): State<AppState>) -> Response {
 }
 
 async fn put_faults(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return ApiError::from_body(&e).into_response(),
-    };
-    let faults: Faults = match parse_json(&body) {
+    let faults: Faults = match read_json(body) {
         Ok(f) => f,
-        Err(e) => return e.into_response(),
+        Err(refusal) => return refusal,
     };
     match st.sim.set_faults(faults) {
         Ok(()) => json_response(StatusCode::OK, &st.sim.faults()),

@@ -25,9 +25,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    ApiError, AppState, DONE, data_frame, error_frame, json_response, parse_json, to_json,
-};
+use super::{ApiError, AppState, DONE, data_frame, error_frame, json_response, read_json, to_json};
 use crate::engine::{Generation, SimEvent};
 use crate::error::SimError;
 use edgeroute_core::clock;
@@ -140,13 +138,9 @@ pub(super) async fn completions(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return ApiError::from_body(&e).into_response(),
-    };
-    let req: CompletionRequest = match parse_json(&body) {
+    let req: CompletionRequest = match read_json(body) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(refusal) => return refusal,
     };
     let prompt = match the_prompt(req.prompt) {
         Ok(p) => p,

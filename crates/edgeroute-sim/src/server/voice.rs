@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ApiError, AppState, MAX_BODY_BYTES, json_response, parse_json};
+use super::{ApiError, AppState, MAX_BODY_BYTES, json_response, read_json};
 use crate::audio::{AudioFormat, Transcript};
 use crate::embed::embedding_tokens;
 use crate::error::SimError;
@@ -299,13 +299,9 @@ pub(super) async fn speech(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return ApiError::from_body(&e).into_response(),
-    };
-    let req: SpeechRequest = match parse_json(&body) {
+    let req: SpeechRequest = match read_json(body) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(refusal) => return refusal,
     };
     let format = match req.response_format.as_deref() {
         None | Some("wav") => AudioFormat::Wav,
@@ -414,13 +410,9 @@ pub(super) async fn embeddings(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => return ApiError::from_body(&e).into_response(),
-    };
-    let req: EmbeddingsRequest = match parse_json(&body) {
+    let req: EmbeddingsRequest = match read_json(body) {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(refusal) => return refusal,
     };
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
