@@ -21,6 +21,8 @@
 //! - [`compare`]: DNS-style, central proxy, edgeroute and an oracle on one emulated network
 //!   (`edgeroute-lab bench fleet`).
 //! - [`chart`]: PNG charts for reports.
+//! - [`voice`]: what the lab sends to the voice surface (WAV clips, the multipart upload,
+//!   the speech, embeddings and completions bodies) and reads back from a node's `/metrics`.
 
 pub mod batch_bench;
 pub mod bus_bench;
@@ -40,4 +42,5 @@ pub mod relay;
 pub mod sdk_bench;
 pub mod soak;
 pub mod synthetic;
+pub mod voice;
 pub mod wan;
