@@ -312,6 +312,12 @@ const PERCENTILES_PLOT_H: u32 = 480;
 /// far as the largest series has samples for). The legend, under the plot, gives each series'
 /// p50, p99 and count. [`WIDTH`] wide; as tall as the legend needs.
 pub fn ttft_percentiles(title: &str, series: &[Series]) -> io::Result<Chart> {
+    latency_percentiles(title, "time to first token (ms, log scale)", series)
+}
+
+/// [`ttft_percentiles`] for another latency (each series' `ttft_ms` holds it), `x_desc` naming
+/// it on the x axis.
+pub fn latency_percentiles(title: &str, x_desc: &str, series: &[Series]) -> io::Result<Chart> {
     register_font()?; // the legend's layout measures text
     let sorted: Vec<Vec<f64>> = series
         .iter()
@@ -389,7 +395,7 @@ pub fn ttft_percentiles(title: &str, series: &[Series]) -> io::Result<Chart> {
         };
         chart
             .configure_mesh()
-            .x_desc("time to first token (ms, log scale)")
+            .x_desc(x_desc)
             .y_desc("percentile of turns (% at or below)")
             .x_label_formatter(&|v| fmt_ms(*v))
             .y_label_formatter(&ylabel)

@@ -4,9 +4,11 @@
 //! models: every node serves the LLM, speech-to-text and text-to-speech sit on some, and
 //! `van-1` holds the three-GPU voice pipeline), one discovery replica per region on the
 //! embedded bus (or NATS), and voice-agent clients in every region using the SDK over emulated
-//! WAN links ([`crate::wan`], real-geography RTTs). Each turn is STT → LLM stream → TTS,
-//! each model on the session its client pinned for it: discovery once, probes, pin, then
-//! straight to the node.
+//! WAN links ([`crate::wan`], real-geography RTTs). Each turn is a real voice turn: a WAV clip
+//! uploaded to `/v1/audio/transcriptions`, its transcript streamed through the LLM, the answer
+//! sent to `/v1/audio/speech` — each model on the session its client pinned for it
+//! (discovery once, probes, pin, then straight to the node), the audio calls through
+//! `Session::call`'s failover ladder.
 //! The story, phase by phase: steady traffic; a model loaded on a node at run time and
 //! traffic finding it; a node drained (sessions move between turns); a node killed mid-stream
 //! (answers continued on another node); the whole control plane stopped (new sessions start
@@ -18,18 +20,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use edgeroute_client::{Client, ClientConfig, Stats};
+use edgeroute_client::{Client, ClientConfig, RawRequest, Session, Stats};
 use edgeroute_proto::{ChatCompletionRequest, ChatMessage, Role};
 
 use crate::compare::report::BUCKETS;
 use crate::fleet::{FleetAuth, FleetBackend, FleetSpec, LLM, STT, TTS};
 use crate::relay::Relay;
+use crate::voice::{self, RouteFigures};
 use crate::wan::{LinkSpec, Wan, geo_rtt_ms};
 
 /// The model loaded at run time, and where.
 const LOADED: &str = "sim-qwen";
 const LOAD_ON: usize = 5;
 
+/// The voice the answers are spoken in.
+const VOICE: &str = "alloy";
+
+/// What callers say: the prompts of LLM-only turns; in voice turns, a clip per prompt (its
+/// transcript, the simulator's, is what the LLM is asked).
 const PROMPTS: [&str; 4] = [
     "What's the weather like in Vancouver this afternoon?",
     "Book me a table for two in Toronto tomorrow at seven.",
@@ -121,6 +129,9 @@ impl DemoOpts {
 struct Fleet {
     spec: FleetSpec,
     relays: Arc<std::sync::Mutex<Vec<Relay>>>,
+    /// Each node's own listener (behind its relay): the operator's view of `/metrics`, which
+    /// a cut relay (a node "killed" for its clients) leaves readable.
+    node_addrs: Vec<SocketAddr>,
     /// Every client region's delayed links to every node (real geography).
     wan: Wan,
     node_stops: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -141,12 +152,90 @@ type During = Box<dyn FnOnce(&PhaseResult) + Send>;
 struct PhaseResult {
     turns: usize,
     failed: usize,
-    /// The LLM answer's first token, from the turn's start (after STT).
+    /// Failed turns by the step that failed (`stt`, `llm`, `tts`) and why, first words only.
+    failures: std::collections::BTreeMap<String, usize>,
+    /// The transcription answered, from the turn's start (voice turns).
+    stt_ms: Vec<f64>,
+    /// The LLM answer's first token, from the LLM request (after STT).
     ttft_ms: Vec<f64>,
-    /// The whole turn: STT, the LLM's whole answer, TTS.
-    turn_ms: Vec<f64>,
+    /// Voice turns: from the turn's start (its audio sent) to the speech answer in hand, whole
+    /// (`Session::call` reads an answer whole: see [`speak`]). LLM-only turns: to the LLM's
+    /// last token.
+    answered_ms: Vec<f64>,
     /// The LLM's node per turn.
     nodes: std::collections::BTreeMap<String, usize>,
+    /// What the nodes' `/metrics` counted during the phase, over every node.
+    stt_node: RouteFigures,
+    tts_node: RouteFigures,
+}
+
+/// Why a turn failed: the step, and the error's first words.
+#[derive(Debug)]
+struct TurnError {
+    step: &'static str,
+    what: String,
+}
+
+impl TurnError {
+    fn at(step: &'static str) -> impl Fn(anyhow::Error) -> TurnError {
+        move |e| TurnError { step, what: format!("{e:#}") }
+    }
+
+    /// `stt: every candidate failed` — the key failures are counted under.
+    fn key(&self) -> String {
+        let short: String = self.what.chars().take(60).collect();
+        format!("{}: {short}", self.step)
+    }
+}
+
+/// One transcription through the session's failover ladder: the clip uploaded as
+/// `multipart/form-data` (a `model` field, a `file` part), the transcript's text back.
+async fn transcribe(stt: &Session, audio: &[u8], turn: usize) -> Result<String> {
+    let (content_type, body) = voice::transcription_form(STT, &format!("turn-{turn}.wav"), audio);
+    let req = RawRequest {
+        model: STT.into(),
+        path: voice::TRANSCRIPTIONS_PATH.into(),
+        content_type,
+        body,
+    };
+    let (answer, served) = stt.call(&req).await?;
+    anyhow::ensure!(
+        (200..300).contains(&answer.status),
+        "{} answered {}: {}",
+        served.node.id,
+        answer.status,
+        String::from_utf8_lossy(&answer.body)
+    );
+    let text = voice::transcript_text(&answer.body)
+        .with_context(|| format!("{}: no transcript in the answer", served.node.id))?;
+    anyhow::ensure!(!text.trim().is_empty(), "{}: an empty transcript", served.node.id);
+    Ok(text)
+}
+
+/// The answer spoken, through the session's failover ladder: `/v1/audio/speech` asked for WAV.
+///
+/// `Session::call` reads the answer whole (a speech stream cut mid-audio is restarted on the
+/// standby, never half-delivered), and the SDK has no streamed raw call: the caller has the
+/// audio when the whole of it has arrived, so that is what the demo times ("speech
+/// answered"). The first audio byte left the node earlier; the node's own time to first
+/// audio (`edgeroute_node_first_byte_seconds{route="speech"}`) is reported beside it.
+async fn speak(tts: &Session, text: &str) -> Result<usize> {
+    let req = RawRequest {
+        model: TTS.into(),
+        path: voice::SPEECH_PATH.into(),
+        content_type: "application/json".into(),
+        body: voice::speech_body(TTS, text, VOICE),
+    };
+    let (answer, served) = tts.call(&req).await?;
+    anyhow::ensure!(
+        (200..300).contains(&answer.status),
+        "{} answered {}: {}",
+        served.node.id,
+        answer.status,
+        String::from_utf8_lossy(&answer.body)
+    );
+    anyhow::ensure!(voice::is_wav(&answer.body), "{}: the answer is not WAV audio", served.node.id);
+    Ok(answer.body.len())
 }
 
 /// The demo's fleet ([`FleetSpec::canada`]) with the demo's secret and backend.
@@ -195,12 +284,14 @@ async fn start_fleet(
         })
     };
     let mut relays = Vec::new();
+    let mut node_addrs = Vec::new();
     let mut node_stops = Vec::new();
     let models_root = dir.join("models");
     std::fs::create_dir_all(models_root.join(LOADED))?;
     let spec = fleet_spec(&secret_file, backend);
     for i in 0..spec.nodes.len() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        node_addrs.push(listener.local_addr()?);
         // Clients reach the node through a relay the demo can cut (a node dying).
         let relay = Relay::start(listener.local_addr()?).await?;
         let mut cfg = spec.node_config(i, Some(format!("http://{}", relay.addr())));
@@ -230,6 +321,7 @@ async fn start_fleet(
     Ok(Fleet {
         spec,
         relays: Arc::new(std::sync::Mutex::new(relays)),
+        node_addrs,
         wan,
         node_stops,
         discovery,
@@ -345,6 +437,43 @@ impl Fleet {
         Ok(())
     }
 
+    /// Every node's `/metrics` (read on its own listener, behind the relay) for the voice
+    /// routes: transcriptions and speech, summed over the nodes.
+    async fn voice_figures(&self) -> Result<(RouteFigures, RouteFigures)> {
+        let (mut stt, mut tts) = (RouteFigures::default(), RouteFigures::default());
+        for addr in &self.node_addrs {
+            let uri: http::Uri = format!("http://{addr}/metrics").parse()?;
+            let res = tokio::time::timeout(Duration::from_secs(5), http_client().get(uri))
+                .await
+                .with_context(|| format!("{addr}/metrics did not answer in 5 s"))??;
+            let body = http_body_util::BodyExt::collect(res.into_body()).await?.to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            stt = stt.plus(RouteFigures::of(&text, "transcriptions"));
+            tts = tts.plus(RouteFigures::of(&text, "speech"));
+        }
+        Ok((stt, tts))
+    }
+
+    /// [`phase`], with what the nodes counted on the voice routes meanwhile.
+    async fn phase(
+        &self,
+        opts: &DemoOpts,
+        salt: u64,
+        clients: &[Client],
+        llm: &str,
+        during: Option<During>,
+    ) -> Result<PhaseResult> {
+        if !opts.voice() {
+            return Ok(phase(opts, salt, clients, llm, during).await);
+        }
+        let before = self.voice_figures().await.context("reading the nodes' metrics")?;
+        let mut r = phase(opts, salt, clients, llm, during).await;
+        let after = self.voice_figures().await.context("reading the nodes' metrics")?;
+        r.stt_node = after.0.since(before.0);
+        r.tts_node = after.1.since(before.1);
+        Ok(r)
+    }
+
     /// An operator's call to a node's admin API; the answer's status must be a success.
     async fn admin_post(&self, node: usize, path: &str, body: String) -> Result<()> {
         let token = self.mint("operator", edgeroute_auth::Scope::Admin)?;
@@ -367,44 +496,52 @@ async fn phase(
     for i in 0..opts.sessions {
         let client = clients[i % clients.len()].clone();
         let results = results.clone();
-        let (turns, spacing, voice, llm) =
+        let (turns, spacing, voiced, llm) =
             (opts.turns, opts.spacing(), opts.voice(), llm.to_owned());
         tasks.spawn(async move {
             // Sessions arrive over time, as callers do, not all in the same millisecond.
             tokio::time::sleep(spacing * i as u32).await;
-            let fail_all = |results: &std::sync::Mutex<PhaseResult>| {
+            let fail_all = |results: &std::sync::Mutex<PhaseResult>,
+                            e: edgeroute_client::ClientError| {
                 if let Ok(mut r) = results.lock() {
                     r.turns += turns;
                     r.failed += turns;
+                    let e = TurnError { step: "session", what: e.to_string() };
+                    *r.failures.entry(e.key()).or_default() += turns;
                 }
             };
             // One session per model, each pinned to the best node serving it.
-            let Ok(s) = client.session(&llm).await else { return fail_all(&results) };
+            let s = match client.session(&llm).await {
+                Ok(s) => s,
+                Err(e) => return fail_all(&results, e),
+            };
             let mut speech = None;
-            if voice {
+            if voiced {
                 match tokio::try_join!(client.session(STT), client.session(TTS)) {
                     Ok(pair) => speech = Some(pair),
-                    Err(_) => return fail_all(&results),
+                    Err(e) => return fail_all(&results, e),
                 }
             }
             for t in 0..turns {
-                let prompt = PROMPTS[(i + t + salt as usize) % PROMPTS.len()];
+                let k = i + t + salt as usize;
+                let prompt = PROMPTS[k % PROMPTS.len()];
+                // The caller's words as audio: 2 to 3 s, a clip per prompt and session.
+                let clip = speech
+                    .as_ref()
+                    .map(|_| voice::clip(k as u64, 2.0 + (k % 3) as f64 * 0.5, voice::CLIP_RATE));
                 let start = Instant::now();
                 let mut node = String::new();
-                let mut ttft = None;
+                let (mut ttft, mut heard_at) = (None, None);
                 let outcome = async {
-                    // STT: the caller's audio (here, its transcript) in, text out.
-                    let heard = match speech.as_mut() {
-                        Some((stt, _)) => {
-                            let mut req = ChatCompletionRequest::new(
-                                STT,
-                                vec![ChatMessage::new(Role::User, prompt)],
-                            );
-                            req.max_tokens = Some(8);
-                            stt.chat(&req).await?;
-                            prompt.to_owned()
+                    // STT: the caller's audio in, its transcript out.
+                    let heard = match (&speech, &clip) {
+                        (Some((stt, _)), Some(audio)) => {
+                            let text =
+                                transcribe(stt, audio, t).await.map_err(TurnError::at("stt"))?;
+                            heard_at = Some(start.elapsed());
+                            text
                         }
-                        None => prompt.to_owned(),
+                        _ => prompt.to_owned(),
                     };
                     let mut req = ChatCompletionRequest::new(
                         llm.as_str(),
@@ -412,26 +549,24 @@ async fn phase(
                     );
                     req.max_tokens = Some(24);
                     let llm_start = Instant::now();
-                    let mut stream = s.chat_stream(&req).await?;
+                    let llm_failed =
+                        |e: edgeroute_client::ClientError| TurnError::at("llm")(e.into());
+                    let mut stream = s.chat_stream(&req).await.map_err(llm_failed)?;
                     node = stream.node().to_owned();
                     let mut answer = String::new();
                     while let Some(c) = stream.next().await {
-                        let c = c?;
+                        let c = c.map_err(llm_failed)?;
                         ttft.get_or_insert_with(|| llm_start.elapsed());
                         for choice in &c.choices {
                             answer.push_str(choice.delta.content.as_deref().unwrap_or_default());
                         }
                     }
-                    // TTS: the answer in, audio (here, text) out.
-                    if let Some((_, tts)) = speech.as_mut() {
-                        let mut req = ChatCompletionRequest::new(
-                            TTS,
-                            vec![ChatMessage::new(Role::User, answer)],
-                        );
-                        req.max_tokens = Some(8);
-                        tts.chat(&req).await?;
+                    // TTS: the answer in, audio out.
+                    if let Some((_, tts)) = &speech {
+                        let input = if answer.trim().is_empty() { "…" } else { answer.as_str() };
+                        speak(tts, input).await.map_err(TurnError::at("tts"))?;
                     }
-                    Ok::<_, edgeroute_client::ClientError>(())
+                    Ok::<_, TurnError>(())
                 }
                 .await;
                 if let Ok(mut r) = results.lock() {
@@ -439,10 +574,16 @@ async fn phase(
                     match outcome {
                         Ok(()) => {
                             r.ttft_ms.push(ttft.unwrap_or_default().as_secs_f64() * 1000.0);
-                            r.turn_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+                            r.answered_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+                            if let Some(h) = heard_at {
+                                r.stt_ms.push(h.as_secs_f64() * 1000.0);
+                            }
                             *r.nodes.entry(node).or_default() += 1;
                         }
-                        Err(_) => r.failed += 1,
+                        Err(e) => {
+                            r.failed += 1;
+                            *r.failures.entry(e.key()).or_default() += 1;
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(30)).await;
@@ -504,23 +645,92 @@ fn total(clients: &[Client]) -> Stats {
     clients.iter().map(Client::stats).fold(Stats::default(), |a, b| a + b)
 }
 
-fn record(name: &str, r: &PhaseResult, clients: &[Client], before: &mut Stats, md: &mut String) {
-    let now = total(clients);
-    let (p50, p99) = (pct(&r.ttft_ms, 0.5), pct(&r.ttft_ms, 0.99));
-    let turn_p50 = pct(&r.turn_ms, 0.5);
-    let (failovers, moves) = (now.failovers - before.failovers, now.migrations - before.migrations);
+/// The summary table's header: voice turns get the audio columns, LLM-only turns the turn time.
+fn table_header(voiced: bool) -> &'static str {
+    if voiced {
+        "| phase | turns | failed | STT p50 (ms) | TTFT p50 (ms) | TTFT p99 (ms) | speech answered p50 (ms) | speech answered p99 (ms) | node first audio (ms) | node STT / TTS answers | failovers | moves | lists from cache | LLM nodes used |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    } else {
+        "| phase | turns | failed | TTFT p50 (ms) | TTFT p99 (ms) | turn p50 (ms) | failovers | moves | lists from cache | LLM nodes used |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    }
+}
+
+/// What the table's columns mean, under it (voice turns).
+const VOICE_NOTES: &str = "STT: the turn's start (its audio sent) to the transcript in hand. TTFT: the LLM request to its \
+first token. Speech answered: the turn's start to the whole speech answer in hand — `Session::call` reads an answer whole \
+(the SDK has no streamed raw call), so this is when the caller can play the audio, not when its first byte left the node; \
+the simulated TTS (the simulator's defaults) answers its first audio 80 ms after it starts, then a second of audio every \
+100 ms (10× real time), so a spoken answer of several seconds arrives whole most of a second after its first byte. \
+Node first audio: the nodes' own time to the speech answer's first byte (`edgeroute_node_first_byte_seconds{route=\"speech\"}`, \
+mean over the phase). Node STT / TTS answers: 200s on `/v1/audio/transcriptions` and `/v1/audio/speech`, every node's \
+`/metrics` (a failed-over call counts once per node that answered it).";
+
+/// One phase's row of the summary table; `clients` is the clients' stats over the phase.
+fn summary_row(name: &str, r: &PhaseResult, clients: &Stats, voiced: bool) -> String {
     let nodes: Vec<String> = r.nodes.iter().map(|(n, c)| format!("{n}×{c}")).collect();
-    println!(
-        "   {} turns, {} failed, TTFT p50 {p50:.0} ms p99 {p99:.0} ms, failovers {failovers}, moves {moves}",
-        r.turns, r.failed
+    let (p50, p99) = (pct(&r.ttft_ms, 0.5), pct(&r.ttft_ms, 0.99));
+    let tail = format!(
+        "{} | {} | {} | {} |",
+        clients.failovers,
+        clients.migrations,
+        clients.cached_lists,
+        nodes.join(" ")
     );
-    md.push_str(&format!(
-        "| {name} | {} | {} | {p50:.0} | {p99:.0} | {turn_p50:.0} | {failovers} | {moves} | {} | {} |\n",
+    if !voiced {
+        let turn_p50 = pct(&r.answered_ms, 0.5);
+        return format!(
+            "| {name} | {} | {} | {p50:.0} | {p99:.0} | {turn_p50:.0} | {tail}\n",
+            r.turns, r.failed
+        );
+    }
+    let first_audio =
+        r.tts_node.mean_first_byte_ms().map_or("—".to_owned(), |m| format!("{m:.0}"));
+    format!(
+        "| {name} | {} | {} | {:.0} | {p50:.0} | {p99:.0} | {:.0} | {:.0} | {first_audio} | {:.0} / {:.0} | {tail}\n",
         r.turns,
         r.failed,
-        now.cached_lists - before.cached_lists,
-        nodes.join(" ")
-    ));
+        pct(&r.stt_ms, 0.5),
+        pct(&r.answered_ms, 0.5),
+        pct(&r.answered_ms, 0.99),
+        r.stt_node.ok,
+        r.tts_node.ok,
+    )
+}
+
+fn record(
+    name: &str,
+    r: &PhaseResult,
+    clients: &[Client],
+    before: &mut Stats,
+    voiced: bool,
+    md: &mut String,
+) {
+    let now = total(clients);
+    let delta = Stats {
+        failovers: now.failovers - before.failovers,
+        migrations: now.migrations - before.migrations,
+        cached_lists: now.cached_lists - before.cached_lists,
+        ..Stats::default()
+    };
+    let (p50, p99) = (pct(&r.ttft_ms, 0.5), pct(&r.ttft_ms, 0.99));
+    let audio = if voiced {
+        format!(
+            ", speech answered p50 {:.0} ms p99 {:.0} ms",
+            pct(&r.answered_ms, 0.5),
+            pct(&r.answered_ms, 0.99)
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "   {} turns, {} failed, TTFT p50 {p50:.0} ms p99 {p99:.0} ms{audio}, failovers {}, moves {}",
+        r.turns, r.failed, delta.failovers, delta.migrations
+    );
+    for (why, n) in &r.failures {
+        println!("     failed ×{n}: {why}");
+    }
+    md.push_str(&summary_row(name, r, &delta, voiced));
     *before = now;
 }
 
@@ -538,8 +748,9 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
         DemoBackend::Sim => println!(
             "edgeroute demo: 6 simulator nodes in 3 regions (every node serves the LLM; speech-to-text and\n\
              text-to-speech on some; van-1 holds the three-GPU voice pipeline), a discovery replica per region,\n\
-             voice-agent clients in every region (each turn: STT → LLM stream → TTS) over emulated WAN links\n\
-             (same region 3 ms RTT, Toronto-Montreal 9 ms, to Vancouver 60-66 ms)\n"
+             voice-agent clients in every region over emulated WAN links (same region 3 ms RTT, Toronto-Montreal\n\
+             9 ms, to Vancouver 60-66 ms); each turn: a WAV clip to /v1/audio/transcriptions, the transcript\n\
+             streamed through the LLM, the answer to /v1/audio/speech\n"
         ),
         DemoBackend::OpenAi { upstream, model } => println!(
             "edgeroute demo: 6 nodes in 3 regions in front of {upstream} ({model}), a discovery replica per region,\n\
@@ -560,16 +771,15 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     let clients: Vec<Client> =
         (0..3).map(|r| fleet.client(r, opts.seed + r as u64)).collect::<Result<_>>()?;
 
-    let mut md = String::from(
-        "| phase | turns | failed | TTFT p50 (ms) | TTFT p99 (ms) | turn p50 (ms) | failovers | moves | lists from cache | LLM nodes used |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
-    );
+    let voiced = opts.voice();
+    let mut md = String::from(table_header(voiced));
     let mut before = total(&clients);
 
     let mut phases: Vec<(String, PhaseResult)> = Vec::new();
     println!("1. steady traffic: each session pins the node that answers its region fastest");
     fleet.mark("phase 1: steady traffic");
-    let r = phase(&opts, 0, &clients, opts.llm(), None).await;
-    record("steady", &r, &clients, &mut before, &mut md);
+    let r = fleet.phase(&opts, 0, &clients, opts.llm(), None).await?;
+    record("steady", &r, &clients, &mut before, voiced, &mut md);
     phases.push(("steady".into(), r));
 
     let mut n = 2;
@@ -595,8 +805,8 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
             "   listed by discovery {listed} ms after the load call (the simulator takes 800 ms to load)"
         );
         fleet.mark(format!("{LOADED} listed ({listed} ms after the load call)"));
-        let r = phase(&opts, 4, &clients, LOADED, None).await;
-        record(&format!("{LOADED} loaded on {node}"), &r, &clients, &mut before, &mut md);
+        let r = fleet.phase(&opts, 4, &clients, LOADED, None).await?;
+        record(&format!("{LOADED} loaded on {node}"), &r, &clients, &mut before, voiced, &mut md);
         phases.push((format!("{LOADED} loaded on {node}"), r));
         n += 1;
     }
@@ -604,8 +814,8 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     println!("{n}. tor-1 is drained: its sessions finish the turn, then move");
     fleet.mark(format!("phase {n}: tor-1 drained"));
     fleet.admin_post(2, "/admin/drain", "{\"deadline_ms\": 60000}".into()).await?;
-    let r = phase(&opts, 1, &clients, opts.llm(), None).await;
-    record("tor-1 drained", &r, &clients, &mut before, &mut md);
+    let r = fleet.phase(&opts, 1, &clients, opts.llm(), None).await?;
+    record("tor-1 drained", &r, &clients, &mut before, voiced, &mut md);
     phases.push(("tor-1 drained".into(), r));
 
     n += 1;
@@ -631,10 +841,10 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
             }
         }) as During
     };
-    let r = phase(&opts, 2, &clients, opts.llm(), Some(kill)).await;
+    let r = fleet.phase(&opts, 2, &clients, opts.llm(), Some(kill)).await?;
     let victim = victim.lock().map(|v| v.clone()).unwrap_or_default();
     println!("   ({victim} was killed)");
-    record(&format!("{victim} killed mid-stream"), &r, &clients, &mut before, &mut md);
+    record(&format!("{victim} killed mid-stream"), &r, &clients, &mut before, voiced, &mut md);
     phases.push((format!("{victim} killed mid-stream"), r));
 
     n += 1;
@@ -648,8 +858,8 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     let cold: Vec<Client> =
         (0..3).map(|r| fleet.client(r, opts.seed + 10 + r as u64)).collect::<Result<_>>()?;
     before = total(&cold);
-    let r = phase(&opts, 3, &cold, opts.llm(), None).await;
-    record("discovery down, new clients", &r, &cold, &mut before, &mut md);
+    let r = fleet.phase(&opts, 3, &cold, opts.llm(), None).await?;
+    record("discovery down, new clients", &r, &cold, &mut before, voiced, &mut md);
     phases.push(("discovery down, new clients".into(), r));
     if let Some(dir) = &opts.report {
         let timeline = fleet.timeline.lock().map(|t| t.clone()).unwrap_or_default();
@@ -662,6 +872,9 @@ pub async fn run(opts: DemoOpts) -> Result<String> {
     }
     std::fs::remove_dir_all(&dir).ok();
     println!("\n{md}");
+    if voiced {
+        println!("{VOICE_NOTES}\n");
+    }
     Ok(md)
 }
 
@@ -726,7 +939,7 @@ fn write_report(
     let mut md = format!(
         "# edgeroute demo report\n\nSix nodes ({}) in Vancouver, Toronto and Montreal; a discovery replica per \
          region on the {} bus; clients in every region over emulated WAN links. {} sessions × {} turns ({}) per \
-         phase, seed {}.\n\n## Summary\n\n{summary}\n## Time to first token, per phase (turns per bucket)\n\n",
+         phase, seed {}.\n\n## Summary\n\n{summary}\n{}## Time to first token, per phase (turns per bucket)\n\n",
         match &opts.backend {
             DemoBackend::Sim => "simulators; the voice pipeline on van-1".to_owned(),
             DemoBackend::OpenAi { upstream, model } => format!("in front of {upstream}, {model}"),
@@ -734,8 +947,13 @@ fn write_report(
         if opts.nats.is_some() { "NATS" } else { "embedded" },
         opts.sessions,
         opts.turns,
-        if opts.voice() { "STT → LLM stream → TTS" } else { "LLM stream" },
-        opts.seed
+        if opts.voice() {
+            "a WAV clip to `/v1/audio/transcriptions` → the transcript through the LLM, streamed → the answer to `/v1/audio/speech`"
+        } else {
+            "LLM stream"
+        },
+        opts.seed,
+        if opts.voice() { format!("{VOICE_NOTES}\n\n") } else { String::new() },
     );
     md.push_str("| phase |");
     for (lo, hi) in BUCKETS {
@@ -768,6 +986,26 @@ fn write_report(
          stretched) whose LLM answer began within a time to first token (x, ms, log scale), a \
          line per phase.*\n",
     );
+    if opts.voice() {
+        let series: Vec<crate::chart::Series> = phases
+            .iter()
+            .map(|(name, r)| crate::chart::Series {
+                name: name.clone(),
+                ttft_ms: r.answered_ms.clone(),
+            })
+            .collect();
+        crate::chart::latency_percentiles(
+            "Speech answered (whole), per phase",
+            "turn start to the whole speech answer (ms, log scale)",
+            &series,
+        )?
+        .save(&dir.join("speech.png"))?;
+        md.push_str(
+            "\n![Speech answered per phase](speech.png)\n\n*Share of voice turns (y, as a \
+             percentile) whose speech answer was in hand, whole, within a time from the turn's \
+             start (x, ms, log scale), a line per phase.*\n",
+        );
+    }
     // The timeline as a chart: phases as bands, faults as red lines, a lane per kind of
     // client decision.
     let mut chart = crate::chart::Timeline {
@@ -833,9 +1071,24 @@ mod tests {
             backend: DemoBackend::Sim,
         };
         let md = run(opts).await.expect("demo");
+        assert!(md.starts_with(table_header(true)), "{md}");
         for line in md.lines().skip(2) {
             let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+            assert_eq!(cols[2], "18", "turns in: {line}");
             assert_eq!(cols[3], "0", "failed turns in: {line}");
+            // Every turn went through the audio endpoints: the nodes answered at least one
+            // transcription and one speech request per turn (a failed-over call counts on
+            // each node that answered it).
+            let (stt, tts) = cols[10].split_once(" / ").expect("STT / TTS answers");
+            let (stt, tts): (u32, u32) = (stt.parse().expect("stt"), tts.parse().expect("tts"));
+            assert!(stt >= 18 && tts >= 18, "the audio routes' answers, on the nodes: {line}");
+            // And the times are the audio's: a transcription, then the whole speech answer (at
+            // least a second of audio paced at 10× real time) after the LLM's first token.
+            let ms = |c: usize| cols[c].parse::<f64>().unwrap_or_else(|_| panic!("{c}: {line}"));
+            let (stt_p50, ttft_p50, answered_p50, first_audio) = (ms(4), ms(5), ms(7), ms(9));
+            assert!(stt_p50 >= 50.0, "transcription is not free: {line}");
+            assert!(answered_p50 > stt_p50 + ttft_p50 + 100.0, "{line}");
+            assert!(first_audio >= 80.0 && first_audio < answered_p50, "{line}");
         }
         assert_eq!(md.lines().count(), 7, "{md}");
         let loaded =
@@ -846,6 +1099,7 @@ mod tests {
         );
         let written = std::fs::read_to_string(report.join("report.md")).expect("report.md");
         assert!(written.contains("## Time to first token, per phase"), "{written}");
+        assert!(written.contains("Speech answered: the turn's start"), "{written}");
         let victim = FleetSpec::canada()
             .nodes
             .into_iter()
@@ -857,10 +1111,39 @@ mod tests {
             "on the timeline: {written}"
         );
         assert!(written.contains("failover "), "the failovers are on the timeline: {written}");
-        for png in ["ttft.png", "timeline.png"] {
+        for png in ["ttft.png", "speech.png", "timeline.png"] {
             let bytes = std::fs::read(report.join(png)).expect(png);
             assert_eq!(&bytes[..4], b"\x89PNG", "{png}");
         }
+    }
+
+    #[test]
+    fn a_summary_row_has_a_cell_per_column() {
+        let r = PhaseResult {
+            turns: 4,
+            failed: 1,
+            stt_ms: vec![100.0, 120.0, 140.0],
+            ttft_ms: vec![20.0, 30.0, 40.0],
+            answered_ms: vec![900.0, 1000.0, 1100.0],
+            nodes: [("tor-1".to_owned(), 3)].into(),
+            stt_node: RouteFigures { ok: 3.0, first_bytes: 3.0, first_byte_s: 0.3 },
+            tts_node: RouteFigures { ok: 4.0, first_bytes: 4.0, first_byte_s: 0.36 },
+            ..PhaseResult::default()
+        };
+        let stats = Stats { failovers: 1, migrations: 2, cached_lists: 3, ..Stats::default() };
+        let row = summary_row("steady", &r, &stats, true);
+        assert_eq!(
+            row,
+            "| steady | 4 | 1 | 120 | 30 | 40 | 1000 | 1100 | 90 | 3 / 4 | 1 | 2 | 3 | tor-1×3 |\n"
+        );
+        let columns = |s: &str| s.lines().next().map_or(0, |l| l.matches('|').count());
+        assert_eq!(columns(&row), columns(table_header(true)));
+        let plain = summary_row("steady", &r, &stats, false);
+        assert_eq!(plain, "| steady | 4 | 1 | 30 | 40 | 1000 | 1 | 2 | 3 | tor-1×3 |\n");
+        assert_eq!(columns(&plain), columns(table_header(false)));
+        // No speech answered in the phase: no mean to show.
+        let none = PhaseResult::default();
+        assert!(summary_row("x", &none, &Stats::default(), true).contains("| — | 0 / 0 |"));
     }
 
     /// `--backend openai --upstream URL`: every node in front of one OpenAI-compatible server
@@ -897,6 +1180,7 @@ mod tests {
             backend: DemoBackend::OpenAi { upstream, model },
         };
         let md = run(opts).await.expect("demo");
+        assert!(md.starts_with(table_header(false)), "no audio columns: {md}");
         assert_eq!(md.lines().count(), 6, "four phases, no load phase: {md}");
         for line in md.lines().skip(2) {
             let cols: Vec<&str> = line.split('|').map(str::trim).collect();
