@@ -16,6 +16,14 @@
 //! renders the figures with the machine, the exact command, and every rate that was not
 //! sustained marked as such.
 //!
+//! Beside chat, [`GatewayBenchOpts::endpoints`] adds the voice surface's endpoints (issue 19):
+//! `/v1/embeddings` and `/v1/completions` (JSON), `/v1/audio/transcriptions` (a multipart
+//! upload of a small WAV clip) and `/v1/audio/speech` (a WAV stream: time to its first byte
+//! and to its end), each direct, through nginx and through the gateway (LiteLLM and the
+//! router stay on chat). The simulator runs them at zero latency too (`--zero-latency` zeroes
+//! transcription, speech and embedding delays as it does chat's), so only proxy overhead
+//! remains.
+//!
 //! It reports; it asserts nothing about the figures. The load generator shares the machine's
 //! cores with the servers, and the report says so.
 
@@ -65,6 +73,169 @@ impl TargetKind {
     }
 }
 
+/// A workload of the benchmark: chat (in each of [`GatewayBenchOpts::modes`]) or one of the
+/// endpoints beside it (issue 19), each asked of the same model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    Chat,
+    /// `POST /v1/embeddings`: one input, a JSON answer.
+    Embeddings,
+    /// `POST /v1/completions`: one prompt, a JSON answer (not streamed).
+    Completions,
+    /// `POST /v1/audio/transcriptions`: a multipart upload of a [`UPLOAD_CLIP_S`] s WAV clip,
+    /// a JSON transcript.
+    Transcriptions,
+    /// `POST /v1/audio/speech`: the prompt spoken as a WAV stream, timed to its first byte
+    /// (first audio) and to its end.
+    Speech,
+}
+
+/// The clip `/v1/audio/transcriptions` uploads: seconds at [`crate::voice::CLIP_RATE`] Hz.
+pub const UPLOAD_CLIP_S: f64 = 1.0;
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::Chat,
+        Endpoint::Embeddings,
+        Endpoint::Completions,
+        Endpoint::Transcriptions,
+        Endpoint::Speech,
+    ];
+
+    /// Its name on the command line (`--endpoints`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Completions => "completions",
+            Endpoint::Transcriptions => "transcriptions",
+            Endpoint::Speech => "speech",
+        }
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => loadgen::CHAT_PATH,
+            Endpoint::Embeddings => crate::voice::EMBEDDINGS_PATH,
+            Endpoint::Completions => crate::voice::COMPLETIONS_PATH,
+            Endpoint::Transcriptions => crate::voice::TRANSCRIPTIONS_PATH,
+            Endpoint::Speech => crate::voice::SPEECH_PATH,
+        }
+    }
+
+    /// `--endpoints`' value: names separated by commas, or `all`.
+    pub fn parse_list(s: &str) -> Result<Vec<Endpoint>, String> {
+        if s.trim() == "all" {
+            return Ok(Endpoint::ALL.to_vec());
+        }
+        let mut out = Vec::new();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let e: Endpoint = name.parse()?;
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+        if out.is_empty() {
+            return Err("no endpoint named".into());
+        }
+        Ok(out)
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Endpoint::ALL.into_iter().find(|e| e.name() == s).ok_or_else(|| {
+            format!(
+                "unknown endpoint {s:?} (expected chat, embeddings, completions, transcriptions, speech or all)"
+            )
+        })
+    }
+}
+
+/// One workload's request: where it goes, its body and how its answer is read.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub endpoint: Endpoint,
+    pub mode: Mode,
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+impl Workload {
+    /// The request for a non-chat `endpoint` (chat: [`Workload::chat`]): `model` everywhere,
+    /// `prompt` as the embedding input, completion prompt and speech input.
+    pub fn endpoint(
+        endpoint: Endpoint,
+        model: &str,
+        prompt: &str,
+        max_tokens: u32,
+    ) -> anyhow::Result<Workload> {
+        let json = |body: Bytes, mode: Mode| Workload {
+            endpoint,
+            mode,
+            content_type: "application/json".into(),
+            body,
+        };
+        Ok(match endpoint {
+            Endpoint::Chat => bail!("chat's workloads come from its modes"),
+            Endpoint::Embeddings => json(crate::voice::embeddings_body(model, prompt), Mode::Json),
+            Endpoint::Completions => {
+                json(crate::voice::completions_body(model, prompt, max_tokens), Mode::Json)
+            }
+            Endpoint::Speech => {
+                json(crate::voice::speech_body(model, prompt, "alloy"), Mode::Bytes)
+            }
+            Endpoint::Transcriptions => {
+                let clip = crate::voice::clip(1, UPLOAD_CLIP_S, crate::voice::CLIP_RATE);
+                let (content_type, body) =
+                    crate::voice::transcription_form(model, "clip.wav", &clip);
+                Workload { endpoint, mode: Mode::Json, content_type, body }
+            }
+        })
+    }
+
+    /// Chat in `mode` (JSON or SSE).
+    pub fn chat(
+        model: &str,
+        prompt: &str,
+        max_tokens: u32,
+        mode: Mode,
+    ) -> anyhow::Result<Workload> {
+        Ok(Workload {
+            endpoint: Endpoint::Chat,
+            mode,
+            content_type: "application/json".into(),
+            body: loadgen::chat_body(model, prompt, max_tokens, mode)?,
+        })
+    }
+
+    /// Whether a successful answer's body is what the endpoint answers (checked once per
+    /// target before loading it: a proxy that mangles an upload or an audio stream fails
+    /// the run there). Chat's answers are checked by the load generator's own reading.
+    pub fn check_answer(&self, body: &[u8]) -> Result<(), String> {
+        let json = || serde_json::from_slice::<serde_json::Value>(body).map_err(|e| e.to_string());
+        let ok = match self.endpoint {
+            Endpoint::Chat => true,
+            Endpoint::Embeddings => {
+                json()?["data"][0]["embedding"].as_array().is_some_and(|v| !v.is_empty())
+            }
+            Endpoint::Completions => json()?["choices"][0]["text"].is_string(),
+            Endpoint::Transcriptions => {
+                crate::voice::transcript_text(body).is_some_and(|t| !t.trim().is_empty())
+            }
+            Endpoint::Speech => crate::voice::is_wav(body),
+        };
+        if ok {
+            Ok(())
+        } else {
+            let head = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            Err(format!("not a {} answer: {head:?}", self.endpoint.name()))
+        }
+    }
+}
+
 /// What to run. [`GatewayBenchOpts::new`] gives the published configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayBenchOpts {
@@ -91,7 +262,10 @@ pub struct GatewayBenchOpts {
     /// Also measure `edgeroute router` (and its discovery replica) in front of the gateway:
     /// the router's added latency is its row minus the gateway's.
     pub router: bool,
+    /// Chat's modes (JSON, SSE).
     pub modes: Vec<Mode>,
+    /// The workloads: chat (in each of `modes`) and the endpoints beside it. Default: chat.
+    pub endpoints: Vec<Endpoint>,
     /// Intended requests per second, one phase each.
     pub rates: Vec<f64>,
     /// Measured time per target and phase, split evenly over `rounds`.
@@ -136,6 +310,7 @@ impl GatewayBenchOpts {
             gateway_worker_threads: 1,
             router: false,
             modes: vec![Mode::Json, Mode::Stream],
+            endpoints: vec![Endpoint::Chat],
             rates: vec![20.0, 1000.0, 5000.0],
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(2),
@@ -220,9 +395,10 @@ pub struct Row {
     pub cpu_per_request_ns: Option<u64>,
 }
 
-/// One mode at one rate, all targets loaded at that rate.
+/// One workload (an endpoint, in a mode) at one rate, all its targets loaded at that rate.
 #[derive(Debug, Clone)]
 pub struct Phase {
+    pub endpoint: Endpoint,
     pub mode: Mode,
     pub rate: f64,
     pub rows: Vec<Row>,
@@ -263,11 +439,22 @@ pub struct GatewayBenchReport {
     pub late_threshold: Duration,
     pub targets: Vec<TargetInfo>,
     pub phases: Vec<Phase>,
+    /// Each workload's request and answer sizes (the answer as the direct target gave it).
+    pub workloads: Vec<WorkloadInfo>,
     pub memory: Vec<MemoryRow>,
     pub gateway_config: String,
     pub nginx_config: Option<String>,
     /// With [`GatewayBenchOpts::router`]: the router's and its discovery replica's configs.
     pub router_configs: Option<RouterConfigs>,
+}
+
+/// A workload's sizes, for the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    pub endpoint: Endpoint,
+    pub mode: Mode,
+    pub request_bytes: usize,
+    pub answer_bytes: usize,
 }
 
 /// The configs the router row ran with, for the report.
@@ -756,20 +943,28 @@ impl Targets {
         }
     }
 
-    /// Whether `t` is loaded at `rate`: LiteLLM only up to its cap.
-    fn loaded_at(&self, t: &TargetInfo, opts: &GatewayBenchOpts, rate: f64) -> bool {
-        t.kind != TargetKind::LiteLlm || rate <= opts.litellm_max_rate
-    }
-
-    fn spec(
+    /// Whether `t` is loaded with `endpoint` at `rate`: LiteLLM only up to its cap, LiteLLM
+    /// and the router only with chat.
+    fn loaded_at(
         &self,
         t: &TargetInfo,
         opts: &GatewayBenchOpts,
-        mode: Mode,
+        endpoint: Endpoint,
         rate: f64,
-        body: &Bytes,
-    ) -> LoadSpec {
-        let mut spec = LoadSpec::new(format!("http://{}", t.addr), body.clone(), mode, rate);
+    ) -> bool {
+        match t.kind {
+            TargetKind::LiteLlm => endpoint == Endpoint::Chat && rate <= opts.litellm_max_rate,
+            TargetKind::Router => endpoint == Endpoint::Chat,
+            TargetKind::Direct | TargetKind::Gateway | TargetKind::Nginx => true,
+        }
+    }
+
+    fn spec(&self, t: &TargetInfo, opts: &GatewayBenchOpts, w: &Workload, rate: f64) -> LoadSpec {
+        let mut spec = LoadSpec::new(format!("http://{}", t.addr), w.body.clone(), w.mode, rate);
+        if w.endpoint != Endpoint::Chat {
+            spec.path = Some(w.endpoint.path().to_owned());
+            spec.content_type = Some(w.content_type.clone());
+        }
         spec.bearer = self.bearer(t.kind).map(str::to_owned);
         spec.connections = opts.connections;
         spec.warmup = opts.warmup;
@@ -889,8 +1084,11 @@ fn check_alive(guard: &mut ProcessGuard) -> anyhow::Result<()> {
 /// Runs the whole benchmark. Every child process is stopped before this returns, on
 /// success and on error alike.
 pub async fn run(opts: GatewayBenchOpts) -> anyhow::Result<GatewayBenchReport> {
-    if opts.modes.is_empty() || opts.rates.is_empty() {
-        bail!("at least one mode and one rate are needed");
+    if opts.rates.is_empty() || opts.endpoints.is_empty() {
+        bail!("at least one rate and one endpoint are needed");
+    }
+    if opts.endpoints.contains(&Endpoint::Chat) && opts.modes.is_empty() {
+        bail!("chat needs at least one mode");
     }
     if opts.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         bail!("rates must be positive: {:?}", opts.rates);
@@ -978,7 +1176,8 @@ async fn run_with(
     list.push(TargetInfo { kind: TargetKind::Gateway, addr: gw_addr, pid: gw_pid });
 
     let mut router_configs = None;
-    if opts.router {
+    // The router serves chat here: without chat it has nothing to be measured with.
+    if opts.router && opts.endpoints.contains(&Endpoint::Chat) {
         let fleet = gateway_fleet(&upstream, &secret);
         let urls = [format!("http://{gw_addr}")];
         let disc = start_static_discovery(
@@ -1038,7 +1237,8 @@ async fn run_with(
             max_rate: opts.litellm_max_rate,
             config: None,
         };
-        if opts.rates.iter().any(|&r| r <= opts.litellm_max_rate) {
+        let chat = opts.endpoints.contains(&Endpoint::Chat);
+        if chat && opts.rates.iter().any(|&r| r <= opts.litellm_max_rate) {
             let key = litellm_master_key()?;
             let prefix = dir.join("litellm");
             std::fs::create_dir_all(&prefix)?;
@@ -1064,31 +1264,54 @@ async fn run_with(
     }
     let targets = Targets { list, token, litellm_key };
 
-    // One request per target and mode first: a misconfigured target (401, 404, a stream
-    // without [DONE]) should fail here with its answer, not as a table of errors.
-    let mut bodies = Vec::new();
-    for &mode in &opts.modes {
-        let body = loadgen::chat_body(&opts.model, &opts.prompt, opts.max_tokens, mode)?;
-        for t in &targets.list {
-            loadgen::probe(
-                &format!("http://{}", t.addr),
-                targets.bearer(t.kind),
-                body.clone(),
-                mode,
-                opts.request_timeout,
-            )
-            .await
-            .with_context(|| format!("checking {} ({mode})", t.kind.label()))?;
+    let mut workloads = Vec::new();
+    for &endpoint in &opts.endpoints {
+        if endpoint == Endpoint::Chat {
+            for &mode in &opts.modes {
+                workloads.push(Workload::chat(&opts.model, &opts.prompt, opts.max_tokens, mode)?);
+            }
+        } else {
+            workloads.push(Workload::endpoint(
+                endpoint,
+                &opts.model,
+                &opts.prompt,
+                opts.max_tokens,
+            )?);
         }
-        bodies.push((mode, body));
+    }
+    let loaded =
+        |t: &TargetInfo, w: &Workload, rate: f64| targets.loaded_at(t, opts, w.endpoint, rate);
+    // LiteLLM is started only when the lowest rate is within its cap.
+    let warm_rate = opts.rates.iter().copied().fold(f64::INFINITY, f64::min);
+
+    // One request per target and workload first: a misconfigured target (401, 404, a stream
+    // without [DONE], a mangled upload or audio stream) should fail here with its answer, not
+    // as a table of errors.
+    let mut infos = Vec::new();
+    for w in &workloads {
+        let mut answer_bytes = 0;
+        for t in targets.list.iter().filter(|t| loaded(t, w, warm_rate)) {
+            let what = || format!("checking {} ({} {})", t.kind.label(), w.endpoint.name(), w.mode);
+            let probe = loadgen::probe_spec(&targets.spec(t, opts, w, 1.0), opts.request_timeout)
+                .await
+                .with_context(what)?;
+            w.check_answer(&probe.body).map_err(|e| anyhow!(e)).with_context(what)?;
+            if t.kind == TargetKind::Direct {
+                answer_bytes = probe.body.len();
+            }
+        }
+        infos.push(WorkloadInfo {
+            endpoint: w.endpoint,
+            mode: w.mode,
+            request_bytes: w.body.len(),
+            answer_bytes,
+        });
     }
 
     // Warm every target at the lowest rate: connection pools, allocator arenas, caches.
-    let warm_rate = opts.rates.iter().copied().fold(f64::INFINITY, f64::min);
-    for (mode, body) in &bodies {
-        for t in &targets.list {
-            // LiteLLM is started only when the lowest rate is within its cap.
-            let mut spec = targets.spec(t, opts, *mode, warm_rate, body);
+    for w in &workloads {
+        for t in targets.list.iter().filter(|t| loaded(t, w, warm_rate)) {
+            let mut spec = targets.spec(t, opts, w, warm_rate);
             spec.duration = opts.warmup.max(Duration::from_millis(100));
             spec.warmup = Duration::ZERO;
             loadgen::run(&spec).await.with_context(|| format!("warming up {}", t.kind.label()))?;
@@ -1099,27 +1322,31 @@ async fn run_with(
 
     let slice = opts.duration / opts.rounds;
     let mut phases = Vec::new();
-    for (mode, body) in &bodies {
+    for w in &workloads {
+        let (endpoint, mode) = (w.endpoint, w.mode);
         for &rate in &opts.rates {
             let rss_start: Vec<Option<u64>> =
                 targets.list.iter().map(|t| tree_rss(t.pid)).collect();
             let mut acc: Vec<Option<LoadReport>> = vec![None; targets.list.len()];
             // (CPU ns, requests sent) per target over the phase's rounds.
             let mut cpu: Vec<Option<(u64, u64)>> = vec![None; targets.list.len()];
-            let loaded: Vec<usize> = (0..targets.list.len())
-                .filter(|&i| targets.loaded_at(&targets.list[i], opts, rate))
-                .collect();
+            let loaded: Vec<usize> =
+                (0..targets.list.len()).filter(|&i| loaded(&targets.list[i], w, rate)).collect();
             for round in 0..opts.rounds {
                 let n = loaded.len();
                 for k in 0..n {
                     let i = loaded[(k + round as usize) % n];
                     let t = &targets.list[i];
-                    let mut spec = targets.spec(t, opts, *mode, rate, body);
+                    let mut spec = targets.spec(t, opts, w, rate);
                     spec.duration = slice;
                     let warm = (spec.warmup.as_secs_f64() * rate).ceil() as u64;
                     let cpu_before = tree_cpu_ns(t.pid);
                     let rep = loadgen::run(&spec).await.with_context(|| {
-                        format!("loading {} ({mode}, {rate} req/s)", t.kind.label())
+                        format!(
+                            "loading {} ({} {mode}, {rate} req/s)",
+                            t.kind.label(),
+                            endpoint.name()
+                        )
                     })?;
                     if let (Some(a), Some(b)) = (cpu_before, tree_cpu_ns(t.pid)) {
                         let (ns, n) = cpu[i].get_or_insert((0, 0));
@@ -1149,7 +1376,7 @@ async fn run_with(
                     })
                 })
                 .collect();
-            phases.push(Phase { mode: *mode, rate, rows });
+            phases.push(Phase { endpoint, mode, rate, rows });
         }
     }
     let memory = targets
@@ -1175,6 +1402,7 @@ async fn run_with(
         late_threshold: loadgen::DEFAULT_LATE_THRESHOLD,
         targets: targets.list,
         phases,
+        workloads: infos,
         memory,
         gateway_config,
         nginx_config,
@@ -1244,6 +1472,21 @@ impl Metric {
         match mode {
             Mode::Json | Mode::Get => &[(Metric::Total, "JSON")],
             Mode::Stream => &[(Metric::Ttft, "SSE first token"), (Metric::Total, "SSE [DONE]")],
+            Mode::Bytes => &[(Metric::Ttft, "first byte"), (Metric::Total, "whole answer")],
+        }
+    }
+
+    /// A non-chat phase's latencies, named with its endpoint.
+    fn of_endpoint(endpoint: Endpoint) -> &'static [(Metric, &'static str)] {
+        match endpoint {
+            Endpoint::Chat => &[],
+            Endpoint::Embeddings => &[(Metric::Total, "`/v1/embeddings`")],
+            Endpoint::Completions => &[(Metric::Total, "`/v1/completions`")],
+            Endpoint::Transcriptions => &[(Metric::Total, "`/v1/audio/transcriptions`")],
+            Endpoint::Speech => &[
+                (Metric::Ttft, "`/v1/audio/speech`, first audio byte"),
+                (Metric::Total, "`/v1/audio/speech`, whole audio"),
+            ],
         }
     }
 
@@ -1333,6 +1576,29 @@ impl GatewayBenchReport {
             self.model,
             self.max_tokens
         );
+        if self.phases.iter().any(|p| p.endpoint != Endpoint::Chat) {
+            let _ = writeln!(
+                md,
+                "- **Endpoints beside chat** (issue 19), each asked of model `{}`, direct, through nginx and through the gateway (LiteLLM and the router are loaded with chat only); the simulator's transcription, speech and embedding delays are zero too (`--zero-latency`), so only proxy overhead remains:",
+                self.model
+            );
+            for w in self.workloads.iter().filter(|w| w.endpoint != Endpoint::Chat) {
+                let what = match w.endpoint {
+                    Endpoint::Chat => continue,
+                    Endpoint::Embeddings => "one input (the prompt), a JSON answer of".to_owned(),
+                    Endpoint::Completions => format!("the prompt, `max_tokens` {}, a JSON answer of", self.max_tokens),
+                    Endpoint::Transcriptions => format!("a multipart upload (`model` field, `file` part: a {UPLOAD_CLIP_S} s 16 kHz mono WAV clip), a JSON transcript of"),
+                    Endpoint::Speech => "the prompt as `input`, `response_format` wav; timed to the first body byte (first audio) and to the last; the WAV is".to_owned(),
+                };
+                let _ = writeln!(
+                    md,
+                    "  - `{}`: {} bytes sent, {what} {} bytes.",
+                    w.endpoint.path(),
+                    fmt_rate(w.request_bytes as f64),
+                    fmt_rate(w.answer_bytes as f64)
+                );
+            }
+        }
         let _ = writeln!(
             md,
             "- **Late starts**: requests that found every connection busy and started more than {} after their intended time. Any late start or error marks the rate as not sustained.",
@@ -1368,15 +1634,11 @@ impl GatewayBenchReport {
         let _ = writeln!(md);
         self.summary(&mut md);
         self.router_summary(&mut md);
+        self.endpoint_summary(&mut md);
 
         for phase in &self.phases {
-            match phase.mode {
-                Mode::Json | Mode::Get => {
-                    let _ =
-                        writeln!(md, "## JSON answers at {} requests/s\n", fmt_rate(phase.rate));
-                    self.table(&mut md, phase, Metric::Total, true);
-                }
-                Mode::Stream => {
+            match (phase.endpoint, phase.mode) {
+                (Endpoint::Chat, Mode::Stream) => {
                     let _ = writeln!(
                         md,
                         "## Streaming (SSE) answers at {} requests/s\n",
@@ -1387,8 +1649,37 @@ impl GatewayBenchReport {
                     let _ = writeln!(md, "Time to `data: [DONE]`:\n");
                     self.table(&mut md, phase, Metric::Total, false);
                 }
+                (Endpoint::Chat, _) => {
+                    let _ =
+                        writeln!(md, "## JSON answers at {} requests/s\n", fmt_rate(phase.rate));
+                    self.table(&mut md, phase, Metric::Total, true);
+                }
+                (endpoint, Mode::Bytes) => {
+                    let _ = writeln!(
+                        md,
+                        "## `{}` (a streamed answer) at {} requests/s\n",
+                        endpoint.path(),
+                        fmt_rate(phase.rate)
+                    );
+                    let _ = writeln!(md, "Time to the first byte of the answer (first audio):\n");
+                    self.table(&mut md, phase, Metric::Ttft, true);
+                    let _ = writeln!(md, "Time to the last byte:\n");
+                    self.table(&mut md, phase, Metric::Total, false);
+                }
+                (endpoint, _) => {
+                    let _ = writeln!(
+                        md,
+                        "## `{}` at {} requests/s\n",
+                        endpoint.path(),
+                        fmt_rate(phase.rate)
+                    );
+                    self.table(&mut md, phase, Metric::Total, true);
+                }
             }
-            if self.has_litellm() && !phase.rows.iter().any(|r| r.target == TargetKind::LiteLlm) {
+            if self.has_litellm()
+                && phase.endpoint == Endpoint::Chat
+                && !phase.rows.iter().any(|r| r.target == TargetKind::LiteLlm)
+            {
                 let cap = self.litellm.as_ref().map_or(0.0, |l| l.max_rate);
                 let _ = writeln!(
                     md,
@@ -1486,13 +1777,16 @@ impl GatewayBenchReport {
         if self.phases.is_empty() {
             return;
         }
+        if !self.phases.iter().any(|p| p.endpoint == Endpoint::Chat) {
+            return;
+        }
         let _ = writeln!(md, "## Summary: latency added over direct\n");
         let _ = writeln!(
             md,
             "| phase | gateway +p50 | gateway +p99 | nginx +p50 | nginx +p99 | LiteLLM +p50 | LiteLLM +p99 | LiteLLM ÷ gateway, added p50 | LiteLLM ÷ gateway, added p99 |"
         );
         let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for phase in &self.phases {
+        for phase in self.phases.iter().filter(|p| p.endpoint == Endpoint::Chat) {
             for &(metric, what) in Metric::summarized(phase.mode) {
                 let Some(d) = phase.find(TargetKind::Direct) else { continue };
                 let base = metric.of(&d.load);
@@ -1560,7 +1854,7 @@ impl GatewayBenchReport {
             "| phase | router added p50 | router added p99 | router over direct p50 / p99 | gateway added p50 / p99 | LiteLLM added p50 / p99 | LiteLLM added ÷ router added, p50 / p99 |"
         );
         let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
-        for phase in &self.phases {
+        for phase in self.phases.iter().filter(|p| p.endpoint == Endpoint::Chat) {
             for &(metric, what) in Metric::summarized(phase.mode) {
                 let pct =
                     |k: TargetKind| phase.find(k).map(|r| (metric.of(&r.load), r.load.sustained()));
@@ -1595,6 +1889,61 @@ impl GatewayBenchReport {
                     pair(direct.map(|d| over(router, d))),
                     pair(direct.map(|d| over(gw, d))),
                     pair(lite),
+                );
+            }
+        }
+        let _ = writeln!(md);
+    }
+
+    /// The endpoints beside chat: each target's p50 and p99, and what the gateway and nginx
+    /// add over direct at p99, side by side.
+    fn endpoint_summary(&self, md: &mut String) {
+        let phases: Vec<&Phase> =
+            self.phases.iter().filter(|p| p.endpoint != Endpoint::Chat).collect();
+        if phases.is_empty() {
+            return;
+        }
+        let _ = writeln!(md, "## Summary: the endpoints beside chat (issue 19)\n");
+        let _ = writeln!(
+            md,
+            "Added = the target's percentile minus direct's. Gateway − nginx: the gateway's added p99 minus nginx's (negative: the gateway added less).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| endpoint, rate | direct p50 / p99 | nginx p50 / p99 | gateway p50 / p99 | nginx added p99 | gateway added p99 | gateway − nginx, added p99 |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+        for phase in phases {
+            let Some(direct) = phase.find(TargetKind::Direct) else { continue };
+            for &(metric, what) in Metric::of_endpoint(phase.endpoint) {
+                let base = metric.of(&direct.load);
+                let cell = |k: TargetKind| -> (String, Option<i128>) {
+                    match phase.find(k) {
+                        Some(r) => {
+                            let p = metric.of(&r.load);
+                            let mark = if r.load.sustained() { "" } else { " (not sustained)" };
+                            (
+                                format!("{} / {}{mark}", fmt_us(p.p50), fmt_us(p.p99)),
+                                Some(i128::from(p.p99) - i128::from(base.p99)),
+                            )
+                        }
+                        None => ("—".into(), None),
+                    }
+                };
+                let (d, _) = cell(TargetKind::Direct);
+                let (ng, ng_added) = cell(TargetKind::Nginx);
+                let (gw, gw_added) = cell(TargetKind::Gateway);
+                let added = |a: Option<i128>| a.map_or("—".to_owned(), fmt_delta);
+                let gap = match (gw_added, ng_added) {
+                    (Some(g), Some(n)) => fmt_delta(g - n),
+                    _ => "—".into(),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {what}, {} req/s | {d} | {ng} | {gw} | {} | {} | {gap} |",
+                    fmt_rate(phase.rate),
+                    added(ng_added),
+                    added(gw_added),
                 );
             }
         }
@@ -1934,6 +2283,7 @@ mod tests {
                 t(TargetKind::Nginx, 4300, 13),
             ],
             phases,
+            workloads: vec![],
             memory: vec![MemoryRow {
                 target: TargetKind::Gateway,
                 before: Some(10 * 1024 * 1024),
@@ -1958,6 +2308,7 @@ mod tests {
     #[test]
     fn markdown_states_machine_command_and_overheads() {
         let phase = Phase {
+            endpoint: Endpoint::Chat,
             mode: Mode::Json,
             rate: 1000.0,
             rows: vec![
@@ -1995,6 +2346,7 @@ mod tests {
         slow.late_starts = 7;
         slow.errors.timeout = 2;
         let phase = Phase {
+            endpoint: Endpoint::Chat,
             mode: Mode::Stream,
             rate: 5000.0,
             rows: vec![
@@ -2021,6 +2373,7 @@ mod tests {
     fn markdown_compares_litellm_with_the_gateway() {
         let mut r = report(vec![
             Phase {
+                endpoint: Endpoint::Chat,
                 mode: Mode::Json,
                 rate: 50.0,
                 rows: vec![
@@ -2031,6 +2384,7 @@ mod tests {
                 ],
             },
             Phase {
+                endpoint: Endpoint::Chat,
                 mode: Mode::Json,
                 rate: 1000.0,
                 rows: vec![
@@ -2149,6 +2503,7 @@ mod tests {
     #[test]
     fn markdown_states_the_router_added_over_the_gateway_beside_litellm() {
         let mut r = report(vec![Phase {
+            endpoint: Endpoint::Chat,
             mode: Mode::Json,
             rate: 20.0,
             rows: vec![
@@ -2178,6 +2533,126 @@ mod tests {
         ));
         assert!(md.contains("Router (`router.toml`):\n\n```toml\n[router]\n```"), "{md}");
         assert!(md.contains("the router and its discovery replica"), "{md}");
+    }
+
+    #[test]
+    fn endpoints_parse_from_the_command_line() {
+        assert_eq!(Endpoint::parse_list("chat").unwrap(), [Endpoint::Chat]);
+        assert_eq!(
+            Endpoint::parse_list("speech, embeddings,speech").unwrap(),
+            [Endpoint::Speech, Endpoint::Embeddings]
+        );
+        assert_eq!(Endpoint::parse_list("all").unwrap(), Endpoint::ALL);
+        assert!(Endpoint::parse_list("chat,tts").unwrap_err().contains("\"tts\""));
+        assert!(Endpoint::parse_list(" , ").is_err());
+        for e in Endpoint::ALL {
+            assert_eq!(e.name().parse::<Endpoint>().unwrap(), e);
+            assert!(e.path().starts_with("/v1/"), "{e:?}");
+        }
+    }
+
+    /// Each endpoint's request is one the node's own parsers accept, and its answers are told
+    /// from a wrong one.
+    #[tokio::test]
+    async fn endpoint_workloads_are_valid_requests_and_check_their_answers() {
+        use edgeroute_node::gateway::surface as node;
+        let w = |e| Workload::endpoint(e, "sim-llama", "Say hello.", 16).unwrap();
+        assert!(Workload::endpoint(Endpoint::Chat, "m", "p", 1).is_err());
+
+        let emb = w(Endpoint::Embeddings);
+        assert_eq!((emb.mode, emb.content_type.as_str()), (Mode::Json, "application/json"));
+        node::parse_embeddings(&emb.body).unwrap();
+        emb.check_answer(br#"{"data":[{"embedding":[0.1,0.2]}]}"#).unwrap();
+        assert!(emb.check_answer(br#"{"data":[]}"#).is_err());
+
+        let cmp = w(Endpoint::Completions);
+        node::parse_completions(&cmp.body, 64).unwrap();
+        cmp.check_answer(br#"{"choices":[{"text":"hi"}]}"#).unwrap();
+        assert!(cmp.check_answer(b"<html>").is_err());
+
+        let stt = w(Endpoint::Transcriptions);
+        assert_eq!(stt.mode, Mode::Json);
+        let parsed = node::parse_upload(
+            edgeroute_node::backend::surface::Endpoint::Transcriptions,
+            &stt.content_type,
+            stt.body.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(parsed.model(), "sim-llama");
+        // 1 s at 16 kHz, 16-bit: 32,000 bytes of samples, the header and the form around it.
+        assert!((32_044..33_000).contains(&stt.body.len()), "{}", stt.body.len());
+        stt.check_answer(br#"{"text":"Hello there."}"#).unwrap();
+        assert!(stt.check_answer(br#"{"text":""}"#).is_err());
+
+        let tts = w(Endpoint::Speech);
+        assert_eq!(tts.mode, Mode::Bytes);
+        node::parse_speech(&tts.body).unwrap();
+        tts.check_answer(&crate::voice::clip(0, 0.1, 24_000)).unwrap();
+        let err = tts.check_answer(br#"{"error":{"message":"no"}}"#).unwrap_err();
+        assert!(err.contains("not a speech answer"), "{err}");
+    }
+
+    #[test]
+    fn markdown_puts_each_endpoint_beside_nginx() {
+        let ep = |endpoint, mode, rows| Phase { endpoint, mode, rate: 200.0, rows };
+        let mut r = report(vec![
+            ep(
+                Endpoint::Embeddings,
+                Mode::Json,
+                vec![
+                    row(TargetKind::Direct, load(Mode::Json, 200.0, 100, false)),
+                    row(TargetKind::Gateway, load(Mode::Json, 200.0, 250, false)),
+                    row(TargetKind::Nginx, load(Mode::Json, 200.0, 200, false)),
+                ],
+            ),
+            ep(
+                Endpoint::Speech,
+                Mode::Bytes,
+                vec![
+                    row(TargetKind::Direct, load(Mode::Bytes, 200.0, 400, true)),
+                    row(TargetKind::Gateway, load(Mode::Bytes, 200.0, 500, true)),
+                    row(TargetKind::Nginx, load(Mode::Bytes, 200.0, 600, true)),
+                ],
+            ),
+        ]);
+        r.workloads = vec![
+            WorkloadInfo {
+                endpoint: Endpoint::Embeddings,
+                mode: Mode::Json,
+                request_bytes: 40,
+                answer_bytes: 8_000,
+            },
+            WorkloadInfo {
+                endpoint: Endpoint::Speech,
+                mode: Mode::Bytes,
+                request_bytes: 80,
+                answer_bytes: 76_844,
+            },
+        ];
+        let md = r.to_markdown();
+        // No chat phase: no chat summary.
+        assert!(!md.contains("## Summary: latency added over direct"), "{md}");
+        assert!(md.contains("## Summary: the endpoints beside chat (issue 19)"), "{md}");
+        assert!(md.contains("  - `/v1/audio/speech`: 80 bytes sent,"), "{md}");
+        assert!(md.contains("the WAV is 76,844 bytes."), "{md}");
+        let line = md.lines().find(|l| l.starts_with("| `/v1/embeddings`, 200 req/s |")).unwrap();
+        assert_eq!(
+            line,
+            "| `/v1/embeddings`, 200 req/s | 100 µs / 100 µs | 200 µs / 200 µs | 250 µs / 250 µs | +100 µs | +150 µs | +50 µs |"
+        );
+        // Speech: first byte (half the total in `load`) and whole answer, each a row.
+        let first = md
+            .lines()
+            .find(|l| l.starts_with("| `/v1/audio/speech`, first audio byte, 200 req/s |"))
+            .unwrap();
+        assert!(first.ends_with("| +100 µs | +50 µs | −50 µs |"), "{first}");
+        assert!(md.contains("| `/v1/audio/speech`, whole audio, 200 req/s |"), "{md}");
+        assert!(md.contains("## `/v1/embeddings` at 200 requests/s"), "{md}");
+        assert!(md.contains("## `/v1/audio/speech` (a streamed answer) at 200 requests/s"), "{md}");
+        assert!(md.contains("Time to the first byte of the answer (first audio):"), "{md}");
+        // The verdict under each table says where the gateway stands against nginx.
+        assert!(md.contains("gateway − nginx +50 µs"), "{md}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! - [`demo`]: a three-region fleet on loopback and a short story (`edgeroute-lab demo`).
 //! - [`loadgen`]: an open-loop, coordinated-omission-safe load generator for the
-//!   OpenAI-compatible chat endpoint (JSON and SSE), loopback targets only.
+//!   OpenAI-compatible chat endpoint (JSON and SSE) and any other POST endpoint (a streamed
+//!   answer timed to its first byte: speech), loopback targets only.
 //! - [`gateway_bench`]: the published gateway-overhead benchmark, which starts the simulator,
 //!   the gateway (the `edgeroute` binary) and nginx as child processes and loads them all in
 //!   one run.

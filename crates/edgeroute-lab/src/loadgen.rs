@@ -1,4 +1,5 @@
-//! Open-loop, constant-rate HTTP/1.1 load generator for `POST /v1/chat/completions`.
+//! Open-loop, constant-rate HTTP/1.1 load generator for `POST /v1/chat/completions` (or any
+//! other POST endpoint: [`LoadSpec::path`], [`LoadSpec::content_type`]).
 //!
 //! Request `i` is *intended* at `t0 + i / rate`, and every latency is measured from that
 //! intended time, not from when a connection happened to be free. A server that stalls
@@ -82,6 +83,9 @@ pub enum Mode {
     /// `GET` of the URL's own path and query (no body): time to the end of the answer. For
     /// servers other than the gateway, e.g. discovery's `/v1/discover?...`.
     Get,
+    /// A streamed answer of any type (speech audio): time to its first body byte (recorded
+    /// as the TTFT) and to its end. An empty answer is truncated.
+    Bytes,
 }
 
 impl fmt::Display for Mode {
@@ -90,6 +94,7 @@ impl fmt::Display for Mode {
             Mode::Json => "json",
             Mode::Stream => "stream",
             Mode::Get => "get",
+            Mode::Bytes => "bytes",
         })
     }
 }
@@ -102,6 +107,7 @@ impl FromStr for Mode {
             "json" => Ok(Mode::Json),
             "stream" => Ok(Mode::Stream),
             "get" => Ok(Mode::Get),
+            "bytes" => Ok(Mode::Bytes),
             other => Err(format!("unknown mode {other:?} (expected json or stream)")),
         }
     }
@@ -217,8 +223,14 @@ impl ErrorCounts {
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
     /// Base URL of the target, e.g. `http://127.0.0.1:8080`; [`CHAT_PATH`] is appended
-    /// unless the URL already ends with it. Must be loopback.
+    /// unless the URL already ends with it (or `path` says otherwise). Must be loopback.
     pub url: String,
+    /// The request's path (origin form, e.g. `/v1/embeddings`) instead of the URL's path and
+    /// [`CHAT_PATH`]. `None`: chat.
+    pub path: Option<String>,
+    /// The body's `Content-Type` (a multipart upload's with its boundary). `None`:
+    /// `application/json`.
+    pub content_type: Option<String>,
     /// Request body, sent as is (see [`chat_body`]).
     pub body: Bytes,
     pub mode: Mode,
@@ -245,6 +257,8 @@ impl LoadSpec {
     pub fn new(url: impl Into<String>, body: Bytes, mode: Mode, rate: f64) -> Self {
         LoadSpec {
             url: url.into(),
+            path: None,
+            content_type: None,
             body,
             mode,
             bearer: None,
@@ -531,6 +545,7 @@ struct RequestTemplate {
     target: Target,
     body: Bytes,
     bearer: Option<http::HeaderValue>,
+    content_type: http::HeaderValue,
     mode: Mode,
 }
 
@@ -543,13 +558,30 @@ impl RequestTemplate {
                 .map_err(|_| LoadgenError::InvalidSpec("target URL does not parse".into()))?;
             target.path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         }
+        if let Some(path) = &spec.path {
+            if !path.starts_with('/') {
+                return Err(LoadgenError::InvalidSpec(format!("path {path:?} is not absolute")));
+            }
+            target.path.clone_from(path);
+        }
+        let content_type =
+            http::HeaderValue::from_str(spec.content_type.as_deref().unwrap_or("application/json"))
+                .map_err(|_| {
+                    LoadgenError::InvalidSpec("content type is not a valid header".into())
+                })?;
         let bearer = spec
             .bearer
             .as_deref()
             .map(|t| http::HeaderValue::from_str(&format!("Bearer {t}")))
             .transpose()
             .map_err(|_| LoadgenError::InvalidSpec("bearer token is not a valid header".into()))?;
-        Ok(RequestTemplate { target, body: spec.body.clone(), bearer, mode: spec.mode })
+        Ok(RequestTemplate {
+            target,
+            body: spec.body.clone(),
+            bearer,
+            content_type,
+            mode: spec.mode,
+        })
     }
 
     fn build(&self) -> Result<Request<Full<Bytes>>, http::Error> {
@@ -564,7 +596,7 @@ impl RequestTemplate {
             .method(Method::POST)
             .uri(self.target.path.as_str())
             .header(HOST, self.target.host_header.as_str())
-            .header(CONTENT_TYPE, "application/json");
+            .header(CONTENT_TYPE, self.content_type.clone());
         if let Some(v) = &self.bearer {
             b = b.header(AUTHORIZATION, v.clone());
         }
@@ -641,6 +673,9 @@ async fn read_response(
                 if let Some(buf) = capture.as_deref_mut() {
                     buf.extend_from_slice(data);
                 }
+                if mode == Mode::Bytes && status.is_success() && !data.is_empty() {
+                    first_content.get_or_insert_with(Instant::now);
+                }
                 if mode != Mode::Stream || !status.is_success() {
                     continue;
                 }
@@ -664,6 +699,10 @@ async fn read_response(
     } else {
         match mode {
             Mode::Json | Mode::Get => Ok(Success { first_content: None, done: Instant::now() }),
+            Mode::Bytes => match first_content {
+                Some(_) => Ok(Success { first_content, done: Instant::now() }),
+                None => Err(Failure::Truncated),
+            },
             Mode::Stream => match done {
                 Some(done) => Ok(Success { first_content, done }),
                 None => Err(Failure::Truncated),
@@ -1036,10 +1075,16 @@ pub async fn probe(
     mode: Mode,
     timeout: Duration,
 ) -> Result<ProbeResult, LoadgenError> {
-    let target = parse_target(url)?;
     let mut spec = LoadSpec::new(url, body, mode, 1.0);
     spec.bearer = bearer.map(str::to_owned);
-    let tpl = RequestTemplate::new(&spec, target)?;
+    probe_spec(&spec, timeout).await
+}
+
+/// [`probe`] with the request `spec` describes (its path, content type, body, mode, bearer).
+pub async fn probe_spec(spec: &LoadSpec, timeout: Duration) -> Result<ProbeResult, LoadgenError> {
+    let url = spec.url.as_str();
+    let target = parse_target(url)?;
+    let tpl = RequestTemplate::new(spec, target)?;
     let mut conn = None;
     let mut captured = Vec::new();
     let start = Instant::now();

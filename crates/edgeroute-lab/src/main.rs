@@ -266,14 +266,22 @@ enum BenchCommand {
         edgeroute: Option<PathBuf>,
     },
     /// Gateway overhead: the same load direct to the simulator, through the gateway, through
-    /// nginx and through LiteLLM's proxy, on loopback, in one run.
+    /// nginx and through LiteLLM's proxy, on loopback, in one run; chat by default, the voice
+    /// surface's endpoints with --endpoints.
     Gateway {
         /// Intended request rates, requests/s (LiteLLM only at those up to --litellm-max-rate).
         #[arg(long, value_delimiter = ',', default_value = "20,1000,5000")]
         rates: Vec<f64>,
-        /// Modes: json, stream.
+        /// Chat's modes: json, stream.
         #[arg(long, value_delimiter = ',', default_value = "json,stream")]
         modes: Vec<String>,
+        /// Workloads: chat (in --modes) and the voice surface's endpoints beside it —
+        /// embeddings, completions (JSON), transcriptions (a multipart upload of a 1 s WAV),
+        /// speech (a WAV stream: first byte and end) — comma-separated, or `all`. Each is
+        /// measured direct, through nginx and through the gateway (LiteLLM and the router
+        /// with chat only).
+        #[arg(long, default_value = "chat")]
+        endpoints: String,
         /// Measured seconds per target and phase.
         #[arg(long, default_value_t = 10)]
         duration_s: u64,
@@ -518,6 +526,7 @@ async fn run(command: Command) -> Result<()> {
         BenchCommand::Gateway {
             rates,
             modes,
+            endpoints,
             duration_s,
             rounds,
             connections,
@@ -539,6 +548,8 @@ async fn run(command: Command) -> Result<()> {
                 .map(|m| m.parse())
                 .collect::<Result<_, _>>()
                 .map_err(|e| anyhow::anyhow!("--modes: {e}"))?;
+            opts.endpoints = gateway_bench::Endpoint::parse_list(&endpoints)
+                .map_err(|e| anyhow::anyhow!("--endpoints: {e}"))?;
             opts.duration = Duration::from_secs(duration_s);
             opts.rounds = rounds;
             opts.connections = connections;

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use edgeroute_lab::gateway_bench::{self, GatewayBenchOpts, TargetKind};
+use edgeroute_lab::gateway_bench::{self, Endpoint, GatewayBenchOpts, TargetKind};
 use edgeroute_lab::loadgen::Mode;
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-edgeroute");
@@ -71,6 +71,55 @@ async fn runs_every_target_in_one_run_and_stops_them_after() {
     // Every server is gone once run() returns: nothing listens on their ports.
     assert_all_stopped(&report);
     assert!(report.targets.iter().any(|t| t.kind == TargetKind::Gateway));
+}
+
+/// `--endpoints all`: chat and the four endpoints beside it, each loaded direct, through the
+/// gateway and through nginx, checked (a WAV answer, a transcript…) and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoints_beside_chat_run_on_every_target() {
+    let mut opts = small_opts(Path::new(FAKE));
+    opts.nginx_bin = nginx();
+    opts.modes = vec![Mode::Json];
+    opts.endpoints = Endpoint::ALL.to_vec();
+    opts.duration = Duration::from_millis(400);
+    opts.warmup = Duration::from_millis(100);
+    opts.rounds = 1;
+    let report = gateway_bench::run(opts).await.unwrap();
+    let expected_targets = if nginx().is_some() { 3 } else { 2 };
+    let seen: Vec<(Endpoint, Mode)> = report.phases.iter().map(|p| (p.endpoint, p.mode)).collect();
+    assert_eq!(
+        seen,
+        [
+            (Endpoint::Chat, Mode::Json),
+            (Endpoint::Embeddings, Mode::Json),
+            (Endpoint::Completions, Mode::Json),
+            (Endpoint::Transcriptions, Mode::Json),
+            (Endpoint::Speech, Mode::Bytes),
+        ]
+    );
+    for phase in &report.phases {
+        assert_eq!(phase.rows.len(), expected_targets, "{:?}", phase.endpoint);
+        for row in &phase.rows {
+            let load = &row.load;
+            assert_eq!(
+                (load.scheduled, load.ok),
+                (80, 80),
+                "{:?} {:?}: {load:?}",
+                row.target,
+                phase.endpoint
+            );
+            assert_eq!(load.ttft_percentiles().is_some(), phase.endpoint == Endpoint::Speech);
+        }
+    }
+    let speech = report.workloads.iter().find(|w| w.endpoint == Endpoint::Speech).unwrap();
+    assert_eq!(speech.answer_bytes, 44 + 4800, "the fake's WAV, whole");
+    let md = report.to_markdown();
+    assert!(md.contains("## Summary: the endpoints beside chat (issue 19)"), "{md}");
+    assert!(md.contains("## Summary: latency added over direct"), "chat is there too: {md}");
+    assert!(md.contains("## `/v1/audio/transcriptions` at 200 requests/s"), "{md}");
+    assert!(md.contains("| `/v1/audio/speech`, first audio byte, 200 req/s |"), "{md}");
+    println!("{md}");
+    assert_all_stopped(&report);
 }
 
 /// A gateway that cannot start fails the run with its log, and the simulator that was

@@ -198,6 +198,49 @@ async fn sse_time_to_first_token_and_to_done() {
     assert!(total.p50 >= ttft.p50 + 50_000);
 }
 
+/// `Mode::Bytes` on another path and content type (speech): time to the first body byte, then
+/// to the end; an empty body is truncated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_stream_on_another_path_is_timed_to_its_first_byte_and_its_end() {
+    let app = Router::new()
+        .route(
+            "/v1/audio/speech",
+            post(|headers: HeaderMap| async move {
+                if headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+                    != Some("application/x-test")
+                {
+                    return StatusCode::UNSUPPORTED_MEDIA_TYPE.into_response();
+                }
+                let items = vec![(30, "RIFF....".to_owned()), (40, "audio".to_owned())];
+                let stream = futures_util::stream::unfold(items.into_iter(), |mut it| async move {
+                    let (delay, item) = it.next()?;
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    Some((Ok::<_, std::io::Error>(Bytes::from(item)), it))
+                });
+                ([(header::CONTENT_TYPE, "audio/wav")], Body::from_stream(stream)).into_response()
+            }),
+        )
+        .route("/v1/empty", post(|| async { ([(header::CONTENT_TYPE, "audio/wav")], "") }));
+    let addr = spawn_server(app).await;
+    let mut s = spec(addr, Mode::Bytes, 20.0, 500);
+    s.path = Some("/v1/audio/speech".into());
+    s.content_type = Some("application/x-test".into());
+    let report = loadgen::run(&s).await.unwrap();
+    assert_eq!(report.ok, 10, "{report:?}");
+    let first = report.ttft_percentiles().unwrap();
+    let total = report.latency_percentiles();
+    assert!(first.p50 >= 30_000 && first.p50 < 65_000, "first byte p50 {} µs", first.p50);
+    assert!(total.p50 >= first.p50 + 35_000, "total p50 {} µs", total.p50);
+    let probe = loadgen::probe_spec(&s, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(&probe.body[..], b"RIFF....audio");
+
+    s.path = Some("/v1/empty".into());
+    let report = loadgen::run(&s).await.unwrap();
+    assert_eq!((report.ok, report.errors.truncated), (0, 10), "{report:?}");
+    s.path = Some("v1/empty".into());
+    assert!(matches!(loadgen::run(&s).await, Err(LoadgenError::InvalidSpec(_))));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_streams_and_bad_statuses_are_errors_by_kind() {
     let app = Router::new()

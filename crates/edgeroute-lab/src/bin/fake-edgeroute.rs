@@ -2,7 +2,9 @@
 //! benchmark's orchestration without the real node:
 //!
 //! - `sim --listen ADDR --zero-latency`: `GET /health` and an OpenAI-compatible
-//!   `POST /v1/chat/completions` (JSON, or SSE when `"stream": true`).
+//!   `POST /v1/chat/completions` (JSON, or SSE when `"stream": true`); the voice surface's
+//!   shapes: `/v1/embeddings`, `/v1/completions`, `/v1/audio/transcriptions` (a multipart
+//!   body with a `file` part) and `/v1/audio/speech` (a WAV in two chunks).
 //! - `node --config FILE`: reads the benchmark's gateway config, checks the bearer token and
 //!   forwards to `[backend].url`, streaming the answer through.
 //! - `token mint --secret-file FILE --sub S --scope SC`: prints a token `node` accepts.
@@ -77,12 +79,18 @@ async fn sim(req: Request<Incoming>) -> Response<Body> {
     if req.uri().path() == "/health" {
         return full(StatusCode::OK, "text/plain", "ok");
     }
-    if req.uri().path() != "/v1/chat/completions" {
-        return full(
-            StatusCode::NOT_FOUND,
-            "application/json",
-            r#"{"error":{"message":"no route"}}"#,
-        );
+    match req.uri().path() {
+        "/v1/chat/completions" => {}
+        "/v1/embeddings" | "/v1/completions" | "/v1/audio/transcriptions" | "/v1/audio/speech" => {
+            return surface(req).await;
+        }
+        _ => {
+            return full(
+                StatusCode::NOT_FOUND,
+                "application/json",
+                r#"{"error":{"message":"no route"}}"#,
+            );
+        }
     }
     let Ok(body) = req.into_body().collect().await else {
         return full(
@@ -129,6 +137,70 @@ async fn sim(req: Request<Incoming>) -> Response<Body> {
     }
     out.push_str("data: [DONE]\n\n");
     full(StatusCode::OK, "text/event-stream", out)
+}
+
+/// The endpoints beside chat, in OpenAI's shapes, at once.
+async fn surface(req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let Ok(body) = req.into_body().collect().await else {
+        return full(StatusCode::BAD_REQUEST, "text/plain", "body");
+    };
+    let body = body.to_bytes();
+    let bad = |m: &str| {
+        let msg = serde_json::json!({"error": {"message": m}});
+        full(StatusCode::BAD_REQUEST, "application/json", msg.to_string())
+    };
+    if path == "/v1/audio/transcriptions" {
+        let has_file = body.windows(11).any(|w| w == b"name=\"file\"");
+        if !ct.starts_with("multipart/form-data; boundary=") || !has_file {
+            return bad("a multipart form with a file part");
+        }
+        return full(StatusCode::OK, "application/json", r#"{"text":"Fake words heard."}"#);
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return bad("not JSON");
+    };
+    match path.as_str() {
+        "/v1/embeddings" => {
+            let out = serde_json::json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}], "model": v["model"]});
+            full(StatusCode::OK, "application/json", out.to_string())
+        }
+        "/v1/completions" => {
+            let out = serde_json::json!({"object": "text_completion", "choices": [{"index": 0, "text": "tok tok", "finish_reason": "length"}], "model": v["model"]});
+            full(StatusCode::OK, "application/json", out.to_string())
+        }
+        _ => {
+            // A WAV header and 100 ms of silence at 24 kHz, in two chunks.
+            let mut wav = b"RIFF".to_vec();
+            wav.extend_from_slice(&(36u32 + 4800).to_le_bytes());
+            wav.extend_from_slice(b"WAVEfmt ");
+            for x in [
+                16u32.to_le_bytes(),
+                [1, 0, 1, 0],
+                24_000u32.to_le_bytes(),
+                48_000u32.to_le_bytes(),
+                [2, 0, 16, 0],
+            ] {
+                wav.extend_from_slice(&x);
+            }
+            wav.extend_from_slice(b"data");
+            wav.extend_from_slice(&4800u32.to_le_bytes());
+            let chunks = [Bytes::from(wav), Bytes::from(vec![0u8; 4800])];
+            let stream = futures_util::stream::iter(
+                chunks.map(|c| Ok::<_, hyper::Error>(hyper::body::Frame::data(c))),
+            );
+            let mut resp = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream)));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("audio/wav"));
+            resp
+        }
+    }
 }
 
 #[derive(Deserialize)]
