@@ -72,6 +72,7 @@ pub mod cache;
 pub mod dns;
 mod error;
 pub mod machine;
+mod realtime;
 mod session;
 mod stream;
 pub mod transport;
@@ -79,6 +80,7 @@ pub mod trust;
 
 pub use edgeroute_http::client::tls_config;
 pub use error::{AttemptReport, Attempts, ClientError, Side};
+pub use realtime::Realtime;
 pub use session::{RawAnswer, RawRequest, Served, Session};
 pub use stream::{ChatStream, StreamItem};
 pub use transport::{BoxIo, ConnectFuture, DnsFuture, Transport};

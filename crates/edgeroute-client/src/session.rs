@@ -215,6 +215,34 @@ impl Session {
         r.map(|((a, model_version), _, d)| (a, Served { node: d.node, model_version }))
     }
 
+    /// Opens a realtime session (`/v1/realtime`) with the failover ladder of
+    /// [`Session::chat`], skipping `avoid` (a node that asked the session to move): the
+    /// WebSocket is open and its first event (`session.created`) read. The slot on the node is
+    /// held as long as the session is.
+    pub(crate) async fn open_realtime(
+        &self,
+        avoid: Option<&str>,
+    ) -> Result<(crate::realtime::Opened, Candidate), ClientError> {
+        let mut order = self.begin_turn();
+        if let Some(a) = avoid
+            && order.len() > 1
+        {
+            order.retain(|c| c.id != a);
+        }
+        let mut turn = Turn::new(&self.q.model, Kind::Json, order);
+        let (client, id, bearer) = (&self.client, self.id.as_str(), self.q.bearer.as_deref());
+        let model = self.q.model.as_str();
+        let r = client
+            .drive(&self.q, &mut turn, |node| async move {
+                crate::realtime::attempt(client, &node, model, id, bearer).await
+            })
+            .await;
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
+        let (mut opened, permit, d) = r?;
+        opened.permit = Some(permit);
+        Ok((opened, d.node))
+    }
+
     /// A streamed chat completion. Before the first token it fails over (and hedges) like
     /// [`Session::chat`]; after it, a cut or stalled stream is continued on the next node and
     /// the caller sees one seamless stream.

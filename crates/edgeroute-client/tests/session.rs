@@ -654,3 +654,111 @@ async fn with_every_node_full_a_request_fails_saturated_with_a_retry_after_then_
     r.unwrap();
     assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(1), "{waited:?}");
 }
+
+/// Events of a realtime session until `until` (included).
+async fn events_until(rt: &mut edgeroute_client::Realtime, until: &str) -> Vec<serde_json::Value> {
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), rt.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no `{until}` within 10 s; saw {seen:?}"))
+            .expect("the session ended")
+            .expect("the session failed");
+        let done = ev["type"] == until;
+        seen.push(ev);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// One realtime turn: the user's words, then the whole answer's text.
+async fn realtime_turn(rt: &mut edgeroute_client::Realtime, text: &str) -> String {
+    rt.send(serde_json::json!({"type": "conversation.item.create", "item": {"type": "message",
+        "role": "user", "content": [{"type": "input_text", "text": text}]}}))
+        .await
+        .unwrap();
+    rt.send(serde_json::json!({"type": "response.create", "response": {"modalities": ["text"]}}))
+        .await
+        .unwrap();
+    let events = events_until(rt, "response.done").await;
+    let done = events.last().unwrap();
+    assert_eq!(done["response"]["status"], "completed", "{done}");
+    assert!(
+        !events.iter().any(|e| e["type"] == "error" || e["type"] == "edgeroute.migrate"),
+        "the caller sees no error and no hint: {events:?}"
+    );
+    done["response"]["output"][0]["content"][0]["text"].as_str().unwrap().to_owned()
+}
+
+/// What the simulator answers to this conversation (it is deterministic: the same on every
+/// node), asked of `node` as a chat.
+async fn answer_to(node: &TestNode, turns: &[(&str, &str)]) -> String {
+    let messages: Vec<_> = turns
+        .iter()
+        .map(|(role, text)| serde_json::json!({"role": role, "content": text}))
+        .collect();
+    let body = serde_json::json!({"model": "sim-llama", "messages": messages});
+    let r = node.chat(body.to_string()).await;
+    r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_realtime_session_moves_between_turns_on_a_drain_with_its_conversation_replayed() {
+    let fleet = Fleet::start("rt-drain", |_| {}).await;
+    let client = Client::new(fleet.config()).unwrap();
+    let mut rt = client.realtime("sim-llama").await.unwrap();
+    assert_eq!(events_until(&mut rt, "session.created").await.len(), 1);
+    let first = rt.node();
+    rt.send(
+        serde_json::json!({"type": "session.update", "session": {"instructions": "Be brief."}}),
+    )
+    .await
+    .unwrap();
+    events_until(&mut rt, "session.updated").await;
+    let a1 = realtime_turn(&mut rt, "What is the weather in Toronto?").await;
+    let r = fleet.node(&first).admin_post("/admin/drain", r#"{"deadline_ms": 30000}"#).await;
+    assert!(r.status.is_success(), "{}", String::from_utf8_lossy(&r.body));
+    // The hint comes as an event within a tick; no turn is under way, so the session moves.
+    let t = std::time::Instant::now();
+    while rt.moves() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the session never moved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(rt.node(), first);
+    let a2 = realtime_turn(&mut rt, "And tomorrow?").await;
+    // The new node answered the whole conversation: the instructions and the first turn were
+    // replayed there.
+    let want = answer_to(
+        fleet.node(&rt.node()),
+        &[
+            ("system", "Be brief."),
+            ("user", "What is the weather in Toronto?"),
+            ("assistant", &a1),
+            ("user", "And tomorrow?"),
+        ],
+    )
+    .await;
+    assert_eq!(a2, want);
+    assert_eq!(rt.moves(), 1);
+}
+
+#[tokio::test]
+async fn a_realtime_session_survives_its_node_dying_between_turns() {
+    let mut fleet = Fleet::start("rt-dead", |_| {}).await;
+    let client = Client::new(fleet.config()).unwrap();
+    let mut rt = client.realtime("sim-llama").await.unwrap();
+    events_until(&mut rt, "session.created").await;
+    let first = rt.node();
+    let a1 = realtime_turn(&mut rt, "Book a table for two.").await;
+    fleet.relay(&first).cut();
+    let a2 = realtime_turn(&mut rt, "At eight, please.").await;
+    assert_ne!(rt.node(), first);
+    assert_eq!(rt.moves(), 1);
+    let want = answer_to(
+        fleet.node(&rt.node()),
+        &[("user", "Book a table for two."), ("assistant", &a1), ("user", "At eight, please.")],
+    )
+    .await;
+    assert_eq!(a2, want);
+}

@@ -454,7 +454,7 @@ async fn serve_connection<I>(
         .keep_alive_interval(Some(Duration::from_secs(30)));
 
     let io = HeadWatched::new(io, activity.clone());
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle = idle_watch(activity.clone(), limits.idle_timeout);
     tokio::pin!(idle);

@@ -73,9 +73,9 @@ impl UpstreamTls {
 }
 
 /// A connection's byte stream: plain TCP, or TLS over it (boxed once per connection).
-trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
-type Io = Box<dyn Stream>;
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
+type Io = Box<dyn ByteStream>;
 
 /// How the client connects and keeps connections. Every field has a default.
 #[derive(Debug, Clone)]
@@ -295,7 +295,9 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<Idle, UpstreamError> {
+    /// A fresh connection to the origin — TCP, then TLS for `https://` — for a protocol of the
+    /// caller's own over it (a WebSocket): never pooled, never reused.
+    pub async fn open_stream(&self) -> Result<Box<dyn ByteStream>, UpstreamError> {
         let i = &self.inner;
         let timeout = i.opts.connect_timeout;
         let stream = match tokio::time::timeout(timeout, connect_any(&i.host, i.port)).await {
@@ -329,8 +331,13 @@ impl Upstream {
                 }
             }
         };
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         i.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(io)
+    }
+
+    async fn connect(&self) -> Result<Idle, UpstreamError> {
+        let io = self.open_stream().await?;
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         Ok(Idle { sender, conn: Box::pin(conn), since: Instant::now() })
     }
 }

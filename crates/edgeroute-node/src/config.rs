@@ -352,6 +352,18 @@ pub struct Limits {
     pub max_sessions: usize,
     /// A session unseen for this long is forgotten. Default 600000.
     pub session_ttl_ms: u64,
+    /// Realtime sessions (`GET /v1/realtime`, WebSockets) open on this node; beyond it a new
+    /// one is refused with 503 and a `Retry-After`. One tenant may hold `tenant_max_share` of
+    /// them (429 beyond). Default 256.
+    pub max_realtime_sessions: u32,
+    /// Largest realtime event (one WebSocket message, an audio append included); larger
+    /// closes the session with 1009. Default 4 MiB (about 60 s of 24 kHz PCM16 in base64).
+    pub max_realtime_event_bytes: usize,
+    /// A realtime session with no event either way for this long is closed. Default 300000.
+    pub realtime_idle_timeout_ms: u64,
+    /// A realtime session's longest life (OpenAI's is an hour); then it is closed with 1008
+    /// and the client opens another. Default 3600.
+    pub realtime_max_session_s: u64,
 }
 
 impl Default for Limits {
@@ -384,6 +396,10 @@ impl Default for Limits {
             drain_deadline_ms: 30_000,
             max_sessions: 100_000,
             session_ttl_ms: 600_000,
+            max_realtime_sessions: 256,
+            max_realtime_event_bytes: 4 * 1024 * 1024,
+            realtime_idle_timeout_ms: 300_000,
+            realtime_max_session_s: 3600,
         }
     }
 }
@@ -394,6 +410,13 @@ impl Limits {
     pub fn tenant_concurrency(&self) -> u32 {
         let share = (f64::from(self.max_concurrency) * self.tenant_max_share).ceil();
         (share as u32).clamp(1, self.max_concurrency.max(1))
+    }
+
+    /// Realtime sessions one tenant may hold: `tenant_max_share` of `max_realtime_sessions`,
+    /// at least one.
+    pub fn tenant_realtime_sessions(&self) -> u32 {
+        let share = (f64::from(self.max_realtime_sessions) * self.tenant_max_share).ceil();
+        (share as u32).clamp(1, self.max_realtime_sessions.max(1))
     }
 
     pub fn server_limits(&self) -> edgeroute_http::ServerLimits {
@@ -839,6 +862,10 @@ impl NodeConfig {
             ("limits.max_messages", l.max_messages as u64),
             ("limits.max_prompt_bytes", l.max_prompt_bytes as u64),
             ("limits.http2_max_concurrent_streams", u64::from(l.http2_max_concurrent_streams)),
+            ("limits.max_realtime_sessions", u64::from(l.max_realtime_sessions)),
+            ("limits.max_realtime_event_bytes", l.max_realtime_event_bytes as u64),
+            ("limits.realtime_idle_timeout_ms", l.realtime_idle_timeout_ms),
+            ("limits.realtime_max_session_s", l.realtime_max_session_s),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));

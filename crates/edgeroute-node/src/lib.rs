@@ -157,6 +157,7 @@ impl Node {
                 l.max_buffered_body_bytes,
                 l.tenant_max_share,
             ),
+            realtime: gateway::realtime::Seats::new(l),
             edge: Arc::default(),
             forward_fields: match &cfg.backend {
                 config::BackendConfig::Openai(o) => o.extra_fields.clone(),

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod health;
 pub mod models;
 pub mod names;
+pub mod realtime;
 pub mod sse;
 pub mod topology;
 

@@ -16,6 +16,8 @@
 //!   audio, paced faster than real time) and [`Simulator::embed`]. What they return is pure
 //!   (modules `audio` and `embed`): [`expected_transcript`], [`expected_speech`] and
 //!   [`expected_embedding`] predict it.
+//! - A realtime session (module `realtime`): OpenAI's realtime events over channels, its
+//!   audio transcribed and its answers spoken by the engines above.
 //! - Answers (module `text`) are a pure function of the seed, the model and the
 //!   conversation, so [`expected_answer`] and [`expected_completion`] tell a test every token
 //!   a stream must carry, and a stream cut on one node can be continued token-exactly on
@@ -33,6 +35,7 @@ pub mod config;
 pub mod embed;
 pub mod engine;
 pub mod error;
+pub mod realtime;
 pub mod server;
 mod standalone;
 pub mod text;

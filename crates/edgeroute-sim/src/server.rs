@@ -5,7 +5,8 @@
 //! `completions`),
 //! `POST /v1/audio/transcriptions` and `/v1/audio/translations` (multipart),
 //! `POST /v1/audio/speech` (streamed WAV or PCM), `POST /v1/embeddings` (the voice routes:
-//! module `voice`), `GET /v1/models`, `GET /health`, `GET`/`PUT /admin/faults`. No auth:
+//! module `voice`), `GET /v1/realtime` (a realtime session over a WebSocket: module
+//! `realtime`), `GET /v1/models`, `GET /health`, `GET`/`PUT /admin/faults`. No auth:
 //! this is a backend, reachable only by the gateway or a benchmark.
 //!
 //! It is the "direct backend" reference in the gateway-overhead benchmark, so the hot path
@@ -83,6 +84,7 @@ pub fn router_with_clock(sim: Arc<Simulator>, clock: WallClock) -> Router {
         .route("/v1/audio/translations", post(voice::translations))
         .route("/v1/audio/speech", post(voice::speech))
         .route("/v1/embeddings", post(voice::embeddings))
+        .route("/v1/realtime", get(realtime::realtime))
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/admin/faults", get(get_faults).put(put_faults))
@@ -453,6 +455,7 @@ async fn unknown_route(method: Method, uri: Uri) -> Response {
 }
 
 mod completions;
+mod realtime;
 mod voice;
 
 #[cfg(test)]

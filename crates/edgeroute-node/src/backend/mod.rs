@@ -10,6 +10,7 @@ mod completions;
 /// Public for the fuzz targets (`fuzz/`): the GGUF metadata reader sees untrusted bytes.
 pub mod gguf;
 mod openai;
+pub mod realtime;
 mod sim;
 pub mod surface;
 /// Public for the fuzz targets (`fuzz/`): templates render caller-supplied messages.
@@ -249,6 +250,19 @@ impl Backend {
         match self {
             Backend::Sim(b) => b.surface(call, idle).await,
             Backend::OpenAi(b) => b.surface(call).await,
+        }
+    }
+
+    /// Opens a realtime session for `model` (`/v1/realtime`): the simulator's in process, an
+    /// upstream's over its own WebSocket.
+    pub async fn realtime(
+        &self,
+        model: &str,
+        max_event_bytes: usize,
+    ) -> Result<realtime::RealtimeLink, BackendError> {
+        match self {
+            Backend::Sim(b) => b.realtime(model),
+            Backend::OpenAi(b) => b.realtime(model, max_event_bytes).await,
         }
     }
 

@@ -291,6 +291,30 @@ impl OpenAiBackend {
         self.send(self.endpoint.clone(), body, req.stream, guard).await
     }
 
+    /// A realtime session on the upstream (`/v1/realtime` over a WebSocket of its own, on a
+    /// fresh connection: never the pooled ones), the model under its upstream name.
+    pub async fn realtime(
+        &self,
+        model: &str,
+        max_event_bytes: usize,
+    ) -> Result<super::realtime::RealtimeLink, BackendError> {
+        let name = {
+            let models = self.models.load();
+            let Some(m) = models.iter().find(|m| m.id == model) else {
+                return Err(BackendError::ModelNotFound(model.to_owned()));
+            };
+            m.upstream_name.clone().unwrap_or_else(|| m.id.clone())
+        };
+        let io = self
+            .upstream
+            .open_stream()
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("the upstream: {e}")))?;
+        let url = super::realtime::upstream_url(&self.base, &name);
+        let key = self.api_key.as_deref();
+        super::realtime::upstream(io, &url, key, max_event_bytes, self.first_byte_timeout).await
+    }
+
     /// Forwards a speech, transcription or embeddings request on its own path with the
     /// client's bytes untouched, and streams the answer back from its first byte. Client
     /// errors pass through; the upstream's trouble is the node's (502/504, the client fails

@@ -42,6 +42,19 @@ impl SimBackend {
         self.sim.models().iter().any(|m| m.id == model)
     }
 
+    /// A realtime session in process; a crashed or refusing simulator refuses it as it would
+    /// a connection.
+    pub fn realtime(&self, model: &str) -> Result<super::realtime::RealtimeLink, BackendError> {
+        let f = self.sim.faults();
+        if f.crash || f.refuse_connections {
+            return Err(BackendError::Unavailable("the backend refused the session".into()));
+        }
+        if !self.serves(model) {
+            return Err(BackendError::ModelNotFound(model.to_owned()));
+        }
+        Ok(super::realtime::sim(self.sim.clone(), model))
+    }
+
     pub fn gpus(&self) -> Vec<GpuHealth> {
         self.sim.gpu_status().into_iter().map(GpuHealth::from).collect()
     }

@@ -328,7 +328,7 @@ pub(super) fn backend_failed(st: &AppState, started: Instant, e: &BackendError) 
     e.to_api()
 }
 
-fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {
+pub(super) fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {
     let retry_s = hint.deadline_ms.div_ceil(1000).clamp(1, 60);
     ApiError::unavailable(code, message, retry_s)
         .with_header(http::HeaderName::from_static(MIGRATE_HEADER), hint.to_string())

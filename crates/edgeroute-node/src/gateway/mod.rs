@@ -15,6 +15,7 @@ mod chat;
 mod info;
 mod manage;
 mod ratelimit;
+pub mod realtime;
 pub mod surface;
 
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use axum::Router;
 use axum::extract::Request;
 use axum::middleware;
 use axum::response::Response;
-use axum::routing::{get, post, post_service};
+use axum::routing::{get, get_service, post, post_service};
 use edgeroute_auth::{KeyStore, Scope};
 use edgeroute_http::ApiError;
 use edgeroute_proto::LoadReport;
@@ -78,6 +79,8 @@ pub struct NodeState {
     pub tenants: Arc<admission::TenantSlots>,
     /// Room for request bodies, node-wide.
     pub bodies: admission::BodyBudget,
+    /// Realtime sessions open, node-wide and per tenant.
+    pub realtime: realtime::Seats,
     /// What the transport refused before any route ran (431, malformed heads, silent
     /// connections, the per-source cap), reported in `/metrics` with the gateway's refusals.
     pub edge: Arc<edgeroute_http::EdgeCounters>,
@@ -229,6 +232,10 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
                         Scope::Inference,
                         Endpoint::Embeddings,
                     )),
+                )
+                .route_service(
+                    "/v1/realtime",
+                    get_service(realtime::RealtimeService::new(state.clone(), Scope::Inference)),
                 )
                 .merge(inference);
             if !admin_listener && state.auth.is_some() { r.merge(admin) } else { r }
