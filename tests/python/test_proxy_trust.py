@@ -63,6 +63,14 @@ def test_a_cross_site_post_to_the_real_proxy_is_refused(start_node, start_discov
     assert r.status_code == 403
     assert "access-control-allow-origin" not in r.headers
 
+    # A page's WebSocket to the realtime route (browsers always send Origin on an upgrade).
+    r = httpx.get(f"{base}/v1/realtime?model=sim-llama", timeout=10,
+                  headers={"Origin": "https://evil.example", "Connection": "Upgrade",
+                           "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "origin_not_allowed"
+
     assert chats_served(base) == before, "a refused request started a session on the fleet"
 
     # The program on this machine is served: the official client (JSON, loopback, no Origin).

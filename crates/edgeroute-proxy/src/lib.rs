@@ -42,6 +42,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -302,6 +304,7 @@ pub fn router_with(client: Client, cfg: ProxyConfig) -> Router {
         .route("/v1/audio/translations", post(surface))
         .route("/v1/audio/speech", post(surface))
         .route("/v1/embeddings", post(surface))
+        .route("/v1/realtime", get(realtime))
         .route("/health", get(|| async { axum::Json(serde_json::json!({"status": "ready"})) }))
         .route("/metrics", get(metrics))
         .fallback(|req: Request| async move { ApiError::not_found(req.uri().path()) })
@@ -618,6 +621,104 @@ pub async fn surface_for(st: &Front, caller: Option<&Caller>, req: Request) -> R
             res
         }
         Err(e) => error_response(e),
+    }
+}
+
+/// `GET /v1/realtime?model=M`: a realtime session through the SDK ([`Client::realtime`]),
+/// which moves it between nodes (between turns on a migrate hint, at once when a node dies)
+/// with its conversation replayed; the caller's WebSocket stays open throughout.
+async fn realtime(
+    State(st): State<Arc<State_>>,
+    uri: Uri,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    realtime_for(&st, None, &uri, ws).await
+}
+
+/// [`realtime`] for `caller`. The session is opened on a node before the upgrade is answered:
+/// a fleet that cannot take it is an HTTP error, not an open socket that closes.
+pub async fn realtime_for(
+    st: &Front,
+    caller: Option<&Caller>,
+    uri: &Uri,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            let msg = format!("`/v1/realtime` is a WebSocket: send `Upgrade: websocket` ({e}).");
+            return ApiError::invalid_request(None, msg).into_response();
+        }
+    };
+    let query = axum::extract::Query::<HashMap<String, String>>::try_from_uri(uri);
+    let model = query.ok().and_then(|mut q| q.0.remove("model"));
+    let Some(model) = model.filter(|m| !m.is_empty()) else {
+        let e = ApiError::invalid_request(Some("model"), "`model` is required: `?model=…`.");
+        return e.into_response();
+    };
+    let opened = match caller {
+        Some(c) => st.client.realtime_as(&model, &c.bearer).await,
+        None => st.client.realtime(&model).await,
+    };
+    let rt = match opened {
+        Ok(rt) => rt,
+        Err(e) => return error_response(e),
+    };
+    let node = http::HeaderValue::from_str(&rt.node()).ok();
+    let mut res = ws
+        .protocols([edgeroute_proto::realtime::SUBPROTOCOL])
+        .on_upgrade(move |socket| bridge_realtime(socket, rt));
+    if let Some(n) = node {
+        res.headers_mut().insert(NODE_HEADER, n);
+    }
+    res
+}
+
+/// The caller's socket to the SDK's session and back, until either ends.
+async fn bridge_realtime(mut socket: WebSocket, mut rt: edgeroute_client::Realtime) {
+    use edgeroute_proto::realtime::{CLOSE_BACKEND_FAILED, error_event};
+    let close = |code: u16, reason: &str| {
+        WsMessage::Close(Some(CloseFrame { code, reason: reason.to_owned().into() }))
+    };
+    loop {
+        tokio::select! {
+            m = socket.recv() => match m {
+                Some(Ok(WsMessage::Text(t))) => {
+                    let sent = match serde_json::from_str::<serde_json::Value>(t.as_str()) {
+                        Ok(v) => rt.send(v).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("not JSON: {e}")),
+                    };
+                    if let Err(why) = sent {
+                        let e = error_event("event_proxy", "invalid_request_error",
+                            "invalid_event", &why, None, None);
+                        if socket.send(WsMessage::Text(e.to_string().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            ev = rt.recv() => match ev {
+                Some(Ok(v)) => {
+                    if socket.send(WsMessage::Text(v.to_string().into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    let msg = format!("No node could take the session over: {e}");
+                    let ev = error_event("event_proxy", "server_error", "fleet_unavailable",
+                        &msg, None, None);
+                    let _ = socket.send(WsMessage::Text(ev.to_string().into())).await;
+                    let _ = socket.send(close(CLOSE_BACKEND_FAILED, "no node could take the session")).await;
+                    return;
+                }
+                None => {
+                    let _ = socket.send(close(1000, "the session ended")).await;
+                    return;
+                }
+            },
+        }
     }
 }
 
