@@ -523,11 +523,43 @@ async fn a_pipeline_session_pins_every_model_of_the_pipeline_to_one_node() {
     let voice = client.pipeline_session("voice", "sim-llama").await.unwrap();
     assert_eq!(voice.pipeline(), Some("voice"));
     assert_eq!(voice.pinned().id, "van-1", "only van-1 holds the whole pipeline");
-    let before = van.state.telemetry.figures().requests;
-    for model in ["sim-whisper", "sim-llama", "sim-tts"] {
-        voice.chat(&request(model, "one turn")).await.unwrap();
+    // A voice turn: audio in, the LLM streamed, audio out — all on the pipeline's node.
+    let samples: Vec<i16> = (0..32_000).map(|i| (i % 400) as i16 * 20 - 4000).collect();
+    let audio = edgeroute_sim::audio::wav_file(16_000, &samples);
+    let mut form = b"--b0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nsim-whisper\r\n--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.wav\"\r\nContent-Type: audio/wav\r\n\r\n".to_vec();
+    form.extend_from_slice(&audio);
+    form.extend_from_slice(b"\r\n--b0--\r\n");
+    let stt = edgeroute_client::RawRequest {
+        model: "sim-whisper".into(),
+        path: "/v1/audio/transcriptions".into(),
+        content_type: "multipart/form-data; boundary=b0".into(),
+        body: form.into(),
+    };
+    let (heard, served) = voice.call(&stt).await.unwrap();
+    assert_eq!(heard.status, 200, "{}", String::from_utf8_lossy(&heard.body));
+    assert_eq!(served.node.id, "van-1");
+    let text = serde_json::from_slice::<serde_json::Value>(&heard.body).unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut stream = voice.chat_stream(&request("sim-llama", &text)).await.unwrap();
+    assert_eq!(stream.served().node.id, "van-1");
+    let mut answer = String::new();
+    while let Some(c) = stream.next().await {
+        answer.push_str(c.unwrap().choices[0].delta.content.as_deref().unwrap_or_default());
     }
-    assert_eq!(van.state.telemetry.figures().requests - before, 3, "STT, LLM and TTS on van-1");
+    let body = serde_json::json!({"model": "sim-tts", "input": answer, "voice": "alloy",
+        "response_format": "wav"});
+    let tts = edgeroute_client::RawRequest {
+        model: "sim-tts".into(),
+        path: "/v1/audio/speech".into(),
+        content_type: "application/json".into(),
+        body: body.to_string().into(),
+    };
+    let (spoken, served) = voice.call(&tts).await.unwrap();
+    assert_eq!(served.node.id, "van-1", "STT, LLM and TTS on van-1");
+    assert_eq!(spoken.content_type.as_deref(), Some("audio/wav"));
+    assert_eq!(&spoken.body[..4], b"RIFF");
     drop(running);
 }
 
