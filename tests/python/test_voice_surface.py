@@ -55,6 +55,12 @@ def check_surface(base, token):
     assert isinstance(text, str) and text.strip() == t.text.strip()
     tr = c.audio.translations.create(model="sim-whisper", file=("turn.wav", audio))
     assert tr.text.strip()
+    # Streamed: the words as server-sent events as they are decoded, then the whole.
+    events = list(c.audio.transcriptions.create(model="sim-whisper", file=("turn.wav", audio),
+                                                stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == t.text
+    assert events[-1].type == "transcript.text.done" and events[-1].text == t.text
 
     chunks = []
     with c.audio.speech.with_streaming_response.create(

@@ -715,7 +715,7 @@ impl Stream for Generation {
 }
 
 mod voice;
-pub use voice::SpeechStream;
+pub use voice::{SpeechStream, TranscriptEvent, TranscriptStream, transcript_sse};
 
 #[cfg(test)]
 mod tests;

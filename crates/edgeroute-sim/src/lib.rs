@@ -45,7 +45,10 @@ pub use audio::{
 };
 pub use config::{ConfigError, Faults, GpuConfig, SimConfig, SimModel};
 pub use embed::{embedding_tokens, expected_embedding};
-pub use engine::{Completion, Generation, GpuStatus, SimEvent, Simulator, SpeechStream};
+pub use engine::{
+    Completion, Generation, GpuStatus, SimEvent, Simulator, SpeechStream, TranscriptEvent,
+    TranscriptStream, transcript_sse,
+};
 pub use error::SimError;
 pub use standalone::serve;
 pub use text::{ExpectedCompletion, expected_answer, expected_completion, prompt_tokens};

@@ -180,8 +180,15 @@ impl SimBackend {
     ) -> Result<super::surface::SurfaceReply, BackendError> {
         use super::surface::{Parsed, SurfaceReply, TranscriptFormat, base64_f32};
         match call.parsed {
-            Parsed::Transcribe { model, audio, language, format, translate } => {
+            Parsed::Transcribe { model, audio, language, format, translate, stream } => {
                 let language = if translate { Some("en") } else { language.as_deref() };
+                if stream {
+                    let words =
+                        self.sim.transcribe_stream(&model, &audio, language).map_err(map_err)?;
+                    let events = edgeroute_sim::transcript_sse(words).map(|r| r.map_err(map_err));
+                    let ct = http::HeaderValue::from_static("text/event-stream");
+                    return SurfaceReply::first_of(ct, Box::pin(events), idle).await;
+                }
                 let t = self.sim.transcribe(&model, &audio, language).await.map_err(map_err)?;
                 let json = |v: serde_json::Value| {
                     SurfaceReply::whole("application/json", Bytes::from(v.to_string()))

@@ -69,6 +69,8 @@ pub enum Parsed {
         language: Option<String>,
         format: TranscriptFormat,
         translate: bool,
+        /// OpenAI's `stream`: the transcript's words as server-sent events as they come.
+        stream: bool,
     },
     /// Text to speech; `format`: `response_format` as asked (OpenAI's default is mp3; a
     /// backend that cannot encode it says so, the simulator answers WAV).

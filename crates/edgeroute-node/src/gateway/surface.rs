@@ -364,6 +364,7 @@ pub async fn parse_upload(
     let stream = futures_util::stream::once(std::future::ready(Ok::<Bytes, Infallible>(body)));
     let mut form = multer::Multipart::new(stream, boundary);
     let (mut model, mut audio, mut language, mut format) = (None, None, None, None);
+    let mut stream = None;
     let mut fields = 0;
     let malformed = |e: multer::Error| bad("file", format!("A malformed multipart form: {e}"));
     while let Some(field) = form.next_field().await.map_err(malformed)? {
@@ -386,7 +387,8 @@ pub async fn parse_upload(
             "model" => model = Some(text),
             "language" => language = Some(text),
             "response_format" => format = Some(text),
-            // prompt, temperature, timestamp_granularities[], stream, …: for the backend.
+            "stream" => stream = Some(text),
+            // prompt, temperature, timestamp_granularities[], …: for the backend.
             _ => {}
         }
     }
@@ -405,13 +407,19 @@ pub async fn parse_upload(
     {
         return Err(bad("language", "An ISO-639-1 code such as `en`."));
     }
-    Ok(Parsed::Transcribe {
-        model,
-        audio,
-        language,
-        format,
-        translate: endpoint == Endpoint::Translations,
-    })
+    let translate = endpoint == Endpoint::Translations;
+    let stream = match stream.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(bad("stream", "`stream` is true or false.")),
+    };
+    if stream && (translate || !matches!(format, TranscriptFormat::Json | TranscriptFormat::Text)) {
+        return Err(bad(
+            "stream",
+            "Streaming is for transcriptions with response_format json or text.",
+        ));
+    }
+    Ok(Parsed::Transcribe { model, audio, language, format, translate, stream })
 }
 
 #[cfg(test)]
@@ -504,6 +512,28 @@ mod tests {
         }
         b.extend_from_slice(b"--XyZ--\r\n");
         ("multipart/form-data; boundary=XyZ".to_owned(), Bytes::from(b))
+    }
+
+    #[tokio::test]
+    async fn a_streamed_transcription_is_json_or_text_and_never_a_translation() {
+        let f = |extra: &[(&str, Option<&str>, &[u8])]| {
+            let mut parts: Vec<(&str, Option<&str>, &[u8])> =
+                vec![("file", Some("a.wav"), b"RIFF"), ("model", None, b"w")];
+            parts.extend_from_slice(extra);
+            form(&parts)
+        };
+        let (ct, body) = f(&[("stream", None, b"true")]);
+        let p = parse_upload(Endpoint::Transcriptions, &ct, body).await.unwrap();
+        assert!(matches!(p, Parsed::Transcribe { stream: true, .. }));
+        let (ct, body) = f(&[("stream", None, b"true")]);
+        let e = parse_upload(Endpoint::Translations, &ct, body).await.unwrap_err();
+        assert_eq!(param(e), "stream");
+        let (ct, body) = f(&[("stream", None, b"true"), ("response_format", None, b"srt")]);
+        let e = parse_upload(Endpoint::Transcriptions, &ct, body).await.unwrap_err();
+        assert_eq!(param(e), "stream");
+        let (ct, body) = f(&[("stream", None, b"yes")]);
+        let e = parse_upload(Endpoint::Transcriptions, &ct, body).await.unwrap_err();
+        assert_eq!(param(e), "stream");
     }
 
     #[tokio::test]

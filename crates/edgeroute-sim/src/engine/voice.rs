@@ -110,6 +110,61 @@ impl Simulator {
         Ok(transcript(key, duration, language))
     }
 
+    /// A transcription streamed as it is decoded: each word as soon as its share of the
+    /// latency has passed (after `transcribe_base_ms`, each word after
+    /// `transcribe_ms_per_audio_s` × its share of its segment's seconds: the whole takes what
+    /// [`Simulator::transcribe`] takes), then the whole transcript. Fails at once as
+    /// `transcribe` does; later, an injected error when the first word was due,
+    /// `stall_after_tokens` / `cut_after_tokens` counting words, a crash whenever it strikes.
+    /// Dropping the stream frees its slot.
+    pub fn transcribe_stream(
+        &self,
+        model: &str,
+        audio: &[u8],
+        language: Option<&str>,
+    ) -> Result<TranscriptStream, SimError> {
+        let Arrival { faults_rx, epoch, faults, model } = self.arrive(model)?;
+        let language = check_language(language)?;
+        let duration = checked_duration(audio, self.config.max_audio_s)?;
+        let Rolls { request_id, injected, garbage } = self.roll(&faults);
+        let slot = self.gpus[model.gpu].slot(self.config.max_queue)?;
+        let mut key = transcript_key(self.config.seed, &model.config.id, audio);
+        if garbage {
+            key = garbled(key, request_id);
+        }
+        let whole = transcript(key, duration, language);
+        // Word by word, each taking its share of its segment's audio.
+        let mut pieces = Vec::new();
+        for seg in &whole.segments {
+            let words: Vec<&str> = seg.text.split(' ').collect();
+            let each = (seg.end - seg.start) / words.len().max(1) as f64;
+            for w in words {
+                let text = if pieces.is_empty() { w.to_owned() } else { format!(" {w}") };
+                pieces.push((text, each));
+            }
+        }
+        let run = TranscriptRun {
+            pieces,
+            faults_rx,
+            epoch,
+            slot: Some(slot),
+            permit: None,
+            base: Duration::from_millis(self.config.transcribe_base_ms),
+            per_s: self.config.transcribe_ms_per_audio_s as f64,
+            due: None,
+            next: 0,
+            whole: Some(whole),
+            injected,
+            stall_after: faults.stall_after_tokens,
+            cut_after: faults.cut_after_tokens,
+        };
+        let inner = futures_util::stream::unfold(run, |mut run| async move {
+            let item = run.next_event().await?;
+            Some((item, run))
+        });
+        Ok(TranscriptStream { inner: Box::pin(inner) })
+    }
+
     /// Speech for `input` as a byte stream: the first chunk (the WAV header plus the first
     /// audio) after the time to first audio, then chunks paced like a real-time-factor TTS;
     /// total length follows the text.
@@ -286,6 +341,120 @@ impl SpeechRun {
         }
         Some(Ok(out.freeze()))
     }
+}
+
+/// One piece of a streamed transcription.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TranscriptEvent {
+    /// The next word (after the first, with a leading space).
+    Delta(String),
+    /// The whole transcript; always the last item of a successful stream.
+    Done(Transcript),
+}
+
+/// One streamed transcription's remaining work. Owns its slot (or its queue place).
+struct TranscriptRun {
+    /// The words to send, each with its seconds of audio.
+    pieces: Vec<(String, f64)>,
+    faults_rx: watch::Receiver<FaultState>,
+    epoch: u64,
+    slot: Option<Slot>,
+    permit: Option<OwnedSemaphorePermit>,
+    base: Duration,
+    per_s: f64,
+    /// When the last segment was (or the decoding started, before the first).
+    due: Option<Instant>,
+    next: u32,
+    /// Taken when the run ends.
+    whole: Option<Transcript>,
+    injected: bool,
+    stall_after: Option<u32>,
+    cut_after: Option<u32>,
+}
+
+impl TranscriptRun {
+    fn fail(&mut self, e: SimError) -> SimError {
+        self.whole = None;
+        self.permit = None;
+        self.slot = None;
+        e
+    }
+
+    async fn next_event(&mut self) -> Option<Result<TranscriptEvent, SimError>> {
+        self.whole.as_ref()?;
+        if let Some(slot) = self.slot.take() {
+            match slot.wait(&mut self.faults_rx, self.epoch).await {
+                Ok(p) => self.permit = Some(p),
+                Err(e) => return Some(Err(self.fail(e))),
+            }
+            self.due = Instant::now().checked_add(self.base);
+        }
+        let i = self.next;
+        let Some((text, seconds)) = self.pieces.get(i as usize).cloned() else {
+            self.permit = None;
+            return self.whole.take().map(|t| Ok(TranscriptEvent::Done(t)));
+        };
+        let took = millis_f64(self.per_s * seconds);
+        let due = if self.stall_after == Some(i) {
+            None
+        } else {
+            self.due.and_then(|d| d.checked_add(took))
+        };
+        if let Err(e) = wait_or_crash(&mut self.faults_rx, self.epoch, due).await {
+            return Some(Err(self.fail(e)));
+        }
+        if self.injected && i == 0 {
+            return Some(Err(self.fail(SimError::Injected)));
+        }
+        if self.cut_after == Some(i) {
+            return Some(Err(self.fail(SimError::Cut { after: i })));
+        }
+        self.due = due;
+        self.next += 1;
+        Some(Ok(TranscriptEvent::Delta(text)))
+    }
+}
+
+/// A transcription's words as they are decoded, then the whole ([`TranscriptEvent`]).
+/// Ends after `Done`, after an `Err`, or never (a stall). Dropping it frees its slot.
+pub struct TranscriptStream {
+    inner: Pin<Box<dyn Stream<Item = Result<TranscriptEvent, SimError>> + Send>>,
+}
+
+impl std::fmt::Debug for TranscriptStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TranscriptStream").finish_non_exhaustive()
+    }
+}
+
+impl Stream for TranscriptStream {
+    type Item = Result<TranscriptEvent, SimError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// A streamed transcription as OpenAI's server-sent events: `transcript.text.delta` per
+/// word, then `transcript.text.done` with the text and its usage (seconds of audio). A
+/// failure ends the stream with the `Err`.
+pub fn transcript_sse(
+    stream: TranscriptStream,
+) -> impl Stream<Item = Result<Bytes, SimError>> + Send + 'static {
+    use futures_util::StreamExt as _;
+    stream.map(|item| {
+        item.map(|ev| {
+            let v = match ev {
+                TranscriptEvent::Delta(delta) => {
+                    serde_json::json!({"type": "transcript.text.delta", "delta": delta})
+                }
+                TranscriptEvent::Done(t) => serde_json::json!({"type": "transcript.text.done",
+                    "text": t.text,
+                    "usage": {"type": "duration", "seconds": t.duration_s.ceil() as u64}}),
+            };
+            Bytes::from(format!("data: {v}\n\n"))
+        })
+    })
 }
 
 /// A speech request's audio: a stream of byte chunks that concatenate to the whole body

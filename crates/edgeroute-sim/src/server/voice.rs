@@ -3,8 +3,10 @@
 //! - `POST /v1/audio/transcriptions` and `/v1/audio/translations`: `multipart/form-data`
 //!   with `file` and `model` (required), `language` (transcriptions only; translation is
 //!   transcription as `en`), `response_format` `json` (default) | `text` | `verbose_json` |
-//!   `srt` | `vtt`; `prompt`, `temperature`, `timestamp_granularities[]` and other fields
-//!   are accepted and ignored.
+//!   `srt` | `vtt`; `stream` `true` (transcriptions, json or text: OpenAI's server-sent
+//!   events, `transcript.text.delta` per word as it is decoded, then `transcript.text.done`);
+//!   `prompt`, `temperature`, `timestamp_granularities[]` and other fields are accepted and
+//!   ignored.
 //! - `POST /v1/audio/speech`: JSON `model`, `input`, `voice`, `response_format` `wav`
 //!   (default: the simulator cannot make OpenAI's default mp3) | `pcm` (others: 400 naming
 //!   the field), `speed` 0.25–4 (accepted, ignored), `instructions` ignored, `stream_format`
@@ -75,6 +77,7 @@ struct AudioForm {
     model: Option<String>,
     language: Option<String>,
     response_format: Option<String>,
+    stream: Option<String>,
 }
 
 fn from_multipart(e: &MultipartError) -> ApiError {
@@ -98,7 +101,7 @@ async fn read_form(mut mp: Multipart) -> Result<AudioForm, ApiError> {
         let name = field.name().unwrap_or_default().to_owned();
         match name.as_str() {
             "file" => form.file = Some(field.bytes().await.map_err(|e| from_multipart(&e))?),
-            "model" | "language" | "response_format" => {
+            "model" | "language" | "response_format" | "stream" => {
                 let bytes = field.bytes().await.map_err(|e| from_multipart(&e))?;
                 let param = Some(name.clone());
                 if bytes.len() > MAX_TEXT_FIELD {
@@ -111,6 +114,7 @@ async fn read_form(mut mp: Multipart) -> Result<AudioForm, ApiError> {
                 let slot = match name.as_str() {
                     "model" => &mut form.model,
                     "language" => &mut form.language,
+                    "stream" => &mut form.stream,
                     _ => &mut form.response_format,
                 };
                 *slot = Some(text);
@@ -173,10 +177,53 @@ async fn audio(st: AppState, mp: Result<Multipart, MultipartRejection>, task: Ta
         Task::Transcribe => form.language.as_deref(),
         Task::Translate => Some("en"),
     };
+    let stream = match form.stream.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return ApiError::invalid("`stream` is true or false.", Some("stream".into()))
+                .into_response();
+        }
+    };
+    if stream {
+        if task == Task::Translate
+            || !matches!(format, TranscriptFormat::Json | TranscriptFormat::Text)
+        {
+            let msg = "Streaming is for transcriptions with response_format json or text.";
+            return ApiError::invalid(msg, Some("stream".into())).into_response();
+        }
+        return streamed_transcript(st, &model, &file, language).await;
+    }
     match st.sim.transcribe(&model, &file, language).await {
         Ok(t) => transcript_response(&t, format, task),
         Err(e) => ApiError::from_sim(&e).into_response(),
     }
+}
+
+/// A transcription as server-sent events (`transcript.text.delta` per word, then
+/// `transcript.text.done`), sent from its first word on: an error before it is a clean error
+/// response, one after it ends the stream.
+async fn streamed_transcript(
+    st: AppState,
+    model: &str,
+    file: &[u8],
+    language: Option<&str>,
+) -> Response {
+    let stream = match st.sim.transcribe_stream(model, file, language) {
+        Ok(s) => s,
+        Err(e) => return ApiError::from_sim(&e).into_response(),
+    };
+    let mut events = Box::pin(crate::engine::transcript_sse(stream));
+    let first = match events.next().await {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return ApiError::from_sim(&e).into_response(),
+        None => return ApiError::from_sim(&SimError::Crashed).into_response(),
+    };
+    let body = futures_util::stream::once(async move { Ok::<_, SimError>(first) }).chain(events);
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 /// `verbose_json`'s shape: OpenAI's, with fixed values for what the simulator does not model.

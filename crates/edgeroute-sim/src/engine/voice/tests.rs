@@ -78,6 +78,45 @@ async fn transcription_takes_base_plus_per_second_of_audio() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_streamed_transcription_sends_each_word_as_it_is_decoded() {
+    use crate::engine::TranscriptEvent;
+    // 50 ms, then 30 ms per second of audio spread over the words: 350 ms in all, as whole.
+    let s = sim(cfg(1));
+    let audio = wav(10);
+    let want = expected_transcript(s.config(), M, &audio, None).unwrap();
+    let t0 = Instant::now();
+    let mut words = s.transcribe_stream(M, &audio, None).unwrap();
+    let mut text = String::new();
+    let mut times = Vec::new();
+    let done = loop {
+        match words.next().await.unwrap().unwrap() {
+            TranscriptEvent::Delta(w) => {
+                text.push_str(&w);
+                times.push(t0.elapsed());
+            }
+            TranscriptEvent::Done(t) => break t,
+        }
+    };
+    assert!(words.next().await.is_none());
+    assert_eq!(text, want.text);
+    assert_eq!(done, want);
+    assert_eq!(times.len(), want.text.split(' ').count());
+    assert!(times[0] > ms(50) && times[0] < ms(70), "the first word early: {:?}", times[0]);
+    let last = *times.last().unwrap();
+    assert!(last >= ms(349) && last <= ms(351), "the last word when the whole is: {last:?}");
+    assert!(times.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(s.in_flight(), 0, "the slot is back");
+    // Faults count words: cut after 3.
+    s.set_faults(Faults { cut_after_tokens: Some(3), ..Faults::default() }).unwrap();
+    let mut words = s.transcribe_stream(M, &audio, None).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(words.next().await, Some(Ok(TranscriptEvent::Delta(_)))));
+    }
+    assert!(matches!(words.next().await, Some(Err(SimError::Cut { after: 3 }))));
+    assert!(words.next().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn voice_requests_share_the_gpu_slots_and_queue_with_chat() {
     // One slot: a transcription holds it for 350 ms; an embedding and a chat queue behind.
     let s = sim(cfg(1));
