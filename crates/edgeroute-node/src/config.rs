@@ -289,6 +289,10 @@ pub struct Limits {
     /// Largest audio upload (`/v1/audio/transcriptions`, `/translations`: the whole form);
     /// larger gets 413. Default 25 MiB, OpenAI's.
     pub max_audio_bytes: usize,
+    /// Longest audio upload, seconds, where the gateway can tell without decoding (a WAV's
+    /// header); longer gets 400 `audio_too_long` before the backend sees it. Other formats
+    /// are bounded by `max_audio_bytes` and the backend's own limit. Default 1800.
+    pub max_audio_seconds: u32,
     /// Time to receive a whole request body, from the end of its head (nginx's
     /// `client_body_timeout`, but total: a body trickled in a byte at a time is cut). Later
     /// gets 408. Default 15000 (4 MiB then needs about 2.2 Mbit/s).
@@ -371,6 +375,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 4 * 1024 * 1024,
             max_audio_bytes: 25 * 1024 * 1024,
+            max_audio_seconds: 1800,
             body_read_timeout_ms: 15_000,
             max_buffered_body_bytes: 64 * 1024 * 1024,
             tenant_max_share: 0.5,
@@ -855,6 +860,7 @@ impl NodeConfig {
             ("limits.stream_idle_timeout_ms", l.stream_idle_timeout_ms),
             ("limits.max_body_bytes", l.max_body_bytes as u64),
             ("limits.max_audio_bytes", l.max_audio_bytes as u64),
+            ("limits.max_audio_seconds", u64::from(l.max_audio_seconds)),
             ("limits.body_read_timeout_ms", l.body_read_timeout_ms),
             ("limits.max_buffered_body_bytes", l.max_buffered_body_bytes as u64),
             ("limits.max_n", u64::from(l.max_n)),

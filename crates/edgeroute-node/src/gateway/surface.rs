@@ -130,7 +130,9 @@ async fn handle(
     let parsed = match endpoint {
         Endpoint::Transcriptions | Endpoint::Translations => {
             let ct = content_type.as_ref().and_then(|v| v.to_str().ok()).unwrap_or_default();
-            parse_upload(endpoint, ct, body.clone()).await
+            parse_upload(endpoint, ct, body.clone())
+                .await
+                .and_then(|p| within_duration(p, l.max_audio_seconds))
         }
         Endpoint::Speech => parse_speech(&body),
         Endpoint::Embeddings => parse_embeddings(&body),
@@ -422,6 +424,27 @@ pub async fn parse_upload(
     Ok(Parsed::Transcribe { model, audio, language, format, translate, stream })
 }
 
+/// An upload whose audio is a WAV longer than `max_s` is refused (the header says how long;
+/// other formats would need decoding and are left to the backend).
+fn within_duration(p: Parsed, max_s: u32) -> Result<Parsed, ApiError> {
+    if let Parsed::Transcribe { audio, .. } = &p
+        && audio.starts_with(b"RIFF")
+        && let Ok(info) = edgeroute_sim::audio::parse_wav(audio)
+        && info.duration_s() > f64::from(max_s)
+    {
+        return Err(bad(
+            "file",
+            format!(
+                "The audio lasts {:.1} s; this node takes at most {max_s} s \
+                 (limits.max_audio_seconds).",
+                info.duration_s()
+            ),
+        )
+        .with_code("audio_too_long"));
+    }
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // Tests: a panic is a failed assertion.
@@ -512,6 +535,25 @@ mod tests {
         }
         b.extend_from_slice(b"--XyZ--\r\n");
         ("multipart/form-data; boundary=XyZ".to_owned(), Bytes::from(b))
+    }
+
+    #[test]
+    fn a_wav_longer_than_the_limit_is_refused_from_its_header() {
+        let samples = vec![0i16; 16_000 * 3];
+        let wav = Bytes::from(edgeroute_sim::audio::wav_file(16_000, &samples));
+        let p = |audio: Bytes| Parsed::Transcribe {
+            model: "w".into(),
+            audio,
+            language: None,
+            format: TranscriptFormat::Json,
+            translate: false,
+            stream: false,
+        };
+        assert!(within_duration(p(wav.clone()), 3).is_ok());
+        let e = within_duration(p(wav), 2).unwrap_err();
+        assert_eq!(e.body.error.code.as_deref(), Some("audio_too_long"));
+        // Not a WAV: the backend's to judge.
+        assert!(within_duration(p(Bytes::from_static(b"ID3...")), 1).is_ok());
     }
 
     #[tokio::test]
