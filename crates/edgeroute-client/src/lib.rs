@@ -81,7 +81,7 @@ pub mod trust;
 pub use edgeroute_http::client::tls_config;
 pub use error::{AttemptReport, Attempts, ClientError, Side};
 pub use realtime::Realtime;
-pub use session::{RawAnswer, RawRequest, Served, Session};
+pub use session::{RawAnswer, RawRequest, RawStream, Served, Session};
 pub use stream::{ChatStream, StreamItem};
 pub use transport::{BoxIo, ConnectFuture, DnsFuture, Transport};
 

@@ -215,6 +215,31 @@ impl Session {
         r.map(|((a, model_version), _, d)| (a, Served { node: d.node, model_version }))
     }
 
+    /// [`Session::call`], the answer streamed from its first byte: the ladder runs until a node
+    /// has sent a first byte of a 2xx answer within the first-token timeout (the commit point:
+    /// before it, a failed node costs an attempt and the request goes whole to the next); then
+    /// the body comes as the node sends it, so a voice agent plays speech from its first audio.
+    /// A node that fails after the commit point ends the stream with
+    /// [`ClientError::StreamCut`]: bytes cannot be un-played, so the caller decides (ask again
+    /// with [`Session::call`], which restarts the answer whole on the standby).
+    pub async fn call_stream(&self, req: &RawRequest) -> Result<(RawStream, Served), ClientError> {
+        if !req.path.starts_with("/v1/") || req.path.contains("..") {
+            return Err(ClientError::Invalid(format!("`{}` is not an endpoint path", req.path)));
+        }
+        let mut turn = Turn::new(&req.model, Kind::Stream, self.begin_turn());
+        let (client, id, bearer) = (&self.client, self.id.as_str(), self.q.bearer.as_deref());
+        let r = client
+            .drive(&self.q, &mut turn, |node| async move {
+                client.attempt_first_byte(&node, req, id, bearer).await
+            })
+            .await;
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
+        let ((mut stream, model_version), permit, d) = r?;
+        stream.permit = Some(permit);
+        stream.node = d.node.id.clone();
+        Ok((stream, Served { node: d.node, model_version }))
+    }
+
     /// Opens a realtime session (`/v1/realtime`) with the failover ladder of
     /// [`Session::chat`], skipping `avoid` (a node that asked the session to move): the
     /// WebSocket is open and its first event (`session.created`) read. The slot on the node is
@@ -281,6 +306,75 @@ impl Session {
             .run(),
         );
         Ok(ChatStream::new(rx, served))
+    }
+}
+
+/// A node's answer to [`Session::call_stream`], from its first byte on.
+pub struct RawStream {
+    pub status: u16,
+    pub content_type: Option<String>,
+    first: Option<Bytes>,
+    body: hyper::body::Incoming,
+    stall: std::time::Duration,
+    node: String,
+    sent: Instant,
+    /// The slot on the node, held until the answer ends or the stream is dropped.
+    permit: Option<SlotPermit>,
+    done: bool,
+}
+
+impl std::fmt::Debug for RawStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawStream")
+            .field("status", &self.status)
+            .field("content_type", &self.content_type)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawStream {
+    /// The next piece of the answer; `None` at its end. An `Err` (a node that failed or went
+    /// silent for the stall timeout mid-answer) ends it.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, ClientError>> {
+        use hyper::body::Body as _;
+        if let Some(b) = self.first.take() {
+            return Some(Ok(b));
+        }
+        if self.done {
+            return None;
+        }
+        loop {
+            let frame = tokio::time::timeout(
+                self.stall,
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut self.body).poll_frame(cx)),
+            )
+            .await;
+            let what = match frame {
+                Ok(Some(Ok(f))) => match f.into_data() {
+                    Ok(b) if b.is_empty() => continue,
+                    Ok(b) => return Some(Ok(b)),
+                    Err(_) => continue,
+                },
+                Ok(None) => {
+                    self.done = true;
+                    self.permit = None;
+                    return None;
+                }
+                Ok(Some(Err(e))) => format!("cut mid-answer: {e}"),
+                Err(_) => format!("stalled mid-answer: no data for {} ms", self.stall.as_millis()),
+            };
+            self.done = true;
+            self.permit = None;
+            let report = crate::error::AttemptReport {
+                node: self.node.clone(),
+                side: Side::Network,
+                what,
+                after: self.sent.elapsed(),
+                hedge: false,
+            };
+            return Some(Err(ClientError::StreamCut(Attempts(vec![report]))));
+        }
     }
 }
 
@@ -394,6 +488,77 @@ impl Client {
     ) -> (Outcome, Option<(RawAnswer, Option<String>)>) {
         let raw = Some((req.path.as_str(), req.content_type.as_str()));
         self.attempt_whole(node, raw, &req.body, session, bearer).await
+    }
+
+    /// One attempt of [`Session::call_stream`] on `node`: a 2xx answer's first byte within the
+    /// first-token timeout commits it; a node's trouble fails over; the caller's own error is
+    /// delivered.
+    async fn attempt_first_byte(
+        &self,
+        node: &Candidate,
+        req: &RawRequest,
+        session: &str,
+        bearer: Option<&str>,
+    ) -> (Outcome, Option<(RawStream, Option<String>)>) {
+        use hyper::body::Body as _;
+        let t = Instant::now();
+        let raw = Some((req.path.as_str(), req.content_type.as_str()));
+        let work = async {
+            let (res, hint) = match self.send_to(node, raw, &req.body, session, bearer).await {
+                Ok(r) => r,
+                Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
+            };
+            let status = res.status();
+            let retry = retry_after(res.headers());
+            let fault = fault_of(status, res.headers());
+            let version = model_version(res.headers());
+            let content_type = res
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let mut body = res.into_body();
+            if !status.is_success() {
+                let text = match Limited::new(body, 1 << 20).collect().await {
+                    Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+                    Err(_) => String::new(),
+                };
+                return (classify(status, fault, text, hint, retry), None);
+            }
+            // The commit point: the answer's first byte (or its end, for an empty one).
+            let first = loop {
+                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+                {
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(b) if !b.is_empty() => break Some(b),
+                        _ => continue,
+                    },
+                    None => break None,
+                    Some(Err(e)) => {
+                        let what = format!("reading the answer: {e}");
+                        return (Outcome::Failed { side: Side::Network, what }, None);
+                    }
+                }
+            };
+            let done = first.is_none();
+            let stream = RawStream {
+                status: status.as_u16(),
+                content_type,
+                first,
+                body,
+                stall: self.inner.cfg.stall_timeout,
+                node: node.id.clone(),
+                sent: t,
+                permit: None,
+                done,
+            };
+            (Outcome::Committed { after: t.elapsed(), hint }, Some((stream, version)))
+        };
+        let first_token = self.inner.cfg.first_token_timeout;
+        tokio::time::timeout(first_token, work).await.unwrap_or_else(|_| {
+            let what = format!("no first byte within {} ms", first_token.as_millis());
+            (Outcome::Failed { side: Side::Network, what }, None)
+        })
     }
 
     /// One JSON chat attempt on `node`: [`Client::attempt_whole`], the answer parsed (a

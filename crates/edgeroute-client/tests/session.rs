@@ -794,3 +794,45 @@ async fn a_realtime_session_survives_its_node_dying_between_turns() {
     .await;
     assert_eq!(a2, want);
 }
+
+#[tokio::test]
+async fn a_streamed_call_plays_speech_from_its_first_audio_and_fails_over_before_it() {
+    let mut fleet = Fleet::start("raw-stream", |_| {}).await;
+    let client = Client::new(fleet.config()).unwrap();
+    let s = client.session("sim-llama").await.unwrap();
+    let pinned = s.pinned().id;
+    let body = serde_json::json!({"model": "sim-llama", "voice": "alloy",
+        "input": "One sentence. Another one. And a third.", "response_format": "wav"});
+    let req = edgeroute_client::RawRequest {
+        model: "sim-llama".into(),
+        path: "/v1/audio/speech".into(),
+        content_type: "application/json".into(),
+        body: body.to_string().into(),
+    };
+    let whole = s.call(&req).await.unwrap().0.body;
+    let read = |mut st: edgeroute_client::RawStream| async move {
+        let mut chunks = Vec::new();
+        while let Some(c) = st.chunk().await {
+            chunks.push(c);
+        }
+        chunks
+    };
+    let (st, served) = s.call_stream(&req).await.unwrap();
+    assert_eq!(served.node.id, pinned);
+    assert_eq!((st.status, st.content_type.as_deref()), (200, Some("audio/wav")));
+    let chunks: Vec<_> = read(st).await.into_iter().map(Result::unwrap).collect();
+    assert!(chunks.len() > 1, "the audio comes as the node produces it");
+    assert_eq!(chunks.concat(), whole.to_vec(), "the same audio as read whole");
+    // The pinned node dead before its first byte: the request goes whole to the standby.
+    fleet.relay(&pinned).cut();
+    let (st, served) = s.call_stream(&req).await.unwrap();
+    assert_ne!(served.node.id, pinned);
+    let audio: Vec<u8> = read(st).await.into_iter().flat_map(Result::unwrap).collect();
+    assert_eq!(audio, whole.to_vec());
+    // Cut mid-audio: the stream ends with StreamCut after what was played.
+    faults(fleet.node(&served.node.id), r#"{"cut_after_tokens": 3}"#).await;
+    let (st, _) = s.call_stream(&req).await.unwrap();
+    let items = read(st).await;
+    assert!(matches!(items.last(), Some(Err(ClientError::StreamCut(_)))), "{items:?}");
+    assert_eq!(items.iter().filter(|c| c.is_ok()).count(), 3);
+}
