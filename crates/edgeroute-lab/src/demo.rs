@@ -158,10 +158,14 @@ struct PhaseResult {
     stt_ms: Vec<f64>,
     /// The LLM answer's first token, from the LLM request (after STT).
     ttft_ms: Vec<f64>,
-    /// Voice turns: from the turn's start (its audio sent) to the speech answer in hand, whole
-    /// (`Session::call` reads an answer whole: see [`speak`]). LLM-only turns: to the LLM's
-    /// last token.
-    answered_ms: Vec<f64>,
+    /// Time to first audio: from the turn's start (its audio sent) to the speech answer's
+    /// first byte in the caller's hands (voice turns).
+    ttfa_ms: Vec<f64>,
+    /// Voice turns: from the turn's start to the speech answer's last byte. LLM-only turns: to
+    /// the LLM's last token.
+    done_ms: Vec<f64>,
+    /// Speech streams cut after their first audio and asked again, whole (see [`speak`]).
+    speech_restarts: usize,
     /// The LLM's node per turn.
     nodes: std::collections::BTreeMap<String, usize>,
     /// What the nodes' `/metrics` counted during the phase, over every node.
@@ -212,30 +216,57 @@ async fn transcribe(stt: &Session, audio: &[u8], turn: usize) -> Result<String> 
     Ok(text)
 }
 
-/// The answer spoken, through the session's failover ladder: `/v1/audio/speech` asked for WAV.
-///
-/// `Session::call` reads the answer whole (a speech stream cut mid-audio is restarted on the
-/// standby, never half-delivered), and the SDK has no streamed raw call: the caller has the
-/// audio when the whole of it has arrived, so that is what the demo times ("speech
-/// answered"). The first audio byte left the node earlier; the node's own time to first
-/// audio (`edgeroute_node_first_byte_seconds{route="speech"}`) is reported beside it.
-async fn speak(tts: &Session, text: &str) -> Result<usize> {
+/// How a turn's answer was spoken.
+#[derive(Debug, Clone, Copy)]
+struct Spoken {
+    /// The speech answer's first audio byte in the caller's hands.
+    first_audio: Instant,
+    /// Its last byte.
+    done: Instant,
+    /// The stream was cut after its first audio and the answer asked again, whole.
+    restarted: bool,
+}
+
+/// The answer spoken: `/v1/audio/speech` asked for WAV through `Session::call_stream`, taken
+/// (as a player would) from its first byte. Until that byte the session's failover ladder
+/// runs (the request sent whole to the next node); a stream cut after it cannot be un-played,
+/// so the turn asks again with `Session::call`, which restarts the audio whole on the
+/// standby — a restart, counted, the turn's first audio still the first attempt's.
+async fn speak(tts: &Session, text: &str) -> Result<Spoken> {
     let req = RawRequest {
         model: TTS.into(),
         path: voice::SPEECH_PATH.into(),
         content_type: "application/json".into(),
         body: voice::speech_body(TTS, text, VOICE),
     };
-    let (answer, served) = tts.call(&req).await?;
-    anyhow::ensure!(
-        (200..300).contains(&answer.status),
-        "{} answered {}: {}",
-        served.node.id,
-        answer.status,
-        String::from_utf8_lossy(&answer.body)
-    );
-    anyhow::ensure!(voice::is_wav(&answer.body), "{}: the answer is not WAV audio", served.node.id);
-    Ok(answer.body.len())
+    let (mut stream, served) = tts.call_stream(&req).await?;
+    let node = served.node.id;
+    anyhow::ensure!((200..300).contains(&stream.status), "{node} answered {}", stream.status);
+    let (mut first_audio, mut audio) = (None, Vec::new());
+    while let Some(chunk) = stream.chunk().await {
+        match chunk {
+            Ok(b) => {
+                first_audio.get_or_insert_with(Instant::now);
+                audio.extend_from_slice(&b);
+            }
+            Err(cut) => {
+                let Some(first_audio) = first_audio else { return Err(cut.into()) };
+                let (answer, served) =
+                    tts.call(&req).await.context("asking again for speech cut mid-audio")?;
+                anyhow::ensure!(
+                    (200..300).contains(&answer.status) && voice::is_wav(&answer.body),
+                    "{} answered {} with no audio",
+                    served.node.id,
+                    answer.status
+                );
+                return Ok(Spoken { first_audio, done: Instant::now(), restarted: true });
+            }
+        }
+    }
+    let done = Instant::now();
+    anyhow::ensure!(voice::is_wav(&audio), "{node}: the answer is not WAV audio");
+    let first_audio = first_audio.unwrap_or(done);
+    Ok(Spoken { first_audio, done, restarted: false })
 }
 
 /// The demo's fleet ([`FleetSpec::canada`]) with the demo's secret and backend.
@@ -531,7 +562,7 @@ async fn phase(
                     .map(|_| voice::clip(k as u64, 2.0 + (k % 3) as f64 * 0.5, voice::CLIP_RATE));
                 let start = Instant::now();
                 let mut node = String::new();
-                let (mut ttft, mut heard_at) = (None, None);
+                let (mut ttft, mut heard_at, mut spoken) = (None, None, None);
                 let outcome = async {
                     // STT: the caller's audio in, its transcript out.
                     let heard = match (&speech, &clip) {
@@ -564,7 +595,7 @@ async fn phase(
                     // TTS: the answer in, audio out.
                     if let Some((_, tts)) = &speech {
                         let input = if answer.trim().is_empty() { "…" } else { answer.as_str() };
-                        speak(tts, input).await.map_err(TurnError::at("tts"))?;
+                        spoken = Some(speak(tts, input).await.map_err(TurnError::at("tts"))?);
                     }
                     Ok::<_, TurnError>(())
                 }
@@ -573,10 +604,18 @@ async fn phase(
                     r.turns += 1;
                     match outcome {
                         Ok(()) => {
-                            r.ttft_ms.push(ttft.unwrap_or_default().as_secs_f64() * 1000.0);
-                            r.answered_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+                            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                            r.ttft_ms.push(ms(ttft.unwrap_or_default()));
                             if let Some(h) = heard_at {
-                                r.stt_ms.push(h.as_secs_f64() * 1000.0);
+                                r.stt_ms.push(ms(h));
+                            }
+                            match spoken {
+                                Some(sp) => {
+                                    r.ttfa_ms.push(ms(sp.first_audio - start));
+                                    r.done_ms.push(ms(sp.done - start));
+                                    r.speech_restarts += usize::from(sp.restarted);
+                                }
+                                None => r.done_ms.push(ms(start.elapsed())),
                             }
                             *r.nodes.entry(node).or_default() += 1;
                         }
@@ -648,8 +687,8 @@ fn total(clients: &[Client]) -> Stats {
 /// The summary table's header: voice turns get the audio columns, LLM-only turns the turn time.
 fn table_header(voiced: bool) -> &'static str {
     if voiced {
-        "| phase | turns | failed | STT p50 (ms) | TTFT p50 (ms) | TTFT p99 (ms) | speech answered p50 (ms) | speech answered p99 (ms) | node first audio (ms) | node STT / TTS answers | failovers | moves | lists from cache | LLM nodes used |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "| phase | turns | failed | STT p50 (ms) | TTFT p50 (ms) | TTFT p99 (ms) | TTFA p50 (ms) | TTFA p99 (ms) | speech done p50 (ms) | node first audio (ms) | node STT / TTS answers | speech restarted | failovers | moves | lists from cache | LLM nodes used |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     } else {
         "| phase | turns | failed | TTFT p50 (ms) | TTFT p99 (ms) | turn p50 (ms) | failovers | moves | lists from cache | LLM nodes used |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
@@ -658,13 +697,14 @@ fn table_header(voiced: bool) -> &'static str {
 
 /// What the table's columns mean, under it (voice turns).
 const VOICE_NOTES: &str = "STT: the turn's start (its audio sent) to the transcript in hand. TTFT: the LLM request to its \
-first token. Speech answered: the turn's start to the whole speech answer in hand — `Session::call` reads an answer whole \
-(the SDK has no streamed raw call), so this is when the caller can play the audio, not when its first byte left the node; \
-the simulated TTS (the simulator's defaults) answers its first audio 80 ms after it starts, then a second of audio every \
-100 ms (10× real time), so a spoken answer of several seconds arrives whole most of a second after its first byte. \
-Node first audio: the nodes' own time to the speech answer's first byte (`edgeroute_node_first_byte_seconds{route=\"speech\"}`, \
-mean over the phase). Node STT / TTS answers: 200s on `/v1/audio/transcriptions` and `/v1/audio/speech`, every node's \
-`/metrics` (a failed-over call counts once per node that answered it).";
+first token. TTFA (time to first audio): the turn's start to the speech answer's first byte in the caller's hands \
+(`Session::call_stream`: STT, the LLM's whole answer, then the speech until its first audio). Speech done: the turn's start to \
+the speech answer's last byte; the simulated TTS (the simulator's defaults) speaks at 10× real time after its first audio, \
+so a spoken answer of several seconds ends most of a second after it starts. Node first audio: the nodes' own time to the \
+speech answer's first byte (`edgeroute_node_first_byte_seconds{route=\"speech\"}`, mean over the phase). Node STT / TTS \
+answers: 200s on `/v1/audio/transcriptions` and `/v1/audio/speech`, every node's `/metrics` (a failed-over call counts once \
+per node that answered it). Speech restarted: a speech stream cut after its first audio (its node killed mid-answer) and \
+asked again whole on the standby with `Session::call` — the turn is served, its first audio the first attempt's.";
 
 /// One phase's row of the summary table; `clients` is the clients' stats over the phase.
 fn summary_row(name: &str, r: &PhaseResult, clients: &Stats, voiced: bool) -> String {
@@ -678,7 +718,7 @@ fn summary_row(name: &str, r: &PhaseResult, clients: &Stats, voiced: bool) -> St
         nodes.join(" ")
     );
     if !voiced {
-        let turn_p50 = pct(&r.answered_ms, 0.5);
+        let turn_p50 = pct(&r.done_ms, 0.5);
         return format!(
             "| {name} | {} | {} | {p50:.0} | {p99:.0} | {turn_p50:.0} | {tail}\n",
             r.turns, r.failed
@@ -687,14 +727,16 @@ fn summary_row(name: &str, r: &PhaseResult, clients: &Stats, voiced: bool) -> St
     let first_audio =
         r.tts_node.mean_first_byte_ms().map_or("—".to_owned(), |m| format!("{m:.0}"));
     format!(
-        "| {name} | {} | {} | {:.0} | {p50:.0} | {p99:.0} | {:.0} | {:.0} | {first_audio} | {:.0} / {:.0} | {tail}\n",
+        "| {name} | {} | {} | {:.0} | {p50:.0} | {p99:.0} | {:.0} | {:.0} | {:.0} | {first_audio} | {:.0} / {:.0} | {} | {tail}\n",
         r.turns,
         r.failed,
         pct(&r.stt_ms, 0.5),
-        pct(&r.answered_ms, 0.5),
-        pct(&r.answered_ms, 0.99),
+        pct(&r.ttfa_ms, 0.5),
+        pct(&r.ttfa_ms, 0.99),
+        pct(&r.done_ms, 0.5),
         r.stt_node.ok,
         r.tts_node.ok,
+        r.speech_restarts,
     )
 }
 
@@ -715,11 +757,7 @@ fn record(
     };
     let (p50, p99) = (pct(&r.ttft_ms, 0.5), pct(&r.ttft_ms, 0.99));
     let audio = if voiced {
-        format!(
-            ", speech answered p50 {:.0} ms p99 {:.0} ms",
-            pct(&r.answered_ms, 0.5),
-            pct(&r.answered_ms, 0.99)
-        )
+        format!(", TTFA p50 {:.0} ms p99 {:.0} ms", pct(&r.ttfa_ms, 0.5), pct(&r.ttfa_ms, 0.99))
     } else {
         String::new()
     };
@@ -991,19 +1029,20 @@ fn write_report(
             .iter()
             .map(|(name, r)| crate::chart::Series {
                 name: name.clone(),
-                ttft_ms: r.answered_ms.clone(),
+                ttft_ms: r.ttfa_ms.clone(),
             })
             .collect();
         crate::chart::latency_percentiles(
-            "Speech answered (whole), per phase",
-            "turn start to the whole speech answer (ms, log scale)",
+            "Time to first audio, per phase",
+            "turn start (audio sent) to the answer's first audio (ms, log scale)",
             &series,
         )?
-        .save(&dir.join("speech.png"))?;
+        .save(&dir.join("ttfa.png"))?;
         md.push_str(
-            "\n![Speech answered per phase](speech.png)\n\n*Share of voice turns (y, as a \
-             percentile) whose speech answer was in hand, whole, within a time from the turn's \
-             start (x, ms, log scale), a line per phase.*\n",
+            "\n![TTFA per phase](ttfa.png)\n\n*Share of voice turns (y, as a percentile) whose \
+             spoken answer's first audio reached the caller within a time from the turn's start \
+             (x, ms, log scale: transcription, the LLM's answer, the speech's first audio), a \
+             line per phase.*\n",
         );
     }
     // The timeline as a chart: phases as bands, faults as red lines, a lane per kind of
@@ -1079,16 +1118,19 @@ mod tests {
             // Every turn went through the audio endpoints: the nodes answered at least one
             // transcription and one speech request per turn (a failed-over call counts on
             // each node that answered it).
-            let (stt, tts) = cols[10].split_once(" / ").expect("STT / TTS answers");
+            let (stt, tts) = cols[11].split_once(" / ").expect("STT / TTS answers");
             let (stt, tts): (u32, u32) = (stt.parse().expect("stt"), tts.parse().expect("tts"));
             assert!(stt >= 18 && tts >= 18, "the audio routes' answers, on the nodes: {line}");
-            // And the times are the audio's: a transcription, then the whole speech answer (at
-            // least a second of audio paced at 10× real time) after the LLM's first token.
+            // And the times are the audio's. Each turn's first audio comes after its
+            // transcript and the simulated TTS's own 80 ms, its last byte a paced stream later
+            // (per turn, so at every percentile too).
             let ms = |c: usize| cols[c].parse::<f64>().unwrap_or_else(|_| panic!("{c}: {line}"));
-            let (stt_p50, ttft_p50, answered_p50, first_audio) = (ms(4), ms(5), ms(7), ms(9));
+            let (stt_p50, ttfa_p50, ttfa_p99, done_p50, node_first_audio) =
+                (ms(4), ms(7), ms(8), ms(9), ms(10));
             assert!(stt_p50 >= 50.0, "transcription is not free: {line}");
-            assert!(answered_p50 > stt_p50 + ttft_p50 + 100.0, "{line}");
-            assert!(first_audio >= 80.0 && first_audio < answered_p50, "{line}");
+            assert!(node_first_audio >= 80.0, "the simulated TTS's own first audio: {line}");
+            assert!(ttfa_p50 >= stt_p50 + 80.0 && ttfa_p99 >= ttfa_p50, "{line}");
+            assert!(done_p50 > ttfa_p50 + 200.0, "{line}");
         }
         assert_eq!(md.lines().count(), 7, "{md}");
         let loaded =
@@ -1099,7 +1141,7 @@ mod tests {
         );
         let written = std::fs::read_to_string(report.join("report.md")).expect("report.md");
         assert!(written.contains("## Time to first token, per phase"), "{written}");
-        assert!(written.contains("Speech answered: the turn's start"), "{written}");
+        assert!(written.contains("TTFA (time to first audio): the turn's start"), "{written}");
         let victim = FleetSpec::canada()
             .nodes
             .into_iter()
@@ -1111,7 +1153,7 @@ mod tests {
             "on the timeline: {written}"
         );
         assert!(written.contains("failover "), "the failovers are on the timeline: {written}");
-        for png in ["ttft.png", "speech.png", "timeline.png"] {
+        for png in ["ttft.png", "ttfa.png", "timeline.png"] {
             let bytes = std::fs::read(report.join(png)).expect(png);
             assert_eq!(&bytes[..4], b"\x89PNG", "{png}");
         }
@@ -1124,7 +1166,9 @@ mod tests {
             failed: 1,
             stt_ms: vec![100.0, 120.0, 140.0],
             ttft_ms: vec![20.0, 30.0, 40.0],
-            answered_ms: vec![900.0, 1000.0, 1100.0],
+            ttfa_ms: vec![300.0, 350.0, 400.0],
+            done_ms: vec![900.0, 1000.0, 1100.0],
+            speech_restarts: 1,
             nodes: [("tor-1".to_owned(), 3)].into(),
             stt_node: RouteFigures { ok: 3.0, first_bytes: 3.0, first_byte_s: 0.3 },
             tts_node: RouteFigures { ok: 4.0, first_bytes: 4.0, first_byte_s: 0.36 },
@@ -1134,7 +1178,7 @@ mod tests {
         let row = summary_row("steady", &r, &stats, true);
         assert_eq!(
             row,
-            "| steady | 4 | 1 | 120 | 30 | 40 | 1000 | 1100 | 90 | 3 / 4 | 1 | 2 | 3 | tor-1×3 |\n"
+            "| steady | 4 | 1 | 120 | 30 | 40 | 350 | 400 | 1000 | 90 | 3 / 4 | 1 | 1 | 2 | 3 | tor-1×3 |\n"
         );
         let columns = |s: &str| s.lines().next().map_or(0, |l| l.matches('|').count());
         assert_eq!(columns(&row), columns(table_header(true)));
@@ -1143,7 +1187,7 @@ mod tests {
         assert_eq!(columns(&plain), columns(table_header(false)));
         // No speech answered in the phase: no mean to show.
         let none = PhaseResult::default();
-        assert!(summary_row("x", &none, &Stats::default(), true).contains("| — | 0 / 0 |"));
+        assert!(summary_row("x", &none, &Stats::default(), true).contains("| — | 0 / 0 | 0 |"));
     }
 
     /// `--backend openai --upstream URL`: every node in front of one OpenAI-compatible server
