@@ -201,18 +201,34 @@ impl Session {
     /// cut audio stream is a failed attempt, restarted on the standby, never half-delivered).
     /// A node's refusal of the request itself (4xx) comes back as the answer.
     pub async fn call(&self, req: &RawRequest) -> Result<(RawAnswer, Served), ClientError> {
-        if !req.path.starts_with("/v1/") || req.path.contains("..") {
-            return Err(ClientError::Invalid(format!("`{}` is not an endpoint path", req.path)));
-        }
-        let mut turn = Turn::new(&req.model, Kind::Json, self.begin_turn());
         let (client, id, bearer) = (&self.client, self.id.as_str(), self.q.bearer.as_deref());
-        let r = client
-            .drive(&self.q, &mut turn, |node| async move {
+        let r = self
+            .raw_turn(req, Kind::Json, |node| async move {
                 client.attempt_raw(&node, req, id, bearer).await
             })
             .await;
-        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
         r.map(|((a, model_version), _, d)| (a, Served { node: d.node, model_version }))
+    }
+
+    /// One turn of a request to another endpoint: the path checked, the ladder driven with
+    /// `attempt`, the turn's lessons applied.
+    async fn raw_turn<T, F, Fut>(
+        &self,
+        req: &RawRequest,
+        kind: Kind,
+        attempt: F,
+    ) -> Result<(T, SlotPermit, Box<Delivery>), ClientError>
+    where
+        F: FnMut(Candidate) -> Fut,
+        Fut: Future<Output = (Outcome, Option<T>)>,
+    {
+        if !req.path.starts_with("/v1/") || req.path.contains("..") {
+            return Err(ClientError::Invalid(format!("`{}` is not an endpoint path", req.path)));
+        }
+        let mut turn = Turn::new(&req.model, kind, self.begin_turn());
+        let r = self.client.drive(&self.q, &mut turn, attempt).await;
+        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
+        r
     }
 
     /// [`Session::call`], the answer streamed from its first byte: the ladder runs until a node
@@ -223,17 +239,12 @@ impl Session {
     /// [`ClientError::StreamCut`]: bytes cannot be un-played, so the caller decides (ask again
     /// with [`Session::call`], which restarts the answer whole on the standby).
     pub async fn call_stream(&self, req: &RawRequest) -> Result<(RawStream, Served), ClientError> {
-        if !req.path.starts_with("/v1/") || req.path.contains("..") {
-            return Err(ClientError::Invalid(format!("`{}` is not an endpoint path", req.path)));
-        }
-        let mut turn = Turn::new(&req.model, Kind::Stream, self.begin_turn());
         let (client, id, bearer) = (&self.client, self.id.as_str(), self.q.bearer.as_deref());
-        let r = client
-            .drive(&self.q, &mut turn, |node| async move {
+        let r = self
+            .raw_turn(req, Kind::Stream, |node| async move {
                 client.attempt_first_byte(&node, req, id, bearer).await
             })
             .await;
-        self.end_turn(&turn, r.as_ref().ok().map(|(_, _, d)| &**d), exhausted(&r));
         let ((mut stream, model_version), permit, d) = r?;
         stream.permit = Some(permit);
         stream.node = d.node.id.clone();

@@ -5,13 +5,11 @@
 //! no `[DONE]`, so a truncated answer is never mistaken for a complete one.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
-
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -41,40 +39,11 @@ const ROUTE: &str = "chat";
 pub const MODEL_VERSION_HEADER: http::HeaderName =
     http::HeaderName::from_static(edgeroute_proto::headers::MODEL_VERSION_HEADER);
 
-/// The chat route as one service: authentication, the tenant's rate limit and the handler are
-/// plain calls inside one future. The generic middleware layers cost this route, the one
-/// every token goes through, a boxed future each and a copy of the header map; here the
-/// request's own headers are borrowed and the whole path is one allocation.
-#[derive(Clone)]
-pub struct ChatService {
-    st: AppState,
-    /// The scope a caller's token must grant (named at the router, where a reader, and the
-    /// OpenAPI check, look for who may call a route).
-    scope: Scope,
-}
-
-impl ChatService {
-    pub fn new(st: AppState, scope: Scope) -> ChatService {
-        ChatService { st, scope }
-    }
-}
-
-impl tower::Service<Request> for ChatService {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let (st, scope) = (self.st.clone(), self.scope);
-        Box::pin(async move { Ok(serve(st, scope, req).await) })
-    }
-}
-
-async fn serve(st: AppState, scope: Scope, req: Request) -> Response {
+/// The chat route: authentication, the tenant's rate limit and the handler as plain calls in
+/// one future (served as a [`super::Route`]). The generic middleware layers would cost this
+/// route, the one every token goes through, a boxed future each and a copy of the header map;
+/// here the request's own headers are borrowed and the whole path is one allocation.
+pub(super) async fn serve(st: AppState, scope: Scope, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let tenant = match auth::authenticate(&st, &parts.headers, scope) {
         Ok(t) => t,

@@ -3,7 +3,7 @@
 //!
 //! Layering, outermost first: response headers (node id, load report, migrate hint) → auth
 //! (scope per route group) → rate limit (inference only) → handler. The chat route runs auth
-//! and the rate limit as plain calls in its own service ([`chat::ChatService`]): it is the
+//! and the rate limit as plain calls in its own service ([`Route`]): it is the
 //! route every token goes through, and the middleware layers cost it boxed futures.
 //! Admission happens in the chat handler itself because the slot it takes must live as long as
 //! the response stream.
@@ -191,51 +191,41 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
             let r = Router::new()
                 .route_service(
                     "/v1/chat/completions",
-                    post_service(chat::ChatService::new(state.clone(), Scope::Inference)),
+                    post_service(Route::new(state.clone(), Scope::Inference, chat::serve)),
                 )
                 .route_service(
                     "/v1/audio/transcriptions",
-                    post_service(surface::SurfaceService::new(
-                        state.clone(),
-                        Scope::Inference,
-                        Endpoint::Transcriptions,
-                    )),
+                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
+                        surface::serve(st, sc, Endpoint::Transcriptions, r)
+                    })),
                 )
                 .route_service(
                     "/v1/audio/translations",
-                    post_service(surface::SurfaceService::new(
-                        state.clone(),
-                        Scope::Inference,
-                        Endpoint::Translations,
-                    )),
+                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
+                        surface::serve(st, sc, Endpoint::Translations, r)
+                    })),
                 )
                 .route_service(
                     "/v1/audio/speech",
-                    post_service(surface::SurfaceService::new(
-                        state.clone(),
-                        Scope::Inference,
-                        Endpoint::Speech,
-                    )),
+                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
+                        surface::serve(st, sc, Endpoint::Speech, r)
+                    })),
                 )
                 .route_service(
                     "/v1/completions",
-                    post_service(surface::SurfaceService::new(
-                        state.clone(),
-                        Scope::Inference,
-                        Endpoint::Completions,
-                    )),
+                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
+                        surface::serve(st, sc, Endpoint::Completions, r)
+                    })),
                 )
                 .route_service(
                     "/v1/embeddings",
-                    post_service(surface::SurfaceService::new(
-                        state.clone(),
-                        Scope::Inference,
-                        Endpoint::Embeddings,
-                    )),
+                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
+                        surface::serve(st, sc, Endpoint::Embeddings, r)
+                    })),
                 )
                 .route_service(
                     "/v1/realtime",
-                    get_service(realtime::RealtimeService::new(state.clone(), Scope::Inference)),
+                    get_service(Route::new(state.clone(), Scope::Inference, realtime::upgrade)),
                 )
                 .merge(inference);
             if !admin_listener && state.auth.is_some() { r.merge(admin) } else { r }
@@ -292,6 +282,52 @@ fn response_headers(st: &AppState, mut res: Response) -> Response {
         h.insert(MIGRATE_HEADER, v);
     }
     res
+}
+
+/// A route as one service that authenticates itself: `handle` gets the state, the scope a
+/// caller's token must grant (named at the router, where a reader and the OpenAPI check look
+/// for who may call a route) and the request. One boxed future per request, no middleware
+/// layer: the chat route's cost, shared by every inference route that is not `/v1/models`.
+pub struct Route<F> {
+    st: AppState,
+    scope: Scope,
+    handle: F,
+}
+
+impl<F: Clone> Clone for Route<F> {
+    fn clone(&self) -> Self {
+        Route { st: self.st.clone(), scope: self.scope, handle: self.handle.clone() }
+    }
+}
+
+impl<F> Route<F> {
+    pub fn new(st: AppState, scope: Scope, handle: F) -> Route<F> {
+        Route { st, scope, handle }
+    }
+}
+
+impl<F, Fut> tower::Service<Request> for Route<F>
+where
+    F: Fn(AppState, Scope, Request) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::convert::Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let fut = (self.handle)(self.st.clone(), self.scope, req);
+        Box::pin(async move { Ok(fut.await) })
+    }
 }
 
 /// A tenant as authenticated by the auth layer (the JWT `sub`).

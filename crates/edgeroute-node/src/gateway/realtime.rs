@@ -21,11 +21,7 @@
 //! `response.audio.delta`, or text delta for a text-only response) is recorded as
 //! `edgeroute_node_first_byte_seconds{route="realtime"}`.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -84,36 +80,8 @@ impl Seats {
     }
 }
 
-/// The route as a service (authentication inside, like the chat route).
-#[derive(Clone)]
-pub struct RealtimeService {
-    st: AppState,
-    scope: Scope,
-}
-
-impl RealtimeService {
-    pub fn new(st: AppState, scope: Scope) -> RealtimeService {
-        RealtimeService { st, scope }
-    }
-}
-
-impl tower::Service<Request> for RealtimeService {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let (st, scope) = (self.st.clone(), self.scope);
-        Box::pin(async move { Ok(upgrade(st, scope, req).await) })
-    }
-}
-
 /// The upgrade: every check, the backend's session, then the WebSocket.
-async fn upgrade(st: AppState, scope: Scope, req: Request) -> Response {
+pub(super) async fn upgrade(st: AppState, scope: Scope, req: Request) -> Response {
     let (mut parts, _) = req.into_parts();
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &()).await;
     let res = match open(&st, scope, &parts.uri, &parts.headers, ws).await {

@@ -15,11 +15,7 @@
 //! Uploads are read whole (bounded) before they reach the backend: the model is a form field
 //! that may follow the file.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -45,36 +41,13 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 /// Largest `dimensions` asked of an embedding.
 pub const MAX_EMBEDDING_DIMENSIONS: u32 = 4096;
 
-/// One endpoint as a service (authentication inside, like the chat route).
-#[derive(Clone)]
-pub struct SurfaceService {
+/// One endpoint's request (served as a [`super::Route`]: authentication inside, like chat).
+pub(super) async fn serve(
     st: AppState,
     scope: Scope,
     endpoint: Endpoint,
-}
-
-impl SurfaceService {
-    pub fn new(st: AppState, scope: Scope, endpoint: Endpoint) -> SurfaceService {
-        SurfaceService { st, scope, endpoint }
-    }
-}
-
-impl tower::Service<Request> for SurfaceService {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let (st, scope, endpoint) = (self.st.clone(), self.scope, self.endpoint);
-        Box::pin(async move { Ok(serve(st, scope, endpoint, req).await) })
-    }
-}
-
-async fn serve(st: AppState, scope: Scope, endpoint: Endpoint, req: Request) -> Response {
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let tenant = match auth::authenticate(&st, &parts.headers, scope) {
         Ok(t) => t,
@@ -363,7 +336,8 @@ pub async fn parse_upload(
 ) -> Result<Parsed, ApiError> {
     let boundary = multer::parse_boundary(content_type)
         .map_err(|_| bad("file", "multipart/form-data without a boundary."))?;
-    let stream = futures_util::stream::once(std::future::ready(Ok::<Bytes, Infallible>(body)));
+    let stream =
+        futures_util::stream::once(std::future::ready(Ok::<Bytes, std::convert::Infallible>(body)));
     let mut form = multer::Multipart::new(stream, boundary);
     let (mut model, mut audio, mut language, mut format) = (None, None, None, None);
     let mut stream = None;
