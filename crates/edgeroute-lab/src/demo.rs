@@ -166,6 +166,8 @@ struct PhaseResult {
     done_ms: Vec<f64>,
     /// Speech streams cut after their first audio and asked again, whole (see [`speak`]).
     speech_restarts: usize,
+    /// The node that spoke each voice turn's answer.
+    tts_nodes: std::collections::BTreeMap<String, usize>,
     /// The LLM's node per turn.
     nodes: std::collections::BTreeMap<String, usize>,
     /// What the nodes' `/metrics` counted during the phase, over every node.
@@ -217,7 +219,7 @@ async fn transcribe(stt: &Session, audio: &[u8], turn: usize) -> Result<String> 
 }
 
 /// How a turn's answer was spoken.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Spoken {
     /// The speech answer's first audio byte in the caller's hands.
     first_audio: Instant,
@@ -225,6 +227,8 @@ struct Spoken {
     done: Instant,
     /// The stream was cut after its first audio and the answer asked again, whole.
     restarted: bool,
+    /// The node that spoke it (the last one, after a restart).
+    node: String,
 }
 
 /// The answer spoken: `/v1/audio/speech` asked for WAV through `Session::call_stream`, taken
@@ -259,14 +263,15 @@ async fn speak(tts: &Session, text: &str) -> Result<Spoken> {
                     served.node.id,
                     answer.status
                 );
-                return Ok(Spoken { first_audio, done: Instant::now(), restarted: true });
+                let node = served.node.id;
+                return Ok(Spoken { first_audio, done: Instant::now(), restarted: true, node });
             }
         }
     }
     let done = Instant::now();
     anyhow::ensure!(voice::is_wav(&audio), "{node}: the answer is not WAV audio");
     let first_audio = first_audio.unwrap_or(done);
-    Ok(Spoken { first_audio, done, restarted: false })
+    Ok(Spoken { first_audio, done, restarted: false, node })
 }
 
 /// The demo's fleet ([`FleetSpec::canada`]) with the demo's secret and backend.
@@ -614,6 +619,7 @@ async fn phase(
                                     r.ttfa_ms.push(ms(sp.first_audio - start));
                                     r.done_ms.push(ms(sp.done - start));
                                     r.speech_restarts += usize::from(sp.restarted);
+                                    *r.tts_nodes.entry(sp.node).or_default() += 1;
                                 }
                                 None => r.done_ms.push(ms(start.elapsed())),
                             }
@@ -765,6 +771,10 @@ fn record(
         "   {} turns, {} failed, TTFT p50 {p50:.0} ms p99 {p99:.0} ms{audio}, failovers {}, moves {}",
         r.turns, r.failed, delta.failovers, delta.migrations
     );
+    if !r.tts_nodes.is_empty() {
+        let spoken: Vec<String> = r.tts_nodes.iter().map(|(n, c)| format!("{n}×{c}")).collect();
+        println!("   answers spoken by {}", spoken.join(" "));
+    }
     for (why, n) in &r.failures {
         println!("     failed ×{n}: {why}");
     }
