@@ -287,11 +287,9 @@ impl Conversation {
                 let id = ev.get("item_id").and_then(Value::as_str);
                 self.items.retain(|i| id_of(i).as_deref() != id);
             }
-            Some("response.created") => {
-                // A response the server started on its own (or ours): under way.
-                if self.responding.is_none() {
-                    self.responding = Some(json!({"type": "response.create"}));
-                }
+            // A response the server started on its own (or ours): under way.
+            Some("response.created") if self.responding.is_none() => {
+                self.responding = Some(json!({"type": "response.create"}));
             }
             Some("response.done") => self.responding = None,
             _ => {}
@@ -400,7 +398,7 @@ impl Driver {
                         }
                     }
                 },
-                m = self.ws.next() => self.from_node(m).await,
+                m = self.ws.next() => self.on_node_message(m).await,
                 () = sleep_until(self.retry_at) => {
                     self.retry_at = None;
                     Next::Go
@@ -432,7 +430,7 @@ impl Driver {
         }
     }
 
-    async fn from_node(&mut self, m: Option<Result<Message, tungstenite::Error>>) -> Next {
+    async fn on_node_message(&mut self, m: Option<Result<Message, tungstenite::Error>>) -> Next {
         match m {
             Some(Ok(Message::Text(t))) => {
                 let Ok(ev) = serde_json::from_str::<Value>(t.as_str()) else {
