@@ -389,6 +389,33 @@ impl RawStream {
     }
 }
 
+/// What an answer's head says: its status, how a failure is classified (`Retry-After`, the
+/// node's fault header), the model version and the content type.
+struct Head {
+    status: http::StatusCode,
+    retry: Option<std::time::Duration>,
+    fault: edgeroute_proto::Fault,
+    version: Option<String>,
+    content_type: Option<String>,
+}
+
+impl Head {
+    fn of<B>(res: &http::Response<B>) -> Head {
+        let status = res.status();
+        Head {
+            status,
+            retry: retry_after(res.headers()),
+            fault: fault_of(status, res.headers()),
+            version: model_version(res.headers()),
+            content_type: res
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+}
+
 /// Every candidate failed: the list behind the session is revalidated.
 fn exhausted<T>(r: &Result<T, ClientError>) -> bool {
     matches!(r, Err(ClientError::Exhausted(_)))
@@ -519,15 +546,7 @@ impl Client {
                 Ok(r) => r,
                 Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
             };
-            let status = res.status();
-            let retry = retry_after(res.headers());
-            let fault = fault_of(status, res.headers());
-            let version = model_version(res.headers());
-            let content_type = res
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let Head { status, retry, fault, version, content_type } = Head::of(&res);
             let mut body = res.into_body();
             if !status.is_success() {
                 let text = match Limited::new(body, 1 << 20).collect().await {
@@ -612,15 +631,7 @@ impl Client {
                 Ok(r) => r,
                 Err(what) => return (Outcome::Failed { side: Side::Network, what }, None),
             };
-            let status = res.status();
-            let retry = retry_after(res.headers());
-            let fault = fault_of(status, res.headers());
-            let version = model_version(res.headers());
-            let content_type = res
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let Head { status, retry, fault, version, content_type } = Head::of(&res);
             let body = match Limited::new(res.into_body(), self.inner.cfg.max_response_bytes)
                 .collect()
                 .await
