@@ -579,15 +579,21 @@ async fn surface(State(st): State<Arc<State_>>, req: Request) -> Response {
     surface_for(&st, None, req).await
 }
 
+/// The session a request names (`x-edgeroute-session`, else `default`) and its pipeline
+/// (`x-edgeroute-pipeline`), each checked; the refusal to send otherwise.
+fn session_keys(st: &Front, h: &HeaderMap) -> Result<(String, Option<String>), Response> {
+    let max = st.cfg.max_key_len;
+    match (key_header(h, SESSION_HEADER, max), key_header(h, PIPELINE_HEADER, max)) {
+        (Ok(s), Ok(p)) => Ok((s.unwrap_or_else(|| "default".into()), p)),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
 /// [`surface`] for `caller`.
 pub async fn surface_for(st: &Front, caller: Option<&Caller>, req: Request) -> Response {
-    let max = st.cfg.max_key_len;
-    let (session_key, pipeline) = match (
-        key_header(req.headers(), SESSION_HEADER, max),
-        key_header(req.headers(), PIPELINE_HEADER, max),
-    ) {
-        (Ok(s), Ok(p)) => (s.unwrap_or_else(|| "default".into()), p),
-        (Err(e), _) | (_, Err(e)) => return e,
+    let (session_key, pipeline) = match session_keys(st, req.headers()) {
+        Ok(k) => k,
+        Err(e) => return e,
     };
     let path = req.uri().path().to_owned();
     let content_type = req
@@ -751,13 +757,9 @@ async fn request_model(content_type: &str, body: &Bytes) -> Result<String, ApiEr
 /// The chat route for `caller` (`None`: the client's own token): a session per (caller,
 /// `x-edgeroute-session`, pipeline or model), its turn, the answer or the stream.
 pub async fn chat_for(st: &Front, caller: Option<&Caller>, req: Request) -> Response {
-    let max = st.cfg.max_key_len;
-    let (session_key, pipeline) = match (
-        key_header(req.headers(), SESSION_HEADER, max),
-        key_header(req.headers(), PIPELINE_HEADER, max),
-    ) {
-        (Ok(s), Ok(p)) => (s.unwrap_or_else(|| "default".into()), p),
-        (Err(e), _) | (_, Err(e)) => return e,
+    let (session_key, pipeline) = match session_keys(st, req.headers()) {
+        Ok(k) => k,
+        Err(e) => return e,
     };
     let body: ChatCompletionRequest =
         match edgeroute_http::json::read_json(req.into_body(), st.cfg.max_body).await {
