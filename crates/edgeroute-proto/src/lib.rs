@@ -5,6 +5,7 @@
 //! response (load report, migrate hint). Types here derive serde and carry no behaviour beyond
 //! encoding, decoding and shape validation; decisions live in `edgeroute-core`.
 
+pub mod audio;
 pub mod chat;
 pub mod discovery;
 pub mod error;

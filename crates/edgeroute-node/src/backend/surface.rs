@@ -17,6 +17,8 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::HeaderValue;
 
+pub use edgeroute_proto::audio::TranscriptFormat;
+
 use super::BackendError;
 
 /// One of the endpoints.
@@ -89,29 +91,6 @@ impl Parsed {
             | Parsed::Embed { model, .. }
             | Parsed::Complete { model, .. } => model,
         }
-    }
-}
-
-/// `response_format` of a transcription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TranscriptFormat {
-    Json,
-    Text,
-    VerboseJson,
-    Srt,
-    Vtt,
-}
-
-impl TranscriptFormat {
-    pub fn parse(s: &str) -> Option<TranscriptFormat> {
-        Some(match s {
-            "json" => TranscriptFormat::Json,
-            "text" => TranscriptFormat::Text,
-            "verbose_json" => TranscriptFormat::VerboseJson,
-            "srt" => TranscriptFormat::Srt,
-            "vtt" => TranscriptFormat::Vtt,
-            _ => return None,
-        })
     }
 }
 

@@ -174,16 +174,25 @@ async fn handle(
                 .into_response()
         }
     };
+    answered(&mut res, hint, version);
+    Ok(res)
+}
+
+/// What every answer of an admitted request carries: the phase's migrate hint, and which
+/// registry version answered (the model id names the logical model).
+pub(super) fn answered(
+    res: &mut Response,
+    hint: Option<MigrateHint>,
+    version: Option<HeaderValue>,
+) {
     if let Some(h) = hint
         && let Ok(v) = HeaderValue::from_str(&h.to_string())
     {
         res.headers_mut().insert(MIGRATE_HEADER, v);
     }
-    // Which registry version answered (the model id names the logical model).
     if let Some(v) = version {
         res.headers_mut().insert(MODEL_VERSION_HEADER, v);
     }
-    Ok(res)
 }
 
 /// What a request holds once admitted: its slots (released when dropped), its body, and the

@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 
-use super::chat::{Admitted, MODEL_VERSION_HEADER, admit, backend_failed, refused};
+use super::chat::{Admitted, admit, answered, backend_failed, refused};
 use super::{AppState, auth, ratelimit};
 use crate::backend::surface::{Endpoint, Parsed, SurfaceCall, TranscriptFormat};
 use crate::config::ms;
@@ -172,14 +172,7 @@ async fn handle(
     let mut res = Response::new(Body::from_stream(first.chain(rest)));
     res.headers_mut().insert(header::CONTENT_TYPE, reply.content_type);
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Some(h) = hint
-        && let Ok(v) = HeaderValue::from_str(&h.to_string())
-    {
-        res.headers_mut().insert(MIGRATE_HEADER, v);
-    }
-    if let Some(v) = version {
-        res.headers_mut().insert(MODEL_VERSION_HEADER, v);
-    }
+    answered(&mut res, hint, version);
     Ok(res)
 }
 

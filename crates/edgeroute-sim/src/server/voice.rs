@@ -25,6 +25,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use edgeroute_proto::ErrorBody;
+use edgeroute_proto::audio::TranscriptFormat;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -45,29 +46,6 @@ const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 enum Task {
     Transcribe,
     Translate,
-}
-
-/// `response_format` of the audio routes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TranscriptFormat {
-    Json,
-    Text,
-    VerboseJson,
-    Srt,
-    Vtt,
-}
-
-impl TranscriptFormat {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "json" => TranscriptFormat::Json,
-            "text" => TranscriptFormat::Text,
-            "verbose_json" => TranscriptFormat::VerboseJson,
-            "srt" => TranscriptFormat::Srt,
-            "vtt" => TranscriptFormat::Vtt,
-            _ => return None,
-        })
-    }
 }
 
 /// The fields of an audio form this server reads.
