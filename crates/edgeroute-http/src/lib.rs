@@ -37,4 +37,4 @@ pub use error::ApiError;
 #[cfg(feature = "server")]
 pub use listener::Listener;
 #[cfg(feature = "server")]
-pub use serve::{EdgeCounters, ServerLimits, runtime, serve, shutdown_signal};
+pub use serve::{App, EdgeCounters, ServerLimits, runtime, serve, shutdown_signal};

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -107,12 +106,41 @@ impl Default for ServerLimits {
     }
 }
 
+/// What [`serve`] serves: an axum [`axum::Router`], or a service of the caller's own that
+/// answers some requests itself before handing the rest to one (the node's inference routes).
+/// It must always be ready, as a `Router` is: `call` is made without `poll_ready`.
+pub trait App:
+    Service<
+        Request<axum::body::Body>,
+        Response = Response<axum::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> App for S where
+    S: Service<
+            Request<axum::body::Body>,
+            Response = Response<axum::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `app` on connections from `listener` until `shutdown` resolves, then stops
 /// accepting, asks every connection to finish gracefully, and waits up to
 /// `limits.shutdown_grace` before cutting what remains.
-pub async fn serve<L: Listener>(
+pub async fn serve<L: Listener, A: App>(
     mut listener: L,
-    app: Router,
+    app: A,
     limits: ServerLimits,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send,
@@ -418,9 +446,9 @@ impl Drop for SourceGuard {
     }
 }
 
-async fn serve_connection<I>(
+async fn serve_connection<I, A: App>(
     io: I,
-    app: Router,
+    app: A,
     limits: &ServerLimits,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -506,12 +534,12 @@ async fn idle_watch(activity: Arc<Activity>, timeout: Duration) {
 }
 
 #[derive(Clone)]
-struct TrackedService {
-    app: Router,
+struct TrackedService<A> {
+    app: A,
     activity: Arc<Activity>,
 }
 
-impl TrackedService {
+impl<A: App> TrackedService<A> {
     fn call(
         &mut self,
         req: Request<Incoming>,

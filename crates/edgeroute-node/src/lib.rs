@@ -359,9 +359,10 @@ impl Node {
             tokio::time::sleep(delay).await;
         };
         tracing::info!(node = %self.cfg.node.id, region = %self.cfg.node.region, tls = tls.is_some(), "node serving");
-        let router = match &self.wrap {
-            Some(wrap) => wrap(self.router()),
-            None => self.router(),
+        // Inference requests skip the router's layers, unless a wrapping layer must see them.
+        let app = match &self.wrap {
+            Some(wrap) => gateway::Gateway::new(self.state.clone(), wrap(self.router()), false),
+            None => gateway::Gateway::new(self.state.clone(), self.router(), true),
         };
         let limits = edgeroute_http::ServerLimits {
             counters: self.state.edge.clone(),
@@ -378,7 +379,7 @@ impl Node {
             }
             None => None,
         };
-        edgeroute_http::serve(listener, router, limits, tls, drain_then_stop).await;
+        edgeroute_http::serve(listener, app, limits, tls, drain_then_stop).await;
         if let Some(p) = publisher {
             let taken = p.lock().ok().and_then(|mut g| g.take());
             if let Some(p) = taken

@@ -562,3 +562,70 @@ async fn tls_node_serves_over_rustls() {
     assert_eq!(res.status(), 200);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The public listener answers `POST` to the inference routes without the router's layers
+/// (`gateway::Gateway`); the router serves the same routes when something wraps it. Both must
+/// give the same answer: status, error code, and the headers every response carries.
+#[tokio::test]
+async fn the_inference_routes_answer_alike_with_and_without_the_router() {
+    use edgeroute_node::gateway::{Gateway, Plane, router};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let node = TestNode::start(FAST).await;
+    let st = node.state.clone();
+    let direct = Gateway::new(st.clone(), router(st.clone(), Plane::Public, false), true);
+    let routed = Gateway::new(st.clone(), router(st.clone(), Plane::Public, false), false);
+    let token = node.token();
+    let chat = body(&request(false, Some(2)));
+    let embed = serde_json::to_vec(&json!({"model": "sim-llama", "input": "hi"})).unwrap();
+    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>)> = vec![
+        ("POST", "/v1/chat/completions", Some(&token), chat.clone()),
+        ("POST", "/v1/chat/completions?x=1", Some(&token), chat.clone()),
+        ("POST", "/v1/chat/completions", None, chat.clone()),
+        ("POST", "/v1/chat/completions", Some(&token), b"{not json".to_vec()),
+        ("GET", "/v1/chat/completions", Some(&token), Vec::new()),
+        ("POST", "/v1/chat/completions/", Some(&token), chat.clone()),
+        ("POST", "/v1/embeddings", Some(&token), embed.clone()),
+        ("POST", "/v1/embeddings", None, embed),
+        ("POST", "/v1/completions", Some(&token), b"{}".to_vec()),
+        ("POST", "/v1/audio/speech", Some(&token), b"{}".to_vec()),
+        ("POST", "/v1/audio/transcriptions", Some(&token), Vec::new()),
+        ("POST", "/v1/audio/translations", None, Vec::new()),
+        ("POST", "/v1/models", Some(&token), Vec::new()),
+    ];
+    for (m, path, tok, b) in cases {
+        let mut answers = Vec::new();
+        for svc in [direct.clone(), routed.clone()] {
+            let mut req = http::Request::builder()
+                .method(m)
+                .uri(path)
+                .header("content-type", "application/json");
+            if let Some(t) = tok {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let res = svc.oneshot(req.body(axum::body::Body::from(b.clone())).unwrap()).await;
+            let res = res.unwrap();
+            let status = res.status().as_u16();
+            // The router sets `content-length` from an exact body length; on the wire hyper
+            // writes it from the same length (checked below), so it is not compared here.
+            let mut names: Vec<String> = res
+                .headers()
+                .keys()
+                .filter(|k| *k != http::header::CONTENT_LENGTH)
+                .map(|k| k.to_string())
+                .collect();
+            names.sort();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let code = v["error"]["code"].clone();
+            answers.push((status, code, names));
+        }
+        assert_eq!(answers[0], answers[1], "{m} {path} (direct, then routed)");
+        assert!(answers[0].2.iter().any(|h| h == "x-edgeroute-node"), "{m} {path}: {answers:?}");
+    }
+    // Over the wire (the node serves the direct path), a JSON answer states its length.
+    let r = node.chat(chat).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length").map(str::to_owned), Some(r.body.len().to_string()));
+}

@@ -2,9 +2,10 @@
 //! limits, admission (concurrency cap, drain) and the headers every response carries.
 //!
 //! Layering, outermost first: response headers (node id, load report, migrate hint) → auth
-//! (scope per route group) → rate limit (inference only) → handler. The chat route runs auth
-//! and the rate limit as plain calls in its own service ([`Route`]): it is the
-//! route every token goes through, and the middleware layers cost it boxed futures.
+//! (scope per route group) → rate limit (inference only) → handler. The POST inference routes
+//! run auth and the rate limit as plain calls in their own service ([`Route`]), and the public
+//! listener reaches them through [`Gateway`] without the router: chat is the route every token
+//! goes through, and the generic layers cost it boxed futures.
 //! Admission happens in the chat handler itself because the slot it takes must live as long as
 //! the response stream.
 
@@ -186,42 +187,31 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
                     (state.clone(), Scope::Inference),
                     auth::require,
                 ));
-            // The chat route authenticates and limits inside its own service (same checks,
-            // same order), without the middleware layers.
+            // The POST inference routes ([`PostRoute`]) authenticate and limit inside their own
+            // service (same checks, same order), without the middleware layers.
+            let post_route = |route: PostRoute| {
+                post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
+                    route.serve(st, sc, r)
+                }))
+            };
             let r = Router::new()
-                .route_service(
-                    "/v1/chat/completions",
-                    post_service(Route::new(state.clone(), Scope::Inference, chat::serve)),
-                )
+                .route_service("/v1/chat/completions", post_route(PostRoute::Chat))
                 .route_service(
                     "/v1/audio/transcriptions",
-                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
-                        surface::serve(st, sc, Endpoint::Transcriptions, r)
-                    })),
+                    post_route(PostRoute::Surface(Endpoint::Transcriptions)),
                 )
                 .route_service(
                     "/v1/audio/translations",
-                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
-                        surface::serve(st, sc, Endpoint::Translations, r)
-                    })),
+                    post_route(PostRoute::Surface(Endpoint::Translations)),
                 )
-                .route_service(
-                    "/v1/audio/speech",
-                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
-                        surface::serve(st, sc, Endpoint::Speech, r)
-                    })),
-                )
+                .route_service("/v1/audio/speech", post_route(PostRoute::Surface(Endpoint::Speech)))
                 .route_service(
                     "/v1/completions",
-                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
-                        surface::serve(st, sc, Endpoint::Completions, r)
-                    })),
+                    post_route(PostRoute::Surface(Endpoint::Completions)),
                 )
                 .route_service(
                     "/v1/embeddings",
-                    post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
-                        surface::serve(st, sc, Endpoint::Embeddings, r)
-                    })),
+                    post_route(PostRoute::Surface(Endpoint::Embeddings)),
                 )
                 .route_service(
                     "/v1/realtime",
@@ -264,6 +254,91 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
             move |res| response_headers(&st, res)
         }))
         .with_state(state)
+}
+
+/// An inference route served on `POST` by a [`Route`] of its own: in the router, and answered
+/// by [`Gateway`] without it.
+#[derive(Debug, Clone, Copy)]
+enum PostRoute {
+    Chat,
+    Surface(Endpoint),
+}
+
+impl PostRoute {
+    /// The route a path names (the router's table, below, names the same paths).
+    fn of(path: &str) -> Option<PostRoute> {
+        Some(match path {
+            "/v1/chat/completions" => PostRoute::Chat,
+            "/v1/audio/transcriptions" => PostRoute::Surface(Endpoint::Transcriptions),
+            "/v1/audio/translations" => PostRoute::Surface(Endpoint::Translations),
+            "/v1/audio/speech" => PostRoute::Surface(Endpoint::Speech),
+            "/v1/completions" => PostRoute::Surface(Endpoint::Completions),
+            "/v1/embeddings" => PostRoute::Surface(Endpoint::Embeddings),
+            _ => return None,
+        })
+    }
+
+    async fn serve(self, st: AppState, scope: Scope, req: Request) -> Response {
+        match self {
+            PostRoute::Chat => chat::serve(st, scope, req).await,
+            PostRoute::Surface(e) => surface::serve(st, scope, e, req).await,
+        }
+    }
+}
+
+/// The public listener's service: `POST` to an inference route ([`PostRoute`]) is answered
+/// here, straight to its [`Route`] and [`response_headers`]; everything else goes to the
+/// router. The router's generic layers (a boxed service and future per layer, each boxing the
+/// one inside it) were, per chat request, a fifth of the gateway's instructions (issue 13); the
+/// answer is the same either way (the router serves these routes too, for a wrapped router and
+/// the admin plane's table).
+#[derive(Clone)]
+pub struct Gateway {
+    st: AppState,
+    router: Router,
+    /// Whether the inference routes are answered here (the public plane, router unwrapped).
+    direct: bool,
+}
+
+impl Gateway {
+    /// `router` as built by [`router`] for `plane`; `direct` only when nothing wraps it (a
+    /// wrapping layer must see every request).
+    pub fn new(st: AppState, router: Router, direct: bool) -> Gateway {
+        Gateway { st, router, direct }
+    }
+}
+
+type BoxedAnswer = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
+>;
+
+impl tower::Service<Request> for Gateway {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        futures_util::future::Either<BoxedAnswer, axum::routing::future::RouteFuture<Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), std::convert::Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        use futures_util::future::Either;
+        if self.direct
+            && req.method() == http::Method::POST
+            && let Some(route) = PostRoute::of(req.uri().path())
+        {
+            let st = self.st.clone();
+            return Either::Left(Box::pin(async move {
+                let res = route.serve(st.clone(), Scope::Inference, req).await;
+                Ok(response_headers(&st, res))
+            }));
+        }
+        Either::Right(tower::Service::call(&mut self.router, req))
+    }
 }
 
 /// Every response names the node and reports its load, so clients learn load without probing;
