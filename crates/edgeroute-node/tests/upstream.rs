@@ -263,3 +263,44 @@ async fn request_bodies_pass_untouched_unless_the_model_is_renamed() {
     assert_eq!(sent["vendor_knob"], 1.5);
     assert_eq!(sent["messages"][0]["content"], "hi");
 }
+
+/// The upstream's API key (`api_key_env`) goes with every request, chat and the voice
+/// surface alike; without one, no `Authorization` reaches the upstream (the caller's token
+/// is the node's business, never the backend's).
+#[tokio::test]
+async fn the_upstream_api_key_goes_with_every_request_and_the_callers_token_never_does() {
+    use axum::routing::post;
+    let echo = |req: axum::extract::Request| async move {
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+        axum::Json(serde_json::json!({ "auth": auth }))
+    };
+    let up = spawn_router(
+        axum::Router::new()
+            .route("/v1/chat/completions", post(echo))
+            .route("/v1/embeddings", post(echo)),
+    )
+    .await;
+    let embed = serde_json::json!({"model": "my-llama", "input": "hi"}).to_string();
+    for (key, want) in [(Some("sk-up"), serde_json::json!("Bearer sk-up")), (None, json_null())] {
+        let extra = if key.is_some() { "api_key_env = \"UP_KEY\"\n" } else { "" };
+        let env = move |k: &str| (k == "UP_KEY").then(|| key.unwrap_or_default().to_owned());
+        let node = TestNode::start_with(&openai_backend(&up.url(), extra), env).await;
+        let r = node.chat(body(&request(false))).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["auth"], want, "chat, key {key:?}");
+        let r = edgeroute_test_util::post_json(
+            node.addr,
+            "/v1/embeddings",
+            Some(&node.token()),
+            &[],
+            embed.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["auth"], want, "embeddings, key {key:?}");
+    }
+}
+
+fn json_null() -> serde_json::Value {
+    serde_json::Value::Null
+}

@@ -19,7 +19,7 @@ use edgeroute_proto::health::GpuHealth;
 use edgeroute_proto::models::ModelState;
 use edgeroute_proto::sse::{Ending, SseDecoder};
 use futures_util::{FutureExt, StreamExt};
-use http::{Request, StatusCode, header};
+use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 
 use super::completions::{self, ChunkTranslator, Label};
@@ -42,6 +42,8 @@ pub struct OpenAiBackend {
     /// Chat templates of the `continuation = "template"` models configured at start.
     templates: std::collections::HashMap<String, Arc<ChatTemplate>>,
     api_key: Option<String>,
+    /// `Bearer <api_key>`, built once (marked sensitive: never logged).
+    bearer: Option<HeaderValue>,
     /// Read on every request, changed only by model loads: a lock-free snapshot.
     models: arc_swap::ArcSwap<Vec<UpstreamModel>>,
     /// Triton's repository API, when the upstream is Triton.
@@ -121,12 +123,23 @@ impl OpenAiBackend {
                 })
             }
         };
+        let bearer = match &api_key {
+            Some(key) => {
+                let mut v = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+                    BuildError::Upstream("the upstream API key is not a valid header value".into())
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
         Ok(OpenAiBackend {
             upstream,
             endpoint,
             completions,
             templates,
             api_key,
+            bearer,
             models: arc_swap::ArcSwap::from_pointee(cfg.models.clone()),
             triton,
             triton_repository: cfg.triton_repository.clone(),
@@ -343,14 +356,8 @@ impl OpenAiBackend {
         let uri: http::Uri = format!("{}{}", self.base, call.endpoint.path())
             .parse()
             .map_err(|e| BackendError::Failed(format!("upstream path: {e}")))?;
-        let mut builder =
-            Request::post(uri).header(header::CONTENT_TYPE, call.content_type.clone());
-        if let Some(key) = &self.api_key {
-            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
-        }
-        let request = builder.body(Full::new(body)).map_err(|e| {
-            BackendError::Failed(format!("could not build the upstream request: {e}"))
-        })?;
+        let mut request = self.request(uri, body);
+        request.headers_mut().insert(header::CONTENT_TYPE, call.content_type.clone());
         let deadline = self.first_byte_timeout;
         let started = tokio::time::Instant::now();
         let response = self.send_within(request, deadline).await?;
@@ -361,7 +368,7 @@ impl OpenAiBackend {
             .headers()
             .get(header::CONTENT_TYPE)
             .cloned()
-            .unwrap_or_else(|| http::HeaderValue::from_static("application/octet-stream"));
+            .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
         let limit = self.max_response_bytes;
         let frames = futures_util::stream::unfold(
             (response.into_body(), guard, 0usize),
@@ -398,6 +405,17 @@ impl OpenAiBackend {
         });
         let remaining = deadline.saturating_sub(started.elapsed());
         SurfaceReply::first_of(content_type, Box::pin(frames), remaining).await
+    }
+
+    /// A `POST` of `body` to `uri`, with the upstream's API key when one is configured.
+    fn request(&self, uri: http::Uri, body: Bytes) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        if let Some(bearer) = &self.bearer {
+            request.headers_mut().insert(header::AUTHORIZATION, bearer.clone());
+        }
+        request
     }
 
     /// Sends `request` and waits (at most `deadline`) for the answer's head, classified:
@@ -480,15 +498,11 @@ impl OpenAiBackend {
         stream: bool,
         guard: GpuGuard,
     ) -> Result<Reply, BackendError> {
-        let mut builder = Request::post(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, if stream { "text/event-stream" } else { "application/json" });
-        if let Some(key) = &self.api_key {
-            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
-        }
-        let request = builder.body(Full::new(body)).map_err(|e| {
-            BackendError::Failed(format!("could not build the upstream request: {e}"))
-        })?;
+        let mut request = self.request(uri, body);
+        let h = request.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let accept = if stream { "text/event-stream" } else { "application/json" };
+        h.insert(header::ACCEPT, HeaderValue::from_static(accept));
 
         let deadline = if stream { self.first_byte_timeout } else { self.request_timeout };
         let started = tokio::time::Instant::now();
