@@ -19,8 +19,12 @@ mod ratelimit;
 pub mod realtime;
 pub mod surface;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -32,6 +36,7 @@ use edgeroute_auth::{KeyStore, Scope};
 use edgeroute_http::ApiError;
 use edgeroute_proto::LoadReport;
 use edgeroute_proto::headers::{LOAD_HEADER, MIGRATE_HEADER, NODE_HEADER};
+use futures_util::future::Either;
 use http::HeaderValue;
 use tower::util::MapResponseLayer;
 
@@ -308,25 +313,19 @@ impl Gateway {
     }
 }
 
-type BoxedAnswer = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
->;
+/// The answer of a route's own service: one boxed future.
+type BoxedAnswer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
 impl tower::Service<Request> for Gateway {
     type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future =
-        futures_util::future::Either<BoxedAnswer, axum::routing::future::RouteFuture<Self::Error>>;
+    type Error = Infallible;
+    type Future = Either<BoxedAnswer, axum::routing::future::RouteFuture<Infallible>>;
 
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), std::convert::Infallible>> {
-        std::task::Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        use futures_util::future::Either;
         if self.direct
             && req.method() == http::Method::POST
             && let Some(route) = PostRoute::of(req.uri().path())
@@ -384,19 +383,14 @@ impl<F> Route<F> {
 impl<F, Fut> tower::Service<Request> for Route<F>
 where
     F: Fn(AppState, Scope, Request) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Response> + Send + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
 {
     type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send>,
-    >;
+    type Error = Infallible;
+    type Future = BoxedAnswer;
 
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), std::convert::Infallible>> {
-        std::task::Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
