@@ -194,29 +194,36 @@ pub fn router(state: AppState, plane: Plane, admin_listener: bool) -> Router {
                 ));
             // The POST inference routes ([`PostRoute`]) authenticate and limit inside their own
             // service (same checks, same order), without the middleware layers.
-            let post_route = |route: PostRoute| {
-                post_service(Route::new(state.clone(), Scope::Inference, move |st, sc, r| {
-                    route.serve(st, sc, r)
-                }))
+            let own = |scope: Scope, route: PostRoute| {
+                Route::new(state.clone(), scope, move |st, sc, r| route.serve(st, sc, r))
             };
             let r = Router::new()
-                .route_service("/v1/chat/completions", post_route(PostRoute::Chat))
+                .route_service(
+                    "/v1/chat/completions",
+                    post_service(own(Scope::Inference, PostRoute::Chat)),
+                )
                 .route_service(
                     "/v1/audio/transcriptions",
-                    post_route(PostRoute::Surface(Endpoint::Transcriptions)),
+                    post_service(own(
+                        Scope::Inference,
+                        PostRoute::Surface(Endpoint::Transcriptions),
+                    )),
                 )
                 .route_service(
                     "/v1/audio/translations",
-                    post_route(PostRoute::Surface(Endpoint::Translations)),
+                    post_service(own(Scope::Inference, PostRoute::Surface(Endpoint::Translations))),
                 )
-                .route_service("/v1/audio/speech", post_route(PostRoute::Surface(Endpoint::Speech)))
+                .route_service(
+                    "/v1/audio/speech",
+                    post_service(own(Scope::Inference, PostRoute::Surface(Endpoint::Speech))),
+                )
                 .route_service(
                     "/v1/completions",
-                    post_route(PostRoute::Surface(Endpoint::Completions)),
+                    post_service(own(Scope::Inference, PostRoute::Surface(Endpoint::Completions))),
                 )
                 .route_service(
                     "/v1/embeddings",
-                    post_route(PostRoute::Surface(Endpoint::Embeddings)),
+                    post_service(own(Scope::Inference, PostRoute::Surface(Endpoint::Embeddings))),
                 )
                 .route_service(
                     "/v1/realtime",
