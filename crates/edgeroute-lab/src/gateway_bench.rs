@@ -393,6 +393,23 @@ pub struct Row {
     pub rss_end: Option<u64>,
     /// CPU time of the target's process tree per request sent (warm-up included), in ns.
     pub cpu_per_request_ns: Option<u64>,
+    /// Each round's own p99s, in round order (the merged `load` pools them).
+    pub rounds: Vec<RoundP99>,
+}
+
+/// One round's p99s for one target, µs: its whole answers, and its first frames (SSE and
+/// byte streams).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundP99 {
+    pub total: u64,
+    pub ttft: Option<u64>,
+}
+
+impl RoundP99 {
+    fn of(load: &LoadReport) -> RoundP99 {
+        let ttft = (!load.ttft.is_empty()).then(|| load.ttft.value_at_quantile(0.99));
+        RoundP99 { total: load.latency.value_at_quantile(0.99), ttft }
+    }
 }
 
 /// One workload (an endpoint, in a mode) at one rate, all its targets loaded at that rate.
@@ -1330,6 +1347,7 @@ async fn run_with(
             let mut acc: Vec<Option<LoadReport>> = vec![None; targets.list.len()];
             // (CPU ns, requests sent) per target over the phase's rounds.
             let mut cpu: Vec<Option<(u64, u64)>> = vec![None; targets.list.len()];
+            let mut rounds: Vec<Vec<RoundP99>> = vec![Vec::new(); targets.list.len()];
             let loaded: Vec<usize> =
                 (0..targets.list.len()).filter(|&i| loaded(&targets.list[i], w, rate)).collect();
             for round in 0..opts.rounds {
@@ -1354,6 +1372,7 @@ async fn run_with(
                         *n += rep.scheduled + warm;
                     }
                     check_alive(guard)?;
+                    rounds[i].push(RoundP99::of(&rep));
                     match &mut acc[i] {
                         Some(a) => a.merge(&rep)?,
                         slot => *slot = Some(rep),
@@ -1366,13 +1385,15 @@ async fn run_with(
                 .zip(acc)
                 .zip(rss_start)
                 .zip(cpu)
-                .filter_map(|(((t, load), rss_start), cpu)| {
+                .zip(rounds)
+                .filter_map(|((((t, load), rss_start), cpu), rounds)| {
                     Some(Row {
                         target: t.kind,
                         load: load?,
                         rss_start,
                         rss_end: tree_rss(t.pid),
                         cpu_per_request_ns: cpu.and_then(|(ns, n)| ns.checked_div(n)),
+                        rounds,
                     })
                 })
                 .collect();
@@ -1496,6 +1517,49 @@ impl Metric {
             Metric::Ttft => load.ttft_percentiles().unwrap_or_default(),
         }
     }
+
+    /// One round's p99 of this latency.
+    fn of_round(self, r: &RoundP99) -> Option<u64> {
+        match self {
+            Metric::Total => Some(r.total),
+            Metric::Ttft => r.ttft,
+        }
+    }
+}
+
+/// Gateway minus nginx p99, round by round (µs; the direct target's p99 cancels out of the
+/// difference of added figures): one figure per interleaved round, so a stall that hit one
+/// target's slice shows as one outlier instead of moving the pooled p99. `None` with fewer
+/// than two rounds, or when a round lacks the latency.
+fn round_differences(gateway: &Row, nginx: &Row, metric: Metric) -> Option<Vec<i128>> {
+    if gateway.rounds.len() < 2 || gateway.rounds.len() != nginx.rounds.len() {
+        return None;
+    }
+    gateway
+        .rounds
+        .iter()
+        .zip(&nginx.rounds)
+        .map(|(g, n)| Some(i128::from(metric.of_round(g)?) - i128::from(metric.of_round(n)?)))
+        .collect()
+}
+
+/// `diffs` as a sentence: each round's figure, how many are at or below zero, and the median.
+fn round_sentence(diffs: &[i128]) -> String {
+    let mut sorted = diffs.to_vec();
+    sorted.sort_unstable();
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2
+    };
+    let list: Vec<String> = diffs.iter().map(|&d| fmt_delta(d)).collect();
+    format!(
+        "Round by round (each round's own p99, targets interleaved), gateway − nginx: {}; the gateway at or below nginx in {} of {} rounds, median {}.",
+        list.join(", "),
+        diffs.iter().filter(|&&d| d <= 0).count(),
+        diffs.len(),
+        fmt_delta(median)
+    )
 }
 
 impl GatewayBenchReport {
@@ -2032,6 +2096,12 @@ impl GatewayBenchReport {
             }
         }
         let _ = writeln!(md);
+        if let (Some(gw), Some(ng)) =
+            (phase.find(TargetKind::Gateway), phase.find(TargetKind::Nginx))
+            && let Some(diffs) = round_differences(gw, ng, metric)
+        {
+            let _ = writeln!(md, "{}\n", round_sentence(&diffs));
+        }
         if full {
             self.verdict(md, phase, metric);
         }
@@ -2302,6 +2372,7 @@ mod tests {
             rss_start: Some(8 << 20),
             rss_end: Some(9 << 20),
             cpu_per_request_ns: Some(61_000),
+            rounds: Vec::new(),
         }
     }
 
@@ -2338,6 +2409,54 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| edgeroute gateway | 10.0 MiB | 11.0 MiB | +1.0 MiB |"), "{md}");
+    }
+
+    #[test]
+    fn markdown_gives_the_gateway_against_nginx_round_by_round() {
+        let rounds = |p99s: &[u64]| -> Vec<RoundP99> {
+            p99s.iter().map(|&total| RoundP99 { total, ttft: Some(total / 2) }).collect()
+        };
+        let with = |mut r: Row, p99s: &[u64]| {
+            r.rounds = rounds(p99s);
+            r
+        };
+        let phase = Phase {
+            endpoint: Endpoint::Chat,
+            mode: Mode::Stream,
+            rate: 1000.0,
+            rows: vec![
+                with(row(TargetKind::Direct, load(Mode::Stream, 1000.0, 100, false)), &[1, 1, 1]),
+                with(
+                    row(TargetKind::Gateway, load(Mode::Stream, 1000.0, 180, false)),
+                    &[300, 900, 410],
+                ),
+                with(
+                    row(TargetKind::Nginx, load(Mode::Stream, 1000.0, 200, false)),
+                    &[320, 400, 400],
+                ),
+            ],
+        };
+        let md = report(vec![phase]).to_markdown();
+        // Whole answers: 300−320, 900−400, 410−400; the median is the middle one.
+        assert!(
+            md.contains("gateway − nginx: −20 µs, +500 µs, +10 µs; the gateway at or below nginx in 1 of 3 rounds, median +10 µs."),
+            "{md}"
+        );
+        // First frames: half of each (150−160, 450−200, 205−200).
+        assert!(md.contains("gateway − nginx: −10 µs, +250 µs, +5 µs;"), "{md}");
+        // One round says nothing round by round.
+        let mut one = report(vec![]);
+        one.phases = vec![Phase {
+            endpoint: Endpoint::Chat,
+            mode: Mode::Json,
+            rate: 1000.0,
+            rows: vec![
+                with(row(TargetKind::Direct, load(Mode::Json, 1000.0, 100, false)), &[1]),
+                with(row(TargetKind::Gateway, load(Mode::Json, 1000.0, 180, false)), &[300]),
+                with(row(TargetKind::Nginx, load(Mode::Json, 1000.0, 200, false)), &[320]),
+            ],
+        }];
+        assert!(!one.to_markdown().contains("Round by round"));
     }
 
     #[test]
