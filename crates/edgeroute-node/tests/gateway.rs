@@ -565,7 +565,8 @@ async fn tls_node_serves_over_rustls() {
 
 /// The public listener answers `POST` to the inference routes without the router's layers
 /// (`gateway::Gateway`); the router serves the same routes when something wraps it. Both must
-/// give the same answer: status, error code, and the headers every response carries.
+/// give the same answer: status, error code, and the headers every response carries, for
+/// every kind of caller (a token without the inference scope included).
 #[tokio::test]
 async fn the_inference_routes_answer_alike_with_and_without_the_router() {
     use edgeroute_node::gateway::{Gateway, Plane, router};
@@ -577,12 +578,15 @@ async fn the_inference_routes_answer_alike_with_and_without_the_router() {
     let direct = Gateway::new(st.clone(), router(st.clone(), Plane::Public, false), true);
     let routed = Gateway::new(st.clone(), router(st.clone(), Plane::Public, false), false);
     let token = node.token();
+    let admin_only = node.token_for("ops", &[Scope::Admin], 300);
     let chat = body(&request(false, Some(2)));
     let embed = serde_json::to_vec(&json!({"model": "sim-llama", "input": "hi"})).unwrap();
     let cases: Vec<(&str, &str, Option<&str>, Vec<u8>)> = vec![
         ("POST", "/v1/chat/completions", Some(&token), chat.clone()),
         ("POST", "/v1/chat/completions?x=1", Some(&token), chat.clone()),
         ("POST", "/v1/chat/completions", None, chat.clone()),
+        ("POST", "/v1/chat/completions", Some(&admin_only), chat.clone()),
+        ("POST", "/v1/audio/speech", Some(&admin_only), b"{}".to_vec()),
         ("POST", "/v1/chat/completions", Some(&token), b"{not json".to_vec()),
         ("GET", "/v1/chat/completions", Some(&token), Vec::new()),
         ("POST", "/v1/chat/completions/", Some(&token), chat.clone()),
@@ -622,6 +626,9 @@ async fn the_inference_routes_answer_alike_with_and_without_the_router() {
             answers.push((status, code, names));
         }
         assert_eq!(answers[0], answers[1], "{m} {path} (direct, then routed)");
+        if tok == Some(admin_only.as_str()) {
+            assert_eq!(answers[0].0, 403, "{m} {path}: a token without the inference scope");
+        }
         assert!(answers[0].2.iter().any(|h| h == "x-edgeroute-node"), "{m} {path}: {answers:?}");
     }
     // Over the wire (the node serves the direct path), a JSON answer states its length.

@@ -301,9 +301,9 @@ impl PostRoute {
 /// The public listener's service: `POST` to an inference route ([`PostRoute`]) is answered
 /// here, straight to its [`Route`] and [`response_headers`]; everything else goes to the
 /// router. The router's generic layers (a boxed service and future per layer, each boxing the
-/// one inside it) were, per chat request, a fifth of the gateway's instructions (issue 13); the
-/// answer is the same either way (the router serves these routes too, for a wrapped router and
-/// the admin plane's table).
+/// one inside it) were, per chat request, a fifth of the gateway's instructions (issue 13). The
+/// answer is the same either way: the router keeps these routes (with their scope, the table
+/// the OpenAPI drift test reads) and serves them when a layer wraps it.
 #[derive(Clone)]
 pub struct Gateway {
     st: AppState,
