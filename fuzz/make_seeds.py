@@ -135,3 +135,11 @@ w("dns_query", "any.bin", b"\x00" + dnsq("edge.test", 255))
 w("dns_query", "badvers.bin", b"\x00" + dnsq("edge.test", 6, opt(version=1)))
 w("dns_query", "two-questions.bin", b"\x00" + dnsq("api.edge.test", 1, qd=2))
 w("dns_query", "pinned-txt.bin", b"\x02" + dnsq("mtl.discovery.edge.test", 16))
+
+# upstream_answer: 1 byte read-size seed, 1 byte (bit 0: a HEAD request), then the answer
+w("upstream_answer", "json.bin", b"\x07\x00" + b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}HTTP/1.1')
+w("upstream_answer", "sse-chunked.bin", b"\x2a\x00" + b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\nd\r\ndata: token\n\n\r\n10;ext=1\r\ndata: [DONE]\n\n\n\n\r\n0\r\nx-t: 1\r\n\r\n")
+w("upstream_answer", "interim-204.bin", b"\x03\x00" + b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n")
+w("upstream_answer", "close-delimited.bin", b"\x11\x00" + b"HTTP/1.0 503 Service Unavailable\r\nretry-after: 2\r\n\r\n{\"error\":\"busy\"}")
+w("upstream_answer", "head.bin", b"\x05\x01" + b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+w("upstream_answer", "te-and-cl.bin", b"\x09\x00" + b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edgeroute_http::upstream::{Upstream, UpstreamOptions};
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -63,10 +63,10 @@ async fn upstream(close_after: Option<usize>) -> (String, Arc<AtomicUsize>) {
     (url, conns)
 }
 
-fn post(url: &str) -> Request<Full<Bytes>> {
+fn post(url: &str) -> Request<Bytes> {
     Request::post(format!("{url}/v1/chat/completions"))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+        .body(Bytes::from_static(b"{\"model\":\"m\"}"))
         .unwrap()
 }
 
@@ -170,6 +170,170 @@ async fn an_abandoned_stream_closes_its_connection() {
     drop(body);
     assert!(closed_rx.await.unwrap(), "the upstream saw the connection close");
     assert_eq!(client.idle(), 0);
+}
+
+/// An upstream whose `i`-th connection (from 0) is served by `script(i, stream)`; counts the
+/// requests that reached it whole.
+async fn scripted<F, Fut>(script: F) -> (String, Arc<AtomicUsize>)
+where
+    F: Fn(usize, TcpStream, Arc<AtomicUsize>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        let mut i = 0;
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(script(i, s, seen.clone()));
+            i += 1;
+        }
+    });
+    (url, requests)
+}
+
+#[tokio::test]
+async fn a_reused_connection_closed_as_the_request_went_out_is_retried_once_on_a_fresh_one() {
+    // Connection 0 answers once, then takes the next request and closes without a byte of
+    // answer (an upstream's keep-alive timeout firing as the request arrives).
+    let (url, requests) = scripted(|i, mut s, seen| async move {
+        while read_request(&mut s).await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            if i == 0 && seen.load(Ordering::SeqCst) == 2 {
+                return;
+            }
+            s.write_all(ANSWER).await.unwrap();
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    assert_eq!(&call(&client, &url).await[..], b"{\"ok\":true}");
+    assert_eq!(&call(&client, &url).await[..], b"{\"ok\":true}", "retried, no error");
+    assert_eq!(client.connections_opened(), 2);
+    assert_eq!(requests.load(Ordering::SeqCst), 3);
+
+    // A fresh connection that ends without an answer is an error, and the request went once.
+    let (url, requests) = scripted(|_, mut s, seen| async move {
+        if read_request(&mut s).await {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let err = client.send(post(&url)).await.unwrap_err();
+    assert!(matches!(err, edgeroute_http::upstream::UpstreamError::Closed), "{err}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_chunked_answer_written_in_pieces_arrives_whole_and_its_connection_is_reused() {
+    let (url, _) = scripted(|_, mut s, _| async move {
+        while read_request(&mut s).await {
+            for piece in [
+                &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r"[..],
+                b"\nhel",
+                b"lo\r\n6\r\n world\r\n0\r\n",
+                b"x-trailer: 1\r\n\r\n",
+            ] {
+                s.write_all(piece).await.unwrap();
+                s.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(&call(&client, &url).await[..], b"hello world");
+    }
+    assert_eq!(client.connections_opened(), 1);
+}
+
+#[tokio::test]
+async fn answers_delimited_by_the_close_or_broken_are_never_pooled() {
+    // HTTP/1.0, no length: the body is everything until the close.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        if read_request(&mut s).await {
+            s.write_all(b"HTTP/1.0 503 Service Unavailable\r\nretry-after: 2\r\n\r\nbusy, later")
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let res = client.send(post(&url)).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["retry-after"], "2");
+    assert_eq!(&res.into_body().collect().await.unwrap().to_bytes()[..], b"busy, later");
+    assert_eq!(client.idle(), 0);
+
+    // Fewer bytes than the content-length, then the close: an error, not a short answer.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        if read_request(&mut s).await {
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\nonly ten b").await.unwrap();
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let res = client.send(post(&url)).await.unwrap();
+    assert!(res.into_body().collect().await.is_err());
+    assert_eq!(client.idle(), 0);
+
+    // Smuggling-shaped framing is refused before any body is read.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        if read_request(&mut s).await {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 30\r\n\r\nabc")
+                .await;
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let err = client.send(post(&url)).await.unwrap_err();
+    assert!(matches!(err, edgeroute_http::upstream::UpstreamError::Protocol(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_large_request_body_arrives_intact() {
+    let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let (url, _) = scripted(move |_, mut s, _| {
+        let tx = tx.lock().unwrap().take();
+        async move {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let text = String::from_utf8(head).unwrap();
+            assert!(
+                text.starts_with("POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:"),
+                "{text}"
+            );
+            let len: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).await.unwrap();
+            s.write_all(ANSWER).await.unwrap();
+            if let Some(tx) = tx {
+                tx.send(body).unwrap();
+            }
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let req =
+        Request::post(format!("{url}/v1/chat/completions")).body(Bytes::from(big.clone())).unwrap();
+    let res = client.send(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(rx.await.unwrap(), big);
 }
 
 #[tokio::test]
@@ -283,8 +447,8 @@ async fn tls_upstream(pki: &Pki, client_ca: Option<&Pki>) -> String {
     url
 }
 
-fn get(url: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("{url}/v1/models")).body(Full::new(Bytes::new())).unwrap()
+fn get(url: &str) -> Request<Bytes> {
+    Request::get(format!("{url}/v1/models")).body(Bytes::new()).unwrap()
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use edgeroute_proto::models::ModelState;
 use edgeroute_proto::sse::{Ending, SseDecoder};
 use futures_util::{FutureExt, StreamExt};
 use http::{HeaderValue, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 
 use super::completions::{self, ChunkTranslator, Label};
 use super::template::ChatTemplate;
@@ -248,7 +248,7 @@ impl OpenAiBackend {
     /// The upstream's `GET /v1/models` ids: how an OpenAI-compatible server says what it serves.
     pub async fn upstream_models(&self) -> Result<Vec<String>, BackendError> {
         let req = Request::get(format!("{}/v1/models", self.base))
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
             .map_err(|e| BackendError::Failed(e.to_string()))?;
         let res = tokio::time::timeout(Duration::from_secs(5), self.upstream.send(req))
             .await
@@ -408,8 +408,8 @@ impl OpenAiBackend {
     }
 
     /// A `POST` of `body` to `uri`, with the upstream's API key when one is configured.
-    fn request(&self, uri: http::Uri, body: Bytes) -> Request<Full<Bytes>> {
-        let mut request = Request::new(Full::new(body));
+    fn request(&self, uri: http::Uri, body: Bytes) -> Request<Bytes> {
+        let mut request = Request::new(body);
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri;
         if let Some(bearer) = &self.bearer {
@@ -422,7 +422,7 @@ impl OpenAiBackend {
     /// no answer in time 504, no connection 502 (another node may answer), anything else 502.
     async fn send_within(
         &self,
-        request: Request<Full<Bytes>>,
+        request: Request<Bytes>,
         deadline: Duration,
     ) -> Result<http::Response<UpstreamBody>, BackendError> {
         match tokio::time::timeout(deadline, self.upstream.send(request)).await {
@@ -598,7 +598,7 @@ struct UpstreamStream {
     /// An ending read together with the last batch, delivered on the next call.
     pending: Option<Result<StreamEvent, BackendError>>,
     /// The body's end (or failure), met while gathering; reported once the buffer is drained.
-    body_end: Option<Option<hyper::Error>>,
+    body_end: Option<Option<std::io::Error>>,
     ended: bool,
 }
 

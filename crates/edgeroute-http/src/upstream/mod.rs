@@ -1,26 +1,31 @@
-//! An HTTP/1.1 client for one upstream origin (a node's inference backend) whose connections
-//! are driven by the request that uses them.
+//! An HTTP/1.1 client for one upstream origin (a node's inference backend): a connection is a
+//! plain value driven by the request that uses it, and the protocol is ours, on `httparse`.
 //!
 //! hyper-util's pooled client runs every connection as a task of its own: the request, each
 //! chunk of the answer and the connection's return to the pool cross from that task to the
-//! caller's through channels, a wake-up and a scheduler pass each. A gateway does little else
-//! per request, so on a loaded single-threaded node those hops are a visible share of the time
-//! it adds (issue 13). Here a pooled connection is a plain value: the request's future and then
-//! the answer's body poll the connection themselves, so the bytes the socket holds reach the
-//! caller in the same poll, with no task, channel hop or timer per request — as nginx's
-//! upstream module reads its upstream socket in the worker's one event loop.
+//! caller's through channels, a wake-up and a scheduler pass each. hyper's own connection
+//! driven inline (this module's first form) still passed the request and the answer through
+//! its dispatch channels and state machine: about a quarter of the instructions the gateway
+//! spends per request (issue 13). Here the request head is written in one `write` with a small
+//! body, the answer's head is parsed from the connection's buffer, and the body is split off
+//! that buffer as it arrives — as nginx's upstream module reads its upstream socket in the
+//! worker's one event loop. The wire format itself ([`wire`]) is plain functions over bytes,
+//! unit-tested and fuzzed (`upstream_answer`).
 //!
 //! `https://` origins are verified against a CA file (a private fleet CA) or the compiled-in
 //! roots, and the node can present a client certificate (mutual TLS): the backend then needs
 //! to trust nothing but the gateway's certificate ([`UpstreamTls`]).
 //!
 //! What it keeps from a pool: idle connections reused last-in first-out, an idle timeout and
-//! a cap on idle connections, a request that was never written retried once on a fresh
-//! connection (the upstream may close an idle connection at any moment — hyper hands such a
-//! request back), and a connection closed when its answer is abandoned mid-body (the upstream
-//! stops generating for a caller who left).
+//! a cap on idle connections, a check before reuse that the upstream has not closed the
+//! connection, a request sent once more on a fresh connection when a reused one fails before a
+//! byte of answer (the write fails, or the connection ends or is reset: the upstream closed it
+//! idle as the request went out — a keep-alive timeout, a routine event the caller must never
+//! see), and a connection closed when its answer is abandoned mid-body (the upstream stops
+//! generating for a caller who left). A fresh connection's request is never sent twice.
 
-use std::future::{Future, poll_fn};
+pub mod wire;
+
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -29,20 +34,23 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, Uri, header};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-type Conn = Pin<Box<http1::Connection<TokioIo<Io>, Full<Bytes>>>>;
+use wire::{Framing, Step, WireError};
+
+/// Room made in a connection's buffer when it runs low.
+const READ_CHUNK: usize = 16 * 1024;
+/// Less room than this left in the buffer, and it grows by `READ_CHUNK` before a read.
+const MIN_ROOM: usize = 4 * 1024;
+/// A request body at most this large is copied behind its head, for one write.
+const COALESCE_BODY: usize = 16 * 1024;
 
 /// TLS to an `https://` upstream, from a config file's `[backend.openai.tls]` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -102,7 +110,7 @@ impl Default for UpstreamOptions {
     }
 }
 
-/// Why a request to the upstream failed, before any of its answer arrived.
+/// Why a request to the upstream failed, before any of its answer's body arrived.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The OS's reason is the error's `source`.
@@ -113,8 +121,15 @@ pub enum UpstreamError {
     /// The TLS handshake failed (an untrusted certificate, a refused client certificate).
     #[error("TLS with {authority} failed")]
     Tls { authority: String, source: io::Error },
+    /// Writing the request or reading the answer's head failed.
+    #[error("the connection to the upstream failed")]
+    Io(#[source] io::Error),
+    /// The upstream closed the connection before its answer's head was complete.
+    #[error("the upstream closed the connection without an answer")]
+    Closed,
+    /// The answer's bytes are not HTTP/1.1 this client accepts.
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Protocol(#[from] WireError),
     #[error("the request cannot be sent: {0}")]
     Request(String),
 }
@@ -145,7 +160,7 @@ struct Inner {
     /// `Some` for `https://`: the connector and the name the certificate must hold.
     tls: Option<(TlsConnector, ServerName<'static>)>,
     opts: UpstreamOptions,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Vec<Conn>>,
     opened: AtomicU64,
 }
 
@@ -158,22 +173,35 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// A connection waiting for its next request.
-struct Idle {
-    sender: http1::SendRequest<Full<Bytes>>,
-    conn: Conn,
+/// One connection and the bytes read from it that no answer has taken yet.
+struct Conn {
+    io: Io,
+    buf: BytesMut,
+    /// When it last went idle.
     since: Instant,
 }
 
-impl Idle {
-    /// Whether it can take a request now: not expired, not closed by the upstream (the
-    /// connection is polled once, which notices an end of stream or a reset).
+impl Conn {
+    /// Whether it can take a request now: not expired, nothing unasked-for in its buffer, and
+    /// not closed by the upstream (one read attempt, which sees an end of stream or a reset;
+    /// tokio answers it from its readiness state, without a system call, when nothing came).
     fn usable(&mut self, idle_timeout: Duration) -> bool {
-        if self.since.elapsed() >= idle_timeout || self.sender.is_closed() {
+        if self.since.elapsed() >= idle_timeout || !self.buf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        self.conn.as_mut().poll(&mut cx).is_pending() && self.sender.is_ready()
+        let mut probe = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut probe);
+        Pin::new(&mut self.io).poll_read(&mut cx, &mut rb).is_pending()
+    }
+
+    /// Reads what the socket holds onto the buffer (into its spare room, never zeroed first):
+    /// the bytes read, 0 at the end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < MIN_ROOM {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
 
@@ -238,55 +266,74 @@ impl Upstream {
         self.inner.idle.lock().map_or(0, |v| v.len())
     }
 
-    /// Sends `req` (its URI's path and query are used; `Host` is set to the origin's) and
-    /// waits for the answer's head. The answer's body drives the connection from then on.
-    pub async fn send(
-        &self,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            *req.uri_mut() =
-                Uri::try_from(pq).map_err(|e| UpstreamError::Request(e.to_string()))?;
+    /// Sends `req` (its URI's path and query are used; `Host` is the origin's, and the body's
+    /// length is this client's to state) and waits for the answer's head. The answer's body
+    /// drives the connection from then on.
+    pub async fn send(&self, req: Request<Bytes>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (parts, body) = req.into_parts();
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if !pq.starts_with('/') {
+            return Err(UpstreamError::Request(format!("`{pq}` is not a path")));
         }
-        req.headers_mut().insert(header::HOST, self.inner.host_header.clone());
+        let mut head = wire::request_head(
+            &parts.method,
+            pq,
+            &self.inner.host_header,
+            &parts.headers,
+            body.len(),
+        );
+        let split = body.len() > COALESCE_BODY;
+        if !split {
+            head.extend_from_slice(&body);
+        }
+        let head_request = parts.method == Method::HEAD;
         loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
                 None => (self.connect().await?, false),
             };
-            let sent = conn.sender.try_send_request(req);
-            let mut sent = std::pin::pin!(sent);
-            let mut alive = true;
-            let answer = poll_fn(|cx| {
-                // The connection first: it writes the request and reads whatever answer the
-                // socket holds, so the response is usually ready on the same poll.
-                if alive && conn.conn.as_mut().poll(cx).is_ready() {
-                    alive = false;
+            let written = async {
+                conn.io.write_all(&head).await?;
+                if split {
+                    conn.io.write_all(&body).await?;
                 }
-                sent.as_mut().poll(cx)
-            })
-            .await;
-            match answer {
-                Ok(res) => {
-                    let held = alive.then_some(conn);
-                    return Ok(res.map(|body| UpstreamBody {
-                        body,
-                        conn: held,
-                        pool: Arc::clone(&self.inner),
-                    }));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Never written: the upstream had closed this idle connection. Once more,
-                    // on a connection of its own.
-                    Some(back) if reused => req = back,
-                    _ => return Err(UpstreamError::Http(e.into_error())),
-                },
+                conn.io.flush().await
             }
+            .await;
+            match written {
+                Ok(()) => {}
+                // The upstream had closed this idle connection: nothing of the request was
+                // taken. Once more, on a connection of its own.
+                Err(_) if reused => continue,
+                Err(e) => return Err(UpstreamError::Io(e)),
+            }
+            let mut got_any = false;
+            let answer =
+                std::future::poll_fn(|cx| read_head(&mut conn, cx, head_request, &mut got_any))
+                    .await;
+            let answer = match answer {
+                Ok(a) => a,
+                // Closed or reset with not a byte of answer: the upstream closed this idle
+                // connection as the request went out (its keep-alive timeout), it did not
+                // take the request. Once more, on a connection of its own.
+                Err(UpstreamError::Closed | UpstreamError::Io(_)) if reused && !got_any => continue,
+                Err(e) => return Err(e),
+            };
+            let mut res = Response::new(UpstreamBody {
+                conn: Some(conn),
+                framing: answer.framing,
+                reusable: answer.reusable,
+                pool: Arc::clone(&self.inner),
+            });
+            *res.status_mut() = answer.status;
+            *res.version_mut() = answer.version;
+            *res.headers_mut() = answer.headers;
+            res.body_mut().settle();
+            return Ok(res);
         }
     }
 
-    fn checkout(&self) -> Option<Idle> {
+    fn checkout(&self) -> Option<Conn> {
         loop {
             let mut c = self.inner.idle.lock().ok()?.pop()?;
             if c.usable(self.inner.opts.idle_timeout) {
@@ -335,10 +382,35 @@ impl Upstream {
         Ok(io)
     }
 
-    async fn connect(&self) -> Result<Idle, UpstreamError> {
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
         let io = self.open_stream().await?;
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        Ok(Idle { sender, conn: Box::pin(conn), since: Instant::now() })
+        Ok(Conn { io, buf: BytesMut::with_capacity(READ_CHUNK), since: Instant::now() })
+    }
+}
+
+/// Reads until the answer's head is complete (interim answers skipped); `got_any` says
+/// whether any byte of an answer arrived.
+fn read_head(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    head_request: bool,
+    got_any: &mut bool,
+) -> Poll<Result<wire::Head, UpstreamError>> {
+    loop {
+        if !conn.buf.is_empty()
+            && let Some(head) = wire::parse_head(&mut conn.buf, head_request)?
+        {
+            return Poll::Ready(Ok(head));
+        }
+        match conn.poll_fill(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(UpstreamError::Io(e))),
+            Poll::Ready(Ok(0)) if *got_any => {
+                return Poll::Ready(Err(WireError::Truncated("inside the answer's head").into()));
+            }
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(UpstreamError::Closed)),
+            Poll::Ready(Ok(_)) => *got_any = true,
+        }
     }
 }
 
@@ -356,7 +428,7 @@ async fn connect_any(host: &str, port: u16) -> io::Result<TcpStream> {
 
 impl Inner {
     /// Keeps a connection whose answer ended, for the next request.
-    fn checkin(&self, mut c: Idle) {
+    fn checkin(&self, mut c: Conn) {
         c.since = Instant::now();
         let Ok(mut idle) = self.idle.lock() else { return };
         // Oldest first: close the expired ones rather than keep their sockets open.
@@ -369,65 +441,99 @@ impl Inner {
     }
 }
 
-/// An answer's body. Polling it drives its connection; once the body has ended the
-/// connection goes back to the pool, and dropping it earlier closes the connection.
+/// An answer's body. Polling it reads its connection; once the body has ended the connection
+/// goes back to the pool (when the answer allows), and dropping it earlier closes the
+/// connection.
 pub struct UpstreamBody {
-    body: Incoming,
-    conn: Option<Idle>,
+    /// `None` once the body has ended or failed.
+    conn: Option<Conn>,
+    framing: Framing,
+    reusable: bool,
     pool: Arc<Inner>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody").finish_non_exhaustive()
+        f.debug_struct("UpstreamBody").field("framing", &self.framing).finish_non_exhaustive()
     }
 }
 
 impl UpstreamBody {
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(c) = &mut self.conn
-            && c.conn.as_mut().poll(cx).is_ready()
+    /// A body that is empty by its framing ends at once, returning its connection now.
+    fn settle(&mut self) {
+        if self.framing == Framing::Length(0) {
+            self.end();
+        }
+    }
+
+    /// The body is complete: the connection goes back to the pool if nothing follows it.
+    fn end(&mut self) {
+        if let Some(c) = self.conn.take()
+            && self.reusable
+            && c.buf.is_empty()
         {
-            self.conn = None;
+            self.pool.checkin(c);
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
-        this.drive(cx);
-        let mut frame = Pin::new(&mut this.body).poll_frame(cx);
-        if frame.is_pending() {
-            // Asking for the body may have let the connection read on: once more, so the
-            // bytes already in the socket come out now rather than after a self wake-up.
-            this.drive(cx);
-            frame = Pin::new(&mut this.body).poll_frame(cx);
-        }
-        if let Poll::Ready(None) = frame
-            && let Some(mut c) = this.conn.take()
-        {
-            // The answer is complete: let the connection settle into keep-alive and keep it
-            // if it did.
-            if c.conn.as_mut().poll(cx).is_pending() && c.sender.is_ready() {
-                this.pool.checkin(c);
+        loop {
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            match this.framing.next(&mut conn.buf) {
+                Ok(Step::Data(b)) => {
+                    if this.framing == Framing::Length(0) {
+                        this.end();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Ok(Step::End) => {
+                    this.end();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))));
+                }
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    this.conn = None;
+                    return match this.framing.at_eof() {
+                        Ok(()) => Poll::Ready(None),
+                        Err(e) => {
+                            Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, e))))
+                        }
+                    };
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        // While the connection is held, one more poll is needed to return it.
-        self.conn.is_none() && self.body.is_end_stream()
+        self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match (&self.conn, self.framing.remaining()) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), Some(n)) => SizeHint::with_exact(n),
+            (Some(_), None) => SizeHint::default(),
+        }
     }
 }

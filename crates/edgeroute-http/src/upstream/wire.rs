@@ -1,0 +1,590 @@
+//! HTTP/1.1 on the wire to an upstream, as plain functions over byte buffers: the request head
+//! written, the answer's head read (with `httparse`), and how the answer's body is framed —
+//! `content-length`, `chunked` or until the connection closes (RFC 9112 §6.3). No I/O, no
+//! clock: the connection code feeds bytes in, and the fuzz target `upstream_answer` feeds
+//! whatever a fuzzer makes.
+//!
+//! Strict where leniency is a smuggling risk: a `transfer-encoding` other than `chunked`,
+//! differing `content-length`s, a chunk line without its CRLF, a size beyond 64 bits or an
+//! oversized line or head are errors, and an answer that mixes `transfer-encoding` with
+//! `content-length` never leaves its connection reusable.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+
+/// An answer's head may be at most this large (status line and headers).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Headers in one answer, at most.
+pub const MAX_HEADERS: usize = 100;
+/// A chunk-size line (with any extensions), at most.
+pub const MAX_CHUNK_LINE: usize = 4096;
+/// All trailer lines of a chunked body together, at most.
+pub const MAX_TRAILERS: usize = 16 * 1024;
+
+/// What is wrong with an answer's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("the answer's head is malformed: {0}")]
+    Head(String),
+    #[error("the answer's head is over {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("the answer's framing is invalid: {0}")]
+    Framing(&'static str),
+    #[error("the chunked body is malformed: {0}")]
+    Chunked(&'static str),
+    #[error("the connection ended {0}")]
+    Truncated(&'static str),
+}
+
+/// The head of a request: `METHOD path HTTP/1.1`, `host`, the caller's headers (less those this
+/// layer owns: `host`, `content-length`, `transfer-encoding`, `connection`) and the body's
+/// `content-length` (left out for a bodiless `GET`/`HEAD`).
+pub fn request_head(
+    method: &Method,
+    path_and_query: &str,
+    host: &HeaderValue,
+    headers: &HeaderMap,
+    body_len: usize,
+) -> Vec<u8> {
+    let mut h = Vec::with_capacity(128 + path_and_query.len() + 48 * headers.len());
+    h.extend_from_slice(method.as_str().as_bytes());
+    h.push(b' ');
+    h.extend_from_slice(path_and_query.as_bytes());
+    h.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    h.extend_from_slice(host.as_bytes());
+    h.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if matches!(
+            *name,
+            header::HOST | header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION
+        ) {
+            continue;
+        }
+        h.extend_from_slice(name.as_str().as_bytes());
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(value.as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    if body_len > 0 || !matches!(*method, Method::GET | Method::HEAD) {
+        h.extend_from_slice(b"content-length: ");
+        push_decimal(&mut h, body_len);
+        h.extend_from_slice(b"\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// An answer's head, parsed.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another request once this answer's body has been read.
+    pub reusable: bool,
+}
+
+/// Parses the answer's head at the start of `buf` and removes it from `buf`: `Ok(None)` when
+/// more bytes are needed. Interim (1xx) answers before the final one are read and dropped;
+/// `head_request` says the answer has no body whatever its headers say.
+pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, WireError> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut slots);
+        let len = match res.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return if buf.len() > MAX_HEAD_BYTES {
+                    Err(WireError::HeadTooLarge)
+                } else {
+                    Ok(None)
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(WireError::Head(format!("over {MAX_HEADERS} headers")));
+            }
+            Err(e) => return Err(WireError::Head(e.to_string())),
+        };
+        if len > MAX_HEAD_BYTES {
+            return Err(WireError::HeadTooLarge);
+        }
+        let code = res.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| WireError::Head(format!("status {code} is not a status")))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(WireError::Head("101 to a request that asked for no upgrade".into()));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+        let mut headers = HeaderMap::with_capacity(res.headers.len());
+        for h in res.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| WireError::Head(format!("header name `{}`", h.name)))?;
+            let value = HeaderValue::from_bytes(h.value)
+                .map_err(|_| WireError::Head(format!("the value of `{}`", h.name)))?;
+            headers.append(name, value);
+        }
+        let (framing, clean) = framing(status, &headers, head_request)?;
+        let reusable = clean && keep_alive(version, &headers) && !matches!(framing, Framing::Close);
+        buf.advance(len);
+        return Ok(Some(Head { status, version, headers, framing, reusable }));
+    }
+}
+
+/// Whether the connection stays open after this answer (RFC 9112 §9.3).
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = version == Version::HTTP_10;
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.to_str().unwrap_or("close").split(',') {
+            let t = token.trim();
+            if t.eq_ignore_ascii_case("close") {
+                return false;
+            }
+            if t.eq_ignore_ascii_case("keep-alive") {
+                close = false;
+            }
+        }
+    }
+    !close
+}
+
+/// How the body is delimited, and whether the framing leaves the connection clean for reuse.
+fn framing(
+    status: StatusCode,
+    headers: &HeaderMap,
+    head_request: bool,
+) -> Result<(Framing, bool), WireError> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Length(0), true));
+    }
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if te.peek().is_some() {
+        let mut codings = 0;
+        for v in te {
+            for c in v.to_str().map_err(|_| WireError::Framing("transfer-encoding"))?.split(',') {
+                let c = c.trim();
+                if c.is_empty() {
+                    continue;
+                }
+                if !c.eq_ignore_ascii_case("chunked") || codings > 0 {
+                    return Err(WireError::Framing("a transfer-encoding other than chunked"));
+                }
+                codings += 1;
+            }
+        }
+        if codings == 0 {
+            return Err(WireError::Framing("an empty transfer-encoding"));
+        }
+        // Both headers: chunked wins, and the connection is not trusted with another request.
+        let clean = !headers.contains_key(header::CONTENT_LENGTH);
+        return Ok((Framing::Chunked(Chunked::default()), clean));
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().map_err(|_| WireError::Framing("content-length"))?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(WireError::Framing("content-length is not a length"));
+            }
+            let n: u64 = part.parse().map_err(|_| WireError::Framing("content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(WireError::Framing("differing content-lengths"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::Close, false),
+    })
+}
+
+/// How an answer's body ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked(Chunked),
+    /// At the end of the connection.
+    Close,
+}
+
+/// What [`Framing::next`] made of the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Body bytes (never empty).
+    Data(Bytes),
+    /// The body is complete; whatever remains in the buffer follows it.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+impl Framing {
+    /// Takes the next piece of the body from the front of `buf` (data is split off the buffer,
+    /// not copied).
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Step, WireError> {
+        match self {
+            Framing::Length(0) => Ok(Step::End),
+            Framing::Length(n) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = usize::try_from(*n).unwrap_or(usize::MAX).min(buf.len());
+                *n -= take as u64;
+                Ok(Step::Data(buf.split_to(take).freeze()))
+            }
+            Framing::Chunked(c) => c.next(buf),
+            Framing::Close if buf.is_empty() => Ok(Step::More),
+            Framing::Close => Ok(Step::Data(buf.split().freeze())),
+        }
+    }
+
+    /// The connection ended: fine only for a body delimited by the end.
+    pub fn at_eof(&self) -> Result<(), WireError> {
+        match self {
+            Framing::Close | Framing::Length(0) => Ok(()),
+            Framing::Chunked(c) if c.state == ChunkState::Done => Ok(()),
+            Framing::Length(_) => Err(WireError::Truncated("before content-length bytes")),
+            Framing::Chunked(_) => Err(WireError::Truncated("inside the chunked body")),
+        }
+    }
+
+    /// The bytes still to come, when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            Framing::Length(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// A `chunked` body's decoder (RFC 9112 §7.1): sizes, data, trailers (read and dropped).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chunked {
+    state: ChunkState,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+impl Chunked {
+    fn next(&mut self, buf: &mut BytesMut) -> Result<Step, WireError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buf, MAX_CHUNK_LINE, "a chunk-size line")? else {
+                        return Ok(Step::More);
+                    };
+                    let size = chunk_size(&line)?;
+                    self.state =
+                        if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                }
+                ChunkState::Data(n) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    let left = n - take as u64;
+                    self.state =
+                        if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
+                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return if buf.first().is_some_and(|&b| b != b'\r') {
+                            Err(WireError::Chunked("chunk data not followed by CRLF"))
+                        } else {
+                            Ok(Step::More)
+                        };
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Chunked("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let room = MAX_TRAILERS - self.trailer_bytes;
+                    let Some(line) = take_line(buf, room, "the trailers")? else {
+                        return Ok(Step::More);
+                    };
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                        return Ok(Step::End);
+                    }
+                    self.trailer_bytes += line.len() + 2;
+                }
+                ChunkState::Done => return Ok(Step::End),
+            }
+        }
+    }
+}
+
+/// The next CRLF-terminated line at the front of `buf` (without its CRLF), removed from `buf`;
+/// `None` while incomplete. A line longer than `max` (CRLF included), or a bare LF, is an error.
+fn take_line(
+    buf: &mut BytesMut,
+    max: usize,
+    what: &'static str,
+) -> Result<Option<Bytes>, WireError> {
+    let Some(lf) = buf.iter().take(max).position(|&b| b == b'\n') else {
+        return if buf.len() >= max { Err(WireError::Chunked(too_long(what))) } else { Ok(None) };
+    };
+    if lf == 0 || buf[lf - 1] != b'\r' {
+        return Err(WireError::Chunked("a line ends in a bare LF"));
+    }
+    let mut line = buf.split_to(lf + 1);
+    line.truncate(lf - 1);
+    Ok(Some(line.freeze()))
+}
+
+fn too_long(what: &'static str) -> &'static str {
+    match what {
+        "the trailers" => "the trailers are too long",
+        _ => "a chunk-size line is too long",
+    }
+}
+
+/// `1*HEXDIG [ BWS ";" extensions ]`: the size; extensions are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(WireError::Chunked("a chunk size is not hexadecimal"));
+    }
+    if digits > 16 {
+        return Err(WireError::Chunked("a chunk size is over 64 bits"));
+    }
+    let rest = &line[digits..];
+    let after_ws =
+        rest.iter().position(|b| *b != b' ' && *b != b'\t').map_or(&[][..], |i| &rest[i..]);
+    if !after_ws.is_empty() && after_ws[0] != b';' {
+        return Err(WireError::Chunked("junk after a chunk size"));
+    }
+    if after_ws.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(WireError::Chunked("a control byte in a chunk extension"));
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| WireError::Chunked("size"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| WireError::Chunked("a chunk size is over 64 bits"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn head(bytes: &[u8]) -> Result<Option<Head>, WireError> {
+        parse_head(&mut BytesMut::from(bytes), false)
+    }
+
+    /// The whole body of `answer`'s framing, fed `step` bytes at a time.
+    fn body(
+        framing: &mut Framing,
+        bytes: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, Vec<u8>), WireError> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match framing.next(&mut buf)? {
+                Step::Data(b) => {
+                    assert!(!b.is_empty());
+                    out.extend_from_slice(&b);
+                }
+                Step::End => {
+                    let mut rest = buf.to_vec();
+                    rest.extend_from_slice(&bytes[fed..]);
+                    return Ok((out, rest));
+                }
+                Step::More => {
+                    if fed == bytes.len() {
+                        framing.at_eof()?;
+                        return Ok((out, Vec::new()));
+                    }
+                    let n = step.min(bytes.len() - fed);
+                    buf.extend_from_slice(&bytes[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_head_carries_host_and_length_and_none_of_the_callers_framing() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        h.insert(header::HOST, HeaderValue::from_static("evil"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let host = HeaderValue::from_static("up:8000");
+        let got = request_head(&Method::POST, "/v1/chat/completions?x=1", &host, &h, 12);
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up:8000\r\nauthorization: Bearer k\r\ncontent-length: 12\r\n\r\n"
+        );
+        let get = request_head(&Method::GET, "/v1/models", &host, &HeaderMap::new(), 0);
+        assert_eq!(
+            String::from_utf8(get).unwrap(),
+            "GET /v1/models HTTP/1.1\r\nhost: up:8000\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_head_arrives_whole_or_asks_for_more() {
+        let full =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        for cut in 0..full.len() - 2 {
+            assert!(head(&full[..cut]).unwrap().is_none(), "cut at {cut}");
+        }
+        let mut buf = BytesMut::from(&full[..]);
+        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(h.status, 200);
+        assert_eq!(h.headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(h.framing, Framing::Length(2));
+        assert!(h.reusable);
+        assert_eq!(&buf[..], b"{}", "the head is taken, the body left");
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_an_unasked_upgrade_refused() {
+        let h = head(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.status, 204);
+        assert_eq!(h.framing, Framing::Length(0));
+        assert!(head(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_the_connection_header() {
+        let reusable = |s: &[u8]| head(s).unwrap().unwrap().reusable;
+        assert!(reusable(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(!reusable(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"));
+        assert!(!reusable(
+            b"HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!reusable(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(reusable(
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!reusable(b"HTTP/1.1 200 OK\r\n\r\n"), "delimited by the close");
+        assert!(!reusable(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: ,\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n",
+        ] {
+            assert!(head(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let same = head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(same.unwrap().unwrap().framing, Framing::Length(5));
+    }
+
+    #[test]
+    fn an_endless_head_is_refused_at_its_limit() {
+        let mut big = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while big.len() <= MAX_HEAD_BYTES {
+            big.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        assert!(head(&big).is_err());
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(head(&many).is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_decode_alike_whatever_the_read_sizes() {
+        let wire = b"4\r\ndata\r\n7;name=\"v\"\r\n: token\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for step in 1..wire.len() {
+            let mut f = Framing::Chunked(Chunked::default());
+            let (out, rest) = body(&mut f, wire, step).unwrap();
+            assert_eq!(out, b"data: tokenabcdefghijklmnopqrstuvwxyz", "step {step}");
+            assert_eq!(rest, b"NEXT", "step {step}: what follows the body stays");
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"4\r\ndataXX",
+            b"4\ndata\r\n0\r\n\r\n",
+            b"4 x\r\ndata\r\n",
+            b"11111111111111111\r\n",
+            b"-1\r\n",
+            b"4\r\ndata\r\n0\r\nbad\n\r\n",
+        ] {
+            let mut f = Framing::Chunked(Chunked::default());
+            assert!(body(&mut f, bad, 3).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let mut long = b"4;".to_vec();
+        long.resize(MAX_CHUNK_LINE + 1, b'a');
+        let mut f = Framing::Chunked(Chunked::default());
+        assert_eq!(
+            body(&mut f, &long, 1000).unwrap_err(),
+            WireError::Chunked("a chunk-size line is too long")
+        );
+        let mut trailers = b"0\r\n".to_vec();
+        while trailers.len() < MAX_TRAILERS + 100 {
+            trailers.extend_from_slice(b"x-t: 1\r\n");
+        }
+        let mut f = Framing::Chunked(Chunked::default());
+        assert!(body(&mut f, &trailers, 512).is_err());
+    }
+
+    #[test]
+    fn a_truncated_body_is_an_error_and_a_close_delimited_one_is_not() {
+        let mut f = Framing::Length(10);
+        assert!(body(&mut f, b"12345", 2).is_err());
+        let mut f = Framing::Chunked(Chunked::default());
+        assert!(body(&mut f, b"5\r\n12345\r\n", 4).is_err());
+        let mut f = Framing::Close;
+        assert_eq!(body(&mut f, b"all of it", 4).unwrap().0, b"all of it");
+        let mut f = Framing::Length(4);
+        assert_eq!(body(&mut f, b"1234extra", 3).unwrap(), (b"1234".to_vec(), b"extra".to_vec()));
+    }
+}

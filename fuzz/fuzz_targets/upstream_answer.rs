@@ -1,0 +1,127 @@
+//! An upstream's answer (status line, headers, body framed by `content-length`, `chunked` or
+//! the connection's end), read the way the node's upstream client reads a socket: head first
+//! with [`wire::parse_head`], then the body piece by piece with [`Framing::next`], in reads of
+//! fuzzer-chosen sizes, ending with the end of stream.
+//!
+//! Input: byte 0 seeds the read sizes, byte 1 bit 0 marks a `HEAD` request, the rest is the
+//! stream.
+//!
+//! Properties: nothing panics; read sizes change nothing (status, body bytes, what follows the
+//! body, and whether and where it failed are the same as when the whole stream arrives in one
+//! read); data pieces are never empty; a body framed by `content-length` is exactly that long;
+//! a `chunked` body never reaches the caller with its framing (its bytes are a subsequence of
+//! the stream's chunk data, checked by length: never more than the stream after the head).
+
+#![no_main]
+
+use bytes::BytesMut;
+use edgeroute_http::upstream::wire::{self, Framing, Step};
+use libfuzzer_sys::fuzz_target;
+
+/// Read sizes from a tiny xorshift seeded by the input: 1 to 97 bytes.
+fn reads(stream: &[u8], seed: u8) -> Vec<&[u8]> {
+    let mut x = u32::from(seed) | 0x100;
+    let mut out = Vec::new();
+    let mut rest = stream;
+    while !rest.is_empty() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let n = (x as usize % 97 + 1).min(rest.len());
+        let (a, b) = rest.split_at(n);
+        out.push(a);
+        rest = b;
+    }
+    out
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    status: Option<u16>,
+    framing: Option<&'static str>,
+    body: Vec<u8>,
+    /// Bytes after a complete body.
+    after: Option<Vec<u8>>,
+    error: Option<String>,
+}
+
+fn read(parts: &[&[u8]], head_request: bool) -> Outcome {
+    let mut out =
+        Outcome { status: None, framing: None, body: Vec::new(), after: None, error: None };
+    let mut buf = BytesMut::new();
+    let mut parts = parts.iter();
+    let head = loop {
+        if !buf.is_empty() {
+            match wire::parse_head(&mut buf, head_request) {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(e) => {
+                    out.error = Some(e.to_string());
+                    return out;
+                }
+            }
+        }
+        match parts.next() {
+            Some(p) => buf.extend_from_slice(p),
+            None => {
+                out.error = Some("closed before the head".into());
+                return out;
+            }
+        }
+    };
+    out.status = Some(head.status.as_u16());
+    let mut framing = head.framing;
+    let declared = framing.remaining();
+    out.framing = Some(match framing {
+        Framing::Length(_) => "length",
+        Framing::Chunked(_) => "chunked",
+        Framing::Close => "close",
+    });
+    loop {
+        match framing.next(&mut buf) {
+            Ok(Step::Data(b)) => {
+                assert!(!b.is_empty(), "an empty data piece");
+                out.body.extend_from_slice(&b);
+            }
+            Ok(Step::End) => {
+                let mut after = buf.to_vec();
+                for p in parts.by_ref() {
+                    after.extend_from_slice(p);
+                }
+                out.after = Some(after);
+                break;
+            }
+            Ok(Step::More) => match parts.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => {
+                    if let Err(e) = framing.at_eof() {
+                        out.error = Some(e.to_string());
+                    }
+                    break;
+                }
+            },
+            Err(e) => {
+                out.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if let Some(n) = declared
+        && out.error.is_none()
+    {
+        assert_eq!(out.body.len() as u64, n, "content-length not honoured");
+    }
+    out
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 2 {
+        return;
+    }
+    let head_request = data[1] & 1 == 1;
+    let stream = &data[2..];
+    let whole = read(&[stream], head_request);
+    let pieces = read(&reads(stream, data[0]), head_request);
+    assert_eq!(whole, pieces, "read sizes changed the answer");
+    assert!(whole.body.len() <= stream.len());
+});
