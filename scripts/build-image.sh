@@ -6,8 +6,9 @@
 #
 #   scripts/build-image.sh [--binary PATH] [--out DIR] [--tag TAG]
 #
-# --binary  default target/release/edgeroute (built with `cargo build --release -p edgeroute`
-#           when missing)
+# --binary  default target/dist/edgeroute (built with `cargo build --profile dist -p edgeroute`
+#           when missing: release with fat LTO and one codegen unit, what ships; see
+#           Cargo.toml and BENCHMARKS.md)
 # --out     an OCI image layout directory (default target/image); load it with
 #           `skopeo copy oci:target/image:TAG docker-daemon:edgeroute:TAG`, push it with
 #           `skopeo copy oci:... docker://REGISTRY/edgeroute:TAG`, or unpack it with umoci
@@ -18,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BINARY=target/release/edgeroute
+BINARY="${CARGO_TARGET_DIR:-target}/dist/edgeroute"
 OUT=target/image
 TAG="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
 while [ $# -gt 0 ]; do
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
 done
 command -v buildah >/dev/null || { echo "build-image: buildah is missing (apt-get install buildah)" >&2; exit 1; }
 if [ ! -x "$BINARY" ]; then
-  cargo build --release --locked -p edgeroute
+  cargo build --profile dist --locked -p edgeroute
 fi
 
 # The image's one user: not root, no shell, no home (numeric so runAsNonRoot can verify it).

@@ -9,9 +9,16 @@
 # connection, and the counters are dumped. The figure is the dump's total Ir divided by N.
 # Kernel work (the syscalls, the same for every proxy) is not counted.
 #
+# TOOL=trace runs every process natively instead and times the proxy's critical path with
+# `perf trace` (Debian's linux-perf): N requests, PAUSE_MS apart (caches as cold as under a
+# light open-loop load), and for each the user-space time from reading the client's request
+# to writing the upstream's, and from reading the upstream's answer to writing the client's
+# (p50 and p90 of each, in µs; tracing adds its own cost to every syscall, not to these gaps).
+#
 # usage: scripts/gateway-callgrind.sh [EDGEROUTE_BIN]
 #   env: N (default 1000), WARM (200), MODES ("json sse"), TARGETS ("direct gateway nginx"),
-#        OUT (default /tmp/edgeroute-callgrind): the callgrind files, kept for callgrind_annotate.
+#        OUT (default /tmp/edgeroute-callgrind): the callgrind files, kept for callgrind_annotate;
+#        TOOL (callgrind | trace), PAUSE_MS (trace: 2).
 set -euo pipefail
 
 BIN=${1:-./target/release/edgeroute}
@@ -20,6 +27,8 @@ WARM=${WARM:-200}
 MODES=${MODES:-json sse}
 TARGETS=${TARGETS:-direct gateway nginx}
 OUT=${OUT:-/tmp/edgeroute-callgrind}
+TOOL=${TOOL:-callgrind}
+PAUSE_MS=${PAUSE_MS:-$([ "$TOOL" = trace ] && echo 2 || echo 0)}
 SIM_PORT=47101 GW_PORT=47102 NGINX_PORT=47103
 mkdir -p "$OUT"
 BIN=$(realpath "$BIN")
@@ -46,14 +55,21 @@ wait_port() { # port
 callgrind() {
     local name=$1
     shift
+    if [ "$TOOL" = trace ]; then
+        "$@" >"$OUT/$name.log" 2>&1 &
+        LAST_PID=$!
+        PIDS+=("$LAST_PID")
+        return
+    fi
     valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.%p.out" "$@" >"$OUT/$name.log" 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
 }
 
 client() { # port n mode [token]
-    python3 - "$@" <<'EOF'
-import http.client, json, sys
+    PAUSE_MS=$PAUSE_MS python3 - "$@" <<'EOF'
+import http.client, json, os, sys, time
+pause = float(os.environ.get("PAUSE_MS", "0")) / 1000
 port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 token = sys.argv[4] if len(sys.argv) > 4 else None
 stream = mode == "sse"
@@ -72,6 +88,8 @@ for i in range(n):
         sys.exit(f"request {i}: {r.status} {data[:300]!r}")
     if stream and not data.rstrip().endswith(b"data: [DONE]"):
         sys.exit(f"request {i}: stream without [DONE]: {data[-200:]!r}")
+    if pause:
+        time.sleep(pause)
 c.close()
 EOF
 }
@@ -81,6 +99,32 @@ total_ir() {
     local f
     f=$(ls -t "$OUT/$2.$1.out".* | head -1)
     awk '/^totals:/ {print $2}' "$f"
+}
+
+# p50/p90 of the proxy's two critical-path gaps in a `perf trace` file (see the header).
+trace_gaps() { # file
+    python3 - "$1" <<'EOF'
+import re, sys
+pat = re.compile(r"^\s*([\d.]+) \(\s*([\d.]+) ms\):.*?(recvfrom|sendto|writev|epoll_wait)\((?:fd|epfd): (\d+)")
+ev = [(float(m[1]), float(m[2]), m[3], int(m[4])) for m in map(pat.match, open(sys.argv[1])) if m]
+req, ans = [], []
+for i in range(1, len(ev)):
+    # A request starts with the client read that follows an idle wait (> 1 ms).
+    if not (ev[i - 1][2] == "epoll_wait" and ev[i - 1][1] > 1.0 and ev[i][2] == "recvfrom"):
+        continue
+    a = ev[i]
+    rest = [e for e in ev[i + 1:i + 8] if e[2] != "epoll_wait"][:3]
+    if len(rest) < 3:
+        continue
+    b, c, d = rest
+    if b[2] in ("sendto", "writev") and c[2] == "recvfrom" and d[2] == "writev" and a[3] == d[3] and b[3] == c[3]:
+        req.append((b[0] - a[0] - a[1]) * 1000)
+        ans.append((d[0] - c[0] - c[1]) * 1000)
+if not req:
+    sys.exit("no request found in the trace")
+q = lambda x, p: sorted(x)[int(p * (len(x) - 1))]
+print(f"{len(req):6d} {q(req, .5):8.0f} {q(req, .9):8.0f} {q(ans, .5):8.0f} {q(ans, .9):8.0f}")
+EOF
 }
 
 secret="$OUT/hs256.secret"
@@ -146,7 +190,12 @@ http {
 EOF
 }
 
-printf '%-8s %-5s %14s %14s %14s\n' target mode "sim Ir/req" "proxy Ir/req" "total Ir/req"
+if [ "$TOOL" = trace ]; then
+    TARGETS=${TARGETS/direct/}
+    printf '%-8s %-5s %6s %8s %8s %8s %8s\n' target mode n "req p50" "req p90" "ans p50" "ans p90"
+else
+    printf '%-8s %-5s %14s %14s %14s\n' target mode "sim Ir/req" "proxy Ir/req" "total Ir/req"
+fi
 for target in $TARGETS; do
     for mode in $MODES; do
         PIDS=()
@@ -171,6 +220,18 @@ for target in $TARGETS; do
         esac
         wait_port $port
         client $port "$WARM" "$mode" $tok
+        if [ "$TOOL" = trace ]; then
+            perf trace -p "$proxy_pid" -e recvfrom,sendto,writev,epoll_wait -o "$OUT/$target-$mode.trace" &
+            tracer=$!
+            sleep 1
+            client $port "$N" "$mode" $tok
+            sleep 0.3
+            kill -INT $tracer
+            wait $tracer 2>/dev/null || true
+            printf '%-8s %-5s %s\n' "$target" "$mode" "$(trace_gaps "$OUT/$target-$mode.trace")"
+            cleanup
+            continue
+        fi
         callgrind_control -z $sim_pid >/dev/null 2>&1
         [ -n "$proxy_pid" ] && callgrind_control -z $proxy_pid >/dev/null 2>&1
         client $port "$N" "$mode" $tok
