@@ -14,23 +14,6 @@
 use edgeroute_proto::sse::{Ending, SseDecoder, SseError, SseEvent};
 use libfuzzer_sys::fuzz_target;
 
-/// Chunk sizes from a tiny xorshift seeded by the input: 1 to 64 bytes.
-fn chunks(stream: &[u8], seed: u8) -> Vec<&[u8]> {
-    let mut x = u32::from(seed) | 0x100;
-    let mut out = Vec::new();
-    let mut rest = stream;
-    while !rest.is_empty() {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        let n = (x as usize % 64 + 1).min(rest.len());
-        let (a, b) = rest.split_at(n);
-        out.push(a);
-        rest = b;
-    }
-    out
-}
-
 /// Bytes after the last event boundary (`\n\n`, `\r\n\r\n`, `\r\r`), scanning as the decoder
 /// does: from the start of each event.
 fn unfinished(b: &[u8]) -> usize {
@@ -58,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let max_event = 16 + usize::from(u16::from_le_bytes([data[0], data[1]]) % 4096);
     let stream = &data[3..];
-    let parts = chunks(stream, data[2]);
+    let parts = edgeroute_fuzz::split(stream, data[2], 64);
 
     // The whole stream at once, with no size limit: the reference.
     let mut whole = SseDecoder::new(usize::MAX);

@@ -18,23 +18,6 @@ use bytes::BytesMut;
 use edgeroute_http::upstream::wire::{self, Framing, Step};
 use libfuzzer_sys::fuzz_target;
 
-/// Read sizes from a tiny xorshift seeded by the input: 1 to 97 bytes.
-fn reads(stream: &[u8], seed: u8) -> Vec<&[u8]> {
-    let mut x = u32::from(seed) | 0x100;
-    let mut out = Vec::new();
-    let mut rest = stream;
-    while !rest.is_empty() {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        let n = (x as usize % 97 + 1).min(rest.len());
-        let (a, b) = rest.split_at(n);
-        out.push(a);
-        rest = b;
-    }
-    out
-}
-
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {
     status: Option<u16>,
@@ -121,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
     let head_request = data[1] & 1 == 1;
     let stream = &data[2..];
     let whole = read(&[stream], head_request);
-    let pieces = read(&reads(stream, data[0]), head_request);
+    let pieces = read(&edgeroute_fuzz::split(stream, data[0], 97), head_request);
     assert_eq!(whole, pieces, "read sizes changed the answer");
     assert!(whole.body.len() <= stream.len());
 });
