@@ -300,7 +300,9 @@ impl Chunked {
         loop {
             match self.state {
                 ChunkState::Size => {
-                    let Some(line) = take_line(buf, MAX_CHUNK_LINE, "a chunk-size line")? else {
+                    let Some(line) =
+                        take_line(buf, MAX_CHUNK_LINE, "a chunk-size line is too long")?
+                    else {
                         return Ok(Step::More);
                     };
                     let size = chunk_size(&line)?;
@@ -333,7 +335,7 @@ impl Chunked {
                 }
                 ChunkState::Trailers => {
                     let room = MAX_TRAILERS - self.trailer_bytes;
-                    let Some(line) = take_line(buf, room, "the trailers")? else {
+                    let Some(line) = take_line(buf, room, "the trailers are too long")? else {
                         return Ok(Step::More);
                     };
                     if line.is_empty() {
@@ -349,14 +351,15 @@ impl Chunked {
 }
 
 /// The next CRLF-terminated line at the front of `buf` (without its CRLF), removed from `buf`;
-/// `None` while incomplete. A line longer than `max` (CRLF included), or a bare LF, is an error.
+/// `None` while incomplete. A line longer than `max` (CRLF included) is the error `too_long`,
+/// a bare LF an error too.
 fn take_line(
     buf: &mut BytesMut,
     max: usize,
-    what: &'static str,
+    too_long: &'static str,
 ) -> Result<Option<Bytes>, WireError> {
     let Some(lf) = buf.iter().take(max).position(|&b| b == b'\n') else {
-        return if buf.len() >= max { Err(WireError::Chunked(too_long(what))) } else { Ok(None) };
+        return if buf.len() >= max { Err(WireError::Chunked(too_long)) } else { Ok(None) };
     };
     if lf == 0 || buf[lf - 1] != b'\r' {
         return Err(WireError::Chunked("a line ends in a bare LF"));
@@ -364,13 +367,6 @@ fn take_line(
     let mut line = buf.split_to(lf + 1);
     line.truncate(lf - 1);
     Ok(Some(line.freeze()))
-}
-
-fn too_long(what: &'static str) -> &'static str {
-    match what {
-        "the trailers" => "the trailers are too long",
-        _ => "a chunk-size line is too long",
-    }
 }
 
 /// `1*HEXDIG [ BWS ";" extensions ]`: the size; extensions are ignored.
