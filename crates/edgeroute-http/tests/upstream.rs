@@ -227,6 +227,32 @@ async fn a_reused_connection_closed_as_the_request_went_out_is_retried_once_on_a
 }
 
 #[tokio::test]
+async fn the_one_retry_goes_to_a_fresh_connection_not_to_another_stale_one() {
+    // Every connection answers its first request (slowly, so two calls need two connections)
+    // and closes on its second without answering.
+    let (url, requests) = scripted(|_, mut s, seen| async move {
+        let mut served = 0;
+        while read_request(&mut s).await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            if served == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(ANSWER).await.unwrap();
+            served += 1;
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let (a, b) = tokio::join!(call(&client, &url), call(&client, &url));
+    assert_eq!((&a[..], &b[..]), (&b"{\"ok\":true}"[..], &b"{\"ok\":true}"[..]));
+    assert_eq!(client.idle(), 2, "two pooled connections, both about to fail");
+    assert_eq!(&call(&client, &url).await[..], b"{\"ok\":true}");
+    assert_eq!(requests.load(Ordering::SeqCst), 4, "one stale attempt, then one fresh one");
+    assert_eq!(client.connections_opened(), 3);
+}
+
+#[tokio::test]
 async fn a_chunked_answer_written_in_pieces_arrives_whole_and_its_connection_is_reused() {
     let (url, _) = scripted(|_, mut s, _| async move {
         while read_request(&mut s).await {

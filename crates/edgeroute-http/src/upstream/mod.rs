@@ -287,8 +287,12 @@ impl Upstream {
             head.extend_from_slice(&body);
         }
         let head_request = parts.method == Method::HEAD;
+        // After a reused connection failed, the one retry goes to a fresh connection: the
+        // others idle as long are likely closed as well.
+        let mut fresh_only = false;
         loop {
-            let (mut conn, reused) = match self.checkout() {
+            let pooled = if fresh_only { None } else { self.checkout() };
+            let (mut conn, reused) = match pooled {
                 Some(c) => (c, true),
                 None => (self.connect().await?, false),
             };
@@ -304,7 +308,10 @@ impl Upstream {
                 Ok(()) => {}
                 // The upstream had closed this idle connection: nothing of the request was
                 // taken. Once more, on a connection of its own.
-                Err(_) if reused => continue,
+                Err(_) if reused => {
+                    fresh_only = true;
+                    continue;
+                }
                 Err(e) => return Err(UpstreamError::Io(e)),
             }
             let mut got_any = false;
@@ -316,7 +323,10 @@ impl Upstream {
                 // Closed or reset with not a byte of answer: the upstream closed this idle
                 // connection as the request went out (its keep-alive timeout), it did not
                 // take the request. Once more, on a connection of its own.
-                Err(UpstreamError::Closed | UpstreamError::Io(_)) if reused && !got_any => continue,
+                Err(UpstreamError::Closed | UpstreamError::Io(_)) if reused && !got_any => {
+                    fresh_only = true;
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let mut res = Response::new(UpstreamBody {
