@@ -96,7 +96,7 @@ impl Default for ServerLimits {
             max_connections: 4096,
             max_connections_per_source: 512,
             max_header_bytes: 16 * 1024,
-            max_headers: 100,
+            max_headers: HYPER_MAX_HEADERS,
             http2_max_concurrent_streams: 100,
             http2_stream_window_bytes: 65_536,
             http2_connection_window_bytes: 1024 * 1024,
@@ -299,6 +299,9 @@ async fn head_watch(activity: Arc<Activity>, timeout: Duration) {
     }
 }
 
+/// hyper's HTTP/1.1 header count when none is set (`hyper::proto::h1::role`).
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// The HTTP/2 connection preface, as hyper-util's auto builder detects it.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -464,14 +467,17 @@ async fn serve_connection<I, A: App>(
     });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    let mut h1 = builder.http1();
+    h1.timer(TokioTimer::new())
         // Our head deadline replaces hyper's (see `Activity`).
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers)
         .keep_alive(true);
+    // hyper's own limit is the same count, checked in slots on the stack; naming any count
+    // makes it allocate and fill that many slots for every request (~2,500 instructions).
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        h1.max_headers(limits.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())

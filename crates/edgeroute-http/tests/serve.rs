@@ -224,6 +224,34 @@ async fn oversized_headers_get_431() {
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
 }
 
+/// A request with `n` headers (Host among them); the status line of the answer.
+async fn status_with_headers(addr: std::net::SocketAddr, n: usize) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 1..n {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn more_headers_than_the_limit_get_431_at_the_default_and_at_a_set_count() {
+    // The default (100) is hyper's own count; any other is passed to hyper.
+    let srv = start(ServerLimits::default()).await;
+    assert_eq!(status_with_headers(srv.addr, 99).await, "HTTP/1.1 200 OK");
+    assert!(status_with_headers(srv.addr, 101).await.starts_with("HTTP/1.1 431"));
+    let srv = start(ServerLimits { max_headers: 10, ..Default::default() }).await;
+    assert_eq!(status_with_headers(srv.addr, 9).await, "HTTP/1.1 200 OK");
+    assert!(status_with_headers(srv.addr, 11).await.starts_with("HTTP/1.1 431"));
+    let srv = start(ServerLimits { max_headers: 150, ..Default::default() }).await;
+    assert_eq!(status_with_headers(srv.addr, 140).await, "HTTP/1.1 200 OK");
+    assert!(status_with_headers(srv.addr, 151).await.starts_with("HTTP/1.1 431"));
+}
+
 #[tokio::test]
 async fn connection_cap_applies_backpressure() {
     let limits = ServerLimits {
