@@ -168,6 +168,7 @@ impl Node {
             seq: AtomicU64::new(0),
             load_header: gateway::LoadHeader::default(),
             anonymous: std::sync::Arc::from("anonymous"),
+            response_ids: std::sync::Arc::from(format!("chatcmpl-{}-", cfg.node.id)),
         });
         Ok(Node { state, cfg: Arc::new(cfg), bus: None, wrap: None })
     }

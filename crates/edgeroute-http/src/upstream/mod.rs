@@ -294,7 +294,9 @@ impl Upstream {
             let pooled = if fresh_only { None } else { self.checkout() };
             let (mut conn, reused) = match pooled {
                 Some(c) => (c, true),
-                None => (self.connect().await?, false),
+                // Boxed: the rare path's state (a TLS handshake's) would otherwise size the
+                // future every request moves.
+                None => (Box::pin(self.connect()).await?, false),
             };
             let written = async {
                 conn.io.write_all(&head).await?;

@@ -193,8 +193,11 @@ pub struct Activation {
 /// Everything the gateway passes along with a request.
 #[derive(Debug, Clone)]
 pub struct CallContext {
-    /// Response id (`chatcmpl-…`), unique per node.
-    pub response_id: String,
+    /// What the response id starts with (`chatcmpl-<node>-`) and this request's number on
+    /// the node: [`CallContext::response_id`], formatted only by the backends that answer
+    /// with an id of their own (the simulator, translated completions).
+    pub id_prefix: Arc<str>,
+    pub seq: u64,
     /// Unix seconds, for the `created` field.
     pub created: u64,
     /// Longest silence accepted between two events of a stream (also bounds a non-streaming
@@ -203,6 +206,13 @@ pub struct CallContext {
     /// The request body exactly as the client sent it (already validated). Upstreams that
     /// know the model by the same name receive these bytes untouched, with no re-encoding.
     pub raw_body: Bytes,
+}
+
+impl CallContext {
+    /// Response id (`chatcmpl-<node>-<n>`), unique per node.
+    pub fn response_id(&self) -> String {
+        format!("{}{}", self.id_prefix, self.seq)
+    }
 }
 
 pub enum Backend {

@@ -289,7 +289,8 @@ impl OpenAiBackend {
         let guard = GpuGuard::new(self.in_flight.clone(), self.gpu_index(model));
         if req.continue_final_message == Some(true) && model.continuation == Continuation::Template
         {
-            return self.continue_via_completions(req, ctx, model, guard).await;
+            // Boxed: the rare path would otherwise size every chat call's future.
+            return Box::pin(self.continue_via_completions(req, ctx, model, guard)).await;
         }
         // Same name upstream: forward the client's bytes untouched; otherwise rewrite `model`.
         let body = match &model.upstream_name {
@@ -362,7 +363,7 @@ impl OpenAiBackend {
         let started = tokio::time::Instant::now();
         let response = self.send_within(request, deadline).await?;
         if !response.status().is_success() {
-            return Err(upstream_error(response).await);
+            return Err(Box::pin(upstream_error(response)).await);
         }
         let content_type = response
             .headers()
@@ -468,7 +469,7 @@ impl OpenAiBackend {
         let name = model.upstream_name.as_deref().unwrap_or(&model.id);
         let body = completions::request(&req, name, prompt);
         let reply = self.send(self.completions.clone(), body, req.stream, guard).await?;
-        let (id, created, model) = (ctx.response_id, ctx.created, req.model);
+        let (id, created, model) = (ctx.response_id(), ctx.created, req.model);
         match reply {
             Reply::Json(b) => {
                 let label = Label { id: &id, created, model: &model };
@@ -509,7 +510,7 @@ impl OpenAiBackend {
         let response = self.send_within(request, deadline).await?;
         let status = response.status();
         if !status.is_success() {
-            return Err(upstream_error(response).await);
+            return Err(Box::pin(upstream_error(response)).await);
         }
         let remaining = deadline.saturating_sub(started.elapsed());
         if !stream {

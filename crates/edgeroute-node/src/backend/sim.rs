@@ -69,7 +69,7 @@ impl SimBackend {
         ctx: CallContext,
     ) -> Result<Reply, BackendError> {
         let builder = ChunkBuilder {
-            id: ctx.response_id.clone(),
+            id: ctx.response_id(),
             created: ctx.created,
             model: req.model.clone(),
             include_usage: req.include_usage(),

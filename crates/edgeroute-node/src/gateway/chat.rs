@@ -19,14 +19,14 @@ use edgeroute_auth::Scope;
 use edgeroute_http::ApiError;
 use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::MigrateHint;
-use edgeroute_proto::headers::{MIGRATE_HEADER, SESSION_HEADER, is_hint_token};
+use edgeroute_proto::headers::{SESSION_HEADER, is_hint_token};
 use edgeroute_proto::sse::{DONE_FRAME, data_frame};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, header};
 use tokio::time::Instant;
 
 use super::admission::{self, TenantSlot};
-use super::{AppState, auth, ratelimit};
+use super::{AppState, auth, hdr, ratelimit};
 use crate::backend::{BackendError, CallContext, EventStream, Reply, StreamEvent};
 use crate::config::ms;
 use crate::lifecycle::Admission;
@@ -34,10 +34,6 @@ use crate::models::ModelUse;
 use crate::telemetry::{InFlight, Outcome};
 
 const ROUTE: &str = "chat";
-
-/// The registry version of the model that answered, when the load named one.
-pub const MODEL_VERSION_HEADER: http::HeaderName =
-    http::HeaderName::from_static(edgeroute_proto::headers::MODEL_VERSION_HEADER);
 
 /// The chat route: authentication, the tenant's rate limit and the handler as plain calls in
 /// one future (served as a [`super::Route`]). The generic middleware layers would cost this
@@ -72,11 +68,11 @@ async fn chat_completions(
     // Every answer for a model being unloaded says so, unless the whole node already asks the
     // session to move.
     if let Some(model) = model
-        && !res.headers().contains_key(MIGRATE_HEADER)
+        && !res.headers().contains_key(hdr::MIGRATE)
         && let Some(hint) = st.models.drain_hint(&model, Instant::now())
         && let Ok(v) = HeaderValue::from_str(&hint.to_string())
     {
-        res.headers_mut().insert(MIGRATE_HEADER, v);
+        res.headers_mut().insert(hdr::MIGRATE, v);
     }
     st.metrics.request(ROUTE, res.status().as_u16());
     res
@@ -131,7 +127,8 @@ async fn handle(
 
     let seq = st.seq.fetch_add(1, Ordering::Relaxed);
     let ctx = CallContext {
-        response_id: format!("chatcmpl-{}-{seq}", st.id),
+        id_prefix: Arc::clone(&st.response_ids),
+        seq,
         created: edgeroute_core::clock::unix_s(&st.clock),
         idle_timeout: ms(st.limits.stream_idle_timeout_ms),
         raw_body,
@@ -188,10 +185,10 @@ pub(super) fn answered(
     if let Some(h) = hint
         && let Ok(v) = HeaderValue::from_str(&h.to_string())
     {
-        res.headers_mut().insert(MIGRATE_HEADER, v);
+        res.headers_mut().insert(hdr::MIGRATE, v);
     }
     if let Some(v) = version {
-        res.headers_mut().insert(MODEL_VERSION_HEADER, v);
+        res.headers_mut().insert(hdr::MODEL_VERSION, v);
     }
 }
 
@@ -224,7 +221,7 @@ pub(super) async fn admit<'h>(
     // body bytes.
     let now = st.telemetry.now();
     let session = headers
-        .get(SESSION_HEADER)
+        .get(hdr::SESSION)
         .map(|v| v.to_str().ok().filter(|s| is_hint_token(s)))
         .map(|s| {
             s.ok_or_else(|| {
@@ -308,8 +305,7 @@ pub(super) fn backend_failed(st: &AppState, started: Instant, e: &BackendError) 
 
 pub(super) fn refusal(code: &'static str, message: &str, hint: MigrateHint) -> ApiError {
     let retry_s = hint.deadline_ms.div_ceil(1000).clamp(1, 60);
-    ApiError::unavailable(code, message, retry_s)
-        .with_header(http::HeaderName::from_static(MIGRATE_HEADER), hint.to_string())
+    ApiError::unavailable(code, message, retry_s).with_header(hdr::MIGRATE, hint.to_string())
 }
 
 /// Records how a stream ended when it is dropped: finished, failed, or abandoned by the client

@@ -35,7 +35,6 @@ use axum::routing::{get, get_service, post, post_service};
 use edgeroute_auth::{KeyStore, Scope};
 use edgeroute_http::ApiError;
 use edgeroute_proto::LoadReport;
-use edgeroute_proto::headers::{LOAD_HEADER, MIGRATE_HEADER, NODE_HEADER};
 use futures_util::future::Either;
 use http::HeaderValue;
 use tower::util::MapResponseLayer;
@@ -52,6 +51,20 @@ pub use ratelimit::TenantLimiter;
 /// The wall clock (Unix ms; `edgeroute_core::clock`), a seam so tests can move it (token
 /// expiry, `created`, model timestamps).
 pub use edgeroute_core::clock::WallClock;
+
+/// The fleet's headers ([`edgeroute_proto::headers`]) as `HeaderName`s, made at compile
+/// time: a `&str` name is parsed and checked again at every lookup and insert.
+pub(crate) mod hdr {
+    use edgeroute_proto::headers as h;
+    use http::HeaderName;
+
+    pub const NODE: HeaderName = HeaderName::from_static(h::NODE_HEADER);
+    pub const LOAD: HeaderName = HeaderName::from_static(h::LOAD_HEADER);
+    pub const MIGRATE: HeaderName = HeaderName::from_static(h::MIGRATE_HEADER);
+    pub const SESSION: HeaderName = HeaderName::from_static(h::SESSION_HEADER);
+    /// The registry version of the model that answered, when the load named one.
+    pub const MODEL_VERSION: HeaderName = HeaderName::from_static(h::MODEL_VERSION_HEADER);
+}
 
 /// Everything a request handler may touch. Shared behind an `Arc`.
 pub struct NodeState {
@@ -100,6 +113,8 @@ pub struct NodeState {
     pub load_header: LoadHeader,
     /// The tenant of every caller when the config waives authentication.
     pub anonymous: Arc<str>,
+    /// What this node's response ids start with (`chatcmpl-<id>-`).
+    pub response_ids: Arc<str>,
 }
 
 /// The last few load-report header values, by the figures they encode. The figures take few
@@ -290,10 +305,11 @@ impl PostRoute {
         })
     }
 
-    async fn serve(self, st: AppState, scope: Scope, req: Request) -> Response {
+    /// The route's answer, in a box of its own size (see [`Gateway`]'s `call`).
+    fn serve(self, st: AppState, scope: Scope, req: Request) -> RouteAnswer {
         match self {
-            PostRoute::Chat => chat::serve(st, scope, req).await,
-            PostRoute::Surface(e) => surface::serve(st, scope, e, req).await,
+            PostRoute::Chat => Box::pin(chat::serve(st, scope, req)),
+            PostRoute::Surface(e) => Box::pin(surface::serve(st, scope, e, req)),
         }
     }
 }
@@ -320,6 +336,9 @@ impl Gateway {
     }
 }
 
+/// A route's answer as a boxed future.
+type RouteAnswer = Pin<Box<dyn Future<Output = Response> + Send>>;
+
 /// The answer of a route's own service: one boxed future.
 type BoxedAnswer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
@@ -338,10 +357,18 @@ impl tower::Service<Request> for Gateway {
             && let Some(route) = PostRoute::of(req.uri().path())
         {
             let st = self.st.clone();
-            return Either::Left(Box::pin(async move {
-                let res = route.serve(st.clone(), Scope::Inference, req).await;
-                Ok(response_headers(&st, res))
-            }));
+            // A box of each route's own size: one future for every route would be the size
+            // of the largest, moved (and its cache lines touched) for every chat request.
+            return Either::Left(match route {
+                PostRoute::Chat => Box::pin(async move {
+                    let res = chat::serve(st.clone(), Scope::Inference, req).await;
+                    Ok(response_headers(&st, res))
+                }),
+                PostRoute::Surface(e) => Box::pin(async move {
+                    let res = surface::serve(st.clone(), Scope::Inference, e, req).await;
+                    Ok(response_headers(&st, res))
+                }),
+            });
         }
         Either::Right(tower::Service::call(&mut self.router, req))
     }
@@ -352,15 +379,15 @@ impl tower::Service<Request> for Gateway {
 /// response (no boxed middleware future).
 fn response_headers(st: &AppState, mut res: Response) -> Response {
     let h = res.headers_mut();
-    h.insert(NODE_HEADER, st.node_header.clone());
+    h.insert(hdr::NODE, st.node_header.clone());
     if let Some(v) = st.load_header.value(st.load_report()) {
-        h.insert(LOAD_HEADER, v);
+        h.insert(hdr::LOAD, v);
     }
-    if !h.contains_key(MIGRATE_HEADER)
+    if !h.contains_key(hdr::MIGRATE)
         && let Some(hint) = st.phase.load().hint(st.telemetry.now())
         && let Ok(v) = HeaderValue::from_str(&hint.to_string())
     {
-        h.insert(MIGRATE_HEADER, v);
+        h.insert(hdr::MIGRATE, v);
     }
     res
 }

@@ -23,13 +23,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use edgeroute_auth::Scope;
 use edgeroute_http::ApiError;
-use edgeroute_proto::headers::MIGRATE_HEADER;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
 
 use super::chat::{Admitted, admit, answered, backend_failed, refused};
-use super::{AppState, auth, ratelimit};
+use super::{AppState, auth, hdr, ratelimit};
 use crate::backend::surface::{Endpoint, Parsed, SurfaceCall, TranscriptFormat};
 use crate::config::ms;
 use crate::telemetry::Outcome;
@@ -63,11 +62,11 @@ pub(super) async fn serve(
         Err(e) => e.into_response(),
     };
     if let Some(model) = model
-        && !res.headers().contains_key(MIGRATE_HEADER)
+        && !res.headers().contains_key(hdr::MIGRATE)
         && let Some(hint) = st.models.drain_hint(&model, tokio::time::Instant::now())
         && let Ok(v) = HeaderValue::from_str(&hint.to_string())
     {
-        res.headers_mut().insert(MIGRATE_HEADER, v);
+        res.headers_mut().insert(hdr::MIGRATE, v);
     }
     st.metrics.request(endpoint.label(), res.status().as_u16());
     admitted.apply(res.headers_mut());
