@@ -305,12 +305,12 @@ impl Chunked {
         loop {
             match self.state {
                 ChunkState::Size => {
-                    let Some(line) =
-                        take_line(buf, MAX_CHUNK_LINE, "a chunk-size line is too long")?
+                    let Some(len) = line_len(buf, MAX_CHUNK_LINE, "a chunk-size line is too long")?
                     else {
                         return Ok(Step::More);
                     };
-                    let size = chunk_size(&line)?;
+                    let size = chunk_size(&buf[..len])?;
+                    buf.advance(len + 2);
                     self.state =
                         if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
                 }
@@ -340,14 +340,15 @@ impl Chunked {
                 }
                 ChunkState::Trailers => {
                     let room = MAX_TRAILERS - self.trailer_bytes;
-                    let Some(line) = take_line(buf, room, "the trailers are too long")? else {
+                    let Some(len) = line_len(buf, room, "the trailers are too long")? else {
                         return Ok(Step::More);
                     };
-                    if line.is_empty() {
+                    buf.advance(len + 2);
+                    if len == 0 {
                         self.state = ChunkState::Done;
                         return Ok(Step::End);
                     }
-                    self.trailer_bytes += line.len() + 2;
+                    self.trailer_bytes += len + 2;
                 }
                 ChunkState::Done => return Ok(Step::End),
             }
@@ -355,23 +356,18 @@ impl Chunked {
     }
 }
 
-/// The next CRLF-terminated line at the front of `buf` (without its CRLF), removed from `buf`;
-/// `None` while incomplete. A line longer than `max` (CRLF included) is the error `too_long`,
-/// a bare LF an error too.
-fn take_line(
-    buf: &mut BytesMut,
-    max: usize,
-    too_long: &'static str,
-) -> Result<Option<Bytes>, WireError> {
-    let Some(lf) = buf.iter().take(max).position(|&b| b == b'\n') else {
+/// The length of the CRLF-terminated line at the front of `buf` (without its CRLF), read in
+/// place: the caller parses `buf[..len]` and advances past `len + 2` bytes. `None` while
+/// incomplete. A line longer than `max` (CRLF included) is the error `too_long`, a bare LF an
+/// error too.
+fn line_len(buf: &[u8], max: usize, too_long: &'static str) -> Result<Option<usize>, WireError> {
+    let Some(lf) = buf[..buf.len().min(max)].iter().position(|&b| b == b'\n') else {
         return if buf.len() >= max { Err(WireError::Chunked(too_long)) } else { Ok(None) };
     };
     if lf == 0 || buf[lf - 1] != b'\r' {
         return Err(WireError::Chunked("a line ends in a bare LF"));
     }
-    let mut line = buf.split_to(lf + 1);
-    line.truncate(lf - 1);
-    Ok(Some(line.freeze()))
+    Ok(Some(lf - 1))
 }
 
 /// `1*HEXDIG [ BWS ";" extensions ]`: the size; extensions are ignored.
