@@ -12,7 +12,9 @@
 //! - `exp` and `nbf` are checked against the caller's `now` on every hit, with the same leeway;
 //! - the presented token is compared to the cached one in constant time (a timing difference
 //!   must not reveal how much of a valid token an attacker has guessed), in a slot chosen by a
-//!   randomly keyed hash (collisions cannot be engineered to evict a tenant);
+//!   randomly keyed hash of the token's length and last bytes — its signature's, which nobody
+//!   without the key chooses for a token that verifies (collisions cannot be engineered to
+//!   evict a tenant);
 //! - the size is fixed at start (`auth.verified_cache_entries`, a direct-mapped table) and
 //!   tokens over [`MAX_CACHED_TOKEN_BYTES`] are never kept.
 

@@ -147,7 +147,10 @@ async fn handle(
             drop(slot);
             drop(tenant_slot);
             drop(model_use);
-            ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+            let mut res = Response::new(Body::from(bytes));
+            answer_headers(&mut res)
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            res
         }
         Reply::Stream(events) => {
             let recorder = Recorder {
@@ -159,20 +162,27 @@ async fn handle(
                 ttft,
                 outcome: None,
             };
-            let body = Body::from_stream(sse(events, recorder, idle));
-            (
-                [
-                    (header::CONTENT_TYPE, "text/event-stream"),
-                    (header::CACHE_CONTROL, "no-cache"),
-                    (header::HeaderName::from_static("x-accel-buffering"), "no"),
-                ],
-                body,
-            )
-                .into_response()
+            let mut res = Response::new(Body::from_stream(sse(events, recorder, idle)));
+            let h = answer_headers(&mut res);
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+            res
         }
     };
     answered(&mut res, hint, version);
     Ok(res)
+}
+
+const X_ACCEL_BUFFERING: header::HeaderName = header::HeaderName::from_static("x-accel-buffering");
+
+/// An answer's header map, sized once for what the node adds to it (content type, the
+/// rate-limit, node and load headers, a hint, the version): grown one insert at a time, it
+/// was allocated and then rehashed on the way.
+fn answer_headers(res: &mut Response) -> &mut HeaderMap {
+    let h = res.headers_mut();
+    h.reserve(12);
+    h
 }
 
 /// What every answer of an admitted request carries: the phase's migrate hint, and which
