@@ -305,11 +305,24 @@ impl PostRoute {
         })
     }
 
-    /// The route's answer, in a box of its own size (see [`Gateway`]'s `call`).
-    fn serve(self, st: AppState, scope: Scope, req: Request) -> RouteAnswer {
+    /// The route's answer.
+    fn serve(self, st: AppState, scope: Scope, req: Request) -> RouteAnswer<Response> {
+        self.serve_then(st, scope, req, |res| res)
+    }
+
+    /// The route's answer passed through `then`, in a box of the route's own size: one future
+    /// type for every route would be the size of the largest, moved (and its cache lines
+    /// touched) for every chat request.
+    fn serve_then<T, F>(self, st: AppState, scope: Scope, req: Request, then: F) -> RouteAnswer<T>
+    where
+        T: 'static,
+        F: FnOnce(Response) -> T + Send + 'static,
+    {
         match self {
-            PostRoute::Chat => Box::pin(chat::serve(st, scope, req)),
-            PostRoute::Surface(e) => Box::pin(surface::serve(st, scope, e, req)),
+            PostRoute::Chat => Box::pin(async move { then(chat::serve(st, scope, req).await) }),
+            PostRoute::Surface(e) => {
+                Box::pin(async move { then(surface::serve(st, scope, e, req).await) })
+            }
         }
     }
 }
@@ -337,10 +350,10 @@ impl Gateway {
 }
 
 /// A route's answer as a boxed future.
-type RouteAnswer = Pin<Box<dyn Future<Output = Response> + Send>>;
+type RouteAnswer<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The answer of a route's own service: one boxed future.
-type BoxedAnswer = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+type BoxedAnswer = RouteAnswer<Result<Response, Infallible>>;
 
 impl tower::Service<Request> for Gateway {
     type Response = Response;
@@ -357,18 +370,9 @@ impl tower::Service<Request> for Gateway {
             && let Some(route) = PostRoute::of(req.uri().path())
         {
             let st = self.st.clone();
-            // A box of each route's own size: one future for every route would be the size
-            // of the largest, moved (and its cache lines touched) for every chat request.
-            return Either::Left(match route {
-                PostRoute::Chat => Box::pin(async move {
-                    let res = chat::serve(st.clone(), Scope::Inference, req).await;
-                    Ok(response_headers(&st, res))
-                }),
-                PostRoute::Surface(e) => Box::pin(async move {
-                    let res = surface::serve(st.clone(), Scope::Inference, e, req).await;
-                    Ok(response_headers(&st, res))
-                }),
-            });
+            return Either::Left(route.serve_then(st.clone(), Scope::Inference, req, move |res| {
+                Ok(response_headers(&st, res))
+            }));
         }
         Either::Right(tower::Service::call(&mut self.router, req))
     }
