@@ -1,12 +1,13 @@
 //! An upstream's answer (status line, headers, body framed by `content-length`, `chunked` or
 //! the connection's end), read the way the node's upstream client reads a socket: head first
-//! with [`wire::parse_head`], then the body piece by piece with [`Framing::next`], in reads of
-//! fuzzer-chosen sizes, ending with the end of stream.
+//! with [`wire::parse_head`], then the body piece by piece with [`Framing::next`] (or joined
+//! with [`Framing::drain_into`], as the SSE path reads it), in reads of fuzzer-chosen sizes,
+//! ending with the end of stream.
 //!
 //! Input: byte 0 seeds the read sizes, byte 1 bit 0 marks a `HEAD` request, the rest is the
 //! stream.
 //!
-//! Properties: nothing panics; read sizes change nothing (status, body bytes, what follows the
+//! Properties: nothing panics; read sizes and the way the body is taken change nothing (status, body bytes, what follows the
 //! body, and whether and where it failed are the same as when the whole stream arrives in one
 //! read); data pieces are never empty; a body framed by `content-length` is exactly that long;
 //! a `chunked` body never reaches the caller with its framing (its bytes are a subsequence of
@@ -28,7 +29,7 @@ struct Outcome {
     error: Option<String>,
 }
 
-fn read(parts: &[&[u8]], head_request: bool) -> Outcome {
+fn read(parts: &[&[u8]], head_request: bool, joined: bool) -> Outcome {
     let mut out =
         Outcome { status: None, framing: None, body: Vec::new(), after: None, error: None };
     let mut buf = BytesMut::new();
@@ -60,8 +61,19 @@ fn read(parts: &[&[u8]], head_request: bool) -> Outcome {
         Framing::Chunked(_) => "chunked",
         Framing::Close => "close",
     });
+    let mut joined_body = BytesMut::new();
     loop {
-        match framing.next(&mut buf) {
+        let step = if joined {
+            match framing.drain_into(&mut buf, &mut joined_body) {
+                Ok(true) => Ok(Step::End),
+                Ok(false) => Ok(Step::More),
+                Err(e) => Err(e),
+            }
+        } else {
+            framing.next(&mut buf)
+        };
+        out.body.extend_from_slice(&joined_body.split());
+        match step {
             Ok(Step::Data(b)) => {
                 assert!(!b.is_empty(), "an empty data piece");
                 out.body.extend_from_slice(&b);
@@ -103,8 +115,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let head_request = data[1] & 1 == 1;
     let stream = &data[2..];
-    let whole = read(&[stream], head_request);
-    let pieces = read(&edgeroute_fuzz::split(stream, data[0], 97), head_request);
+    let whole = read(&[stream], head_request, false);
+    let split = edgeroute_fuzz::split(stream, data[0], 97);
+    let pieces = read(&split, head_request, false);
     assert_eq!(whole, pieces, "read sizes changed the answer");
+    assert_eq!(read(&split, head_request, true), whole, "joined, the body differs");
     assert!(whole.body.len() <= stream.len());
 });

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use edgeroute_http::upstream::{Upstream, UpstreamOptions};
+use bytes::{Bytes, BytesMut};
+use edgeroute_http::upstream::{Upstream, UpstreamBody, UpstreamOptions};
 use http::Request;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -274,6 +274,106 @@ async fn a_chunked_answer_written_in_pieces_arrives_whole_and_its_connection_is_
         assert_eq!(&call(&client, &url).await[..], b"hello world");
     }
     assert_eq!(client.connections_opened(), 1);
+}
+
+/// A body read with `poll_read_into` (as the SSE path reads one): the bytes joined, how many
+/// calls appended bytes, and the error that ended it, if one did.
+async fn read_into(mut body: UpstreamBody) -> (Vec<u8>, usize, Option<std::io::Error>) {
+    let (mut out, mut calls) = (BytesMut::new(), 0);
+    loop {
+        match std::future::poll_fn(|cx| body.poll_read_into(cx, &mut out, 1 << 20)).await {
+            Ok(true) => calls += 1,
+            Ok(false) => return (out.to_vec(), calls, None),
+            Err(e) => return (out.to_vec(), calls, Some(e)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_read_into_one_buffer_is_joined_delivered_before_its_failure_and_pooled() {
+    // A chunked answer in pieces with pauses: joined without its framing, the connection
+    // reused after its end.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        while read_request(&mut s).await {
+            for piece in [
+                &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r"[..],
+                b"\nhel",
+                b"lo\r\n6\r\n world\r\n0\r\n",
+                b"x-trailer: 1\r\n\r\n",
+            ] {
+                s.write_all(piece).await.unwrap();
+                s.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    for _ in 0..3 {
+        let (body, calls, err) =
+            read_into(client.send(post(&url)).await.unwrap().into_body()).await;
+        assert_eq!((&body[..], err.is_none()), (&b"hello world"[..], true));
+        assert!((1..=3).contains(&calls), "a call per arrival with data: {calls}");
+    }
+    assert_eq!(client.connections_opened(), 1);
+
+    // Everything sent at once is taken in one call.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        if read_request(&mut s).await {
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n2\r\nbc\r\n3\r\ndef\r\n0\r\n\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let res = client.send(post(&url)).await.unwrap();
+    assert_eq!(read_into(res.into_body()).await.0, b"abcdef");
+    assert_eq!(client.idle(), 1);
+
+    // Short of its content-length, then the close: the bytes that came, then the error.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        if read_request(&mut s).await {
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\nonly ten b").await.unwrap();
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let (body, _, err) = read_into(client.send(post(&url)).await.unwrap().into_body()).await;
+    assert_eq!(&body[..], b"only ten b");
+    assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::UnexpectedEof));
+    assert_eq!(client.idle(), 0);
+
+    // Broken chunk framing after some data: the data, then an invalid-data error.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        if read_request(&mut s).await {
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n",
+                )
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let (body, _, err) = read_into(client.send(post(&url)).await.unwrap().into_body()).await;
+    assert_eq!(&body[..], b"abc");
+    assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::InvalidData));
+    assert_eq!(client.idle(), 0);
+
+    // Delimited by the close: everything, then the end, and the connection is not kept.
+    let (url, _) = scripted(|_, mut s, _| async move {
+        if read_request(&mut s).await {
+            s.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil the close").await.unwrap();
+        }
+    })
+    .await;
+    let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
+    let (body, _, err) = read_into(client.send(post(&url)).await.unwrap().into_body()).await;
+    assert_eq!((&body[..], err.is_none()), (&b"until the close"[..], true));
+    assert_eq!(client.idle(), 0);
 }
 
 #[tokio::test]

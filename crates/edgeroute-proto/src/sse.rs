@@ -51,6 +51,12 @@ impl SseDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The buffer of bytes not yet decoded, for a reader that appends to it directly (what
+    /// [`SseDecoder::push`] does, without a copy in between). Bytes may only be appended.
+    pub fn buf_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
     /// True when bytes of an unfinished event are buffered.
     pub fn has_partial(&self) -> bool {
         self.buf.iter().any(|b| !b.is_ascii_whitespace())
@@ -222,33 +228,10 @@ fn kind(first: Option<&[u8]>, data_lines: usize) -> Kind {
     }
 }
 
-/// The first `\n` or `\r` in `b` at or after `from`, eight bytes at a time.
-///
-/// Each 8-byte word is XORed with the byte repeated, so a matching byte becomes zero, and
-/// `(x - 0x01..) & !x & 0x80..` flags zero bytes. A borrow can flag a byte *after* a true zero
-/// byte but never one before it, so the lowest flag (the first byte, little-endian) is always
-/// a real match.
+/// The first `\n` or `\r` in `b` at or after `from` (`memchr`'s vectorised search: most of
+/// an event is its JSON payload, which holds neither).
 fn find_eol(b: &[u8], from: usize) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    const LF: u64 = LO * b'\n' as u64;
-    const CR: u64 = LO * b'\r' as u64;
-    let mut i = from;
-    let mut words = b.get(from..)?.chunks_exact(8);
-    for w in &mut words {
-        let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        // First a cheaper test, exact as a yes/no: does any byte fall below 0x0e? Text and
-        // JSON hold almost none (`\n` is 0x0a, `\r` 0x0d), so most words stop here.
-        if w.wrapping_sub(LO * 0x0e) & !w & HI != 0 {
-            let (x, y) = (w ^ LF, w ^ CR);
-            let zero = (x.wrapping_sub(LO) & !x | y.wrapping_sub(LO) & !y) & HI;
-            if zero != 0 {
-                return Some(i + (zero.trailing_zeros() / 8) as usize);
-            }
-        }
-        i += 8;
-    }
-    words.remainder().iter().position(|&c| c == b'\n' || c == b'\r').map(|p| i + p)
+    memchr::memchr2(b'\n', b'\r', b.get(from..)?).map(|i| from + i)
 }
 
 fn boundary_from(b: &[u8], start: usize) -> Option<(usize, usize)> {

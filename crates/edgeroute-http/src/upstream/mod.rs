@@ -336,6 +336,7 @@ impl Upstream {
                 framing: answer.framing,
                 reusable: answer.reusable,
                 pool: Arc::clone(&self.inner),
+                failed: None,
             });
             *res.status_mut() = answer.status;
             *res.version_mut() = answer.version;
@@ -462,6 +463,9 @@ pub struct UpstreamBody {
     framing: Framing,
     reusable: bool,
     pool: Arc<Inner>,
+    /// A failure met by [`UpstreamBody::poll_read_into`] after it had appended bytes: reported
+    /// by the next call, so the bytes before it are delivered first.
+    failed: Option<io::Error>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -475,6 +479,69 @@ impl UpstreamBody {
     fn settle(&mut self) {
         if self.framing == Framing::Length(0) {
             self.end();
+        }
+    }
+
+    /// Appends the body's bytes to `dst`, without their framing (a `chunked` body's chunks
+    /// arrive joined): what the connection's buffer holds, then what the socket holds, until a
+    /// read would wait or `limit` bytes were appended. The socket is read even when the
+    /// buffer had bytes, so what an upstream sent together (an SSE burst) is taken together,
+    /// as a byte-forwarding proxy takes a read's bytes. `Ready(Ok(true))` when bytes were
+    /// appended, `Ready(Ok(false))` at the end of the body, `Pending` when nothing came yet.
+    /// A failure after some bytes were appended is reported by the next call. Beside
+    /// [`Body::poll_frame`] (one buffer handle per chunk): one copy for the whole read.
+    pub fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut BytesMut,
+        limit: usize,
+    ) -> Poll<io::Result<bool>> {
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
+        }
+        let start = dst.len();
+        let fail = |this: &mut Self, dst: &BytesMut, e: io::Error| {
+            this.conn = None;
+            if dst.len() > start {
+                this.failed = Some(e);
+                Poll::Ready(Ok(true))
+            } else {
+                Poll::Ready(Err(e))
+            }
+        };
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(Ok(dst.len() > start));
+            };
+            match self.framing.drain_into(&mut conn.buf, dst) {
+                Ok(true) => {
+                    self.end();
+                    return Poll::Ready(Ok(dst.len() > start));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let e = io::Error::new(io::ErrorKind::InvalidData, e);
+                    return fail(self, dst, e);
+                }
+            }
+            if dst.len() - start >= limit {
+                return Poll::Ready(Ok(true));
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending if dst.len() > start => return Poll::Ready(Ok(true)),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    return match self.framing.at_eof() {
+                        Ok(()) => {
+                            self.conn = None;
+                            Poll::Ready(Ok(dst.len() > start))
+                        }
+                        Err(e) => fail(self, dst, io::Error::new(io::ErrorKind::UnexpectedEof, e)),
+                    };
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return fail(self, dst, e),
+            }
         }
     }
 
@@ -498,6 +565,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
             match this.framing.next(&mut conn.buf) {
@@ -538,7 +608,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none()
+        self.conn.is_none() && self.failed.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

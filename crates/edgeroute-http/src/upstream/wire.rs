@@ -248,19 +248,61 @@ impl Framing {
     /// Takes the next piece of the body from the front of `buf` (data is split off the buffer,
     /// not copied).
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Step, WireError> {
+        let (skip, piece) = self.piece(buf)?;
+        buf.advance(skip);
+        Ok(match piece {
+            Piece::Data(n) => Step::Data(buf.split_to(n).freeze()),
+            Piece::End => Step::End,
+            Piece::More => Step::More,
+        })
+    }
+
+    /// Moves every body byte `buf` holds onto the end of `dst`, without the framing (a
+    /// `chunked` body's chunks arrive joined): for a reader that wants the body contiguous,
+    /// such as an SSE decoder, one copy and no buffer handle per chunk. True once the body is
+    /// complete (whatever remains in `buf` follows it).
+    pub fn drain_into(
+        &mut self,
+        buf: &mut BytesMut,
+        dst: &mut BytesMut,
+    ) -> Result<bool, WireError> {
+        // The body bytes here are at most what the buffer holds: room made once.
+        dst.reserve(buf.len());
+        // Read in place, the buffer advanced once at the end.
+        let mut at = 0;
+        let ended = loop {
+            let (skip, piece) = self.piece(&buf[at..])?;
+            at += skip;
+            match piece {
+                Piece::Data(n) => {
+                    dst.extend_from_slice(&buf[at..at + n]);
+                    at += n;
+                }
+                Piece::End => break true,
+                Piece::More => break false,
+            }
+        };
+        buf.advance(at);
+        Ok(ended)
+    }
+
+    /// Reads the framing at the front of `buf` up to the next body bytes, as (framing bytes
+    /// to skip, what follows them): `Data(n)` says the `n` bytes after the skipped ones (never
+    /// 0) are body, already counted, and the caller takes exactly them.
+    fn piece(&mut self, buf: &[u8]) -> Result<(usize, Piece), WireError> {
         match self {
-            Framing::Length(0) => Ok(Step::End),
+            Framing::Length(0) => Ok((0, Piece::End)),
             Framing::Length(n) => {
                 if buf.is_empty() {
-                    return Ok(Step::More);
+                    return Ok((0, Piece::More));
                 }
                 let take = usize::try_from(*n).unwrap_or(usize::MAX).min(buf.len());
                 *n -= take as u64;
-                Ok(Step::Data(buf.split_to(take).freeze()))
+                Ok((0, Piece::Data(take)))
             }
-            Framing::Chunked(c) => c.next(buf),
-            Framing::Close if buf.is_empty() => Ok(Step::More),
-            Framing::Close => Ok(Step::Data(buf.split().freeze())),
+            Framing::Chunked(c) => c.piece(buf),
+            Framing::Close if buf.is_empty() => Ok((0, Piece::More)),
+            Framing::Close => Ok((0, Piece::Data(buf.len()))),
         }
     }
 
@@ -283,6 +325,13 @@ impl Framing {
     }
 }
 
+/// What [`Framing::piece`] found at the front of the buffer.
+enum Piece {
+    Data(usize),
+    End,
+    More,
+}
+
 /// A `chunked` body's decoder (RFC 9112 §7.1): sizes, data, trailers (read and dropped).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Chunked {
@@ -301,56 +350,60 @@ enum ChunkState {
 }
 
 impl Chunked {
-    fn next(&mut self, buf: &mut BytesMut) -> Result<Step, WireError> {
+    fn piece(&mut self, buf: &[u8]) -> Result<(usize, Piece), WireError> {
+        // Framing bytes read so far: the caller skips them.
+        let mut at = 0;
         loop {
+            let rest = &buf[at..];
             match self.state {
                 ChunkState::Size => {
-                    let Some(len) = line_len(buf, MAX_CHUNK_LINE, "a chunk-size line is too long")?
+                    let Some(len) =
+                        line_len(rest, MAX_CHUNK_LINE, "a chunk-size line is too long")?
                     else {
-                        return Ok(Step::More);
+                        return Ok((at, Piece::More));
                     };
-                    let size = chunk_size(&buf[..len])?;
-                    buf.advance(len + 2);
+                    let size = chunk_size(&rest[..len])?;
+                    at += len + 2;
                     self.state =
                         if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
                 }
                 ChunkState::Data(n) => {
-                    if buf.is_empty() {
-                        return Ok(Step::More);
+                    if rest.is_empty() {
+                        return Ok((at, Piece::More));
                     }
-                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+                    let take = usize::try_from(n).unwrap_or(usize::MAX).min(rest.len());
                     let left = n - take as u64;
                     self.state =
                         if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
-                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                    return Ok((at, Piece::Data(take)));
                 }
                 ChunkState::DataEnd => {
-                    if buf.len() < 2 {
-                        return if buf.first().is_some_and(|&b| b != b'\r') {
+                    if rest.len() < 2 {
+                        return if rest.first().is_some_and(|&b| b != b'\r') {
                             Err(WireError::Chunked("chunk data not followed by CRLF"))
                         } else {
-                            Ok(Step::More)
+                            Ok((at, Piece::More))
                         };
                     }
-                    if &buf[..2] != b"\r\n" {
+                    if &rest[..2] != b"\r\n" {
                         return Err(WireError::Chunked("chunk data not followed by CRLF"));
                     }
-                    buf.advance(2);
+                    at += 2;
                     self.state = ChunkState::Size;
                 }
                 ChunkState::Trailers => {
                     let room = MAX_TRAILERS - self.trailer_bytes;
-                    let Some(len) = line_len(buf, room, "the trailers are too long")? else {
-                        return Ok(Step::More);
+                    let Some(len) = line_len(rest, room, "the trailers are too long")? else {
+                        return Ok((at, Piece::More));
                     };
-                    buf.advance(len + 2);
+                    at += len + 2;
                     if len == 0 {
                         self.state = ChunkState::Done;
-                        return Ok(Step::End);
+                        return Ok((at, Piece::End));
                     }
                     self.trailer_bytes += len + 2;
                 }
-                ChunkState::Done => return Ok(Step::End),
+                ChunkState::Done => return Ok((at, Piece::End)),
             }
         }
     }
@@ -388,8 +441,16 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     if after_ws.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
         return Err(WireError::Chunked("a control byte in a chunk extension"));
     }
-    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| WireError::Chunked("size"))?;
-    u64::from_str_radix(hex, 16).map_err(|_| WireError::Chunked("a chunk size is over 64 bits"))
+    // At most 16 hexadecimal digits: the value fits in 64 bits.
+    Ok(line[..digits].iter().fold(0u64, |n, &d| n << 4 | u64::from(hex_value(d))))
+}
+
+/// The value of an ASCII hexadecimal digit.
+fn hex_value(d: u8) -> u8 {
+    match d {
+        b'0'..=b'9' => d - b'0',
+        _ => (d | 0x20) - b'a' + 10,
+    }
 }
 
 #[cfg(test)]
@@ -431,6 +492,31 @@ mod tests {
                     fed += n;
                 }
             }
+        }
+    }
+
+    /// [`body`] through [`Framing::drain_into`]: the same body, joined in one buffer.
+    fn drained(
+        framing: &mut Framing,
+        bytes: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, Vec<u8>), WireError> {
+        let (mut buf, mut out) = (BytesMut::new(), BytesMut::new());
+        let mut fed = 0;
+        loop {
+            if framing.drain_into(&mut buf, &mut out)? {
+                let mut rest = buf.to_vec();
+                rest.extend_from_slice(&bytes[fed..]);
+                return Ok((out.to_vec(), rest));
+            }
+            assert!(buf.is_empty() || !matches!(framing, Framing::Length(_) | Framing::Close));
+            if fed == bytes.len() {
+                framing.at_eof()?;
+                return Ok((out.to_vec(), Vec::new()));
+            }
+            let n = step.min(bytes.len() - fed);
+            buf.extend_from_slice(&bytes[fed..fed + n]);
+            fed += n;
         }
     }
 
@@ -541,6 +627,50 @@ mod tests {
             let (out, rest) = body(&mut f, wire, step).unwrap();
             assert_eq!(out, b"data: tokenabcdefghijklmnopqrstuvwxyz", "step {step}");
             assert_eq!(rest, b"NEXT", "step {step}: what follows the body stays");
+            let mut f = Framing::Chunked(Chunked::default());
+            assert_eq!(drained(&mut f, wire, step).unwrap(), (out, rest), "drained, step {step}");
+        }
+    }
+
+    #[test]
+    fn drained_bodies_match_their_pieces_for_every_framing() {
+        let cases: [(Framing, &[u8]); 4] = [
+            (Framing::Length(5), b"hello, and the next answer"),
+            (Framing::Length(0), b"next"),
+            (Framing::Close, b"until the end"),
+            (Framing::Chunked(Chunked::default()), b"3\r\nabc\r\n0\r\n\r\n"),
+        ];
+        for (framing, wire) in cases {
+            for step in 1..=wire.len() {
+                let by_piece = body(&mut framing.clone(), wire, step).unwrap();
+                let joined = drained(&mut framing.clone(), wire, step).unwrap();
+                assert_eq!(joined, by_piece, "{framing:?}, step {step}");
+            }
+        }
+        // A failure is the same failure either way.
+        let cut = b"5\r\nab";
+        let f = Framing::Chunked(Chunked::default());
+        assert_eq!(drained(&mut f.clone(), cut, 2), body(&mut f.clone(), cut, 2));
+        assert!(drained(&mut f.clone(), cut, 2).is_err());
+    }
+
+    #[test]
+    fn chunk_sizes_are_hexadecimal_in_either_case_up_to_64_bits() {
+        for (line, size) in [
+            (&b"0"[..], 0u64),
+            (b"9", 9),
+            (b"a", 10),
+            (b"F", 15),
+            (b"fF", 255),
+            (b"1a2B", 0x1a2b),
+            (b"0000000000000010", 16),
+            (b"ffffffffffffffff", u64::MAX),
+            (b"10 ;ext=1", 16),
+        ] {
+            assert_eq!(chunk_size(line), Ok(size), "{}", String::from_utf8_lossy(line));
+        }
+        for bad in [&b"g"[..], b"", b"00000000000000001", b"1x", b" 1"] {
+            assert!(chunk_size(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }
 

@@ -2,13 +2,15 @@
 //! frontend) over pooled HTTP/1.1 connections that the request drives itself
 //! ([`edgeroute_http::upstream`]: no task hop between the upstream's socket and the caller's).
 //!
-//! Streams pass through frame by frame: each upstream SSE `data:` payload is re-framed and
-//! forwarded as soon as it is complete, never buffered into a whole answer. The request is
-//! cancelled (its connection dropped) as soon as the client goes away, because dropping the
-//! returned stream drops the upstream body.
+//! Streams pass through verbatim: the upstream's body is read straight into an SSE decoder's
+//! buffer, and every whole event that arrived in one read is forwarded together, as soon as it
+//! is complete, never buffered into a whole answer (the decoder still sees each event, for
+//! `[DONE]` and error events). The request is cancelled (its connection dropped) as soon as the
+//! client goes away, because dropping the returned stream drops the upstream body.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +20,7 @@ use edgeroute_proto::ErrorBody;
 use edgeroute_proto::health::GpuHealth;
 use edgeroute_proto::models::ModelState;
 use edgeroute_proto::sse::{Ending, SseDecoder};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 
@@ -29,8 +31,8 @@ use crate::config::{Continuation, GpuSpec, OpenAiConfig, UpstreamModel};
 
 /// Largest single SSE event accepted from an upstream.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
-/// Most upstream chunks gathered into one forwarded write.
-const MAX_GATHER: usize = 64;
+/// Most bytes of an upstream's stream taken in one go (then forwarded in one write).
+const MAX_GATHER_BYTES: usize = 256 * 1024;
 /// Largest error body read from an upstream.
 const MAX_ERROR_BYTES: usize = 64 * 1024;
 
@@ -534,12 +536,13 @@ impl OpenAiBackend {
         let mut upstream = UpstreamStream {
             body: response.into_body(),
             decoder: SseDecoder::new(MAX_EVENT_BYTES),
+            first: None,
             pending: None,
-            body_end: None,
-            ended: false,
+            guard: Some(guard),
         };
         // The commit point: wait for the first event within the first-byte deadline.
-        let first = match tokio::time::timeout(remaining, upstream.next_event()).await {
+        let first = std::future::poll_fn(|cx| upstream.poll_event(cx));
+        let first = match tokio::time::timeout(remaining, first).await {
             Err(_) => {
                 return Err(BackendError::Timeout(format!(
                     "upstream sent no token within {} ms",
@@ -554,26 +557,8 @@ impl OpenAiBackend {
             Ok(Some(Err(e))) => return Err(e),
             Ok(Some(Ok(ev))) => ev,
         };
-        let rest = futures_util::stream::unfold((upstream, guard), |(mut up, guard)| async move {
-            if up.ended {
-                return None;
-            }
-            // No timer per event: the gateway's one idle deadline per stream (chat.rs)
-            // ends a stalled stream, and dropping this stream closes the upstream.
-            let item = match up.next_event().await {
-                None => {
-                    Some(Err(BackendError::Failed("upstream stream ended before [DONE]".into())))
-                }
-                Some(item) => Some(item),
-            };
-            if matches!(item, Some(Err(_)) | Some(Ok(StreamEvent::Done))) {
-                up.ended = true;
-            }
-            item.map(|i| (i, (up, guard)))
-        });
-        Ok(Reply::Stream(Box::pin(
-            futures_util::stream::once(std::future::ready(Ok(first))).chain(rest),
-        )))
+        upstream.first = Some(Ok(first));
+        Ok(Reply::Stream(Box::pin(upstream)))
     }
 }
 
@@ -593,29 +578,38 @@ impl Drop for GpuGuard {
     }
 }
 
+/// An upstream's SSE answer as a stream of [`StreamEvent`]s: whole events forwarded verbatim,
+/// in batches of what arrived together, then `Done` or an error, then nothing. No timer per
+/// event: the gateway's one idle deadline per stream (chat.rs) ends a stalled stream, and
+/// dropping this stream closes the upstream.
 struct UpstreamStream {
     body: UpstreamBody,
     decoder: SseDecoder,
+    /// The event met at the commit point, delivered first.
+    first: Option<Result<StreamEvent, BackendError>>,
     /// An ending read together with the last batch, delivered on the next call.
     pending: Option<Result<StreamEvent, BackendError>>,
-    /// The body's end (or failure), met while gathering; reported once the buffer is drained.
-    body_end: Option<Option<std::io::Error>>,
-    ended: bool,
+    /// Held until the stream ends; `None` once it has.
+    guard: Option<GpuGuard>,
 }
 
 impl UpstreamStream {
     /// The next batch of whole events (verbatim), `Done`, or an error; `None` when the body
-    /// ended with nothing but whitespace pending.
-    async fn next_event(&mut self) -> Option<Result<StreamEvent, BackendError>> {
+    /// ended with nothing but whitespace pending. The body's bytes are decoded where they
+    /// land: read straight into the decoder's buffer, chunk framing removed on the way.
+    fn poll_event(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<StreamEvent, BackendError>>> {
         if let Some(p) = self.pending.take() {
-            return Some(p);
+            return Poll::Ready(Some(p));
         }
         loop {
             match self.decoder.next_batch() {
                 Err(e) => {
-                    return Some(Err(BackendError::Failed(format!(
+                    return Poll::Ready(Some(Err(BackendError::Failed(format!(
                         "upstream stream is malformed: {e}"
-                    ))));
+                    )))));
                 }
                 Ok(Some(batch)) => {
                     let ending = batch.ending.map(|e| match e {
@@ -627,57 +621,51 @@ impl UpstreamStream {
                     });
                     if batch.events == 0 {
                         match ending {
-                            Some(e) => return Some(e),
+                            Some(e) => return Poll::Ready(Some(e)),
                             None => continue,
                         }
                     }
                     self.pending = ending;
-                    return Some(Ok(StreamEvent::Frames { raw: batch.raw, events: batch.events }));
+                    let ev = StreamEvent::Frames { raw: batch.raw, events: batch.events };
+                    return Poll::Ready(Some(Ok(ev)));
                 }
                 Ok(None) => {}
             }
-            let next = match self.body_end.take() {
-                Some(end) => end.map(Err),
-                None => {
-                    self.body.frame().await.map(|r| r.map(|f| f.into_data().unwrap_or_default()))
-                }
-            };
-            match next {
-                None => return None,
-                Some(Err(e)) => {
-                    return Some(Err(BackendError::Failed(format!("upstream stream broke: {e}"))));
-                }
-                Some(Ok(data)) => {
-                    self.decoder.push(&data);
-                    self.gather().await;
+            match self.body.poll_read_into(cx, self.decoder.buf_mut(), MAX_GATHER_BYTES) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(true)) => {}
+                Poll::Ready(Ok(false)) => return Poll::Ready(None),
+                Poll::Ready(Err(e)) => {
+                    let e = BackendError::Failed(format!("upstream stream broke: {e}"));
+                    return Poll::Ready(Some(Err(e)));
                 }
             }
         }
     }
+}
 
-    /// Collects the chunks the socket already holds before forwarding, so events the upstream
-    /// sent together leave in one write (as a byte-forwarding proxy would) rather than one
-    /// syscall and one client wake-up per event. Polling the body reads the connection
-    /// directly, so this never waits for the network.
-    async fn gather(&mut self) {
-        for _ in 0..MAX_GATHER {
-            match self.body.frame().now_or_never() {
-                None => return,
-                Some(None) => {
-                    self.body_end = Some(None);
-                    return;
-                }
-                Some(Some(Err(e))) => {
-                    self.body_end = Some(Some(e));
-                    return;
-                }
-                Some(Some(Ok(f))) => {
-                    if let Ok(data) = f.into_data() {
-                        self.decoder.push(&data);
-                    }
-                }
-            }
+impl futures_util::Stream for UpstreamStream {
+    type Item = Result<StreamEvent, BackendError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.guard.is_none() {
+            return Poll::Ready(None);
         }
+        let item = match this.first.take() {
+            Some(first) => first,
+            None => match std::task::ready!(this.poll_event(cx)) {
+                Some(item) => item,
+                None => Err(BackendError::Failed("upstream stream ended before [DONE]".into())),
+            },
+        };
+        if matches!(item, Err(_) | Ok(StreamEvent::Done)) {
+            this.guard = None;
+        }
+        Poll::Ready(Some(item))
     }
 }
 
