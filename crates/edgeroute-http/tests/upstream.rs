@@ -252,8 +252,9 @@ async fn the_one_retry_goes_to_a_fresh_connection_not_to_another_stale_one() {
     assert_eq!(client.connections_opened(), 3);
 }
 
-#[tokio::test]
-async fn a_chunked_answer_written_in_pieces_arrives_whole_and_its_connection_is_reused() {
+/// An upstream answering every request with "hello world", chunked, written in pieces split
+/// inside the chunk framing, 5 ms apart.
+async fn chunked_in_pieces() -> String {
     let (url, _) = scripted(|_, mut s, _| async move {
         while read_request(&mut s).await {
             for piece in [
@@ -269,6 +270,12 @@ async fn a_chunked_answer_written_in_pieces_arrives_whole_and_its_connection_is_
         }
     })
     .await;
+    url
+}
+
+#[tokio::test]
+async fn a_chunked_answer_written_in_pieces_arrives_whole_and_its_connection_is_reused() {
+    let url = chunked_in_pieces().await;
     let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
     for _ in 0..3 {
         assert_eq!(&call(&client, &url).await[..], b"hello world");
@@ -293,21 +300,7 @@ async fn read_into(mut body: UpstreamBody) -> (Vec<u8>, usize, Option<std::io::E
 async fn a_body_read_into_one_buffer_is_joined_delivered_before_its_failure_and_pooled() {
     // A chunked answer in pieces with pauses: joined without its framing, the connection
     // reused after its end.
-    let (url, _) = scripted(|_, mut s, _| async move {
-        while read_request(&mut s).await {
-            for piece in [
-                &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r"[..],
-                b"\nhel",
-                b"lo\r\n6\r\n world\r\n0\r\n",
-                b"x-trailer: 1\r\n\r\n",
-            ] {
-                s.write_all(piece).await.unwrap();
-                s.flush().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    })
-    .await;
+    let url = chunked_in_pieces().await;
     let client = Upstream::new(&url.parse().unwrap(), UpstreamOptions::default()).unwrap();
     for _ in 0..3 {
         let (body, calls, err) =
