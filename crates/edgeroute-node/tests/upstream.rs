@@ -172,19 +172,29 @@ async fn stall_mid_stream_is_cut_at_the_idle_deadline() {
 
 #[tokio::test]
 async fn silence_before_first_token_is_a_504_within_the_deadline() {
-    for b in [Behaviour::HeadersThenSilence, Behaviour::NoResponse] {
+    // A stream has `first_byte_timeout_ms` (400) to its first event, a JSON answer
+    // `request_timeout_ms` (2,000) to its whole body; the message says which part was late.
+    for (b, stream, at_least_ms, says) in [
+        (Behaviour::HeadersThenSilence, true, 390, "sent no token within 400 ms"),
+        (Behaviour::NoResponse, true, 390, "sent no response within 400 ms"),
+        (Behaviour::HeadersThenSilence, false, 1990, "did not finish its answer within 2000 ms"),
+        (Behaviour::NoResponse, false, 1990, "sent no response within 2000 ms"),
+    ] {
         let (node, _f, _u) = node_before(b.clone(), "").await;
         let t = Instant::now();
-        let r = node.chat(body(&request(true))).await;
+        let r = node.chat(body(&request(stream))).await;
         let took = t.elapsed();
         assert_eq!(
             (r.status.as_u16(), r.error_code()),
             (504, "backend_timeout".to_owned()),
-            "{b:?}"
+            "{b:?}, stream {stream}"
         );
+        let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains(says), "{b:?}, stream {stream}: {message}");
         assert!(
-            took >= Duration::from_millis(390) && took < Duration::from_millis(1500),
-            "{b:?}: {took:?}"
+            took >= Duration::from_millis(at_least_ms)
+                && took < Duration::from_millis(at_least_ms + 1100),
+            "{b:?}, stream {stream}: {took:?}"
         );
     }
 }

@@ -429,18 +429,8 @@ impl OpenAiBackend {
         deadline: Duration,
     ) -> Result<http::Response<UpstreamBody>, BackendError> {
         match tokio::time::timeout(deadline, self.upstream.send(request)).await {
-            Err(_) => Err(BackendError::Timeout(format!(
-                "upstream sent no response within {} ms",
-                deadline.as_millis()
-            ))),
-            Ok(Err(e)) if e.is_connect() => Err(BackendError::Unavailable(format!(
-                "cannot connect to the upstream: {}",
-                source_text(&e)
-            ))),
-            Ok(Err(e)) => {
-                Err(BackendError::Failed(format!("upstream request failed: {}", source_text(&e))))
-            }
-            Ok(Ok(r)) => Ok(r),
+            Err(_) => Err(Phase::Head.timed_out(deadline)),
+            Ok(r) => r.map_err(send_failed),
         }
     }
 
@@ -508,57 +498,95 @@ impl OpenAiBackend {
         h.insert(header::ACCEPT, HeaderValue::from_static(accept));
 
         let deadline = if stream { self.first_byte_timeout } else { self.request_timeout };
-        let started = tokio::time::Instant::now();
-        let response = self.send_within(request, deadline).await?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(Box::pin(upstream_error(response)).await);
-        }
-        let remaining = deadline.saturating_sub(started.elapsed());
-        if !stream {
-            let read = Limited::new(response.into_body(), self.max_response_bytes).collect();
-            let bytes = match tokio::time::timeout(remaining, read).await {
-                Err(_) => {
-                    return Err(BackendError::Timeout(
-                        "upstream did not finish its answer in time".into(),
-                    ));
-                }
-                Ok(Err(e)) => {
-                    return Err(BackendError::Failed(format!(
-                        "reading the upstream answer failed: {e}"
-                    )));
-                }
-                Ok(Ok(c)) => c.to_bytes(),
-            };
-            drop(guard);
-            return Ok(Reply::Json(bytes));
-        }
-        let mut upstream = UpstreamStream {
-            body: response.into_body(),
-            decoder: SseDecoder::new(MAX_EVENT_BYTES),
-            first: None,
-            pending: None,
-            guard: Some(guard),
-        };
-        // The commit point: wait for the first event within the first-byte deadline.
-        let first = std::future::poll_fn(|cx| upstream.poll_event(cx));
-        let first = match tokio::time::timeout(remaining, first).await {
-            Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "upstream sent no token within {} ms",
-                    deadline.as_millis()
-                )));
+        // One timer for the whole way to the commit point (the answer's head, then its body or
+        // first event); `phase` says which part ran out of time.
+        let mut phase = Phase::Head;
+        let within = async {
+            let response = self.upstream.send(request).await.map_err(send_failed)?;
+            if !response.status().is_success() {
+                return Ok(Committed::Refused(response));
             }
-            Ok(None) => {
-                return Err(BackendError::Failed(
+            if !stream {
+                phase = Phase::Body;
+                let read = Limited::new(response.into_body(), self.max_response_bytes).collect();
+                let bytes = read.await.map_err(|e| {
+                    BackendError::Failed(format!("reading the upstream answer failed: {e}"))
+                })?;
+                return Ok(Committed::Json(bytes.to_bytes()));
+            }
+            phase = Phase::FirstToken;
+            // Boxed now: it becomes the answer's stream as it is.
+            let mut upstream = Box::new(UpstreamStream {
+                body: response.into_body(),
+                decoder: SseDecoder::new(MAX_EVENT_BYTES),
+                first: None,
+                pending: None,
+                guard: None,
+            });
+            match std::future::poll_fn(|cx| upstream.poll_event(cx)).await {
+                None => Err(BackendError::Failed(
                     "upstream closed the stream before the first token".into(),
-                ));
+                )),
+                Some(Err(e)) => Err(e),
+                Some(Ok(first)) => {
+                    upstream.first = Some(Ok(first));
+                    Ok(Committed::Stream(upstream))
+                }
             }
-            Ok(Some(Err(e))) => return Err(e),
-            Ok(Some(Ok(ev))) => ev,
         };
-        upstream.first = Some(Ok(first));
-        Ok(Reply::Stream(Box::pin(upstream)))
+        let committed = match tokio::time::timeout(deadline, within).await {
+            Err(_) => return Err(phase.timed_out(deadline)),
+            Ok(c) => c?,
+        };
+        match committed {
+            // Read outside the deadline: an upstream's refusal is passed on whole.
+            Committed::Refused(response) => Err(Box::pin(upstream_error(response)).await),
+            Committed::Json(bytes) => Ok(Reply::Json(bytes)),
+            Committed::Stream(mut upstream) => {
+                upstream.guard = Some(guard);
+                Ok(Reply::Stream(Box::into_pin(upstream)))
+            }
+        }
+    }
+}
+
+/// What [`OpenAiBackend::send`] has at the commit point.
+enum Committed {
+    /// A non-2xx answer, its body not read yet.
+    Refused(http::Response<UpstreamBody>),
+    Json(Bytes),
+    Stream(Box<UpstreamStream>),
+}
+
+/// The part of an upstream call that was running when its deadline passed.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Sending the request and waiting for the answer's head.
+    Head,
+    /// Reading a JSON answer's body.
+    Body,
+    /// Waiting for a stream's first event.
+    FirstToken,
+}
+
+impl Phase {
+    fn timed_out(self, deadline: Duration) -> BackendError {
+        let ms = deadline.as_millis();
+        BackendError::Timeout(match self {
+            Phase::Head => format!("upstream sent no response within {ms} ms"),
+            Phase::Body => format!("upstream did not finish its answer within {ms} ms"),
+            Phase::FirstToken => format!("upstream sent no token within {ms} ms"),
+        })
+    }
+}
+
+/// An upstream call that failed before its answer's head: no connection 502 (another node may
+/// answer), anything else 502.
+fn send_failed(e: UpstreamError) -> BackendError {
+    if e.is_connect() {
+        BackendError::Unavailable(format!("cannot connect to the upstream: {}", source_text(&e)))
+    } else {
+        BackendError::Failed(format!("upstream request failed: {}", source_text(&e)))
     }
 }
 

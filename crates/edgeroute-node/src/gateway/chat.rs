@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use edgeroute_auth::Scope;
 use edgeroute_http::ApiError;
 use edgeroute_proto::ChatCompletionRequest;
@@ -352,29 +352,26 @@ fn error_frame(e: &BackendError) -> Bytes {
     data_frame(&e.to_api().body_json())
 }
 
-/// Frames backend events as SSE, enforcing the idle deadline between events. Items that are
-/// already available are coalesced into one body frame (one write), as a byte-forwarding proxy
-/// would; nothing is ever held back waiting for more.
+/// Frames backend events as SSE, enforcing the idle deadline between events. Each backend item
+/// (a batch of whole events as the upstream sent them) is one body frame, passed on without a
+/// copy; hyper writes the frames that are ready together in one write, as a byte-forwarding
+/// proxy would, and nothing is ever held back waiting for more.
 fn sse(events: EventStream, recorder: Recorder, idle: Duration) -> Sse {
-    Sse {
-        events,
-        rec: Some(recorder),
-        idle,
-        last: Instant::now(),
-        deadline: Box::pin(tokio::time::sleep(idle)),
-    }
+    Sse { events, rec: Some(recorder), idle, last: Instant::now(), deadline: None }
 }
 
-/// The answer's SSE body. The idle deadline is one timer per stream that moves lazily: an
-/// event only records the time (no timer-wheel update per token); when the timer fires early
-/// it is re-armed from the last event, and fires for real only after `idle` of silence.
+/// The answer's SSE body. The idle deadline is one timer per stream, made the first time the
+/// backend has nothing ready (an answer that arrives whole never arms one), and moved lazily:
+/// an event only records the time (no timer-wheel update per token); when the timer fires
+/// early it is re-armed from the last event, and fires for real only after `idle` of silence.
 struct Sse {
     events: EventStream,
     /// `None` once the stream is over.
     rec: Option<Recorder>,
     idle: Duration,
+    /// The last event's time, kept once the deadline exists.
     last: Instant,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl futures_util::Stream for Sse {
@@ -383,101 +380,66 @@ impl futures_util::Stream for Sse {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         let Some(rec) = this.rec.as_mut() else { return Poll::Ready(None) };
-        match this.events.poll_next_unpin(cx) {
-            Poll::Ready(first) => {
+        if let Poll::Ready(item) = this.events.poll_next_unpin(cx) {
+            if this.deadline.is_some() {
                 this.last = Instant::now();
-                let mut out = Out::default();
-                let mut done = rec.absorb(first, &mut out);
-                while !done {
-                    match this.events.poll_next_unpin(cx) {
-                        Poll::Ready(item) => done = rec.absorb(item, &mut out),
-                        Poll::Pending => break,
-                    }
-                }
-                if done {
-                    this.rec = None;
-                }
-                Poll::Ready(Some(Ok(out.finish())))
             }
-            Poll::Pending => loop {
-                if this.deadline.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                let due = this.last + this.idle;
-                if Instant::now() < due {
-                    this.deadline.as_mut().reset(due);
-                    continue;
-                }
-                rec.st.metrics.backend_error("timeout");
-                rec.outcome = Some(Outcome::Failed);
+            let (frame, done) = rec.frame(item);
+            if done {
                 this.rec = None;
-                let e = BackendError::Timeout(format!(
-                    "backend produced nothing for {} ms",
-                    this.idle.as_millis()
-                ));
-                return Poll::Ready(Some(Ok(error_frame(&e))));
-            },
-        }
-    }
-}
-
-/// Frames gathered for one write: a single batch is passed on without copying.
-#[derive(Default)]
-struct Out {
-    first: Option<Bytes>,
-    more: Option<BytesMut>,
-}
-
-impl Out {
-    fn push(&mut self, b: Bytes) {
-        match (&mut self.first, &mut self.more) {
-            (None, _) => self.first = Some(b),
-            (Some(f), None) => {
-                let mut m = BytesMut::with_capacity(f.len() + b.len() + 256);
-                m.extend_from_slice(f);
-                m.extend_from_slice(&b);
-                self.more = Some(m);
             }
-            (Some(_), Some(m)) => m.extend_from_slice(&b),
+            return Poll::Ready(Some(Ok(frame)));
         }
-    }
-
-    fn finish(self) -> Bytes {
-        match (self.first, self.more) {
-            (_, Some(m)) => m.freeze(),
-            (Some(f), None) => f,
-            (None, None) => Bytes::new(),
+        if this.deadline.is_none() {
+            this.last = Instant::now();
+        }
+        let idle = this.idle;
+        let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        loop {
+            if deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = this.last + this.idle;
+            if Instant::now() < due {
+                deadline.as_mut().reset(due);
+                continue;
+            }
+            rec.st.metrics.backend_error("timeout");
+            rec.outcome = Some(Outcome::Failed);
+            this.rec = None;
+            let e = BackendError::Timeout(format!(
+                "backend produced nothing for {} ms",
+                this.idle.as_millis()
+            ));
+            return Poll::Ready(Some(Ok(error_frame(&e))));
         }
     }
 }
 
 impl Recorder {
-    /// Adds one backend item to `out`; true when the stream is over.
-    fn absorb(&mut self, item: Option<Result<StreamEvent, BackendError>>, out: &mut Out) -> bool {
+    /// One backend item as the body's next frame; true when the stream is over.
+    fn frame(&mut self, item: Option<Result<StreamEvent, BackendError>>) -> (Bytes, bool) {
         match item {
             Some(Ok(StreamEvent::Frames { raw, events })) => {
                 self.st.metrics.stream_chunks.inc_by(u64::from(events));
-                out.push(raw);
-                false
+                (raw, false)
             }
             Some(Ok(StreamEvent::Done)) => {
                 self.outcome = Some(Outcome::Ok);
-                out.push(Bytes::from_static(DONE_FRAME));
-                true
+                (Bytes::from_static(DONE_FRAME), true)
             }
             Some(Err(e)) => {
                 self.st.metrics.backend_error(e.kind());
                 self.outcome = Some(Outcome::Failed);
-                out.push(error_frame(&e));
-                true
+                (error_frame(&e), true)
             }
             None => {
                 self.st.metrics.backend_error("failed");
                 self.outcome = Some(Outcome::Failed);
-                out.push(error_frame(&BackendError::Failed(
+                let e = BackendError::Failed(
                     "backend ended the stream before finishing the answer".into(),
-                )));
-                true
+                );
+                (error_frame(&e), true)
             }
         }
     }
