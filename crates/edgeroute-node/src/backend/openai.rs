@@ -529,7 +529,7 @@ impl OpenAiBackend {
                 )),
                 Some(Err(e)) => Err(e),
                 Some(Ok(first)) => {
-                    upstream.first = Some(Ok(first));
+                    upstream.first = Some(first);
                     Ok(Committed::Stream(upstream))
                 }
             }
@@ -614,7 +614,7 @@ struct UpstreamStream {
     body: UpstreamBody,
     decoder: SseDecoder,
     /// The event met at the commit point, delivered first.
-    first: Option<Result<StreamEvent, BackendError>>,
+    first: Option<StreamEvent>,
     /// An ending read together with the last batch, delivered on the next call.
     pending: Option<Result<StreamEvent, BackendError>>,
     /// Held until the stream ends; `None` once it has.
@@ -684,7 +684,7 @@ impl futures_util::Stream for UpstreamStream {
             return Poll::Ready(None);
         }
         let item = match this.first.take() {
-            Some(first) => first,
+            Some(first) => Ok(first),
             None => match std::task::ready!(this.poll_event(cx)) {
                 Some(item) => item,
                 None => Err(BackendError::Failed("upstream stream ended before [DONE]".into())),
