@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -247,8 +247,9 @@ struct Activity {
     last_ms: AtomicU64,
     /// When the head deadline was armed, nanoseconds since `origin` plus one; 0 = disarmed.
     head_armed: AtomicU64,
-    /// Wakes the head watchdog when the deadline is armed.
+    /// Wakes the head watchdog when the deadline is armed while it waits for that.
     head_notify: Notify,
+    head_waiting: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -259,6 +260,7 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             head_armed: AtomicU64::new(0),
             head_notify: Notify::new(),
+            head_waiting: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -266,10 +268,14 @@ impl Activity {
         self.last_ms.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Arms the head deadline from now, unless it is already armed.
+    /// Arms the head deadline from now, unless it is already armed. The watchdog is woken only
+    /// when it waits for this; while it sleeps towards an earlier deadline it reads the new one
+    /// when that sleep ends, so a request costs it no wake and no timer.
     fn arm_head(&self) {
         let at = (self.origin.elapsed().as_nanos() as u64).saturating_add(1);
-        if self.head_armed.compare_exchange(0, at, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if self.head_armed.compare_exchange(0, at, Ordering::SeqCst, Ordering::Relaxed).is_ok()
+            && self.head_waiting.load(Ordering::SeqCst)
+        {
             self.head_notify.notify_one();
         }
     }
@@ -282,18 +288,29 @@ impl Activity {
 /// Resolves when a request head has been awaited longer than `timeout` since the deadline was
 /// armed.
 async fn head_watch(activity: Arc<Activity>, timeout: Duration) {
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(sleep);
     loop {
-        let notified = activity.head_notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let armed = activity.head_armed.load(Ordering::Acquire);
+        let mut armed = activity.head_armed.load(Ordering::SeqCst);
         if armed == 0 {
-            notified.await;
-            continue;
+            let notified = activity.head_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Either `arm_head` sees this flag and notifies, or this load sees its deadline.
+            activity.head_waiting.store(true, Ordering::SeqCst);
+            armed = activity.head_armed.load(Ordering::SeqCst);
+            if armed == 0 {
+                notified.await;
+            }
+            activity.head_waiting.store(false, Ordering::SeqCst);
+            if armed == 0 {
+                continue;
+            }
         }
         let deadline = activity.origin + Duration::from_nanos(armed - 1) + timeout;
-        tokio::time::sleep_until(deadline).await;
-        if activity.head_armed.load(Ordering::Acquire) == armed {
+        sleep.as_mut().reset(deadline);
+        sleep.as_mut().await;
+        if activity.head_armed.load(Ordering::SeqCst) == armed {
             return;
         }
     }
@@ -453,7 +470,7 @@ async fn serve_connection<I, A: App>(
     io: I,
     app: A,
     limits: &ServerLimits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -490,35 +507,131 @@ async fn serve_connection<I, A: App>(
     let io = HeadWatched::new(io, activity.clone());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let idle = idle_watch(activity.clone(), limits.idle_timeout);
-    tokio::pin!(idle);
-    let head = head_watch(activity, limits.header_read_timeout);
+    let head = head_watch(activity.clone(), limits.header_read_timeout);
     tokio::pin!(head);
+    let close = close_watch(activity, limits.idle_timeout, stop);
+    tokio::pin!(close);
+    // Each of the three is polled only when its own waker has fired: the connection is woken
+    // several times per request, and polling the two watchdogs each time (a timer and a
+    // `watch` receiver) cost more than the rest of this loop together.
+    let wakers = Branches::new();
     let mut closing = false;
+    let end = std::future::poll_fn(|cx| {
+        wakers.parent(cx.waker());
+        if let Some(w) = wakers.take(Branch::Head)
+            && head.as_mut().poll(&mut Context::from_waker(w)).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        if !closing
+            && let Some(w) = wakers.take(Branch::Close)
+            && close.as_mut().poll(&mut Context::from_waker(w)).is_ready()
+        {
+            closing = true;
+            conn.as_mut().graceful_shutdown();
+            wakers.mark(Branch::Conn);
+        }
+        match wakers.take(Branch::Conn) {
+            Some(w) => conn.as_mut().poll(&mut Context::from_waker(w)).map(Some),
+            None => Poll::Pending,
+        }
+    })
+    .await;
+    match end {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "connection ended with error");
+            limits.counters.connection_error(e.as_ref());
+        }
+        None => {
+            tracing::debug!("request head not received in time; closing the connection");
+            limits.counters.head_timeout.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The parts of a connection's driver, each with a waker of its own.
+#[derive(Clone, Copy)]
+enum Branch {
+    Conn = 0,
+    Head = 1,
+    Close = 2,
+}
+
+/// One waker per [`Branch`]: waking one marks it and wakes the task, so the driver polls only
+/// the parts that asked to be polled (as `FuturesUnordered` does for its futures).
+struct Branches {
+    wakers: [Waker; 3],
+    flags: [Arc<BranchWaker>; 3],
+    task: Arc<std::sync::Mutex<Option<Waker>>>,
+}
+
+struct BranchWaker {
+    woken: std::sync::atomic::AtomicBool,
+    task: Arc<std::sync::Mutex<Option<Waker>>>,
+}
+
+impl std::task::Wake for BranchWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        let task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(w) = task.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl Branches {
+    /// Every branch starts marked: each is polled once.
+    fn new() -> Branches {
+        let task = Arc::new(std::sync::Mutex::new(None));
+        let flags = [0, 1, 2]
+            .map(|_| Arc::new(BranchWaker { woken: true.into(), task: Arc::clone(&task) }));
+        let wakers = [0, 1, 2].map(|i| Waker::from(Arc::clone(&flags[i])));
+        Branches { wakers, flags, task }
+    }
+
+    /// Records the task's waker, the one every branch wakes.
+    fn parent(&self, waker: &Waker) {
+        let mut task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+
+    /// The branch's waker if it was woken since it was last polled (the mark is cleared
+    /// before the poll, so a wake during it is kept).
+    fn take(&self, b: Branch) -> Option<&Waker> {
+        let i = b as usize;
+        self.flags[i].woken.swap(false, Ordering::AcqRel).then_some(&self.wakers[i])
+    }
+
+    fn mark(&self, b: Branch) {
+        self.flags[b as usize].woken.store(true, Ordering::Release);
+    }
+}
+
+/// Resolves when the server is stopping or the connection has been idle for `idle_timeout`:
+/// either way it is asked to finish gracefully.
+async fn close_watch(
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let idle = idle_watch(activity, idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "connection ended with error");
-                    limits.counters.connection_error(e.as_ref());
-                }
-                return;
-            }
-            () = &mut head => {
-                tracing::debug!("request head not received in time; closing the connection");
-                limits.counters.head_timeout.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            changed = stop.changed(), if !closing => {
+            changed = stop.changed() => {
                 if changed.is_err() || *stop.borrow() {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    return;
                 }
             }
-            () = &mut idle, if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
+            () = &mut idle => return,
         }
     }
 }

@@ -196,6 +196,23 @@ async fn half_a_head_on_a_kept_alive_connection_is_closed_at_the_header_timeout(
 }
 
 #[tokio::test]
+async fn half_a_head_right_after_requests_is_closed_at_its_own_deadline() {
+    // The watchdog is still asleep towards the deadline armed at accept when the stalled head
+    // starts: it must take up the new deadline when it wakes, neither miss it nor fire early.
+    let srv = start(keepalive_limits()).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    for turn in 0..5 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let r = read_ok(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "turn {turn}: {r}");
+    }
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: a").await.unwrap();
+    let t = time_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(t >= Duration::from_millis(150), "closed at the earlier deadline: {t:?}");
+    assert!(t < Duration::from_secs(3), "half a head held the connection for {t:?}");
+}
+#[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed_at_the_header_timeout() {
     let limits = keepalive_limits();
     let srv = start(limits).await;
