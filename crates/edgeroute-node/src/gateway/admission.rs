@@ -3,7 +3,6 @@
 //! that arrives in time, and a request inside the configured ceilings. Every refusal is an
 //! OpenAI-shaped error with its status and is counted in `/metrics` by reason.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -11,15 +10,19 @@ use axum::body::Body;
 use edgeroute_http::ApiError;
 use edgeroute_proto::{ChatCompletionRequest, Content};
 use http::{HeaderMap, StatusCode, header};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Limits;
+
+/// Per-tenant tables: tenants are authenticated names, and each table holds only those with
+/// something in flight (so it is bounded by `max_concurrency`). A seeded foldhash is a fifth of
+/// SipHash's cost on these short keys, paid on every request's way in and out.
+type ByTenant<V> = std::collections::HashMap<Arc<str>, V, foldhash::fast::RandomState>;
 
 /// In-flight requests per tenant, each capped at the same share of the node.
 #[derive(Debug)]
 pub struct TenantSlots {
     cap: u32,
-    held: Mutex<HashMap<Arc<str>, u32>>,
+    held: Mutex<ByTenant<u32>>,
 }
 
 /// One of a tenant's slots, given back on drop (with the answer's end, for a stream).
@@ -67,52 +70,64 @@ impl Drop for TenantSlot {
 
 /// The node's budget for request bodies being received or held, in KiB, of which one tenant
 /// may hold at most its share: a tenant trickling large bodies cannot take the room every
-/// other tenant's bodies need.
+/// other tenant's bodies need. Room is taken at once or not at all (never awaited), so one
+/// ledger under one lock keeps both the node's total and each tenant's part.
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
-    kib: Arc<Semaphore>,
+    kib: usize,
     tenant_cap_kib: usize,
-    held: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    /// KiB reserved node-wide.
+    used: usize,
+    /// KiB reserved per tenant; only tenants holding some.
+    held: ByTenant<usize>,
 }
 
 /// Room reserved for one body; given back on drop.
 #[derive(Debug)]
 pub struct BodyRoom {
-    _permit: OwnedSemaphorePermit,
     kib: usize,
     tenant: Arc<str>,
-    held: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl BodyBudget {
     /// `bytes` node-wide, `share` of it per tenant.
     pub fn new(bytes: usize, share: f64) -> BodyBudget {
-        let kib = bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS);
+        let kib = bytes.div_ceil(1024);
         let tenant_cap_kib = ((kib as f64 * share).ceil() as usize).clamp(1, kib.max(1));
-        BodyBudget { kib: Arc::new(Semaphore::new(kib)), tenant_cap_kib, held: Arc::default() }
+        BodyBudget { kib, tenant_cap_kib, ledger: Arc::default() }
     }
 
     /// Reserves room for `tenant`'s body of `bytes`, at once or not at all.
     pub fn try_reserve(&self, tenant: &Arc<str>, bytes: usize) -> Option<BodyRoom> {
         let kib = bytes.div_ceil(1024).max(1);
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let mine = held.get(tenant).copied().unwrap_or(0);
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        if ledger.used + kib > self.kib {
+            return None;
+        }
+        let mine = ledger.held.get(tenant).copied().unwrap_or(0);
         if mine + kib > self.tenant_cap_kib {
             return None;
         }
-        let permit = self.kib.clone().try_acquire_many_owned(u32::try_from(kib).ok()?).ok()?;
-        held.insert(tenant.clone(), mine + kib);
-        Some(BodyRoom { _permit: permit, kib, tenant: tenant.clone(), held: self.held.clone() })
+        ledger.used += kib;
+        ledger.held.insert(tenant.clone(), mine + kib);
+        Some(BodyRoom { kib, tenant: tenant.clone(), ledger: self.ledger.clone() })
     }
 }
 
 impl Drop for BodyRoom {
     fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = held.get_mut(&self.tenant) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        ledger.used = ledger.used.saturating_sub(self.kib);
+        if let Some(n) = ledger.held.get_mut(&self.tenant) {
             *n = n.saturating_sub(self.kib);
             if *n == 0 {
-                held.remove(&self.tenant);
+                ledger.held.remove(&self.tenant);
             }
         }
     }
@@ -278,8 +293,12 @@ mod tests {
         assert!(budget.try_reserve(&c, 2 * 1024).is_none(), "the node's budget is spent");
         drop(p);
         drop(q);
-        assert!(budget.try_reserve(&c, 4 * 1024).is_some());
-        assert!(budget.held.lock().unwrap().len() <= 1, "released tenants leave the table");
+        let r = budget.try_reserve(&c, 4 * 1024).unwrap();
+        assert!(budget.ledger.lock().unwrap().held.len() <= 1, "released tenants leave the table");
+        let s = budget.try_reserve(&a, 4 * 1024).expect("a's share is back");
+        assert!(budget.try_reserve(&b, 1).is_none(), "the node's budget is spent again");
+        drop((r, s));
+        assert_eq!(budget.ledger.lock().unwrap().used, 0, "every KiB is given back");
         let mut h = HeaderMap::new();
         assert_eq!(declared_body(&h, 100).unwrap(), 100, "chunked: the limit");
         h.insert(header::CONTENT_LENGTH, "40".parse().unwrap());
