@@ -82,6 +82,9 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "no shipped binary builds tokio's test clock"
+bash scripts/check-tokio-features.sh
+
 step "rust tests (nextest)"
 cargo nextest run --workspace --locked --no-fail-fast
 
