@@ -419,6 +419,9 @@ pub struct Phase {
     pub mode: Mode,
     pub rate: f64,
     pub rows: Vec<Row>,
+    /// The share of the machine's CPU time the hypervisor took during the phase (steal, in
+    /// `/proc/stat`): a virtual machine's stalls land in every target's tail.
+    pub steal: Option<f64>,
 }
 
 impl Phase {
@@ -1344,6 +1347,7 @@ async fn run_with(
         for &rate in &opts.rates {
             let rss_start: Vec<Option<u64>> =
                 targets.list.iter().map(|t| tree_rss(t.pid)).collect();
+            let ticks_start = crate::process::cpu_ticks();
             let mut acc: Vec<Option<LoadReport>> = vec![None; targets.list.len()];
             // (CPU ns, requests sent) per target over the phase's rounds.
             let mut cpu: Vec<Option<(u64, u64)>> = vec![None; targets.list.len()];
@@ -1397,7 +1401,10 @@ async fn run_with(
                     })
                 })
                 .collect();
-            phases.push(Phase { endpoint, mode, rate, rows });
+            let steal = ticks_start
+                .zip(crate::process::cpu_ticks())
+                .and_then(|(a, b)| crate::process::steal_share(a, b));
+            phases.push(Phase { endpoint, mode, rate, rows, steal });
         }
     }
     let memory = targets
@@ -2103,6 +2110,13 @@ impl GatewayBenchReport {
             let _ = writeln!(md, "{}\n", round_sentence(&diffs));
         }
         if full {
+            if let Some(steal) = phase.steal.filter(|&s| s >= 0.005) {
+                let _ = writeln!(
+                    md,
+                    "The hypervisor took {:.1} % of this machine's CPU time during this phase (steal, `/proc/stat`): its stalls fall on every target alike and set the tails; compare p99s from runs where it is near 0.\n",
+                    steal * 100.0
+                );
+            }
             self.verdict(md, phase, metric);
         }
     }
@@ -2382,13 +2396,19 @@ mod tests {
             endpoint: Endpoint::Chat,
             mode: Mode::Json,
             rate: 1000.0,
+            steal: None,
             rows: vec![
                 row(TargetKind::Direct, load(Mode::Json, 1000.0, 100, false)),
                 row(TargetKind::Gateway, load(Mode::Json, 1000.0, 180, false)),
                 row(TargetKind::Nginx, load(Mode::Json, 1000.0, 200, false)),
             ],
         };
+        let mut stolen = phase.clone();
         let md = report(vec![phase]).to_markdown();
+        assert!(!md.contains("The hypervisor took"), "no steal measured, none stated");
+        stolen.steal = Some(0.093);
+        let stolen_md = report(vec![stolen]).to_markdown();
+        assert!(stolen_md.contains("The hypervisor took 9.3 % of this machine's CPU time"));
         assert!(md.contains("2 cores (`nproc`), kernel `6.1.0-test` (`uname -r`)"), "{md}");
         assert!(md.contains("load generator runs on the same 2 cores"));
         assert!(md.contains("`edgeroute bench gateway`"));
@@ -2424,6 +2444,7 @@ mod tests {
             endpoint: Endpoint::Chat,
             mode: Mode::Stream,
             rate: 1000.0,
+            steal: None,
             rows: vec![
                 with(row(TargetKind::Direct, load(Mode::Stream, 1000.0, 100, false)), &[1, 1, 1]),
                 with(
@@ -2450,6 +2471,7 @@ mod tests {
             endpoint: Endpoint::Chat,
             mode: Mode::Json,
             rate: 1000.0,
+            steal: None,
             rows: vec![
                 with(row(TargetKind::Direct, load(Mode::Json, 1000.0, 100, false)), &[1]),
                 with(row(TargetKind::Gateway, load(Mode::Json, 1000.0, 180, false)), &[300]),
@@ -2468,6 +2490,7 @@ mod tests {
             endpoint: Endpoint::Chat,
             mode: Mode::Stream,
             rate: 5000.0,
+            steal: None,
             rows: vec![
                 row(TargetKind::Direct, load(Mode::Stream, 5000.0, 100, true)),
                 row(TargetKind::Gateway, slow),
@@ -2495,6 +2518,7 @@ mod tests {
                 endpoint: Endpoint::Chat,
                 mode: Mode::Json,
                 rate: 50.0,
+                steal: None,
                 rows: vec![
                     row(TargetKind::Direct, load(Mode::Json, 50.0, 100, false)),
                     row(TargetKind::Gateway, load(Mode::Json, 50.0, 300, false)),
@@ -2506,6 +2530,7 @@ mod tests {
                 endpoint: Endpoint::Chat,
                 mode: Mode::Json,
                 rate: 1000.0,
+                steal: None,
                 rows: vec![
                     row(TargetKind::Direct, load(Mode::Json, 1000.0, 100, false)),
                     row(TargetKind::Gateway, load(Mode::Json, 1000.0, 300, false)),
@@ -2625,6 +2650,7 @@ mod tests {
             endpoint: Endpoint::Chat,
             mode: Mode::Json,
             rate: 20.0,
+            steal: None,
             rows: vec![
                 row(TargetKind::Direct, load(Mode::Json, 20.0, 100, false)),
                 row(TargetKind::Gateway, load(Mode::Json, 20.0, 300, false)),
@@ -2714,7 +2740,7 @@ mod tests {
 
     #[test]
     fn markdown_puts_each_endpoint_beside_nginx() {
-        let ep = |endpoint, mode, rows| Phase { endpoint, mode, rate: 200.0, rows };
+        let ep = |endpoint, mode, rows| Phase { endpoint, mode, rate: 200.0, rows, steal: None };
         let mut r = report(vec![
             ep(
                 Endpoint::Embeddings,

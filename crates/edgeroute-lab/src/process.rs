@@ -198,6 +198,26 @@ pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
     total
 }
 
+/// The machine's CPU time so far, in ticks, from `/proc/stat`: (stolen by the hypervisor, all).
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// (steal, total) of `/proc/stat`'s `cpu` line: user, nice, system, idle, iowait, irq,
+/// softirq, steal (guest time is already inside user and nice).
+pub fn parse_proc_stat(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> =
+        line.split_whitespace().skip(1).take(8).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    (f.len() == 8).then(|| (f[7], f.iter().sum()))
+}
+
+/// The share of the machine's CPU time the hypervisor took between two [`cpu_ticks`] readings.
+pub fn steal_share(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.1.checked_sub(before.1).filter(|&t| t > 0)?;
+    Some(after.0.saturating_sub(before.0) as f64 / total as f64)
+}
+
 pub fn parse_schedstat_runtime(schedstat: &str) -> Option<u64> {
     schedstat.split_whitespace().next()?.parse().ok()
 }
@@ -205,6 +225,18 @@ pub fn parse_schedstat_runtime(schedstat: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_the_eighth_cpu_field_over_all_eight() {
+        let a = "cpu  100 10 20 800 5 0 5 60 7 0\ncpu0 50 5 10 400 2 0 2 30 0 0\n";
+        let b = "cpu  200 10 40 900 5 0 5 140 9 0\n";
+        assert_eq!(parse_proc_stat(a), Some((60, 1000)));
+        assert_eq!(parse_proc_stat(b), Some((140, 1300)));
+        assert_eq!(steal_share((60, 1000), (140, 1300)), Some(80.0 / 300.0));
+        assert_eq!(steal_share((60, 1000), (60, 1000)), None, "no time passed");
+        assert_eq!(parse_proc_stat("cpu  1 2 3\n"), None, "a short line is not read");
+        assert_eq!(parse_proc_stat("intr 5\n"), None);
+    }
 
     #[test]
     fn vm_rss_is_parsed_in_bytes() {
