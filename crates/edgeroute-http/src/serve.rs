@@ -478,10 +478,6 @@ async fn serve_connection<I, A: App>(
     // Armed at accept: a connection that sends no request (not even a first byte) is closed.
     activity.arm_head();
     let svc = TrackedService { app, activity: activity.clone() };
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let mut svc = svc.clone();
-        svc.call(req)
-    });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let mut h1 = builder.http1();
@@ -658,25 +654,46 @@ struct TrackedService<A> {
     activity: Arc<Activity>,
 }
 
-impl<A: App> TrackedService<A> {
-    fn call(
-        &mut self,
-        req: Request<Incoming>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, std::convert::Infallible>> + Send>>
-    {
+impl<A: App> hyper::service::Service<Request<Incoming>> for TrackedService<A> {
+    type Response = Response<TrackedBody>;
+    type Error = std::convert::Infallible;
+    type Future = Tracked<A::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
         // A request head has been parsed: the head deadline is met.
         self.activity.disarm_head();
         self.activity.active.fetch_add(1, Ordering::AcqRel);
         self.activity.touch();
         let guard = ActiveGuard(self.activity.clone());
         let mut app = self.app.clone();
-        Box::pin(async move {
-            let res = match app.call(req.map(axum::body::Body::new)).await {
-                Ok(res) => res,
-                Err(never) => match never {},
-            };
-            Ok(res.map(|inner| TrackedBody { inner, _guard: guard }))
-        })
+        Tracked { inner: app.call(req.map(axum::body::Body::new)), guard: Some(guard) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The app's answer to one request, its body tracked until it ends: the app's own future
+    /// type, not boxed again.
+    struct Tracked<F> {
+        #[pin]
+        inner: F,
+        guard: Option<ActiveGuard>,
+    }
+}
+
+impl<F> Future for Tracked<F>
+where
+    F: Future<Output = Result<Response<axum::body::Body>, std::convert::Infallible>>,
+{
+    type Output = Result<Response<TrackedBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = match std::task::ready!(this.inner.poll(cx)) {
+            Ok(res) => res,
+            Err(never) => match never {},
+        };
+        let guard = this.guard.take();
+        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, _guard: guard })))
     }
 }
 
@@ -694,7 +711,7 @@ pin_project_lite::pin_project! {
     struct TrackedBody {
         #[pin]
         inner: axum::body::Body,
-        _guard: ActiveGuard,
+        _guard: Option<ActiveGuard>,
     }
 }
 
