@@ -1550,7 +1550,10 @@ fn round_differences(gateway: &Row, nginx: &Row, metric: Metric) -> Option<Vec<i
         .collect()
 }
 
-/// `diffs` as a sentence: each round's figure, how many are at or below zero, and the median.
+/// `diffs` as a sentence: each round's figure, how many are at or below zero, the median, and
+/// (from six rounds on) the median's distribution-free 95 % interval with what it says: a
+/// median above or below zero by less than the rounds' spread is not a difference this run
+/// can tell from noise.
 fn round_sentence(diffs: &[i128]) -> String {
     let mut sorted = diffs.to_vec();
     sorted.sort_unstable();
@@ -1560,13 +1563,52 @@ fn round_sentence(diffs: &[i128]) -> String {
         (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2
     };
     let list: Vec<String> = diffs.iter().map(|&d| fmt_delta(d)).collect();
+    let interval = match median_interval(&sorted) {
+        Some((lo, hi, coverage)) => format!(
+            "; the median's interval (order statistics, {:.1} % confidence) {} to {}: {}",
+            coverage * 100.0,
+            fmt_delta(lo),
+            fmt_delta(hi),
+            if hi <= 0 {
+                "the gateway is at or below nginx"
+            } else if lo > 0 {
+                "the gateway is above nginx"
+            } else {
+                "not told apart at this many rounds"
+            }
+        ),
+        None => String::new(),
+    };
     format!(
-        "Round by round (each round's own p99, targets interleaved), gateway − nginx: {}; the gateway at or below nginx in {} of {} rounds, median {}.",
+        "Round by round (each round's own p99, targets interleaved), gateway − nginx: {}; the gateway at or below nginx in {} of {} rounds, median {}{}.",
         list.join(", "),
         diffs.iter().filter(|&&d| d <= 0).count(),
         diffs.len(),
-        fmt_delta(median)
+        fmt_delta(median),
+        interval
     )
+}
+
+/// The median's distribution-free confidence interval from `sorted` samples: the order
+/// statistics x₍ₖ₎ and x₍ₙ₊₁₋ₖ₎ for the largest k whose coverage, 1 − 2·P(Binomial(n, ½) < k),
+/// is still at least 95 %; with the coverage. `None` below six samples, where no such k exists.
+fn median_interval(sorted: &[i128]) -> Option<(i128, i128, f64)> {
+    let n = sorted.len();
+    // P(B = i) by the recurrence C(n, i + 1) = C(n, i)·(n − i)/(i + 1), from 2⁻ⁿ.
+    let mut p = 0.5f64.powi(i32::try_from(n).ok()?);
+    let mut below = 0.0; // P(B ≤ i)
+    let mut found = None;
+    for i in 0..n / 2 {
+        below += p;
+        let coverage = 1.0 - 2.0 * below;
+        if coverage < 0.95 {
+            break;
+        }
+        // k = i + 1 (1-based): x₍ᵢ₊₁₎ and x₍ₙ₋ᵢ₎.
+        found = Some((sorted[i], sorted[n - 1 - i], coverage));
+        p = p * (n - i) as f64 / (i + 1) as f64;
+    }
+    found
 }
 
 impl GatewayBenchReport {
@@ -2186,6 +2228,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_medians_interval_is_the_order_statistics_binomial_coverage_allows() {
+        let xs = |n: i128| (1..=n).collect::<Vec<i128>>();
+        assert_eq!(median_interval(&xs(5)), None);
+        // n = 6: only the extremes, 1 − 2/64.
+        let (lo, hi, c) = median_interval(&xs(6)).unwrap();
+        assert_eq!((lo, hi), (1, 6));
+        assert!((c - (1.0 - 2.0 / 64.0)).abs() < 1e-12, "{c}");
+        // n = 12: x₍₃₎ and x₍₁₀₎, 1 − 2·79/4096; x₍₄₎ would cover only 85.4 %.
+        let (lo, hi, c) = median_interval(&xs(12)).unwrap();
+        assert_eq!((lo, hi), (3, 10));
+        assert!((c - (1.0 - 2.0 * 79.0 / 4096.0)).abs() < 1e-12, "{c}");
+        // n = 20: x₍₆₎ and x₍₁₅₎ (the textbook pair), 95.9 %.
+        let (lo, hi, c) = median_interval(&xs(20)).unwrap();
+        assert_eq!((lo, hi), (6, 15));
+        assert!((c - 0.9586).abs() < 1e-4, "{c}");
+    }
+
+    #[test]
+    fn the_round_sentence_says_what_its_interval_tells() {
+        let below = round_sentence(&[-30, -10, -20, -5, -40, -1]);
+        assert!(below.contains("interval (order statistics, 96.9 % confidence) −40 µs to −1 µs: the gateway is at or below nginx."), "{below}");
+        let above = round_sentence(&[30, 10, 20, 5, 40, 1]);
+        assert!(above.ends_with("the gateway is above nginx."), "{above}");
+        let mixed = round_sentence(&[30, -10, 20, 5, 40, 1]);
+        assert!(mixed.ends_with("not told apart at this many rounds."), "{mixed}");
+    }
+
+    #[test]
     fn gateway_config_is_valid_toml_with_the_expected_keys() {
         let text = gateway_config_toml(
             "127.0.0.1:4100".parse().unwrap(),
@@ -2463,6 +2533,8 @@ mod tests {
             md.contains("gateway − nginx: −20 µs, +500 µs, +10 µs; the gateway at or below nginx in 1 of 3 rounds, median +10 µs."),
             "{md}"
         );
+        // Three rounds give no interval.
+        assert!(!md.contains("interval"), "{md}");
         // First frames: half of each (150−160, 450−200, 205−200).
         assert!(md.contains("gateway − nginx: −10 µs, +250 µs, +5 µs;"), "{md}");
         // One round says nothing round by round.
