@@ -33,8 +33,15 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     }
     // The common case pays for no path tracking; only a failure is parsed again, with
-    // serde_path_to_error, to name the field at fault.
-    let first = match serde_json::from_slice(bytes) {
+    // serde_path_to_error, to name the field at fault. The body is checked as UTF-8 once, as a
+    // whole: parsed from a `&str`, serde_json checks no string again (from bytes it checks
+    // each one, most of a small body's cost beyond its tokens). A body that is not UTF-8 is
+    // parsed from its bytes, for the same error as before.
+    let first = match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    };
+    let first = match first {
         Ok(v) => return Ok(v),
         Err(e) => e,
     };
@@ -89,6 +96,49 @@ mod tests {
         assert!(e.body.error.message.contains("empty"));
         assert!(read_json::<T>(Body::from("{\"a\":[]}"), 100).await.is_ok());
         assert!(read_json::<T>(Body::from(" {\"a\":[]}\n "), 100).await.is_ok());
+    }
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Text {
+        s: String,
+    }
+
+    /// A UTF-8 body is parsed from text, any other from bytes: either way the same value or
+    /// the same error as parsing the bytes.
+    #[test]
+    fn text_and_bytes_parse_alike() {
+        let bodies: [&[u8]; 8] = [
+            "{\"s\":\"héllo \\u00e9 ✓\"}".as_bytes(),
+            b"{\"s\":1}",
+            b"{\"s\":\"a\"",
+            b"{\"s\":\"\\ud800\"}",
+            b"{\"s\":\"\xff\"}",
+            b"{\"s\":\"a\",\"s\":\"b\"}",
+            b"[\"a\"]",
+            b"{\"s\":\"a\"}\xff",
+        ];
+        for body in bodies {
+            let ours = parse_json::<Text>(body);
+            match serde_json::from_slice::<Text>(body) {
+                Ok(v) => assert_eq!(ours.unwrap(), v),
+                Err(e) => {
+                    let ours = ours.unwrap_err();
+                    assert_eq!(ours.status, 400);
+                    let inner = e.to_string();
+                    let msg = &ours.body.error.message;
+                    assert!(
+                        msg.contains(&inner) || e.classify() == serde_json::error::Category::Data,
+                        "{msg} / {inner}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            parse_json::<Text>("{\"s\":\"héllo\"}".as_bytes()).unwrap(),
+            Text { s: "héllo".into() }
+        );
+        let e = parse_json::<Text>(b"{\"s\":\"\xff\"}").unwrap_err();
+        assert!(e.body.error.message.contains("invalid unicode code point"), "{e}");
     }
 
     #[test]

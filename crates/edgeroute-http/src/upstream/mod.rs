@@ -275,14 +275,15 @@ impl Upstream {
         if !pq.starts_with('/') {
             return Err(UpstreamError::Request(format!("`{pq}` is not a path")));
         }
+        let split = body.len() > COALESCE_BODY;
         let mut head = wire::request_head(
             &parts.method,
             pq,
             &self.inner.host_header,
             &parts.headers,
             body.len(),
+            if split { 0 } else { body.len() },
         );
-        let split = body.len() > COALESCE_BODY;
         if !split {
             head.extend_from_slice(&body);
         }

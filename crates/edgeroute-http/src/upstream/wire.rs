@@ -38,15 +38,18 @@ pub enum WireError {
 
 /// The head of a request: `METHOD path HTTP/1.1`, `host`, the caller's headers (less those this
 /// layer owns: `host`, `content-length`, `transfer-encoding`, `connection`) and the body's
-/// `content-length` (left out for a bodiless `GET`/`HEAD`).
+/// `content-length` (left out for a bodiless `GET`/`HEAD`). `room` is capacity left after the
+/// head for what the caller appends (a small body sent in the same write), so the buffer is
+/// allocated once.
 pub fn request_head(
     method: &Method,
     path_and_query: &str,
     host: &HeaderValue,
     headers: &HeaderMap,
     body_len: usize,
+    room: usize,
 ) -> Vec<u8> {
-    let mut h = Vec::with_capacity(128 + path_and_query.len() + 48 * headers.len());
+    let mut h = Vec::with_capacity(128 + path_and_query.len() + 48 * headers.len() + room);
     h.extend_from_slice(method.as_str().as_bytes());
     h.push(b' ');
     h.extend_from_slice(path_and_query.as_bytes());
@@ -357,13 +360,18 @@ impl Chunked {
             let rest = &buf[at..];
             match self.state {
                 ChunkState::Size => {
-                    let Some(len) =
-                        line_len(rest, MAX_CHUNK_LINE, "a chunk-size line is too long")?
-                    else {
-                        return Ok((at, Piece::More));
+                    let (size, line) = match plain_size_line(rest) {
+                        Some(read) => read,
+                        None => {
+                            let Some(len) =
+                                line_len(rest, MAX_CHUNK_LINE, "a chunk-size line is too long")?
+                            else {
+                                return Ok((at, Piece::More));
+                            };
+                            (chunk_size(&rest[..len])?, len + 2)
+                        }
                     };
-                    let size = chunk_size(&rest[..len])?;
-                    at += len + 2;
+                    at += line;
                     self.state =
                         if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
                 }
@@ -407,6 +415,28 @@ impl Chunked {
             }
         }
     }
+}
+
+/// The usual chunk-size line, read in one pass: 1 to 16 hexadecimal digits and CRLF, as (size,
+/// line length with its CRLF). `None` for anything else (an extension, an error, a line not
+/// complete yet), which [`line_len`] and [`chunk_size`] then read; where this reads a line,
+/// they read the same.
+fn plain_size_line(buf: &[u8]) -> Option<(u64, usize)> {
+    let mut size = 0u64;
+    for (i, &d) in buf.iter().enumerate().take(17) {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            b'A'..=b'F' => d - b'A' + 10,
+            b'\r' if i > 0 && buf.get(i + 1) == Some(&b'\n') => return Some((size, i + 2)),
+            _ => return None,
+        };
+        if i == 16 {
+            return None;
+        }
+        size = size << 4 | u64::from(v);
+    }
+    None
 }
 
 /// The length of the CRLF-terminated line at the front of `buf` (without its CRLF), read in
@@ -528,12 +558,12 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("evil"));
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let host = HeaderValue::from_static("up:8000");
-        let got = request_head(&Method::POST, "/v1/chat/completions?x=1", &host, &h, 12);
+        let got = request_head(&Method::POST, "/v1/chat/completions?x=1", &host, &h, 12, 0);
         assert_eq!(
             String::from_utf8(got).unwrap(),
             "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up:8000\r\nauthorization: Bearer k\r\ncontent-length: 12\r\n\r\n"
         );
-        let get = request_head(&Method::GET, "/v1/models", &host, &HeaderMap::new(), 0);
+        let get = request_head(&Method::GET, "/v1/models", &host, &HeaderMap::new(), 0, 0);
         assert_eq!(
             String::from_utf8(get).unwrap(),
             "GET /v1/models HTTP/1.1\r\nhost: up:8000\r\n\r\n"
@@ -672,6 +702,50 @@ mod tests {
         for bad in [&b"g"[..], b"", b"00000000000000001", b"1x", b" 1"] {
             assert!(chunk_size(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    /// Every line the one-pass reader reads, the general reader reads alike; every line it
+    /// leaves, the general one still sees (all strings up to 6 bytes over an alphabet of
+    /// digits, letters, blanks, `;`, CR and LF, and the 16- and 17-digit edges).
+    #[test]
+    fn the_plain_size_line_reads_as_the_general_reader_does() {
+        let alphabet = b"09afAFg ;\r\n";
+        let mut lines: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut last = lines.clone();
+        for _ in 0..6 {
+            last = last
+                .iter()
+                .flat_map(|l| {
+                    alphabet.iter().map(move |&b| {
+                        let mut l = l.clone();
+                        l.push(b);
+                        l
+                    })
+                })
+                .collect();
+            lines.extend(last.iter().cloned());
+        }
+        lines.push(b"ffffffffffffffff\r\n".to_vec());
+        lines.push(b"10000000000000000\r\n".to_vec());
+        let mut read = 0;
+        for line in &lines {
+            let general = line_len(line, MAX_CHUNK_LINE, "long").and_then(|len| {
+                len.map(|len| Ok((chunk_size(&line[..len])?, len + 2))).transpose()
+            });
+            match plain_size_line(line) {
+                Some(got) => {
+                    read += 1;
+                    assert_eq!(general, Ok(Some(got)), "{}", String::from_utf8_lossy(line));
+                }
+                None => assert!(
+                    !matches!(general, Ok(Some((_, len))) if !line[..len - 2].contains(&b';')
+                        && !line[..len - 2].contains(&b' ')),
+                    "the plain reader left a plain line: {}",
+                    String::from_utf8_lossy(line)
+                ),
+            }
+        }
+        assert!(read > 1000, "only {read} lines were plain");
     }
 
     #[test]
