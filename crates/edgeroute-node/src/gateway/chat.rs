@@ -162,7 +162,7 @@ async fn handle(
                 ttft,
                 outcome: None,
             };
-            let mut res = Response::new(Body::from_stream(sse(events, recorder, idle)));
+            let mut res = Response::new(Body::new(sse(events, recorder, idle)));
             let h = answer_headers(&mut res);
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -374,11 +374,27 @@ struct Sse {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl futures_util::Stream for Sse {
-    type Item = Result<Bytes, Infallible>;
+/// An HTTP body itself (not a `Stream` wrapped into one): one layer less per frame, and its
+/// end is known with its last frame, so the server writes the closing chunk with it.
+impl hyper::body::Body for Sse {
+    type Data = Bytes;
+    type Error = Infallible;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.poll_data(cx).map(|d| d.map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rec.is_none()
+    }
+}
+
+impl Sse {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let this = self;
         let Some(rec) = this.rec.as_mut() else { return Poll::Ready(None) };
         if let Poll::Ready(item) = this.events.poll_next_unpin(cx) {
             if this.deadline.is_some() {
@@ -388,7 +404,7 @@ impl futures_util::Stream for Sse {
             if done {
                 this.rec = None;
             }
-            return Poll::Ready(Some(Ok(frame)));
+            return Poll::Ready(Some(frame));
         }
         if this.deadline.is_none() {
             this.last = Instant::now();
@@ -411,7 +427,7 @@ impl futures_util::Stream for Sse {
                 "backend produced nothing for {} ms",
                 this.idle.as_millis()
             ));
-            return Poll::Ready(Some(Ok(error_frame(&e))));
+            return Poll::Ready(Some(error_frame(&e)));
         }
     }
 }
