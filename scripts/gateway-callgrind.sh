@@ -15,10 +15,16 @@
 # to writing the upstream's, and from reading the upstream's answer to writing the client's
 # (p50 and p90 of each, in µs; tracing adds its own cost to every syscall, not to these gaps).
 #
+# SIM_NATIVE=1 runs the simulator natively (its Ir/req reads 0). Under callgrind the simulator is
+# as slow as the proxy, so how many pieces a streamed answer reaches the proxy in depends on
+# which of the two is ahead, and a change to the proxy's timing changes how often it polls; run
+# natively, the simulator's answer is whole before the proxy reads it, as it is outside
+# valgrind (one `recvfrom` per answer, `perf trace` shows), and SSE figures compare.
+#
 # usage: scripts/gateway-callgrind.sh [EDGEROUTE_BIN]
 #   env: N (default 1000), WARM (200), MODES ("json sse"), TARGETS ("direct gateway nginx"),
 #        OUT (default /tmp/edgeroute-callgrind): the callgrind files, kept for callgrind_annotate;
-#        TOOL (callgrind | trace), PAUSE_MS (trace: 2).
+#        TOOL (callgrind | trace), PAUSE_MS (trace: 2), SIM_NATIVE (0 | 1).
 set -euo pipefail
 
 BIN=${1:-./target/release/edgeroute}
@@ -28,6 +34,7 @@ MODES=${MODES:-json sse}
 TARGETS=${TARGETS:-direct gateway nginx}
 OUT=${OUT:-/tmp/edgeroute-callgrind}
 TOOL=${TOOL:-callgrind}
+SIM_NATIVE=${SIM_NATIVE:-0}
 PAUSE_MS=${PAUSE_MS:-$([ "$TOOL" = trace ] && echo 2 || echo 0)}
 SIM_PORT=47101 GW_PORT=47102 NGINX_PORT=47103
 mkdir -p "$OUT"
@@ -55,7 +62,7 @@ wait_port() { # port
 callgrind() {
     local name=$1
     shift
-    if [ "$TOOL" = trace ]; then
+    if [ "$TOOL" = trace ] || { [ "$SIM_NATIVE" = 1 ] && [[ $name == sim-* ]]; }; then
         "$@" >"$OUT/$name.log" 2>&1 &
         LAST_PID=$!
         PIDS+=("$LAST_PID")
@@ -232,12 +239,13 @@ for target in $TARGETS; do
             cleanup
             continue
         fi
-        callgrind_control -z $sim_pid >/dev/null 2>&1
+        [ "$SIM_NATIVE" = 1 ] || callgrind_control -z $sim_pid >/dev/null 2>&1
         [ -n "$proxy_pid" ] && callgrind_control -z $proxy_pid >/dev/null 2>&1
         client $port "$N" "$mode" $tok
-        callgrind_control -d $sim_pid >/dev/null 2>&1
+        [ "$SIM_NATIVE" = 1 ] || callgrind_control -d $sim_pid >/dev/null 2>&1
         [ -n "$proxy_pid" ] && callgrind_control -d $proxy_pid >/dev/null 2>&1
-        sim_ir=$(total_ir $sim_pid "sim-$target-$mode")
+        sim_ir=0
+        [ "$SIM_NATIVE" = 1 ] || sim_ir=$(total_ir $sim_pid "sim-$target-$mode")
         proxy_ir=0
         case $target in
             gateway) proxy_ir=$(total_ir $proxy_pid "gateway-$mode") ;;

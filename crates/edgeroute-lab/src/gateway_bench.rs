@@ -2194,10 +2194,29 @@ impl GatewayBenchReport {
                 if gw < 1000 { "met" } else { "missed" }
             ));
             if let Some(ng) = added(TargetKind::Nginx) {
+                // From six rounds on the goal is judged by the round-by-round median's interval
+                // (the sentence above it): a whole-phase p99 is decided by its worst slices.
+                let rounds = find(TargetKind::Gateway)
+                    .zip(find(TargetKind::Nginx))
+                    .and_then(|(g, n)| round_differences(g, n, metric))
+                    .and_then(|mut d| {
+                        d.sort_unstable();
+                        median_interval(&d)
+                    });
+                let goal = match rounds {
+                    Some((_, hi, _)) if hi <= 0 => {
+                        "met: the round-by-round median's interval is at or below zero"
+                    }
+                    Some((lo, _, _)) if lo > 0 => {
+                        "missed: the round-by-round median's interval is above zero"
+                    }
+                    Some(_) => "not told apart: the round-by-round median's interval spans zero",
+                    None if gw <= ng => "met",
+                    None => "missed",
+                };
                 parts.push(format!(
-                    "nginx added p99 {} (goal gateway ≤ nginx: {}, gateway − nginx {})",
+                    "nginx added p99 {} (goal gateway ≤ nginx: {goal}; whole-phase gateway − nginx {})",
                     fmt_delta(ng),
-                    if gw <= ng { "met" } else { "missed" },
                     fmt_delta(gw - ng)
                 ));
             }
@@ -2494,7 +2513,7 @@ mod tests {
         assert!(md.contains("Gateway added p99 +80 µs (goal < 1 ms: met)"), "{md}");
         assert!(
             md.contains(
-                "nginx added p99 +100 µs (goal gateway ≤ nginx: met, gateway − nginx −20 µs)"
+                "nginx added p99 +100 µs (goal gateway ≤ nginx: met; whole-phase gateway − nginx −20 µs)"
             ),
             "{md}"
         );
@@ -2551,6 +2570,49 @@ mod tests {
             ],
         }];
         assert!(!one.to_markdown().contains("Round by round"));
+    }
+
+    /// From six rounds on, the goal's verdict follows the round-by-round median's interval,
+    /// not the whole-phase p99 (which one stalled slice decides).
+    #[test]
+    fn the_nginx_goal_follows_the_round_interval_from_six_rounds() {
+        let phase_with = |gateway: &[u64], nginx: &[u64], gw_us: u64| {
+            let with = |mut r: Row, p99s: &[u64]| {
+                r.rounds = p99s.iter().map(|&total| RoundP99 { total, ttft: None }).collect();
+                r
+            };
+            let direct = vec![1; gateway.len()];
+            Phase {
+                endpoint: Endpoint::Chat,
+                mode: Mode::Json,
+                rate: 1000.0,
+                steal: None,
+                rows: vec![
+                    with(row(TargetKind::Direct, load(Mode::Json, 1000.0, 100, false)), &direct),
+                    with(row(TargetKind::Gateway, load(Mode::Json, 1000.0, gw_us, false)), gateway),
+                    with(row(TargetKind::Nginx, load(Mode::Json, 1000.0, 200, false)), nginx),
+                ],
+            }
+        };
+        let md = |p: Phase| report(vec![p]).to_markdown();
+        // Whole phase: the gateway above nginx (+100 µs), rounds spanning zero.
+        let spans = md(phase_with(&[90, 110, 95, 105, 100, 120], &[100; 6], 300));
+        assert!(
+            spans.contains("(goal gateway ≤ nginx: not told apart: the round-by-round median's interval spans zero; whole-phase gateway − nginx +100 µs)"),
+            "{spans}"
+        );
+        // Every round above: missed, whatever the whole phase says (here −20 µs).
+        let above = md(phase_with(&[150, 160, 170, 155, 165, 175], &[100; 6], 180));
+        assert!(
+            above.contains("(goal gateway ≤ nginx: missed: the round-by-round median's interval is above zero; whole-phase gateway − nginx −20 µs)"),
+            "{above}"
+        );
+        // Every round at or below: met.
+        let below = md(phase_with(&[90, 80, 100, 70, 95, 85], &[100; 6], 300));
+        assert!(
+            below.contains("(goal gateway ≤ nginx: met: the round-by-round median's interval is at or below zero;"),
+            "{below}"
+        );
     }
 
     #[test]
