@@ -6,9 +6,10 @@
 #
 #   scripts/build-image.sh [--binary PATH] [--out DIR] [--tag TAG]
 #
-# --binary  default target/dist/edgeroute (built with `cargo build --profile dist -p edgeroute`
-#           when missing: release with fat LTO and one codegen unit, what ships; see
-#           Cargo.toml and BENCHMARKS.md)
+# --binary  default target/dist-pgo/edgeroute, built with scripts/build-pgo.sh when missing: the
+#           `dist` profile (release with fat LTO and one codegen unit, Cargo.toml) guided by a
+#           profile of a trained run, what ships; see BENCHMARKS.md, "Profile-guided build".
+#           `--binary target/dist/edgeroute` ships the plain `dist` build instead
 # --out     an OCI image layout directory (default target/image); load it with
 #           `skopeo copy oci:target/image:TAG docker-daemon:edgeroute:TAG`, push it with
 #           `skopeo copy oci:... docker://REGISTRY/edgeroute:TAG`, or unpack it with umoci
@@ -19,7 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BINARY="${CARGO_TARGET_DIR:-target}/dist/edgeroute"
+DEFAULT_BINARY="${CARGO_TARGET_DIR:-target}/dist-pgo/edgeroute"
+BINARY="$DEFAULT_BINARY"
 OUT=target/image
 TAG="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
 while [ $# -gt 0 ]; do
@@ -32,7 +34,8 @@ while [ $# -gt 0 ]; do
 done
 command -v buildah >/dev/null || { echo "build-image: buildah is missing (apt-get install buildah)" >&2; exit 1; }
 if [ ! -x "$BINARY" ]; then
-  cargo build --profile dist --locked -p edgeroute
+  [ "$BINARY" = "$DEFAULT_BINARY" ] || { echo "build-image: no executable at $BINARY" >&2; exit 1; }
+  bash scripts/build-pgo.sh --out "$BINARY" >/dev/null
 fi
 
 # The image's one user: not root, no shell, no home (numeric so runAsNonRoot can verify it).
