@@ -82,11 +82,26 @@ async fn a_node_one_replica_ejected_is_not_tried_first_by_the_others() {
     let (a, b, c) = (replicas[0], replicas[1], replicas[2]);
     let acme = mint_hs256("acme", &[Scope::Inference], 600);
 
-    // On every replica, sessions pinned to tor-1 (session keys tried until some were).
+    // On every replica, sessions pinned to tor-1 (session keys tried until some were). A new
+    // session goes to the node whose probe predicts the first token soonest, near-ties at
+    // random: a probe that caught a busy moment on a loaded host can send a whole burst of new
+    // sessions to mtl-1 for the probes' lifetime (2 s). Past the first 60 keys, keys keep
+    // coming slowly until the router has measured the paths again.
     let mut pinned = Vec::new();
     for r in [a, b, c] {
         let mut found = Vec::new();
-        for i in 0..60 {
+        let t = Instant::now();
+        for i in 0.. {
+            if found.len() == 3 || (!found.is_empty() && i >= 60) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "no session of {r} settled on tor-1 in 15 s ({i} keys)"
+            );
+            if i >= 60 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let k = format!("pin-{i}");
             let res = post_json(
                 r,
@@ -99,12 +114,8 @@ async fn a_node_one_replica_ejected_is_not_tried_first_by_the_others() {
             assert_eq!(res.status, 200);
             if res.header("x-edgeroute-node") == Some("tor-1") {
                 found.push(k);
-                if found.len() == 3 {
-                    break;
-                }
             }
         }
-        assert!(!found.is_empty(), "no session of {r} settled on tor-1");
         pinned.push(found);
     }
 
