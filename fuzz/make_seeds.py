@@ -143,3 +143,10 @@ w("upstream_answer", "interim-204.bin", b"\x03\x00" + b"HTTP/1.1 100 Continue\r\
 w("upstream_answer", "close-delimited.bin", b"\x11\x00" + b"HTTP/1.0 503 Service Unavailable\r\nretry-after: 2\r\n\r\n{\"error\":\"busy\"}")
 w("upstream_answer", "head.bin", b"\x05\x01" + b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
 w("upstream_answer", "te-and-cl.bin", b"\x09\x00" + b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+
+# server_request: 1 byte read-size seed, 1 byte buffer size (64 << (b % 9)), then the stream
+w("server_request", "chat.bin", b"\x07\x08" + b'POST /v1/chat/completions HTTP/1.1\r\nhost: n\r\nauthorization: Bearer t\r\ncontent-type: application/json\r\ncontent-length: 21\r\n\r\n{"model":"sim-llama"}GET /health HTTP/1.1\r\nConnection: close\r\n\r\n')
+w("server_request", "chunked.bin", b"\x2a\x08" + b"GET / HTTP/1.1\r\n\r\nPOST /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+w("server_request", "too-large.bin", b"\x03\x00" + b"POST / HTTP/1.1\r\ncontent-length: 100\r\n\r\n" + b"a" * 100)
+w("server_request", "h2-preface.bin", b"\x05\x04" + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+w("server_request", "two-lengths.bin", b"\x09\x04" + b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab")

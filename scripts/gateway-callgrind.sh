@@ -28,7 +28,8 @@
 # usage: scripts/gateway-callgrind.sh [EDGEROUTE_BIN]
 #   env: N (default 1000), WARM (200), MODES ("json sse"), TARGETS ("direct gateway nginx"),
 #        OUT (default /tmp/edgeroute-callgrind): the callgrind files, kept for callgrind_annotate;
-#        TOOL (callgrind | trace | cpu), PAUSE_MS (trace: 2), SIM_NATIVE (0 | 1).
+#        TOOL (callgrind | trace | cpu), PAUSE_MS (trace: 2), SIM_NATIVE (0 | 1),
+#        GW_LIMITS (lines added to the gateway's [limits], e.g. "http1_inline = false").
 set -euo pipefail
 
 BIN=${1:-./target/release/edgeroute}
@@ -128,7 +129,7 @@ for i in range(1, len(ev)):
     if len(rest) < 3:
         continue
     b, c, d = rest
-    if b[2] in ("sendto", "writev") and c[2] == "recvfrom" and d[2] == "writev" and a[3] == d[3] and b[3] == c[3]:
+    if b[2] in ("sendto", "writev") and c[2] == "recvfrom" and d[2] in ("sendto", "writev") and a[3] == d[3] and b[3] == c[3]:
         req.append((b[0] - a[0] - a[1]) * 1000)
         ans.append((d[0] - c[0] - c[1]) * 1000)
 if not req:
@@ -156,6 +157,7 @@ max_concurrency = 100000
 rate_limit_per_s = 1000000
 rate_limit_burst = 1000000
 max_connections_per_source = 512
+${GW_LIMITS:-}
 
 [auth]
 hs256_secret_file = "$secret"

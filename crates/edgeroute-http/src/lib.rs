@@ -22,6 +22,8 @@ pub mod client;
 #[cfg(feature = "server")]
 pub mod error;
 #[cfg(feature = "server")]
+pub mod h1;
+#[cfg(feature = "server")]
 pub mod json;
 #[cfg(feature = "server")]
 mod listener;

@@ -49,6 +49,10 @@ pub struct ServerLimits {
     pub http2_connection_window_bytes: u32,
     /// After shutdown starts, in-flight responses get this long to finish.
     pub shutdown_grace: Duration,
+    /// Serve plain HTTP/1.1 requests on the inline path ([`crate::h1`]); hyper serves a
+    /// connection from its first request that path does not take (and every HTTP/2 one).
+    /// `false`: hyper serves every connection.
+    pub http1_inline: bool,
     /// Where the transport counts what it refuses before any route runs (shared with the
     /// server's metrics).
     pub counters: Arc<EdgeCounters>,
@@ -100,6 +104,7 @@ impl Default for ServerLimits {
             http2_max_concurrent_streams: 100,
             http2_stream_window_bytes: 65_536,
             http2_connection_window_bytes: 1024 * 1024,
+            http1_inline: true,
             counters: Arc::default(),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -199,12 +204,15 @@ pub async fn serve<L: Listener, A: App>(
             let _permit = permit;
             let _source = source;
             match tls {
-                None => serve_connection(io, app, &limits, stop).await,
+                None => serve_io(io, app, &limits, stop).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(io))
                         .await
                     {
-                        Ok(Ok(tls_io)) => serve_connection(tls_io, app, &limits, stop).await,
+                        Ok(Ok(tls_io)) if tls_io.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                            serve_connection(tls_io, app, &limits, stop).await
+                        }
+                        Ok(Ok(tls_io)) => serve_io(tls_io, app, &limits, stop).await,
                         Ok(Err(e)) => tracing::debug!(?addr, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(?addr, "TLS handshake timed out"),
                     }
@@ -463,6 +471,20 @@ impl Drop for SourceGuard {
                 open.remove(&ip);
             }
         }
+    }
+}
+
+/// Serves a connection inline while it sends what that path takes, then on hyper.
+async fn serve_io<I, A: App>(io: I, app: A, limits: &ServerLimits, stop: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if !limits.http1_inline {
+        return serve_connection(io, app, limits, stop).await;
+    }
+    match crate::h1::serve(io, app.clone(), limits, stop.clone()).await {
+        crate::h1::Ended::Closed => {}
+        crate::h1::Ended::Hyper(io) => serve_connection(io, app, limits, stop).await,
     }
 }
 

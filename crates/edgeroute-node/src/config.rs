@@ -318,6 +318,11 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most headers in one request. Default 100.
     pub max_headers: usize,
+    /// Serve plain HTTP/1.1 requests (HTTP/1.1, a body that fits `max_header_bytes` with its
+    /// head, no `transfer-encoding`, `expect` or `upgrade`) on the node's own inline path;
+    /// hyper serves a connection from its first request that path does not take, and every
+    /// HTTP/2 connection. `false`: hyper serves everything. Default true.
+    pub http1_inline: bool,
     /// Time to receive a whole request head (slowloris defence), from accept and from the first
     /// byte of each later request; it never runs between requests (idle keep-alive
     /// connections live for `idle_timeout_ms`). Default 5000.
@@ -385,6 +390,7 @@ impl Default for Limits {
             max_prompt_bytes: 4 * 1024 * 1024,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
+            http1_inline: true,
             header_read_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
             max_connections: 4096,
@@ -435,6 +441,7 @@ impl Limits {
             http2_connection_window_bytes: self.http2_connection_window_bytes,
             max_header_bytes: self.max_header_bytes,
             max_headers: self.max_headers,
+            http1_inline: self.http1_inline,
             http2_max_concurrent_streams: self.http2_max_concurrent_streams,
             shutdown_grace: ms(self.shutdown_grace_ms),
             counters: Default::default(),
