@@ -198,20 +198,68 @@ async fn a_body_that_arrives_in_pieces_is_read_whole() {
 }
 
 #[tokio::test]
-async fn a_slow_small_body_is_handed_to_the_service_at_the_head_deadline() {
+async fn a_slow_body_reaches_the_service_as_it_comes_whatever_the_head_deadline() {
     let limits =
         ServerLimits { header_read_timeout: Duration::from_millis(200), ..Default::default() };
     let srv = start(limits).await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab").await.unwrap();
-    // Past the head deadline the request is hyper's, and the service reads the rest.
+    // The head came in time; the body is the service's to wait for (its own deadline).
     tokio::time::sleep(Duration::from_millis(400)).await;
     s.write_all(b"cd").await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
     let out = String::from_utf8_lossy(&buf[..n]);
     assert!(out.contains("4:abcd"), "{out}");
+    assert!(!out.contains("connection: close"), "{out}");
     assert_eq!(srv.limits.counters.head_timeout.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_body_larger_than_the_read_buffer_is_streamed_and_the_connection_kept() {
+    let srv = start(ServerLimits::default()).await;
+    let mut raw = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".to_vec();
+    raw.extend(std::iter::repeat_n(b'z', 100_000));
+    raw.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let out = exchange(srv.addr, &raw).await;
+    assert!(out.contains("\r\n\r\n100000:zzz"), "{out:.300}");
+    assert!(
+        out.ends_with("\r\n\r\nok"),
+        "the next request on the connection: {}",
+        &out[out.len() - 200..]
+    );
+}
+
+#[tokio::test]
+async fn an_answer_given_before_the_body_was_read_closes_the_connection() {
+    let srv = start(ServerLimits::default()).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    // `/` reads no body: the rest of this one would be taken for the next request.
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nGET /big HTTP/1.1\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    assert!(out.contains("connection: close\r\n"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_body_ends_its_request() {
+    let srv = start(ServerLimits::default()).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(s);
+    // The server is still there for the next client.
+    let out = exchange(srv.addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(out.ends_with("ok"), "{out}");
 }
 
 #[tokio::test]

@@ -3,13 +3,16 @@
 //! that is ready at once. It is the server-side twin of [`crate::upstream`], and exists for the
 //! same reason: hyper's general dispatcher was the largest block of the node's per-request work.
 //!
-//! It serves only what [`wire::RequestParser`] takes (a plain HTTP/1.1 request whose body is in
-//! the read buffer). At the first request it does not take, the connection is handed to hyper
+//! It serves only what [`wire::RequestParser`] takes (a plain HTTP/1.1 request framed by one
+//! `content-length`). At the first request it does not take, the connection is handed to hyper
 //! with every byte read so far ([`Rewind`]), and hyper serves it from then on: hyper decides
-//! every doubtful case, and the inline code never has to.
+//! every doubtful case, and the inline code never has to. A body that did not come whole with
+//! its head is handed to the service as the service reads it ([`Streamed`]): nothing beyond
+//! the read buffer is taken from the socket before the service asks, so its admission and its
+//! body deadline come first, as with hyper.
 //!
-//! The connection's limits are the server's: a request head (and a body that fits the buffer)
-//! must arrive within `header_read_timeout` of accept or of its first byte, an idle keep-alive
+//! The connection's limits are the server's: a request head must arrive within
+//! `header_read_timeout` of accept or of its first byte, an idle keep-alive
 //! connection is closed after `idle_timeout`, and at shutdown an idle connection closes at once
 //! and a busy one after its answer, which says `connection: close`. As with hyper, a client
 //! that closes the connection while its request is served cancels it (the service's future and
@@ -22,10 +25,11 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http_body::Body as _;
+use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -124,12 +128,11 @@ where
         let mut head_deadline = Some(accepted + self.limits.header_read_timeout);
         let mut idle_since = accepted;
         let mut need = 1;
-        let mut awaiting_body = false;
         loop {
             if self.buf.len() >= need {
                 match self.parser.parse(&mut self.buf) {
                     Parse::Request(head) => {
-                        (need, awaiting_body) = (1, false);
+                        need = 1;
                         match self.serve_one(head).await {
                             Next::KeepAlive => {
                                 head_deadline = None;
@@ -145,8 +148,8 @@ where
                         let _ = self.io.write_all(BAD_REQUEST).await;
                         return Ended::Closed;
                     }
-                    Parse::Partial { need: n, head } => {
-                        (need, awaiting_body) = (n, head);
+                    Parse::Partial { need: n } => {
+                        need = n;
                         if head_deadline.is_none() {
                             head_deadline = Some(Instant::now() + self.limits.header_read_timeout);
                         }
@@ -158,9 +161,6 @@ where
             match self.wait(deadline, idle).await {
                 Wait::Bytes => {}
                 Wait::Closed => return Ended::Closed,
-                // A body that fits the buffer but is slow to come: hyper takes the request, so
-                // the service's own body deadline answers it.
-                Wait::Deadline if awaiting_body => return self.hand_over(),
                 Wait::Deadline => {
                     if !idle {
                         tracing::debug!(
@@ -195,20 +195,42 @@ where
         .await
     }
 
-    async fn serve_one(&mut self, head: RequestHead) -> Next {
+    async fn serve_one(&mut self, mut head: RequestHead) -> Next {
         let asked_close = head.close;
-        let answer = self.app.call(head.into_request());
+        let first = std::mem::take(&mut head.body);
+        let (body, mut feed) = if head.body_rest == 0 {
+            (axum::body::Body::from(first), None)
+        } else {
+            let (body, feed) = streamed(first, head.body_rest);
+            (axum::body::Body::new(body), Some(feed))
+        };
+        let answer = self.app.call(head.into_request(body));
         tokio::pin!(answer);
         let answer = {
             let Conn { io, buf, max_buf, .. } = self;
             poll_fn(|cx| {
-                if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-                    return Poll::Ready(Some(r));
+                loop {
+                    if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    // The service waits for body bytes the buffer holds: hand them over.
+                    if let Some(f) = feed.as_mut()
+                        && f.rest > 0
+                        && !buf.is_empty()
+                        && f.wanted()
+                    {
+                        let n = buf.len().min(usize::try_from(f.rest).unwrap_or(usize::MAX));
+                        f.push(buf.split_to(n).freeze());
+                        continue;
+                    }
+                    let before = buf.len();
+                    if client_gone(io, buf, *max_buf, cx) {
+                        return Poll::Ready(None);
+                    }
+                    if buf.len() == before || feed.as_ref().is_none_or(|f| f.rest == 0) {
+                        return Poll::Pending;
+                    }
                 }
-                if client_gone(io, buf, *max_buf, cx) {
-                    return Poll::Ready(None);
-                }
-                Poll::Pending
             })
             .await
         };
@@ -218,9 +240,13 @@ where
             // The client went away: its request is cancelled.
             None => return Next::Close,
         };
+        // A body the service did not read to its end leaves the connection where the next
+        // request cannot be found: it closes after this answer (and the body, if still held,
+        // ends with an error).
+        let unread = feed.take().is_some_and(|f| f.rest > 0);
         let (parts, body) = res.into_parts();
         let framing = Framing::of(parts.status, &body.size_hint());
-        let closing = asked_close || self.stop.has_changed().unwrap_or(true);
+        let closing = asked_close || unread || self.stop.has_changed().unwrap_or(true);
         self.out.clear();
         let close = wire::response_head(
             &mut self.out,
@@ -362,6 +388,123 @@ fn gather<I: AsyncRead + Unpin>(
                     return Poll::Ready(Gathered::Failed);
                 }
                 return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// A request body the connection hands over as the service reads it: [`Streamed`] is the
+/// service's side, [`Feed`] the connection's.
+fn streamed(first: Bytes, rest: u64) -> (Streamed, Feed) {
+    let flow = Arc::new(Mutex::new(Flow {
+        remaining: first.len() as u64 + rest,
+        chunk: (!first.is_empty()).then_some(first),
+        wanted: false,
+        cut: false,
+        waker: None,
+    }));
+    (Streamed { flow: Arc::clone(&flow) }, Feed { flow, rest })
+}
+
+struct Flow {
+    /// Bytes not yet taken by the service (`chunk` included).
+    remaining: u64,
+    /// Bytes handed over and not yet taken.
+    chunk: Option<Bytes>,
+    /// The service waits for bytes.
+    wanted: bool,
+    /// The connection ended (or stopped feeding) before the body did.
+    cut: bool,
+    waker: Option<Waker>,
+}
+
+fn lock(flow: &Mutex<Flow>) -> std::sync::MutexGuard<'_, Flow> {
+    flow.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The service's side of a streamed request body.
+struct Streamed {
+    flow: Arc<Mutex<Flow>>,
+}
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let mut f = lock(&self.flow);
+        if let Some(b) = f.chunk.take() {
+            f.remaining -= b.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if f.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        if f.cut {
+            return Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection ended before the request body",
+            ))));
+        }
+        f.wanted = true;
+        if !f.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            f.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        lock(&self.flow).remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(lock(&self.flow).remaining)
+    }
+}
+
+/// The connection's side of a streamed request body.
+struct Feed {
+    flow: Arc<Mutex<Flow>>,
+    /// Body bytes still on the socket.
+    rest: u64,
+}
+
+impl Feed {
+    /// The service waits for bytes and has none.
+    fn wanted(&self) -> bool {
+        let f = lock(&self.flow);
+        f.wanted && f.chunk.is_none()
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        self.rest -= bytes.len() as u64;
+        let mut f = lock(&self.flow);
+        f.wanted = false;
+        f.chunk = Some(match f.chunk.take() {
+            None => bytes,
+            Some(held) => {
+                let mut joined = BytesMut::with_capacity(held.len() + bytes.len());
+                joined.extend_from_slice(&held);
+                joined.extend_from_slice(&bytes);
+                joined.freeze()
+            }
+        });
+        if let Some(w) = f.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if self.rest > 0 {
+            let mut f = lock(&self.flow);
+            f.cut = true;
+            if let Some(w) = f.waker.take() {
+                w.wake();
             }
         }
     }

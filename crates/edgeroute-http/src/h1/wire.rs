@@ -4,8 +4,9 @@
 //!
 //! The parser takes only the plainest request: HTTP/1.1, a method with no special framing rule
 //! (not `HEAD` or `CONNECT`), an origin-form target of ordinary characters, at most one
-//! `content-length` of plain digits, no `transfer-encoding`, `expect` or `upgrade`, and the
-//! whole request, body included, within one read buffer. Everything else is
+//! `content-length` of plain digits, no `transfer-encoding`, `expect` or `upgrade`, and a head
+//! within one read buffer. The body's bytes that came with the head are the request's; the rest
+//! ([`RequestHead::body_rest`]) follow on the connection. Everything else is
 //! [`Parse::Hyper`]: the bytes stay in the buffer and hyper serves the connection from them, so
 //! every doubtful case (smuggling attempts, chunked bodies, `100-continue`, upgrades, HTTP/1.0,
 //! HTTP/2's preface, malformed or oversized heads and their 400 and 431 answers) is decided by
@@ -25,15 +26,18 @@ pub struct RequestHead {
     pub method: Method,
     pub uri: Uri,
     pub headers: HeaderMap,
+    /// The body's bytes that were in the buffer with the head (all of it, usually).
     pub body: Bytes,
+    /// Body bytes still to come on the connection, after `body`.
+    pub body_rest: u64,
     /// The client asked for the connection to close after this answer.
     pub close: bool,
 }
 
 impl RequestHead {
-    /// The request as a service sees it.
-    pub fn into_request<B: From<Bytes>>(self) -> http::Request<B> {
-        let mut req = http::Request::new(B::from(self.body));
+    /// The request as a service sees it, with `body` for its body.
+    pub fn into_request<B>(self, body: B) -> http::Request<B> {
+        let mut req = http::Request::new(body);
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.version_mut() = Version::HTTP_11;
@@ -47,15 +51,15 @@ impl RequestHead {
 // Returned by value once per request: boxing the request would allocate for every one.
 #[allow(clippy::large_enum_variant)]
 pub enum Parse {
-    /// Read on: nothing is decided until the buffer holds at least `need` bytes. `head` says
-    /// the head is complete and only its body is missing.
-    Partial { need: usize, head: bool },
+    /// Read on: the head is not complete, and nothing is decided until the buffer holds at
+    /// least `need` bytes.
+    Partial { need: usize },
     /// Not for this path: hyper serves the connection from these bytes (left in the buffer).
     Hyper,
     /// The target passed the parser's checks but not `http`'s: answer 400 and close. (The
     /// parser's own character check makes this unreachable in practice.)
     BadTarget,
-    /// A request, removed from the buffer with its body.
+    /// A request, removed from the buffer with what it holds of its body.
     Request(RequestHead),
 }
 
@@ -70,8 +74,7 @@ pub struct RequestParser {
 }
 
 impl RequestParser {
-    /// A parser for a buffer of at most `max_buf` bytes (head and body together) and heads of
-    /// at most `max_headers` headers.
+    /// A parser for heads of at most `max_buf` bytes and `max_headers` headers.
     pub fn new(max_buf: usize, max_headers: usize) -> Self {
         RequestParser { max_buf, max_headers: max_headers.min(MAX_HEADERS), scratch: Vec::new() }
     }
@@ -88,12 +91,12 @@ impl RequestParser {
             buf,
             &mut slots[..self.max_headers],
         ) {
-            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Complete(n)) if n <= self.max_buf => n,
             Ok(httparse::Status::Partial) if buf.len() < self.max_buf => {
-                return Parse::Partial { need: buf.len() + 1, head: false };
+                return Parse::Partial { need: buf.len() + 1 };
             }
             // Too large, too many headers, malformed: hyper answers (431 or 400) and counts.
-            Ok(httparse::Status::Partial) | Err(_) => return Parse::Hyper,
+            Ok(_) | Err(_) => return Parse::Hyper,
         };
         if req.version != Some(1) {
             return Parse::Hyper;
@@ -113,7 +116,7 @@ impl RequestParser {
         let base = buf.as_ptr().addr();
         let path_at = path.as_ptr().addr() - base;
         let path_end = path_at + path.len();
-        let mut body_len: Option<usize> = None;
+        let mut body_len: Option<u64> = None;
         let mut close = false;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
@@ -142,13 +145,9 @@ impl RequestParser {
             self.scratch.push((name, at, at + h.value.len()));
         }
         let body_len = body_len.unwrap_or(0);
-        let Some(total) = head_len.checked_add(body_len).filter(|&t| t <= self.max_buf) else {
-            return Parse::Hyper;
-        };
-        if buf.len() < total {
-            return Parse::Partial { need: total, head: true };
-        }
-        let mut head = buf.split_to(total).freeze();
+        let here = (buf.len() - head_len).min(usize::try_from(body_len).unwrap_or(usize::MAX));
+        let body_rest = body_len - here as u64;
+        let mut head = buf.split_to(head_len + here).freeze();
         let body = head.split_off(head_len);
         let mut headers = HeaderMap::with_capacity(self.scratch.len());
         for (name, at, end) in self.scratch.drain(..) {
@@ -163,7 +162,7 @@ impl RequestParser {
         let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at..path_end)) else {
             return Parse::BadTarget;
         };
-        Parse::Request(RequestHead { method, uri, headers, body, close })
+        Parse::Request(RequestHead { method, uri, headers, body, body_rest, close })
     }
 }
 
@@ -199,12 +198,11 @@ fn plain_target(t: &[u8]) -> bool {
 }
 
 /// A `content-length` of 1 to 19 digits and nothing else (no sign, blank or list).
-fn decimal(v: &[u8]) -> Option<usize> {
+fn decimal(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n = v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-    usize::try_from(n).ok()
+    Some(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
 /// How an answer's body is framed on the wire.
@@ -364,8 +362,9 @@ mod tests {
         assert_eq!(r.headers["x-edgeroute-session"], "s-1");
         assert_eq!(r.headers.len(), 4);
         assert!(!r.close);
+        assert_eq!(r.body_rest, 0);
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n");
-        let req: http::Request<Bytes> = r.into_request();
+        let req = r.into_request(());
         assert_eq!(req.version(), Version::HTTP_11);
     }
 
@@ -383,15 +382,18 @@ mod tests {
     }
 
     #[test]
-    fn an_incomplete_head_or_body_asks_for_more() {
+    fn an_incomplete_head_asks_for_more_and_an_incomplete_body_says_what_is_to_come() {
         match parse(b"POST / HTTP/1.1\r\nContent-Len").0 {
-            Parse::Partial { need: 29, head: false } => {}
+            Parse::Partial { need: 29 } => {}
             other => panic!("{other:?}"),
         }
-        match parse(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").0 {
-            Parse::Partial { need: 49, head: true } => {}
-            other => panic!("{other:?}"),
-        }
+        let (p, buf) = parse(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc");
+        let Parse::Request(r) = p else { panic!("{p:?}") };
+        assert_eq!((&r.body[..], r.body_rest), (&b"abc"[..], 7));
+        assert!(buf.is_empty());
+        // A body far beyond the buffer is streamed too: the service's own limits decide.
+        let r = request(b"POST / HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\n");
+        assert_eq!((r.body.len(), r.body_rest), (0, 9_999_999_999));
     }
 
     #[test]
@@ -421,15 +423,13 @@ mod tests {
     }
 
     #[test]
-    fn a_head_or_request_beyond_the_buffer_goes_to_hyper() {
+    fn a_head_beyond_the_buffer_goes_to_hyper() {
         let mut p = RequestParser::new(64, 100);
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nx: "[..]);
         buf.extend_from_slice(&[b'a'; 64]);
         assert!(matches!(p.parse(&mut buf), Parse::Hyper));
-        let mut buf = BytesMut::from(&b"POST / HTTP/1.1\r\ncontent-length: 40\r\n\r\n"[..]);
-        assert!(matches!(p.parse(&mut buf), Parse::Hyper));
-        let mut buf = BytesMut::from(&b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nabcd"[..]);
-        assert!(matches!(p.parse(&mut buf), Parse::Request(_)));
+        let mut buf = BytesMut::from(&b"POST / HTTP/1.1\r\ncontent-length: 40\r\n\r\nab"[..]);
+        assert!(matches!(p.parse(&mut buf), Parse::Request(RequestHead { body_rest: 38, .. })));
     }
 
     #[test]
