@@ -16,6 +16,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
 use http_body::SizeHint;
 
+use crate::upstream::wire::push_decimal;
+
 /// Headers in one request the parser reads itself; a request with more goes to hyper, which
 /// applies the server's own count.
 pub const MAX_HEADERS: usize = 100;
@@ -312,19 +314,6 @@ pub const CHUNK_END: &[u8] = b"\r\n";
 /// The last chunk of a chunked body, with no trailers.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
 
 #[cfg(test)]
 mod tests {

@@ -70,14 +70,15 @@ pub fn request_head(
     }
     if body_len > 0 || !matches!(*method, Method::GET | Method::HEAD) {
         h.extend_from_slice(b"content-length: ");
-        push_decimal(&mut h, body_len);
+        push_decimal(&mut h, body_len as u64);
         h.extend_from_slice(b"\r\n");
     }
     h.extend_from_slice(b"\r\n");
     h
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+/// Appends `n` in decimal (the one writer of lengths for both directions).
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
