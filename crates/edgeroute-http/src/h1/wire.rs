@@ -314,7 +314,6 @@ pub const CHUNK_END: &[u8] = b"\r\n";
 /// The last chunk of a chunked body, with no trailers.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
