@@ -64,6 +64,18 @@ fn app(dropped: Arc<AtomicBool>) -> Router {
         )
         .route("/empty", get(|| async { http::StatusCode::NO_CONTENT }))
         .route(
+            // The body read by a task of its own, after a pause.
+            "/echo-spawned",
+            post(|body: Body| async move {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    axum::body::to_bytes(body, 1 << 20).await.unwrap().len().to_string()
+                })
+                .await
+                .unwrap()
+            }),
+        )
+        .route(
             "/slow",
             get(|| async {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -228,6 +240,24 @@ async fn a_body_larger_than_the_read_buffer_is_streamed_and_the_connection_kept(
         "the next request on the connection: {}",
         &out[out.len() - 200..]
     );
+}
+
+#[tokio::test]
+async fn a_body_read_by_another_task_is_handed_over_when_it_asks() {
+    let srv = start(ServerLimits::default()).await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    // The head alone first, so the body is streamed; then all of it, before the task asks.
+    s.write_all(b"POST /echo-spawned HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 30000\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    s.write_all(&[b'q'; 30_000]).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.ends_with("\r\n\r\n30000"), "{out}");
 }
 
 #[tokio::test]

@@ -217,7 +217,7 @@ where
                     if let Some(f) = feed.as_mut()
                         && f.rest > 0
                         && !buf.is_empty()
-                        && f.wanted()
+                        && f.wanted(cx)
                     {
                         let n = buf.len().min(usize::try_from(f.rest).unwrap_or(usize::MAX));
                         f.push(buf.split_to(n).freeze());
@@ -402,6 +402,7 @@ fn streamed(first: Bytes, rest: u64) -> (Streamed, Feed) {
         wanted: false,
         cut: false,
         waker: None,
+        driver: None,
     }));
     (Streamed { flow: Arc::clone(&flow) }, Feed { flow, rest })
 }
@@ -415,7 +416,11 @@ struct Flow {
     wanted: bool,
     /// The connection ended (or stopped feeding) before the body did.
     cut: bool,
+    /// The service's task, waiting for bytes.
     waker: Option<Waker>,
+    /// The connection's task, woken when the service comes to want bytes: a service may read
+    /// its body from a task of its own.
+    driver: Option<Waker>,
 }
 
 fn lock(flow: &Mutex<Flow>) -> std::sync::MutexGuard<'_, Flow> {
@@ -453,6 +458,11 @@ impl http_body::Body for Streamed {
         if !f.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             f.waker = Some(cx.waker().clone());
         }
+        if let Some(d) = f.driver.take()
+            && !d.will_wake(cx.waker())
+        {
+            d.wake();
+        }
         Poll::Pending
     }
 
@@ -473,10 +483,17 @@ struct Feed {
 }
 
 impl Feed {
-    /// The service waits for bytes and has none.
-    fn wanted(&self) -> bool {
-        let f = lock(&self.flow);
-        f.wanted && f.chunk.is_none()
+    /// The service waits for bytes and has none; if not, the connection's task is woken when
+    /// it comes to.
+    fn wanted(&self, cx: &Context<'_>) -> bool {
+        let mut f = lock(&self.flow);
+        if f.wanted && f.chunk.is_none() {
+            return true;
+        }
+        if !f.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            f.driver = Some(cx.waker().clone());
+        }
+        false
     }
 
     fn push(&mut self, bytes: Bytes) {
