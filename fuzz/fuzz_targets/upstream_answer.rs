@@ -11,12 +11,16 @@
 //! body, and whether and where it failed are the same as when the whole stream arrives in one
 //! read); data pieces are never empty; a body framed by `content-length` is exactly that long;
 //! a `chunked` body never reaches the caller with its framing (its bytes are a subsequence of
-//! the stream's chunk data, checked by length: never more than the stream after the head).
+//! the stream's chunk data, checked by length: never more than the stream after the head);
+//! keeping no header (`AnswerHeaders::Only`) gives the same status, framing, reuse and head
+//! length, and fails only where the kept map would have failed on a header's name or value.
 
 #![no_main]
 
 use bytes::BytesMut;
-use edgeroute_http::upstream::wire::{self, Framing, Step};
+use std::sync::Arc;
+
+use edgeroute_http::upstream::wire::{self, AnswerHeaders, Framing, Step};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -29,6 +33,10 @@ struct Outcome {
     error: Option<String>,
 }
 
+fn none() -> AnswerHeaders {
+    AnswerHeaders::Only(Arc::from([]))
+}
+
 fn read(parts: &[&[u8]], head_request: bool, joined: bool) -> Outcome {
     let mut out =
         Outcome { status: None, framing: None, body: Vec::new(), after: None, error: None };
@@ -36,10 +44,25 @@ fn read(parts: &[&[u8]], head_request: bool, joined: bool) -> Outcome {
     let mut parts = parts.iter();
     let head = loop {
         if !buf.is_empty() {
-            match wire::parse_head(&mut buf, head_request) {
-                Ok(Some(h)) => break h,
-                Ok(None) => {}
+            let mut bare = buf.clone();
+            let framed_only = wire::parse_head(&mut bare, head_request, &none());
+            match wire::parse_head(&mut buf, head_request, &AnswerHeaders::All) {
+                Ok(Some(h)) => {
+                    // Keeping no header changes nothing of the framing, nor what is left.
+                    let b = framed_only.expect("no header kept, yet an error").expect("complete");
+                    assert_eq!((b.status, b.version), (h.status, h.version));
+                    assert_eq!((&b.framing, b.reusable), (&h.framing, h.reusable));
+                    assert!(b.headers.is_empty());
+                    assert_eq!(bare, buf, "no header kept, yet another head length");
+                    break h;
+                }
+                Ok(None) => assert!(matches!(framed_only, Ok(None))),
                 Err(e) => {
+                    // Only a header the caller would have been given can fail the map.
+                    if let Ok(b) = framed_only {
+                        assert!(b.is_some(), "{e}");
+                        assert!(e.to_string().contains("header name") || e.to_string().contains("the value of"), "{e}");
+                    }
                     out.error = Some(e.to_string());
                     return out;
                 }

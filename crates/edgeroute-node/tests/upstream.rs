@@ -314,3 +314,37 @@ async fn the_upstream_api_key_goes_with_every_request_and_the_callers_token_neve
 fn json_null() -> serde_json::Value {
     serde_json::Value::Null
 }
+
+/// What the node reads of an upstream's answer head (it keeps only `content-type` and
+/// `retry-after`) is enough for the voice surface: the audio's own media type reaches the
+/// caller, whatever else the upstream's head carries.
+#[tokio::test]
+async fn the_upstreams_media_type_reaches_the_caller_of_the_voice_surface() {
+    use axum::routing::post;
+    let speech = || async {
+        (
+            [
+                ("content-type", "audio/mpeg"),
+                ("x-upstream-junk", "\u{e9}t\u{e9}"),
+                ("set-cookie", "a=b"),
+            ],
+            &b"ID3\x04fake-mp3"[..],
+        )
+    };
+    let up = spawn_router(axum::Router::new().route("/v1/audio/speech", post(speech))).await;
+    let node = TestNode::start(&openai_backend(&up.url(), "")).await;
+    let req = serde_json::json!({"model": "my-llama", "input": "hi", "voice": "alloy"});
+    let r = edgeroute_test_util::post_json(
+        node.addr,
+        "/v1/audio/speech",
+        Some(&node.token()),
+        &[],
+        req.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("audio/mpeg"));
+    assert_eq!(&r.body[..], b"ID3\x04fake-mp3");
+    assert_eq!(r.header("x-upstream-junk"), None, "the upstream's own headers stay there");
+    assert_eq!(r.header("set-cookie"), None);
+}

@@ -43,6 +43,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+pub use wire::AnswerHeaders;
 use wire::{Framing, Step, WireError};
 
 /// Room made in a connection's buffer when it runs low.
@@ -97,6 +98,8 @@ pub struct UpstreamOptions {
     /// For `https://` origins: how the upstream is verified and what the node presents.
     /// Default (`None`): the compiled-in roots, no client certificate.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Which of an answer's headers the caller gets. Default: all of them.
+    pub answer_headers: AnswerHeaders,
 }
 
 impl Default for UpstreamOptions {
@@ -106,6 +109,7 @@ impl Default for UpstreamOptions {
             idle_timeout: Duration::from_secs(90),
             max_idle: 256,
             tls: None,
+            answer_headers: AnswerHeaders::All,
         }
     }
 }
@@ -318,9 +322,16 @@ impl Upstream {
                 Err(e) => return Err(UpstreamError::Io(e)),
             }
             let mut got_any = false;
-            let answer =
-                std::future::poll_fn(|cx| read_head(&mut conn, cx, head_request, &mut got_any))
-                    .await;
+            let answer = std::future::poll_fn(|cx| {
+                read_head(
+                    &mut conn,
+                    cx,
+                    head_request,
+                    &self.inner.opts.answer_headers,
+                    &mut got_any,
+                )
+            })
+            .await;
             let answer = match answer {
                 Ok(a) => a,
                 // Closed or reset with not a byte of answer: the upstream closed this idle
@@ -408,11 +419,12 @@ fn read_head(
     conn: &mut Conn,
     cx: &mut Context<'_>,
     head_request: bool,
+    keep: &AnswerHeaders,
     got_any: &mut bool,
 ) -> Poll<Result<wire::Head, UpstreamError>> {
     loop {
         if !conn.buf.is_empty()
-            && let Some(head) = wire::parse_head(&mut conn.buf, head_request)?
+            && let Some(head) = wire::parse_head(&mut conn.buf, head_request, keep)?
         {
             return Poll::Ready(Ok(head));
         }

@@ -9,6 +9,8 @@
 //! oversized line or head are errors, and an answer that mixes `transfer-encoding` with
 //! `content-length` never leaves its connection reusable.
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 
@@ -92,11 +94,36 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
+/// Which of an answer's headers reach the caller in [`Head::headers`]. The framing headers
+/// (`content-length`, `transfer-encoding`, `connection`) are read from the wire either way;
+/// a header left out is checked by the parser and never copied.
+#[derive(Debug, Clone, Default)]
+pub enum AnswerHeaders {
+    /// Every header.
+    #[default]
+    All,
+    /// These names only: a caller that reads two headers of an answer does not pay for a map
+    /// of all of them (an allocation and a copy per header, each answer).
+    Only(Arc<[HeaderName]>),
+}
+
+impl AnswerHeaders {
+    fn keeps(&self, name: &str) -> bool {
+        match self {
+            AnswerHeaders::All => true,
+            AnswerHeaders::Only(names) => {
+                names.iter().any(|n| n.as_str().eq_ignore_ascii_case(name))
+            }
+        }
+    }
+}
+
 /// An answer's head, parsed.
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// The headers [`AnswerHeaders`] asked for.
     pub headers: HeaderMap,
     pub framing: Framing,
     /// The connection may carry another request once this answer's body has been read.
@@ -105,8 +132,13 @@ pub struct Head {
 
 /// Parses the answer's head at the start of `buf` and removes it from `buf`: `Ok(None)` when
 /// more bytes are needed. Interim (1xx) answers before the final one are read and dropped;
-/// `head_request` says the answer has no body whatever its headers say.
-pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, WireError> {
+/// `head_request` says the answer has no body whatever its headers say; `keep` says which
+/// headers the caller gets.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    keep: &AnswerHeaders,
+) -> Result<Option<Head>, WireError> {
     loop {
         // Left uninitialised: httparse writes the slots it fills (filling all of them first
         // was 3 KiB of stores, and as many cold cache lines, per answer).
@@ -143,26 +175,44 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             continue;
         }
         let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-        let mut headers = HeaderMap::with_capacity(res.headers.len());
-        for h in res.headers.iter() {
+        let (framing, clean) = framing(status, res.headers, head_request)?;
+        let reusable =
+            clean && keep_alive(version, res.headers) && !matches!(framing, Framing::Close);
+        let mut headers = HeaderMap::new();
+        for h in res.headers.iter().filter(|h| keep.keeps(h.name)) {
             let name = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| WireError::Head(format!("header name `{}`", h.name)))?;
             let value = HeaderValue::from_bytes(h.value)
                 .map_err(|_| WireError::Head(format!("the value of `{}`", h.name)))?;
             headers.append(name, value);
         }
-        let (framing, clean) = framing(status, &headers, head_request)?;
-        let reusable = clean && keep_alive(version, &headers) && !matches!(framing, Framing::Close);
         buf.advance(len);
         return Ok(Some(Head { status, version, headers, framing, reusable }));
     }
 }
 
+/// The values of the headers named `name` (compared without case).
+fn values<'h>(
+    headers: &'h [httparse::Header<'_>],
+    name: &'static str,
+) -> impl Iterator<Item = &'h [u8]> {
+    headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+}
+
+/// A header value as text, if it is visible ASCII (what `HeaderValue::to_str` accepts).
+fn text(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
 /// Whether the connection stays open after this answer (RFC 9112 §9.3).
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+fn keep_alive(version: Version, headers: &[httparse::Header<'_>]) -> bool {
     let mut close = version == Version::HTTP_10;
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.to_str().unwrap_or("close").split(',') {
+    for v in values(headers, "connection") {
+        for token in text(v).unwrap_or("close").split(',') {
             let t = token.trim();
             if t.eq_ignore_ascii_case("close") {
                 return false;
@@ -178,17 +228,17 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
 /// How the body is delimited, and whether the framing leaves the connection clean for reuse.
 fn framing(
     status: StatusCode,
-    headers: &HeaderMap,
+    headers: &[httparse::Header<'_>],
     head_request: bool,
 ) -> Result<(Framing, bool), WireError> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Length(0), true));
     }
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    let mut te = values(headers, "transfer-encoding").peekable();
     if te.peek().is_some() {
         let mut codings = 0;
         for v in te {
-            for c in v.to_str().map_err(|_| WireError::Framing("transfer-encoding"))?.split(',') {
+            for c in text(v).ok_or(WireError::Framing("transfer-encoding"))?.split(',') {
                 let c = c.trim();
                 if c.is_empty() {
                     continue;
@@ -203,12 +253,12 @@ fn framing(
             return Err(WireError::Framing("an empty transfer-encoding"));
         }
         // Both headers: chunked wins, and the connection is not trusted with another request.
-        let clean = !headers.contains_key(header::CONTENT_LENGTH);
+        let clean = values(headers, "content-length").next().is_none();
         return Ok((Framing::Chunked(Chunked::default()), clean));
     }
     let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().map_err(|_| WireError::Framing("content-length"))?.split(',') {
+    for v in values(headers, "content-length") {
+        for part in text(v).ok_or(WireError::Framing("content-length"))?.split(',') {
             let part = part.trim();
             if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(WireError::Framing("content-length is not a length"));
@@ -490,7 +540,7 @@ mod tests {
     use super::*;
 
     fn head(bytes: &[u8]) -> Result<Option<Head>, WireError> {
-        parse_head(&mut BytesMut::from(bytes), false)
+        parse_head(&mut BytesMut::from(bytes), false, &AnswerHeaders::All)
     }
 
     /// The whole body of `answer`'s framing, fed `step` bytes at a time.
@@ -579,7 +629,7 @@ mod tests {
             assert!(head(&full[..cut]).unwrap().is_none(), "cut at {cut}");
         }
         let mut buf = BytesMut::from(&full[..]);
-        let h = parse_head(&mut buf, false).unwrap().unwrap();
+        let h = parse_head(&mut buf, false, &AnswerHeaders::All).unwrap().unwrap();
         assert_eq!(h.status, 200);
         assert_eq!(h.headers[header::CONTENT_TYPE], "application/json");
         assert_eq!(h.framing, Framing::Length(2));
@@ -613,6 +663,43 @@ mod tests {
         assert!(!reusable(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n"
         ));
+    }
+
+    /// A caller that names the headers it reads gets those (any case on the wire) and no
+    /// other, and the framing and reuse come out as when every header is kept: they are read
+    /// from the wire, not from the caller's map.
+    #[test]
+    fn only_the_named_headers_are_kept_and_the_framing_is_read_either_way() {
+        let only = AnswerHeaders::Only(Arc::from([header::CONTENT_TYPE, header::RETRY_AFTER]));
+        for answer in [
+            &b"HTTP/1.1 429 Too Many Requests\r\nDate: x\r\nRetry-After: 3\r\nContent-Type: text/plain\r\ncontent-length: 2\r\n\r\nno"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\nx-other: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nCONNECTION: close\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            let all = head(answer).unwrap().unwrap();
+            let some = parse_head(&mut BytesMut::from(answer), false, &only).unwrap().unwrap();
+            let text = String::from_utf8_lossy(answer);
+            assert_eq!((some.status, some.version), (all.status, all.version), "{text}");
+            assert_eq!(some.framing, all.framing, "{text}");
+            assert_eq!(some.reusable, all.reusable, "{text}");
+            let kept: Vec<_> = some.headers.keys().map(|k| k.as_str()).collect();
+            let want: Vec<_> = all
+                .headers
+                .keys()
+                .map(|k| k.as_str())
+                .filter(|k| *k == "content-type" || *k == "retry-after")
+                .collect();
+            assert_eq!(kept, want, "{text}");
+            for k in kept {
+                assert_eq!(some.headers[k], all.headers[k]);
+            }
+        }
+        let none = AnswerHeaders::Only(Arc::from([]));
+        let bad = b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n";
+        assert!(parse_head(&mut BytesMut::from(&bad[..]), false, &none).is_err());
     }
 
     #[test]

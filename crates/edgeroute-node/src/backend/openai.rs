@@ -14,7 +14,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use edgeroute_http::upstream::{Upstream, UpstreamBody, UpstreamError, UpstreamOptions};
+use edgeroute_http::upstream::{
+    AnswerHeaders, Upstream, UpstreamBody, UpstreamError, UpstreamOptions,
+};
 use edgeroute_proto::ChatCompletionRequest;
 use edgeroute_proto::ErrorBody;
 use edgeroute_proto::health::GpuHealth;
@@ -89,6 +91,11 @@ impl OpenAiBackend {
                 idle_timeout: Duration::from_secs(90),
                 max_idle: cfg.pool_max_idle,
                 tls,
+                // All this backend reads of an answer's head, beside its status and framing.
+                answer_headers: AnswerHeaders::Only(Arc::from([
+                    header::CONTENT_TYPE,
+                    header::RETRY_AFTER,
+                ])),
             },
         )
         .map_err(|e| BuildError::Upstream(format!("url {e}")))?;
