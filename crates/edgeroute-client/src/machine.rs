@@ -579,8 +579,8 @@ impl Machine {
     }
 
     /// A new session's order: the best probed candidate (predicted first token, each recent
-    /// pin of this client counting as one more queued request there; near-ties at random),
-    /// the other probed ones by the same cost, then the unprobed in discovery's order.
+    /// pin of this client counting as one more request there, [`pin_wait_ms`]; near-ties at
+    /// random), the other probed ones by the same cost, then the unprobed in discovery's order.
     pub fn rank(
         &mut self,
         probed: &[(Probed, Candidate)],
@@ -594,7 +594,7 @@ impl Machine {
                 .map(|(p, c)| {
                     let mut p = p.clone();
                     let pins = self.recent_pins(&p.id, now);
-                    p.queue_wait_ms *= 1.0 + pins / f64::from(c.capacity).max(1.0);
+                    p.queue_wait_ms = p.queue_wait_ms.max(0.0) + pin_wait_ms(c, pins);
                     p
                 })
                 .collect();
@@ -632,6 +632,18 @@ pub fn diversify(order: &mut [Candidate]) {
     if let Some(j) = (2..order.len()).find(|j| order[*j].region != pin) {
         order[1..=j].rotate_right(1);
     }
+}
+
+/// What `pins` sessions this client started on `c` lately add to its wait, ms. Each is one more
+/// request there, which its load report does not show yet. Those beyond the node's free slots
+/// (by discovery's `in_flight` and `queue_depth`) queue for a slot's share of a first token, as
+/// [`discovery_wait`] counts a queue. While slots are free, a pin costs nothing: the node
+/// closest in time still takes the session. A burst past its free slots spills to the next.
+pub fn pin_wait_ms(c: &Candidate, pins: f64) -> f64 {
+    let cap = f64::from(c.capacity).max(1.0);
+    let busy = f64::from(c.in_flight) + f64::from(c.queue_depth);
+    let over = |n: f64| (n - cap).max(0.0);
+    (over(busy + pins) - over(busy)) * c.ttft_p50_ms.max(0.0) / cap
 }
 
 /// The wait discovery's (seconds-old) figures imply for a candidate, ms.

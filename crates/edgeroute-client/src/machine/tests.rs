@@ -881,3 +881,34 @@ fn leaving_a_remotely_ejected_pin_is_no_failover_nothing_failed_here() {
         "{events:?}"
     );
 }
+
+/// A burst of new sessions on an idle fleet, all in the same instant (no load report shows
+/// them yet): the closest node takes as many as it has free slots, and the rest spill to the
+/// next one instead of queueing there. Before, a recent pin scaled the node's reported wait,
+/// which is zero on an idle node, so the whole burst went to one node.
+#[test]
+fn a_burst_of_new_sessions_fills_the_closest_nodes_free_slots_then_spills() {
+    let t0 = Instant::now();
+    let mut m = machine(t0);
+    let near = cand("van-1", "vancouver"); // capacity 4, first token 20 ms
+    let far = cand("sea-1", "seattle");
+    let probed = vec![
+        (Probed { id: "van-1".into(), rtt: ms(5), queue_wait_ms: 0.0 }, near.clone()),
+        (Probed { id: "sea-1".into(), rtt: ms(12), queue_wait_ms: 0.0 }, far.clone()),
+    ];
+    let usable = vec![near.clone(), far.clone()];
+    let firsts: Vec<String> = (0..12).map(|_| m.rank(&probed, &usable, t0)[0].id.clone()).collect();
+    assert!(firsts[..4].iter().all(|id| id == "van-1"), "free slots first: {firsts:?}");
+    let spilled = firsts.iter().filter(|id| *id == "sea-1").count();
+    assert!(spilled >= 4, "the burst spills to the next node: {firsts:?}");
+    assert!(firsts.iter().filter(|id| *id == "van-1").count() >= 5, "{firsts:?}");
+
+    // Once the pins fade, the closest node is first again.
+    assert_eq!(m.rank(&probed, &usable, t0 + PIN_FADE)[0].id, "van-1");
+
+    // A node already full by discovery's figures pays from its first pin.
+    let full = Candidate { in_flight: 4, ..near.clone() };
+    assert_eq!(pin_wait_ms(&full, 1.0), 5.0);
+    assert_eq!(pin_wait_ms(&near, 1.0), 0.0);
+    assert_eq!(pin_wait_ms(&near, 5.0), 5.0);
+}
