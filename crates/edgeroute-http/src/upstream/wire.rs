@@ -178,7 +178,11 @@ pub fn parse_head(
         let (framing, clean) = framing(status, res.headers, head_request)?;
         let reusable =
             clean && keep_alive(version, res.headers) && !matches!(framing, Framing::Close);
-        let mut headers = HeaderMap::new();
+        // Sized once when every header is kept; a named few grow it from empty.
+        let mut headers = match keep {
+            AnswerHeaders::All => HeaderMap::with_capacity(res.headers.len()),
+            AnswerHeaders::Only(_) => HeaderMap::new(),
+        };
         for h in res.headers.iter().filter(|h| keep.keeps(h.name)) {
             let name = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| WireError::Head(format!("header name `{}`", h.name)))?;
